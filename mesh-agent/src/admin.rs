@@ -1,0 +1,153 @@
+//! Admin (15000, localhost: pods, counters, config dump, log level) and readiness
+//! (15021, `/healthz/ready`) endpoints.
+use std::{
+    collections::BTreeSet,
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tracing::{debug, warn};
+
+use crate::{enroll::Registry, redirect::Redirect, telemetry::Counters};
+
+type Body = Full<Bytes>;
+
+/// Components that have not yet reported ready. Each holds a [`ReadyGuard`]; the agent
+/// is ready once every guard has been dropped.
+#[derive(Clone, Default)]
+pub struct Readiness(Arc<Mutex<BTreeSet<&'static str>>>);
+
+pub struct ReadyGuard(Readiness, &'static str);
+
+impl Readiness {
+    pub fn register(&self, component: &'static str) -> ReadyGuard {
+        self.0.lock().expect("readiness lock").insert(component);
+        ReadyGuard(self.clone(), component)
+    }
+
+    pub fn pending(&self) -> Vec<&'static str> {
+        self.0.lock().expect("readiness lock").iter().copied().collect()
+    }
+}
+
+impl Drop for ReadyGuard {
+    fn drop(&mut self) {
+        (self.0).0.lock().expect("readiness lock").remove(self.1);
+    }
+}
+
+/// Changes the log filter at run time (`POST /logging?level=debug`).
+pub type SetLogLevel = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+pub struct AdminState {
+    pub registry: Arc<Registry>,
+    pub redirect: Arc<Redirect>,
+    pub counters: Arc<Counters>,
+    pub config: serde_json::Value,
+    pub set_log_level: SetLogLevel,
+}
+
+/// A tiny HTTP/1 server; `handler` maps a request to a response.
+pub struct HttpServer {
+    listener: TcpListener,
+    name: &'static str,
+}
+
+impl HttpServer {
+    pub async fn bind(name: &'static str, addr: SocketAddr) -> std::io::Result<Self> {
+        Ok(Self { listener: TcpListener::bind(addr).await?, name })
+    }
+
+    pub async fn run<F, Fut>(self, handler: F)
+    where
+        F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Response<Body>> + Send + 'static,
+    {
+        loop {
+            let (stream, peer) = match self.listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    warn!(server = self.name, %error, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let handler = handler.clone();
+            let name = self.name;
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let handler = handler.clone();
+                    async move { Ok::<_, Infallible>(handler(req).await) }
+                });
+                if let Err(error) =
+                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
+                {
+                    debug!(server = name, %peer, %error, "http connection error");
+                }
+            });
+        }
+    }
+}
+
+fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(body.into()))
+        .expect("static response parts are valid")
+}
+
+fn json(value: &serde_json::Value) -> Response<Body> {
+    let mut body = serde_json::to_vec_pretty(value).expect("json values serialize");
+    body.push(b'\n');
+    reply(StatusCode::OK, "application/json", body)
+}
+
+pub async fn admin(state: Arc<AdminState>, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    match (req.method(), path.as_str()) {
+        (&Method::GET, "/") => reply(
+            StatusCode::OK,
+            "text/plain",
+            "GET /pods\nGET /stats\nGET /config_dump\nPOST /logging?level=<filter>\n",
+        ),
+        (&Method::GET, "/pods") => json(&serde_json::json!({ "pods": state.registry.list().await })),
+        (&Method::GET, "/stats") => {
+            let kernel: serde_json::Map<String, serde_json::Value> =
+                state.redirect.kernel_stats().into_iter().map(|(k, v)| (k.to_owned(), v.into())).collect();
+            json(&serde_json::json!({ "agent": state.counters.snapshot(), "kernel": kernel }))
+        }
+        (&Method::GET, "/config_dump") => {
+            json(&serde_json::json!({ "config": state.config, "pods": state.registry.list().await }))
+        }
+        (&Method::POST, "/logging") => {
+            let level = req.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("level=")));
+            match level {
+                None => reply(StatusCode::BAD_REQUEST, "text/plain", "missing query parameter level\n"),
+                Some(level) => match (state.set_log_level)(level) {
+                    Ok(()) => reply(StatusCode::OK, "text/plain", format!("log level set to {level}\n")),
+                    Err(error) => reply(StatusCode::BAD_REQUEST, "text/plain", format!("{error}\n")),
+                },
+            }
+        }
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+    }
+}
+
+pub async fn readiness(ready: Readiness, req: Request<Incoming>) -> Response<Body> {
+    if req.uri().path() != "/healthz/ready" {
+        return reply(StatusCode::NOT_FOUND, "text/plain", "not found\n");
+    }
+    let pending = ready.pending();
+    if pending.is_empty() {
+        reply(StatusCode::OK, "text/plain", "ready\n")
+    } else {
+        reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {}\n", pending.join(", ")))
+    }
+}

@@ -1,0 +1,65 @@
+//! Graceful shutdown: a trigger held by `main` and watches held by every listener and
+//! every open connection. Draining tells listeners to stop accepting and waits, up to
+//! a deadline, until every watch has been dropped.
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+pub fn channel() -> (Trigger, Watch) {
+    let (signal_tx, signal_rx) = watch::channel(false);
+    let (held_tx, held_rx) = mpsc::channel(1);
+    (Trigger { signal: signal_tx, released: held_rx }, Watch { signal: signal_rx, _held: held_tx })
+}
+
+#[derive(Debug)]
+pub struct Trigger {
+    signal: watch::Sender<bool>,
+    released: mpsc::Receiver<()>,
+}
+
+impl Trigger {
+    /// Signals the drain and waits until all watches are gone or `deadline` passes.
+    /// Returns whether everything finished in time.
+    pub async fn drain(mut self, deadline: Duration) -> bool {
+        let _ = self.signal.send(true);
+        tokio::time::timeout(deadline, self.released.recv()).await.is_ok()
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Watch {
+    signal: watch::Receiver<bool>,
+    _held: mpsc::Sender<()>,
+}
+
+impl Watch {
+    /// Resolves once draining has started.
+    pub async fn signaled(&mut self) {
+        let _ = self.signal.wait_for(|draining| *draining).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn drain_waits_for_watches_then_returns() {
+        let (trigger, watch) = channel();
+        let mut held = watch.clone();
+        drop(watch);
+        let task = tokio::spawn(async move {
+            held.signaled().await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        });
+        assert!(trigger.drain(Duration::from_secs(5)).await);
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn drain_gives_up_at_deadline() {
+        let (trigger, watch) = channel();
+        let _stuck = watch;
+        assert!(!trigger.drain(Duration::from_millis(50)).await);
+    }
+}

@@ -1,0 +1,404 @@
+//! Pod enrollment: the node-local API (a Unix socket speaking one JSON object per
+//! line), the registry of enrolled pods, and the state file that lets a restarted
+//! agent pick its pods up again.
+//!
+//! Requests: `{"op":"add","pod":{...}}`, `{"op":"remove","uid":"..."}`, `{"op":"list"}`.
+//! Responses: `{"ok":true,...}` or `{"ok":false,"error":"..."}`, one line each.
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+
+use mesh_common::{EnrolledPod, OUTBOUND_PORT};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+    sync::Mutex,
+    task::AbortHandle,
+};
+use tracing::{info, warn};
+
+use crate::{
+    drain,
+    netns::{Netns, NetnsError, netns_cookie},
+    outbound::{Forwarder, Outbound},
+    redirect::{Redirect, RedirectError},
+    telemetry::{Counters, CountersSnapshot},
+};
+
+/// Largest request accepted on one enrollment connection.
+const MAX_REQUEST_BYTES: u64 = 1 << 20;
+
+/// What the enroller (CNI plugin, node watcher, lab harness) tells us about a pod.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PodSpec {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    #[serde(default = "default_service_account")]
+    pub service_account: String,
+    #[serde(default)]
+    pub ips: Vec<IpAddr>,
+    /// Path of the pod's network namespace (`/var/run/netns/...` or `/proc/PID/ns/net`).
+    pub netns: PathBuf,
+}
+
+fn default_service_account() -> String {
+    "default".to_owned()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+enum Request {
+    Add { pod: PodSpec },
+    Remove { uid: String },
+    List,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("field pod.{field} must not be empty")]
+    EmptyField { field: &'static str },
+    #[error("netns path {path} does not exist")]
+    NoSuchNetns { path: PathBuf },
+    #[error("pod uid {uid} is already enrolled")]
+    AlreadyEnrolled { uid: String },
+    #[error("network namespace {path} already belongs to enrolled pod {uid}")]
+    NetnsInUse { path: PathBuf, uid: String },
+    #[error("no enrolled pod has uid {uid}")]
+    UnknownPod { uid: String },
+    #[error("the agent is shutting down")]
+    Draining,
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error(transparent)]
+    Redirect(#[from] RedirectError),
+}
+
+/// An enrolled pod, shared by its listeners and connections.
+#[derive(Debug)]
+pub struct Pod {
+    pub spec: PodSpec,
+    pub id: u32,
+    pub netns: Netns,
+    pub netns_cookie: u64,
+    pub counters: Counters,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PodStatus {
+    #[serde(flatten)]
+    pub spec: PodSpec,
+    /// Agent-local number, also stored in the kernel's enrollment map.
+    pub id: u32,
+    pub netns_cookie: u64,
+    pub listeners: Vec<SocketAddr>,
+    pub counters: CountersSnapshot,
+}
+
+struct Entry {
+    pod: Arc<Pod>,
+    listeners: Vec<(SocketAddr, AbortHandle)>,
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        for (_, handle) in &self.listeners {
+            handle.abort();
+        }
+    }
+}
+
+struct Inner {
+    pods: BTreeMap<String, Entry>,
+    /// Taken away when draining starts, so no new listener holds up the drain.
+    drain: Option<drain::Watch>,
+}
+
+/// Every enrolled pod of this node.
+pub struct Registry {
+    inner: Mutex<Inner>,
+    redirect: Arc<Redirect>,
+    forwarder: Arc<Forwarder>,
+    state_file: PathBuf,
+    next_id: AtomicU32,
+}
+
+impl Registry {
+    pub fn new(redirect: Arc<Redirect>, forwarder: Arc<Forwarder>, state_dir: &Path, drain: drain::Watch) -> Self {
+        Self {
+            inner: Mutex::new(Inner { pods: BTreeMap::new(), drain: Some(drain) }),
+            redirect,
+            forwarder,
+            state_file: state_dir.join("pods.json"),
+            next_id: AtomicU32::new(1),
+        }
+    }
+
+    pub async fn add(&self, spec: PodSpec) -> Result<PodStatus, EnrollError> {
+        validate(&spec)?;
+        let mut inner = self.inner.lock().await;
+        let drain = inner.drain.clone().ok_or(EnrollError::Draining)?;
+        if inner.pods.contains_key(&spec.uid) {
+            return Err(EnrollError::AlreadyEnrolled { uid: spec.uid });
+        }
+        let netns = Netns::open(&spec.netns)?;
+        // The loopback listener tells us the namespace's cookie.
+        let v4 = netns.listen(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), OUTBOUND_PORT))?;
+        let cookie = netns_cookie(&v4).map_err(|source| NetnsError::Socket { path: spec.netns.clone(), source })?;
+        if let Some(other) = inner.pods.values().find(|e| e.pod.netns_cookie == cookie) {
+            return Err(EnrollError::NetnsInUse { path: spec.netns.clone(), uid: other.pod.spec.uid.clone() });
+        }
+        drop(v4);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let pod = Arc::new(Pod { spec, id, netns, netns_cookie: cookie, counters: Counters::default() });
+
+        let mut listeners = Vec::new();
+        for ip in [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)] {
+            let addr = SocketAddr::new(ip, OUTBOUND_PORT);
+            match Outbound::new(addr, pod.clone(), self.forwarder.clone(), drain.clone()) {
+                Ok(listener) => {
+                    let task = tokio::spawn(listener.run());
+                    listeners.push((addr, task.abort_handle()));
+                }
+                // A pod without IPv6 (disabled, or no ::1) just has no v6 capture.
+                Err(error) if ip.is_ipv6() => warn!(pod = %pod.spec.name, %error, "no IPv6 outbound listener"),
+                Err(error) => return Err(error.into()),
+            }
+        }
+        // Capture starts only once the listeners exist.
+        self.redirect.enroll(cookie, EnrolledPod { id, flags: 0 })?;
+        let entry = Entry { pod: pod.clone(), listeners };
+        let status = status(&entry);
+        inner.pods.insert(pod.spec.uid.clone(), entry);
+        self.persist(&inner).await;
+        info!(uid = %pod.spec.uid, pod = %pod.spec.name, namespace = %pod.spec.namespace, netns = %pod.spec.netns.display(), cookie, "pod enrolled");
+        Ok(status)
+    }
+
+    pub async fn remove(&self, uid: &str) -> Result<PodStatus, EnrollError> {
+        let mut inner = self.inner.lock().await;
+        let entry = inner.pods.remove(uid).ok_or_else(|| EnrollError::UnknownPod { uid: uid.to_owned() })?;
+        // Stop capture first; then the listeners close (dropping the entry aborts
+        // their accept loops). Connections already open run to completion.
+        self.redirect.unenroll(entry.pod.netns_cookie)?;
+        let status = status(&entry);
+        drop(entry);
+        self.persist(&inner).await;
+        info!(uid, "pod removed");
+        Ok(status)
+    }
+
+    pub async fn list(&self) -> Vec<PodStatus> {
+        self.inner.lock().await.pods.values().map(status).collect()
+    }
+
+    /// Stops handing drain watches to new listeners (draining has begun).
+    pub async fn close(&self) {
+        self.inner.lock().await.drain = None;
+    }
+
+    /// Removes pods whose network namespace has disappeared.
+    pub async fn collect_garbage(&self) {
+        let gone: Vec<String> = {
+            let inner = self.inner.lock().await;
+            inner.pods.values().filter(|e| !e.pod.netns.still_exists()).map(|e| e.pod.spec.uid.clone()).collect()
+        };
+        for uid in gone {
+            warn!(%uid, "pod network namespace is gone; removing the pod");
+            if let Err(error) = self.remove(&uid).await {
+                warn!(%uid, %error, "removing a vanished pod failed");
+            }
+        }
+    }
+
+    /// Re-enrolls the pods recorded by an earlier run, and drops kernel enrollment
+    /// entries that belong to no pod any more.
+    pub async fn restore(&self) {
+        let specs: Vec<PodSpec> = match tokio::fs::read(&self.state_file).await {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|error| {
+                warn!(file = %self.state_file.display(), %error, "ignoring unreadable state file");
+                Vec::new()
+            }),
+            Err(_) => Vec::new(),
+        };
+        for spec in specs {
+            let uid = spec.uid.clone();
+            match self.add(spec).await {
+                Ok(_) => info!(%uid, "pod restored from state file"),
+                Err(error) => warn!(%uid, %error, "pod from state file not restored"),
+            }
+        }
+        let live: Vec<u64> = self.inner.lock().await.pods.values().map(|e| e.pod.netns_cookie).collect();
+        for cookie in self.redirect.enrolled_cookies() {
+            if !live.contains(&cookie) {
+                info!(cookie, "removing stale enrollment left by an earlier run");
+                let _ = self.redirect.unenroll(cookie);
+            }
+        }
+        let inner = self.inner.lock().await;
+        self.persist(&inner).await;
+    }
+
+    async fn persist(&self, inner: &Inner) {
+        let specs: Vec<&PodSpec> = inner.pods.values().map(|e| &e.pod.spec).collect();
+        let json = serde_json::to_vec_pretty(&specs).expect("pod specs serialize");
+        let tmp = self.state_file.with_extension("json.tmp");
+        let result = async {
+            tokio::fs::write(&tmp, &json).await?;
+            tokio::fs::rename(&tmp, &self.state_file).await
+        }
+        .await;
+        if let Err(error) = result {
+            warn!(file = %self.state_file.display(), %error, "cannot write state file");
+        }
+    }
+}
+
+fn status(entry: &Entry) -> PodStatus {
+    PodStatus {
+        spec: entry.pod.spec.clone(),
+        id: entry.pod.id,
+        netns_cookie: entry.pod.netns_cookie,
+        listeners: entry.listeners.iter().map(|(addr, _)| *addr).collect(),
+        counters: entry.pod.counters.snapshot(),
+    }
+}
+
+fn validate(spec: &PodSpec) -> Result<(), EnrollError> {
+    for (field, value) in [("uid", &spec.uid), ("name", &spec.name), ("namespace", &spec.namespace)] {
+        if value.trim().is_empty() {
+            return Err(EnrollError::EmptyField { field });
+        }
+    }
+    if spec.netns.as_os_str().is_empty() {
+        return Err(EnrollError::EmptyField { field: "netns" });
+    }
+    if !spec.netns.exists() {
+        return Err(EnrollError::NoSuchNetns { path: spec.netns.clone() });
+    }
+    Ok(())
+}
+
+/// The enrollment API's Unix-socket listener.
+pub struct EnrollApi {
+    listener: UnixListener,
+    registry: Arc<Registry>,
+}
+
+impl EnrollApi {
+    pub fn new(path: &Path, registry: Arc<Registry>) -> std::io::Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        // A socket file left by a previous run would make bind fail.
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path)?;
+        Ok(Self { listener, registry })
+    }
+
+    pub async fn run(self) {
+        loop {
+            match self.listener.accept().await {
+                Ok((stream, _)) => {
+                    tokio::spawn(serve(stream, self.registry.clone()));
+                }
+                Err(error) => {
+                    warn!(%error, "enrollment accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn serve(stream: UnixStream, registry: Arc<Registry>) {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read.take(MAX_REQUEST_BYTES));
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match lines.read_line(&mut line).await {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(error) => {
+                let reply = error_reply(&EnrollError::InvalidRequest(format!("unreadable request: {error}")));
+                let _ = write.write_all(reply.as_bytes()).await;
+                return;
+            }
+        }
+        if line.trim().is_empty() {
+            continue;
+        }
+        let reply = match handle(line.trim(), &registry).await {
+            Ok(value) => {
+                let mut value = value;
+                value["ok"] = true.into();
+                format!("{value}\n")
+            }
+            Err(error) => {
+                warn!(%error, "enrollment request refused");
+                error_reply(&error)
+            }
+        };
+        if write.write_all(reply.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn error_reply(error: &EnrollError) -> String {
+    format!("{}\n", serde_json::json!({ "ok": false, "error": error.to_string() }))
+}
+
+async fn handle(line: &str, registry: &Registry) -> Result<serde_json::Value, EnrollError> {
+    let request: Request = serde_json::from_str(line).map_err(|e| EnrollError::InvalidRequest(e.to_string()))?;
+    Ok(match request {
+        Request::Add { pod } => serde_json::json!({ "pod": registry.add(pod).await? }),
+        Request::Remove { uid } => serde_json::json!({ "pod": registry.remove(&uid).await? }),
+        Request::List => serde_json::json!({ "pods": registry.list().await }),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_and_reject_unknown_fields() {
+        let add = r#"{"op":"add","pod":{"uid":"u1","name":"p","namespace":"shop","netns":"/run/netns/x"}}"#;
+        match serde_json::from_str::<Request>(add).unwrap() {
+            Request::Add { pod } => assert_eq!(pod.service_account, "default"),
+            other => panic!("unexpected {other:?}"),
+        }
+        let typo = r#"{"op":"add","pod":{"uid":"u1","name":"p","namespace":"shop","netns":"/x","ip":"1.2.3.4"}}"#;
+        let err = serde_json::from_str::<Request>(typo).unwrap_err().to_string();
+        assert!(err.contains("unknown field `ip`"), "{err}");
+        assert!(serde_json::from_str::<Request>(r#"{"op":"explode"}"#).is_err());
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let spec = PodSpec {
+            uid: " ".into(),
+            name: "p".into(),
+            namespace: "n".into(),
+            service_account: "default".into(),
+            ips: vec![],
+            netns: "/definitely/not/here".into(),
+        };
+        assert_eq!(validate(&spec).unwrap_err().to_string(), "field pod.uid must not be empty");
+        let spec = PodSpec { uid: "u".into(), ..spec };
+        assert_eq!(validate(&spec).unwrap_err().to_string(), "netns path /definitely/not/here does not exist");
+    }
+}

@@ -1,0 +1,265 @@
+//! `mesh-agent`: the mesh's node agent. One runs on every node: it loads the eBPF
+//! capture programs, enrolls the node's pods through a local Unix-socket API, opens
+//! its listeners inside each enrolled pod's network namespace and forwards the
+//! connections the kernel hands it.
+mod admin;
+mod drain;
+mod enroll;
+mod netns;
+mod outbound;
+mod redirect;
+mod telemetry;
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    process::ExitCode,
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+use tracing_subscriber::{EnvFilter, layer::SubscriberExt as _, reload, util::SubscriberInitExt as _};
+
+#[derive(Parser, Debug)]
+#[command(name = "mesh-agent", version, about = "Node agent of the mesh")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the agent.
+    Run(Box<RunConfig>),
+    /// Remove the pinned programs and maps of an agent, which stops its capture.
+    Uninstall {
+        /// The agent's bpffs directory.
+        #[arg(long, env = "MESH_BPFFS_DIR")]
+        bpffs_dir: PathBuf,
+    },
+}
+
+#[derive(clap::Args, Debug, serde::Serialize)]
+struct RunConfig {
+    /// Name of this node (used for the default paths and in logs).
+    #[arg(long, env = "MESH_NODE_NAME")]
+    node_name: String,
+    /// cgroup v2 directory whose processes are captured (default: the cgroup2 mount).
+    #[arg(long, env = "MESH_CGROUP_ROOT")]
+    cgroup_root: Option<PathBuf>,
+    /// bpffs directory for pinned programs and maps (default: /sys/fs/bpf/mesh/NODE).
+    #[arg(long, env = "MESH_BPFFS_DIR")]
+    bpffs_dir: Option<PathBuf>,
+    /// eBPF object to load instead of the embedded one.
+    #[arg(long, env = "MESH_BPF_OBJECT")]
+    bpf_object: Option<PathBuf>,
+    /// Directory for the enrollment socket and the state file (default: /run/mesh/NODE).
+    #[arg(long, env = "MESH_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Enrollment API socket (default: STATE_DIR/enroll.sock).
+    #[arg(long, env = "MESH_ENROLL_SOCKET")]
+    enroll_socket: Option<PathBuf>,
+    /// Admin endpoint (pods, counters, config dump, log level).
+    #[arg(long, env = "MESH_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+    /// Readiness endpoint (`/healthz/ready`).
+    #[arg(long, env = "MESH_READINESS_ADDR", default_value = "0.0.0.0:15021")]
+    readiness_addr: SocketAddr,
+    /// Destination port never captured (repeatable).
+    #[arg(long = "exclude-port", env = "MESH_EXCLUDE_PORTS", value_delimiter = ',')]
+    exclude_ports: Vec<u16>,
+    /// Destination CIDR never captured, e.g. 10.0.0.0/8 (repeatable).
+    #[arg(long = "exclude-cidr", env = "MESH_EXCLUDE_CIDRS", value_delimiter = ',', value_parser = parse_cidr)]
+    exclude_cidrs: Vec<(IpAddr, u8)>,
+    /// Upstream connect timeout, in milliseconds.
+    #[arg(long, env = "MESH_CONNECT_TIMEOUT_MS", default_value_t = 10_000)]
+    connect_timeout_ms: u64,
+    /// How long open connections may finish after SIGTERM, in seconds.
+    #[arg(long, env = "MESH_DRAIN_SECONDS", default_value_t = 5)]
+    drain_seconds: u64,
+    /// Log format.
+    #[arg(long, env = "MESH_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    /// Log filter (tracing's EnvFilter syntax).
+    #[arg(long, env = "MESH_LOG", default_value = "info")]
+    log: String,
+}
+
+fn parse_cidr(value: &str) -> Result<(IpAddr, u8), String> {
+    let (ip, prefix) = value.split_once('/').unwrap_or((value, ""));
+    let ip: IpAddr = ip.parse().map_err(|_| format!("'{value}' is not a CIDR: bad address '{ip}'"))?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let prefix = if prefix.is_empty() {
+        max
+    } else {
+        prefix.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(|| {
+            format!("'{value}' is not a CIDR: prefix length must be 0..={max}")
+        })?
+    };
+    Ok((ip, prefix))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Uninstall { bpffs_dir } => match std::fs::remove_dir_all(&bpffs_dir) {
+            Ok(()) => {
+                println!("removed {}", bpffs_dir.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mesh-agent: cannot remove {}: {e}", bpffs_dir.display());
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run(config) => {
+            let set_log_level = match init_logging(&config) {
+                Ok(set) => set,
+                Err(e) => {
+                    eprintln!("mesh-agent: {e:#}");
+                    return ExitCode::from(2);
+                }
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            match runtime.block_on(run(*config, set_log_level)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    error!("{e:#}");
+                    eprintln!("mesh-agent: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_logging(config: &RunConfig) -> anyhow::Result<admin::SetLogLevel> {
+    let filter = EnvFilter::try_new(&config.log).with_context(|| format!("--log: invalid filter '{}'", config.log))?;
+    let (filter, handle) = reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
+    if config.log_format == "json" {
+        registry.with(tracing_subscriber::fmt::layer().json().flatten_event(true)).init();
+    } else {
+        registry.with(tracing_subscriber::fmt::layer()).init();
+    }
+    Ok(Arc::new(move |level: &str| {
+        let filter = EnvFilter::try_new(level).map_err(|e| format!("invalid log filter '{level}': {e}"))?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    }))
+}
+
+async fn run(config: RunConfig, set_log_level: admin::SetLogLevel) -> anyhow::Result<()> {
+    let ready = admin::Readiness::default();
+    let startup = ready.register("startup");
+    let node = config.node_name.clone();
+    let cgroup_root = match &config.cgroup_root {
+        Some(path) => path.clone(),
+        None => {
+            let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").context("read /proc/self/mountinfo")?;
+            redirect::find_cgroup2_mount(&mountinfo).context("no cgroup2 filesystem is mounted; pass --cgroup-root")?
+        }
+    };
+    let bpffs_dir = config.bpffs_dir.clone().unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/mesh").join(&node));
+    let state_dir = config.state_dir.clone().unwrap_or_else(|| PathBuf::from("/run/mesh").join(&node));
+    let enroll_socket = config.enroll_socket.clone().unwrap_or_else(|| state_dir.join("enroll.sock"));
+    std::fs::create_dir_all(&state_dir).with_context(|| format!("create state dir {}", state_dir.display()))?;
+
+    let mut effective = serde_json::to_value(&config).expect("config serializes");
+    effective["cgroup_root"] = cgroup_root.display().to_string().into();
+    effective["bpffs_dir"] = bpffs_dir.display().to_string().into();
+    effective["state_dir"] = state_dir.display().to_string().into();
+    effective["enroll_socket"] = enroll_socket.display().to_string().into();
+    info!(config = %effective, "starting mesh-agent");
+
+    let redirect = Arc::new(
+        redirect::Redirect::load(&redirect::RedirectConfig {
+            object: config.bpf_object.clone(),
+            cgroup_root: cgroup_root.clone(),
+            pin_dir: bpffs_dir.clone(),
+            exclude_ports: config.exclude_ports.clone(),
+            exclude_cidrs: config.exclude_cidrs.clone(),
+        })
+        .context("cannot set up eBPF capture")?,
+    );
+    info!(cgroup = %cgroup_root.display(), pins = %bpffs_dir.display(), "capture programs attached");
+
+    let counters = Arc::new(telemetry::Counters::default());
+    let forwarder = Arc::new(outbound::Forwarder {
+        redirect: redirect.clone(),
+        counters: counters.clone(),
+        connect_timeout: Duration::from_millis(config.connect_timeout_ms),
+    });
+    let (trigger, drain) = drain::channel();
+    let registry = Arc::new(enroll::Registry::new(redirect.clone(), forwarder, &state_dir, drain));
+    registry.restore().await;
+
+    let api = enroll::EnrollApi::new(&enroll_socket, registry.clone())
+        .with_context(|| format!("cannot listen on enrollment socket {}", enroll_socket.display()))?;
+    tokio::spawn(api.run());
+
+    let admin_state = Arc::new(admin::AdminState {
+        registry: registry.clone(),
+        redirect: redirect.clone(),
+        counters,
+        config: effective,
+        set_log_level,
+    });
+    let admin_server = admin::HttpServer::bind("admin", config.admin_addr)
+        .await
+        .with_context(|| format!("cannot listen on admin address {}", config.admin_addr))?;
+    tokio::spawn(admin_server.run(move |req| admin::admin(admin_state.clone(), req)));
+    let ready_server = admin::HttpServer::bind("readiness", config.readiness_addr)
+        .await
+        .with_context(|| format!("cannot listen on readiness address {}", config.readiness_addr))?;
+    let ready_view = ready.clone();
+    tokio::spawn(ready_server.run(move |req| admin::readiness(ready_view.clone(), req)));
+
+    let gc_registry = registry.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            gc_registry.collect_garbage().await;
+        }
+    });
+
+    drop(startup);
+    info!(node, "mesh-agent ready");
+
+    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: draining"),
+        _ = int.recv() => info!("SIGINT: draining"),
+    }
+    let _not_ready = ready.register("draining");
+    registry.close().await;
+    let deadline = Duration::from_secs(config.drain_seconds);
+    if trigger.drain(deadline).await {
+        info!("drained; exiting");
+    } else {
+        warn!(?deadline, "drain deadline passed with connections open; closing them");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_parsing_names_the_problem() {
+        assert_eq!(parse_cidr("10.0.0.0/8").unwrap(), ("10.0.0.0".parse().unwrap(), 8));
+        assert_eq!(parse_cidr("fd00::1").unwrap(), ("fd00::1".parse().unwrap(), 128));
+        assert!(parse_cidr("10.0.0.0/33").unwrap_err().contains("prefix length must be 0..=32"));
+        assert!(parse_cidr("10.0.0/8").unwrap_err().contains("bad address"));
+    }
+}

@@ -1,0 +1,104 @@
+//! Types shared by the mesh's kernel programs (`mesh-ebpf`) and the node agent.
+//!
+//! Everything here is `#[repr(C)]` with explicit padding so that the kernel and user
+//! space agree on the layout of every map key and value byte for byte. The crate is
+//! `no_std`; the `user` feature adds the `aya::Pod` impls the agent needs.
+#![no_std]
+
+/// `SO_MARK` set on the agent's own sockets. The capture programs never redirect a
+/// socket carrying it, which is what keeps the agent's upstream connections from
+/// being captured again (no loop).
+pub const BYPASS_MARK: u32 = 0x539;
+
+/// In-pod listener for captured outbound connections (loopback of the pod's netns).
+pub const OUTBOUND_PORT: u16 = 15001;
+/// In-pod listener for plaintext inbound connections.
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+/// In-pod HBONE (mTLS) listener.
+pub const HBONE_PORT: u16 = 15008;
+/// Agent admin API (node netns, localhost).
+pub const ADMIN_PORT: u16 = 15000;
+/// Prometheus metrics.
+pub const METRICS_PORT: u16 = 15020;
+/// Readiness probe (`/healthz/ready`).
+pub const READINESS_PORT: u16 = 15021;
+
+/// Address families as the kernel numbers them (`AF_INET`, `AF_INET6`).
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// Value of the enrollment map, keyed by the pod's network-namespace cookie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EnrolledPod {
+    /// Agent-local pod number, for correlating kernel statistics with pods.
+    pub id: u32,
+    /// Reserved for per-pod capture options; zero today.
+    pub flags: u32,
+}
+
+/// The destination an application asked for before `connect4`/`connect6` rewrote it.
+///
+/// `addr` holds the IPv4 address in its first four bytes (network order) or the
+/// whole IPv6 address; `port` is in host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OrigDst {
+    pub addr: [u8; 16],
+    /// Cookie of the network namespace the connecting socket lives in.
+    pub netns_cookie: u64,
+    pub port: u16,
+    pub family: u16,
+    pub _pad: u32,
+}
+
+/// Key under which the agent finds a captured connection's original destination:
+/// the pod's netns cookie and the client's ephemeral (loopback) port, which is what
+/// the agent sees as the peer of the accepted connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct OrigDstKey {
+    pub netns_cookie: u64,
+    /// Client's local port, host order.
+    pub port: u16,
+    pub family: u16,
+    pub _pad: u32,
+}
+
+/// Indexes into the kernel statistics array (one `u64` counter each, per CPU).
+pub mod stat {
+    /// Connections rewritten to the in-pod listener.
+    pub const CAPTURED: u32 = 0;
+    /// Enrolled-pod connections skipped because the socket carries the bypass mark.
+    pub const SKIPPED_BYPASS: u32 = 1;
+    /// Enrolled-pod connections to loopback (never captured).
+    pub const SKIPPED_LOOPBACK: u32 = 2;
+    /// Enrolled-pod connections to an excluded port or CIDR.
+    pub const SKIPPED_EXCLUDED: u32 = 3;
+    /// The original destination could not be recorded (map full); the connection
+    /// was left alone rather than captured without a way back.
+    pub const RECORD_FAILED: u32 = 4;
+    /// Original destinations handed over from socket cookie to 4-tuple key.
+    pub const HANDED_OVER: u32 = 5;
+    pub const COUNT: u32 = 6;
+    pub const NAMES: [&str; COUNT as usize] = [
+        "captured",
+        "skipped_bypass_mark",
+        "skipped_loopback",
+        "skipped_excluded",
+        "record_failed",
+        "handed_over",
+    ];
+}
+
+#[cfg(feature = "user")]
+#[allow(unsafe_code)]
+mod pod_impls {
+    // SAFETY: each type is `#[repr(C)]`, `Copy`, made only of integers and byte
+    // arrays, with explicit padding fields, so every bit pattern is valid.
+    unsafe impl aya::Pod for super::EnrolledPod {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::OrigDst {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::OrigDstKey {}
+}

@@ -1,0 +1,36 @@
+//! Every map of the capture programs. All but the statistics are pinned by name under
+//! the agent's bpffs directory, so enrollment survives an agent restart.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
+};
+use mesh_common::{EnrolledPod, OrigDst, OrigDstKey, stat};
+
+/// Enrolled pods, keyed by network-namespace cookie. Written by the agent only.
+#[map]
+pub static ENROLLED: HashMap<u64, EnrolledPod> = HashMap::pinned(16_384, 0);
+
+/// Original destinations by socket cookie, from `connect4/6` until `sock_ops` sees the
+/// connection's local port. LRU so that connects that never reach SYN age out.
+#[map]
+pub static PENDING: LruHashMap<u64, OrigDst> = LruHashMap::pinned(65_536, 0);
+
+/// Original destinations by (netns cookie, client port, family): what the agent looks
+/// up for an accepted connection, and deletes once read.
+#[map]
+pub static ORIG_DST: LruHashMap<OrigDstKey, OrigDst> = LruHashMap::pinned(65_536, 0);
+
+/// Destination ports never captured (host order).
+#[map]
+pub static EXCLUDED_PORTS: HashMap<u16, u8> = HashMap::pinned(1024, 0);
+
+/// Destination CIDRs never captured.
+#[map]
+pub static EXCLUDED_V4: LpmTrie<[u8; 4], u8> = LpmTrie::pinned(1024, 0);
+#[map]
+pub static EXCLUDED_V6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(1024, 0);
+
+/// Counters, indexed by `mesh_common::stat`.
+#[map]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
