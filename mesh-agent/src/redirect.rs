@@ -111,6 +111,11 @@ pub struct Redirect {
     _ebpf: Ebpf,
 }
 
+/// Cgroup programs are attached as bpf links (Linux >= 5.7), which always coexist
+/// with other links and programs; the kernel refuses any attach flag on a link, so
+/// the mode must be the one that maps to no flags.
+const LINK_MODE: CgroupAttachMode = CgroupAttachMode::Single;
+
 const PROGRAMS: [(&str, &str); 2] = [("mesh_connect4", "link_connect4"), ("mesh_connect6", "link_connect6")];
 
 impl Redirect {
@@ -138,7 +143,7 @@ impl Redirect {
                 .map_err(|source| RedirectError::Program { program, source })?;
             prog.load().map_err(|e| load_error(program, e))?;
             let id = prog
-                .attach(&cgroup, CgroupAttachMode::AllowMultiple)
+                .attach(&cgroup, LINK_MODE)
                 .map_err(|source| RedirectError::Program { program, source })?;
             let link: FdLink = prog
                 .take_link(id)
@@ -155,7 +160,7 @@ impl Redirect {
             .map_err(|source| RedirectError::Program { program, source })?;
         prog.load().map_err(|e| load_error(program, e))?;
         let id = prog
-            .attach(&cgroup, CgroupAttachMode::AllowMultiple)
+            .attach(&cgroup, LINK_MODE)
             .map_err(|source| RedirectError::Program { program, source })?;
         let link: FdLink = prog
             .take_link(id)
