@@ -164,7 +164,7 @@ async fn run(config: RunConfig, set_log_level: admin::SetLogLevel) -> anyhow::Re
         Some(path) => path.clone(),
         None => {
             let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").context("read /proc/self/mountinfo")?;
-            redirect::find_cgroup2_mount(&mountinfo).context("no cgroup2 filesystem is mounted; pass --cgroup-root")?
+            mesh_common::host::find_cgroup2_mount(&mountinfo).context("no cgroup2 filesystem is mounted; pass --cgroup-root")?
         }
     };
     let bpffs_dir = config.bpffs_dir.clone().unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/mesh").join(&node));

@@ -5,6 +5,12 @@
 //! `no_std`; the `user` feature adds the `aya::Pod` impls the agent needs.
 #![no_std]
 
+#[cfg(feature = "user")]
+extern crate std;
+
+#[cfg(feature = "user")]
+pub mod host;
+
 /// `SO_MARK` set on the agent's own sockets. The capture programs never redirect a
 /// socket carrying it, which is what keeps the agent's upstream connections from
 /// being captured again (no loop).

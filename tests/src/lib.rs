@@ -1,1 +1,651 @@
-//! lab
+//! The lab: a mesh of nodes and pods on one machine, made of network namespaces.
+//!
+//! ```text
+//!   {prefix}-fabric: bridge br0 ── veth ── {prefix}-node1 (10.99.0.1, fd00:99::1)
+//!                               └─ veth ── {prefix}-node2 ...
+//!   {prefix}-node<i>: bridge pods (10.98.<i>.1/24, fd00:98:<i>::1/64), runs mesh-agent
+//!        └─ veth ── {prefix}-n<i>-p<j>: eth0 10.98.<i>.<10+j>, fd00:98:<i>::<10+j>, runs mesh-echo
+//! ```
+//! Every pod process runs in its own cgroup v2 group below its node's group, which is
+//! where that node's agent attaches its capture programs. Pods in namespace `shop`
+//! (labelled `istio.io/dataplane-mode=ambient`) are enrolled; the last pod of each
+//! node lives in `legacy` and is not. Only addresses inside the lab's namespaces are
+//! used. [`down`] removes everything a lab made, by name, also after a crash.
+use std::{
+    fs,
+    io::{BufRead, BufReader, Write},
+    os::unix::{net::UnixStream, process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+
+/// Where labs keep their state (logs, pids, sockets, description).
+pub const STATE_ROOT: &str = "/run/mesh-lab";
+/// The echo server's HTTP and raw-echo ports in every pod.
+pub const HTTP_PORT: u16 = 8080;
+pub const ECHO_PORT: u16 = 9000;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LabSpec {
+    /// Prefix of every namespace, cgroup and pin the lab makes; starts with `mesh-`
+    /// or is `mesh`.
+    pub prefix: String,
+    pub nodes: usize,
+    pub pods_per_node: usize,
+    pub agent_bin: PathBuf,
+    pub echo_bin: PathBuf,
+    /// Extra arguments for every agent (`--exclude-port 22`, `--log-format json`).
+    #[serde(default)]
+    pub agent_args: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Node {
+    pub name: String,
+    pub netns: String,
+    pub ip4: String,
+    pub ip6: String,
+    pub cgroup: PathBuf,
+    pub bpffs: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Pod {
+    pub name: String,
+    pub uid: String,
+    pub namespace: String,
+    pub node: usize,
+    pub netns: String,
+    pub ip4: String,
+    pub ip6: String,
+    pub cgroup: PathBuf,
+    /// Whether its namespace is labelled for the mesh.
+    pub meshed: bool,
+}
+
+/// A running lab. Dropping it tears it down unless [`Lab::keep`] was called.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Lab {
+    pub spec: LabSpec,
+    pub nodes: Vec<Node>,
+    pub pods: Vec<Pod>,
+    pub dir: PathBuf,
+    #[serde(skip)]
+    keep: bool,
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<Output> {
+    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("spawn {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{:?} failed ({}): {}", cmd, out.status, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(out)
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    run(Command::new("ip").args(args)).map(drop)
+}
+
+fn cgroup2_root() -> anyhow::Result<PathBuf> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
+    mesh_common::host::find_cgroup2_mount(&mountinfo).context("no cgroup2 filesystem mounted")
+}
+
+/// Why this machine cannot run the lab, if it cannot.
+pub fn unsupported_reason() -> Option<String> {
+    // SAFETY-free check of the effective uid through /proc.
+    let uid = fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")));
+    if uid != Some(true) {
+        return Some("the lab needs root (network namespaces, cgroups, eBPF)".into());
+    }
+    for tool in ["ip", "nsenter", "curl"] {
+        if Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().map_or(true, |o| !o.status.success())
+        {
+            return Some(format!("{tool} is not installed (run `cargo xtask setup`)"));
+        }
+    }
+    if cgroup2_root().is_err() {
+        return Some("no cgroup v2 filesystem is mounted".into());
+    }
+    None
+}
+
+impl Lab {
+    /// Builds the lab and starts its agents and workloads. Anything left by an
+    /// earlier lab with the same prefix is removed first; a failure half way removes
+    /// what was made.
+    pub fn up(spec: LabSpec) -> anyhow::Result<Self> {
+        if !(spec.prefix == "mesh" || spec.prefix.starts_with("mesh-")) {
+            bail!("lab prefix '{}' must be 'mesh' or start with 'mesh-'", spec.prefix);
+        }
+        if spec.nodes == 0 || spec.nodes > 50 || spec.pods_per_node == 0 || spec.pods_per_node > 50 {
+            bail!("a lab has 1..=50 nodes and 1..=50 pods per node");
+        }
+        down(&spec.prefix)?;
+        let cg = cgroup2_root()?.join(&spec.prefix);
+        let dir = Path::new(STATE_ROOT).join(&spec.prefix);
+        fs::create_dir_all(&dir)?;
+        let mut lab = Self { nodes: Vec::new(), pods: Vec::new(), dir, spec, keep: false };
+        let p = lab.spec.prefix.clone();
+        for i in 1..=lab.spec.nodes {
+            lab.nodes.push(Node {
+                name: format!("node{i}"),
+                netns: format!("{p}-node{i}"),
+                ip4: format!("10.99.0.{i}"),
+                ip6: format!("fd00:99::{i}"),
+                cgroup: cg.join(format!("node{i}")),
+                bpffs: Path::new("/sys/fs/bpf").join(&p).join(format!("node{i}")),
+                state_dir: lab.dir.join(format!("node{i}")),
+            });
+            for j in 1..=lab.spec.pods_per_node {
+                let meshed = lab.spec.pods_per_node == 1 || j < lab.spec.pods_per_node;
+                let name = format!("n{i}-p{j}");
+                lab.pods.push(Pod {
+                    uid: format!("uid-{p}-{name}"),
+                    netns: format!("{p}-{name}"),
+                    ip4: format!("10.98.{i}.{}", 10 + j),
+                    ip6: format!("fd00:98:{i}::{}", 10 + j),
+                    cgroup: cg.join(format!("node{i}")).join("pods").join(&name),
+                    namespace: if meshed { "shop" } else { "legacy" }.into(),
+                    node: i,
+                    meshed,
+                    name,
+                });
+            }
+        }
+        if let Err(e) = lab.build() {
+            let _ = down(&lab.spec.prefix);
+            return Err(e.context("lab up failed; everything it made was removed"));
+        }
+        Ok(lab)
+    }
+
+    /// Re-opens a lab started by another process (`lab status`, `lab exec`).
+    pub fn attach(prefix: &str) -> anyhow::Result<Self> {
+        let path = Path::new(STATE_ROOT).join(prefix).join("lab.json");
+        let text = fs::read_to_string(&path).with_context(|| format!("no lab '{prefix}' is up ({})", path.display()))?;
+        let mut lab: Self = serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
+        lab.keep = true;
+        Ok(lab)
+    }
+
+    /// Leaves the lab running when this value is dropped.
+    pub fn keep(&mut self) {
+        self.keep = true;
+    }
+
+    fn build(&mut self) -> anyhow::Result<()> {
+        let p = &self.spec.prefix;
+        let fabric = format!("{p}-fabric");
+        ip(&["netns", "add", &fabric])?;
+        ip(&["-n", &fabric, "link", "set", "lo", "up"])?;
+        ip(&["-n", &fabric, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &fabric, "link", "set", "br0", "up"])?;
+        for (i, node) in self.nodes.iter().enumerate() {
+            let i = i + 1;
+            let ns = &node.netns;
+            ip(&["netns", "add", ns])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+            let port = format!("n{i}");
+            ip(&["link", "add", "fab", "netns", ns, "type", "veth", "peer", "name", &port, "netns", &fabric])?;
+            ip(&["-n", &fabric, "link", "set", &port, "master", "br0", "up"])?;
+            ip(&["-n", ns, "addr", "add", &format!("{}/24", node.ip4), "dev", "fab"])?;
+            ip(&["-n", ns, "addr", "add", &format!("{}/64", node.ip6), "dev", "fab", "nodad"])?;
+            ip(&["-n", ns, "link", "set", "fab", "up"])?;
+            ip(&["-n", ns, "link", "add", "pods", "type", "bridge"])?;
+            ip(&["-n", ns, "addr", "add", &format!("10.98.{i}.1/24"), "dev", "pods"])?;
+            ip(&["-n", ns, "addr", "add", &format!("fd00:98:{i}::1/64"), "dev", "pods", "nodad"])?;
+            ip(&["-n", ns, "link", "set", "pods", "up"])?;
+            sysctl(ns, "net.ipv4.ip_forward", "1")?;
+            sysctl(ns, "net.ipv6.conf.all.forwarding", "1")?;
+            for (k, other) in self.nodes.iter().enumerate() {
+                let k = k + 1;
+                if k != i {
+                    ip(&["-n", ns, "route", "add", &format!("10.98.{k}.0/24"), "via", &other.ip4])?;
+                    ip(&["-n", ns, "-6", "route", "add", &format!("fd00:98:{k}::/64"), "via", &other.ip6])?;
+                }
+            }
+            fs::create_dir_all(node.cgroup.join("agent"))?;
+            fs::create_dir_all(&node.state_dir)?;
+        }
+        for pod in &self.pods {
+            let ns = &pod.netns;
+            let node = &self.nodes[pod.node - 1];
+            let i = pod.node;
+            ip(&["netns", "add", ns])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+            let port = format!("p-{}", pod.name);
+            ip(&["link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", &port, "netns", &node.netns])?;
+            ip(&["-n", &node.netns, "link", "set", &port, "master", "pods", "up"])?;
+            ip(&["-n", ns, "addr", "add", &format!("{}/24", pod.ip4), "dev", "eth0"])?;
+            ip(&["-n", ns, "addr", "add", &format!("{}/64", pod.ip6), "dev", "eth0", "nodad"])?;
+            ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+            ip(&["-n", ns, "route", "add", "default", "via", &format!("10.98.{i}.1")])?;
+            ip(&["-n", ns, "-6", "route", "add", "default", "via", &format!("fd00:98:{i}::1")])?;
+            fs::create_dir_all(&pod.cgroup)?;
+        }
+        self.save()?;
+        for pod in self.pods.clone() {
+            let echo = self.spec.echo_bin.display().to_string();
+            self.spawn(&pod.name, &pod.netns, &pod.cgroup, &[&echo, "serve", "--name", &pod.name])?;
+        }
+        for n in 1..=self.nodes.len() {
+            self.start_agent(n)?;
+        }
+        for pod in self.pods.clone() {
+            wait_for(Duration::from_secs(10), || {
+                self.exec_netns(&pod.netns, None, &["curl", "-s", "-o", "/dev/null", &format!("http://127.0.0.1:{HTTP_PORT}/")])
+                    .is_ok_and(|o| o.status.success())
+            })
+            .with_context(|| format!("echo server in {} did not come up", pod.name))?;
+        }
+        for pod in self.pods.clone() {
+            if pod.meshed {
+                self.enroll(&pod.name)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn save(&self) -> anyhow::Result<()> {
+        fs::write(self.dir.join("lab.json"), serde_json::to_vec_pretty(self)?)?;
+        Ok(())
+    }
+
+    /// Starts a long-running process inside `netns` and `cgroup`, detached, logging
+    /// to `<dir>/<name>.log`, its pid in `<dir>/<name>.pid`.
+    fn spawn(&self, name: &str, netns: &str, cgroup: &Path, argv: &[&str]) -> anyhow::Result<u32> {
+        let log = fs::File::create(self.dir.join(format!("{name}.log")))?;
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(r#"ns=$1; shift; echo $$ > "$0/cgroup.procs" && exec nsenter --net="/run/netns/$ns" -- "$@""#)
+            .arg(cgroup)
+            .arg(netns)
+            .args(argv)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("start {name}"))?;
+        fs::write(self.dir.join(format!("{name}.pid")), child.id().to_string())?;
+        Ok(child.id())
+    }
+
+    pub fn node(&self, n: usize) -> &Node {
+        &self.nodes[n - 1]
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name} in the lab"))
+    }
+
+    /// Starts (or restarts) node `n`'s agent and waits until it is ready.
+    pub fn start_agent(&self, n: usize) -> anyhow::Result<()> {
+        let node = self.node(n).clone();
+        let agent = self.spec.agent_bin.display().to_string();
+        let mut argv: Vec<String> = vec![
+            agent,
+            "run".into(),
+            "--node-name".into(),
+            node.name.clone(),
+            "--cgroup-root".into(),
+            node.cgroup.display().to_string(),
+            "--bpffs-dir".into(),
+            node.bpffs.display().to_string(),
+            "--state-dir".into(),
+            node.state_dir.display().to_string(),
+            "--drain-seconds".into(),
+            "2".into(),
+        ];
+        argv.extend(self.spec.agent_args.iter().cloned());
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let name = format!("agent-{}", node.name);
+        // Append to the log across restarts.
+        let old_log = fs::read(self.dir.join(format!("{name}.log"))).unwrap_or_default();
+        self.spawn(&name, &node.netns, &node.cgroup.join("agent"), &argv)?;
+        if !old_log.is_empty() {
+            let _ = fs::write(self.dir.join(format!("{name}.prev.log")), old_log);
+        }
+        wait_for(Duration::from_secs(15), || {
+            self.node_http(n, 15021, "/healthz/ready").is_ok_and(|body| body.trim() == "ready")
+        })
+        .with_context(|| format!("agent on {} not ready; log: {}", node.name, self.agent_log(n)))
+    }
+
+    /// Sends `signal` (e.g. "TERM", "KILL") to node `n`'s agent and waits until it exits.
+    pub fn stop_agent(&self, n: usize, signal: &str) -> anyhow::Result<()> {
+        let pid_file = self.dir.join(format!("agent-{}.pid", self.node(n).name));
+        let pid = fs::read_to_string(&pid_file)?.trim().to_owned();
+        run(Command::new("kill").args([&format!("-{signal}"), &pid]))?;
+        wait_for(Duration::from_secs(10), || !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(&pid))
+            .context("agent did not exit")?;
+        Ok(())
+    }
+
+    pub fn agent_log(&self, n: usize) -> String {
+        fs::read_to_string(self.dir.join(format!("agent-{}.log", self.node(n).name))).unwrap_or_default()
+    }
+
+    /// GET on a port of node `n` (its netns' loopback); the body.
+    pub fn node_http(&self, n: usize, port: u16, path: &str) -> anyhow::Result<String> {
+        let out = self.exec_netns(
+            &self.node(n).netns,
+            None,
+            &["curl", "-sf", "--max-time", "2", &format!("http://127.0.0.1:{port}{path}")],
+        )?;
+        if !out.status.success() {
+            bail!("GET {path} on {}: {}", self.node(n).name, String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The agent's `/stats` on node `n`.
+    pub fn agent_stats(&self, n: usize) -> anyhow::Result<serde_json::Value> {
+        Ok(serde_json::from_str(&self.node_http(n, 15000, "/stats")?)?)
+    }
+
+    /// Runs a command in a pod (its netns and cgroup) or a node (its netns).
+    pub fn exec(&self, target: &str, argv: &[&str]) -> anyhow::Result<Output> {
+        if let Some(pod) = self.pods.iter().find(|p| p.name == target) {
+            return self.exec_netns(&pod.netns, Some(&pod.cgroup), argv);
+        }
+        if let Some(node) = self.nodes.iter().find(|n| n.name == target) {
+            return self.exec_netns(&node.netns, None, argv);
+        }
+        if target == "fabric" {
+            return self.exec_netns(&format!("{}-fabric", self.spec.prefix), None, argv);
+        }
+        bail!("no pod or node named {target} in lab {}", self.spec.prefix)
+    }
+
+    fn exec_netns(&self, netns: &str, cgroup: Option<&Path>, argv: &[&str]) -> anyhow::Result<Output> {
+        let script = match cgroup {
+            Some(_) => r#"ns=$1; shift; echo $$ > "$0/cgroup.procs" && exec nsenter --net="/run/netns/$ns" -- "$@""#,
+            None => r#"ns=$1; shift; exec nsenter --net="/run/netns/$ns" -- "$@""#,
+        };
+        let cg = cgroup.map_or_else(|| "-".to_owned(), |c| c.display().to_string());
+        Command::new("sh")
+            .args(["-c", script, &cg, netns])
+            .args(argv)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("exec {argv:?} in {netns}"))
+    }
+
+    /// Like [`Lab::exec`], with the terminal attached (for `lab exec`).
+    pub fn exec_interactive(&self, target: &str, argv: &[&str]) -> anyhow::Result<i32> {
+        let (netns, cgroup) = if let Some(pod) = self.pods.iter().find(|p| p.name == target) {
+            (pod.netns.clone(), Some(pod.cgroup.clone()))
+        } else if let Some(node) = self.nodes.iter().find(|n| n.name == target) {
+            (node.netns.clone(), None)
+        } else {
+            bail!("no pod or node named {target}; pods: {}", self.pods.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(" "))
+        };
+        let cg = cgroup.map_or_else(|| "-".to_owned(), |c| c.display().to_string());
+        let status = Command::new("sh")
+            .args(["-c", r#"ns=$1; shift; [ "$0" = - ] || echo $$ > "$0/cgroup.procs"; exec nsenter --net="/run/netns/$ns" -- "$@""#, &cg, &netns])
+            .args(argv)
+            .status()?;
+        Ok(status.code().unwrap_or(1))
+    }
+
+    /// HTTP GET from pod `from` to `url` with curl; the response body.
+    pub fn curl(&self, from: &str, url: &str) -> anyhow::Result<String> {
+        let out = self.exec(from, &["curl", "-sS", "--max-time", "5", url])?;
+        if !out.status.success() {
+            bail!("curl {url} from {from}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn enroll_request(&self, node: usize, request: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
+        let socket = self.node(node).state_dir.join("enroll.sock");
+        let mut stream = UnixStream::connect(&socket).with_context(|| format!("connect {}", socket.display()))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        writeln!(stream, "{request}")?;
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line)?;
+        Ok(serde_json::from_str(&line)?)
+    }
+
+    /// Sends a raw line to node `n`'s enrollment socket; the reply line.
+    pub fn enroll_raw(&self, node: usize, line: &str) -> anyhow::Result<serde_json::Value> {
+        let socket = self.node(node).state_dir.join("enroll.sock");
+        let mut stream = UnixStream::connect(&socket)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.write_all(line.as_bytes())?;
+        stream.write_all(b"\n")?;
+        let mut reply = String::new();
+        BufReader::new(stream).read_line(&mut reply)?;
+        Ok(serde_json::from_str(&reply)?)
+    }
+
+    pub fn pod_request(&self, name: &str) -> serde_json::Value {
+        let pod = self.pod(name);
+        serde_json::json!({ "op": "add", "pod": {
+            "uid": pod.uid, "name": pod.name, "namespace": pod.namespace,
+            "service_account": "default", "ips": [pod.ip4, pod.ip6],
+            "netns": format!("/run/netns/{}", pod.netns),
+        }})
+    }
+
+    pub fn enroll(&self, name: &str) -> anyhow::Result<serde_json::Value> {
+        let reply = self.enroll_request(self.pod(name).node, &self.pod_request(name))?;
+        if reply["ok"] != true {
+            bail!("enroll {name}: {}", reply["error"]);
+        }
+        Ok(reply)
+    }
+
+    pub fn unenroll(&self, name: &str) -> anyhow::Result<serde_json::Value> {
+        let pod = self.pod(name);
+        let reply = self.enroll_request(pod.node, &serde_json::json!({ "op": "remove", "uid": pod.uid }))?;
+        if reply["ok"] != true {
+            bail!("unenroll {name}: {}", reply["error"]);
+        }
+        Ok(reply)
+    }
+
+    /// A human-readable summary of the lab.
+    pub fn status(&self) -> String {
+        let mut out = format!("lab {} ({} nodes)\n", self.spec.prefix, self.nodes.len());
+        for (i, node) in self.nodes.iter().enumerate() {
+            let ready = self.node_http(i + 1, 15021, "/healthz/ready").map_or_else(|e| format!("down ({e})"), |b| b.trim().to_owned());
+            out += &format!("  {} {} / {}  agent: {ready}\n", node.name, node.ip4, node.ip6);
+            for pod in self.pods.iter().filter(|p| p.node == i + 1) {
+                out += &format!(
+                    "    {:8} {:12} {:12} {:18} {}\n",
+                    pod.name,
+                    pod.namespace,
+                    pod.ip4,
+                    pod.ip6,
+                    if pod.meshed { "meshed" } else { "not meshed" }
+                );
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if !self.keep {
+            if let Err(e) = down(&self.spec.prefix) {
+                eprintln!("lab down {}: {e:#}", self.spec.prefix);
+            }
+        }
+    }
+}
+
+fn sysctl(netns: &str, key: &str, value: &str) -> anyhow::Result<()> {
+    run(Command::new("ip").args(["netns", "exec", netns, "sysctl", "-qw", &format!("{key}={value}")])).map(drop)
+}
+
+fn is_zombie(pid: &str) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+}
+
+/// Polls `check` every 50 ms until it holds or `timeout` passes.
+pub fn wait_for(timeout: Duration, mut check: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if check() {
+            return Ok(());
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    bail!("timed out after {timeout:?}")
+}
+
+/// Is `name` one of the namespaces a lab with this prefix makes?
+fn is_lab_netns(prefix: &str, name: &str) -> bool {
+    let Some(rest) = name.strip_prefix(prefix).and_then(|r| r.strip_prefix('-')) else { return false };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    rest == "fabric"
+        || rest.strip_prefix("node").is_some_and(digits)
+        || rest
+            .strip_prefix('n')
+            .and_then(|r| r.split_once("-p"))
+            .is_some_and(|(a, b)| digits(a) && digits(b))
+}
+
+/// What [`down`] removed.
+#[derive(Debug, Default)]
+pub struct DownReport {
+    pub processes: usize,
+    pub netns: usize,
+    pub cgroups: usize,
+    pub pins: bool,
+}
+
+/// Removes every process, namespace (and with them every link), cgroup, bpffs pin and
+/// state file of the lab with this prefix. Safe to run any time, also when nothing is
+/// there or after a crash.
+pub fn down(prefix: &str) -> anyhow::Result<DownReport> {
+    let mut report = DownReport::default();
+    let dir = Path::new(STATE_ROOT).join(prefix);
+    let cg = cgroup2_root()?.join(prefix);
+    let mut pids: Vec<i32> = Vec::new();
+    if let Ok(entries) = fs::read_dir(&dir) {
+        for entry in entries.flatten() {
+            if entry.path().extension().is_some_and(|e| e == "pid") {
+                if let Ok(pid) = fs::read_to_string(entry.path()).unwrap_or_default().trim().parse() {
+                    pids.push(pid);
+                }
+            }
+        }
+    }
+    pids.extend(cgroup_pids(&cg));
+    let namespaces: Vec<String> = run(Command::new("ip").args(["netns", "list"]))
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().filter_map(|l| l.split_whitespace().next().map(str::to_owned)).collect())
+        .unwrap_or_default();
+    let namespaces: Vec<String> = namespaces.into_iter().filter(|n| is_lab_netns(prefix, n)).collect();
+    for ns in &namespaces {
+        if let Ok(out) = run(Command::new("ip").args(["netns", "pids", ns])) {
+            pids.extend(String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+        }
+    }
+    pids.sort_unstable();
+    pids.dedup();
+    pids.retain(|p| *p > 1 && Path::new(&format!("/proc/{p}")).exists());
+    for pid in &pids {
+        let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).stderr(Stdio::null()).status();
+    }
+    report.processes = pids.len();
+    let _ = wait_for(Duration::from_secs(5), || cgroup_pids(&cg).is_empty());
+    for ns in &namespaces {
+        if ip(&["netns", "del", ns]).is_ok() {
+            report.netns += 1;
+        }
+    }
+    report.cgroups = remove_cgroups(&cg);
+    let pins = Path::new("/sys/fs/bpf").join(prefix);
+    if pins.exists() {
+        fs::remove_dir_all(&pins).with_context(|| format!("remove {}", pins.display()))?;
+        report.pins = true;
+    }
+    let _ = fs::remove_dir_all(&dir);
+    Ok(report)
+}
+
+fn cgroup_pids(dir: &Path) -> Vec<i32> {
+    let mut pids: Vec<i32> = fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                pids.extend(cgroup_pids(&entry.path()));
+            }
+        }
+    }
+    pids
+}
+
+/// Removes a cgroup tree bottom-up; the number removed.
+fn remove_cgroups(dir: &Path) -> usize {
+    let mut removed = 0;
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                removed += remove_cgroups(&entry.path());
+            }
+        }
+    }
+    if fs::remove_dir(dir).is_ok() {
+        removed += 1;
+    }
+    removed
+}
+
+/// Names of anything left over by labs with this prefix (for tests of cleanliness).
+pub fn leftovers(prefix: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    if let Ok(out) = run(Command::new("ip").args(["netns", "list"])) {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Some(name) = line.split_whitespace().next() {
+                if is_lab_netns(prefix, name) {
+                    found.push(format!("netns {name}"));
+                }
+            }
+        }
+    }
+    if let Ok(cg) = cgroup2_root() {
+        if cg.join(prefix).exists() {
+            found.push(format!("cgroup {}", cg.join(prefix).display()));
+        }
+    }
+    for path in [Path::new("/sys/fs/bpf").join(prefix), Path::new(STATE_ROOT).join(prefix)] {
+        if path.exists() {
+            found.push(path.display().to_string());
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_lab_netns;
+
+    #[test]
+    fn lab_netns_names_are_recognised_exactly() {
+        assert!(is_lab_netns("mesh", "mesh-fabric"));
+        assert!(is_lab_netns("mesh", "mesh-node12"));
+        assert!(is_lab_netns("mesh", "mesh-n1-p2"));
+        assert!(!is_lab_netns("mesh", "mesh-t1-node1"));
+        assert!(!is_lab_netns("mesh", "meshy-node1"));
+        assert!(!is_lab_netns("mesh", "mesh-node"));
+        assert!(is_lab_netns("mesh-t1", "mesh-t1-n3-p1"));
+    }
+}

@@ -1,1 +1,259 @@
-fn main(){}
+//! Project automation. `cargo xtask setup | build | lab | demo | test | vm-test | bench`.
+//! Every command that needs tools runs `setup` first, which installs what is missing
+//! and is a quick no-op otherwise.
+mod bench;
+mod demo;
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use mesh_lab::{Lab, LabSpec};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Build, run and test the mesh")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install missing prerequisites (Debian packages, nightly rust-src, bpf-linker, virtme-ng).
+    Setup,
+    /// Build the eBPF object and the release binaries.
+    Build,
+    /// Manage the local lab of network namespaces.
+    Lab {
+        #[command(subcommand)]
+        command: LabCmd,
+    },
+    /// Build everything, run the mesh in the lab and show what it does.
+    Demo,
+    /// fmt, clippy, unit and end-to-end tests, then the kernel VM tests.
+    Test {
+        /// Skip the VM run (for a quick local loop; CI always runs it).
+        #[arg(long)]
+        no_vm: bool,
+    },
+    /// Run the capture tests inside a VM booted on Debian's 6.1 kernel.
+    VmTest,
+    /// Benchmarks: throughput and latency with and without the mesh.
+    Bench {
+        /// Shorter runs (for a quick look).
+        #[arg(long)]
+        quick: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum LabCmd {
+    /// Build the lab and start its agents and workloads.
+    Up {
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+        #[arg(long, default_value_t = 2)]
+        pods_per_node: usize,
+    },
+    /// Show nodes, pods and agents.
+    Status,
+    /// Run a command in a pod or node: `cargo xtask lab exec n1-p1 -- curl ...`.
+    Exec {
+        target: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Remove everything the lab made.
+    Down,
+}
+
+pub const LAB_PREFIX: &str = "mesh";
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Setup => setup::setup(),
+        Cmd::Build => setup::setup().and_then(|()| build()),
+        Cmd::Lab { command } => lab(command),
+        Cmd::Demo => setup::setup().and_then(|()| build()).and_then(|()| demo::demo()),
+        Cmd::Test { no_vm } => test(!no_vm),
+        Cmd::VmTest => setup::setup().and_then(|()| build()).and_then(|()| vm_test()),
+        Cmd::Bench { quick } => setup::setup().and_then(|()| build()).and_then(|()| bench::bench(quick)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
+}
+
+pub fn ebpf_object() -> PathBuf {
+    root().join("mesh-ebpf/target/bpfel-unknown-none/release/mesh-ebpf")
+}
+
+pub fn release_bin(name: &str) -> PathBuf {
+    root().join("target/release").join(name)
+}
+
+/// Runs a command from the workspace root, failing with its name on a non-zero exit.
+pub fn sh(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.current_dir(cmd.get_current_dir().map_or_else(root, Path::to_owned)).status().with_context(|| format!("spawn {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+/// `cargo` with the environment of the outer `cargo xtask` removed, so the nested
+/// build picks its own toolchain.
+pub fn cargo(toolchain: Option<&str>) -> Command {
+    let mut cmd = Command::new("cargo");
+    if let Some(toolchain) = toolchain {
+        cmd.arg(format!("+{toolchain}"));
+    }
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy().into_owned();
+        if key == "RUSTUP_TOOLCHAIN" || key == "RUSTC" || key == "RUSTC_WRAPPER" || key == "RUSTFLAGS" || key == "CARGO" || (key.starts_with("CARGO_") && key != "CARGO_HOME") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
+pub fn build() -> anyhow::Result<()> {
+    println!("==> building the eBPF programs (nightly, bpfel-unknown-none)");
+    sh(cargo(Some("nightly")).args(["build", "--release"]).current_dir(root().join("mesh-ebpf")))?;
+    println!("==> building the release binaries");
+    sh(cargo(None).args(["build", "--release", "--workspace", "--bins"]).env("MESH_EBPF_OBJECT", ebpf_object()))?;
+    Ok(())
+}
+
+pub fn lab_spec(nodes: usize, pods_per_node: usize) -> LabSpec {
+    LabSpec {
+        prefix: LAB_PREFIX.into(),
+        nodes,
+        pods_per_node,
+        agent_bin: release_bin("mesh-agent"),
+        echo_bin: release_bin("mesh-echo"),
+        agent_args: Vec::new(),
+    }
+}
+
+fn lab(command: LabCmd) -> anyhow::Result<()> {
+    match command {
+        LabCmd::Up { nodes, pods_per_node } => {
+            setup::setup()?;
+            build()?;
+            let mut lab = Lab::up(lab_spec(nodes, pods_per_node))?;
+            lab.keep();
+            print!("{}", lab.status());
+            println!("try: cargo xtask lab exec n1-p1 -- curl -s http://{}:8080/", lab.pods.last().map_or("10.98.2.11", |p| p.ip4.as_str()));
+            Ok(())
+        }
+        LabCmd::Status => {
+            print!("{}", Lab::attach(LAB_PREFIX)?.status());
+            Ok(())
+        }
+        LabCmd::Exec { target, command } => {
+            let lab = Lab::attach(LAB_PREFIX)?;
+            let argv: Vec<&str> = command.iter().map(String::as_str).collect();
+            let code = lab.exec_interactive(&target, &argv)?;
+            if code != 0 {
+                std::process::exit(code);
+            }
+            Ok(())
+        }
+        LabCmd::Down => {
+            let report = mesh_lab::down(LAB_PREFIX)?;
+            println!(
+                "lab down: {} processes stopped, {} namespaces, {} cgroups removed, pins {}",
+                report.processes,
+                report.netns,
+                report.cgroups,
+                if report.pins { "removed" } else { "none" }
+            );
+            let left = mesh_lab::leftovers(LAB_PREFIX);
+            if !left.is_empty() {
+                bail!("left over: {}", left.join(", "));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn test(vm: bool) -> anyhow::Result<()> {
+    setup::setup()?;
+    build()?;
+    println!("==> cargo fmt --check");
+    sh(cargo(None).args(["fmt", "--all", "--check"]))?;
+    sh(cargo(Some("nightly")).args(["fmt", "--check"]).current_dir(root().join("mesh-ebpf")))?;
+    println!("==> cargo clippy -D warnings");
+    sh(cargo(None)
+        .args(["clippy", "--release", "--workspace", "--all-targets", "--", "-D", "warnings"])
+        .env("MESH_EBPF_OBJECT", ebpf_object()))?;
+    println!("==> unit and end-to-end tests");
+    sh(cargo(None)
+        .args(["test", "--release", "--workspace", "--", "--test-threads=1"])
+        .env("MESH_EBPF_OBJECT", ebpf_object())
+        .env("MESH_AGENT_BIN", release_bin("mesh-agent")))?;
+    if vm {
+        vm_test()?;
+    }
+    Ok(())
+}
+
+fn vm_test() -> anyhow::Result<()> {
+    let kernel = std::fs::read_dir("/boot")?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-6.1.") && n.to_string_lossy().ends_with("-amd64")))
+        .max()
+        .context("no Debian 6.1 kernel in /boot (cargo xtask setup installs linux-image-amd64)")?;
+    println!("==> building the end-to-end test binary");
+    let out = cargo(None)
+        .args(["test", "--release", "-p", "mesh-lab", "--test", "e2e", "--no-run", "--message-format=json"])
+        .env("MESH_EBPF_OBJECT", ebpf_object())
+        .current_dir(root())
+        .output()?;
+    if !out.status.success() {
+        bail!("building the e2e test binary failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let binary = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == "e2e")
+        .find_map(|v| v["executable"].as_str().map(str::to_owned))
+        .context("cargo did not report the e2e test binary")?;
+    println!("==> booting {} (TCG, this takes a minute) to run the capture tests", kernel.display());
+    let script = format!(
+        "cd {root} && MESH_AGENT_BIN={agent} MESH_IN_VM=1 {binary} capture --test-threads=1; echo \"vm-test exit: $?\"",
+        root = root().display(),
+        agent = release_bin("mesh-agent").display(),
+    );
+    let output = Command::new("vng")
+        .args(["--run", &kernel.display().to_string(), "--disable-kvm", "--force-9p", "--memory", "2G", "--cpus", "2", "--exec", &script])
+        .current_dir(root())
+        .output()
+        .context("run vng (cargo xtask setup installs virtme-ng)")?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    print!("{stdout}");
+    eprint!("{}", String::from_utf8_lossy(&output.stderr));
+    if !stdout.contains("vm-test exit: 0") {
+        bail!("capture tests failed inside the 6.1 VM");
+    }
+    if stdout.contains("SKIPPED") {
+        bail!("capture tests were skipped inside the VM; they must run there");
+    }
+    println!("==> vm-test: capture tests passed on {}", kernel.display());
+    Ok(())
+}

@@ -1,1 +1,162 @@
-fn main(){}
+//! The lab's workload and its load client.
+//!
+//! `mesh-echo serve --name POD` answers every HTTP/1.1 request on `--http-port` with
+//! `pod=<name> peer=<ip:port>` (the address it saw the client come from) and echoes
+//! bytes back on `--tcp-port`. `mesh-echo rr --addr IP:PORT` measures request/response
+//! latency against the echo port at a fixed rate and prints JSON.
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (mode, rest) = args.split_first().context("usage: mesh-echo serve|rr [options]")?;
+    let opt = |name: &str| -> Option<String> {
+        rest.iter().position(|a| a == name).and_then(|i| rest.get(i + 1)).cloned()
+    };
+    match mode.as_str() {
+        "serve" => {
+            let name = opt("--name").context("--name is required")?;
+            let http_port: u16 = opt("--http-port").map_or(Ok(8080), |p| p.parse()).context("--http-port")?;
+            let tcp_port: u16 = opt("--tcp-port").map_or(Ok(9000), |p| p.parse()).context("--tcp-port")?;
+            serve(name, http_port, tcp_port)
+        }
+        "rr" => {
+            let addr: SocketAddr = opt("--addr").context("--addr is required")?.parse().context("--addr")?;
+            let size: usize = opt("--size").map_or(Ok(1024), |v| v.parse()).context("--size")?;
+            let count: usize = opt("--count").map_or(Ok(2000), |v| v.parse()).context("--count")?;
+            let rate: u64 = opt("--rate").map_or(Ok(1000), |v| v.parse()).context("--rate")?;
+            request_response(addr, size, count, rate)
+        }
+        other => bail!("unknown mode {other}; expected serve or rr"),
+    }
+}
+
+fn serve(name: String, http_port: u16, tcp_port: u16) -> anyhow::Result<()> {
+    let http = bind(http_port)?;
+    let tcp = bind(tcp_port)?;
+    let echo_name = name.clone();
+    thread::spawn(move || accept_loop(&tcp, move |s| echo(s, &echo_name)));
+    accept_loop(&http, move |s| http_conn(s, &name));
+    Ok(())
+}
+
+/// Dual-stack listener when the namespace has IPv6, IPv4 otherwise.
+fn bind(port: u16) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(("::", port))
+        .or_else(|_| TcpListener::bind(("0.0.0.0", port)))
+        .with_context(|| format!("bind port {port}"))
+}
+
+fn accept_loop(listener: &TcpListener, handle: impl Fn(TcpStream) + Clone + Send + 'static) {
+    for stream in listener.incoming().flatten() {
+        let handle = handle.clone();
+        thread::spawn(move || handle(stream));
+    }
+}
+
+fn echo(mut stream: TcpStream, _name: &str) {
+    let _ = stream.set_nodelay(true);
+    let mut buf = [0u8; 64 * 1024];
+    while let Ok(n) = stream.read(&mut buf) {
+        if n == 0 || stream.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+}
+
+fn http_conn(stream: TcpStream, name: &str) {
+    let peer = stream.peer_addr().map(|a| canonical(a).to_string()).unwrap_or_default();
+    let local = stream.local_addr().map(|a| canonical(a).to_string()).unwrap_or_default();
+    let mut writer = match stream.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut content_length = 0usize;
+        let mut close = false;
+        let mut line = String::new();
+        // Request line, then headers up to the blank line.
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        loop {
+            let mut header = String::new();
+            match reader.read_line(&mut header) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            let header = header.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            let lower = header.to_ascii_lowercase();
+            if let Some(v) = lower.strip_prefix("content-length:") {
+                content_length = v.trim().parse().unwrap_or(0);
+            } else if lower.starts_with("connection:") && lower.contains("close") {
+                close = true;
+            }
+        }
+        let mut body = vec![0u8; content_length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let reply = format!("pod={name} peer={peer} local={local}\n");
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{}\r\n",
+            reply.len(),
+            if close { "connection: close\r\n" } else { "" }
+        );
+        if writer.write_all(head.as_bytes()).and_then(|()| writer.write_all(reply.as_bytes())).is_err() || close {
+            let _ = writer.shutdown(Shutdown::Both);
+            return;
+        }
+    }
+}
+
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// One persistent connection; a `size`-byte request every 1/`rate` s (sent at once
+/// when the previous answer came late), `count` times; prints latency percentiles.
+fn request_response(addr: SocketAddr, size: usize, count: usize, rate: u64) -> anyhow::Result<()> {
+    let mut stream =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(5)).with_context(|| format!("connect {addr}"))?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let request = vec![0x5a_u8; size];
+    let mut response = vec![0u8; size];
+    let interval = Duration::from_nanos(1_000_000_000 / rate.max(1));
+    let mut latencies = Vec::with_capacity(count);
+    let started = Instant::now();
+    let mut next = Instant::now();
+    for _ in 0..count {
+        let now = Instant::now();
+        if next > now {
+            thread::sleep(next - now);
+        }
+        next += interval;
+        let t = Instant::now();
+        stream.write_all(&request)?;
+        stream.read_exact(&mut response).context("read echo")?;
+        latencies.push(t.elapsed());
+        if started.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+    }
+    latencies.sort();
+    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64() * 1e6;
+    println!(
+        "{}",
+        serde_json::json!({ "count": latencies.len(), "p50_us": pct(0.50), "p99_us": pct(0.99), "max_us": pct(1.0) })
+    );
+    Ok(())
+}

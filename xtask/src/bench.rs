@@ -1,0 +1,1 @@
+pub fn bench(_quick: bool) -> anyhow::Result<()> { anyhow::bail!("bench: todo") }

@@ -1,0 +1,1 @@
+pub fn demo() -> anyhow::Result<()> { anyhow::bail!("demo: todo") }

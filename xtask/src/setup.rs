@@ -1,0 +1,100 @@
+//! `cargo xtask setup`: installs what a fresh Debian machine lacks. Idempotent; a
+//! quick no-op when everything is present.
+use std::process::Command;
+
+use anyhow::{Context, bail};
+
+use crate::sh;
+
+/// Debian packages: (package, what needs it).
+const PACKAGES: &[(&str, &str)] = &[
+    ("iproute2", "the lab's namespaces and links"),
+    ("util-linux", "nsenter"),
+    ("curl", "tests and demo"),
+    ("iperf3", "throughput benchmark"),
+    ("tcpdump", "packet captures"),
+    ("socat", "tests"),
+    ("nghttp2-client", "h2load"),
+    ("llvm-22-dev", "bpf-linker"),
+    ("libpolly-22-dev", "bpf-linker"),
+    ("libzstd-dev", "bpf-linker"),
+    ("zlib1g-dev", "bpf-linker"),
+    ("libxml2-dev", "bpf-linker"),
+    ("qemu-system-x86", "kernel VM tests"),
+    ("linux-image-amd64", "kernel VM tests (Debian's 6.1 kernel)"),
+];
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines().find(|l| l.starts_with("Uid:")).is_some_and(|l| l.split_whitespace().nth(2) == Some("0"))
+    })
+}
+
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success())
+}
+
+pub fn setup() -> anyhow::Result<()> {
+    let missing: Vec<&str> = PACKAGES.iter().map(|(p, _)| *p).filter(|p| !installed(p)).collect();
+    let need_rust_src = !Command::new("rustup")
+        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("rust-src"));
+    let need_linker = !have("bpf-linker");
+    let need_vng = !have("vng");
+    if missing.is_empty() && !need_rust_src && !need_linker && !need_vng {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("setup must install {} and needs root; run it as root", describe(&missing, need_rust_src, need_linker, need_vng));
+    }
+    if !missing.is_empty() {
+        println!("setup: installing Debian packages: {}", missing.join(" "));
+        sh(Command::new("apt-get").args(["update", "-qq"]))?;
+        sh(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    if need_rust_src {
+        println!("setup: adding rust-src to the nightly toolchain");
+        sh(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    if need_linker {
+        println!("setup: building bpf-linker 0.13 against LLVM 22 (about a minute)");
+        sh(Command::new("cargo")
+            .args(["install", "bpf-linker", "--version", "^0.13", "--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+            .env_remove("RUSTUP_TOOLCHAIN"))
+        .context("install bpf-linker")?;
+    }
+    if need_vng {
+        println!("setup: installing virtme-ng from PyPI");
+        sh(Command::new("python3").args(["-m", "pip", "install", "--quiet", "virtme-ng"]))
+            .or_else(|_| sh(Command::new("python3").args(["-m", "pip", "install", "--quiet", "--break-system-packages", "virtme-ng"])))
+            .context("install virtme-ng")?;
+    }
+    println!("setup: done");
+    Ok(())
+}
+
+fn describe(missing: &[&str], rust_src: bool, linker: bool, vng: bool) -> String {
+    let mut parts: Vec<String> = missing.iter().map(|p| (*p).to_owned()).collect();
+    if rust_src {
+        parts.push("nightly rust-src".into());
+    }
+    if linker {
+        parts.push("bpf-linker".into());
+    }
+    if vng {
+        parts.push("virtme-ng".into());
+    }
+    parts.join(", ")
+}
