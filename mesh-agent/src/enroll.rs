@@ -27,7 +27,7 @@ use tracing::{info, warn};
 
 use crate::{
     drain,
-    netns::{Netns, NetnsError, netns_cookie},
+    netns::{Netns, NetnsError},
     outbound::{Forwarder, Outbound},
     redirect::{Redirect, RedirectError},
     telemetry::{Counters, CountersSnapshot},
@@ -153,13 +153,10 @@ impl Registry {
             return Err(EnrollError::AlreadyEnrolled { uid: spec.uid });
         }
         let netns = Netns::open(&spec.netns)?;
-        // The loopback listener tells us the namespace's cookie.
-        let v4 = netns.listen(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), OUTBOUND_PORT))?;
-        let cookie = netns_cookie(&v4).map_err(|source| NetnsError::Socket { path: spec.netns.clone(), source })?;
+        let cookie = netns.cookie()?;
         if let Some(other) = inner.pods.values().find(|e| e.pod.netns_cookie == cookie) {
             return Err(EnrollError::NetnsInUse { path: spec.netns.clone(), uid: other.pod.spec.uid.clone() });
         }
-        drop(v4);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let pod = Arc::new(Pod { spec, id, netns, netns_cookie: cookie, counters: Counters::default() });
 

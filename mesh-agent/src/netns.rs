@@ -87,6 +87,12 @@ impl Netns {
         result.map_err(|source| NetnsError::Socket { path: self.path.clone(), source })
     }
 
+    /// The namespace's cookie (the key of the kernel's enrollment map).
+    pub fn cookie(&self) -> Result<u64, NetnsError> {
+        let probe = self.run(|| Socket::new(Domain::IPV4, Type::DGRAM, None))?;
+        netns_cookie(&probe).map_err(|source| NetnsError::Socket { path: self.path.clone(), source })
+    }
+
     /// A listening TCP socket bound inside this namespace.
     pub fn listen(&self, addr: SocketAddr) -> Result<std::net::TcpListener, NetnsError> {
         self.run(|| {
