@@ -32,7 +32,12 @@ impl Readiness {
     }
 
     pub fn pending(&self) -> Vec<&'static str> {
-        self.0.lock().expect("readiness lock").iter().copied().collect()
+        self.0
+            .lock()
+            .expect("readiness lock")
+            .iter()
+            .copied()
+            .collect()
     }
 }
 
@@ -61,7 +66,10 @@ pub struct HttpServer {
 
 impl HttpServer {
     pub async fn bind(name: &'static str, addr: SocketAddr) -> std::io::Result<Self> {
-        Ok(Self { listener: TcpListener::bind(addr).await?, name })
+        Ok(Self {
+            listener: TcpListener::bind(addr).await?,
+            name,
+        })
     }
 
     pub async fn run<F, Fut>(self, handler: F)
@@ -85,8 +93,9 @@ impl HttpServer {
                     let handler = handler.clone();
                     async move { Ok::<_, Infallible>(handler(req).await) }
                 });
-                if let Err(error) =
-                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
+                if let Err(error) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await
                 {
                     debug!(server = name, %peer, %error, "http connection error");
                 }
@@ -117,22 +126,41 @@ pub async fn admin(state: Arc<AdminState>, req: Request<Incoming>) -> Response<B
             "text/plain",
             "GET /pods\nGET /stats\nGET /config_dump\nPOST /logging?level=<filter>\n",
         ),
-        (&Method::GET, "/pods") => json(&serde_json::json!({ "pods": state.registry.list().await })),
+        (&Method::GET, "/pods") => {
+            json(&serde_json::json!({ "pods": state.registry.list().await }))
+        }
         (&Method::GET, "/stats") => {
-            let kernel: serde_json::Map<String, serde_json::Value> =
-                state.redirect.kernel_stats().into_iter().map(|(k, v)| (k.to_owned(), v.into())).collect();
+            let kernel: serde_json::Map<String, serde_json::Value> = state
+                .redirect
+                .kernel_stats()
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.into()))
+                .collect();
             json(&serde_json::json!({ "agent": state.counters.snapshot(), "kernel": kernel }))
         }
-        (&Method::GET, "/config_dump") => {
-            json(&serde_json::json!({ "config": state.config, "pods": state.registry.list().await }))
-        }
+        (&Method::GET, "/config_dump") => json(
+            &serde_json::json!({ "config": state.config, "pods": state.registry.list().await }),
+        ),
         (&Method::POST, "/logging") => {
-            let level = req.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("level=")));
+            let level = req
+                .uri()
+                .query()
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("level=")));
             match level {
-                None => reply(StatusCode::BAD_REQUEST, "text/plain", "missing query parameter level\n"),
+                None => reply(
+                    StatusCode::BAD_REQUEST,
+                    "text/plain",
+                    "missing query parameter level\n",
+                ),
                 Some(level) => match (state.set_log_level)(level) {
-                    Ok(()) => reply(StatusCode::OK, "text/plain", format!("log level set to {level}\n")),
-                    Err(error) => reply(StatusCode::BAD_REQUEST, "text/plain", format!("{error}\n")),
+                    Ok(()) => reply(
+                        StatusCode::OK,
+                        "text/plain",
+                        format!("log level set to {level}\n"),
+                    ),
+                    Err(error) => {
+                        reply(StatusCode::BAD_REQUEST, "text/plain", format!("{error}\n"))
+                    }
                 },
             }
         }
@@ -140,7 +168,7 @@ pub async fn admin(state: Arc<AdminState>, req: Request<Incoming>) -> Response<B
     }
 }
 
-pub async fn readiness(ready: Readiness, req: Request<Incoming>) -> Response<Body> {
+pub fn readiness(ready: &Readiness, req: &Request<Incoming>) -> Response<Body> {
     if req.uri().path() != "/healthz/ready" {
         return reply(StatusCode::NOT_FOUND, "text/plain", "not found\n");
     }
@@ -148,6 +176,10 @@ pub async fn readiness(ready: Readiness, req: Request<Incoming>) -> Response<Bod
     if pending.is_empty() {
         reply(StatusCode::OK, "text/plain", "ready\n")
     } else {
-        reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {}\n", pending.join(", ")))
+        reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            format!("not ready: {}\n", pending.join(", ")),
+        )
     }
 }

@@ -135,9 +135,17 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn new(redirect: Arc<Redirect>, forwarder: Arc<Forwarder>, state_dir: &Path, drain: drain::Watch) -> Self {
+    pub fn new(
+        redirect: Arc<Redirect>,
+        forwarder: Arc<Forwarder>,
+        state_dir: &Path,
+        drain: drain::Watch,
+    ) -> Self {
         Self {
-            inner: Mutex::new(Inner { pods: BTreeMap::new(), drain: Some(drain) }),
+            inner: Mutex::new(Inner {
+                pods: BTreeMap::new(),
+                drain: Some(drain),
+            }),
             redirect,
             forwarder,
             state_file: state_dir.join("pods.json"),
@@ -155,13 +163,25 @@ impl Registry {
         let netns = Netns::open(&spec.netns)?;
         let cookie = netns.cookie()?;
         if let Some(other) = inner.pods.values().find(|e| e.pod.netns_cookie == cookie) {
-            return Err(EnrollError::NetnsInUse { path: spec.netns.clone(), uid: other.pod.spec.uid.clone() });
+            return Err(EnrollError::NetnsInUse {
+                path: spec.netns.clone(),
+                uid: other.pod.spec.uid.clone(),
+            });
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let pod = Arc::new(Pod { spec, id, netns, netns_cookie: cookie, counters: Counters::default() });
+        let pod = Arc::new(Pod {
+            spec,
+            id,
+            netns,
+            netns_cookie: cookie,
+            counters: Counters::default(),
+        });
 
         let mut listeners = Vec::new();
-        for ip in [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)] {
+        for ip in [
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ] {
             let addr = SocketAddr::new(ip, OUTBOUND_PORT);
             match Outbound::new(addr, pod.clone(), self.forwarder.clone(), drain.clone()) {
                 Ok(listener) => {
@@ -169,13 +189,18 @@ impl Registry {
                     listeners.push((addr, task.abort_handle()));
                 }
                 // A pod without IPv6 (disabled, or no ::1) just has no v6 capture.
-                Err(error) if ip.is_ipv6() => warn!(pod = %pod.spec.name, %error, "no IPv6 outbound listener"),
+                Err(error) if ip.is_ipv6() => {
+                    warn!(pod = %pod.spec.name, %error, "no IPv6 outbound listener");
+                }
                 Err(error) => return Err(error.into()),
             }
         }
         // Capture starts only once the listeners exist.
         self.redirect.enroll(cookie, EnrolledPod { id, flags: 0 })?;
-        let entry = Entry { pod: pod.clone(), listeners };
+        let entry = Entry {
+            pod: pod.clone(),
+            listeners,
+        };
         let status = status(&entry);
         inner.pods.insert(pod.spec.uid.clone(), entry);
         self.persist(&inner).await;
@@ -185,7 +210,12 @@ impl Registry {
 
     pub async fn remove(&self, uid: &str) -> Result<PodStatus, EnrollError> {
         let mut inner = self.inner.lock().await;
-        let entry = inner.pods.remove(uid).ok_or_else(|| EnrollError::UnknownPod { uid: uid.to_owned() })?;
+        let entry = inner
+            .pods
+            .remove(uid)
+            .ok_or_else(|| EnrollError::UnknownPod {
+                uid: uid.to_owned(),
+            })?;
         // Stop capture first; then the listeners close (dropping the entry aborts
         // their accept loops). Connections already open run to completion.
         self.redirect.unenroll(entry.pod.netns_cookie)?;
@@ -209,7 +239,12 @@ impl Registry {
     pub async fn collect_garbage(&self) {
         let gone: Vec<String> = {
             let inner = self.inner.lock().await;
-            inner.pods.values().filter(|e| !e.pod.netns.still_exists()).map(|e| e.pod.spec.uid.clone()).collect()
+            inner
+                .pods
+                .values()
+                .filter(|e| !e.pod.netns.still_exists())
+                .map(|e| e.pod.spec.uid.clone())
+                .collect()
         };
         for uid in gone {
             warn!(%uid, "pod network namespace is gone; removing the pod");
@@ -236,7 +271,14 @@ impl Registry {
                 Err(error) => warn!(%uid, %error, "pod from state file not restored"),
             }
         }
-        let live: Vec<u64> = self.inner.lock().await.pods.values().map(|e| e.pod.netns_cookie).collect();
+        let live: Vec<u64> = self
+            .inner
+            .lock()
+            .await
+            .pods
+            .values()
+            .map(|e| e.pod.netns_cookie)
+            .collect();
         for cookie in self.redirect.enrolled_cookies() {
             if !live.contains(&cookie) {
                 info!(cookie, "removing stale enrollment left by an earlier run");
@@ -273,7 +315,11 @@ fn status(entry: &Entry) -> PodStatus {
 }
 
 fn validate(spec: &PodSpec) -> Result<(), EnrollError> {
-    for (field, value) in [("uid", &spec.uid), ("name", &spec.name), ("namespace", &spec.namespace)] {
+    for (field, value) in [
+        ("uid", &spec.uid),
+        ("name", &spec.name),
+        ("namespace", &spec.namespace),
+    ] {
         if value.trim().is_empty() {
             return Err(EnrollError::EmptyField { field });
         }
@@ -282,7 +328,9 @@ fn validate(spec: &PodSpec) -> Result<(), EnrollError> {
         return Err(EnrollError::EmptyField { field: "netns" });
     }
     if !spec.netns.exists() {
-        return Err(EnrollError::NoSuchNetns { path: spec.netns.clone() });
+        return Err(EnrollError::NoSuchNetns {
+            path: spec.netns.clone(),
+        });
     }
     Ok(())
 }
@@ -329,7 +377,9 @@ async fn serve(stream: UnixStream, registry: Arc<Registry>) {
             Ok(0) => return,
             Ok(_) => {}
             Err(error) => {
-                let reply = error_reply(&EnrollError::InvalidRequest(format!("unreadable request: {error}")));
+                let reply = error_reply(&EnrollError::InvalidRequest(format!(
+                    "unreadable request: {error}"
+                )));
                 let _ = write.write_all(reply.as_bytes()).await;
                 return;
             }
@@ -355,11 +405,15 @@ async fn serve(stream: UnixStream, registry: Arc<Registry>) {
 }
 
 fn error_reply(error: &EnrollError) -> String {
-    format!("{}\n", serde_json::json!({ "ok": false, "error": error.to_string() }))
+    format!(
+        "{}\n",
+        serde_json::json!({ "ok": false, "error": error.to_string() })
+    )
 }
 
 async fn handle(line: &str, registry: &Registry) -> Result<serde_json::Value, EnrollError> {
-    let request: Request = serde_json::from_str(line).map_err(|e| EnrollError::InvalidRequest(e.to_string()))?;
+    let request: Request =
+        serde_json::from_str(line).map_err(|e| EnrollError::InvalidRequest(e.to_string()))?;
     Ok(match request {
         Request::Add { pod } => serde_json::json!({ "pod": registry.add(pod).await? }),
         Request::Remove { uid } => serde_json::json!({ "pod": registry.remove(&uid).await? }),
@@ -379,7 +433,9 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
         let typo = r#"{"op":"add","pod":{"uid":"u1","name":"p","namespace":"shop","netns":"/x","ip":"1.2.3.4"}}"#;
-        let err = serde_json::from_str::<Request>(typo).unwrap_err().to_string();
+        let err = serde_json::from_str::<Request>(typo)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unknown field `ip`"), "{err}");
         assert!(serde_json::from_str::<Request>(r#"{"op":"explode"}"#).is_err());
     }
@@ -394,8 +450,17 @@ mod tests {
             ips: vec![],
             netns: "/definitely/not/here".into(),
         };
-        assert_eq!(validate(&spec).unwrap_err().to_string(), "field pod.uid must not be empty");
-        let spec = PodSpec { uid: "u".into(), ..spec };
-        assert_eq!(validate(&spec).unwrap_err().to_string(), "netns path /definitely/not/here does not exist");
+        assert_eq!(
+            validate(&spec).unwrap_err().to_string(),
+            "field pod.uid must not be empty"
+        );
+        let spec = PodSpec {
+            uid: "u".into(),
+            ..spec
+        };
+        assert_eq!(
+            validate(&spec).unwrap_err().to_string(),
+            "netns path /definitely/not/here does not exist"
+        );
     }
 }

@@ -22,7 +22,9 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
-use tracing_subscriber::{EnvFilter, layer::SubscriberExt as _, reload, util::SubscriberInitExt as _};
+use tracing_subscriber::{
+    EnvFilter, layer::SubscriberExt as _, reload, util::SubscriberInitExt as _,
+};
 
 #[derive(Parser, Debug)]
 #[command(name = "mesh-agent", version, about = "Node agent of the mesh")]
@@ -60,7 +62,7 @@ struct RunConfig {
     /// Directory for the enrollment socket and the state file (default: /run/mesh/NODE).
     #[arg(long, env = "MESH_STATE_DIR")]
     state_dir: Option<PathBuf>,
-    /// Enrollment API socket (default: STATE_DIR/enroll.sock).
+    /// Enrollment API socket (default: `STATE_DIR/enroll.sock`).
     #[arg(long, env = "MESH_ENROLL_SOCKET")]
     enroll_socket: Option<PathBuf>,
     /// Admin endpoint (pods, counters, config dump, log level).
@@ -70,7 +72,11 @@ struct RunConfig {
     #[arg(long, env = "MESH_READINESS_ADDR", default_value = "0.0.0.0:15021")]
     readiness_addr: SocketAddr,
     /// Destination port never captured (repeatable).
-    #[arg(long = "exclude-port", env = "MESH_EXCLUDE_PORTS", value_delimiter = ',')]
+    #[arg(
+        long = "exclude-port",
+        env = "MESH_EXCLUDE_PORTS",
+        value_delimiter = ','
+    )]
     exclude_ports: Vec<u16>,
     /// Destination CIDR never captured, e.g. 10.0.0.0/8 (repeatable).
     #[arg(long = "exclude-cidr", env = "MESH_EXCLUDE_CIDRS", value_delimiter = ',', value_parser = parse_cidr)]
@@ -84,21 +90,25 @@ struct RunConfig {
     /// Log format.
     #[arg(long, env = "MESH_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
-    /// Log filter (tracing's EnvFilter syntax).
+    /// Log filter (tracing's `EnvFilter` syntax).
     #[arg(long, env = "MESH_LOG", default_value = "info")]
     log: String,
 }
 
 fn parse_cidr(value: &str) -> Result<(IpAddr, u8), String> {
     let (ip, prefix) = value.split_once('/').unwrap_or((value, ""));
-    let ip: IpAddr = ip.parse().map_err(|_| format!("'{value}' is not a CIDR: bad address '{ip}'"))?;
+    let ip: IpAddr = ip
+        .parse()
+        .map_err(|_| format!("'{value}' is not a CIDR: bad address '{ip}'"))?;
     let max = if ip.is_ipv4() { 32 } else { 128 };
     let prefix = if prefix.is_empty() {
         max
     } else {
-        prefix.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(|| {
-            format!("'{value}' is not a CIDR: prefix length must be 0..={max}")
-        })?
+        prefix
+            .parse::<u8>()
+            .ok()
+            .filter(|p| *p <= max)
+            .ok_or_else(|| format!("'{value}' is not a CIDR: prefix length must be 0..={max}"))?
     };
     Ok((ip, prefix))
 }
@@ -142,16 +152,20 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(config: &RunConfig) -> anyhow::Result<admin::SetLogLevel> {
-    let filter = EnvFilter::try_new(&config.log).with_context(|| format!("--log: invalid filter '{}'", config.log))?;
+    let filter = EnvFilter::try_new(&config.log)
+        .with_context(|| format!("--log: invalid filter '{}'", config.log))?;
     let (filter, handle) = reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
     if config.log_format == "json" {
-        registry.with(tracing_subscriber::fmt::layer().json().flatten_event(true)).init();
+        registry
+            .with(tracing_subscriber::fmt::layer().json().flatten_event(true))
+            .init();
     } else {
         registry.with(tracing_subscriber::fmt::layer()).init();
     }
     Ok(Arc::new(move |level: &str| {
-        let filter = EnvFilter::try_new(level).map_err(|e| format!("invalid log filter '{level}': {e}"))?;
+        let filter =
+            EnvFilter::try_new(level).map_err(|e| format!("invalid log filter '{level}': {e}"))?;
         handle.reload(filter).map_err(|e| e.to_string())
     }))
 }
@@ -160,17 +174,28 @@ async fn run(config: RunConfig, set_log_level: admin::SetLogLevel) -> anyhow::Re
     let ready = admin::Readiness::default();
     let startup = ready.register("startup");
     let node = config.node_name.clone();
-    let cgroup_root = match &config.cgroup_root {
-        Some(path) => path.clone(),
-        None => {
-            let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").context("read /proc/self/mountinfo")?;
-            mesh_common::host::find_cgroup2_mount(&mountinfo).context("no cgroup2 filesystem is mounted; pass --cgroup-root")?
-        }
+    let cgroup_root = if let Some(path) = &config.cgroup_root {
+        path.clone()
+    } else {
+        let mountinfo =
+            std::fs::read_to_string("/proc/self/mountinfo").context("read /proc/self/mountinfo")?;
+        mesh_common::host::find_cgroup2_mount(&mountinfo)
+            .context("no cgroup2 filesystem is mounted; pass --cgroup-root")?
     };
-    let bpffs_dir = config.bpffs_dir.clone().unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/mesh").join(&node));
-    let state_dir = config.state_dir.clone().unwrap_or_else(|| PathBuf::from("/run/mesh").join(&node));
-    let enroll_socket = config.enroll_socket.clone().unwrap_or_else(|| state_dir.join("enroll.sock"));
-    std::fs::create_dir_all(&state_dir).with_context(|| format!("create state dir {}", state_dir.display()))?;
+    let bpffs_dir = config
+        .bpffs_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/mesh").join(&node));
+    let state_dir = config
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("/run/mesh").join(&node));
+    let enroll_socket = config
+        .enroll_socket
+        .clone()
+        .unwrap_or_else(|| state_dir.join("enroll.sock"));
+    std::fs::create_dir_all(&state_dir)
+        .with_context(|| format!("create state dir {}", state_dir.display()))?;
 
     let mut effective = serde_json::to_value(&config).expect("config serializes");
     effective["cgroup_root"] = cgroup_root.display().to_string().into();
@@ -198,11 +223,20 @@ async fn run(config: RunConfig, set_log_level: admin::SetLogLevel) -> anyhow::Re
         connect_timeout: Duration::from_millis(config.connect_timeout_ms),
     });
     let (trigger, drain) = drain::channel();
-    let registry = Arc::new(enroll::Registry::new(redirect.clone(), forwarder, &state_dir, drain));
+    let registry = Arc::new(enroll::Registry::new(
+        redirect.clone(),
+        forwarder,
+        &state_dir,
+        drain,
+    ));
     registry.restore().await;
 
-    let api = enroll::EnrollApi::new(&enroll_socket, registry.clone())
-        .with_context(|| format!("cannot listen on enrollment socket {}", enroll_socket.display()))?;
+    let api = enroll::EnrollApi::new(&enroll_socket, registry.clone()).with_context(|| {
+        format!(
+            "cannot listen on enrollment socket {}",
+            enroll_socket.display()
+        )
+    })?;
     tokio::spawn(api.run());
 
     let admin_state = Arc::new(admin::AdminState {
@@ -218,9 +252,16 @@ async fn run(config: RunConfig, set_log_level: admin::SetLogLevel) -> anyhow::Re
     tokio::spawn(admin_server.run(move |req| admin::admin(admin_state.clone(), req)));
     let ready_server = admin::HttpServer::bind("readiness", config.readiness_addr)
         .await
-        .with_context(|| format!("cannot listen on readiness address {}", config.readiness_addr))?;
+        .with_context(|| {
+            format!(
+                "cannot listen on readiness address {}",
+                config.readiness_addr
+            )
+        })?;
     let ready_view = ready.clone();
-    tokio::spawn(ready_server.run(move |req| admin::readiness(ready_view.clone(), req)));
+    tokio::spawn(
+        ready_server.run(move |req| std::future::ready(admin::readiness(&ready_view, &req))),
+    );
 
     let gc_registry = registry.clone();
     tokio::spawn(async move {
@@ -246,7 +287,10 @@ async fn run(config: RunConfig, set_log_level: admin::SetLogLevel) -> anyhow::Re
     if trigger.drain(deadline).await {
         info!("drained; exiting");
     } else {
-        warn!(?deadline, "drain deadline passed with connections open; closing them");
+        warn!(
+            ?deadline,
+            "drain deadline passed with connections open; closing them"
+        );
     }
     Ok(())
 }
@@ -257,9 +301,19 @@ mod tests {
 
     #[test]
     fn cidr_parsing_names_the_problem() {
-        assert_eq!(parse_cidr("10.0.0.0/8").unwrap(), ("10.0.0.0".parse().unwrap(), 8));
-        assert_eq!(parse_cidr("fd00::1").unwrap(), ("fd00::1".parse().unwrap(), 128));
-        assert!(parse_cidr("10.0.0.0/33").unwrap_err().contains("prefix length must be 0..=32"));
+        assert_eq!(
+            parse_cidr("10.0.0.0/8").unwrap(),
+            ("10.0.0.0".parse().unwrap(), 8)
+        );
+        assert_eq!(
+            parse_cidr("fd00::1").unwrap(),
+            ("fd00::1".parse().unwrap(), 128)
+        );
+        assert!(
+            parse_cidr("10.0.0.0/33")
+                .unwrap_err()
+                .contains("prefix length must be 0..=32")
+        );
         assert!(parse_cidr("10.0.0/8").unwrap_err().contains("bad address"));
     }
 }

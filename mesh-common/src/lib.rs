@@ -55,7 +55,7 @@ pub struct OrigDst {
     pub netns_cookie: u64,
     pub port: u16,
     pub family: u16,
-    pub _pad: u32,
+    pub pad: u32,
 }
 
 /// Key under which the agent finds a captured connection's original destination:
@@ -68,7 +68,7 @@ pub struct OrigDstKey {
     /// Client's local port, host order.
     pub port: u16,
     pub family: u16,
-    pub _pad: u32,
+    pub pad: u32,
 }
 
 /// Indexes into the kernel statistics array (one `u64` counter each, per CPU).

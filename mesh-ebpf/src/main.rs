@@ -23,9 +23,7 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
     programs::{SockAddrContext, SockOpsContext},
 };
-use maps::{
-    ENROLLED, EXCLUDED_PORTS, EXCLUDED_V4, EXCLUDED_V6, ORIG_DST, PENDING, STATS,
-};
+use maps::{ENROLLED, EXCLUDED_PORTS, EXCLUDED_V4, EXCLUDED_V6, ORIG_DST, PENDING, STATS};
 use mesh_common::{AF_INET, AF_INET6, BYPASS_MARK, OUTBOUND_PORT, OrigDst, OrigDstKey, stat};
 
 const SOCK_STREAM: u32 = 1;
@@ -93,7 +91,12 @@ fn try_connect(ctx: &SockAddrContext, family: u16) {
         }
         addr[..4].copy_from_slice(&ip);
     } else {
-        let words = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
+        let words = [
+            sa.user_ip6[0],
+            sa.user_ip6[1],
+            sa.user_ip6[2],
+            sa.user_ip6[3],
+        ];
         let mut i = 0;
         while i < 4 {
             let b = words[i].to_ne_bytes();
@@ -119,7 +122,13 @@ fn try_connect(ctx: &SockAddrContext, family: u16) {
     }
     // The value is built on the stack: the verifier refuses map updates whose value
     // points into the context.
-    let orig = OrigDst { addr, netns_cookie, port, family, _pad: 0 };
+    let orig = OrigDst {
+        addr,
+        netns_cookie,
+        port,
+        family,
+        pad: 0,
+    };
     // SAFETY: bpf_get_socket_cookie accepts the sock_addr context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if PENDING.insert(&cookie, &orig, 0).is_err() {
@@ -146,7 +155,12 @@ fn is_loopback6(addr: &[u8; 16]) -> bool {
         i += 1;
     }
     // ::1, or an IPv4-mapped 127.0.0.0/8.
-    (addr[10] == 0 && addr[11] == 0 && addr[12] == 0 && addr[13] == 0 && addr[14] == 0 && addr[15] == 1)
+    (addr[10] == 0
+        && addr[11] == 0
+        && addr[12] == 0
+        && addr[13] == 0
+        && addr[14] == 0
+        && addr[15] == 1)
         || (addr[10] == 0xff && addr[11] == 0xff && addr[12] == 127)
 }
 
@@ -162,7 +176,7 @@ fn hand_over(ctx: &SockOpsContext) {
         netns_cookie: orig.netns_cookie,
         port: ctx.local_port() as u16,
         family: orig.family,
-        _pad: 0,
+        pad: 0,
     };
     if ORIG_DST.insert(&key, &orig, 0).is_ok() {
         count(stat::HANDED_OVER);

@@ -12,6 +12,7 @@
 //! node lives in `legacy` and is not. Only addresses inside the lab's namespaces are
 //! used. [`down`] removes everything a lab made, by name, also after a crash.
 use std::{
+    fmt::Write as _,
     fs,
     io::{BufRead, BufReader, Write},
     os::unix::{net::UnixStream, process::CommandExt},
@@ -81,9 +82,17 @@ pub struct Lab {
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<Output> {
-    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("spawn {cmd:?}"))?;
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("spawn {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{:?} failed ({}): {}", cmd, out.status, String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{:?} failed ({}): {}",
+            cmd,
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(out)
 }
@@ -100,14 +109,19 @@ fn cgroup2_root() -> anyhow::Result<PathBuf> {
 /// Why this machine cannot run the lab, if it cannot.
 pub fn unsupported_reason() -> Option<String> {
     // SAFETY-free check of the effective uid through /proc.
-    let uid = fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")));
+    let uid = fs::read_to_string("/proc/self/status").ok().and_then(|s| {
+        s.lines()
+            .find(|l| l.starts_with("Uid:"))
+            .map(|l| l.split_whitespace().nth(2) == Some("0"))
+    });
     if uid != Some(true) {
         return Some("the lab needs root (network namespaces, cgroups, eBPF)".into());
     }
     for tool in ["ip", "nsenter", "curl"] {
-        if Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().map_or(true, |o| !o.status.success())
+        if Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .map_or(true, |o| !o.status.success())
         {
             return Some(format!("{tool} is not installed (run `cargo xtask setup`)"));
         }
@@ -124,16 +138,26 @@ impl Lab {
     /// what was made.
     pub fn up(spec: LabSpec) -> anyhow::Result<Self> {
         if !(spec.prefix == "mesh" || spec.prefix.starts_with("mesh-")) {
-            bail!("lab prefix '{}' must be 'mesh' or start with 'mesh-'", spec.prefix);
+            bail!(
+                "lab prefix '{}' must be 'mesh' or start with 'mesh-'",
+                spec.prefix
+            );
         }
-        if spec.nodes == 0 || spec.nodes > 50 || spec.pods_per_node == 0 || spec.pods_per_node > 50 {
+        if spec.nodes == 0 || spec.nodes > 50 || spec.pods_per_node == 0 || spec.pods_per_node > 50
+        {
             bail!("a lab has 1..=50 nodes and 1..=50 pods per node");
         }
         down(&spec.prefix)?;
         let cg = cgroup2_root()?.join(&spec.prefix);
         let dir = Path::new(STATE_ROOT).join(&spec.prefix);
         fs::create_dir_all(&dir)?;
-        let mut lab = Self { nodes: Vec::new(), pods: Vec::new(), dir, spec, keep: false };
+        let mut lab = Self {
+            nodes: Vec::new(),
+            pods: Vec::new(),
+            dir,
+            spec,
+            keep: false,
+        };
         let p = lab.spec.prefix.clone();
         for i in 1..=lab.spec.nodes {
             lab.nodes.push(Node {
@@ -171,8 +195,10 @@ impl Lab {
     /// Re-opens a lab started by another process (`lab status`, `lab exec`).
     pub fn attach(prefix: &str) -> anyhow::Result<Self> {
         let path = Path::new(STATE_ROOT).join(prefix).join("lab.json");
-        let text = fs::read_to_string(&path).with_context(|| format!("no lab '{prefix}' is up ({})", path.display()))?;
-        let mut lab: Self = serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
+        let text = fs::read_to_string(&path)
+            .with_context(|| format!("no lab '{prefix}' is up ({})", path.display()))?;
+        let mut lab: Self =
+            serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
         lab.keep = true;
         Ok(lab)
     }
@@ -195,22 +221,76 @@ impl Lab {
             ip(&["netns", "add", ns])?;
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
             let port = format!("n{i}");
-            ip(&["link", "add", "fab", "netns", ns, "type", "veth", "peer", "name", &port, "netns", &fabric])?;
+            ip(&[
+                "link", "add", "fab", "netns", ns, "type", "veth", "peer", "name", &port, "netns",
+                &fabric,
+            ])?;
             ip(&["-n", &fabric, "link", "set", &port, "master", "br0", "up"])?;
-            ip(&["-n", ns, "addr", "add", &format!("{}/24", node.ip4), "dev", "fab"])?;
-            ip(&["-n", ns, "addr", "add", &format!("{}/64", node.ip6), "dev", "fab", "nodad"])?;
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{}/24", node.ip4),
+                "dev",
+                "fab",
+            ])?;
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{}/64", node.ip6),
+                "dev",
+                "fab",
+                "nodad",
+            ])?;
             ip(&["-n", ns, "link", "set", "fab", "up"])?;
             ip(&["-n", ns, "link", "add", "pods", "type", "bridge"])?;
-            ip(&["-n", ns, "addr", "add", &format!("10.98.{i}.1/24"), "dev", "pods"])?;
-            ip(&["-n", ns, "addr", "add", &format!("fd00:98:{i}::1/64"), "dev", "pods", "nodad"])?;
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("10.98.{i}.1/24"),
+                "dev",
+                "pods",
+            ])?;
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("fd00:98:{i}::1/64"),
+                "dev",
+                "pods",
+                "nodad",
+            ])?;
             ip(&["-n", ns, "link", "set", "pods", "up"])?;
             sysctl(ns, "net.ipv4.ip_forward", "1")?;
             sysctl(ns, "net.ipv6.conf.all.forwarding", "1")?;
             for (k, other) in self.nodes.iter().enumerate() {
                 let k = k + 1;
                 if k != i {
-                    ip(&["-n", ns, "route", "add", &format!("10.98.{k}.0/24"), "via", &other.ip4])?;
-                    ip(&["-n", ns, "-6", "route", "add", &format!("fd00:98:{k}::/64"), "via", &other.ip6])?;
+                    ip(&[
+                        "-n",
+                        ns,
+                        "route",
+                        "add",
+                        &format!("10.98.{k}.0/24"),
+                        "via",
+                        &other.ip4,
+                    ])?;
+                    ip(&[
+                        "-n",
+                        ns,
+                        "-6",
+                        "route",
+                        "add",
+                        &format!("fd00:98:{k}::/64"),
+                        "via",
+                        &other.ip6,
+                    ])?;
                 }
             }
             fs::create_dir_all(node.cgroup.join("agent"))?;
@@ -223,27 +303,98 @@ impl Lab {
             ip(&["netns", "add", ns])?;
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
             let port = format!("p-{}", pod.name);
-            ip(&["link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", &port, "netns", &node.netns])?;
-            ip(&["-n", &node.netns, "link", "set", &port, "master", "pods", "up"])?;
-            ip(&["-n", ns, "addr", "add", &format!("{}/24", pod.ip4), "dev", "eth0"])?;
-            ip(&["-n", ns, "addr", "add", &format!("{}/64", pod.ip6), "dev", "eth0", "nodad"])?;
+            ip(&[
+                "link",
+                "add",
+                "eth0",
+                "netns",
+                ns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &port,
+                "netns",
+                &node.netns,
+            ])?;
+            ip(&[
+                "-n",
+                &node.netns,
+                "link",
+                "set",
+                &port,
+                "master",
+                "pods",
+                "up",
+            ])?;
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{}/24", pod.ip4),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{}/64", pod.ip6),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
             ip(&["-n", ns, "link", "set", "eth0", "up"])?;
-            ip(&["-n", ns, "route", "add", "default", "via", &format!("10.98.{i}.1")])?;
-            ip(&["-n", ns, "-6", "route", "add", "default", "via", &format!("fd00:98:{i}::1")])?;
+            ip(&[
+                "-n",
+                ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("10.98.{i}.1"),
+            ])?;
+            ip(&[
+                "-n",
+                ns,
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("fd00:98:{i}::1"),
+            ])?;
             fs::create_dir_all(&pod.cgroup)?;
         }
         self.save()?;
         for pod in self.pods.clone() {
             let echo = self.spec.echo_bin.display().to_string();
-            self.spawn(&pod.name, &pod.netns, &pod.cgroup, &[&echo, "serve", "--name", &pod.name])?;
+            self.spawn(
+                &pod.name,
+                &pod.netns,
+                &pod.cgroup,
+                &[&echo, "serve", "--name", &pod.name],
+            )?;
         }
         for n in 1..=self.nodes.len() {
             self.start_agent(n)?;
         }
         for pod in self.pods.clone() {
             wait_for(Duration::from_secs(10), || {
-                self.exec_netns(&pod.netns, None, &["curl", "-s", "-o", "/dev/null", &format!("http://127.0.0.1:{HTTP_PORT}/")])
-                    .is_ok_and(|o| o.status.success())
+                Self::exec_netns(
+                    &pod.netns,
+                    None,
+                    &[
+                        "curl",
+                        "-s",
+                        "-o",
+                        "/dev/null",
+                        &format!("http://127.0.0.1:{HTTP_PORT}/"),
+                    ],
+                )
+                .is_ok_and(|o| o.status.success())
             })
             .with_context(|| format!("echo server in {} did not come up", pod.name))?;
         }
@@ -285,7 +436,10 @@ impl Lab {
     }
 
     pub fn pod(&self, name: &str) -> &Pod {
-        self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name} in the lab"))
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name} in the lab"))
     }
 
     /// Starts (or restarts) node `n`'s agent and waits until it is ready.
@@ -316,9 +470,16 @@ impl Lab {
             let _ = fs::write(self.dir.join(format!("{name}.prev.log")), old_log);
         }
         wait_for(Duration::from_secs(15), || {
-            self.node_http(n, 15021, "/healthz/ready").is_ok_and(|body| body.trim() == "ready")
+            self.node_http(n, 15021, "/healthz/ready")
+                .is_ok_and(|body| body.trim() == "ready")
         })
-        .with_context(|| format!("agent on {} not ready; log: {}", node.name, self.agent_log(n)))
+        .with_context(|| {
+            format!(
+                "agent on {} not ready; log: {}",
+                node.name,
+                self.agent_log(n)
+            )
+        })
     }
 
     /// Sends `signal` (e.g. "TERM", "KILL") to node `n`'s agent and waits until it exits.
@@ -326,24 +487,37 @@ impl Lab {
         let pid_file = self.dir.join(format!("agent-{}.pid", self.node(n).name));
         let pid = fs::read_to_string(&pid_file)?.trim().to_owned();
         run(Command::new("kill").args([&format!("-{signal}"), &pid]))?;
-        wait_for(Duration::from_secs(10), || !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(&pid))
-            .context("agent did not exit")?;
+        wait_for(Duration::from_secs(10), || {
+            !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(&pid)
+        })
+        .context("agent did not exit")?;
         Ok(())
     }
 
     pub fn agent_log(&self, n: usize) -> String {
-        fs::read_to_string(self.dir.join(format!("agent-{}.log", self.node(n).name))).unwrap_or_default()
+        fs::read_to_string(self.dir.join(format!("agent-{}.log", self.node(n).name)))
+            .unwrap_or_default()
     }
 
     /// GET on a port of node `n` (its netns' loopback); the body.
     pub fn node_http(&self, n: usize, port: u16, path: &str) -> anyhow::Result<String> {
-        let out = self.exec_netns(
+        let out = Self::exec_netns(
             &self.node(n).netns,
             None,
-            &["curl", "-sf", "--max-time", "2", &format!("http://127.0.0.1:{port}{path}")],
+            &[
+                "curl",
+                "-sf",
+                "--max-time",
+                "2",
+                &format!("http://127.0.0.1:{port}{path}"),
+            ],
         )?;
         if !out.status.success() {
-            bail!("GET {path} on {}: {}", self.node(n).name, String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "GET {path} on {}: {}",
+                self.node(n).name,
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -356,20 +530,22 @@ impl Lab {
     /// Runs a command in a pod (its netns and cgroup) or a node (its netns).
     pub fn exec(&self, target: &str, argv: &[&str]) -> anyhow::Result<Output> {
         if let Some(pod) = self.pods.iter().find(|p| p.name == target) {
-            return self.exec_netns(&pod.netns, Some(&pod.cgroup), argv);
+            return Self::exec_netns(&pod.netns, Some(&pod.cgroup), argv);
         }
         if let Some(node) = self.nodes.iter().find(|n| n.name == target) {
-            return self.exec_netns(&node.netns, None, argv);
+            return Self::exec_netns(&node.netns, None, argv);
         }
         if target == "fabric" {
-            return self.exec_netns(&format!("{}-fabric", self.spec.prefix), None, argv);
+            return Self::exec_netns(&format!("{}-fabric", self.spec.prefix), None, argv);
         }
         bail!("no pod or node named {target} in lab {}", self.spec.prefix)
     }
 
-    fn exec_netns(&self, netns: &str, cgroup: Option<&Path>, argv: &[&str]) -> anyhow::Result<Output> {
+    fn exec_netns(netns: &str, cgroup: Option<&Path>, argv: &[&str]) -> anyhow::Result<Output> {
         let script = match cgroup {
-            Some(_) => r#"ns=$1; shift; echo $$ > "$0/cgroup.procs" && exec nsenter --net="/run/netns/$ns" -- "$@""#,
+            Some(_) => {
+                r#"ns=$1; shift; echo $$ > "$0/cgroup.procs" && exec nsenter --net="/run/netns/$ns" -- "$@""#
+            }
             None => r#"ns=$1; shift; exec nsenter --net="/run/netns/$ns" -- "$@""#,
         };
         let cg = cgroup.map_or_else(|| "-".to_owned(), |c| c.display().to_string());
@@ -388,7 +564,14 @@ impl Lab {
         } else if let Some(node) = self.nodes.iter().find(|n| n.name == target) {
             (node.netns.clone(), None)
         } else {
-            bail!("no pod or node named {target}; pods: {}", self.pods.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(" "))
+            bail!(
+                "no pod or node named {target}; pods: {}",
+                self.pods
+                    .iter()
+                    .map(|p| p.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            )
         };
         let cg = cgroup.map_or_else(|| "-".to_owned(), |c| c.display().to_string());
         let status = Command::new("sh")
@@ -402,14 +585,22 @@ impl Lab {
     pub fn curl(&self, from: &str, url: &str) -> anyhow::Result<String> {
         let out = self.exec(from, &["curl", "-sS", "--max-time", "5", url])?;
         if !out.status.success() {
-            bail!("curl {url} from {from}: {}", String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "curl {url} from {from}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    fn enroll_request(&self, node: usize, request: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
+    fn enroll_request(
+        &self,
+        node: usize,
+        request: &serde_json::Value,
+    ) -> anyhow::Result<serde_json::Value> {
         let socket = self.node(node).state_dir.join("enroll.sock");
-        let mut stream = UnixStream::connect(&socket).with_context(|| format!("connect {}", socket.display()))?;
+        let mut stream = UnixStream::connect(&socket)
+            .with_context(|| format!("connect {}", socket.display()))?;
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
         writeln!(stream, "{request}")?;
         let mut line = String::new();
@@ -448,7 +639,10 @@ impl Lab {
 
     pub fn unenroll(&self, name: &str) -> anyhow::Result<serde_json::Value> {
         let pod = self.pod(name);
-        let reply = self.enroll_request(pod.node, &serde_json::json!({ "op": "remove", "uid": pod.uid }))?;
+        let reply = self.enroll_request(
+            pod.node,
+            &serde_json::json!({ "op": "remove", "uid": pod.uid }),
+        )?;
         if reply["ok"] != true {
             bail!("unenroll {name}: {}", reply["error"]);
         }
@@ -459,11 +653,18 @@ impl Lab {
     pub fn status(&self) -> String {
         let mut out = format!("lab {} ({} nodes)\n", self.spec.prefix, self.nodes.len());
         for (i, node) in self.nodes.iter().enumerate() {
-            let ready = self.node_http(i + 1, 15021, "/healthz/ready").map_or_else(|e| format!("down ({e})"), |b| b.trim().to_owned());
-            out += &format!("  {} {} / {}  agent: {ready}\n", node.name, node.ip4, node.ip6);
+            let ready = self
+                .node_http(i + 1, 15021, "/healthz/ready")
+                .map_or_else(|e| format!("down ({e})"), |b| b.trim().to_owned());
+            let _ = writeln!(
+                out,
+                "  {} {} / {}  agent: {ready}",
+                node.name, node.ip4, node.ip6
+            );
             for pod in self.pods.iter().filter(|p| p.node == i + 1) {
-                out += &format!(
-                    "    {:8} {:12} {:12} {:18} {}\n",
+                let _ = writeln!(
+                    out,
+                    "    {:8} {:12} {:12} {:18} {}",
                     pod.name,
                     pod.namespace,
                     pod.ip4,
@@ -478,20 +679,32 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        if !self.keep {
-            if let Err(e) = down(&self.spec.prefix) {
-                eprintln!("lab down {}: {e:#}", self.spec.prefix);
-            }
+        if !self.keep
+            && let Err(e) = down(&self.spec.prefix)
+        {
+            eprintln!("lab down {}: {e:#}", self.spec.prefix);
         }
     }
 }
 
 fn sysctl(netns: &str, key: &str, value: &str) -> anyhow::Result<()> {
-    run(Command::new("ip").args(["netns", "exec", netns, "sysctl", "-qw", &format!("{key}={value}")])).map(drop)
+    run(Command::new("ip").args([
+        "netns",
+        "exec",
+        netns,
+        "sysctl",
+        "-qw",
+        &format!("{key}={value}"),
+    ]))
+    .map(drop)
 }
 
 fn is_zombie(pid: &str) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z'))
+    })
 }
 
 /// Polls `check` every 50 ms until it holds or `timeout` passes.
@@ -508,7 +721,9 @@ pub fn wait_for(timeout: Duration, mut check: impl FnMut() -> bool) -> anyhow::R
 
 /// Is `name` one of the namespaces a lab with this prefix makes?
 fn is_lab_netns(prefix: &str, name: &str) -> bool {
-    let Some(rest) = name.strip_prefix(prefix).and_then(|r| r.strip_prefix('-')) else { return false };
+    let Some(rest) = name.strip_prefix(prefix).and_then(|r| r.strip_prefix('-')) else {
+        return false;
+    };
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     rest == "fabric"
         || rest.strip_prefix("node").is_some_and(digits)
@@ -537,28 +752,46 @@ pub fn down(prefix: &str) -> anyhow::Result<DownReport> {
     let mut pids: Vec<i32> = Vec::new();
     if let Ok(entries) = fs::read_dir(&dir) {
         for entry in entries.flatten() {
-            if entry.path().extension().is_some_and(|e| e == "pid") {
-                if let Ok(pid) = fs::read_to_string(entry.path()).unwrap_or_default().trim().parse() {
-                    pids.push(pid);
-                }
+            if entry.path().extension().is_some_and(|e| e == "pid")
+                && let Ok(pid) = fs::read_to_string(entry.path())
+                    .unwrap_or_default()
+                    .trim()
+                    .parse()
+            {
+                pids.push(pid);
             }
         }
     }
     pids.extend(cgroup_pids(&cg));
     let namespaces: Vec<String> = run(Command::new("ip").args(["netns", "list"]))
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().filter_map(|l| l.split_whitespace().next().map(str::to_owned)).collect())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default();
-    let namespaces: Vec<String> = namespaces.into_iter().filter(|n| is_lab_netns(prefix, n)).collect();
+    let namespaces: Vec<String> = namespaces
+        .into_iter()
+        .filter(|n| is_lab_netns(prefix, n))
+        .collect();
     for ns in &namespaces {
         if let Ok(out) = run(Command::new("ip").args(["netns", "pids", ns])) {
-            pids.extend(String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+            pids.extend(
+                String::from_utf8_lossy(&out.stdout)
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok()),
+            );
         }
     }
     pids.sort_unstable();
     pids.dedup();
     pids.retain(|p| *p > 1 && Path::new(&format!("/proc/{p}")).exists());
     for pid in &pids {
-        let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).stderr(Stdio::null()).status();
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .stderr(Stdio::null())
+            .status();
     }
     report.processes = pids.len();
     let _ = wait_for(Duration::from_secs(5), || cgroup_pids(&cg).is_empty());
@@ -568,9 +801,9 @@ pub fn down(prefix: &str) -> anyhow::Result<DownReport> {
         }
     }
     report.cgroups = remove_cgroups(&cg);
-    let pins = Path::new("/sys/fs/bpf").join(prefix);
-    if pins.exists() {
-        fs::remove_dir_all(&pins).with_context(|| format!("remove {}", pins.display()))?;
+    let pin_dir = Path::new("/sys/fs/bpf").join(prefix);
+    if pin_dir.exists() {
+        fs::remove_dir_all(&pin_dir).with_context(|| format!("remove {}", pin_dir.display()))?;
         report.pins = true;
     }
     let _ = fs::remove_dir_all(&dir);
@@ -614,19 +847,22 @@ pub fn leftovers(prefix: &str) -> Vec<String> {
     let mut found = Vec::new();
     if let Ok(out) = run(Command::new("ip").args(["netns", "list"])) {
         for line in String::from_utf8_lossy(&out.stdout).lines() {
-            if let Some(name) = line.split_whitespace().next() {
-                if is_lab_netns(prefix, name) {
-                    found.push(format!("netns {name}"));
-                }
+            if let Some(name) = line.split_whitespace().next()
+                && is_lab_netns(prefix, name)
+            {
+                found.push(format!("netns {name}"));
             }
         }
     }
-    if let Ok(cg) = cgroup2_root() {
-        if cg.join(prefix).exists() {
-            found.push(format!("cgroup {}", cg.join(prefix).display()));
-        }
+    if let Ok(cg) = cgroup2_root()
+        && cg.join(prefix).exists()
+    {
+        found.push(format!("cgroup {}", cg.join(prefix).display()));
     }
-    for path in [Path::new("/sys/fs/bpf").join(prefix), Path::new(STATE_ROOT).join(prefix)] {
+    for path in [
+        Path::new("/sys/fs/bpf").join(prefix),
+        Path::new(STATE_ROOT).join(prefix),
+    ] {
         if path.exists() {
             found.push(path.display().to_string());
         }

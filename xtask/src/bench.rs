@@ -1,1 +1,3 @@
-pub fn bench(_quick: bool) -> anyhow::Result<()> { anyhow::bail!("bench: todo") }
+pub fn bench(_quick: bool) -> anyhow::Result<()> {
+    anyhow::bail!("bench: todo")
+}

@@ -1,1 +1,3 @@
-pub fn demo() -> anyhow::Result<()> { anyhow::bail!("demo: todo") }
+pub fn demo() -> anyhow::Result<()> {
+    anyhow::bail!("demo: todo")
+}

@@ -79,10 +79,16 @@ fn main() -> ExitCode {
         Cmd::Setup => setup::setup(),
         Cmd::Build => setup::setup().and_then(|()| build()),
         Cmd::Lab { command } => lab(command),
-        Cmd::Demo => setup::setup().and_then(|()| build()).and_then(|()| demo::demo()),
+        Cmd::Demo => setup::setup()
+            .and_then(|()| build())
+            .and_then(|()| demo::demo()),
         Cmd::Test { no_vm } => test(!no_vm),
-        Cmd::VmTest => setup::setup().and_then(|()| build()).and_then(|()| vm_test()),
-        Cmd::Bench { quick } => setup::setup().and_then(|()| build()).and_then(|()| bench::bench(quick)),
+        Cmd::VmTest => setup::setup()
+            .and_then(|()| build())
+            .and_then(|()| vm_test()),
+        Cmd::Bench { quick } => setup::setup()
+            .and_then(|()| build())
+            .and_then(|()| bench::bench(quick)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -94,7 +100,10 @@ fn main() -> ExitCode {
 }
 
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
 }
 
 pub fn ebpf_object() -> PathBuf {
@@ -107,7 +116,10 @@ pub fn release_bin(name: &str) -> PathBuf {
 
 /// Runs a command from the workspace root, failing with its name on a non-zero exit.
 pub fn sh(cmd: &mut Command) -> anyhow::Result<()> {
-    let status = cmd.current_dir(cmd.get_current_dir().map_or_else(root, Path::to_owned)).status().with_context(|| format!("spawn {cmd:?}"))?;
+    let status = cmd
+        .current_dir(cmd.get_current_dir().map_or_else(root, Path::to_owned))
+        .status()
+        .with_context(|| format!("spawn {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed ({status})");
     }
@@ -123,7 +135,13 @@ pub fn cargo(toolchain: Option<&str>) -> Command {
     }
     for (key, _) in std::env::vars_os() {
         let key = key.to_string_lossy().into_owned();
-        if key == "RUSTUP_TOOLCHAIN" || key == "RUSTC" || key == "RUSTC_WRAPPER" || key == "RUSTFLAGS" || key == "CARGO" || (key.starts_with("CARGO_") && key != "CARGO_HOME") {
+        if key == "RUSTUP_TOOLCHAIN"
+            || key == "RUSTC"
+            || key == "RUSTC_WRAPPER"
+            || key == "RUSTFLAGS"
+            || key == "CARGO"
+            || (key.starts_with("CARGO_") && key != "CARGO_HOME")
+        {
             cmd.env_remove(key);
         }
     }
@@ -132,9 +150,13 @@ pub fn cargo(toolchain: Option<&str>) -> Command {
 
 pub fn build() -> anyhow::Result<()> {
     println!("==> building the eBPF programs (nightly, bpfel-unknown-none)");
-    sh(cargo(Some("nightly")).args(["build", "--release"]).current_dir(root().join("mesh-ebpf")))?;
+    sh(cargo(Some("nightly"))
+        .args(["build", "--release"])
+        .current_dir(root().join("mesh-ebpf")))?;
     println!("==> building the release binaries");
-    sh(cargo(None).args(["build", "--release", "--workspace", "--bins"]).env("MESH_EBPF_OBJECT", ebpf_object()))?;
+    sh(cargo(None)
+        .args(["build", "--release", "--workspace", "--bins"])
+        .env("MESH_EBPF_OBJECT", ebpf_object()))?;
     Ok(())
 }
 
@@ -151,13 +173,19 @@ pub fn lab_spec(nodes: usize, pods_per_node: usize) -> LabSpec {
 
 fn lab(command: LabCmd) -> anyhow::Result<()> {
     match command {
-        LabCmd::Up { nodes, pods_per_node } => {
+        LabCmd::Up {
+            nodes,
+            pods_per_node,
+        } => {
             setup::setup()?;
             build()?;
             let mut lab = Lab::up(lab_spec(nodes, pods_per_node))?;
             lab.keep();
             print!("{}", lab.status());
-            println!("try: cargo xtask lab exec n1-p1 -- curl -s http://{}:8080/", lab.pods.last().map_or("10.98.2.11", |p| p.ip4.as_str()));
+            println!(
+                "try: cargo xtask lab exec n1-p1 -- curl -s http://{}:8080/",
+                lab.pods.last().map_or("10.98.2.11", |p| p.ip4.as_str())
+            );
             Ok(())
         }
         LabCmd::Status => {
@@ -196,10 +224,20 @@ fn test(vm: bool) -> anyhow::Result<()> {
     build()?;
     println!("==> cargo fmt --check");
     sh(cargo(None).args(["fmt", "--all", "--check"]))?;
-    sh(cargo(Some("nightly")).args(["fmt", "--check"]).current_dir(root().join("mesh-ebpf")))?;
+    sh(cargo(Some("nightly"))
+        .args(["fmt", "--check"])
+        .current_dir(root().join("mesh-ebpf")))?;
     println!("==> cargo clippy -D warnings");
     sh(cargo(None)
-        .args(["clippy", "--release", "--workspace", "--all-targets", "--", "-D", "warnings"])
+        .args([
+            "clippy",
+            "--release",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ])
         .env("MESH_EBPF_OBJECT", ebpf_object()))?;
     println!("==> unit and end-to-end tests");
     sh(cargo(None)
@@ -216,17 +254,34 @@ fn vm_test() -> anyhow::Result<()> {
     let kernel = std::fs::read_dir("/boot")?
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-6.1.") && n.to_string_lossy().ends_with("-amd64")))
+        .filter(|p| {
+            p.file_name().is_some_and(|n| {
+                n.to_string_lossy().starts_with("vmlinuz-6.1.")
+                    && n.to_string_lossy().ends_with("-amd64")
+            })
+        })
         .max()
         .context("no Debian 6.1 kernel in /boot (cargo xtask setup installs linux-image-amd64)")?;
     println!("==> building the end-to-end test binary");
     let out = cargo(None)
-        .args(["test", "--release", "-p", "mesh-lab", "--test", "e2e", "--no-run", "--message-format=json"])
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "mesh-lab",
+            "--test",
+            "e2e",
+            "--no-run",
+            "--message-format=json",
+        ])
         .env("MESH_EBPF_OBJECT", ebpf_object())
         .current_dir(root())
         .output()?;
     if !out.status.success() {
-        bail!("building the e2e test binary failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "building the e2e test binary failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let binary = String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -234,14 +289,28 @@ fn vm_test() -> anyhow::Result<()> {
         .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == "e2e")
         .find_map(|v| v["executable"].as_str().map(str::to_owned))
         .context("cargo did not report the e2e test binary")?;
-    println!("==> booting {} (TCG, this takes a minute) to run the capture tests", kernel.display());
+    println!(
+        "==> booting {} (TCG, this takes a minute) to run the capture tests",
+        kernel.display()
+    );
     let script = format!(
         "cd {root} && MESH_AGENT_BIN={agent} MESH_IN_VM=1 {binary} capture --test-threads=1; echo \"vm-test exit: $?\"",
         root = root().display(),
         agent = release_bin("mesh-agent").display(),
     );
     let output = Command::new("vng")
-        .args(["--run", &kernel.display().to_string(), "--disable-kvm", "--force-9p", "--memory", "2G", "--cpus", "2", "--exec", &script])
+        .args([
+            "--run",
+            &kernel.display().to_string(),
+            "--disable-kvm",
+            "--force-9p",
+            "--memory",
+            "2G",
+            "--cpus",
+            "2",
+            "--exec",
+            &script,
+        ])
         .current_dir(root())
         .output()
         .context("run vng (cargo xtask setup installs virtme-ng)")?;
