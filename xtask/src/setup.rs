@@ -22,6 +22,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("libxml2-dev", "bpf-linker"),
     ("qemu-system-x86", "kernel VM tests"),
     ("linux-image-amd64", "kernel VM tests (Debian's 6.1 kernel)"),
+    ("busybox-static", "kernel VM tests (virtme-ng init)"),
 ];
 
 fn is_root() -> bool {
