@@ -161,7 +161,8 @@ fn init_logging(config: &RunConfig) -> anyhow::Result<admin::SetLogLevel> {
             .with(tracing_subscriber::fmt::layer().json().flatten_event(true))
             .init();
     } else {
-        registry.with(tracing_subscriber::fmt::layer()).init();
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+        registry.with(tracing_subscriber::fmt::layer().with_ansi(ansi)).init();
     }
     Ok(Arc::new(move |level: &str| {
         let filter =
