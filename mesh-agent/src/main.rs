@@ -162,7 +162,9 @@ fn init_logging(config: &RunConfig) -> anyhow::Result<admin::SetLogLevel> {
             .init();
     } else {
         let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-        registry.with(tracing_subscriber::fmt::layer().with_ansi(ansi)).init();
+        registry
+            .with(tracing_subscriber::fmt::layer().with_ansi(ansi))
+            .init();
     }
     Ok(Arc::new(move |level: &str| {
         let filter =

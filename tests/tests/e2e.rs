@@ -305,3 +305,47 @@ fn capture_bad_enrollment_input_and_vanished_pods() {
         assert!(lab.agent_log(1).contains("pod network namespace is gone"));
     });
 }
+
+#[test]
+fn agent_startup_errors_are_clear() {
+    // Usage errors: one line, exit status 2.
+    let out = std::process::Command::new(agent_bin())
+        .arg("run")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--node-name"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = std::process::Command::new(agent_bin())
+        .args(["run", "--node-name", "x", "--exclude-cidr", "10.0.0.0/40"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("prefix length must be 0..=32"));
+
+    // A file that is not an eBPF object: refused with a message naming the problem,
+    // before anything is attached.
+    let dir = std::env::temp_dir().join(format!("mesh-bad-object-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let object = dir.join("not-bpf.o");
+    std::fs::write(&object, b"this is not an ELF file").unwrap();
+    let out = std::process::Command::new(agent_bin())
+        .args(["run", "--node-name", "x", "--bpf-object"])
+        .arg(&object)
+        .args(["--state-dir"])
+        .arg(dir.join("state"))
+        .args(["--bpffs-dir"])
+        .arg(dir.join("pins"))
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot set up eBPF capture: cannot load the eBPF object"),
+        "{stderr}"
+    );
+}
