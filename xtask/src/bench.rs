@@ -79,6 +79,9 @@ fn sample(lab: &Lab, server: &str, seconds: u32, count: u32) -> anyhow::Result<S
     })
 }
 
+/// (name, how to read it off a sample, unit)
+type Metric = (&'static str, fn(&Sample) -> f64, &'static str);
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
@@ -115,7 +118,7 @@ pub fn bench(quick: bool) -> anyhow::Result<()> {
         println!("  round {round} done");
     }
     let m = |set: &[Sample], f: fn(&Sample) -> f64| median(set.iter().map(f).collect());
-    let rows: [(&str, fn(&Sample) -> f64, &str); 4] = [
+    let rows: [Metric; 4] = [
         ("throughput, 1 stream", |s| s.throughput_1 / 1e9, "Gbit/s"),
         ("throughput, 8 streams", |s| s.throughput_8 / 1e9, "Gbit/s"),
         ("1 KiB rr p50 @1000/s", |s| s.p50_us, "us"),
