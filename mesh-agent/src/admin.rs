@@ -14,7 +14,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
-use crate::{enroll::Registry, redirect::Redirect, telemetry::Counters};
+use crate::{control::ControlClient, enroll::Registry, identity::CertStore, redirect::Redirect, telemetry::Counters};
 
 type Body = Full<Bytes>;
 
@@ -32,12 +32,7 @@ impl Readiness {
     }
 
     pub fn pending(&self) -> Vec<&'static str> {
-        self.0
-            .lock()
-            .expect("readiness lock")
-            .iter()
-            .copied()
-            .collect()
+        self.0.lock().expect("readiness lock").iter().copied().collect()
     }
 }
 
@@ -56,6 +51,64 @@ pub struct AdminState {
     pub counters: Arc<Counters>,
     pub config: serde_json::Value,
     pub set_log_level: SetLogLevel,
+    pub control: Option<(Arc<ControlClient>, Arc<CertStore>)>,
+}
+
+impl AdminState {
+    fn control_dump(&self) -> serde_json::Value {
+        let Some((client, certs)) = &self.control else {
+            return serde_json::json!({ "connected": false, "note": "standalone: no --controller" });
+        };
+        let state = client.current();
+        let mut kinds = std::collections::BTreeMap::<&str, usize>::new();
+        for key in state.objects.keys() {
+            *kinds.entry(key.split('/').next().unwrap_or("")).or_default() += 1;
+        }
+        serde_json::json!({
+            "version": state.version,
+            "objects": state.objects.len(),
+            "kinds": kinds,
+            "certificates": certs.status(),
+            // Like `istioctl proxy-config secret`: the chains in use (never the keys).
+            "chains": certs.status().keys().filter_map(|id| certs.get(id).map(|c| (id.clone(), c.chain_pem.clone())))
+                .collect::<std::collections::BTreeMap<_, _>>(),
+        })
+    }
+}
+
+/// Prometheus text: configuration version and certificate expiry.
+pub fn metrics(state: &AdminState) -> Response<Body> {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    if let Some((client, certs)) = &state.control {
+        out += "# HELP mesh_agent_config_version Version of the configuration the agent runs.\n";
+        out += "# TYPE mesh_agent_config_version gauge\n";
+        let _ = writeln!(out, "mesh_agent_config_version {}", client.current().version);
+        out += "# HELP mesh_agent_certificate_expiry_timestamp_seconds When each workload certificate expires.\n";
+        out += "# TYPE mesh_agent_certificate_expiry_timestamp_seconds gauge\n";
+        for (identity, status) in certs.status() {
+            if let Some(not_after) = status.not_after {
+                let _ = writeln!(
+                    out,
+                    "mesh_agent_certificate_expiry_timestamp_seconds{{identity=\"{identity}\"}} {not_after}"
+                );
+            }
+        }
+        out += "# HELP mesh_agent_certificate_renewal_failures_total Failed certificate requests.\n";
+        out += "# TYPE mesh_agent_certificate_renewal_failures_total counter\n";
+        for (identity, status) in certs.status() {
+            let _ = writeln!(
+                out,
+                "mesh_agent_certificate_renewal_failures_total{{identity=\"{identity}\"}} {}",
+                status.failures
+            );
+        }
+    }
+    let counters = state.counters.snapshot();
+    out += "# HELP mesh_agent_connections_forwarded_total Captured connections forwarded.\n";
+    out += "# TYPE mesh_agent_connections_forwarded_total counter\n";
+    let _ = writeln!(out, "mesh_agent_connections_forwarded_total {}", counters.forwarded);
+    reply(StatusCode::OK, "text/plain; version=0.0.4", out)
 }
 
 /// A tiny HTTP/1 server; `handler` maps a request to a response.
@@ -66,10 +119,7 @@ pub struct HttpServer {
 
 impl HttpServer {
     pub async fn bind(name: &'static str, addr: SocketAddr) -> std::io::Result<Self> {
-        Ok(Self {
-            listener: TcpListener::bind(addr).await?,
-            name,
-        })
+        Ok(Self { listener: TcpListener::bind(addr).await?, name })
     }
 
     pub async fn run<F, Fut>(self, handler: F)
@@ -93,9 +143,8 @@ impl HttpServer {
                     let handler = handler.clone();
                     async move { Ok::<_, Infallible>(handler(req).await) }
                 });
-                if let Err(error) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await
+                if let Err(error) =
+                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
                 {
                     debug!(server = name, %peer, %error, "http connection error");
                 }
@@ -126,41 +175,24 @@ pub async fn admin(state: Arc<AdminState>, req: Request<Incoming>) -> Response<B
             "text/plain",
             "GET /pods\nGET /stats\nGET /config_dump\nPOST /logging?level=<filter>\n",
         ),
-        (&Method::GET, "/pods") => {
-            json(&serde_json::json!({ "pods": state.registry.list().await }))
-        }
+        (&Method::GET, "/pods") => json(&serde_json::json!({ "pods": state.registry.list().await })),
         (&Method::GET, "/stats") => {
-            let kernel: serde_json::Map<String, serde_json::Value> = state
-                .redirect
-                .kernel_stats()
-                .into_iter()
-                .map(|(k, v)| (k.to_owned(), v.into()))
-                .collect();
+            let kernel: serde_json::Map<String, serde_json::Value> =
+                state.redirect.kernel_stats().into_iter().map(|(k, v)| (k.to_owned(), v.into())).collect();
             json(&serde_json::json!({ "agent": state.counters.snapshot(), "kernel": kernel }))
         }
-        (&Method::GET, "/config_dump") => json(
-            &serde_json::json!({ "config": state.config, "pods": state.registry.list().await }),
-        ),
+        (&Method::GET, "/config_dump") => json(&serde_json::json!({
+            "config": state.config,
+            "control": state.control_dump(),
+            "pods": state.registry.list().await,
+        })),
         (&Method::POST, "/logging") => {
-            let level = req
-                .uri()
-                .query()
-                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("level=")));
+            let level = req.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("level=")));
             match level {
-                None => reply(
-                    StatusCode::BAD_REQUEST,
-                    "text/plain",
-                    "missing query parameter level\n",
-                ),
+                None => reply(StatusCode::BAD_REQUEST, "text/plain", "missing query parameter level\n"),
                 Some(level) => match (state.set_log_level)(level) {
-                    Ok(()) => reply(
-                        StatusCode::OK,
-                        "text/plain",
-                        format!("log level set to {level}\n"),
-                    ),
-                    Err(error) => {
-                        reply(StatusCode::BAD_REQUEST, "text/plain", format!("{error}\n"))
-                    }
+                    Ok(()) => reply(StatusCode::OK, "text/plain", format!("log level set to {level}\n")),
+                    Err(error) => reply(StatusCode::BAD_REQUEST, "text/plain", format!("{error}\n")),
                 },
             }
         }
@@ -176,10 +208,6 @@ pub fn readiness(ready: &Readiness, req: &Request<Incoming>) -> Response<Body> {
     if pending.is_empty() {
         reply(StatusCode::OK, "text/plain", "ready\n")
     } else {
-        reply(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            format!("not ready: {}\n", pending.join(", ")),
-        )
+        reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {}\n", pending.join(", ")))
     }
 }

@@ -8,16 +8,7 @@ use tokio::sync::{mpsc, watch};
 pub fn channel() -> (Trigger, Watch) {
     let (signal_tx, signal_rx) = watch::channel(false);
     let (held_tx, held_rx) = mpsc::channel(1);
-    (
-        Trigger {
-            signal: signal_tx,
-            released: held_rx,
-        },
-        Watch {
-            signal: signal_rx,
-            _held: held_tx,
-        },
-    )
+    (Trigger { signal: signal_tx, released: held_rx }, Watch { signal: signal_rx, _held: held_tx })
 }
 
 #[derive(Debug)]
@@ -31,9 +22,7 @@ impl Trigger {
     /// Returns whether everything finished in time.
     pub async fn drain(mut self, deadline: Duration) -> bool {
         let _ = self.signal.send(true);
-        tokio::time::timeout(deadline, self.released.recv())
-            .await
-            .is_ok()
+        tokio::time::timeout(deadline, self.released.recv()).await.is_ok()
     }
 }
 

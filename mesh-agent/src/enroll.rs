@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use mesh_common::{EnrolledPod, OUTBOUND_PORT};
+use mesh_common::{EnrolledPod, OUTBOUND_PORT, control::workload_identity};
 use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
@@ -26,12 +26,16 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
+    control::ControlClient,
     drain,
+    identity::CertStore,
     netns::{Netns, NetnsError},
     outbound::{Forwarder, Outbound},
     redirect::{Redirect, RedirectError},
     telemetry::{Counters, CountersSnapshot},
 };
+
+const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
 /// Largest request accepted on one enrollment connection.
 const MAX_REQUEST_BYTES: u64 = 1 << 20;
@@ -89,6 +93,8 @@ pub enum EnrollError {
 #[derive(Debug)]
 pub struct Pod {
     pub spec: PodSpec,
+    /// SPIFFE identity (from the controller's config when it knows the pod).
+    pub identity: String,
     pub id: u32,
     pub netns: Netns,
     pub netns_cookie: u64,
@@ -99,6 +105,7 @@ pub struct Pod {
 pub struct PodStatus {
     #[serde(flatten)]
     pub spec: PodSpec,
+    pub identity: String,
     /// Agent-local number, also stored in the kernel's enrollment map.
     pub id: u32,
     pub netns_cookie: u64,
@@ -132,6 +139,7 @@ pub struct Registry {
     forwarder: Arc<Forwarder>,
     state_file: PathBuf,
     next_id: AtomicU32,
+    control: Option<(Arc<ControlClient>, Arc<CertStore>)>,
 }
 
 impl Registry {
@@ -140,17 +148,38 @@ impl Registry {
         forwarder: Arc<Forwarder>,
         state_dir: &Path,
         drain: drain::Watch,
+        control: Option<(Arc<ControlClient>, Arc<CertStore>)>,
     ) -> Self {
         Self {
-            inner: Mutex::new(Inner {
-                pods: BTreeMap::new(),
-                drain: Some(drain),
-            }),
+            inner: Mutex::new(Inner { pods: BTreeMap::new(), drain: Some(drain) }),
             redirect,
             forwarder,
             state_file: state_dir.join("pods.json"),
             next_id: AtomicU32::new(1),
+            control,
         }
+    }
+
+    /// The pod's SPIFFE identity. The controller's config is the authority on a pod's
+    /// service account; the enrollment request's is used only for pods it does not know.
+    fn identity_of(&self, spec: &PodSpec) -> String {
+        let Some((client, _)) = &self.control else {
+            return workload_identity(DEFAULT_TRUST_DOMAIN, &spec.namespace, &spec.service_account);
+        };
+        let state = client.current();
+        let config = &state.config;
+        let trust_domain = if config.trust_domain.is_empty() { DEFAULT_TRUST_DOMAIN } else { &config.trust_domain };
+        let known = config
+            .pods
+            .iter()
+            .find(|p| p.metadata.name == spec.name && p.metadata.namespace.as_str() == spec.namespace);
+        let service_account = known
+            .and_then(|p| p.spec.service_account_name.as_deref().or(p.spec.service_account.as_deref()))
+            .unwrap_or(&spec.service_account);
+        if known.is_some() && service_account != spec.service_account {
+            warn!(pod = %spec.name, requested = %spec.service_account, configured = %service_account, "service account differs from the config; using the config's");
+        }
+        workload_identity(trust_domain, &spec.namespace, service_account)
     }
 
     pub async fn add(&self, spec: PodSpec) -> Result<PodStatus, EnrollError> {
@@ -163,25 +192,14 @@ impl Registry {
         let netns = Netns::open(&spec.netns)?;
         let cookie = netns.cookie()?;
         if let Some(other) = inner.pods.values().find(|e| e.pod.netns_cookie == cookie) {
-            return Err(EnrollError::NetnsInUse {
-                path: spec.netns.clone(),
-                uid: other.pod.spec.uid.clone(),
-            });
+            return Err(EnrollError::NetnsInUse { path: spec.netns.clone(), uid: other.pod.spec.uid.clone() });
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let pod = Arc::new(Pod {
-            spec,
-            id,
-            netns,
-            netns_cookie: cookie,
-            counters: Counters::default(),
-        });
+        let identity = self.identity_of(&spec);
+        let pod = Arc::new(Pod { spec, identity, id, netns, netns_cookie: cookie, counters: Counters::default() });
 
         let mut listeners = Vec::new();
-        for ip in [
-            IpAddr::V4(Ipv4Addr::LOCALHOST),
-            IpAddr::V6(Ipv6Addr::LOCALHOST),
-        ] {
+        for ip in [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)] {
             let addr = SocketAddr::new(ip, OUTBOUND_PORT);
             match Outbound::new(addr, pod.clone(), self.forwarder.clone(), drain.clone()) {
                 Ok(listener) => {
@@ -197,29 +215,27 @@ impl Registry {
         }
         // Capture starts only once the listeners exist.
         self.redirect.enroll(cookie, EnrolledPod { id, flags: 0 })?;
-        let entry = Entry {
-            pod: pod.clone(),
-            listeners,
-        };
+        let entry = Entry { pod: pod.clone(), listeners };
         let status = status(&entry);
         inner.pods.insert(pod.spec.uid.clone(), entry);
         self.persist(&inner).await;
-        info!(uid = %pod.spec.uid, pod = %pod.spec.name, namespace = %pod.spec.namespace, netns = %pod.spec.netns.display(), cookie, "pod enrolled");
+        if let Some((_, certs)) = &self.control {
+            certs.acquire(&pod.identity);
+        }
+        info!(uid = %pod.spec.uid, pod = %pod.spec.name, identity = %pod.identity, namespace = %pod.spec.namespace, netns = %pod.spec.netns.display(), cookie, "pod enrolled");
         Ok(status)
     }
 
     pub async fn remove(&self, uid: &str) -> Result<PodStatus, EnrollError> {
         let mut inner = self.inner.lock().await;
-        let entry = inner
-            .pods
-            .remove(uid)
-            .ok_or_else(|| EnrollError::UnknownPod {
-                uid: uid.to_owned(),
-            })?;
+        let entry = inner.pods.remove(uid).ok_or_else(|| EnrollError::UnknownPod { uid: uid.to_owned() })?;
         // Stop capture first; then the listeners close (dropping the entry aborts
         // their accept loops). Connections already open run to completion.
         self.redirect.unenroll(entry.pod.netns_cookie)?;
         let status = status(&entry);
+        if let Some((_, certs)) = &self.control {
+            certs.release(&entry.pod.identity);
+        }
         drop(entry);
         self.persist(&inner).await;
         info!(uid, "pod removed");
@@ -239,12 +255,7 @@ impl Registry {
     pub async fn collect_garbage(&self) {
         let gone: Vec<String> = {
             let inner = self.inner.lock().await;
-            inner
-                .pods
-                .values()
-                .filter(|e| !e.pod.netns.still_exists())
-                .map(|e| e.pod.spec.uid.clone())
-                .collect()
+            inner.pods.values().filter(|e| !e.pod.netns.still_exists()).map(|e| e.pod.spec.uid.clone()).collect()
         };
         for uid in gone {
             warn!(%uid, "pod network namespace is gone; removing the pod");
@@ -271,14 +282,7 @@ impl Registry {
                 Err(error) => warn!(%uid, %error, "pod from state file not restored"),
             }
         }
-        let live: Vec<u64> = self
-            .inner
-            .lock()
-            .await
-            .pods
-            .values()
-            .map(|e| e.pod.netns_cookie)
-            .collect();
+        let live: Vec<u64> = self.inner.lock().await.pods.values().map(|e| e.pod.netns_cookie).collect();
         for cookie in self.redirect.enrolled_cookies() {
             if !live.contains(&cookie) {
                 info!(cookie, "removing stale enrollment left by an earlier run");
@@ -307,6 +311,7 @@ impl Registry {
 fn status(entry: &Entry) -> PodStatus {
     PodStatus {
         spec: entry.pod.spec.clone(),
+        identity: entry.pod.identity.clone(),
         id: entry.pod.id,
         netns_cookie: entry.pod.netns_cookie,
         listeners: entry.listeners.iter().map(|(addr, _)| *addr).collect(),
@@ -315,11 +320,7 @@ fn status(entry: &Entry) -> PodStatus {
 }
 
 fn validate(spec: &PodSpec) -> Result<(), EnrollError> {
-    for (field, value) in [
-        ("uid", &spec.uid),
-        ("name", &spec.name),
-        ("namespace", &spec.namespace),
-    ] {
+    for (field, value) in [("uid", &spec.uid), ("name", &spec.name), ("namespace", &spec.namespace)] {
         if value.trim().is_empty() {
             return Err(EnrollError::EmptyField { field });
         }
@@ -328,9 +329,7 @@ fn validate(spec: &PodSpec) -> Result<(), EnrollError> {
         return Err(EnrollError::EmptyField { field: "netns" });
     }
     if !spec.netns.exists() {
-        return Err(EnrollError::NoSuchNetns {
-            path: spec.netns.clone(),
-        });
+        return Err(EnrollError::NoSuchNetns { path: spec.netns.clone() });
     }
     Ok(())
 }
@@ -377,9 +376,7 @@ async fn serve(stream: UnixStream, registry: Arc<Registry>) {
             Ok(0) => return,
             Ok(_) => {}
             Err(error) => {
-                let reply = error_reply(&EnrollError::InvalidRequest(format!(
-                    "unreadable request: {error}"
-                )));
+                let reply = error_reply(&EnrollError::InvalidRequest(format!("unreadable request: {error}")));
                 let _ = write.write_all(reply.as_bytes()).await;
                 return;
             }
@@ -405,15 +402,11 @@ async fn serve(stream: UnixStream, registry: Arc<Registry>) {
 }
 
 fn error_reply(error: &EnrollError) -> String {
-    format!(
-        "{}\n",
-        serde_json::json!({ "ok": false, "error": error.to_string() })
-    )
+    format!("{}\n", serde_json::json!({ "ok": false, "error": error.to_string() }))
 }
 
 async fn handle(line: &str, registry: &Registry) -> Result<serde_json::Value, EnrollError> {
-    let request: Request =
-        serde_json::from_str(line).map_err(|e| EnrollError::InvalidRequest(e.to_string()))?;
+    let request: Request = serde_json::from_str(line).map_err(|e| EnrollError::InvalidRequest(e.to_string()))?;
     Ok(match request {
         Request::Add { pod } => serde_json::json!({ "pod": registry.add(pod).await? }),
         Request::Remove { uid } => serde_json::json!({ "pod": registry.remove(&uid).await? }),
@@ -433,9 +426,7 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
         let typo = r#"{"op":"add","pod":{"uid":"u1","name":"p","namespace":"shop","netns":"/x","ip":"1.2.3.4"}}"#;
-        let err = serde_json::from_str::<Request>(typo)
-            .unwrap_err()
-            .to_string();
+        let err = serde_json::from_str::<Request>(typo).unwrap_err().to_string();
         assert!(err.contains("unknown field `ip`"), "{err}");
         assert!(serde_json::from_str::<Request>(r#"{"op":"explode"}"#).is_err());
     }
@@ -450,17 +441,8 @@ mod tests {
             ips: vec![],
             netns: "/definitely/not/here".into(),
         };
-        assert_eq!(
-            validate(&spec).unwrap_err().to_string(),
-            "field pod.uid must not be empty"
-        );
-        let spec = PodSpec {
-            uid: "u".into(),
-            ..spec
-        };
-        assert_eq!(
-            validate(&spec).unwrap_err().to_string(),
-            "netns path /definitely/not/here does not exist"
-        );
+        assert_eq!(validate(&spec).unwrap_err().to_string(), "field pod.uid must not be empty");
+        let spec = PodSpec { uid: "u".into(), ..spec };
+        assert_eq!(validate(&spec).unwrap_err().to_string(), "netns path /definitely/not/here does not exist");
     }
 }

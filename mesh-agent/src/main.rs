@@ -3,8 +3,10 @@
 //! its listeners inside each enrolled pod's network namespace and forwards the
 //! connections the kernel hands it.
 mod admin;
+mod control;
 mod drain;
 mod enroll;
+mod identity;
 mod netns;
 mod outbound;
 mod redirect;
@@ -22,9 +24,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
-use tracing_subscriber::{
-    EnvFilter, layer::SubscriberExt as _, reload, util::SubscriberInitExt as _,
-};
+use tracing_subscriber::{EnvFilter, layer::SubscriberExt as _, reload, util::SubscriberInitExt as _};
 
 #[derive(Parser, Debug)]
 #[command(name = "mesh-agent", version, about = "Node agent of the mesh")]
@@ -71,12 +71,19 @@ struct RunConfig {
     /// Readiness endpoint (`/healthz/ready`).
     #[arg(long, env = "MESH_READINESS_ADDR", default_value = "0.0.0.0:15021")]
     readiness_addr: SocketAddr,
+    /// Controller's control endpoint (mTLS). Without it the agent runs standalone:
+    /// no configuration, no certificates.
+    #[arg(long, env = "MESH_CONTROLLER_ADDR", requires = "credential_dir")]
+    controller: Option<SocketAddr>,
+    /// Directory with this node's bootstrap credential: node-cert.pem, node-key.pem,
+    /// root-cert.pem (`mesh-controller node-credential` writes them).
+    #[arg(long, env = "MESH_CREDENTIAL_DIR")]
+    credential_dir: Option<PathBuf>,
+    /// Prometheus metrics endpoint.
+    #[arg(long, env = "MESH_METRICS_ADDR", default_value = "0.0.0.0:15020")]
+    metrics_addr: SocketAddr,
     /// Destination port never captured (repeatable).
-    #[arg(
-        long = "exclude-port",
-        env = "MESH_EXCLUDE_PORTS",
-        value_delimiter = ','
-    )]
+    #[arg(long = "exclude-port", env = "MESH_EXCLUDE_PORTS", value_delimiter = ',')]
     exclude_ports: Vec<u16>,
     /// Destination CIDR never captured, e.g. 10.0.0.0/8 (repeatable).
     #[arg(long = "exclude-cidr", env = "MESH_EXCLUDE_CIDRS", value_delimiter = ',', value_parser = parse_cidr)]
@@ -97,9 +104,7 @@ struct RunConfig {
 
 fn parse_cidr(value: &str) -> Result<(IpAddr, u8), String> {
     let (ip, prefix) = value.split_once('/').unwrap_or((value, ""));
-    let ip: IpAddr = ip
-        .parse()
-        .map_err(|_| format!("'{value}' is not a CIDR: bad address '{ip}'"))?;
+    let ip: IpAddr = ip.parse().map_err(|_| format!("'{value}' is not a CIDR: bad address '{ip}'"))?;
     let max = if ip.is_ipv4() { 32 } else { 128 };
     let prefix = if prefix.is_empty() {
         max
@@ -135,10 +140,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .expect("tokio runtime");
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
             match runtime.block_on(run(*config, set_log_level)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -152,23 +154,17 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(config: &RunConfig) -> anyhow::Result<admin::SetLogLevel> {
-    let filter = EnvFilter::try_new(&config.log)
-        .with_context(|| format!("--log: invalid filter '{}'", config.log))?;
+    let filter = EnvFilter::try_new(&config.log).with_context(|| format!("--log: invalid filter '{}'", config.log))?;
     let (filter, handle) = reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
     if config.log_format == "json" {
-        registry
-            .with(tracing_subscriber::fmt::layer().json().flatten_event(true))
-            .init();
+        registry.with(tracing_subscriber::fmt::layer().json().flatten_event(true)).init();
     } else {
         let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-        registry
-            .with(tracing_subscriber::fmt::layer().with_ansi(ansi))
-            .init();
+        registry.with(tracing_subscriber::fmt::layer().with_ansi(ansi)).init();
     }
     Ok(Arc::new(move |level: &str| {
-        let filter =
-            EnvFilter::try_new(level).map_err(|e| format!("invalid log filter '{level}': {e}"))?;
+        let filter = EnvFilter::try_new(level).map_err(|e| format!("invalid log filter '{level}': {e}"))?;
         handle.reload(filter).map_err(|e| e.to_string())
     }))
 }
@@ -180,25 +176,14 @@ async fn run(config: RunConfig, set_log_level: admin::SetLogLevel) -> anyhow::Re
     let cgroup_root = if let Some(path) = &config.cgroup_root {
         path.clone()
     } else {
-        let mountinfo =
-            std::fs::read_to_string("/proc/self/mountinfo").context("read /proc/self/mountinfo")?;
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").context("read /proc/self/mountinfo")?;
         mesh_common::host::find_cgroup2_mount(&mountinfo)
             .context("no cgroup2 filesystem is mounted; pass --cgroup-root")?
     };
-    let bpffs_dir = config
-        .bpffs_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/mesh").join(&node));
-    let state_dir = config
-        .state_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("/run/mesh").join(&node));
-    let enroll_socket = config
-        .enroll_socket
-        .clone()
-        .unwrap_or_else(|| state_dir.join("enroll.sock"));
-    std::fs::create_dir_all(&state_dir)
-        .with_context(|| format!("create state dir {}", state_dir.display()))?;
+    let bpffs_dir = config.bpffs_dir.clone().unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/mesh").join(&node));
+    let state_dir = config.state_dir.clone().unwrap_or_else(|| PathBuf::from("/run/mesh").join(&node));
+    let enroll_socket = config.enroll_socket.clone().unwrap_or_else(|| state_dir.join("enroll.sock"));
+    std::fs::create_dir_all(&state_dir).with_context(|| format!("create state dir {}", state_dir.display()))?;
 
     let mut effective = serde_json::to_value(&config).expect("config serializes");
     effective["cgroup_root"] = cgroup_root.display().to_string().into();
@@ -225,21 +210,34 @@ async fn run(config: RunConfig, set_log_level: admin::SetLogLevel) -> anyhow::Re
         counters: counters.clone(),
         connect_timeout: Duration::from_millis(config.connect_timeout_ms),
     });
+    let control = match (&config.controller, &config.credential_dir) {
+        (Some(addr), Some(dir)) => {
+            let read = |name: &str| {
+                std::fs::read_to_string(dir.join(name)).with_context(|| format!("read {}", dir.join(name).display()))
+            };
+            let tls = mesh_common::tls::client_config(
+                &read("node-cert.pem")?,
+                &read("node-key.pem")?,
+                &[read("root-cert.pem")?],
+            )
+            .context("node credential")?;
+            let client = Arc::new(control::ControlClient::new(*addr, tls));
+            tokio::spawn(client.clone().run());
+            let certs = Arc::new(identity::CertStore::new(client.clone()));
+            // Wait briefly for the first configuration so that restored pods get their
+            // identities from it; the agent serves without it if the controller is down.
+            let mut updates = client.subscribe();
+            let _ = tokio::time::timeout(Duration::from_secs(3), updates.wait_for(|s| s.version > 0)).await;
+            Some((client, certs))
+        }
+        _ => None,
+    };
     let (trigger, drain) = drain::channel();
-    let registry = Arc::new(enroll::Registry::new(
-        redirect.clone(),
-        forwarder,
-        &state_dir,
-        drain,
-    ));
+    let registry = Arc::new(enroll::Registry::new(redirect.clone(), forwarder, &state_dir, drain, control.clone()));
     registry.restore().await;
 
-    let api = enroll::EnrollApi::new(&enroll_socket, registry.clone()).with_context(|| {
-        format!(
-            "cannot listen on enrollment socket {}",
-            enroll_socket.display()
-        )
-    })?;
+    let api = enroll::EnrollApi::new(&enroll_socket, registry.clone())
+        .with_context(|| format!("cannot listen on enrollment socket {}", enroll_socket.display()))?;
     tokio::spawn(api.run());
 
     let admin_state = Arc::new(admin::AdminState {
@@ -248,23 +246,23 @@ async fn run(config: RunConfig, set_log_level: admin::SetLogLevel) -> anyhow::Re
         counters,
         config: effective,
         set_log_level,
+        control,
     });
     let admin_server = admin::HttpServer::bind("admin", config.admin_addr)
         .await
         .with_context(|| format!("cannot listen on admin address {}", config.admin_addr))?;
-    tokio::spawn(admin_server.run(move |req| admin::admin(admin_state.clone(), req)));
+    let admin_view = admin_state.clone();
+    tokio::spawn(admin_server.run(move |req| admin::admin(admin_view.clone(), req)));
+    let metrics_server = admin::HttpServer::bind("metrics", config.metrics_addr)
+        .await
+        .with_context(|| format!("cannot listen on metrics address {}", config.metrics_addr))?;
+    let metrics_state = admin_state.clone();
+    tokio::spawn(metrics_server.run(move |_req| std::future::ready(admin::metrics(&metrics_state))));
     let ready_server = admin::HttpServer::bind("readiness", config.readiness_addr)
         .await
-        .with_context(|| {
-            format!(
-                "cannot listen on readiness address {}",
-                config.readiness_addr
-            )
-        })?;
+        .with_context(|| format!("cannot listen on readiness address {}", config.readiness_addr))?;
     let ready_view = ready.clone();
-    tokio::spawn(
-        ready_server.run(move |req| std::future::ready(admin::readiness(&ready_view, &req))),
-    );
+    tokio::spawn(ready_server.run(move |req| std::future::ready(admin::readiness(&ready_view, &req))));
 
     let gc_registry = registry.clone();
     tokio::spawn(async move {
@@ -290,10 +288,7 @@ async fn run(config: RunConfig, set_log_level: admin::SetLogLevel) -> anyhow::Re
     if trigger.drain(deadline).await {
         info!("drained; exiting");
     } else {
-        warn!(
-            ?deadline,
-            "drain deadline passed with connections open; closing them"
-        );
+        warn!(?deadline, "drain deadline passed with connections open; closing them");
     }
     Ok(())
 }
@@ -304,19 +299,9 @@ mod tests {
 
     #[test]
     fn cidr_parsing_names_the_problem() {
-        assert_eq!(
-            parse_cidr("10.0.0.0/8").unwrap(),
-            ("10.0.0.0".parse().unwrap(), 8)
-        );
-        assert_eq!(
-            parse_cidr("fd00::1").unwrap(),
-            ("fd00::1".parse().unwrap(), 128)
-        );
-        assert!(
-            parse_cidr("10.0.0.0/33")
-                .unwrap_err()
-                .contains("prefix length must be 0..=32")
-        );
+        assert_eq!(parse_cidr("10.0.0.0/8").unwrap(), ("10.0.0.0".parse().unwrap(), 8));
+        assert_eq!(parse_cidr("fd00::1").unwrap(), ("fd00::1".parse().unwrap(), 128));
+        assert!(parse_cidr("10.0.0.0/33").unwrap_err().contains("prefix length must be 0..=32"));
         assert!(parse_cidr("10.0.0/8").unwrap_err().contains("bad address"));
     }
 }

@@ -51,30 +51,15 @@ pub struct Netns {
 
 impl Netns {
     pub fn open(path: &Path) -> Result<Self, NetnsError> {
-        let file = File::open(path).map_err(|source| NetnsError::Open {
-            path: path.to_owned(),
-            source,
-        })?;
-        let meta = file.metadata().map_err(|source| NetnsError::Open {
-            path: path.to_owned(),
-            source,
-        })?;
+        let file = File::open(path).map_err(|source| NetnsError::Open { path: path.to_owned(), source })?;
+        let meta = file.metadata().map_err(|source| NetnsError::Open { path: path.to_owned(), source })?;
         // A network namespace file is an nsfs inode; a regular file or directory is a
         // user error that `setns` would only report later and less clearly.
         if meta.is_dir() || meta.len() != 0 {
-            return Err(NetnsError::NotNetns {
-                path: path.to_owned(),
-            });
+            return Err(NetnsError::NotNetns { path: path.to_owned() });
         }
-        let ns = Self {
-            file,
-            path: path.to_owned(),
-            dev: meta.dev(),
-            ino: meta.ino(),
-        };
-        ns.run(|| Ok(())).map_err(|_| NetnsError::NotNetns {
-            path: path.to_owned(),
-        })?;
+        let ns = Self { file, path: path.to_owned(), dev: meta.dev(), ino: meta.ino() };
+        ns.run(|| Ok(())).map_err(|_| NetnsError::NotNetns { path: path.to_owned() })?;
         Ok(ns)
     }
 
@@ -91,32 +76,21 @@ impl Netns {
     /// Runs `f` with the current thread inside this namespace, then restores the
     /// thread's previous namespace.
     pub fn run<T>(&self, f: impl FnOnce() -> io::Result<T>) -> Result<T, NetnsError> {
-        let home = File::open("/proc/thread-self/ns/net").map_err(|source| NetnsError::Open {
-            path: "/proc/thread-self/ns/net".into(),
-            source,
-        })?;
-        setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| NetnsError::Enter {
-            path: self.path.clone(),
-            source,
-        })?;
+        let home = File::open("/proc/thread-self/ns/net")
+            .map_err(|source| NetnsError::Open { path: "/proc/thread-self/ns/net".into(), source })?;
+        setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET)
+            .map_err(|source| NetnsError::Enter { path: self.path.clone(), source })?;
         let result = f();
         // A thread left in a pod's namespace would silently create later sockets in the
         // wrong place; there is no sane way to continue.
-        setns(home.as_fd(), CloneFlags::CLONE_NEWNET)
-            .expect("restore the thread's network namespace");
-        result.map_err(|source| NetnsError::Socket {
-            path: self.path.clone(),
-            source,
-        })
+        setns(home.as_fd(), CloneFlags::CLONE_NEWNET).expect("restore the thread's network namespace");
+        result.map_err(|source| NetnsError::Socket { path: self.path.clone(), source })
     }
 
     /// The namespace's cookie (the key of the kernel's enrollment map).
     pub fn cookie(&self) -> Result<u64, NetnsError> {
         let probe = self.run(|| Socket::new(Domain::IPV4, Type::DGRAM, None))?;
-        netns_cookie(&probe).map_err(|source| NetnsError::Socket {
-            path: self.path.clone(),
-            source,
-        })
+        netns_cookie(&probe).map_err(|source| NetnsError::Socket { path: self.path.clone(), source })
     }
 
     /// A listening TCP socket bound inside this namespace.
@@ -167,9 +141,5 @@ pub fn netns_cookie(socket: &impl AsFd) -> io::Result<u64> {
             &raw mut len,
         )
     };
-    if rc == 0 {
-        Ok(cookie)
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    if rc == 0 { Ok(cookie) } else { Err(io::Error::last_os_error()) }
 }

@@ -45,26 +45,13 @@ impl Outbound {
         drain: drain::Watch,
     ) -> Result<Self, NetnsError> {
         let std_listener = pod.netns.listen(addr)?;
-        let listener =
-            TcpListener::from_std(std_listener).map_err(|source| NetnsError::Socket {
-                path: pod.netns.path().to_owned(),
-                source,
-            })?;
-        Ok(Self {
-            listener,
-            pod,
-            forwarder,
-            drain,
-        })
+        let listener = TcpListener::from_std(std_listener)
+            .map_err(|source| NetnsError::Socket { path: pod.netns.path().to_owned(), source })?;
+        Ok(Self { listener, pod, forwarder, drain })
     }
 
     pub async fn run(self) {
-        let Self {
-            listener,
-            pod,
-            forwarder,
-            mut drain,
-        } = self;
+        let Self { listener, pod, forwarder, mut drain } = self;
         loop {
             tokio::select! {
                 () = drain.signaled() => break,
@@ -141,13 +128,8 @@ impl Connection {
         bump(counters, |c| &c.forwarded, 1);
         bump(counters, |c| &c.active, 1);
         let mut upstream = upstream;
-        let result = tokio::io::copy_bidirectional_with_sizes(
-            &mut client,
-            &mut upstream,
-            COPY_BUFFER,
-            COPY_BUFFER,
-        )
-        .await;
+        let result =
+            tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUFFER, COPY_BUFFER).await;
         for c in counters {
             c.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         }
@@ -168,11 +150,7 @@ impl Connection {
     }
 
     async fn connect(&self, dst: SocketAddr) -> std::io::Result<TcpStream> {
-        let socket = self
-            .pod
-            .netns
-            .tcp_socket(dst.is_ipv6(), BYPASS_MARK)
-            .map_err(std::io::Error::other)?;
+        let socket = self.pod.netns.tcp_socket(dst.is_ipv6(), BYPASS_MARK).map_err(std::io::Error::other)?;
         tokio::time::timeout(self.forwarder.connect_timeout, socket.connect(dst))
             .await
             .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
@@ -181,12 +159,7 @@ impl Connection {
 
 pub fn orig_dst_addr(orig: &OrigDst) -> SocketAddr {
     let ip = if orig.family == AF_INET {
-        IpAddr::V4(Ipv4Addr::new(
-            orig.addr[0],
-            orig.addr[1],
-            orig.addr[2],
-            orig.addr[3],
-        ))
+        IpAddr::V4(Ipv4Addr::new(orig.addr[0], orig.addr[1], orig.addr[2], orig.addr[3]))
     } else {
         // A v4-mapped destination from an IPv6 socket is still an IPv6 connect.
         IpAddr::V6(Ipv6Addr::from(orig.addr))
@@ -202,22 +175,10 @@ mod tests {
     fn original_destination_decodes_both_families() {
         let mut addr = [0u8; 16];
         addr[..4].copy_from_slice(&[10, 98, 2, 11]);
-        let v4 = OrigDst {
-            addr,
-            netns_cookie: 1,
-            port: 8080,
-            family: AF_INET,
-            pad: 0,
-        };
+        let v4 = OrigDst { addr, netns_cookie: 1, port: 8080, family: AF_INET, pad: 0 };
         assert_eq!(orig_dst_addr(&v4), "10.98.2.11:8080".parse().unwrap());
         let ip6: Ipv6Addr = "fd00:98:2::11".parse().unwrap();
-        let v6 = OrigDst {
-            addr: ip6.octets(),
-            netns_cookie: 1,
-            port: 80,
-            family: AF_INET6,
-            pad: 0,
-        };
+        let v6 = OrigDst { addr: ip6.octets(), netns_cookie: 1, port: 80, family: AF_INET6, pad: 0 };
         assert_eq!(orig_dst_addr(&v6), "[fd00:98:2::11]:80".parse().unwrap());
     }
 }

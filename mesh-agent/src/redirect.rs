@@ -31,9 +31,7 @@ static EMBEDDED_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/mesh-e
 
 #[derive(Debug, thiserror::Error)]
 pub enum RedirectError {
-    #[error(
-        "this agent was built without its eBPF object; build with `cargo xtask build` or pass --bpf-object"
-    )]
+    #[error("this agent was built without its eBPF object; build with `cargo xtask build` or pass --bpf-object")]
     NoObject,
     #[error("cannot read eBPF object {path}")]
     ReadObject {
@@ -62,10 +60,7 @@ pub enum RedirectError {
     #[error("eBPF map {map} is missing from the object")]
     MissingMap { map: &'static str },
     #[error("eBPF program {program} was rejected by the kernel:\n{verifier_log}")]
-    Verifier {
-        program: &'static str,
-        verifier_log: String,
-    },
+    Verifier { program: &'static str, verifier_log: String },
     #[error("eBPF program {program}")]
     Program {
         program: &'static str,
@@ -121,34 +116,24 @@ pub struct Redirect {
 /// the mode must be the one that maps to no flags.
 const LINK_MODE: CgroupAttachMode = CgroupAttachMode::Single;
 
-const PROGRAMS: [(&str, &str); 2] = [
-    ("mesh_connect4", "link_connect4"),
-    ("mesh_connect6", "link_connect6"),
-];
+const PROGRAMS: [(&str, &str); 2] = [("mesh_connect4", "link_connect4"), ("mesh_connect6", "link_connect6")];
 
 impl Redirect {
     pub fn load(cfg: &RedirectConfig) -> Result<Self, RedirectError> {
         let object = match &cfg.object {
-            Some(path) => std::fs::read(path).map_err(|source| RedirectError::ReadObject {
-                path: path.clone(),
-                source,
-            })?,
+            Some(path) => {
+                std::fs::read(path).map_err(|source| RedirectError::ReadObject { path: path.clone(), source })?
+            }
             None if EMBEDDED_OBJECT.is_empty() => return Err(RedirectError::NoObject),
             None => EMBEDDED_OBJECT.to_vec(),
         };
         ensure_bpffs(&cfg.pin_dir)?;
-        std::fs::create_dir_all(&cfg.pin_dir).map_err(|source| RedirectError::PinDir {
-            path: cfg.pin_dir.clone(),
-            source,
-        })?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&cfg.pin_dir)
-            .load(&object)
-            .map_err(RedirectError::Load)?;
-        let cgroup = File::open(&cfg.cgroup_root).map_err(|source| RedirectError::Cgroup {
-            path: cfg.cgroup_root.clone(),
-            source,
-        })?;
+        std::fs::create_dir_all(&cfg.pin_dir)
+            .map_err(|source| RedirectError::PinDir { path: cfg.pin_dir.clone(), source })?;
+        let mut ebpf =
+            EbpfLoader::new().default_map_pin_directory(&cfg.pin_dir).load(&object).map_err(RedirectError::Load)?;
+        let cgroup = File::open(&cfg.cgroup_root)
+            .map_err(|source| RedirectError::Cgroup { path: cfg.cgroup_root.clone(), source })?;
 
         for (program, link_name) in PROGRAMS {
             let prog: &mut CgroupSockAddr = ebpf
@@ -157,9 +142,7 @@ impl Redirect {
                 .try_into()
                 .map_err(|source| RedirectError::Program { program, source })?;
             prog.load().map_err(|e| load_error(program, e))?;
-            let id = prog
-                .attach(&cgroup, LINK_MODE)
-                .map_err(|source| RedirectError::Program { program, source })?;
+            let id = prog.attach(&cgroup, LINK_MODE).map_err(|source| RedirectError::Program { program, source })?;
             let link: FdLink = prog
                 .take_link(id)
                 .map_err(|source| RedirectError::Program { program, source })?
@@ -174,9 +157,7 @@ impl Redirect {
             .try_into()
             .map_err(|source| RedirectError::Program { program, source })?;
         prog.load().map_err(|e| load_error(program, e))?;
-        let id = prog
-            .attach(&cgroup, LINK_MODE)
-            .map_err(|source| RedirectError::Program { program, source })?;
+        let id = prog.attach(&cgroup, LINK_MODE).map_err(|source| RedirectError::Program { program, source })?;
         let link: FdLink = prog
             .take_link(id)
             .map_err(|source| RedirectError::Program { program, source })?
@@ -185,30 +166,13 @@ impl Redirect {
         replace_pinned_link(link, &cfg.pin_dir.join("link_sock_ops"))?;
 
         configure_exclusions(&mut ebpf, cfg)?;
-        let enrolled = HashMap::try_from(take_map(&mut ebpf, "ENROLLED")?).map_err(|source| {
-            RedirectError::Map {
-                map: "ENROLLED",
-                source,
-            }
-        })?;
-        let orig_dst = HashMap::try_from(take_map(&mut ebpf, "ORIG_DST")?).map_err(|source| {
-            RedirectError::Map {
-                map: "ORIG_DST",
-                source,
-            }
-        })?;
-        let stats = PerCpuArray::try_from(take_map(&mut ebpf, "STATS")?).map_err(|source| {
-            RedirectError::Map {
-                map: "STATS",
-                source,
-            }
-        })?;
-        Ok(Self {
-            enrolled: Mutex::new(enrolled),
-            orig_dst: Mutex::new(orig_dst),
-            stats,
-            _ebpf: ebpf,
-        })
+        let enrolled = HashMap::try_from(take_map(&mut ebpf, "ENROLLED")?)
+            .map_err(|source| RedirectError::Map { map: "ENROLLED", source })?;
+        let orig_dst = HashMap::try_from(take_map(&mut ebpf, "ORIG_DST")?)
+            .map_err(|source| RedirectError::Map { map: "ORIG_DST", source })?;
+        let stats = PerCpuArray::try_from(take_map(&mut ebpf, "STATS")?)
+            .map_err(|source| RedirectError::Map { map: "STATS", source })?;
+        Ok(Self { enrolled: Mutex::new(enrolled), orig_dst: Mutex::new(orig_dst), stats, _ebpf: ebpf })
     }
 
     // The mutexes below guard one bpf(2) syscall each and are never held across an
@@ -216,21 +180,14 @@ impl Redirect {
 
     pub fn enroll(&self, netns_cookie: u64, pod: EnrolledPod) -> Result<(), RedirectError> {
         let mut map = self.enrolled.lock().expect("enrolled map lock");
-        map.insert(netns_cookie, pod, 0)
-            .map_err(|source| RedirectError::Map {
-                map: "ENROLLED",
-                source,
-            })
+        map.insert(netns_cookie, pod, 0).map_err(|source| RedirectError::Map { map: "ENROLLED", source })
     }
 
     pub fn unenroll(&self, netns_cookie: u64) -> Result<(), RedirectError> {
         let mut map = self.enrolled.lock().expect("enrolled map lock");
         match map.remove(&netns_cookie) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(RedirectError::Map {
-                map: "ENROLLED",
-                source,
-            }),
+            Err(source) => Err(RedirectError::Map { map: "ENROLLED", source }),
         }
     }
 
@@ -261,13 +218,9 @@ impl Redirect {
 
 fn load_error(program: &'static str, error: ProgramError) -> RedirectError {
     match error {
-        ProgramError::LoadError {
-            io_error,
-            verifier_log,
-        } => RedirectError::Verifier {
-            program,
-            verifier_log: format!("{io_error}\n{verifier_log}"),
-        },
+        ProgramError::LoadError { io_error, verifier_log } => {
+            RedirectError::Verifier { program, verifier_log: format!("{io_error}\n{verifier_log}") }
+        }
         source => RedirectError::Program { program, source },
     }
 }
@@ -282,58 +235,33 @@ fn replace_pinned_link(link: FdLink, path: &Path) -> Result<(), RedirectError> {
     if path.exists() {
         match PinnedLink::from_pin(path) {
             Ok(old) => {
-                let old = old.unpin().map_err(|source| RedirectError::Unpin {
-                    path: path.to_owned(),
-                    source,
-                })?;
+                let old = old.unpin().map_err(|source| RedirectError::Unpin { path: path.to_owned(), source })?;
                 drop(old);
             }
             Err(_) => {
-                std::fs::remove_file(path).map_err(|source| RedirectError::Unpin {
-                    path: path.to_owned(),
-                    source,
-                })?;
+                std::fs::remove_file(path).map_err(|source| RedirectError::Unpin { path: path.to_owned(), source })?;
             }
         }
     }
-    link.pin(path).map_err(|source| RedirectError::Pin {
-        path: path.to_owned(),
-        source,
-    })?;
+    link.pin(path).map_err(|source| RedirectError::Pin { path: path.to_owned(), source })?;
     Ok(())
 }
 
 fn configure_exclusions(ebpf: &mut Ebpf, cfg: &RedirectConfig) -> Result<(), RedirectError> {
-    let mut ports: HashMap<_, u16, u8> = HashMap::try_from(ebpf.map_mut("EXCLUDED_PORTS").ok_or(
-        RedirectError::MissingMap {
-            map: "EXCLUDED_PORTS",
-        },
-    )?)
-    .map_err(|source| RedirectError::Map {
-        map: "EXCLUDED_PORTS",
-        source,
-    })?;
+    let mut ports: HashMap<_, u16, u8> =
+        HashMap::try_from(ebpf.map_mut("EXCLUDED_PORTS").ok_or(RedirectError::MissingMap { map: "EXCLUDED_PORTS" })?)
+            .map_err(|source| RedirectError::Map { map: "EXCLUDED_PORTS", source })?;
     let stale: Vec<u16> = ports.keys().filter_map(Result::ok).collect();
     for port in stale {
         let _ = ports.remove(&port);
     }
     for port in &cfg.exclude_ports {
-        ports
-            .insert(port, 1, 0)
-            .map_err(|source| RedirectError::Map {
-                map: "EXCLUDED_PORTS",
-                source,
-            })?;
+        ports.insert(port, 1, 0).map_err(|source| RedirectError::Map { map: "EXCLUDED_PORTS", source })?;
     }
 
-    let mut v4: LpmTrie<_, [u8; 4], u8> = LpmTrie::try_from(
-        ebpf.map_mut("EXCLUDED_V4")
-            .ok_or(RedirectError::MissingMap { map: "EXCLUDED_V4" })?,
-    )
-    .map_err(|source| RedirectError::Map {
-        map: "EXCLUDED_V4",
-        source,
-    })?;
+    let mut v4: LpmTrie<_, [u8; 4], u8> =
+        LpmTrie::try_from(ebpf.map_mut("EXCLUDED_V4").ok_or(RedirectError::MissingMap { map: "EXCLUDED_V4" })?)
+            .map_err(|source| RedirectError::Map { map: "EXCLUDED_V4", source })?;
     let stale: Vec<Key<[u8; 4]>> = v4.keys().filter_map(Result::ok).collect();
     for key in stale {
         let _ = v4.remove(&key);
@@ -341,21 +269,13 @@ fn configure_exclusions(ebpf: &mut Ebpf, cfg: &RedirectConfig) -> Result<(), Red
     for (ip, prefix) in &cfg.exclude_cidrs {
         if let IpAddr::V4(ip) = ip {
             v4.insert(&Key::new(u32::from(*prefix), ip.octets()), 1, 0)
-                .map_err(|source| RedirectError::Map {
-                    map: "EXCLUDED_V4",
-                    source,
-                })?;
+                .map_err(|source| RedirectError::Map { map: "EXCLUDED_V4", source })?;
         }
     }
 
-    let mut v6: LpmTrie<_, [u8; 16], u8> = LpmTrie::try_from(
-        ebpf.map_mut("EXCLUDED_V6")
-            .ok_or(RedirectError::MissingMap { map: "EXCLUDED_V6" })?,
-    )
-    .map_err(|source| RedirectError::Map {
-        map: "EXCLUDED_V6",
-        source,
-    })?;
+    let mut v6: LpmTrie<_, [u8; 16], u8> =
+        LpmTrie::try_from(ebpf.map_mut("EXCLUDED_V6").ok_or(RedirectError::MissingMap { map: "EXCLUDED_V6" })?)
+            .map_err(|source| RedirectError::Map { map: "EXCLUDED_V6", source })?;
     let stale: Vec<Key<[u8; 16]>> = v6.keys().filter_map(Result::ok).collect();
     for key in stale {
         let _ = v6.remove(&key);
@@ -363,10 +283,7 @@ fn configure_exclusions(ebpf: &mut Ebpf, cfg: &RedirectConfig) -> Result<(), Red
     for (ip, prefix) in &cfg.exclude_cidrs {
         if let IpAddr::V6(ip) = ip {
             v6.insert(&Key::new(u32::from(*prefix), ip.octets()), 1, 0)
-                .map_err(|source| RedirectError::Map {
-                    map: "EXCLUDED_V6",
-                    source,
-                })?;
+                .map_err(|source| RedirectError::Map { map: "EXCLUDED_V6", source })?;
         }
     }
     Ok(())
@@ -385,18 +302,9 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), RedirectError> {
         .filter_map(mesh_common::host::parse_mountinfo_line)
         .any(|(mount_point, fstype)| mount_point == "/sys/fs/bpf" && fstype == "bpf");
     if !mounted {
-        std::fs::create_dir_all(root).map_err(|source| RedirectError::PinDir {
-            path: root.to_owned(),
-            source,
-        })?;
-        nix::mount::mount(
-            Some("bpf"),
-            root,
-            Some("bpf"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        )
-        .map_err(RedirectError::MountBpffs)?;
+        std::fs::create_dir_all(root).map_err(|source| RedirectError::PinDir { path: root.to_owned(), source })?;
+        nix::mount::mount(Some("bpf"), root, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+            .map_err(RedirectError::MountBpffs)?;
     }
     Ok(())
 }

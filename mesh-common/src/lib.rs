@@ -2,14 +2,22 @@
 //!
 //! Everything here is `#[repr(C)]` with explicit padding so that the kernel and user
 //! space agree on the layout of every map key and value byte for byte. The crate is
-//! `no_std`; the `user` feature adds the `aya::Pod` impls the agent needs.
+//! `no_std`; the `user` feature adds the `aya::Pod` impls the agent needs, and the
+//! `config` feature the Istio-compatible configuration model with its loader and
+//! validation (`config`), shared by the controller, `meshctl` and the agents.
 #![no_std]
 
-#[cfg(feature = "user")]
+#[cfg(any(feature = "user", feature = "config"))]
 extern crate std;
 
+#[cfg(feature = "config")]
+pub mod config;
+#[cfg(feature = "control")]
+pub mod control;
 #[cfg(feature = "user")]
 pub mod host;
+#[cfg(feature = "control")]
+pub mod tls;
 
 /// `SO_MARK` set on the agent's own sockets. The capture programs never redirect a
 /// socket carrying it, which is what keeps the agent's upstream connections from
@@ -87,14 +95,8 @@ pub mod stat {
     /// Original destinations handed over from socket cookie to 4-tuple key.
     pub const HANDED_OVER: u32 = 5;
     pub const COUNT: u32 = 6;
-    pub const NAMES: [&str; COUNT as usize] = [
-        "captured",
-        "skipped_bypass_mark",
-        "skipped_loopback",
-        "skipped_excluded",
-        "record_failed",
-        "handed_over",
-    ];
+    pub const NAMES: [&str; COUNT as usize] =
+        ["captured", "skipped_bypass_mark", "skipped_loopback", "skipped_excluded", "record_failed", "handed_over"];
 }
 
 #[cfg(feature = "user")]

@@ -1,4 +1,9 @@
-//! The mesh's controller: it will read configuration (a YAML directory or the
-//! Kubernetes API), validate it, compute each node's view, stream it to agents and act
-//! as the certificate authority. This crate is intentionally empty until the
-//! control-plane work lands; the workspace reserves its place.
+//! The mesh's controller: reads configuration (a directory of YAML manifests; the
+//! Kubernetes API comes later), validates it, computes each node's view and streams it
+//! to the agents over mutual TLS, and is the certificate authority that signs the
+//! workload identities of the pods on each agent's node.
+pub mod ca;
+pub mod server;
+pub mod source;
+pub mod validate;
+pub mod view;

@@ -91,12 +91,7 @@ fn try_connect(ctx: &SockAddrContext, family: u16) {
         }
         addr[..4].copy_from_slice(&ip);
     } else {
-        let words = [
-            sa.user_ip6[0],
-            sa.user_ip6[1],
-            sa.user_ip6[2],
-            sa.user_ip6[3],
-        ];
+        let words = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
         let mut i = 0;
         while i < 4 {
             let b = words[i].to_ne_bytes();
@@ -122,13 +117,7 @@ fn try_connect(ctx: &SockAddrContext, family: u16) {
     }
     // The value is built on the stack: the verifier refuses map updates whose value
     // points into the context.
-    let orig = OrigDst {
-        addr,
-        netns_cookie,
-        port,
-        family,
-        pad: 0,
-    };
+    let orig = OrigDst { addr, netns_cookie, port, family, pad: 0 };
     // SAFETY: bpf_get_socket_cookie accepts the sock_addr context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if PENDING.insert(&cookie, &orig, 0).is_err() {
@@ -155,12 +144,7 @@ fn is_loopback6(addr: &[u8; 16]) -> bool {
         i += 1;
     }
     // ::1, or an IPv4-mapped 127.0.0.0/8.
-    (addr[10] == 0
-        && addr[11] == 0
-        && addr[12] == 0
-        && addr[13] == 0
-        && addr[14] == 0
-        && addr[15] == 1)
+    (addr[10] == 0 && addr[11] == 0 && addr[12] == 0 && addr[13] == 0 && addr[14] == 0 && addr[15] == 1)
         || (addr[10] == 0xff && addr[11] == 0xff && addr[12] == 127)
 }
 
@@ -172,12 +156,8 @@ fn hand_over(ctx: &SockOpsContext) {
     let Some(orig) = (unsafe { PENDING.get(&cookie) }).copied() else {
         return;
     };
-    let key = OrigDstKey {
-        netns_cookie: orig.netns_cookie,
-        port: ctx.local_port() as u16,
-        family: orig.family,
-        pad: 0,
-    };
+    let key =
+        OrigDstKey { netns_cookie: orig.netns_cookie, port: ctx.local_port() as u16, family: orig.family, pad: 0 };
     if ORIG_DST.insert(&key, &orig, 0).is_ok() {
         count(stat::HANDED_OVER);
     } else {

@@ -43,7 +43,17 @@ pub struct LabSpec {
     /// Extra arguments for every agent (`--exclude-port 22`, `--log-format json`).
     #[serde(default)]
     pub agent_args: Vec<String>,
+    /// Runs a `mesh-controller` (in the fabric namespace, at [`CONTROLLER_IP`]) serving
+    /// the lab's YAML directory, and connects every agent to it.
+    #[serde(default)]
+    pub controller_bin: Option<PathBuf>,
+    /// Extra arguments for the controller (`--cert-lifetime-seconds 6`).
+    #[serde(default)]
+    pub controller_args: Vec<String>,
 }
+
+/// The controller's address on the fabric.
+pub const CONTROLLER_IP: &str = "10.99.0.254";
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Node {
@@ -82,17 +92,9 @@ pub struct Lab {
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<Output> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("spawn {cmd:?}"))?;
+    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("spawn {cmd:?}"))?;
     if !out.status.success() {
-        bail!(
-            "{:?} failed ({}): {}",
-            cmd,
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("{:?} failed ({}): {}", cmd, out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(out)
 }
@@ -109,19 +111,14 @@ fn cgroup2_root() -> anyhow::Result<PathBuf> {
 /// Why this machine cannot run the lab, if it cannot.
 pub fn unsupported_reason() -> Option<String> {
     // SAFETY-free check of the effective uid through /proc.
-    let uid = fs::read_to_string("/proc/self/status").ok().and_then(|s| {
-        s.lines()
-            .find(|l| l.starts_with("Uid:"))
-            .map(|l| l.split_whitespace().nth(2) == Some("0"))
-    });
+    let uid = fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")));
     if uid != Some(true) {
         return Some("the lab needs root (network namespaces, cgroups, eBPF)".into());
     }
     for tool in ["ip", "nsenter", "curl"] {
-        if Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .map_or(true, |o| !o.status.success())
+        if Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().map_or(true, |o| !o.status.success())
         {
             return Some(format!("{tool} is not installed (run `cargo xtask setup`)"));
         }
@@ -138,26 +135,16 @@ impl Lab {
     /// what was made.
     pub fn up(spec: LabSpec) -> anyhow::Result<Self> {
         if !(spec.prefix == "mesh" || spec.prefix.starts_with("mesh-")) {
-            bail!(
-                "lab prefix '{}' must be 'mesh' or start with 'mesh-'",
-                spec.prefix
-            );
+            bail!("lab prefix '{}' must be 'mesh' or start with 'mesh-'", spec.prefix);
         }
-        if spec.nodes == 0 || spec.nodes > 50 || spec.pods_per_node == 0 || spec.pods_per_node > 50
-        {
+        if spec.nodes == 0 || spec.nodes > 50 || spec.pods_per_node == 0 || spec.pods_per_node > 50 {
             bail!("a lab has 1..=50 nodes and 1..=50 pods per node");
         }
         down(&spec.prefix)?;
         let cg = cgroup2_root()?.join(&spec.prefix);
         let dir = Path::new(STATE_ROOT).join(&spec.prefix);
         fs::create_dir_all(&dir)?;
-        let mut lab = Self {
-            nodes: Vec::new(),
-            pods: Vec::new(),
-            dir,
-            spec,
-            keep: false,
-        };
+        let mut lab = Self { nodes: Vec::new(), pods: Vec::new(), dir, spec, keep: false };
         let p = lab.spec.prefix.clone();
         for i in 1..=lab.spec.nodes {
             lab.nodes.push(Node {
@@ -195,10 +182,9 @@ impl Lab {
     /// Re-opens a lab started by another process (`lab status`, `lab exec`).
     pub fn attach(prefix: &str) -> anyhow::Result<Self> {
         let path = Path::new(STATE_ROOT).join(prefix).join("lab.json");
-        let text = fs::read_to_string(&path)
-            .with_context(|| format!("no lab '{prefix}' is up ({})", path.display()))?;
-        let mut lab: Self =
-            serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
+        let text =
+            fs::read_to_string(&path).with_context(|| format!("no lab '{prefix}' is up ({})", path.display()))?;
+        let mut lab: Self = serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
         lab.keep = true;
         Ok(lab)
     }
@@ -221,76 +207,22 @@ impl Lab {
             ip(&["netns", "add", ns])?;
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
             let port = format!("n{i}");
-            ip(&[
-                "link", "add", "fab", "netns", ns, "type", "veth", "peer", "name", &port, "netns",
-                &fabric,
-            ])?;
+            ip(&["link", "add", "fab", "netns", ns, "type", "veth", "peer", "name", &port, "netns", &fabric])?;
             ip(&["-n", &fabric, "link", "set", &port, "master", "br0", "up"])?;
-            ip(&[
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("{}/24", node.ip4),
-                "dev",
-                "fab",
-            ])?;
-            ip(&[
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("{}/64", node.ip6),
-                "dev",
-                "fab",
-                "nodad",
-            ])?;
+            ip(&["-n", ns, "addr", "add", &format!("{}/24", node.ip4), "dev", "fab"])?;
+            ip(&["-n", ns, "addr", "add", &format!("{}/64", node.ip6), "dev", "fab", "nodad"])?;
             ip(&["-n", ns, "link", "set", "fab", "up"])?;
             ip(&["-n", ns, "link", "add", "pods", "type", "bridge"])?;
-            ip(&[
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("10.98.{i}.1/24"),
-                "dev",
-                "pods",
-            ])?;
-            ip(&[
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("fd00:98:{i}::1/64"),
-                "dev",
-                "pods",
-                "nodad",
-            ])?;
+            ip(&["-n", ns, "addr", "add", &format!("10.98.{i}.1/24"), "dev", "pods"])?;
+            ip(&["-n", ns, "addr", "add", &format!("fd00:98:{i}::1/64"), "dev", "pods", "nodad"])?;
             ip(&["-n", ns, "link", "set", "pods", "up"])?;
             sysctl(ns, "net.ipv4.ip_forward", "1")?;
             sysctl(ns, "net.ipv6.conf.all.forwarding", "1")?;
             for (k, other) in self.nodes.iter().enumerate() {
                 let k = k + 1;
                 if k != i {
-                    ip(&[
-                        "-n",
-                        ns,
-                        "route",
-                        "add",
-                        &format!("10.98.{k}.0/24"),
-                        "via",
-                        &other.ip4,
-                    ])?;
-                    ip(&[
-                        "-n",
-                        ns,
-                        "-6",
-                        "route",
-                        "add",
-                        &format!("fd00:98:{k}::/64"),
-                        "via",
-                        &other.ip6,
-                    ])?;
+                    ip(&["-n", ns, "route", "add", &format!("10.98.{k}.0/24"), "via", &other.ip4])?;
+                    ip(&["-n", ns, "-6", "route", "add", &format!("fd00:98:{k}::/64"), "via", &other.ip6])?;
                 }
             }
             fs::create_dir_all(node.cgroup.join("agent"))?;
@@ -303,80 +235,23 @@ impl Lab {
             ip(&["netns", "add", ns])?;
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
             let port = format!("p-{}", pod.name);
-            ip(&[
-                "link",
-                "add",
-                "eth0",
-                "netns",
-                ns,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &port,
-                "netns",
-                &node.netns,
-            ])?;
-            ip(&[
-                "-n",
-                &node.netns,
-                "link",
-                "set",
-                &port,
-                "master",
-                "pods",
-                "up",
-            ])?;
-            ip(&[
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("{}/24", pod.ip4),
-                "dev",
-                "eth0",
-            ])?;
-            ip(&[
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("{}/64", pod.ip6),
-                "dev",
-                "eth0",
-                "nodad",
-            ])?;
+            ip(&["link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", &port, "netns", &node.netns])?;
+            ip(&["-n", &node.netns, "link", "set", &port, "master", "pods", "up"])?;
+            ip(&["-n", ns, "addr", "add", &format!("{}/24", pod.ip4), "dev", "eth0"])?;
+            ip(&["-n", ns, "addr", "add", &format!("{}/64", pod.ip6), "dev", "eth0", "nodad"])?;
             ip(&["-n", ns, "link", "set", "eth0", "up"])?;
-            ip(&[
-                "-n",
-                ns,
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("10.98.{i}.1"),
-            ])?;
-            ip(&[
-                "-n",
-                ns,
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("fd00:98:{i}::1"),
-            ])?;
+            ip(&["-n", ns, "route", "add", "default", "via", &format!("10.98.{i}.1")])?;
+            ip(&["-n", ns, "-6", "route", "add", "default", "via", &format!("fd00:98:{i}::1")])?;
             fs::create_dir_all(&pod.cgroup)?;
         }
         self.save()?;
+        if self.spec.controller_bin.is_some() {
+            self.write_config()?;
+            self.start_controller()?;
+        }
         for pod in self.pods.clone() {
             let echo = self.spec.echo_bin.display().to_string();
-            self.spawn(
-                &pod.name,
-                &pod.netns,
-                &pod.cgroup,
-                &[&echo, "serve", "--name", &pod.name],
-            )?;
+            self.spawn(&pod.name, &pod.netns, &pod.cgroup, &[&echo, "serve", "--name", &pod.name])?;
         }
         for n in 1..=self.nodes.len() {
             self.start_agent(n)?;
@@ -386,13 +261,7 @@ impl Lab {
                 Self::exec_netns(
                     &pod.netns,
                     None,
-                    &[
-                        "curl",
-                        "-s",
-                        "-o",
-                        "/dev/null",
-                        &format!("http://127.0.0.1:{HTTP_PORT}/"),
-                    ],
+                    &["curl", "-s", "-o", "/dev/null", &format!("http://127.0.0.1:{HTTP_PORT}/")],
                 )
                 .is_ok_and(|o| o.status.success())
             })
@@ -436,10 +305,7 @@ impl Lab {
     }
 
     pub fn pod(&self, name: &str) -> &Pod {
-        self.pods
-            .iter()
-            .find(|p| p.name == name)
-            .unwrap_or_else(|| panic!("no pod {name} in the lab"))
+        self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name} in the lab"))
     }
 
     /// Starts (or restarts) node `n`'s agent and waits until it is ready.
@@ -460,6 +326,14 @@ impl Lab {
             "--drain-seconds".into(),
             "2".into(),
         ];
+        if self.spec.controller_bin.is_some() {
+            argv.extend([
+                "--controller".into(),
+                format!("{CONTROLLER_IP}:15012"),
+                "--credential-dir".into(),
+                node.state_dir.join("credential").display().to_string(),
+            ]);
+        }
         argv.extend(self.spec.agent_args.iter().cloned());
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
         let name = format!("agent-{}", node.name);
@@ -470,16 +344,104 @@ impl Lab {
             let _ = fs::write(self.dir.join(format!("{name}.prev.log")), old_log);
         }
         wait_for(Duration::from_secs(15), || {
-            self.node_http(n, 15021, "/healthz/ready")
-                .is_ok_and(|body| body.trim() == "ready")
+            self.node_http(n, 15021, "/healthz/ready").is_ok_and(|body| body.trim() == "ready")
         })
-        .with_context(|| {
-            format!(
-                "agent on {} not ready; log: {}",
-                node.name,
-                self.agent_log(n)
-            )
-        })
+        .with_context(|| format!("agent on {} not ready; log: {}", node.name, self.agent_log(n)))
+    }
+
+    /// The YAML directory the controller serves.
+    pub fn config_dir(&self) -> PathBuf {
+        self.dir.join("config")
+    }
+
+    /// The lab's namespaces, pods and a service, as Kubernetes manifests.
+    fn write_config(&self) -> anyhow::Result<()> {
+        let dir = self.config_dir();
+        fs::create_dir_all(&dir)?;
+        let mut yaml = String::from(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n  labels:\n    istio.io/dataplane-mode: ambient\n---\n\
+             apiVersion: v1\nkind: Namespace\nmetadata:\n  name: legacy\n---\n\
+             apiVersion: v1\nkind: Namespace\nmetadata:\n  name: istio-system\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata:\n  name: echo\n  namespace: shop\nspec:\n  clusterIP: 10.96.0.10\n  selector:\n    app: echo\n  ports:\n  - name: http\n    port: 80\n    targetPort: 8080\n",
+        );
+        for pod in &self.pods {
+            let sa = if pod.meshed { format!("sa-{}", pod.name) } else { "default".into() };
+            let _ = write!(
+                yaml,
+                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  uid: {}\n  labels:\n    app: echo\nspec:\n  nodeName: node{}\n  serviceAccountName: {sa}\n  containers:\n  - name: echo\n    image: mesh-echo\nstatus:\n  podIP: {}\n  podIPs:\n  - ip: {}\n  - ip: {}\n",
+                pod.name, pod.namespace, pod.uid, pod.node, pod.ip4, pod.ip4, pod.ip6
+            );
+        }
+        fs::write(dir.join("lab.yaml"), yaml)?;
+        Ok(())
+    }
+
+    /// Starts (or restarts) the controller and waits until it serves.
+    pub fn start_controller(&self) -> anyhow::Result<()> {
+        let bin = self.spec.controller_bin.clone().context("this lab has no controller")?;
+        let fabric = format!("{}-fabric", self.spec.prefix);
+        if run(Command::new("ip").args(["-n", &fabric, "addr", "show", "dev", "br0"]))
+            .is_ok_and(|o| !String::from_utf8_lossy(&o.stdout).contains(CONTROLLER_IP))
+        {
+            ip(&["-n", &fabric, "addr", "add", &format!("{CONTROLLER_IP}/24"), "dev", "br0"])?;
+        }
+        let ca_dir = self.dir.join("ca");
+        for node in &self.nodes {
+            let out = node.state_dir.join("credential");
+            if !out.join("node-cert.pem").exists() {
+                run(Command::new(&bin)
+                    .args(["node-credential", "--node", &node.name])
+                    .arg("--ca-dir")
+                    .arg(&ca_dir)
+                    .arg("--out")
+                    .arg(&out))?;
+            }
+        }
+        let cg = cgroup2_root()?.join(&self.spec.prefix).join("controller");
+        fs::create_dir_all(&cg)?;
+        let mut argv: Vec<String> = vec![
+            bin.display().to_string(),
+            "serve".into(),
+            "--config-dir".into(),
+            self.config_dir().display().to_string(),
+            "--ca-dir".into(),
+            ca_dir.display().to_string(),
+        ];
+        argv.extend(self.spec.controller_args.iter().cloned());
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        self.spawn("controller", &fabric, &cg, &argv)?;
+        wait_for(Duration::from_secs(10), || self.controller_status().is_ok())
+            .with_context(|| format!("controller not serving; log: {}", self.controller_log()))
+    }
+
+    /// Stops the controller (SIGKILL) and waits until it is gone.
+    pub fn stop_controller(&self) -> anyhow::Result<()> {
+        let pid = fs::read_to_string(self.dir.join("controller.pid"))?.trim().to_owned();
+        run(Command::new("kill").args(["-KILL", &pid]))?;
+        wait_for(Duration::from_secs(10), || !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(&pid))
+            .context("controller did not exit")
+    }
+
+    pub fn controller_log(&self) -> String {
+        fs::read_to_string(self.dir.join("controller.log")).unwrap_or_default()
+    }
+
+    /// The controller's `/status`.
+    pub fn controller_status(&self) -> anyhow::Result<serde_json::Value> {
+        let out = Self::exec_netns(
+            &format!("{}-fabric", self.spec.prefix),
+            None,
+            &["curl", "-sf", "--max-time", "2", "http://127.0.0.1:15014/status"],
+        )?;
+        if !out.status.success() {
+            bail!("controller status: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Node `n` agent's `/config_dump`.
+    pub fn config_dump(&self, n: usize) -> anyhow::Result<serde_json::Value> {
+        Ok(serde_json::from_str(&self.node_http(n, 15000, "/config_dump")?)?)
     }
 
     /// Sends `signal` (e.g. "TERM", "KILL") to node `n`'s agent and waits until it exits.
@@ -487,16 +449,13 @@ impl Lab {
         let pid_file = self.dir.join(format!("agent-{}.pid", self.node(n).name));
         let pid = fs::read_to_string(&pid_file)?.trim().to_owned();
         run(Command::new("kill").args([&format!("-{signal}"), &pid]))?;
-        wait_for(Duration::from_secs(10), || {
-            !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(&pid)
-        })
-        .context("agent did not exit")?;
+        wait_for(Duration::from_secs(10), || !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(&pid))
+            .context("agent did not exit")?;
         Ok(())
     }
 
     pub fn agent_log(&self, n: usize) -> String {
-        fs::read_to_string(self.dir.join(format!("agent-{}.log", self.node(n).name)))
-            .unwrap_or_default()
+        fs::read_to_string(self.dir.join(format!("agent-{}.log", self.node(n).name))).unwrap_or_default()
     }
 
     /// GET on a port of node `n` (its netns' loopback); the body.
@@ -504,20 +463,10 @@ impl Lab {
         let out = Self::exec_netns(
             &self.node(n).netns,
             None,
-            &[
-                "curl",
-                "-sf",
-                "--max-time",
-                "2",
-                &format!("http://127.0.0.1:{port}{path}"),
-            ],
+            &["curl", "-sf", "--max-time", "2", &format!("http://127.0.0.1:{port}{path}")],
         )?;
         if !out.status.success() {
-            bail!(
-                "GET {path} on {}: {}",
-                self.node(n).name,
-                String::from_utf8_lossy(&out.stderr)
-            );
+            bail!("GET {path} on {}: {}", self.node(n).name, String::from_utf8_lossy(&out.stderr));
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -543,9 +492,7 @@ impl Lab {
 
     fn exec_netns(netns: &str, cgroup: Option<&Path>, argv: &[&str]) -> anyhow::Result<Output> {
         let script = match cgroup {
-            Some(_) => {
-                r#"ns=$1; shift; echo $$ > "$0/cgroup.procs" && exec nsenter --net="/run/netns/$ns" -- "$@""#
-            }
+            Some(_) => r#"ns=$1; shift; echo $$ > "$0/cgroup.procs" && exec nsenter --net="/run/netns/$ns" -- "$@""#,
             None => r#"ns=$1; shift; exec nsenter --net="/run/netns/$ns" -- "$@""#,
         };
         let cg = cgroup.map_or_else(|| "-".to_owned(), |c| c.display().to_string());
@@ -566,11 +513,7 @@ impl Lab {
         } else {
             bail!(
                 "no pod or node named {target}; pods: {}",
-                self.pods
-                    .iter()
-                    .map(|p| p.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(" ")
+                self.pods.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(" ")
             )
         };
         let cg = cgroup.map_or_else(|| "-".to_owned(), |c| c.display().to_string());
@@ -585,22 +528,14 @@ impl Lab {
     pub fn curl(&self, from: &str, url: &str) -> anyhow::Result<String> {
         let out = self.exec(from, &["curl", "-sS", "--max-time", "5", url])?;
         if !out.status.success() {
-            bail!(
-                "curl {url} from {from}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
+            bail!("curl {url} from {from}: {}", String::from_utf8_lossy(&out.stderr).trim());
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    fn enroll_request(
-        &self,
-        node: usize,
-        request: &serde_json::Value,
-    ) -> anyhow::Result<serde_json::Value> {
+    fn enroll_request(&self, node: usize, request: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
         let socket = self.node(node).state_dir.join("enroll.sock");
-        let mut stream = UnixStream::connect(&socket)
-            .with_context(|| format!("connect {}", socket.display()))?;
+        let mut stream = UnixStream::connect(&socket).with_context(|| format!("connect {}", socket.display()))?;
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
         writeln!(stream, "{request}")?;
         let mut line = String::new();
@@ -639,10 +574,7 @@ impl Lab {
 
     pub fn unenroll(&self, name: &str) -> anyhow::Result<serde_json::Value> {
         let pod = self.pod(name);
-        let reply = self.enroll_request(
-            pod.node,
-            &serde_json::json!({ "op": "remove", "uid": pod.uid }),
-        )?;
+        let reply = self.enroll_request(pod.node, &serde_json::json!({ "op": "remove", "uid": pod.uid }))?;
         if reply["ok"] != true {
             bail!("unenroll {name}: {}", reply["error"]);
         }
@@ -656,11 +588,7 @@ impl Lab {
             let ready = self
                 .node_http(i + 1, 15021, "/healthz/ready")
                 .map_or_else(|e| format!("down ({e})"), |b| b.trim().to_owned());
-            let _ = writeln!(
-                out,
-                "  {} {} / {}  agent: {ready}",
-                node.name, node.ip4, node.ip6
-            );
+            let _ = writeln!(out, "  {} {} / {}  agent: {ready}", node.name, node.ip4, node.ip6);
             for pod in self.pods.iter().filter(|p| p.node == i + 1) {
                 let _ = writeln!(
                     out,
@@ -688,23 +616,12 @@ impl Drop for Lab {
 }
 
 fn sysctl(netns: &str, key: &str, value: &str) -> anyhow::Result<()> {
-    run(Command::new("ip").args([
-        "netns",
-        "exec",
-        netns,
-        "sysctl",
-        "-qw",
-        &format!("{key}={value}"),
-    ]))
-    .map(drop)
+    run(Command::new("ip").args(["netns", "exec", netns, "sysctl", "-qw", &format!("{key}={value}")])).map(drop)
 }
 
 fn is_zombie(pid: &str) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit(')')
-            .next()
-            .is_some_and(|r| r.trim_start().starts_with('Z'))
-    })
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
 }
 
 /// Polls `check` every 50 ms until it holds or `timeout` passes.
@@ -727,10 +644,7 @@ fn is_lab_netns(prefix: &str, name: &str) -> bool {
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     rest == "fabric"
         || rest.strip_prefix("node").is_some_and(digits)
-        || rest
-            .strip_prefix('n')
-            .and_then(|r| r.split_once("-p"))
-            .is_some_and(|(a, b)| digits(a) && digits(b))
+        || rest.strip_prefix('n').and_then(|r| r.split_once("-p")).is_some_and(|(a, b)| digits(a) && digits(b))
 }
 
 /// What [`down`] removed.
@@ -753,10 +667,7 @@ pub fn down(prefix: &str) -> anyhow::Result<DownReport> {
     if let Ok(entries) = fs::read_dir(&dir) {
         for entry in entries.flatten() {
             if entry.path().extension().is_some_and(|e| e == "pid")
-                && let Ok(pid) = fs::read_to_string(entry.path())
-                    .unwrap_or_default()
-                    .trim()
-                    .parse()
+                && let Ok(pid) = fs::read_to_string(entry.path()).unwrap_or_default().trim().parse()
             {
                 pids.push(pid);
             }
@@ -771,27 +682,17 @@ pub fn down(prefix: &str) -> anyhow::Result<DownReport> {
                 .collect()
         })
         .unwrap_or_default();
-    let namespaces: Vec<String> = namespaces
-        .into_iter()
-        .filter(|n| is_lab_netns(prefix, n))
-        .collect();
+    let namespaces: Vec<String> = namespaces.into_iter().filter(|n| is_lab_netns(prefix, n)).collect();
     for ns in &namespaces {
         if let Ok(out) = run(Command::new("ip").args(["netns", "pids", ns])) {
-            pids.extend(
-                String::from_utf8_lossy(&out.stdout)
-                    .split_whitespace()
-                    .filter_map(|p| p.parse::<i32>().ok()),
-            );
+            pids.extend(String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
         }
     }
     pids.sort_unstable();
     pids.dedup();
     pids.retain(|p| *p > 1 && Path::new(&format!("/proc/{p}")).exists());
     for pid in &pids {
-        let _ = Command::new("kill")
-            .args(["-KILL", &pid.to_string()])
-            .stderr(Stdio::null())
-            .status();
+        let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).stderr(Stdio::null()).status();
     }
     report.processes = pids.len();
     let _ = wait_for(Duration::from_secs(5), || cgroup_pids(&cg).is_empty());
@@ -859,10 +760,7 @@ pub fn leftovers(prefix: &str) -> Vec<String> {
     {
         found.push(format!("cgroup {}", cg.join(prefix).display()));
     }
-    for path in [
-        Path::new("/sys/fs/bpf").join(prefix),
-        Path::new(STATE_ROOT).join(prefix),
-    ] {
+    for path in [Path::new("/sys/fs/bpf").join(prefix), Path::new(STATE_ROOT).join(prefix)] {
         if path.exists() {
             found.push(path.display().to_string());
         }

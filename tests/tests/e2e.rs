@@ -11,24 +11,31 @@ use mesh_lab::{HTTP_PORT, Lab, LabSpec, leftovers, unsupported_reason, wait_for}
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn agent_bin() -> PathBuf {
-    let path = std::env::var_os("MESH_AGENT_BIN").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/mesh-agent"),
+    let path = std::env::var_os("MESH_AGENT_BIN")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/mesh-agent"), PathBuf::from);
+    assert!(path.exists(), "mesh-agent binary {} not found: run `cargo xtask build` first", path.display());
+    path
+}
+
+fn controller_bin() -> PathBuf {
+    let path = std::env::var_os("MESH_CONTROLLER_BIN").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/mesh-controller"),
         PathBuf::from,
     );
-    assert!(
-        path.exists(),
-        "mesh-agent binary {} not found: run `cargo xtask build` first",
-        path.display()
-    );
+    assert!(path.exists(), "mesh-controller binary {} not found: run `cargo xtask build` first", path.display());
     path
 }
 
 /// Runs `body` on a fresh 2-node lab, then tears the lab down and checks that
 /// nothing of it is left (namespaces, links, cgroups, pins, processes, state).
 fn with_lab(prefix: &str, agent_args: &[&str], body: impl FnOnce(&Lab)) {
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    with_lab_controller(prefix, agent_args, None, body);
+}
+
+/// Like [`with_lab`], with a controller serving the lab's YAML when
+/// `controller_args` is given.
+fn with_lab_controller(prefix: &str, agent_args: &[&str], controller_args: Option<&[&str]>, body: impl FnOnce(&Lab)) {
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some(reason) = unsupported_reason() {
         eprintln!("\n!!!!! SKIPPED {prefix}: {reason} !!!!!\n");
         return;
@@ -40,6 +47,8 @@ fn with_lab(prefix: &str, agent_args: &[&str], body: impl FnOnce(&Lab)) {
         agent_bin: agent_bin(),
         echo_bin: PathBuf::from(env!("CARGO_BIN_EXE_mesh-echo")),
         agent_args: agent_args.iter().map(|s| (*s).to_owned()).collect(),
+        controller_bin: controller_args.map(|_| controller_bin()),
+        controller_args: controller_args.unwrap_or_default().iter().map(|s| (*s).to_owned()).collect(),
     };
     let lab = Lab::up(spec).expect("lab up");
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&lab)));
@@ -47,6 +56,7 @@ fn with_lab(prefix: &str, agent_args: &[&str], body: impl FnOnce(&Lab)) {
         for n in 1..=lab.nodes.len() {
             eprintln!("--- agent log node{n} ---\n{}", lab.agent_log(n));
         }
+        eprintln!("--- controller log ---\n{}", lab.controller_log());
     }
     drop(lab);
     let left = leftovers(prefix);
@@ -58,17 +68,11 @@ fn with_lab(prefix: &str, agent_args: &[&str], body: impl FnOnce(&Lab)) {
 
 fn stat(lab: &Lab, node: usize, section: &str, key: &str) -> u64 {
     let stats = lab.agent_stats(node).expect("agent stats");
-    stats[section][key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no {section}.{key} in {stats}"))
+    stats[section][key].as_u64().unwrap_or_else(|| panic!("no {section}.{key} in {stats}"))
 }
 
 fn url(ip: &str) -> String {
-    if ip.contains(':') {
-        format!("http://[{ip}]:{HTTP_PORT}/")
-    } else {
-        format!("http://{ip}:{HTTP_PORT}/")
-    }
+    if ip.contains(':') { format!("http://[{ip}]:{HTTP_PORT}/") } else { format!("http://{ip}:{HTTP_PORT}/") }
 }
 
 #[test]
@@ -80,14 +84,9 @@ fn capture_cross_node_ipv4_ipv6_unenrolled_and_unenroll() {
 
         // (a) A meshed pod's request to a pod on the other node goes through its agent,
         // and the server still sees the client pod's own address.
-        let body = lab
-            .curl("n1-p1", &url(&server.ip4))
-            .expect("request through the agent");
+        let body = lab.curl("n1-p1", &url(&server.ip4)).expect("request through the agent");
         assert!(body.starts_with("pod=n2-p1 "), "wrong reply: {body}");
-        assert!(
-            body.contains(&format!("peer={}:", client.ip4)),
-            "source address not preserved: {body}"
-        );
+        assert!(body.contains(&format!("peer={}:", client.ip4)), "source address not preserved: {body}");
         assert_eq!(stat(lab, 1, "agent", "forwarded"), 1);
         assert_eq!(stat(lab, 1, "kernel", "captured"), 1);
 
@@ -97,77 +96,43 @@ fn capture_cross_node_ipv4_ipv6_unenrolled_and_unenroll() {
         assert!(stat(lab, 1, "kernel", "skipped_bypass_mark") >= 1);
         let log = lab.agent_log(1);
         assert!(
-            log.contains("connection complete")
-                && log.contains(&format!("{}:{HTTP_PORT}", server.ip4)),
+            log.contains("connection complete") && log.contains(&format!("{}:{HTTP_PORT}", server.ip4)),
             "no access log: {log}"
         );
 
         // (d) IPv6 capture.
-        let body = lab
-            .curl("n1-p1", &url(&server.ip6))
-            .expect("IPv6 request through the agent");
-        assert!(
-            body.contains(&format!("peer=[{}]:", client.ip6)),
-            "wrong IPv6 reply: {body}"
-        );
+        let body = lab.curl("n1-p1", &url(&server.ip6)).expect("IPv6 request through the agent");
+        assert!(body.contains(&format!("peer=[{}]:", client.ip6)), "wrong IPv6 reply: {body}");
         assert_eq!(stat(lab, 1, "agent", "forwarded"), 2);
 
         // Loopback inside the pod is never captured.
-        lab.curl("n1-p1", &format!("http://127.0.0.1:{HTTP_PORT}/"))
-            .expect("loopback request");
+        lab.curl("n1-p1", &format!("http://127.0.0.1:{HTTP_PORT}/")).expect("loopback request");
         assert_eq!(stat(lab, 1, "agent", "accepted"), 2);
         assert!(stat(lab, 1, "kernel", "skipped_loopback") >= 1);
 
         // (b) An unenrolled pod on the same node is not captured.
-        let body = lab
-            .curl("n1-p2", &url(&server.ip4))
-            .expect("request from the unmeshed pod");
-        assert!(
-            body.contains(&format!("peer={}:", lab.pod("n1-p2").ip4)),
-            "{body}"
-        );
+        let body = lab.curl("n1-p2", &url(&server.ip4)).expect("request from the unmeshed pod");
+        assert!(body.contains(&format!("peer={}:", lab.pod("n1-p2").ip4)), "{body}");
         assert_eq!(stat(lab, 1, "agent", "accepted"), 2);
         assert_eq!(stat(lab, 1, "kernel", "captured"), 2);
 
         // (e) Un-enrolling stops capture at once; enrolling again restores it.
         lab.unenroll("n1-p1").expect("unenroll");
-        lab.curl("n1-p1", &url(&server.ip4))
-            .expect("request after unenroll");
-        assert_eq!(
-            stat(lab, 1, "agent", "accepted"),
-            2,
-            "captured after un-enrollment"
-        );
+        lab.curl("n1-p1", &url(&server.ip4)).expect("request after unenroll");
+        assert_eq!(stat(lab, 1, "agent", "accepted"), 2, "captured after un-enrollment");
         lab.enroll("n1-p1").expect("enroll again");
-        lab.curl("n1-p1", &url(&server.ip4))
-            .expect("request after re-enroll");
+        lab.curl("n1-p1", &url(&server.ip4)).expect("request after re-enroll");
         assert_eq!(stat(lab, 1, "agent", "accepted"), 3);
 
         // Connections from node 2's meshed pod are captured by node 2's agent only.
-        lab.curl("n2-p1", &url(&client.ip4))
-            .expect("request from node 2");
+        lab.curl("n2-p1", &url(&client.ip4)).expect("request from node 2");
         assert_eq!(stat(lab, 2, "agent", "forwarded"), 1);
         assert_eq!(stat(lab, 1, "agent", "accepted"), 3);
 
         // A destination that refuses: the client gets a refusal too, not a hang.
-        let out = lab
-            .exec(
-                "n1-p1",
-                &[
-                    "curl",
-                    "-sS",
-                    "--max-time",
-                    "5",
-                    &format!("http://{}:1/", server.ip4),
-                ],
-            )
-            .unwrap();
+        let out = lab.exec("n1-p1", &["curl", "-sS", "--max-time", "5", &format!("http://{}:1/", server.ip4)]).unwrap();
         assert!(!out.status.success());
-        assert!(
-            String::from_utf8_lossy(&out.stderr).contains("onnect"),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(String::from_utf8_lossy(&out.stderr).contains("onnect"), "{}", String::from_utf8_lossy(&out.stderr));
         assert_eq!(stat(lab, 1, "agent", "connect_failed"), 1);
     });
 }
@@ -176,18 +141,12 @@ fn capture_cross_node_ipv4_ipv6_unenrolled_and_unenroll() {
 fn capture_agent_restart_is_fail_closed_and_restores_pods() {
     with_lab("mesh-tb", &[], |lab| {
         let server = lab.pod("n2-p1");
-        lab.curl("n1-p1", &url(&server.ip4))
-            .expect("request before the restart");
+        lab.curl("n1-p1", &url(&server.ip4)).expect("request before the restart");
 
         lab.stop_agent(1, "KILL").expect("kill agent");
         // Capture stays in force with nobody listening: the meshed pod's connection is
         // refused (never sent in clear past the mesh), the unmeshed pod is unaffected.
-        let out = lab
-            .exec(
-                "n1-p1",
-                &["curl", "-sS", "--max-time", "5", &url(&server.ip4)],
-            )
-            .unwrap();
+        let out = lab.exec("n1-p1", &["curl", "-sS", "--max-time", "5", &url(&server.ip4)]).unwrap();
         // curl's exit code 7: the connection was refused (not a timeout, 28).
         assert_eq!(
             out.status.code(),
@@ -195,28 +154,20 @@ fn capture_agent_restart_is_fail_closed_and_restores_pods() {
             "meshed pod with the agent down: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        lab.curl("n1-p2", &url(&server.ip4))
-            .expect("unmeshed pod while the agent is down");
+        lab.curl("n1-p2", &url(&server.ip4)).expect("unmeshed pod while the agent is down");
 
         lab.start_agent(1).expect("restart agent");
         let log = lab.agent_log(1);
         assert!(log.contains("pod restored from state file"), "{log}");
-        let body = lab
-            .curl("n1-p1", &url(&server.ip4))
-            .expect("request after the restart");
+        let body = lab.curl("n1-p1", &url(&server.ip4)).expect("request after the restart");
         assert!(body.starts_with("pod=n2-p1 "), "{body}");
-        assert_eq!(
-            stat(lab, 1, "agent", "forwarded"),
-            1,
-            "the restarted agent forwards"
-        );
+        assert_eq!(stat(lab, 1, "agent", "forwarded"), 1, "the restarted agent forwards");
 
         // A graceful stop (SIGTERM) drains and exits; capture still fails closed.
         lab.stop_agent(1, "TERM").expect("stop agent");
         assert!(lab.agent_log(1).contains("drained; exiting"));
         lab.start_agent(1).expect("restart agent again");
-        lab.curl("n1-p1", &url(&server.ip4))
-            .expect("request after the graceful restart");
+        lab.curl("n1-p1", &url(&server.ip4)).expect("request after the graceful restart");
     });
 }
 
@@ -238,10 +189,7 @@ fn capture_bad_enrollment_input_and_vanished_pods() {
                 r#"{"op":"add","pod":{"uid":"x","name":"x","namespace":"shop","netns":"/etc/hostname"}}"#,
                 "is not a network namespace",
             ),
-            (
-                r#"{"op":"remove","uid":"nobody"}"#,
-                "no enrolled pod has uid nobody",
-            ),
+            (r#"{"op":"remove","uid":"nobody"}"#, "no enrolled pod has uid nobody"),
             (
                 r#"{"op":"add","pod":{"uid":"x","name":"x","namespace":"shop","netns":"/tmp","colour":"red"}}"#,
                 "unknown field `colour`",
@@ -251,55 +199,32 @@ fn capture_bad_enrollment_input_and_vanished_pods() {
             let reply = lab.enroll_raw(1, request).expect("a reply");
             assert_eq!(reply["ok"], false, "{request} was accepted");
             let error = reply["error"].as_str().unwrap_or_default();
-            assert!(
-                error.contains(expected),
-                "{request}: error '{error}' does not say '{expected}'"
-            );
+            assert!(error.contains(expected), "{request}: error '{error}' does not say '{expected}'");
         }
         let dup = lab.enroll("n1-p1").unwrap_err().to_string();
         assert!(dup.contains("already enrolled"), "{dup}");
         let mut other = lab.pod_request("n1-p1");
         other["pod"]["uid"] = "another-uid".into();
         let reply = lab.enroll_raw(1, &other.to_string()).unwrap();
-        assert!(
-            reply["error"]
-                .as_str()
-                .unwrap_or_default()
-                .contains("already belongs to enrolled pod"),
-            "{reply}"
-        );
+        assert!(reply["error"].as_str().unwrap_or_default().contains("already belongs to enrolled pod"), "{reply}");
         // Garbage bytes do not take the agent down.
         lab.enroll_raw(1, "\u{0}\u{1}\u{2}\u{ff}").ok();
 
         // Still serving everything else.
-        lab.curl("n1-p1", &url(&server.ip4))
-            .expect("request after bad input");
+        lab.curl("n1-p1", &url(&server.ip4)).expect("request after bad input");
         assert_eq!(stat(lab, 1, "agent", "forwarded"), 1);
 
         // An excluded port is not captured.
-        let out = lab
-            .exec(
-                "n1-p1",
-                &[
-                    "sh",
-                    "-c",
-                    &format!("echo hi | socat -T2 - TCP:{}:9000", server.ip4),
-                ],
-            )
-            .unwrap();
+        let out = lab.exec("n1-p1", &["sh", "-c", &format!("echo hi | socat -T2 - TCP:{}:9000", server.ip4)]).unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "hi");
         assert_eq!(stat(lab, 1, "agent", "accepted"), 1);
         assert!(stat(lab, 1, "kernel", "skipped_excluded") >= 1);
 
         // A pod whose network namespace disappears is cleaned up.
         let victim = lab.pod("n1-p1");
-        std::process::Command::new("ip")
-            .args(["netns", "del", &victim.netns])
-            .status()
-            .unwrap();
+        std::process::Command::new("ip").args(["netns", "del", &victim.netns]).status().unwrap();
         wait_for(Duration::from_secs(5), || {
-            lab.node_http(1, 15000, "/pods")
-                .is_ok_and(|pods| !pods.contains(&victim.uid))
+            lab.node_http(1, 15000, "/pods").is_ok_and(|pods| !pods.contains(&victim.uid))
         })
         .expect("vanished pod removed");
         assert!(lab.agent_log(1).contains("pod network namespace is gone"));
@@ -309,16 +234,9 @@ fn capture_bad_enrollment_input_and_vanished_pods() {
 #[test]
 fn agent_startup_errors_are_clear() {
     // Usage errors: one line, exit status 2.
-    let out = std::process::Command::new(agent_bin())
-        .arg("run")
-        .output()
-        .unwrap();
+    let out = std::process::Command::new(agent_bin()).arg("run").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("--node-name"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--node-name"), "{}", String::from_utf8_lossy(&out.stderr));
     let out = std::process::Command::new(agent_bin())
         .args(["run", "--node-name", "x", "--exclude-cidr", "10.0.0.0/40"])
         .output()
@@ -344,8 +262,186 @@ fn agent_startup_errors_are_clear() {
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("cannot set up eBPF capture: cannot load the eBPF object"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("cannot set up eBPF capture: cannot load the eBPF object"), "{stderr}");
+}
+
+fn agent_version(lab: &Lab, node: usize) -> u64 {
+    lab.config_dump(node).ok().and_then(|d| d["control"]["version"].as_u64()).unwrap_or(0)
+}
+
+fn controller_version(lab: &Lab) -> u64 {
+    lab.controller_status().expect("controller status")["version"].as_u64().unwrap_or(0)
+}
+
+/// Waits until every agent runs `version`; how long it took.
+fn wait_agents_at(lab: &Lab, version: u64) -> Duration {
+    let start = std::time::Instant::now();
+    wait_for(Duration::from_secs(10), || (1..=lab.nodes.len()).all(|n| agent_version(lab, n) == version))
+        .unwrap_or_else(|_| {
+            panic!(
+                "agents did not reach version {version}: {:?}",
+                (1..=lab.nodes.len()).map(|n| agent_version(lab, n)).collect::<Vec<_>>()
+            )
+        });
+    start.elapsed()
+}
+
+const DENY_POLICY: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-legacy
+  namespace: shop
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source:
+        namespaces: [\"legacy\"]
+";
+
+#[test]
+fn control_config_stream_identities_and_static_stability() {
+    with_lab_controller("mesh-td", &[], Some(&["--cert-lifetime-seconds", "8"]), |lab| {
+        let v1 = controller_version(lab);
+        wait_agents_at(lab, v1);
+
+        // Identities come from the config (serviceAccountName), not from the
+        // enrollment request, and each pod's certificate is issued.
+        let dump = lab.config_dump(1).unwrap();
+        let pods = dump["pods"].as_array().unwrap();
+        let n1p1 = pods.iter().find(|p| p["name"] == "n1-p1").expect("n1-p1 enrolled");
+        assert_eq!(n1p1["identity"], "spiffe://cluster.local/ns/shop/sa/sa-n1-p1");
+        assert!(dump["control"]["kinds"]["Pod"].as_u64().unwrap() >= 3, "{dump}");
+        // Node 1's view holds its own pods and the meshed pods of node 2, not node 2's
+        // unmeshed pod.
+        let status = lab.controller_status().unwrap();
+        assert!(status["agents"]["node1"]["connected"].as_bool().unwrap());
+        let view_pods = lab.config_dump(1).unwrap()["control"]["kinds"]["Pod"].as_u64().unwrap();
+        assert_eq!(view_pods, 3, "node1 view: n1-p1, n1-p2, n2-p1");
+
+        // A YAML change reaches every agent.
+        std::fs::write(lab.config_dir().join("policy.yaml"), DENY_POLICY).unwrap();
+        wait_for(Duration::from_secs(5), || controller_version(lab) > v1).expect("controller picked up the change");
+        let v2 = controller_version(lab);
+        let took = wait_agents_at(lab, v2);
+        println!("config change v{v1} -> v{v2} reached both agents in {took:?} after the controller applied it");
+        assert!(lab.config_dump(1).unwrap()["control"]["kinds"]["AuthorizationPolicy"].as_u64() == Some(1));
+
+        // A broken edit is rejected as a whole; everyone keeps v2.
+        std::fs::write(lab.config_dir().join("broken.yaml"), "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: bad\n  namespace: shop\nspec:\n  hosts: [echo]\n  http:\n  - timeout: 2x\n    route:\n    - destination:\n        host: echo\n").unwrap();
+        wait_for(Duration::from_secs(5), || lab.controller_status().is_ok_and(|s| s["rejections"].as_u64() == Some(1)))
+            .expect("broken change rejected");
+        let status = lab.controller_status().unwrap();
+        let reason = status["last_rejection"].as_str().unwrap_or_default();
+        assert!(reason.contains("broken.yaml") && reason.contains("timeout"), "{reason}");
+        assert_eq!(controller_version(lab), v2);
+        assert_eq!(agent_version(lab, 1), v2);
+        std::fs::remove_file(lab.config_dir().join("broken.yaml")).unwrap();
+
+        // Certificates are renewed at half life (8 s lifetime here).
+        let renewals = |lab: &Lab| {
+            lab.config_dump(1).unwrap()["control"]["certificates"]["spiffe://cluster.local/ns/shop/sa/sa-n1-p1"]["renewals"]
+                .as_u64()
+                .unwrap_or(0)
+        };
+        wait_for(Duration::from_secs(15), || renewals(lab) >= 2).expect("certificate renewed before expiry");
+        let metrics = lab.node_http(1, 15020, "/metrics").unwrap();
+        assert!(metrics.contains("mesh_agent_certificate_expiry_timestamp_seconds{identity=\"spiffe://cluster.local/ns/shop/sa/sa-n1-p1\"}"), "{metrics}");
+
+        // The controller dies: agents keep serving with their last config.
+        lab.stop_controller().unwrap();
+        let body = lab.curl("n1-p1", &url(&lab.pod("n2-p1").ip4)).expect("traffic with the controller down");
+        assert!(body.starts_with("pod=n2-p1"));
+        assert_eq!(agent_version(lab, 1), v2, "agent lost its config when the controller died");
+        assert!(lab.agent_log(1).contains("keeping the current configuration"));
+        lab.start_controller().unwrap();
+        // Restarted, it serves the same directory; agents reconnect and converge.
+        let v3 = controller_version(lab);
+        let took = wait_agents_at(lab, v3);
+        println!("agents reconnected to the restarted controller in {took:?}");
+    });
+}
+
+#[test]
+fn control_csr_for_another_nodes_pod_is_refused() {
+    with_lab_controller("mesh-te", &[], Some(&[]), |lab| {
+        let cred = lab.node(1).state_dir.join("credential");
+        let request = |identity: &str| -> (String, String) {
+            let key = cred.join("probe-key.pem");
+            let csr = cred.join("probe.csr");
+            let status = std::process::Command::new("openssl")
+                .args(["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", "/"])
+                .arg("-keyout")
+                .arg(&key)
+                .arg("-out")
+                .arg(&csr)
+                .args(["-addext", &format!("subjectAltName=URI:{identity}")])
+                .output()
+                .unwrap();
+            assert!(status.status.success(), "openssl: {}", String::from_utf8_lossy(&status.stderr));
+            let body = serde_json::json!({ "identity": identity, "csr_pem": std::fs::read_to_string(&csr).unwrap() });
+            let body_file = cred.join("probe.json");
+            std::fs::write(&body_file, body.to_string()).unwrap();
+            let out = lab
+                .exec(
+                    "node1",
+                    &[
+                        "curl",
+                        "-s",
+                        "--http2",
+                        "--max-time",
+                        "5",
+                        "--cert",
+                        &cred.join("node-cert.pem").display().to_string(),
+                        "--key",
+                        &cred.join("node-key.pem").display().to_string(),
+                        "--cacert",
+                        &cred.join("root-cert.pem").display().to_string(),
+                        "--resolve",
+                        &format!("mesh-controller:15012:{}", mesh_lab::CONTROLLER_IP),
+                        "-w",
+                        "\n%{http_code}",
+                        "--data-binary",
+                        &format!("@{}", body_file.display()),
+                        "https://mesh-controller:15012/v1/certificate",
+                    ],
+                )
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let (body, code) = text.rsplit_once('\n').unwrap_or((&text, ""));
+            (code.to_owned(), body.to_owned())
+        };
+        // Node 1 may have the identity of its own pod...
+        let (code, body) = request("spiffe://cluster.local/ns/shop/sa/sa-n1-p1");
+        assert_eq!(code, "200", "{body}");
+        assert!(body.contains("BEGIN CERTIFICATE"));
+        // ...but not that of a pod on node 2, nor one nobody runs.
+        let (code, body) = request("spiffe://cluster.local/ns/shop/sa/sa-n2-p1");
+        assert_eq!(code, "403", "{body}");
+        assert!(
+            body.contains("node node1 runs no pod with identity spiffe://cluster.local/ns/shop/sa/sa-n2-p1"),
+            "{body}"
+        );
+        let (code, _) = request("spiffe://other.domain/ns/shop/sa/sa-n1-p1");
+        assert_eq!(code, "403");
+        // Without a node certificate there is no session at all.
+        let out = lab
+            .exec(
+                "node1",
+                &[
+                    "curl",
+                    "-s",
+                    "--max-time",
+                    "5",
+                    "--cacert",
+                    &cred.join("root-cert.pem").display().to_string(),
+                    "--resolve",
+                    &format!("mesh-controller:15012:{}", mesh_lab::CONTROLLER_IP),
+                    "https://mesh-controller:15012/v1/config",
+                ],
+            )
+            .unwrap();
+        assert!(!out.status.success(), "controller answered a client without certificate");
+        assert!(lab.controller_status().unwrap()["agents"]["node1"]["certificates_refused"].as_u64().unwrap() >= 2);
+    });
 }

@@ -35,9 +35,7 @@ fn iperf(lab: &Lab, from: &str, server: &str, streams: u32, seconds: u32) -> any
     if let Some(error) = json["error"].as_str() {
         bail!("iperf3: {error}");
     }
-    json["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .context("iperf3 reported no throughput")
+    json["end"]["sum_received"]["bits_per_second"].as_f64().context("iperf3 reported no throughput")
 }
 
 fn latency(lab: &Lab, from: &str, server: &str, count: u32) -> anyhow::Result<(f64, f64)> {
@@ -45,28 +43,13 @@ fn latency(lab: &Lab, from: &str, server: &str, count: u32) -> anyhow::Result<(f
     let addr = format!("{server}:{ECHO_PORT}");
     let out = lab.exec(
         from,
-        &[
-            &echo,
-            "rr",
-            "--addr",
-            &addr,
-            "--size",
-            "1024",
-            "--count",
-            &count.to_string(),
-            "--rate",
-            "1000",
-        ],
+        &[&echo, "rr", "--addr", &addr, "--size", "1024", "--count", &count.to_string(), "--rate", "1000"],
     )?;
     if !out.status.success() {
         bail!("mesh-echo rr: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let json: serde_json::Value =
-        serde_json::from_slice(&out.stdout).context("mesh-echo rr JSON")?;
-    Ok((
-        json["p50_us"].as_f64().unwrap_or(f64::NAN),
-        json["p99_us"].as_f64().unwrap_or(f64::NAN),
-    ))
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).context("mesh-echo rr JSON")?;
+    Ok((json["p50_us"].as_f64().unwrap_or(f64::NAN), json["p99_us"].as_f64().unwrap_or(f64::NAN)))
 }
 
 fn sample(lab: &Lab, server: &str, seconds: u32, count: u32) -> anyhow::Result<Sample> {
@@ -89,9 +72,7 @@ fn median(mut values: Vec<f64>) -> f64 {
 
 pub fn bench(quick: bool) -> anyhow::Result<()> {
     let (rounds, seconds, count) = if quick { (1, 2, 1000) } else { (3, 5, 3000) };
-    println!(
-        "==> bench: 2-node lab; client n1-p1 -> server n2-p1; {rounds} rounds, alternating no-mesh / mesh"
-    );
+    println!("==> bench: 2-node lab; client n1-p1 -> server n2-p1; {rounds} rounds, alternating no-mesh / mesh");
     let lab = Lab::up(lab_spec(2, 2))?;
     let server = lab.pod("n2-p1").ip4.clone();
     let out = lab.exec("n2-p1", &["iperf3", "-s", "-D"])?;
@@ -105,13 +86,9 @@ pub fn bench(quick: bool) -> anyhow::Result<()> {
         lab.unenroll("n1-p1")?;
         baseline.push(sample(&lab, &server, seconds, count)?);
         lab.enroll("n1-p1")?;
-        let before = lab.agent_stats(1)?["agent"]["forwarded"]
-            .as_u64()
-            .unwrap_or(0);
+        let before = lab.agent_stats(1)?["agent"]["forwarded"].as_u64().unwrap_or(0);
         meshed.push(sample(&lab, &server, seconds, count)?);
-        let after = lab.agent_stats(1)?["agent"]["forwarded"]
-            .as_u64()
-            .unwrap_or(0);
+        let after = lab.agent_stats(1)?["agent"]["forwarded"].as_u64().unwrap_or(0);
         if after <= before {
             bail!("round {round}: the meshed run did not go through the agent");
         }
@@ -124,21 +101,11 @@ pub fn bench(quick: bool) -> anyhow::Result<()> {
         ("1 KiB rr p50 @1000/s", |s| s.p50_us, "us"),
         ("1 KiB rr p99 @1000/s", |s| s.p99_us, "us"),
     ];
-    println!(
-        "\n{:<24} {:>12} {:>12} {:>10} {:>12}",
-        "metric", "no mesh", "passthrough", "ratio", "added"
-    );
+    println!("\n{:<24} {:>12} {:>12} {:>10} {:>12}", "metric", "no mesh", "passthrough", "ratio", "added");
     for (name, f, unit) in rows {
         let (b, p) = (m(&baseline, f), m(&meshed, f));
-        let added = if unit == "us" {
-            format!("{:+.1} us", p - b)
-        } else {
-            String::new()
-        };
-        println!(
-            "{name:<24} {b:>9.2} {unit:<2} {p:>9.2} {unit:<2} {:>9.2}x {added:>12}",
-            p / b
-        );
+        let added = if unit == "us" { format!("{:+.1} us", p - b) } else { String::new() };
+        println!("{name:<24} {b:>9.2} {unit:<2} {p:>9.2} {unit:<2} {:>9.2}x {added:>12}", p / b);
     }
     let agent = lab.agent_stats(1)?;
     println!("\nagent node1: {}", agent["agent"]);

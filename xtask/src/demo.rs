@@ -39,29 +39,16 @@ pub fn demo() -> anyhow::Result<()> {
 
     step("A meshed pod (n1-p1, namespace shop) calls a pod on the other node");
     show_cmd("n1-p1", &format!("curl -s {url4}"));
-    let before = lab.agent_stats(1)?["agent"]["forwarded"]
-        .as_u64()
-        .unwrap_or(0);
+    let before = lab.agent_stats(1)?["agent"]["forwarded"].as_u64().unwrap_or(0);
     let reply = lab.curl("n1-p1", &url4)?;
     print!("  reply: {reply}");
-    let after = lab.agent_stats(1)?["agent"]["forwarded"]
-        .as_u64()
-        .unwrap_or(0);
-    ensure!(
-        after == before + 1,
-        "the request did not go through node1's agent"
-    );
+    let after = lab.agent_stats(1)?["agent"]["forwarded"].as_u64().unwrap_or(0);
+    ensure!(after == before + 1, "the request did not go through node1's agent");
     println!("  node1 {}", counters(&lab, 1)?);
     println!("  The kernel's connect4 hook sent it to the agent's listener inside n1-p1; the");
-    println!(
-        "  agent forwarded it from inside the pod, so the server still saw the pod's own address."
-    );
+    println!("  agent forwarded it from inside the pod, so the server still saw the pod's own address.");
     let log = lab.agent_log(1);
-    if let Some(line) = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("connection complete"))
-    {
+    if let Some(line) = log.lines().rev().find(|l| l.contains("connection complete")) {
         println!("  access log: {line}");
     }
 
@@ -86,10 +73,7 @@ pub fn demo() -> anyhow::Result<()> {
     step("Restarting node1's agent: capture fails closed, then resumes with the saved pods");
     lab.stop_agent(1, "KILL")?;
     let out = lab.exec("n1-p1", &["curl", "-sS", "--max-time", "3", &url4])?;
-    println!(
-        "  agent down, meshed pod: {}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
+    println!("  agent down, meshed pod: {}", String::from_utf8_lossy(&out.stderr).trim());
     lab.start_agent(1)?;
     print!("  agent back, reply: {}", lab.curl("n1-p1", &url4)?);
 
@@ -98,34 +82,17 @@ pub fn demo() -> anyhow::Result<()> {
     for pod in pods["pods"].as_array().context("pods list")? {
         println!(
             "  {} ns={} cookie={} listeners={} forwarded={}",
-            pod["name"],
-            pod["namespace"],
-            pod["netns_cookie"],
-            pod["listeners"],
-            pod["counters"]["forwarded"]
+            pod["name"], pod["namespace"], pod["netns_cookie"], pod["listeners"], pod["counters"]["forwarded"]
         );
     }
 
     step("Tearing the lab down");
     drop(lab);
     let netns = Command::new("ip").args(["netns", "list"]).output()?;
-    let left: Vec<String> = String::from_utf8_lossy(&netns.stdout)
-        .lines()
-        .filter(|l| l.starts_with("mesh-"))
-        .map(str::to_owned)
-        .collect();
-    println!(
-        "  ip netns list: {}",
-        if left.is_empty() {
-            "nothing of the lab".to_owned()
-        } else {
-            left.join(", ")
-        }
-    );
-    ensure!(
-        mesh_lab::leftovers(crate::LAB_PREFIX).is_empty(),
-        "the lab left something behind"
-    );
+    let left: Vec<String> =
+        String::from_utf8_lossy(&netns.stdout).lines().filter(|l| l.starts_with("mesh-")).map(str::to_owned).collect();
+    println!("  ip netns list: {}", if left.is_empty() { "nothing of the lab".to_owned() } else { left.join(", ") });
+    ensure!(mesh_lab::leftovers(crate::LAB_PREFIX).is_empty(), "the lab left something behind");
     println!("\ndemo complete");
     Ok(())
 }

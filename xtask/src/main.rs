@@ -79,16 +79,10 @@ fn main() -> ExitCode {
         Cmd::Setup => setup::setup(),
         Cmd::Build => setup::setup().and_then(|()| build()),
         Cmd::Lab { command } => lab(command),
-        Cmd::Demo => setup::setup()
-            .and_then(|()| build())
-            .and_then(|()| demo::demo()),
+        Cmd::Demo => setup::setup().and_then(|()| build()).and_then(|()| demo::demo()),
         Cmd::Test { no_vm } => test(!no_vm),
-        Cmd::VmTest => setup::setup()
-            .and_then(|()| build())
-            .and_then(|()| vm_test()),
-        Cmd::Bench { quick } => setup::setup()
-            .and_then(|()| build())
-            .and_then(|()| bench::bench(quick)),
+        Cmd::VmTest => setup::setup().and_then(|()| build()).and_then(|()| vm_test()),
+        Cmd::Bench { quick } => setup::setup().and_then(|()| build()).and_then(|()| bench::bench(quick)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -100,10 +94,7 @@ fn main() -> ExitCode {
 }
 
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
 }
 
 pub fn ebpf_object() -> PathBuf {
@@ -150,13 +141,9 @@ pub fn cargo(toolchain: Option<&str>) -> Command {
 
 pub fn build() -> anyhow::Result<()> {
     println!("==> building the eBPF programs (nightly, bpfel-unknown-none)");
-    sh(cargo(Some("nightly"))
-        .args(["build", "--release"])
-        .current_dir(root().join("mesh-ebpf")))?;
+    sh(cargo(Some("nightly")).args(["build", "--release"]).current_dir(root().join("mesh-ebpf")))?;
     println!("==> building the release binaries");
-    sh(cargo(None)
-        .args(["build", "--release", "--workspace", "--bins"])
-        .env("MESH_EBPF_OBJECT", ebpf_object()))?;
+    sh(cargo(None).args(["build", "--release", "--workspace", "--bins"]).env("MESH_EBPF_OBJECT", ebpf_object()))?;
     Ok(())
 }
 
@@ -168,15 +155,14 @@ pub fn lab_spec(nodes: usize, pods_per_node: usize) -> LabSpec {
         agent_bin: release_bin("mesh-agent"),
         echo_bin: release_bin("mesh-echo"),
         agent_args: Vec::new(),
+        controller_bin: Some(release_bin("mesh-controller")),
+        controller_args: Vec::new(),
     }
 }
 
 fn lab(command: LabCmd) -> anyhow::Result<()> {
     match command {
-        LabCmd::Up {
-            nodes,
-            pods_per_node,
-        } => {
+        LabCmd::Up { nodes, pods_per_node } => {
             setup::setup()?;
             build()?;
             let mut lab = Lab::up(lab_spec(nodes, pods_per_node))?;
@@ -224,26 +210,17 @@ fn test(vm: bool) -> anyhow::Result<()> {
     build()?;
     println!("==> cargo fmt --check");
     sh(cargo(None).args(["fmt", "--all", "--check"]))?;
-    sh(cargo(Some("nightly"))
-        .args(["fmt", "--check"])
-        .current_dir(root().join("mesh-ebpf")))?;
+    sh(cargo(Some("nightly")).args(["fmt", "--check"]).current_dir(root().join("mesh-ebpf")))?;
     println!("==> cargo clippy -D warnings");
     sh(cargo(None)
-        .args([
-            "clippy",
-            "--release",
-            "--workspace",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ])
+        .args(["clippy", "--release", "--workspace", "--all-targets", "--", "-D", "warnings"])
         .env("MESH_EBPF_OBJECT", ebpf_object()))?;
     println!("==> unit and end-to-end tests");
     sh(cargo(None)
         .args(["test", "--release", "--workspace", "--", "--test-threads=1"])
         .env("MESH_EBPF_OBJECT", ebpf_object())
-        .env("MESH_AGENT_BIN", release_bin("mesh-agent")))?;
+        .env("MESH_AGENT_BIN", release_bin("mesh-agent"))
+        .env("MESH_CONTROLLER_BIN", release_bin("mesh-controller")))?;
     if vm {
         vm_test()?;
     }
@@ -256,32 +233,19 @@ fn vm_test() -> anyhow::Result<()> {
         .map(|e| e.path())
         .filter(|p| {
             p.file_name().is_some_and(|n| {
-                n.to_string_lossy().starts_with("vmlinuz-6.1.")
-                    && n.to_string_lossy().ends_with("-amd64")
+                n.to_string_lossy().starts_with("vmlinuz-6.1.") && n.to_string_lossy().ends_with("-amd64")
             })
         })
         .max()
         .context("no Debian 6.1 kernel in /boot (cargo xtask setup installs linux-image-amd64)")?;
     println!("==> building the end-to-end test binary");
     let out = cargo(None)
-        .args([
-            "test",
-            "--release",
-            "-p",
-            "mesh-lab",
-            "--test",
-            "e2e",
-            "--no-run",
-            "--message-format=json",
-        ])
+        .args(["test", "--release", "-p", "mesh-lab", "--test", "e2e", "--no-run", "--message-format=json"])
         .env("MESH_EBPF_OBJECT", ebpf_object())
         .current_dir(root())
         .output()?;
     if !out.status.success() {
-        bail!(
-            "building the e2e test binary failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("building the e2e test binary failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     let binary = String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -289,10 +253,7 @@ fn vm_test() -> anyhow::Result<()> {
         .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == "e2e")
         .find_map(|v| v["executable"].as_str().map(str::to_owned))
         .context("cargo did not report the e2e test binary")?;
-    println!(
-        "==> booting {} (TCG, this takes a minute) to run the capture tests",
-        kernel.display()
-    );
+    println!("==> booting {} (TCG, this takes a minute) to run the capture tests", kernel.display());
     let script = format!(
         "cd {root} && MESH_AGENT_BIN={agent} MESH_IN_VM=1 {binary} capture --test-threads=1; echo \"vm-test exit: $?\"",
         root = root().display(),

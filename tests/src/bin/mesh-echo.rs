@@ -15,40 +15,21 @@ use anyhow::{Context, bail};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (mode, rest) = args
-        .split_first()
-        .context("usage: mesh-echo serve|rr [options]")?;
-    let opt = |name: &str| -> Option<String> {
-        rest.iter()
-            .position(|a| a == name)
-            .and_then(|i| rest.get(i + 1))
-            .cloned()
-    };
+    let (mode, rest) = args.split_first().context("usage: mesh-echo serve|rr [options]")?;
+    let opt =
+        |name: &str| -> Option<String> { rest.iter().position(|a| a == name).and_then(|i| rest.get(i + 1)).cloned() };
     match mode.as_str() {
         "serve" => {
             let name = opt("--name").context("--name is required")?;
-            let http_port: u16 = opt("--http-port")
-                .map_or(Ok(8080), |p| p.parse())
-                .context("--http-port")?;
-            let tcp_port: u16 = opt("--tcp-port")
-                .map_or(Ok(9000), |p| p.parse())
-                .context("--tcp-port")?;
+            let http_port: u16 = opt("--http-port").map_or(Ok(8080), |p| p.parse()).context("--http-port")?;
+            let tcp_port: u16 = opt("--tcp-port").map_or(Ok(9000), |p| p.parse()).context("--tcp-port")?;
             serve(name, http_port, tcp_port)
         }
         "rr" => {
-            let addr: SocketAddr = opt("--addr")
-                .context("--addr is required")?
-                .parse()
-                .context("--addr")?;
-            let size: usize = opt("--size")
-                .map_or(Ok(1024), |v| v.parse())
-                .context("--size")?;
-            let count: usize = opt("--count")
-                .map_or(Ok(2000), |v| v.parse())
-                .context("--count")?;
-            let rate: u64 = opt("--rate")
-                .map_or(Ok(1000), |v| v.parse())
-                .context("--rate")?;
+            let addr: SocketAddr = opt("--addr").context("--addr is required")?.parse().context("--addr")?;
+            let size: usize = opt("--size").map_or(Ok(1024), |v| v.parse()).context("--size")?;
+            let count: usize = opt("--count").map_or(Ok(2000), |v| v.parse()).context("--count")?;
+            let rate: u64 = opt("--rate").map_or(Ok(1000), |v| v.parse()).context("--rate")?;
             request_response(addr, size, count, rate)
         }
         other => bail!("unknown mode {other}; expected serve or rr"),
@@ -89,14 +70,8 @@ fn echo(mut stream: TcpStream, _name: &str) {
 }
 
 fn http_conn(stream: TcpStream, name: &str) {
-    let peer = stream
-        .peer_addr()
-        .map(|a| canonical(a).to_string())
-        .unwrap_or_default();
-    let local = stream
-        .local_addr()
-        .map(|a| canonical(a).to_string())
-        .unwrap_or_default();
+    let peer = stream.peer_addr().map(|a| canonical(a).to_string()).unwrap_or_default();
+    let local = stream.local_addr().map(|a| canonical(a).to_string()).unwrap_or_default();
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };
@@ -137,12 +112,7 @@ fn http_conn(stream: TcpStream, name: &str) {
             reply.len(),
             if close { "connection: close\r\n" } else { "" }
         );
-        if writer
-            .write_all(head.as_bytes())
-            .and_then(|()| writer.write_all(reply.as_bytes()))
-            .is_err()
-            || close
-        {
+        if writer.write_all(head.as_bytes()).and_then(|()| writer.write_all(reply.as_bytes())).is_err() || close {
             let _ = writer.shutdown(Shutdown::Both);
             return;
         }
@@ -156,8 +126,8 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
 /// One persistent connection; a `size`-byte request every 1/`rate` s (sent at once
 /// when the previous answer came late), `count` times; prints latency percentiles.
 fn request_response(addr: SocketAddr, size: usize, count: usize, rate: u64) -> anyhow::Result<()> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .with_context(|| format!("connect {addr}"))?;
+    let mut stream =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(5)).with_context(|| format!("connect {addr}"))?;
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let request = vec![0x5a_u8; size];
@@ -181,10 +151,7 @@ fn request_response(addr: SocketAddr, size: usize, count: usize, rate: u64) -> a
         }
     }
     latencies.sort();
-    let pct = |p: f64| {
-        latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64()
-            * 1e6
-    };
+    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64() * 1e6;
     println!(
         "{}",
         serde_json::json!({ "count": latencies.len(), "p50_us": pct(0.50), "p99_us": pct(0.99), "max_us": pct(1.0) })

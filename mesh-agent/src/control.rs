@@ -1,0 +1,192 @@
+//! The agent's side of the control plane: a client that keeps a configuration stream
+//! open to the controller (reconnecting with backoff) and publishes every applied
+//! version to a watch channel the data path reads, and that requests workload
+//! certificates. With the controller unreachable, the last applied configuration
+//! stays in force (static stability).
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode, client::conn::http2::SendRequest};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use mesh_common::{
+    config::Config,
+    control::{
+        ACK_PATH, Ack, CERTIFICATE_PATH, CONFIG_PATH, CONTROLLER_NAME, CertificateRequest, CertificateResponse,
+        ConfigMessage, Objects, materialize,
+    },
+};
+use rustls::pki_types::ServerName;
+use tokio::{net::TcpStream, sync::watch};
+use tokio_rustls::TlsConnector;
+use tracing::{debug, info, warn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot reach the controller at {addr}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("HTTP/2 with the controller")]
+    Http(#[from] hyper::Error),
+    #[error("the controller answered {status}: {message}")]
+    Status { status: StatusCode, message: String },
+    #[error("the controller sent a message that is not valid")]
+    BadMessage(#[source] serde_json::Error),
+    #[error("the configuration stream ended")]
+    StreamEnded,
+    #[error("cannot make a certificate signing request")]
+    Csr(#[source] rcgen::Error),
+}
+
+/// What the agent currently runs with.
+#[derive(Debug, Default)]
+pub struct ConfigState {
+    /// 0 until the first snapshot arrives.
+    pub version: u64,
+    pub objects: Objects,
+    pub config: Config,
+}
+
+pub struct ControlClient {
+    addr: SocketAddr,
+    tls: TlsConnector,
+    state: watch::Sender<Arc<ConfigState>>,
+}
+
+type Sender = SendRequest<Full<Bytes>>;
+
+impl ControlClient {
+    pub fn new(addr: SocketAddr, tls: rustls::ClientConfig) -> Self {
+        let (state, _) = watch::channel(Arc::new(ConfigState::default()));
+        Self { addr, tls: TlsConnector::from(Arc::new(tls)), state }
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<ConfigState>> {
+        self.state.subscribe()
+    }
+
+    pub fn current(&self) -> Arc<ConfigState> {
+        self.state.borrow().clone()
+    }
+
+    async fn connect(&self) -> Result<Sender, ControlError> {
+        let connect = |source| ControlError::Connect { addr: self.addr, source };
+        let tcp = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(self.addr))
+            .await
+            .map_err(|_| connect(std::io::ErrorKind::TimedOut.into()))?
+            .map_err(connect)?;
+        let _ = tcp.set_nodelay(true);
+        let name = ServerName::try_from(CONTROLLER_NAME).expect("a valid DNS name");
+        let tls = tokio::time::timeout(Duration::from_secs(5), self.tls.connect(name, tcp))
+            .await
+            .map_err(|_| connect(std::io::ErrorKind::TimedOut.into()))?
+            .map_err(connect)?;
+        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(15))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true)
+            .handshake(TokioIo::new(tls))
+            .await?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                debug!(%error, "control connection closed");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Keeps the configuration stream open forever.
+    pub async fn run(self: Arc<Self>) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match self.session().await {
+                Ok(()) => backoff = Duration::from_millis(200),
+                Err(error) => {
+                    let version = self.current().version;
+                    warn!(%error, version, retry_in = ?backoff, "configuration stream down; keeping the current configuration");
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    async fn session(&self) -> Result<(), ControlError> {
+        let mut sender = self.connect().await?;
+        let request = Request::builder()
+            .method(Method::GET)
+            .uri(CONFIG_PATH)
+            .body(Full::new(Bytes::new()))
+            .expect("valid request");
+        let response = sender.send_request(request).await?;
+        if response.status() != StatusCode::OK {
+            let status = response.status();
+            let body = response.into_body().collect().await?.to_bytes();
+            return Err(ControlError::Status { status, message: String::from_utf8_lossy(&body).trim().to_owned() });
+        }
+        info!(addr = %self.addr, "configuration stream open");
+        let mut body = response.into_body();
+        let mut buffer = BytesMut::new();
+        let mut objects = self.current().objects.clone();
+        while let Some(frame) = body.frame().await {
+            let Ok(data) = frame?.into_data() else { continue };
+            buffer.extend_from_slice(&data);
+            while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
+                let line = buffer.split_to(end + 1);
+                let message: ConfigMessage = serde_json::from_slice(&line).map_err(ControlError::BadMessage)?;
+                let version = message.version();
+                let mut next = objects.clone();
+                message.apply(&mut next);
+                match materialize(&next) {
+                    Ok(config) => {
+                        objects = next;
+                        info!(version, objects = objects.len(), "configuration applied");
+                        self.state.send_replace(Arc::new(ConfigState { version, objects: objects.clone(), config }));
+                        let ack = serde_json::to_vec(&Ack { version }).expect("ack serializes");
+                        let mut sender = sender.clone();
+                        tokio::spawn(async move {
+                            let request = Request::builder()
+                                .method(Method::POST)
+                                .uri(ACK_PATH)
+                                .body(Full::new(Bytes::from(ack)))
+                                .expect("valid request");
+                            if let Err(error) = sender.send_request(request).await {
+                                debug!(%error, "ack not delivered");
+                            }
+                        });
+                    }
+                    // Keep the last good configuration; the next snapshot repairs it.
+                    Err(error) => {
+                        warn!(version, %error, "configuration from the controller does not apply; keeping the current one");
+                    }
+                }
+            }
+        }
+        Err(ControlError::StreamEnded)
+    }
+
+    /// Asks the controller to sign a certificate for `identity`; returns the key too.
+    pub async fn certificate(&self, identity: &str) -> Result<(CertificateResponse, String), ControlError> {
+        let (key_pem, csr_pem) = mesh_common::tls::make_csr(identity).map_err(ControlError::Csr)?;
+        let body =
+            serde_json::to_vec(&CertificateRequest { identity: identity.to_owned(), csr_pem }).expect("serializes");
+        let mut sender = self.connect().await?;
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(CERTIFICATE_PATH)
+            .body(Full::new(Bytes::from(body)))
+            .expect("valid request");
+        let response = sender.send_request(request).await?;
+        let status = response.status();
+        let bytes = response.into_body().collect().await?.to_bytes();
+        if status != StatusCode::OK {
+            return Err(ControlError::Status { status, message: String::from_utf8_lossy(&bytes).trim().to_owned() });
+        }
+        let issued: CertificateResponse = serde_json::from_slice(&bytes).map_err(ControlError::BadMessage)?;
+        Ok((issued, key_pem))
+    }
+}

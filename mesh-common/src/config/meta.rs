@@ -1,0 +1,103 @@
+//! What every kind shares: object metadata, selectors, policy target references and
+//! the small value types (`IntOrString`) that Kubernetes and Istio schemas reuse.
+use std::{collections::BTreeMap, fmt, prelude::rust_2024::*};
+
+use serde::{Deserialize, Deserializer, Serialize, de};
+
+/// Labels (and annotations): key -> value, sorted so that serialization is stable.
+pub type Labels = BTreeMap<String, String>;
+
+/// The part of Kubernetes' `ObjectMeta` the mesh reads.
+///
+/// Unknown fields (`uid`, `resourceVersion`, `creationTimestamp`, `managedFields`, ...)
+/// are tolerated, not rejected: exported objects carry them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectMeta {
+    pub name: String,
+    /// Empty for cluster-scoped kinds; the loader sets `default` on namespaced kinds
+    /// that do not name one.
+    #[serde(default, deserialize_with = "nullable", skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
+    #[serde(default, deserialize_with = "nullable", skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: Labels,
+    #[serde(default, deserialize_with = "nullable", skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: Labels,
+}
+
+/// Istio's `WorkloadSelector` (and the `matchLabels` half of a Kubernetes
+/// `LabelSelector`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkloadSelector {
+    #[serde(default, deserialize_with = "nullable")]
+    pub match_labels: Labels,
+}
+
+/// Istio's `PolicyTargetReference` / Gateway API's `ParentReference`-like target.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicyTargetReference {
+    #[serde(default, deserialize_with = "nullable")]
+    pub group: String,
+    pub kind: String,
+    pub name: String,
+    #[serde(default, deserialize_with = "nullable", skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
+}
+
+/// Kubernetes' `IntOrString` (a Service's `targetPort`: `8080` or `http`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum IntOrString {
+    Int(i64),
+    String(String),
+}
+
+impl<'de> Deserialize<'de> for IntOrString {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl de::Visitor<'_> for Visitor {
+            type Value = IntOrString;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an integer or a string")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<IntOrString, E> {
+                Ok(IntOrString::Int(v))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<IntOrString, E> {
+                i64::try_from(v).map(IntOrString::Int).map_err(|_| E::invalid_value(de::Unexpected::Unsigned(v), &self))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<IntOrString, E> {
+                Ok(IntOrString::String(v.into()))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+impl fmt::Display for IntOrString {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            Self::Int(n) => write!(f, "{n}"),
+            Self::String(s) => f.write_str(s),
+        }
+    }
+}
+
+/// Istio's `Percent` (`{value: 12.5}`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Percent {
+    pub value: f64,
+}
+
+/// Reads an explicit `null` (an empty YAML key: `labels:`) as the default, the way
+/// Kubernetes treats it, instead of failing with "invalid type: null".
+pub(crate) fn nullable<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Option::<T>::deserialize(deserializer).map(Option::unwrap_or_default)
+}

@@ -1,0 +1,495 @@
+//! From text to typed objects: splits multi-document YAML (JSON is YAML too), tells the
+//! kind of each document, decodes it with field paths for every error, and records
+//! where each object came from for the checks that follow.
+use std::{collections::BTreeMap, fmt, prelude::rust_2024::*};
+
+use serde::{Deserialize, Deserializer, de::IgnoredAny};
+use serde_yaml::{Mapping, Value};
+
+use super::{
+    Config, Problem, Source,
+    gateway::{GrpcRoute, GrpcRouteSpec, HttpRoute, HttpRouteSpec},
+    k8s::{Namespace, NamespaceSpec, Pod, PodSpec, PodStatus, Service, ServiceSpec},
+    meta::{ObjectMeta, nullable},
+    networking::{
+        DestinationRule, DestinationRuleSpec, ServiceEntry, ServiceEntrySpec, VirtualService, VirtualServiceSpec,
+        WorkloadEntry, WorkloadEntrySpec,
+    },
+    security::{
+        AuthorizationPolicy, AuthorizationPolicySpec, PeerAuthentication, PeerAuthenticationSpec,
+        RequestAuthentication, RequestAuthenticationSpec,
+    },
+    telemetry::{Telemetry, TelemetrySpec},
+};
+
+/// The kinds the mesh serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Kind {
+    Namespace,
+    Service,
+    Pod,
+    WorkloadEntry,
+    AuthorizationPolicy,
+    PeerAuthentication,
+    RequestAuthentication,
+    VirtualService,
+    DestinationRule,
+    ServiceEntry,
+    Telemetry,
+    HttpRoute,
+    GrpcRoute,
+}
+
+const NETWORKING: &[&str] = &["v1alpha3", "v1beta1", "v1"];
+const SECURITY: &[&str] = &["v1beta1", "v1"];
+
+impl Kind {
+    const ALL: [Kind; 13] = [
+        Kind::Namespace,
+        Kind::Service,
+        Kind::Pod,
+        Kind::WorkloadEntry,
+        Kind::AuthorizationPolicy,
+        Kind::PeerAuthentication,
+        Kind::RequestAuthentication,
+        Kind::VirtualService,
+        Kind::DestinationRule,
+        Kind::ServiceEntry,
+        Kind::Telemetry,
+        Kind::HttpRoute,
+        Kind::GrpcRoute,
+    ];
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Kind::Namespace => "Namespace",
+            Kind::Service => "Service",
+            Kind::Pod => "Pod",
+            Kind::WorkloadEntry => "WorkloadEntry",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::PeerAuthentication => "PeerAuthentication",
+            Kind::RequestAuthentication => "RequestAuthentication",
+            Kind::VirtualService => "VirtualService",
+            Kind::DestinationRule => "DestinationRule",
+            Kind::ServiceEntry => "ServiceEntry",
+            Kind::Telemetry => "Telemetry",
+            Kind::HttpRoute => "HTTPRoute",
+            Kind::GrpcRoute => "GRPCRoute",
+        }
+    }
+
+    /// API group (`""` is the core group, written `v1` without a group).
+    fn group(self) -> &'static str {
+        match self {
+            Kind::Namespace | Kind::Service | Kind::Pod => "",
+            Kind::WorkloadEntry | Kind::VirtualService | Kind::DestinationRule | Kind::ServiceEntry => {
+                "networking.istio.io"
+            }
+            Kind::AuthorizationPolicy | Kind::PeerAuthentication | Kind::RequestAuthentication => "security.istio.io",
+            Kind::Telemetry => "telemetry.istio.io",
+            Kind::HttpRoute | Kind::GrpcRoute => "gateway.networking.k8s.io",
+        }
+    }
+
+    fn versions(self) -> &'static [&'static str] {
+        match self {
+            Kind::Namespace | Kind::Service | Kind::Pod => &["v1"],
+            Kind::WorkloadEntry | Kind::VirtualService | Kind::DestinationRule | Kind::ServiceEntry => NETWORKING,
+            Kind::AuthorizationPolicy | Kind::PeerAuthentication | Kind::RequestAuthentication => SECURITY,
+            Kind::Telemetry => &["v1alpha1", "v1"],
+            Kind::HttpRoute => &["v1", "v1beta1"],
+            Kind::GrpcRoute => &["v1", "v1alpha2"],
+        }
+    }
+
+    pub(crate) fn namespaced(self) -> bool {
+        self != Kind::Namespace
+    }
+
+    fn api_versions(self) -> String {
+        let group = self.group();
+        let all: Vec<String> = self
+            .versions()
+            .iter()
+            .map(|v| if group.is_empty() { (*v).to_string() } else { format!("{group}/{v}") })
+            .collect();
+        all.join(", ")
+    }
+}
+
+/// `Kind/namespace/name`, or `Kind/name` for a cluster-scoped object.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct ObjectKey {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectKey {
+    pub(crate) fn of(kind: Kind, meta: &ObjectMeta) -> Self {
+        Self { kind, namespace: meta.namespace.clone(), name: meta.name.clone() }
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        object_id(f, self.kind.name(), &self.namespace, &self.name)
+    }
+}
+
+fn object_id(f: &mut fmt::Formatter, kind: &str, namespace: &str, name: &str) -> fmt::Result {
+    let name = if name.is_empty() { "?" } else { name };
+    if namespace.is_empty() { write!(f, "{kind}/{name}") } else { write!(f, "{kind}/{namespace}/{name}") }
+}
+
+struct Id<'a>(&'a str, &'a str, &'a str);
+
+impl fmt::Display for Id<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        object_id(f, self.0, self.1, self.2)
+    }
+}
+
+/// Where an object was read: the file, and the document's position in the whole
+/// input (problems are reported in that order).
+#[derive(Clone, Debug)]
+pub(crate) struct Origin {
+    pub file: String,
+    pub seq: usize,
+}
+
+/// A problem and the input position it sorts by.
+pub(crate) type Found = Vec<(usize, Problem)>;
+
+/// What the parse produced, for validation: the objects, where each came from, and
+/// the hosts of `DestinationRule`s that could not be decoded (references to their
+/// subsets are not reported: the rule's own problem is the one to fix).
+#[derive(Default)]
+pub(crate) struct Loaded {
+    pub config: Config,
+    pub origins: BTreeMap<ObjectKey, Origin>,
+    pub broken_destination_rules: Vec<(String, String)>,
+    /// Documents read so far, across sources.
+    documents: usize,
+}
+
+impl Loaded {
+    /// The file, the `Kind/namespace/name` and the input position of an object.
+    pub(crate) fn origin(&self, kind: Kind, meta: &ObjectMeta) -> (&str, String, usize) {
+        let key = ObjectKey::of(kind, meta);
+        let (file, seq) = self.origins.get(&key).map_or(("", 0), |o| (o.file.as_str(), o.seq));
+        (file, key.to_string(), seq)
+    }
+}
+
+/// Every Kubernetes object: `apiVersion`, `kind`, `metadata`, `spec`; `status` is
+/// tolerated (exported objects carry it) and read only where the mesh needs it.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(bound(deserialize = "S: Deserialize<'de> + Default, T: Deserialize<'de>"))]
+struct Envelope<S, T = IgnoredAny> {
+    #[serde(rename = "apiVersion")]
+    _api_version: IgnoredAny,
+    #[serde(rename = "kind")]
+    _kind: IgnoredAny,
+    metadata: ObjectMeta,
+    #[serde(default, deserialize_with = "nullable")]
+    spec: S,
+    #[serde(default)]
+    status: Option<T>,
+}
+
+/// A decoding failure: the field path and the reason (with the line when known).
+struct DecodeError {
+    field: String,
+    reason: String,
+}
+
+fn decode<'de, T, D>(deserializer: D) -> Result<T, DecodeError>
+where
+    T: Deserialize<'de>,
+    D: Deserializer<'de, Error = serde_yaml::Error>,
+{
+    serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let path = e.path().to_string();
+        let error = e.into_inner();
+        let (field, reason) = describe(&path, &error);
+        DecodeError { field, reason }
+    })
+}
+
+/// Splits serde's message into a field path and a reason a person reads: the path of
+/// a missing or unknown field ends with that field, `serde_yaml`'s own path prefix and
+/// position suffix are dropped and the line is said once at the end.
+fn describe(path: &str, error: &serde_yaml::Error) -> (String, String) {
+    let mut message = error.to_string();
+    if let Some(location) = error.location()
+        && let Some(at) = message.rfind(" at line ")
+        && message[at..].ends_with(&format!("column {}", location.column()))
+    {
+        message.truncate(at);
+    }
+    if let Some((prefix, rest)) = message.split_once(": ")
+        && !prefix.contains(char::is_whitespace)
+        && !prefix.contains('`')
+    {
+        message = rest.to_string();
+    }
+    let mut field = if path == "." { String::new() } else { path.to_string() };
+    let quoted = |m: &str, lead: &str| -> Option<String> {
+        let rest = m.strip_prefix(lead)?;
+        let end = rest.find('`')?;
+        Some(rest[..end].to_string())
+    };
+    if let Some(missing) = quoted(&message, "missing field `") {
+        field = join(&field, &missing);
+        message = "required field is missing".into();
+    } else if let Some(unknown) = quoted(&message, "unknown field `") {
+        if !field.ends_with(&unknown) {
+            field = join(&field, &unknown);
+        }
+        if let Some((_, expected)) = message.split_once(", expected ") {
+            message = format!("unknown field (expected {expected})");
+        } else {
+            message = "unknown field".into();
+        }
+    }
+    message = plain_types(&message);
+    if let Some(location) = error.location() {
+        message = format!("{message} (line {})", location.line());
+    }
+    (field, message)
+}
+
+/// serde names the Rust type it expected (`expected u32`, `expected struct HttpRule`);
+/// say what a manifest author writes instead.
+fn plain_types(message: &str) -> String {
+    let Some((head, expected)) = message.rsplit_once(", expected ") else {
+        return message.to_string();
+    };
+    let plain = match expected {
+        "i64" | "i32" => "an integer",
+        "u32" | "u64" | "u16" | "u8" => "a non-negative integer",
+        "f64" | "f32" => "a number",
+        "a boolean" => "true or false",
+        _ if expected.starts_with("struct ") || expected.starts_with("a map") => "a mapping",
+        _ => expected,
+    };
+    format!("{head}, expected {plain}")
+}
+
+fn join(parent: &str, child: &str) -> String {
+    if parent.is_empty() { child.to_string() } else { format!("{parent}.{child}") }
+}
+
+/// Parses one source into `loaded`, adding what is wrong to `problems`.
+pub(crate) fn parse_source(source: &Source, loaded: &mut Loaded, problems: &mut Found) {
+    // First pass: the documents as generic values, to tell their kind and to find
+    // syntax errors (after one, libyaml cannot go on in that file).
+    let mut values = Vec::new();
+    for document in serde_yaml::Deserializer::from_str(&source.text) {
+        match Value::deserialize(document) {
+            Ok(value) => values.push(value),
+            Err(e) => {
+                let at =
+                    e.location().map(|l| format!(" (line {}, column {})", l.line(), l.column())).unwrap_or_default();
+                let mut message = e.to_string();
+                if let Some(i) = message.find(" at line ") {
+                    message.truncate(i);
+                }
+                let problem = Problem::new(&source.name, None, "", format!("YAML syntax error: {message}{at}"));
+                problems.push((loaded.documents + values.len(), problem));
+                break;
+            }
+        }
+    }
+    // Second pass: decode each object straight from the text, so that errors carry
+    // line numbers.
+    let documents = serde_yaml::Deserializer::from_str(&source.text);
+    for (index, (value, document)) in values.iter().zip(documents).enumerate() {
+        let seq = loaded.documents + index;
+        let mut doc = Doc { source, index, seq, problems, loaded };
+        doc.document(value, document);
+    }
+    // One more for a syntax error, so that the next file's problems sort after it.
+    loaded.documents += values.len() + 1;
+}
+
+struct Doc<'a> {
+    source: &'a Source,
+    index: usize,
+    seq: usize,
+    problems: &'a mut Found,
+    loaded: &'a mut Loaded,
+}
+
+impl Doc<'_> {
+    fn problem(&mut self, object: Option<String>, field: impl Into<String>, reason: impl Into<String>) {
+        self.problems.push((self.seq, Problem::new(&self.source.name, object, field, reason)));
+    }
+
+    fn document(&mut self, value: &Value, document: serde_yaml::Deserializer<'_>) {
+        match value {
+            // An empty document (a trailing `---`, only comments).
+            Value::Null => {}
+            Value::Mapping(map) => {
+                if is_list(map) {
+                    self.list(map);
+                } else {
+                    self.object(map, "", document);
+                }
+            }
+            _ => {
+                let n = self.index + 1;
+                self.problem(
+                    None,
+                    "",
+                    format!("document {n} is not a Kubernetes object (a mapping with apiVersion and kind)"),
+                );
+            }
+        }
+    }
+
+    /// `kind: List` (what `kubectl get -o yaml` prints): each item is an object.
+    fn list(&mut self, map: &Mapping) {
+        let items = match map.get("items") {
+            Some(Value::Sequence(items)) => items,
+            None | Some(Value::Null) => return,
+            Some(_) => return self.problem(Some("List".into()), "items", "must be a list of objects"),
+        };
+        for (i, item) in items.iter().enumerate() {
+            let prefix = format!("items[{i}].");
+            match item {
+                Value::Mapping(object) => self.object(object, &prefix, item.clone()),
+                _ => self.problem(Some("List".into()), format!("items[{i}]"), "is not a Kubernetes object"),
+            }
+        }
+    }
+
+    fn object<'de, D>(&mut self, map: &Mapping, prefix: &str, deserializer: D)
+    where
+        D: Deserializer<'de, Error = serde_yaml::Error>,
+    {
+        let text = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_string);
+        let metadata = map.get("metadata");
+        let name = text(metadata.and_then(|m| m.get("name"))).unwrap_or_default();
+        let namespace = text(metadata.and_then(|m| m.get("namespace"))).unwrap_or_default();
+        let api_version = text(map.get("apiVersion"));
+        let Some(kind_name) = text(map.get("kind")) else {
+            let why = if map.contains_key("kind") { "must be a string" } else { "required field is missing" };
+            let n = self.index + 1;
+            let object = if name.is_empty() { format!("document {n}") } else { format!("?/{name}") };
+            return self.problem(Some(object), format!("{prefix}kind"), why);
+        };
+        let served = Kind::ALL.into_iter().find(|k| k.name() == kind_name);
+        // Same kind name in another project's API group (Knative's `Service`): not ours.
+        // In one of our groups, it is a mistake in the apiVersion.
+        let (group, version) = match &api_version {
+            Some(v) => v.rsplit_once('/').unwrap_or(("", v.as_str())),
+            None => ("", ""),
+        };
+        let ours = Kind::ALL.iter().any(|k| k.group() == group);
+        let served = served.filter(|k| api_version.is_none() || k.group() == group || ours);
+        let scoped_ns = match served {
+            Some(kind) if kind.namespaced() && namespace.is_empty() => "default".to_string(),
+            Some(kind) if !kind.namespaced() => String::new(),
+            _ => namespace.clone(),
+        };
+        let id = Id(&kind_name, &scoped_ns, &name).to_string();
+        let Some(api_version) = &api_version else {
+            if served.is_some() {
+                let why = if map.contains_key("apiVersion") { "must be a string" } else { "required field is missing" };
+                return self.problem(Some(id), format!("{prefix}apiVersion"), why);
+            }
+            return self.ignore(&id, "no apiVersion", "kind not served by this mesh");
+        };
+        let Some(kind) = served else {
+            return self.ignore(&id, api_version, "kind not served by this mesh");
+        };
+        if kind.group() != group || !kind.versions().contains(&version) {
+            let supported = kind.api_versions();
+            return self.problem(
+                Some(id),
+                format!("{prefix}apiVersion"),
+                format!("apiVersion `{api_version}` is not supported for {kind_name} (supported: {supported})"),
+            );
+        }
+        if let Err(e) = self.decode_into(kind, &scoped_ns, deserializer) {
+            if kind == Kind::DestinationRule
+                && let Some(host) = map.get("spec").and_then(|s| s.get("host")).and_then(Value::as_str)
+            {
+                self.loaded.broken_destination_rules.push((scoped_ns.clone(), host.to_string()));
+            }
+            let field = if e.field.is_empty() { String::new() } else { format!("{prefix}{}", e.field) };
+            self.problem(Some(id), field, e.reason);
+        }
+    }
+
+    fn ignore(&mut self, id: &str, api_version: &str, why: &str) {
+        let file = &self.source.name;
+        self.loaded.config.ignored.push(format!("{id} ({api_version}) in {file}: {why}"));
+    }
+
+    fn decode_into<'de, D>(&mut self, kind: Kind, namespace: &str, de: D) -> Result<(), DecodeError>
+    where
+        D: Deserializer<'de, Error = serde_yaml::Error>,
+    {
+        macro_rules! plain {
+            ($spec:ty, $ty:ident, $list:ident) => {{
+                let e: Envelope<$spec> = decode(de)?;
+                let metadata = with_namespace(e.metadata, namespace);
+                let key = ObjectKey::of(kind, &metadata);
+                self.add(key, $ty { metadata, spec: e.spec }, |c| &mut c.$list);
+            }};
+        }
+        match kind {
+            Kind::Namespace => plain!(NamespaceSpec, Namespace, namespaces),
+            Kind::Service => plain!(ServiceSpec, Service, services),
+            Kind::Pod => {
+                let e: Envelope<PodSpec, PodStatus> = decode(de)?;
+                let metadata = with_namespace(e.metadata, namespace);
+                let key = ObjectKey::of(kind, &metadata);
+                let pod = Pod { metadata, spec: e.spec, status: e.status.unwrap_or_default() };
+                self.add(key, pod, |c| &mut c.pods);
+            }
+            Kind::WorkloadEntry => plain!(WorkloadEntrySpec, WorkloadEntry, workload_entries),
+            Kind::AuthorizationPolicy => plain!(AuthorizationPolicySpec, AuthorizationPolicy, authorization_policies),
+            Kind::PeerAuthentication => plain!(PeerAuthenticationSpec, PeerAuthentication, peer_authentications),
+            Kind::RequestAuthentication => {
+                plain!(RequestAuthenticationSpec, RequestAuthentication, request_authentications);
+            }
+            Kind::VirtualService => plain!(VirtualServiceSpec, VirtualService, virtual_services),
+            Kind::DestinationRule => plain!(DestinationRuleSpec, DestinationRule, destination_rules),
+            Kind::ServiceEntry => plain!(ServiceEntrySpec, ServiceEntry, service_entries),
+            Kind::Telemetry => plain!(TelemetrySpec, Telemetry, telemetries),
+            Kind::HttpRoute => plain!(HttpRouteSpec, HttpRoute, http_routes),
+            Kind::GrpcRoute => plain!(GrpcRouteSpec, GrpcRoute, grpc_routes),
+        }
+        Ok(())
+    }
+
+    /// Adds an object unless one of the same kind, namespace and name exists already.
+    fn add<T>(&mut self, key: ObjectKey, object: T, list: impl FnOnce(&mut Config) -> &mut Vec<T>) {
+        if let Some(first) = self.loaded.origins.get(&key) {
+            let first = if first.file == self.source.name {
+                "earlier in the same file".to_string()
+            } else {
+                format!("in {}", first.file)
+            };
+            let reason = format!("duplicate object: {key} is already defined {first}");
+            return self.problem(Some(key.to_string()), "metadata.name", reason);
+        }
+        self.loaded.origins.insert(key, Origin { file: self.source.name.clone(), seq: self.seq });
+        list(&mut self.loaded.config).push(object);
+    }
+}
+
+fn with_namespace(mut metadata: ObjectMeta, namespace: &str) -> ObjectMeta {
+    namespace.clone_into(&mut metadata.namespace);
+    metadata
+}
+
+fn is_list(map: &Mapping) -> bool {
+    map.get("kind").and_then(Value::as_str) == Some("List")
+        && map.get("apiVersion").and_then(Value::as_str) == Some("v1")
+}

@@ -1,0 +1,555 @@
+//! Checks of the `networking.istio.io` kinds, and the one cross-object check: a route
+//! to a subset needs a `DestinationRule` of that host that defines the subset.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    prelude::rust_2024::*,
+};
+
+use super::Obj;
+use crate::config::{
+    DNS_DOMAIN,
+    networking::{
+        ClientTlsSettings, ConnectionPoolSettings, Destination, DestinationRule, HttpRule, LoadBalancerSettings,
+        OutlierDetection, Resolution, RouteDestination, ServiceEntry, StringMatch, TlsMode, TrafficPolicy,
+        VirtualService, WorkloadEntry, WorkloadEntrySpec,
+    },
+    parse::Loaded,
+    values,
+};
+
+/// A host as Istio resolves it for a rule in namespace `ns`: a short name (no dot) is
+/// `name.ns.svc.cluster.local`; anything else stays as written.
+pub(crate) fn fqdn(host: &str, ns: &str) -> String {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if host.contains('.') || host.contains('*') { host.to_string() } else { format!("{host}.{ns}.svc.{DNS_DOMAIN}") }
+}
+
+/// The subsets each host's `DestinationRule`s define.
+pub(super) struct SubsetIndex {
+    exact: BTreeMap<String, BTreeSet<String>>,
+    /// `*.example.com` rules, as (`.example.com`, subsets); `*` alone is (`""`, subsets).
+    wildcard: Vec<(String, BTreeSet<String>)>,
+    /// Hosts of rules that could not be decoded: their subsets are unknown.
+    broken: BTreeSet<String>,
+}
+
+enum Lookup<'a> {
+    Defined(BTreeSet<&'a str>),
+    NoRule,
+    Unknown,
+}
+
+impl SubsetIndex {
+    pub(super) fn new(loaded: &Loaded) -> Self {
+        let mut index = Self { exact: BTreeMap::new(), wildcard: Vec::new(), broken: BTreeSet::new() };
+        for dr in &loaded.config.destination_rules {
+            let host = fqdn(&dr.spec.host, &dr.metadata.namespace);
+            let names = dr.spec.subsets.iter().map(|s| s.name.clone());
+            if let Some(suffix) = host.strip_prefix('*') {
+                index.wildcard.push((suffix.to_string(), names.collect()));
+            } else {
+                index.exact.entry(host).or_default().extend(names);
+            }
+        }
+        for (ns, host) in &loaded.broken_destination_rules {
+            index.broken.insert(fqdn(host, ns));
+        }
+        index
+    }
+
+    fn lookup(&self, host: &str) -> Lookup<'_> {
+        if self.broken.contains(host) {
+            return Lookup::Unknown;
+        }
+        let mut found = false;
+        let mut subsets = BTreeSet::new();
+        if let Some(exact) = self.exact.get(host) {
+            found = true;
+            subsets.extend(exact.iter().map(String::as_str));
+        }
+        for (suffix, names) in &self.wildcard {
+            if host.ends_with(suffix.as_str()) {
+                found = true;
+                subsets.extend(names.iter().map(String::as_str));
+            }
+        }
+        if found { Lookup::Defined(subsets) } else { Lookup::NoRule }
+    }
+}
+
+pub(super) fn virtual_service(o: &mut Obj, vs: &VirtualService, subsets: &SubsetIndex) {
+    let spec = &vs.spec;
+    if spec.hosts.is_empty() {
+        o.err("spec.hosts", "a VirtualService needs at least one host");
+    }
+    let mesh = spec.gateways.is_empty() || spec.gateways.iter().any(|g| g == "mesh");
+    for (i, host) in spec.hosts.iter().enumerate() {
+        o.host(&format!("spec.hosts[{i}]"), host);
+        if host == "*" && mesh {
+            o.err(format!("spec.hosts[{i}]"), "host `*` is not allowed for rules that apply to the mesh");
+        }
+    }
+    for (i, gateway) in spec.gateways.iter().enumerate() {
+        let name = gateway.split_once('/').map_or(gateway.as_str(), |(ns, name)| {
+            if !values::is_dns_label(ns) {
+                o.err(format!("spec.gateways[{i}]"), format!("`{ns}` is not a namespace name"));
+            }
+            name
+        });
+        if gateway != "mesh" && !values::is_dns_subdomain(name) {
+            o.err(format!("spec.gateways[{i}]"), format!("`{gateway}` is not `mesh` nor a Gateway name"));
+        }
+    }
+    o.export_to("spec.exportTo", &spec.export_to);
+    for (i, rule) in spec.http.iter().enumerate() {
+        http_rule(o, &format!("spec.http[{i}]"), rule, subsets);
+    }
+    for (i, rule) in spec.tcp.iter().enumerate() {
+        let field = format!("spec.tcp[{i}]");
+        for (j, m) in rule.match_.iter().enumerate() {
+            let field = format!("{field}.match[{j}]");
+            for (k, subnet) in m.destination_subnets.iter().enumerate() {
+                o.ip_or_cidr(&format!("{field}.destinationSubnets[{k}]"), subnet);
+            }
+            if let Some(subnet) = &m.source_subnet {
+                o.ip_or_cidr(&format!("{field}.sourceSubnet"), subnet);
+            }
+            if let Some(port) = m.port {
+                o.port(&format!("{field}.port"), port);
+            }
+            o.labels(&format!("{field}.sourceLabels"), &m.source_labels);
+        }
+        route_destinations(o, &format!("{field}.route"), &rule.route, subsets);
+    }
+    for (i, rule) in spec.tls.iter().enumerate() {
+        let field = format!("spec.tls[{i}]");
+        if rule.match_.is_empty() {
+            o.err(format!("{field}.match"), "a TLS route needs at least one match");
+        }
+        for (j, m) in rule.match_.iter().enumerate() {
+            let field = format!("{field}.match[{j}]");
+            if m.sni_hosts.is_empty() {
+                o.err(format!("{field}.sniHosts"), "a TLS match needs at least one SNI host");
+            }
+            for (k, host) in m.sni_hosts.iter().enumerate() {
+                o.host(&format!("{field}.sniHosts[{k}]"), host);
+            }
+            for (k, subnet) in m.destination_subnets.iter().enumerate() {
+                o.ip_or_cidr(&format!("{field}.destinationSubnets[{k}]"), subnet);
+            }
+            if let Some(port) = m.port {
+                o.port(&format!("{field}.port"), port);
+            }
+            o.labels(&format!("{field}.sourceLabels"), &m.source_labels);
+        }
+        route_destinations(o, &format!("{field}.route"), &rule.route, subsets);
+    }
+}
+
+fn route_destinations(o: &mut Obj, field: &str, route: &[RouteDestination], subsets: &SubsetIndex) {
+    if route.is_empty() {
+        o.err(field, "at least one route destination is required");
+    }
+    for (k, r) in route.iter().enumerate() {
+        destination(o, &format!("{field}[{k}].destination"), &r.destination, subsets);
+    }
+    weights(o, field, &route.iter().map(|r| r.weight).collect::<Vec<_>>());
+}
+
+/// Each weight within 0..=100; with more than one destination they add up to 100
+/// (a single destination may leave its weight out).
+fn weights(o: &mut Obj, field: &str, weights: &[i64]) {
+    for (k, weight) in weights.iter().enumerate() {
+        if !(0..=100).contains(weight) {
+            o.err(format!("{field}[{k}].weight"), format!("weight {weight} is outside 0..=100"));
+        }
+    }
+    let sum: i64 = weights.iter().sum();
+    if weights.len() > 1 && sum != 100 {
+        o.err(field, format!("the weights of the {} destinations add up to {sum}, not 100", weights.len()));
+    }
+}
+
+fn destination(o: &mut Obj, field: &str, d: &Destination, subsets: &SubsetIndex) {
+    if d.host.is_empty() {
+        o.err(format!("{field}.host"), "must not be empty");
+    } else {
+        o.host(&format!("{field}.host"), &d.host);
+    }
+    if let Some(port) = &d.port {
+        o.port(&format!("{field}.port.number"), port.number);
+    }
+    let Some(subset) = &d.subset else { return };
+    if !values::is_dns_label(subset) {
+        return o.err(format!("{field}.subset"), format!("`{subset}` is not a valid subset name"));
+    }
+    if d.host.is_empty() {
+        return;
+    }
+    let host = fqdn(&d.host, &o.namespace);
+    match subsets.lookup(&host) {
+        Lookup::NoRule => o.err(
+            format!("{field}.subset"),
+            format!("subset `{subset}` is not defined: no DestinationRule for host `{host}`"),
+        ),
+        Lookup::Defined(defined) if !defined.contains(subset.as_str()) => {
+            let defined: Vec<&str> = defined.into_iter().collect();
+            let defined = if defined.is_empty() { "none".to_string() } else { defined.join(", ") };
+            o.err(
+                format!("{field}.subset"),
+                format!(
+                    "subset `{subset}` is not defined in any DestinationRule for host `{host}` (defined: {defined})"
+                ),
+            );
+        }
+        Lookup::Defined(_) | Lookup::Unknown => {}
+    }
+}
+
+fn string_match(o: &mut Obj, field: &str, m: &StringMatch, required: bool) {
+    let set = [&m.exact, &m.prefix, &m.regex].iter().filter(|v| v.is_some()).count();
+    if set > 1 {
+        o.err(field, "set only one of exact, prefix, regex");
+    } else if set == 0 && required {
+        o.err(field, "set one of exact, prefix, regex");
+    }
+    if m.regex.as_deref() == Some("") {
+        o.err(format!("{field}.regex"), "must not be empty");
+    }
+}
+
+fn http_rule(o: &mut Obj, field: &str, rule: &HttpRule, subsets: &SubsetIndex) {
+    for (j, m) in rule.match_.iter().enumerate() {
+        let field = format!("{field}.match[{j}]");
+        for (name, value) in
+            [("uri", &m.uri), ("scheme", &m.scheme), ("method", &m.method), ("authority", &m.authority)]
+        {
+            if let Some(value) = value {
+                string_match(o, &format!("{field}.{name}"), value, true);
+            }
+        }
+        for (name, map) in
+            [("headers", &m.headers), ("queryParams", &m.query_params), ("withoutHeaders", &m.without_headers)]
+        {
+            for (key, value) in map {
+                if key.is_empty() {
+                    o.err(format!("{field}.{name}"), "a name must not be empty");
+                }
+                string_match(o, &format!("{field}.{name}[{key}]"), value, false);
+            }
+        }
+        if let Some(port) = m.port {
+            o.port(&format!("{field}.port"), port);
+        }
+        o.labels(&format!("{field}.sourceLabels"), &m.source_labels);
+    }
+    if !rule.route.is_empty() && rule.redirect.is_some() {
+        o.err(format!("{field}.redirect"), "route and redirect are mutually exclusive");
+    }
+    if !rule.route.is_empty() && rule.direct_response.is_some() {
+        o.err(format!("{field}.directResponse"), "route and directResponse are mutually exclusive");
+    }
+    if rule.redirect.is_some() && rule.rewrite.is_some() {
+        o.err(format!("{field}.rewrite"), "rewrite and redirect are mutually exclusive");
+    }
+    for (k, r) in rule.route.iter().enumerate() {
+        destination(o, &format!("{field}.route[{k}].destination"), &r.destination, subsets);
+    }
+    weights(o, &format!("{field}.route"), &rule.route.iter().map(|r| r.weight).collect::<Vec<_>>());
+    if let Some(redirect) = &rule.redirect {
+        if let Some(port) = redirect.port {
+            o.port(&format!("{field}.redirect.port"), port);
+        }
+        if let Some(code) = redirect.redirect_code
+            && !matches!(code, 301 | 302 | 303 | 307 | 308)
+        {
+            o.err(
+                format!("{field}.redirect.redirectCode"),
+                format!("{code} is not a redirect status (301, 302, 303, 307, 308)"),
+            );
+        }
+        if let Some(derive) = &redirect.derive_port
+            && !matches!(derive.as_str(), "FROM_PROTOCOL_DEFAULT" | "FROM_REQUEST_PORT")
+        {
+            o.err(
+                format!("{field}.redirect.derivePort"),
+                format!("`{derive}` is not FROM_PROTOCOL_DEFAULT or FROM_REQUEST_PORT"),
+            );
+        }
+    }
+    o.duration(&format!("{field}.timeout"), rule.timeout.as_ref());
+    if let Some(retries) = &rule.retries {
+        let field = format!("{field}.retries");
+        if retries.attempts < 0 {
+            o.err(format!("{field}.attempts"), format!("{} is negative", retries.attempts));
+        }
+        o.duration(&format!("{field}.perTryTimeout"), retries.per_try_timeout.as_ref());
+        o.duration(&format!("{field}.backoff"), retries.backoff.as_ref());
+        if let Some(retry_on) = &retries.retry_on {
+            for token in retry_on.split(',') {
+                if let Some(why) = values::retry_on_error(token) {
+                    o.err(format!("{field}.retryOn"), why);
+                }
+            }
+        }
+    }
+    if let Some(fault) = &rule.fault {
+        let field = format!("{field}.fault");
+        if fault.delay.is_none() && fault.abort.is_none() {
+            o.err(&field, "a fault needs a delay or an abort");
+        }
+        if let Some(delay) = &fault.delay {
+            let field = format!("{field}.delay");
+            if delay.fixed_delay.is_none() && delay.exponential_delay.is_none() {
+                o.err(format!("{field}.fixedDelay"), "required field is missing");
+            }
+            o.duration(&format!("{field}.fixedDelay"), delay.fixed_delay.as_ref());
+            o.duration(&format!("{field}.exponentialDelay"), delay.exponential_delay.as_ref());
+            o.percent(&format!("{field}.percentage"), delay.percentage.as_ref());
+            if let Some(percent) = delay.percent
+                && !(0..=100).contains(&percent)
+            {
+                o.err(format!("{field}.percent"), format!("percentage {percent} is outside 0..=100"));
+            }
+        }
+        if let Some(abort) = &fault.abort {
+            let field = format!("{field}.abort");
+            if abort.http_status.is_none() && abort.grpc_status.is_none() && abort.http2_error.is_none() {
+                o.err(format!("{field}.httpStatus"), "required field is missing");
+            }
+            if let Some(status) = abort.http_status
+                && !(200..=599).contains(&status)
+            {
+                o.err(format!("{field}.httpStatus"), format!("{status} is not an HTTP status in 200..=599"));
+            }
+            o.percent(&format!("{field}.percentage"), abort.percentage.as_ref());
+        }
+    }
+    if let Some(mirror) = &rule.mirror {
+        destination(o, &format!("{field}.mirror"), mirror, subsets);
+    }
+    o.percent(&format!("{field}.mirrorPercentage"), rule.mirror_percentage.as_ref());
+    if let Some(percent) = rule.mirror_percent
+        && percent > 100
+    {
+        o.err(format!("{field}.mirrorPercent"), format!("percentage {percent} is outside 0..=100"));
+    }
+    if rule.mirror.is_some() && !rule.mirrors.is_empty() {
+        o.err(format!("{field}.mirrors"), "mirror and mirrors are mutually exclusive");
+    }
+    for (k, mirror) in rule.mirrors.iter().enumerate() {
+        destination(o, &format!("{field}.mirrors[{k}].destination"), &mirror.destination, subsets);
+        o.percent(&format!("{field}.mirrors[{k}].percentage"), mirror.percentage.as_ref());
+    }
+}
+
+pub(super) fn destination_rule(o: &mut Obj, dr: &DestinationRule) {
+    let spec = &dr.spec;
+    if spec.host.is_empty() {
+        o.err("spec.host", "required field is missing");
+    } else {
+        o.host("spec.host", &spec.host);
+    }
+    o.export_to("spec.exportTo", &spec.export_to);
+    o.selector("spec.workloadSelector", spec.workload_selector.as_ref());
+    if let Some(tp) = &spec.traffic_policy {
+        traffic_policy(o, "spec.trafficPolicy", tp);
+    }
+    let mut names = BTreeSet::new();
+    for (i, subset) in spec.subsets.iter().enumerate() {
+        let field = format!("spec.subsets[{i}]");
+        if !values::is_dns_label(&subset.name) {
+            o.err(format!("{field}.name"), format!("`{}` is not a valid subset name (a DNS label)", subset.name));
+        } else if !names.insert(subset.name.as_str()) {
+            o.err(format!("{field}.name"), format!("duplicate subset `{}`", subset.name));
+        }
+        o.labels(&format!("{field}.labels"), &subset.labels);
+        if let Some(tp) = &subset.traffic_policy {
+            traffic_policy(o, &format!("{field}.trafficPolicy"), tp);
+        }
+    }
+}
+
+fn traffic_policy(o: &mut Obj, field: &str, tp: &TrafficPolicy) {
+    policy_parts(
+        o,
+        field,
+        tp.load_balancer.as_ref(),
+        tp.connection_pool.as_ref(),
+        tp.outlier_detection.as_ref(),
+        tp.tls.as_ref(),
+    );
+    for (i, port) in tp.port_level_settings.iter().enumerate() {
+        let field = format!("{field}.portLevelSettings[{i}]");
+        match &port.port {
+            Some(p) => o.port(&format!("{field}.port.number"), p.number),
+            None => o.err(format!("{field}.port"), "required field is missing"),
+        }
+        policy_parts(
+            o,
+            &field,
+            port.load_balancer.as_ref(),
+            port.connection_pool.as_ref(),
+            port.outlier_detection.as_ref(),
+            port.tls.as_ref(),
+        );
+    }
+}
+
+fn policy_parts(
+    o: &mut Obj,
+    field: &str,
+    lb: Option<&LoadBalancerSettings>,
+    pool: Option<&ConnectionPoolSettings>,
+    outlier: Option<&OutlierDetection>,
+    tls: Option<&ClientTlsSettings>,
+) {
+    if let Some(lb) = lb {
+        if lb.simple.is_some() && lb.consistent_hash.is_some() {
+            o.err(format!("{field}.loadBalancer"), "simple and consistentHash are mutually exclusive");
+        }
+        o.duration(&format!("{field}.loadBalancer.warmupDurationSecs"), lb.warmup_duration_secs.as_ref());
+    }
+    if let Some(pool) = pool {
+        if let Some(tcp) = &pool.tcp {
+            let field = format!("{field}.connectionPool.tcp");
+            o.duration(&format!("{field}.connectTimeout"), tcp.connect_timeout.as_ref());
+            o.duration(&format!("{field}.maxConnectionDuration"), tcp.max_connection_duration.as_ref());
+            o.duration(&format!("{field}.idleTimeout"), tcp.idle_timeout.as_ref());
+        }
+        if let Some(http) = &pool.http {
+            let field = format!("{field}.connectionPool.http");
+            o.duration(&format!("{field}.idleTimeout"), http.idle_timeout.as_ref());
+            if let Some(policy) = &http.h2_upgrade_policy
+                && !matches!(policy.as_str(), "DEFAULT" | "DO_NOT_UPGRADE" | "UPGRADE")
+            {
+                o.err(
+                    format!("{field}.h2UpgradePolicy"),
+                    format!("`{policy}` is not DEFAULT, DO_NOT_UPGRADE or UPGRADE"),
+                );
+            }
+        }
+    }
+    if let Some(od) = outlier {
+        let field = format!("{field}.outlierDetection");
+        o.duration(&format!("{field}.interval"), od.interval.as_ref());
+        o.duration(&format!("{field}.baseEjectionTime"), od.base_ejection_time.as_ref());
+        for (name, value) in
+            [("maxEjectionPercent", od.max_ejection_percent), ("minHealthPercent", od.min_health_percent)]
+        {
+            if let Some(v) = value
+                && !(0..=100).contains(&v)
+            {
+                o.err(format!("{field}.{name}"), format!("percentage {v} is outside 0..=100"));
+            }
+        }
+    }
+    if let Some(tls) = tls
+        && tls.mode == TlsMode::Mutual
+        && tls.credential_name.is_none()
+        && (tls.client_certificate.is_none() || tls.private_key.is_none())
+    {
+        o.err(format!("{field}.tls"), "MUTUAL needs clientCertificate and privateKey, or credentialName");
+    }
+}
+
+const SERVICE_ENTRY_PROTOCOLS: &[&str] =
+    &["HTTP", "HTTPS", "GRPC", "GRPC-WEB", "HTTP2", "MONGO", "MYSQL", "REDIS", "TCP", "TLS", "UDP", "HBONE"];
+
+pub(super) fn service_entry(o: &mut Obj, se: &ServiceEntry) {
+    let spec = &se.spec;
+    if spec.hosts.is_empty() {
+        o.err("spec.hosts", "a ServiceEntry needs at least one host");
+    }
+    for (i, host) in spec.hosts.iter().enumerate() {
+        o.host(&format!("spec.hosts[{i}]"), host);
+        if host == "*" {
+            o.err(format!("spec.hosts[{i}]"), "host `*` is not allowed in a ServiceEntry");
+        }
+    }
+    for (i, address) in spec.addresses.iter().enumerate() {
+        o.ip_or_cidr(&format!("spec.addresses[{i}]"), address);
+    }
+    let mut names = BTreeSet::new();
+    let mut numbers = BTreeSet::new();
+    for (i, port) in spec.ports.iter().enumerate() {
+        let field = format!("spec.ports[{i}]");
+        o.port(&format!("{field}.number"), port.number);
+        if let Some(target) = port.target_port {
+            o.port(&format!("{field}.targetPort"), target);
+        }
+        if !values::is_dns_label(&port.name) {
+            o.err(format!("{field}.name"), format!("`{}` is not a valid port name (a DNS label)", port.name));
+        } else if !names.insert(port.name.as_str()) {
+            o.err(format!("{field}.name"), format!("duplicate port name `{}`", port.name));
+        }
+        if !numbers.insert(port.number) {
+            o.err(format!("{field}.number"), format!("duplicate port {}", port.number));
+        }
+        if let Some(protocol) = &port.protocol
+            && !SERVICE_ENTRY_PROTOCOLS.iter().any(|p| p.eq_ignore_ascii_case(protocol))
+        {
+            o.err(
+                format!("{field}.protocol"),
+                format!("unknown protocol `{protocol}` (expected one of {})", SERVICE_ENTRY_PROTOCOLS.join(", ")),
+            );
+        }
+    }
+    o.export_to("spec.exportTo", &spec.export_to);
+    o.selector("spec.workloadSelector", spec.workload_selector.as_ref());
+    if spec.workload_selector.is_some() && !spec.endpoints.is_empty() {
+        o.err("spec.workloadSelector", "workloadSelector and endpoints are mutually exclusive");
+    }
+    for (i, endpoint) in spec.endpoints.iter().enumerate() {
+        let field = format!("spec.endpoints[{i}]");
+        workload(o, &field, endpoint);
+        let address = endpoint.address.as_str();
+        let literal = address.parse::<std::net::IpAddr>().is_ok() || address.starts_with("unix://");
+        let resolution = match spec.resolution {
+            Resolution::Static => Some("STATIC"),
+            Resolution::None => Some("NONE"),
+            Resolution::Dns | Resolution::DnsRoundRobin => None,
+        };
+        if let Some(resolution) = resolution
+            && !address.is_empty()
+            && !literal
+        {
+            o.err(
+                format!("{field}.address"),
+                format!("`{address}` must be an IP address (or unix:// path) with resolution {resolution}"),
+            );
+        }
+        for name in endpoint.ports.keys() {
+            if !spec.ports.is_empty() && !spec.ports.iter().any(|p| &p.name == name) {
+                o.err(format!("{field}.ports[{name}]"), format!("port `{name}` is not defined in spec.ports"));
+            }
+        }
+    }
+}
+
+pub(super) fn workload_entry(o: &mut Obj, we: &WorkloadEntry) {
+    workload(o, "spec", &we.spec);
+}
+
+fn workload(o: &mut Obj, field: &str, spec: &WorkloadEntrySpec) {
+    let address = spec.address.as_str();
+    if address.is_empty() {
+        if spec.network.is_none() {
+            o.err(format!("{field}.address"), "an address is required unless a network is named");
+        }
+    } else if address.parse::<std::net::IpAddr>().is_err() && !address.starts_with("unix://") {
+        o.host(&format!("{field}.address"), address);
+    }
+    for (name, port) in &spec.ports {
+        o.port(&format!("{field}.ports[{name}]"), *port);
+        if name.is_empty() {
+            o.err(format!("{field}.ports"), "a port name must not be empty");
+        }
+    }
+    o.labels(&format!("{field}.labels"), &spec.labels);
+    if let Some(sa) = &spec.service_account
+        && !values::is_dns_subdomain(sa)
+    {
+        o.err(format!("{field}.serviceAccount"), format!("`{sa}` is not a valid service account name"));
+    }
+}

@@ -1,0 +1,234 @@
+//! The control protocol between the controller and the agents: HTTP/2 over mutual
+//! TLS on port 15012.
+//!
+//! - `GET /v1/config`: a stream of newline-delimited JSON [`ConfigMessage`]s, first a
+//!   snapshot of the node's view, then incremental updates, each with a version.
+//! - `POST /v1/ack`: the agent acknowledges the version it applied ([`Ack`]).
+//! - `POST /v1/certificate`: a CSR for the identity of a pod on the agent's node
+//!   ([`CertificateRequest`] -> [`CertificateResponse`]).
+//!
+//! The agent is authenticated by its node certificate (URI SAN
+//! [`node_identity`]); the controller signs workload identities only for pods it
+//! knows to be on that node.
+use std::{borrow::ToOwned, collections::BTreeMap, format, string::String, vec::Vec};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::config::Config;
+
+pub const CONTROL_PORT: u16 = 15012;
+pub const CONFIG_PATH: &str = "/v1/config";
+pub const ACK_PATH: &str = "/v1/ack";
+pub const CERTIFICATE_PATH: &str = "/v1/certificate";
+/// DNS name in the controller's serving certificate.
+pub const CONTROLLER_NAME: &str = "mesh-controller";
+
+/// A node's view: objects keyed by `Kind/namespace/name`, each the JSON form of the
+/// typed config object.
+pub type Objects = BTreeMap<String, serde_json::Value>;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ConfigMessage {
+    Snapshot { version: u64, objects: Objects },
+    Update { version: u64, upserts: Objects, deletes: Vec<String> },
+}
+
+impl ConfigMessage {
+    pub fn version(&self) -> u64 {
+        match self {
+            Self::Snapshot { version, .. } | Self::Update { version, .. } => *version,
+        }
+    }
+
+    /// Applies this message to an agent's copy of its view.
+    pub fn apply(self, objects: &mut Objects) {
+        match self {
+            Self::Snapshot { objects: all, .. } => *objects = all,
+            Self::Update { upserts, deletes, .. } => {
+                for key in deletes {
+                    objects.remove(&key);
+                }
+                objects.extend(upserts);
+            }
+        }
+    }
+}
+
+/// The update that turns `old` into `new` (None when they are equal).
+pub fn diff(old: &Objects, new: &Objects, version: u64) -> Option<ConfigMessage> {
+    let upserts: Objects =
+        new.iter().filter(|(k, v)| old.get(*k) != Some(*v)).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let deletes: Vec<String> = old.keys().filter(|k| !new.contains_key(*k)).cloned().collect();
+    if upserts.is_empty() && deletes.is_empty() {
+        None
+    } else {
+        Some(ConfigMessage::Update { version, upserts, deletes })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Ack {
+    pub version: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CertificateRequest {
+    /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`
+    pub identity: String,
+    pub csr_pem: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CertificateResponse {
+    /// The leaf first, then intermediates.
+    pub chain_pem: Vec<String>,
+    pub root_pem: String,
+    /// Expiry, seconds since the epoch.
+    pub not_after: i64,
+}
+
+/// The identity in a node's bootstrap certificate.
+pub fn node_identity(trust_domain: &str, node: &str) -> String {
+    format!("spiffe://{trust_domain}/mesh-node/{node}")
+}
+
+/// The node name of a node identity of this trust domain.
+pub fn parse_node_identity<'a>(trust_domain: &str, uri: &'a str) -> Option<&'a str> {
+    let rest = uri.strip_prefix("spiffe://")?.strip_prefix(trust_domain)?.strip_prefix("/mesh-node/")?;
+    (!rest.is_empty() && !rest.contains('/')).then_some(rest)
+}
+
+/// A workload identity.
+pub fn workload_identity(trust_domain: &str, namespace: &str, service_account: &str) -> String {
+    format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
+}
+
+/// (trust domain, namespace, service account) of a workload identity.
+pub fn parse_workload_identity(uri: &str) -> Option<(&str, &str, &str)> {
+    let rest = uri.strip_prefix("spiffe://")?;
+    let (td, path) = rest.split_once('/')?;
+    let mut parts = path.split('/');
+    match (parts.next(), parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some("ns"), Some(ns), Some("sa"), Some(sa), None) if !td.is_empty() && !ns.is_empty() && !sa.is_empty() => {
+            Some((td, ns, sa))
+        }
+        _ => None,
+    }
+}
+
+/// Config field holding each kind, in the order the kinds are listed.
+const KINDS: &[(&str, &str)] = &[
+    ("namespaces", "Namespace"),
+    ("services", "Service"),
+    ("pods", "Pod"),
+    ("workloadEntries", "WorkloadEntry"),
+    ("authorizationPolicies", "AuthorizationPolicy"),
+    ("peerAuthentications", "PeerAuthentication"),
+    ("requestAuthentications", "RequestAuthentication"),
+    ("virtualServices", "VirtualService"),
+    ("destinationRules", "DestinationRule"),
+    ("serviceEntries", "ServiceEntry"),
+    ("telemetries", "Telemetry"),
+    ("httpRoutes", "HTTPRoute"),
+    ("grpcRoutes", "GRPCRoute"),
+];
+
+fn meta<'a>(object: &'a Value, field: &str) -> &'a str {
+    object["metadata"][field].as_str().unwrap_or("")
+}
+
+/// Every object of the config, keyed `Kind/namespace/name`.
+pub fn all_objects(config: &Config) -> Objects {
+    let json = serde_json::to_value(config).expect("config serializes");
+    let mut objects = Objects::new();
+    for (field, kind) in KINDS {
+        for object in json[*field].as_array().into_iter().flatten() {
+            let key = format!("{kind}/{}/{}", meta(object, "namespace"), meta(object, "name"));
+            objects.insert(key, object.clone());
+        }
+    }
+    objects.insert(
+        "MeshConfig//mesh".into(),
+        serde_json::json!({
+            "rootNamespace": config.root_namespace,
+            "trustDomain": config.trust_domain,
+        }),
+    );
+    objects
+}
+
+/// Rebuilds a typed config from a view (what an agent does with what it receives).
+pub fn materialize(objects: &Objects) -> Result<Config, serde_json::Error> {
+    let mut json = serde_json::Map::new();
+    for (field, kind) in KINDS {
+        let items: Vec<Value> =
+            objects.iter().filter(|(key, _)| key.split('/').next() == Some(*kind)).map(|(_, v)| v.clone()).collect();
+        json.insert((*field).to_owned(), Value::Array(items));
+    }
+    if let Some(mesh) = objects.get("MeshConfig//mesh") {
+        json.insert("rootNamespace".into(), mesh["rootNamespace"].clone());
+        json.insert("trustDomain".into(), mesh["trustDomain"].clone());
+    }
+    let defaults = serde_json::to_value(Config::default())?;
+    for (key, value) in defaults.as_object().into_iter().flatten() {
+        json.entry(key.clone()).or_insert_with(|| value.clone());
+    }
+    serde_json::from_value(Value::Object(json))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identities_round_trip_and_reject_lookalikes() {
+        let id = workload_identity("cluster.local", "shop", "web");
+        assert_eq!(parse_workload_identity(&id), Some(("cluster.local", "shop", "web")));
+        assert_eq!(parse_workload_identity("spiffe://cluster.local/ns/shop/sa/web/extra"), None);
+        assert_eq!(parse_workload_identity("spiffe://cluster.local/ns//sa/web"), None);
+        assert_eq!(parse_workload_identity("https://cluster.local/ns/a/sa/b"), None);
+        let node = node_identity("cluster.local", "node1");
+        assert_eq!(parse_node_identity("cluster.local", &node), Some("node1"));
+        assert_eq!(parse_node_identity("other.local", &node), None);
+        assert_eq!(parse_node_identity("cluster.local", "spiffe://cluster.local/mesh-node/a/b"), None);
+    }
+
+    #[test]
+    fn every_kind_survives_the_trip_to_an_agent() {
+        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/valid/mesh-everything.yaml");
+        let mut config = crate::config::load_paths(&[path]).expect("valid manifest");
+        let objects = all_objects(&config);
+        let kinds: std::collections::BTreeSet<&str> = objects.keys().filter_map(|k| k.split('/').next()).collect();
+        assert_eq!(kinds.len(), KINDS.len() + 1, "kinds seen: {kinds:?}");
+        let json = serde_json::to_string(&ConfigMessage::Snapshot { version: 1, objects: objects.clone() }).unwrap();
+        let ConfigMessage::Snapshot { objects: received, .. } = serde_json::from_str(&json).unwrap() else {
+            panic!("not a snapshot")
+        };
+        let mut rebuilt = materialize(&received).expect("materializes");
+        // Only served objects travel; the order of objects within a kind may change.
+        config.ignored.clear();
+        assert_eq!(all_objects(&rebuilt), objects);
+        rebuilt.ignored.clear();
+        assert_eq!(rebuilt.trust_domain, config.trust_domain);
+        assert_eq!(rebuilt.pods.len(), config.pods.len());
+    }
+
+    #[test]
+    fn diff_then_apply_reaches_the_new_view() {
+        let mut old = Objects::new();
+        old.insert("Pod/a/x".into(), serde_json::json!({"v": 1}));
+        old.insert("Pod/a/y".into(), serde_json::json!({"v": 1}));
+        let mut new = old.clone();
+        new.remove("Pod/a/x");
+        new.insert("Pod/a/y".into(), serde_json::json!({"v": 2}));
+        new.insert("Pod/a/z".into(), serde_json::json!({"v": 1}));
+        let update = diff(&old, &new, 7).unwrap();
+        assert_eq!(update.version(), 7);
+        let mut applied = old.clone();
+        update.apply(&mut applied);
+        assert_eq!(applied, new);
+        assert_eq!(diff(&new, &new, 8), None);
+    }
+}

@@ -1,0 +1,116 @@
+//! TLS configuration shared by the controller and the agents: TLS 1.3 only, AES-GCM
+//! suites only, ALPN `h2`, client certificates required, no session resumption.
+use std::{string::String, sync::Arc, vec::Vec};
+
+use rustls::{
+    ClientConfig, RootCertStore, ServerConfig,
+    client::Resumption,
+    crypto::CryptoProvider,
+    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    server::{NoServerSessionStorage, WebPkiClientVerifier},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("no certificate in the PEM data")]
+    NoCertificate,
+    #[error("bad PEM data")]
+    Pem(#[from] rustls::pki_types::pem::Error),
+    #[error("TLS configuration")]
+    Rustls(#[from] rustls::Error),
+    #[error("client verifier")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+}
+
+/// The crypto provider: ring, restricted to the TLS 1.3 AES-GCM suites.
+pub fn provider() -> Arc<CryptoProvider> {
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites = std::vec![
+        rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
+        rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
+    ];
+    Arc::new(provider)
+}
+
+pub fn certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate);
+    }
+    Ok(certs)
+}
+
+pub fn roots(pems: &[String]) -> Result<RootCertStore, TlsError> {
+    let mut store = RootCertStore::empty();
+    for pem in pems {
+        for cert in certs(pem)? {
+            store.add(cert)?;
+        }
+    }
+    Ok(store)
+}
+
+/// A server that requires a client certificate chaining to `root_pems`.
+pub fn server_config(chain_pem: &str, key_pem: &str, root_pems: &[String]) -> Result<ServerConfig, TlsError> {
+    let provider = provider();
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots(root_pems)?), provider.clone()).build()?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs(chain_pem)?, PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?)?;
+    config.alpn_protocols = std::vec![b"h2".to_vec()];
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(config)
+}
+
+/// A client presenting `chain_pem` and trusting `root_pems`.
+pub fn client_config(chain_pem: &str, key_pem: &str, root_pems: &[String]) -> Result<ClientConfig, TlsError> {
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots(root_pems)?)
+        .with_client_auth_cert(certs(chain_pem)?, PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?)?;
+    config.alpn_protocols = std::vec![b"h2".to_vec()];
+    config.resumption = Resumption::disabled();
+    Ok(config)
+}
+
+/// The URI SANs of a DER certificate (SPIFFE identities).
+pub fn uri_sans(cert: &CertificateDer<'_>) -> Vec<String> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let Ok((_, cert)) = X509Certificate::from_der(cert.as_ref()) else {
+        return Vec::new();
+    };
+    let Ok(Some(sans)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    sans.value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            GeneralName::URI(uri) => Some(String::from(*uri)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Seconds since the epoch at which a PEM certificate expires.
+pub fn not_after(pem: &str) -> Option<i64> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let der = certs(pem).ok()?.into_iter().next()?;
+    let (_, cert) = X509Certificate::from_der(der.as_ref()).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
+/// A fresh ECDSA P-256 key and a CSR for `identity` (a URI SAN), both PEM: what an
+/// agent sends to the controller.
+pub fn make_csr(identity: &str) -> Result<(String, String), rcgen::Error> {
+    use rcgen::{CertificateParams, DistinguishedName, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = std::vec![SanType::URI(identity.try_into()?)];
+    let csr = params.serialize_request(&key)?;
+    Ok((key.serialize_pem(), csr.pem()?))
+}

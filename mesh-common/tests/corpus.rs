@@ -1,0 +1,167 @@
+//! The configuration corpora: every manifest under `tests/corpus/` is broken in one
+//! way and says, in its header, what the report must say about it; everything under
+//! `tests/valid/` (the seed manifests included) must load without a problem.
+//!
+//! Header of a broken case (a file, or the one file of a directory case that has it):
+//! ```text
+//! # expect: <a substring of the problem's message>
+//! # field: <the field path the problem names, or - when it names none>
+//! ```
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use mesh_common::config::{self, Config, Problem};
+
+fn dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join(name)
+}
+
+struct Expectation {
+    file: PathBuf,
+    message: String,
+    field: String,
+}
+
+fn expectation(case: &Path) -> Expectation {
+    let files: Vec<PathBuf> = if case.is_dir() {
+        let mut files: Vec<PathBuf> = fs::read_dir(case).unwrap().map(|e| e.unwrap().path()).collect();
+        files.sort();
+        files
+    } else {
+        vec![case.to_path_buf()]
+    };
+    for file in files {
+        let text = fs::read_to_string(&file).unwrap();
+        let header = |key: &str| text.lines().find_map(|l| l.strip_prefix(key)).map(|v| v.trim().to_string());
+        if let Some(message) = header("# expect:") {
+            let field = header("# field:").unwrap_or_else(|| panic!("{}: no `# field:` line", file.display()));
+            let field = if field == "-" { String::new() } else { field };
+            return Expectation { file, message, field };
+        }
+    }
+    panic!("{}: no `# expect:` line", case.display());
+}
+
+#[test]
+fn every_broken_manifest_is_reported_with_file_object_field_and_reason() {
+    let mut cases: Vec<PathBuf> = fs::read_dir(dir("corpus")).unwrap().map(|e| e.unwrap().path()).collect();
+    cases.sort();
+    assert!(cases.len() >= 15, "the corpus has {} cases", cases.len());
+    let mut failures = Vec::new();
+    for case in &cases {
+        let expect = expectation(case);
+        let Err(report) = config::load_paths(std::slice::from_ref(case)) else {
+            failures.push(format!("{}: accepted, expected `{}`", case.display(), expect.message));
+            continue;
+        };
+        let file = expect.file.display().to_string();
+        let found = report.0.iter().find(|p: &&Problem| p.to_string().contains(&expect.message));
+        let Some(problem) = found else {
+            failures.push(format!("{}: no problem says `{}`; the report:\n{report}", case.display(), expect.message));
+            continue;
+        };
+        let line = problem.to_string();
+        if problem.file != file || !line.contains(&file) {
+            failures.push(format!("{}: the problem names file `{}`: {line}", case.display(), problem.file));
+        }
+        if problem.field != expect.field || !line.contains(&expect.field) {
+            failures.push(format!(
+                "{}: the problem names field `{}`, expected `{}`: {line}",
+                case.display(),
+                problem.field,
+                expect.field
+            ));
+        }
+        if !expect.field.is_empty() && problem.object.is_none() {
+            failures.push(format!("{}: the problem names no object: {line}", case.display()));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn a_duplicate_names_both_files() {
+    let case = dir("corpus").join("duplicate-object");
+    let report = config::load_paths(std::slice::from_ref(&case)).unwrap_err();
+    let line = report.to_string();
+    assert!(line.contains(&case.join("1-first.yaml").display().to_string()), "{line}");
+    assert!(line.contains(&case.join("2-second.yaml").display().to_string()), "{line}");
+}
+
+fn load_valid() -> Config {
+    match config::load_paths(&[dir("valid")]) {
+        Ok(config) => config,
+        Err(report) => panic!("the valid corpus was rejected:\n{report}"),
+    }
+}
+
+#[test]
+fn the_valid_corpus_and_the_seeds_load_without_problems() {
+    let config = load_valid();
+    // The seed's 80/20 split, as written (no namespace: `default`).
+    let vs = config.virtual_services.iter().find(|v| v.metadata.name == "my-service").unwrap();
+    assert_eq!(vs.metadata.namespace, "default");
+    let weights: Vec<i64> = vs.spec.http[0].route.iter().map(|r| r.weight).collect();
+    assert_eq!(weights, [80, 20]);
+    // The retries and the principals of seed 002.
+    let retries = config.virtual_services.iter().find(|v| v.metadata.name == "backend-retries").unwrap();
+    let retry = retries.spec.http[0].retries.as_ref().unwrap();
+    assert_eq!((retry.attempts, retry.per_try_timeout.as_deref()), (3, Some("2s")));
+    let policy = config.authorization_policies.iter().find(|p| p.metadata.name == "backend-allow-frontend").unwrap();
+    let source = policy.spec.rules[0].from[0].source.as_ref().unwrap();
+    assert_eq!(source.principals, ["cluster.local/ns/default/sa/frontend"]);
+    // Seed 002's Istio components: served kinds loaded, the others recorded.
+    assert!(config.namespaces.iter().any(|n| n.metadata.name == "istio-system"));
+    assert!(config.services.iter().any(|s| s.metadata.name == "istio-ingressgateway"));
+    let kinds = config.ignored_kinds();
+    for kind in [
+        "Deployment",
+        "ServiceAccount",
+        "MutatingWebhookConfiguration",
+        "ValidatingWebhookConfiguration",
+        "ConfigMap",
+        "Gateway",
+    ] {
+        assert!(kinds.contains(&kind), "{kind} not in {kinds:?}");
+    }
+    assert!(
+        config.ignored.iter().any(|i| i.starts_with("Deployment/istio-egressgateway (no apiVersion)")),
+        "{:#?}",
+        config.ignored
+    );
+    // A `kind: List` export.
+    assert!(config.services.iter().any(|s| s.metadata.name == "ratings" && s.metadata.namespace == "shop"));
+    assert!(config.ignored.iter().any(|i| i.starts_with("Deployment/shop/ratings-v1 (apps/v1)")));
+}
+
+#[test]
+fn the_model_round_trips_through_json() {
+    let config = load_valid();
+    assert!(config.object_count() > 20);
+    let json = serde_json::to_string(&config).unwrap();
+    let back: Config = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, config);
+}
+
+#[test]
+fn the_seed_virtual_service_needs_its_destination_rule() {
+    let valid = dir("valid");
+    let alone = config::load_paths(&[valid.join("004-virtualservice.yaml")]).unwrap_err();
+    assert!(
+        alone.to_string().contains("no DestinationRule for host `my-service.default.svc.cluster.local`"),
+        "{alone}"
+    );
+    let together = config::load_paths(&[valid.join("004-virtualservice.yaml"), valid.join("004-destinationrule.yaml")]);
+    assert!(together.is_ok(), "{}", together.unwrap_err());
+}
+
+#[test]
+fn an_unreadable_path_is_a_problem() {
+    let missing = dir("corpus").join("no-such-file.yaml");
+    let report = config::load_paths(std::slice::from_ref(&missing)).unwrap_err();
+    assert_eq!(report.0.len(), 1);
+    assert!(report.0[0].file.contains("no-such-file.yaml"));
+    assert!(report.0[0].reason.starts_with("cannot read"), "{report}");
+}

@@ -1,0 +1,378 @@
+//! The controller's state and its two listeners: the agents' control endpoint (HTTP/2
+//! over mutual TLS, 15012) and a local status/metrics endpoint.
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    fmt::Write as _,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::{Frame, Incoming},
+    service::service_fn,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use mesh_common::{
+    config::Config,
+    control::{
+        ACK_PATH, Ack, CERTIFICATE_PATH, CONFIG_PATH, CertificateRequest, CertificateResponse, ConfigMessage, Objects,
+        diff, parse_node_identity,
+    },
+    tls::uri_sans,
+};
+use serde::Serialize;
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, watch},
+};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use crate::{ca::Ca, view};
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// One accepted configuration.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub version: u64,
+    pub config: Config,
+    pub objects: Objects,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct AgentStatus {
+    pub connected: bool,
+    pub sent_version: u64,
+    pub acked_version: u64,
+    pub objects: usize,
+    pub certificates_issued: u64,
+    pub certificates_refused: u64,
+}
+
+pub struct Controller {
+    snapshot: watch::Sender<Arc<Snapshot>>,
+    ca: Ca,
+    cert_lifetime: Duration,
+    trust_domain: String,
+    trust_domain_aliases: Vec<String>,
+    agents: Mutex<BTreeMap<String, AgentStatus>>,
+    rejections: AtomicU64,
+    last_rejection: Mutex<Option<String>>,
+}
+
+impl Controller {
+    pub fn new(config: Config, ca: Ca, cert_lifetime: Duration, trust_domain_aliases: Vec<String>) -> Self {
+        let trust_domain = config.trust_domain.clone();
+        let objects = view::all_objects(&config);
+        // Versions start at the wall clock in milliseconds so that they keep growing
+        // across controller restarts.
+        let version = u64::try_from(now_unix()).unwrap_or(1) * 1000;
+        let (snapshot, _) = watch::channel(Arc::new(Snapshot { version, config, objects }));
+        Self {
+            snapshot,
+            ca,
+            cert_lifetime,
+            trust_domain,
+            trust_domain_aliases,
+            agents: Mutex::new(BTreeMap::new()),
+            rejections: AtomicU64::new(0),
+            last_rejection: Mutex::new(None),
+        }
+    }
+
+    pub fn ca(&self) -> &Ca {
+        &self.ca
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.snapshot.borrow().clone()
+    }
+
+    /// Makes `config` the running configuration (a new version) unless nothing changed.
+    pub fn apply(&self, config: Config) -> Option<u64> {
+        let current = self.current();
+        let objects = view::all_objects(&config);
+        if objects == current.objects {
+            return None;
+        }
+        let version = current.version + 1;
+        self.snapshot.send_replace(Arc::new(Snapshot { version, config, objects }));
+        info!(version, "configuration accepted");
+        Some(version)
+    }
+
+    /// Records a rejected change; the running configuration stays.
+    pub fn reject(&self, report: &str) {
+        self.rejections.fetch_add(1, Ordering::Relaxed);
+        *self.last_rejection.lock().expect("lock") = Some(report.to_owned());
+        warn!(version = self.current().version, "configuration change rejected; keeping the last good one:\n{report}");
+    }
+
+    fn agent(&self, node: &str, update: impl FnOnce(&mut AgentStatus)) {
+        update(self.agents.lock().expect("lock").entry(node.to_owned()).or_default());
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::json!({
+            "version": self.current().version,
+            "rejections": self.rejections.load(Ordering::Relaxed),
+            "last_rejection": *self.last_rejection.lock().expect("lock"),
+            "agents": *self.agents.lock().expect("lock"),
+        })
+    }
+
+    pub fn metrics(&self) -> String {
+        let agents = self.agents.lock().expect("lock");
+        let connected = agents.values().filter(|a| a.connected).count();
+        let mut out = String::new();
+        out += "# HELP mesh_controller_config_version Version of the running configuration.\n";
+        out += "# TYPE mesh_controller_config_version gauge\n";
+        let _ = writeln!(out, "mesh_controller_config_version {}", self.current().version);
+        out += "# HELP mesh_controller_config_rejections_total Configuration changes rejected as invalid.\n";
+        out += "# TYPE mesh_controller_config_rejections_total counter\n";
+        let _ = writeln!(out, "mesh_controller_config_rejections_total {}", self.rejections.load(Ordering::Relaxed));
+        out += "# HELP mesh_controller_connected_agents Agents with an open configuration stream.\n";
+        out += "# TYPE mesh_controller_connected_agents gauge\n";
+        let _ = writeln!(out, "mesh_controller_connected_agents {connected}");
+        out
+    }
+}
+
+/// The agents' endpoint: TLS 1.3 with client certificates, HTTP/2.
+pub struct ControlServer {
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    controller: Arc<Controller>,
+}
+
+impl ControlServer {
+    pub async fn bind(
+        addr: SocketAddr,
+        tls: rustls::ServerConfig,
+        controller: Arc<Controller>,
+    ) -> std::io::Result<Self> {
+        Ok(Self { listener: TcpListener::bind(addr).await?, acceptor: TlsAcceptor::from(Arc::new(tls)), controller })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub async fn run(self) {
+        loop {
+            let (tcp, peer) = match self.listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    warn!(%error, "control accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let acceptor = self.acceptor.clone();
+            let controller = self.controller.clone();
+            tokio::spawn(async move {
+                let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(error)) => {
+                        debug!(%peer, %error, "control TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                let node = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|certs| certs.first())
+                    .map(uri_sans)
+                    .unwrap_or_default()
+                    .iter()
+                    .find_map(|uri| parse_node_identity(controller.trust_domain(), uri).map(str::to_owned));
+                let Some(node) = node else {
+                    warn!(%peer, "control client presented no node identity; closing");
+                    return;
+                };
+                let service = service_fn(move |req| {
+                    let controller = controller.clone();
+                    let node = node.clone();
+                    async move { Ok::<_, Infallible>(handle(&controller, &node, req).await) }
+                });
+                let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                builder.timer(TokioTimer::new());
+                builder.keep_alive_interval(Some(Duration::from_secs(15))).keep_alive_timeout(Duration::from_secs(10));
+                if let Err(error) = builder.serve_connection(TokioIo::new(tls), service).await {
+                    debug!(%peer, %error, "control connection ended");
+                }
+            });
+        }
+    }
+}
+
+fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    Response::builder().status(status).body(Full::new(body.into()).boxed()).expect("valid response")
+}
+
+fn json<T: Serialize>(value: &T) -> Response<Body> {
+    full(StatusCode::OK, serde_json::to_vec(value).expect("serializable"))
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Response<Body>> {
+    let bytes = http_body_util::Limited::new(req.into_body(), 1 << 20)
+        .collect()
+        .await
+        .map_err(|e| full(StatusCode::BAD_REQUEST, format!("unreadable body: {e}\n")))?
+        .to_bytes();
+    serde_json::from_slice(&bytes).map_err(|e| full(StatusCode::BAD_REQUEST, format!("bad request: {e}\n")))
+}
+
+async fn handle(controller: &Arc<Controller>, node: &str, req: Request<Incoming>) -> Response<Body> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, CONFIG_PATH) => config_stream(controller.clone(), node.to_owned()),
+        (&Method::POST, ACK_PATH) => match read_json::<Ack>(req).await {
+            Ok(ack) => {
+                controller.agent(node, |a| a.acked_version = a.acked_version.max(ack.version));
+                debug!(node, version = ack.version, "agent acknowledged");
+                full(StatusCode::NO_CONTENT, "")
+            }
+            Err(response) => response,
+        },
+        (&Method::POST, CERTIFICATE_PATH) => match read_json::<CertificateRequest>(req).await {
+            Ok(request) => certificate(controller, node, &request),
+            Err(response) => response,
+        },
+        _ => full(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn certificate(controller: &Controller, node: &str, request: &CertificateRequest) -> Response<Body> {
+    let snapshot = controller.current();
+    if !view::may_issue(&snapshot.config, node, &request.identity) {
+        controller.agent(node, |a| a.certificates_refused += 1);
+        warn!(node, identity = %request.identity, "certificate refused: no pod with that identity on this node");
+        return full(StatusCode::FORBIDDEN, format!("node {node} runs no pod with identity {}\n", request.identity));
+    }
+    match controller.ca.sign_csr(&request.csr_pem, &request.identity, controller.cert_lifetime) {
+        Ok(issued) => {
+            controller.agent(node, |a| a.certificates_issued += 1);
+            info!(node, identity = %request.identity, not_after = %issued.not_after, "certificate issued");
+            let mut chain_pem = vec![issued.cert_pem];
+            let root_pem = issued.chain_pem.last().cloned().unwrap_or_default();
+            chain_pem.extend(issued.chain_pem.into_iter().filter(|c| *c != root_pem));
+            json(&CertificateResponse { chain_pem, root_pem, not_after: issued.not_after.unix_timestamp() })
+        }
+        Err(error) => {
+            controller.agent(node, |a| a.certificates_refused += 1);
+            full(StatusCode::BAD_REQUEST, format!("{error}\n"))
+        }
+    }
+}
+
+/// A response body fed by a channel: one frame per message.
+struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|item| item.map(|bytes| Ok(Frame::data(bytes))))
+    }
+}
+
+fn encode(message: &ConfigMessage) -> Bytes {
+    let mut line = serde_json::to_vec(message).expect("messages serialize");
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+fn config_stream(controller: Arc<Controller>, node: String) -> Response<Body> {
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        let mut updates = controller.snapshot.subscribe();
+        let snapshot = updates.borrow_and_update().clone();
+        let mut sent = view::node_view(&snapshot.config, &snapshot.objects, &node);
+        let objects = sent.len();
+        info!(%node, version = snapshot.version, objects, "agent connected; sending snapshot");
+        controller.agent(&node, |a| {
+            a.connected = true;
+            a.sent_version = snapshot.version;
+            a.objects = objects;
+        });
+        let mut ok = tx
+            .send(encode(&ConfigMessage::Snapshot { version: snapshot.version, objects: sent.clone() }))
+            .await
+            .is_ok();
+        while ok && updates.changed().await.is_ok() {
+            let snapshot = updates.borrow_and_update().clone();
+            let view = view::node_view(&snapshot.config, &snapshot.objects, &node);
+            // An update is sent even when this node's view did not change, so that
+            // every agent converges on the same version number.
+            let message = diff(&sent, &view, snapshot.version).unwrap_or(ConfigMessage::Update {
+                version: snapshot.version,
+                upserts: Objects::new(),
+                deletes: Vec::new(),
+            });
+            ok = tx.send(encode(&message)).await.is_ok();
+            let objects = view.len();
+            sent = view;
+            controller.agent(&node, |a| {
+                a.sent_version = snapshot.version;
+                a.objects = objects;
+            });
+        }
+        controller.agent(&node, |a| a.connected = false);
+        info!(%node, "agent disconnected");
+    });
+    Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .body(ChannelBody(rx).boxed())
+        .expect("valid response")
+}
+
+/// Local status (`/status`, JSON) and Prometheus metrics (`/metrics`), plain HTTP.
+pub async fn serve_admin(listener: TcpListener, controller: Arc<Controller>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let controller = controller.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let controller = controller.clone();
+                async move {
+                    Ok::<_, Infallible>(match req.uri().path() {
+                        "/status" => json(&controller.status()),
+                        "/metrics" => full(StatusCode::OK, controller.metrics()),
+                        _ => full(StatusCode::NOT_FOUND, "GET /status or /metrics\n"),
+                    })
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
+}
+
+/// Seconds since the epoch.
+pub fn now_unix() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+impl Controller {
+    /// Aliases of the trust domain accepted from peers.
+    pub fn trust_domain_aliases(&self) -> &[String] {
+        &self.trust_domain_aliases
+    }
+}

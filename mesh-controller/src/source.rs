@@ -1,0 +1,75 @@
+//! The YAML directory source: polls the directory (2 Hz, so a change applies within a
+//! second), loads and validates the whole set on any change, and hands a valid result
+//! to the controller. An invalid change is rejected as a whole; the last good
+//! configuration stays in force.
+use std::{
+    collections::hash_map::DefaultHasher,
+    hash::{Hash, Hasher},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use mesh_common::config::{Config, Report, load_paths};
+
+use crate::server::Controller;
+
+/// A fingerprint of every manifest file (names and contents) below `dir`.
+pub fn fingerprint(dir: &Path) -> u64 {
+    let mut files = Vec::new();
+    collect(dir, &mut files);
+    files.sort();
+    let mut hasher = DefaultHasher::new();
+    for file in files {
+        file.hash(&mut hasher);
+        std::fs::read(&file).unwrap_or_default().hash(&mut hasher);
+    }
+    hasher.finish()
+}
+
+fn collect(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            collect(&path, out);
+        } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml" || e == "json") {
+            out.push(path);
+        }
+    }
+}
+
+/// Loads `dir` with the mesh settings applied.
+pub fn load(dir: &Path, trust_domain: &str, root_namespace: &str) -> Result<Config, Report> {
+    let mut config = load_paths(&[dir.to_owned()])?;
+    trust_domain.clone_into(&mut config.trust_domain);
+    root_namespace.clone_into(&mut config.root_namespace);
+    Ok(config)
+}
+
+pub async fn watch(
+    dir: PathBuf,
+    trust_domain: String,
+    root_namespace: String,
+    controller: Arc<Controller>,
+    mut last: u64,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        let dir2 = dir.clone();
+        let Ok(current) = tokio::task::spawn_blocking(move || fingerprint(&dir2)).await else { continue };
+        if current == last {
+            continue;
+        }
+        last = current;
+        let (dir2, td, root) = (dir.clone(), trust_domain.clone(), root_namespace.clone());
+        match tokio::task::spawn_blocking(move || load(&dir2, &td, &root)).await {
+            Ok(Ok(config)) => {
+                controller.apply(config);
+            }
+            Ok(Err(report)) => controller.reject(&report.to_string()),
+            Err(_) => {}
+        }
+    }
+}

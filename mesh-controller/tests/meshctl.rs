@@ -1,0 +1,93 @@
+//! `meshctl validate` as a user runs it: the built binary on the configuration corpora
+//! of `mesh-common` (valid manifests and seeds, one broken manifest per file).
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output},
+};
+
+fn meshctl(args: &[&Path]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_meshctl")).arg("validate").args(args).output().expect("run meshctl")
+}
+
+fn corpus(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join("mesh-common/tests").join(name)
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn valid_manifests_exit_0_with_a_summary() {
+    let out = meshctl(&[&corpus("valid")]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    assert!(stdout.starts_with("✔ "), "{stdout}");
+    assert!(stdout.contains(" files are valid ("), "{stdout}");
+    assert!(stdout.contains("ignored kinds: Deployment, ServiceAccount"), "{stdout}");
+}
+
+#[test]
+fn the_seed_virtual_service_is_valid_with_its_destination_rule() {
+    let out = meshctl(&[&corpus("valid/004-virtualservice.yaml"), &corpus("valid/004-destinationrule.yaml")]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    assert_eq!(text(&out.stdout), "✔ 2 objects in 2 files are valid\n");
+}
+
+#[test]
+fn a_broken_manifest_exits_1_naming_file_object_field_and_reason() {
+    let file = corpus("corpus/weight-out-of-range.yaml");
+    let out = meshctl(&[&file]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let first = stdout.lines().next().unwrap();
+    assert_eq!(
+        first,
+        format!(
+            "{}: VirtualService/default/my-service: spec.http[0].route[0].weight: weight -20 is outside 0..=100",
+            file.display()
+        )
+    );
+    assert_eq!(stdout.lines().last(), Some("✘ 2 problems in 1 file"));
+}
+
+#[test]
+fn every_problem_of_a_directory_is_listed() {
+    let out = meshctl(&[&corpus("corpus")]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let problems = stdout.lines().filter(|l| !l.starts_with('✘')).count();
+    assert!(problems >= 30, "{stdout}");
+    // One directory: objects of the same name in several cases are duplicates too.
+    for needle in [
+        "spec.http[0].fault.delay.fixedDelay: invalid duration",
+        "spec.rules[0].from[0].source.ipBlocks[2]",
+        "yaml-syntax.yaml: YAML syntax error",
+        "duplicate object: VirtualService/default/reviews is already defined in",
+    ] {
+        assert!(stdout.contains(needle), "{needle} missing from:\n{stdout}");
+    }
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let none = Command::new(env!("CARGO_BIN_EXE_meshctl")).arg("validate").output().unwrap();
+    assert_eq!(none.status.code(), Some(2));
+    assert!(text(&none.stderr).contains("<PATH>"), "{}", text(&none.stderr));
+
+    let missing = corpus("no-such-dir");
+    let out = meshctl(&[&missing]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(text(&out.stderr), format!("meshctl validate: {}: no such file or directory\n", missing.display()));
+    assert!(out.stdout.is_empty());
+
+    let empty = Path::new(env!("CARGO_TARGET_TMPDIR")).join("meshctl-empty-dir");
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = meshctl(&[&empty]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("no manifests"), "{}", text(&out.stderr));
+
+    let unknown = Command::new(env!("CARGO_BIN_EXE_meshctl")).arg("frobnicate").output().unwrap();
+    assert_eq!(unknown.status.code(), Some(2));
+}
