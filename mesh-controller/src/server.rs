@@ -53,6 +53,9 @@ pub struct Snapshot {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct AgentStatus {
     pub connected: bool,
+    /// Open configuration streams (a restarted agent's new stream can open before the
+    /// old one is noticed gone).
+    pub streams: u64,
     pub sent_version: u64,
     pub acked_version: u64,
     pub objects: usize,
@@ -309,6 +312,7 @@ fn config_stream(controller: Arc<Controller>, node: String) -> Response<Body> {
         let objects = sent.len();
         info!(%node, version = snapshot.version, objects, "agent connected; sending snapshot");
         controller.agent(&node, |a| {
+            a.streams += 1;
             a.connected = true;
             a.sent_version = snapshot.version;
             a.objects = objects;
@@ -335,7 +339,10 @@ fn config_stream(controller: Arc<Controller>, node: String) -> Response<Body> {
                 a.objects = objects;
             });
         }
-        controller.agent(&node, |a| a.connected = false);
+        controller.agent(&node, |a| {
+            a.streams = a.streams.saturating_sub(1);
+            a.connected = a.streams > 0;
+        });
         info!(%node, "agent disconnected");
     });
     Response::builder()

@@ -1,7 +1,15 @@
 //! `meshctl`: the mesh's command-line tool. `meshctl validate PATH...` checks manifests
 //! (files, or directories read recursively) with the same validation the controller
 //! applies, prints every problem and exits 0 (valid), 1 (problems) or 2 (usage).
-use std::{path::PathBuf, process::ExitCode};
+//! `meshctl status` shows the controller's configuration version and, for every
+//! agent, the version it was sent and the one it acknowledged.
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    path::PathBuf,
+    process::ExitCode,
+    time::Duration,
+};
 
 use clap::{Parser, Subcommand};
 use mesh_controller::validate;
@@ -21,12 +29,70 @@ enum Command {
         #[arg(required = true, value_name = "PATH")]
         paths: Vec<PathBuf>,
     },
+    /// Show the controller's configuration version and every agent's sync state.
+    Status {
+        /// The controller's status endpoint.
+        #[arg(long, env = "MESH_CONTROLLER_ADMIN", default_value = "127.0.0.1:15014")]
+        controller: SocketAddr,
+    },
+}
+
+fn get_status(addr: SocketAddr) -> Result<serde_json::Value, String> {
+    let mut stream =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(|e| format!("connect {addr}: {e}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+    stream
+        .write_all(format!("GET /status HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).map_err(|e| e.to_string())?;
+    let (head, body) = response.split_once("\r\n\r\n").ok_or("malformed HTTP response")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(format!("controller answered: {}", head.lines().next().unwrap_or_default()));
+    }
+    serde_json::from_str(body).map_err(|e| format!("bad status JSON: {e}"))
+}
+
+fn status(addr: SocketAddr) -> ExitCode {
+    let status = match get_status(addr) {
+        Ok(status) => status,
+        Err(e) => {
+            eprintln!("meshctl status: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let version = status["version"].as_u64().unwrap_or(0);
+    println!("controller: config version {version}, {} rejected changes", status["rejections"]);
+    if let Some(reason) = status["last_rejection"].as_str() {
+        println!("last rejection:\n{reason}");
+    }
+    println!(
+        "{:<16} {:<10} {:>15} {:>15} {:>8} {:>6}  {}",
+        "NODE", "STREAM", "SENT", "ACKED", "OBJECTS", "CERTS", "SYNC"
+    );
+    let mut in_sync = true;
+    for (node, agent) in status["agents"].as_object().into_iter().flatten() {
+        let acked = agent["acked_version"].as_u64().unwrap_or(0);
+        let synced = acked == version;
+        in_sync &= synced || agent["connected"] != true;
+        println!(
+            "{node:<16} {:<10} {:>15} {:>15} {:>8} {:>6}  {}",
+            if agent["connected"] == true { "connected" } else { "gone" },
+            agent["sent_version"].as_u64().unwrap_or(0),
+            acked,
+            agent["objects"].as_u64().unwrap_or(0),
+            agent["certificates_issued"].as_u64().unwrap_or(0),
+            if synced { "SYNCED" } else { "STALE" }
+        );
+    }
+    if in_sync { ExitCode::SUCCESS } else { ExitCode::from(1) }
 }
 
 fn main() -> ExitCode {
     // clap exits with status 2 on a usage error (a missing PATH, an unknown flag).
     let cli = Cli::parse();
     match cli.command {
+        Command::Status { controller } => status(controller),
         Command::Validate { paths } => match validate::validate(&paths) {
             Ok(outcome) => {
                 print!("{}", outcome.render());
