@@ -26,7 +26,7 @@ use mesh_common::{
     config::Config,
     control::{
         ACK_PATH, Ack, CERTIFICATE_PATH, CONFIG_PATH, CertificateRequest, CertificateResponse, ConfigMessage, Objects,
-        diff, parse_node_identity,
+        parse_node_identity,
     },
     tls::uri_sans,
 };
@@ -48,6 +48,9 @@ pub struct Snapshot {
     pub version: u64,
     pub config: Config,
     pub objects: Objects,
+    pub index: view::ViewIndex,
+    /// The version this one replaced and the keys that changed since.
+    pub changed_since: Option<(u64, Vec<String>)>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -81,7 +84,8 @@ impl Controller {
         // Versions start at the wall clock in milliseconds so that they keep growing
         // across controller restarts.
         let version = u64::try_from(now_unix()).unwrap_or(1) * 1000;
-        let (snapshot, _) = watch::channel(Arc::new(Snapshot { version, config, objects }));
+        let index = view::ViewIndex::new(&config);
+        let (snapshot, _) = watch::channel(Arc::new(Snapshot { version, config, objects, index, changed_since: None }));
         Self {
             snapshot,
             ca,
@@ -114,7 +118,15 @@ impl Controller {
             return None;
         }
         let version = current.version + 1;
-        self.snapshot.send_replace(Arc::new(Snapshot { version, config, objects }));
+        let changed = view::changed_keys(&current.objects, &objects);
+        let index = view::ViewIndex::new(&config);
+        self.snapshot.send_replace(Arc::new(Snapshot {
+            version,
+            config,
+            objects,
+            index,
+            changed_since: Some((current.version, changed)),
+        }));
         info!(version, "configuration accepted");
         Some(version)
     }
@@ -307,37 +319,35 @@ fn config_stream(controller: Arc<Controller>, node: String) -> Response<Body> {
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
         let mut updates = controller.snapshot.subscribe();
-        let snapshot = updates.borrow_and_update().clone();
-        let mut sent = view::node_view(&snapshot.config, &snapshot.objects, &node);
-        let objects = sent.len();
-        info!(%node, version = snapshot.version, objects, "agent connected; sending snapshot");
+        let mut sent = updates.borrow_and_update().clone();
+        let line = view::encode_snapshot(&sent.index, &sent.objects, &node, sent.version);
+        let objects = view::node_view_keys(&sent.index, &sent.objects, &node).len();
+        info!(%node, version = sent.version, objects, bytes = line.len(), "agent connected; sending snapshot");
         controller.agent(&node, |a| {
             a.streams += 1;
             a.connected = true;
-            a.sent_version = snapshot.version;
+            a.sent_version = sent.version;
             a.objects = objects;
         });
-        let mut ok = tx
-            .send(encode(&ConfigMessage::Snapshot { version: snapshot.version, objects: sent.clone() }))
-            .await
-            .is_ok();
+        let mut ok = tx.send(Bytes::from(line)).await.is_ok();
         while ok && updates.changed().await.is_ok() {
-            let snapshot = updates.borrow_and_update().clone();
-            let view = view::node_view(&snapshot.config, &snapshot.objects, &node);
+            let next = updates.borrow_and_update().clone();
+            // The precomputed change list only helps when this stream saw the version
+            // it replaced; otherwise compare everything.
+            let changed =
+                next.changed_since.as_ref().filter(|(from, _)| *from == sent.version).map(|(_, keys)| keys.as_slice());
             // An update is sent even when this node's view did not change, so that
             // every agent converges on the same version number.
-            let message = diff(&sent, &view, snapshot.version).unwrap_or(ConfigMessage::Update {
-                version: snapshot.version,
-                upserts: Objects::new(),
-                deletes: Vec::new(),
-            });
+            let message = view::node_update(
+                &view::Side { index: &sent.index, objects: &sent.objects },
+                &view::Side { index: &next.index, objects: &next.objects },
+                changed,
+                &node,
+                next.version,
+            );
             ok = tx.send(encode(&message)).await.is_ok();
-            let objects = view.len();
-            sent = view;
-            controller.agent(&node, |a| {
-                a.sent_version = snapshot.version;
-                a.objects = objects;
-            });
+            sent = next;
+            controller.agent(&node, |a| a.sent_version = sent.version);
         }
         controller.agent(&node, |a| {
             a.streams = a.streams.saturating_sub(1);

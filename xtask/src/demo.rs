@@ -106,14 +106,14 @@ pub fn demo() -> anyhow::Result<()> {
 
 fn meshctl(lab: &Lab, args: &[&str]) -> anyhow::Result<String> {
     let bin = crate::release_bin("meshctl").display().to_string();
-    let mut argv = vec![bin.as_str()];
-    argv.extend(args);
-    let out = lab.exec("fabric", &argv)?;
+    let mut command = vec![bin.as_str()];
+    command.extend(args);
+    let out = lab.exec("fabric", &command)?;
     Ok(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
 fn indent(text: &str) -> String {
-    text.lines().map(|l| format!("    {l}\n")).collect()
+    text.lines().flat_map(|l| ["    ", l, "\n"]).collect()
 }
 
 const POLICY: &str = "apiVersion: security.istio.io/v1

@@ -66,10 +66,7 @@ fn status(addr: SocketAddr) -> ExitCode {
     if let Some(reason) = status["last_rejection"].as_str() {
         println!("last rejection:\n{reason}");
     }
-    println!(
-        "{:<16} {:<10} {:>15} {:>15} {:>8} {:>6}  {}",
-        "NODE", "STREAM", "SENT", "ACKED", "OBJECTS", "CERTS", "SYNC"
-    );
+    println!("{:<16} {:<10} {:>15} {:>15} {:>8} {:>6}  SYNC", "NODE", "STREAM", "SENT", "ACKED", "OBJECTS", "CERTS");
     let mut in_sync = true;
     for (node, agent) in status["agents"].as_object().into_iter().flatten() {
         let acked = agent["acked_version"].as_u64().unwrap_or(0);

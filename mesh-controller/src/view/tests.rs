@@ -1,0 +1,111 @@
+use mesh_common::config::{Source, load};
+
+use super::*;
+
+fn config(extra: &str) -> Config {
+    let base = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n  labels:\n    istio.io/dataplane-mode: ambient\n---\n\
+        apiVersion: v1\nkind: Namespace\nmetadata:\n  name: legacy\n---\n\
+        apiVersion: v1\nkind: Namespace\nmetadata:\n  name: billing\n  labels:\n    istio.io/dataplane-mode: ambient\n---\n\
+        apiVersion: v1\nkind: Pod\nmetadata:\n  name: web-1\n  namespace: shop\nspec:\n  nodeName: node1\n  serviceAccountName: web\n---\n\
+        apiVersion: v1\nkind: Pod\nmetadata:\n  name: web-2\n  namespace: shop\nspec:\n  nodeName: node2\n  serviceAccountName: web\n---\n\
+        apiVersion: v1\nkind: Pod\nmetadata:\n  name: old-1\n  namespace: legacy\nspec:\n  nodeName: node2\n---\n\
+        apiVersion: v1\nkind: Pod\nmetadata:\n  name: pay-1\n  namespace: billing\nspec:\n  nodeName: node2\n---\n\
+        apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny\n  namespace: billing\nspec:\n  action: DENY\n  rules:\n  - from:\n    - source:\n        namespaces: [legacy]\n---\n\
+        apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: mesh\n  namespace: istio-system\nspec:\n  mtls:\n    mode: STRICT\n";
+    load(&[Source { name: "test.yaml".into(), text: format!("{base}{extra}") }]).expect("valid test config")
+}
+
+fn keys(view: &Objects) -> Vec<&str> {
+    view.keys().map(String::as_str).collect()
+}
+
+#[test]
+fn view_holds_local_pods_remote_meshed_pods_and_relevant_policies() {
+    let config = config("");
+    let all = all_objects(&config);
+    let node1 = node_view(&config, &all, "node1");
+    let k = keys(&node1);
+    assert!(k.contains(&"Pod/shop/web-1") && k.contains(&"Pod/shop/web-2") && k.contains(&"Pod/billing/pay-1"));
+    assert!(!k.contains(&"Pod/legacy/old-1"), "unmeshed pod of another node: {k:?}");
+    assert!(!k.contains(&"AuthorizationPolicy/billing/deny"), "policy of a namespace without local pods");
+    assert!(k.contains(&"PeerAuthentication/istio-system/mesh"), "root-namespace policy is mesh-wide");
+    let node2 = node_view(&config, &all, "node2");
+    let k = keys(&node2);
+    assert!(k.contains(&"Pod/legacy/old-1") && k.contains(&"AuthorizationPolicy/billing/deny"));
+    // A node with no pods still routes to every meshed pod.
+    let node9 = node_view(&config, &all, "node9");
+    assert!(keys(&node9).contains(&"Pod/shop/web-1"));
+}
+
+/// Whatever the change, incremental updates take every node's view to exactly the
+/// view computed from scratch.
+#[test]
+fn incremental_updates_equal_recomputed_views() {
+    let steps = [
+        "",
+        "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: allow\n  namespace: shop\nspec:\n  action: ALLOW\n",
+        "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: web-3\n  namespace: shop\nspec:\n  nodeName: node1\n",
+        "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: old-2\n  namespace: legacy\nspec:\n  nodeName: node1\n",
+        "",
+    ];
+    let configs: Vec<Config> = steps.iter().map(|extra| config(extra)).collect();
+    for (from, to) in [(0, 1), (1, 2), (2, 3), (3, 4), (0, 3), (3, 0)] {
+        let (old_cfg, new_cfg) = (&configs[from], &configs[to]);
+        let (old_all, new_all) = (all_objects(old_cfg), all_objects(new_cfg));
+        let (old_index, new_index) = (ViewIndex::new(old_cfg), ViewIndex::new(new_cfg));
+        let changed = changed_keys(&old_all, &new_all);
+        for node in ["node1", "node2", "node9"] {
+            for changed in [Some(changed.as_slice()), None] {
+                let mut view = node_view(old_cfg, &old_all, node);
+                let update = node_update(
+                    &Side { index: &old_index, objects: &old_all },
+                    &Side { index: &new_index, objects: &new_all },
+                    changed,
+                    node,
+                    2,
+                );
+                update.apply(&mut view);
+                assert_eq!(view, node_view(new_cfg, &new_all, node), "{from}->{to} on {node}");
+            }
+        }
+    }
+}
+
+#[test]
+fn relabelling_a_namespace_moves_unchanged_pods() {
+    let before = config("");
+    let after = {
+        let mut c = before.clone();
+        c.namespaces
+            .iter_mut()
+            .find(|n| n.metadata.name == "legacy")
+            .unwrap()
+            .metadata
+            .labels
+            .insert("istio.io/dataplane-mode".into(), "ambient".into());
+        c
+    };
+    let (old_all, new_all) = (all_objects(&before), all_objects(&after));
+    let changed = changed_keys(&old_all, &new_all);
+    assert_eq!(changed, vec!["Namespace//legacy".to_owned()]);
+    let update = node_update(
+        &Side { index: &ViewIndex::new(&before), objects: &old_all },
+        &Side { index: &ViewIndex::new(&after), objects: &new_all },
+        Some(&changed),
+        "node1",
+        2,
+    );
+    let ConfigMessage::Update { upserts, .. } = update else { panic!("not an update") };
+    assert!(upserts.contains_key("Pod/legacy/old-1"), "newly meshed pod must reach node1: {:?}", upserts.keys());
+}
+
+#[test]
+fn certificates_only_for_pods_on_the_node() {
+    let config = config("");
+    assert!(may_issue(&config, "node1", "spiffe://cluster.local/ns/shop/sa/web"));
+    assert!(!may_issue(&config, "node1", "spiffe://cluster.local/ns/billing/sa/default"));
+    assert!(may_issue(&config, "node2", "spiffe://cluster.local/ns/billing/sa/default"));
+    assert!(!may_issue(&config, "node1", "spiffe://evil.local/ns/shop/sa/web"));
+    assert!(!may_issue(&config, "node1", "spiffe://cluster.local/ns/shop/sa/web/x"));
+    assert!(!may_issue(&config, "node3", "spiffe://cluster.local/ns/shop/sa/web"));
+}
