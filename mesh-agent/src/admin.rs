@@ -60,14 +60,10 @@ impl AdminState {
             return serde_json::json!({ "connected": false, "note": "standalone: no --controller" });
         };
         let state = client.current();
-        let mut kinds = std::collections::BTreeMap::<&str, usize>::new();
-        for key in state.objects.keys() {
-            *kinds.entry(key.split('/').next().unwrap_or("")).or_default() += 1;
-        }
         serde_json::json!({
             "version": state.version,
-            "objects": state.objects.len(),
-            "kinds": kinds,
+            "objects": state.kinds.values().sum::<usize>(),
+            "kinds": state.kinds,
             "certificates": certs.status(),
             // Like `istioctl proxy-config secret`: the chains in use (never the keys).
             "chains": certs.status().keys().filter_map(|id| certs.get(id).map(|c| (id.clone(), c.chain_pem.clone())))

@@ -13,7 +13,7 @@ use mesh_common::{
     config::Config,
     control::{
         ACK_PATH, Ack, CERTIFICATE_PATH, CONFIG_PATH, CONTROLLER_NAME, CertificateRequest, CertificateResponse,
-        ConfigMessage, Objects, materialize,
+        RawConfigMessage, RawObjects, materialize_raw,
     },
 };
 use rustls::pki_types::ServerName;
@@ -46,7 +46,8 @@ pub enum ControlError {
 pub struct ConfigState {
     /// 0 until the first snapshot arrives.
     pub version: u64,
-    pub objects: Objects,
+    /// Objects per kind in the view.
+    pub kinds: std::collections::BTreeMap<String, usize>,
     pub config: Config,
 }
 
@@ -131,21 +132,25 @@ impl ControlClient {
         info!(addr = %self.addr, "configuration stream open");
         let mut body = response.into_body();
         let mut buffer = BytesMut::new();
-        let mut objects = self.current().objects.clone();
+        // The view as JSON text; the first message of every stream is a snapshot.
+        let mut objects = RawObjects::new();
         while let Some(frame) = body.frame().await {
             let Ok(data) = frame?.into_data() else { continue };
             buffer.extend_from_slice(&data);
             while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
                 let line = buffer.split_to(end + 1);
-                let message: ConfigMessage = serde_json::from_slice(&line).map_err(ControlError::BadMessage)?;
-                let version = message.version();
-                let mut next = objects.clone();
-                message.apply(&mut next);
-                match materialize(&next) {
+                let message: RawConfigMessage = serde_json::from_slice(&line).map_err(ControlError::BadMessage)?;
+                drop(line);
+                let version = message.version;
+                message.apply(&mut objects);
+                match materialize_raw(objects.iter().map(|(k, v)| (k, v.get()))) {
                     Ok(config) => {
-                        objects = next;
+                        let mut kinds = std::collections::BTreeMap::new();
+                        for key in objects.keys() {
+                            *kinds.entry(key.split('/').next().unwrap_or("").to_owned()).or_insert(0) += 1;
+                        }
                         info!(version, objects = objects.len(), "configuration applied");
-                        self.state.send_replace(Arc::new(ConfigState { version, objects: objects.clone(), config }));
+                        self.state.send_replace(Arc::new(ConfigState { version, kinds, config }));
                         let ack = serde_json::to_vec(&Ack { version }).expect("ack serializes");
                         let mut sender = sender.clone();
                         tokio::spawn(async move {
@@ -159,9 +164,11 @@ impl ControlClient {
                             }
                         });
                     }
-                    // Keep the last good configuration; the next snapshot repairs it.
+                    // Keep running the last good configuration; the stream is restarted
+                    // so that a fresh snapshot repairs the copy.
                     Err(error) => {
                         warn!(version, %error, "configuration from the controller does not apply; keeping the current one");
+                        return Err(ControlError::BadMessage(error));
                     }
                 }
             }

@@ -10,7 +10,13 @@
 //! The agent is authenticated by its node certificate (URI SAN
 //! [`node_identity`]); the controller signs workload identities only for pods it
 //! knows to be on that node.
-use std::{borrow::ToOwned, collections::BTreeMap, format, string::String, vec::Vec};
+use std::{
+    boxed::Box,
+    collections::BTreeMap,
+    format,
+    string::{String, ToString},
+    vec::Vec,
+};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -159,23 +165,85 @@ pub fn all_objects(config: &Config) -> Objects {
     objects
 }
 
-/// Rebuilds a typed config from a view (what an agent does with what it receives).
+/// An agent's copy of its view: each object kept as its JSON text, which is several
+/// times smaller than a parsed `serde_json::Value` tree.
+pub type RawObjects = BTreeMap<String, Box<serde_json::value::RawValue>>;
+
+/// A [`ConfigMessage`] read with its objects left as JSON text (a plain struct: raw
+/// values cannot pass through serde's internally tagged enums).
+#[derive(Debug, Deserialize)]
+pub struct RawConfigMessage {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub version: u64,
+    #[serde(default)]
+    pub objects: Option<RawObjects>,
+    #[serde(default)]
+    pub upserts: Option<RawObjects>,
+    #[serde(default)]
+    pub deletes: Vec<String>,
+}
+
+impl RawConfigMessage {
+    /// Applies the message in place. A snapshot replaces everything.
+    pub fn apply(self, objects: &mut RawObjects) {
+        if let Some(all) = self.objects {
+            *objects = all;
+        }
+        for key in &self.deletes {
+            objects.remove(key);
+        }
+        if let Some(upserts) = self.upserts {
+            objects.extend(upserts);
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MeshSettings {
+    root_namespace: String,
+    trust_domain: String,
+}
+
+/// Rebuilds a typed config from objects given as JSON text, one object at a time
+/// (no intermediate tree of the whole view). Kinds this build does not know (from a
+/// newer controller) are skipped.
+pub fn materialize_raw<'a>(
+    objects: impl IntoIterator<Item = (&'a String, &'a str)>,
+) -> Result<Config, serde_json::Error> {
+    use serde_json::from_str;
+    let mut config = Config::default();
+    for (key, text) in objects {
+        match key.split('/').next().unwrap_or("") {
+            "Namespace" => config.namespaces.push(from_str(text)?),
+            "Service" => config.services.push(from_str(text)?),
+            "Pod" => config.pods.push(from_str(text)?),
+            "WorkloadEntry" => config.workload_entries.push(from_str(text)?),
+            "AuthorizationPolicy" => config.authorization_policies.push(from_str(text)?),
+            "PeerAuthentication" => config.peer_authentications.push(from_str(text)?),
+            "RequestAuthentication" => config.request_authentications.push(from_str(text)?),
+            "VirtualService" => config.virtual_services.push(from_str(text)?),
+            "DestinationRule" => config.destination_rules.push(from_str(text)?),
+            "ServiceEntry" => config.service_entries.push(from_str(text)?),
+            "Telemetry" => config.telemetries.push(from_str(text)?),
+            "HTTPRoute" => config.http_routes.push(from_str(text)?),
+            "GRPCRoute" => config.grpc_routes.push(from_str(text)?),
+            "MeshConfig" => {
+                let mesh: MeshSettings = from_str(text)?;
+                config.root_namespace = mesh.root_namespace;
+                config.trust_domain = mesh.trust_domain;
+            }
+            _ => {}
+        }
+    }
+    Ok(config)
+}
+
+/// Rebuilds a typed config from a view of parsed objects.
 pub fn materialize(objects: &Objects) -> Result<Config, serde_json::Error> {
-    let mut json = serde_json::Map::new();
-    for (field, kind) in KINDS {
-        let items: Vec<Value> =
-            objects.iter().filter(|(key, _)| key.split('/').next() == Some(*kind)).map(|(_, v)| v.clone()).collect();
-        json.insert((*field).to_owned(), Value::Array(items));
-    }
-    if let Some(mesh) = objects.get("MeshConfig//mesh") {
-        json.insert("rootNamespace".into(), mesh["rootNamespace"].clone());
-        json.insert("trustDomain".into(), mesh["trustDomain"].clone());
-    }
-    let defaults = serde_json::to_value(Config::default())?;
-    for (key, value) in defaults.as_object().into_iter().flatten() {
-        json.entry(key.clone()).or_insert_with(|| value.clone());
-    }
-    serde_json::from_value(Value::Object(json))
+    let texts: Vec<(&String, String)> = objects.iter().map(|(k, v)| (k, v.to_string())).collect();
+    materialize_raw(texts.iter().map(|(k, t)| (*k, t.as_str())))
 }
 
 #[cfg(test)]
@@ -207,6 +275,12 @@ mod tests {
             panic!("not a snapshot")
         };
         let mut rebuilt = materialize(&received).expect("materializes");
+        // The agent's path: objects kept as JSON text.
+        let raw: RawConfigMessage = serde_json::from_str(&json).unwrap();
+        let mut raw_objects = RawObjects::new();
+        raw.apply(&mut raw_objects);
+        let from_raw = materialize_raw(raw_objects.iter().map(|(k, v)| (k, v.get()))).unwrap();
+        assert_eq!(all_objects(&from_raw), objects);
         // Only served objects travel; the order of objects within a kind may change.
         config.ignored.clear();
         assert_eq!(all_objects(&rebuilt), objects);

@@ -8,6 +8,8 @@ use mesh_lab::{ECHO_PORT, Lab};
 
 use crate::lab_spec;
 
+pub mod control;
+
 struct Sample {
     throughput_1: f64,
     throughput_8: f64,

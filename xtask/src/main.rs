@@ -42,8 +42,11 @@ enum Cmd {
     },
     /// Run the capture tests inside a VM booted on Debian's 6.1 kernel.
     VmTest,
-    /// Benchmarks: throughput and latency with and without the mesh.
+    /// Benchmarks: throughput and latency with and without the mesh (`bench`), or the
+    /// control plane at scale (`bench control`).
     Bench {
+        /// `control` for the control-plane benchmark.
+        what: Option<String>,
         /// Shorter runs (for a quick look).
         #[arg(long)]
         quick: bool,
@@ -82,7 +85,12 @@ fn main() -> ExitCode {
         Cmd::Demo => setup::setup().and_then(|()| build()).and_then(|()| demo::demo()),
         Cmd::Test { no_vm } => test(!no_vm),
         Cmd::VmTest => setup::setup().and_then(|()| build()).and_then(|()| vm_test()),
-        Cmd::Bench { quick } => setup::setup().and_then(|()| build()).and_then(|()| bench::bench(quick)),
+        Cmd::Bench { what, quick } => setup::setup().and_then(|()| build()).and_then(|()| match what.as_deref() {
+            None | Some("data") => bench::bench(quick),
+            Some("control") if quick => bench::control::bench(20, 2_000, 10_000),
+            Some("control") => bench::control::bench(100, 10_000, 50_000),
+            Some(other) => anyhow::bail!("unknown benchmark {other}: expected `control` or nothing"),
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
