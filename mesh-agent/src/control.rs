@@ -142,6 +142,7 @@ impl ControlClient {
                 let message: RawConfigMessage = serde_json::from_slice(&line).map_err(ControlError::BadMessage)?;
                 drop(line);
                 let version = message.version;
+                let large = message.objects.is_some() || message.upserts.as_ref().is_some_and(|u| u.len() > 1000);
                 message.apply(&mut objects);
                 match materialize_raw(objects.iter().map(|(k, v)| (k, v.get()))) {
                     Ok(config) => {
@@ -150,7 +151,16 @@ impl ControlClient {
                             *kinds.entry(key.split('/').next().unwrap_or("").to_owned()).or_insert(0) += 1;
                         }
                         info!(version, objects = objects.len(), "configuration applied");
-                        self.state.send_replace(Arc::new(ConfigState { version, kinds, config }));
+                        let previous = self.state.send_replace(Arc::new(ConfigState { version, kinds, config }));
+                        if large {
+                            // A snapshot leaves the parse buffers and the previous view
+                            // freed but still held by the allocator: hand them back.
+                            drop(previous);
+                            if buffer.is_empty() && buffer.capacity() > 1 << 20 {
+                                buffer = BytesMut::new();
+                            }
+                            trim_heap();
+                        }
                         let ack = serde_json::to_vec(&Ack { version }).expect("ack serializes");
                         let mut sender = sender.clone();
                         tokio::spawn(async move {
@@ -195,5 +205,16 @@ impl ControlClient {
         }
         let issued: CertificateResponse = serde_json::from_slice(&bytes).map_err(ControlError::BadMessage)?;
         Ok((issued, key_pem))
+    }
+}
+
+/// Returns free heap memory to the kernel (glibc keeps freed memory otherwise, so a
+/// multi-megabyte snapshot would stay in the agent's RSS long after it was parsed).
+#[allow(unsafe_code)]
+fn trim_heap() {
+    // SAFETY: malloc_trim only releases memory the allocator already considers free;
+    // it takes no pointers and is safe to call from any thread.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
