@@ -11,6 +11,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "the lab's namespaces and links"),
     ("util-linux", "nsenter"),
     ("curl", "tests and demo"),
+    ("openssl", "tests (CSRs from a foreign client)"),
     ("iperf3", "throughput benchmark"),
     ("tcpdump", "packet captures"),
     ("socat", "tests"),
