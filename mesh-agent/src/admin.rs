@@ -60,14 +60,16 @@ impl AdminState {
             return serde_json::json!({ "connected": false, "note": "standalone: no --controller" });
         };
         let state = client.current();
+        let certificates = certs.status();
+        // Like `istioctl proxy-config secret`: the chains in use (never the keys).
+        let chains: std::collections::BTreeMap<&String, Vec<String>> =
+            certificates.keys().filter_map(|id| certs.get(id).map(|c| (id, c.chain_pem.clone()))).collect();
         serde_json::json!({
             "version": state.version,
             "objects": state.kinds.values().sum::<usize>(),
             "kinds": state.kinds,
-            "certificates": certs.status(),
-            // Like `istioctl proxy-config secret`: the chains in use (never the keys).
-            "chains": certs.status().keys().filter_map(|id| certs.get(id).map(|c| (id.clone(), c.chain_pem.clone())))
-                .collect::<std::collections::BTreeMap<_, _>>(),
+            "certificates": certificates,
+            "chains": chains,
         })
     }
 }
@@ -82,7 +84,8 @@ pub fn metrics(state: &AdminState) -> Response<Body> {
         let _ = writeln!(out, "mesh_agent_config_version {}", client.current().version);
         out += "# HELP mesh_agent_certificate_expiry_timestamp_seconds When each workload certificate expires.\n";
         out += "# TYPE mesh_agent_certificate_expiry_timestamp_seconds gauge\n";
-        for (identity, status) in certs.status() {
+        let certificates = certs.status();
+        for (identity, status) in &certificates {
             if let Some(not_after) = status.not_after {
                 let _ = writeln!(
                     out,
@@ -92,7 +95,7 @@ pub fn metrics(state: &AdminState) -> Response<Body> {
         }
         out += "# HELP mesh_agent_certificate_renewal_failures_total Failed certificate requests.\n";
         out += "# TYPE mesh_agent_certificate_renewal_failures_total counter\n";
-        for (identity, status) in certs.status() {
+        for (identity, status) in &certificates {
             let _ = writeln!(
                 out,
                 "mesh_agent_certificate_renewal_failures_total{{identity=\"{identity}\"}} {}",

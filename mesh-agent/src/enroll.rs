@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use mesh_common::{EnrolledPod, OUTBOUND_PORT, control::workload_identity};
+use mesh_common::{EnrolledPod, OUTBOUND_PORT, config::Config};
 use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
@@ -34,8 +34,6 @@ use crate::{
     redirect::{Redirect, RedirectError},
     telemetry::{Counters, CountersSnapshot},
 };
-
-const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
 /// Largest request accepted on one enrollment connection.
 const MAX_REQUEST_BYTES: u64 = 1 << 20;
@@ -164,22 +162,16 @@ impl Registry {
     /// service account; the enrollment request's is used only for pods it does not know.
     fn identity_of(&self, spec: &PodSpec) -> String {
         let Some((client, _)) = &self.control else {
-            return workload_identity(DEFAULT_TRUST_DOMAIN, &spec.namespace, &spec.service_account);
+            return Config::default().spiffe_id(&spec.namespace, &spec.service_account);
         };
         let state = client.current();
         let config = &state.config;
-        let trust_domain = if config.trust_domain.is_empty() { DEFAULT_TRUST_DOMAIN } else { &config.trust_domain };
-        let known = config
-            .pods
-            .iter()
-            .find(|p| p.metadata.name == spec.name && p.metadata.namespace.as_str() == spec.namespace);
-        let service_account = known
-            .and_then(|p| p.spec.service_account_name.as_deref().or(p.spec.service_account.as_deref()))
-            .unwrap_or(&spec.service_account);
+        let known = config.pods.iter().find(|p| p.metadata.name == spec.name && p.metadata.namespace == spec.namespace);
+        let service_account = known.map_or(spec.service_account.as_str(), |p| p.spec.service_account());
         if known.is_some() && service_account != spec.service_account {
             warn!(pod = %spec.name, requested = %spec.service_account, configured = %service_account, "service account differs from the config; using the config's");
         }
-        workload_identity(trust_domain, &spec.namespace, service_account)
+        config.spiffe_id(&spec.namespace, service_account)
     }
 
     pub async fn add(&self, spec: PodSpec) -> Result<PodStatus, EnrollError> {

@@ -116,8 +116,6 @@ pub struct Redirect {
 /// the mode must be the one that maps to no flags.
 const LINK_MODE: CgroupAttachMode = CgroupAttachMode::Single;
 
-const PROGRAMS: [(&str, &str); 2] = [("mesh_connect4", "link_connect4"), ("mesh_connect6", "link_connect6")];
-
 impl Redirect {
     pub fn load(cfg: &RedirectConfig) -> Result<Self, RedirectError> {
         let object = match &cfg.object {
@@ -135,35 +133,30 @@ impl Redirect {
         let cgroup = File::open(&cfg.cgroup_root)
             .map_err(|source| RedirectError::Cgroup { path: cfg.cgroup_root.clone(), source })?;
 
-        for (program, link_name) in PROGRAMS {
-            let prog: &mut CgroupSockAddr = ebpf
-                .program_mut(program)
-                .ok_or(RedirectError::MissingProgram { program })?
-                .try_into()
-                .map_err(|source| RedirectError::Program { program, source })?;
-            prog.load().map_err(|e| load_error(program, e))?;
-            let id = prog.attach(&cgroup, LINK_MODE).map_err(|source| RedirectError::Program { program, source })?;
-            let link: FdLink = prog
-                .take_link(id)
-                .map_err(|source| RedirectError::Program { program, source })?
-                .try_into()
-                .map_err(|source| RedirectError::Link { program, source })?;
-            replace_pinned_link(link, &cfg.pin_dir.join(link_name))?;
+        // The same load -> attach -> pin sequence for each program; only the program
+        // type differs, which aya models as distinct types (hence a macro).
+        macro_rules! attach_and_pin {
+            ($program:expr, $kind:ty, $link_name:expr) => {{
+                let program: &'static str = $program;
+                let prog: &mut $kind = ebpf
+                    .program_mut(program)
+                    .ok_or(RedirectError::MissingProgram { program })?
+                    .try_into()
+                    .map_err(|source| RedirectError::Program { program, source })?;
+                prog.load().map_err(|e| load_error(program, e))?;
+                let id =
+                    prog.attach(&cgroup, LINK_MODE).map_err(|source| RedirectError::Program { program, source })?;
+                let link: FdLink = prog
+                    .take_link(id)
+                    .map_err(|source| RedirectError::Program { program, source })?
+                    .try_into()
+                    .map_err(|source| RedirectError::Link { program, source })?;
+                replace_pinned_link(link, &cfg.pin_dir.join($link_name))?;
+            }};
         }
-        let program = "mesh_sock_ops";
-        let prog: &mut SockOps = ebpf
-            .program_mut(program)
-            .ok_or(RedirectError::MissingProgram { program })?
-            .try_into()
-            .map_err(|source| RedirectError::Program { program, source })?;
-        prog.load().map_err(|e| load_error(program, e))?;
-        let id = prog.attach(&cgroup, LINK_MODE).map_err(|source| RedirectError::Program { program, source })?;
-        let link: FdLink = prog
-            .take_link(id)
-            .map_err(|source| RedirectError::Program { program, source })?
-            .try_into()
-            .map_err(|source| RedirectError::Link { program, source })?;
-        replace_pinned_link(link, &cfg.pin_dir.join("link_sock_ops"))?;
+        attach_and_pin!("mesh_connect4", CgroupSockAddr, "link_connect4");
+        attach_and_pin!("mesh_connect6", CgroupSockAddr, "link_connect6");
+        attach_and_pin!("mesh_sock_ops", SockOps, "link_sock_ops");
 
         configure_exclusions(&mut ebpf, cfg)?;
         let enrolled = HashMap::try_from(take_map(&mut ebpf, "ENROLLED")?)

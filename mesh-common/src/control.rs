@@ -106,11 +106,6 @@ pub fn parse_node_identity<'a>(trust_domain: &str, uri: &'a str) -> Option<&'a s
     (!rest.is_empty() && !rest.contains('/')).then_some(rest)
 }
 
-/// A workload identity.
-pub fn workload_identity(trust_domain: &str, namespace: &str, service_account: &str) -> String {
-    format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
-}
-
 /// (trust domain, namespace, service account) of a workload identity.
 pub fn parse_workload_identity(uri: &str) -> Option<(&str, &str, &str)> {
     let rest = uri.strip_prefix("spiffe://")?;
@@ -252,7 +247,7 @@ mod tests {
 
     #[test]
     fn identities_round_trip_and_reject_lookalikes() {
-        let id = workload_identity("cluster.local", "shop", "web");
+        let id = Config::default().spiffe_id("shop", "web");
         assert_eq!(parse_workload_identity(&id), Some(("cluster.local", "shop", "web")));
         assert_eq!(parse_workload_identity("spiffe://cluster.local/ns/shop/sa/web/extra"), None);
         assert_eq!(parse_workload_identity("spiffe://cluster.local/ns//sa/web"), None);

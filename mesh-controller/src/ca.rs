@@ -166,14 +166,10 @@ fn san_string(san: &SanType) -> String {
 }
 
 fn random_serial() -> SerialNumber {
+    // Random rather than rcgen's default (a hash of the public key), which would give
+    // two certificates for one re-sent CSR the same serial.
     let mut bytes = [0u8; 16];
-    // Serials only need to be unique; the key pair generator's RNG is not exposed, so
-    // take the bytes of a fresh key's public part.
-    if let Ok(key) = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256) {
-        let public = key.public_key_raw();
-        let n = bytes.len().min(public.len().saturating_sub(1));
-        bytes[..n].copy_from_slice(&public[1..=n]);
-    }
+    let _ = mesh_common::tls::provider().secure_random.fill(&mut bytes);
     bytes[0] &= 0x7f; // positive
     SerialNumber::from_slice(&bytes)
 }

@@ -106,6 +106,11 @@ impl Controller {
         &self.trust_domain
     }
 
+    /// Aliases of the trust domain accepted from peers.
+    pub fn trust_domain_aliases(&self) -> &[String] {
+        &self.trust_domain_aliases
+    }
+
     pub fn current(&self) -> Arc<Snapshot> {
         self.snapshot.borrow().clone()
     }
@@ -385,11 +390,4 @@ pub async fn serve_admin(listener: TcpListener, controller: Arc<Controller>) {
 /// Seconds since the epoch.
 pub fn now_unix() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
-}
-
-impl Controller {
-    /// Aliases of the trust domain accepted from peers.
-    pub fn trust_domain_aliases(&self) -> &[String] {
-        &self.trust_domain_aliases
-    }
 }

@@ -159,8 +159,7 @@ pub fn may_issue(config: &Config, node: &str, identity: &str) -> bool {
         && config.pods.iter().any(|p| {
             p.spec.node_name.as_deref() == Some(node)
                 && p.metadata.namespace.as_str() == ns
-                && p.spec.service_account_name.as_deref().or(p.spec.service_account.as_deref()).unwrap_or("default")
-                    == sa
+                && p.spec.service_account() == sa
         })
 }
 

@@ -108,13 +108,16 @@ fn cgroup2_root() -> anyhow::Result<PathBuf> {
     mesh_common::host::find_cgroup2_mount(&mountinfo).context("no cgroup2 filesystem mounted")
 }
 
+/// Whether this process runs with effective uid 0 (read from /proc, no libc call).
+pub fn is_root() -> bool {
+    fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines().find(|l| l.starts_with("Uid:")).is_some_and(|l| l.split_whitespace().nth(2) == Some("0"))
+    })
+}
+
 /// Why this machine cannot run the lab, if it cannot.
 pub fn unsupported_reason() -> Option<String> {
-    // SAFETY-free check of the effective uid through /proc.
-    let uid = fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")));
-    if uid != Some(true) {
+    if !is_root() {
         return Some("the lab needs root (network namespaces, cgroups, eBPF)".into());
     }
     for tool in ["ip", "nsenter", "curl"] {
@@ -284,12 +287,7 @@ impl Lab {
     /// to `<dir>/<name>.log`, its pid in `<dir>/<name>.pid`.
     fn spawn(&self, name: &str, netns: &str, cgroup: &Path, argv: &[&str]) -> anyhow::Result<u32> {
         let log = fs::File::create(self.dir.join(format!("{name}.log")))?;
-        let child = Command::new("sh")
-            .arg("-c")
-            .arg(r#"ns=$1; shift; echo $$ > "$0/cgroup.procs" && exec nsenter --net="/run/netns/$ns" -- "$@""#)
-            .arg(cgroup)
-            .arg(netns)
-            .args(argv)
+        let child = Self::netns_command(netns, Some(cgroup), argv)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -416,10 +414,15 @@ impl Lab {
 
     /// Stops the controller (SIGKILL) and waits until it is gone.
     pub fn stop_controller(&self) -> anyhow::Result<()> {
-        let pid = fs::read_to_string(self.dir.join("controller.pid"))?.trim().to_owned();
-        run(Command::new("kill").args(["-KILL", &pid]))?;
+        self.stop("controller", "KILL")
+    }
+
+    /// Signals the process the lab started as `name` and waits until it has exited.
+    fn stop(&self, name: &str, signal: &str) -> anyhow::Result<()> {
+        let pid = fs::read_to_string(self.dir.join(format!("{name}.pid")))?.trim().to_owned();
+        run(Command::new("kill").args([&format!("-{signal}"), &pid]))?;
         wait_for(Duration::from_secs(10), || !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(&pid))
-            .context("controller did not exit")
+            .with_context(|| format!("{name} did not exit"))
     }
 
     pub fn controller_log(&self) -> String {
@@ -439,6 +442,17 @@ impl Lab {
         Ok(serde_json::from_slice(&out.stdout)?)
     }
 
+    /// The configuration version the controller runs.
+    pub fn controller_version(&self) -> anyhow::Result<u64> {
+        self.controller_status()?["version"].as_u64().context("no version in the controller status")
+    }
+
+    /// The configuration version node `n`'s agent runs (0 before its first one, or
+    /// when its admin endpoint does not answer).
+    pub fn agent_config_version(&self, n: usize) -> u64 {
+        self.config_dump(n).ok().and_then(|d| d["control"]["version"].as_u64()).unwrap_or(0)
+    }
+
     /// Node `n` agent's `/config_dump`.
     pub fn config_dump(&self, n: usize) -> anyhow::Result<serde_json::Value> {
         Ok(serde_json::from_str(&self.node_http(n, 15000, "/config_dump")?)?)
@@ -446,12 +460,7 @@ impl Lab {
 
     /// Sends `signal` (e.g. "TERM", "KILL") to node `n`'s agent and waits until it exits.
     pub fn stop_agent(&self, n: usize, signal: &str) -> anyhow::Result<()> {
-        let pid_file = self.dir.join(format!("agent-{}.pid", self.node(n).name));
-        let pid = fs::read_to_string(&pid_file)?.trim().to_owned();
-        run(Command::new("kill").args([&format!("-{signal}"), &pid]))?;
-        wait_for(Duration::from_secs(10), || !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(&pid))
-            .context("agent did not exit")?;
-        Ok(())
+        self.stop(&format!("agent-{}", self.node(n).name), signal)
     }
 
     pub fn agent_log(&self, n: usize) -> String {
@@ -476,29 +485,45 @@ impl Lab {
         Ok(serde_json::from_str(&self.node_http(n, 15000, "/stats")?)?)
     }
 
-    /// Runs a command in a pod (its netns and cgroup) or a node (its netns).
-    pub fn exec(&self, target: &str, argv: &[&str]) -> anyhow::Result<Output> {
+    /// The network namespace (and, for a pod, the cgroup) of a pod, node or `fabric`.
+    fn resolve(&self, target: &str) -> anyhow::Result<(String, Option<PathBuf>)> {
         if let Some(pod) = self.pods.iter().find(|p| p.name == target) {
-            return Self::exec_netns(&pod.netns, Some(&pod.cgroup), argv);
+            return Ok((pod.netns.clone(), Some(pod.cgroup.clone())));
         }
         if let Some(node) = self.nodes.iter().find(|n| n.name == target) {
-            return Self::exec_netns(&node.netns, None, argv);
+            return Ok((node.netns.clone(), None));
         }
         if target == "fabric" {
-            return Self::exec_netns(&format!("{}-fabric", self.spec.prefix), None, argv);
+            return Ok((format!("{}-fabric", self.spec.prefix), None));
         }
-        bail!("no pod or node named {target} in lab {}", self.spec.prefix)
+        bail!(
+            "no pod or node named {target} in lab {}; pods: {}",
+            self.spec.prefix,
+            self.pods.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(" ")
+        )
+    }
+
+    /// `argv` run inside `netns`, after joining `cgroup` when given (so the capture
+    /// programs see the process). `nsenter --net` rather than `ip netns exec`, which
+    /// would remount /sys and hide the cgroup2 and bpffs mounts.
+    fn netns_command(netns: &str, cgroup: Option<&Path>, argv: &[&str]) -> Command {
+        let script = r#"ns=$1; shift
+if [ "$0" != - ]; then echo $$ > "$0/cgroup.procs" || exit 1; fi
+exec nsenter --net="/run/netns/$ns" -- "$@""#;
+        let cg = cgroup.map_or_else(|| "-".to_owned(), |c| c.display().to_string());
+        let mut command = Command::new("sh");
+        command.args(["-c", script, &cg, netns]).args(argv);
+        command
+    }
+
+    /// Runs a command in a pod (its netns and cgroup), a node (its netns) or `fabric`.
+    pub fn exec(&self, target: &str, argv: &[&str]) -> anyhow::Result<Output> {
+        let (netns, cgroup) = self.resolve(target)?;
+        Self::exec_netns(&netns, cgroup.as_deref(), argv)
     }
 
     fn exec_netns(netns: &str, cgroup: Option<&Path>, argv: &[&str]) -> anyhow::Result<Output> {
-        let script = match cgroup {
-            Some(_) => r#"ns=$1; shift; echo $$ > "$0/cgroup.procs" && exec nsenter --net="/run/netns/$ns" -- "$@""#,
-            None => r#"ns=$1; shift; exec nsenter --net="/run/netns/$ns" -- "$@""#,
-        };
-        let cg = cgroup.map_or_else(|| "-".to_owned(), |c| c.display().to_string());
-        Command::new("sh")
-            .args(["-c", script, &cg, netns])
-            .args(argv)
+        Self::netns_command(netns, cgroup, argv)
             .stdin(Stdio::null())
             .output()
             .with_context(|| format!("exec {argv:?} in {netns}"))
@@ -506,21 +531,8 @@ impl Lab {
 
     /// Like [`Lab::exec`], with the terminal attached (for `lab exec`).
     pub fn exec_interactive(&self, target: &str, argv: &[&str]) -> anyhow::Result<i32> {
-        let (netns, cgroup) = if let Some(pod) = self.pods.iter().find(|p| p.name == target) {
-            (pod.netns.clone(), Some(pod.cgroup.clone()))
-        } else if let Some(node) = self.nodes.iter().find(|n| n.name == target) {
-            (node.netns.clone(), None)
-        } else {
-            bail!(
-                "no pod or node named {target}; pods: {}",
-                self.pods.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(" ")
-            )
-        };
-        let cg = cgroup.map_or_else(|| "-".to_owned(), |c| c.display().to_string());
-        let status = Command::new("sh")
-            .args(["-c", r#"ns=$1; shift; [ "$0" = - ] || echo $$ > "$0/cgroup.procs"; exec nsenter --net="/run/netns/$ns" -- "$@""#, &cg, &netns])
-            .args(argv)
-            .status()?;
+        let (netns, cgroup) = self.resolve(target)?;
+        let status = Self::netns_command(&netns, cgroup.as_deref(), argv).status()?;
         Ok(status.code().unwrap_or(1))
     }
 
@@ -534,19 +546,13 @@ impl Lab {
     }
 
     fn enroll_request(&self, node: usize, request: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
-        let socket = self.node(node).state_dir.join("enroll.sock");
-        let mut stream = UnixStream::connect(&socket).with_context(|| format!("connect {}", socket.display()))?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        writeln!(stream, "{request}")?;
-        let mut line = String::new();
-        BufReader::new(stream).read_line(&mut line)?;
-        Ok(serde_json::from_str(&line)?)
+        self.enroll_raw(node, &request.to_string())
     }
 
     /// Sends a raw line to node `n`'s enrollment socket; the reply line.
     pub fn enroll_raw(&self, node: usize, line: &str) -> anyhow::Result<serde_json::Value> {
         let socket = self.node(node).state_dir.join("enroll.sock");
-        let mut stream = UnixStream::connect(&socket)?;
+        let mut stream = UnixStream::connect(&socket).with_context(|| format!("connect {}", socket.display()))?;
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
         stream.write_all(line.as_bytes())?;
         stream.write_all(b"\n")?;

@@ -10,20 +10,20 @@ use mesh_lab::{HTTP_PORT, Lab, LabSpec, leftovers, unsupported_reason, wait_for}
 /// One lab at a time: the machine has two cores and the labs share the kernel.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-fn agent_bin() -> PathBuf {
-    let path = std::env::var_os("MESH_AGENT_BIN")
-        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/mesh-agent"), PathBuf::from);
-    assert!(path.exists(), "mesh-agent binary {} not found: run `cargo xtask build` first", path.display());
+/// A release binary of the workspace: `$env` when set, else `target/release/<name>`.
+fn release_bin(env: &str, name: &str) -> PathBuf {
+    let path = std::env::var_os(env)
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release").join(name), PathBuf::from);
+    assert!(path.exists(), "{name} binary {} not found: run `cargo xtask build` first", path.display());
     path
 }
 
+fn agent_bin() -> PathBuf {
+    release_bin("MESH_AGENT_BIN", "mesh-agent")
+}
+
 fn controller_bin() -> PathBuf {
-    let path = std::env::var_os("MESH_CONTROLLER_BIN").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/mesh-controller"),
-        PathBuf::from,
-    );
-    assert!(path.exists(), "mesh-controller binary {} not found: run `cargo xtask build` first", path.display());
-    path
+    release_bin("MESH_CONTROLLER_BIN", "mesh-controller")
 }
 
 /// Runs `body` on a fresh 2-node lab, then tears the lab down and checks that
@@ -265,22 +265,18 @@ fn agent_startup_errors_are_clear() {
     assert!(stderr.contains("cannot set up eBPF capture: cannot load the eBPF object"), "{stderr}");
 }
 
-fn agent_version(lab: &Lab, node: usize) -> u64 {
-    lab.config_dump(node).ok().and_then(|d| d["control"]["version"].as_u64()).unwrap_or(0)
-}
-
 fn controller_version(lab: &Lab) -> u64 {
-    lab.controller_status().expect("controller status")["version"].as_u64().unwrap_or(0)
+    lab.controller_version().expect("controller version")
 }
 
 /// Waits until every agent runs `version`; how long it took.
 fn wait_agents_at(lab: &Lab, version: u64) -> Duration {
     let start = std::time::Instant::now();
-    wait_for(Duration::from_secs(10), || (1..=lab.nodes.len()).all(|n| agent_version(lab, n) == version))
+    wait_for(Duration::from_secs(10), || (1..=lab.nodes.len()).all(|n| lab.agent_config_version(n) == version))
         .unwrap_or_else(|_| {
             panic!(
                 "agents did not reach version {version}: {:?}",
-                (1..=lab.nodes.len()).map(|n| agent_version(lab, n)).collect::<Vec<_>>()
+                (1..=lab.nodes.len()).map(|n| lab.agent_config_version(n)).collect::<Vec<_>>()
             )
         });
     start.elapsed()
@@ -335,7 +331,7 @@ fn control_config_stream_identities_and_static_stability() {
         let reason = status["last_rejection"].as_str().unwrap_or_default();
         assert!(reason.contains("broken.yaml") && reason.contains("timeout"), "{reason}");
         assert_eq!(controller_version(lab), v2);
-        assert_eq!(agent_version(lab, 1), v2);
+        assert_eq!(lab.agent_config_version(1), v2);
         std::fs::remove_file(lab.config_dir().join("broken.yaml")).unwrap();
 
         // Certificates are renewed at half life (8 s lifetime here).
@@ -352,7 +348,7 @@ fn control_config_stream_identities_and_static_stability() {
         lab.stop_controller().unwrap();
         let body = lab.curl("n1-p1", &url(&lab.pod("n2-p1").ip4)).expect("traffic with the controller down");
         assert!(body.starts_with("pod=n2-p1"));
-        assert_eq!(agent_version(lab, 1), v2, "agent lost its config when the controller died");
+        assert_eq!(lab.agent_config_version(1), v2, "agent lost its config when the controller died");
         assert!(lab.agent_log(1).contains("keeping the current configuration"));
         lab.start_controller().unwrap();
         // Restarted, it serves the same directory; agents reconnect and converge.

@@ -144,10 +144,6 @@ spec:
         subset: v3
 ";
 
-fn agent_version(lab: &Lab, node: usize) -> u64 {
-    lab.config_dump(node).ok().and_then(|d| d["control"]["version"].as_u64()).unwrap_or(0)
-}
-
 /// The controller: config stream, identities, a live change, a rejected change.
 fn control_plane(lab: &Lab) -> anyhow::Result<()> {
     step("The controller serves the lab's YAML to both agents over mTLS (meshctl status)");
@@ -159,13 +155,13 @@ fn control_plane(lab: &Lab) -> anyhow::Result<()> {
     }
 
     step("Applying an AuthorizationPolicy live: the agents pick it up");
-    let before = lab.controller_status()?["version"].as_u64().unwrap_or(0);
+    let before = lab.controller_version()?;
     let start = std::time::Instant::now();
     std::fs::write(lab.config_dir().join("policy.yaml"), POLICY)?;
     println!("  wrote {}", lab.config_dir().join("policy.yaml").display());
     mesh_lab::wait_for(std::time::Duration::from_secs(10), || {
-        let v = lab.controller_status().ok().and_then(|s| s["version"].as_u64()).unwrap_or(0);
-        v > before && (1..=lab.nodes.len()).all(|n| agent_version(lab, n) == v)
+        let v = lab.controller_version().unwrap_or(0);
+        v > before && (1..=lab.nodes.len()).all(|n| lab.agent_config_version(n) == v)
     })?;
     println!("  file written -> both agents running the new version in {:?}", start.elapsed());
     println!("  (the agents hold the policy; L4 enforcement comes with the secure data plane)");

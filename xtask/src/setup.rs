@@ -26,12 +26,6 @@ const PACKAGES: &[(&str, &str)] = &[
     ("busybox-static", "kernel VM tests (virtme-ng init)"),
 ];
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
-        s.lines().find(|l| l.starts_with("Uid:")).is_some_and(|l| l.split_whitespace().nth(2) == Some("0"))
-    })
-}
-
 fn installed(package: &str) -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f=${Status}", package])
@@ -54,7 +48,7 @@ pub fn setup() -> anyhow::Result<()> {
     if missing.is_empty() && !need_rust_src && !need_linker && !need_vng {
         return Ok(());
     }
-    if !is_root() {
+    if !mesh_lab::is_root() {
         bail!(
             "setup must install {} and needs root; run it as root",
             describe(&missing, need_rust_src, need_linker, need_vng)
