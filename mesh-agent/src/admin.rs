@@ -49,6 +49,8 @@ pub struct AdminState {
     pub registry: Arc<Registry>,
     pub redirect: Arc<Redirect>,
     pub counters: Arc<Counters>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    pub mesh: Option<Arc<crate::mesh::Mesh>>,
     pub config: serde_json::Value,
     pub set_log_level: SetLogLevel,
     pub control: Option<(Arc<ControlClient>, Arc<CertStore>)>,
@@ -107,6 +109,13 @@ pub fn metrics(state: &AdminState) -> Response<Body> {
     out += "# HELP mesh_agent_connections_forwarded_total Captured connections forwarded.\n";
     out += "# TYPE mesh_agent_connections_forwarded_total counter\n";
     let _ = writeln!(out, "mesh_agent_connections_forwarded_total {}", counters.forwarded);
+    out += "# HELP mesh_agent_connections_tunneled_total Captured connections sent through the mTLS tunnel.\n";
+    out += "# TYPE mesh_agent_connections_tunneled_total counter\n";
+    let _ = writeln!(out, "mesh_agent_connections_tunneled_total {}", counters.tunneled);
+    out += "# HELP mesh_agent_inbound_tls_failures_total Tunnel connections refused during the TLS handshake.\n";
+    out += "# TYPE mesh_agent_inbound_tls_failures_total counter\n";
+    let _ = writeln!(out, "mesh_agent_inbound_tls_failures_total {}", counters.inbound_tls_failed);
+    state.metrics.render(&mut out);
     reply(StatusCode::OK, "text/plain; version=0.0.4", out)
 }
 
@@ -178,7 +187,10 @@ pub async fn admin(state: Arc<AdminState>, req: Request<Incoming>) -> Response<B
         (&Method::GET, "/stats") => {
             let kernel: serde_json::Map<String, serde_json::Value> =
                 state.redirect.kernel_stats().into_iter().map(|(k, v)| (k.to_owned(), v.into())).collect();
-            json(&serde_json::json!({ "agent": state.counters.snapshot(), "kernel": kernel }))
+            let tunnels = state.mesh.as_ref().map(|m| {
+                serde_json::json!({ "pooled_connections": m.pool.connections(), "opened": m.pool.opened.load(std::sync::atomic::Ordering::Relaxed) })
+            });
+            json(&serde_json::json!({ "agent": state.counters.snapshot(), "kernel": kernel, "tunnels": tunnels }))
         }
         (&Method::GET, "/config_dump") => json(&serde_json::json!({
             "config": state.config,

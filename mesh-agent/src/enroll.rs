@@ -99,6 +99,13 @@ pub struct Pod {
     pub counters: Counters,
 }
 
+impl Pod {
+    /// The pod's addresses, as the enroller gave them.
+    pub fn ips(&self) -> &[IpAddr] {
+        &self.spec.ips
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct PodStatus {
     #[serde(flatten)]
@@ -205,6 +212,26 @@ impl Registry {
                 Err(error) => return Err(error.into()),
             }
         }
+        if let Some(mesh) = &self.forwarder.mesh {
+            for ip in [IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V6(Ipv6Addr::UNSPECIFIED)] {
+                let addr = SocketAddr::new(ip, crate::hbone::HBONE_PORT);
+                match crate::hbone::Inbound::new(addr, pod.clone(), mesh.clone(), drain.clone()) {
+                    Ok(listener) => {
+                        let task = tokio::spawn(listener.run());
+                        listeners.push((addr, task.abort_handle()));
+                    }
+                    Err(error) if ip.is_ipv6() => warn!(pod = %pod.spec.name, %error, "no IPv6 tunnel listener"),
+                    Err(error) => return Err(error.into()),
+                }
+            }
+        }
+        if let Some(mesh) = &self.forwarder.mesh {
+            let (plaintext, ipv6) = crate::inbound::Plaintext::new(pod.clone(), mesh.clone(), drain.clone())?;
+            let inbound_ips: Vec<IpAddr> = pod.ips().iter().copied().filter(|ip| ipv6 || ip.is_ipv4()).collect();
+            self.redirect.attach_inbound(&pod.netns, cookie, id, &inbound_ips, plaintext.listener())?;
+            let addr = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), crate::inbound::INBOUND_PORT);
+            listeners.push((addr, tokio::spawn(plaintext.run()).abort_handle()));
+        }
         // Capture starts only once the listeners exist.
         self.redirect.enroll(cookie, EnrolledPod { id, flags: 0 })?;
         let entry = Entry { pod: pod.clone(), listeners };
@@ -224,6 +251,9 @@ impl Registry {
         // Stop capture first; then the listeners close (dropping the entry aborts
         // their accept loops). Connections already open run to completion.
         self.redirect.unenroll(entry.pod.netns_cookie)?;
+        if self.forwarder.mesh.is_some() {
+            self.redirect.detach_inbound(entry.pod.netns_cookie, entry.pod.ips())?;
+        }
         let status = status(&entry);
         if let Some((_, certs)) = &self.control {
             certs.release(&entry.pod.identity);
@@ -280,6 +310,29 @@ impl Registry {
                 info!(cookie, "removing stale enrollment left by an earlier run");
                 let _ = self.redirect.unenroll(cookie);
             }
+        }
+        // Inbound capture an earlier run set up for pods that are gone.
+        let (live_cookies, live_ips): (Vec<u64>, Vec<IpAddr>) = {
+            let inner = self.inner.lock().await;
+            let cookies = inner.pods.values().map(|e| e.pod.netns_cookie).collect();
+            let ips = inner
+                .pods
+                .values()
+                .filter(|_| self.forwarder.mesh.is_some())
+                .flat_map(|e| e.pod.ips().to_vec())
+                .collect();
+            (cookies, ips)
+        };
+        let stale_ips: Vec<IpAddr> =
+            self.redirect.inbound_addrs().into_iter().map(|(ip, _)| ip).filter(|ip| !live_ips.contains(ip)).collect();
+        for cookie in self.redirect.inbound_link_cookies() {
+            if !live_cookies.contains(&cookie) || self.forwarder.mesh.is_none() {
+                info!(cookie, "removing stale inbound capture left by an earlier run");
+                let _ = self.redirect.detach_inbound(cookie, &[]);
+            }
+        }
+        if !stale_ips.is_empty() {
+            let _ = self.redirect.detach_inbound(0, &stale_ips);
         }
         let inner = self.inner.lock().await;
         self.persist(&inner).await;

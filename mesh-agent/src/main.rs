@@ -6,11 +6,17 @@ mod admin;
 mod control;
 mod drain;
 mod enroll;
+mod hbone;
 mod identity;
+mod inbound;
+mod mesh;
+mod metrics;
 mod netns;
 mod outbound;
 mod redirect;
+mod relay;
 mod telemetry;
+mod workloads;
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -88,6 +94,15 @@ struct RunConfig {
     /// Destination CIDR never captured, e.g. 10.0.0.0/8 (repeatable).
     #[arg(long = "exclude-cidr", env = "MESH_EXCLUDE_CIDRS", value_delimiter = ',', value_parser = parse_cidr)]
     exclude_cidrs: Vec<(IpAddr, u8)>,
+    /// Pod port never steered to the inbound plaintext listener, such as a kubelet
+    /// health-probe port (repeatable). Traffic to it reaches the application directly
+    /// even under `PeerAuthentication` STRICT.
+    #[arg(long = "inbound-exclude-port", env = "MESH_INBOUND_EXCLUDE_PORTS", value_delimiter = ',')]
+    inbound_exclude_ports: Vec<u16>,
+    /// Another trust domain whose workload identities are accepted on the tunnel
+    /// (repeatable), e.g. during a migration between meshes.
+    #[arg(long = "trust-domain-alias", env = "MESH_TRUST_DOMAIN_ALIASES", value_delimiter = ',')]
+    trust_domain_aliases: Vec<String>,
     /// Upstream connect timeout, in milliseconds.
     #[arg(long, env = "MESH_CONNECT_TIMEOUT_MS", default_value_t = 10_000)]
     connect_timeout_ms: u64,
@@ -202,14 +217,10 @@ async fn run(config: RunConfig, set_log_level: admin::SetLogLevel) -> anyhow::Re
         })
         .context("cannot set up eBPF capture")?,
     );
+    redirect.set_inbound_excluded_ports(&config.inbound_exclude_ports).context("set the inbound exempt ports")?;
     info!(cgroup = %cgroup_root.display(), pins = %bpffs_dir.display(), "capture programs attached");
 
     let counters = Arc::new(telemetry::Counters::default());
-    let forwarder = Arc::new(outbound::Forwarder {
-        redirect: redirect.clone(),
-        counters: counters.clone(),
-        connect_timeout: Duration::from_millis(config.connect_timeout_ms),
-    });
     let control = match (&config.controller, &config.credential_dir) {
         (Some(addr), Some(dir)) => {
             let read = |name: &str| {
@@ -232,6 +243,24 @@ async fn run(config: RunConfig, set_log_level: admin::SetLogLevel) -> anyhow::Re
         }
         _ => None,
     };
+    let connect_timeout = Duration::from_millis(config.connect_timeout_ms);
+    let metrics = Arc::new(metrics::Metrics::default());
+    let mesh = control.as_ref().map(|(client, certs)| {
+        mesh::Mesh::start(
+            client.clone(),
+            certs.clone(),
+            metrics.clone(),
+            counters.clone(),
+            connect_timeout,
+            config.trust_domain_aliases.clone(),
+        )
+    });
+    let forwarder = Arc::new(outbound::Forwarder {
+        redirect: redirect.clone(),
+        counters: counters.clone(),
+        connect_timeout,
+        mesh: mesh.clone(),
+    });
     let (trigger, drain) = drain::channel();
     let registry = Arc::new(enroll::Registry::new(redirect.clone(), forwarder, &state_dir, drain, control.clone()));
     registry.restore().await;
@@ -244,6 +273,8 @@ async fn run(config: RunConfig, set_log_level: admin::SetLogLevel) -> anyhow::Re
         registry: registry.clone(),
         redirect: redirect.clone(),
         counters,
+        metrics,
+        mesh,
         config: effective,
         set_log_level,
         control,

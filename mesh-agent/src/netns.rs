@@ -8,7 +8,10 @@ use std::{
     fs::File,
     io,
     net::SocketAddr,
-    os::{fd::AsFd, unix::fs::MetadataExt},
+    os::{
+        fd::{AsFd, BorrowedFd},
+        unix::fs::MetadataExt,
+    },
     path::{Path, PathBuf},
 };
 
@@ -108,6 +111,24 @@ impl Netns {
         })
     }
 
+    /// A listener on `port` for both families (`[::]` with `IPV6_V6ONLY` off), or on
+    /// `0.0.0.0` when the namespace has no IPv6. Returns whether it takes IPv6.
+    pub fn listen_dual_stack(&self, port: u16) -> Result<(std::net::TcpListener, bool), NetnsError> {
+        let dual = self.run(|| {
+            let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
+            socket.set_reuse_address(true)?;
+            socket.set_only_v6(false)?;
+            socket.set_nonblocking(true)?;
+            socket.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())?;
+            socket.listen(1024)?;
+            Ok(socket.into())
+        });
+        match dual {
+            Ok(listener) => Ok((listener, true)),
+            Err(_) => Ok((self.listen(SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port)))?, false)),
+        }
+    }
+
     /// An unconnected TCP socket inside this namespace, carrying `mark` so the
     /// capture programs leave it alone.
     pub fn tcp_socket(&self, ipv6: bool, mark: u32) -> Result<tokio::net::TcpSocket, NetnsError> {
@@ -120,6 +141,14 @@ impl Netns {
             Ok(socket.into())
         })?;
         Ok(tokio::net::TcpSocket::from_std_stream(std_stream))
+    }
+}
+
+/// The namespace file itself: what `setns` and the kernel's per-netns attach points
+/// (`sk_lookup`) take.
+impl AsFd for Netns {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
     }
 }
 

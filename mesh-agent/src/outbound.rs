@@ -7,26 +7,32 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_common::{AF_INET, AF_INET6, BYPASS_MARK, OrigDst, OrigDstKey};
+use mesh_common::{AF_INET, AF_INET6, OrigDst, OrigDstKey};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
+
+use hyper_util::rt::TokioIo;
 
 use crate::{
     drain,
     enroll::Pod,
+    hbone::{self, HboneError},
+    mesh::Mesh,
+    metrics::{Metrics, TcpLabels, flags},
     netns::NetnsError,
     redirect::Redirect,
+    relay::{self, Counted},
     telemetry::{AccessLog, Counters, Outcome, bump},
+    workloads::Route,
 };
-
-/// Copy buffer per direction: large enough that a bulk transfer moves in few syscalls.
-const COPY_BUFFER: usize = 128 * 1024;
 
 /// What every outbound connection needs besides its pod.
 pub struct Forwarder {
     pub redirect: Arc<Redirect>,
     pub counters: Arc<Counters>,
     pub connect_timeout: Duration,
+    /// The secure data path; without a controller every destination is passthrough.
+    pub mesh: Option<Arc<Mesh>>,
 }
 
 pub struct Outbound {
@@ -80,7 +86,7 @@ struct Connection {
 }
 
 impl Connection {
-    async fn forward(self, mut client: TcpStream, peer: SocketAddr) {
+    async fn forward(self, client: TcpStream, peer: SocketAddr) {
         let start = Instant::now();
         let counters = [&*self.forwarder.counters, &self.pod.counters];
         bump(counters, |c| &c.accepted, 1);
@@ -90,36 +96,171 @@ impl Connection {
             family: if peer.is_ipv6() { AF_INET6 } else { AF_INET },
             pad: 0,
         };
+        let source_addr = self
+            .pod
+            .ips()
+            .iter()
+            .find(|ip| ip.is_ipv6() == peer.is_ipv6())
+            .map_or(peer, |ip| SocketAddr::new(*ip, peer.port()));
         let mut log = AccessLog {
-            pod: &self.pod.spec.name,
-            namespace: &self.pod.spec.namespace,
-            client: peer,
-            destination: None,
-            bytes_sent: 0,
-            bytes_received: 0,
-            duration: Duration::ZERO,
-            outcome: Outcome::Completed,
+            direction: "outbound",
+            src_workload: self.pod.spec.name.clone(),
+            src_namespace: self.pod.spec.namespace.clone(),
+            src_identity: self.forwarder.mesh.as_ref().map(|_| self.pod.identity.clone()),
+            src_addr: Some(source_addr),
+            security: "none",
+            ..AccessLog::default()
         };
         let Some(orig) = self.forwarder.redirect.take_orig_dst(&key) else {
             // Someone connected to 15001 directly, or the record aged out.
             bump(counters, |c| &c.no_orig_dst, 1);
-            log.outcome = Outcome::NoOriginalDestination;
+            log.outcome = Some(Outcome::NoOriginalDestination);
             log.duration = start.elapsed();
             log.emit();
             return;
         };
         let dst = orig_dst_addr(&orig);
-        log.destination = Some(dst);
+        log.dst_addr = Some(dst);
         let _ = client.set_nodelay(true);
 
-        let upstream = match self.connect(dst).await {
+        let Some(mesh) = self.forwarder.mesh.clone() else {
+            // No control plane: every destination is passthrough.
+            let labels = Arc::new(TcpLabels {
+                reporter: "source",
+                connection_security_policy: "none",
+                response_flags: flags::NONE,
+                ..TcpLabels::default()
+            });
+            self.direct(client, dst, &labels, log, start).await;
+            return;
+        };
+        let index = mesh.index();
+        let source = self.pod.ips().iter().find_map(|ip| index.workload(*ip)).cloned();
+        match index.route(dst) {
+            Route::Direct { addr, workload, service } => {
+                log.dst_addr = Some(addr);
+                log.dst_workload = workload.as_ref().map(|w| w.name.clone());
+                log.dst_namespace = workload.as_ref().map(|w| w.namespace.clone());
+                log.dst_service = service.as_ref().map(|s| s.hostname.clone());
+                let labels = Arc::new(Mesh::outbound_labels(
+                    &self.pod,
+                    source.as_deref(),
+                    workload.as_deref(),
+                    service.as_deref(),
+                    false,
+                ));
+                self.direct_with(client, addr, &labels, log, start, Some(&mesh.metrics)).await;
+            }
+            Route::NoEndpoint { service } => {
+                let mut labels = Mesh::outbound_labels(&self.pod, source.as_deref(), None, Some(&service), false);
+                labels.response_flags = flags::NO_HEALTHY_UPSTREAM;
+                let labels = Arc::new(labels);
+                mesh.metrics.opened(&labels);
+                mesh.metrics.closed(&labels);
+                bump(counters, |c| &c.connect_failed, 1);
+                let _ = client.set_zero_linger();
+                log.dst_service = Some(service.hostname.clone());
+                log.outcome = Some(Outcome::NoEndpoint);
+                log.duration = start.elapsed();
+                log.emit();
+            }
+            Route::Tunnel { workload, addr, service } => {
+                log.dst_addr = Some(addr);
+                log.dst_workload = Some(workload.name.clone());
+                log.dst_namespace = Some(workload.namespace.clone());
+                log.dst_identity = Some(workload.identity.clone());
+                log.dst_service = service.as_ref().map(|s| s.hostname.clone());
+                log.security = "mutual_tls";
+                let mut labels =
+                    Mesh::outbound_labels(&self.pod, source.as_deref(), Some(&workload), service.as_deref(), true);
+                let tunnel = async {
+                    let cert = mesh
+                        .certs
+                        .get(&self.pod.identity)
+                        .ok_or_else(|| HboneError::NoCertificate { identity: self.pod.identity.clone() })?;
+                    let baggage = format!(
+                        "k8s.namespace.name={},k8s.pod.name={},service.name={},k8s.cluster.name=Kubernetes",
+                        self.pod.spec.namespace,
+                        self.pod.spec.name,
+                        source.as_ref().map_or(self.pod.spec.name.as_str(), |w| w.app())
+                    );
+                    let request = hbone::connect_request(addr, source_addr, &baggage)
+                        .map_err(|_| HboneError::Status(hyper::StatusCode::BAD_REQUEST))?;
+                    let hbone_addr = SocketAddr::new(addr.ip(), hbone::HBONE_PORT);
+                    mesh.pool.connect(&self.pod, cert, hbone_addr, &workload.identity, request).await
+                };
+                match tunnel.await {
+                    Ok((upgraded, guard)) => {
+                        let labels = Arc::new(labels);
+                        bump(counters, |c| &c.tunneled, 1);
+                        bump(counters, |c| &c.active, 1);
+                        mesh.metrics.opened(&labels);
+                        let report =
+                            relay::run(Counted::new(client), TokioIo::new(upgraded), None, &mesh.metrics, &labels)
+                                .await;
+                        drop(guard);
+                        mesh.metrics.closed(&labels);
+                        for c in counters {
+                            c.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        bump(counters, |c| &c.bytes_sent, report.sent);
+                        bump(counters, |c| &c.bytes_received, report.received);
+                        report.fill(&mut log);
+                    }
+                    Err(error) => {
+                        debug!(pod = %self.pod.spec.name, %addr, %error, "tunnel failed");
+                        labels.response_flags = if matches!(error, HboneError::Status(hyper::StatusCode::UNAUTHORIZED))
+                        {
+                            flags::DENIED
+                        } else {
+                            flags::UPSTREAM_FAILURE
+                        };
+                        let labels = Arc::new(labels);
+                        mesh.metrics.opened(&labels);
+                        mesh.metrics.closed(&labels);
+                        bump(counters, |c| &c.connect_failed, 1);
+                        let _ = client.set_zero_linger();
+                        log.outcome = Some(error.outcome());
+                        log.reason = Some(error_chain(&error));
+                    }
+                }
+                log.duration = start.elapsed();
+                log.emit();
+            }
+        }
+    }
+
+    async fn direct(self, client: TcpStream, dst: SocketAddr, labels: &Arc<TcpLabels>, log: AccessLog, start: Instant) {
+        self.direct_with(client, dst, labels, log, start, None).await;
+    }
+
+    /// Passthrough: connects from inside the pod, so the destination sees the pod.
+    async fn direct_with(
+        self,
+        client: TcpStream,
+        dst: SocketAddr,
+        labels: &Arc<TcpLabels>,
+        mut log: AccessLog,
+        start: Instant,
+        metrics: Option<&Metrics>,
+    ) {
+        let counters = [&*self.forwarder.counters, &self.pod.counters];
+        let unused = Metrics::default();
+        let metrics = metrics.unwrap_or(&unused);
+        let upstream = match relay::connect_in(&self.pod, dst, self.forwarder.connect_timeout).await {
             Ok(upstream) => upstream,
             Err(error) => {
                 debug!(pod = %self.pod.spec.name, %dst, %error, "upstream connect failed");
                 bump(counters, |c| &c.connect_failed, 1);
+                let mut failed = (**labels).clone();
+                failed.response_flags = flags::UPSTREAM_FAILURE;
+                let failed = Arc::new(failed);
+                metrics.opened(&failed);
+                metrics.closed(&failed);
                 // Reset the client, as the destination would have done.
                 let _ = client.set_zero_linger();
-                log.outcome = Outcome::ConnectFailed;
+                log.outcome = Some(Outcome::ConnectFailed);
+                log.reason = Some(error.to_string());
                 log.duration = start.elapsed();
                 log.emit();
                 return;
@@ -127,34 +268,30 @@ impl Connection {
         };
         bump(counters, |c| &c.forwarded, 1);
         bump(counters, |c| &c.active, 1);
-        let mut upstream = upstream;
-        let result =
-            tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUFFER, COPY_BUFFER).await;
+        metrics.opened(labels);
+        let report = relay::run(Counted::new(client), upstream, None, metrics, labels).await;
+        metrics.closed(labels);
         for c in counters {
             c.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         }
-        match result {
-            Ok((sent, received)) => {
-                log.bytes_sent = sent;
-                log.bytes_received = received;
-            }
-            Err(error) => {
-                debug!(pod = %self.pod.spec.name, %dst, %error, "connection reset");
-                log.outcome = Outcome::Reset;
-            }
-        }
-        bump(counters, |c| &c.bytes_sent, log.bytes_sent);
-        bump(counters, |c| &c.bytes_received, log.bytes_received);
+        bump(counters, |c| &c.bytes_sent, report.sent);
+        bump(counters, |c| &c.bytes_received, report.received);
+        report.fill(&mut log);
         log.duration = start.elapsed();
         log.emit();
     }
+}
 
-    async fn connect(&self, dst: SocketAddr) -> std::io::Result<TcpStream> {
-        let socket = self.pod.netns.tcp_socket(dst.is_ipv6(), BYPASS_MARK).map_err(std::io::Error::other)?;
-        tokio::time::timeout(self.forwarder.connect_timeout, socket.connect(dst))
-            .await
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+/// An error with its causes, for logs (`a: b: c`).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
     }
+    text
 }
 
 pub fn orig_dst_addr(orig: &OrigDst) -> SocketAddr {

@@ -17,6 +17,12 @@ pub struct Counters {
     pub no_orig_dst: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub bytes_received: AtomicU64,
+    pub tunneled: AtomicU64,
+    pub inbound_accepted: AtomicU64,
+    pub inbound_tls_failed: AtomicU64,
+    pub inbound_bad_request: AtomicU64,
+    pub denied: AtomicU64,
+    pub plaintext_refused: AtomicU64,
 }
 
 #[derive(Debug, Serialize, PartialEq, Eq, Clone, Copy, Default)]
@@ -28,6 +34,12 @@ pub struct CountersSnapshot {
     pub no_orig_dst: u64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    pub tunneled: u64,
+    pub inbound_accepted: u64,
+    pub inbound_tls_failed: u64,
+    pub inbound_bad_request: u64,
+    pub denied: u64,
+    pub plaintext_refused: u64,
 }
 
 impl Counters {
@@ -40,6 +52,12 @@ impl Counters {
             no_orig_dst: self.no_orig_dst.load(Relaxed),
             bytes_sent: self.bytes_sent.load(Relaxed),
             bytes_received: self.bytes_received.load(Relaxed),
+            tunneled: self.tunneled.load(Relaxed),
+            inbound_accepted: self.inbound_accepted.load(Relaxed),
+            inbound_tls_failed: self.inbound_tls_failed.load(Relaxed),
+            inbound_bad_request: self.inbound_bad_request.load(Relaxed),
+            denied: self.denied.load(Relaxed),
+            plaintext_refused: self.plaintext_refused.load(Relaxed),
         }
     }
 }
@@ -61,6 +79,18 @@ pub enum Outcome {
     NoOriginalDestination,
     /// An I/O error after the connection was established.
     Reset,
+    /// Refused (or closed) by an authorization policy.
+    Denied,
+    /// Plaintext to a workload whose `PeerAuthentication` is STRICT.
+    PlaintextRefused,
+    /// A service VIP without endpoints.
+    NoEndpoint,
+    /// The source pod has no workload certificate (yet).
+    NoCertificate,
+    /// The tunnel to the destination could not be set up (TLS, HTTP/2, peer status).
+    TunnelFailed,
+    /// A tunnel request that is not a valid CONNECT to this pod.
+    BadRequest,
 }
 
 impl Outcome {
@@ -70,35 +100,63 @@ impl Outcome {
             Self::ConnectFailed => "connect_failed",
             Self::NoOriginalDestination => "no_original_destination",
             Self::Reset => "reset",
+            Self::Denied => "denied",
+            Self::PlaintextRefused => "plaintext_refused",
+            Self::NoEndpoint => "no_endpoint",
+            Self::NoCertificate => "no_certificate",
+            Self::TunnelFailed => "tunnel_failed",
+            Self::BadRequest => "bad_request",
         }
     }
 }
 
 /// One access-log event for one proxied connection.
-pub struct AccessLog<'a> {
-    pub pod: &'a str,
-    pub namespace: &'a str,
-    pub client: SocketAddr,
-    pub destination: Option<SocketAddr>,
+#[derive(Debug, Default)]
+pub struct AccessLog {
+    /// `outbound` (captured on 15001), `inbound` (HBONE on 15008) or
+    /// `inbound_plaintext` (captured on 15006).
+    pub direction: &'static str,
+    pub src_workload: String,
+    pub src_namespace: String,
+    pub src_identity: Option<String>,
+    pub src_addr: Option<SocketAddr>,
+    pub dst_workload: Option<String>,
+    pub dst_namespace: Option<String>,
+    pub dst_identity: Option<String>,
+    pub dst_service: Option<String>,
+    pub dst_addr: Option<SocketAddr>,
+    /// `mutual_tls` or `none`.
+    pub security: &'static str,
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub duration: Duration,
-    pub outcome: Outcome,
+    pub outcome: Option<Outcome>,
+    pub reason: Option<String>,
 }
 
-impl AccessLog<'_> {
+impl AccessLog {
     pub fn emit(&self) {
+        fn or_dash<T: ToString>(value: Option<&T>) -> String {
+            value.map_or_else(|| "-".to_owned(), ToString::to_string)
+        }
         tracing::info!(
             target: "access",
-            direction = "outbound",
-            src.workload = self.pod,
-            src.namespace = self.namespace,
-            src.addr = %self.client,
-            dst.addr = %self.destination.map_or_else(|| "-".to_owned(), |d| d.to_string()),
+            direction = self.direction,
+            src.workload = %self.src_workload,
+            src.namespace = %self.src_namespace,
+            src.identity = %or_dash(self.src_identity.as_ref()),
+            src.addr = %or_dash(self.src_addr.as_ref()),
+            dst.workload = %or_dash(self.dst_workload.as_ref()),
+            dst.namespace = %or_dash(self.dst_namespace.as_ref()),
+            dst.identity = %or_dash(self.dst_identity.as_ref()),
+            dst.service = %or_dash(self.dst_service.as_ref()),
+            dst.addr = %or_dash(self.dst_addr.as_ref()),
+            security = self.security,
             bytes_sent = self.bytes_sent,
             bytes_received = self.bytes_received,
             duration_ms = self.duration.as_secs_f64() * 1000.0,
-            result = self.outcome.as_str(),
+            result = self.outcome.unwrap_or(Outcome::Completed).as_str(),
+            reason = %self.reason.as_deref().unwrap_or("-"),
             "connection complete"
         );
     }

@@ -16,6 +16,8 @@ pub mod config;
 pub mod control;
 #[cfg(feature = "user")]
 pub mod host;
+#[cfg(feature = "config")]
+pub mod policy;
 #[cfg(feature = "control")]
 pub mod tls;
 
@@ -79,6 +81,18 @@ pub struct OrigDstKey {
     pub pad: u32,
 }
 
+/// Key of the inbound-capture maps: a pod IP the pod's `sk_lookup` program steers.
+///
+/// `family` is `AF_INET` or `AF_INET6` widened to 32 bits (as `bpf_sk_lookup.family`
+/// carries it); `addr` holds an IPv4 address in its first four bytes (network order,
+/// the other twelve zero) or the whole IPv6 address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct InboundKey {
+    pub family: u32,
+    pub addr: [u8; 16],
+}
+
 /// Indexes into the kernel statistics array (one `u64` counter each, per CPU).
 pub mod stat {
     /// Connections rewritten to the in-pod listener.
@@ -94,9 +108,34 @@ pub mod stat {
     pub const RECORD_FAILED: u32 = 4;
     /// Original destinations handed over from socket cookie to 4-tuple key.
     pub const HANDED_OVER: u32 = 5;
-    pub const COUNT: u32 = 6;
-    pub const NAMES: [&str; COUNT as usize] =
-        ["captured", "skipped_bypass_mark", "skipped_loopback", "skipped_excluded", "record_failed", "handed_over"];
+    /// Inbound plaintext connections steered to the pod's 15006 listener.
+    pub const INBOUND_STEERED: u32 = 6;
+    /// Inbound connections to a captured pod IP passed through uncaptured: to an
+    /// agent port (15001, 15006, 15008) or an exempt port.
+    pub const INBOUND_EXEMPT: u32 = 7;
+    /// Inbound connections from the pod to itself (this includes the agent delivering
+    /// traffic to the application) passed through uncaptured.
+    pub const INBOUND_SELF: u32 = 8;
+    /// Inbound connections dropped because the pod has no 15006 listener (agent
+    /// down): capture fails closed.
+    pub const INBOUND_NO_LISTENER: u32 = 9;
+    /// Inbound connections dropped because the kernel refused to assign the listener
+    /// (for instance an IPv6 connection and an IPv4-only listener).
+    pub const INBOUND_ASSIGN_FAILED: u32 = 10;
+    pub const COUNT: u32 = 11;
+    pub const NAMES: [&str; COUNT as usize] = [
+        "captured",
+        "skipped_bypass_mark",
+        "skipped_loopback",
+        "skipped_excluded",
+        "record_failed",
+        "handed_over",
+        "inbound_steered",
+        "inbound_exempt",
+        "inbound_self",
+        "inbound_no_listener",
+        "inbound_assign_failed",
+    ];
 }
 
 #[cfg(feature = "user")]
@@ -109,4 +148,6 @@ mod pod_impls {
     unsafe impl aya::Pod for super::OrigDst {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::OrigDstKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::InboundKey {}
 }

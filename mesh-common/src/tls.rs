@@ -114,3 +114,95 @@ pub fn make_csr(identity: &str) -> Result<(String, String), rcgen::Error> {
     let csr = params.serialize_request(&key)?;
     Ok((key.serialize_pem(), csr.pem()?))
 }
+
+/// A client for the HBONE tunnel: presents `chain_pem`, and accepts only a server
+/// whose certificate chains to `root_pems` and names `expected_identity` as a URI SAN
+/// (the server name of the TLS handshake plays no part: pods are reached by IP).
+pub fn workload_client_config(
+    chain_pem: &str,
+    key_pem: &str,
+    root_pems: &[String],
+    expected_identity: &str,
+) -> Result<ClientConfig, TlsError> {
+    let provider = provider();
+    let verifier = Arc::new(SpiffeServerVerifier {
+        roots: Arc::new(roots(root_pems)?),
+        expected: expected_identity.into(),
+        provider: provider.clone(),
+    });
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(certs(chain_pem)?, PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?)?;
+    config.alpn_protocols = std::vec![b"h2".to_vec()];
+    config.resumption = Resumption::disabled();
+    Ok(config)
+}
+
+/// Why a server's certificate was refused although its chain is valid.
+#[derive(Debug, thiserror::Error)]
+#[error("server identity is {found:?}, expected {expected}")]
+pub struct WrongIdentity {
+    pub expected: String,
+    pub found: Vec<String>,
+}
+
+/// Verifies the chain like any web PKI client (signatures, validity, serverAuth EKU),
+/// then requires the expected SPIFFE identity instead of a DNS name.
+#[derive(Debug)]
+struct SpiffeServerVerifier {
+    roots: Arc<RootCertStore>,
+    expected: String,
+    provider: Arc<CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        let found = uri_sans(end_entity);
+        if !found.contains(&self.expected) {
+            return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+                Arc::new(WrongIdentity { expected: self.expected.clone(), found }),
+            ))));
+        }
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        // TLS 1.2 is never negotiated (the config allows TLS 1.3 only).
+        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}

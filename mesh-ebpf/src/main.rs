@@ -1,4 +1,5 @@
-//! Kernel side of outbound capture.
+//! Kernel side of capture: outbound (`connect4/6` + `sock_ops`) and inbound
+//! plaintext (`sk_lookup`).
 //!
 //! `connect4`/`connect6` run for every `connect()` below the agent's cgroup root. For a
 //! TCP socket in an enrolled pod's network namespace that is not the agent's own
@@ -8,27 +9,45 @@
 //! connection's local port at `TCP_CONNECT_CB` (before the SYN leaves) and moves the
 //! record to a key the agent can build from the accepted connection: (netns cookie,
 //! client port, family).
+//!
+//! `sk_lookup`, attached to each enrolled pod's network namespace, runs when a TCP
+//! SYN arrives there and the kernel looks for a listener. For a pod IP under inbound
+//! capture it selects the agent's in-pod 15006 listener instead of the application's,
+//! except for the agent's own ports, exempt ports and connections from the pod to
+//! itself (which is how the agent delivers inbound traffic to the application).
 #![no_std]
 #![no_main]
 
 mod maps;
 
-use core::ffi::c_void;
+use core::{ffi::c_void, ptr::read_volatile};
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr},
+    bindings::{BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sk_lookup, bpf_sock_addr, sk_action},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, sock_ops},
+    macros::{cgroup_sock_addr, sk_lookup, sock_ops},
     maps::lpm_trie::Key,
-    programs::{SockAddrContext, SockOpsContext},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
 };
-use maps::{ENROLLED, EXCLUDED_PORTS, EXCLUDED_V4, EXCLUDED_V6, ORIG_DST, PENDING, STATS};
-use mesh_common::{AF_INET, AF_INET6, BYPASS_MARK, OUTBOUND_PORT, OrigDst, OrigDstKey, stat};
+use maps::{
+    ENROLLED, EXCLUDED_PORTS, EXCLUDED_V4, EXCLUDED_V6, INBOUND_ADDRS, INBOUND_EXCLUDED_PORTS, INBOUND_SOCKETS,
+    ORIG_DST, PENDING, STATS,
+};
+use mesh_common::{
+    AF_INET, AF_INET6, BYPASS_MARK, HBONE_PORT, INBOUND_PLAINTEXT_PORT, InboundKey, OUTBOUND_PORT, OrigDst, OrigDstKey,
+    stat,
+};
 
 const SOCK_STREAM: u32 = 1;
+const IPPROTO_TCP: u32 = 6;
 /// Return value of `cgroup/connect*` that lets the connect proceed.
 const ALLOW: i32 = 1;
+/// What `SockHash::redirect_sk_lookup` returns when the key has no socket.
+const NO_SOCKET: i32 = -2; // -ENOENT
+/// What `bpf_sk_assign` returns when an earlier `sk_lookup` program in the netns
+/// already selected a socket.
+const ALREADY_SELECTED: i32 = -17; // -EEXIST
 
 #[cgroup_sock_addr(connect4)]
 pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
@@ -48,6 +67,11 @@ pub fn mesh_sock_ops(ctx: SockOpsContext) -> u32 {
         hand_over(&ctx);
     }
     1
+}
+
+#[sk_lookup]
+pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
+    try_sk_lookup(&ctx)
 }
 
 #[inline(always)]
@@ -164,6 +188,107 @@ fn hand_over(ctx: &SockOpsContext) {
         count(stat::RECORD_FAILED);
     }
     let _ = PENDING.remove(&cookie);
+}
+
+/// Decides one listener lookup. `SK_PASS` without a selection means "the kernel's
+/// ordinary lookup", so everything that is not a captured pod IP costs one hash lookup.
+#[inline(always)]
+fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
+    let lookup: *const bpf_sk_lookup = ctx.lookup;
+    // Every context field is read with a volatile load straight from the context
+    // pointer: with plain reads the compiler merged the IPv4 and IPv6 paths into a
+    // load through a pointer chosen between two fields, and the verifier refuses any
+    // load through a context pointer that was moved ("dereference of modified ctx
+    // ptr"). Reading all fields up front (eight more loads per SYN) keeps each load
+    // at a constant offset.
+    // SAFETY: the kernel hands every sk_lookup program a valid bpf_sk_lookup; each
+    // read is a 4-byte aligned field the verifier allows for this program type.
+    let field = |f: *const u32| unsafe { read_volatile(f) };
+    // SAFETY: as above (only the field addresses are computed here).
+    let (protocol, family, local_ip4, remote_ip4, local_ip6, remote_ip6, local_port) = unsafe {
+        (
+            &raw const (*lookup).protocol,
+            &raw const (*lookup).family,
+            &raw const (*lookup).local_ip4,
+            &raw const (*lookup).remote_ip4,
+            &raw const (*lookup).local_ip6,
+            &raw const (*lookup).remote_ip6,
+            &raw const (*lookup).local_port,
+        )
+    };
+    if field(protocol) != IPPROTO_TCP {
+        return sk_action::SK_PASS;
+    }
+    let family = field(family);
+    let local6 = local_ip6.cast::<u32>();
+    let remote6 = remote_ip6.cast::<u32>();
+    // Addresses as the kernel stores them (network order), word by word: the key's
+    // bytes and the self-connection test need nothing else.
+    let v6_local =
+        [field(local6), field(local6.wrapping_add(1)), field(local6.wrapping_add(2)), field(local6.wrapping_add(3))];
+    let v6_remote = [
+        field(remote6),
+        field(remote6.wrapping_add(1)),
+        field(remote6.wrapping_add(2)),
+        field(remote6.wrapping_add(3)),
+    ];
+    let (v4_local, v4_remote) = (field(local_ip4), field(remote_ip4));
+    let (local, remote) = if family == u32::from(AF_INET) {
+        ([v4_local, 0, 0, 0], [v4_remote, 0, 0, 0])
+    } else if family == u32::from(AF_INET6) {
+        (v6_local, v6_remote)
+    } else {
+        return sk_action::SK_PASS;
+    };
+    let mut key = InboundKey { family, addr: [0; 16] };
+    let mut i = 0;
+    while i < 4 {
+        let b = local[i].to_ne_bytes();
+        key.addr[i * 4] = b[0];
+        key.addr[i * 4 + 1] = b[1];
+        key.addr[i * 4 + 2] = b[2];
+        key.addr[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    // SAFETY: read-only lookup of a plain value.
+    if unsafe { INBOUND_ADDRS.get(key) }.is_none() {
+        return sk_action::SK_PASS;
+    }
+    // Host order, a u32 in the context.
+    let port = field(local_port) as u16;
+    // SAFETY: read-only lookup of a plain value.
+    if port == HBONE_PORT
+        || port == INBOUND_PLAINTEXT_PORT
+        || port == OUTBOUND_PORT
+        || unsafe { INBOUND_EXCLUDED_PORTS.get(port) }.is_some()
+    {
+        count(stat::INBOUND_EXEMPT);
+        return sk_action::SK_PASS;
+    }
+    if local == remote {
+        count(stat::INBOUND_SELF);
+        return sk_action::SK_PASS;
+    }
+    match INBOUND_SOCKETS.redirect_sk_lookup(ctx, key, 0) {
+        Ok(()) => {
+            count(stat::INBOUND_STEERED);
+            sk_action::SK_PASS
+        }
+        // The agent is down (its listener closed, so the kernel dropped the entry):
+        // fail closed rather than hand plaintext to a STRICT pod's application.
+        Err(NO_SOCKET) => {
+            count(stat::INBOUND_NO_LISTENER);
+            sk_action::SK_DROP
+        }
+        // Another program ran first. While a restarted agent replaces its link, that
+        // is the previous agent's program, which picked the same socket from this
+        // same pinned map; the kernel keeps the earlier selection.
+        Err(ALREADY_SELECTED) => sk_action::SK_PASS,
+        Err(_) => {
+            count(stat::INBOUND_ASSIGN_FAILED);
+            sk_action::SK_DROP
+        }
+    }
 }
 
 #[cfg(not(test))]

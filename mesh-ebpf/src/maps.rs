@@ -3,9 +3,9 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
 };
-use mesh_common::{EnrolledPod, OrigDst, OrigDstKey, stat};
+use mesh_common::{EnrolledPod, InboundKey, OrigDst, OrigDstKey, stat};
 
 /// Enrolled pods, keyed by network-namespace cookie. Written by the agent only.
 #[map]
@@ -30,6 +30,22 @@ pub static EXCLUDED_PORTS: HashMap<u16, u8> = HashMap::pinned(1024, 0);
 pub static EXCLUDED_V4: LpmTrie<[u8; 4], u8> = LpmTrie::pinned(1024, 0);
 #[map]
 pub static EXCLUDED_V6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(1024, 0);
+
+/// Pod IPs under inbound capture, with the agent-local pod id. Written by the agent
+/// only. An address in here and not in `INBOUND_SOCKETS` means "agent down": drop.
+#[map]
+pub static INBOUND_ADDRS: HashMap<InboundKey, u32> = HashMap::pinned(16_384, 0);
+
+/// Each captured pod IP's 15006 listener (a socket in that pod's netns). The kernel
+/// removes an entry when its socket closes, which is what makes capture fail closed
+/// while the agent is down.
+#[map]
+pub static INBOUND_SOCKETS: SockHash<InboundKey> = SockHash::pinned(16_384, 0);
+
+/// Local ports of a captured pod never steered to 15006 (host order), e.g. kubelet
+/// probe ports.
+#[map]
+pub static INBOUND_EXCLUDED_PORTS: HashMap<u16, u8> = HashMap::pinned(1024, 0);
 
 /// Counters, indexed by `mesh_common::stat`.
 #[map]

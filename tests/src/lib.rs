@@ -25,6 +25,8 @@ use std::{
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
+pub mod probe;
+
 /// Where labs keep their state (logs, pids, sockets, description).
 pub const STATE_ROOT: &str = "/run/mesh-lab";
 /// The echo server's HTTP and raw-echo ports in every pod.
@@ -347,6 +349,11 @@ impl Lab {
         .with_context(|| format!("agent on {} not ready; log: {}", node.name, self.agent_log(n)))
     }
 
+    /// The controller's CA directory (`root-cert.pem`, `root-key.pem`).
+    pub fn ca_dir(&self) -> PathBuf {
+        self.dir.join("ca")
+    }
+
     /// The YAML directory the controller serves.
     pub fn config_dir(&self) -> PathBuf {
         self.dir.join("config")
@@ -418,6 +425,11 @@ impl Lab {
     }
 
     /// Signals the process the lab started as `name` and waits until it has exited.
+    /// Signals a process started with [`Lab::spawn_in`] and waits until it has exited.
+    pub fn stop_process(&self, name: &str, signal: &str) -> anyhow::Result<()> {
+        self.stop(name, signal)
+    }
+
     fn stop(&self, name: &str, signal: &str) -> anyhow::Result<()> {
         let pid = fs::read_to_string(self.dir.join(format!("{name}.pid")))?.trim().to_owned();
         run(Command::new("kill").args([&format!("-{signal}"), &pid]))?;
@@ -517,6 +529,26 @@ exec nsenter --net="/run/netns/$ns" -- "$@""#;
     }
 
     /// Runs a command in a pod (its netns and cgroup), a node (its netns) or `fabric`.
+    /// Starts a background process in `target` (a pod or node), logging to
+    /// `<lab dir>/<name>.log` (see [`Lab::log_of`]); `lab down` stops it.
+    pub fn spawn_in(&self, target: &str, name: &str, argv: &[&str]) -> anyhow::Result<u32> {
+        let (netns, cgroup) = self.resolve(target)?;
+        // Processes outside pods go to a lab cgroup too, so `lab down` finds them.
+        let cgroup = if let Some(cgroup) = cgroup {
+            cgroup
+        } else {
+            let tools = cgroup2_root()?.join(&self.spec.prefix).join("tools");
+            fs::create_dir_all(&tools)?;
+            tools
+        };
+        self.spawn(name, &netns, &cgroup, argv)
+    }
+
+    /// The output of a process started with [`Lab::spawn_in`].
+    pub fn log_of(&self, name: &str) -> String {
+        fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
+    }
+
     pub fn exec(&self, target: &str, argv: &[&str]) -> anyhow::Result<Output> {
         let (netns, cgroup) = self.resolve(target)?;
         Self::exec_netns(&netns, cgroup.as_deref(), argv)

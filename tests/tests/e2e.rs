@@ -35,6 +35,18 @@ fn with_lab(prefix: &str, agent_args: &[&str], body: impl FnOnce(&Lab)) {
 /// Like [`with_lab`], with a controller serving the lab's YAML when
 /// `controller_args` is given.
 fn with_lab_controller(prefix: &str, agent_args: &[&str], controller_args: Option<&[&str]>, body: impl FnOnce(&Lab)) {
+    with_lab_sized(prefix, 2, agent_args, controller_args, body);
+}
+
+/// Like [`with_lab_controller`], with `pods_per_node` pods on each node (the last one
+/// unmeshed).
+fn with_lab_sized(
+    prefix: &str,
+    pods_per_node: usize,
+    agent_args: &[&str],
+    controller_args: Option<&[&str]>,
+    body: impl FnOnce(&Lab),
+) {
     let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some(reason) = unsupported_reason() {
         eprintln!("\n!!!!! SKIPPED {prefix}: {reason} !!!!!\n");
@@ -43,7 +55,7 @@ fn with_lab_controller(prefix: &str, agent_args: &[&str], controller_args: Optio
     let spec = LabSpec {
         prefix: prefix.into(),
         nodes: 2,
-        pods_per_node: 2,
+        pods_per_node,
         agent_bin: agent_bin(),
         echo_bin: PathBuf::from(env!("CARGO_BIN_EXE_mesh-echo")),
         agent_args: agent_args.iter().map(|s| (*s).to_owned()).collect(),
@@ -439,5 +451,286 @@ fn control_csr_for_another_nodes_pod_is_refused() {
             .unwrap();
         assert!(!out.status.success(), "controller answered a client without certificate");
         assert!(lab.controller_status().unwrap()["agents"]["node1"]["certificates_refused"].as_u64().unwrap() >= 2);
+    });
+}
+
+// ---------------------------------------------------------------------------------
+// Secure data plane: HBONE tunnel, inbound capture, policies, telemetry.
+// ---------------------------------------------------------------------------------
+
+const N1P1: &str = "spiffe://cluster.local/ns/shop/sa/sa-n1-p1";
+
+/// curl's exit code and output (body, or the error) for a request from `from`.
+fn try_curl(lab: &Lab, from: &str, url: &str) -> (i32, String) {
+    let out = lab.exec(from, &["curl", "-sS", "--max-time", "5", url]).expect("run curl");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// Waits until `from` reaches `to`'s echo server (certificates are issued right after
+/// enrollment; the first request may come before them).
+fn wait_reachable(lab: &Lab, from: &str, to: &str) {
+    let target = url(&lab.pod(to).ip4);
+    wait_for(Duration::from_secs(15), || try_curl(lab, from, &target).1.starts_with(&format!("pod={to} ")))
+        .unwrap_or_else(|_| panic!("{from} cannot reach {to}: {:?}", try_curl(lab, from, &target)));
+}
+
+fn write_policy(lab: &Lab, yaml: &str) {
+    let before = controller_version(lab);
+    std::fs::write(lab.config_dir().join("policy.yaml"), yaml).unwrap();
+    wait_for(Duration::from_secs(5), || controller_version(lab) > before).expect("controller applied the policy");
+    wait_agents_at(lab, controller_version(lab));
+}
+
+fn metric_lines(lab: &Lab, node: usize, name: &str) -> Vec<String> {
+    let text = lab.node_http(node, 15020, "/metrics").expect("metrics");
+    text.lines().filter(|l| l.starts_with(&format!("{name}{{"))).map(str::to_owned).collect()
+}
+
+#[test]
+fn secure_tunnel_identity_policies_strict_and_telemetry() {
+    with_lab_sized("mesh-tf", 3, &[], Some(&["--cert-lifetime-seconds", "8"]), |lab| {
+        wait_agents_at(lab, controller_version(lab));
+        wait_reachable(lab, "n1-p1", "n2-p1");
+
+        // Cross-node traffic is TLS 1.3 on the fabric; a payload marker never shows.
+        let pcap = lab.ca_dir().with_file_name("fabric.pcap");
+        let pcap_arg = pcap.display().to_string();
+        lab.spawn_in(
+            "fabric",
+            "tcpdump",
+            &["tcpdump", "-i", "n2", "--immediate-mode", "-U", "-s", "0", "-w", &pcap_arg, "tcp"],
+        )
+        .expect("start tcpdump");
+        wait_for(Duration::from_secs(5), || lab.log_of("tcpdump").contains("listening on")).expect("tcpdump ready");
+        // A fresh tunnel connection (with a handshake) and a marked payload.
+        lab.stop_agent(1, "TERM").unwrap();
+        lab.start_agent(1).unwrap();
+        let marker = "MARKER-7c1d-payload-must-not-be-seen";
+        wait_for(Duration::from_secs(15), || {
+            lab.exec("n1-p1", &["curl", "-s", "--max-time", "5", "-d", marker, &url(&lab.pod("n2-p1").ip4)])
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).starts_with("pod=n2-p1"))
+        })
+        .expect("request with marker through the tunnel");
+        std::thread::sleep(Duration::from_millis(500));
+        lab.stop_process("tcpdump", "INT").unwrap();
+        let captured = std::fs::read(&pcap).expect("capture file");
+        let contains = |needle: &[u8]| captured.windows(needle.len()).any(|w| w == needle);
+        assert!(captured.len() > 1000, "capture too small ({} bytes): {}", captured.len(), lab.log_of("tcpdump"));
+        // TLS 1.3 ServerHello: supported_versions extension selecting 0x0304.
+        assert!(contains(&[0x00, 0x2b, 0x00, 0x02, 0x03, 0x04]), "no TLS 1.3 handshake on the fabric");
+        assert!(!contains(marker.as_bytes()), "payload marker seen in clear on the fabric");
+        assert!(!contains(b"pod=n2-p1"), "response seen in clear on the fabric");
+
+        // The server side saw the client's SPIFFE identity.
+        let log2 = lab.agent_log(2);
+        assert!(
+            log2.lines().any(|l| l.contains("direction=\"inbound\"") || l.contains("direction=inbound"))
+                && log2.contains(&format!("src.identity={N1P1}")),
+            "server agent did not log the client identity:\n{log2}"
+        );
+        let opened = metric_lines(lab, 2, "istio_tcp_connections_opened_total");
+        assert!(
+            opened.iter().any(|l| l.contains("reporter=\"destination\"")
+                && l.contains(&format!("source_principal=\"{N1P1}\""))
+                && l.contains("destination_workload=\"n2-p1\"")
+                && l.contains("connection_security_policy=\"mutual_tls\"")),
+            "{opened:#?}"
+        );
+
+        // A service VIP spreads connections over endpoints on both nodes.
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..8 {
+            let (code, body) = try_curl(lab, "n1-p1", "http://10.96.0.10:80/");
+            assert_eq!(code, 0, "service request failed: {body}");
+            seen.insert(body.split_whitespace().next().unwrap_or_default().to_owned());
+        }
+        assert!(
+            seen.iter().any(|p| p.starts_with("pod=n1-")) && seen.iter().any(|p| p.starts_with("pod=n2-")),
+            "{seen:?}"
+        );
+        let sent = metric_lines(lab, 1, "istio_tcp_sent_bytes_total");
+        assert!(
+            sent.iter()
+                .any(|l| l.contains("destination_service=\"echo.shop.svc.cluster.local\"") && !l.ends_with(" 0")),
+            "{sent:#?}"
+        );
+
+        // A long transfer survives certificate renewals (8 s certificates, renewed at
+        // half life) and is closed when a new policy denies it.
+        let target = format!("{}:{}", lab.pod("n2-p1").ip4, mesh_lab::ECHO_PORT);
+        let hold = agent_bin().with_file_name("mesh-echo");
+        let hold = if hold.exists() { hold } else { PathBuf::from(env!("CARGO_BIN_EXE_mesh-echo")) };
+        lab.spawn_in("n1-p1", "hold", &[&hold.display().to_string(), "hold", "--addr", &target, "--seconds", "60"])
+            .unwrap();
+        let renewals = |n: usize, identity: &str| {
+            lab.config_dump(n).unwrap()["control"]["certificates"][identity]["renewals"].as_u64().unwrap_or(0)
+        };
+        let r1 = renewals(1, N1P1);
+        let r2 = renewals(2, "spiffe://cluster.local/ns/shop/sa/sa-n2-p1");
+        wait_for(Duration::from_secs(20), || {
+            renewals(1, N1P1) > r1 && renewals(2, "spiffe://cluster.local/ns/shop/sa/sa-n2-p1") > r2
+        })
+        .expect("certificates renewed on both sides");
+        std::thread::sleep(Duration::from_millis(500));
+        let progress = lab.log_of("hold");
+        assert!(!progress.contains("closed"), "long connection broke across a renewal: {progress}");
+        assert!(progress.lines().count() > 20, "{progress}");
+        // New connections use the renewed certificates.
+        wait_reachable(lab, "n1-p1", "n2-p1");
+
+        write_policy(
+            lab,
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-p1\n  namespace: shop\nspec:\n  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [cluster.local/ns/shop/sa/sa-n1-p1]\n",
+        );
+        wait_for(Duration::from_secs(5), || lab.log_of("hold").contains("closed after"))
+            .unwrap_or_else(|_| panic!("denied live connection still open: {}", lab.log_of("hold")));
+        let (code, out) = try_curl(lab, "n1-p1", &url(&lab.pod("n2-p1").ip4));
+        assert_ne!(code, 0, "DENY did not refuse: {out}");
+        wait_reachable(lab, "n1-p2", "n2-p1");
+        assert!(lab.agent_log(2).contains("denied by DENY policy shop/deny-p1"), "{}", lab.agent_log(2));
+
+        // ALLOW by principal admits only that principal.
+        write_policy(
+            lab,
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: only-p2\n  namespace: shop\nspec:\n  action: ALLOW\n  rules:\n  - from:\n    - source:\n        principals: [cluster.local/ns/shop/sa/sa-n1-p2]\n",
+        );
+        wait_reachable(lab, "n1-p2", "n2-p1");
+        let (code, out) = try_curl(lab, "n1-p1", &url(&lab.pod("n2-p1").ip4));
+        assert_ne!(code, 0, "ALLOW admitted another principal: {out}");
+        std::fs::remove_file(lab.config_dir().join("policy.yaml")).unwrap();
+        wait_for(Duration::from_secs(5), || try_curl(lab, "n1-p1", &url(&lab.pod("n2-p1").ip4)).0 == 0)
+            .expect("allowed again once the policy is gone");
+
+        // PERMISSIVE (the default) lets an unmeshed client in, in plaintext through the
+        // agent; STRICT refuses it while meshed clients carry on.
+        let body = lab.curl("n1-p3", &url(&lab.pod("n2-p1").ip4)).expect("plaintext under PERMISSIVE");
+        assert!(body.starts_with("pod=n2-p1"), "{body}");
+        wait_for(Duration::from_secs(5), || {
+            lab.agent_log(2).lines().any(|l| l.contains("inbound_plaintext") && l.contains("completed"))
+        })
+        .unwrap_or_else(|_| panic!("no plaintext access log on node2: {}", lab.agent_log(2)));
+        write_policy(
+            lab,
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: strict\n  namespace: shop\nspec:\n  mtls:\n    mode: STRICT\n",
+        );
+        let (code, out) = try_curl(lab, "n1-p3", &url(&lab.pod("n2-p1").ip4));
+        assert_ne!(code, 0, "STRICT accepted plaintext: {out}");
+        wait_reachable(lab, "n1-p1", "n2-p1");
+        wait_for(Duration::from_secs(5), || lab.agent_log(2).contains("PeerAuthentication shop/strict is STRICT"))
+            .expect("STRICT refusal logged");
+
+        // The metrics are valid Prometheus text.
+        let metrics = lab.node_http(2, 15020, "/metrics").unwrap();
+        let file = lab.ca_dir().with_file_name("metrics.txt");
+        std::fs::write(&file, &metrics).unwrap();
+        let check = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("promtool check metrics < {}", file.display()))
+            .output()
+            .expect("promtool (installed by `cargo xtask setup`)");
+        assert!(
+            check.status.success(),
+            "promtool: {}{}",
+            String::from_utf8_lossy(&check.stdout),
+            String::from_utf8_lossy(&check.stderr)
+        );
+        for name in [
+            "istio_tcp_connections_opened_total",
+            "istio_tcp_connections_closed_total",
+            "istio_tcp_sent_bytes_total",
+            "istio_tcp_received_bytes_total",
+        ] {
+            assert!(!metric_lines(lab, 2, name).is_empty(), "no {name}");
+        }
+        assert!(metrics.contains("response_flags=\"PA\""), "STRICT refusal not counted");
+    });
+}
+
+#[test]
+fn secure_tunnel_refuses_bad_input_and_wrong_identity() {
+    use mesh_lab::probe::{self, Outcome, Request};
+    with_lab_controller("mesh-tg", &[], Some(&[]), |lab| {
+        wait_agents_at(lab, controller_version(lab));
+        wait_reachable(lab, "n1-p1", "n2-p1");
+        let server = lab.pod("n2-p1").ip4.clone();
+        let hbone: std::net::SocketAddr = format!("{server}:15008").parse().unwrap();
+        let node1 = lab.node(1).netns.clone();
+        let good = probe::issue(&lab.ca_dir(), "spiffe://cluster.local/ns/legacy/sa/probe", (2020, 1, 1), (2099, 1, 1))
+            .unwrap();
+        let connect = |authority: &str| Request::Single { method: "CONNECT".into(), authority: authority.into() };
+        let run = |credential: Option<probe::Credential>, request: Request| {
+            probe::run(&node1, hbone, credential, request).expect("probe ran")
+        };
+        let still_fine = || {
+            let body = lab.curl("n1-p1", &url(&server)).expect("tunnel still works");
+            assert!(body.starts_with("pod=n2-p1"), "{body}");
+        };
+
+        // The probe itself is a valid client: a CONNECT to the pod's port is accepted.
+        assert_eq!(run(Some(good.clone()), connect(&format!("{server}:8080"))), Outcome::Status(200));
+        // Not CONNECT; malformed and foreign authorities; the agent's own ports.
+        let get = Request::Single { method: "GET".into(), authority: format!("{server}:8080") };
+        assert_eq!(run(Some(good.clone()), get), Outcome::Status(400));
+        assert_eq!(run(Some(good.clone()), connect("echo.shop:8080")), Outcome::Status(400));
+        assert_eq!(run(Some(good.clone()), connect("10.98.1.11:8080")), Outcome::Status(400));
+        assert_eq!(run(Some(good.clone()), connect(&format!("{server}:15008"))), Outcome::Status(400));
+        // Upstream refused: 503.
+        assert_eq!(run(Some(good.clone()), connect(&format!("{server}:8999"))), Outcome::Status(503));
+        still_fine();
+
+        // Garbage bytes: the connection is closed, nothing else happens.
+        let reply = probe::garbage(&node1, hbone, b"\x00\x01garbage that is not TLS\r\n\r\n").expect("garbage sent");
+        assert!(reply.len() < 64, "unexpected reply to garbage: {reply:?}");
+        // TLS 1.2 is refused.
+        let out =
+            lab.exec("node1", &["openssl", "s_client", "-tls1_2", "-connect", &hbone.to_string()]).expect("openssl");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            !out.status.success() && text.contains("alert protocol version") && text.contains("Cipher is (NONE)"),
+            "TLS 1.2 not refused: {text}"
+        );
+        // No client certificate, another root, an expired certificate, another trust
+        // domain: refused during or right after the handshake.
+        let expired =
+            probe::issue(&lab.ca_dir(), "spiffe://cluster.local/ns/legacy/sa/probe", (2020, 1, 1), (2021, 1, 1))
+                .unwrap();
+        let foreign = probe::foreign("spiffe://cluster.local/ns/legacy/sa/probe").unwrap();
+        let other_domain =
+            probe::issue(&lab.ca_dir(), "spiffe://evil.example/ns/legacy/sa/probe", (2020, 1, 1), (2099, 1, 1))
+                .unwrap();
+        for (what, credential) in [
+            ("no certificate", None),
+            ("expired", Some(expired)),
+            ("other root", Some(foreign)),
+            ("other domain", Some(other_domain)),
+        ] {
+            let outcome = run(credential, connect(&format!("{server}:8080")));
+            assert!(!matches!(outcome, Outcome::Status(_)), "{what}: got through: {outcome:?}");
+        }
+        still_fine();
+        // HTTP/2 rapid reset: the server ends the connection.
+        let outcome = run(Some(good), Request::RapidReset { count: 5000, authority: format!("{server}:8080") });
+        assert!(matches!(outcome, Outcome::Http(_)), "rapid reset flood not stopped: {outcome:?}");
+        still_fine();
+        assert!(stat(lab, 2, "agent", "inbound_tls_failed") >= 4);
+        assert!(lab.node_http(2, 15021, "/healthz/ready").unwrap().contains("ready"));
+
+        // A peer presenting another identity than the one the config gives the
+        // destination is refused by the client.
+        let config = lab.config_dir().join("lab.yaml");
+        let yaml = std::fs::read_to_string(&config).unwrap();
+        let before = controller_version(lab);
+        std::fs::write(&config, yaml.replace("serviceAccountName: sa-n2-p1", "serviceAccountName: sa-impostor"))
+            .unwrap();
+        wait_for(Duration::from_secs(5), || controller_version(lab) > before).unwrap();
+        wait_agents_at(lab, controller_version(lab));
+        let (code, out) = try_curl(lab, "n1-p1", &url(&server));
+        assert_ne!(code, 0, "client accepted a server with the wrong identity: {out}");
+        assert!(
+            lab.agent_log(1).lines().any(|l| l.contains("sa-impostor") && l.contains("tunnel_failed")),
+            "{}",
+            lab.agent_log(1)
+        );
     });
 }

@@ -15,6 +15,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iperf3", "throughput benchmark"),
     ("tcpdump", "packet captures"),
     ("socat", "tests"),
+    ("prometheus", "promtool (tests check the agent's metrics)"),
     ("nghttp2-client", "h2load"),
     ("llvm-22-dev", "bpf-linker"),
     ("libpolly-22-dev", "bpf-linker"),

@@ -32,8 +32,49 @@ fn main() -> anyhow::Result<()> {
             let rate: u64 = opt("--rate").map_or(Ok(1000), |v| v.parse()).context("--rate")?;
             request_response(addr, size, count, rate)
         }
-        other => bail!("unknown mode {other}; expected serve or rr"),
+        "hold" => {
+            let addr: SocketAddr = opt("--addr").context("--addr is required")?.parse().context("--addr")?;
+            let seconds: u64 = opt("--seconds").map_or(Ok(30), |v| v.parse()).context("--seconds")?;
+            hold(addr, Duration::from_secs(seconds))
+        }
+        other => bail!("unknown mode {other}; expected serve, rr or hold"),
     }
+}
+
+/// Keeps one connection to an echo port busy (a line every 50 ms, each echoed back)
+/// for `duration`, then prints `held N lines`; if the connection breaks first, prints
+/// `closed after N lines: REASON`. Either way the exit status is 0: the output says
+/// what happened.
+fn hold(addr: SocketAddr, duration: Duration) -> anyhow::Result<()> {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).context("connect")?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let start = Instant::now();
+    let mut lines = 0u64;
+    let outcome = loop {
+        if start.elapsed() >= duration {
+            break None;
+        }
+        let line = format!("line {lines}\n");
+        if let Err(error) = writer.write_all(line.as_bytes()) {
+            break Some(error.to_string());
+        }
+        let mut echoed = String::new();
+        match reader.read_line(&mut echoed) {
+            Ok(0) => break Some("connection closed by peer".to_owned()),
+            Ok(_) if echoed == line => lines += 1,
+            Ok(_) => break Some(format!("unexpected echo {echoed:?}")),
+            Err(error) => break Some(error.to_string()),
+        }
+        println!("ok {lines}");
+        thread::sleep(Duration::from_millis(50));
+    };
+    match outcome {
+        None => println!("held {lines} lines"),
+        Some(reason) => println!("closed after {lines} lines: {reason}"),
+    }
+    Ok(())
 }
 
 fn serve(name: String, http_port: u16, tcp_port: u16) -> anyhow::Result<()> {

@@ -1,0 +1,548 @@
+//! HBONE: the mutually authenticated tunnel between agents (HTTP/2 `CONNECT` over
+//! TLS 1.3 on port 15008), wire-compatible with Istio ambient.
+//!
+//! Client side: a pool of HTTP/2 connections per (source pod and identity,
+//! destination, expected destination identity), opened from inside the source pod's
+//! network namespace so the outer packets carry the pod's address. Server side: a
+//! listener on 15008 inside every enrolled pod's namespace that terminates TLS with
+//! the pod's certificate, checks the client's identity and the authorization
+//! policies, connects to the application and only then answers 200.
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::{Method, Request, Response, StatusCode, client::conn::http2::SendRequest, upgrade::Upgraded};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use mesh_common::BYPASS_MARK;
+use rustls::pki_types::ServerName;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{TlsAcceptor, TlsConnector, server::TlsStream};
+use tracing::{debug, info, warn};
+
+use crate::{
+    drain,
+    enroll::Pod,
+    identity::WorkloadCert,
+    mesh::Mesh,
+    metrics::flags,
+    netns::NetnsError,
+    relay::{self, Counted},
+    telemetry::{AccessLog, Outcome, bump},
+};
+
+pub const HBONE_PORT: u16 = 15008;
+/// Streams per pooled connection before another connection is opened.
+const MAX_STREAMS: usize = 100;
+/// HTTP/2 flow-control windows: MiB-scale so that one stream can fill a fast link.
+const STREAM_WINDOW: u32 = 4 << 20;
+const CONNECTION_WINDOW: u32 = 16 << 20;
+const MAX_FRAME: u32 = 1 << 20;
+const SEND_BUFFER: usize = 1 << 20;
+const KEEPALIVE: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+const TLS_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pooled connections without streams for this long are closed.
+pub const POOL_IDLE: Duration = Duration::from_mins(5);
+/// Ports of the agent itself inside a pod: never a tunnel target.
+const RESERVED_PORTS: [u16; 6] = [15000, 15001, 15006, HBONE_PORT, 15020, 15021];
+
+#[derive(Debug, thiserror::Error)]
+pub enum HboneError {
+    #[error("no workload certificate for {identity} yet")]
+    NoCertificate { identity: String },
+    #[error("cannot connect to {addr}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS handshake with {addr} failed")]
+    Tls {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS configuration")]
+    TlsConfig(#[from] mesh_common::tls::TlsError),
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error("HTTP/2")]
+    Http(#[from] hyper::Error),
+    #[error("the peer answered {0}")]
+    Status(StatusCode),
+}
+
+impl HboneError {
+    /// The access-log outcome of a failed tunnel setup.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Self::NoCertificate { .. } => Outcome::NoCertificate,
+            Self::Status(StatusCode::UNAUTHORIZED) => Outcome::Denied,
+            Self::Status(StatusCode::SERVICE_UNAVAILABLE) | Self::Connect { .. } => Outcome::ConnectFailed,
+            _ => Outcome::TunnelFailed,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct PoolKey {
+    netns_cookie: u64,
+    source_identity: String,
+    destination: SocketAddr,
+    expected_identity: String,
+}
+
+struct Pooled {
+    sender: SendRequest<Empty<Bytes>>,
+    /// The certificate the connection was made with: after a renewal, new streams go
+    /// to new connections and old ones drain.
+    cert: Arc<WorkloadCert>,
+    streams: Arc<AtomicUsize>,
+    last_used: Arc<AtomicU64>,
+}
+
+/// Holds a stream's slot in its pooled connection.
+pub struct StreamGuard {
+    streams: Arc<AtomicUsize>,
+    last_used: Arc<AtomicU64>,
+    epoch: Instant,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.last_used.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Client connections, pooled.
+pub struct Pool {
+    conns: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
+    epoch: Instant,
+    connect_timeout: Duration,
+    pub opened: AtomicU64,
+}
+
+impl Pool {
+    pub fn new(connect_timeout: Duration) -> Self {
+        Self { conns: Mutex::new(HashMap::new()), epoch: Instant::now(), connect_timeout, opened: AtomicU64::new(0) }
+    }
+
+    /// Opens a tunnel stream from `pod` to `authority` through the agent listening at
+    /// `destination` (the target's IP, port 15008), which must present `expected`.
+    pub async fn connect(
+        &self,
+        pod: &Pod,
+        cert: Arc<WorkloadCert>,
+        destination: SocketAddr,
+        expected: &str,
+        request: Request<Empty<Bytes>>,
+    ) -> Result<(Upgraded, StreamGuard), HboneError> {
+        let (mut sender, guard) = self.checkout(pod, cert, destination, expected).await?;
+        sender.ready().await?;
+        let response = sender.send_request(request).await?;
+        if response.status() != StatusCode::OK {
+            return Err(HboneError::Status(response.status()));
+        }
+        let upgraded = hyper::upgrade::on(response).await?;
+        Ok((upgraded, guard))
+    }
+
+    async fn checkout(
+        &self,
+        pod: &Pod,
+        cert: Arc<WorkloadCert>,
+        destination: SocketAddr,
+        expected: &str,
+    ) -> Result<(SendRequest<Empty<Bytes>>, StreamGuard), HboneError> {
+        let key = PoolKey {
+            netns_cookie: pod.netns_cookie,
+            source_identity: cert.identity.clone(),
+            destination,
+            expected_identity: expected.to_owned(),
+        };
+        {
+            let mut conns = self.conns.lock().expect("lock");
+            if let Some(list) = conns.get_mut(&key) {
+                list.retain(|c| !c.sender.is_closed());
+                let usable = list.iter().find(|c| {
+                    Arc::ptr_eq(&c.cert, &cert)
+                        && c.sender.is_ready()
+                        && c.streams.load(Ordering::Relaxed) < MAX_STREAMS
+                });
+                if let Some(c) = usable {
+                    c.streams.fetch_add(1, Ordering::Relaxed);
+                    let guard =
+                        StreamGuard { streams: c.streams.clone(), last_used: c.last_used.clone(), epoch: self.epoch };
+                    return Ok((c.sender.clone(), guard));
+                }
+            }
+        }
+        let sender = self.handshake(pod, &cert, destination, expected).await?;
+        let streams = Arc::new(AtomicUsize::new(1));
+        let last_used = Arc::new(AtomicU64::new(self.epoch.elapsed().as_millis() as u64));
+        let guard = StreamGuard { streams: streams.clone(), last_used: last_used.clone(), epoch: self.epoch };
+        self.conns.lock().expect("lock").entry(key).or_default().push(Pooled {
+            sender: sender.clone(),
+            cert,
+            streams,
+            last_used,
+        });
+        Ok((sender, guard))
+    }
+
+    async fn handshake(
+        &self,
+        pod: &Pod,
+        cert: &WorkloadCert,
+        destination: SocketAddr,
+        expected: &str,
+    ) -> Result<SendRequest<Empty<Bytes>>, HboneError> {
+        let connect = |source| HboneError::Connect { addr: destination, source };
+        let socket = pod.netns.tcp_socket(destination.is_ipv6(), BYPASS_MARK)?;
+        let tcp = tokio::time::timeout(self.connect_timeout, socket.connect(destination))
+            .await
+            .map_err(|_| connect(std::io::ErrorKind::TimedOut.into()))?
+            .map_err(connect)?;
+        let config = mesh_common::tls::workload_client_config(
+            &cert.chain_pem.concat(),
+            &cert.key_pem,
+            std::slice::from_ref(&cert.root_pem),
+            expected,
+        )?;
+        let tls_error = |source| HboneError::Tls { addr: destination, source };
+        let tls = tokio::time::timeout(
+            TLS_TIMEOUT,
+            TlsConnector::from(Arc::new(config)).connect(ServerName::IpAddress(destination.ip().into()), tcp),
+        )
+        .await
+        .map_err(|_| tls_error(std::io::ErrorKind::TimedOut.into()))?
+        .map_err(tls_error)?;
+        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .max_send_buf_size(SEND_BUFFER)
+            .keep_alive_interval(KEEPALIVE)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
+            .handshake(TokioIo::new(tls))
+            .await?;
+        self.opened.fetch_add(1, Ordering::Relaxed);
+        debug!(pod = %pod.spec.name, %destination, expected, "tunnel connection opened");
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                debug!(%destination, %error, "tunnel connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Closes pooled connections that carried nothing for `idle`.
+    pub fn release_idle(&self, idle: Duration) {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let idle = idle.as_millis() as u64;
+        let mut conns = self.conns.lock().expect("lock");
+        for list in conns.values_mut() {
+            list.retain(|c| {
+                !c.sender.is_closed()
+                    && (c.streams.load(Ordering::Relaxed) > 0
+                        || now.saturating_sub(c.last_used.load(Ordering::Relaxed)) < idle)
+            });
+        }
+        conns.retain(|_, list| !list.is_empty());
+    }
+
+    pub fn connections(&self) -> usize {
+        self.conns.lock().expect("lock").values().map(Vec::len).sum()
+    }
+}
+
+/// A CONNECT request for `authority`, with HBONE's headers.
+pub fn connect_request(
+    authority: SocketAddr,
+    source: SocketAddr,
+    baggage: &str,
+) -> Result<Request<Empty<Bytes>>, hyper::http::Error> {
+    Request::builder()
+        .method(Method::CONNECT)
+        .uri(authority.to_string())
+        .header("forwarded", format!("for=\"{source}\""))
+        .header("baggage", baggage)
+        .header("traceparent", traceparent())
+        .body(Empty::new())
+}
+
+/// A fresh W3C trace context (`00-<trace id>-<span id>-00`).
+fn traceparent() -> String {
+    use std::hash::{BuildHasher, RandomState};
+    // Each RandomState is seeded from the OS RNG once per thread and then stepped, which
+    // is unpredictable enough for trace ids.
+    let a = RandomState::new().hash_one(Instant::now());
+    let b = RandomState::new().hash_one(a);
+    let c = RandomState::new().hash_one(b);
+    format!("00-{a:016x}{b:016x}-{c:016x}-00")
+}
+
+/// The inbound tunnel listener of one pod (15008 in the pod's namespace).
+pub struct Inbound {
+    listener: TcpListener,
+    pod: Arc<Pod>,
+    mesh: Arc<Mesh>,
+    drain: drain::Watch,
+    acceptor: Mutex<Option<(Arc<WorkloadCert>, TlsAcceptor)>>,
+}
+
+impl Inbound {
+    pub fn new(addr: SocketAddr, pod: Arc<Pod>, mesh: Arc<Mesh>, drain: drain::Watch) -> Result<Self, NetnsError> {
+        let std_listener = pod.netns.listen(addr)?;
+        let listener = TcpListener::from_std(std_listener)
+            .map_err(|source| NetnsError::Socket { path: pod.netns.path().to_owned(), source })?;
+        Ok(Self { listener, pod, mesh, drain, acceptor: Mutex::new(None) })
+    }
+
+    /// The TLS acceptor for the pod's current certificate.
+    fn acceptor(&self) -> Result<TlsAcceptor, HboneError> {
+        let cert = self
+            .mesh
+            .certs
+            .get(&self.pod.identity)
+            .ok_or_else(|| HboneError::NoCertificate { identity: self.pod.identity.clone() })?;
+        let mut cached = self.acceptor.lock().expect("lock");
+        if let Some((current, acceptor)) = &*cached
+            && Arc::ptr_eq(current, &cert)
+        {
+            return Ok(acceptor.clone());
+        }
+        let mut config = mesh_common::tls::server_config(
+            &cert.chain_pem.concat(),
+            &cert.key_pem,
+            std::slice::from_ref(&cert.root_pem),
+        )?;
+        config.max_early_data_size = 0;
+        let acceptor = TlsAcceptor::from(Arc::new(config));
+        *cached = Some((cert, acceptor.clone()));
+        Ok(acceptor)
+    }
+
+    pub async fn run(self) {
+        let this = Arc::new(self);
+        let mut drain = this.drain.clone();
+        loop {
+            tokio::select! {
+                () = drain.signaled() => break,
+                accepted = this.listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        tokio::spawn(this.clone().serve(stream, peer));
+                    }
+                    Err(error) => {
+                        warn!(pod = %this.pod.spec.name, %error, "tunnel accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
+    }
+
+    async fn serve(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
+        let counters = [&*self.mesh.counters, &self.pod.counters];
+        let _ = tcp.set_nodelay(true);
+        let acceptor = match self.acceptor() {
+            Ok(acceptor) => acceptor,
+            Err(error) => {
+                warn!(pod = %self.pod.spec.name, %peer, %error, "tunnel refused: no server certificate");
+                return;
+            }
+        };
+        let tls = match tokio::time::timeout(TLS_TIMEOUT, acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(error)) => {
+                bump(counters, |c| &c.inbound_tls_failed, 1);
+                info!(pod = %self.pod.spec.name, %peer, %error, "tunnel TLS handshake refused");
+                return;
+            }
+            Err(_) => {
+                bump(counters, |c| &c.inbound_tls_failed, 1);
+                info!(pod = %self.pod.spec.name, %peer, "tunnel TLS handshake timed out");
+                return;
+            }
+        };
+        let Some(identity) = peer_identity(&tls) else {
+            bump(counters, |c| &c.inbound_tls_failed, 1);
+            info!(pod = %self.pod.spec.name, %peer, "tunnel refused: client certificate has no SPIFFE identity");
+            return;
+        };
+        if !self.mesh.trusts(&identity) {
+            bump(counters, |c| &c.inbound_tls_failed, 1);
+            info!(pod = %self.pod.spec.name, %peer, identity, "tunnel refused: client identity is not of a trusted domain");
+            return;
+        }
+        let identity: Arc<str> = identity.into();
+        let this = self.clone();
+        let service = hyper::service::service_fn(move |request| {
+            let this = this.clone();
+            let identity = identity.clone();
+            async move { Ok::<_, Infallible>(this.handle(request, identity, peer).await) }
+        });
+        let result = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .max_send_buf_size(SEND_BUFFER)
+            .max_concurrent_streams(MAX_STREAMS as u32 * 10)
+            // Rapid reset (CVE-2023-44487): a client that makes the server reset many
+            // streams it never serves gets GOAWAY.
+            .max_pending_accept_reset_streams(Some(64))
+            .max_local_error_reset_streams(Some(256))
+            .keep_alive_interval(KEEPALIVE)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .serve_connection(TokioIo::new(tls), service)
+            .await;
+        if let Err(error) = result {
+            debug!(pod = %self.pod.spec.name, %peer, %error, "tunnel connection ended with an error");
+        }
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        mut request: Request<hyper::body::Incoming>,
+        identity: Arc<str>,
+        peer: SocketAddr,
+    ) -> Response<Empty<Bytes>> {
+        let counters = [&*self.mesh.counters, &self.pod.counters];
+        let start = Instant::now();
+        bump(counters, |c| &c.inbound_accepted, 1);
+        let source = self.mesh.index().workload(peer.ip()).cloned();
+        let mut log = AccessLog {
+            direction: "inbound",
+            src_workload: source.as_ref().map_or_else(String::new, |w| w.name.clone()),
+            src_namespace: source.as_ref().map_or_else(String::new, |w| w.namespace.clone()),
+            src_identity: Some(identity.to_string()),
+            src_addr: Some(peer),
+            dst_workload: Some(self.pod.spec.name.clone()),
+            dst_namespace: Some(self.pod.spec.namespace.clone()),
+            dst_identity: Some(self.pod.identity.clone()),
+            security: "mutual_tls",
+            ..AccessLog::default()
+        };
+        let target = match self.target(&request) {
+            Ok(target) => target,
+            Err(reason) => {
+                bump(counters, |c| &c.inbound_bad_request, 1);
+                log.outcome = Some(Outcome::BadRequest);
+                log.reason = Some(reason);
+                log.duration = start.elapsed();
+                log.emit();
+                return status(StatusCode::BAD_REQUEST);
+            }
+        };
+        log.dst_addr = Some(target);
+        let mut labels = self.mesh.inbound_labels(&self.pod, source.as_deref(), Some(&identity), "mutual_tls");
+        if let Err(reason) = self.mesh.authorize(&self.pod, Some(&identity), peer.ip(), target) {
+            bump(counters, |c| &c.denied, 1);
+            Arc::make_mut(&mut labels).response_flags = flags::DENIED;
+            self.mesh.metrics.opened(&labels);
+            self.mesh.metrics.closed(&labels);
+            info!(pod = %self.pod.spec.name, %identity, %target, reason, "tunnel request denied");
+            log.outcome = Some(Outcome::Denied);
+            log.reason = Some(reason);
+            log.duration = start.elapsed();
+            log.emit();
+            return status(StatusCode::UNAUTHORIZED);
+        }
+        let upstream = match relay::connect_in(&self.pod, target, self.mesh.connect_timeout).await {
+            Ok(upstream) => upstream,
+            Err(error) => {
+                bump(counters, |c| &c.connect_failed, 1);
+                Arc::make_mut(&mut labels).response_flags = flags::UPSTREAM_FAILURE;
+                self.mesh.metrics.opened(&labels);
+                self.mesh.metrics.closed(&labels);
+                log.outcome = Some(Outcome::ConnectFailed);
+                log.reason = Some(error.to_string());
+                log.duration = start.elapsed();
+                log.emit();
+                return status(StatusCode::SERVICE_UNAVAILABLE);
+            }
+        };
+        let on_upgrade = hyper::upgrade::on(&mut request);
+        let this = self.clone();
+        let drain = self.drain.clone();
+        tokio::spawn(async move {
+            let _drain = drain;
+            match on_upgrade.await {
+                Ok(upgraded) => {
+                    let policy = relay::Recheck {
+                        mesh: this.mesh.clone(),
+                        pod: this.pod.clone(),
+                        identity: Some(identity.clone()),
+                        source_ip: peer.ip(),
+                        target,
+                    };
+                    this.mesh.metrics.opened(&labels);
+                    bump([&*this.mesh.counters, &this.pod.counters], |c| &c.active, 1);
+                    // The client side is the tunnel: bytes read from it were sent by the client.
+                    let report = relay::run(
+                        Counted::new(TokioIo::new(upgraded)),
+                        upstream,
+                        Some(policy),
+                        &this.mesh.metrics,
+                        &labels,
+                    )
+                    .await;
+                    for c in [&*this.mesh.counters, &this.pod.counters] {
+                        c.active.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    report.fill(&mut log);
+                }
+                Err(error) => {
+                    log.outcome = Some(Outcome::Reset);
+                    log.reason = Some(error.to_string());
+                }
+            }
+            this.mesh.metrics.closed(&labels);
+            log.duration = start.elapsed();
+            log.emit();
+        });
+        status(StatusCode::OK)
+    }
+
+    /// The request's target: a CONNECT to one of this pod's addresses.
+    fn target(&self, request: &Request<hyper::body::Incoming>) -> Result<SocketAddr, String> {
+        if request.method() != Method::CONNECT {
+            return Err(format!("method {} is not CONNECT", request.method()));
+        }
+        let authority = request.uri().authority().ok_or("CONNECT without :authority")?;
+        let target: SocketAddr =
+            authority.as_str().parse().map_err(|_| format!("authority `{authority}` is not IP:port"))?;
+        if !self.pod.ips().contains(&target.ip()) {
+            return Err(format!("authority {target} is not an address of pod {}", self.pod.spec.name));
+        }
+        if RESERVED_PORTS.contains(&target.port()) || target.port() == 0 {
+            return Err(format!("port {} is reserved for the mesh", target.port()));
+        }
+        Ok(target)
+    }
+}
+
+fn status(code: StatusCode) -> Response<Empty<Bytes>> {
+    let mut response = Response::new(Empty::new());
+    *response.status_mut() = code;
+    response
+}
+
+/// The SPIFFE identity of the client certificate (its first `spiffe://` URI SAN).
+fn peer_identity(tls: &TlsStream<TcpStream>) -> Option<String> {
+    let leaf = tls.get_ref().1.peer_certificates()?.first()?;
+    mesh_common::tls::uri_sans(leaf).into_iter().find(|id| id.starts_with("spiffe://"))
+}

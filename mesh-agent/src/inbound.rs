@@ -1,0 +1,144 @@
+//! The in-pod plaintext listener (15006): the kernel's `sk_lookup` program hands it
+//! every plaintext TCP connection addressed to the pod (except the tunnel port and
+//! exempt ports). `PeerAuthentication` decides: STRICT refuses, PERMISSIVE applies the
+//! L4 policies it can (there is no client identity) and forwards to the application.
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, info, warn};
+
+use crate::{
+    drain,
+    enroll::Pod,
+    mesh::Mesh,
+    metrics::flags,
+    netns::NetnsError,
+    relay::{self, Counted, Recheck},
+    telemetry::{AccessLog, Outcome, bump},
+};
+
+pub const INBOUND_PORT: u16 = 15006;
+
+pub struct Plaintext {
+    listener: TcpListener,
+    pod: Arc<Pod>,
+    mesh: Arc<Mesh>,
+    drain: drain::Watch,
+}
+
+impl Plaintext {
+    /// Binds 15006 in the pod's namespace, for both families when it has IPv6 (the
+    /// second value says whether it does).
+    pub fn new(pod: Arc<Pod>, mesh: Arc<Mesh>, drain: drain::Watch) -> Result<(Self, bool), NetnsError> {
+        let (std_listener, ipv6) = pod.netns.listen_dual_stack(INBOUND_PORT)?;
+        let listener = TcpListener::from_std(std_listener)
+            .map_err(|source| NetnsError::Socket { path: pod.netns.path().to_owned(), source })?;
+        Ok((Self { listener, pod, mesh, drain }, ipv6))
+    }
+
+    /// The listening socket (what the kernel's socket map holds).
+    pub fn listener(&self) -> &TcpListener {
+        &self.listener
+    }
+
+    pub async fn run(self) {
+        let this = Arc::new(self);
+        let mut drain = this.drain.clone();
+        loop {
+            tokio::select! {
+                () = drain.signaled() => break,
+                accepted = this.listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        tokio::spawn(this.clone().serve(stream, peer));
+                    }
+                    Err(error) => {
+                        warn!(pod = %this.pod.spec.name, %error, "inbound accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
+    }
+
+    async fn serve(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
+        let start = Instant::now();
+        let _drain = self.drain.clone();
+        let counters = [&*self.mesh.counters, &self.pod.counters];
+        bump(counters, |c| &c.inbound_accepted, 1);
+        // sk_lookup keeps the address the client asked for as the local address.
+        let target = match client.local_addr() {
+            Ok(target) => target,
+            Err(error) => {
+                debug!(%error, "accepted socket without local address");
+                return;
+            }
+        };
+        let _ = client.set_nodelay(true);
+        let source = self.mesh.index().workload(peer.ip()).cloned();
+        let mut log = AccessLog {
+            direction: "inbound_plaintext",
+            src_workload: source.as_ref().map_or_else(String::new, |w| w.name.clone()),
+            src_namespace: source.as_ref().map_or_else(String::new, |w| w.namespace.clone()),
+            src_addr: Some(peer),
+            dst_workload: Some(self.pod.spec.name.clone()),
+            dst_namespace: Some(self.pod.spec.namespace.clone()),
+            dst_identity: Some(self.pod.identity.clone()),
+            dst_addr: Some(target),
+            security: "none",
+            ..AccessLog::default()
+        };
+        let mut labels = self.mesh.inbound_labels(&self.pod, source.as_deref(), None, "none");
+        let refuse =
+            |labels: &mut Arc<crate::metrics::TcpLabels>, flag, outcome, reason: String, log: &mut AccessLog| {
+                Arc::make_mut(labels).response_flags = flag;
+                self.mesh.metrics.opened(labels);
+                self.mesh.metrics.closed(labels);
+                let _ = client.set_zero_linger();
+                log.outcome = Some(outcome);
+                log.reason = Some(reason);
+                log.duration = start.elapsed();
+                log.emit();
+            };
+        let (strict, policy) = self.mesh.plaintext_refused(&self.pod, target.port());
+        if strict {
+            bump(counters, |c| &c.plaintext_refused, 1);
+            let reason = format!(
+                "plaintext refused: PeerAuthentication {} is STRICT",
+                policy.as_deref().unwrap_or("(mesh default)")
+            );
+            info!(pod = %self.pod.spec.name, %peer, %target, reason, "inbound connection refused");
+            refuse(&mut labels, flags::PLAINTEXT_REFUSED, Outcome::PlaintextRefused, reason, &mut log);
+            return;
+        }
+        if let Err(reason) = self.mesh.authorize(&self.pod, None, peer.ip(), target) {
+            bump(counters, |c| &c.denied, 1);
+            info!(pod = %self.pod.spec.name, %peer, %target, reason, "inbound plaintext connection denied");
+            refuse(&mut labels, flags::DENIED, Outcome::Denied, reason, &mut log);
+            return;
+        }
+        let upstream = match relay::connect_in(&self.pod, target, self.mesh.connect_timeout).await {
+            Ok(upstream) => upstream,
+            Err(error) => {
+                bump(counters, |c| &c.connect_failed, 1);
+                refuse(&mut labels, flags::UPSTREAM_FAILURE, Outcome::ConnectFailed, error.to_string(), &mut log);
+                return;
+            }
+        };
+        self.mesh.metrics.opened(&labels);
+        bump(counters, |c| &c.active, 1);
+        let recheck =
+            Recheck { mesh: self.mesh.clone(), pod: self.pod.clone(), identity: None, source_ip: peer.ip(), target };
+        let report = relay::run(Counted::new(client), upstream, Some(recheck), &self.mesh.metrics, &labels).await;
+        for c in counters {
+            c.active.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.mesh.metrics.closed(&labels);
+        report.fill(&mut log);
+        log.duration = start.elapsed();
+        log.emit();
+    }
+}

@@ -1,0 +1,194 @@
+//! What the secure data path shares: the configuration and its index, the
+//! certificates, the tunnel pool, the policies and the metrics.
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use mesh_common::{
+    config::{meta::Labels, security::MtlsMode},
+    policy,
+};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::{
+    control::ControlClient,
+    enroll::Pod,
+    hbone::{POOL_IDLE, Pool},
+    identity::CertStore,
+    metrics::{Metrics, TcpLabels, flags},
+    telemetry::Counters,
+    workloads::{Index, ServicePort, Workload},
+};
+
+pub struct Mesh {
+    pub control: Arc<ControlClient>,
+    pub certs: Arc<CertStore>,
+    index: watch::Receiver<Arc<Index>>,
+    pub pool: Pool,
+    pub metrics: Arc<Metrics>,
+    pub counters: Arc<Counters>,
+    pub connect_timeout: Duration,
+    /// Other trust domains whose identities are accepted (migrations, renames).
+    pub trust_domain_aliases: Vec<String>,
+}
+
+impl Mesh {
+    /// Starts the tasks that keep the index current and release idle tunnels.
+    pub fn start(
+        control: Arc<ControlClient>,
+        certs: Arc<CertStore>,
+        metrics: Arc<Metrics>,
+        counters: Arc<Counters>,
+        connect_timeout: Duration,
+        trust_domain_aliases: Vec<String>,
+    ) -> Arc<Self> {
+        let mut updates = control.subscribe();
+        let first = updates.borrow_and_update().clone();
+        let (index_tx, index) = watch::channel(Arc::new(Index::build(&first.config)));
+        tokio::spawn(async move {
+            while updates.changed().await.is_ok() {
+                let state = updates.borrow_and_update().clone();
+                let built = tokio::task::spawn_blocking(move || Index::build(&state.config)).await;
+                match built {
+                    Ok(index) => {
+                        let _ = index_tx.send(Arc::new(index));
+                    }
+                    Err(error) => warn!(%error, "building the workload index failed"),
+                }
+            }
+        });
+        let mesh = Arc::new(Self {
+            control,
+            certs,
+            index,
+            pool: Pool::new(connect_timeout),
+            metrics,
+            counters,
+            connect_timeout,
+            trust_domain_aliases,
+        });
+        let weak = Arc::downgrade(&mesh);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(30));
+            loop {
+                tick.tick().await;
+                let Some(mesh) = weak.upgrade() else { return };
+                mesh.pool.release_idle(POOL_IDLE);
+            }
+        });
+        mesh
+    }
+
+    pub fn index(&self) -> Arc<Index> {
+        self.index.borrow().clone()
+    }
+
+    /// Whether a client identity belongs to a trust domain this mesh accepts.
+    pub fn trusts(&self, identity: &str) -> bool {
+        let state = self.control.current();
+        let Some(rest) = identity.strip_prefix("spiffe://") else { return false };
+        let domain = rest.split('/').next().unwrap_or_default();
+        domain == state.config.trust_domain || self.trust_domain_aliases.iter().any(|alias| alias == domain)
+    }
+
+    /// The pod's labels as the configuration knows them.
+    fn labels_of(index: &Index, pod: &Pod) -> Labels {
+        pod.ips().iter().find_map(|ip| index.workload(*ip)).map(|w| w.labels.clone()).unwrap_or_default()
+    }
+
+    /// Evaluates the L4 authorization policies for a connection to `pod`. `Err` holds
+    /// the reason of a denial.
+    pub fn authorize(
+        &self,
+        pod: &Pod,
+        identity: Option<&str>,
+        source_ip: IpAddr,
+        target: SocketAddr,
+    ) -> Result<(), String> {
+        let state = self.control.current();
+        let labels = Self::labels_of(&self.index(), pod);
+        let workload = policy::Workload { namespace: &pod.spec.namespace, labels: &labels };
+        let connection = policy::Connection {
+            source_identity: identity,
+            source_ip,
+            destination_ip: target.ip(),
+            destination_port: target.port(),
+        };
+        match policy::authorize(&state.config, &workload, &connection) {
+            policy::Verdict::Allow { audited_by } => {
+                for audit in audited_by {
+                    info!(target: "audit", policy = audit, pod = %pod.spec.name, source = identity.unwrap_or("-"), %source_ip, %target, "AUDIT policy matched");
+                }
+                Ok(())
+            }
+            policy::Verdict::Deny { reason, .. } => Err(reason),
+        }
+    }
+
+    /// Whether plaintext to `pod` on `port` is refused (`PeerAuthentication` STRICT),
+    /// with the policy that decided.
+    pub fn plaintext_refused(&self, pod: &Pod, port: u16) -> (bool, Option<String>) {
+        let state = self.control.current();
+        let labels = Self::labels_of(&self.index(), pod);
+        let workload = policy::Workload { namespace: &pod.spec.namespace, labels: &labels };
+        let effective = policy::mtls_mode(&state.config, &workload, port);
+        (effective.mode == MtlsMode::Strict, effective.policy)
+    }
+
+    /// Telemetry labels of a connection this agent receives for `pod`.
+    pub fn inbound_labels(
+        &self,
+        pod: &Pod,
+        source: Option<&Workload>,
+        source_identity: Option<&str>,
+        security: &'static str,
+    ) -> Arc<TcpLabels> {
+        let index = self.index();
+        let destination = pod.ips().iter().find_map(|ip| index.workload(*ip)).cloned();
+        Arc::new(TcpLabels {
+            reporter: "destination",
+            source_workload: source.map(|w| w.name.clone()).unwrap_or_default(),
+            source_workload_namespace: source.map(|w| w.namespace.clone()).unwrap_or_default(),
+            source_principal: source_identity.unwrap_or_default().to_owned(),
+            source_app: source.map(|w| w.app().to_owned()).unwrap_or_default(),
+            destination_workload: pod.spec.name.clone(),
+            destination_workload_namespace: pod.spec.namespace.clone(),
+            destination_principal: pod.identity.clone(),
+            destination_app: destination.as_ref().map_or_else(|| pod.spec.name.clone(), |w| w.app().to_owned()),
+            destination_service: String::new(),
+            destination_service_name: String::new(),
+            destination_service_namespace: String::new(),
+            connection_security_policy: security,
+            response_flags: flags::NONE,
+        })
+    }
+
+    /// Telemetry labels of a connection `pod` opens.
+    pub fn outbound_labels(
+        pod: &Pod,
+        source: Option<&Workload>,
+        destination: Option<&Workload>,
+        service: Option<&ServicePort>,
+        tunneled: bool,
+    ) -> TcpLabels {
+        TcpLabels {
+            reporter: "source",
+            source_workload: pod.spec.name.clone(),
+            source_workload_namespace: pod.spec.namespace.clone(),
+            source_principal: pod.identity.clone(),
+            source_app: source.map_or_else(|| pod.spec.name.clone(), |w| w.app().to_owned()),
+            destination_workload: destination.map(|w| w.name.clone()).unwrap_or_default(),
+            destination_workload_namespace: destination.map(|w| w.namespace.clone()).unwrap_or_default(),
+            destination_principal: destination.filter(|_| tunneled).map(|w| w.identity.clone()).unwrap_or_default(),
+            destination_app: destination.map(|w| w.app().to_owned()).unwrap_or_default(),
+            destination_service: service.map(|s| s.hostname.clone()).unwrap_or_default(),
+            destination_service_name: service.map(|s| s.name.clone()).unwrap_or_default(),
+            destination_service_namespace: service.map(|s| s.namespace.clone()).unwrap_or_default(),
+            connection_security_policy: if tunneled { "mutual_tls" } else { "none" },
+            response_flags: flags::NONE,
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! Moving bytes between the two sides of a proxied connection, with byte counts that
+//! telemetry can read while the connection lives, and (inbound) a re-check of the
+//! authorization policies on every configuration change that closes a connection
+//! the new policies deny.
+use std::{
+    io,
+    net::{IpAddr, SocketAddr},
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use mesh_common::BYPASS_MARK;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
+use tracing::info;
+
+use crate::{
+    enroll::Pod,
+    mesh::Mesh,
+    metrics::{Metrics, TcpLabels},
+    telemetry::{AccessLog, Outcome},
+};
+
+/// Copy buffer per direction: large enough that a bulk transfer moves in few syscalls.
+pub const COPY_BUFFER: usize = 128 * 1024;
+/// How often the byte counters of a long connection are added to the metrics.
+const FLUSH_EVERY: Duration = Duration::from_secs(5);
+
+/// A stream that counts the bytes read from and written to it.
+pub struct Counted<S> {
+    inner: S,
+    read: Arc<AtomicU64>,
+    written: Arc<AtomicU64>,
+}
+
+impl<S> Counted<S> {
+    pub fn new(inner: S) -> Self {
+        Self { inner, read: Arc::default(), written: Arc::default() }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.read.fetch_add((buf.filled().len() - before) as u64, Relaxed);
+        poll
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = &poll {
+            self.written.fetch_add(*n as u64, Relaxed);
+        }
+        poll
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// What an inbound connection is re-checked against when the configuration changes.
+pub struct Recheck {
+    pub mesh: Arc<Mesh>,
+    pub pod: Arc<Pod>,
+    pub identity: Option<Arc<str>>,
+    pub source_ip: IpAddr,
+    pub target: SocketAddr,
+}
+
+/// How a relay ended.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Bytes the client sent (towards the server).
+    pub sent: u64,
+    /// Bytes the client received.
+    pub received: u64,
+    pub outcome: Option<Outcome>,
+    pub reason: Option<String>,
+}
+
+impl Report {
+    pub fn fill(self, log: &mut AccessLog) {
+        log.bytes_sent = self.sent;
+        log.bytes_received = self.received;
+        if self.outcome.is_some() {
+            log.outcome = self.outcome;
+        }
+        if self.reason.is_some() {
+            log.reason = self.reason;
+        }
+    }
+}
+
+/// Relays until both sides are done (or a policy change denies the connection).
+/// `client` is the side the connection came from.
+pub async fn run<A, B>(
+    mut client: Counted<A>,
+    mut upstream: B,
+    recheck: Option<Recheck>,
+    metrics: &Metrics,
+    labels: &Arc<TcpLabels>,
+) -> Report
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let (sent, received) = (client.read.clone(), client.written.clone());
+    let mut flushed = (0, 0);
+    let flush = |flushed: &mut (u64, u64)| {
+        let now = (sent.load(Relaxed), received.load(Relaxed));
+        metrics.bytes(labels, now.0 - flushed.0, now.1 - flushed.1);
+        *flushed = now;
+    };
+    let mut config = recheck.as_ref().map(|r| r.mesh.control.subscribe());
+    let mut report = Report::default();
+    {
+        let copy = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUFFER, COPY_BUFFER);
+        tokio::pin!(copy);
+        let mut tick = tokio::time::interval(FLUSH_EVERY);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                result = &mut copy => {
+                    if let Err(error) = result {
+                        report.outcome = Some(Outcome::Reset);
+                        report.reason = Some(error.to_string());
+                    }
+                    break;
+                }
+                _ = tick.tick() => flush(&mut flushed),
+                changed = async {
+                    match config.as_mut() {
+                        Some(rx) => rx.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if changed.is_err() {
+                        config = None;
+                        continue;
+                    }
+                    let Some(r) = &recheck else { continue };
+                    if let Err(reason) = r.mesh.authorize(&r.pod, r.identity.as_deref(), r.source_ip, r.target) {
+                        info!(pod = %r.pod.spec.name, target = %r.target, reason, "closing a live connection the new policy denies");
+                        report.outcome = Some(Outcome::Denied);
+                        report.reason = Some(format!("closed by a policy change: {reason}"));
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    flush(&mut flushed);
+    report.sent = flushed.0;
+    report.received = flushed.1;
+    report
+}
+
+/// A TCP connection from inside `pod`'s network namespace, with the bypass mark so
+/// the capture programs leave it alone.
+pub async fn connect_in(pod: &Pod, dst: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let socket = pod.netns.tcp_socket(dst.is_ipv6(), BYPASS_MARK).map_err(io::Error::other)?;
+    tokio::time::timeout(timeout, socket.connect(dst)).await.map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
+}

@@ -1,0 +1,275 @@
+//! The node view, indexed for the data path: every workload by IP and every service
+//! by VIP and port. Rebuilt once per configuration version; connections look up an
+//! immutable snapshot.
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use mesh_common::config::{Config, DNS_DOMAIN, k8s::Pod, meta::IntOrString};
+
+/// A workload the node view knows (a pod of any node).
+#[derive(Debug)]
+pub struct Workload {
+    pub name: String,
+    pub namespace: String,
+    /// SPIFFE identity.
+    pub identity: String,
+    /// Captured by the mesh: reached through the tunnel on its port 15008.
+    pub meshed: bool,
+    pub labels: mesh_common::config::meta::Labels,
+    pub ips: Vec<IpAddr>,
+    /// Container port names -> numbers, to resolve named service target ports.
+    ports: Vec<(String, u16)>,
+}
+
+impl Workload {
+    /// The workload's "canonical" name for telemetry: its `app` label, else its name.
+    pub fn app(&self) -> &str {
+        self.labels
+            .get("app.kubernetes.io/name")
+            .or_else(|| self.labels.get("app"))
+            .map_or(self.name.as_str(), String::as_str)
+    }
+}
+
+#[derive(Debug)]
+pub struct Endpoint {
+    pub workload: Arc<Workload>,
+    pub port: u16,
+}
+
+/// One port of one service VIP.
+#[derive(Debug)]
+pub struct ServicePort {
+    pub name: String,
+    pub namespace: String,
+    /// `name.namespace.svc.cluster.local`
+    pub hostname: String,
+    pub endpoints: Vec<Endpoint>,
+    next: AtomicUsize,
+}
+
+impl ServicePort {
+    /// Round robin over the endpoints, preferring an address of `family_v6`'s family.
+    pub fn pick(&self, v6: bool) -> Option<(Arc<Workload>, SocketAddr)> {
+        if self.endpoints.is_empty() {
+            return None;
+        }
+        let n = self.endpoints.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        for i in 0..n {
+            let endpoint = &self.endpoints[(start + i) % n];
+            let ips = &endpoint.workload.ips;
+            if let Some(ip) = ips.iter().find(|ip| ip.is_ipv6() == v6).or_else(|| ips.first()) {
+                return Some((endpoint.workload.clone(), SocketAddr::new(*ip, endpoint.port)));
+            }
+        }
+        None
+    }
+}
+
+/// The indexed node view.
+#[derive(Debug, Default)]
+pub struct Index {
+    by_ip: HashMap<IpAddr, Arc<Workload>>,
+    services: HashMap<SocketAddr, Arc<ServicePort>>,
+}
+
+/// Where an outbound connection goes.
+#[derive(Debug)]
+pub enum Route {
+    /// Through the tunnel to a meshed workload at `addr` (its IP and the target port).
+    Tunnel { workload: Arc<Workload>, addr: SocketAddr, service: Option<Arc<ServicePort>> },
+    /// Straight to `addr` (unmeshed or unknown destination).
+    Direct { addr: SocketAddr, workload: Option<Arc<Workload>>, service: Option<Arc<ServicePort>> },
+    /// A service VIP without any endpoint.
+    NoEndpoint { service: Arc<ServicePort> },
+}
+
+impl Index {
+    pub fn build(config: &Config) -> Self {
+        let mut by_ip = HashMap::new();
+        let mut workloads = Vec::new();
+        for pod in &config.pods {
+            let Some(workload) = workload_of(config, pod) else { continue };
+            let workload = Arc::new(workload);
+            for ip in &workload.ips {
+                by_ip.insert(*ip, workload.clone());
+            }
+            workloads.push(workload);
+        }
+        let mut services = HashMap::new();
+        for service in &config.services {
+            let spec = &service.spec;
+            let vips: Vec<IpAddr> = spec
+                .cluster_ip
+                .iter()
+                .chain(&spec.cluster_ips)
+                .filter_map(|ip| ip.parse().ok())
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            if vips.is_empty() {
+                continue;
+            }
+            let ns = &service.metadata.namespace;
+            let members: Vec<&Arc<Workload>> = match &spec.selector {
+                Some(selector) if !selector.is_empty() => workloads
+                    .iter()
+                    .filter(|w| w.namespace == *ns && selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+                    .collect(),
+                _ => Vec::new(),
+            };
+            for port in &spec.ports {
+                if port.protocol.as_deref().is_some_and(|p| p != "TCP") {
+                    continue;
+                }
+                let endpoints = members
+                    .iter()
+                    .filter_map(|w| {
+                        let target = match &port.target_port {
+                            None => Some(port.port as u16),
+                            Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
+                            Some(IntOrString::String(name)) => w.ports.iter().find(|(n, _)| n == name).map(|(_, p)| *p),
+                        }?;
+                        Some(Endpoint { workload: (*w).clone(), port: target })
+                    })
+                    .collect();
+                let entry = Arc::new(ServicePort {
+                    name: service.metadata.name.clone(),
+                    namespace: ns.clone(),
+                    hostname: format!("{}.{ns}.svc.{DNS_DOMAIN}", service.metadata.name),
+                    endpoints,
+                    next: AtomicUsize::new(0),
+                });
+                for vip in &vips {
+                    services.insert(SocketAddr::new(*vip, port.port as u16), entry.clone());
+                }
+            }
+        }
+        Self { by_ip, services }
+    }
+
+    pub fn workload(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.by_ip.get(&ip)
+    }
+
+    /// Decides how to reach `dst` (an original destination of a captured connection).
+    pub fn route(&self, dst: SocketAddr) -> Route {
+        if let Some(service) = self.services.get(&dst) {
+            return match service.pick(dst.is_ipv6()) {
+                Some((workload, addr)) if workload.meshed => {
+                    Route::Tunnel { workload, addr, service: Some(service.clone()) }
+                }
+                Some((workload, addr)) => {
+                    Route::Direct { addr, workload: Some(workload), service: Some(service.clone()) }
+                }
+                None => Route::NoEndpoint { service: service.clone() },
+            };
+        }
+        match self.by_ip.get(&dst.ip()) {
+            Some(workload) if workload.meshed => Route::Tunnel { workload: workload.clone(), addr: dst, service: None },
+            workload => Route::Direct { addr: dst, workload: workload.cloned(), service: None },
+        }
+    }
+}
+
+fn workload_of(config: &Config, pod: &Pod) -> Option<Workload> {
+    let ips: Vec<IpAddr> = pod.ips().iter().filter_map(|ip| ip.parse().ok()).collect();
+    if ips.is_empty() || pod.spec.host_network {
+        return None;
+    }
+    if pod.status.phase.as_deref().is_some_and(|phase| phase != "Running") {
+        return None;
+    }
+    let service_account = pod.spec.service_account();
+    Some(Workload {
+        identity: config.spiffe_id(&pod.metadata.namespace, service_account),
+        name: pod.metadata.name.clone(),
+        namespace: pod.metadata.namespace.clone(),
+        meshed: config.pod_is_meshed(pod),
+        labels: pod.metadata.labels.clone(),
+        ips,
+        ports: pod
+            .spec
+            .containers
+            .iter()
+            .flat_map(|c| &c.ports)
+            .filter_map(|p| Some((p.name.clone()?, u16::try_from(p.container_port).ok()?)))
+            .collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(yaml: &str) -> Config {
+        mesh_common::config::load(&[mesh_common::config::Source::new("t.yaml", yaml)]).expect("valid")
+    }
+
+    const YAML: &str = "\
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: echo}
+  ports: [{name: http, port: 80, targetPort: web}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: shop, labels: {app: echo}}
+spec: {serviceAccountName: sa-a, containers: [{name: c, ports: [{name: web, containerPort: 8080}]}]}
+status: {podIP: 10.0.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: shop, labels: {app: echo, istio.io/dataplane-mode: none}}
+spec: {containers: [{name: c, ports: [{name: web, containerPort: 9090}]}]}
+status: {podIP: 10.0.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: c, namespace: shop, labels: {app: echo}}
+spec: {}
+status: {podIP: 10.0.0.3, phase: Pending}
+";
+
+    #[test]
+    fn services_balance_over_running_endpoints_and_pick_the_path() {
+        let index = Index::build(&config(YAML));
+        let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            match index.route(vip) {
+                Route::Tunnel { workload, addr, service } => {
+                    assert_eq!(workload.identity, "spiffe://cluster.local/ns/shop/sa/sa-a");
+                    assert_eq!(service.unwrap().hostname, "echo.shop.svc.cluster.local");
+                    seen.push(addr);
+                }
+                Route::Direct { addr, workload, .. } => {
+                    assert!(!workload.unwrap().meshed);
+                    seen.push(addr);
+                }
+                Route::NoEndpoint { .. } => panic!("endpoints exist"),
+            }
+        }
+        seen.sort();
+        seen.dedup();
+        // Named target port resolved per pod; the pending pod is no endpoint.
+        assert_eq!(seen, vec!["10.0.0.1:8080".parse().unwrap(), "10.0.0.2:9090".parse().unwrap()]);
+        assert!(matches!(index.route("10.0.0.1:8080".parse().unwrap()), Route::Tunnel { .. }));
+        assert!(matches!(index.route("10.0.0.2:8080".parse().unwrap()), Route::Direct { workload: Some(_), .. }));
+        assert!(matches!(index.route("192.0.2.1:80".parse().unwrap()), Route::Direct { workload: None, .. }));
+    }
+}
