@@ -277,6 +277,9 @@ impl Lab {
                 self.enroll(&pod.name)?;
             }
         }
+        if self.spec.controller_bin.is_some() {
+            self.wait_certificates()?;
+        }
         Ok(())
     }
 
@@ -347,6 +350,24 @@ impl Lab {
             self.node_http(n, 15021, "/healthz/ready").is_ok_and(|body| body.trim() == "ready")
         })
         .with_context(|| format!("agent on {} not ready; log: {}", node.name, self.agent_log(n)))
+    }
+
+    /// Waits until every enrolled pod has its workload certificate (the tunnel needs
+    /// them on both ends).
+    pub fn wait_certificates(&self) -> anyhow::Result<()> {
+        for n in 1..=self.nodes.len() {
+            wait_for(Duration::from_secs(15), || {
+                self.config_dump(n).is_ok_and(|dump| {
+                    let certificates = &dump["control"]["certificates"];
+                    dump["pods"].as_array().is_some_and(|pods| {
+                        pods.iter()
+                            .all(|p| p["identity"].as_str().is_some_and(|id| certificates[id]["not_after"].is_number()))
+                    })
+                })
+            })
+            .with_context(|| format!("workload certificates on node{n} not issued; log: {}", self.agent_log(n)))?;
+        }
+        Ok(())
     }
 
     /// The controller's CA directory (`root-cert.pem`, `root-key.pem`).

@@ -1,6 +1,6 @@
 //! `cargo xtask demo`: runs the mesh in a 2-node lab and shows, step by step, what it
 //! does with real requests, then tears the lab down.
-use std::process::Command;
+use std::{process::Command, time::Duration};
 
 use anyhow::{Context, ensure};
 use mesh_lab::{HTTP_PORT, Lab};
@@ -18,64 +18,183 @@ fn show_cmd(target: &str, cmd: &str) {
 fn counters(lab: &Lab, node: usize) -> anyhow::Result<String> {
     let s = lab.agent_stats(node)?;
     Ok(format!(
-        "agent: accepted={} forwarded={} bytes_sent={} bytes_received={} | kernel: captured={} skipped_bypass_mark={} skipped_loopback={}",
+        "agent: accepted={} tunneled={} passthrough={} inbound={} denied={} plaintext_refused={} | kernel: captured={} inbound_steered={}",
         s["agent"]["accepted"],
+        s["agent"]["tunneled"],
         s["agent"]["forwarded"],
-        s["agent"]["bytes_sent"],
-        s["agent"]["bytes_received"],
+        s["agent"]["inbound_accepted"],
+        s["agent"]["denied"],
+        s["agent"]["plaintext_refused"],
         s["kernel"]["captured"],
-        s["kernel"]["skipped_bypass_mark"],
-        s["kernel"]["skipped_loopback"]
+        s["kernel"]["inbound_steered"],
     ))
 }
 
+/// The last access-log line of node `n` that contains all of `needles`.
+fn access_log(lab: &Lab, n: usize, needles: &[&str]) -> Option<String> {
+    let log = lab.agent_log(n);
+    log.lines()
+        .rev()
+        .find(|l| l.contains("connection complete") && needles.iter().all(|x| l.contains(x)))
+        .map(|l| l.split_once(" access: ").map_or(l, |(_, rest)| rest).to_owned())
+}
+
+fn try_curl(lab: &Lab, from: &str, url: &str) -> anyhow::Result<String> {
+    let out = lab.exec(from, &["curl", "-sS", "--max-time", "3", url])?;
+    Ok(if out.status.success() {
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    } else {
+        format!("refused ({})", String::from_utf8_lossy(&out.stderr).trim())
+    })
+}
+
+fn apply(lab: &Lab, file: &str, yaml: Option<&str>) -> anyhow::Result<()> {
+    let before = lab.controller_version()?;
+    let path = lab.config_dir().join(file);
+    match yaml {
+        Some(yaml) => std::fs::write(&path, yaml)?,
+        None => std::fs::remove_file(&path)?,
+    }
+    mesh_lab::wait_for(Duration::from_secs(10), || {
+        let v = lab.controller_version().unwrap_or(0);
+        v > before && (1..=lab.nodes.len()).all(|n| lab.agent_config_version(n) == v)
+    })
+}
+
+const DENY: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-n1-p1
+  namespace: shop
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source:
+        principals: [\"cluster.local/ns/shop/sa/sa-n1-p1\"]
+";
+
+const STRICT: &str = "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata:
+  name: strict
+  namespace: shop
+spec:
+  mtls:
+    mode: STRICT
+";
+
 pub fn demo() -> anyhow::Result<()> {
-    step("Bringing up the lab: 2 nodes, 2 pods each, one mesh-agent per node");
-    let lab = Lab::up(lab_spec(2, 2))?;
+    step(
+        "Bringing up the lab: 2 nodes, 3 pods each (2 meshed in `shop`, 1 in `legacy`), a controller, one mesh-agent per node",
+    );
+    let lab = Lab::up(lab_spec(2, 3))?;
     print!("{}", lab.status());
     let server = lab.pod("n2-p1").clone();
     let url4 = format!("http://{}:{HTTP_PORT}/", server.ip4);
     let url6 = format!("http://[{}]:{HTTP_PORT}/", server.ip6);
 
-    step("A meshed pod (n1-p1, namespace shop) calls a pod on the other node");
+    step("A meshed pod (n1-p1) calls a meshed pod on the other node: HBONE mTLS tunnel");
     show_cmd("n1-p1", &format!("curl -s {url4}"));
-    let before = lab.agent_stats(1)?["agent"]["forwarded"].as_u64().unwrap_or(0);
-    let reply = lab.curl("n1-p1", &url4)?;
-    print!("  reply: {reply}");
-    let after = lab.agent_stats(1)?["agent"]["forwarded"].as_u64().unwrap_or(0);
-    ensure!(after == before + 1, "the request did not go through node1's agent");
+    let before = lab.agent_stats(1)?["agent"]["tunneled"].as_u64().unwrap_or(0);
+    println!("  reply: {}", try_curl(&lab, "n1-p1", &url4)?);
+    let after = lab.agent_stats(1)?["agent"]["tunneled"].as_u64().unwrap_or(0);
+    ensure!(after == before + 1, "the request did not go through the tunnel");
     println!("  node1 {}", counters(&lab, 1)?);
-    println!("  The kernel's connect4 hook sent it to the agent's listener inside n1-p1; the");
-    println!("  agent forwarded it from inside the pod, so the server still saw the pod's own address.");
-    let log = lab.agent_log(1);
-    if let Some(line) = log.lines().rev().find(|l| l.contains("connection complete")) {
-        println!("  access log: {line}");
-    }
+    println!("  node1 (client side): {}", access_log(&lab, 1, &["outbound"]).unwrap_or_default());
+    println!("  node2 (server side): {}", access_log(&lab, 2, &["inbound"]).unwrap_or_default());
+    println!("  The kernel sent the connection to node1's agent inside n1-p1; the agent opened an HTTP/2");
+    println!("  CONNECT over TLS 1.3 to n2-p1:15008 with n1-p1's certificate; node2's agent checked the");
+    println!("  SPIFFE identity (src.identity above) and the policies, then connected to the application.");
+
+    step("What the fabric sees: a capture between the nodes");
+    let pcap = lab.dir.join("demo.pcap");
+    let pcap_arg = pcap.display().to_string();
+    lab.spawn_in("fabric", "tcpdump", &["tcpdump", "-i", "n2", "--immediate-mode", "-U", "-w", &pcap_arg, "tcp"])?;
+    mesh_lab::wait_for(Duration::from_secs(5), || lab.log_of("tcpdump").contains("listening on"))?;
+    // A fresh agent on node1 means a fresh tunnel connection, handshake included.
+    lab.stop_agent(1, "TERM")?;
+    lab.start_agent(1)?;
+    lab.wait_certificates()?;
+    let marker = "SECRET-PAYLOAD-0xC0FFEE";
+    show_cmd("n1-p1", &format!("curl -s -d {marker} {url4}"));
+    lab.exec("n1-p1", &["curl", "-s", "--max-time", "3", "-d", marker, &url4])?;
+    std::thread::sleep(Duration::from_millis(300));
+    lab.stop_process("tcpdump", "INT")?;
+    let captured = std::fs::read(&pcap)?;
+    let has = |needle: &[u8]| captured.windows(needle.len()).any(|w| w == needle);
+    let summary = Command::new("tcpdump").args(["-nr", &pcap_arg, "-c", "4"]).output()?;
+    print!("{}", indent(&String::from_utf8_lossy(&summary.stdout)));
+    println!(
+        "  {} bytes captured: TLS 1.3 handshake present: {}; payload marker in clear: {}",
+        captured.len(),
+        has(&[0x00, 0x2b, 0x00, 0x02, 0x03, 0x04]),
+        has(marker.as_bytes())
+    );
+    ensure!(!has(marker.as_bytes()), "the payload crossed the fabric in clear");
 
     step("The same over IPv6");
     show_cmd("n1-p1", &format!("curl -s -g {url6}"));
-    print!("  reply: {}", lab.curl("n1-p1", &url6)?);
-    println!("  node1 {}", counters(&lab, 1)?);
+    println!("  reply: {}", try_curl(&lab, "n1-p1", &url6)?);
 
-    step("A pod outside the mesh (n1-p2, namespace legacy) is not captured");
-    show_cmd("n1-p2", &format!("curl -s {url4}"));
-    print!("  reply: {}", lab.curl("n1-p2", &url4)?);
-    println!("  node1 {}  (unchanged)", counters(&lab, 1)?);
+    step("A service VIP (echo.shop, 10.96.0.10:80) is balanced over its endpoints on both nodes");
+    show_cmd("n1-p1", "curl -s http://10.96.0.10/   (x6)");
+    for _ in 0..6 {
+        println!("  reply: {}", try_curl(&lab, "n1-p1", "http://10.96.0.10:80/")?);
+    }
+
+    step("A pod outside the mesh (n1-p3, namespace legacy) calls n2-p1 in plaintext");
+    show_cmd("n1-p3", &format!("curl -s {url4}"));
+    println!("  reply: {}", try_curl(&lab, "n1-p3", &url4)?);
+    println!("  node2's sk_lookup program steered it to the agent's 15006 listener in n2-p1; PERMISSIVE");
+    println!("  (the default) lets it in: {}", access_log(&lab, 2, &["inbound_plaintext"]).unwrap_or_default());
+
+    step("PeerAuthentication STRICT in namespace shop: plaintext is refused, mTLS carries on");
+    apply(&lab, "strict.yaml", Some(STRICT))?;
+    println!("  n1-p3 (plaintext): {}", try_curl(&lab, "n1-p3", &url4)?);
+    println!("  n1-p1 (mesh):      {}", try_curl(&lab, "n1-p1", &url4)?);
+    println!("  node2 {}", counters(&lab, 2)?);
+    apply(&lab, "strict.yaml", None)?;
+
+    step("A DENY policy applied live closes an open connection and refuses new ones");
+    let hold = lab.spec.echo_bin.display().to_string();
+    let target = format!("{}:{}", server.ip4, mesh_lab::ECHO_PORT);
+    lab.spawn_in("n1-p1", "hold", &[&hold, "hold", "--addr", &target, "--seconds", "30"])?;
+    mesh_lab::wait_for(Duration::from_secs(5), || lab.log_of("hold").lines().count() > 5)?;
+    println!(
+        "  n1-p1 holds a connection to n2-p1:{}: {} lines echoed so far",
+        mesh_lab::ECHO_PORT,
+        lab.log_of("hold").lines().count()
+    );
+    print!("{}", indent(DENY));
+    apply(&lab, "deny.yaml", Some(DENY))?;
+    mesh_lab::wait_for(Duration::from_secs(5), || lab.log_of("hold").contains("closed"))?;
+    println!("  open connection: {}", lab.log_of("hold").lines().last().unwrap_or_default());
+    println!("  new from n1-p1: {}", try_curl(&lab, "n1-p1", &url4)?);
+    println!("  new from n1-p2: {}", try_curl(&lab, "n1-p2", &url4)?);
+    println!("  node2: {}", access_log(&lab, 2, &["denied"]).unwrap_or_default());
+    apply(&lab, "deny.yaml", None)?;
+
+    step("Istio's TCP metrics on node2's :15020/metrics");
+    let metrics = lab.node_http(2, 15020, "/metrics")?;
+    for line in metrics.lines().filter(|l| l.starts_with("istio_tcp_connections_opened_total{")).take(4) {
+        println!("  {line}");
+    }
 
     step("Un-enrolling n1-p1 stops capture at once; enrolling it again resumes it");
     lab.unenroll("n1-p1")?;
-    print!("  after un-enroll, reply: {}", lab.curl("n1-p1", &url4)?);
-    println!("  node1 {}", counters(&lab, 1)?);
+    println!("  after un-enroll (direct, not captured): {}", try_curl(&lab, "n1-p1", &url4)?);
     lab.enroll("n1-p1")?;
-    print!("  after enroll, reply: {}", lab.curl("n1-p1", &url4)?);
+    lab.wait_certificates()?;
+    println!("  after enroll: {}", try_curl(&lab, "n1-p1", &url4)?);
     println!("  node1 {}", counters(&lab, 1)?);
 
     step("Restarting node1's agent: capture fails closed, then resumes with the saved pods");
     lab.stop_agent(1, "KILL")?;
-    let out = lab.exec("n1-p1", &["curl", "-sS", "--max-time", "3", &url4])?;
-    println!("  agent down, meshed pod: {}", String::from_utf8_lossy(&out.stderr).trim());
+    println!("  agent down, meshed pod: {}", try_curl(&lab, "n1-p1", &url4)?);
     lab.start_agent(1)?;
-    print!("  agent back, reply: {}", lab.curl("n1-p1", &url4)?);
+    lab.wait_certificates()?;
+    println!("  agent back: {}", try_curl(&lab, "n1-p1", &url4)?);
 
     control_plane(&lab)?;
 
@@ -83,13 +202,8 @@ pub fn demo() -> anyhow::Result<()> {
     let pods: serde_json::Value = serde_json::from_str(&lab.node_http(1, 15000, "/pods")?)?;
     for pod in pods["pods"].as_array().context("pods list")? {
         println!(
-            "  {} ns={} identity={} cookie={} listeners={} forwarded={}",
-            pod["name"],
-            pod["namespace"],
-            pod["identity"],
-            pod["netns_cookie"],
-            pod["listeners"],
-            pod["counters"]["forwarded"]
+            "  {} ns={} identity={} cookie={} listeners={}",
+            pod["name"], pod["namespace"], pod["identity"], pod["netns_cookie"], pod["listeners"]
         );
     }
 
@@ -164,7 +278,9 @@ fn control_plane(lab: &Lab) -> anyhow::Result<()> {
         v > before && (1..=lab.nodes.len()).all(|n| lab.agent_config_version(n) == v)
     })?;
     println!("  file written -> both agents running the new version in {:?}", start.elapsed());
-    println!("  (the agents hold the policy; L4 enforcement comes with the secure data plane)");
+    let url = format!("http://{}:{HTTP_PORT}/", lab.pod("n2-p1").ip4);
+    println!("  enforced at once: n1-p1 -> n2-p1: {}", try_curl(lab, "n1-p1", &url)?);
+    println!("                    n1-p2 -> n2-p1: {}", try_curl(lab, "n1-p2", &url)?);
     print!("{}", indent(&meshctl(lab, &["status"])?));
 
     step("A broken edit is rejected as a whole; the running configuration stays");

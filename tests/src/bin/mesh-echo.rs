@@ -32,13 +32,58 @@ fn main() -> anyhow::Result<()> {
             let rate: u64 = opt("--rate").map_or(Ok(1000), |v| v.parse()).context("--rate")?;
             request_response(addr, size, count, rate)
         }
+        "cps" => {
+            let addr: SocketAddr = opt("--addr").context("--addr is required")?.parse().context("--addr")?;
+            let clients: usize = opt("--clients").map_or(Ok(4), |v| v.parse()).context("--clients")?;
+            let seconds: u64 = opt("--seconds").map_or(Ok(3), |v| v.parse()).context("--seconds")?;
+            connection_rate(addr, clients, Duration::from_secs(seconds))
+        }
         "hold" => {
             let addr: SocketAddr = opt("--addr").context("--addr is required")?.parse().context("--addr")?;
             let seconds: u64 = opt("--seconds").map_or(Ok(30), |v| v.parse()).context("--seconds")?;
             hold(addr, Duration::from_secs(seconds))
         }
-        other => bail!("unknown mode {other}; expected serve, rr or hold"),
+        other => bail!("unknown mode {other}; expected serve, rr, cps or hold"),
     }
+}
+
+/// New connections per second: `clients` threads each connect, exchange 1 KiB with
+/// the echo port and close, for `duration`. Prints JSON.
+fn connection_rate(addr: SocketAddr, clients: usize, duration: Duration) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            thread::spawn(move || -> (u64, u64) {
+                let request = [0x5a_u8; 1024];
+                let mut response = [0u8; 1024];
+                let (mut done, mut failed) = (0u64, 0u64);
+                while start.elapsed() < duration {
+                    let ok = (|| -> std::io::Result<()> {
+                        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+                        stream.set_nodelay(true)?;
+                        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+                        stream.write_all(&request)?;
+                        stream.read_exact(&mut response)?;
+                        Ok(())
+                    })();
+                    if ok.is_ok() { done += 1 } else { failed += 1 }
+                }
+                (done, failed)
+            })
+        })
+        .collect();
+    let (mut done, mut failed) = (0, 0);
+    for thread in threads {
+        let (d, f) = thread.join().map_err(|_| anyhow::anyhow!("client thread panicked"))?;
+        done += d;
+        failed += f;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({ "connections": done, "failed": failed, "seconds": elapsed, "per_second": done as f64 / elapsed })
+    );
+    Ok(())
 }
 
 /// Keeps one connection to an echo port busy (a line every 50 ms, each echoed back)
