@@ -297,6 +297,13 @@ fn traceparent() -> String {
 /// The inbound tunnel listener of one pod (15008 in the pod's namespace).
 pub struct Inbound {
     listener: TcpListener,
+    server: Arc<Server>,
+}
+
+/// What the tunnel connections of one pod share. It does not hold the listener: a
+/// pooled connection may outlive the pod's enrollment, and must not keep the port
+/// bound.
+struct Server {
     pod: Arc<Pod>,
     mesh: Arc<Mesh>,
     drain: drain::Watch,
@@ -308,9 +315,30 @@ impl Inbound {
         let std_listener = pod.netns.listen(addr)?;
         let listener = TcpListener::from_std(std_listener)
             .map_err(|source| NetnsError::Socket { path: pod.netns.path().to_owned(), source })?;
-        Ok(Self { listener, pod, mesh, drain, acceptor: Mutex::new(None) })
+        Ok(Self { listener, server: Arc::new(Server { pod, mesh, drain, acceptor: Mutex::new(None) }) })
     }
 
+    pub async fn run(self) {
+        let Self { listener, server } = self;
+        let mut drain = server.drain.clone();
+        loop {
+            tokio::select! {
+                () = drain.signaled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        tokio::spawn(server.clone().serve(stream, peer));
+                    }
+                    Err(error) => {
+                        warn!(pod = %server.pod.spec.name, %error, "tunnel accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
+    }
+}
+
+impl Server {
     /// The TLS acceptor for the pod's current certificate.
     fn acceptor(&self) -> Result<TlsAcceptor, HboneError> {
         let cert = self
@@ -333,25 +361,6 @@ impl Inbound {
         let acceptor = TlsAcceptor::from(Arc::new(config));
         *cached = Some((cert, acceptor.clone()));
         Ok(acceptor)
-    }
-
-    pub async fn run(self) {
-        let this = Arc::new(self);
-        let mut drain = this.drain.clone();
-        loop {
-            tokio::select! {
-                () = drain.signaled() => break,
-                accepted = this.listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        tokio::spawn(this.clone().serve(stream, peer));
-                    }
-                    Err(error) => {
-                        warn!(pod = %this.pod.spec.name, %error, "tunnel accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                },
-            }
-        }
     }
 
     async fn serve(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {

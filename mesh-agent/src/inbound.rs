@@ -25,6 +25,11 @@ pub const INBOUND_PORT: u16 = 15006;
 
 pub struct Plaintext {
     listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+/// What the connections share (not the listener, so that none keeps the port bound).
+struct Shared {
     pod: Arc<Pod>,
     mesh: Arc<Mesh>,
     drain: drain::Watch,
@@ -37,7 +42,7 @@ impl Plaintext {
         let (std_listener, ipv6) = pod.netns.listen_dual_stack(INBOUND_PORT)?;
         let listener = TcpListener::from_std(std_listener)
             .map_err(|source| NetnsError::Socket { path: pod.netns.path().to_owned(), source })?;
-        Ok((Self { listener, pod, mesh, drain }, ipv6))
+        Ok((Self { listener, shared: Arc::new(Shared { pod, mesh, drain }) }, ipv6))
     }
 
     /// The listening socket (what the kernel's socket map holds).
@@ -46,24 +51,27 @@ impl Plaintext {
     }
 
     pub async fn run(self) {
-        let this = Arc::new(self);
-        let mut drain = this.drain.clone();
+        let Self { listener, shared } = self;
+        let mut drain = shared.drain.clone();
         loop {
             tokio::select! {
                 () = drain.signaled() => break,
-                accepted = this.listener.accept() => match accepted {
+                accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        tokio::spawn(this.clone().serve(stream, peer));
+                        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+                        tokio::spawn(shared.clone().serve(stream, peer));
                     }
                     Err(error) => {
-                        warn!(pod = %this.pod.spec.name, %error, "inbound accept failed");
+                        warn!(pod = %shared.pod.spec.name, %error, "inbound accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 },
             }
         }
     }
+}
 
+impl Shared {
     async fn serve(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
         let start = Instant::now();
         let _drain = self.drain.clone();
@@ -71,7 +79,8 @@ impl Plaintext {
         bump(counters, |c| &c.inbound_accepted, 1);
         // sk_lookup keeps the address the client asked for as the local address.
         let target = match client.local_addr() {
-            Ok(target) => target,
+            // A v4 connection on the dual-stack listener shows as `::ffff:a.b.c.d`.
+            Ok(target) => SocketAddr::new(target.ip().to_canonical(), target.port()),
             Err(error) => {
                 debug!(%error, "accepted socket without local address");
                 return;

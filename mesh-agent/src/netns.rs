@@ -34,7 +34,7 @@ pub enum NetnsError {
         #[source]
         source: nix::Error,
     },
-    #[error("socket operation in network namespace {path} failed")]
+    #[error("socket operation in network namespace {path} failed: {source}")]
     Socket {
         path: PathBuf,
         #[source]
