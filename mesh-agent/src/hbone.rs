@@ -42,6 +42,10 @@ use crate::{
 pub const HBONE_PORT: u16 = 15008;
 /// Streams per pooled connection before another connection is opened.
 const MAX_STREAMS: usize = 100;
+/// Busy connections: beyond this many streams a new connection is opened, up to
+/// `SPREAD_CONNECTIONS` per pool key.
+const SPREAD_ABOVE: usize = 4;
+const SPREAD_CONNECTIONS: usize = 4;
 /// HTTP/2 flow-control windows: MiB-scale so that one stream can fill a fast link.
 const STREAM_WINDOW: u32 = 4 << 20;
 const CONNECTION_WINDOW: u32 = 16 << 20;
@@ -174,11 +178,18 @@ impl Pool {
             let mut conns = self.conns.lock().expect("lock");
             if let Some(list) = conns.get_mut(&key) {
                 list.retain(|c| !c.sender.is_closed());
-                let usable = list.iter().find(|c| {
-                    Arc::ptr_eq(&c.cert, &cert)
-                        && c.sender.is_ready()
-                        && c.streams.load(Ordering::Relaxed) < MAX_STREAMS
-                });
+                // The least loaded current connection; a busy one (SPREAD_ABOVE streams)
+                // is only reused once SPREAD_CONNECTIONS exist, so that parallel bulk
+                // transfers do not all queue on one TLS session and one task.
+                let count = list.len();
+                let usable = list
+                    .iter()
+                    .filter(|c| Arc::ptr_eq(&c.cert, &cert) && c.sender.is_ready())
+                    .min_by_key(|c| c.streams.load(Ordering::Relaxed))
+                    .filter(|c| {
+                        let streams = c.streams.load(Ordering::Relaxed);
+                        streams < SPREAD_ABOVE || (count >= SPREAD_CONNECTIONS && streams < MAX_STREAMS)
+                    });
                 if let Some(c) = usable {
                     c.streams.fetch_add(1, Ordering::Relaxed);
                     let guard =

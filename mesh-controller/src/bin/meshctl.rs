@@ -3,7 +3,10 @@
 //! applies, prints every problem and exits 0 (valid), 1 (problems) or 2 (usage).
 //! `meshctl status` shows the controller's configuration version and, for every
 //! agent, the version it was sent and the one it acknowledged.
+//! `meshctl manifest generate [--set KEY=VALUE]...` prints the Kubernetes manifests of
+//! an install (exit 2 on a bad `--set`), for `| kubectl apply -f -` or `| kubectl delete -f -`.
 use std::{
+    fmt::Write as _,
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
     path::PathBuf,
@@ -12,7 +15,7 @@ use std::{
 };
 
 use clap::{Parser, Subcommand};
-use mesh_controller::validate;
+use mesh_controller::{manifest, validate};
 
 #[derive(Parser)]
 #[command(name = "meshctl", version, about = "Command-line tool of the mesh")]
@@ -35,6 +38,33 @@ enum Command {
         #[arg(long, env = "MESH_CONTROLLER_ADMIN", default_value = "127.0.0.1:15014")]
         controller: SocketAddr,
     },
+    /// Kubernetes manifests of an install.
+    Manifest {
+        #[command(subcommand)]
+        command: ManifestCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ManifestCommand {
+    /// Print the manifests (CRDs, namespace, RBAC, controller, agent, waypoint) as
+    /// multi-document YAML: `meshctl manifest generate | kubectl apply -f -` installs,
+    /// `| kubectl delete -f -` removes.
+    #[command(after_help = set_keys_help())]
+    Generate {
+        /// A value, repeatable: profile=default|demo|minimal, hub, image, tag, namespace,
+        /// controller.replicas, controller.logLevel, agent.logLevel, agent.excludePorts,
+        /// trustDomain, rootNamespace, waypoint.enabled, waypoint.name, waypoint.namespace.
+        #[arg(long = "set", short = 's', value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+}
+
+fn set_keys_help() -> String {
+    manifest::KEYS.iter().fold(String::from("Keys accepted by --set:\n"), |mut help, (key, expected)| {
+        let _ = writeln!(help, "  {key:<20} {expected}");
+        help
+    })
 }
 
 fn get_status(addr: SocketAddr) -> Result<serde_json::Value, String> {
@@ -89,6 +119,16 @@ fn main() -> ExitCode {
     // clap exits with status 2 on a usage error (a missing PATH, an unknown flag).
     let cli = Cli::parse();
     match cli.command {
+        Command::Manifest { command: ManifestCommand::Generate { set } } => match manifest::generate(&set) {
+            Ok(yaml) => {
+                print!("{yaml}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("meshctl manifest generate: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Status { controller } => status(controller),
         Command::Validate { paths } => match validate::validate(&paths) {
             Ok(outcome) => {
