@@ -147,7 +147,14 @@ pub fn bench(quick: bool) -> anyhow::Result<()> {
         "==> bench: 2-node lab; client n1-p1 -> server n2-p1; {rounds} rounds, alternating no mesh (both pods \
          un-enrolled) / mesh (both enrolled: HBONE mTLS tunnel between the agents)"
     );
-    let lab = Lab::up(lab_spec(2, 2))?;
+    let mut spec = lab_spec(2, 2);
+    // Extra agent flags for experiments, e.g. MESH_BENCH_AGENT_ARGS="--worker-threads 1".
+    spec.agent_args =
+        std::env::var("MESH_BENCH_AGENT_ARGS").unwrap_or_default().split_whitespace().map(str::to_owned).collect();
+    if !spec.agent_args.is_empty() {
+        println!("    agent flags: {}", spec.agent_args.join(" "));
+    }
+    let lab = Lab::up(spec)?;
     let server = lab.pod("n2-p1").ip4.clone();
     let out = lab.exec("n2-p1", &["iperf3", "-s", "-D"])?;
     if !out.status.success() {
