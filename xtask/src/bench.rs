@@ -24,6 +24,8 @@ struct Sample {
     connections_per_second: f64,
     /// CPU time of both agents per 1000 new connections (each one 1 KiB exchange).
     cpu_ms_per_1000: f64,
+    /// CPU time of both agents per 1000 requests on a persistent connection (@1000/s).
+    cpu_ms_per_1000_requests: f64,
 }
 
 fn iperf(lab: &Lab, from: &str, server: &str, streams: u32, seconds: u32) -> anyhow::Result<f64> {
@@ -116,8 +118,10 @@ fn rss_mib(pid: u32) -> (f64, f64) {
 
 fn sample(lab: &Lab, server: &str, seconds: u32, count: u32) -> anyhow::Result<Sample> {
     let (busy_p50_us, busy_p99_us) = latency(lab, "n1-p1", server, count * 5, 1_000_000)?;
-    let (p50_us, p99_us) = latency(lab, "n1-p1", server, count, 1000)?;
     let pids = agent_pids(lab);
+    let cpu_start: f64 = pids.iter().map(|p| cpu_ms(*p)).sum();
+    let (p50_us, p99_us) = latency(lab, "n1-p1", server, count, 1000)?;
+    let cpu_requests: f64 = pids.iter().map(|p| cpu_ms(*p)).sum::<f64>() - cpu_start;
     let cpu_before: f64 = pids.iter().map(|p| cpu_ms(*p)).sum();
     let (connections_per_second, connections) = connection_rate(lab, "n1-p1", server, seconds)?;
     let cpu_after: f64 = pids.iter().map(|p| cpu_ms(*p)).sum();
@@ -130,6 +134,7 @@ fn sample(lab: &Lab, server: &str, seconds: u32, count: u32) -> anyhow::Result<S
         p99_us,
         connections_per_second,
         cpu_ms_per_1000: (cpu_after - cpu_before) / connections * 1000.0,
+        cpu_ms_per_1000_requests: cpu_requests / f64::from(count) * 1000.0,
     })
 }
 
@@ -180,7 +185,7 @@ pub fn bench(quick: bool) -> anyhow::Result<()> {
         println!("  round {round} done");
     }
     let m = |set: &[Sample], f: fn(&Sample) -> f64| median(set.iter().map(f).collect());
-    let rows: [Metric; 8] = [
+    let rows: [Metric; 9] = [
         ("throughput, 1 stream", |s| s.throughput_1 / 1e9, "Gbit/s"),
         ("throughput, 8 streams", |s| s.throughput_8 / 1e9, "Gbit/s"),
         ("1 KiB rr p50 back-to-back", |s| s.busy_p50_us, "us"),
@@ -189,6 +194,7 @@ pub fn bench(quick: bool) -> anyhow::Result<()> {
         ("1 KiB rr p99 @1000/s", |s| s.p99_us, "us"),
         ("new connections/s (4 clients)", |s| s.connections_per_second, "/s"),
         ("agents' CPU per 1000 conns", |s| s.cpu_ms_per_1000, "ms"),
+        ("agents' CPU per 1000 requests", |s| s.cpu_ms_per_1000_requests, "ms"),
     ];
     println!("\n{:<30} {:>14} {:>14} {:>9} {:>12}", "metric", "no mesh", "mesh (HBONE)", "ratio", "added");
     for (name, f, unit) in rows {
