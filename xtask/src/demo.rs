@@ -269,14 +269,9 @@ fn control_plane(lab: &Lab) -> anyhow::Result<()> {
     }
 
     step("Applying an AuthorizationPolicy live: the agents pick it up");
-    let before = lab.controller_version()?;
     let start = std::time::Instant::now();
-    std::fs::write(lab.config_dir().join("policy.yaml"), POLICY)?;
+    apply(lab, "policy.yaml", Some(POLICY))?;
     println!("  wrote {}", lab.config_dir().join("policy.yaml").display());
-    mesh_lab::wait_for(std::time::Duration::from_secs(10), || {
-        let v = lab.controller_version().unwrap_or(0);
-        v > before && (1..=lab.nodes.len()).all(|n| lab.agent_config_version(n) == v)
-    })?;
     println!("  file written -> both agents running the new version in {:?}", start.elapsed());
     let url = format!("http://{}:{HTTP_PORT}/", lab.pod("n2-p1").ip4);
     println!("  enforced at once: n1-p1 -> n2-p1: {}", try_curl(lab, "n1-p1", &url)?);
