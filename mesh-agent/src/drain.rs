@@ -1,9 +1,13 @@
 //! Graceful shutdown: a trigger held by `main` and watches held by every listener and
 //! every open connection. Draining tells listeners to stop accepting and waits, up to
 //! a deadline, until every watch has been dropped.
-use std::time::Duration;
+use std::{net::SocketAddr, time::Duration};
 
-use tokio::sync::{mpsc, watch};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{mpsc, watch},
+};
+use tracing::{debug, warn};
 
 pub fn channel() -> (Trigger, Watch) {
     let (signal_tx, signal_rx) = watch::channel(false);
@@ -37,6 +41,31 @@ impl Watch {
     pub async fn signaled(&mut self) {
         let _ = self.signal.wait_for(|draining| *draining).await;
     }
+}
+
+/// Accepts on `listener` and hands every connection to `handle` until draining
+/// starts. `what` names the listener in logs (`outbound`, `tunnel`, `inbound`).
+pub async fn accept_until_drained(
+    listener: TcpListener,
+    mut drain: Watch,
+    pod: &str,
+    what: &'static str,
+    mut handle: impl FnMut(TcpStream, SocketAddr),
+) {
+    loop {
+        tokio::select! {
+            () = drain.signaled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => handle(stream, peer),
+                Err(error) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(pod, listener = what, %error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+    debug!(pod, listener = what, "listener stopped");
 }
 
 #[cfg(test)]

@@ -36,7 +36,7 @@ use crate::{
     metrics::flags,
     netns::NetnsError,
     relay::{self, Counted},
-    telemetry::{AccessLog, Outcome, bump},
+    telemetry::{AccessLog, Active, Outcome, bump},
 };
 
 pub const HBONE_PORT: u16 = 15008;
@@ -323,29 +323,17 @@ struct Server {
 
 impl Inbound {
     pub fn new(addr: SocketAddr, pod: Arc<Pod>, mesh: Arc<Mesh>, drain: drain::Watch) -> Result<Self, NetnsError> {
-        let std_listener = pod.netns.listen(addr)?;
-        let listener = TcpListener::from_std(std_listener)
-            .map_err(|source| NetnsError::Socket { path: pod.netns.path().to_owned(), source })?;
+        let listener = pod.netns.tokio_listener(pod.netns.listen(addr)?)?;
         Ok(Self { listener, server: Arc::new(Server { pod, mesh, drain, acceptor: Mutex::new(None) }) })
     }
 
     pub async fn run(self) {
         let Self { listener, server } = self;
-        let mut drain = server.drain.clone();
-        loop {
-            tokio::select! {
-                () = drain.signaled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        tokio::spawn(server.clone().serve(stream, peer));
-                    }
-                    Err(error) => {
-                        warn!(pod = %server.pod.spec.name, %error, "tunnel accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                },
-            }
-        }
+        let drain = server.drain.clone();
+        drain::accept_until_drained(listener, drain, &server.pod.spec.name, "tunnel", |stream, peer| {
+            tokio::spawn(server.clone().serve(stream, peer));
+        })
+        .await;
     }
 }
 
@@ -468,12 +456,10 @@ impl Server {
             }
         };
         log.dst_addr = Some(target);
-        let mut labels = self.mesh.inbound_labels(&self.pod, source.as_deref(), Some(&identity), "mutual_tls");
+        let labels = self.mesh.inbound_labels(&self.pod, source.as_deref(), Some(&identity), "mutual_tls");
         if let Err(reason) = self.mesh.authorize(&self.pod, Some(&identity), peer.ip(), target) {
             bump(counters, |c| &c.denied, 1);
-            Arc::make_mut(&mut labels).response_flags = flags::DENIED;
-            self.mesh.metrics.opened(&labels);
-            self.mesh.metrics.closed(&labels);
+            self.mesh.metrics.refused(&labels, flags::DENIED);
             info!(pod = %self.pod.spec.name, %identity, %target, reason, "tunnel request denied");
             log.outcome = Some(Outcome::Denied);
             log.reason = Some(reason);
@@ -485,9 +471,7 @@ impl Server {
             Ok(upstream) => upstream,
             Err(error) => {
                 bump(counters, |c| &c.connect_failed, 1);
-                Arc::make_mut(&mut labels).response_flags = flags::UPSTREAM_FAILURE;
-                self.mesh.metrics.opened(&labels);
-                self.mesh.metrics.closed(&labels);
+                self.mesh.metrics.refused(&labels, flags::UPSTREAM_FAILURE);
                 log.outcome = Some(Outcome::ConnectFailed);
                 log.reason = Some(error.to_string());
                 log.duration = start.elapsed();
@@ -510,7 +494,7 @@ impl Server {
                         target,
                     };
                     this.mesh.metrics.opened(&labels);
-                    bump([&*this.mesh.counters, &this.pod.counters], |c| &c.active, 1);
+                    let active = Active::enter([&*this.mesh.counters, &this.pod.counters]);
                     // The client side is the tunnel: bytes read from it were sent by the client.
                     let report = relay::run(
                         Counted::new(TokioIo::new(upgraded)),
@@ -520,9 +504,7 @@ impl Server {
                         &labels,
                     )
                     .await;
-                    for c in [&*this.mesh.counters, &this.pod.counters] {
-                        c.active.fetch_sub(1, Ordering::Relaxed);
-                    }
+                    drop(active);
                     report.fill(&mut log);
                 }
                 Err(error) => {

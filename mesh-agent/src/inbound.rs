@@ -2,14 +2,10 @@
 //! every plaintext TCP connection addressed to the pod (except the tunnel port and
 //! exempt ports). `PeerAuthentication` decides: STRICT refuses, PERMISSIVE applies the
 //! L4 policies it can (there is no client identity) and forwards to the application.
-use std::{
-    net::SocketAddr,
-    sync::{Arc, atomic::Ordering},
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::{
     drain,
@@ -18,7 +14,7 @@ use crate::{
     metrics::flags,
     netns::NetnsError,
     relay::{self, Counted, Recheck},
-    telemetry::{AccessLog, Outcome, bump},
+    telemetry::{AccessLog, Active, Outcome, bump},
 };
 
 pub const INBOUND_PORT: u16 = 15006;
@@ -40,8 +36,7 @@ impl Plaintext {
     /// second value says whether it does).
     pub fn new(pod: Arc<Pod>, mesh: Arc<Mesh>, drain: drain::Watch) -> Result<(Self, bool), NetnsError> {
         let (std_listener, ipv6) = pod.netns.listen_dual_stack(INBOUND_PORT)?;
-        let listener = TcpListener::from_std(std_listener)
-            .map_err(|source| NetnsError::Socket { path: pod.netns.path().to_owned(), source })?;
+        let listener = pod.netns.tokio_listener(std_listener)?;
         Ok((Self { listener, shared: Arc::new(Shared { pod, mesh, drain }) }, ipv6))
     }
 
@@ -52,22 +47,13 @@ impl Plaintext {
 
     pub async fn run(self) {
         let Self { listener, shared } = self;
-        let mut drain = shared.drain.clone();
-        loop {
-            tokio::select! {
-                () = drain.signaled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-                        tokio::spawn(shared.clone().serve(stream, peer));
-                    }
-                    Err(error) => {
-                        warn!(pod = %shared.pod.spec.name, %error, "inbound accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                },
-            }
-        }
+        let drain = shared.drain.clone();
+        drain::accept_until_drained(listener, drain, &shared.pod.spec.name, "inbound", |stream, peer| {
+            // A v4 client on the dual-stack listener shows as `::ffff:a.b.c.d`.
+            let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+            tokio::spawn(shared.clone().serve(stream, peer));
+        })
+        .await;
     }
 }
 
@@ -100,18 +86,15 @@ impl Shared {
             security: "none",
             ..AccessLog::default()
         };
-        let mut labels = self.mesh.inbound_labels(&self.pod, source.as_deref(), None, "none");
-        let refuse =
-            |labels: &mut Arc<crate::metrics::TcpLabels>, flag, outcome, reason: String, log: &mut AccessLog| {
-                Arc::make_mut(labels).response_flags = flag;
-                self.mesh.metrics.opened(labels);
-                self.mesh.metrics.closed(labels);
-                let _ = client.set_zero_linger();
-                log.outcome = Some(outcome);
-                log.reason = Some(reason);
-                log.duration = start.elapsed();
-                log.emit();
-            };
+        let labels = self.mesh.inbound_labels(&self.pod, source.as_deref(), None, "none");
+        let refuse = |flag, outcome, reason: String, mut log: AccessLog| {
+            self.mesh.metrics.refused(&labels, flag);
+            let _ = client.set_zero_linger();
+            log.outcome = Some(outcome);
+            log.reason = Some(reason);
+            log.duration = start.elapsed();
+            log.emit();
+        };
         let (strict, policy) = self.mesh.plaintext_refused(&self.pod, target.port());
         if strict {
             bump(counters, |c| &c.plaintext_refused, 1);
@@ -120,31 +103,29 @@ impl Shared {
                 policy.as_deref().unwrap_or("(mesh default)")
             );
             info!(pod = %self.pod.spec.name, %peer, %target, reason, "inbound connection refused");
-            refuse(&mut labels, flags::PLAINTEXT_REFUSED, Outcome::PlaintextRefused, reason, &mut log);
+            refuse(flags::PLAINTEXT_REFUSED, Outcome::PlaintextRefused, reason, log);
             return;
         }
         if let Err(reason) = self.mesh.authorize(&self.pod, None, peer.ip(), target) {
             bump(counters, |c| &c.denied, 1);
             info!(pod = %self.pod.spec.name, %peer, %target, reason, "inbound plaintext connection denied");
-            refuse(&mut labels, flags::DENIED, Outcome::Denied, reason, &mut log);
+            refuse(flags::DENIED, Outcome::Denied, reason, log);
             return;
         }
         let upstream = match relay::connect_in(&self.pod, target, self.mesh.connect_timeout).await {
             Ok(upstream) => upstream,
             Err(error) => {
                 bump(counters, |c| &c.connect_failed, 1);
-                refuse(&mut labels, flags::UPSTREAM_FAILURE, Outcome::ConnectFailed, error.to_string(), &mut log);
+                refuse(flags::UPSTREAM_FAILURE, Outcome::ConnectFailed, error.to_string(), log);
                 return;
             }
         };
         self.mesh.metrics.opened(&labels);
-        bump(counters, |c| &c.active, 1);
+        let active = Active::enter(counters);
         let recheck =
             Recheck { mesh: self.mesh.clone(), pod: self.pod.clone(), identity: None, source_ip: peer.ip(), target };
         let report = relay::run(Counted::new(client), upstream, Some(recheck), &self.mesh.metrics, &labels).await;
-        for c in counters {
-            c.active.fetch_sub(1, Ordering::Relaxed);
-        }
+        drop(active);
         self.mesh.metrics.closed(&labels);
         report.fill(&mut log);
         log.duration = start.elapsed();

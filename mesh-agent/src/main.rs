@@ -263,11 +263,15 @@ async fn run(config: RunConfig, set_log_level: admin::SetLogLevel) -> anyhow::Re
             config.trust_domain_aliases.clone(),
         )
     });
+    // Without a controller there is nothing to label connections with: their TCP
+    // metrics go to a set that is not exported.
+    let outbound_metrics = if mesh.is_some() { metrics.clone() } else { Arc::default() };
     let forwarder = Arc::new(outbound::Forwarder {
         redirect: redirect.clone(),
         counters: counters.clone(),
         connect_timeout,
         mesh: mesh.clone(),
+        metrics: outbound_metrics,
     });
     let (trigger, drain) = drain::channel();
     let registry = Arc::new(enroll::Registry::new(redirect.clone(), forwarder, &state_dir, drain, control.clone()));

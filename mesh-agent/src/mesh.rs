@@ -94,11 +94,6 @@ impl Mesh {
         domain == state.config.trust_domain || self.trust_domain_aliases.iter().any(|alias| alias == domain)
     }
 
-    /// The pod's labels as the configuration knows them.
-    fn labels_of(index: &Index, pod: &Pod) -> Labels {
-        pod.ips().iter().find_map(|ip| index.workload(*ip)).map(|w| w.labels.clone()).unwrap_or_default()
-    }
-
     /// Evaluates the L4 authorization policies for a connection to `pod`. `Err` holds
     /// the reason of a denial.
     pub fn authorize(
@@ -109,8 +104,10 @@ impl Mesh {
         target: SocketAddr,
     ) -> Result<(), String> {
         let state = self.control.current();
-        let labels = Self::labels_of(&self.index(), pod);
-        let workload = policy::Workload { namespace: &pod.spec.namespace, labels: &labels };
+        let index = self.index();
+        let no_labels = Labels::new();
+        let labels = index.workload_of(pod.ips()).map_or(&no_labels, |w| &w.labels);
+        let workload = policy::Workload { namespace: &pod.spec.namespace, labels };
         let connection = policy::Connection {
             source_identity: identity,
             source_ip,
@@ -132,8 +129,10 @@ impl Mesh {
     /// with the policy that decided.
     pub fn plaintext_refused(&self, pod: &Pod, port: u16) -> (bool, Option<String>) {
         let state = self.control.current();
-        let labels = Self::labels_of(&self.index(), pod);
-        let workload = policy::Workload { namespace: &pod.spec.namespace, labels: &labels };
+        let index = self.index();
+        let no_labels = Labels::new();
+        let labels = index.workload_of(pod.ips()).map_or(&no_labels, |w| &w.labels);
+        let workload = policy::Workload { namespace: &pod.spec.namespace, labels };
         let effective = policy::mtls_mode(&state.config, &workload, port);
         (effective.mode == MtlsMode::Strict, effective.policy)
     }
@@ -147,7 +146,7 @@ impl Mesh {
         security: &'static str,
     ) -> Arc<TcpLabels> {
         let index = self.index();
-        let destination = pod.ips().iter().find_map(|ip| index.workload(*ip)).cloned();
+        let destination = index.workload_of(pod.ips()).cloned();
         Arc::new(TcpLabels {
             reporter: "destination",
             source_workload: source.map(|w| w.name.clone()).unwrap_or_default(),

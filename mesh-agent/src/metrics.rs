@@ -25,8 +25,8 @@ pub struct TcpLabels {
     pub destination_service_namespace: String,
     /// `mutual_tls` or `none`.
     pub connection_security_policy: &'static str,
-    /// Envoy-style flags: `-` (none), `UF` (upstream connect failure), `UH` (no healthy
-    /// upstream), `DENY`-like policy refusals are `UAEX`... see [`flags`].
+    /// Envoy-style flags, see [`flags`]: `-` (none), `UF` (upstream connect failure),
+    /// `UH` (no healthy upstream), `RBAC` (denied by policy), `PA` (plaintext refused).
     pub response_flags: &'static str,
 }
 
@@ -64,6 +64,14 @@ pub struct Metrics {
 impl Metrics {
     pub fn opened(&self, labels: &Arc<TcpLabels>) {
         self.tcp.lock().expect("lock").entry(labels.clone()).or_default().opened += 1;
+    }
+
+    /// A connection refused or failed before any byte moved: opened and closed at
+    /// once, under `labels` with `flag` as its response flags.
+    pub fn refused(&self, labels: &TcpLabels, flag: &'static str) {
+        let labels = Arc::new(TcpLabels { response_flags: flag, ..labels.clone() });
+        self.opened(&labels);
+        self.closed(&labels);
     }
 
     /// Adds bytes of a connection still open (long transfers report as they go).

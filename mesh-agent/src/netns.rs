@@ -66,10 +66,6 @@ impl Netns {
         Ok(ns)
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// True while the path still names the namespace we opened. The open handle keeps
     /// the namespace itself alive, so the path is what tells whether the pod is gone.
     pub fn still_exists(&self) -> bool {
@@ -109,6 +105,12 @@ impl Netns {
             socket.listen(1024)?;
             Ok(socket.into())
         })
+    }
+
+    /// A listener created in this namespace, handed to the tokio runtime.
+    pub fn tokio_listener(&self, listener: std::net::TcpListener) -> Result<tokio::net::TcpListener, NetnsError> {
+        tokio::net::TcpListener::from_std(listener)
+            .map_err(|source| NetnsError::Socket { path: self.path.clone(), source })
     }
 
     /// A listener on `port` for both families (`[::]` with `IPV6_V6ONLY` off), or on

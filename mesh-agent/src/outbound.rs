@@ -9,7 +9,7 @@ use std::{
 
 use mesh_common::{AF_INET, AF_INET6, OrigDst, OrigDstKey};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use hyper_util::rt::TokioIo;
 
@@ -22,7 +22,7 @@ use crate::{
     netns::NetnsError,
     redirect::Redirect,
     relay::{self, Counted},
-    telemetry::{AccessLog, Counters, Outcome, bump},
+    telemetry::{AccessLog, Active, Counters, Outcome, bump},
     workloads::Route,
 };
 
@@ -33,6 +33,8 @@ pub struct Forwarder {
     pub connect_timeout: Duration,
     /// The secure data path; without a controller every destination is passthrough.
     pub mesh: Option<Arc<Mesh>>,
+    /// Istio TCP metrics of outbound connections (exported only with a controller).
+    pub metrics: Arc<Metrics>,
 }
 
 pub struct Outbound {
@@ -50,31 +52,18 @@ impl Outbound {
         forwarder: Arc<Forwarder>,
         drain: drain::Watch,
     ) -> Result<Self, NetnsError> {
-        let std_listener = pod.netns.listen(addr)?;
-        let listener = TcpListener::from_std(std_listener)
-            .map_err(|source| NetnsError::Socket { path: pod.netns.path().to_owned(), source })?;
+        let listener = pod.netns.tokio_listener(pod.netns.listen(addr)?)?;
         Ok(Self { listener, pod, forwarder, drain })
     }
 
     pub async fn run(self) {
-        let Self { listener, pod, forwarder, mut drain } = self;
-        loop {
-            tokio::select! {
-                () = drain.signaled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        let conn = Connection { pod: pod.clone(), forwarder: forwarder.clone(), _drain: drain.clone() };
-                        tokio::spawn(conn.forward(stream, peer));
-                    }
-                    Err(error) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        warn!(pod = %pod.spec.name, %error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                },
-            }
-        }
-        debug!(pod = %pod.spec.name, "outbound listener stopped");
+        let Self { listener, pod, forwarder, drain } = self;
+        let watch = drain.clone();
+        drain::accept_until_drained(listener, watch, &pod.spec.name, "outbound", |stream, peer| {
+            let conn = Connection { pod: pod.clone(), forwarder: forwarder.clone(), _drain: drain.clone() };
+            tokio::spawn(conn.forward(stream, peer));
+        })
+        .await;
     }
 }
 
@@ -135,7 +124,7 @@ impl Connection {
             return;
         };
         let index = mesh.index();
-        let source = self.pod.ips().iter().find_map(|ip| index.workload(*ip)).cloned();
+        let source = index.workload_of(self.pod.ips()).cloned();
         match index.route(dst) {
             Route::Direct { addr, workload, service } => {
                 log.dst_addr = Some(addr);
@@ -149,14 +138,11 @@ impl Connection {
                     service.as_deref(),
                     false,
                 ));
-                self.direct_with(client, addr, &labels, log, start, Some(&mesh.metrics)).await;
+                self.direct(client, addr, &labels, log, start).await;
             }
             Route::NoEndpoint { service } => {
-                let mut labels = Mesh::outbound_labels(&self.pod, source.as_deref(), None, Some(&service), false);
-                labels.response_flags = flags::NO_HEALTHY_UPSTREAM;
-                let labels = Arc::new(labels);
-                mesh.metrics.opened(&labels);
-                mesh.metrics.closed(&labels);
+                let labels = Mesh::outbound_labels(&self.pod, source.as_deref(), None, Some(&service), false);
+                mesh.metrics.refused(&labels, flags::NO_HEALTHY_UPSTREAM);
                 bump(counters, |c| &c.connect_failed, 1);
                 let _ = client.set_zero_linger();
                 log.dst_service = Some(service.hostname.clone());
@@ -171,7 +157,7 @@ impl Connection {
                 log.dst_identity = Some(workload.identity.clone());
                 log.dst_service = service.as_ref().map(|s| s.hostname.clone());
                 log.security = "mutual_tls";
-                let mut labels =
+                let labels =
                     Mesh::outbound_labels(&self.pod, source.as_deref(), Some(&workload), service.as_deref(), true);
                 let tunnel = async {
                     let cert = mesh
@@ -190,34 +176,15 @@ impl Connection {
                     mesh.pool.connect(&self.pod, cert, hbone_addr, &workload.identity, request).await
                 };
                 match tunnel.await {
-                    Ok((upgraded, guard)) => {
-                        let labels = Arc::new(labels);
+                    Ok((upgraded, _stream)) => {
                         bump(counters, |c| &c.tunneled, 1);
-                        bump(counters, |c| &c.active, 1);
-                        mesh.metrics.opened(&labels);
-                        let report =
-                            relay::run(Counted::new(client), TokioIo::new(upgraded), None, &mesh.metrics, &labels)
-                                .await;
-                        drop(guard);
-                        mesh.metrics.closed(&labels);
-                        for c in counters {
-                            c.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                        }
-                        bump(counters, |c| &c.bytes_sent, report.sent);
-                        bump(counters, |c| &c.bytes_received, report.received);
-                        report.fill(&mut log);
+                        self.relay(client, TokioIo::new(upgraded), &Arc::new(labels), &mut log).await;
                     }
                     Err(error) => {
                         debug!(pod = %self.pod.spec.name, %addr, %error, "tunnel failed");
-                        labels.response_flags = if matches!(error, HboneError::Status(hyper::StatusCode::UNAUTHORIZED))
-                        {
-                            flags::DENIED
-                        } else {
-                            flags::UPSTREAM_FAILURE
-                        };
-                        let labels = Arc::new(labels);
-                        mesh.metrics.opened(&labels);
-                        mesh.metrics.closed(&labels);
+                        let flag =
+                            if error.outcome() == Outcome::Denied { flags::DENIED } else { flags::UPSTREAM_FAILURE };
+                        mesh.metrics.refused(&labels, flag);
                         bump(counters, |c| &c.connect_failed, 1);
                         let _ = client.set_zero_linger();
                         log.outcome = Some(error.outcome());
@@ -230,33 +197,22 @@ impl Connection {
         }
     }
 
-    async fn direct(self, client: TcpStream, dst: SocketAddr, labels: &Arc<TcpLabels>, log: AccessLog, start: Instant) {
-        self.direct_with(client, dst, labels, log, start, None).await;
-    }
-
     /// Passthrough: connects from inside the pod, so the destination sees the pod.
-    async fn direct_with(
+    async fn direct(
         self,
         client: TcpStream,
         dst: SocketAddr,
         labels: &Arc<TcpLabels>,
         mut log: AccessLog,
         start: Instant,
-        metrics: Option<&Metrics>,
     ) {
         let counters = [&*self.forwarder.counters, &self.pod.counters];
-        let unused = Metrics::default();
-        let metrics = metrics.unwrap_or(&unused);
         let upstream = match relay::connect_in(&self.pod, dst, self.forwarder.connect_timeout).await {
             Ok(upstream) => upstream,
             Err(error) => {
                 debug!(pod = %self.pod.spec.name, %dst, %error, "upstream connect failed");
                 bump(counters, |c| &c.connect_failed, 1);
-                let mut failed = (**labels).clone();
-                failed.response_flags = flags::UPSTREAM_FAILURE;
-                let failed = Arc::new(failed);
-                metrics.opened(&failed);
-                metrics.closed(&failed);
+                self.forwarder.metrics.refused(labels, flags::UPSTREAM_FAILURE);
                 // Reset the client, as the destination would have done.
                 let _ = client.set_zero_linger();
                 log.outcome = Some(Outcome::ConnectFailed);
@@ -267,18 +223,27 @@ impl Connection {
             }
         };
         bump(counters, |c| &c.forwarded, 1);
-        bump(counters, |c| &c.active, 1);
+        self.relay(client, upstream, labels, &mut log).await;
+        log.duration = start.elapsed();
+        log.emit();
+    }
+
+    /// Relays an established connection, with the active count, the metrics and the
+    /// byte counters kept.
+    async fn relay<U>(&self, client: TcpStream, upstream: U, labels: &Arc<TcpLabels>, log: &mut AccessLog)
+    where
+        U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let counters = [&*self.forwarder.counters, &self.pod.counters];
+        let metrics = &self.forwarder.metrics;
+        let active = Active::enter(counters);
         metrics.opened(labels);
         let report = relay::run(Counted::new(client), upstream, None, metrics, labels).await;
         metrics.closed(labels);
-        for c in counters {
-            c.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        }
+        drop(active);
         bump(counters, |c| &c.bytes_sent, report.sent);
         bump(counters, |c| &c.bytes_received, report.received);
-        report.fill(&mut log);
-        log.duration = start.elapsed();
-        log.emit();
+        report.fill(log);
     }
 }
 

@@ -69,6 +69,24 @@ pub fn bump(sets: [&Counters; 2], field: fn(&Counters) -> &AtomicU64, by: u64) {
     }
 }
 
+/// Counts a connection as active (in each set) for as long as it is held.
+pub struct Active<'a>([&'a Counters; 2]);
+
+impl<'a> Active<'a> {
+    pub fn enter(sets: [&'a Counters; 2]) -> Self {
+        bump(sets, |c| &c.active, 1);
+        Self(sets)
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        for set in self.0 {
+            set.active.fetch_sub(1, Relaxed);
+        }
+    }
+}
+
 /// How a proxied connection ended, as written to the access log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {

@@ -55,7 +55,7 @@ pub struct ServicePort {
 }
 
 impl ServicePort {
-    /// Round robin over the endpoints, preferring an address of `family_v6`'s family.
+    /// Round robin over the endpoints, preferring an IPv6 address when `v6`.
     pub fn pick(&self, v6: bool) -> Option<(Arc<Workload>, SocketAddr)> {
         if self.endpoints.is_empty() {
             return None;
@@ -157,6 +157,11 @@ impl Index {
 
     pub fn workload(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         self.by_ip.get(&ip)
+    }
+
+    /// The workload that has any of `ips` (an enrolled pod as the config knows it).
+    pub fn workload_of(&self, ips: &[IpAddr]) -> Option<&Arc<Workload>> {
+        ips.iter().find_map(|ip| self.by_ip.get(ip))
     }
 
     /// Decides how to reach `dst` (an original destination of a captured connection).
