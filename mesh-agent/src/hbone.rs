@@ -484,6 +484,9 @@ impl Server {
         let drain = self.drain.clone();
         tokio::spawn(async move {
             let _drain = drain;
+            // Answered 200: the connection counts as opened even if the client resets
+            // the stream before the upgrade completes.
+            this.mesh.metrics.opened(&labels);
             match on_upgrade.await {
                 Ok(upgraded) => {
                     let policy = relay::Recheck {
@@ -493,7 +496,6 @@ impl Server {
                         source_ip: peer.ip(),
                         target,
                     };
-                    this.mesh.metrics.opened(&labels);
                     let active = Active::enter([&*this.mesh.counters, &this.pod.counters]);
                     // The client side is the tunnel: bytes read from it were sent by the client.
                     let report = relay::run(
