@@ -196,6 +196,9 @@ pub async fn admin(state: Arc<AdminState>, req: Request<Incoming>) -> Response<B
             "config": state.config,
             "control": state.control_dump(),
             "pods": state.registry.list().await,
+            // Kubelet probe exemptions: pod address:port pairs reachable in plaintext
+            // from the node's own addresses.
+            "probe_ports": state.redirect.probe_ports().iter().map(|(ip, port)| std::net::SocketAddr::new(*ip, *port)).collect::<Vec<_>>(),
         })),
         (&Method::POST, "/logging") => {
             let level = req.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("level=")));

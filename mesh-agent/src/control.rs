@@ -3,7 +3,7 @@
 //! version to a watch channel the data path reads, and that requests workload
 //! certificates. With the controller unreachable, the last applied configuration
 //! stays in force (static stability).
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Full};
@@ -25,7 +25,13 @@ use tracing::{debug, info, warn};
 pub enum ControlError {
     #[error("cannot reach the controller at {addr}")]
     Connect {
-        addr: SocketAddr,
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read the token file {path}")]
+    Token {
+        path: PathBuf,
         #[source]
         source: std::io::Error,
     },
@@ -52,7 +58,11 @@ pub struct ConfigState {
 }
 
 pub struct ControlClient {
-    addr: SocketAddr,
+    /// `host:port`; a DNS name is resolved on every connect (the controller's Service).
+    addr: String,
+    /// Kubernetes mode: the projected `ServiceAccount` token, re-read on every connect
+    /// (kubelet rotates it).
+    token_file: Option<PathBuf>,
     tls: TlsConnector,
     state: watch::Sender<Arc<ConfigState>>,
 }
@@ -60,9 +70,21 @@ pub struct ControlClient {
 type Sender = SendRequest<Full<Bytes>>;
 
 impl ControlClient {
-    pub fn new(addr: SocketAddr, tls: rustls::ClientConfig) -> Self {
+    pub fn new(addr: String, tls: rustls::ClientConfig, token_file: Option<PathBuf>) -> Self {
         let (state, _) = watch::channel(Arc::new(ConfigState::default()));
-        Self { addr, tls: TlsConnector::from(Arc::new(tls)), state }
+        Self { addr, token_file, tls: TlsConnector::from(Arc::new(tls)), state }
+    }
+
+    /// A request with the agent's credential: the token, when it authenticates with one
+    /// (otherwise the TLS client certificate does).
+    fn request(&self, method: Method, path: &str, body: Bytes) -> Result<Request<Full<Bytes>>, ControlError> {
+        let mut request = Request::builder().method(method).uri(path);
+        if let Some(path) = &self.token_file {
+            let token =
+                std::fs::read_to_string(path).map_err(|source| ControlError::Token { path: path.clone(), source })?;
+            request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {}", token.trim()));
+        }
+        Ok(request.body(Full::new(body)).expect("valid request"))
     }
 
     pub fn subscribe(&self) -> watch::Receiver<Arc<ConfigState>> {
@@ -74,8 +96,8 @@ impl ControlClient {
     }
 
     async fn connect(&self) -> Result<Sender, ControlError> {
-        let connect = |source| ControlError::Connect { addr: self.addr, source };
-        let tcp = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(self.addr))
+        let connect = |source| ControlError::Connect { addr: self.addr.clone(), source };
+        let tcp = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(self.addr.as_str()))
             .await
             .map_err(|_| connect(std::io::ErrorKind::TimedOut.into()))?
             .map_err(connect)?;
@@ -118,11 +140,7 @@ impl ControlClient {
 
     async fn session(&self) -> Result<(), ControlError> {
         let mut sender = self.connect().await?;
-        let request = Request::builder()
-            .method(Method::GET)
-            .uri(CONFIG_PATH)
-            .body(Full::new(Bytes::new()))
-            .expect("valid request");
+        let request = self.request(Method::GET, CONFIG_PATH, Bytes::new())?;
         let response = sender.send_request(request).await?;
         if response.status() != StatusCode::OK {
             let status = response.status();
@@ -163,12 +181,8 @@ impl ControlClient {
                         }
                         let ack = serde_json::to_vec(&Ack { version }).expect("ack serializes");
                         let mut sender = sender.clone();
+                        let request = self.request(Method::POST, ACK_PATH, Bytes::from(ack))?;
                         tokio::spawn(async move {
-                            let request = Request::builder()
-                                .method(Method::POST)
-                                .uri(ACK_PATH)
-                                .body(Full::new(Bytes::from(ack)))
-                                .expect("valid request");
                             if let Err(error) = sender.send_request(request).await {
                                 debug!(%error, "ack not delivered");
                             }
@@ -192,11 +206,7 @@ impl ControlClient {
         let body =
             serde_json::to_vec(&CertificateRequest { identity: identity.to_owned(), csr_pem }).expect("serializes");
         let mut sender = self.connect().await?;
-        let request = Request::builder()
-            .method(Method::POST)
-            .uri(CERTIFICATE_PATH)
-            .body(Full::new(Bytes::from(body)))
-            .expect("valid request");
+        let request = self.request(Method::POST, CERTIFICATE_PATH, Bytes::from(body))?;
         let response = sender.send_request(request).await?;
         let status = response.status();
         let bytes = response.into_body().collect().await?.to_bytes();

@@ -4,6 +4,7 @@
 //! connections the kernel hands it.
 mod admin;
 mod control;
+mod discover;
 mod drain;
 mod enroll;
 mod hbone;
@@ -77,14 +78,36 @@ struct RunConfig {
     /// Readiness endpoint (`/healthz/ready`).
     #[arg(long, env = "MESH_READINESS_ADDR", default_value = "0.0.0.0:15021")]
     readiness_addr: SocketAddr,
-    /// Controller's control endpoint (mTLS). Without it the agent runs standalone:
-    /// no configuration, no certificates.
-    #[arg(long, env = "MESH_CONTROLLER_ADDR", requires = "credential_dir")]
-    controller: Option<SocketAddr>,
+    /// Controller's control endpoint, `host:port` (TLS; the agent authenticates with
+    /// --credential-dir or --token-file). Without it the agent runs standalone: no
+    /// configuration, no certificates.
+    #[arg(long, env = "MESH_CONTROLLER_ADDR")]
+    controller: Option<String>,
     /// Directory with this node's bootstrap credential: node-cert.pem, node-key.pem,
     /// root-cert.pem (`mesh-controller node-credential` writes them).
-    #[arg(long, env = "MESH_CREDENTIAL_DIR")]
+    #[arg(long, env = "MESH_CREDENTIAL_DIR", requires = "controller", conflicts_with = "token_file")]
     credential_dir: Option<PathBuf>,
+    /// Kubernetes: the projected `ServiceAccount` token (audience mesh-controller) the
+    /// agent authenticates to the controller with; re-read on every connection.
+    #[arg(long, env = "MESH_TOKEN_FILE", requires_all = ["controller", "root_cert"])]
+    token_file: Option<PathBuf>,
+    /// The mesh's root certificate, to verify the controller with (with --token-file).
+    #[arg(long, env = "MESH_ROOT_CERT", requires = "token_file")]
+    root_cert: Option<PathBuf>,
+    /// Enroll the meshed pods of this node by itself: the pods come from the
+    /// controller's view of the node, their network namespaces from the process tree
+    /// (a process whose cgroup path carries the pod's UID). Without it pods are
+    /// enrolled through the enrollment socket.
+    #[arg(long, env = "MESH_KUBERNETES", requires = "controller")]
+    kubernetes: bool,
+    /// With --kubernetes: the node's own network namespace, whose addresses kubelet's
+    /// health probes come from (probes to a pod's probe ports from there skip capture).
+    #[arg(long, env = "MESH_HOST_NETNS", default_value = "/proc/1/ns/net")]
+    host_netns: PathBuf,
+    /// With --kubernetes: where the node's processes are listed (the host's /proc;
+    /// the agent runs with hostPID).
+    #[arg(long, env = "MESH_PROC_ROOT", default_value = "/proc")]
+    proc_root: PathBuf,
     /// Prometheus metrics endpoint.
     #[arg(long, env = "MESH_METRICS_ADDR", default_value = "0.0.0.0:15020")]
     metrics_addr: SocketAddr,
@@ -229,18 +252,23 @@ async fn run(config: RunConfig, set_log_level: admin::SetLogLevel) -> anyhow::Re
     info!(cgroup = %cgroup_root.display(), pins = %bpffs_dir.display(), "capture programs attached");
 
     let counters = Arc::new(telemetry::Counters::default());
-    let control = match (&config.controller, &config.credential_dir) {
-        (Some(addr), Some(dir)) => {
-            let read = |name: &str| {
-                std::fs::read_to_string(dir.join(name)).with_context(|| format!("read {}", dir.join(name).display()))
+    let control = match &config.controller {
+        Some(addr) => {
+            let read =
+                |path: PathBuf| std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()));
+            let tls = match (&config.credential_dir, &config.root_cert) {
+                (Some(dir), _) => mesh_common::tls::client_config(
+                    &read(dir.join("node-cert.pem"))?,
+                    &read(dir.join("node-key.pem"))?,
+                    &[read(dir.join("root-cert.pem"))?],
+                )
+                .context("node credential")?,
+                (None, Some(root)) => {
+                    mesh_common::tls::anonymous_client_config(&[read(root.clone())?]).context("--root-cert")?
+                }
+                (None, None) => anyhow::bail!("--controller needs a credential: --credential-dir or --token-file"),
             };
-            let tls = mesh_common::tls::client_config(
-                &read("node-cert.pem")?,
-                &read("node-key.pem")?,
-                &[read("root-cert.pem")?],
-            )
-            .context("node credential")?;
-            let client = Arc::new(control::ControlClient::new(*addr, tls));
+            let client = Arc::new(control::ControlClient::new(addr.clone(), tls, config.token_file.clone()));
             tokio::spawn(client.clone().run());
             let certs = Arc::new(identity::CertStore::new(client.clone()));
             // Wait briefly for the first configuration so that restored pods get their
@@ -306,6 +334,20 @@ async fn run(config: RunConfig, set_log_level: admin::SetLogLevel) -> anyhow::Re
         .with_context(|| format!("cannot listen on readiness address {}", config.readiness_addr))?;
     let ready_view = ready.clone();
     tokio::spawn(ready_server.run(move |req| std::future::ready(admin::readiness(&ready_view, &req))));
+
+    if config.kubernetes
+        && let Some((client, _)) = &admin_state.control
+    {
+        let discovery = discover::Discovery {
+            registry: registry.clone(),
+            redirect: redirect.clone(),
+            client: client.clone(),
+            node: node.clone(),
+            proc_root: config.proc_root.clone(),
+            host_netns: config.host_netns.clone(),
+        };
+        tokio::spawn(discovery.run());
+    }
 
     let gc_registry = registry.clone();
     tokio::spawn(async move {

@@ -16,6 +16,13 @@
 //! restarted agent inserts its new listener.
 //! `mesh-agent uninstall` removes the pin directory (including `inbound/`), which
 //! detaches capture.
+//!
+//! Kubelet probes are plaintext from the node, so under a STRICT policy the agent
+//! would refuse them and the pod would go unready. A pod IP's probe ports
+//! (`INBOUND_PROBE_PORTS`, [`Redirect::set_probe_ports`]) are therefore passed to the
+//! application uncaptured, but only for connections from one of the node's own
+//! addresses (`PROBE_SOURCES`, [`Redirect::set_probe_sources`], [`local_addresses`]):
+//! the kubelet runs in the host network namespace, other pods do not.
 use std::{
     fs::File,
     io,
@@ -34,7 +41,7 @@ use aya::{
         links::{FdLink, PinnedLink},
     },
 };
-use mesh_common::{AF_INET, AF_INET6, EnrolledPod, InboundKey, OrigDst, OrigDstKey, stat};
+use mesh_common::{AF_INET, AF_INET6, EnrolledPod, InboundKey, OrigDst, OrigDstKey, ProbeKey, stat};
 
 static EMBEDDED_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/mesh-ebpf.o"));
 
@@ -133,11 +140,33 @@ pub struct Redirect {
     ebpf: Mutex<Ebpf>,
 }
 
-/// The inbound-capture maps, locked together: an attach writes both.
+/// The inbound-capture maps, locked together: an attach writes both, a detach also
+/// clears the pod's probe ports.
 struct Inbound {
     addrs: HashMap<MapData, InboundKey, u32>,
     sockets: SockHash<MapData, InboundKey>,
     excluded_ports: HashMap<MapData, u16, u8>,
+    probe_ports: HashMap<MapData, ProbeKey, u8>,
+    probe_sources: HashMap<MapData, InboundKey, u8>,
+}
+
+impl Inbound {
+    /// Removes the probe ports of `ips` for which `keep` is false.
+    fn remove_probe_ports(&mut self, ips: &[IpAddr], keep: impl Fn(u16) -> bool) -> Result<(), RedirectError> {
+        let stale: Vec<ProbeKey> = self
+            .probe_ports
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| probe_ip(key).is_some_and(|ip| ips.contains(&ip)) && !keep(key.port))
+            .collect();
+        for key in stale {
+            match self.probe_ports.remove(&key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(source) => return Err(RedirectError::Map { map: "INBOUND_PROBE_PORTS", source }),
+            }
+        }
+        Ok(())
+    }
 }
 
 const SK_LOOKUP: &str = "mesh_sk_lookup";
@@ -213,6 +242,10 @@ impl Redirect {
                 .map_err(|source| RedirectError::Map { map: "INBOUND_SOCKETS", source })?,
             excluded_ports: HashMap::try_from(take_map(&mut ebpf, "INBOUND_EXCLUDED_PORTS")?)
                 .map_err(|source| RedirectError::Map { map: "INBOUND_EXCLUDED_PORTS", source })?,
+            probe_ports: HashMap::try_from(take_map(&mut ebpf, "INBOUND_PROBE_PORTS")?)
+                .map_err(|source| RedirectError::Map { map: "INBOUND_PROBE_PORTS", source })?,
+            probe_sources: HashMap::try_from(take_map(&mut ebpf, "PROBE_SOURCES")?)
+                .map_err(|source| RedirectError::Map { map: "PROBE_SOURCES", source })?,
         };
         Ok(Self {
             enrolled: Mutex::new(enrolled),
@@ -308,7 +341,8 @@ impl Redirect {
     }
 
     /// Ends inbound capture for a pod: its addresses pass to the ordinary socket
-    /// lookup again and its `sk_lookup` link goes. Missing entries are not an error.
+    /// lookup again, its probe ports are forgotten (a later pod may get the same IP)
+    /// and its `sk_lookup` link goes. Missing entries are not an error.
     pub fn detach_inbound(&self, cookie: u64, ips: &[IpAddr]) -> Result<(), RedirectError> {
         {
             let mut inbound = self.inbound.lock().expect("inbound maps lock");
@@ -322,6 +356,7 @@ impl Redirect {
                     Err(source) => return Err(RedirectError::Map { map: "INBOUND_SOCKETS", source }),
                 }
             }
+            inbound.remove_probe_ports(ips, |_| false)?;
         }
         let path = self.inbound_pin_dir().join(cookie.to_string());
         match PinnedLink::from_pin(&path) {
@@ -350,6 +385,73 @@ impl Redirect {
             let _ = map.remove(&port);
         }
         Ok(())
+    }
+
+    /// Makes the kubelet probe ports of the pod addresses `ips` exactly `ports`: a
+    /// connection from one of the node's addresses ([`Self::set_probe_sources`]) to
+    /// one of them reaches the application uncaptured, since the kubelet probes in
+    /// plaintext and a STRICT pod's agent would refuse it. Any other source is still
+    /// captured. Idempotent: the pod's ports not in `ports` are removed (those in it
+    /// never are, so an update does not capture a kept port even briefly), and an
+    /// empty `ports` clears the pod's entries.
+    pub fn set_probe_ports(&self, ips: &[IpAddr], ports: &[u16]) -> Result<(), RedirectError> {
+        let mut inbound = self.inbound.lock().expect("inbound maps lock");
+        inbound.remove_probe_ports(ips, |port| ports.contains(&port))?;
+        for ip in ips {
+            for port in ports {
+                inbound
+                    .probe_ports
+                    .insert(probe_key(*ip, *port), 1, 0)
+                    .map_err(|source| RedirectError::Map { map: "INBOUND_PROBE_PORTS", source })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets every probe port of the pod addresses `ips` (the pod was un-enrolled; a
+    /// later pod may get the same address). Also done by [`Self::detach_inbound`].
+    pub fn clear_probe_ports(&self, ips: &[IpAddr]) -> Result<(), RedirectError> {
+        self.inbound.lock().expect("inbound maps lock").remove_probe_ports(ips, |_| false)
+    }
+
+    /// Makes the set of addresses kubelet probes may come from exactly `addrs`: the
+    /// node's own addresses ([`local_addresses`] in the host network namespace), since
+    /// the kubelet runs there and other pods have addresses of their own. Call again
+    /// when the node's addresses change. The map is pinned: until this is called, a
+    /// restarted agent keeps the previous agent's set.
+    pub fn set_probe_sources(&self, addrs: &[IpAddr]) -> Result<(), RedirectError> {
+        let mut inbound = self.inbound.lock().expect("inbound maps lock");
+        let map = &mut inbound.probe_sources;
+        let wanted: Vec<InboundKey> = addrs.iter().map(|ip| inbound_key(*ip)).collect();
+        let stale: Vec<InboundKey> = map.keys().filter_map(Result::ok).filter(|k| !wanted.contains(k)).collect();
+        // Stale entries first (none of them is wanted, so nothing wanted is ever
+        // missing): the map is small, and new addresses must not be refused for want
+        // of room.
+        for key in stale {
+            match map.remove(&key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(source) => return Err(RedirectError::Map { map: "PROBE_SOURCES", source }),
+            }
+        }
+        for key in wanted {
+            map.insert(key, 1, 0).map_err(|source| RedirectError::Map { map: "PROBE_SOURCES", source })?;
+        }
+        Ok(())
+    }
+
+    /// Probe ports by pod address, as the pinned map holds them (to reconcile after a
+    /// restart: the entries of pods gone meanwhile are cleared with
+    /// [`Self::clear_probe_ports`]).
+    pub fn probe_ports(&self) -> Vec<(IpAddr, u16)> {
+        let inbound = self.inbound.lock().expect("inbound maps lock");
+        let mut ports: Vec<(IpAddr, u16)> = inbound
+            .probe_ports
+            .keys()
+            .filter_map(Result::ok)
+            .filter_map(|key| Some((probe_ip(&key)?, key.port)))
+            .collect();
+        ports.sort_unstable();
+        ports
     }
 
     /// Pod IPs under inbound capture with their pod ids, as the pinned map holds them
@@ -390,6 +492,49 @@ fn inbound_key(ip: IpAddr) -> InboundKey {
         }
         IpAddr::V6(ip) => InboundKey { family: u32::from(AF_INET6), addr: ip.octets() },
     }
+}
+
+fn probe_key(ip: IpAddr, port: u16) -> ProbeKey {
+    let InboundKey { family, addr } = inbound_key(ip);
+    ProbeKey { family, port, pad: 0, addr }
+}
+
+fn probe_ip(key: &ProbeKey) -> Option<IpAddr> {
+    inbound_ip(&InboundKey { family: key.family, addr: key.addr })
+}
+
+/// The addresses of the calling thread's network namespace that a connection can come
+/// from, without duplicates: those of the interfaces that are up, except loopback
+/// addresses and IPv6 link-local ones. Called by the agent in the host namespace to
+/// learn the kubelet's possible probe sources ([`Redirect::set_probe_sources`]).
+///
+/// Interfaces that are down are left out because kube-proxy in IPVS mode puts every
+/// Service's cluster IP on its (down) `kube-ipvs0` interface, which would overflow
+/// the probe-source map and exempt addresses that are not the node's. IPv6 link-local
+/// addresses are left out because a probe to a pod's routable address never comes
+/// from one, and any pod on a link can claim the same link-local address.
+pub fn local_addresses() -> io::Result<Vec<IpAddr>> {
+    use nix::net::if_::InterfaceFlags;
+    let mut addrs = Vec::new();
+    for ifaddr in nix::ifaddrs::getifaddrs().map_err(io::Error::from)? {
+        if !ifaddr.flags.contains(InterfaceFlags::IFF_UP) {
+            continue;
+        }
+        let Some(address) = ifaddr.address else { continue };
+        let ip = if let Some(v4) = address.as_sockaddr_in() {
+            IpAddr::V4(v4.ip())
+        } else if let Some(v6) = address.as_sockaddr_in6() {
+            IpAddr::V6(v6.ip())
+        } else {
+            continue;
+        };
+        let link_local = matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local());
+        if ip.is_loopback() || link_local || addrs.contains(&ip) {
+            continue;
+        }
+        addrs.push(ip);
+    }
+    Ok(addrs)
 }
 
 fn inbound_ip(key: &InboundKey) -> Option<IpAddr> {
@@ -527,17 +672,19 @@ mod tests {
     use super::*;
     use crate::netns::{Netns, NetnsError};
 
-    /// Removes the test's namespace, pin directory and cgroup even when an assertion
+    /// Removes the test's namespaces, pin directory and cgroup even when an assertion
     /// fails. Declared before the `Redirect`, so it runs after the programs are gone.
     struct Scratch {
-        netns: String,
+        netns: Vec<String>,
         pin_dir: PathBuf,
         cgroup: PathBuf,
     }
 
     impl Drop for Scratch {
         fn drop(&mut self) {
-            let _ = Command::new("ip").args(["netns", "del", &self.netns]).status();
+            for netns in &self.netns {
+                let _ = Command::new("ip").args(["netns", "del", netns]).status();
+            }
             let _ = std::fs::remove_dir_all(&self.pin_dir);
             let _ = std::fs::remove_dir(&self.cgroup);
         }
@@ -605,7 +752,7 @@ mod tests {
         let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("read mountinfo");
         let cgroup2 = mesh_common::host::find_cgroup2_mount(&mountinfo).expect("a cgroup2 mount");
         let scratch = Scratch {
-            netns: name.clone(),
+            netns: vec![name.clone()],
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/{name}")),
             cgroup: cgroup2.join(&name),
         };
@@ -720,5 +867,124 @@ mod tests {
             assert!(accept(&capture, NOTHING).is_some(), "a connection went nowhere");
             assert!(Instant::now() < deadline, "inbound capture still active after uninstall");
         }
+    }
+
+    #[test]
+    fn kubelet_probes_from_the_node_reach_the_app_uncaptured_in_real_netns() {
+        if !is_root() {
+            eprintln!("SKIPPED kubelet_probes_from_the_node_reach_the_app_uncaptured_in_real_netns: needs root");
+            return;
+        }
+        if EMBEDDED_OBJECT.is_empty() {
+            eprintln!(
+                "SKIPPED kubelet_probes_from_the_node_reach_the_app_uncaptured_in_real_netns: no embedded eBPF \
+                 object (run `cargo xtask build` first)"
+            );
+            return;
+        }
+        // Three namespaces on one bridge, as a bridge CNI wires them: the node's (the
+        // kubelet's, holding the bridge and its address), the captured pod's and
+        // another pod's.
+        let pid = std::process::id();
+        let (node, pod_ns, other) =
+            (format!("mesh-prb-node-{pid}"), format!("mesh-prb-pod-{pid}"), format!("mesh-prb-other-{pid}"));
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("read mountinfo");
+        let cgroup2 = mesh_common::host::find_cgroup2_mount(&mountinfo).expect("a cgroup2 mount");
+        let scratch = Scratch {
+            netns: vec![node.clone(), pod_ns.clone(), other.clone()],
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/mesh-prb-test-{pid}")),
+            cgroup: cgroup2.join(format!("mesh-prb-test-{pid}")),
+        };
+        std::fs::create_dir(&scratch.cgroup).expect("create an empty cgroup");
+        for ns in &scratch.netns {
+            ip(&["netns", "add", ns]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        ip(&["-n", &node, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &node, "addr", "add", "10.124.0.1/24", "dev", "br0"]);
+        ip(&["-n", &node, "link", "set", "br0", "up"]);
+        for (ns, veth, addr) in [(&pod_ns, "vpod", "10.124.0.2/24"), (&other, "vother", "10.124.0.3/24")] {
+            ip(&["-n", &node, "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns]);
+            ip(&["-n", &node, "link", "set", veth, "master", "br0", "up"]);
+            ip(&["-n", ns, "addr", "add", addr, "dev", "eth0"]);
+            ip(&["-n", ns, "link", "set", "eth0", "up"]);
+        }
+        let open = |name: &str| Netns::open(&Path::new("/run/netns").join(name)).expect("open a netns");
+        let (node_ns, ns, other_ns) = (open(&node), open(&pod_ns), open(&other));
+        let cookie = ns.cookie().expect("netns cookie");
+
+        let redirect = Redirect::load(&RedirectConfig {
+            object: None,
+            cgroup_root: scratch.cgroup.clone(),
+            pin_dir: scratch.pin_dir.clone(),
+            exclude_ports: vec![],
+            exclude_cidrs: vec![],
+        })
+        .expect("load the capture programs");
+
+        let any = |port| SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+        let capture = ns.listen(any(15006)).expect("bind 15006");
+        let app = ns.listen(any(8080)).expect("bind 8080");
+        let health = ns.listen(any(8081)).expect("bind 8081");
+        let pod = Ipv4Addr::new(10, 124, 0, 2);
+        let node_ip = Ipv4Addr::new(10, 124, 0, 1);
+        let other_ip = Ipv4Addr::new(10, 124, 0, 3);
+        let to = |port| SocketAddr::from((pod, port));
+        let pod_ips = [IpAddr::V4(pod)];
+        redirect.attach_inbound(&ns, cookie, 7, &pod_ips, &capture).expect("attach inbound capture");
+
+        // The node's addresses, as the agent learns them in the host namespace: the
+        // bridge's (not loopback, not the veths' IPv6 link-local ones).
+        let sources = node_ns.run(local_addresses).expect("the node namespace's addresses");
+        assert_eq!(sources, vec![IpAddr::V4(node_ip)]);
+        redirect.set_probe_sources(&sources).expect("set the probe sources");
+        // Exactly the ports given, however often: 9999 goes again.
+        redirect.set_probe_ports(&pod_ips, &[8081, 9999]).expect("set probe ports");
+        redirect.set_probe_ports(&pod_ips, &[8081]).expect("set probe ports again");
+        redirect.set_probe_ports(&pod_ips, &[8081]).expect("set probe ports once more");
+        assert_eq!(redirect.probe_ports(), vec![(IpAddr::V4(pod), 8081)]);
+
+        // The kubelet's probe (from the node's address to the probe port) reaches the
+        // application's own listener.
+        let _client = connect(&node_ns, node_ip, to(8081)).expect("probe from the node");
+        let (_, from) = accept(&health, WAIT).expect("the health port's own listener accepts the probe");
+        assert_eq!(from.ip(), IpAddr::V4(node_ip));
+        assert!(accept(&capture, NOTHING).is_none(), "a probe must not be steered");
+
+        // The same port from another pod is captured.
+        let _client = connect(&other_ns, other_ip, to(8081)).expect("connect from another pod");
+        let (steered, from) = accept(&capture, WAIT).expect("15006 accepts another pod's connection");
+        assert_eq!((steered.local_addr().unwrap(), from.ip()), (to(8081), IpAddr::V4(other_ip)));
+        assert!(accept(&health, NOTHING).is_none(), "the health port must not see another pod's plaintext");
+
+        // A port that is not a probe port is captured, even from the node.
+        let _client = connect(&node_ns, node_ip, to(8080)).expect("connect from the node to the app port");
+        let (steered, from) = accept(&capture, WAIT).expect("15006 accepts the node's non-probe connection");
+        assert_eq!((steered.local_addr().unwrap(), from.ip()), (to(8080), IpAddr::V4(node_ip)));
+        assert!(accept(&app, NOTHING).is_none());
+
+        let stats: std::collections::HashMap<_, _> = redirect.kernel_stats().into_iter().collect();
+        eprintln!("kernel stats: {stats:?}");
+        assert_eq!((stats["inbound_probe"], stats["inbound_steered"]), (1, 2));
+
+        // Un-enrolled: the probe port is forgotten and the node's probe is captured again.
+        redirect.clear_probe_ports(&pod_ips).expect("clear probe ports");
+        assert!(redirect.probe_ports().is_empty());
+        let _client = connect(&node_ns, node_ip, to(8081)).expect("probe after clear");
+        let (steered, _) = accept(&capture, WAIT).expect("15006 accepts the probe port after clear");
+        assert_eq!(steered.local_addr().unwrap(), to(8081));
+        assert!(accept(&health, NOTHING).is_none());
+
+        // A node address that is no longer the node's stops being a probe source.
+        redirect.set_probe_ports(&pod_ips, &[8081]).expect("set probe ports after clear");
+        redirect.set_probe_sources(&[]).expect("empty the probe sources");
+        let _client = connect(&node_ns, node_ip, to(8081)).expect("probe without probe sources");
+        assert!(accept(&capture, WAIT).is_some(), "no probe source, no exemption");
+        assert!(accept(&health, NOTHING).is_none());
+
+        // Detaching leaves no probe port behind.
+        redirect.detach_inbound(cookie, &pod_ips).expect("detach inbound capture");
+        assert!(redirect.probe_ports().is_empty(), "detach must clear the pod's probe ports");
+        assert_eq!(redirect.kernel_stats().into_iter().find(|(n, _)| *n == "inbound_probe").unwrap().1, 1);
     }
 }

@@ -23,6 +23,10 @@ pub struct Workload {
     pub meshed: bool,
     pub labels: mesh_common::config::meta::Labels,
     pub ips: Vec<IpAddr>,
+    /// Takes service traffic (its `Ready` condition is not false): a pod that is
+    /// starting or failing its readiness probe keeps its identity but gets no traffic
+    /// through service VIPs.
+    pub ready: bool,
     /// Container port names -> numbers, to resolve named service target ports.
     ports: Vec<(String, u16)>,
 }
@@ -121,7 +125,9 @@ impl Index {
             let members: Vec<&Arc<Workload>> = match &spec.selector {
                 Some(selector) if !selector.is_empty() => workloads
                     .iter()
-                    .filter(|w| w.namespace == *ns && selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+                    .filter(|w| {
+                        w.ready && w.namespace == *ns && selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+                    })
                     .collect(),
                 _ => Vec::new(),
             };
@@ -200,6 +206,7 @@ fn workload_of(config: &Config, pod: &Pod) -> Option<Workload> {
         meshed: config.pod_is_meshed(pod),
         labels: pod.metadata.labels.clone(),
         ips,
+        ready: pod.is_ready(),
         ports: pod
             .spec
             .containers
@@ -248,6 +255,12 @@ kind: Pod
 metadata: {name: c, namespace: shop, labels: {app: echo}}
 spec: {}
 status: {podIP: 10.0.0.3, phase: Pending}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: d, namespace: shop, labels: {app: echo}}
+spec: {containers: [{name: c, ports: [{name: web, containerPort: 8080}]}]}
+status: {podIP: 10.0.0.4, phase: Running, conditions: [{type: Ready, status: 'False'}]}
 ";
 
     #[test]
@@ -271,10 +284,12 @@ status: {podIP: 10.0.0.3, phase: Pending}
         }
         seen.sort();
         seen.dedup();
-        // Named target port resolved per pod; the pending pod is no endpoint.
+        // Named target port resolved per pod; the pending pod and the unready one are
+        // no endpoints, but the unready one keeps its identity for direct traffic.
         assert_eq!(seen, vec!["10.0.0.1:8080".parse().unwrap(), "10.0.0.2:9090".parse().unwrap()]);
         assert!(matches!(index.route("10.0.0.1:8080".parse().unwrap()), Route::Tunnel { .. }));
         assert!(matches!(index.route("10.0.0.2:8080".parse().unwrap()), Route::Direct { workload: Some(_), .. }));
         assert!(matches!(index.route("192.0.2.1:80".parse().unwrap()), Route::Direct { workload: None, .. }));
+        assert!(matches!(index.route("10.0.0.4:8080".parse().unwrap()), Route::Tunnel { .. }));
     }
 }

@@ -93,6 +93,24 @@ pub struct InboundKey {
     pub addr: [u8; 16],
 }
 
+/// Key of the probe-port map: a local port of a captured pod IP that the kubelet
+/// probes, passed to the application (uncaptured) when the connection comes from one
+/// of the node's own addresses.
+///
+/// `family` and `addr` are as in [`InboundKey`] (the pod IP); `port` is the local
+/// port in host order. `pad` is always zero: the kernel hashes every key byte.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ProbeKey {
+    pub family: u32,
+    pub port: u16,
+    pub pad: u16,
+    pub addr: [u8; 16],
+}
+
+// No implicit padding: the fields above add up to the size.
+const _: () = assert!(core::mem::size_of::<ProbeKey>() == 4 + 2 + 2 + 16);
+
 /// Indexes into the kernel statistics array (one `u64` counter each, per CPU).
 pub mod stat {
     /// Connections rewritten to the in-pod listener.
@@ -122,7 +140,10 @@ pub mod stat {
     /// Inbound connections dropped because the kernel refused to assign the listener
     /// (for instance an IPv6 connection and an IPv4-only listener).
     pub const INBOUND_ASSIGN_FAILED: u32 = 10;
-    pub const COUNT: u32 = 11;
+    /// Inbound connections from one of the node's own addresses to a probe port of
+    /// the pod IP (kubelet probes) passed to the application uncaptured.
+    pub const INBOUND_PROBE: u32 = 11;
+    pub const COUNT: u32 = 12;
     pub const NAMES: [&str; COUNT as usize] = [
         "captured",
         "skipped_bypass_mark",
@@ -135,6 +156,7 @@ pub mod stat {
         "inbound_self",
         "inbound_no_listener",
         "inbound_assign_failed",
+        "inbound_probe",
     ];
 }
 
@@ -150,4 +172,6 @@ mod pod_impls {
     unsafe impl aya::Pod for super::OrigDstKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::InboundKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ProbeKey {}
 }

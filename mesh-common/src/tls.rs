@@ -52,9 +52,29 @@ pub fn roots(pems: &[String]) -> Result<RootCertStore, TlsError> {
 
 /// A server that requires a client certificate chaining to `root_pems`.
 pub fn server_config(chain_pem: &str, key_pem: &str, root_pems: &[String]) -> Result<ServerConfig, TlsError> {
+    server_config_with(chain_pem, key_pem, root_pems, true)
+}
+
+/// Like [`server_config`], but a client may also come without a certificate (it then
+/// authenticates otherwise, e.g. with a bearer token). A certificate it does present
+/// must still chain to `root_pems`.
+pub fn server_config_optional_client(
+    chain_pem: &str,
+    key_pem: &str,
+    root_pems: &[String],
+) -> Result<ServerConfig, TlsError> {
+    server_config_with(chain_pem, key_pem, root_pems, false)
+}
+
+fn server_config_with(
+    chain_pem: &str,
+    key_pem: &str,
+    root_pems: &[String],
+    client_cert_required: bool,
+) -> Result<ServerConfig, TlsError> {
     let provider = provider();
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots(root_pems)?), provider.clone()).build()?;
+    let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(root_pems)?), provider.clone());
+    let verifier = if client_cert_required { builder.build()? } else { builder.allow_unauthenticated().build()? };
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -71,6 +91,18 @@ pub fn client_config(chain_pem: &str, key_pem: &str, root_pems: &[String]) -> Re
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots(root_pems)?)
         .with_client_auth_cert(certs(chain_pem)?, PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?)?;
+    config.alpn_protocols = std::vec![b"h2".to_vec()];
+    config.resumption = Resumption::disabled();
+    Ok(config)
+}
+
+/// A client without a certificate of its own (it authenticates with a token),
+/// trusting `root_pems`.
+pub fn anonymous_client_config(root_pems: &[String]) -> Result<ClientConfig, TlsError> {
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots(root_pems)?)
+        .with_no_client_auth();
     config.alpn_protocols = std::vec![b"h2".to_vec()];
     config.resumption = Resumption::disabled();
     Ok(config)

@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Du
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use mesh_common::control::{CONTROLLER_NAME, node_identity};
-use mesh_controller::{ca::Ca, server, source};
+use mesh_controller::{ca::Ca, kube_source, lease, node_auth, server, source};
 use rcgen::SanType;
 use tracing::info;
 
@@ -43,13 +43,38 @@ impl CaArgs {
     }
 }
 
+/// Kubernetes mode: configuration from the API server, agents authenticated by token.
+#[derive(clap::Args, Debug)]
+struct KubeArgs {
+    /// Watch the Kubernetes API (in-cluster credentials, or $KUBECONFIG) instead of a
+    /// directory.
+    #[arg(long, env = "MESH_KUBERNETES")]
+    kubernetes: bool,
+    /// Audience the agents' projected `ServiceAccount` tokens must carry.
+    #[arg(long, env = "MESH_TOKEN_AUDIENCE", default_value = "mesh-controller", requires = "kubernetes")]
+    token_audience: String,
+    /// The agents' `ServiceAccount`, `namespace/name` (namespace defaults to the Lease's).
+    #[arg(long, env = "MESH_AGENT_SERVICE_ACCOUNT", default_value = "mesh-agent", requires = "kubernetes")]
+    agent_service_account: String,
+    /// The Lease that elects the replica writing status and Events.
+    #[arg(long, env = "MESH_LEASE_NAME", default_value = "mesh-controller", requires = "kubernetes")]
+    lease_name: String,
+    #[arg(long, env = "MESH_LEASE_NAMESPACE", default_value = "istio-system", requires = "kubernetes")]
+    lease_namespace: String,
+    /// This replica's name in the Lease (the pod name).
+    #[arg(long, env = "MESH_POD_NAME", requires = "kubernetes")]
+    pod_name: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Serve configuration and certificates to agents.
     Serve {
         /// Directory of YAML manifests (watched; changes apply within a second).
-        #[arg(long, env = "MESH_CONFIG_DIR")]
-        config_dir: PathBuf,
+        #[arg(long, env = "MESH_CONFIG_DIR", required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
+        config_dir: Option<PathBuf>,
+        #[command(flatten)]
+        kube: Box<KubeArgs>,
         #[command(flatten)]
         ca: CaArgs,
         /// Other trust domains whose identities are accepted (migration).
@@ -95,6 +120,7 @@ fn main() -> ExitCode {
         }
         Command::Serve {
             config_dir,
+            kube,
             ca,
             trust_domain_aliases,
             root_namespace,
@@ -109,6 +135,7 @@ fn main() -> ExitCode {
                 .init();
             tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime").block_on(serve(
                 config_dir,
+                &kube,
                 &ca,
                 trust_domain_aliases,
                 root_namespace,
@@ -140,8 +167,10 @@ fn node_credential(ca: &CaArgs, node: &str, out: &std::path::Path, lifetime: u64
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve(
-    config_dir: PathBuf,
+    config_dir: Option<PathBuf>,
+    kube: &KubeArgs,
     ca: &CaArgs,
     trust_domain_aliases: Vec<String>,
     root_namespace: String,
@@ -150,25 +179,81 @@ async fn serve(
     cert_lifetime: Duration,
 ) -> anyhow::Result<()> {
     let authority = ca.load().context("certificate authority")?;
-    let fingerprint = source::fingerprint(&config_dir);
-    let config = source::load(&config_dir, &ca.trust_domain, &root_namespace)
-        .map_err(|report| anyhow::anyhow!("the configuration in {} is invalid:\n{report}", config_dir.display()))?;
+    let config = match &config_dir {
+        Some(dir) => source::load(dir, &ca.trust_domain, &root_namespace)
+            .map_err(|report| anyhow::anyhow!("the configuration in {} is invalid:\n{report}", dir.display()))?,
+        // Filled from the API server before any agent is served.
+        None => mesh_common::config::Config {
+            trust_domain: ca.trust_domain.clone(),
+            root_namespace: root_namespace.clone(),
+            ..Default::default()
+        },
+    };
     let san_uri = format!("spiffe://{}/ns/{root_namespace}/sa/mesh-controller", ca.trust_domain);
     let (serving, key) = authority.issue_with_key(
         vec![SanType::DnsName(CONTROLLER_NAME.try_into()?), SanType::URI(san_uri.as_str().try_into()?)],
         Duration::from_hours(365 * 24),
     )?;
     let chain = format!("{}{}", serving.cert_pem, serving.chain_pem.join(""));
-    let tls = mesh_common::tls::server_config(&chain, &key, &[authority.root_pem().to_owned()])?;
+    let roots = [authority.root_pem().to_owned()];
     let controller = Arc::new(server::Controller::new(config, authority, cert_lifetime, trust_domain_aliases));
-    let control = server::ControlServer::bind(listen, tls, controller.clone())
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
     let admin_listener =
         tokio::net::TcpListener::bind(admin).await.with_context(|| format!("cannot listen on {admin}"))?;
-    info!(%listen, %admin, config_dir = %config_dir.display(), version = controller.current().version, "mesh-controller serving");
-    tokio::spawn(server::serve_admin(admin_listener, controller.clone()));
-    tokio::spawn(source::watch(config_dir, ca.trust_domain.clone(), root_namespace, controller.clone(), fingerprint));
+    let control = if let Some(dir) = config_dir {
+        let tls = mesh_common::tls::server_config(&chain, &key, &roots)?;
+        let control = server::ControlServer::bind(listen, tls, controller.clone())
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        info!(%listen, %admin, config_dir = %dir.display(), version = controller.current().version, "mesh-controller serving");
+        tokio::spawn(server::serve_admin(admin_listener, controller.clone()));
+        let fingerprint = source::fingerprint(&dir);
+        tokio::spawn(source::watch(dir, ca.trust_domain.clone(), root_namespace, controller.clone(), fingerprint));
+        control
+    } else {
+        let client = ::kube::Client::try_default()
+            .await
+            .context("no Kubernetes API credentials (in-cluster ServiceAccount or $KUBECONFIG)")?;
+        tokio::spawn(server::serve_admin(admin_listener, controller.clone()));
+        let (problems_tx, problems_rx) = tokio::sync::watch::channel(kube_source::Reported::default());
+        let (synced_tx, synced_rx) = tokio::sync::oneshot::channel();
+        let settings = kube_source::Settings {
+            trust_domain: ca.trust_domain.clone(),
+            root_namespace,
+            debounce: Duration::from_millis(200),
+        };
+        tokio::spawn(kube_source::run(client.clone(), controller.clone(), settings, problems_tx, Some(synced_tx)));
+        let me = kube.pod_name.clone().unwrap_or_else(|| format!("mesh-controller-{}", std::process::id()));
+        let (leader_tx, leader_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(lease::run(
+            client.clone(),
+            kube.lease_namespace.clone(),
+            kube.lease_name.clone(),
+            me.clone(),
+            leader_tx,
+        ));
+        tokio::spawn(kube_source::report(client.clone(), me, problems_rx, leader_rx));
+        // Agents are served only once the cluster has been listed: an empty view would
+        // make them release every pod.
+        info!("listing the cluster");
+        synced_rx.await.context("the Kubernetes source stopped")?;
+        let (agent_ns, agent_sa) = kube
+            .agent_service_account
+            .split_once('/')
+            .unwrap_or((kube.lease_namespace.as_str(), kube.agent_service_account.as_str()));
+        let tokens = Arc::new(node_auth::NodeAuthenticator::new(
+            Box::new(client),
+            kube.token_audience.clone(),
+            agent_ns,
+            agent_sa,
+        ));
+        let tls = mesh_common::tls::server_config_optional_client(&chain, &key, &roots)?;
+        let control = server::ControlServer::bind(listen, tls, controller.clone())
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?
+            .with_tokens(tokens);
+        info!(%listen, %admin, version = controller.current().version, "mesh-controller serving (Kubernetes)");
+        control
+    };
     control.run().await;
     Ok(())
 }

@@ -38,7 +38,11 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
-use crate::{ca::Ca, view};
+use crate::{
+    ca::Ca,
+    node_auth::{AuthError, NodeAuthenticator},
+    view,
+};
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -136,6 +140,11 @@ impl Controller {
         Some(version)
     }
 
+    /// Forgets the last rejection (Kubernetes mode: every object is valid again).
+    pub fn clear_rejection(&self) {
+        *self.last_rejection.lock().expect("lock") = None;
+    }
+
     /// Records a rejected change; the running configuration stays.
     pub fn reject(&self, report: &str) {
         self.rejections.fetch_add(1, Ordering::Relaxed);
@@ -178,6 +187,9 @@ pub struct ControlServer {
     listener: TcpListener,
     acceptor: TlsAcceptor,
     controller: Arc<Controller>,
+    /// Kubernetes mode: agents without a node certificate authenticate each request
+    /// with their projected `ServiceAccount` token.
+    tokens: Option<Arc<NodeAuthenticator>>,
 }
 
 impl ControlServer {
@@ -186,7 +198,20 @@ impl ControlServer {
         tls: rustls::ServerConfig,
         controller: Arc<Controller>,
     ) -> std::io::Result<Self> {
-        Ok(Self { listener: TcpListener::bind(addr).await?, acceptor: TlsAcceptor::from(Arc::new(tls)), controller })
+        Ok(Self {
+            listener: TcpListener::bind(addr).await?,
+            acceptor: TlsAcceptor::from(Arc::new(tls)),
+            controller,
+            tokens: None,
+        })
+    }
+
+    /// Also accepts agents that authenticate with a token (the TLS config must then
+    /// let clients come without a certificate).
+    #[must_use]
+    pub fn with_tokens(mut self, tokens: Arc<NodeAuthenticator>) -> Self {
+        self.tokens = Some(tokens);
+        self
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -205,6 +230,7 @@ impl ControlServer {
             };
             let acceptor = self.acceptor.clone();
             let controller = self.controller.clone();
+            let tokens = self.tokens.clone();
             tokio::spawn(async move {
                 let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => tls,
@@ -223,14 +249,28 @@ impl ControlServer {
                     .unwrap_or_default()
                     .iter()
                     .find_map(|uri| parse_node_identity(controller.trust_domain(), uri).map(str::to_owned));
-                let Some(node) = node else {
+                if node.is_none() && tokens.is_none() {
                     warn!(%peer, "control client presented no node identity; closing");
                     return;
-                };
+                }
                 let service = service_fn(move |req| {
                     let controller = controller.clone();
                     let node = node.clone();
-                    async move { Ok::<_, Infallible>(handle(&controller, &node, req).await) }
+                    let tokens = tokens.clone();
+                    async move {
+                        let node = match (node, tokens) {
+                            (Some(node), _) => node,
+                            (None, Some(tokens)) => match authenticate(&tokens, &req).await {
+                                Ok(node) => node,
+                                Err(error) => {
+                                    warn!(%peer, %error, "agent refused");
+                                    return Ok(full(StatusCode::UNAUTHORIZED, format!("{error}\n")));
+                                }
+                            },
+                            (None, None) => unreachable!("checked before serving"),
+                        };
+                        Ok::<_, Infallible>(handle(&controller, &node, req).await)
+                    }
                 });
                 let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
                 builder.timer(TokioTimer::new());
@@ -241,6 +281,19 @@ impl ControlServer {
             });
         }
     }
+}
+
+/// The node a token-authenticated request speaks for.
+async fn authenticate(tokens: &NodeAuthenticator, req: &Request<Incoming>) -> Result<String, AuthError> {
+    let token = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| AuthError::NotAuthenticated("no client certificate and no bearer token".into()))?;
+    tokens.node(token).await
 }
 
 fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {

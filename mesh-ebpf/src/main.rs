@@ -14,7 +14,9 @@
 //! SYN arrives there and the kernel looks for a listener. For a pod IP under inbound
 //! capture it selects the agent's in-pod 15006 listener instead of the application's,
 //! except for the agent's own ports, exempt ports and connections from the pod to
-//! itself (which is how the agent delivers inbound traffic to the application).
+//! itself (which is how the agent delivers inbound traffic to the application), and
+//! kubelet probes: a connection from one of the node's own addresses to a port
+//! registered as a probe port of that pod IP.
 #![no_std]
 #![no_main]
 
@@ -31,12 +33,12 @@ use aya_ebpf::{
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use maps::{
-    ENROLLED, EXCLUDED_PORTS, EXCLUDED_V4, EXCLUDED_V6, INBOUND_ADDRS, INBOUND_EXCLUDED_PORTS, INBOUND_SOCKETS,
-    ORIG_DST, PENDING, STATS,
+    ENROLLED, EXCLUDED_PORTS, EXCLUDED_V4, EXCLUDED_V6, INBOUND_ADDRS, INBOUND_EXCLUDED_PORTS, INBOUND_PROBE_PORTS,
+    INBOUND_SOCKETS, ORIG_DST, PENDING, PROBE_SOURCES, STATS,
 };
 use mesh_common::{
     AF_INET, AF_INET6, BYPASS_MARK, HBONE_PORT, INBOUND_PLAINTEXT_PORT, InboundKey, OUTBOUND_PORT, OrigDst, OrigDstKey,
-    stat,
+    ProbeKey, stat,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -240,22 +242,24 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
     } else {
         return sk_action::SK_PASS;
     };
-    let mut key = InboundKey { family, addr: [0; 16] };
-    let mut i = 0;
-    while i < 4 {
-        let b = local[i].to_ne_bytes();
-        key.addr[i * 4] = b[0];
-        key.addr[i * 4 + 1] = b[1];
-        key.addr[i * 4 + 2] = b[2];
-        key.addr[i * 4 + 3] = b[3];
-        i += 1;
-    }
+    let key = InboundKey { family, addr: addr_bytes(local) };
     // SAFETY: read-only lookup of a plain value.
     if unsafe { INBOUND_ADDRS.get(key) }.is_none() {
         return sk_action::SK_PASS;
     }
     // Host order, a u32 in the context.
     let port = field(local_port) as u16;
+    // A kubelet probe: from the node itself to a port registered for this pod IP. Both
+    // keys are built on the stack from the words read above (no context pointer in a
+    // map key). The small source map first: most connections stop there.
+    let source = InboundKey { family, addr: addr_bytes(remote) };
+    // SAFETY: read-only lookups of plain values.
+    if unsafe { PROBE_SOURCES.get(source) }.is_some()
+        && unsafe { INBOUND_PROBE_PORTS.get(ProbeKey { family, port, pad: 0, addr: key.addr }) }.is_some()
+    {
+        count(stat::INBOUND_PROBE);
+        return sk_action::SK_PASS;
+    }
     // SAFETY: read-only lookup of a plain value.
     if port == HBONE_PORT
         || port == INBOUND_PLAINTEXT_PORT
@@ -289,6 +293,22 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
             sk_action::SK_DROP
         }
     }
+}
+
+/// An address as the context holds it (four network-order words) as key bytes.
+#[inline(always)]
+fn addr_bytes(words: [u32; 4]) -> [u8; 16] {
+    let mut addr = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = words[i].to_ne_bytes();
+        addr[i * 4] = b[0];
+        addr[i * 4 + 1] = b[1];
+        addr[i * 4 + 2] = b[2];
+        addr[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    addr
 }
 
 #[cfg(not(test))]

@@ -5,7 +5,7 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
 };
-use mesh_common::{EnrolledPod, InboundKey, OrigDst, OrigDstKey, stat};
+use mesh_common::{EnrolledPod, InboundKey, OrigDst, OrigDstKey, ProbeKey, stat};
 
 /// Enrolled pods, keyed by network-namespace cookie. Written by the agent only.
 #[map]
@@ -42,10 +42,22 @@ pub static INBOUND_ADDRS: HashMap<InboundKey, u32> = HashMap::pinned(16_384, 0);
 #[map]
 pub static INBOUND_SOCKETS: SockHash<InboundKey> = SockHash::pinned(16_384, 0);
 
-/// Local ports of a captured pod never steered to 15006 (host order), e.g. kubelet
-/// probe ports.
+/// Local ports of every captured pod never steered to 15006 (host order), from
+/// whatever source. Prefer `INBOUND_PROBE_PORTS` for kubelet probes.
 #[map]
 pub static INBOUND_EXCLUDED_PORTS: HashMap<u16, u8> = HashMap::pinned(1024, 0);
+
+/// Kubelet probe ports of each captured pod IP. A connection to one of them is passed
+/// to the application uncaptured only when it comes from `PROBE_SOURCES`: under a
+/// STRICT policy the agent refuses plaintext, and the kubelet's probes are plaintext.
+#[map]
+pub static INBOUND_PROBE_PORTS: HashMap<ProbeKey, u8> = HashMap::pinned(16_384, 0);
+
+/// The node's own addresses (`family` and `addr` as in `InboundKey`). The kubelet runs
+/// in the host network namespace, so its probes come from one of these; other pods
+/// have addresses of their own.
+#[map]
+pub static PROBE_SOURCES: HashMap<InboundKey, u8> = HashMap::pinned(256, 0);
 
 /// Counters, indexed by `mesh_common::stat`.
 #[map]

@@ -52,6 +52,22 @@ pub struct LabSpec {
     /// Extra arguments for the controller (`--cert-lifetime-seconds 6`).
     #[serde(default)]
     pub controller_args: Vec<String>,
+    /// Kubernetes mode: the controller watches an API server (the test double in
+    /// `tests/fake-apiserver.py`, serving recorded API objects rewritten to the lab's
+    /// pods) instead of a YAML directory; agents authenticate with tokens and enroll
+    /// the meshed pods of their node by themselves. Needs `controller_bin`.
+    #[serde(default)]
+    pub kubernetes: bool,
+}
+
+/// The API server test double's address, inside the fabric namespace.
+pub const API_SERVER: &str = "127.0.0.1:16443";
+
+/// A recorded API object (`mesh-controller/tests/recorded/<name>`).
+pub fn recorded(name: &str) -> serde_json::Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../mesh-controller/tests/recorded").join(name);
+    let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
 }
 
 /// The controller's address on the fabric.
@@ -169,7 +185,9 @@ impl Lab {
                     netns: format!("{p}-{name}"),
                     ip4: format!("10.98.{i}.{}", 10 + j),
                     ip6: format!("fd00:98:{i}::{}", 10 + j),
-                    cgroup: cg.join(format!("node{i}")).join("pods").join(&name),
+                    // The path carries the pod's UID, as kubelet's cgroups do: that is
+                    // how an agent in Kubernetes mode finds the pod's processes.
+                    cgroup: cg.join(format!("node{i}")).join("pods").join(format!("poduid-{p}-{name}")),
                     namespace: if meshed { "shop" } else { "legacy" }.into(),
                     node: i,
                     meshed,
@@ -250,7 +268,10 @@ impl Lab {
             fs::create_dir_all(&pod.cgroup)?;
         }
         self.save()?;
-        if self.spec.controller_bin.is_some() {
+        if self.spec.kubernetes {
+            self.start_api_server()?;
+            self.start_controller()?;
+        } else if self.spec.controller_bin.is_some() {
             self.write_config()?;
             self.start_controller()?;
         }
@@ -272,9 +293,13 @@ impl Lab {
             })
             .with_context(|| format!("echo server in {} did not come up", pod.name))?;
         }
-        for pod in self.pods.clone() {
-            if pod.meshed {
-                self.enroll(&pod.name)?;
+        if self.spec.kubernetes {
+            self.wait_discovered()?;
+        } else {
+            for pod in self.pods.clone() {
+                if pod.meshed {
+                    self.enroll(&pod.name)?;
+                }
             }
         }
         if self.spec.controller_bin.is_some() {
@@ -329,7 +354,21 @@ impl Lab {
             "--drain-seconds".into(),
             "2".into(),
         ];
-        if self.spec.controller_bin.is_some() {
+        if self.spec.kubernetes {
+            let token = node.state_dir.join("token");
+            fs::write(&token, format!("token-{}\n", node.name))?;
+            argv.extend([
+                "--controller".into(),
+                format!("{CONTROLLER_IP}:15012"),
+                "--token-file".into(),
+                token.display().to_string(),
+                "--root-cert".into(),
+                self.ca_dir().join("root-cert.pem").display().to_string(),
+                "--kubernetes".into(),
+                "--host-netns".into(),
+                format!("/run/netns/{}", node.netns),
+            ]);
+        } else if self.spec.controller_bin.is_some() {
             argv.extend([
                 "--controller".into(),
                 format!("{CONTROLLER_IP}:15012"),
@@ -402,6 +441,189 @@ impl Lab {
         Ok(())
     }
 
+    /// The API server test double's directory (objects, tokens, state, kubeconfig).
+    pub fn api_dir(&self) -> PathBuf {
+        self.dir.join("api")
+    }
+
+    /// The lab as the API objects a cluster would hold: recorded real objects (their
+    /// shapes and fields) with the lab's names, UIDs, nodes and addresses.
+    fn api_objects(&self) -> serde_json::Value {
+        let list =
+            |items: Vec<serde_json::Value>| serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items});
+        let namespaces: Vec<serde_json::Value> = recorded("namespaces.json")["items"]
+            .as_array()
+            .expect("a list")
+            .iter()
+            .filter(|ns| {
+                ["default", "kube-system", "istio-system", "shop", "legacy"]
+                    .contains(&ns["metadata"]["name"].as_str().unwrap_or(""))
+            })
+            .cloned()
+            .collect();
+        let template = recorded("pods.json")["items"][0].clone();
+        let mut pods = Vec::new();
+        for pod in &self.pods {
+            let node = self.node(pod.node);
+            let mut object = template.clone();
+            let meta = &mut object["metadata"];
+            meta["name"] = pod.name.clone().into();
+            meta["namespace"] = pod.namespace.clone().into();
+            meta["uid"] = pod.uid.clone().into();
+            meta["labels"] = serde_json::json!({"app": "echo"});
+            let sa = if pod.meshed { format!("sa-{}", pod.name) } else { "default".into() };
+            let spec = &mut object["spec"];
+            spec["nodeName"] = node.name.clone().into();
+            spec["serviceAccountName"] = sa.clone().into();
+            spec["serviceAccount"] = sa.into();
+            let container = &mut spec["containers"][0];
+            container["ports"] = serde_json::json!([
+                {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
+                {"name": "echo", "containerPort": ECHO_PORT, "protocol": "TCP"},
+            ]);
+            // kubelet's probes: HTTP on the named port, TCP on the same one.
+            container["readinessProbe"]["httpGet"] = serde_json::json!({"path": "/", "port": "http", "scheme": "HTTP"});
+            container["livenessProbe"]["tcpSocket"] = serde_json::json!({"port": HTTP_PORT});
+            if let Some(c) = container.as_object_mut() {
+                c.remove("startupProbe");
+            }
+            let status = &mut object["status"];
+            status["podIP"] = pod.ip4.clone().into();
+            status["podIPs"] = serde_json::json!([{"ip": pod.ip4}, {"ip": pod.ip6}]);
+            status["hostIP"] = node.ip4.clone().into();
+            status["hostIPs"] = serde_json::json!([{"ip": node.ip4}]);
+            pods.push(object);
+        }
+        let services: Vec<serde_json::Value> = recorded("services.json")["items"]
+            .as_array()
+            .expect("a list")
+            .iter()
+            .filter(|s| s["metadata"]["name"] == "echo" && s["metadata"]["namespace"] == "shop")
+            .cloned()
+            .collect();
+        serde_json::json!({
+            "namespaces.json": list(namespaces),
+            "pods.json": list(pods),
+            "services.json": list(services),
+            "lease.json": recorded("lease.json"),
+        })
+    }
+
+    /// Starts the API server test double in the fabric namespace with the lab's
+    /// objects, and writes the controller's kubeconfig.
+    fn start_api_server(&self) -> anyhow::Result<()> {
+        let dir = self.api_dir();
+        let objects = dir.join("objects");
+        fs::create_dir_all(&objects)?;
+        if let serde_json::Value::Object(files) = self.api_objects() {
+            for (name, content) in files {
+                fs::write(objects.join(name), serde_json::to_vec_pretty(&content)?)?;
+            }
+        }
+        // Each node's agent token, reviewed as the recorded TokenReview of an agent
+        // pod, bound to that node.
+        let review = recorded("tokenreview.json")["status"].clone();
+        let mut tokens = serde_json::Map::new();
+        for node in &self.nodes {
+            let mut status = review.clone();
+            status["user"]["extra"]["authentication.kubernetes.io/node-name"] = serde_json::json!([node.name]);
+            tokens.insert(format!("token-{}", node.name), status);
+        }
+        fs::write(dir.join("tokens.json"), serde_json::to_vec_pretty(&tokens)?)?;
+        fs::write(
+            dir.join("kubeconfig"),
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster:\n    server: http://{API_SERVER}\n\
+                 users:\n- name: lab\n  user: {{}}\ncontexts:\n- name: lab\n  context:\n    cluster: lab\n    user: lab\n\
+                 current-context: lab\n"
+            ),
+        )?;
+        let cg = cgroup2_root()?.join(&self.spec.prefix).join("controller");
+        fs::create_dir_all(&cg)?;
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fake-apiserver.py");
+        let ready = dir.join("ready");
+        let _ = fs::remove_file(&ready);
+        let (script, objects, tokens, state, ready_arg) = (
+            script.display().to_string(),
+            objects.display().to_string(),
+            dir.join("tokens.json").display().to_string(),
+            dir.join("state.json").display().to_string(),
+            ready.display().to_string(),
+        );
+        let fabric = format!("{}-fabric", self.spec.prefix);
+        self.spawn(
+            "apiserver",
+            &fabric,
+            &cg,
+            &[
+                "python3",
+                &script,
+                "--listen",
+                API_SERVER,
+                "--objects",
+                &objects,
+                "--tokens",
+                &tokens,
+                "--state",
+                &state,
+                "--ready",
+                &ready_arg,
+            ],
+        )?;
+        wait_for(Duration::from_secs(10), || ready.exists())
+            .with_context(|| format!("API server test double not up; log: {}", self.log_of("apiserver")))
+    }
+
+    /// A request to the API server test double (`curl` in the fabric namespace), as
+    /// `kubectl` would make it; returns the response body.
+    pub fn api(&self, method: &str, path: &str, content_type: &str, body: &str) -> anyhow::Result<String> {
+        let url = format!("http://{API_SERVER}{path}");
+        let out = Self::exec_netns(
+            &format!("{}-fabric", self.spec.prefix),
+            None,
+            &[
+                "curl",
+                "-sS",
+                "--fail-with-body",
+                "--max-time",
+                "5",
+                "-X",
+                method,
+                "-H",
+                &format!("content-type: {content_type}"),
+                "--data-binary",
+                body,
+                &url,
+            ],
+        )?;
+        let body = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            bail!("{method} {path}: {} {body}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(body)
+    }
+
+    /// What the API server test double holds now (objects, and the writes it saw).
+    pub fn api_state(&self) -> serde_json::Value {
+        fs::read_to_string(self.api_dir().join("state.json"))
+            .ok()
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Kubernetes mode: waits until every agent has enrolled the meshed pods of its
+    /// node by itself.
+    pub fn wait_discovered(&self) -> anyhow::Result<()> {
+        for n in 1..=self.nodes.len() {
+            let expected = self.pods.iter().filter(|p| p.node == n && p.meshed).count();
+            wait_for(Duration::from_secs(20), || {
+                self.config_dump(n).is_ok_and(|d| d["pods"].as_array().is_some_and(|p| p.len() == expected))
+            })
+            .with_context(|| format!("node{n}'s agent did not enroll its pods; log: {}", self.agent_log(n)))?;
+        }
+        Ok(())
+    }
+
     /// Starts (or restarts) the controller and waits until it serves.
     pub fn start_controller(&self) -> anyhow::Result<()> {
         let bin = self.spec.controller_bin.clone().context("this lab has no controller")?;
@@ -425,14 +647,26 @@ impl Lab {
         }
         let cg = cgroup2_root()?.join(&self.spec.prefix).join("controller");
         fs::create_dir_all(&cg)?;
-        let mut argv: Vec<String> = vec![
-            bin.display().to_string(),
-            "serve".into(),
-            "--config-dir".into(),
-            self.config_dir().display().to_string(),
-            "--ca-dir".into(),
-            ca_dir.display().to_string(),
-        ];
+        let mut argv: Vec<String> = if self.spec.kubernetes {
+            vec![
+                "env".into(),
+                format!("KUBECONFIG={}", self.api_dir().join("kubeconfig").display()),
+                "MESH_POD_NAME=mesh-controller-0".into(),
+                bin.display().to_string(),
+                "serve".into(),
+                "--kubernetes".into(),
+                "--lease-namespace".into(),
+                "istio-system".into(),
+            ]
+        } else {
+            vec![
+                bin.display().to_string(),
+                "serve".into(),
+                "--config-dir".into(),
+                self.config_dir().display().to_string(),
+            ]
+        };
+        argv.extend(["--ca-dir".into(), ca_dir.display().to_string()]);
         argv.extend(self.spec.controller_args.iter().cloned());
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
         self.spawn("controller", &fabric, &cg, &argv)?;

@@ -61,6 +61,7 @@ fn with_lab_sized(
         agent_args: agent_args.iter().map(|s| (*s).to_owned()).collect(),
         controller_bin: controller_args.map(|_| controller_bin()),
         controller_args: controller_args.unwrap_or_default().iter().map(|s| (*s).to_owned()).collect(),
+        kubernetes: false,
     };
     let lab = Lab::up(spec).expect("lab up");
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&lab)));

@@ -165,6 +165,7 @@ pub fn lab_spec(nodes: usize, pods_per_node: usize) -> LabSpec {
         agent_args: Vec::new(),
         controller_bin: Some(release_bin("mesh-controller")),
         controller_args: Vec::new(),
+        kubernetes: false,
     }
 }
 

@@ -146,6 +146,36 @@ pub struct Container {
     pub name: String,
     #[serde(default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<ContainerPort>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liveness_probe: Option<Probe>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness_probe: Option<Probe>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub startup_probe: Option<Probe>,
+}
+
+/// The part of a container probe that says where kubelet connects (`exec` probes
+/// connect nowhere). Timings and paths are tolerated, not kept.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Probe {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_get: Option<ProbePort>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_socket: Option<ProbePort>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<GrpcProbe>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProbePort {
+    /// A number, or the name of one of the container's ports.
+    pub port: IntOrString,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct GrpcProbe {
+    pub port: i64,
 }
 
 /// Named container ports resolve a Service's string `targetPort`.
@@ -170,6 +200,17 @@ pub struct PodStatus {
     pub host_ip: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
+    #[serde(default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<PodCondition>,
+}
+
+/// One of `status.conditions` (`Ready`, `ContainersReady`, ...); only type and status
+/// are kept.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PodCondition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub status: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -190,5 +231,39 @@ impl Pod {
             }
         }
         ips
+    }
+
+    /// Whether the pod takes traffic as a service endpoint: its `Ready` condition is
+    /// `True`, or the pod reports no conditions at all (hand-written manifests).
+    pub fn is_ready(&self) -> bool {
+        self.status.conditions.iter().find(|c| c.type_ == "Ready").is_none_or(|c| c.status == "True")
+    }
+
+    /// The ports kubelet probes (liveness, readiness, startup: HTTP, TCP and gRPC),
+    /// named ports resolved against the pod's container ports; sorted, each once.
+    pub fn probe_ports(&self) -> Vec<u16> {
+        let mut ports = Vec::new();
+        for container in &self.spec.containers {
+            let probes = [&container.liveness_probe, &container.readiness_probe, &container.startup_probe];
+            for probe in probes.into_iter().flatten() {
+                let named = probe.http_get.iter().chain(&probe.tcp_socket).map(|p| &p.port);
+                for port in named {
+                    let number = match port {
+                        IntOrString::Int(n) => u16::try_from(*n).ok(),
+                        IntOrString::String(name) => container
+                            .ports
+                            .iter()
+                            .find(|p| p.name.as_deref() == Some(name.as_str()))
+                            .and_then(|p| u16::try_from(p.container_port).ok()),
+                    };
+                    ports.extend(number);
+                }
+                ports.extend(probe.grpc.as_ref().and_then(|g| u16::try_from(g.port).ok()));
+            }
+        }
+        ports.sort_unstable();
+        ports.dedup();
+        ports.retain(|p| *p != 0);
+        ports
     }
 }

@@ -19,6 +19,10 @@ pub struct ObjectMeta {
     /// that do not name one.
     #[serde(default, deserialize_with = "nullable", skip_serializing_if = "String::is_empty")]
     pub namespace: String,
+    /// The API server's unique id of the object (pods: what the node agent finds the
+    /// pod's processes by). Empty in hand-written manifests.
+    #[serde(default, deserialize_with = "nullable", skip_serializing_if = "String::is_empty")]
+    pub uid: String,
     #[serde(default, deserialize_with = "nullable", skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: Labels,
     #[serde(default, deserialize_with = "nullable", skip_serializing_if = "BTreeMap::is_empty")]

@@ -1,0 +1,658 @@
+//! The Kubernetes source: watches the kinds the mesh serves on the API server and feeds
+//! them, as documents, to the same loader and validation as the YAML directory.
+//!
+//! Each watched object becomes one document named `Kind/namespace/name`, reduced to the
+//! fields the mesh reads (no `managedFields`, no last-applied annotation, only the
+//! routing and identity parts of pods and services; Istio and Gateway API objects keep
+//! their whole `spec`, which is what validation is about). The watch code path is the
+//! same for a live cluster and for recorded API objects: [`Store::apply`] takes
+//! kube-runtime watcher events, wherever they come from.
+//!
+//! Unlike the directory source, an invalid object does not hold up the others: it is
+//! left out (or its last accepted version keeps serving) and the rest applies
+//! ([`Admission`]); its problems are reported on the object by the elected leader
+//! (an Event, and a status condition on the Istio kinds).
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use futures_util::{
+    StreamExt,
+    stream::{self, BoxStream},
+};
+use kube::{
+    Api, Client,
+    api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams},
+    runtime::{WatchStreamExt, watcher},
+};
+use mesh_common::config::{Config, Problem, Report, Source, load};
+use serde_json::{Map, Value, json};
+use tracing::{debug, info, warn};
+
+use crate::server::Controller;
+
+/// One kind the controller watches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WatchedKind {
+    pub group: &'static str,
+    pub version: &'static str,
+    pub kind: &'static str,
+    pub plural: &'static str,
+    /// Installed by a CRD that may be absent (then the kind is simply empty).
+    pub optional: bool,
+    /// Has a `status` subresource the controller writes validation results to.
+    pub status: bool,
+}
+
+const fn core(kind: &'static str, plural: &'static str) -> WatchedKind {
+    WatchedKind { group: "", version: "v1", kind, plural, optional: false, status: false }
+}
+
+const fn istio(group: &'static str, kind: &'static str, plural: &'static str) -> WatchedKind {
+    WatchedKind { group, version: "v1", kind, plural, optional: true, status: true }
+}
+
+/// Every kind the controller watches. RBAC (`deploy/templates/rbac-controller.yaml`)
+/// grants list and watch on exactly these.
+pub const WATCHED: &[WatchedKind] = &[
+    core("Namespace", "namespaces"),
+    core("Pod", "pods"),
+    core("Service", "services"),
+    WatchedKind {
+        group: "discovery.k8s.io",
+        version: "v1",
+        kind: "EndpointSlice",
+        plural: "endpointslices",
+        optional: false,
+        status: false,
+    },
+    istio("security.istio.io", "AuthorizationPolicy", "authorizationpolicies"),
+    istio("security.istio.io", "PeerAuthentication", "peerauthentications"),
+    istio("security.istio.io", "RequestAuthentication", "requestauthentications"),
+    istio("networking.istio.io", "VirtualService", "virtualservices"),
+    istio("networking.istio.io", "DestinationRule", "destinationrules"),
+    istio("networking.istio.io", "ServiceEntry", "serviceentries"),
+    istio("networking.istio.io", "WorkloadEntry", "workloadentries"),
+    istio("telemetry.istio.io", "Telemetry", "telemetries"),
+    WatchedKind {
+        group: "gateway.networking.k8s.io",
+        version: "v1",
+        kind: "HTTPRoute",
+        plural: "httproutes",
+        optional: true,
+        status: false,
+    },
+    WatchedKind {
+        group: "gateway.networking.k8s.io",
+        version: "v1",
+        kind: "GRPCRoute",
+        plural: "grpcroutes",
+        optional: true,
+        status: false,
+    },
+];
+
+impl WatchedKind {
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() { self.version.to_owned() } else { format!("{}/{}", self.group, self.version) }
+    }
+
+    pub fn api_resource(&self) -> ApiResource {
+        ApiResource {
+            group: self.group.to_owned(),
+            version: self.version.to_owned(),
+            api_version: self.api_version(),
+            kind: self.kind.to_owned(),
+            plural: self.plural.to_owned(),
+        }
+    }
+
+    /// The watched kind called `kind`.
+    pub fn named(kind: &str) -> Option<&'static WatchedKind> {
+        WATCHED.iter().find(|k| k.kind == kind)
+    }
+}
+
+/// Annotations that are large and of no use to the mesh.
+const DROPPED_ANNOTATIONS: &[&str] = &["kubectl.kubernetes.io/last-applied-configuration"];
+
+/// Copies `keys` of `from` (those present) into a new object.
+fn pick(from: &Value, keys: &[&str]) -> Value {
+    let mut out = Map::new();
+    for key in keys {
+        if let Some(value) = from.get(*key).filter(|v| !v.is_null()) {
+            out.insert((*key).to_owned(), value.clone());
+        }
+    }
+    Value::Object(out)
+}
+
+/// The document the loader reads for one API object, and its key
+/// (`Kind/namespace/name`, `Kind/name` when cluster-scoped). `None` for an object
+/// without a name (never sent by a real API server).
+pub fn document(kind: &WatchedKind, object: &Value) -> Option<(String, Value)> {
+    let meta = object.get("metadata")?;
+    let name = meta.get("name")?.as_str().filter(|n| !n.is_empty())?;
+    let namespace = meta.get("namespace").and_then(Value::as_str).unwrap_or("");
+    let mut metadata = pick(meta, &["name", "namespace", "uid", "labels", "annotations", "generation"]);
+    if let Some(annotations) = metadata.get_mut("annotations").and_then(Value::as_object_mut) {
+        for dropped in DROPPED_ANNOTATIONS {
+            annotations.remove(*dropped);
+        }
+        if annotations.is_empty() {
+            metadata.as_object_mut().expect("object").remove("annotations");
+        }
+    }
+    // `generation` is for status reporting only; the loader does not read it.
+    let generation = metadata.as_object_mut().expect("object").remove("generation");
+    let mut doc = json!({ "apiVersion": kind.api_version(), "kind": kind.kind, "metadata": metadata });
+    let spec = object.get("spec").cloned().unwrap_or(Value::Null);
+    match kind.kind {
+        "Namespace" => {}
+        "Pod" => {
+            let mut pod_spec = pick(&spec, &["serviceAccountName", "serviceAccount", "nodeName", "hostNetwork"]);
+            let containers: Vec<Value> = spec
+                .get("containers")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .map(|c| pick(c, &["name", "ports", "livenessProbe", "readinessProbe", "startupProbe"]))
+                .collect();
+            pod_spec["containers"] = Value::Array(containers);
+            doc["spec"] = pod_spec;
+            let status = object.get("status").cloned().unwrap_or(Value::Null);
+            let mut pod_status = pick(&status, &["podIP", "podIPs", "hostIP", "phase"]);
+            let conditions: Vec<Value> = status
+                .get("conditions")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .map(|c| pick(c, &["type", "status"]))
+                .collect();
+            if !conditions.is_empty() {
+                pod_status["conditions"] = Value::Array(conditions);
+            }
+            doc["status"] = pod_status;
+        }
+        "Service" => {
+            let mut service_spec = pick(&spec, &["type", "clusterIP", "clusterIPs", "selector", "externalName"]);
+            let ports: Vec<Value> = spec
+                .get("ports")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .map(|p| pick(p, &["name", "port", "targetPort", "protocol", "appProtocol"]))
+                .collect();
+            service_spec["ports"] = Value::Array(ports);
+            doc["spec"] = service_spec;
+        }
+        "EndpointSlice" => {
+            for key in ["addressType", "endpoints", "ports"] {
+                if let Some(value) = object.get(key).filter(|v| !v.is_null()) {
+                    doc[key] = value.clone();
+                }
+            }
+        }
+        // Istio and Gateway API kinds: the whole spec, as the user wrote it.
+        _ => doc["spec"] = spec,
+    }
+    let key = if namespace.is_empty() {
+        format!("{}/{name}", kind.kind)
+    } else {
+        format!("{}/{namespace}/{name}", kind.kind)
+    };
+    if let Some(generation) = generation {
+        doc["metadata"]["generation"] = generation;
+    }
+    Some((key, doc))
+}
+
+/// What the API server reported for one object, kept for status reporting.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectRef {
+    pub kind: &'static WatchedKind,
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub generation: Option<i64>,
+}
+
+/// The objects of every watched kind, as documents.
+#[derive(Debug, Default)]
+pub struct Store {
+    objects: BTreeMap<String, Value>,
+    /// Objects of a kind being relisted (between `Init` and `InitDone`).
+    relisting: BTreeMap<&'static str, BTreeMap<String, Value>>,
+    /// Kinds listed completely at least once (or found not installed).
+    synced: BTreeSet<&'static str>,
+}
+
+impl Store {
+    /// Applies one watcher event of `kind`; returns whether the documents changed.
+    pub fn apply(&mut self, kind: &'static WatchedKind, event: watcher::Event<DynamicObject>) -> bool {
+        match event {
+            watcher::Event::Init => {
+                self.relisting.insert(kind.kind, BTreeMap::new());
+                false
+            }
+            watcher::Event::InitApply(object) => {
+                if let Some((key, doc)) = to_document(kind, &object) {
+                    self.relisting.entry(kind.kind).or_default().insert(key, doc);
+                }
+                false
+            }
+            watcher::Event::InitDone => {
+                let listed = self.relisting.remove(kind.kind).unwrap_or_default();
+                let prefix = format!("{}/", kind.kind);
+                let before: BTreeMap<String, Value> =
+                    self.objects.extract_if(.., |k, _| k.starts_with(&prefix)).collect();
+                let changed = before != listed || !self.synced.contains(kind.kind);
+                self.objects.extend(listed);
+                self.synced.insert(kind.kind);
+                changed
+            }
+            watcher::Event::Apply(object) => match to_document(kind, &object) {
+                Some((key, doc)) => self.objects.insert(key, doc.clone()).is_none_or(|old| old != doc),
+                None => false,
+            },
+            watcher::Event::Delete(object) => {
+                to_document(kind, &object).is_some_and(|(key, _)| self.objects.remove(&key).is_some())
+            }
+        }
+    }
+
+    /// Records that `kind` is not installed on the cluster (its CRD is absent).
+    pub fn absent(&mut self, kind: &'static WatchedKind) -> bool {
+        let prefix = format!("{}/", kind.kind);
+        let removed = self.objects.extract_if(.., |k, _| k.starts_with(&prefix)).count();
+        removed > 0 || self.synced.insert(kind.kind)
+    }
+
+    /// Every watched kind has been listed (or found absent) once.
+    pub fn synced(&self) -> bool {
+        WATCHED.iter().all(|k| self.synced.contains(k.kind))
+    }
+
+    pub fn documents(&self) -> &BTreeMap<String, Value> {
+        &self.objects
+    }
+
+    /// The API object behind a key, for reporting.
+    pub fn object_ref(&self, key: &str) -> Option<ObjectRef> {
+        let doc = self.objects.get(key)?;
+        let kind = WatchedKind::named(doc["kind"].as_str()?)?;
+        let meta = &doc["metadata"];
+        Some(ObjectRef {
+            kind,
+            namespace: meta["namespace"].as_str().unwrap_or("").to_owned(),
+            name: meta["name"].as_str()?.to_owned(),
+            uid: meta["uid"].as_str().unwrap_or("").to_owned(),
+            generation: meta["generation"].as_i64(),
+        })
+    }
+}
+
+fn to_document(kind: &WatchedKind, object: &DynamicObject) -> Option<(String, Value)> {
+    match serde_json::to_value(object) {
+        Ok(value) => document(kind, &value),
+        Err(error) => {
+            warn!(kind = kind.kind, %error, "object from the API server does not serialize; skipped");
+            None
+        }
+    }
+}
+
+/// Loads documents as sources named by their keys, with the mesh settings applied.
+pub fn load_documents(
+    docs: &BTreeMap<String, Value>,
+    trust_domain: &str,
+    root_namespace: &str,
+) -> Result<Config, Report> {
+    let sources: Vec<Source> = docs
+        .iter()
+        .map(|(key, doc)| Source::new(key.clone(), serde_json::to_string(doc).expect("JSON serializes")))
+        .collect();
+    let mut config = load(&sources)?;
+    trust_domain.clone_into(&mut config.trust_domain);
+    root_namespace.clone_into(&mut config.root_namespace);
+    Ok(config)
+}
+
+/// The result of admitting the documents of the cluster.
+#[derive(Debug)]
+pub struct Admitted {
+    pub config: Config,
+    /// Problems of the objects as they are now, by object key.
+    pub problems: BTreeMap<String, Vec<Problem>>,
+    /// Invalid objects whose last accepted version still serves.
+    pub held: Vec<String>,
+    /// Invalid objects left out (no accepted version).
+    pub left_out: Vec<String>,
+}
+
+/// Per-object admission: a bad object does not block the others. Remembers the last
+/// accepted version of every object.
+#[derive(Debug, Default)]
+pub struct Admission {
+    accepted: BTreeMap<String, Value>,
+}
+
+/// Rounds of "set aside what the problems name, load again". Each round removes at
+/// least one document, and cross-object problems (duplicates, references) settle in
+/// one or two rounds.
+const MAX_ROUNDS: usize = 8;
+
+impl Admission {
+    /// Admits `docs`: every valid object applies; an invalid one is replaced by its
+    /// last accepted version, or left out. `Err` only when what remains still does
+    /// not load (a problem no object is named in), and then nothing changes.
+    pub fn admit(
+        &mut self,
+        docs: &BTreeMap<String, Value>,
+        trust_domain: &str,
+        root_namespace: &str,
+    ) -> Result<Admitted, Report> {
+        let mut candidate = docs.clone();
+        let mut problems: BTreeMap<String, Vec<Problem>> = BTreeMap::new();
+        let (mut held, mut left_out) = (Vec::new(), Vec::new());
+        for round in 0..MAX_ROUNDS {
+            match load_documents(&candidate, trust_domain, root_namespace) {
+                Ok(config) => {
+                    self.accepted = candidate;
+                    return Ok(Admitted { config, problems, held, left_out });
+                }
+                Err(report) => {
+                    let named: BTreeSet<String> =
+                        report.0.iter().map(|p| p.file.clone()).filter(|f| candidate.contains_key(f)).collect();
+                    if named.is_empty() {
+                        return Err(report);
+                    }
+                    for problem in report.0 {
+                        // Problems of a replacement (an accepted version that no longer
+                        // fits the others) are not the object's own: report round 0's.
+                        if round == 0 {
+                            problems.entry(problem.file.clone()).or_default().push(problem);
+                        }
+                    }
+                    for key in named {
+                        match self.accepted.get(&key) {
+                            Some(previous) if candidate.get(&key) != Some(previous) => {
+                                candidate.insert(key.clone(), previous.clone());
+                                held.push(key);
+                            }
+                            _ => {
+                                candidate.remove(&key);
+                                held.retain(|k| *k != key);
+                                left_out.push(key);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Err(Report(problems.into_values().flatten().collect()))
+    }
+}
+
+/// What the source needs from the command line.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub trust_domain: String,
+    pub root_namespace: String,
+    /// Quiet time after a change before the set is loaded again (changes arrive in
+    /// bursts: a rollout touches many pods).
+    pub debounce: Duration,
+}
+
+/// A kind's watcher event, or the news that the kind is not installed.
+enum Update {
+    Event(&'static WatchedKind, Box<watcher::Event<DynamicObject>>),
+    Absent(&'static WatchedKind),
+}
+
+/// Whether an optional kind is installed: a one-item list answers 404 when its CRD is
+/// absent.
+async fn installed(client: &Client, kind: &WatchedKind) -> Result<bool, kube::Error> {
+    let api: Api<DynamicObject> = Api::all_with(client.clone(), &kind.api_resource());
+    match api.list(&ListParams::default().limit(1)).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),
+        Err(error) => Err(error),
+    }
+}
+
+/// The stream of one kind: its watcher, or (optional kind not installed) a single
+/// [`Update::Absent`] and a check every minute until it appears.
+fn watch_kind(client: Client, kind: &'static WatchedKind) -> BoxStream<'static, Update> {
+    stream::once(async move {
+        if kind.optional {
+            loop {
+                match installed(&client, kind).await {
+                    Ok(true) => break,
+                    Ok(false) => {
+                        info!(kind = kind.kind, "kind not installed on this cluster; watching for it");
+                        return stream::once(async move { Update::Absent(kind) })
+                            .chain(
+                                stream::once(async move {
+                                    tokio::time::sleep(Duration::from_mins(1)).await;
+                                    watch_kind(client, kind)
+                                })
+                                .flatten(),
+                            )
+                            .boxed();
+                    }
+                    Err(error) => {
+                        warn!(kind = kind.kind, %error, "cannot query the API server; retrying");
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                    }
+                }
+            }
+        }
+        let api: Api<DynamicObject> = Api::all_with(client, &kind.api_resource());
+        watcher(api, watcher::Config::default().any_semantic())
+            .default_backoff()
+            .filter_map(move |event| async move {
+                match event {
+                    Ok(event) => Some(Update::Event(kind, Box::new(event))),
+                    Err(error) => {
+                        warn!(kind = kind.kind, %error, "watch failed; retrying");
+                        None
+                    }
+                }
+            })
+            .boxed()
+    })
+    .flatten()
+    .boxed()
+}
+
+/// Watches every kind forever and keeps the controller's configuration current.
+/// Validation problems go to `problems_out` (the reporter writes them to the objects).
+pub async fn run(
+    client: Client,
+    controller: Arc<Controller>,
+    settings: Settings,
+    problems_out: tokio::sync::watch::Sender<Reported>,
+    mut synced: Option<tokio::sync::oneshot::Sender<()>>,
+) {
+    let mut updates = stream::select_all(WATCHED.iter().map(|kind| watch_kind(client.clone(), kind)));
+    let mut store = Store::default();
+    let mut admission = Admission::default();
+    let mut dirty = false;
+    loop {
+        let next = if dirty && store.synced() {
+            if let Ok(next) = tokio::time::timeout(settings.debounce, updates.next()).await {
+                next
+            } else {
+                dirty = false;
+                admit(&store, &mut admission, &controller, &settings, &problems_out);
+                if let Some(synced) = synced.take() {
+                    info!(objects = store.documents().len(), "cluster listed");
+                    let _ = synced.send(());
+                }
+                continue;
+            }
+        } else {
+            updates.next().await
+        };
+        let Some(update) = next else { return };
+        dirty |= match update {
+            Update::Event(kind, event) => store.apply(kind, *event),
+            Update::Absent(kind) => store.absent(kind),
+        };
+    }
+}
+
+/// Problems to report on objects: key -> (object, problems).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Reported(pub BTreeMap<String, (ObjectRef, Vec<Problem>)>);
+
+fn admit(
+    store: &Store,
+    admission: &mut Admission,
+    controller: &Controller,
+    settings: &Settings,
+    problems_out: &tokio::sync::watch::Sender<Reported>,
+) {
+    match admission.admit(store.documents(), &settings.trust_domain, &settings.root_namespace) {
+        Ok(admitted) => {
+            if admitted.problems.is_empty() {
+                controller.clear_rejection();
+            } else {
+                let report = Report(admitted.problems.values().flatten().cloned().collect());
+                controller.reject(&format!(
+                    "{report}\n(held at their last accepted version: {:?}; left out: {:?})",
+                    admitted.held, admitted.left_out
+                ));
+            }
+            let reported = Reported(
+                admitted
+                    .problems
+                    .into_iter()
+                    .filter_map(|(key, problems)| Some((key.clone(), (store.object_ref(&key)?, problems))))
+                    .collect(),
+            );
+            problems_out.send_if_modified(|current| {
+                let changed = *current != reported;
+                *current = reported;
+                changed
+            });
+            if let Some(version) = controller.apply(admitted.config) {
+                debug!(version, objects = store.documents().len(), "cluster configuration applied");
+            }
+        }
+        Err(report) => controller.reject(&report.to_string()),
+    }
+}
+
+/// The condition written to the status of an Istio object.
+pub fn status_patch(object: &ObjectRef, problems: &[Problem], now: &str) -> Value {
+    let (status, reason, message) = if problems.is_empty() {
+        ("True", "Accepted", "accepted by the mesh controller".to_owned())
+    } else {
+        ("False", "Invalid", problem_text(problems))
+    };
+    let mut patch = json!({
+        "status": {
+            "conditions": [{
+                "type": "Accepted",
+                "status": status,
+                "reason": reason,
+                "message": message,
+                "lastTransitionTime": now,
+            }],
+        }
+    });
+    if let Some(generation) = object.generation {
+        patch["status"]["observedGeneration"] = json!(generation);
+        patch["status"]["conditions"][0]["observedGeneration"] = json!(generation);
+    }
+    patch
+}
+
+/// The problems of one object as one message (at most 1 KiB, the Events API's limit).
+pub fn problem_text(problems: &[Problem]) -> String {
+    let mut text = problems
+        .iter()
+        .map(|p| if p.field.is_empty() { p.reason.clone() } else { format!("{}: {}", p.field, p.reason) })
+        .collect::<Vec<_>>()
+        .join("; ");
+    if text.len() > 1000 {
+        let mut end = 1000;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str(" ...");
+    }
+    text
+}
+
+/// Writes validation results to the objects while this replica leads: a Warning Event
+/// per invalid object (`kubectl describe` shows it) and, on the Istio kinds, an
+/// `Accepted` status condition (False with the problems, True again once fixed).
+pub async fn report(
+    client: Client,
+    instance: String,
+    mut problems: tokio::sync::watch::Receiver<Reported>,
+    mut leader: tokio::sync::watch::Receiver<bool>,
+) {
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let recorder =
+        Recorder::new(client.clone(), Reporter { controller: "mesh-controller".into(), instance: Some(instance) });
+    let mut written = Reported::default();
+    loop {
+        if *leader.borrow_and_update() {
+            let current = problems.borrow_and_update().clone();
+            let now = k8s_openapi::jiff::Timestamp::now().to_string();
+            for (key, (object, list)) in &current.0 {
+                if written.0.get(key).is_some_and(|(_, w)| w == list) {
+                    continue;
+                }
+                let reference = k8s_openapi::api::core::v1::ObjectReference {
+                    api_version: Some(object.kind.api_version()),
+                    kind: Some(object.kind.kind.to_owned()),
+                    name: Some(object.name.clone()),
+                    namespace: (!object.namespace.is_empty()).then(|| object.namespace.clone()),
+                    uid: (!object.uid.is_empty()).then(|| object.uid.clone()),
+                    ..Default::default()
+                };
+                let event = Event {
+                    type_: EventType::Warning,
+                    reason: "InvalidConfiguration".into(),
+                    note: Some(problem_text(list)),
+                    action: "Validate".into(),
+                    secondary: None,
+                };
+                if let Err(error) = recorder.publish(&event, &reference).await {
+                    warn!(object = %key, %error, "cannot write the validation Event");
+                }
+                patch_status(&client, object, list, &now, key).await;
+            }
+            // Objects fixed since: their condition turns back to Accepted.
+            for (key, (object, _)) in &written.0 {
+                if !current.0.contains_key(key) {
+                    patch_status(&client, object, &[], &now, key).await;
+                }
+            }
+            written = current;
+        }
+        tokio::select! {
+            changed = problems.changed() => if changed.is_err() { return },
+            changed = leader.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+async fn patch_status(client: &Client, object: &ObjectRef, problems: &[Problem], now: &str, key: &str) {
+    if !object.kind.status {
+        return;
+    }
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &object.namespace, &object.kind.api_resource());
+    let patch = status_patch(object, problems, now);
+    if let Err(error) = api.patch_status(&object.name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+        debug!(object = %key, %error, "cannot write the status condition");
+    }
+}

@@ -1,0 +1,153 @@
+//! Leader election among controller replicas with a `coordination.k8s.io/v1` Lease.
+//!
+//! Every replica serves agents; only the leader writes to the API (validation Events
+//! and status conditions), so two replicas never fight over an object's status. The
+//! Lease is created by the install (RBAC allows `get` and `update` of that one object,
+//! nothing else); a replica takes it when it is free or expired, and keeps it by
+//! renewing it every [`RENEW_EVERY`]. Optimistic concurrency (`resourceVersion`) makes
+//! a takeover race safe: the loser's update fails with a conflict.
+use std::time::Duration;
+
+use k8s_openapi::{
+    api::coordination::v1::{Lease, LeaseSpec},
+    apimachinery::pkg::apis::meta::v1::MicroTime,
+    jiff::{SignedDuration, Timestamp},
+};
+use kube::{Api, Client, api::PostParams};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+/// How long a lease holds without renewal.
+pub const LEASE_DURATION: Duration = Duration::from_secs(15);
+pub const RENEW_EVERY: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// We hold it: renew.
+    Renew,
+    /// Free or expired: take it.
+    Acquire,
+    /// Someone else holds it, valid until the given time.
+    Follow { holder: String },
+}
+
+/// What a replica called `me` does with the Lease as it is at `now`.
+pub fn decide(spec: Option<&LeaseSpec>, me: &str, now: Timestamp) -> Decision {
+    let Some(spec) = spec else { return Decision::Acquire };
+    let holder = spec.holder_identity.as_deref().unwrap_or("");
+    if holder.is_empty() {
+        return Decision::Acquire;
+    }
+    if holder == me {
+        return Decision::Renew;
+    }
+    let seconds = i64::from(spec.lease_duration_seconds.unwrap_or(LEASE_DURATION.as_secs() as i32));
+    let renewed = spec.renew_time.as_ref().or(spec.acquire_time.as_ref()).map(|t| t.0);
+    match renewed {
+        Some(renewed) if renewed.saturating_add(SignedDuration::from_secs(seconds)).is_ok_and(|end| end > now) => {
+            Decision::Follow { holder: holder.to_owned() }
+        }
+        _ => Decision::Acquire,
+    }
+}
+
+/// The Lease after `decision` by `me` at `now` (for [`Decision::Renew`] and
+/// [`Decision::Acquire`]).
+pub fn updated(mut lease: Lease, me: &str, now: Timestamp, decision: &Decision) -> Lease {
+    let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+    if *decision == Decision::Acquire {
+        if spec.holder_identity.as_deref().is_some_and(|h| !h.is_empty() && h != me) {
+            spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+        }
+        spec.holder_identity = Some(me.to_owned());
+        spec.acquire_time = Some(MicroTime(now));
+    }
+    spec.renew_time = Some(MicroTime(now));
+    spec.lease_duration_seconds = Some(LEASE_DURATION.as_secs() as i32);
+    lease
+}
+
+/// Keeps trying to lead forever; `leader` tells whether this replica leads.
+pub async fn run(client: Client, namespace: String, name: String, me: String, leader: watch::Sender<bool>) {
+    let api: Api<Lease> = Api::namespaced(client, &namespace);
+    let mut last_renewal: Option<std::time::Instant> = None;
+    loop {
+        let outcome = step(&api, &name, &me).await;
+        let leading = match outcome {
+            Ok(true) => {
+                last_renewal = Some(std::time::Instant::now());
+                true
+            }
+            Ok(false) => false,
+            Err(error) => {
+                warn!(lease = %format!("{namespace}/{name}"), %error, "cannot read or renew the Lease");
+                // Without a successful renewal, another replica may take over once the
+                // lease expires: stop acting as leader before that.
+                last_renewal.is_some_and(|t| t.elapsed() < LEASE_DURATION.saturating_sub(RENEW_EVERY))
+            }
+        };
+        if !leading {
+            last_renewal = None;
+        }
+        leader.send_if_modified(|current| {
+            if *current == leading {
+                return false;
+            }
+            *current = leading;
+            if leading {
+                info!(identity = %me, "leading: this replica writes status and events");
+            } else {
+                info!(identity = %me, "following: another replica writes status and events");
+            }
+            true
+        });
+        tokio::time::sleep(RENEW_EVERY).await;
+    }
+}
+
+async fn step(api: &Api<Lease>, name: &str, me: &str) -> Result<bool, kube::Error> {
+    let lease = api.get(name).await?;
+    let now = Timestamp::now();
+    let decision = decide(lease.spec.as_ref(), me, now);
+    if let Decision::Follow { .. } = decision {
+        return Ok(false);
+    }
+    let params = PostParams { field_manager: Some("mesh-controller".into()), ..PostParams::default() };
+    match api.replace(name, &params, &updated(lease, me, now, &decision)).await {
+        Ok(_) => Ok(true),
+        // Another replica updated it first.
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+        Err(error) => Err(error),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(holder: &str, renewed: &str) -> LeaseSpec {
+        LeaseSpec {
+            holder_identity: Some(holder.into()),
+            lease_duration_seconds: Some(15),
+            renew_time: Some(MicroTime(renewed.parse().unwrap())),
+            ..LeaseSpec::default()
+        }
+    }
+
+    #[test]
+    fn a_valid_lease_of_another_replica_is_followed_an_expired_one_taken() {
+        let now: Timestamp = "2026-11-20T10:15:10Z".parse().unwrap();
+        let held = spec("b", "2026-11-20T10:15:03Z");
+        assert_eq!(decide(Some(&held), "a", now), Decision::Follow { holder: "b".into() });
+        assert_eq!(decide(Some(&held), "b", now), Decision::Renew);
+        let expired = spec("b", "2026-11-20T10:14:50Z");
+        assert_eq!(decide(Some(&expired), "a", now), Decision::Acquire);
+        assert_eq!(decide(Some(&LeaseSpec::default()), "a", now), Decision::Acquire);
+        assert_eq!(decide(None, "a", now), Decision::Acquire);
+        let taken = updated(Lease { spec: Some(expired), ..Lease::default() }, "a", now, &Decision::Acquire);
+        let spec = taken.spec.unwrap();
+        assert_eq!(spec.holder_identity.as_deref(), Some("a"));
+        assert_eq!(spec.lease_transitions, Some(1));
+        assert_eq!(spec.renew_time.unwrap().0, now);
+    }
+}

@@ -1,0 +1,264 @@
+//! The Kubernetes source on recorded API objects (`tests/recorded/`, the API server's
+//! JSON with its real fields): the objects go through the same code as on a live
+//! cluster, from kube-runtime watcher events to the validated model, and the node
+//! authentication and leader election decide on recorded `TokenReview`s and `Lease`s.
+use k8s_openapi::{
+    api::{
+        authentication::v1::TokenReview,
+        coordination::v1::Lease,
+        core::v1::{Namespace, Pod, Service},
+        discovery::v1::EndpointSlice,
+    },
+    jiff::Timestamp,
+};
+use kube::{api::DynamicObject, runtime::watcher::Event};
+use mesh_common::config::Config;
+use mesh_controller::{
+    kube_source::{Admission, Store, WatchedKind, problem_text, status_patch},
+    lease::{Decision, decide},
+    node_auth::{AuthError, node_of},
+};
+use serde_json::Value;
+
+fn recorded(name: &str) -> Value {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/recorded").join(name);
+    serde_json::from_str(&std::fs::read_to_string(&path).expect("recorded file")).expect("recorded JSON")
+}
+
+fn items(name: &str) -> Vec<Value> {
+    recorded(name)["items"].as_array().expect("a List").clone()
+}
+
+fn kind(name: &str) -> &'static WatchedKind {
+    WatchedKind::named(name).expect("watched kind")
+}
+
+fn dynamic(object: &Value) -> DynamicObject {
+    serde_json::from_value(object.clone()).expect("an API object")
+}
+
+/// What a watcher yields for a fresh list of `objects` of one kind.
+fn relist(store: &mut Store, kind_name: &str, objects: &[Value]) -> bool {
+    let kind = kind(kind_name);
+    store.apply(kind, Event::Init);
+    for object in objects {
+        store.apply(kind, Event::InitApply(dynamic(object)));
+    }
+    store.apply(kind, Event::InitDone)
+}
+
+/// The recorded cluster, listed kind by kind as the controller's watchers do.
+fn recorded_cluster() -> Store {
+    let mut store = Store::default();
+    let istio = items("istio.json");
+    let by_kind = |k: &str| istio.iter().filter(|o| o["kind"] == k).cloned().collect::<Vec<_>>();
+    for watched in mesh_controller::kube_source::WATCHED {
+        let objects = match watched.kind {
+            "Namespace" => items("namespaces.json"),
+            "Pod" => items("pods.json"),
+            "Service" => items("services.json"),
+            "EndpointSlice" => items("endpointslices.json"),
+            "HTTPRoute" | "GRPCRoute" => {
+                // The recorded cluster has no Gateway API CRDs.
+                assert!(store.absent(watched));
+                continue;
+            }
+            other => by_kind(other),
+        };
+        assert!(relist(&mut store, watched.kind, &objects), "first list of {} changes the store", watched.kind);
+    }
+    assert!(store.synced());
+    store
+}
+
+fn admit(admission: &mut Admission, store: &Store) -> mesh_controller::kube_source::Admitted {
+    admission.admit(store.documents(), "cluster.local", "istio-system").expect("admits")
+}
+
+fn pod<'a>(config: &'a Config, name: &str) -> &'a mesh_common::config::Pod {
+    config.pods.iter().find(|p| p.metadata.name == name).unwrap_or_else(|| panic!("pod {name}"))
+}
+
+#[test]
+fn recorded_objects_are_real_api_objects() {
+    for object in items("namespaces.json") {
+        serde_json::from_value::<Namespace>(object).expect("Namespace");
+    }
+    for object in items("pods.json") {
+        serde_json::from_value::<Pod>(object).expect("Pod");
+    }
+    for object in items("services.json") {
+        serde_json::from_value::<Service>(object).expect("Service");
+    }
+    for object in items("endpointslices.json") {
+        serde_json::from_value::<EndpointSlice>(object).expect("EndpointSlice");
+    }
+    for name in ["tokenreview.json", "tokenreview-unauthenticated.json", "tokenreview-no-node.json"] {
+        serde_json::from_value::<TokenReview>(recorded(name)).expect("TokenReview");
+    }
+    serde_json::from_value::<Lease>(recorded("lease.json")).expect("Lease");
+}
+
+#[test]
+fn the_recorded_cluster_becomes_the_model_the_yaml_source_would_give() {
+    let store = recorded_cluster();
+    let docs = store.documents();
+    // Reduced to what the mesh reads: no managedFields, no last-applied annotation.
+    let text = serde_json::to_string(docs).unwrap();
+    assert!(!text.contains("managedFields") && !text.contains("last-applied-configuration"), "{text}");
+    let admitted = admit(&mut Admission::default(), &store);
+    assert!(admitted.problems.is_empty(), "{:?}", admitted.problems);
+    let config = admitted.config;
+
+    // Meshed: the labelled namespace's pods; not the opted-out pod, not the other
+    // namespace's, not the host-network one.
+    let echo = pod(&config, "echo-7d9f8c6b5-abcde");
+    assert!(config.pod_is_meshed(echo));
+    assert_eq!(echo.metadata.uid, "3af9f30c-5a66-4477-bda9-d8c096d38ff5");
+    assert_eq!(echo.spec.node_name.as_deref(), Some("node1"));
+    assert_eq!(echo.spec.service_account(), "echo");
+    assert_eq!(echo.ips(), ["10.98.1.10", "fd00:98:1::10"]);
+    assert!(echo.is_ready());
+    // readiness httpGet on the named port `health`, liveness tcpSocket 8080, startup gRPC 9090.
+    assert_eq!(echo.probe_ports(), [8080, 8081, 9090]);
+    assert!(!config.pod_is_meshed(pod(&config, "db-0")));
+    assert!(!config.pod_is_meshed(pod(&config, "client-5c8d7f9b4-xyz12")));
+    assert!(!config.pod_is_meshed(pod(&config, "kube-proxy-abcde")));
+
+    let service = config.services.iter().find(|s| s.metadata.name == "echo").expect("service echo");
+    assert_eq!(service.spec.cluster_ip.as_deref(), Some("10.96.0.10"));
+    assert_eq!(service.spec.ports[0].target_port.as_ref().map(ToString::to_string).as_deref(), Some("http"));
+    assert_eq!(config.peer_authentications.len(), 1);
+    assert_eq!(config.authorization_policies[0].metadata.name, "echo-allow");
+    assert_eq!(config.virtual_services.len(), 1);
+    assert_eq!(config.destination_rules.len(), 1);
+
+    // Relisting the same objects changes nothing; the watch events of the recorded
+    // stream do.
+    let mut store = store;
+    assert!(!relist(&mut store, "Pod", &items("pods.json")));
+}
+
+#[test]
+fn recorded_watch_events_relabel_a_namespace() {
+    let mut store = recorded_cluster();
+    let mut admission = Admission::default();
+    let meshed = |store: &Store, admission: &mut Admission| {
+        let config = admit(admission, store).config;
+        config.namespace_is_meshed("legacy")
+    };
+    assert!(!meshed(&store, &mut admission));
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/recorded/watch-events.jsonl"))
+        .expect("recorded stream");
+    let mut seen = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let event: Value = serde_json::from_str(line).expect("a watch event");
+        let object = &event["object"];
+        let changed = match event["type"].as_str().expect("type") {
+            "ADDED" | "MODIFIED" => store.apply(kind("Namespace"), Event::Apply(dynamic(object))),
+            "DELETED" => store.apply(kind("Namespace"), Event::Delete(dynamic(object))),
+            // kube-runtime's watcher consumes bookmarks itself.
+            "BOOKMARK" => continue,
+            other => panic!("unexpected event type {other}"),
+        };
+        seen.push((event["type"].as_str().unwrap().to_owned(), changed, meshed(&store, &mut admission)));
+    }
+    assert_eq!(
+        seen,
+        [
+            // ADDED of an object already listed: same document, no change.
+            ("ADDED".to_owned(), false, false),
+            ("MODIFIED".to_owned(), true, true),
+            ("MODIFIED".to_owned(), true, false),
+            // `tmp` was never listed.
+            ("DELETED".to_owned(), false, false),
+        ]
+    );
+}
+
+#[test]
+fn an_invalid_object_is_left_out_or_held_and_reported_while_the_rest_applies() {
+    let mut store = recorded_cluster();
+    let mut admission = Admission::default();
+    admit(&mut admission, &store);
+    let broken = recorded("istio-invalid.json");
+    store.apply(kind("VirtualService"), Event::Apply(dynamic(&broken)));
+    // Something else changes at the same time and still applies.
+    let mut relabelled = items("namespaces.json").into_iter().find(|n| n["metadata"]["name"] == "legacy").unwrap();
+    relabelled["metadata"]["labels"]["istio.io/dataplane-mode"] = "ambient".into();
+    store.apply(kind("Namespace"), Event::Apply(dynamic(&relabelled)));
+
+    let admitted = admit(&mut admission, &store);
+    assert!(admitted.config.namespace_is_meshed("legacy"));
+    assert_eq!(admitted.left_out, ["VirtualService/shop/broken"]);
+    assert!(!admitted.config.virtual_services.iter().any(|v| v.metadata.name == "broken"));
+    let problems = &admitted.problems["VirtualService/shop/broken"];
+    let text = problem_text(problems);
+    assert!(text.contains("spec.http[0].route") && text.contains("100"), "{text}");
+    assert!(text.contains("spec.http[0].timeout") && text.contains("2x"), "{text}");
+    assert!(problems.iter().all(|p| p.object.as_deref() == Some("VirtualService/shop/broken")));
+
+    // Reported on the object: a status condition with the problems, for the
+    // generation the API server gave.
+    let object = store.object_ref("VirtualService/shop/broken").expect("known object");
+    assert_eq!(object.uid, broken["metadata"]["uid"].as_str().unwrap());
+    let patch = status_patch(&object, problems, "2026-11-22T10:00:00Z");
+    let condition = &patch["status"]["conditions"][0];
+    assert_eq!((condition["type"].as_str(), condition["status"].as_str()), (Some("Accepted"), Some("False")));
+    assert_eq!(patch["status"]["observedGeneration"], broken["metadata"]["generation"]);
+
+    // Fixed: accepted. Broken again: the accepted version keeps serving.
+    let mut fixed = broken.clone();
+    fixed["spec"]["http"][0]["route"][0]["weight"] = 80.into();
+    fixed["spec"]["http"][0]["timeout"] = "2s".into();
+    store.apply(kind("VirtualService"), Event::Apply(dynamic(&fixed)));
+    let admitted = admit(&mut admission, &store);
+    assert!(admitted.problems.is_empty(), "{:?}", admitted.problems);
+    assert!(admitted.config.virtual_services.iter().any(|v| v.metadata.name == "broken"));
+    store.apply(kind("VirtualService"), Event::Apply(dynamic(&broken)));
+    let admitted = admit(&mut admission, &store);
+    assert_eq!(admitted.held, ["VirtualService/shop/broken"]);
+    let held = admitted.config.virtual_services.iter().find(|v| v.metadata.name == "broken").expect("held");
+    assert_eq!(held.spec.http[0].timeout.as_deref(), Some("2s"));
+
+    // Deleted: gone, and nothing left to report.
+    store.apply(kind("VirtualService"), Event::Delete(dynamic(&broken)));
+    let admitted = admit(&mut admission, &store);
+    assert!(
+        admitted.problems.is_empty() && !admitted.config.virtual_services.iter().any(|v| v.metadata.name == "broken")
+    );
+}
+
+#[test]
+fn recorded_token_reviews_give_the_node_or_a_reason() {
+    let review = |name: &str| serde_json::from_value::<TokenReview>(recorded(name)).unwrap().status.unwrap();
+    let account = "system:serviceaccount:istio-system:mesh-agent";
+    assert_eq!(node_of(&review("tokenreview.json"), "mesh-controller", account), Ok("node1".to_owned()));
+    assert!(matches!(
+        node_of(&review("tokenreview-unauthenticated.json"), "mesh-controller", account),
+        Err(AuthError::NotAuthenticated(e)) if e.contains("invalid bearer token")
+    ));
+    assert!(matches!(
+        node_of(&review("tokenreview-no-node.json"), "mesh-controller", "system:serviceaccount:default:default"),
+        Err(AuthError::NoNode(_))
+    ));
+    // A valid token of another account (a workload's), or for another audience.
+    assert!(matches!(
+        node_of(&review("tokenreview.json"), "mesh-controller", "system:serviceaccount:istio-system:other"),
+        Err(AuthError::WrongAccount { .. })
+    ));
+    assert!(matches!(node_of(&review("tokenreview.json"), "vault", account), Err(AuthError::WrongAudience { .. })));
+}
+
+#[test]
+fn the_recorded_lease_is_followed_while_valid_and_taken_once_expired() {
+    let lease: Lease = serde_json::from_value(recorded("lease.json")).unwrap();
+    let spec = lease.spec.as_ref().unwrap();
+    let renewed = spec.renew_time.as_ref().unwrap().0;
+    let holder = spec.holder_identity.clone().unwrap();
+    let during: Timestamp = renewed + k8s_openapi::jiff::SignedDuration::from_secs(5);
+    let after: Timestamp = renewed + k8s_openapi::jiff::SignedDuration::from_secs(16);
+    assert_eq!(decide(Some(spec), "mesh-controller-other", during), Decision::Follow { holder: holder.clone() });
+    assert_eq!(decide(Some(spec), &holder, during), Decision::Renew);
+    assert_eq!(decide(Some(spec), "mesh-controller-other", after), Decision::Acquire);
+}
