@@ -150,6 +150,7 @@ impl Discovery {
             return;
         }
         let wanted = wanted(&state.config, &self.node);
+        debug!(version = state.version, pods = state.config.pods.len(), wanted = wanted.len(), "reconciling");
         let enrolled = self.registry.list().await;
         for pod in &enrolled {
             let restored_elsewhere = verify && !self.still_in_pod(&pod.spec);
@@ -163,7 +164,7 @@ impl Discovery {
                         info!(pod = %pod.spec.name, namespace = %pod.spec.namespace, uid = %pod.spec.uid, "pod released: no longer meshed or no longer on this node");
                     }
                     Ok(_) => {
-                        info!(pod = %pod.spec.name, uid = %pod.spec.uid, "restored pod's process is gone; finding it again")
+                        info!(pod = %pod.spec.name, uid = %pod.spec.uid, "restored pod's process is gone; finding it again");
                     }
                     Err(error) => warn!(pod = %pod.spec.name, %error, "cannot release pod"),
                 }

@@ -10,7 +10,11 @@ use std::{
     },
 };
 
-use mesh_common::config::{Config, DNS_DOMAIN, k8s::Pod, meta::IntOrString};
+use mesh_common::config::{
+    Config, DNS_DOMAIN,
+    k8s::{EndpointSlice, Pod, ServicePort as ServicePortSpec},
+    meta::IntOrString,
+};
 
 /// A workload the node view knows (a pod of any node).
 #[derive(Debug)]
@@ -122,8 +126,17 @@ impl Index {
                 continue;
             }
             let ns = &service.metadata.namespace;
+            let name = &service.metadata.name;
+            // The cluster's EndpointSlices when there are any (they also list endpoints
+            // outside the view and endpoints of Services without a selector), else the
+            // pods the selector picks.
+            let slices: Vec<&EndpointSlice> = config
+                .endpoint_slices
+                .iter()
+                .filter(|s| s.metadata.namespace == *ns && s.service_name() == Some(name.as_str()))
+                .collect();
             let members: Vec<&Arc<Workload>> = match &spec.selector {
-                Some(selector) if !selector.is_empty() => workloads
+                Some(selector) if !selector.is_empty() && slices.is_empty() => workloads
                     .iter()
                     .filter(|w| {
                         w.ready && w.namespace == *ns && selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
@@ -135,7 +148,7 @@ impl Index {
                 if port.protocol.as_deref().is_some_and(|p| p != "TCP") {
                     continue;
                 }
-                let endpoints = members
+                let mut endpoints: Vec<Endpoint> = members
                     .iter()
                     .filter_map(|w| {
                         let target = match &port.target_port {
@@ -146,6 +159,9 @@ impl Index {
                         Some(Endpoint { workload: (*w).clone(), port: target })
                     })
                     .collect();
+                for slice in &slices {
+                    endpoints.extend(slice_endpoints(slice, port, &by_ip, ns));
+                }
                 let entry = Arc::new(ServicePort {
                     name: service.metadata.name.clone(),
                     namespace: ns.clone(),
@@ -188,6 +204,49 @@ impl Index {
             workload => Route::Direct { addr: dst, workload: workload.cloned(), service: None },
         }
     }
+}
+
+/// The ready endpoints of `slice` for the Service port `port` (the slice port of the
+/// same name): the workload the view knows at each address, else an endpoint outside
+/// the mesh's view (an unmeshed pod of another node, a VM), reached directly.
+fn slice_endpoints(
+    slice: &EndpointSlice,
+    port: &ServicePortSpec,
+    by_ip: &HashMap<IpAddr, Arc<Workload>>,
+    namespace: &str,
+) -> Vec<Endpoint> {
+    let wanted = port.name.as_deref().unwrap_or("");
+    let Some(number) = slice
+        .ports
+        .iter()
+        .find(|p| p.name.as_deref().unwrap_or("") == wanted && p.protocol.as_deref().is_none_or(|p| p == "TCP"))
+        .and_then(|p| p.port)
+        .and_then(|p| u16::try_from(p).ok())
+    else {
+        return Vec::new();
+    };
+    slice
+        .endpoints
+        .iter()
+        .filter(|e| e.conditions.ready != Some(false))
+        .flat_map(|e| &e.addresses)
+        .filter_map(|address| address.parse::<IpAddr>().ok())
+        .map(|ip| {
+            let workload = by_ip.get(&ip).cloned().unwrap_or_else(|| {
+                Arc::new(Workload {
+                    name: "unknown".into(),
+                    namespace: namespace.to_owned(),
+                    identity: String::new(),
+                    meshed: false,
+                    labels: mesh_common::config::meta::Labels::new(),
+                    ips: vec![ip],
+                    ready: true,
+                    ports: Vec::new(),
+                })
+            });
+            Endpoint { workload, port: number }
+        })
+        .collect()
 }
 
 fn workload_of(config: &Config, pod: &Pod) -> Option<Workload> {
@@ -261,6 +320,25 @@ kind: Pod
 metadata: {name: d, namespace: shop, labels: {app: echo}}
 spec: {containers: [{name: c, ports: [{name: web, containerPort: 8080}]}]}
 status: {podIP: 10.0.0.4, phase: Running, conditions: [{type: Ready, status: 'False'}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec:
+  clusterIP: 10.96.0.20
+  ports: [{name: sql, port: 5432}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: db-x1, namespace: shop, labels: {kubernetes.io/service-name: db}}
+addressType: IPv4
+endpoints:
+- addresses: [10.0.0.1]
+  conditions: {ready: true}
+- addresses: [192.0.2.7]
+- addresses: [10.0.0.9]
+  conditions: {ready: false, terminating: true}
+ports: [{name: sql, port: 15432, protocol: TCP}]
 ";
 
     #[test]
@@ -291,5 +369,31 @@ status: {podIP: 10.0.0.4, phase: Running, conditions: [{type: Ready, status: 'Fa
         assert!(matches!(index.route("10.0.0.2:8080".parse().unwrap()), Route::Direct { workload: Some(_), .. }));
         assert!(matches!(index.route("192.0.2.1:80".parse().unwrap()), Route::Direct { workload: None, .. }));
         assert!(matches!(index.route("10.0.0.4:8080".parse().unwrap()), Route::Tunnel { .. }));
+    }
+
+    #[test]
+    fn endpoint_slices_give_the_endpoints_of_services_without_a_selector() {
+        let index = Index::build(&config(YAML));
+        let vip: SocketAddr = "10.96.0.20:5432".parse().unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            match index.route(vip) {
+                // A meshed pod the view knows: through the tunnel.
+                Route::Tunnel { workload, addr, .. } => {
+                    assert_eq!(workload.name, "a");
+                    seen.push(addr);
+                }
+                // An address outside the view: directly.
+                Route::Direct { addr, workload, .. } => {
+                    assert!(!workload.unwrap().meshed);
+                    seen.push(addr);
+                }
+                Route::NoEndpoint { .. } => panic!("endpoints exist"),
+            }
+        }
+        seen.sort();
+        seen.dedup();
+        // The endpoint that is not ready is left out; the slice's port is used.
+        assert_eq!(seen, vec!["10.0.0.1:15432".parse().unwrap(), "192.0.2.7:15432".parse().unwrap()]);
     }
 }

@@ -32,7 +32,7 @@ mod tests;
 mod validate;
 
 pub use gateway::{GrpcRoute, HttpRoute};
-pub use k8s::{Namespace, Pod, Service};
+pub use k8s::{EndpointSlice, Namespace, Pod, Service};
 pub use meta::ObjectMeta;
 pub use networking::{DestinationRule, ServiceEntry, VirtualService, WorkloadEntry};
 pub use security::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
@@ -123,6 +123,7 @@ pub struct Config {
     pub trust_domain: String,
     pub namespaces: Vec<Namespace>,
     pub services: Vec<Service>,
+    pub endpoint_slices: Vec<EndpointSlice>,
     pub pods: Vec<Pod>,
     pub workload_entries: Vec<WorkloadEntry>,
     pub authorization_policies: Vec<AuthorizationPolicy>,
@@ -147,6 +148,7 @@ impl Default for Config {
             trust_domain: DEFAULT_TRUST_DOMAIN.into(),
             namespaces: Vec::new(),
             services: Vec::new(),
+            endpoint_slices: Vec::new(),
             pods: Vec::new(),
             workload_entries: Vec::new(),
             authorization_policies: Vec::new(),
@@ -196,6 +198,7 @@ impl Config {
     pub fn object_count(&self) -> usize {
         self.namespaces.len()
             + self.services.len()
+            + self.endpoint_slices.len()
             + self.pods.len()
             + self.workload_entries.len()
             + self.authorization_policies.len()
@@ -312,6 +315,7 @@ pub fn kind_counts(config: &Config) -> BTreeMap<&'static str, usize> {
     let counts = [
         ("Namespace", config.namespaces.len()),
         ("Service", config.services.len()),
+        ("EndpointSlice", config.endpoint_slices.len()),
         ("Pod", config.pods.len()),
         ("WorkloadEntry", config.workload_entries.len()),
         ("AuthorizationPolicy", config.authorization_policies.len()),

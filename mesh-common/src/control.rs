@@ -123,6 +123,7 @@ pub fn parse_workload_identity(uri: &str) -> Option<(&str, &str, &str)> {
 const KINDS: &[(&str, &str)] = &[
     ("namespaces", "Namespace"),
     ("services", "Service"),
+    ("endpointSlices", "EndpointSlice"),
     ("pods", "Pod"),
     ("workloadEntries", "WorkloadEntry"),
     ("authorizationPolicies", "AuthorizationPolicy"),
@@ -213,6 +214,7 @@ pub fn materialize_raw<'a>(
         match key.split('/').next().unwrap_or("") {
             "Namespace" => config.namespaces.push(from_str(text)?),
             "Service" => config.services.push(from_str(text)?),
+            "EndpointSlice" => config.endpoint_slices.push(from_str(text)?),
             "Pod" => config.pods.push(from_str(text)?),
             "WorkloadEntry" => config.workload_entries.push(from_str(text)?),
             "AuthorizationPolicy" => config.authorization_policies.push(from_str(text)?),

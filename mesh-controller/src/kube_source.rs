@@ -396,6 +396,33 @@ impl Admission {
     }
 }
 
+/// Lists every watched kind once (`meshctl validate --kubernetes`): the same
+/// documents the controller's watchers would build.
+pub async fn list_cluster(client: &Client) -> Result<Store, kube::Error> {
+    let mut store = Store::default();
+    for kind in WATCHED {
+        if kind.optional && !installed(client, kind).await? {
+            store.absent(kind);
+            continue;
+        }
+        let api: Api<DynamicObject> = Api::all_with(client.clone(), &kind.api_resource());
+        store.apply(kind, watcher::Event::Init);
+        let mut params = ListParams::default().limit(500);
+        loop {
+            let list = api.list(&params).await?;
+            for object in list.items {
+                store.apply(kind, watcher::Event::InitApply(object));
+            }
+            match list.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(token) => params = params.continue_token(&token),
+                None => break,
+            }
+        }
+        store.apply(kind, watcher::Event::InitDone);
+    }
+    Ok(store)
+}
+
 /// What the source needs from the command line.
 #[derive(Clone, Debug)]
 pub struct Settings {

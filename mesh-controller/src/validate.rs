@@ -81,6 +81,17 @@ fn plural(n: usize, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
 }
 
+/// Checks the objects of a cluster (documents as the Kubernetes source builds them,
+/// named `Kind/namespace/name`): every problem of every object, as the controller
+/// would report them on the objects.
+pub fn validate_documents(docs: &std::collections::BTreeMap<String, serde_json::Value>) -> Outcome {
+    let files = docs.len();
+    match crate::kube_source::load_documents(docs, config::DEFAULT_TRUST_DOMAIN, config::DEFAULT_ROOT_NAMESPACE) {
+        Ok(config) => Outcome::Valid { files, config: Box::new(config) },
+        Err(report) => Outcome::Invalid { files, report },
+    }
+}
+
 /// Reads and checks `paths` (files or directories). A path that does not exist, or a
 /// directory without manifests, is a usage error; everything else is in the outcome.
 pub fn validate(paths: &[PathBuf]) -> Result<Outcome, UsageError> {

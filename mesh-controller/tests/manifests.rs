@@ -255,10 +255,11 @@ fn profiles_render_their_components() {
         "--set wins over the profile"
     );
 
-    for (docs, agent, waypoint) in [(&default, true, false), (&demo, true, true), (&minimal, false, false)] {
+    for (docs, agent, waypoint) in [(&default, true, false), (&demo, true, false), (&minimal, false, false)] {
         assert_eq!(find(docs, "DaemonSet", "mesh-agent").is_some(), agent);
         assert_eq!(find(docs, "ServiceAccount", "mesh-agent").is_some(), agent);
-        assert_eq!(find(docs, "ClusterRole", "mesh-agent").is_some(), agent);
+        // The agent needs no API access: its pods come from the controller.
+        assert!(find(docs, "ClusterRole", "mesh-agent").is_none());
         assert_eq!(find(docs, "Deployment", "waypoint").is_some(), waypoint);
         assert_eq!(find(docs, "Service", "waypoint").is_some(), waypoint);
         assert_eq!(docs.iter().filter(|d| d["kind"] == "CustomResourceDefinition").count(), 8);
@@ -622,25 +623,13 @@ struct Call {
     name: Option<&'static str>,
 }
 
-const WATCHED: &[(&str, &str)] = &[
-    ("", "namespaces"),
-    ("", "pods"),
-    ("", "services"),
-    ("discovery.k8s.io", "endpointslices"),
-    ("security.istio.io", "authorizationpolicies"),
-    ("security.istio.io", "peerauthentications"),
-    ("security.istio.io", "requestauthentications"),
-    ("networking.istio.io", "virtualservices"),
-    ("networking.istio.io", "destinationrules"),
-    ("networking.istio.io", "serviceentries"),
-    ("networking.istio.io", "workloadentries"),
-    ("telemetry.istio.io", "telemetries"),
-    ("gateway.networking.k8s.io", "httproutes"),
-    ("gateway.networking.k8s.io", "grpcroutes"),
-];
+/// What the controller's Kubernetes source watches (the code's own list).
+fn watched() -> impl Iterator<Item = (&'static str, &'static str)> {
+    mesh_controller::kube_source::WATCHED.iter().map(|k| (k.group, k.plural))
+}
 
 /// The calls of the controller (Kubernetes source, `TokenReview`, leader election,
-/// status and events) and of the agent (pod discovery).
+/// status and events) the agent makes none.
 fn calls(install_namespace: &str, agent: bool) -> Vec<Call> {
     let call = |who, group, resource: &str, verb, namespace: Option<&str>, name| Call {
         who,
@@ -651,7 +640,7 @@ fn calls(install_namespace: &str, agent: bool) -> Vec<Call> {
         name,
     };
     let mut calls = Vec::new();
-    for (group, resource) in WATCHED {
+    for (group, resource) in watched() {
         // A kube-runtime watcher: an initial list, then a watch.
         calls.push(call("mesh-controller", group, resource, "list", None, None));
         calls.push(call("mesh-controller", group, resource, "watch", None, None));
@@ -672,10 +661,8 @@ fn calls(install_namespace: &str, agent: bool) -> Vec<Call> {
             Some("mesh-controller"),
         ));
     }
-    if agent {
-        calls.push(call("mesh-agent", "", "pods", "list", None, None));
-        calls.push(call("mesh-agent", "", "pods", "watch", None, None));
-    }
+    // The agent makes no API calls: its node's pods come from the controller.
+    let _ = agent;
     calls
 }
 
@@ -780,12 +767,8 @@ fn rbac_allows_exactly_the_api_calls_the_mesh_makes() {
             }
         }
         let bound: BTreeSet<&str> = grants.iter().map(|g| g.who.as_str()).collect();
-        let expected: BTreeSet<&str> = if values.agent.enabled {
-            BTreeSet::from(["mesh-controller", "mesh-agent"])
-        } else {
-            BTreeSet::from(["mesh-controller"])
-        };
-        assert_eq!(bound, expected, "--set {sets:?}: only the controller and the agent have API access");
+        let expected = BTreeSet::from(["mesh-controller"]);
+        assert_eq!(bound, expected, "--set {sets:?}: only the controller has API access");
         let lease = find(&docs, "Lease", "mesh-controller").expect("the Lease the Role names is rendered");
         assert_eq!(lease["metadata"]["namespace"], values.namespace.as_str());
     }

@@ -461,7 +461,13 @@ impl Lab {
             })
             .cloned()
             .collect();
-        let template = recorded("pods.json")["items"][0].clone();
+        let template = recorded("pods.json")["items"]
+            .as_array()
+            .expect("a list")
+            .iter()
+            .find(|p| p["metadata"]["name"] == "echo-7d9f8c6b5-abcde")
+            .expect("the recorded echo pod")
+            .clone();
         let mut pods = Vec::new();
         for pod in &self.pods {
             let node = self.node(pod.node);
@@ -501,10 +507,29 @@ impl Lab {
             .filter(|s| s["metadata"]["name"] == "echo" && s["metadata"]["namespace"] == "shop")
             .cloned()
             .collect();
+        // The echo Service's endpoints as the endpoint controller writes them.
+        let mut slice = recorded("endpointslices.json")["items"]
+            .as_array()
+            .expect("a list")
+            .iter()
+            .find(|s| s["metadata"]["namespace"] == "shop")
+            .expect("the recorded echo slice")
+            .clone();
+        let mut endpoints = Vec::new();
+        for pod in self.pods.iter().filter(|p| p.namespace == "shop") {
+            let mut endpoint = slice["endpoints"][0].clone();
+            endpoint["addresses"] = serde_json::json!([pod.ip4]);
+            endpoint["nodeName"] = self.node(pod.node).name.clone().into();
+            endpoint["targetRef"]["name"] = pod.name.clone().into();
+            endpoint["targetRef"]["uid"] = pod.uid.clone().into();
+            endpoints.push(endpoint);
+        }
+        slice["endpoints"] = endpoints.into();
         serde_json::json!({
             "namespaces.json": list(namespaces),
             "pods.json": list(pods),
             "services.json": list(services),
+            "endpointslices.json": list(vec![slice]),
             "lease.json": recorded("lease.json"),
         })
     }
@@ -619,7 +644,14 @@ impl Lab {
             wait_for(Duration::from_secs(20), || {
                 self.config_dump(n).is_ok_and(|d| d["pods"].as_array().is_some_and(|p| p.len() == expected))
             })
-            .with_context(|| format!("node{n}'s agent did not enroll its pods; log: {}", self.agent_log(n)))?;
+            .with_context(|| {
+                format!(
+                    "node{n}'s agent did not enroll its pods; log: {}\ncontroller log: {}\nAPI server log: {}",
+                    self.agent_log(n),
+                    self.controller_log(),
+                    self.log_of("apiserver")
+                )
+            })?;
         }
         Ok(())
     }

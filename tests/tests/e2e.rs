@@ -38,13 +38,25 @@ fn with_lab_controller(prefix: &str, agent_args: &[&str], controller_args: Optio
     with_lab_sized(prefix, 2, agent_args, controller_args, body);
 }
 
-/// Like [`with_lab_controller`], with `pods_per_node` pods on each node (the last one
-/// unmeshed).
+/// Like [`with_lab_sized`], with the lab's `spec` adjusted by `adjust`.
 fn with_lab_sized(
     prefix: &str,
     pods_per_node: usize,
     agent_args: &[&str],
     controller_args: Option<&[&str]>,
+    body: impl FnOnce(&Lab),
+) {
+    with_lab_spec(prefix, pods_per_node, agent_args, controller_args, |_| {}, body);
+}
+
+/// Like [`with_lab_controller`], with `pods_per_node` pods on each node (the last one
+/// unmeshed), and the spec adjusted by `adjust`.
+fn with_lab_spec(
+    prefix: &str,
+    pods_per_node: usize,
+    agent_args: &[&str],
+    controller_args: Option<&[&str]>,
+    adjust: impl FnOnce(&mut LabSpec),
     body: impl FnOnce(&Lab),
 ) {
     let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -63,6 +75,8 @@ fn with_lab_sized(
         controller_args: controller_args.unwrap_or_default().iter().map(|s| (*s).to_owned()).collect(),
         kubernetes: false,
     };
+    let mut spec = spec;
+    adjust(&mut spec);
     let lab = Lab::up(spec).expect("lab up");
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&lab)));
     if result.is_err() {
@@ -70,6 +84,9 @@ fn with_lab_sized(
             eprintln!("--- agent log node{n} ---\n{}", lab.agent_log(n));
         }
         eprintln!("--- controller log ---\n{}", lab.controller_log());
+        if lab.spec.kubernetes {
+            eprintln!("--- API server test double log ---\n{}", lab.log_of("apiserver"));
+        }
     }
     drop(lab);
     let left = leftovers(prefix);
@@ -734,4 +751,210 @@ fn secure_tunnel_refuses_bad_input_and_wrong_identity() {
             lab.agent_log(1)
         );
     });
+}
+
+// ---------------------------------------------------------------------------------
+// Kubernetes mode
+// ---------------------------------------------------------------------------------
+
+fn api_patch(lab: &Lab, path: &str, merge_patch: &str) {
+    lab.api("PATCH", path, "application/merge-patch+json", merge_patch)
+        .unwrap_or_else(|e| panic!("PATCH {path}: {e:#}"));
+}
+
+fn enrolled(lab: &Lab, node: usize) -> Vec<String> {
+    let dump = lab.config_dump(node).expect("config dump");
+    let mut names: Vec<String> =
+        dump["pods"].as_array().into_iter().flatten().filter_map(|p| p["name"].as_str().map(str::to_owned)).collect();
+    names.sort();
+    names
+}
+
+fn wait_enrolled(lab: &Lab, node: usize, expected: &[&str]) {
+    wait_for(Duration::from_secs(15), || enrolled(lab, node) == expected).unwrap_or_else(|_| {
+        panic!("node{node} enrolled {:?}, expected {expected:?}; log:\n{}", enrolled(lab, node), lab.agent_log(node))
+    });
+}
+
+/// The objects the API server test double holds, by `apiVersion/Kind/ns/name`.
+fn api_objects(lab: &Lab, kind: &str) -> Vec<serde_json::Value> {
+    let state = lab.api_state();
+    state["objects"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, o)| o["kind"] == kind)
+        .map(|(_, o)| o.clone())
+        .collect()
+}
+
+/// A request to the controller's control endpoint with a bearer token (curl, HTTP/2 over
+/// TLS, from the fabric): status code and body.
+fn control_request(lab: &Lab, token: &str, method: &str, path: &str, body: &str) -> (String, String) {
+    let root = lab.ca_dir().join("root-cert.pem").display().to_string();
+    let out = lab
+        .exec(
+            "fabric",
+            &[
+                "curl",
+                "-sS",
+                "--http2",
+                "--max-time",
+                "5",
+                "--cacert",
+                &root,
+                "--resolve",
+                "mesh-controller:15012:10.99.0.254",
+                "-H",
+                &format!("authorization: Bearer {token}"),
+                "-X",
+                method,
+                "--data-binary",
+                body,
+                "-w",
+                "\n%{http_code}",
+                &format!("https://mesh-controller:15012{path}"),
+            ],
+        )
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or((&text, ""));
+    (code.to_owned(), body.to_owned())
+}
+
+#[test]
+fn kubernetes_mode_enrolls_by_label_exempts_probes_and_reports_on_objects() {
+    with_lab_spec(
+        "mesh-tk",
+        2,
+        &[],
+        Some(&[]),
+        |spec| spec.kubernetes = true,
+        |lab| {
+            // The pods were running before the agents started; each agent found its node's
+            // meshed pods in the process tree, without the enrollment socket.
+            assert_eq!(enrolled(lab, 1), ["n1-p1"]);
+            assert_eq!(enrolled(lab, 2), ["n2-p1"]);
+            assert!(lab.agent_log(1).contains("pod enrolled from the node's process tree"), "{}", lab.agent_log(1));
+            let controller = lab.controller_log();
+            assert!(controller.contains("cluster listed"), "{controller}");
+            assert!(controller.contains("certificate issued") && controller.contains("node1"), "{controller}");
+
+            // Agents authenticated with their tokens: traffic is tunneled with identities.
+            wait_reachable(lab, "n1-p1", "n2-p1");
+            wait_for(Duration::from_secs(5), || lab.agent_log(2).contains(&format!("src.identity={N1P1}")))
+                .unwrap_or_else(|_| panic!("no tunneled connection from n1-p1 on node2:\n{}", lab.agent_log(2)));
+
+            // The Service VIP balances over the endpoints of the cluster's EndpointSlice.
+            let mut backends = std::collections::BTreeSet::new();
+            for _ in 0..8 {
+                let body = lab.curl("n1-p1", "http://10.96.0.10:80/").expect("request to the service VIP");
+                backends.insert(body.split_whitespace().next().unwrap_or_default().to_owned());
+            }
+            assert_eq!(backends, ["pod=n1-p1", "pod=n2-p1"].map(str::to_owned).into(), "VIP endpoints");
+
+            // Tokens: unknown -> 401 naming the reason; node2's token cannot get node1's
+            // identities signed.
+            let (code, body) = control_request(lab, "not-a-token", "GET", "/v1/config", "");
+            assert_eq!(code, "401", "{body}");
+            assert!(body.contains("does not accept the token"), "{body}");
+            let csr = r#"{"identity":"spiffe://cluster.local/ns/shop/sa/sa-n1-p1","csr_pem":"x"}"#;
+            let (code, body) = control_request(lab, "token-node2", "POST", "/v1/certificate", csr);
+            assert_eq!(code, "403", "{body}");
+            assert!(body.contains("node node2 runs no pod with identity"), "{body}");
+
+            // Labelling a namespace enrolls its running pods in place (same process);
+            // removing the label releases them.
+            let pid = std::fs::read_to_string(lab.dir.join("n1-p2.pid")).unwrap();
+            api_patch(
+                lab,
+                "/api/v1/namespaces/legacy",
+                r#"{"metadata":{"labels":{"istio.io/dataplane-mode":"ambient"}}}"#,
+            );
+            wait_enrolled(lab, 1, &["n1-p1", "n1-p2"]);
+            wait_enrolled(lab, 2, &["n2-p1", "n2-p2"]);
+            assert_eq!(std::fs::read_to_string(lab.dir.join("n1-p2.pid")).unwrap(), pid);
+            assert!(std::path::Path::new(&format!("/proc/{}", pid.trim())).exists(), "the pod was not restarted");
+            wait_reachable(lab, "n1-p2", "n2-p1");
+            let legacy = "spiffe://cluster.local/ns/legacy/sa/default";
+            wait_for(Duration::from_secs(5), || lab.agent_log(2).contains(&format!("src.identity={legacy}")))
+                .unwrap_or_else(|_| panic!("n1-p2 not tunneled after the label:\n{}", lab.agent_log(2)));
+            // A pod label opts one pod out of its meshed namespace.
+            api_patch(
+                lab,
+                "/api/v1/namespaces/legacy/pods/n2-p2",
+                r#"{"metadata":{"labels":{"istio.io/dataplane-mode":"none"}}}"#,
+            );
+            wait_enrolled(lab, 2, &["n2-p1"]);
+            api_patch(lab, "/api/v1/namespaces/legacy", r#"{"metadata":{"labels":{"istio.io/dataplane-mode":null}}}"#);
+            wait_enrolled(lab, 1, &["n1-p1"]);
+
+            // STRICT mesh-wide: kubelet's probes (from the node's address, to the pod's
+            // probe port) still reach the application; plaintext from a pod does not, nor
+            // from the node to a port that is not probed.
+            let before = controller_version(lab);
+            let strict = r#"{"apiVersion":"security.istio.io/v1","kind":"PeerAuthentication","metadata":{"name":"default","namespace":"istio-system"},"spec":{"mtls":{"mode":"STRICT"}}}"#;
+            lab.api(
+                "POST",
+                "/apis/security.istio.io/v1/namespaces/istio-system/peerauthentications",
+                "application/json",
+                strict,
+            )
+            .expect("create the PeerAuthentication");
+            wait_for(Duration::from_secs(10), || controller_version(lab) > before).expect("controller applied STRICT");
+            wait_agents_at(lab, controller_version(lab));
+            let n1p1 = lab.pod("n1-p1");
+            let probe = lab.exec("node1", &["curl", "-sS", "--max-time", "5", &url(&n1p1.ip4)]).unwrap();
+            assert!(String::from_utf8_lossy(&probe.stdout).starts_with("pod=n1-p1 "), "probe refused: {probe:?}");
+            assert!(stat(lab, 1, "kernel", "inbound_probe") >= 1);
+            let (code, text) = try_curl(lab, "n1-p2", &url(&n1p1.ip4));
+            assert_ne!(code, 0, "plaintext from a pod passed STRICT: {text}");
+            let echo = lab
+                .exec(
+                    "node1",
+                    &["sh", "-c", &format!("echo hello | socat -t2 - TCP:{}:{}", n1p1.ip4, mesh_lab::ECHO_PORT)],
+                )
+                .unwrap();
+            assert!(
+                !String::from_utf8_lossy(&echo.stdout).contains("hello"),
+                "node reached a port that is not probed: {echo:?}"
+            );
+            let dump = lab.config_dump(1).unwrap();
+            assert!(dump["probe_ports"].to_string().contains(&format!("{}:{HTTP_PORT}", n1p1.ip4)), "{dump}");
+
+            // An invalid object is reported on the object (Event, status condition) by the
+            // elected replica, and does not hold up the rest.
+            let mut broken = mesh_lab::recorded("istio-invalid.json");
+            for field in ["uid", "resourceVersion", "creationTimestamp", "managedFields", "generation"] {
+                broken["metadata"].as_object_mut().unwrap().remove(field);
+            }
+            lab.api(
+                "POST",
+                "/apis/networking.istio.io/v1/namespaces/shop/virtualservices",
+                "application/json",
+                &broken.to_string(),
+            )
+            .expect("create the VirtualService");
+            wait_for(Duration::from_secs(15), || {
+                api_objects(lab, "Event").iter().any(|e| {
+                    e["regarding"]["name"] == "broken"
+                        && e["note"].as_str().is_some_and(|n| n.contains("spec.http[0].timeout"))
+                })
+            })
+            .unwrap_or_else(|_| panic!("no Event for the invalid VirtualService: {}", lab.controller_log()));
+            let vs =
+                api_objects(lab, "VirtualService").into_iter().find(|o| o["metadata"]["name"] == "broken").unwrap();
+            assert_eq!(vs["status"]["conditions"][0]["status"], "False", "{vs}");
+            assert!(vs["status"]["conditions"][0]["message"].as_str().unwrap().contains("spec.http[0].route"), "{vs}");
+            let lease = api_objects(lab, "Lease").into_iter().next().expect("the Lease");
+            assert_eq!(lease["spec"]["holderIdentity"], "mesh-controller-0", "{lease}");
+            let status = lab.controller_status().unwrap();
+            assert!(
+                status["last_rejection"].as_str().is_some_and(|r| r.contains("VirtualService/shop/broken")),
+                "{status}"
+            );
+            // Everything else still serves.
+            wait_reachable(lab, "n1-p1", "n2-p1");
+        },
+    );
 }

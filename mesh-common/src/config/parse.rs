@@ -9,7 +9,7 @@ use serde_yaml::{Mapping, Value};
 use super::{
     Config, Problem, Source,
     gateway::{GrpcRoute, GrpcRouteSpec, HttpRoute, HttpRouteSpec},
-    k8s::{Namespace, NamespaceSpec, Pod, PodSpec, PodStatus, Service, ServiceSpec},
+    k8s::{EndpointSlice, Namespace, NamespaceSpec, Pod, PodSpec, PodStatus, Service, ServiceSpec},
     meta::{ObjectMeta, nullable},
     networking::{
         DestinationRule, DestinationRuleSpec, ServiceEntry, ServiceEntrySpec, VirtualService, VirtualServiceSpec,
@@ -27,6 +27,7 @@ use super::{
 pub(crate) enum Kind {
     Namespace,
     Service,
+    EndpointSlice,
     Pod,
     WorkloadEntry,
     AuthorizationPolicy,
@@ -44,9 +45,10 @@ const NETWORKING: &[&str] = &["v1alpha3", "v1beta1", "v1"];
 const SECURITY: &[&str] = &["v1beta1", "v1"];
 
 impl Kind {
-    const ALL: [Kind; 13] = [
+    const ALL: [Kind; 14] = [
         Kind::Namespace,
         Kind::Service,
+        Kind::EndpointSlice,
         Kind::Pod,
         Kind::WorkloadEntry,
         Kind::AuthorizationPolicy,
@@ -64,6 +66,7 @@ impl Kind {
         match self {
             Kind::Namespace => "Namespace",
             Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
             Kind::Pod => "Pod",
             Kind::WorkloadEntry => "WorkloadEntry",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
@@ -82,6 +85,7 @@ impl Kind {
     fn group(self) -> &'static str {
         match self {
             Kind::Namespace | Kind::Service | Kind::Pod => "",
+            Kind::EndpointSlice => "discovery.k8s.io",
             Kind::WorkloadEntry | Kind::VirtualService | Kind::DestinationRule | Kind::ServiceEntry => {
                 "networking.istio.io"
             }
@@ -93,7 +97,7 @@ impl Kind {
 
     fn versions(self) -> &'static [&'static str] {
         match self {
-            Kind::Namespace | Kind::Service | Kind::Pod => &["v1"],
+            Kind::Namespace | Kind::Service | Kind::Pod | Kind::EndpointSlice => &["v1"],
             Kind::WorkloadEntry | Kind::VirtualService | Kind::DestinationRule | Kind::ServiceEntry => NETWORKING,
             Kind::AuthorizationPolicy | Kind::PeerAuthentication | Kind::RequestAuthentication => SECURITY,
             Kind::Telemetry => &["v1alpha1", "v1"],
@@ -445,6 +449,12 @@ impl Doc<'_> {
         match kind {
             Kind::Namespace => plain!(NamespaceSpec, Namespace, namespaces),
             Kind::Service => plain!(ServiceSpec, Service, services),
+            Kind::EndpointSlice => {
+                let slice: EndpointSlice = decode(de)?;
+                let metadata = with_namespace(slice.metadata, namespace);
+                let key = ObjectKey::of(kind, &metadata);
+                self.add(key, EndpointSlice { metadata, ..slice }, |c| &mut c.endpoint_slices);
+            }
             Kind::Pod => {
                 let e: Envelope<PodSpec, PodStatus> = decode(de)?;
                 let metadata = with_namespace(e.metadata, namespace);

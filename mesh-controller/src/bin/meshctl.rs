@@ -29,8 +29,12 @@ enum Command {
     /// Check Istio/Gateway API/Kubernetes manifests offline, as the controller would.
     Validate {
         /// Manifest files, or directories searched recursively for *.yaml, *.yml, *.json.
-        #[arg(required = true, value_name = "PATH")]
+        #[arg(required_unless_present = "kubernetes", value_name = "PATH")]
         paths: Vec<PathBuf>,
+        /// Check the objects of the live cluster instead ($KUBECONFIG or in-cluster
+        /// credentials): each problem names `Kind/namespace/name` and the field.
+        #[arg(long, conflicts_with = "paths")]
+        kubernetes: bool,
     },
     /// Show the controller's configuration version and every agent's sync state.
     Status {
@@ -115,6 +119,34 @@ fn status(addr: SocketAddr) -> ExitCode {
     if in_sync { ExitCode::SUCCESS } else { ExitCode::from(1) }
 }
 
+/// `meshctl validate --kubernetes`: lists the cluster with the controller's own code.
+fn validate_cluster() -> ExitCode {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    let listed = runtime.block_on(async {
+        let client = kube::Client::try_default().await.map_err(|e| format!("no cluster credentials: {e}"))?;
+        mesh_controller::kube_source::list_cluster(&client).await.map_err(|e| format!("cannot list the cluster: {e}"))
+    });
+    match listed {
+        Ok(store) => {
+            let outcome = validate::validate_documents(store.documents());
+            match &outcome {
+                validate::Outcome::Valid { files, .. } => println!("✔ the cluster's {files} mesh objects are valid"),
+                validate::Outcome::Invalid { files, report } => {
+                    for problem in &report.0 {
+                        println!("{problem}");
+                    }
+                    println!("✘ {} problems in the cluster's {files} mesh objects", report.0.len());
+                }
+            }
+            ExitCode::from(outcome.exit_code())
+        }
+        Err(e) => {
+            eprintln!("meshctl validate --kubernetes: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     // clap exits with status 2 on a usage error (a missing PATH, an unknown flag).
     let cli = Cli::parse();
@@ -130,7 +162,8 @@ fn main() -> ExitCode {
             }
         },
         Command::Status { controller } => status(controller),
-        Command::Validate { paths } => match validate::validate(&paths) {
+        Command::Validate { kubernetes: true, .. } => validate_cluster(),
+        Command::Validate { paths, .. } => match validate::validate(&paths) {
             Ok(outcome) => {
                 print!("{}", outcome.render());
                 ExitCode::from(outcome.exit_code())
