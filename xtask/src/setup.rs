@@ -15,6 +15,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iperf3", "throughput benchmark"),
     ("tcpdump", "packet captures"),
     ("socat", "tests"),
+    ("python3", "the Kubernetes API server test double (tests/fake-apiserver.py)"),
     ("prometheus", "promtool (tests check the agent's metrics)"),
     ("nghttp2-client", "h2load"),
     ("llvm-22-dev", "bpf-linker"),
