@@ -23,7 +23,7 @@ IMAGE="$HUB/$IMAGE_NAME:$TAG"
 MESH_NS=mesh-system
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 STATE="$ROOT/target/try-on-kind/$CLUSTER"
-# The install: the demo profile (1 controller, debug logs, a waypoint) with this image.
+# The install: the demo profile (1 controller, debug logs) with this image.
 SETS=(--set profile=demo --set "hub=$HUB" --set "image=$IMAGE_NAME" --set "tag=$TAG"
       --set "namespace=$MESH_NS" --set "waypoint.namespace=$DEMO_NS")
 
