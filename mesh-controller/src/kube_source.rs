@@ -507,13 +507,17 @@ pub async fn run(
     let mut updates = stream::select_all(WATCHED.iter().map(|kind| watch_kind(client.clone(), kind)));
     let mut store = Store::default();
     let mut admission = Admission::default();
-    let mut dirty = false;
+    // When the first change not yet loaded arrived: changes are loaded after a quiet
+    // `debounce`, and at the latest `MAX_DELAY` after the first one (steady churn, such
+    // as a large rollout, must not postpone them forever).
+    let mut dirty: Option<tokio::time::Instant> = None;
     loop {
-        let next = if dirty && store.synced() {
-            if let Ok(next) = tokio::time::timeout(settings.debounce, updates.next()).await {
+        let next = if let Some(since) = dirty.filter(|_| store.synced()) {
+            let wait = settings.debounce.min(MAX_DELAY.saturating_sub(since.elapsed()));
+            if let Ok(next) = tokio::time::timeout(wait, updates.next()).await {
                 next
             } else {
-                dirty = false;
+                dirty = None;
                 admit(&store, &mut admission, &controller, &settings, &problems_out);
                 if let Some(synced) = synced.take() {
                     info!(objects = store.documents().len(), "cluster listed");
@@ -525,12 +529,18 @@ pub async fn run(
             updates.next().await
         };
         let Some(update) = next else { return };
-        dirty |= match update {
+        let changed = match update {
             Update::Event(kind, event) => store.apply(kind, *event),
             Update::Absent(kind) => store.absent(kind),
         };
+        if changed && dirty.is_none() {
+            dirty = Some(tokio::time::Instant::now());
+        }
     }
 }
+
+/// The longest a change waits for the set to be loaded.
+const MAX_DELAY: Duration = Duration::from_secs(2);
 
 /// Problems to report on objects: key -> (object, problems).
 #[derive(Clone, Debug, Default, PartialEq)]

@@ -71,6 +71,7 @@ pub fn updated(mut lease: Lease, me: &str, now: Timestamp, decision: &Decision) 
 pub async fn run(client: Client, namespace: String, name: String, me: String, leader: watch::Sender<bool>) {
     let api: Api<Lease> = Api::namespaced(client, &namespace);
     let mut last_renewal: Option<std::time::Instant> = None;
+    let mut announced = false;
     loop {
         let outcome = step(&api, &name, &me).await;
         let leading = match outcome {
@@ -89,18 +90,15 @@ pub async fn run(client: Client, namespace: String, name: String, me: String, le
         if !leading {
             last_renewal = None;
         }
-        leader.send_if_modified(|current| {
-            if *current == leading {
-                return false;
-            }
-            *current = leading;
+        if *leader.borrow() != leading || !announced {
+            announced = true;
             if leading {
                 info!(identity = %me, "leading: this replica writes status and events");
             } else {
                 info!(identity = %me, "following: another replica writes status and events");
             }
-            true
-        });
+            leader.send_replace(leading);
+        }
         tokio::time::sleep(RENEW_EVERY).await;
     }
 }
