@@ -42,6 +42,10 @@ pub struct Discovery {
     pub node: String,
     pub proc_root: PathBuf,
     pub host_netns: PathBuf,
+    /// Where the container runtime pins pod network namespaces (`/var/run/netns`):
+    /// a pin lives exactly as long as the pod's sandbox, a `/proc/<pid>` path only as
+    /// long as that process.
+    pub netns_dir: PathBuf,
 }
 
 /// A pod of this node that should be enrolled.
@@ -80,19 +84,32 @@ fn wanted_pod(pod: &Pod, ips: Vec<IpAddr>) -> Wanted {
     }
 }
 
-/// Whether a `/proc/<pid>/cgroup` text puts the process in the pod `uid`.
+/// Whether a `/proc/<pid>/cgroup` text puts the process in the pod `uid`: the pod
+/// level of kubelet's hierarchy, i.e. the first component below `kubepods` (and its
+/// `QoS` level) that names a pod (cgroupfs: `kubepods/<qos>/pod<uid>`; systemd:
+/// `kubepods.slice/kubepods-<qos>.slice/kubepods-<qos>-pod<uid_>.slice`). Deeper
+/// components are the containers' and never decide, so a pod that can write its own
+/// cgroups cannot pass for another one.
 pub fn cgroup_has_pod(cgroup: &str, uid: &str) -> bool {
     let systemd = uid.replace('-', "_");
     cgroup.lines().any(|line| {
         let path = line.splitn(3, ':').nth(2).unwrap_or("");
-        path.split('/').any(|part| {
-            // cgroupfs: `pod<uid>`; systemd: `kubepods-<qos>-pod<uid_>.slice`.
-            part.strip_prefix("pod").is_some_and(|rest| rest == uid)
-                || part
-                    .strip_suffix(".slice")
-                    .and_then(|s| s.rsplit_once("-pod"))
-                    .is_some_and(|(_, rest)| rest == systemd || rest == uid)
-        })
+        let mut below_kubepods = false;
+        for part in path.split('/').filter(|p| !p.is_empty() && *p != "..") {
+            if part.starts_with("kubepods")
+                && let Some((_, slice_pod)) = part.strip_suffix(".slice").and_then(|s| s.rsplit_once("-pod"))
+            {
+                return slice_pod == systemd || slice_pod == uid;
+            }
+            if part.starts_with("kubepods") || matches!(part, "besteffort" | "burstable" | "guaranteed") {
+                below_kubepods = true;
+                continue;
+            }
+            if below_kubepods {
+                return part.strip_prefix("pod").is_some_and(|rest| rest == uid);
+            }
+        }
+        false
     })
 }
 
@@ -123,6 +140,11 @@ fn netns_inode(path: &Path) -> Option<u64> {
     std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).ok()?).into()
 }
 
+/// The runtime's pin of the network namespace `inode` in `dir`, if there is one.
+fn pinned_netns(dir: &Path, inode: u64) -> Option<PathBuf> {
+    std::fs::read_dir(dir).ok()?.flatten().map(|entry| entry.path()).find(|path| netns_inode(path) == Some(inode))
+}
+
 impl Discovery {
     pub async fn run(self) {
         let mut updates = self.client.subscribe();
@@ -130,32 +152,65 @@ impl Discovery {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut first = true;
         let mut reported: HashMap<String, String> = HashMap::new();
+        let mut owned: BTreeSet<String> = BTreeSet::new();
         loop {
             tokio::select! {
                 changed = updates.changed() => if changed.is_err() { return },
                 _ = tick.tick() => {}
             }
-            self.reconcile(first, &mut reported).await;
-            first = false;
+            // The restore check runs with the first view, whenever that comes.
+            if self.reconcile(first, &mut reported, &mut owned).await {
+                first = false;
+            }
         }
     }
 
     /// Makes the enrolled pods those the view wants. `verify`: also check that every
     /// pod restored from the state file still has a process of its own behind its
     /// namespace path (a PID may have been reused while the agent was down).
-    async fn reconcile(&self, verify: bool, reported: &mut HashMap<String, String>) {
+    /// `owned`: the pods this reconciler enrolled (pods enrolled through the
+    /// enrollment socket for UIDs the view does not know are left alone). Returns
+    /// false when there was no view to reconcile with.
+    async fn reconcile(
+        &self,
+        verify: bool,
+        reported: &mut HashMap<String, String>,
+        owned: &mut BTreeSet<String>,
+    ) -> bool {
         let state = self.client.current();
         if state.version == 0 {
             // No view yet (controller not reached): change nothing.
-            return;
+            return false;
         }
         let wanted = wanted(&state.config, &self.node);
         debug!(version = state.version, pods = state.config.pods.len(), wanted = wanted.len(), "reconciling");
+        reported.retain(|uid, _| wanted.contains_key(uid));
+        let node_pods: BTreeSet<&str> = state
+            .config
+            .pods
+            .iter()
+            .filter(|p| p.spec.node_name.as_deref() == Some(self.node.as_str()))
+            .map(|p| p.metadata.uid.as_str())
+            .collect();
         let enrolled = self.registry.list().await;
         for pod in &enrolled {
+            let uid = pod.spec.uid.as_str();
+            if !owned.contains(uid) && !node_pods.contains(uid) {
+                continue;
+            }
             let restored_elsewhere = verify && !self.still_in_pod(&pod.spec);
-            let gone = !wanted.contains_key(&pod.spec.uid);
-            if gone || restored_elsewhere {
+            // The pod's addresses changed (a recreated sandbox keeps the UID): enroll
+            // it again with the new ones.
+            let moved = wanted.get(uid).is_some_and(|w| {
+                let mut now = w.ips.clone();
+                let mut then = pod.spec.ips.clone();
+                now.sort_unstable();
+                then.sort_unstable();
+                now != then || w.service_account != pod.spec.service_account
+            });
+            let gone = !wanted.contains_key(uid);
+            if gone || restored_elsewhere || moved {
+                owned.remove(uid);
                 if let Err(error) = self.redirect.clear_probe_ports(&pod.spec.ips) {
                     warn!(pod = %pod.spec.name, %error, "cannot remove the probe exemptions");
                 }
@@ -164,7 +219,7 @@ impl Discovery {
                         info!(pod = %pod.spec.name, namespace = %pod.spec.namespace, uid = %pod.spec.uid, "pod released: no longer meshed or no longer on this node");
                     }
                     Ok(_) => {
-                        info!(pod = %pod.spec.name, uid = %pod.spec.uid, "restored pod's process is gone; finding it again");
+                        info!(pod = %pod.spec.name, uid = %pod.spec.uid, "pod's addresses, account or process changed; enrolling it again");
                     }
                     Err(error) => warn!(pod = %pod.spec.name, %error, "cannot release pod"),
                 }
@@ -188,16 +243,32 @@ impl Discovery {
                     debug!(pod = %pod.name, uid, "no process of the pod yet");
                     continue;
                 };
+                let proc_path = self.proc_root.join(pid.to_string()).join("ns/net");
+                let netns =
+                    netns_inode(&proc_path).and_then(|inode| pinned_netns(&self.netns_dir, inode)).unwrap_or(proc_path);
+                // The namespace must hold the pod's addresses: what the view says and
+                // what the process tree found agree.
+                let holds = Netns::open(&netns).and_then(|ns| ns.run(redirect::local_addresses));
+                if !holds.as_ref().is_ok_and(|addrs| pod.ips.iter().any(|ip| addrs.contains(ip))) {
+                    let text =
+                        format!("its network namespace {} does not hold {:?} ({holds:?})", netns.display(), pod.ips);
+                    if reported.get(uid) != Some(&text) {
+                        warn!(pod = %pod.name, uid, "not enrolled: {text}");
+                        reported.insert(uid.to_owned(), text);
+                    }
+                    continue;
+                }
                 let spec = PodSpec {
                     uid: uid.to_owned(),
                     name: pod.name.clone(),
                     namespace: pod.namespace.clone(),
                     service_account: pod.service_account.clone(),
                     ips: pod.ips.clone(),
-                    netns: self.proc_root.join(pid.to_string()).join("ns/net"),
+                    netns,
                 };
                 match self.registry.add(spec).await {
                     Ok(_) => {
+                        owned.insert(uid.to_owned());
                         reported.remove(uid);
                         info!(pod = %pod.name, namespace = %pod.namespace, uid, pid, "pod enrolled from the node's process tree");
                     }
@@ -212,6 +283,7 @@ impl Discovery {
             }
         }
         self.exempt_probes(&wanted);
+        true
     }
 
     fn still_in_pod(&self, spec: &PodSpec) -> bool {
@@ -260,6 +332,13 @@ mod tests {
         assert!(!cgroup_has_pod(systemd, "5f0b9c3e-1a2b-4c5d-8e9f-0123456789ac"));
         assert!(!cgroup_has_pod("0::/kubepods/besteffort/pod5f0b9c3e-1a2b-4c5d-8e9f-0123456789abc/x\n", uid));
         assert!(!cgroup_has_pod("0::/system.slice/containerd.service\n", uid));
+        // A pod that made a cgroup named after another pod below its own is still itself.
+        let nested = "0::/kubepods/besteffort/pod11111111-2222-3333-4444-555555555555/c1/pod5f0b9c3e-1a2b-4c5d-8e9f-0123456789ab\n";
+        assert!(!cgroup_has_pod(nested, uid));
+        let nested_systemd = "0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod11111111_2222_3333_4444_555555555555.slice/cri-containerd-1.scope/kubepods-besteffort-pod5f0b9c3e_1a2b_4c5d_8e9f_0123456789ab.slice\n";
+        assert!(!cgroup_has_pod(nested_systemd, uid));
+        // Not below kubepods at all.
+        assert!(!cgroup_has_pod("0::/user.slice/pod5f0b9c3e-1a2b-4c5d-8e9f-0123456789ab\n", uid));
     }
 
     #[test]

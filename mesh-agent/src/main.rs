@@ -108,6 +108,10 @@ struct RunConfig {
     /// the agent runs with hostPID).
     #[arg(long, env = "MESH_PROC_ROOT", default_value = "/proc")]
     proc_root: PathBuf,
+    /// With --kubernetes: where the container runtime pins pod network namespaces
+    /// (a pod's namespace is opened from its pin when there is one).
+    #[arg(long, env = "MESH_NETNS_DIR", default_value = "/var/run/netns")]
+    netns_dir: PathBuf,
     /// Prometheus metrics endpoint.
     #[arg(long, env = "MESH_METRICS_ADDR", default_value = "0.0.0.0:15020")]
     metrics_addr: SocketAddr,
@@ -345,6 +349,7 @@ async fn run(config: RunConfig, set_log_level: admin::SetLogLevel) -> anyhow::Re
             node: node.clone(),
             proc_root: config.proc_root.clone(),
             host_netns: config.host_netns.clone(),
+            netns_dir: config.netns_dir.clone(),
         };
         tokio::spawn(discovery.run());
     }

@@ -730,6 +730,24 @@ mod tests {
         }
     }
 
+    /// A connection from a process of the node (in `cgroup`, where the programs are
+    /// attached, and in network namespace `netns`), as kubelet makes its probes; the
+    /// process holds it for a moment.
+    fn probe_from_node(cgroup: &Path, netns: &str, dst: SocketAddr) -> std::process::Child {
+        let script = format!(
+            "echo $$ > {}/cgroup.procs && exec nsenter --net=/run/netns/{netns} bash -c 'exec 3<>/dev/tcp/{}/{}; sleep 0.5'",
+            cgroup.display(),
+            dst.ip(),
+            dst.port()
+        );
+        std::process::Command::new("sh")
+            .args(["-c", &script])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start a probe process")
+    }
+
     const WAIT: Duration = Duration::from_millis(500);
     const NOTHING: Duration = Duration::from_millis(100);
 
@@ -944,12 +962,21 @@ mod tests {
         redirect.set_probe_ports(&pod_ips, &[8081]).expect("set probe ports once more");
         assert_eq!(redirect.probe_ports(), vec![(IpAddr::V4(pod), 8081)]);
 
-        // The kubelet's probe (from the node's address to the probe port) reaches the
-        // application's own listener.
-        let _client = connect(&node_ns, node_ip, to(8081)).expect("probe from the node");
+        // The kubelet's probe (a process of the node, in the attached cgroup, from the
+        // node's address to the probe port) reaches the application's own listener.
+        let probe = probe_from_node(&scratch.cgroup, &node, to(8081));
         let (_, from) = accept(&health, WAIT).expect("the health port's own listener accepts the probe");
         assert_eq!(from.ip(), IpAddr::V4(node_ip));
         assert!(accept(&capture, NOTHING).is_none(), "a probe must not be steered");
+        assert!(probe.wait_with_output().expect("probe process").status.success());
+
+        // The same addresses without a socket of the node's own behind them (traffic
+        // forwarded through the node and masqueraded to its address, as a NodePort's
+        // is) are captured.
+        let _client = connect(&node_ns, node_ip, to(8081)).expect("forwarded-like connection from the node");
+        let (steered, from) = accept(&capture, WAIT).expect("15006 accepts a connection the node did not open");
+        assert_eq!((steered.local_addr().unwrap(), from.ip()), (to(8081), IpAddr::V4(node_ip)));
+        assert!(accept(&health, NOTHING).is_none(), "no plaintext to the probe port without a node socket");
 
         // The same port from another pod is captured.
         let _client = connect(&other_ns, other_ip, to(8081)).expect("connect from another pod");
@@ -965,12 +992,12 @@ mod tests {
 
         let stats: std::collections::HashMap<_, _> = redirect.kernel_stats().into_iter().collect();
         eprintln!("kernel stats: {stats:?}");
-        assert_eq!((stats["inbound_probe"], stats["inbound_steered"]), (1, 2));
+        assert_eq!((stats["inbound_probe"], stats["inbound_steered"]), (1, 3));
 
         // Un-enrolled: the probe port is forgotten and the node's probe is captured again.
         redirect.clear_probe_ports(&pod_ips).expect("clear probe ports");
         assert!(redirect.probe_ports().is_empty());
-        let _client = connect(&node_ns, node_ip, to(8081)).expect("probe after clear");
+        let mut after_clear = probe_from_node(&scratch.cgroup, &node, to(8081));
         let (steered, _) = accept(&capture, WAIT).expect("15006 accepts the probe port after clear");
         assert_eq!(steered.local_addr().unwrap(), to(8081));
         assert!(accept(&health, NOTHING).is_none());
@@ -978,9 +1005,11 @@ mod tests {
         // A node address that is no longer the node's stops being a probe source.
         redirect.set_probe_ports(&pod_ips, &[8081]).expect("set probe ports after clear");
         redirect.set_probe_sources(&[]).expect("empty the probe sources");
-        let _client = connect(&node_ns, node_ip, to(8081)).expect("probe without probe sources");
+        let mut no_source = probe_from_node(&scratch.cgroup, &node, to(8081));
         assert!(accept(&capture, WAIT).is_some(), "no probe source, no exemption");
         assert!(accept(&health, NOTHING).is_none());
+        // The probe processes leave the scratch cgroup before it is removed.
+        let _ = (after_clear.wait(), no_source.wait());
 
         // Detaching leaves no probe port behind.
         redirect.detach_inbound(cookie, &pod_ips).expect("detach inbound capture");

@@ -270,6 +270,7 @@ fn workload_of(config: &Config, pod: &Pod) -> Option<Workload> {
             .spec
             .containers
             .iter()
+            .chain(&pod.spec.init_containers)
             .flat_map(|c| &c.ports)
             .filter_map(|p| Some((p.name.clone()?, u16::try_from(p.container_port).ok()?)))
             .collect(),

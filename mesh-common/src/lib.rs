@@ -111,6 +111,23 @@ pub struct ProbeKey {
 // No implicit padding: the fields above add up to the size.
 const _: () = assert!(core::mem::size_of::<ProbeKey>() == 4 + 2 + 2 + 16);
 
+/// Key of the probe-connection map: one TCP connection a process of the node itself
+/// (kubelet) opened to a pod's probe port, as its `sock_ops` program saw it. Addresses
+/// as in [`InboundKey`], ports in host order, `src` the node's side. Forwarded traffic
+/// (a `NodePort` masqueraded to the node's address) has no socket on the node, so it
+/// never gets an entry, whatever its addresses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ProbeConnKey {
+    pub family: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+
+const _: () = assert!(core::mem::size_of::<ProbeConnKey>() == 4 + 2 + 2 + 16 + 16);
+
 /// Indexes into the kernel statistics array (one `u64` counter each, per CPU).
 pub mod stat {
     /// Connections rewritten to the in-pod listener.
@@ -174,4 +191,6 @@ mod pod_impls {
     unsafe impl aya::Pod for super::InboundKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ProbeKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ProbeConnKey {}
 }

@@ -153,14 +153,18 @@ pub fn document(kind: &WatchedKind, object: &Value) -> Option<(String, Value)> {
         "Namespace" => {}
         "Pod" => {
             let mut pod_spec = pick(&spec, &["serviceAccountName", "serviceAccount", "nodeName", "hostNetwork"]);
-            let containers: Vec<Value> = spec
-                .get("containers")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .map(|c| pick(c, &["name", "ports", "livenessProbe", "readinessProbe", "startupProbe"]))
-                .collect();
-            pod_spec["containers"] = Value::Array(containers);
+            for list in ["containers", "initContainers"] {
+                let containers: Vec<Value> = spec
+                    .get(list)
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .map(|c| pick(c, &["name", "ports", "livenessProbe", "readinessProbe", "startupProbe"]))
+                    .collect();
+                if !containers.is_empty() || list == "containers" {
+                    pod_spec[list] = Value::Array(containers);
+                }
+            }
             doc["spec"] = pod_spec;
             let status = object.get("status").cloned().unwrap_or(Value::Null);
             let mut pod_status = pick(&status, &["podIP", "podIPs", "hostIP", "phase"]);
@@ -459,7 +463,13 @@ fn watch_kind(client: Client, kind: &'static WatchedKind) -> BoxStream<'static, 
                 match installed(&client, kind).await {
                     Ok(true) => break,
                     Ok(false) => {
-                        info!(kind = kind.kind, "kind not installed on this cluster; watching for it");
+                        if kind.group.ends_with("istio.io") {
+                            // Old Istio CRDs (before 1.22) do not serve v1: their policies
+                            // would silently not apply.
+                            warn!(kind = kind.kind, api_version = %kind.api_version(), "kind not served by this cluster: objects of it are NOT applied (install the mesh's CRDs, which serve v1); watching for it");
+                        } else {
+                            info!(kind = kind.kind, "kind not installed on this cluster; watching for it");
+                        }
                         return stream::once(async move { Update::Absent(kind) })
                             .chain(
                                 stream::once(async move {
@@ -518,8 +528,9 @@ pub async fn run(
                 next
             } else {
                 dirty = None;
-                admit(&store, &mut admission, &controller, &settings, &problems_out);
-                if let Some(synced) = synced.take() {
+                let admitted = admit(&store, &mut admission, &controller, &settings, &problems_out);
+                // Agents are served only once a configuration of the cluster applied.
+                if admitted && let Some(synced) = synced.take() {
                     info!(objects = store.documents().len(), "cluster listed");
                     let _ = synced.send(());
                 }
@@ -546,13 +557,14 @@ const MAX_DELAY: Duration = Duration::from_secs(2);
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Reported(pub BTreeMap<String, (ObjectRef, Vec<Problem>)>);
 
+/// Admits the store's documents; false when nothing could be applied.
 fn admit(
     store: &Store,
     admission: &mut Admission,
     controller: &Controller,
     settings: &Settings,
     problems_out: &tokio::sync::watch::Sender<Reported>,
-) {
+) -> bool {
     match admission.admit(store.documents(), &settings.trust_domain, &settings.root_namespace) {
         Ok(admitted) => {
             if admitted.problems.is_empty() {
@@ -579,8 +591,12 @@ fn admit(
             if let Some(version) = controller.apply(admitted.config) {
                 debug!(version, objects = store.documents().len(), "cluster configuration applied");
             }
+            true
         }
-        Err(report) => controller.reject(&report.to_string()),
+        Err(report) => {
+            controller.reject(&report.to_string());
+            false
+        }
     }
 }
 
@@ -640,6 +656,7 @@ pub async fn report(
     let recorder =
         Recorder::new(client.clone(), Reporter { controller: "mesh-controller".into(), instance: Some(instance) });
     let mut written = Reported::default();
+    let mut failed: BTreeSet<String> = BTreeSet::new();
     loop {
         if *leader.borrow_and_update() {
             let current = problems.borrow_and_update().clone();
@@ -663,10 +680,14 @@ pub async fn report(
                     action: "Validate".into(),
                     secondary: None,
                 };
-                if let Err(error) = recorder.publish(&event, &reference).await {
-                    warn!(object = %key, %error, "cannot write the validation Event");
+                let published = recorder.publish(&event, &reference).await;
+                if let Err(error) = &published {
+                    warn!(object = %key, %error, "cannot write the validation Event; will retry");
                 }
-                patch_status(&client, object, list, &now, key).await;
+                let patched = patch_status(&client, object, list, &now, key).await;
+                if published.is_err() || !patched {
+                    failed.insert(key.clone());
+                }
             }
             // Objects fixed since: their condition turns back to Accepted.
             for (key, (object, _)) in &written.0 {
@@ -674,22 +695,36 @@ pub async fn report(
                     patch_status(&client, object, &[], &now, key).await;
                 }
             }
-            written = current;
+            // What could not be written is tried again on the next round.
+            written = Reported(current.0.into_iter().filter(|(k, _)| !failed.contains(k)).collect());
+        } else {
+            // A replica that leads again writes everything again.
+            written = Reported::default();
         }
+        let retry = !failed.is_empty();
+        failed.clear();
         tokio::select! {
             changed = problems.changed() => if changed.is_err() { return },
             changed = leader.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep(Duration::from_secs(30)), if retry => {}
         }
     }
 }
 
-async fn patch_status(client: &Client, object: &ObjectRef, problems: &[Problem], now: &str, key: &str) {
+/// Writes the `Accepted` condition; false when the API refused it.
+async fn patch_status(client: &Client, object: &ObjectRef, problems: &[Problem], now: &str, key: &str) -> bool {
     if !object.kind.status {
-        return;
+        return true;
     }
     let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &object.namespace, &object.kind.api_resource());
     let patch = status_patch(object, problems, now);
-    if let Err(error) = api.patch_status(&object.name, &PatchParams::default(), &Patch::Merge(&patch)).await {
-        debug!(object = %key, %error, "cannot write the status condition");
+    match api.patch_status(&object.name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+        Ok(_) => true,
+        // Deleted meanwhile: nothing to report on.
+        Err(kube::Error::Api(status)) if status.code == 404 => true,
+        Err(error) => {
+            warn!(object = %key, %error, "cannot write the status condition; will retry");
+            false
+        }
     }
 }

@@ -73,7 +73,11 @@ pub async fn run(client: Client, namespace: String, name: String, me: String, le
     let mut last_renewal: Option<std::time::Instant> = None;
     let mut announced = false;
     loop {
-        let outcome = step(&api, &name, &me).await;
+        // A hung request must not keep this replica acting as leader past the lease.
+        let outcome = match tokio::time::timeout(RENEW_EVERY, step(&api, &name, &me)).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(kube::Error::Service("the Lease request timed out".into())),
+        };
         let leading = match outcome {
             Ok(true) => {
                 last_renewal = Some(std::time::Instant::now());

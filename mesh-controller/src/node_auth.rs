@@ -20,10 +20,18 @@ use kube::{Api, Client, api::PostParams};
 
 /// The `extra` key under which a bound token names its node.
 pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
+/// The `extra` key under which a token bound to a pod names it (a token bound to a
+/// Node object names a node too, but no agent pod runs with it).
+pub const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
 const CACHE_FOR: Duration = Duration::from_mins(1);
+/// How long a refused token stays refused without asking again (a client sending
+/// random tokens must not turn into a `TokenReview` per request).
+const REFUSED_FOR: Duration = Duration::from_secs(10);
 const CACHE_MAX: usize = 10_000;
+/// Reviews in flight at once; more requests wait.
+const MAX_REVIEWS: usize = 8;
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
     #[error("the API server does not accept the token: {0}")]
     NotAuthenticated(String),
@@ -31,7 +39,7 @@ pub enum AuthError {
     WrongAudience { expected: String, actual: Vec<String> },
     #[error("the token belongs to {actual}, not to the agent's service account {expected}")]
     WrongAccount { expected: String, actual: String },
-    #[error("the token of {0} is not bound to a pod on a node (no {NODE_NAME_EXTRA})")]
+    #[error("the token of {0} is not bound to a pod on a node (no {NODE_NAME_EXTRA} and {POD_NAME_EXTRA})")]
     NoNode(String),
     #[error("cannot ask the API server (TokenReview): {0}")]
     Review(String),
@@ -72,13 +80,16 @@ pub fn node_of(status: &TokenReviewStatus, audience: &str, account: &str) -> Res
     if username != account {
         return Err(AuthError::WrongAccount { expected: account.to_owned(), actual: username });
     }
-    user.and_then(|u| u.extra.as_ref())
-        .and_then(|extra| extra.get(NODE_NAME_EXTRA))
-        .and_then(|nodes| nodes.first())
-        .filter(|node| !node.is_empty())
-        .cloned()
-        .ok_or(AuthError::NoNode(username))
+    let extra = user.and_then(|u| u.extra.as_ref());
+    let first = |key: &str| extra.and_then(|e| e.get(key)).and_then(|v| v.first()).filter(|v| !v.is_empty()).cloned();
+    match (first(NODE_NAME_EXTRA), first(POD_NAME_EXTRA)) {
+        (Some(node), Some(_pod)) => Ok(node),
+        _ => Err(AuthError::NoNode(username)),
+    }
 }
+
+/// Token -> outcome of its review, and when it was reviewed.
+type ReviewCache = HashMap<String, (Result<String, AuthError>, Instant)>;
 
 /// Token -> node, with the cache.
 pub struct NodeAuthenticator {
@@ -86,7 +97,8 @@ pub struct NodeAuthenticator {
     audience: String,
     /// `system:serviceaccount:<namespace>:<name>` of the agents.
     account: String,
-    cache: Mutex<HashMap<String, (String, Instant)>>,
+    cache: Mutex<ReviewCache>,
+    reviews: tokio::sync::Semaphore,
 }
 
 impl NodeAuthenticator {
@@ -96,25 +108,38 @@ impl NodeAuthenticator {
             audience,
             account: format!("system:serviceaccount:{agent_namespace}:{agent_account}"),
             cache: Mutex::new(HashMap::new()),
+            reviews: tokio::sync::Semaphore::new(MAX_REVIEWS),
         }
     }
 
     pub async fn node(&self, token: &str) -> Result<String, AuthError> {
-        if let Some((node, at)) = self.cache.lock().expect("lock").get(token)
-            && at.elapsed() < CACHE_FOR
-        {
-            return Ok(node.clone());
+        let cached = |cache: &ReviewCache| {
+            cache.get(token).and_then(|(outcome, at)| {
+                let valid_for = if outcome.is_ok() { CACHE_FOR } else { REFUSED_FOR };
+                (at.elapsed() < valid_for).then(|| outcome.clone())
+            })
+        };
+        if let Some(outcome) = cached(&self.cache.lock().expect("lock")) {
+            return outcome;
         }
-        let status = self.reviewer.review(token, &self.audience).await.map_err(AuthError::Review)?;
-        let node = node_of(&status, &self.audience, &self.account)?;
+        let _permit = self.reviews.acquire().await.map_err(|_| AuthError::Review("shutting down".into()))?;
+        // Another request may have reviewed the same token while this one waited.
+        if let Some(outcome) = cached(&self.cache.lock().expect("lock")) {
+            return outcome;
+        }
+        let outcome = match self.reviewer.review(token, &self.audience).await {
+            Ok(status) => node_of(&status, &self.audience, &self.account),
+            // The API server could not answer: not the token's fault, not cached.
+            Err(error) => return Err(AuthError::Review(error)),
+        };
         let mut cache = self.cache.lock().expect("lock");
         if cache.len() >= CACHE_MAX {
-            cache.retain(|_, (_, at)| at.elapsed() < CACHE_FOR);
+            cache.retain(|_, (outcome, at)| at.elapsed() < if outcome.is_ok() { CACHE_FOR } else { REFUSED_FOR });
             if cache.len() >= CACHE_MAX {
                 cache.clear();
             }
         }
-        cache.insert(token.to_owned(), (node.clone(), Instant::now()));
-        Ok(node)
+        cache.insert(token.to_owned(), (outcome.clone(), Instant::now()));
+        outcome
     }
 }

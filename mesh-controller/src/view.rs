@@ -160,6 +160,10 @@ pub fn may_issue(config: &Config, node: &str, identity: &str) -> bool {
             p.spec.node_name.as_deref() == Some(node)
                 && p.metadata.namespace.as_str() == ns
                 && p.spec.service_account() == sa
+                // A finished pod (a completed Job's, kept for days) runs nothing to
+                // identify, and a host-network pod is never captured.
+                && !matches!(p.status.phase.as_deref(), Some("Succeeded" | "Failed"))
+                && !p.spec.host_network
         })
 }
 

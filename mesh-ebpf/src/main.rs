@@ -26,7 +26,10 @@ use core::{ffi::c_void, ptr::read_volatile};
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sk_lookup, bpf_sock_addr, sk_action},
+    bindings::{
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sk_lookup,
+        bpf_sock_addr, bpf_sock_ops, sk_action,
+    },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, sk_lookup, sock_ops},
     maps::lpm_trie::Key,
@@ -34,11 +37,11 @@ use aya_ebpf::{
 };
 use maps::{
     ENROLLED, EXCLUDED_PORTS, EXCLUDED_V4, EXCLUDED_V6, INBOUND_ADDRS, INBOUND_EXCLUDED_PORTS, INBOUND_PROBE_PORTS,
-    INBOUND_SOCKETS, ORIG_DST, PENDING, PROBE_SOURCES, STATS,
+    INBOUND_SOCKETS, ORIG_DST, PENDING, PROBE_CONNS, PROBE_SOURCES, STATS,
 };
 use mesh_common::{
     AF_INET, AF_INET6, BYPASS_MARK, HBONE_PORT, INBOUND_PLAINTEXT_PORT, InboundKey, OUTBOUND_PORT, OrigDst, OrigDstKey,
-    ProbeKey, stat,
+    ProbeConnKey, ProbeKey, stat,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -65,10 +68,92 @@ pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
 
 #[sock_ops]
 pub fn mesh_sock_ops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() == BPF_SOCK_OPS_TCP_CONNECT_CB {
+    let op = ctx.op();
+    if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
         hand_over(&ctx);
+        note_probe(&ctx);
+    } else if op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE {
+        if let Some(key) = probe_conn_key(&ctx) {
+            let _ = PROBE_CONNS.remove(&key);
+        }
     }
     1
+}
+
+/// The probe-connection key of a connecting socket (the node's side is `src`).
+///
+/// Every field is a separate volatile load at a constant offset from the context
+/// pointer, for the same reason as in `try_sk_lookup`: otherwise the compiler merges
+/// the IPv4 and IPv6 paths into a load through a moved context pointer, which the
+/// verifier refuses.
+#[inline(always)]
+fn probe_conn_key(ctx: &SockOpsContext) -> Option<ProbeConnKey> {
+    let ops: *const bpf_sock_ops = ctx.ops;
+    // SAFETY: the kernel hands every sock_ops program a valid bpf_sock_ops; each read
+    // is a 4-byte aligned field this program type may read.
+    let field = |f: *const u32| unsafe { read_volatile(f) };
+    // SAFETY: as above (only the field addresses are computed here).
+    let (family, local_ip4, remote_ip4, local_ip6, remote_ip6, local_port, remote_port) = unsafe {
+        (
+            &raw const (*ops).family,
+            &raw const (*ops).local_ip4,
+            &raw const (*ops).remote_ip4,
+            (&raw const (*ops).local_ip6).cast::<u32>(),
+            (&raw const (*ops).remote_ip6).cast::<u32>(),
+            &raw const (*ops).local_port,
+            &raw const (*ops).remote_port,
+        )
+    };
+    let family = field(family);
+    let v6_local = [
+        field(local_ip6),
+        field(local_ip6.wrapping_add(1)),
+        field(local_ip6.wrapping_add(2)),
+        field(local_ip6.wrapping_add(3)),
+    ];
+    let v6_remote = [
+        field(remote_ip6),
+        field(remote_ip6.wrapping_add(1)),
+        field(remote_ip6.wrapping_add(2)),
+        field(remote_ip6.wrapping_add(3)),
+    ];
+    let (v4_local, v4_remote) = (field(local_ip4), field(remote_ip4));
+    let (src, dst) = if family == u32::from(AF_INET) {
+        ([v4_local, 0, 0, 0], [v4_remote, 0, 0, 0])
+    } else if family == u32::from(AF_INET6) {
+        (v6_local, v6_remote)
+    } else {
+        return None;
+    };
+    Some(ProbeConnKey {
+        family,
+        // local_port is in host order; remote_port in network order (upper half).
+        src_port: field(local_port) as u16,
+        dst_port: u32::from_be(field(remote_port)) as u16,
+        src: addr_bytes(src),
+        dst: addr_bytes(dst),
+    })
+}
+
+/// Records a connection the node itself (kubelet) opens from one of its addresses to a
+/// pod's probe port, and asks for the socket's state changes so that the record goes
+/// when the connection closes.
+#[inline(always)]
+fn note_probe(ctx: &SockOpsContext) {
+    let Some(key) = probe_conn_key(ctx) else { return };
+    let source = InboundKey { family: key.family, addr: key.src };
+    // SAFETY: read-only lookups of plain values.
+    if unsafe { PROBE_SOURCES.get(source) }.is_none()
+        || unsafe {
+            INBOUND_PROBE_PORTS.get(ProbeKey { family: key.family, port: key.dst_port, pad: 0, addr: key.dst })
+        }
+        .is_none()
+    {
+        return;
+    }
+    if PROBE_CONNS.insert(&key, &1, 0).is_ok() {
+        let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+    }
 }
 
 #[sk_lookup]
@@ -207,7 +292,7 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
     // read is a 4-byte aligned field the verifier allows for this program type.
     let field = |f: *const u32| unsafe { read_volatile(f) };
     // SAFETY: as above (only the field addresses are computed here).
-    let (protocol, family, local_ip4, remote_ip4, local_ip6, remote_ip6, local_port) = unsafe {
+    let (protocol, family, local_ip4, remote_ip4, local_ip6, remote_ip6, local_port, remote_port) = unsafe {
         (
             &raw const (*lookup).protocol,
             &raw const (*lookup).family,
@@ -216,6 +301,8 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
             &raw const (*lookup).local_ip6,
             &raw const (*lookup).remote_ip6,
             &raw const (*lookup).local_port,
+            // A 2-byte field followed by 2 zero bytes; the kernel accepts a 4-byte load.
+            (&raw const (*lookup).remote_port).cast::<u32>(),
         )
     };
     if field(protocol) != IPPROTO_TCP {
@@ -249,14 +336,19 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
     }
     // Host order, a u32 in the context.
     let port = field(local_port) as u16;
-    // A kubelet probe: from the node itself to a port registered for this pod IP. Both
-    // keys are built on the stack from the words read above (no context pointer in a
-    // map key). The small source map first: most connections stop there.
-    let source = InboundKey { family, addr: addr_bytes(remote) };
-    // SAFETY: read-only lookups of plain values.
-    if unsafe { PROBE_SOURCES.get(source) }.is_some()
-        && unsafe { INBOUND_PROBE_PORTS.get(ProbeKey { family, port, pad: 0, addr: key.addr }) }.is_some()
-    {
+    // A kubelet probe: a connection the node itself opened to a probe port of this pod
+    // IP (recorded by sock_ops on the node; see PROBE_CONNS). The key is built on the
+    // stack from the words read above (no context pointer in a map key).
+    let probe = ProbeConnKey {
+        family,
+        // Network order in the low 16 bits of the 4-byte load.
+        src_port: u16::from_be(field(remote_port) as u16),
+        dst_port: port,
+        src: addr_bytes(remote),
+        dst: key.addr,
+    };
+    // SAFETY: read-only lookup of a plain value.
+    if unsafe { PROBE_CONNS.get(&probe) }.is_some() {
         count(stat::INBOUND_PROBE);
         return sk_action::SK_PASS;
     }

@@ -5,7 +5,7 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
 };
-use mesh_common::{EnrolledPod, InboundKey, OrigDst, OrigDstKey, ProbeKey, stat};
+use mesh_common::{EnrolledPod, InboundKey, OrigDst, OrigDstKey, ProbeConnKey, ProbeKey, stat};
 
 /// Enrolled pods, keyed by network-namespace cookie. Written by the agent only.
 #[map]
@@ -48,8 +48,9 @@ pub static INBOUND_SOCKETS: SockHash<InboundKey> = SockHash::pinned(16_384, 0);
 pub static INBOUND_EXCLUDED_PORTS: HashMap<u16, u8> = HashMap::pinned(1024, 0);
 
 /// Kubelet probe ports of each captured pod IP. A connection to one of them is passed
-/// to the application uncaptured only when it comes from `PROBE_SOURCES`: under a
-/// STRICT policy the agent refuses plaintext, and the kubelet's probes are plaintext.
+/// to the application uncaptured only when the node itself opened it (`PROBE_CONNS`):
+/// under a STRICT policy the agent refuses plaintext, and kubelet's probes are
+/// plaintext.
 #[map]
 pub static INBOUND_PROBE_PORTS: HashMap<ProbeKey, u8> = HashMap::pinned(16_384, 0);
 
@@ -58,6 +59,14 @@ pub static INBOUND_PROBE_PORTS: HashMap<ProbeKey, u8> = HashMap::pinned(16_384, 
 /// have addresses of their own.
 #[map]
 pub static PROBE_SOURCES: HashMap<InboundKey, u8> = HashMap::pinned(256, 0);
+
+/// Connections a local process of the node (kubelet) opened from one of its
+/// `PROBE_SOURCES` to a pod's probe port, recorded by `sock_ops` when the connect
+/// starts and removed when the socket closes. Traffic forwarded through the node and
+/// masqueraded to its address (NodePort, LoadBalancer) has the same addresses but no
+/// local socket, so it is never in here and stays captured.
+#[map]
+pub static PROBE_CONNS: LruHashMap<ProbeConnKey, u8> = LruHashMap::pinned(16_384, 0);
 
 /// Counters, indexed by `mesh_common::stat`.
 #[map]

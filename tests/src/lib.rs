@@ -187,7 +187,7 @@ impl Lab {
                     ip6: format!("fd00:98:{i}::{}", 10 + j),
                     // The path carries the pod's UID, as kubelet's cgroups do: that is
                     // how an agent in Kubernetes mode finds the pod's processes.
-                    cgroup: cg.join(format!("node{i}")).join("pods").join(format!("poduid-{p}-{name}")),
+                    cgroup: cg.join(format!("node{i}")).join("kubepods").join(format!("poduid-{p}-{name}")),
                     namespace: if meshed { "shop" } else { "legacy" }.into(),
                     node: i,
                     meshed,
@@ -249,6 +249,7 @@ impl Lab {
                 }
             }
             fs::create_dir_all(node.cgroup.join("agent"))?;
+            fs::create_dir_all(node.cgroup.join("host"))?;
             fs::create_dir_all(&node.state_dir)?;
         }
         for pod in &self.pods {
@@ -790,7 +791,9 @@ impl Lab {
             return Ok((pod.netns.clone(), Some(pod.cgroup.clone())));
         }
         if let Some(node) = self.nodes.iter().find(|n| n.name == target) {
-            return Ok((node.netns.clone(), None));
+            // Below the node's cgroup, where its agent's programs are attached, as the
+            // host's own processes (kubelet) are on a real node.
+            return Ok((node.netns.clone(), Some(node.cgroup.join("host"))));
         }
         if target == "fabric" {
             return Ok((format!("{}-fabric", self.spec.prefix), None));

@@ -955,6 +955,55 @@ fn kubernetes_mode_enrolls_by_label_exempts_probes_and_reports_on_objects() {
             );
             // Everything else still serves.
             wait_reachable(lab, "n1-p1", "n2-p1");
+
+            // A second replica serves too but follows; when the leader is gone, it takes
+            // the Lease over once it expires.
+            let bin = controller_bin().display().to_string();
+            let kubeconfig = format!("KUBECONFIG={}", lab.api_dir().join("kubeconfig").display());
+            let ca_dir = lab.ca_dir().display().to_string();
+            lab.spawn_in(
+                "fabric",
+                "controller-b",
+                &[
+                    "env",
+                    &kubeconfig,
+                    "MESH_POD_NAME=mesh-controller-1",
+                    &bin,
+                    "serve",
+                    "--kubernetes",
+                    "--lease-namespace",
+                    "istio-system",
+                    "--ca-dir",
+                    &ca_dir,
+                    "--listen",
+                    "0.0.0.0:15013",
+                    "--admin",
+                    "127.0.0.1:15015",
+                ],
+            )
+            .expect("start a second controller");
+            wait_for(Duration::from_secs(10), || {
+                let log = lab.log_of("controller-b");
+                log.contains("following") && log.contains("serving (Kubernetes)")
+            })
+            .unwrap_or_else(|_| panic!("second replica: {}", lab.log_of("controller-b")));
+            let taken = std::time::Instant::now();
+            lab.stop_controller().unwrap();
+            wait_for(Duration::from_secs(30), || {
+                api_objects(lab, "Lease").first().is_some_and(|l| l["spec"]["holderIdentity"] == "mesh-controller-1")
+            })
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the second replica did not take over: {:?}\n{}",
+                    api_objects(lab, "Lease"),
+                    lab.log_of("controller-b")
+                )
+            });
+            wait_for(Duration::from_secs(5), || lab.log_of("controller-b").contains("leading"))
+                .unwrap_or_else(|_| panic!("no 'leading' in: {}", lab.log_of("controller-b")));
+            // Not before the leader's lease (15 s) ran out.
+            assert!(taken.elapsed() >= Duration::from_secs(5), "took over after {:?}", taken.elapsed());
+            eprintln!("second replica took the Lease over {:?} after the leader stopped", taken.elapsed());
         },
     );
 }

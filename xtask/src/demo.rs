@@ -341,7 +341,12 @@ fn kubernetes_mode() -> anyhow::Result<()> {
     step("Mesh-wide STRICT: kubelet's probes (from the node, to the pod's probe port) still reach the pod");
     let before = lab.controller_version()?;
     let strict = r#"{"apiVersion":"security.istio.io/v1","kind":"PeerAuthentication","metadata":{"name":"default","namespace":"istio-system"},"spec":{"mtls":{"mode":"STRICT"}}}"#;
-    lab.api("POST", "/apis/security.istio.io/v1/namespaces/istio-system/peerauthentications", "application/json", strict)?;
+    lab.api(
+        "POST",
+        "/apis/security.istio.io/v1/namespaces/istio-system/peerauthentications",
+        "application/json",
+        strict,
+    )?;
     mesh_lab::wait_for(Duration::from_secs(10), || {
         let v = lab.controller_version().unwrap_or(0);
         v > before && (1..=2).all(|n| lab.agent_config_version(n) == v)
@@ -349,7 +354,10 @@ fn kubernetes_mode() -> anyhow::Result<()> {
     let url = format!("http://{}:{HTTP_PORT}/", lab.pod("n1-p1").ip4);
     println!("  kubelet (node1) -> n1-p1:{HTTP_PORT} (readiness probe port): {}", try_curl(&lab, "node1", &url)?);
     println!("  n1-p2 (legacy, plaintext) -> n1-p1:{HTTP_PORT}:            {}", try_curl(&lab, "n1-p2", &url)?);
-    println!("  n1-p1 -> n2-p1 (mTLS): {}", try_curl(&lab, "n1-p1", &format!("http://{}:{HTTP_PORT}/", lab.pod("n2-p1").ip4))?);
+    println!(
+        "  n1-p1 -> n2-p1 (mTLS): {}",
+        try_curl(&lab, "n1-p1", &format!("http://{}:{HTTP_PORT}/", lab.pod("n2-p1").ip4))?
+    );
 
     step("An invalid VirtualService is reported on the object; everything else keeps applying");
     let broken = r#"{"apiVersion":"networking.istio.io/v1","kind":"VirtualService","metadata":{"name":"broken","namespace":"shop"},"spec":{"hosts":["echo"],"http":[{"timeout":"2x","route":[{"destination":{"host":"echo"},"weight":70}]}]}}"#;
@@ -365,7 +373,10 @@ fn kubernetes_mode() -> anyhow::Result<()> {
     mesh_lab::wait_for(Duration::from_secs(15), || find("Event").is_some() && find("VirtualService").is_some())
         .context("no Event and status for the invalid VirtualService")?;
     let event = find("Event").context("event")?;
-    println!("  Event {} {} on {}/{}: {}", event["type"], event["reason"], event["regarding"]["kind"], event["regarding"]["name"], event["note"]);
+    println!(
+        "  Event {} {} on {}/{}: {}",
+        event["type"], event["reason"], event["regarding"]["kind"], event["regarding"]["name"], event["note"]
+    );
     let vs = find("VirtualService").context("vs")?;
     println!("  status.conditions[0]: {}", vs["status"]["conditions"][0]);
     let kubeconfig = format!("KUBECONFIG={}", lab.api_dir().join("kubeconfig").display());

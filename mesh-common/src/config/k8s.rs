@@ -187,6 +187,10 @@ pub struct PodSpec {
     pub host_network: bool,
     #[serde(default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
     pub containers: Vec<Container>,
+    /// Init containers; those with `restartPolicy: Always` are native sidecars that
+    /// serve ports and are probed like containers.
+    #[serde(default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
+    pub init_containers: Vec<Container>,
 }
 
 impl PodSpec {
@@ -304,7 +308,7 @@ impl Pod {
     /// named ports resolved against the pod's container ports; sorted, each once.
     pub fn probe_ports(&self) -> Vec<u16> {
         let mut ports = Vec::new();
-        for container in &self.spec.containers {
+        for container in self.spec.containers.iter().chain(&self.spec.init_containers) {
             let probes = [&container.liveness_probe, &container.readiness_probe, &container.startup_probe];
             for probe in probes.into_iter().flatten() {
                 let named = probe.http_get.iter().chain(&probe.tcp_socket).map(|p| &p.port);
