@@ -87,7 +87,8 @@ impl Problem {
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         write!(f, "{}: ", self.file)?;
-        if let Some(object) = &self.object {
+        // Objects from the Kubernetes API are their own source: named once.
+        if let Some(object) = self.object.as_ref().filter(|o| **o != self.file) {
             write!(f, "{object}: ")?;
         }
         if !self.field.is_empty() {

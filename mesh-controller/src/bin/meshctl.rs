@@ -135,7 +135,8 @@ fn validate_cluster() -> ExitCode {
                     for problem in &report.0 {
                         println!("{problem}");
                     }
-                    println!("✘ {} problems in the cluster's {files} mesh objects", report.0.len());
+                    let n = report.0.len();
+                    println!("✘ {n} problem{} in the cluster's {files} mesh objects", if n == 1 { "" } else { "s" });
                 }
             }
             ExitCode::from(outcome.exit_code())
