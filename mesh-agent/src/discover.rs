@@ -65,7 +65,7 @@ fn wanted(config: &Config, node: &str) -> BTreeMap<String, Wanted> {
         .pods
         .iter()
         .filter(|pod| pod.spec.node_name.as_deref() == Some(node) && !pod.metadata.uid.is_empty())
-        .filter(|pod| !matches!(pod.status.phase.as_deref(), Some("Succeeded" | "Failed")))
+        .filter(|pod| !pod.has_ended())
         .filter(|pod| config.pod_is_meshed(pod))
         .filter_map(|pod| {
             let ips: Vec<IpAddr> = pod.ips().iter().filter_map(|ip| ip.parse().ok()).collect();

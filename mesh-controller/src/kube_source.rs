@@ -129,6 +129,11 @@ fn pick(from: &Value, keys: &[&str]) -> Value {
     Value::Object(out)
 }
 
+/// [`pick`] applied to every element of the array `from[list]` (none when absent).
+fn pick_each(from: &Value, list: &str, keys: &[&str]) -> Vec<Value> {
+    from.get(list).and_then(Value::as_array).into_iter().flatten().map(|item| pick(item, keys)).collect()
+}
+
 /// The document the loader reads for one API object, and its key
 /// (`Kind/namespace/name`, `Kind/name` when cluster-scoped). `None` for an object
 /// without a name (never sent by a real API server).
@@ -148,48 +153,30 @@ pub fn document(kind: &WatchedKind, object: &Value) -> Option<(String, Value)> {
     // `generation` is for status reporting only; the loader does not read it.
     let generation = metadata.as_object_mut().expect("object").remove("generation");
     let mut doc = json!({ "apiVersion": kind.api_version(), "kind": kind.kind, "metadata": metadata });
-    let spec = object.get("spec").cloned().unwrap_or(Value::Null);
+    let spec = object.get("spec").unwrap_or(&Value::Null);
     match kind.kind {
         "Namespace" => {}
         "Pod" => {
-            let mut pod_spec = pick(&spec, &["serviceAccountName", "serviceAccount", "nodeName", "hostNetwork"]);
-            for list in ["containers", "initContainers"] {
-                let containers: Vec<Value> = spec
-                    .get(list)
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                    .map(|c| pick(c, &["name", "ports", "livenessProbe", "readinessProbe", "startupProbe"]))
-                    .collect();
-                if !containers.is_empty() || list == "containers" {
-                    pod_spec[list] = Value::Array(containers);
-                }
+            let mut pod_spec = pick(spec, &["serviceAccountName", "serviceAccount", "nodeName", "hostNetwork"]);
+            let container = ["name", "ports", "livenessProbe", "readinessProbe", "startupProbe"];
+            pod_spec["containers"] = Value::Array(pick_each(spec, "containers", &container));
+            let init = pick_each(spec, "initContainers", &container);
+            if !init.is_empty() {
+                pod_spec["initContainers"] = Value::Array(init);
             }
             doc["spec"] = pod_spec;
-            let status = object.get("status").cloned().unwrap_or(Value::Null);
-            let mut pod_status = pick(&status, &["podIP", "podIPs", "hostIP", "phase"]);
-            let conditions: Vec<Value> = status
-                .get("conditions")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .map(|c| pick(c, &["type", "status"]))
-                .collect();
+            let status = object.get("status").unwrap_or(&Value::Null);
+            let mut pod_status = pick(status, &["podIP", "podIPs", "hostIP", "phase"]);
+            let conditions = pick_each(status, "conditions", &["type", "status"]);
             if !conditions.is_empty() {
                 pod_status["conditions"] = Value::Array(conditions);
             }
             doc["status"] = pod_status;
         }
         "Service" => {
-            let mut service_spec = pick(&spec, &["type", "clusterIP", "clusterIPs", "selector", "externalName"]);
-            let ports: Vec<Value> = spec
-                .get("ports")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .map(|p| pick(p, &["name", "port", "targetPort", "protocol", "appProtocol"]))
-                .collect();
-            service_spec["ports"] = Value::Array(ports);
+            let mut service_spec = pick(spec, &["type", "clusterIP", "clusterIPs", "selector", "externalName"]);
+            let port = ["name", "port", "targetPort", "protocol", "appProtocol"];
+            service_spec["ports"] = Value::Array(pick_each(spec, "ports", &port));
             doc["spec"] = service_spec;
         }
         "EndpointSlice" => {
@@ -200,7 +187,7 @@ pub fn document(kind: &WatchedKind, object: &Value) -> Option<(String, Value)> {
             }
         }
         // Istio and Gateway API kinds: the whole spec, as the user wrote it.
-        _ => doc["spec"] = spec,
+        _ => doc["spec"] = spec.clone(),
     }
     let key = if namespace.is_empty() {
         format!("{}/{name}", kind.kind)

@@ -162,7 +162,7 @@ pub fn may_issue(config: &Config, node: &str, identity: &str) -> bool {
                 && p.spec.service_account() == sa
                 // A finished pod (a completed Job's, kept for days) runs nothing to
                 // identify, and a host-network pod is never captured.
-                && !matches!(p.status.phase.as_deref(), Some("Succeeded" | "Failed"))
+                && !p.has_ended()
                 && !p.spec.host_network
         })
 }

@@ -298,6 +298,12 @@ impl Pod {
         ips
     }
 
+    /// Whether the pod has finished (`Succeeded` or `Failed`): it runs nothing any
+    /// more, though its object may stay for days (a completed Job's).
+    pub fn has_ended(&self) -> bool {
+        matches!(self.status.phase.as_deref(), Some("Succeeded" | "Failed"))
+    }
+
     /// Whether the pod takes traffic as a service endpoint: its `Ready` condition is
     /// `True`, or the pod reports no conditions at all (hand-written manifests).
     pub fn is_ready(&self) -> bool {
