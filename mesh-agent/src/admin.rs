@@ -66,8 +66,16 @@ impl AdminState {
         // Like `istioctl proxy-config secret`: the chains in use (never the keys).
         let chains: std::collections::BTreeMap<&String, Vec<String>> =
             certificates.keys().filter_map(|id| certs.get(id).map(|c| (id, c.chain_pem.clone()))).collect();
+        let (connected, stale_seconds) = client.staleness();
         serde_json::json!({
             "version": state.version,
+            "connected": connected,
+            // The view came from the state directory (an earlier run), not from the
+            // controller since this agent started.
+            "restored": state.restored,
+            "received_at": state.received_at,
+            "age_seconds": if state.received_at > 0 { crate::state::unix_now() - state.received_at } else { 0 },
+            "stale_seconds": stale_seconds,
             "objects": state.kinds.values().sum::<usize>(),
             "kinds": state.kinds,
             "certificates": certificates,
@@ -83,7 +91,21 @@ pub fn metrics(state: &AdminState) -> Response<Body> {
     if let Some((client, certs)) = &state.control {
         out += "# HELP mesh_agent_config_version Version of the configuration the agent runs.\n";
         out += "# TYPE mesh_agent_config_version gauge\n";
-        let _ = writeln!(out, "mesh_agent_config_version {}", client.current().version);
+        let current = client.current();
+        let _ = writeln!(out, "mesh_agent_config_version {}", current.version);
+        let (connected, stale_seconds) = client.staleness();
+        out += "# HELP mesh_agent_config_connected Whether the configuration stream to the controller is open.\n";
+        out += "# TYPE mesh_agent_config_connected gauge\n";
+        let _ = writeln!(out, "mesh_agent_config_connected {}", u8::from(connected));
+        out += "# HELP mesh_agent_config_restored Whether the view in force was restored from the state directory.\n";
+        out += "# TYPE mesh_agent_config_restored gauge\n";
+        let _ = writeln!(out, "mesh_agent_config_restored {}", u8::from(current.restored));
+        out += "# HELP mesh_agent_config_received_timestamp_seconds When the controller sent the view in force.\n";
+        out += "# TYPE mesh_agent_config_received_timestamp_seconds gauge\n";
+        let _ = writeln!(out, "mesh_agent_config_received_timestamp_seconds {}", current.received_at);
+        out += "# HELP mesh_agent_config_stale_seconds Seconds since the controller was last heard from (0 while connected).\n";
+        out += "# TYPE mesh_agent_config_stale_seconds gauge\n";
+        let _ = writeln!(out, "mesh_agent_config_stale_seconds {stale_seconds}");
         out += "# HELP mesh_agent_certificate_expiry_timestamp_seconds When each workload certificate expires.\n";
         out += "# TYPE mesh_agent_certificate_expiry_timestamp_seconds gauge\n";
         let certificates = certs.status();

@@ -3,7 +3,14 @@
 //! version to a watch channel the data path reads, and that requests workload
 //! certificates. With the controller unreachable, the last applied configuration
 //! stays in force (static stability).
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicI64, Ordering},
+    },
+    time::Duration,
+};
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Full};
@@ -50,14 +57,29 @@ pub enum ControlError {
 /// What the agent currently runs with.
 #[derive(Debug, Default)]
 pub struct ConfigState {
-    /// 0 until the first snapshot arrives.
+    /// 0 until a view is applied (from the controller or restored from the state
+    /// directory). Without a view the agent knows no destination and refuses every
+    /// captured connection.
     pub version: u64,
+    /// The view was read from the state directory at startup and the controller has
+    /// not answered since.
+    pub restored: bool,
+    /// When the controller sent this view (Unix seconds).
+    pub received_at: i64,
     /// Objects per kind in the view.
     pub kinds: std::collections::BTreeMap<String, usize>,
     pub config: Config,
 }
 
 pub struct ControlClient {
+    /// Where the last applied view is kept for a restart without the controller.
+    view_file: Option<PathBuf>,
+    /// The newest view to write (the writer takes the latest, skipping any it missed).
+    saver: watch::Sender<Option<Arc<Vec<u8>>>>,
+    /// Whether a configuration stream is open now.
+    connected: AtomicBool,
+    /// When the controller was last heard from (Unix seconds).
+    last_contact: AtomicI64,
     /// `host:port`; a DNS name is resolved on every connect (the controller's Service).
     addr: String,
     /// Kubernetes mode: the projected `ServiceAccount` token, re-read on every connect
@@ -70,9 +92,86 @@ pub struct ControlClient {
 type Sender = SendRequest<Full<Bytes>>;
 
 impl ControlClient {
-    pub fn new(addr: String, tls: rustls::ClientConfig, token_file: Option<PathBuf>) -> Self {
+    /// A client that keeps its last applied view in `view_file` (when given).
+    pub fn new(
+        addr: String,
+        tls: rustls::ClientConfig,
+        token_file: Option<PathBuf>,
+        view_file: Option<PathBuf>,
+    ) -> Self {
         let (state, _) = watch::channel(Arc::new(ConfigState::default()));
-        Self { addr, token_file, tls: TlsConnector::from(Arc::new(tls)), state }
+        let (saver, _) = watch::channel(None);
+        Self {
+            view_file,
+            saver,
+            connected: AtomicBool::new(false),
+            last_contact: AtomicI64::new(0),
+            addr,
+            token_file,
+            tls: TlsConnector::from(Arc::new(tls)),
+            state,
+        }
+    }
+
+    /// Applies the view an earlier run saved, unless the controller has already sent
+    /// one. Returns its version and age, or why there is none.
+    pub fn restore_view(&self) -> Result<(u64, i64), RestoreError> {
+        let path = self.view_file.as_ref().ok_or(RestoreError::NoStateDir)?;
+        let bytes = std::fs::read(path).map_err(|source| RestoreError::Read { path: path.clone(), source })?;
+        let saved: SavedView =
+            serde_json::from_slice(&bytes).map_err(|source| RestoreError::Parse { path: path.clone(), source })?;
+        if saved.format != crate::state::FORMAT {
+            return Err(RestoreError::Format { path: path.clone(), format: saved.format });
+        }
+        let config = materialize_raw(saved.objects.iter().map(|(k, v)| (k, v.get())))
+            .map_err(|source| RestoreError::Parse { path: path.clone(), source })?;
+        let kinds = count_kinds(&saved.objects);
+        let restored = self.state.send_if_modified(|state| {
+            if state.version > 0 {
+                return false;
+            }
+            *state = Arc::new(ConfigState {
+                version: saved.version,
+                restored: true,
+                received_at: saved.received_at,
+                kinds,
+                config,
+            });
+            true
+        });
+        if !restored {
+            return Err(RestoreError::AlreadyLive);
+        }
+        self.last_contact.store(saved.received_at, Ordering::Relaxed);
+        Ok((saved.version, crate::state::unix_now() - saved.received_at))
+    }
+
+    /// Whether a configuration stream is open, and how long ago the controller was
+    /// last heard from (0 while connected).
+    pub fn staleness(&self) -> (bool, i64) {
+        let connected = self.connected.load(Ordering::Relaxed);
+        let age = if connected {
+            0
+        } else {
+            let last = self.last_contact.load(Ordering::Relaxed);
+            if last == 0 { 0 } else { (crate::state::unix_now() - last).max(0) }
+        };
+        (connected, age)
+    }
+
+    /// Writes every applied view to the state directory, latest first (a slow disk
+    /// skips intermediate versions, never the newest).
+    async fn save_views(self: Arc<Self>) {
+        let Some(path) = self.view_file.clone() else { return };
+        let mut views = self.saver.subscribe();
+        while views.changed().await.is_ok() {
+            let Some(bytes) = views.borrow_and_update().clone() else { continue };
+            let path = path.clone();
+            let written = tokio::task::spawn_blocking(move || crate::state::write_atomic(&path, &bytes, 0o600)).await;
+            if let Ok(Err(error)) = written {
+                warn!(file = %self.view_file.as_ref().map_or(String::new(), |p| p.display().to_string()), %error, "cannot save the view; a restart without the controller would have none");
+            }
+        }
     }
 
     /// A request with the agent's credential: the token, when it authenticates with one
@@ -124,21 +223,25 @@ impl ControlClient {
 
     /// Keeps the configuration stream open forever.
     pub async fn run(self: Arc<Self>) {
-        let mut backoff = Duration::from_millis(200);
+        tokio::spawn(self.clone().save_views());
+        let mut backoff = Backoff::default();
         loop {
-            match self.session().await {
-                Ok(()) => backoff = Duration::from_millis(200),
-                Err(error) => {
-                    let version = self.current().version;
-                    warn!(%error, version, retry_in = ?backoff, "configuration stream down; keeping the current configuration");
-                }
+            let mut opened = false;
+            let error = self.session(&mut opened).await.err().unwrap_or(ControlError::StreamEnded);
+            self.connected.store(false, Ordering::Relaxed);
+            if opened {
+                // The controller answered: the next outage starts from the shortest wait.
+                backoff.reset();
+                self.last_contact.store(crate::state::unix_now(), Ordering::Relaxed);
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(10));
+            let wait = backoff.next_wait();
+            let version = self.current().version;
+            warn!(%error, version, retry_in = ?wait, "configuration stream down; keeping the current configuration");
+            tokio::time::sleep(wait).await;
         }
     }
 
-    async fn session(&self) -> Result<(), ControlError> {
+    async fn session(&self, opened: &mut bool) -> Result<(), ControlError> {
         let mut sender = self.connect().await?;
         let request = self.request(Method::GET, CONFIG_PATH, Bytes::new())?;
         let response = sender.send_request(request).await?;
@@ -148,6 +251,8 @@ impl ControlClient {
             return Err(ControlError::Status { status, message: String::from_utf8_lossy(&body).trim().to_owned() });
         }
         info!(addr = %self.addr, "configuration stream open");
+        *opened = true;
+        self.connected.store(true, Ordering::Relaxed);
         let mut body = response.into_body();
         let mut buffer = BytesMut::new();
         // The view as JSON text; the first message of every stream is a snapshot.
@@ -164,12 +269,22 @@ impl ControlClient {
                 message.apply(&mut objects);
                 match materialize_raw(objects.iter().map(|(k, v)| (k, v.get()))) {
                     Ok(config) => {
-                        let mut kinds = std::collections::BTreeMap::new();
-                        for key in objects.keys() {
-                            *kinds.entry(key.split('/').next().unwrap_or("").to_owned()).or_insert(0) += 1;
-                        }
+                        let kinds = count_kinds(&objects);
                         info!(version, objects = objects.len(), "configuration applied");
-                        let previous = self.state.send_replace(Arc::new(ConfigState { version, kinds, config }));
+                        let received_at = crate::state::unix_now();
+                        if self.view_file.is_some() {
+                            let saved = SavedView { format: crate::state::FORMAT, version, received_at, objects };
+                            let bytes = serde_json::to_vec(&saved).expect("a view serializes");
+                            objects = saved.objects;
+                            self.saver.send_replace(Some(Arc::new(bytes)));
+                        }
+                        let previous = self.state.send_replace(Arc::new(ConfigState {
+                            version,
+                            restored: false,
+                            received_at,
+                            kinds,
+                            config,
+                        }));
                         if large {
                             // A snapshot leaves the parse buffers and the previous view
                             // freed but still held by the allocator: hand them back.
@@ -218,13 +333,106 @@ impl ControlClient {
     }
 }
 
+/// Objects per kind (the part of a key before the first `/`).
+fn count_kinds(objects: &RawObjects) -> std::collections::BTreeMap<String, usize> {
+    let mut kinds = std::collections::BTreeMap::new();
+    for key in objects.keys() {
+        *kinds.entry(key.split('/').next().unwrap_or("").to_owned()).or_insert(0) += 1;
+    }
+    kinds
+}
+
+/// The last applied view as the state directory keeps it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedView {
+    format: u32,
+    version: u64,
+    received_at: i64,
+    objects: RawObjects,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("no state directory")]
+    NoStateDir,
+    #[error("no saved view at {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the saved view {path} is not valid")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("the saved view {path} has format {format}, this agent reads {}", crate::state::FORMAT)]
+    Format { path: PathBuf, format: u32 },
+    #[error("the controller's view arrived first")]
+    AlreadyLive,
+}
+
+/// Reconnect waits: doubling from 200 ms to 10 s, each with +-50 % jitter so that the
+/// agents of a cluster do not reconnect in lock-step after a controller restart.
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self { next: Backoff::FIRST }
+    }
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(200);
+    const MAX: Duration = Duration::from_secs(10);
+
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+
+    fn next_wait(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        base.mul_f64(0.5 + jitter())
+    }
+}
+
+/// A number in [0, 1) that differs between processes and calls.
+fn jitter() -> f64 {
+    use std::hash::{BuildHasher, RandomState};
+    let bits = RandomState::new().hash_one(std::time::Instant::now());
+    (bits >> 11) as f64 / (1u64 << 53) as f64
+}
+
 /// Returns free heap memory to the kernel (glibc keeps freed memory otherwise, so a
 /// multi-megabyte snapshot would stay in the agent's RSS long after it was parsed).
 #[allow(unsafe_code)]
-fn trim_heap() {
+pub fn trim_heap() {
     // SAFETY: malloc_trim only releases memory the allocator already considers free;
     // it takes no pointers and is safe to call from any thread.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_resets() {
+        let mut backoff = Backoff::default();
+        let waits: Vec<Duration> = (0..10).map(|_| backoff.next_wait()).collect();
+        assert!(waits[0] >= Duration::from_millis(100) && waits[0] < Duration::from_millis(300), "{waits:?}");
+        assert!(waits[9] >= Duration::from_secs(5) && waits[9] < Duration::from_secs(15), "{waits:?}");
+        backoff.reset();
+        assert!(backoff.next_wait() < Duration::from_millis(300));
+        // Jitter: two agents starting together do not wait the same.
+        let a: Vec<Duration> = (0..5).map(|_| Backoff::default().next_wait()).collect();
+        assert!(a.windows(2).any(|w| w[0] != w[1]), "{a:?}");
     }
 }

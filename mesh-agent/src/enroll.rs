@@ -91,15 +91,29 @@ pub enum EnrollError {
 #[derive(Debug)]
 pub struct Pod {
     pub spec: PodSpec,
-    /// SPIFFE identity (from the controller's config when it knows the pod).
-    pub identity: String,
+    /// SPIFFE identity (from the controller's config when it knows the pod). It
+    /// changes in place when the config gives the pod another service account.
+    identity: std::sync::RwLock<Arc<str>>,
     pub id: u32,
     pub netns: Netns,
     pub netns_cookie: u64,
     pub counters: Counters,
+    /// Set to true when the pod is un-enrolled: its tunnel connections send GOAWAY
+    /// and finish their streams, and no new stream is delivered to it.
+    pub removed: tokio::sync::watch::Sender<bool>,
 }
 
 impl Pod {
+    /// Whether the pod is still enrolled.
+    pub fn enrolled(&self) -> bool {
+        !*self.removed.borrow()
+    }
+
+    /// The pod's current SPIFFE identity.
+    pub fn identity(&self) -> Arc<str> {
+        self.identity.read().expect("identity lock").clone()
+    }
+
     /// The pod's addresses, as the enroller gave them.
     pub fn ips(&self) -> &[IpAddr] {
         &self.spec.ips
@@ -166,22 +180,69 @@ impl Registry {
     }
 
     /// The pod's SPIFFE identity. The controller's config is the authority on a pod's
-    /// service account; the enrollment request's is used only for pods it does not know.
-    fn identity_of(&self, spec: &PodSpec) -> String {
+    /// service account; for a pod it does not know, the identity the pod had before
+    /// a restart (`saved`) stands, else the enrollment request's service account.
+    fn identity_of(&self, spec: &PodSpec, saved: Option<&str>) -> String {
         let Some((client, _)) = &self.control else {
             return Config::default().spiffe_id(&spec.namespace, &spec.service_account);
         };
         let state = client.current();
         let config = &state.config;
-        let known = config.pods.iter().find(|p| p.metadata.name == spec.name && p.metadata.namespace == spec.namespace);
-        let service_account = known.map_or(spec.service_account.as_str(), |p| p.spec.service_account());
-        if known.is_some() && service_account != spec.service_account {
-            warn!(pod = %spec.name, requested = %spec.service_account, configured = %service_account, "service account differs from the config; using the config's");
+        let Some(known) = Self::configured_account(config, spec) else {
+            return saved.map_or_else(|| config.spiffe_id(&spec.namespace, &spec.service_account), str::to_owned);
+        };
+        if known != spec.service_account {
+            warn!(pod = %spec.name, requested = %spec.service_account, configured = %known, "service account differs from the config; using the config's");
         }
-        config.spiffe_id(&spec.namespace, service_account)
+        config.spiffe_id(&spec.namespace, known)
+    }
+
+    /// The service account the view gives the pod, when the view knows it.
+    fn configured_account<'c>(config: &'c Config, spec: &PodSpec) -> Option<&'c str> {
+        config
+            .pods
+            .iter()
+            .find(|p| p.metadata.name == spec.name && p.metadata.namespace == spec.namespace)
+            .map(|p| p.spec.service_account())
+    }
+
+    /// Gives every enrolled pod the identity the current view says it has: a pod
+    /// restored with an identity the controller no longer agrees with (or enrolled
+    /// before the view named its service account) changes identity in place, its
+    /// capture never interrupted; its old certificate is released and the new one
+    /// requested. Called on every view change.
+    pub async fn reconcile_identities(&self) {
+        let Some((client, certs)) = &self.control else { return };
+        let state = client.current();
+        if state.version == 0 {
+            return;
+        }
+        let inner = self.inner.lock().await;
+        let mut changed = false;
+        for entry in inner.pods.values() {
+            let pod = &entry.pod;
+            let Some(account) = Self::configured_account(&state.config, &pod.spec) else { continue };
+            let wanted: Arc<str> = state.config.spiffe_id(&pod.spec.namespace, account).into();
+            let current = pod.identity();
+            if wanted == current {
+                continue;
+            }
+            info!(pod = %pod.spec.name, from = %current, to = %wanted, "the view gives the pod another identity; re-enrolled with it");
+            *pod.identity.write().expect("identity lock") = wanted.clone();
+            certs.acquire(&wanted);
+            certs.release(&current);
+            changed = true;
+        }
+        if changed {
+            self.persist(&inner).await;
+        }
     }
 
     pub async fn add(&self, spec: PodSpec) -> Result<PodStatus, EnrollError> {
+        self.add_with(spec, None).await
+    }
+
+    async fn add_with(&self, spec: PodSpec, saved_identity: Option<&str>) -> Result<PodStatus, EnrollError> {
         validate(&spec)?;
         let mut inner = self.inner.lock().await;
         let drain = inner.drain.clone().ok_or(EnrollError::Draining)?;
@@ -194,8 +255,16 @@ impl Registry {
             return Err(EnrollError::NetnsInUse { path: spec.netns.clone(), uid: other.pod.spec.uid.clone() });
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let identity = self.identity_of(&spec);
-        let pod = Arc::new(Pod { spec, identity, id, netns, netns_cookie: cookie, counters: Counters::default() });
+        let identity: Arc<str> = self.identity_of(&spec, saved_identity).into();
+        let pod = Arc::new(Pod {
+            spec,
+            identity: std::sync::RwLock::new(identity),
+            id,
+            netns,
+            netns_cookie: cookie,
+            counters: Counters::default(),
+            removed: tokio::sync::watch::Sender::new(false),
+        });
 
         let mut listeners = Vec::new();
         for ip in [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)] {
@@ -233,15 +302,16 @@ impl Registry {
             listeners.push((addr, tokio::spawn(plaintext.run()).abort_handle()));
         }
         // Capture starts only once the listeners exist.
+        self.forwarder.own.add_pod(pod.ips());
         self.redirect.enroll(cookie, EnrolledPod { id, flags: 0 })?;
         let entry = Entry { pod: pod.clone(), listeners };
         let status = status(&entry);
         inner.pods.insert(pod.spec.uid.clone(), entry);
         self.persist(&inner).await;
         if let Some((_, certs)) = &self.control {
-            certs.acquire(&pod.identity);
+            certs.acquire(&pod.identity());
         }
-        info!(uid = %pod.spec.uid, pod = %pod.spec.name, identity = %pod.identity, namespace = %pod.spec.namespace, netns = %pod.spec.netns.display(), cookie, "pod enrolled");
+        info!(uid = %pod.spec.uid, pod = %pod.spec.name, identity = %pod.identity(), namespace = %pod.spec.namespace, netns = %pod.spec.netns.display(), cookie, "pod enrolled");
         Ok(status)
     }
 
@@ -256,7 +326,12 @@ impl Registry {
         }
         let status = status(&entry);
         if let Some((_, certs)) = &self.control {
-            certs.release(&entry.pod.identity);
+            certs.release(&entry.pod.identity());
+        }
+        self.forwarder.own.remove_pod(entry.pod.ips());
+        entry.pod.removed.send_replace(true);
+        if let Some(mesh) = &self.forwarder.mesh {
+            mesh.pool.forget_pod(entry.pod.netns_cookie);
         }
         drop(entry);
         self.persist(&inner).await;
@@ -290,16 +365,19 @@ impl Registry {
     /// Re-enrolls the pods recorded by an earlier run, and drops kernel enrollment
     /// entries that belong to no pod any more.
     pub async fn restore(&self) {
-        let specs: Vec<PodSpec> = match tokio::fs::read(&self.state_file).await {
-            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|error| {
-                warn!(file = %self.state_file.display(), %error, "ignoring unreadable state file");
-                Vec::new()
-            }),
+        let saved: Vec<SavedPod> = match tokio::fs::read(&self.state_file).await {
+            Ok(bytes) => serde_json::from_slice::<SavedPods>(&bytes).map_or_else(
+                |error| {
+                    warn!(file = %self.state_file.display(), %error, "ignoring unreadable state file");
+                    Vec::new()
+                },
+                SavedPods::into_pods,
+            ),
             Err(_) => Vec::new(),
         };
-        for spec in specs {
+        for SavedPod { pod: spec, identity } in saved {
             let uid = spec.uid.clone();
-            match self.add(spec).await {
+            match self.add_with(spec, identity.as_deref()).await {
                 Ok(_) => info!(%uid, "pod restored from state file"),
                 Err(error) => warn!(%uid, %error, "pod from state file not restored"),
             }
@@ -339,24 +417,53 @@ impl Registry {
     }
 
     async fn persist(&self, inner: &Inner) {
-        let specs: Vec<&PodSpec> = inner.pods.values().map(|e| &e.pod.spec).collect();
-        let json = serde_json::to_vec_pretty(&specs).expect("pod specs serialize");
-        let tmp = self.state_file.with_extension("json.tmp");
-        let result = async {
-            tokio::fs::write(&tmp, &json).await?;
-            tokio::fs::rename(&tmp, &self.state_file).await
-        }
-        .await;
-        if let Err(error) = result {
+        let pods: Vec<SavedPod> = inner
+            .pods
+            .values()
+            .map(|e| SavedPod { pod: e.pod.spec.clone(), identity: Some(e.pod.identity().to_string()) })
+            .collect();
+        let json = serde_json::to_vec_pretty(&SavedPods::Current { format: crate::state::FORMAT, pods })
+            .expect("pod specs serialize");
+        let path = self.state_file.clone();
+        let result = tokio::task::spawn_blocking(move || crate::state::write_atomic(&path, &json, 0o600)).await;
+        if let Ok(Err(error)) = result {
             warn!(file = %self.state_file.display(), %error, "cannot write state file");
         }
     }
 }
 
+/// The enrolled pods as the state directory keeps them.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+enum SavedPods {
+    Current {
+        format: u32,
+        pods: Vec<SavedPod>,
+    },
+    /// Written by agents before identities were kept: the specs alone.
+    Specs(Vec<PodSpec>),
+}
+
+impl SavedPods {
+    fn into_pods(self) -> Vec<SavedPod> {
+        match self {
+            Self::Current { pods, .. } => pods,
+            Self::Specs(specs) => specs.into_iter().map(|pod| SavedPod { pod, identity: None }).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedPod {
+    pod: PodSpec,
+    /// The identity the pod had, kept until the view says otherwise.
+    identity: Option<String>,
+}
+
 fn status(entry: &Entry) -> PodStatus {
     PodStatus {
         spec: entry.pod.spec.clone(),
-        identity: entry.pod.identity.clone(),
+        identity: entry.pod.identity().to_string(),
         id: entry.pod.id,
         netns_cookie: entry.pod.netns_cookie,
         listeners: entry.listeners.iter().map(|(addr, _)| *addr).collect(),

@@ -56,8 +56,6 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 const TLS_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pooled connections without streams for this long are closed.
 pub const POOL_IDLE: Duration = Duration::from_mins(5);
-/// Ports of the agent itself inside a pod: never a tunnel target.
-const RESERVED_PORTS: [u16; 6] = [15000, 15001, 15006, HBONE_PORT, 15020, 15021];
 
 #[derive(Debug, thiserror::Error)]
 pub enum HboneError {
@@ -149,16 +147,49 @@ impl Pool {
         cert: Arc<WorkloadCert>,
         destination: SocketAddr,
         expected: &str,
-        request: Request<Empty<Bytes>>,
+        request: impl Fn() -> Request<Empty<Bytes>>,
     ) -> Result<(Upgraded, StreamGuard), HboneError> {
-        let (mut sender, guard) = self.checkout(pod, cert, destination, expected).await?;
-        sender.ready().await?;
-        let response = sender.send_request(request).await?;
+        let (mut sender, guard, reused) = self.checkout(pod, cert.clone(), destination, expected).await?;
+        let sent = async {
+            sender.ready().await?;
+            sender.send_request(request()).await
+        };
+        let response = match sent.await {
+            Ok(response) => response,
+            // A pooled connection the peer is closing (GOAWAY after a restart or an
+            // un-enrollment, or a dead peer): forget it and try once on a new one.
+            Err(error) if reused => {
+                debug!(%destination, %error, "pooled tunnel connection refused the stream; retrying on a new one");
+                self.evict(&guard);
+                drop(guard);
+                let (mut sender, guard, _) = self.checkout(pod, cert, destination, expected).await?;
+                sender.ready().await?;
+                let response = sender.send_request(request()).await?;
+                return Self::upgrade(response, guard).await;
+            }
+            Err(error) => return Err(error.into()),
+        };
+        Self::upgrade(response, guard).await
+    }
+
+    async fn upgrade(
+        response: Response<hyper::body::Incoming>,
+        guard: StreamGuard,
+    ) -> Result<(Upgraded, StreamGuard), HboneError> {
         if response.status() != StatusCode::OK {
             return Err(HboneError::Status(response.status()));
         }
         let upgraded = hyper::upgrade::on(response).await?;
         Ok((upgraded, guard))
+    }
+
+    /// Removes the pooled connection `guard` holds a stream of.
+    fn evict(&self, guard: &StreamGuard) {
+        let mut conns = self.conns.lock().expect("lock");
+        for list in conns.values_mut() {
+            list.retain(|c| !Arc::ptr_eq(&c.streams, &guard.streams));
+        }
+        conns.retain(|_, list| !list.is_empty());
     }
 
     async fn checkout(
@@ -167,7 +198,7 @@ impl Pool {
         cert: Arc<WorkloadCert>,
         destination: SocketAddr,
         expected: &str,
-    ) -> Result<(SendRequest<Empty<Bytes>>, StreamGuard), HboneError> {
+    ) -> Result<(SendRequest<Empty<Bytes>>, StreamGuard, bool), HboneError> {
         let key = PoolKey {
             netns_cookie: pod.netns_cookie,
             source_identity: cert.identity.clone(),
@@ -194,7 +225,7 @@ impl Pool {
                     c.streams.fetch_add(1, Ordering::Relaxed);
                     let guard =
                         StreamGuard { streams: c.streams.clone(), last_used: c.last_used.clone(), epoch: self.epoch };
-                    return Ok((c.sender.clone(), guard));
+                    return Ok((c.sender.clone(), guard, true));
                 }
             }
         }
@@ -208,7 +239,7 @@ impl Pool {
             streams,
             last_used,
         });
-        Ok((sender, guard))
+        Ok((sender, guard, false))
     }
 
     async fn handshake(
@@ -274,24 +305,31 @@ impl Pool {
         conns.retain(|_, list| !list.is_empty());
     }
 
+    /// Drops the pooled connections of a pod that left: they close once their
+    /// streams end.
+    pub fn forget_pod(&self, netns_cookie: u64) {
+        self.conns.lock().expect("lock").retain(|key, _| key.netns_cookie != netns_cookie);
+    }
+
     pub fn connections(&self) -> usize {
         self.conns.lock().expect("lock").values().map(Vec::len).sum()
     }
 }
 
-/// A CONNECT request for `authority`, with HBONE's headers.
-pub fn connect_request(
-    authority: SocketAddr,
-    source: SocketAddr,
-    baggage: &str,
-) -> Result<Request<Empty<Bytes>>, hyper::http::Error> {
-    Request::builder()
-        .method(Method::CONNECT)
-        .uri(authority.to_string())
-        .header("forwarded", format!("for=\"{source}\""))
-        .header("baggage", baggage)
-        .header("traceparent", traceparent())
-        .body(Empty::new())
+/// A CONNECT request for `authority`, with HBONE's headers. A baggage value that is
+/// not a valid header (names come from enrollment requests) is left out.
+pub fn connect_request(authority: SocketAddr, source: SocketAddr, baggage: &str) -> Request<Empty<Bytes>> {
+    let mut request = Request::new(Empty::new());
+    *request.method_mut() = Method::CONNECT;
+    *request.uri_mut() = hyper::Uri::try_from(authority.to_string()).expect("ip:port is a valid authority");
+    let headers = request.headers_mut();
+    let forwarded = format!("for=\"{source}\"");
+    headers.insert("forwarded", forwarded.parse().expect("an address is a valid header value"));
+    if let Ok(baggage) = baggage.parse() {
+        headers.insert("baggage", baggage);
+    }
+    headers.insert("traceparent", traceparent().parse().expect("hex is a valid header value"));
+    request
 }
 
 /// A fresh W3C trace context (`00-<trace id>-<span id>-00`).
@@ -343,8 +381,8 @@ impl Server {
         let cert = self
             .mesh
             .certs
-            .get(&self.pod.identity)
-            .ok_or_else(|| HboneError::NoCertificate { identity: self.pod.identity.clone() })?;
+            .get(&self.pod.identity())
+            .ok_or_else(|| HboneError::NoCertificate { identity: self.pod.identity().to_string() })?;
         let mut cached = self.acceptor.lock().expect("lock");
         if let Some((current, acceptor)) = &*cached
             && Arc::ptr_eq(current, &cert)
@@ -402,7 +440,7 @@ impl Server {
             let identity = identity.clone();
             async move { Ok::<_, Infallible>(this.handle(request, identity, peer).await) }
         });
-        let result = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -415,8 +453,24 @@ impl Server {
             .max_local_error_reset_streams(Some(256))
             .keep_alive_interval(KEEPALIVE)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .serve_connection(TokioIo::new(tls), service)
-            .await;
+            .serve_connection(TokioIo::new(tls), service);
+        tokio::pin!(connection);
+        // GOAWAY when the pod leaves or the agent drains: streams in flight finish,
+        // the peer's pool opens new connections (to wherever the pod is now).
+        let mut removed = self.pod.removed.subscribe();
+        let mut drain = self.drain.clone();
+        let result = tokio::select! {
+            result = &mut connection => result,
+            () = async {
+                tokio::select! {
+                    _ = removed.wait_for(|removed| *removed) => {}
+                    () = drain.signaled() => {}
+                }
+            } => {
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
+        };
         if let Err(error) = result {
             debug!(pod = %self.pod.spec.name, %peer, %error, "tunnel connection ended with an error");
         }
@@ -440,10 +494,18 @@ impl Server {
             src_addr: Some(peer),
             dst_workload: Some(self.pod.spec.name.clone()),
             dst_namespace: Some(self.pod.spec.namespace.clone()),
-            dst_identity: Some(self.pod.identity.clone()),
+            dst_identity: Some(self.pod.identity().to_string()),
             security: "mutual_tls",
             ..AccessLog::default()
         };
+        if !self.pod.enrolled() {
+            // A stream that raced the GOAWAY of an un-enrolled pod.
+            log.outcome = Some(Outcome::ConnectFailed);
+            log.reason = Some("the pod is no longer enrolled".into());
+            log.duration = start.elapsed();
+            log.emit();
+            return status(StatusCode::SERVICE_UNAVAILABLE);
+        }
         let target = match self.target(&request) {
             Ok(target) => target,
             Err(reason) => {
@@ -457,6 +519,24 @@ impl Server {
         };
         log.dst_addr = Some(target);
         let labels = self.mesh.inbound_labels(&self.pod, source.as_deref(), Some(&identity), "mutual_tls");
+        if let Some(reason) = self.mesh.limits.reached(&self.mesh.counters, &self.pod.counters) {
+            bump(counters, |c| &c.limited, 1);
+            self.mesh.metrics.refused(&labels, flags::OVERFLOW);
+            log.outcome = Some(Outcome::Limited);
+            log.reason = Some(reason);
+            log.duration = start.elapsed();
+            log.emit();
+            return status(StatusCode::SERVICE_UNAVAILABLE);
+        }
+        if !self.mesh.has_view() {
+            // No policies known: fail closed rather than authorize against nothing.
+            bump(counters, |c| &c.no_view, 1);
+            self.mesh.metrics.refused(&labels, flags::NO_ROUTE);
+            log.outcome = Some(Outcome::NoView);
+            log.duration = start.elapsed();
+            log.emit();
+            return status(StatusCode::SERVICE_UNAVAILABLE);
+        }
         if let Err(reason) = self.mesh.authorize(&self.pod, Some(&identity), peer.ip(), target) {
             bump(counters, |c| &c.denied, 1);
             self.mesh.metrics.refused(&labels, flags::DENIED);
@@ -532,7 +612,8 @@ impl Server {
         if !self.pod.ips().contains(&target.ip()) {
             return Err(format!("authority {target} is not an address of pod {}", self.pod.spec.name));
         }
-        if RESERVED_PORTS.contains(&target.port()) || target.port() == 0 {
+        // The agent's own listeners are never a tunnel target (see `own`).
+        if crate::own::MESH_PORTS.contains(&target.port()) || target.port() == 0 {
             return Err(format!("port {} is reserved for the mesh", target.port()));
         }
         Ok(target)

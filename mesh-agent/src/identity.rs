@@ -1,9 +1,12 @@
 //! Workload certificates of the pods enrolled on this node: requested from the
 //! controller when the first pod with an identity is enrolled, renewed at half
 //! life, kept when a renewal fails (until they expire), dropped when the last pod
-//! with that identity leaves.
+//! with that identity leaves. Each is also kept in the state directory (0600), so
+//! that an agent restarted while the controller is away keeps serving mTLS with the
+//! certificates it had.
 use std::{
     collections::BTreeMap,
+    path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -14,13 +17,12 @@ use tracing::{error, info, warn};
 
 use crate::control::ControlClient;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, serde::Deserialize)]
 pub struct WorkloadCert {
     pub identity: String,
     /// Leaf first.
     pub chain_pem: Vec<String>,
-    #[serde(skip)]
-    #[allow(dead_code, reason = "the HBONE tunnel serves and connects with it (secure data plane)")]
+    #[serde(skip_serializing)]
     pub key_pem: String,
     pub root_pem: String,
     pub issued_at: i64,
@@ -30,6 +32,9 @@ pub struct WorkloadCert {
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct CertStatus {
     pub not_after: Option<i64>,
+    /// The certificate in use was read from the state directory (issued to an
+    /// earlier run of this agent), not yet renewed by this one.
+    pub restored: bool,
     pub renewals: u64,
     pub failures: u64,
     pub last_error: Option<String>,
@@ -45,6 +50,26 @@ struct Entry {
 pub struct CertStore {
     client: Arc<ControlClient>,
     entries: Mutex<BTreeMap<String, Entry>>,
+    /// Where certificates are kept across restarts.
+    dir: Option<PathBuf>,
+}
+
+/// A certificate as the state directory keeps it (with its key).
+#[derive(Serialize, serde::Deserialize)]
+struct SavedCert {
+    format: u32,
+    #[serde(flatten)]
+    cert: SavedFields,
+}
+
+#[derive(Serialize, serde::Deserialize)]
+struct SavedFields {
+    identity: String,
+    chain_pem: Vec<String>,
+    key_pem: String,
+    root_pem: String,
+    issued_at: i64,
+    not_after: i64,
 }
 
 fn now() -> i64 {
@@ -52,18 +77,90 @@ fn now() -> i64 {
 }
 
 impl CertStore {
-    pub fn new(client: Arc<ControlClient>) -> Self {
-        Self { client, entries: Mutex::new(BTreeMap::new()) }
+    /// A store that keeps certificates in `dir` (created, 0700) when given.
+    pub fn new(client: Arc<ControlClient>, dir: Option<PathBuf>) -> Self {
+        if let Some(dir) = &dir {
+            use std::os::unix::fs::DirBuilderExt as _;
+            if let Err(error) = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir) {
+                warn!(dir = %dir.display(), %error, "cannot create the certificate directory");
+            }
+        }
+        Self { client, entries: Mutex::new(BTreeMap::new()), dir }
+    }
+
+    /// The file of `identity`'s certificate (its name is the identity with every
+    /// character that is not alphanumeric, `.` or `-` escaped).
+    fn file_of(&self, identity: &str) -> Option<PathBuf> {
+        let mut name = String::new();
+        for byte in identity.bytes() {
+            if byte.is_ascii_alphanumeric() || byte == b'.' || byte == b'-' {
+                name.push(byte as char);
+            } else {
+                name.push_str(&format!("_{byte:02x}"));
+            }
+        }
+        self.dir.as_ref().map(|d| d.join(format!("{name}.json")))
+    }
+
+    /// A saved certificate of `identity` that has not expired.
+    fn load(&self, identity: &str) -> Option<Arc<WorkloadCert>> {
+        let path = self.file_of(identity)?;
+        let bytes = std::fs::read(&path).ok()?;
+        let saved: SavedCert = match serde_json::from_slice(&bytes) {
+            Ok(saved) => saved,
+            Err(error) => {
+                warn!(file = %path.display(), %error, "ignoring an unreadable saved certificate");
+                return None;
+            }
+        };
+        let c = saved.cert;
+        if saved.format != crate::state::FORMAT || c.identity != identity || c.not_after <= now() {
+            return None;
+        }
+        Some(Arc::new(WorkloadCert {
+            identity: c.identity,
+            chain_pem: c.chain_pem,
+            key_pem: c.key_pem,
+            root_pem: c.root_pem,
+            issued_at: c.issued_at,
+            not_after: c.not_after,
+        }))
+    }
+
+    fn save(&self, cert: &WorkloadCert) {
+        let Some(path) = self.file_of(&cert.identity) else { return };
+        let saved = SavedCert {
+            format: crate::state::FORMAT,
+            cert: SavedFields {
+                identity: cert.identity.clone(),
+                chain_pem: cert.chain_pem.clone(),
+                key_pem: cert.key_pem.clone(),
+                root_pem: cert.root_pem.clone(),
+                issued_at: cert.issued_at,
+                not_after: cert.not_after,
+            },
+        };
+        let bytes = serde_json::to_vec(&saved).expect("a certificate serializes");
+        if let Err(error) = crate::state::write_atomic(&path, &bytes, 0o600) {
+            warn!(file = %path.display(), %error, "cannot save the certificate");
+        }
     }
 
     /// A pod with `identity` was enrolled.
     pub fn acquire(self: &Arc<Self>, identity: &str) {
         let mut entries = self.entries.lock().expect("lock");
-        let entry = entries.entry(identity.to_owned()).or_insert_with(|| Entry {
-            cert: None,
-            status: CertStatus::default(),
-            pods: 0,
-            task: None,
+        let entry = entries.entry(identity.to_owned()).or_insert_with(|| {
+            // A certificate an earlier run of this agent was issued, while it is valid.
+            let cert = self.load(identity);
+            let status = CertStatus {
+                not_after: cert.as_ref().map(|c| c.not_after),
+                restored: cert.is_some(),
+                ..CertStatus::default()
+            };
+            if let Some(cert) = &cert {
+                info!(identity, not_after = cert.not_after, "certificate restored from the state directory");
+            }
+            Entry { cert, status, pods: 0, task: None }
         });
         entry.pods += 1;
         if entry.task.is_none() {
@@ -83,6 +180,9 @@ impl CertStore {
                     task.abort();
                 }
                 entries.remove(identity);
+                if let Some(path) = self.file_of(identity) {
+                    let _ = std::fs::remove_file(path);
+                }
                 info!(identity, "certificate dropped: no pod uses it any more");
             }
         }
@@ -104,6 +204,13 @@ impl CertStore {
 
     async fn maintain(self: Arc<Self>, identity: String) {
         let mut retry = Duration::from_millis(500);
+        // A restored certificate is renewed at its half life, as if this run had
+        // requested it.
+        let restored = self.get(&identity).filter(|_| self.status().get(&identity).is_some_and(|s| s.restored));
+        if let Some(cert) = restored {
+            let half_life = cert.issued_at + (cert.not_after - cert.issued_at) / 2;
+            tokio::time::sleep(Duration::from_secs((half_life - now()).max(0) as u64)).await;
+        }
         loop {
             match self.client.certificate(&identity).await {
                 Ok((issued, key_pem)) => {
@@ -118,7 +225,9 @@ impl CertStore {
                     });
                     let renew_in = Duration::from_secs(((issued.not_after - issued_at).max(2) / 2) as u64);
                     info!(identity, not_after = issued.not_after, ?renew_in, "certificate installed");
+                    self.save(&cert);
                     self.update(&identity, |e| {
+                        e.status.restored = false;
                         e.cert = Some(cert);
                         e.status.not_after = Some(issued.not_after);
                         e.status.renewals += 1;

@@ -81,7 +81,7 @@ impl Shared {
             src_addr: Some(peer),
             dst_workload: Some(self.pod.spec.name.clone()),
             dst_namespace: Some(self.pod.spec.namespace.clone()),
-            dst_identity: Some(self.pod.identity.clone()),
+            dst_identity: Some(self.pod.identity().to_string()),
             dst_addr: Some(target),
             security: "none",
             ..AccessLog::default()
@@ -95,6 +95,25 @@ impl Shared {
             log.duration = start.elapsed();
             log.emit();
         };
+        if crate::own::MESH_PORTS.contains(&target.port()) {
+            // Straight to one of the agent's listeners (not steered here by the
+            // kernel): forwarding it would connect the agent to itself.
+            bump(counters, |c| &c.self_target, 1);
+            let reason = format!("{target} is a listener of the mesh agent");
+            info!(pod = %self.pod.spec.name, %peer, %target, reason, "inbound connection refused");
+            refuse(flags::NO_ROUTE, Outcome::SelfTarget, reason, log);
+            return;
+        }
+        if let Some(reason) = self.mesh.limits.reached(&self.mesh.counters, &self.pod.counters) {
+            bump(counters, |c| &c.limited, 1);
+            refuse(flags::OVERFLOW, Outcome::Limited, reason, log);
+            return;
+        }
+        if !self.mesh.has_view() {
+            bump(counters, |c| &c.no_view, 1);
+            refuse(flags::NO_ROUTE, Outcome::NoView, "no view from the controller yet".into(), log);
+            return;
+        }
         let (strict, policy) = self.mesh.plaintext_refused(&self.pod, target.port());
         if strict {
             bump(counters, |c| &c.plaintext_refused, 1);

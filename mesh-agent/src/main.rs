@@ -14,8 +14,10 @@ mod mesh;
 mod metrics;
 mod netns;
 mod outbound;
+mod own;
 mod redirect;
 mod relay;
+mod state;
 mod telemetry;
 mod workloads;
 
@@ -137,6 +139,13 @@ struct RunConfig {
     /// Upstream connect timeout, in milliseconds.
     #[arg(long, env = "MESH_CONNECT_TIMEOUT_MS", default_value_t = 10_000)]
     connect_timeout_ms: u64,
+    /// Most connections relayed at once for one pod (both directions); more are
+    /// refused and counted.
+    #[arg(long, env = "MESH_MAX_CONNECTIONS_PER_POD", default_value_t = 20_000)]
+    max_connections_per_pod: u64,
+    /// Most connections relayed at once by the agent.
+    #[arg(long, env = "MESH_MAX_CONNECTIONS", default_value_t = 100_000)]
+    max_connections: u64,
     /// How long open connections may finish after SIGTERM, in seconds.
     #[arg(long, env = "MESH_DRAIN_SECONDS", default_value_t = 5)]
     drain_seconds: u64,
@@ -219,7 +228,20 @@ fn init_logging(config: &RunConfig) -> anyhow::Result<admin::SetLogLevel> {
     }))
 }
 
+/// Raises the open-file limit to its hard maximum: every relayed connection holds
+/// one or two descriptors.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        warn!(%error, soft, hard, "cannot raise the open-file limit");
+    }
+}
+
 async fn run(config: RunConfig, set_log_level: admin::SetLogLevel) -> anyhow::Result<()> {
+    raise_fd_limit();
     let ready = admin::Readiness::default();
     let startup = ready.register("startup");
     let node = config.node_name.clone();
@@ -234,6 +256,12 @@ async fn run(config: RunConfig, set_log_level: admin::SetLogLevel) -> anyhow::Re
     let state_dir = config.state_dir.clone().unwrap_or_else(|| PathBuf::from("/run/mesh").join(&node));
     let enroll_socket = config.enroll_socket.clone().unwrap_or_else(|| state_dir.join("enroll.sock"));
     std::fs::create_dir_all(&state_dir).with_context(|| format!("create state dir {}", state_dir.display()))?;
+    // One agent owns a node's kernel state and state directory. A second one (a
+    // double start, a DaemonSet surge) stops here, before it touches anything.
+    let state_lock = state::DirLock::try_lock(&state_dir).context("another agent owns this node")?;
+    redirect::ensure_bpffs(&bpffs_dir).context("cannot set up eBPF capture")?;
+    let pins_lock = state::DirLock::try_lock(&bpffs_dir).context("another agent owns this node's eBPF state")?;
+    state_lock.record_holder();
 
     let mut effective = serde_json::to_value(&config).expect("config serializes");
     effective["cgroup_root"] = cgroup_root.display().to_string().into();
@@ -272,19 +300,35 @@ async fn run(config: RunConfig, set_log_level: admin::SetLogLevel) -> anyhow::Re
                 }
                 (None, None) => anyhow::bail!("--controller needs a credential: --credential-dir or --token-file"),
             };
-            let client = Arc::new(control::ControlClient::new(addr.clone(), tls, config.token_file.clone()));
+            let client = Arc::new(control::ControlClient::new(
+                addr.clone(),
+                tls,
+                config.token_file.clone(),
+                Some(state_dir.join("view.json")),
+            ));
+            // The view an earlier run saved: with it the agent serves at once and
+            // keeps mTLS if the controller is away (static stability); the
+            // controller's snapshot replaces it as soon as it arrives.
+            match client.restore_view() {
+                Ok((version, age)) => info!(version, age_seconds = age, "view restored from the state directory"),
+                Err(error) => info!(%error, "no view restored; waiting for the controller"),
+            }
             tokio::spawn(client.clone().run());
-            let certs = Arc::new(identity::CertStore::new(client.clone()));
-            // Wait briefly for the first configuration so that restored pods get their
-            // identities from it; the agent serves without it if the controller is down.
-            let mut updates = client.subscribe();
-            let _ = tokio::time::timeout(Duration::from_secs(3), updates.wait_for(|s| s.version > 0)).await;
+            let certs = Arc::new(identity::CertStore::new(client.clone(), Some(state_dir.join("certs"))));
+            if client.current().version == 0 {
+                // Without a view, restored pods would get identities from nothing: wait
+                // briefly for the controller.
+                let mut updates = client.subscribe();
+                let _ = tokio::time::timeout(Duration::from_secs(3), updates.wait_for(|s| s.version > 0)).await;
+            }
             Some((client, certs))
         }
         _ => None,
     };
     let connect_timeout = Duration::from_millis(config.connect_timeout_ms);
     let metrics = Arc::new(metrics::Metrics::default());
+    let limits =
+        telemetry::Limits { per_pod: config.max_connections_per_pod, per_agent: config.max_connections };
     let mesh = control.as_ref().map(|(client, certs)| {
         mesh::Mesh::start(
             client.clone(),
@@ -292,18 +336,23 @@ async fn run(config: RunConfig, set_log_level: admin::SetLogLevel) -> anyhow::Re
             metrics.clone(),
             counters.clone(),
             connect_timeout,
+            limits,
             config.trust_domain_aliases.clone(),
         )
     });
     // Without a controller there is nothing to label connections with: their TCP
     // metrics go to a set that is not exported.
     let outbound_metrics = if mesh.is_some() { metrics.clone() } else { Arc::default() };
+    let own = Arc::new(own::OwnAddrs::default());
+    own.set_node(&redirect::local_addresses().unwrap_or_default());
     let forwarder = Arc::new(outbound::Forwarder {
         redirect: redirect.clone(),
         counters: counters.clone(),
         connect_timeout,
         mesh: mesh.clone(),
         metrics: outbound_metrics,
+        own: own.clone(),
+        limits,
     });
     let (trigger, drain) = drain::channel();
     let registry = Arc::new(enroll::Registry::new(redirect.clone(), forwarder, &state_dir, drain, control.clone()));
@@ -355,16 +404,50 @@ async fn run(config: RunConfig, set_log_level: admin::SetLogLevel) -> anyhow::Re
     }
 
     let gc_registry = registry.clone();
+    let gc_counters = admin_state.counters.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut high = 0;
         loop {
             tick.tick().await;
+            // Give the memory of closed connections back to the kernel once many of
+            // them have ended (the allocator keeps freed memory otherwise).
+            let active = gc_counters.active.load(std::sync::atomic::Ordering::Relaxed);
+            high = high.max(active);
+            if high >= 64 && active <= high / 2 {
+                tokio::task::spawn_blocking(control::trim_heap);
+                high = active;
+            }
             gc_registry.collect_garbage().await;
+            if let Ok(addrs) = redirect::local_addresses() {
+                own.set_node(&addrs);
+            }
         }
     });
 
+    if let Some((client, _)) = &admin_state.control {
+        // Ready only with a view: until then every captured connection is refused.
+        let waiting = ready.register("config");
+        let mut updates = client.subscribe();
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let mut waiting = Some(waiting);
+            loop {
+                if updates.borrow_and_update().version > 0 {
+                    if waiting.take().is_some() {
+                        info!("view applied; ready");
+                    }
+                    registry.reconcile_identities().await;
+                }
+                if updates.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
     drop(startup);
-    info!(node, "mesh-agent ready");
+    info!(node, "mesh-agent started");
 
     let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
@@ -380,6 +463,7 @@ async fn run(config: RunConfig, set_log_level: admin::SetLogLevel) -> anyhow::Re
     } else {
         warn!(?deadline, "drain deadline passed with connections open; closing them");
     }
+    drop((pins_lock, state_lock));
     Ok(())
 }
 

@@ -19,7 +19,7 @@ use crate::{
     hbone::{POOL_IDLE, Pool},
     identity::CertStore,
     metrics::{Metrics, TcpLabels, flags},
-    telemetry::Counters,
+    telemetry::{Counters, Limits},
     workloads::{Index, ServicePort, Workload},
 };
 
@@ -31,6 +31,7 @@ pub struct Mesh {
     pub metrics: Arc<Metrics>,
     pub counters: Arc<Counters>,
     pub connect_timeout: Duration,
+    pub limits: Limits,
     /// Other trust domains whose identities are accepted (migrations, renames).
     pub trust_domain_aliases: Vec<String>,
 }
@@ -43,15 +44,16 @@ impl Mesh {
         metrics: Arc<Metrics>,
         counters: Arc<Counters>,
         connect_timeout: Duration,
+        limits: Limits,
         trust_domain_aliases: Vec<String>,
     ) -> Arc<Self> {
         let mut updates = control.subscribe();
         let first = updates.borrow_and_update().clone();
-        let (index_tx, index) = watch::channel(Arc::new(Index::build(&first.config)));
+        let (index_tx, index) = watch::channel(Arc::new(Index::build(&first.config).at(first.version)));
         tokio::spawn(async move {
             while updates.changed().await.is_ok() {
                 let state = updates.borrow_and_update().clone();
-                let built = tokio::task::spawn_blocking(move || Index::build(&state.config)).await;
+                let built = tokio::task::spawn_blocking(move || Index::build(&state.config).at(state.version)).await;
                 match built {
                     Ok(index) => {
                         let _ = index_tx.send(Arc::new(index));
@@ -68,6 +70,7 @@ impl Mesh {
             metrics,
             counters,
             connect_timeout,
+            limits,
             trust_domain_aliases,
         });
         let weak = Arc::downgrade(&mesh);
@@ -84,6 +87,12 @@ impl Mesh {
 
     pub fn index(&self) -> Arc<Index> {
         self.index.borrow().clone()
+    }
+
+    /// Whether a view is applied (from the controller or restored from disk). Until
+    /// then no destination is known to be meshed or not, and the agent refuses.
+    pub fn has_view(&self) -> bool {
+        self.index().version > 0
     }
 
     /// Whether a client identity belongs to a trust domain this mesh accepts.
@@ -155,7 +164,7 @@ impl Mesh {
             source_app: source.map(|w| w.app().to_owned()).unwrap_or_default(),
             destination_workload: pod.spec.name.clone(),
             destination_workload_namespace: pod.spec.namespace.clone(),
-            destination_principal: pod.identity.clone(),
+            destination_principal: pod.identity().to_string(),
             destination_app: destination.as_ref().map_or_else(|| pod.spec.name.clone(), |w| w.app().to_owned()),
             destination_service: String::new(),
             destination_service_name: String::new(),
@@ -177,7 +186,7 @@ impl Mesh {
             reporter: "source",
             source_workload: pod.spec.name.clone(),
             source_workload_namespace: pod.spec.namespace.clone(),
-            source_principal: pod.identity.clone(),
+            source_principal: pod.identity().to_string(),
             source_app: source.map_or_else(|| pod.spec.name.clone(), |w| w.app().to_owned()),
             destination_workload: destination.map(|w| w.name.clone()).unwrap_or_default(),
             destination_workload_namespace: destination.map(|w| w.namespace.clone()).unwrap_or_default(),

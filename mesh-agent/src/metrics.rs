@@ -41,6 +41,10 @@ pub mod flags {
     pub const DENIED: &str = "RBAC";
     /// Refused by `PeerAuthentication` STRICT (plaintext to a strict workload).
     pub const PLAINTEXT_REFUSED: &str = "PA";
+    /// Upstream overflow: a connection limit was reached.
+    pub const OVERFLOW: &str = "UO";
+    /// No route: no view yet, or a destination that is one of the agent's listeners.
+    pub const NO_ROUTE: &str = "NR";
 }
 
 pub const UNKNOWN: &str = "unknown";

@@ -3,7 +3,7 @@
 //! namespace, so the destination sees the pod's own address.
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::Arc,
+    sync::{Arc, atomic::AtomicU64},
     time::{Duration, Instant},
 };
 
@@ -20,9 +20,10 @@ use crate::{
     mesh::Mesh,
     metrics::{Metrics, TcpLabels, flags},
     netns::NetnsError,
+    own::OwnAddrs,
     redirect::Redirect,
     relay::{self, Counted},
-    telemetry::{AccessLog, Active, Counters, Outcome, bump},
+    telemetry::{AccessLog, Active, Counters, Limits, Outcome, bump},
     workloads::Route,
 };
 
@@ -35,6 +36,9 @@ pub struct Forwarder {
     pub mesh: Option<Arc<Mesh>>,
     /// Istio TCP metrics of outbound connections (exported only with a controller).
     pub metrics: Arc<Metrics>,
+    /// The agent's own addresses: a destination that is one of its listeners is refused.
+    pub own: Arc<OwnAddrs>,
+    pub limits: Limits,
 }
 
 pub struct Outbound {
@@ -95,7 +99,7 @@ impl Connection {
             direction: "outbound",
             src_workload: self.pod.spec.name.clone(),
             src_namespace: self.pod.spec.namespace.clone(),
-            src_identity: self.forwarder.mesh.as_ref().map(|_| self.pod.identity.clone()),
+            src_identity: self.forwarder.mesh.as_ref().map(|_| self.pod.identity().to_string()),
             src_addr: Some(source_addr),
             security: "none",
             ..AccessLog::default()
@@ -111,6 +115,24 @@ impl Connection {
         let dst = orig_dst_addr(&orig);
         log.dst_addr = Some(dst);
         let _ = client.set_nodelay(true);
+        let refuse = |counter: fn(&Counters) -> &AtomicU64, outcome: Outcome, reason: String, mut log: AccessLog| {
+            bump(counters, counter, 1);
+            let _ = client.set_zero_linger();
+            debug!(pod = %self.pod.spec.name, %dst, reason, "outbound connection refused");
+            log.outcome = Some(outcome);
+            log.reason = Some(reason);
+            log.duration = start.elapsed();
+            log.emit();
+        };
+        let meshed = |ip| self.forwarder.mesh.as_ref().is_some_and(|m| m.index().workload(ip).is_some_and(|w| w.meshed));
+        if let Some(reason) = self.forwarder.limits.reached(&self.forwarder.counters, &self.pod.counters) {
+            refuse(|c| &c.limited, Outcome::Limited, reason, log);
+            return;
+        }
+        if self.forwarder.own.targets_agent(dst, meshed) {
+            refuse(|c| &c.self_target, Outcome::SelfTarget, format!("{dst} is a listener of the mesh agent"), log);
+            return;
+        }
 
         let Some(mesh) = self.forwarder.mesh.clone() else {
             // No control plane: every destination is passthrough.
@@ -123,9 +145,22 @@ impl Connection {
             self.direct(client, dst, &labels, log, start).await;
             return;
         };
+        if !mesh.has_view() {
+            // Fail closed: without a view nobody can tell whether the destination is
+            // meshed, and sending it in clear could be wrong.
+            refuse(|c| &c.no_view, Outcome::NoView, "no view from the controller yet".into(), log);
+            return;
+        }
         let index = mesh.index();
         let source = index.workload_of(self.pod.ips()).cloned();
-        match index.route(dst) {
+        let route = index.route(dst);
+        if let Route::Tunnel { addr, .. } | Route::Direct { addr, .. } = &route
+            && self.forwarder.own.targets_agent(*addr, |ip| index.workload(ip).is_some_and(|w| w.meshed))
+        {
+            refuse(|c| &c.self_target, Outcome::SelfTarget, format!("{addr} is a listener of the mesh agent"), log);
+            return;
+        }
+        match route {
             Route::Direct { addr, workload, service } => {
                 log.dst_addr = Some(addr);
                 log.dst_workload = workload.as_ref().map(|w| w.name.clone());
@@ -162,16 +197,15 @@ impl Connection {
                 let tunnel = async {
                     let cert = mesh
                         .certs
-                        .get(&self.pod.identity)
-                        .ok_or_else(|| HboneError::NoCertificate { identity: self.pod.identity.clone() })?;
+                        .get(&self.pod.identity())
+                        .ok_or_else(|| HboneError::NoCertificate { identity: self.pod.identity().to_string() })?;
                     let baggage = format!(
                         "k8s.namespace.name={},k8s.pod.name={},service.name={},k8s.cluster.name=Kubernetes",
                         self.pod.spec.namespace,
                         self.pod.spec.name,
                         source.as_ref().map_or(self.pod.spec.name.as_str(), |w| w.app())
                     );
-                    let request = hbone::connect_request(addr, source_addr, &baggage)
-                        .map_err(|_| HboneError::Status(hyper::StatusCode::BAD_REQUEST))?;
+                    let request = || hbone::connect_request(addr, source_addr, &baggage);
                     let hbone_addr = SocketAddr::new(addr.ip(), hbone::HBONE_PORT);
                     mesh.pool.connect(&self.pod, cert, hbone_addr, &workload.identity, request).await
                 };

@@ -640,7 +640,7 @@ fn configure_exclusions(ebpf: &mut Ebpf, cfg: &RedirectConfig) -> Result<(), Red
 
 /// Mounts bpffs at /sys/fs/bpf when `pin_dir` lies below it and nothing is mounted
 /// there yet (a fresh VM, a node without systemd's mount).
-fn ensure_bpffs(pin_dir: &Path) -> Result<(), RedirectError> {
+pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), RedirectError> {
     let root = Path::new("/sys/fs/bpf");
     if !pin_dir.starts_with(root) {
         return Ok(());

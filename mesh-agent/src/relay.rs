@@ -28,8 +28,10 @@ use crate::{
     telemetry::{AccessLog, Outcome},
 };
 
-/// Copy buffer per direction: large enough that a bulk transfer moves in few syscalls.
-pub const COPY_BUFFER: usize = 128 * 1024;
+/// Copy buffer sizes per direction: a connection starts with the smallest and moves
+/// up one step each time a read fills its buffer, so an idle or chatty connection
+/// holds 1 KiB a direction and a bulk transfer still moves in few syscalls.
+const BUFFER_STEPS: [usize; 3] = [1024, 16 * 1024, 128 * 1024];
 /// How often the byte counters of a long connection are added to the metrics.
 const FLUSH_EVERY: Duration = Duration::from_secs(5);
 
@@ -129,7 +131,7 @@ where
     let mut config = recheck.as_ref().map(|r| r.mesh.control.subscribe());
     let mut report = Report::default();
     {
-        let copy = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUFFER, COPY_BUFFER);
+        let copy = copy_bidirectional(&mut client, &mut upstream);
         tokio::pin!(copy);
         let mut tick = tokio::time::interval(FLUSH_EVERY);
         tick.tick().await;
@@ -168,6 +170,93 @@ where
     report.sent = flushed.0;
     report.received = flushed.1;
     report
+}
+
+/// One direction of a relay: reads into a buffer that grows with the traffic and
+/// writes it out; shuts the writer down after the reader's end of stream.
+#[derive(Default)]
+struct Direction {
+    buffer: Vec<u8>,
+    start: usize,
+    end: usize,
+    read_done: bool,
+    write_pending_flush: bool,
+    done: bool,
+}
+
+impl Direction {
+    fn poll_copy<R, W>(&mut self, cx: &mut Context<'_>, mut reader: Pin<&mut R>, mut writer: Pin<&mut W>) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            if self.start == self.end && !self.read_done {
+                if self.buffer.is_empty() {
+                    self.buffer = vec![0; BUFFER_STEPS[0]];
+                }
+                let mut buf = ReadBuf::new(&mut self.buffer);
+                match reader.as_mut().poll_read(cx, &mut buf) {
+                    Poll::Ready(Ok(())) => {
+                        let n = buf.filled().len();
+                        self.start = 0;
+                        self.end = n;
+                        if n == 0 {
+                            self.read_done = true;
+                        } else if n == self.buffer.len()
+                            && let Some(next) = BUFFER_STEPS.iter().find(|size| **size > n)
+                        {
+                            // A full read: the peer has more; the next read takes more.
+                            self.buffer.resize(*next, 0);
+                        }
+                    }
+                    Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                    Poll::Pending => {
+                        if self.write_pending_flush {
+                            std::task::ready!(writer.as_mut().poll_flush(cx))?;
+                            self.write_pending_flush = false;
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            }
+            while self.start < self.end {
+                let n = std::task::ready!(writer.as_mut().poll_write(cx, &self.buffer[self.start..self.end]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.start += n;
+                self.write_pending_flush = true;
+            }
+            if self.read_done {
+                std::task::ready!(writer.as_mut().poll_flush(cx))?;
+                std::task::ready!(writer.as_mut().poll_shutdown(cx))?;
+                self.done = true;
+                // Nothing more moves this way: give the buffer back now.
+                self.buffer = Vec::new();
+            }
+        }
+    }
+}
+
+/// Copies both ways until both readers ended and both writers were shut down (a
+/// half-closed connection keeps flowing the other way), with buffers that grow with
+/// the traffic.
+async fn copy_bidirectional<A, B>(a: &mut A, b: &mut B) -> io::Result<()>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let (mut a_to_b, mut b_to_a) = (Direction::default(), Direction::default());
+    std::future::poll_fn(|cx| {
+        let forward = a_to_b.poll_copy(cx, Pin::new(&mut *a), Pin::new(&mut *b))?;
+        let backward = b_to_a.poll_copy(cx, Pin::new(&mut *b), Pin::new(&mut *a))?;
+        if forward.is_ready() && backward.is_ready() { Poll::Ready(Ok(())) } else { Poll::Pending }
+    })
+    .await
 }
 
 /// A TCP connection from inside `pod`'s network namespace, with the bypass mark so

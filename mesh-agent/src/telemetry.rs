@@ -23,6 +23,12 @@ pub struct Counters {
     pub inbound_bad_request: AtomicU64,
     pub denied: AtomicU64,
     pub plaintext_refused: AtomicU64,
+    /// Captured connections refused because no view has been applied yet.
+    pub no_view: AtomicU64,
+    /// Connections refused because they targeted one of the agent's own listeners.
+    pub self_target: AtomicU64,
+    /// Connections refused at the per-pod or per-agent connection limit.
+    pub limited: AtomicU64,
 }
 
 #[derive(Debug, Serialize, PartialEq, Eq, Clone, Copy, Default)]
@@ -40,6 +46,9 @@ pub struct CountersSnapshot {
     pub inbound_bad_request: u64,
     pub denied: u64,
     pub plaintext_refused: u64,
+    pub no_view: u64,
+    pub self_target: u64,
+    pub limited: u64,
 }
 
 impl Counters {
@@ -58,6 +67,9 @@ impl Counters {
             inbound_bad_request: self.inbound_bad_request.load(Relaxed),
             denied: self.denied.load(Relaxed),
             plaintext_refused: self.plaintext_refused.load(Relaxed),
+            no_view: self.no_view.load(Relaxed),
+            self_target: self.self_target.load(Relaxed),
+            limited: self.limited.load(Relaxed),
         }
     }
 }
@@ -87,6 +99,28 @@ impl Drop for Active<'_> {
     }
 }
 
+/// Most connections relayed at once, per pod and for the whole agent. Beyond them a
+/// new connection is refused (reset, or 503 on the tunnel), counted in `limited`.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub per_pod: u64,
+    pub per_agent: u64,
+}
+
+impl Limits {
+    /// Why a new connection must be refused now, if it must.
+    pub fn reached(&self, agent: &Counters, pod: &Counters) -> Option<String> {
+        let (pod_active, agent_active) = (pod.active.load(Relaxed), agent.active.load(Relaxed));
+        if pod_active >= self.per_pod {
+            Some(format!("the pod has {pod_active} open connections, its limit (--max-connections-per-pod)"))
+        } else if agent_active >= self.per_agent {
+            Some(format!("the agent has {agent_active} open connections, its limit (--max-connections)"))
+        } else {
+            None
+        }
+    }
+}
+
 /// How a proxied connection ended, as written to the access log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -109,6 +143,12 @@ pub enum Outcome {
     TunnelFailed,
     /// A tunnel request that is not a valid CONNECT to this pod.
     BadRequest,
+    /// No view applied yet: the destination cannot be told meshed or not.
+    NoView,
+    /// The destination is one of the agent's own listeners.
+    SelfTarget,
+    /// The pod's or the agent's connection limit was reached.
+    Limited,
 }
 
 impl Outcome {
@@ -124,6 +164,9 @@ impl Outcome {
             Self::NoCertificate => "no_certificate",
             Self::TunnelFailed => "tunnel_failed",
             Self::BadRequest => "bad_request",
+            Self::NoView => "no_view",
+            Self::SelfTarget => "self_target",
+            Self::Limited => "connection_limit",
         }
     }
 }

@@ -84,6 +84,8 @@ impl ServicePort {
 /// The indexed node view.
 #[derive(Debug, Default)]
 pub struct Index {
+    /// The view's version (0: no view; every lookup then says "unknown").
+    pub version: u64,
     by_ip: HashMap<IpAddr, Arc<Workload>>,
     services: HashMap<SocketAddr, Arc<ServicePort>>,
 }
@@ -100,6 +102,12 @@ pub enum Route {
 }
 
 impl Index {
+    /// The index marked as built from view `version`.
+    pub fn at(mut self, version: u64) -> Self {
+        self.version = version;
+        self
+    }
+
     pub fn build(config: &Config) -> Self {
         let mut by_ip = HashMap::new();
         let mut workloads = Vec::new();
@@ -174,7 +182,7 @@ impl Index {
                 }
             }
         }
-        Self { by_ip, services }
+        Self { version: 0, by_ip, services }
     }
 
     pub fn workload(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
