@@ -238,6 +238,19 @@ impl Registry {
         }
     }
 
+    /// Writes every enrolled pod's `PeerAuthentication` STRICT to the kernel (called
+    /// on every new view).
+    pub async fn apply_strict(&self) {
+        let Some(mesh) = &self.forwarder.mesh else { return };
+        let inner = self.inner.lock().await;
+        for entry in inner.pods.values() {
+            let (strict, overrides) = mesh.strict_ports(&entry.pod);
+            if let Err(error) = self.redirect.set_strict(entry.pod.ips(), strict, &overrides) {
+                warn!(pod = %entry.pod.spec.name, %error, "cannot write the pod's STRICT ports to the kernel");
+            }
+        }
+    }
+
     pub async fn add(&self, spec: PodSpec) -> Result<PodStatus, EnrollError> {
         self.add_with(spec, None).await
     }
@@ -295,11 +308,15 @@ impl Registry {
             }
         }
         if let Some(mesh) = &self.forwarder.mesh {
+            // The return path for connections delivered from the caller's address.
+            pod.netns.run(crate::deliver::install)?;
             let (plaintext, ipv6) = crate::inbound::Plaintext::new(pod.clone(), mesh.clone(), drain.clone())?;
             let inbound_ips: Vec<IpAddr> = pod.ips().iter().copied().filter(|ip| ipv6 || ip.is_ipv4()).collect();
             self.redirect.attach_inbound(&pod.netns, cookie, id, &inbound_ips, plaintext.listener())?;
             let addr = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), crate::inbound::INBOUND_PORT);
             listeners.push((addr, tokio::spawn(plaintext.run()).abort_handle()));
+            let (strict, overrides) = mesh.strict_ports(&pod);
+            self.redirect.set_strict(pod.ips(), strict, &overrides)?;
         }
         // Capture starts only once the listeners exist.
         self.forwarder.own.add_pod(pod.ips());
@@ -323,6 +340,11 @@ impl Registry {
         self.redirect.unenroll(entry.pod.netns_cookie)?;
         if self.forwarder.mesh.is_some() {
             self.redirect.detach_inbound(entry.pod.netns_cookie, entry.pod.ips())?;
+            if entry.pod.netns.still_exists()
+                && let Err(error) = entry.pod.netns.run(crate::deliver::uninstall)
+            {
+                warn!(uid, %error, "cannot remove the return path from the pod's namespace");
+            }
         }
         let status = status(&entry);
         if let Some((_, certs)) = &self.control {

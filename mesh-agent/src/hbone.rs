@@ -547,7 +547,7 @@ impl Server {
             log.emit();
             return status(StatusCode::UNAUTHORIZED);
         }
-        let upstream = match relay::connect_in(&self.pod, target, self.mesh.connect_timeout).await {
+        let upstream = match relay::deliver(&self.pod, peer.ip(), target, self.mesh.connect_timeout).await {
             Ok(upstream) => upstream,
             Err(error) => {
                 bump(counters, |c| &c.connect_failed, 1);

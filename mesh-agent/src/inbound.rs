@@ -131,7 +131,7 @@ impl Shared {
             refuse(flags::DENIED, Outcome::Denied, reason, log);
             return;
         }
-        let upstream = match relay::connect_in(&self.pod, target, self.mesh.connect_timeout).await {
+        let upstream = match relay::deliver(&self.pod, peer.ip(), target, self.mesh.connect_timeout).await {
             Ok(upstream) => upstream,
             Err(error) => {
                 bump(counters, |c| &c.connect_failed, 1);

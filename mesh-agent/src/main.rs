@@ -4,6 +4,7 @@
 //! connections the kernel hands it.
 mod admin;
 mod control;
+mod deliver;
 mod discover;
 mod drain;
 mod enroll;
@@ -425,10 +426,10 @@ async fn run(config: RunConfig, set_log_level: admin::SetLogLevel) -> anyhow::Re
         }
     });
 
-    if let Some((client, _)) = &admin_state.control {
+    if let Some(mesh) = &admin_state.mesh {
         // Ready only with a view: until then every captured connection is refused.
         let waiting = ready.register("config");
-        let mut updates = client.subscribe();
+        let mut updates = mesh.subscribe_index();
         let registry = registry.clone();
         tokio::spawn(async move {
             let mut waiting = Some(waiting);
@@ -438,6 +439,7 @@ async fn run(config: RunConfig, set_log_level: admin::SetLogLevel) -> anyhow::Re
                         info!("view applied; ready");
                     }
                     registry.reconcile_identities().await;
+                    registry.apply_strict().await;
                 }
                 if updates.changed().await.is_err() {
                     return;

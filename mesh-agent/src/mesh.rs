@@ -146,6 +146,21 @@ impl Mesh {
         (effective.mode == MtlsMode::Strict, effective.policy)
     }
 
+    /// `PeerAuthentication` STRICT of `pod` as the kernel applies it (see
+    /// [`policy::strict_ports`]).
+    pub fn strict_ports(&self, pod: &Pod) -> (bool, Vec<(u16, bool)>) {
+        let state = self.control.current();
+        let index = self.index();
+        let no_labels = Labels::new();
+        let labels = index.workload_of(pod.ips()).map_or(&no_labels, |w| &w.labels);
+        policy::strict_ports(&state.config, &policy::Workload { namespace: &pod.spec.namespace, labels })
+    }
+
+    /// A receiver that sees every new index (every applied view).
+    pub fn subscribe_index(&self) -> watch::Receiver<Arc<Index>> {
+        self.index.clone()
+    }
+
     /// Telemetry labels of a connection this agent receives for `pod`.
     pub fn inbound_labels(
         &self,

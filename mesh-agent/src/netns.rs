@@ -7,7 +7,7 @@
 use std::{
     fs::File,
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     os::{
         fd::{AsFd, BorrowedFd},
         unix::fs::MetadataExt,
@@ -129,6 +129,19 @@ impl Netns {
             Ok(listener) => Ok((listener, true)),
             Err(_) => Ok((self.listen(SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port)))?, false)),
         }
+    }
+
+    /// An unconnected TCP socket inside this namespace to deliver a connection to the
+    /// application from the caller's address `source` (see `deliver`).
+    pub fn delivery_socket(&self, source: IpAddr) -> Result<tokio::net::TcpSocket, NetnsError> {
+        let std_stream: std::net::TcpStream = self.run(|| {
+            let socket = Socket::new(Domain::for_address(SocketAddr::new(source, 0)), Type::STREAM, Some(Protocol::TCP))?;
+            crate::deliver::bind_transparent(&socket, source)?;
+            socket.set_nonblocking(true)?;
+            socket.set_nodelay(true)?;
+            Ok(socket.into())
+        })?;
+        Ok(tokio::net::TcpSocket::from_std_stream(std_stream))
     }
 
     /// An unconnected TCP socket inside this namespace, carrying `mark` so the

@@ -148,9 +148,38 @@ struct Inbound {
     excluded_ports: HashMap<MapData, u16, u8>,
     probe_ports: HashMap<MapData, ProbeKey, u8>,
     probe_sources: HashMap<MapData, InboundKey, u8>,
+    strict: HashMap<MapData, ProbeKey, u8>,
 }
 
 impl Inbound {
+    fn set_strict(&mut self, ips: &[IpAddr], default: bool, overrides: &[(u16, bool)]) -> Result<(), RedirectError> {
+        let map_error = |source| RedirectError::Map { map: "INBOUND_STRICT", source };
+        let mut wanted: Vec<(ProbeKey, u8)> = Vec::new();
+        for ip in ips {
+            // Nothing to write for a pod that refuses nothing anywhere.
+            if default || overrides.iter().any(|(_, strict)| *strict) {
+                wanted.push((probe_key(*ip, 0), u8::from(default)));
+                wanted.extend(overrides.iter().map(|(port, strict)| (probe_key(*ip, *port), u8::from(*strict))));
+            }
+        }
+        for (key, value) in &wanted {
+            self.strict.insert(key, value, 0).map_err(map_error)?;
+        }
+        let stale: Vec<ProbeKey> = self
+            .strict
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| probe_ip(key).is_some_and(|ip| ips.contains(&ip)) && !wanted.iter().any(|(k, _)| k == key))
+            .collect();
+        for key in stale {
+            match self.strict.remove(&key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(source) => return Err(map_error(source)),
+            }
+        }
+        Ok(())
+    }
+
     /// Removes the probe ports of `ips` for which `keep` is false.
     fn remove_probe_ports(&mut self, ips: &[IpAddr], keep: impl Fn(u16) -> bool) -> Result<(), RedirectError> {
         let stale: Vec<ProbeKey> = self
@@ -246,6 +275,8 @@ impl Redirect {
                 .map_err(|source| RedirectError::Map { map: "INBOUND_PROBE_PORTS", source })?,
             probe_sources: HashMap::try_from(take_map(&mut ebpf, "PROBE_SOURCES")?)
                 .map_err(|source| RedirectError::Map { map: "PROBE_SOURCES", source })?,
+            strict: HashMap::try_from(take_map(&mut ebpf, "INBOUND_STRICT")?)
+                .map_err(|source| RedirectError::Map { map: "INBOUND_STRICT", source })?,
         };
         Ok(Self {
             enrolled: Mutex::new(enrolled),
@@ -357,6 +388,7 @@ impl Redirect {
                 }
             }
             inbound.remove_probe_ports(ips, |_| false)?;
+            inbound.set_strict(ips, false, &[])?;
         }
         let path = self.inbound_pin_dir().join(cookie.to_string());
         match PinnedLink::from_pin(&path) {
@@ -406,6 +438,14 @@ impl Redirect {
             }
         }
         Ok(())
+    }
+
+    /// Makes `PeerAuthentication` STRICT of the pod addresses `ips` what the kernel
+    /// refuses at the door: `default` for every port, `overrides` for single ports
+    /// (see [`mesh_common::policy::strict_ports`]). Entries that are wanted are
+    /// written before stale ones are removed, so a STRICT port is never open.
+    pub fn set_strict(&self, ips: &[IpAddr], default: bool, overrides: &[(u16, bool)]) -> Result<(), RedirectError> {
+        self.inbound.lock().expect("inbound maps lock").set_strict(ips, default, overrides)
     }
 
     /// Forgets every probe port of the pod addresses `ips` (the pod was un-enrolled; a

@@ -265,3 +265,15 @@ pub async fn connect_in(pod: &Pod, dst: SocketAddr, timeout: Duration) -> io::Re
     let socket = pod.netns.tcp_socket(dst.is_ipv6(), BYPASS_MARK).map_err(io::Error::other)?;
     tokio::time::timeout(timeout, socket.connect(dst)).await.map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
 }
+
+/// A connection to `pod`'s application at `dst` that shows `caller` as its source
+/// (see `deliver`); from the pod's own address when the caller is the pod itself or
+/// of the other family.
+pub async fn deliver(pod: &Pod, caller: IpAddr, dst: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let caller = caller.to_canonical();
+    if caller.is_ipv6() != dst.is_ipv6() || pod.ips().contains(&caller) || caller.is_loopback() {
+        return connect_in(pod, dst, timeout).await;
+    }
+    let socket = pod.netns.delivery_socket(caller).map_err(io::Error::other)?;
+    tokio::time::timeout(timeout, socket.connect(dst)).await.map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
+}

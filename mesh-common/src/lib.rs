@@ -26,6 +26,13 @@ pub mod tls;
 /// being captured again (no loop).
 pub const BYPASS_MARK: u32 = 0x539;
 
+/// `SO_MARK` of the sockets the agent delivers connections to an application with,
+/// bound to the caller's address (transparent). The capture programs leave them
+/// alone as they do [`BYPASS_MARK`]; inside each enrolled pod, the application's
+/// accepted socket inherits the mark (`tcp_fwmark_accept`) and a routing rule for
+/// it sends the replies back to the agent's socket instead of out of the pod.
+pub const DELIVER_MARK: u32 = 0x53a;
+
 /// In-pod listener for captured outbound connections (loopback of the pod's netns).
 pub const OUTBOUND_PORT: u16 = 15001;
 /// In-pod listener for plaintext inbound connections.
@@ -148,8 +155,7 @@ pub mod stat {
     /// Inbound connections to a captured pod IP passed through uncaptured: to an
     /// agent port (15001, 15006, 15008) or an exempt port.
     pub const INBOUND_EXEMPT: u32 = 7;
-    /// Inbound connections from the pod to itself (this includes the agent delivering
-    /// traffic to the application) passed through uncaptured.
+    /// Inbound connections from the pod to itself passed through uncaptured.
     pub const INBOUND_SELF: u32 = 8;
     /// Inbound connections dropped because the pod has no 15006 listener (agent
     /// down): capture fails closed.
@@ -160,7 +166,14 @@ pub mod stat {
     /// Inbound connections from one of the node's own addresses to a probe port of
     /// the pod IP (kubelet probes) passed to the application uncaptured.
     pub const INBOUND_PROBE: u32 = 11;
-    pub const COUNT: u32 = 12;
+    /// Inbound plaintext connections refused before the handshake because the pod's
+    /// port is under `PeerAuthentication` STRICT (the client gets a reset; none of
+    /// its data reaches the node).
+    pub const INBOUND_STRICT: u32 = 12;
+    /// Connections the agent delivered to a pod's application from the caller's
+    /// address, passed uncaptured (recorded by `sock_ops` at their connect).
+    pub const INBOUND_DELIVERED: u32 = 13;
+    pub const COUNT: u32 = 14;
     pub const NAMES: [&str; COUNT as usize] = [
         "captured",
         "skipped_bypass_mark",
@@ -174,6 +187,8 @@ pub mod stat {
         "inbound_no_listener",
         "inbound_assign_failed",
         "inbound_probe",
+        "inbound_strict_refused",
+        "inbound_delivered",
     ];
 }
 

@@ -161,6 +161,31 @@ pub fn authorize(config: &Config, workload: &Workload, conn: &Connection) -> Ver
 /// Where a scope has several policies Istio picks the oldest; the model has no creation
 /// time, so the lexicographically first name is picked instead.
 pub fn mtls_mode(config: &Config, workload: &Workload, port: u16) -> EffectiveMtls {
+    mtls_mode_at(config, workload, Some(port))
+}
+
+/// `PeerAuthentication` STRICT as the kernel applies it to a workload: whether
+/// plaintext is refused on the ports without a port-level setting, and the ports
+/// whose setting says otherwise (each with whether it is STRICT).
+pub fn strict_ports(config: &Config, workload: &Workload) -> (bool, Vec<(u16, bool)>) {
+    let strict = |m: EffectiveMtls| m.mode == MtlsMode::Strict;
+    let default = strict(mtls_mode_at(config, workload, None));
+    let mut overrides: Vec<(u16, bool)> = config
+        .peer_authentications
+        .iter()
+        .filter(|pa| pa.metadata.namespace == workload.namespace)
+        .flat_map(|pa| pa.spec.port_level_mtls.keys())
+        .filter_map(|port| u16::try_from(*port).ok())
+        .map(|port| (port, strict(mtls_mode(config, workload, port))))
+        .filter(|(_, port_strict)| *port_strict != default)
+        .collect();
+    overrides.sort_unstable();
+    overrides.dedup();
+    (default, overrides)
+}
+
+/// [`mtls_mode`]; without a port, the mode of the ports no port-level setting names.
+fn mtls_mode_at(config: &Config, workload: &Workload, port: Option<u16>) -> EffectiveMtls {
     let has_selector = |pa: &PeerAuthentication| pa.spec.selector.as_ref().is_some_and(|s| !s.match_labels.is_empty());
     let first = |ns: &str, selected: bool| {
         config
@@ -172,7 +197,9 @@ pub fn mtls_mode(config: &Config, workload: &Workload, port: u16) -> EffectiveMt
     };
     let workload_policy = first(workload.namespace, true);
     let mode = |pa: &PeerAuthentication| pa.spec.mtls.as_ref().map_or(MtlsMode::Unset, |m| m.mode);
-    let port_mode = workload_policy.and_then(|pa| pa.spec.port_level_mtls.get(&u32::from(port)).map(|m| (m.mode, pa)));
+    let port_mode = workload_policy
+        .zip(port)
+        .and_then(|(pa, port)| pa.spec.port_level_mtls.get(&u32::from(port)).map(|m| (m.mode, pa)));
     let scopes = [
         workload_policy.map(|pa| (mode(pa), pa)),
         first(workload.namespace, false).map(|pa| (mode(pa), pa)),
@@ -986,6 +1013,26 @@ spec:
         let disabled = mtls_mode(&config, &Workload { namespace: "shop", labels: &db }, 9100);
         assert!(disabled.accepts_plaintext());
         assert!(!mtls_mode(&config, &Workload { namespace: "shop", labels: &db }, 5432).accepts_plaintext());
+    }
+
+    #[test]
+    fn strict_ports_agree_with_the_mode_of_every_port() {
+        let config = yaml(MTLS);
+        let db = labels(&[("app", "db")]);
+        let workload = Workload { namespace: "shop", labels: &db };
+        assert_eq!(strict_ports(&config, &workload), (false, vec![(5432, true)]));
+        let api = labels(&[("app", "api")]);
+        assert_eq!(strict_ports(&config, &Workload { namespace: "shop", labels: &api }), (true, vec![]));
+        assert_eq!(strict_ports(&config, &Workload { namespace: "ops", labels: &Labels::new() }), (true, vec![]));
+        // What the kernel decides from the entries equals the mode of every port.
+        for (namespace, labels) in [("shop", &db), ("shop", &api), ("shop", &Labels::new()), ("ops", &db)] {
+            let workload = Workload { namespace, labels };
+            let (default, overrides) = strict_ports(&config, &workload);
+            for port in [1, 80, 5432, 9100, 9200, 65535] {
+                let kernel = overrides.iter().find(|(p, _)| *p == port).map_or(default, |(_, strict)| *strict);
+                assert_eq!(kernel, mtls_mode(&config, &workload, port).mode == MtlsMode::Strict, "{namespace} {port}");
+            }
+        }
     }
 
     #[test]

@@ -36,12 +36,13 @@ use aya_ebpf::{
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use maps::{
-    ENROLLED, EXCLUDED_PORTS, EXCLUDED_V4, EXCLUDED_V6, INBOUND_ADDRS, INBOUND_EXCLUDED_PORTS, INBOUND_PROBE_PORTS,
-    INBOUND_SOCKETS, ORIG_DST, PENDING, PROBE_CONNS, PROBE_SOURCES, STATS,
+    DELIVER_CONNS, DELIVER_PENDING, ENROLLED, EXCLUDED_PORTS, EXCLUDED_V4, EXCLUDED_V6, INBOUND_ADDRS,
+    INBOUND_EXCLUDED_PORTS, INBOUND_PROBE_PORTS, INBOUND_SOCKETS, INBOUND_STRICT, ORIG_DST, PENDING, PROBE_CONNS,
+    PROBE_SOURCES, STATS,
 };
 use mesh_common::{
-    AF_INET, AF_INET6, BYPASS_MARK, HBONE_PORT, INBOUND_PLAINTEXT_PORT, InboundKey, OUTBOUND_PORT, OrigDst, OrigDstKey,
-    ProbeConnKey, ProbeKey, stat,
+    AF_INET, AF_INET6, BYPASS_MARK, DELIVER_MARK, HBONE_PORT, INBOUND_PLAINTEXT_PORT, InboundKey, OUTBOUND_PORT,
+    OrigDst, OrigDstKey, ProbeConnKey, ProbeKey, stat,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -72,12 +73,31 @@ pub fn mesh_sock_ops(ctx: SockOpsContext) -> u32 {
     if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
         hand_over(&ctx);
         note_probe(&ctx);
+        note_delivery(&ctx);
     } else if op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE {
         if let Some(key) = probe_conn_key(&ctx) {
             let _ = PROBE_CONNS.remove(&key);
+            let _ = DELIVER_CONNS.remove(&key);
         }
     }
     1
+}
+
+/// Records the 4-tuple of a connection the agent delivers from the caller's address
+/// (its socket was noted at connect), until it closes.
+#[inline(always)]
+fn note_delivery(ctx: &SockOpsContext) {
+    // SAFETY: bpf_get_socket_cookie accepts the sock_ops context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast::<c_void>()) };
+    // SAFETY: read-only lookup of a plain value.
+    if unsafe { DELIVER_PENDING.get(&cookie) }.is_none() {
+        return;
+    }
+    let _ = DELIVER_PENDING.remove(&cookie);
+    let Some(key) = probe_conn_key(ctx) else { return };
+    if DELIVER_CONNS.insert(&key, &1, 0).is_ok() {
+        let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+    }
 }
 
 /// The probe-connection key of a connecting socket (the node's side is `src`).
@@ -184,6 +204,15 @@ fn try_connect(ctx: &SockAddrContext, family: u16) {
     }
     // SAFETY: `sk` of a sock_addr context is a non-null PTR_TO_SOCKET.
     let mark = unsafe { (*sa.__bindgen_anon_1.sk).mark };
+    if mark == DELIVER_MARK {
+        // The agent delivering a connection from the caller's address: sock_ops
+        // records its 4-tuple once the port is chosen, so sk_lookup lets it pass.
+        // SAFETY: bpf_get_socket_cookie accepts the sock_addr context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        let _ = DELIVER_PENDING.insert(&cookie, &1, 0);
+        count(stat::SKIPPED_BYPASS);
+        return;
+    }
     if mark == BYPASS_MARK {
         count(stat::SKIPPED_BYPASS);
         return;
@@ -352,6 +381,12 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
         count(stat::INBOUND_PROBE);
         return sk_action::SK_PASS;
     }
+    // The agent delivering a connection it already checked, from the caller's address.
+    // SAFETY: read-only lookup of a plain value.
+    if unsafe { DELIVER_CONNS.get(&probe) }.is_some() {
+        count(stat::INBOUND_DELIVERED);
+        return sk_action::SK_PASS;
+    }
     // SAFETY: read-only lookup of a plain value.
     if port == HBONE_PORT
         || port == INBOUND_PLAINTEXT_PORT
@@ -364,6 +399,16 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
     if local == remote {
         count(stat::INBOUND_SELF);
         return sk_action::SK_PASS;
+    }
+    // STRICT at the door: plaintext to a STRICT port is refused here (the kernel
+    // answers the SYN with a reset), so none of the client's data reaches the node.
+    let port_key = ProbeKey { family, port, pad: 0, addr: key.addr };
+    let pod_key = ProbeKey { port: 0, ..port_key };
+    // SAFETY: read-only lookups of plain values.
+    let strict = unsafe { INBOUND_STRICT.get(&port_key).or_else(|| INBOUND_STRICT.get(&pod_key)) };
+    if strict.is_some_and(|strict| *strict == 1) {
+        count(stat::INBOUND_STRICT);
+        return sk_action::SK_DROP;
     }
     match INBOUND_SOCKETS.redirect_sk_lookup(ctx, key, 0) {
         Ok(()) => {

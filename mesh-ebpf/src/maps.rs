@@ -71,3 +71,23 @@ pub static PROBE_CONNS: LruHashMap<ProbeConnKey, u8> = LruHashMap::pinned(16_384
 /// Counters, indexed by `mesh_common::stat`.
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+/// `PeerAuthentication` STRICT of each captured pod IP: `port` 0 is the pod's mode
+/// for every port, another port an override (`portLevelMtls`). Value 1: plaintext is
+/// refused in the kernel, before the handshake; 0: steered to 15006. Written by the
+/// agent on every view change.
+#[map]
+pub static INBOUND_STRICT: HashMap<ProbeKey, u8> = HashMap::pinned(16_384, 0);
+
+/// Sockets of the agent that deliver a connection to an application from the
+/// caller's address (`DELIVER_MARK`), by socket cookie, from their `connect` until
+/// `sock_ops` knows their 4-tuple.
+#[map]
+pub static DELIVER_PENDING: LruHashMap<u64, u8> = LruHashMap::pinned(16_384, 0);
+
+/// The 4-tuples of those connections (the agent's side, the caller's address, is
+/// `src`), until they close. Their SYN reaches the application uncaptured; an
+/// outside SYN with the same addresses cannot exist while the agent's socket holds
+/// the 4-tuple, and the entry goes when it closes.
+#[map]
+pub static DELIVER_CONNS: LruHashMap<ProbeConnKey, u8> = LruHashMap::pinned(65_536, 0);

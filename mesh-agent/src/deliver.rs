@@ -1,0 +1,237 @@
+//! Delivering a connection to the application from the caller's own address, as
+//! Istio ambient does: the agent's socket inside the pod is transparent
+//! (`IP_TRANSPARENT`), bound to the caller's address and marked [`DELIVER_MARK`].
+//! The application sees the real caller, and every caller gets a 4-tuple space of
+//! its own (with the pod's own address as the source, all callers of a port shared
+//! one and ran out of ports under churn).
+//!
+//! The replies must come back to the agent instead of leaving the pod for the
+//! caller's real address. Installed in the pod's namespace at enrollment:
+//! - `net.ipv4.tcp_fwmark_accept=1`: the application's accepted socket takes the
+//!   mark of the SYN, so all its packets on that connection carry [`DELIVER_MARK`];
+//! - a rule `fwmark DELIVER_MARK lookup DELIVER_TABLE` and, in that table, `local
+//!   default dev lo` (IPv4 and IPv6): marked packets are delivered locally, to the
+//!   agent's transparent socket;
+//! - `net.ipv4.conf.lo.src_valid_mark=1`: the reverse-path check of those packets
+//!   on `lo` uses the mark, so a pod with `rp_filter` on accepts them.
+//!
+//! The kernel must not steer these connections back to the agent: `connect` marks
+//! the socket (`DELIVER_PENDING`, by cookie), `sock_ops` records its 4-tuple when
+//! the port is chosen (`DELIVER_CONNS`, until it closes), and `sk_lookup` lets a SYN
+//! with a recorded 4-tuple pass. (Its ingress interface cannot tell: the kernel
+//! reports the device of the pod's address even for packets looped over `lo`.) No
+//! iptables, no conntrack.
+use std::{
+    io,
+    net::{IpAddr, SocketAddr},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+};
+
+use mesh_common::DELIVER_MARK;
+
+/// The routing table of the rule (a number no distribution uses by default).
+pub const DELIVER_TABLE: u32 = 0x53a;
+/// The rule's priority: before the main table (32766), after `local` (0).
+const RULE_PRIORITY: u32 = 32_700;
+
+const RTM_NEWROUTE: u16 = 24;
+const RTM_DELROUTE: u16 = 25;
+const RTM_NEWRULE: u16 = 32;
+const RTM_DELRULE: u16 = 33;
+const NLMSG_ERROR: u16 = 2;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_EXCL: u16 = 0x200;
+const NLM_F_CREATE: u16 = 0x400;
+const FRA_PRIORITY: u16 = 6;
+const FRA_FWMARK: u16 = 10;
+const FRA_TABLE: u16 = 15;
+const FRA_FWMASK: u16 = 16;
+const FR_ACT_TO_TBL: u8 = 1;
+const RTA_OIF: u16 = 4;
+const RTA_TABLE: u16 = 15;
+const RTN_LOCAL: u8 = 2;
+const RTPROT_STATIC: u8 = 4;
+const RT_SCOPE_HOST: u8 = 254;
+const LOOPBACK_IFINDEX: u32 = 1;
+
+/// Installs the return path in the calling thread's network namespace (call it
+/// inside [`crate::netns::Netns::run`]). Idempotent. IPv6 is skipped when the
+/// namespace has none.
+pub fn install() -> io::Result<()> {
+    write_sysctl("net/ipv4/tcp_fwmark_accept", "1")?;
+    write_sysctl("net/ipv4/conf/lo/src_valid_mark", "1")?;
+    let socket = Netlink::open()?;
+    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+        let result = socket
+            .request(RTM_NEWRULE, NLM_F_CREATE | NLM_F_EXCL, &rule(family))
+            .and_then(|()| socket.request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, &route(family)));
+        match result {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            // A namespace without IPv6 (disabled) takes no IPv6 rule.
+            Err(e) if family == libc::AF_INET6 as u8 && e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Removes what [`install`] added (the sysctls stay: they only matter for marked
+/// packets, and nothing marks packets without the agent). Missing entries are fine.
+pub fn uninstall() -> io::Result<()> {
+    let socket = Netlink::open()?;
+    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+        for (kind, message) in [(RTM_DELRULE, rule(family)), (RTM_DELROUTE, route(family))] {
+            match socket.request(kind, 0, &message) {
+                Ok(()) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESRCH | libc::EAFNOSUPPORT)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn write_sysctl(name: &str, value: &str) -> io::Result<()> {
+    let path = format!("/proc/sys/{name}");
+    std::fs::write(&path, value).map_err(|e| io::Error::new(e.kind(), format!("write {path}: {e}")))
+}
+
+/// `fwmark DELIVER_MARK/0xffffffff lookup DELIVER_TABLE pref RULE_PRIORITY`.
+fn rule(family: u8) -> Vec<u8> {
+    // struct fib_rule_hdr: family, dst_len, src_len, tos, table, res1, res2, action, flags.
+    let mut message = vec![family, 0, 0, 0, 0, 0, 0, FR_ACT_TO_TBL, 0, 0, 0, 0];
+    attribute(&mut message, FRA_PRIORITY, RULE_PRIORITY);
+    attribute(&mut message, FRA_FWMARK, DELIVER_MARK);
+    attribute(&mut message, FRA_FWMASK, u32::MAX);
+    attribute(&mut message, FRA_TABLE, DELIVER_TABLE);
+    message
+}
+
+/// `local default dev lo table DELIVER_TABLE`.
+fn route(family: u8) -> Vec<u8> {
+    // struct rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags.
+    let mut message = vec![family, 0, 0, 0, 0, RTPROT_STATIC, RT_SCOPE_HOST, RTN_LOCAL, 0, 0, 0, 0];
+    attribute(&mut message, RTA_OIF, LOOPBACK_IFINDEX);
+    attribute(&mut message, RTA_TABLE, DELIVER_TABLE);
+    message
+}
+
+/// A netlink attribute holding one u32 (already 4-byte aligned).
+fn attribute(message: &mut Vec<u8>, kind: u16, value: u32) {
+    message.extend_from_slice(&8u16.to_ne_bytes());
+    message.extend_from_slice(&kind.to_ne_bytes());
+    message.extend_from_slice(&value.to_ne_bytes());
+}
+
+/// A `NETLINK_ROUTE` socket of the calling thread's network namespace.
+struct Netlink(OwnedFd);
+
+impl Netlink {
+    #[allow(unsafe_code)]
+    fn open() -> io::Result<Self> {
+        // SAFETY: plain socket(2); the result is checked before it is owned.
+        let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
+        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Sends one request and waits for the kernel's acknowledgement.
+    #[allow(unsafe_code)]
+    fn request(&self, kind: u16, flags: u16, payload: &[u8]) -> io::Result<()> {
+        let length = 16 + payload.len();
+        let mut message = Vec::with_capacity(length);
+        message.extend_from_slice(&(length as u32).to_ne_bytes());
+        message.extend_from_slice(&kind.to_ne_bytes());
+        message.extend_from_slice(&(flags | NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+        message.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+        message.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it
+        message.extend_from_slice(payload);
+        // SAFETY: the kernel address is a zeroed sockaddr_nl with its family set; the
+        // buffer is valid for its length.
+        let sent = unsafe {
+            let mut kernel: libc::sockaddr_nl = std::mem::zeroed();
+            kernel.nl_family = libc::AF_NETLINK as u16;
+            libc::sendto(
+                self.0.as_raw_fd(),
+                message.as_ptr().cast(),
+                message.len(),
+                0,
+                (&raw const kernel).cast(),
+                size_of::<libc::sockaddr_nl>() as u32,
+            )
+        };
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut reply = [0u8; 1024];
+        // SAFETY: the buffer is valid for writes of its length.
+        let received = unsafe { libc::recv(self.0.as_raw_fd(), reply.as_mut_ptr().cast(), reply.len(), 0) };
+        if received < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let reply = &reply[..received as usize];
+        let kind = reply.get(4..6).map(|b| u16::from_ne_bytes([b[0], b[1]]));
+        let error = reply.get(16..20).map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+        match (kind, error) {
+            (Some(NLMSG_ERROR), Some(0)) => Ok(()),
+            (Some(NLMSG_ERROR), Some(errno)) => Err(io::Error::from_raw_os_error(-errno)),
+            _ => Err(io::Error::new(io::ErrorKind::InvalidData, "unexpected netlink reply")),
+        }
+    }
+}
+
+/// Makes `socket` transparent and binds it to `source` (port chosen at connect, per
+/// 4-tuple), marked so that capture leaves it alone and the replies come back.
+#[allow(unsafe_code)]
+pub fn bind_transparent(socket: &socket2::Socket, source: IpAddr) -> io::Result<()> {
+    let (level, option) = match source {
+        IpAddr::V4(_) => (libc::SOL_IP, libc::IP_TRANSPARENT),
+        IpAddr::V6(_) => (libc::SOL_IPV6, libc::IPV6_TRANSPARENT),
+    };
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt with a valid descriptor and a c_int that lives across the call.
+    let rc = unsafe {
+        libc::setsockopt(socket.as_raw_fd(), level, option, (&raw const on).cast(), size_of::<libc::c_int>() as u32)
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&raw const on).cast(),
+            size_of::<libc::c_int>() as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    socket.set_mark(DELIVER_MARK)?;
+    socket.bind(&SocketAddr::new(source, 0).into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_have_the_kernel_layout() {
+        let rule = rule(libc::AF_INET as u8);
+        assert_eq!(rule.len(), 12 + 4 * 8, "header and four u32 attributes");
+        assert_eq!(rule[7], FR_ACT_TO_TBL);
+        assert_eq!(&rule[12..14], &8u16.to_ne_bytes());
+        assert_eq!(&rule[14..16], &FRA_PRIORITY.to_ne_bytes());
+        let route = route(libc::AF_INET6 as u8);
+        assert_eq!(route[0], libc::AF_INET6 as u8);
+        assert_eq!(route[7], RTN_LOCAL);
+        assert_eq!(route.len(), 12 + 2 * 8);
+    }
+}
