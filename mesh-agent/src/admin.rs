@@ -145,20 +145,51 @@ pub fn metrics(state: &AdminState) -> Response<Body> {
 pub struct HttpServer {
     listener: TcpListener,
     name: &'static str,
+    /// A second descriptor of the listening socket, for a handover.
+    pub socket: (crate::handover::ListenerId, std::os::fd::OwnedFd),
+    stop: tokio::sync::watch::Receiver<bool>,
 }
 
 impl HttpServer {
-    pub async fn bind(name: &'static str, addr: SocketAddr) -> std::io::Result<Self> {
-        Ok(Self { listener: TcpListener::bind(addr).await?, name })
+    /// Listens on `addr`, on the socket inherited from the agent this one took over
+    /// from when there is one; stops accepting once `stop` turns true.
+    pub fn bind(
+        name: &'static str,
+        addr: SocketAddr,
+        inherited: &crate::handover::Inherited,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> std::io::Result<Self> {
+        let listener = match inherited.take("", name, addr) {
+            Some(listener) => listener,
+            None => {
+                let socket = socket2::Socket::new(
+                    socket2::Domain::for_address(addr),
+                    socket2::Type::STREAM,
+                    Some(socket2::Protocol::TCP),
+                )?;
+                socket.set_reuse_address(true)?;
+                socket.bind(&addr.into())?;
+                socket.listen(1024)?;
+                socket.into()
+            }
+        };
+        listener.set_nonblocking(true)?;
+        let copy = listener.try_clone()?;
+        let id = crate::handover::ListenerId { owner: String::new(), kind: name.to_owned(), addr };
+        Ok(Self { listener: TcpListener::from_std(listener)?, name, socket: (id, copy.into()), stop })
     }
 
-    pub async fn run<F, Fut>(self, handler: F)
+    pub async fn run<F, Fut>(mut self, handler: F)
     where
         F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = Response<Body>> + Send + 'static,
     {
         loop {
-            let (stream, peer) = match self.listener.accept().await {
+            let accepted = tokio::select! {
+                _ = self.stop.wait_for(|stop| *stop) => return,
+                accepted = self.listener.accept() => accepted,
+            };
+            let (stream, peer) = match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
                     warn!(server = self.name, %error, "accept failed");

@@ -7,6 +7,7 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::OwnedFd,
     path::{Path, PathBuf},
     sync::{
         Arc,
@@ -28,6 +29,7 @@ use tracing::{info, warn};
 use crate::{
     control::ControlClient,
     drain,
+    handover::{Inherited, ListenerId},
     identity::CertStore,
     netns::{Netns, NetnsError},
     outbound::{Forwarder, Outbound},
@@ -38,32 +40,8 @@ use crate::{
 /// Largest request accepted on one enrollment connection.
 const MAX_REQUEST_BYTES: u64 = 1 << 20;
 
-/// What the enroller (CNI plugin, node watcher, lab harness) tells us about a pod.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct PodSpec {
-    pub uid: String,
-    pub name: String,
-    pub namespace: String,
-    #[serde(default = "default_service_account")]
-    pub service_account: String,
-    #[serde(default)]
-    pub ips: Vec<IpAddr>,
-    /// Path of the pod's network namespace (`/var/run/netns/...` or `/proc/PID/ns/net`).
-    pub netns: PathBuf,
-}
-
-fn default_service_account() -> String {
-    "default".to_owned()
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
-enum Request {
-    Add { pod: PodSpec },
-    Remove { uid: String },
-    List,
-}
+pub use mesh_common::enroll::PodSpec;
+use mesh_common::enroll::Request;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
@@ -135,6 +113,8 @@ pub struct PodStatus {
 struct Entry {
     pod: Arc<Pod>,
     listeners: Vec<(SocketAddr, AbortHandle)>,
+    /// The listening sockets (a second descriptor of each), for a handover.
+    sockets: Vec<(ListenerId, OwnedFd)>,
 }
 
 impl Drop for Entry {
@@ -149,6 +129,9 @@ struct Inner {
     pods: BTreeMap<String, Entry>,
     /// Taken away when draining starts, so no new listener holds up the drain.
     drain: Option<drain::Watch>,
+    /// A successor is taking the node over: no pod may be added or removed (the
+    /// kernel state and the sockets are about to be its).
+    frozen: bool,
 }
 
 /// Every enrolled pod of this node.
@@ -159,6 +142,8 @@ pub struct Registry {
     state_file: PathBuf,
     next_id: AtomicU32,
     control: Option<(Arc<ControlClient>, Arc<CertStore>)>,
+    /// Listening sockets inherited from the agent this one took over from.
+    inherited: Arc<Inherited>,
 }
 
 impl Registry {
@@ -168,14 +153,16 @@ impl Registry {
         state_dir: &Path,
         drain: drain::Watch,
         control: Option<(Arc<ControlClient>, Arc<CertStore>)>,
+        inherited: Arc<Inherited>,
     ) -> Self {
         Self {
-            inner: Mutex::new(Inner { pods: BTreeMap::new(), drain: Some(drain) }),
+            inner: Mutex::new(Inner { pods: BTreeMap::new(), drain: Some(drain), frozen: false }),
             redirect,
             forwarder,
             state_file: state_dir.join("pods.json"),
             next_id: AtomicU32::new(1),
             control,
+            inherited,
         }
     }
 
@@ -218,6 +205,9 @@ impl Registry {
             return;
         }
         let inner = self.inner.lock().await;
+        if inner.frozen {
+            return;
+        }
         let mut changed = false;
         for entry in inner.pods.values() {
             let pod = &entry.pod;
@@ -243,6 +233,9 @@ impl Registry {
     pub async fn apply_strict(&self) {
         let Some(mesh) = &self.forwarder.mesh else { return };
         let inner = self.inner.lock().await;
+        if inner.frozen {
+            return;
+        }
         for entry in inner.pods.values() {
             let (strict, overrides) = mesh.strict_ports(&entry.pod);
             if let Err(error) = self.redirect.set_strict(entry.pod.ips(), strict, &overrides) {
@@ -255,10 +248,52 @@ impl Registry {
         self.add_with(spec, None).await
     }
 
+    /// A listening socket of `pod`: the one inherited at one of `addrs` from the agent
+    /// this one took over from, else a new one from `bind`. A second descriptor of it
+    /// goes to `sockets` (what a successor of this agent would inherit).
+    fn listener(
+        &self,
+        pod: &Pod,
+        kind: &'static str,
+        addrs: &[SocketAddr],
+        bind: impl FnOnce() -> Result<(std::net::TcpListener, SocketAddr), NetnsError>,
+        sockets: &mut Vec<(ListenerId, OwnedFd)>,
+    ) -> Result<(std::net::TcpListener, SocketAddr), NetnsError> {
+        let inherited = addrs
+            .iter()
+            .find_map(|addr| self.inherited.take(&pod.spec.uid, kind, *addr).map(|listener| (listener, *addr)));
+        let (listener, addr) = match inherited {
+            Some(found) => found,
+            None => bind()?,
+        };
+        let copy = listener.try_clone().map_err(|source| NetnsError::Socket { path: pod.spec.netns.clone(), source })?;
+        let id = ListenerId { owner: pod.spec.uid.clone(), kind: kind.to_owned(), addr };
+        sockets.push((id, OwnedFd::from(copy)));
+        Ok((listener, addr))
+    }
+
+    /// For a handover: stops every change of pods and returns a second descriptor of
+    /// every pod's listening sockets.
+    pub async fn freeze(&self) -> Vec<(ListenerId, OwnedFd)> {
+        let mut inner = self.inner.lock().await;
+        inner.frozen = true;
+        inner
+            .pods
+            .values()
+            .flat_map(|e| &e.sockets)
+            .filter_map(|(id, fd)| Some((id.clone(), fd.try_clone().ok()?)))
+            .collect()
+    }
+
+    /// The handover did not happen: pods may change again.
+    pub async fn thaw(&self) {
+        self.inner.lock().await.frozen = false;
+    }
+
     async fn add_with(&self, spec: PodSpec, saved_identity: Option<&str>) -> Result<PodStatus, EnrollError> {
         validate(&spec)?;
         let mut inner = self.inner.lock().await;
-        let drain = inner.drain.clone().ok_or(EnrollError::Draining)?;
+        let drain = inner.drain.clone().filter(|_| !inner.frozen).ok_or(EnrollError::Draining)?;
         if inner.pods.contains_key(&spec.uid) {
             return Err(EnrollError::AlreadyEnrolled { uid: spec.uid });
         }
@@ -280,13 +315,14 @@ impl Registry {
         });
 
         let mut listeners = Vec::new();
+        let mut sockets = Vec::new();
         for ip in [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)] {
             let addr = SocketAddr::new(ip, OUTBOUND_PORT);
-            match Outbound::new(addr, pod.clone(), self.forwarder.clone(), drain.clone()) {
-                Ok(listener) => {
-                    let task = tokio::spawn(listener.run());
-                    listeners.push((addr, task.abort_handle()));
-                }
+            let listener = self
+                .listener(&pod, "outbound", &[addr], || pod.netns.listen(addr).map(|l| (l, addr)), &mut sockets)
+                .and_then(|(listener, _)| Outbound::new(listener, pod.clone(), self.forwarder.clone(), drain.clone()));
+            match listener {
+                Ok(listener) => listeners.push((addr, tokio::spawn(listener.run()).abort_handle())),
                 // A pod without IPv6 (disabled, or no ::1) just has no v6 capture.
                 Err(error) if ip.is_ipv6() => {
                     warn!(pod = %pod.spec.name, %error, "no IPv6 outbound listener");
@@ -297,11 +333,13 @@ impl Registry {
         if let Some(mesh) = &self.forwarder.mesh {
             for ip in [IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V6(Ipv6Addr::UNSPECIFIED)] {
                 let addr = SocketAddr::new(ip, crate::hbone::HBONE_PORT);
-                match crate::hbone::Inbound::new(addr, pod.clone(), mesh.clone(), drain.clone()) {
-                    Ok(listener) => {
-                        let task = tokio::spawn(listener.run());
-                        listeners.push((addr, task.abort_handle()));
-                    }
+                let listener = self
+                    .listener(&pod, "tunnel", &[addr], || pod.netns.listen(addr).map(|l| (l, addr)), &mut sockets)
+                    .and_then(|(listener, _)| {
+                        crate::hbone::Inbound::new(listener, pod.clone(), mesh.clone(), drain.clone())
+                    });
+                match listener {
+                    Ok(listener) => listeners.push((addr, tokio::spawn(listener.run()).abort_handle())),
                     Err(error) if ip.is_ipv6() => warn!(pod = %pod.spec.name, %error, "no IPv6 tunnel listener"),
                     Err(error) => return Err(error.into()),
                 }
@@ -310,10 +348,22 @@ impl Registry {
         if let Some(mesh) = &self.forwarder.mesh {
             // The return path for connections delivered from the caller's address.
             pod.netns.run(crate::deliver::install)?;
-            let (plaintext, ipv6) = crate::inbound::Plaintext::new(pod.clone(), mesh.clone(), drain.clone())?;
+            let dual = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), crate::inbound::INBOUND_PORT);
+            let v4 = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), crate::inbound::INBOUND_PORT);
+            let (listener, addr) = self.listener(
+                &pod,
+                "inbound",
+                &[dual, v4],
+                || {
+                    let (listener, ipv6) = pod.netns.listen_dual_stack(crate::inbound::INBOUND_PORT)?;
+                    Ok((listener, if ipv6 { dual } else { v4 }))
+                },
+                &mut sockets,
+            )?;
+            let plaintext = crate::inbound::Plaintext::new(listener, pod.clone(), mesh.clone(), drain.clone())?;
+            let ipv6 = addr.is_ipv6();
             let inbound_ips: Vec<IpAddr> = pod.ips().iter().copied().filter(|ip| ipv6 || ip.is_ipv4()).collect();
             self.redirect.attach_inbound(&pod.netns, cookie, id, &inbound_ips, plaintext.listener())?;
-            let addr = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), crate::inbound::INBOUND_PORT);
             listeners.push((addr, tokio::spawn(plaintext.run()).abort_handle()));
             let (strict, overrides) = mesh.strict_ports(&pod);
             self.redirect.set_strict(pod.ips(), strict, &overrides)?;
@@ -321,7 +371,7 @@ impl Registry {
         // Capture starts only once the listeners exist.
         self.forwarder.own.add_pod(pod.ips());
         self.redirect.enroll(cookie, EnrolledPod { id, flags: 0 })?;
-        let entry = Entry { pod: pod.clone(), listeners };
+        let entry = Entry { pod: pod.clone(), listeners, sockets };
         let status = status(&entry);
         inner.pods.insert(pod.spec.uid.clone(), entry);
         self.persist(&inner).await;
@@ -334,6 +384,9 @@ impl Registry {
 
     pub async fn remove(&self, uid: &str) -> Result<PodStatus, EnrollError> {
         let mut inner = self.inner.lock().await;
+        if inner.frozen {
+            return Err(EnrollError::Draining);
+        }
         let entry = inner.pods.remove(uid).ok_or_else(|| EnrollError::UnknownPod { uid: uid.to_owned() })?;
         // Stop capture first; then the listeners close (dropping the entry aborts
         // their accept loops). Connections already open run to completion.
@@ -374,6 +427,9 @@ impl Registry {
     pub async fn collect_garbage(&self) {
         let gone: Vec<String> = {
             let inner = self.inner.lock().await;
+            if inner.frozen {
+                return;
+            }
             inner.pods.values().filter(|e| !e.pod.netns.still_exists()).map(|e| e.pod.spec.uid.clone()).collect()
         };
         for uid in gone {
@@ -494,14 +550,7 @@ fn status(entry: &Entry) -> PodStatus {
 }
 
 fn validate(spec: &PodSpec) -> Result<(), EnrollError> {
-    for (field, value) in [("uid", &spec.uid), ("name", &spec.name), ("namespace", &spec.namespace)] {
-        if value.trim().is_empty() {
-            return Err(EnrollError::EmptyField { field });
-        }
-    }
-    if spec.netns.as_os_str().is_empty() {
-        return Err(EnrollError::EmptyField { field: "netns" });
-    }
+    mesh_common::enroll::check_fields(spec).map_err(|field| EnrollError::EmptyField { field })?;
     if !spec.netns.exists() {
         return Err(EnrollError::NoSuchNetns { path: spec.netns.clone() });
     }
@@ -580,7 +629,7 @@ fn error_reply(error: &EnrollError) -> String {
 }
 
 async fn handle(line: &str, registry: &Registry) -> Result<serde_json::Value, EnrollError> {
-    let request: Request = serde_json::from_str(line).map_err(|e| EnrollError::InvalidRequest(e.to_string()))?;
+    let request = mesh_common::enroll::parse_request(line).map_err(EnrollError::InvalidRequest)?;
     Ok(match request {
         Request::Add { pod } => serde_json::json!({ "pod": registry.add(pod).await? }),
         Request::Remove { uid } => serde_json::json!({ "pod": registry.remove(&uid).await? }),
@@ -591,19 +640,6 @@ async fn handle(line: &str, registry: &Registry) -> Result<serde_json::Value, En
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn requests_parse_and_reject_unknown_fields() {
-        let add = r#"{"op":"add","pod":{"uid":"u1","name":"p","namespace":"shop","netns":"/run/netns/x"}}"#;
-        match serde_json::from_str::<Request>(add).unwrap() {
-            Request::Add { pod } => assert_eq!(pod.service_account, "default"),
-            other => panic!("unexpected {other:?}"),
-        }
-        let typo = r#"{"op":"add","pod":{"uid":"u1","name":"p","namespace":"shop","netns":"/x","ip":"1.2.3.4"}}"#;
-        let err = serde_json::from_str::<Request>(typo).unwrap_err().to_string();
-        assert!(err.contains("unknown field `ip`"), "{err}");
-        assert!(serde_json::from_str::<Request>(r#"{"op":"explode"}"#).is_err());
-    }
 
     #[test]
     fn validation_names_the_field() {

@@ -360,8 +360,14 @@ struct Server {
 }
 
 impl Inbound {
-    pub fn new(addr: SocketAddr, pod: Arc<Pod>, mesh: Arc<Mesh>, drain: drain::Watch) -> Result<Self, NetnsError> {
-        let listener = pod.netns.tokio_listener(pod.netns.listen(addr)?)?;
+    /// Serves `listener`, bound inside the pod's network namespace (or inherited).
+    pub fn new(
+        listener: std::net::TcpListener,
+        pod: Arc<Pod>,
+        mesh: Arc<Mesh>,
+        drain: drain::Watch,
+    ) -> Result<Self, NetnsError> {
+        let listener = pod.netns.tokio_listener(listener)?;
         Ok(Self { listener, server: Arc::new(Server { pod, mesh, drain, acceptor: Mutex::new(None) }) })
     }
 
@@ -603,20 +609,9 @@ impl Server {
 
     /// The request's target: a CONNECT to one of this pod's addresses.
     fn target(&self, request: &Request<hyper::body::Incoming>) -> Result<SocketAddr, String> {
-        if request.method() != Method::CONNECT {
-            return Err(format!("method {} is not CONNECT", request.method()));
-        }
-        let authority = request.uri().authority().ok_or("CONNECT without :authority")?;
-        let target: SocketAddr =
-            authority.as_str().parse().map_err(|_| format!("authority `{authority}` is not IP:port"))?;
-        if !self.pod.ips().contains(&target.ip()) {
-            return Err(format!("authority {target} is not an address of pod {}", self.pod.spec.name));
-        }
-        // The agent's own listeners are never a tunnel target (see `own`).
-        if crate::own::MESH_PORTS.contains(&target.port()) || target.port() == 0 {
-            return Err(format!("port {} is reserved for the mesh", target.port()));
-        }
-        Ok(target)
+        let authority = request.uri().authority().map(hyper::http::uri::Authority::as_str);
+        mesh_common::hbone::connect_target(request.method().as_str(), authority, self.pod.ips())
+            .map_err(|reason| format!("{reason} (pod {})", self.pod.spec.name))
     }
 }
 

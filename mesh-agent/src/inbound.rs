@@ -32,12 +32,16 @@ struct Shared {
 }
 
 impl Plaintext {
-    /// Binds 15006 in the pod's namespace, for both families when it has IPv6 (the
-    /// second value says whether it does).
-    pub fn new(pod: Arc<Pod>, mesh: Arc<Mesh>, drain: drain::Watch) -> Result<(Self, bool), NetnsError> {
-        let (std_listener, ipv6) = pod.netns.listen_dual_stack(INBOUND_PORT)?;
-        let listener = pod.netns.tokio_listener(std_listener)?;
-        Ok((Self { listener, shared: Arc::new(Shared { pod, mesh, drain }) }, ipv6))
+    /// Serves `listener`: 15006 in the pod's namespace, for both families when it has
+    /// IPv6 (see `Netns::listen_dual_stack`), or inherited.
+    pub fn new(
+        listener: std::net::TcpListener,
+        pod: Arc<Pod>,
+        mesh: Arc<Mesh>,
+        drain: drain::Watch,
+    ) -> Result<Self, NetnsError> {
+        let listener = pod.netns.tokio_listener(listener)?;
+        Ok(Self { listener, shared: Arc::new(Shared { pod, mesh, drain }) })
     }
 
     /// The listening socket (what the kernel's socket map holds).

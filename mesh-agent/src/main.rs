@@ -8,6 +8,7 @@ mod deliver;
 mod discover;
 mod drain;
 mod enroll;
+mod handover;
 mod hbone;
 mod identity;
 mod inbound;
@@ -24,7 +25,7 @@ mod workloads;
 
 use std::{
     net::{IpAddr, SocketAddr},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::ExitCode,
     sync::Arc,
     time::Duration,
@@ -147,8 +148,9 @@ struct RunConfig {
     /// Most connections relayed at once by the agent.
     #[arg(long, env = "MESH_MAX_CONNECTIONS", default_value_t = 100_000)]
     max_connections: u64,
-    /// How long open connections may finish after SIGTERM, in seconds.
-    #[arg(long, env = "MESH_DRAIN_SECONDS", default_value_t = 5)]
+    /// How long open connections may finish after SIGTERM or after handing the node
+    /// over to a new agent, in seconds (new connections go to the new agent).
+    #[arg(long, env = "MESH_DRAIN_SECONDS", default_value_t = 300)]
     drain_seconds: u64,
     /// Log format.
     #[arg(long, env = "MESH_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
@@ -257,12 +259,13 @@ async fn run(config: RunConfig, set_log_level: admin::SetLogLevel) -> anyhow::Re
     let state_dir = config.state_dir.clone().unwrap_or_else(|| PathBuf::from("/run/mesh").join(&node));
     let enroll_socket = config.enroll_socket.clone().unwrap_or_else(|| state_dir.join("enroll.sock"));
     std::fs::create_dir_all(&state_dir).with_context(|| format!("create state dir {}", state_dir.display()))?;
-    // One agent owns a node's kernel state and state directory. A second one (a
-    // double start, a DaemonSet surge) stops here, before it touches anything.
-    let state_lock = state::DirLock::try_lock(&state_dir).context("another agent owns this node")?;
+    // One agent owns a node's kernel state and state directory. A second one (an
+    // upgrade, a DaemonSet surge, a double start) takes the node over from the
+    // running one, or stops here without touching anything the running one owns.
     redirect::ensure_bpffs(&bpffs_dir).context("cannot set up eBPF capture")?;
-    let pins_lock = state::DirLock::try_lock(&bpffs_dir).context("another agent owns this node's eBPF state")?;
-    state_lock.record_holder();
+    let (locks, successor) = take_node(&state_dir, &bpffs_dir).await?;
+    let locks = Arc::new(std::sync::Mutex::new(Some(locks)));
+    let inherited: Arc<handover::Inherited> = successor.as_ref().map_or_else(Arc::default, |s| s.inherited.clone());
 
     let mut effective = serde_json::to_value(&config).expect("config serializes");
     effective["cgroup_root"] = cgroup_root.display().to_string().into();
@@ -356,7 +359,14 @@ async fn run(config: RunConfig, set_log_level: admin::SetLogLevel) -> anyhow::Re
         limits,
     });
     let (trigger, drain) = drain::channel();
-    let registry = Arc::new(enroll::Registry::new(redirect.clone(), forwarder, &state_dir, drain, control.clone()));
+    let registry = Arc::new(enroll::Registry::new(
+        redirect.clone(),
+        forwarder,
+        &state_dir,
+        drain,
+        control.clone(),
+        inherited.clone(),
+    ));
     registry.restore().await;
 
     let api = enroll::EnrollApi::new(&enroll_socket, registry.clone())
@@ -373,21 +383,26 @@ async fn run(config: RunConfig, set_log_level: admin::SetLogLevel) -> anyhow::Re
         set_log_level,
         control,
     });
-    let admin_server = admin::HttpServer::bind("admin", config.admin_addr)
-        .await
+    let (stop_serving, stop) = tokio::sync::watch::channel(false);
+    let admin_server = admin::HttpServer::bind("admin", config.admin_addr, &inherited, stop.clone())
         .with_context(|| format!("cannot listen on admin address {}", config.admin_addr))?;
+    let metrics_server = admin::HttpServer::bind("metrics", config.metrics_addr, &inherited, stop.clone())
+        .with_context(|| format!("cannot listen on metrics address {}", config.metrics_addr))?;
+    let ready_server = admin::HttpServer::bind("readiness", config.readiness_addr, &inherited, stop.clone())
+        .with_context(|| format!("cannot listen on readiness address {}", config.readiness_addr))?;
+    let node_sockets: Vec<(handover::ListenerId, std::os::fd::OwnedFd)> = [&admin_server, &metrics_server, &ready_server]
+        .iter()
+        .filter_map(|server| Some((server.socket.0.clone(), server.socket.1.try_clone().ok()?)))
+        .collect();
     let admin_view = admin_state.clone();
     tokio::spawn(admin_server.run(move |req| admin::admin(admin_view.clone(), req)));
-    let metrics_server = admin::HttpServer::bind("metrics", config.metrics_addr)
-        .await
-        .with_context(|| format!("cannot listen on metrics address {}", config.metrics_addr))?;
     let metrics_state = admin_state.clone();
     tokio::spawn(metrics_server.run(move |_req| std::future::ready(admin::metrics(&metrics_state))));
-    let ready_server = admin::HttpServer::bind("readiness", config.readiness_addr)
-        .await
-        .with_context(|| format!("cannot listen on readiness address {}", config.readiness_addr))?;
     let ready_view = ready.clone();
     tokio::spawn(ready_server.run(move |req| std::future::ready(admin::readiness(&ready_view, &req))));
+    if inherited.left() > 0 {
+        warn!(sockets = inherited.left(), "inherited listening sockets of pods that are gone; closing them");
+    }
 
     if config.kubernetes
         && let Some((client, _)) = &admin_state.control
@@ -451,11 +466,32 @@ async fn run(config: RunConfig, set_log_level: admin::SetLogLevel) -> anyhow::Re
     drop(startup);
     info!(node, "mesh-agent started");
 
+    // A later agent may take the node over from this one.
+    handover::serve(
+        &state_dir,
+        NodeOwner {
+            registry: registry.clone(),
+            node_sockets,
+            locks: locks.clone(),
+            dirs: (state_dir.clone(), bpffs_dir.clone()),
+            stop_serving,
+            runtime: tokio::runtime::Handle::current(),
+        },
+    )
+    .context("cannot offer a handover")?;
+    if let Some(successor) = successor {
+        // Every inherited socket is served now: the previous agent may stop.
+        tokio::task::spawn_blocking(move || successor.ready()).await?.context("handover")?;
+        info!("took the node over from the previous agent");
+    }
+
     let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    let mut handed_over = stop.clone();
     tokio::select! {
         _ = term.recv() => info!("SIGTERM: draining"),
         _ = int.recv() => info!("SIGINT: draining"),
+        _ = handed_over.wait_for(|stop| *stop) => info!("handed the node over to a new agent: draining"),
     }
     let _not_ready = ready.register("draining");
     registry.close().await;
@@ -465,8 +501,82 @@ async fn run(config: RunConfig, set_log_level: admin::SetLogLevel) -> anyhow::Re
     } else {
         warn!(?deadline, "drain deadline passed with connections open; closing them");
     }
-    drop((pins_lock, state_lock));
+    drop(locks);
     Ok(())
+}
+
+type Locks = (state::DirLock, state::DirLock);
+
+/// Takes the node: its state-directory and pin-directory locks at once when no agent
+/// runs; else by a handover from the running agent (its listening sockets first,
+/// then its locks). Fails, having touched nothing, when the running agent does not
+/// hand over.
+async fn take_node(state_dir: &Path, bpffs_dir: &Path) -> anyhow::Result<(Locks, Option<handover::Successor>)> {
+    let successor = match state::DirLock::try_lock(state_dir) {
+        Ok(state_lock) => {
+            let pins = state::DirLock::try_lock(bpffs_dir).context("another agent owns this node's eBPF state")?;
+            state_lock.record_holder();
+            return Ok(((state_lock, pins), None));
+        }
+        Err(held @ state::LockError::Held { .. }) => {
+            info!(%held, "taking the node over from the running agent");
+            let dir = state_dir.to_owned();
+            tokio::task::spawn_blocking(move || handover::Successor::take_over(&dir))
+                .await?
+                .with_context(|| format!("{held}, and it did not hand the node over"))?
+        }
+        Err(error) => return Err(error).context("cannot lock the state directory"),
+    };
+    info!(sockets = successor.inherited.left(), "received the running agent's listening sockets");
+    let successor = tokio::task::spawn_blocking(move || successor.got().map(|()| successor)).await??;
+    let state_lock = state::DirLock::lock_within(state_dir, HANDOVER_LOCK_WAIT).await.context("handover")?;
+    let pins = state::DirLock::lock_within(bpffs_dir, HANDOVER_LOCK_WAIT).await.context("handover")?;
+    state_lock.record_holder();
+    Ok(((state_lock, pins), Some(successor)))
+}
+
+/// How long a successor waits for the running agent to let go of its locks.
+const HANDOVER_LOCK_WAIT: Duration = Duration::from_secs(30);
+
+/// This agent as the owner of the node, for a successor's handover.
+struct NodeOwner {
+    registry: Arc<enroll::Registry>,
+    node_sockets: Vec<(handover::ListenerId, std::os::fd::OwnedFd)>,
+    locks: Arc<std::sync::Mutex<Option<Locks>>>,
+    dirs: (PathBuf, PathBuf),
+    stop_serving: tokio::sync::watch::Sender<bool>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl handover::Owner for NodeOwner {
+    fn freeze(&self) -> Vec<(handover::ListenerId, std::os::fd::OwnedFd)> {
+        let mut sockets = self.runtime.block_on(self.registry.freeze());
+        sockets.extend(self.node_sockets.iter().filter_map(|(id, fd)| Some((id.clone(), fd.try_clone().ok()?))));
+        sockets
+    }
+
+    fn thaw(&self) {
+        self.runtime.block_on(self.registry.thaw());
+    }
+
+    fn release_locks(&self) {
+        drop(self.locks.lock().expect("locks").take());
+    }
+
+    fn retake_locks(&self) -> bool {
+        let (Ok(state_lock), Ok(pins)) =
+            (state::DirLock::try_lock(&self.dirs.0), state::DirLock::try_lock(&self.dirs.1))
+        else {
+            return false;
+        };
+        state_lock.record_holder();
+        *self.locks.lock().expect("locks") = Some((state_lock, pins));
+        true
+    }
+
+    fn hand_over(&self) {
+        self.stop_serving.send_replace(true);
+    }
 }
 
 #[cfg(test)]

@@ -49,14 +49,15 @@ pub struct Outbound {
 }
 
 impl Outbound {
-    /// Binds the listener inside the pod's network namespace.
+    /// Serves `listener`, bound inside the pod's network namespace (or inherited from
+    /// the agent this one took over from).
     pub fn new(
-        addr: SocketAddr,
+        listener: std::net::TcpListener,
         pod: Arc<Pod>,
         forwarder: Arc<Forwarder>,
         drain: drain::Watch,
     ) -> Result<Self, NetnsError> {
-        let listener = pod.netns.tokio_listener(pod.netns.listen(addr)?)?;
+        let listener = pod.netns.tokio_listener(listener)?;
         Ok(Self { listener, pod, forwarder, drain })
     }
 

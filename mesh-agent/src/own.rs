@@ -8,8 +8,7 @@ use std::{
     sync::RwLock,
 };
 
-/// Every port the agent listens on inside a pod (or on the node).
-pub const MESH_PORTS: [u16; 6] = [15000, 15001, 15006, 15008, 15020, 15021];
+pub use mesh_common::MESH_PORTS;
 
 /// The node's ports that forward or administer. Metrics (15020) and readiness (15021)
 /// on the node's addresses stay reachable through the mesh: they answer and never

@@ -98,10 +98,6 @@ impl DirLock {
     pub fn record_holder(&self) {
         let _ = std::fs::write(self.path.join(PID_FILE), format!("{}\n", std::process::id()));
     }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
 }
 
 /// Where a lock holder writes its pid. Only in the state directory: bpffs takes no

@@ -14,6 +14,10 @@ extern crate std;
 pub mod config;
 #[cfg(feature = "control")]
 pub mod control;
+#[cfg(feature = "config")]
+pub mod enroll;
+#[cfg(feature = "config")]
+pub mod hbone;
 #[cfg(feature = "user")]
 pub mod host;
 #[cfg(feature = "config")]
@@ -45,6 +49,10 @@ pub const ADMIN_PORT: u16 = 15000;
 pub const METRICS_PORT: u16 = 15020;
 /// Readiness probe (`/healthz/ready`).
 pub const READINESS_PORT: u16 = 15021;
+/// Every port an agent listens on, in a pod or on the node: no connection the agent
+/// makes may target one of them on its own addresses (it would loop back to itself).
+pub const MESH_PORTS: [u16; 6] =
+    [ADMIN_PORT, OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT, METRICS_PORT, READINESS_PORT];
 
 /// Address families as the kernel numbers them (`AF_INET`, `AF_INET6`).
 pub const AF_INET: u16 = 2;

@@ -417,7 +417,7 @@ mod tests {
 
     use proptest::prelude::*;
 
-    use super::{Connection, EffectiveMtls, Verdict, Workload, authorize, mtls_mode, wildcard_matches};
+    use super::{Connection, EffectiveMtls, Verdict, Workload, authorize, mtls_mode, strict_ports, wildcard_matches};
     use crate::config::{
         Config, Source, load,
         meta::{Labels, ObjectMeta},
