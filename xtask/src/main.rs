@@ -1,8 +1,9 @@
-//! Project automation. `cargo xtask setup | build | lab | demo | test | vm-test | bench`.
+//! Project automation. `cargo xtask setup | build | lab | demo | test | vm-test | bench | fuzz`.
 //! Every command that needs tools runs `setup` first, which installs what is missing
 //! and is a quick no-op otherwise.
 mod bench;
 mod demo;
+mod fuzz;
 mod setup;
 
 use std::{
@@ -23,7 +24,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install missing prerequisites (Debian packages, nightly rust-src, bpf-linker, virtme-ng).
+    /// Install missing prerequisites (Debian packages, nightly rust-src, bpf-linker, virtme-ng,
+    /// cargo-fuzz).
     Setup,
     /// Build the eBPF object and the release binaries.
     Build,
@@ -34,7 +36,8 @@ enum Cmd {
     },
     /// Build everything, run the mesh in the lab and show what it does.
     Demo,
-    /// fmt, clippy, unit and end-to-end tests, then the kernel VM tests.
+    /// fmt, clippy, unit and end-to-end tests, a short run of each fuzz target, then the
+    /// kernel VM tests.
     Test {
         /// Skip the VM run (for a quick local loop; CI always runs it).
         #[arg(long)]
@@ -50,6 +53,15 @@ enum Cmd {
         /// Shorter runs (for a quick look).
         #[arg(long)]
         quick: bool,
+    },
+    /// Run the fuzz targets of fuzz/ (all, or one) for longer; the corpus they grow is
+    /// kept in fuzz/target/corpus between runs.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 300)]
+        seconds: u64,
+        /// One target (its file name in `fuzz/fuzz_targets/`, without `.rs`).
+        target: Option<String>,
     },
 }
 
@@ -76,6 +88,9 @@ enum LabCmd {
 
 pub const LAB_PREFIX: &str = "mesh";
 
+/// Seconds each fuzz target runs in `cargo xtask test`.
+const FUZZ_SECONDS: u64 = 20;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -91,6 +106,9 @@ fn main() -> ExitCode {
             Some("control") => bench::control::bench(100, 10_000, 50_000),
             Some(other) => anyhow::bail!("unknown benchmark {other}: expected `control` or nothing"),
         }),
+        Cmd::Fuzz { seconds, target } => {
+            setup::setup().and_then(|()| fuzz::fuzz(seconds, target.as_deref(), fuzz::Corpus::Kept))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -220,6 +238,7 @@ fn test(vm: bool) -> anyhow::Result<()> {
     println!("==> cargo fmt --check");
     sh(cargo(None).args(["fmt", "--all", "--check"]))?;
     sh(cargo(Some("nightly")).args(["fmt", "--check"]).current_dir(root().join("mesh-ebpf")))?;
+    sh(cargo(None).args(["fmt", "--check"]).current_dir(root().join("fuzz")))?;
     println!("==> cargo clippy -D warnings");
     sh(cargo(None)
         .args(["clippy", "--release", "--workspace", "--all-targets", "--", "-D", "warnings"])
@@ -230,6 +249,9 @@ fn test(vm: bool) -> anyhow::Result<()> {
         .env("MESH_EBPF_OBJECT", ebpf_object())
         .env("MESH_AGENT_BIN", release_bin("mesh-agent"))
         .env("MESH_CONTROLLER_BIN", release_bin("mesh-controller")))?;
+    // Briefly, on the committed seeds: a regression check, not a search (`cargo xtask
+    // fuzz` is for that).
+    fuzz::fuzz(FUZZ_SECONDS, None, fuzz::Corpus::Fresh)?;
     if vm {
         vm_test()?;
     }

@@ -1,10 +1,10 @@
 //! `cargo xtask setup`: installs what a fresh Debian machine lacks. Idempotent; a
 //! quick no-op when everything is present.
-use std::process::Command;
+use std::{fs, process::Command};
 
 use anyhow::{Context, bail};
 
-use crate::sh;
+use crate::{cargo, root, sh};
 
 /// Debian packages: (package, what needs it).
 const PACKAGES: &[(&str, &str)] = &[
@@ -47,13 +47,22 @@ pub fn setup() -> anyhow::Result<()> {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("rust-src"));
     let need_linker = !have("bpf-linker");
     let need_vng = !have("vng");
-    if missing.is_empty() && !need_rust_src && !need_linker && !need_vng {
+    let need_fuzz = !have("cargo-fuzz");
+    if missing.is_empty() && !need_rust_src && !need_linker && !need_vng && !need_fuzz {
         return Ok(());
     }
     if !mesh_lab::is_root() {
         bail!(
             "setup must install {} and needs root; run it as root",
-            describe(&missing, need_rust_src, need_linker, need_vng)
+            describe(
+                &missing,
+                &[
+                    (need_rust_src, "nightly rust-src"),
+                    (need_linker, "bpf-linker"),
+                    (need_vng, "virtme-ng"),
+                    (need_fuzz, "cargo-fuzz")
+                ]
+            )
         );
     }
     if !missing.is_empty() {
@@ -76,6 +85,10 @@ pub fn setup() -> anyhow::Result<()> {
             .env_remove("RUSTUP_TOOLCHAIN"))
         .context("install bpf-linker")?;
     }
+    if need_fuzz {
+        println!("setup: building cargo-fuzz (about a minute)");
+        logged("cargo-fuzz", cargo(None).args(["install", "cargo-fuzz", "--locked"])).context("install cargo-fuzz")?;
+    }
     if need_vng {
         println!("setup: installing virtme-ng from PyPI");
         sh(Command::new("python3").args(["-m", "pip", "install", "--quiet", "virtme-ng"]))
@@ -95,16 +108,30 @@ pub fn setup() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn describe(missing: &[&str], rust_src: bool, linker: bool, vng: bool) -> String {
-    let mut parts: Vec<String> = missing.iter().map(|p| (*p).to_owned()).collect();
-    if rust_src {
-        parts.push("nightly rust-src".into());
+/// Runs a step with its output in `target/logs/<name>.log`, shown only when it fails.
+fn logged(name: &str, cmd: &mut Command) -> anyhow::Result<()> {
+    let path = root().join("target/logs").join(format!("{name}.log"));
+    fs::create_dir_all(path.parent().expect("a log file has a directory"))?;
+    let log = fs::File::create(&path).with_context(|| format!("create {}", path.display()))?;
+    let status = cmd
+        .current_dir(root())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .status()
+        .with_context(|| format!("spawn {cmd:?}"))?;
+    if !status.success() {
+        eprint!("{}", fs::read_to_string(&path).unwrap_or_default());
+        bail!("{cmd:?} failed ({status}); output above and in {}", path.display());
     }
-    if linker {
-        parts.push("bpf-linker".into());
-    }
-    if vng {
-        parts.push("virtme-ng".into());
-    }
-    parts.join(", ")
+    Ok(())
+}
+
+/// The Debian packages and the other tools (those whose flag is set) in one list.
+fn describe(missing: &[&str], tools: &[(bool, &str)]) -> String {
+    missing
+        .iter()
+        .copied()
+        .chain(tools.iter().filter(|(needed, _)| *needed).map(|(_, tool)| *tool))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
