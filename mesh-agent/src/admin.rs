@@ -127,7 +127,23 @@ pub fn metrics(state: &AdminState) -> Response<Body> {
             );
         }
     }
+    out += "# HELP mesh_agent_kernel_events_total What the kernel programs decided, by event.\n";
+    out += "# TYPE mesh_agent_kernel_events_total counter\n";
+    for (event, count) in state.redirect.kernel_stats() {
+        let _ = writeln!(out, "mesh_agent_kernel_events_total{{event=\"{event}\"}} {count}");
+    }
     let counters = state.counters.snapshot();
+    out += "# HELP mesh_agent_connections_refused_total Connections the agent refused, by reason.\n";
+    out += "# TYPE mesh_agent_connections_refused_total counter\n";
+    for (reason, count) in [
+        ("no_view", counters.no_view),
+        ("self_target", counters.self_target),
+        ("connection_limit", counters.limited),
+        ("plaintext_refused", counters.plaintext_refused),
+        ("denied", counters.denied),
+    ] {
+        let _ = writeln!(out, "mesh_agent_connections_refused_total{{reason=\"{reason}\"}} {count}");
+    }
     out += "# HELP mesh_agent_connections_forwarded_total Captured connections forwarded.\n";
     out += "# TYPE mesh_agent_connections_forwarded_total counter\n";
     let _ = writeln!(out, "mesh_agent_connections_forwarded_total {}", counters.forwarded);

@@ -408,6 +408,17 @@ fn jitter() -> f64 {
     (bits >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// Keeps the allocator to one arena per data-path thread at most: glibc's default
+/// (eight per core) spreads a burst of connections over arenas whose freed memory
+/// fragments and is hard to give back.
+#[allow(unsafe_code)]
+pub fn limit_arenas(threads: usize) {
+    // SAFETY: mallopt only sets an allocator parameter; called once at startup.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, threads.clamp(1, 8) as libc::c_int);
+    }
+}
+
 /// Returns free heap memory to the kernel (glibc keeps freed memory otherwise, so a
 /// multi-megabyte snapshot would stay in the agent's RSS long after it was parsed).
 #[allow(unsafe_code)]

@@ -110,6 +110,9 @@ pub struct PodStatus {
     pub counters: CountersSnapshot,
 }
 
+/// A listener's accept loop, not yet spawned.
+type AcceptLoop = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
 struct Entry {
     pod: Arc<Pod>,
     listeners: Vec<(SocketAddr, AbortHandle)>,
@@ -266,7 +269,8 @@ impl Registry {
             Some(found) => found,
             None => bind()?,
         };
-        let copy = listener.try_clone().map_err(|source| NetnsError::Socket { path: pod.spec.netns.clone(), source })?;
+        let copy =
+            listener.try_clone().map_err(|source| NetnsError::Socket { path: pod.spec.netns.clone(), source })?;
         let id = ListenerId { owner: pod.spec.uid.clone(), kind: kind.to_owned(), addr };
         sockets.push((id, OwnedFd::from(copy)));
         Ok((listener, addr))
@@ -314,7 +318,9 @@ impl Registry {
             removed: tokio::sync::watch::Sender::new(false),
         });
 
-        let mut listeners = Vec::new();
+        // Accept loops start only once everything else succeeded (and the pod has its
+        // certificate, when one was saved): a failed enrollment leaves nothing running.
+        let mut listeners: Vec<(SocketAddr, AcceptLoop)> = Vec::new();
         let mut sockets = Vec::new();
         for ip in [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)] {
             let addr = SocketAddr::new(ip, OUTBOUND_PORT);
@@ -322,7 +328,7 @@ impl Registry {
                 .listener(&pod, "outbound", &[addr], || pod.netns.listen(addr).map(|l| (l, addr)), &mut sockets)
                 .and_then(|(listener, _)| Outbound::new(listener, pod.clone(), self.forwarder.clone(), drain.clone()));
             match listener {
-                Ok(listener) => listeners.push((addr, tokio::spawn(listener.run()).abort_handle())),
+                Ok(listener) => listeners.push((addr, Box::pin(listener.run()))),
                 // A pod without IPv6 (disabled, or no ::1) just has no v6 capture.
                 Err(error) if ip.is_ipv6() => {
                     warn!(pod = %pod.spec.name, %error, "no IPv6 outbound listener");
@@ -339,7 +345,7 @@ impl Registry {
                         crate::hbone::Inbound::new(listener, pod.clone(), mesh.clone(), drain.clone())
                     });
                 match listener {
-                    Ok(listener) => listeners.push((addr, tokio::spawn(listener.run()).abort_handle())),
+                    Ok(listener) => listeners.push((addr, Box::pin(listener.run()))),
                     Err(error) if ip.is_ipv6() => warn!(pod = %pod.spec.name, %error, "no IPv6 tunnel listener"),
                     Err(error) => return Err(error.into()),
                 }
@@ -364,20 +370,21 @@ impl Registry {
             let ipv6 = addr.is_ipv6();
             let inbound_ips: Vec<IpAddr> = pod.ips().iter().copied().filter(|ip| ipv6 || ip.is_ipv4()).collect();
             self.redirect.attach_inbound(&pod.netns, cookie, id, &inbound_ips, plaintext.listener())?;
-            listeners.push((addr, tokio::spawn(plaintext.run()).abort_handle()));
+            listeners.push((addr, Box::pin(plaintext.run())));
             let (strict, overrides) = mesh.strict_ports(&pod);
             self.redirect.set_strict(pod.ips(), strict, &overrides)?;
         }
         // Capture starts only once the listeners exist.
-        self.forwarder.own.add_pod(pod.ips());
         self.redirect.enroll(cookie, EnrolledPod { id, flags: 0 })?;
+        self.forwarder.own.add_pod(pod.ips());
+        if let Some((_, certs)) = &self.control {
+            certs.acquire(&pod.identity());
+        }
+        let listeners = listeners.into_iter().map(|(addr, run)| (addr, tokio::spawn(run).abort_handle())).collect();
         let entry = Entry { pod: pod.clone(), listeners, sockets };
         let status = status(&entry);
         inner.pods.insert(pod.spec.uid.clone(), entry);
         self.persist(&inner).await;
-        if let Some((_, certs)) = &self.control {
-            certs.acquire(&pod.identity());
-        }
         info!(uid = %pod.spec.uid, pod = %pod.spec.name, identity = %pod.identity(), namespace = %pod.spec.namespace, netns = %pod.spec.netns.display(), cookie, "pod enrolled");
         Ok(status)
     }

@@ -103,7 +103,8 @@ impl Successor {
     pub fn take_over(state_dir: &Path) -> Result<Self, HandoverError> {
         let path = state_dir.join(SOCKET);
         let socket_error = |source| HandoverError::Socket { path: path.clone(), source };
-        let conn = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).map_err(socket_error)?;
+        let conn =
+            socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).map_err(socket_error)?;
         let addr = UnixAddr::new(&path).map_err(socket_error)?;
         connect(conn.as_raw_fd(), &addr).map_err(|source| HandoverError::Unreachable { path: path.clone(), source })?;
         set_timeouts(&conn).map_err(socket_error)?;
@@ -233,7 +234,11 @@ fn send_listeners(conn: &OwnedFd, listeners: &[(ListenerId, OwnedFd)]) -> Result
 
 fn expect(conn: &OwnedFd, wanted: &[u8]) -> Result<(), HandoverError> {
     let (message, _) = receive(conn)?;
-    if message == wanted { Ok(()) } else { Err(HandoverError::Unexpected(String::from_utf8_lossy(&message).into_owned())) }
+    if message == wanted {
+        Ok(())
+    } else {
+        Err(HandoverError::Unexpected(String::from_utf8_lossy(&message).into_owned()))
+    }
 }
 
 fn set_timeouts(conn: &OwnedFd) -> nix::Result<()> {
@@ -290,7 +295,11 @@ mod tests {
 
     impl Owner for TestOwner {
         fn freeze(&self) -> Vec<(ListenerId, OwnedFd)> {
-            let id = ListenerId { owner: "uid-1".into(), kind: "outbound".into(), addr: self.listener.local_addr().unwrap() };
+            let id = ListenerId {
+                owner: "uid-1".into(),
+                kind: "outbound".into(),
+                addr: self.listener.local_addr().unwrap(),
+            };
             vec![(id, OwnedFd::from(self.listener.try_clone().unwrap()))]
         }
         fn thaw(&self) {}

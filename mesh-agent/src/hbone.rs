@@ -56,6 +56,8 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 const TLS_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pooled connections without streams for this long are closed.
 pub const POOL_IDLE: Duration = Duration::from_mins(5);
+/// Idle pooled connections beyond the few kept per destination are closed sooner.
+pub const POOL_SPARE_IDLE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HboneError {
@@ -162,7 +164,8 @@ impl Pool {
                 debug!(%destination, %error, "pooled tunnel connection refused the stream; retrying on a new one");
                 self.evict(&guard);
                 drop(guard);
-                let (mut sender, guard, _) = self.checkout(pod, cert, destination, expected).await?;
+                // A new connection: the other pooled ones may be closing too.
+                let (mut sender, guard) = self.open(pod, cert, destination, expected).await?;
                 sender.ready().await?;
                 let response = sender.send_request(request()).await?;
                 return Self::upgrade(response, guard).await;
@@ -229,7 +232,25 @@ impl Pool {
                 }
             }
         }
-        let sender = self.handshake(pod, &cert, destination, expected).await?;
+        let (sender, guard) = self.open(pod, cert, destination, expected).await?;
+        Ok((sender, guard, false))
+    }
+
+    /// A new pooled connection with one stream slot taken.
+    async fn open(
+        &self,
+        pod: &Pod,
+        cert: Arc<WorkloadCert>,
+        destination: SocketAddr,
+        expected: &str,
+    ) -> Result<(SendRequest<Empty<Bytes>>, StreamGuard), HboneError> {
+        let key = PoolKey {
+            netns_cookie: pod.netns_cookie,
+            source_identity: cert.identity.clone(),
+            destination,
+            expected_identity: expected.to_owned(),
+        };
+        let sender = Box::pin(self.handshake(pod, &cert, destination, expected)).await?;
         let streams = Arc::new(AtomicUsize::new(1));
         let last_used = Arc::new(AtomicU64::new(self.epoch.elapsed().as_millis() as u64));
         let guard = StreamGuard { streams: streams.clone(), last_used: last_used.clone(), epoch: self.epoch };
@@ -239,7 +260,7 @@ impl Pool {
             streams,
             last_used,
         });
-        Ok((sender, guard, false))
+        Ok((sender, guard))
     }
 
     async fn handshake(
@@ -290,16 +311,26 @@ impl Pool {
         Ok(sender)
     }
 
-    /// Closes pooled connections that carried nothing for `idle`.
-    pub fn release_idle(&self, idle: Duration) {
+    /// Closes pooled connections that carried nothing for `idle`; beyond the first
+    /// `SPREAD_CONNECTIONS` idle ones of a key (what a burst left behind), those idle
+    /// for `spare_idle` already, so that memory goes back after a burst.
+    pub fn release_idle(&self, idle: Duration, spare_idle: Duration) {
         let now = self.epoch.elapsed().as_millis() as u64;
-        let idle = idle.as_millis() as u64;
+        let (idle, spare_idle) = (idle.as_millis() as u64, spare_idle.as_millis() as u64);
         let mut conns = self.conns.lock().expect("lock");
         for list in conns.values_mut() {
+            list.retain(|c| !c.sender.is_closed());
+            // Most recently used first: those are the idle ones kept longest.
+            list.sort_by_key(|c| std::cmp::Reverse(c.last_used.load(Ordering::Relaxed)));
+            let mut idle_kept = 0;
             list.retain(|c| {
-                !c.sender.is_closed()
-                    && (c.streams.load(Ordering::Relaxed) > 0
-                        || now.saturating_sub(c.last_used.load(Ordering::Relaxed)) < idle)
+                if c.streams.load(Ordering::Relaxed) > 0 {
+                    return true;
+                }
+                let idle_for = now.saturating_sub(c.last_used.load(Ordering::Relaxed));
+                let keep = idle_for < if idle_kept < SPREAD_CONNECTIONS { idle } else { spare_idle };
+                idle_kept += usize::from(keep);
+                keep
             });
         }
         conns.retain(|_, list| !list.is_empty());

@@ -198,6 +198,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            control::limit_arenas(config.worker_threads);
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(config.worker_threads.max(1))
                 .enable_all()
@@ -331,8 +332,7 @@ async fn run(config: RunConfig, set_log_level: admin::SetLogLevel) -> anyhow::Re
     };
     let connect_timeout = Duration::from_millis(config.connect_timeout_ms);
     let metrics = Arc::new(metrics::Metrics::default());
-    let limits =
-        telemetry::Limits { per_pod: config.max_connections_per_pod, per_agent: config.max_connections };
+    let limits = telemetry::Limits { per_pod: config.max_connections_per_pod, per_agent: config.max_connections };
     let mesh = control.as_ref().map(|(client, certs)| {
         mesh::Mesh::start(
             client.clone(),
@@ -390,10 +390,11 @@ async fn run(config: RunConfig, set_log_level: admin::SetLogLevel) -> anyhow::Re
         .with_context(|| format!("cannot listen on metrics address {}", config.metrics_addr))?;
     let ready_server = admin::HttpServer::bind("readiness", config.readiness_addr, &inherited, stop.clone())
         .with_context(|| format!("cannot listen on readiness address {}", config.readiness_addr))?;
-    let node_sockets: Vec<(handover::ListenerId, std::os::fd::OwnedFd)> = [&admin_server, &metrics_server, &ready_server]
-        .iter()
-        .filter_map(|server| Some((server.socket.0.clone(), server.socket.1.try_clone().ok()?)))
-        .collect();
+    let node_sockets: Vec<(handover::ListenerId, std::os::fd::OwnedFd)> =
+        [&admin_server, &metrics_server, &ready_server]
+            .iter()
+            .filter_map(|server| Some((server.socket.0.clone(), server.socket.1.try_clone().ok()?)))
+            .collect();
     let admin_view = admin_state.clone();
     tokio::spawn(admin_server.run(move |req| admin::admin(admin_view.clone(), req)));
     let metrics_state = admin_state.clone();
@@ -423,14 +424,19 @@ async fn run(config: RunConfig, set_log_level: admin::SetLogLevel) -> anyhow::Re
     let gc_counters = admin_state.counters.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
-        let mut high = 0;
+        let (mut high, mut seen, mut quiet) = (0, 0, 0);
         loop {
             tick.tick().await;
-            // Give the memory of closed connections back to the kernel once many of
-            // them have ended (the allocator keeps freed memory otherwise).
+            // Give the memory of closed connections back to the kernel (the allocator
+            // keeps freed memory otherwise): once many of them have ended, and a few
+            // seconds after a busy spell (pooled tunnels are released a little later).
             let active = gc_counters.active.load(std::sync::atomic::Ordering::Relaxed);
+            let snapshot = gc_counters.snapshot();
+            let accepted = snapshot.accepted + snapshot.inbound_accepted;
             high = high.max(active);
-            if high >= 64 && active <= high / 2 {
+            quiet = if accepted == seen { quiet + 1 } else { 0 };
+            seen = accepted;
+            if (high >= 64 && active <= high / 2) || quiet == 12 || quiet == 25 {
                 tokio::task::spawn_blocking(control::trim_heap);
                 high = active;
             }

@@ -16,7 +16,7 @@ use tracing::{info, warn};
 use crate::{
     control::ControlClient,
     enroll::Pod,
-    hbone::{POOL_IDLE, Pool},
+    hbone::{POOL_IDLE, POOL_SPARE_IDLE, Pool},
     identity::CertStore,
     metrics::{Metrics, TcpLabels, flags},
     telemetry::{Counters, Limits},
@@ -75,11 +75,11 @@ impl Mesh {
         });
         let weak = Arc::downgrade(&mesh);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(30));
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
             loop {
                 tick.tick().await;
                 let Some(mesh) = weak.upgrade() else { return };
-                mesh.pool.release_idle(POOL_IDLE);
+                mesh.pool.release_idle(POOL_IDLE, POOL_SPARE_IDLE);
             }
         });
         mesh
@@ -171,7 +171,7 @@ impl Mesh {
     ) -> Arc<TcpLabels> {
         let index = self.index();
         let destination = index.workload_of(pod.ips()).cloned();
-        Arc::new(TcpLabels {
+        self.metrics.intern(TcpLabels {
             reporter: "destination",
             source_workload: source.map(|w| w.name.clone()).unwrap_or_default(),
             source_workload_namespace: source.map(|w| w.namespace.clone()).unwrap_or_default(),

@@ -66,6 +66,14 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// The shared copy of `labels` when a connection already reported them (most
+    /// connections share their label set with many others), else a new one: a
+    /// connection then holds one pointer, not a dozen strings of its own.
+    pub fn intern(&self, labels: TcpLabels) -> Arc<TcpLabels> {
+        let tcp = self.tcp.lock().expect("lock");
+        tcp.get_key_value(&labels).map_or_else(|| Arc::new(labels), |(shared, _)| shared.clone())
+    }
+
     pub fn opened(&self, labels: &Arc<TcpLabels>) {
         self.tcp.lock().expect("lock").entry(labels.clone()).or_default().opened += 1;
     }

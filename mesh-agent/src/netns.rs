@@ -135,7 +135,8 @@ impl Netns {
     /// application from the caller's address `source` (see `deliver`).
     pub fn delivery_socket(&self, source: IpAddr) -> Result<tokio::net::TcpSocket, NetnsError> {
         let std_stream: std::net::TcpStream = self.run(|| {
-            let socket = Socket::new(Domain::for_address(SocketAddr::new(source, 0)), Type::STREAM, Some(Protocol::TCP))?;
+            let socket =
+                Socket::new(Domain::for_address(SocketAddr::new(source, 0)), Type::STREAM, Some(Protocol::TCP))?;
             crate::deliver::bind_transparent(&socket, source)?;
             socket.set_nonblocking(true)?;
             socket.set_nodelay(true)?;

@@ -125,7 +125,8 @@ impl Connection {
             log.duration = start.elapsed();
             log.emit();
         };
-        let meshed = |ip| self.forwarder.mesh.as_ref().is_some_and(|m| m.index().workload(ip).is_some_and(|w| w.meshed));
+        let meshed =
+            |ip| self.forwarder.mesh.as_ref().is_some_and(|m| m.index().workload(ip).is_some_and(|w| w.meshed));
         if let Some(reason) = self.forwarder.limits.reached(&self.forwarder.counters, &self.pod.counters) {
             refuse(|c| &c.limited, Outcome::Limited, reason, log);
             return;
@@ -167,7 +168,7 @@ impl Connection {
                 log.dst_workload = workload.as_ref().map(|w| w.name.clone());
                 log.dst_namespace = workload.as_ref().map(|w| w.namespace.clone());
                 log.dst_service = service.as_ref().map(|s| s.hostname.clone());
-                let labels = Arc::new(Mesh::outbound_labels(
+                let labels = self.forwarder.metrics.intern(Mesh::outbound_labels(
                     &self.pod,
                     source.as_deref(),
                     workload.as_deref(),
@@ -195,7 +196,9 @@ impl Connection {
                 log.security = "mutual_tls";
                 let labels =
                     Mesh::outbound_labels(&self.pod, source.as_deref(), Some(&workload), service.as_deref(), true);
-                let tunnel = async {
+                // Boxed: the TLS and HTTP/2 handshakes' state is large and needed only
+                // while the tunnel is set up, not for the connection's whole life.
+                let tunnel = Box::pin(async {
                     let cert = mesh
                         .certs
                         .get(&self.pod.identity())
@@ -209,11 +212,13 @@ impl Connection {
                     let request = || hbone::connect_request(addr, source_addr, &baggage);
                     let hbone_addr = SocketAddr::new(addr.ip(), hbone::HBONE_PORT);
                     mesh.pool.connect(&self.pod, cert, hbone_addr, &workload.identity, request).await
-                };
-                match tunnel.await {
+                });
+                let tunnel = tunnel.await;
+                match tunnel {
                     Ok((upgraded, _stream)) => {
                         bump(counters, |c| &c.tunneled, 1);
-                        self.relay(client, TokioIo::new(upgraded), &Arc::new(labels), &mut log).await;
+                        let labels = self.forwarder.metrics.intern(labels);
+                        self.relay(client, TokioIo::new(upgraded), &labels, &mut log).await;
                     }
                     Err(error) => {
                         debug!(pod = %self.pod.spec.name, %addr, %error, "tunnel failed");

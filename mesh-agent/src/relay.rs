@@ -185,7 +185,12 @@ struct Direction {
 }
 
 impl Direction {
-    fn poll_copy<R, W>(&mut self, cx: &mut Context<'_>, mut reader: Pin<&mut R>, mut writer: Pin<&mut W>) -> Poll<io::Result<()>>
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut reader: Pin<&mut R>,
+        mut writer: Pin<&mut W>,
+    ) -> Poll<io::Result<()>>
     where
         R: AsyncRead + ?Sized,
         W: AsyncWrite + ?Sized,
@@ -276,4 +281,56 @@ pub async fn deliver(pod: &Pod, caller: IpAddr, dst: SocketAddr, timeout: Durati
     }
     let socket = pod.netns.delivery_socket(caller).map_err(io::Error::other)?;
     tokio::time::timeout(timeout, socket.connect(dst)).await.map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn copies_both_ways_through_half_close_with_growing_buffers() {
+        let (mut client, mut client_side) = tokio::io::duplex(256 * 1024);
+        let (mut upstream_side, mut upstream) = tokio::io::duplex(256 * 1024);
+        let relay = tokio::spawn(async move { copy_bidirectional(&mut client_side, &mut upstream_side).await });
+        // A bulk transfer larger than every buffer step, then the client half-closes.
+        let bulk: Vec<u8> = (0..1_000_000u32).map(|i| i as u8).collect();
+        let sent = bulk.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&sent).await.unwrap();
+            client.shutdown().await.unwrap();
+            client
+        });
+        let mut received = Vec::new();
+        upstream.read_to_end(&mut received).await.unwrap();
+        assert_eq!(received, bulk, "every byte, in order, then end of stream");
+        // The other direction still flows after the half-close.
+        upstream.write_all(b"answer after half-close").await.unwrap();
+        upstream.shutdown().await.unwrap();
+        let mut client = writer.await.unwrap();
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).await.unwrap();
+        assert_eq!(answer, b"answer after half-close");
+        relay.await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_buffer_starts_small_and_grows_only_on_full_reads() {
+        let mut direction = Direction::default();
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let mut reader: &[u8] = &[7u8; 5000];
+        let mut writer = Vec::new();
+        let poll = direction.poll_copy(&mut cx, Pin::new(&mut reader), Pin::new(&mut writer));
+        assert!(poll.is_ready());
+        assert_eq!(writer.len(), 5000);
+        // 1 KiB full -> 16 KiB; 5000 bytes never filled 16 KiB; freed at the end.
+        assert!(direction.done && direction.buffer.is_empty());
+        let mut small = Direction::default();
+        let mut reader: &[u8] = b"hello";
+        let mut writer = Vec::new();
+        let _ = small.poll_copy(&mut cx, Pin::new(&mut reader), Pin::new(&mut writer));
+        assert_eq!(writer, b"hello");
+    }
 }

@@ -339,6 +339,63 @@ impl Lab {
 
     /// Starts (or restarts) node `n`'s agent and waits until it is ready.
     pub fn start_agent(&self, n: usize) -> anyhow::Result<()> {
+        self.start_agent_with(n, &[])?;
+        self.wait_agent_ready(n)
+    }
+
+    /// Starts node `n`'s agent with `extra` arguments, without waiting for it.
+    pub fn start_agent_with(&self, n: usize, extra: &[&str]) -> anyhow::Result<()> {
+        let node = self.node(n).clone();
+        let argv = self.agent_argv(n, extra)?;
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let name = format!("agent-{}", node.name);
+        // Append to the log across restarts. A renamed log keeps receiving what a
+        // still-running previous agent writes (a handover drains in the background).
+        let log = self.dir.join(format!("{name}.log"));
+        let prev = self.dir.join(format!("{name}.prev.log"));
+        if log.exists() {
+            fs::rename(&log, &prev)?;
+        }
+        self.spawn(&name, &node.netns, &node.cgroup.join("agent"), &argv)?;
+        Ok(())
+    }
+
+    /// Waits until node `n`'s agent reports ready.
+    pub fn wait_agent_ready(&self, n: usize) -> anyhow::Result<()> {
+        wait_for(Duration::from_secs(15), || {
+            self.node_http(n, 15021, "/healthz/ready").is_ok_and(|body| body.trim() == "ready")
+        })
+        .with_context(|| format!("agent on node{n} not ready; log: {}", self.agent_log(n)))
+    }
+
+    /// The pid of node `n`'s (newest) agent.
+    pub fn agent_pid(&self, n: usize) -> anyhow::Result<u32> {
+        Ok(fs::read_to_string(self.dir.join(format!("agent-node{n}.pid")))?.trim().parse()?)
+    }
+
+    /// What node `n`'s previous agent wrote (before a restart or a handover).
+    pub fn previous_agent_log(&self, n: usize) -> String {
+        fs::read_to_string(self.dir.join(format!("agent-node{n}.prev.log"))).unwrap_or_default()
+    }
+
+    /// Starts a capture of TCP on the fabric side of node `n` (`tcpdump -w`); returns
+    /// the file it writes. Stop it with `stop_process("tcpdump", "INT")`.
+    pub fn capture_fabric(&self, n: usize) -> anyhow::Result<PathBuf> {
+        let pcap = self.dir.join("fabric.pcap");
+        let pcap_arg = pcap.display().to_string();
+        let iface = format!("n{n}");
+        self.spawn_in(
+            "fabric",
+            "tcpdump",
+            &["tcpdump", "-i", &iface, "--immediate-mode", "-U", "-s", "0", "-w", &pcap_arg, "tcp"],
+        )?;
+        wait_for(Duration::from_secs(5), || self.log_of("tcpdump").contains("listening on"))
+            .context("tcpdump did not start")?;
+        Ok(pcap)
+    }
+
+    /// The command line of node `n`'s agent, with `extra` arguments.
+    pub fn agent_argv(&self, n: usize, extra: &[&str]) -> anyhow::Result<Vec<String>> {
         let node = self.node(n).clone();
         let agent = self.spec.agent_bin.display().to_string();
         let mut argv: Vec<String> = vec![
@@ -352,9 +409,12 @@ impl Lab {
             node.bpffs.display().to_string(),
             "--state-dir".into(),
             node.state_dir.display().to_string(),
-            "--drain-seconds".into(),
-            "2".into(),
         ];
+        // A short drain keeps restarts in tests quick, unless the test wants its own.
+        if !self.spec.agent_args.iter().map(String::as_str).chain(extra.iter().copied()).any(|a| a == "--drain-seconds")
+        {
+            argv.extend(["--drain-seconds".into(), "2".into()]);
+        }
         if self.spec.kubernetes {
             let token = node.state_dir.join("token");
             fs::write(&token, format!("token-{}\n", node.name))?;
@@ -378,18 +438,8 @@ impl Lab {
             ]);
         }
         argv.extend(self.spec.agent_args.iter().cloned());
-        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        let name = format!("agent-{}", node.name);
-        // Append to the log across restarts.
-        let old_log = fs::read(self.dir.join(format!("{name}.log"))).unwrap_or_default();
-        self.spawn(&name, &node.netns, &node.cgroup.join("agent"), &argv)?;
-        if !old_log.is_empty() {
-            let _ = fs::write(self.dir.join(format!("{name}.prev.log")), old_log);
-        }
-        wait_for(Duration::from_secs(15), || {
-            self.node_http(n, 15021, "/healthz/ready").is_ok_and(|body| body.trim() == "ready")
-        })
-        .with_context(|| format!("agent on {} not ready; log: {}", node.name, self.agent_log(n)))
+        argv.extend(extra.iter().map(|a| (*a).to_owned()));
+        Ok(argv)
     }
 
     /// Waits until every enrolled pod has its workload certificate (the tunnel needs

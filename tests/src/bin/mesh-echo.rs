@@ -3,7 +3,9 @@
 //! `mesh-echo serve --name POD` answers every HTTP/1.1 request on `--http-port` with
 //! `pod=<name> peer=<ip:port>` (the address it saw the client come from) and echoes
 //! bytes back on `--tcp-port`. `mesh-echo rr --addr IP:PORT` measures request/response
-//! latency against the echo port at a fixed rate and prints JSON.
+//! latency against the echo port at a fixed rate and prints JSON. `load` keeps a
+//! steady rate of new connections and counts the failures; `many` holds many idle
+//! connections open at once.
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
@@ -43,7 +45,20 @@ fn main() -> anyhow::Result<()> {
             let seconds: u64 = opt("--seconds").map_or(Ok(30), |v| v.parse()).context("--seconds")?;
             hold(addr, Duration::from_secs(seconds))
         }
-        other => bail!("unknown mode {other}; expected serve, rr, cps or hold"),
+        "load" => {
+            let addr: SocketAddr = opt("--addr").context("--addr is required")?.parse().context("--addr")?;
+            let rate: u64 = opt("--rate").map_or(Ok(500), |v| v.parse()).context("--rate")?;
+            let seconds: u64 = opt("--seconds").map_or(Ok(5), |v| v.parse()).context("--seconds")?;
+            let clients: u64 = opt("--clients").map_or(Ok(8), |v| v.parse()).context("--clients")?;
+            paced_load(addr, rate, Duration::from_secs(seconds), clients)
+        }
+        "many" => {
+            let addr: SocketAddr = opt("--addr").context("--addr is required")?.parse().context("--addr")?;
+            let count: usize = opt("--count").map_or(Ok(1000), |v| v.parse()).context("--count")?;
+            let seconds: u64 = opt("--seconds").map_or(Ok(10), |v| v.parse()).context("--seconds")?;
+            many(addr, count, Duration::from_secs(seconds))
+        }
+        other => bail!("unknown mode {other}; expected serve, rr, cps, hold, load or many"),
     }
 }
 
@@ -83,6 +98,91 @@ fn connection_rate(addr: SocketAddr, clients: usize, duration: Duration) -> anyh
         "{}",
         serde_json::json!({ "connections": done, "failed": failed, "seconds": elapsed, "per_second": done as f64 / elapsed })
     );
+    Ok(())
+}
+
+/// A steady load of new connections: `rate` per second in all, paced over `clients`
+/// threads, for `duration`; each connection sends a line with a marker and reads the
+/// echo. Prints JSON with the count of connections, the failures and their errors.
+fn paced_load(addr: SocketAddr, rate: u64, duration: Duration, clients: u64) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let per_client = Duration::from_nanos(1_000_000_000 * clients.max(1) / rate.max(1));
+    let threads: Vec<_> = (0..clients.max(1))
+        .map(|client| {
+            thread::spawn(move || -> (u64, Vec<String>) {
+                let (mut done, mut errors) = (0u64, Vec::new());
+                // Spread the clients' first connections over one interval.
+                let mut next = start + per_client.mul_f64(client as f64 / clients.max(1) as f64);
+                while next < start + duration {
+                    let now = Instant::now();
+                    if next > now {
+                        thread::sleep(next - now);
+                    }
+                    next += per_client;
+                    let result = (|| -> std::io::Result<()> {
+                        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+                        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+                        let line = format!("load-marker {client} {done}\n");
+                        stream.write_all(line.as_bytes())?;
+                        let mut echoed = vec![0u8; line.len()];
+                        stream.read_exact(&mut echoed)?;
+                        if echoed != line.as_bytes() {
+                            return Err(std::io::Error::other("wrong echo"));
+                        }
+                        Ok(())
+                    })();
+                    match result {
+                        Ok(()) => done += 1,
+                        Err(error) => errors.push(error.to_string()),
+                    }
+                }
+                (done, errors)
+            })
+        })
+        .collect();
+    let (mut done, mut errors) = (0, Vec::new());
+    for thread in threads {
+        let (d, e) = thread.join().map_err(|_| anyhow::anyhow!("client thread panicked"))?;
+        done += d;
+        errors.extend(e);
+    }
+    let mut kinds = std::collections::BTreeMap::<String, usize>::new();
+    for error in &errors {
+        *kinds.entry(error.clone()).or_default() += 1;
+    }
+    println!(
+        "{}",
+        serde_json::json!({ "connections": done, "failed": errors.len(), "errors": kinds, "seconds": start.elapsed().as_secs_f64() })
+    );
+    Ok(())
+}
+
+/// Opens `count` connections to an echo port (each exchanges one line), prints
+/// `opened N` (N that succeeded), holds them for `duration`, closes them all and
+/// prints `closed`.
+fn many(addr: SocketAddr, count: usize, duration: Duration) -> anyhow::Result<()> {
+    let mut streams = Vec::with_capacity(count);
+    let mut failed = 0;
+    for i in 0..count {
+        let opened = (|| -> std::io::Result<TcpStream> {
+            let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            let line = format!("many {i}\n");
+            stream.write_all(line.as_bytes())?;
+            let mut echoed = vec![0u8; line.len()];
+            stream.read_exact(&mut echoed)?;
+            Ok(stream)
+        })();
+        match opened {
+            Ok(stream) => streams.push(stream),
+            Err(_) => failed += 1,
+        }
+    }
+    println!("opened {} failed {failed}", streams.len());
+    std::io::stdout().flush()?;
+    thread::sleep(duration);
+    drop(streams);
+    println!("closed");
     Ok(())
 }
 
