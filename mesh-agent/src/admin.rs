@@ -175,19 +175,25 @@ impl HttpServer {
         inherited: &crate::handover::Inherited,
         stop: tokio::sync::watch::Receiver<bool>,
     ) -> std::io::Result<Self> {
-        let listener = match inherited.take("", name, addr) {
-            Some(listener) => listener,
-            None => {
-                let socket = socket2::Socket::new(
-                    socket2::Domain::for_address(addr),
-                    socket2::Type::STREAM,
-                    Some(socket2::Protocol::TCP),
-                )?;
-                socket.set_reuse_address(true)?;
-                socket.bind(&addr.into())?;
-                socket.listen(1024)?;
-                socket.into()
-            }
+        // A successor in another network namespace (a new pod beside the old one)
+        // listens in its own: the old pod's sockets are not where it is reached.
+        let same_netns = |listener: &std::net::TcpListener| {
+            let probe = std::net::UdpSocket::bind(("127.0.0.1", 0));
+            probe
+                .is_ok_and(|probe| crate::netns::netns_cookie(&probe).ok() == crate::netns::netns_cookie(listener).ok())
+        };
+        let listener = if let Some(listener) = inherited.take("", name, addr).filter(same_netns) {
+            listener
+        } else {
+            let socket = socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )?;
+            socket.set_reuse_address(true)?;
+            socket.bind(&addr.into())?;
+            socket.listen(1024)?;
+            socket.into()
         };
         listener.set_nonblocking(true)?;
         let copy = listener.try_clone()?;

@@ -6,6 +6,7 @@
 //! certificates it had.
 use std::{
     collections::BTreeMap,
+    fmt::Write as _,
     path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -96,7 +97,7 @@ impl CertStore {
             if byte.is_ascii_alphanumeric() || byte == b'.' || byte == b'-' {
                 name.push(byte as char);
             } else {
-                name.push_str(&format!("_{byte:02x}"));
+                let _ = write!(name, "_{byte:02x}");
             }
         }
         self.dir.as_ref().map(|d| d.join(format!("{name}.json")))

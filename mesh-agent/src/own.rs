@@ -37,7 +37,7 @@ pub struct OwnAddrs {
 
 impl OwnAddrs {
     pub fn add_pod(&self, ips: &[IpAddr]) {
-        self.pods.write().expect("lock").extend(ips.iter().map(|ip| ip.to_canonical()));
+        self.pods.write().expect("lock").extend(ips.iter().map(IpAddr::to_canonical));
     }
 
     pub fn remove_pod(&self, ips: &[IpAddr]) {
@@ -48,7 +48,7 @@ impl OwnAddrs {
     }
 
     pub fn set_node(&self, ips: &[IpAddr]) {
-        *self.node.write().expect("lock") = ips.iter().map(|ip| ip.to_canonical()).collect();
+        *self.node.write().expect("lock") = ips.iter().map(IpAddr::to_canonical).collect();
     }
 
     /// Whether `dst` is one of this agent's listeners, or a mesh port of a pod

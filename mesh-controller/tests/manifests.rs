@@ -286,10 +286,10 @@ fn the_agent_has_exactly_the_privileges_and_host_paths_it_needs() {
     let ds_spec = &daemonset.spec;
     let strategy = ds_spec.update_strategy.as_ref().expect("update strategy");
     assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
-    assert_eq!(
-        strategy.rolling_update.as_ref().and_then(|r| r.max_unavailable.clone()),
-        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1))
-    );
+    // Surge: the new agent takes the node over from the running one (handover).
+    let rolling = strategy.rolling_update.as_ref().expect("rolling update");
+    let int = k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int;
+    assert_eq!((rolling.max_surge.clone(), rolling.max_unavailable.clone()), (Some(int(1)), Some(int(0))));
     let spec = ds_spec.template.spec.as_ref().expect("pod spec");
     assert_eq!(spec.host_pid, Some(true));
     assert_ne!(spec.host_network, Some(true));
