@@ -18,7 +18,7 @@ fn show_cmd(target: &str, cmd: &str) {
 fn counters(lab: &Lab, node: usize) -> anyhow::Result<String> {
     let s = lab.agent_stats(node)?;
     Ok(format!(
-        "agent: accepted={} tunneled={} passthrough={} inbound={} denied={} plaintext_refused={} | kernel: captured={} inbound_steered={}",
+        "agent: accepted={} tunneled={} passthrough={} inbound={} denied={} plaintext_refused={} | kernel: captured={} inbound_steered={} strict_refused={}",
         s["agent"]["accepted"],
         s["agent"]["tunneled"],
         s["agent"]["forwarded"],
@@ -27,6 +27,7 @@ fn counters(lab: &Lab, node: usize) -> anyhow::Result<String> {
         s["agent"]["plaintext_refused"],
         s["kernel"]["captured"],
         s["kernel"]["inbound_steered"],
+        s["kernel"]["inbound_strict_refused"],
     ))
 }
 
@@ -148,12 +149,15 @@ pub fn demo() -> anyhow::Result<()> {
     println!("  reply: {}", try_curl(&lab, "n1-p3", &url4)?);
     println!("  node2's sk_lookup program steered it to the agent's 15006 listener in n2-p1; PERMISSIVE");
     println!("  (the default) lets it in: {}", access_log(&lab, 2, &["inbound_plaintext"]).unwrap_or_default());
+    println!("  The application sees the real caller (peer=), tunneled or not: the agent delivers from the");
+    println!("  caller's address on a transparent socket inside the pod.");
 
     step("PeerAuthentication STRICT in namespace shop: plaintext is refused, mTLS carries on");
     apply(&lab, "strict.yaml", Some(STRICT))?;
     println!("  n1-p3 (plaintext): {}", try_curl(&lab, "n1-p3", &url4)?);
     println!("  n1-p1 (mesh):      {}", try_curl(&lab, "n1-p1", &url4)?);
     println!("  node2 {}", counters(&lab, 2)?);
+    println!("  The kernel refused the plaintext SYN (strict_refused): none of n1-p3's bytes reached node2.");
     apply(&lab, "strict.yaml", None)?;
 
     step("A DENY policy applied live closes an open connection and refuses new ones");
@@ -195,6 +199,35 @@ pub fn demo() -> anyhow::Result<()> {
     lab.start_agent(1)?;
     lab.wait_certificates()?;
     println!("  agent back: {}", try_curl(&lab, "n1-p1", &url4)?);
+
+    step("Upgrading node1's agent under load: the new one takes the sockets over, nothing is refused");
+    let load_target = format!("{}:{}", server.ip4, mesh_lab::ECHO_PORT);
+    show_cmd("n1-p1", &format!("mesh-echo load --addr {load_target} --rate 300 --seconds 5"));
+    lab.spawn_in("n1-p1", "load", &[&hold, "load", "--addr", &load_target, "--rate", "300", "--seconds", "5"])?;
+    std::thread::sleep(Duration::from_secs(1));
+    lab.start_agent(1)?;
+    mesh_lab::wait_for(Duration::from_secs(10), || lab.agent_log(1).contains("took the node over"))?;
+    mesh_lab::wait_for(Duration::from_secs(15), || lab.log_of("load").contains("connections"))?;
+    let report = lab.log_of("load");
+    println!("  load: {}", report.trim());
+    println!(
+        "  new agent: {}",
+        lab.agent_log(1).lines().find(|l| l.contains("took the node over")).unwrap_or_default()
+    );
+    ensure!(report.contains("\"failed\":0"), "connections failed during the upgrade");
+
+    step("The controller is away and node1's agent restarts: it serves on its saved view and certificates");
+    lab.stop_controller()?;
+    lab.stop_agent(1, "KILL")?;
+    lab.start_agent(1)?;
+    let dump = lab.config_dump(1)?;
+    println!(
+        "  restored view: {} (version {}, received {} s ago); agent ready",
+        dump["control"]["restored"], dump["control"]["version"], dump["control"]["age_seconds"]
+    );
+    println!("  n1-p1 -> n2-p1 (still mTLS): {}", try_curl(&lab, "n1-p1", &url4)?);
+    lab.start_controller()?;
+    lab.wait_agent_ready(1)?;
 
     control_plane(&lab)?;
 
