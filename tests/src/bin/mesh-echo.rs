@@ -119,18 +119,7 @@ fn paced_load(addr: SocketAddr, rate: u64, duration: Duration, clients: u64) -> 
                         thread::sleep(next - now);
                     }
                     next += per_client;
-                    let result = (|| -> std::io::Result<()> {
-                        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-                        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-                        let line = format!("load-marker {client} {done}\n");
-                        stream.write_all(line.as_bytes())?;
-                        let mut echoed = vec![0u8; line.len()];
-                        stream.read_exact(&mut echoed)?;
-                        if echoed != line.as_bytes() {
-                            return Err(std::io::Error::other("wrong echo"));
-                        }
-                        Ok(())
-                    })();
+                    let result = echo_line(addr, &format!("load-marker {client} {done}\n")).map(drop);
                     match result {
                         Ok(()) => done += 1,
                         Err(error) => errors.push(error.to_string()),
@@ -157,6 +146,19 @@ fn paced_load(addr: SocketAddr, rate: u64, duration: Duration, clients: u64) -> 
     Ok(())
 }
 
+/// A new connection to an echo port that sent `line` and got it back.
+fn echo_line(addr: SocketAddr, line: &str) -> std::io::Result<TcpStream> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(line.as_bytes())?;
+    let mut echoed = vec![0u8; line.len()];
+    stream.read_exact(&mut echoed)?;
+    if echoed != line.as_bytes() {
+        return Err(std::io::Error::other("wrong echo"));
+    }
+    Ok(stream)
+}
+
 /// Opens `count` connections to an echo port (each exchanges one line), prints
 /// `opened N` (N that succeeded), holds them for `duration`, closes them all and
 /// prints `closed`.
@@ -164,16 +166,7 @@ fn many(addr: SocketAddr, count: usize, duration: Duration) -> anyhow::Result<()
     let mut streams = Vec::with_capacity(count);
     let mut failed = 0;
     for i in 0..count {
-        let opened = (|| -> std::io::Result<TcpStream> {
-            let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-            let line = format!("many {i}\n");
-            stream.write_all(line.as_bytes())?;
-            let mut echoed = vec![0u8; line.len()];
-            stream.read_exact(&mut echoed)?;
-            Ok(stream)
-        })();
-        match opened {
+        match echo_line(addr, &format!("many {i}\n")) {
             Ok(stream) => streams.push(stream),
             Err(_) => failed += 1,
         }
