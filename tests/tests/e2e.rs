@@ -1207,6 +1207,26 @@ spec: {mtls: {mode: STRICT}}
         assert!(!text.contains("pod=n2-p1"), "delivered to an un-enrolled pod ({code}): {text}");
         lab.enroll("n2-p1").unwrap();
         wait_reachable(lab, "n1-p1", "n2-p1");
+
+        // Connection limits: with one connection per pod allowed, a second one while
+        // the first is open is refused and counted.
+        lab.stop_agent(2, "TERM").unwrap();
+        lab.start_agent_with(2, &["--max-connections-per-pod", "1"]).unwrap();
+        lab.wait_agent_ready(2).unwrap();
+        wait_reachable(lab, "n1-p1", "n2-p1");
+        let echo = format!("{}:9000", lab.pod("n2-p1").ip4);
+        lab.spawn_in("n1-p1", "hold", &[&echo_bin(lab), "hold", "--addr", &echo, "--seconds", "20"]).unwrap();
+        wait_for(Duration::from_secs(5), || lab.log_of("hold").contains("ok 3")).expect("held connection");
+        let (code, text) = try_curl(lab, "n1-p1", &target);
+        assert_ne!(code, 0, "a second connection beyond the pod's limit was served: {text}");
+        assert!(stat(lab, 2, "agent", "limited") >= 1);
+        let metrics = lab.node_http(2, 15020, "/metrics").unwrap();
+        assert!(
+            metrics.lines().any(|l| l.starts_with("mesh_agent_connections_refused_total{reason=\"connection_limit\"}")
+                && !l.ends_with(" 0")),
+            "{metrics}"
+        );
+        lab.stop_process("hold", "KILL").unwrap();
     });
 }
 
