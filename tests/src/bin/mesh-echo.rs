@@ -146,10 +146,12 @@ fn paced_load(addr: SocketAddr, rate: u64, duration: Duration, clients: u64) -> 
     Ok(())
 }
 
-/// A new connection to an echo port that sent `line` and got it back.
+/// A new connection to an echo port that sent `line` and got it back (a slow answer
+/// is a success: a busy 2-core lab can drop a SYN, which costs seconds; a failure is
+/// an error or no answer within 15 s).
 fn echo_line(addr: SocketAddr, line: &str) -> std::io::Result<TcpStream> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(15))?;
+    stream.set_read_timeout(Some(Duration::from_secs(15)))?;
     stream.write_all(line.as_bytes())?;
     let mut echoed = vec![0u8; line.len()];
     stream.read_exact(&mut echoed)?;
