@@ -147,6 +147,8 @@ pub fn demo() -> anyhow::Result<()> {
     step("A pod outside the mesh (n1-p3, namespace legacy) calls n2-p1 in plaintext");
     show_cmd("n1-p3", &format!("curl -s {url4}"));
     println!("  reply: {}", try_curl(&lab, "n1-p3", &url4)?);
+    // The access log is written when the connection ends, just after curl returns.
+    let _ = mesh_lab::wait_for(Duration::from_secs(2), || access_log(&lab, 2, &["inbound_plaintext"]).is_some());
     println!("  node2's sk_lookup program steered it to the agent's 15006 listener in n2-p1; PERMISSIVE");
     println!("  (the default) lets it in: {}", access_log(&lab, 2, &["inbound_plaintext"]).unwrap_or_default());
     println!("  The application sees the real caller (peer=), tunneled or not: the agent delivers from the");
