@@ -105,6 +105,17 @@ struct PoolKey {
     expected_identity: String,
 }
 
+impl PoolKey {
+    fn new(pod: &Pod, cert: &WorkloadCert, destination: SocketAddr, expected: &str) -> Self {
+        Self {
+            netns_cookie: pod.netns_cookie,
+            source_identity: cert.identity.clone(),
+            destination,
+            expected_identity: expected.to_owned(),
+        }
+    }
+}
+
 struct Pooled {
     sender: SendRequest<Empty<Bytes>>,
     /// The certificate the connection was made with: after a renewal, new streams go
@@ -202,12 +213,7 @@ impl Pool {
         destination: SocketAddr,
         expected: &str,
     ) -> Result<(SendRequest<Empty<Bytes>>, StreamGuard, bool), HboneError> {
-        let key = PoolKey {
-            netns_cookie: pod.netns_cookie,
-            source_identity: cert.identity.clone(),
-            destination,
-            expected_identity: expected.to_owned(),
-        };
+        let key = PoolKey::new(pod, &cert, destination, expected);
         {
             let mut conns = self.conns.lock().expect("lock");
             if let Some(list) = conns.get_mut(&key) {
@@ -244,12 +250,7 @@ impl Pool {
         destination: SocketAddr,
         expected: &str,
     ) -> Result<(SendRequest<Empty<Bytes>>, StreamGuard), HboneError> {
-        let key = PoolKey {
-            netns_cookie: pod.netns_cookie,
-            source_identity: cert.identity.clone(),
-            destination,
-            expected_identity: expected.to_owned(),
-        };
+        let key = PoolKey::new(pod, &cert, destination, expected);
         let sender = Box::pin(self.handshake(pod, &cert, destination, expected)).await?;
         let streams = Arc::new(AtomicUsize::new(1));
         let last_used = Arc::new(AtomicU64::new(self.epoch.elapsed().as_millis() as u64));

@@ -18,12 +18,13 @@ use tracing::{error, info, warn};
 
 use crate::control::ControlClient;
 
+/// A workload certificate with its key. It serializes only to the state directory
+/// (`SavedCert`, 0600): nothing else may print it.
 #[derive(Debug, Serialize, serde::Deserialize)]
 pub struct WorkloadCert {
     pub identity: String,
     /// Leaf first.
     pub chain_pem: Vec<String>,
-    #[serde(skip_serializing)]
     pub key_pem: String,
     pub root_pem: String,
     pub issued_at: i64,
@@ -55,22 +56,13 @@ pub struct CertStore {
     dir: Option<PathBuf>,
 }
 
-/// A certificate as the state directory keeps it (with its key).
+/// A certificate as the state directory keeps it (with its key): `C` is the
+/// certificate, borrowed to save and owned when read back.
 #[derive(Serialize, serde::Deserialize)]
-struct SavedCert {
+struct SavedCert<C> {
     format: u32,
     #[serde(flatten)]
-    cert: SavedFields,
-}
-
-#[derive(Serialize, serde::Deserialize)]
-struct SavedFields {
-    identity: String,
-    chain_pem: Vec<String>,
-    key_pem: String,
-    root_pem: String,
-    issued_at: i64,
-    not_after: i64,
+    cert: C,
 }
 
 fn now() -> i64 {
@@ -107,7 +99,7 @@ impl CertStore {
     fn load(&self, identity: &str) -> Option<Arc<WorkloadCert>> {
         let path = self.file_of(identity)?;
         let bytes = std::fs::read(&path).ok()?;
-        let saved: SavedCert = match serde_json::from_slice(&bytes) {
+        let saved: SavedCert<WorkloadCert> = match serde_json::from_slice(&bytes) {
             Ok(saved) => saved,
             Err(error) => {
                 warn!(file = %path.display(), %error, "ignoring an unreadable saved certificate");
@@ -118,29 +110,12 @@ impl CertStore {
         if saved.format != crate::state::FORMAT || c.identity != identity || c.not_after <= now() {
             return None;
         }
-        Some(Arc::new(WorkloadCert {
-            identity: c.identity,
-            chain_pem: c.chain_pem,
-            key_pem: c.key_pem,
-            root_pem: c.root_pem,
-            issued_at: c.issued_at,
-            not_after: c.not_after,
-        }))
+        Some(Arc::new(c))
     }
 
     fn save(&self, cert: &WorkloadCert) {
         let Some(path) = self.file_of(&cert.identity) else { return };
-        let saved = SavedCert {
-            format: crate::state::FORMAT,
-            cert: SavedFields {
-                identity: cert.identity.clone(),
-                chain_pem: cert.chain_pem.clone(),
-                key_pem: cert.key_pem.clone(),
-                root_pem: cert.root_pem.clone(),
-                issued_at: cert.issued_at,
-                not_after: cert.not_after,
-            },
-        };
+        let saved = SavedCert { format: crate::state::FORMAT, cert };
         let bytes = serde_json::to_vec(&saved).expect("a certificate serializes");
         if let Err(error) = crate::state::write_atomic(&path, &bytes, 0o600) {
             warn!(file = %path.display(), %error, "cannot save the certificate");
@@ -226,7 +201,9 @@ impl CertStore {
                     });
                     let renew_in = Duration::from_secs(((issued.not_after - issued_at).max(2) / 2) as u64);
                     info!(identity, not_after = issued.not_after, ?renew_in, "certificate installed");
-                    self.save(&cert);
+                    // Off the runtime's threads: the write is flushed to disk.
+                    let (store, saved) = (self.clone(), cert.clone());
+                    let _ = tokio::task::spawn_blocking(move || store.save(&saved)).await;
                     self.update(&identity, |e| {
                         e.status.restored = false;
                         e.cert = Some(cert);

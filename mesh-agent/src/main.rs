@@ -518,20 +518,19 @@ type Locks = (state::DirLock, state::DirLock);
 /// then its locks). Fails, having touched nothing, when the running agent does not
 /// hand over.
 async fn take_node(state_dir: &Path, bpffs_dir: &Path) -> anyhow::Result<(Locks, Option<handover::Successor>)> {
-    let successor = match state::DirLock::try_lock(state_dir) {
-        Ok(state_lock) => {
-            let pins = state::DirLock::try_lock(bpffs_dir).context("another agent owns this node's eBPF state")?;
-            state_lock.record_holder();
-            return Ok(((state_lock, pins), None));
-        }
-        Err(held @ state::LockError::Held { .. }) => {
+    let successor = match lock_node(state_dir, bpffs_dir) {
+        Ok(locks) => return Ok((locks, None)),
+        Err(held @ state::LockError::Held { .. }) if held.path() == state_dir => {
             info!(%held, "taking the node over from the running agent");
             let dir = state_dir.to_owned();
             tokio::task::spawn_blocking(move || handover::Successor::take_over(&dir))
                 .await?
                 .with_context(|| format!("{held}, and it did not hand the node over"))?
         }
-        Err(error) => return Err(error).context("cannot lock the state directory"),
+        Err(held @ state::LockError::Held { .. }) => {
+            return Err(held).context("another agent owns this node's eBPF state");
+        }
+        Err(error) => return Err(error).context("cannot lock the node's state and pin directories"),
     };
     info!(sockets = successor.inherited.left(), "received the running agent's listening sockets");
     let successor = tokio::task::spawn_blocking(move || successor.got().map(|()| successor)).await??;
@@ -539,6 +538,14 @@ async fn take_node(state_dir: &Path, bpffs_dir: &Path) -> anyhow::Result<(Locks,
     let pins = state::DirLock::lock_within(bpffs_dir, HANDOVER_LOCK_WAIT).await.context("handover")?;
     state_lock.record_holder();
     Ok(((state_lock, pins), Some(successor)))
+}
+
+/// Both of the node's locks at once (the state directory's first), without waiting.
+fn lock_node(state_dir: &Path, bpffs_dir: &Path) -> Result<Locks, state::LockError> {
+    let state_lock = state::DirLock::try_lock(state_dir)?;
+    let pins = state::DirLock::try_lock(bpffs_dir)?;
+    state_lock.record_holder();
+    Ok((state_lock, pins))
 }
 
 /// How long a successor waits for the running agent to let go of its locks.
@@ -570,13 +577,8 @@ impl handover::Owner for NodeOwner {
     }
 
     fn retake_locks(&self) -> bool {
-        let (Ok(state_lock), Ok(pins)) =
-            (state::DirLock::try_lock(&self.dirs.0), state::DirLock::try_lock(&self.dirs.1))
-        else {
-            return false;
-        };
-        state_lock.record_holder();
-        *self.locks.lock().expect("locks") = Some((state_lock, pins));
+        let Ok(locks) = lock_node(&self.dirs.0, &self.dirs.1) else { return false };
+        *self.locks.lock().expect("locks") = Some(locks);
         true
     }
 

@@ -7,7 +7,7 @@ use std::{
 };
 
 use mesh_common::{
-    config::{meta::Labels, security::MtlsMode},
+    config::{Config, meta::Labels, security::MtlsMode},
     policy,
 };
 use tokio::sync::watch;
@@ -112,18 +112,14 @@ impl Mesh {
         source_ip: IpAddr,
         target: SocketAddr,
     ) -> Result<(), String> {
-        let state = self.control.current();
-        let index = self.index();
-        let no_labels = Labels::new();
-        let labels = index.workload_of(pod.ips()).map_or(&no_labels, |w| &w.labels);
-        let workload = policy::Workload { namespace: &pod.spec.namespace, labels };
         let connection = policy::Connection {
             source_identity: identity,
             source_ip,
             destination_ip: target.ip(),
             destination_port: target.port(),
         };
-        match policy::authorize(&state.config, &workload, &connection) {
+        let verdict = self.with_workload(pod, |config, workload| policy::authorize(config, workload, &connection));
+        match verdict {
             policy::Verdict::Allow { audited_by } => {
                 for audit in audited_by {
                     info!(target: "audit", policy = audit, pod = %pod.spec.name, source = identity.unwrap_or("-"), %source_ip, %target, "AUDIT policy matched");
@@ -137,23 +133,25 @@ impl Mesh {
     /// Whether plaintext to `pod` on `port` is refused (`PeerAuthentication` STRICT),
     /// with the policy that decided.
     pub fn plaintext_refused(&self, pod: &Pod, port: u16) -> (bool, Option<String>) {
-        let state = self.control.current();
-        let index = self.index();
-        let no_labels = Labels::new();
-        let labels = index.workload_of(pod.ips()).map_or(&no_labels, |w| &w.labels);
-        let workload = policy::Workload { namespace: &pod.spec.namespace, labels };
-        let effective = policy::mtls_mode(&state.config, &workload, port);
+        let effective = self.with_workload(pod, |config, workload| policy::mtls_mode(config, workload, port));
         (effective.mode == MtlsMode::Strict, effective.policy)
     }
 
     /// `PeerAuthentication` STRICT of `pod` as the kernel applies it (see
     /// [`policy::strict_ports`]).
     pub fn strict_ports(&self, pod: &Pod) -> (bool, Vec<(u16, bool)>) {
+        self.with_workload(pod, policy::strict_ports)
+    }
+
+    /// Runs a policy evaluation for `pod` on the current config: the pod as policies
+    /// see it (its namespace and the labels the view gives it; none when the view
+    /// does not know it).
+    fn with_workload<T>(&self, pod: &Pod, evaluate: impl FnOnce(&Config, &policy::Workload) -> T) -> T {
         let state = self.control.current();
         let index = self.index();
         let no_labels = Labels::new();
         let labels = index.workload_of(pod.ips()).map_or(&no_labels, |w| &w.labels);
-        policy::strict_ports(&state.config, &policy::Workload { namespace: &pod.spec.namespace, labels })
+        evaluate(&state.config, &policy::Workload { namespace: &pod.spec.namespace, labels })
     }
 
     /// A receiver that sees every new index (every applied view).

@@ -156,7 +156,10 @@ impl Connection {
         let index = mesh.index();
         let source = index.workload_of(self.pod.ips()).cloned();
         let route = index.route(dst);
+        // A service VIP resolves to another address: check that one too (the original
+        // destination was checked above).
         if let Route::Tunnel { addr, .. } | Route::Direct { addr, .. } = &route
+            && *addr != dst
             && self.forwarder.own.targets_agent(*addr, |ip| index.workload(ip).is_some_and(|w| w.meshed))
         {
             refuse(|c| &c.self_target, Outcome::SelfTarget, format!("{addr} is a listener of the mesh agent"), log);

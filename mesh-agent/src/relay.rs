@@ -268,7 +268,7 @@ where
 /// the capture programs leave it alone.
 pub async fn connect_in(pod: &Pod, dst: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
     let socket = pod.netns.tcp_socket(dst.is_ipv6(), BYPASS_MARK).map_err(io::Error::other)?;
-    tokio::time::timeout(timeout, socket.connect(dst)).await.map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
+    connect_within(socket, dst, timeout).await
 }
 
 /// A connection to `pod`'s application at `dst` that shows `caller` as its source
@@ -280,6 +280,10 @@ pub async fn deliver(pod: &Pod, caller: IpAddr, dst: SocketAddr, timeout: Durati
         return connect_in(pod, dst, timeout).await;
     }
     let socket = pod.netns.delivery_socket(caller).map_err(io::Error::other)?;
+    connect_within(socket, dst, timeout).await
+}
+
+async fn connect_within(socket: tokio::net::TcpSocket, dst: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
     tokio::time::timeout(timeout, socket.connect(dst)).await.map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
 }
 

@@ -100,6 +100,15 @@ impl DirLock {
     }
 }
 
+impl LockError {
+    /// The directory the error is about.
+    pub fn path(&self) -> &Path {
+        match self {
+            Self::Open { path, .. } | Self::Held { path, .. } | Self::Lock { path, .. } => path,
+        }
+    }
+}
+
 /// Where a lock holder writes its pid. Only in the state directory: bpffs takes no
 /// regular files.
 const PID_FILE: &str = "agent.pid";
