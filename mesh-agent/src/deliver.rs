@@ -25,9 +25,13 @@ use std::{
     io,
     net::{IpAddr, SocketAddr},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    time::Duration,
 };
 
-use mesh_common::DELIVER_MARK;
+use mesh_common::{BYPASS_MARK, DELIVER_MARK};
+use tokio::net::TcpStream;
+
+use crate::enroll::Pod;
 
 /// The routing table of the rule (a number no distribution uses by default).
 pub const DELIVER_TABLE: u32 = 0x53a;
@@ -216,6 +220,29 @@ pub fn bind_transparent(socket: &socket2::Socket, source: IpAddr) -> io::Result<
     }
     socket.set_mark(DELIVER_MARK)?;
     socket.bind(&SocketAddr::new(source, 0).into())
+}
+
+/// A TCP connection from inside `pod`'s network namespace, with the bypass mark so
+/// the capture programs leave it alone.
+pub async fn connect_in(pod: &Pod, dst: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let socket = pod.netns.tcp_socket(dst.is_ipv6(), BYPASS_MARK).map_err(io::Error::other)?;
+    connect_within(socket, dst, timeout).await
+}
+
+/// A connection to `pod`'s application at `dst` that shows `caller` as its source;
+/// from the pod's own address when the caller is the pod itself or of the other
+/// family.
+pub async fn deliver(pod: &Pod, caller: IpAddr, dst: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let caller = caller.to_canonical();
+    if caller.is_ipv6() != dst.is_ipv6() || pod.ips().contains(&caller) || caller.is_loopback() {
+        return connect_in(pod, dst, timeout).await;
+    }
+    let socket = pod.netns.delivery_socket(caller).map_err(io::Error::other)?;
+    connect_within(socket, dst, timeout).await
+}
+
+async fn connect_within(socket: tokio::net::TcpSocket, dst: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    tokio::time::timeout(timeout, socket.connect(dst)).await.map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
 }
 
 #[cfg(test)]

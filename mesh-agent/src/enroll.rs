@@ -81,6 +81,18 @@ pub struct Pod {
     pub removed: tokio::sync::watch::Sender<bool>,
 }
 
+/// A pod's outgoing sockets are made in its network namespace, marked so the capture
+/// programs leave them alone.
+impl mesh_proxy::socket::SocketFactory for Pod {
+    fn namespace(&self) -> u64 {
+        self.netns_cookie
+    }
+
+    fn tcp_socket(&self, ipv6: bool) -> std::io::Result<tokio::net::TcpSocket> {
+        self.netns.tcp_socket(ipv6, mesh_common::BYPASS_MARK).map_err(std::io::Error::other)
+    }
+}
+
 impl Pod {
     /// Whether the pod is still enrolled.
     pub fn enrolled(&self) -> bool {
@@ -413,7 +425,7 @@ impl Registry {
         self.forwarder.own.remove_pod(entry.pod.ips());
         entry.pod.removed.send_replace(true);
         if let Some(mesh) = &self.forwarder.mesh {
-            mesh.pool.forget_pod(entry.pod.netns_cookie);
+            mesh.pool.forget(entry.pod.netns_cookie);
         }
         drop(entry);
         self.persist(&inner).await;

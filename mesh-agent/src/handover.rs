@@ -86,6 +86,19 @@ impl Inherited {
         self.0.lock().expect("lock").remove(&id).map(std::net::TcpListener::from)
     }
 
+    /// A node listener (admin, metrics, readiness) passed on by the predecessor, if
+    /// it is in this process's network namespace: a successor in another one (a new
+    /// pod beside the old one) listens in its own, where it is reached.
+    pub fn take_node(&self, kind: &str, addr: SocketAddr) -> Option<std::net::TcpListener> {
+        let same_netns = |listener: &std::net::TcpListener| {
+            let probe = std::net::UdpSocket::bind(("127.0.0.1", 0));
+            probe.is_ok_and(|probe| {
+                mesh_proxy::socket::netns_cookie(&probe).ok() == mesh_proxy::socket::netns_cookie(listener).ok()
+            })
+        };
+        self.take("", kind, addr).filter(same_netns)
+    }
+
     /// How many were not taken (their pod is gone, or this agent does not serve them).
     pub fn left(&self) -> usize {
         self.0.lock().expect("lock").len()

@@ -13,7 +13,7 @@ use crate::{
     mesh::Mesh,
     metrics::flags,
     netns::NetnsError,
-    relay::{self, Counted, Recheck},
+    relay::{self, Counted},
     telemetry::{AccessLog, Active, Outcome, bump},
 };
 
@@ -135,7 +135,7 @@ impl Shared {
             refuse(flags::DENIED, Outcome::Denied, reason, log);
             return;
         }
-        let upstream = match relay::deliver(&self.pod, peer.ip(), target, self.mesh.connect_timeout).await {
+        let upstream = match crate::deliver::deliver(&self.pod, peer.ip(), target, self.mesh.connect_timeout).await {
             Ok(upstream) => upstream,
             Err(error) => {
                 bump(counters, |c| &c.connect_failed, 1);
@@ -145,8 +145,7 @@ impl Shared {
         };
         self.mesh.metrics.opened(&labels);
         let active = Active::enter(counters);
-        let recheck =
-            Recheck { mesh: self.mesh.clone(), pod: self.pod.clone(), identity: None, source_ip: peer.ip(), target };
+        let recheck = self.mesh.recheck(&self.pod, None, peer.ip(), target);
         let report = relay::run(Counted::new(client), upstream, Some(recheck), &self.mesh.metrics, &labels).await;
         drop(active);
         self.mesh.metrics.closed(&labels);

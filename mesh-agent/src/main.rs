@@ -3,25 +3,21 @@
 //! its listeners inside each enrolled pod's network namespace and forwards the
 //! connections the kernel hands it.
 mod admin;
-mod control;
 mod deliver;
 mod discover;
-mod drain;
 mod enroll;
 mod handover;
 mod hbone;
-mod identity;
 mod inbound;
 mod mesh;
-mod metrics;
 mod netns;
 mod outbound;
 mod own;
 mod redirect;
-mod relay;
-mod state;
-mod telemetry;
-mod workloads;
+
+// The shared data path (tunnel, relay, certificates, control client, telemetry):
+// the agent composes it with capture, enrollment and discovery.
+use mesh_proxy::{control, drain, identity, metrics, relay, state, telemetry, workloads};
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -384,17 +380,18 @@ async fn run(config: RunConfig, set_log_level: admin::SetLogLevel) -> anyhow::Re
         control,
     });
     let (stop_serving, stop) = tokio::sync::watch::channel(false);
-    let admin_server = admin::HttpServer::bind("admin", config.admin_addr, &inherited, stop.clone())
-        .with_context(|| format!("cannot listen on admin address {}", config.admin_addr))?;
-    let metrics_server = admin::HttpServer::bind("metrics", config.metrics_addr, &inherited, stop.clone())
-        .with_context(|| format!("cannot listen on metrics address {}", config.metrics_addr))?;
-    let ready_server = admin::HttpServer::bind("readiness", config.readiness_addr, &inherited, stop.clone())
-        .with_context(|| format!("cannot listen on readiness address {}", config.readiness_addr))?;
-    let node_sockets: Vec<(handover::ListenerId, std::os::fd::OwnedFd)> =
-        [&admin_server, &metrics_server, &ready_server]
-            .iter()
-            .filter_map(|server| Some((server.socket.0.clone(), server.socket.1.try_clone().ok()?)))
-            .collect();
+    let mut node_sockets: Vec<(handover::ListenerId, std::os::fd::OwnedFd)> = Vec::new();
+    let mut bind = |name: &'static str, addr: SocketAddr| -> anyhow::Result<admin::HttpServer> {
+        let server = admin::HttpServer::bind(name, addr, inherited.take_node(name, addr), stop.clone())
+            .with_context(|| format!("cannot listen on {name} address {addr}"))?;
+        if let Ok(copy) = server.socket.try_clone() {
+            node_sockets.push((handover::ListenerId { owner: String::new(), kind: name.to_owned(), addr }, copy));
+        }
+        Ok(server)
+    };
+    let admin_server = bind("admin", config.admin_addr)?;
+    let metrics_server = bind("metrics", config.metrics_addr)?;
+    let ready_server = bind("readiness", config.readiness_addr)?;
     let admin_view = admin_state.clone();
     tokio::spawn(admin_server.run(move |req| admin::admin(admin_view.clone(), req)));
     let metrics_state = admin_state.clone();

@@ -10,15 +10,16 @@ use mesh_common::{
     config::{Config, meta::Labels, security::MtlsMode},
     policy,
 };
+use mesh_proxy::tunnel::{POOL_IDLE, POOL_SPARE_IDLE, client::Pool};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::{
     control::ControlClient,
     enroll::Pod,
-    hbone::{POOL_IDLE, POOL_SPARE_IDLE, Pool},
     identity::CertStore,
     metrics::{Metrics, TcpLabels, flags},
+    relay,
     telemetry::{Counters, Limits},
     workloads::{Index, ServicePort, Workload},
 };
@@ -128,6 +129,24 @@ impl Mesh {
             }
             policy::Verdict::Deny { reason, .. } => Err(reason),
         }
+    }
+
+    /// A live connection to `pod` re-authorized on every configuration change (see
+    /// [`relay::Recheck`]).
+    pub fn recheck(
+        self: &Arc<Self>,
+        pod: &Arc<Pod>,
+        identity: Option<Arc<str>>,
+        source_ip: IpAddr,
+        target: SocketAddr,
+    ) -> relay::Recheck {
+        let (mesh, pod) = (self.clone(), pod.clone());
+        let check = move || {
+            mesh.authorize(&pod, identity.as_deref(), source_ip, target).inspect_err(|reason| {
+                info!(pod = %pod.spec.name, %target, reason, "closing a live connection the new policy denies");
+            })
+        };
+        relay::Recheck { changes: self.control.subscribe(), check: Box::new(check) }
     }
 
     /// Whether plaintext to `pod` on `port` is refused (`PeerAuthentication` STRICT),

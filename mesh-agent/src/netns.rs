@@ -3,7 +3,9 @@
 //! A socket belongs to the namespace its creating thread was in at `socket()` time,
 //! and stays there. So the agent switches the current thread into the pod's namespace
 //! only for the `socket()` (and `bind()` for listeners) call, then switches back; the
-//! socket is then driven by the ordinary tokio runtime.
+//! socket is then driven by the ordinary tokio runtime. Sockets for outgoing
+//! connections are made a batch at a time and kept spare, so a connection does not
+//! pay for two `setns` calls.
 use std::{
     fs::File,
     io,
@@ -13,6 +15,7 @@ use std::{
         unix::fs::MetadataExt,
     },
     path::{Path, PathBuf},
+    sync::Mutex,
 };
 
 use nix::sched::{CloneFlags, setns};
@@ -42,6 +45,9 @@ pub enum NetnsError {
     },
 }
 
+/// Sockets made per trip into a namespace (per family).
+const SPARE_BATCH: usize = 16;
+
 /// An open handle to a network namespace, remembered by path and inode so that a
 /// namespace that was deleted (or replaced under the same path) can be detected.
 #[derive(Debug)]
@@ -50,6 +56,13 @@ pub struct Netns {
     path: PathBuf,
     dev: u64,
     ino: u64,
+    /// Unconnected TCP sockets made in the namespace, IPv4 and IPv6.
+    spare: Mutex<[Vec<Socket>; 2]>,
+}
+
+thread_local! {
+    /// The namespace this thread returns to after a `setns` (the agent's own).
+    static HOME: std::cell::OnceCell<File> = const { std::cell::OnceCell::new() };
 }
 
 impl Netns {
@@ -61,7 +74,7 @@ impl Netns {
         if meta.is_dir() || meta.len() != 0 {
             return Err(NetnsError::NotNetns { path: path.to_owned() });
         }
-        let ns = Self { file, path: path.to_owned(), dev: meta.dev(), ino: meta.ino() };
+        let ns = Self { file, path: path.to_owned(), dev: meta.dev(), ino: meta.ino(), spare: Mutex::default() };
         ns.run(|| Ok(())).map_err(|_| NetnsError::NotNetns { path: path.to_owned() })?;
         Ok(ns)
     }
@@ -75,15 +88,39 @@ impl Netns {
     /// Runs `f` with the current thread inside this namespace, then restores the
     /// thread's previous namespace.
     pub fn run<T>(&self, f: impl FnOnce() -> io::Result<T>) -> Result<T, NetnsError> {
-        let home = File::open("/proc/thread-self/ns/net")
-            .map_err(|source| NetnsError::Open { path: "/proc/thread-self/ns/net".into(), source })?;
-        setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET)
-            .map_err(|source| NetnsError::Enter { path: self.path.clone(), source })?;
-        let result = f();
-        // A thread left in a pod's namespace would silently create later sockets in the
-        // wrong place; there is no sane way to continue.
-        setns(home.as_fd(), CloneFlags::CLONE_NEWNET).expect("restore the thread's network namespace");
-        result.map_err(|source| NetnsError::Socket { path: self.path.clone(), source })
+        HOME.with(|home| {
+            let home = if let Some(home) = home.get() {
+                home
+            } else {
+                let file = File::open("/proc/thread-self/ns/net")
+                    .map_err(|source| NetnsError::Open { path: "/proc/thread-self/ns/net".into(), source })?;
+                home.get_or_init(|| file)
+            };
+            setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET)
+                .map_err(|source| NetnsError::Enter { path: self.path.clone(), source })?;
+            let result = f();
+            // A thread left in a pod's namespace would silently create later sockets in
+            // the wrong place; there is no sane way to continue.
+            setns(home.as_fd(), CloneFlags::CLONE_NEWNET).expect("restore the thread's network namespace");
+            result.map_err(|source| NetnsError::Socket { path: self.path.clone(), source })
+        })
+    }
+
+    /// A new TCP socket of this namespace: a spare one, or the first of a new batch.
+    fn fresh_socket(&self, ipv6: bool) -> Result<Socket, NetnsError> {
+        let family = usize::from(ipv6);
+        if let Some(socket) = self.spare.lock().expect("lock")[family].pop() {
+            return Ok(socket);
+        }
+        let domain = if ipv6 { Domain::IPV6 } else { Domain::IPV4 };
+        let mut batch = self.run(|| {
+            (0..SPARE_BATCH)
+                .map(|_| Socket::new(domain, Type::STREAM, Some(Protocol::TCP)))
+                .collect::<io::Result<Vec<_>>>()
+        })?;
+        let socket = batch.pop().expect("a batch has sockets");
+        self.spare.lock().expect("lock")[family].extend(batch);
+        Ok(socket)
     }
 
     /// The namespace's cookie (the key of the kernel's enrollment map).
@@ -134,29 +171,27 @@ impl Netns {
     /// An unconnected TCP socket inside this namespace to deliver a connection to the
     /// application from the caller's address `source` (see `deliver`).
     pub fn delivery_socket(&self, source: IpAddr) -> Result<tokio::net::TcpSocket, NetnsError> {
-        let std_stream: std::net::TcpStream = self.run(|| {
-            let socket =
-                Socket::new(Domain::for_address(SocketAddr::new(source, 0)), Type::STREAM, Some(Protocol::TCP))?;
+        let socket = self.fresh_socket(source.is_ipv6())?;
+        let setup = || {
             crate::deliver::bind_transparent(&socket, source)?;
             socket.set_nonblocking(true)?;
-            socket.set_nodelay(true)?;
-            Ok(socket.into())
-        })?;
-        Ok(tokio::net::TcpSocket::from_std_stream(std_stream))
+            socket.set_nodelay(true)
+        };
+        setup().map_err(|source| NetnsError::Socket { path: self.path.clone(), source })?;
+        Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
     }
 
     /// An unconnected TCP socket inside this namespace, carrying `mark` so the
     /// capture programs leave it alone.
     pub fn tcp_socket(&self, ipv6: bool, mark: u32) -> Result<tokio::net::TcpSocket, NetnsError> {
-        let std_stream: std::net::TcpStream = self.run(|| {
-            let domain = if ipv6 { Domain::IPV6 } else { Domain::IPV4 };
-            let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+        let socket = self.fresh_socket(ipv6)?;
+        let setup = || {
             socket.set_mark(mark)?;
             socket.set_nonblocking(true)?;
-            socket.set_nodelay(true)?;
-            Ok(socket.into())
-        })?;
-        Ok(tokio::net::TcpSocket::from_std_stream(std_stream))
+            socket.set_nodelay(true)
+        };
+        setup().map_err(|source| NetnsError::Socket { path: self.path.clone(), source })?;
+        Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
     }
 }
 
@@ -168,23 +203,4 @@ impl AsFd for Netns {
     }
 }
 
-/// The cookie the kernel gives a socket's network namespace (`SO_NETNS_COOKIE`), the
-/// key of the enrollment map.
-#[allow(unsafe_code)]
-pub fn netns_cookie(socket: &impl AsFd) -> io::Result<u64> {
-    use std::os::fd::AsRawFd;
-    let mut cookie: u64 = 0;
-    let mut len = size_of::<u64>() as libc::socklen_t;
-    // SAFETY: the fd is valid for the borrow; the kernel writes at most `len` bytes
-    // into `cookie`, a u64 that lives across the call.
-    let rc = unsafe {
-        libc::getsockopt(
-            socket.as_fd().as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_NETNS_COOKIE,
-            (&raw mut cookie).cast(),
-            &raw mut len,
-        )
-    };
-    if rc == 0 { Ok(cookie) } else { Err(io::Error::last_os_error()) }
-}
+pub use mesh_proxy::socket::netns_cookie;

@@ -11,8 +11,6 @@ use mesh_common::{AF_INET, AF_INET6, OrigDst, OrigDstKey};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::debug;
 
-use hyper_util::rt::TokioIo;
-
 use crate::{
     drain,
     enroll::Pod,
@@ -214,14 +212,14 @@ impl Connection {
                     );
                     let request = || hbone::connect_request(addr, source_addr, &baggage);
                     let hbone_addr = SocketAddr::new(addr.ip(), hbone::HBONE_PORT);
-                    mesh.pool.connect(&self.pod, cert, hbone_addr, &workload.identity, request).await
+                    mesh.pool.connect(&*self.pod, cert, hbone_addr, &workload.identity, request).await
                 });
                 let tunnel = tunnel.await;
                 match tunnel {
                     Ok((upgraded, _stream)) => {
                         bump(counters, |c| &c.tunneled, 1);
                         let labels = self.forwarder.metrics.intern(labels);
-                        self.relay(client, TokioIo::new(upgraded), &labels, &mut log).await;
+                        self.relay(client, upgraded, &labels, &mut log).await;
                     }
                     Err(error) => {
                         debug!(pod = %self.pod.spec.name, %addr, %error, "tunnel failed");
@@ -250,7 +248,7 @@ impl Connection {
         start: Instant,
     ) {
         let counters = [&*self.forwarder.counters, &self.pod.counters];
-        let upstream = match relay::connect_in(&self.pod, dst, self.forwarder.connect_timeout).await {
+        let upstream = match crate::deliver::connect_in(&self.pod, dst, self.forwarder.connect_timeout).await {
             Ok(upstream) => upstream,
             Err(error) => {
                 debug!(pod = %self.pod.spec.name, %dst, %error, "upstream connect failed");

@@ -103,6 +103,7 @@ pub enum Route {
 
 impl Index {
     /// The index marked as built from view `version`.
+    #[must_use]
     pub fn at(mut self, version: u64) -> Self {
         self.version = version;
         self

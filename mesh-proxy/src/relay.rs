@@ -4,7 +4,6 @@
 //! the new policies deny.
 use std::{
     io,
-    net::{IpAddr, SocketAddr},
     pin::Pin,
     sync::{
         Arc,
@@ -14,16 +13,13 @@ use std::{
     time::Duration,
 };
 
-use mesh_common::BYPASS_MARK;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::TcpStream,
+    sync::watch,
 };
-use tracing::info;
 
 use crate::{
-    enroll::Pod,
-    mesh::Mesh,
+    control::ConfigState,
     metrics::{Metrics, TcpLabels},
     telemetry::{AccessLog, Outcome},
 };
@@ -75,13 +71,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     }
 }
 
-/// What an inbound connection is re-checked against when the configuration changes.
+/// What re-checks a connection's authorization when the configuration changes: a
+/// denial closes it. `check` returns the reason of a denial.
 pub struct Recheck {
-    pub mesh: Arc<Mesh>,
-    pub pod: Arc<Pod>,
-    pub identity: Option<Arc<str>>,
-    pub source_ip: IpAddr,
-    pub target: SocketAddr,
+    pub changes: watch::Receiver<Arc<ConfigState>>,
+    pub check: Box<dyn Fn() -> Result<(), String> + Send + Sync>,
 }
 
 /// How a relay ended.
@@ -128,7 +122,10 @@ where
         metrics.bytes(labels, now.0 - flushed.0, now.1 - flushed.1);
         *flushed = now;
     };
-    let mut config = recheck.as_ref().map(|r| r.mesh.control.subscribe());
+    let (mut config, check) = match recheck {
+        Some(Recheck { changes, check }) => (Some(changes), Some(check)),
+        None => (None, None),
+    };
     let mut report = Report::default();
     {
         let copy = copy_bidirectional(&mut client, &mut upstream);
@@ -155,9 +152,8 @@ where
                         config = None;
                         continue;
                     }
-                    let Some(r) = &recheck else { continue };
-                    if let Err(reason) = r.mesh.authorize(&r.pod, r.identity.as_deref(), r.source_ip, r.target) {
-                        info!(pod = %r.pod.spec.name, target = %r.target, reason, "closing a live connection the new policy denies");
+                    let Some(check) = &check else { continue };
+                    if let Err(reason) = check() {
                         report.outcome = Some(Outcome::Denied);
                         report.reason = Some(format!("closed by a policy change: {reason}"));
                         break;
@@ -262,29 +258,6 @@ where
         if forward.is_ready() && backward.is_ready() { Poll::Ready(Ok(())) } else { Poll::Pending }
     })
     .await
-}
-
-/// A TCP connection from inside `pod`'s network namespace, with the bypass mark so
-/// the capture programs leave it alone.
-pub async fn connect_in(pod: &Pod, dst: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
-    let socket = pod.netns.tcp_socket(dst.is_ipv6(), BYPASS_MARK).map_err(io::Error::other)?;
-    connect_within(socket, dst, timeout).await
-}
-
-/// A connection to `pod`'s application at `dst` that shows `caller` as its source
-/// (see `deliver`); from the pod's own address when the caller is the pod itself or
-/// of the other family.
-pub async fn deliver(pod: &Pod, caller: IpAddr, dst: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
-    let caller = caller.to_canonical();
-    if caller.is_ipv6() != dst.is_ipv6() || pod.ips().contains(&caller) || caller.is_loopback() {
-        return connect_in(pod, dst, timeout).await;
-    }
-    let socket = pod.netns.delivery_socket(caller).map_err(io::Error::other)?;
-    connect_within(socket, dst, timeout).await
-}
-
-async fn connect_within(socket: tokio::net::TcpSocket, dst: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
-    tokio::time::timeout(timeout, socket.connect(dst)).await.map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
 }
 
 #[cfg(test)]
