@@ -3,8 +3,9 @@
 use std::sync::Arc;
 
 use hyper::{Method, Request, Response, StatusCode, body::Incoming};
-use mesh_proxy::admin::{Body, control_dump, control_metrics, json, reply};
+use mesh_proxy::admin::{Body, control_dump, encode_family, json, reply};
 pub use mesh_proxy::admin::{HttpServer, Readiness, SetLogLevel, readiness};
+use prometheus_client::{collector::Collector, encoding::DescriptorEncoder, metrics::MetricType};
 
 use crate::{control::ControlClient, enroll::Registry, identity::CertStore, redirect::Redirect, telemetry::Counters};
 
@@ -28,41 +29,73 @@ impl AdminState {
     }
 }
 
-/// Prometheus text: configuration version and certificate expiry.
-pub fn metrics(state: &AdminState) -> Response<Body> {
-    use std::fmt::Write as _;
-    let mut out = String::new();
-    if let Some((client, certs)) = &state.control {
-        control_metrics(client, certs, &mut out);
+/// The agent's own metrics, read at scrape time: what the kernel programs decided
+/// and what the agent refused or forwarded.
+pub struct AgentMetrics {
+    pub redirect: Arc<Redirect>,
+    pub counters: Arc<Counters>,
+    pub dropped_lines: DroppedLines,
+}
+
+/// Log lines dropped because the log writer fell behind.
+pub type DroppedLines = tracing_appender::non_blocking::ErrorCounter;
+
+impl std::fmt::Debug for AgentMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentMetrics").finish_non_exhaustive()
     }
-    out += "# HELP mesh_agent_kernel_events_total What the kernel programs decided, by event.\n";
-    out += "# TYPE mesh_agent_kernel_events_total counter\n";
-    for (event, count) in state.redirect.kernel_stats() {
-        let _ = writeln!(out, "mesh_agent_kernel_events_total{{event=\"{event}\"}} {count}");
+}
+
+impl Collector for AgentMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let kernel = self.redirect.kernel_stats();
+        encode_family(
+            &mut encoder,
+            "mesh_agent_kernel_events",
+            "What the kernel programs decided, by event.",
+            MetricType::Counter,
+            kernel.iter().map(|(event, count)| (vec![("event", *event)], *count as i64)),
+        )?;
+        let c = self.counters.snapshot();
+        let refused = [
+            ("no_view", c.no_view),
+            ("self_target", c.self_target),
+            ("connection_limit", c.limited),
+            ("plaintext_refused", c.plaintext_refused),
+            ("denied", c.denied),
+        ];
+        encode_family(
+            &mut encoder,
+            "mesh_agent_connections_refused",
+            "Connections the agent refused, by reason.",
+            MetricType::Counter,
+            refused.map(|(reason, count)| (vec![("reason", reason)], count as i64)),
+        )?;
+        for (name, help, count) in [
+            ("mesh_agent_connections_forwarded", "Captured connections forwarded.", c.forwarded),
+            ("mesh_agent_connections_tunneled", "Captured connections sent through the mTLS tunnel.", c.tunneled),
+            (
+                "mesh_agent_inbound_tls_failures",
+                "Tunnel connections refused during the TLS handshake.",
+                c.inbound_tls_failed,
+            ),
+            (
+                "mesh_agent_log_lines_dropped",
+                "Log lines (access logs included) dropped because the writer fell behind.",
+                self.dropped_lines.dropped_lines() as u64,
+            ),
+        ] {
+            encode_family(&mut encoder, name, help, MetricType::Counter, [(Vec::new(), count as i64)])?;
+        }
+        Ok(())
     }
-    let counters = state.counters.snapshot();
-    out += "# HELP mesh_agent_connections_refused_total Connections the agent refused, by reason.\n";
-    out += "# TYPE mesh_agent_connections_refused_total counter\n";
-    for (reason, count) in [
-        ("no_view", counters.no_view),
-        ("self_target", counters.self_target),
-        ("connection_limit", counters.limited),
-        ("plaintext_refused", counters.plaintext_refused),
-        ("denied", counters.denied),
-    ] {
-        let _ = writeln!(out, "mesh_agent_connections_refused_total{{reason=\"{reason}\"}} {count}");
-    }
-    out += "# HELP mesh_agent_connections_forwarded_total Captured connections forwarded.\n";
-    out += "# TYPE mesh_agent_connections_forwarded_total counter\n";
-    let _ = writeln!(out, "mesh_agent_connections_forwarded_total {}", counters.forwarded);
-    out += "# HELP mesh_agent_connections_tunneled_total Captured connections sent through the mTLS tunnel.\n";
-    out += "# TYPE mesh_agent_connections_tunneled_total counter\n";
-    let _ = writeln!(out, "mesh_agent_connections_tunneled_total {}", counters.tunneled);
-    out += "# HELP mesh_agent_inbound_tls_failures_total Tunnel connections refused during the TLS handshake.\n";
-    out += "# TYPE mesh_agent_inbound_tls_failures_total counter\n";
-    let _ = writeln!(out, "mesh_agent_inbound_tls_failures_total {}", counters.inbound_tls_failed);
-    state.metrics.render(&mut out);
-    reply(StatusCode::OK, "text/plain; version=0.0.4", out)
+}
+
+/// `/metrics`: every metric of the agent, in the format the scraper accepts.
+pub fn metrics(state: &AdminState, req: &Request<Incoming>) -> Response<Body> {
+    let accept = req.headers().get(hyper::header::ACCEPT).and_then(|v| v.to_str().ok());
+    let (content_type, body) = state.metrics.render(accept);
+    reply(StatusCode::OK, content_type, body)
 }
 
 pub async fn admin(state: Arc<AdminState>, req: Request<Incoming>) -> Response<Body> {

@@ -187,8 +187,9 @@ fn main() -> ExitCode {
             }
         },
         Command::Run(config) => {
-            let set_log_level = match init_logging(&config) {
-                Ok(set) => set,
+            // Dropped last: writes out what is still queued.
+            let (set_log_level, _log_writer, dropped_lines) = match init_logging(&config) {
+                Ok(logging) => logging,
                 Err(e) => {
                     eprintln!("mesh-agent: {e:#}");
                     return ExitCode::from(2);
@@ -200,7 +201,7 @@ fn main() -> ExitCode {
                 .enable_all()
                 .build()
                 .expect("tokio runtime");
-            match runtime.block_on(run(*config, set_log_level)) {
+            match runtime.block_on(run(*config, set_log_level, dropped_lines)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     error!("{e:#}");
@@ -212,20 +213,28 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(config: &RunConfig) -> anyhow::Result<admin::SetLogLevel> {
+/// Logs (access logs included) are formatted where they happen and written to
+/// stdout by a thread of their own: a slow log reader never stalls a connection.
+/// When the queue is full, lines are dropped and counted.
+fn init_logging(
+    config: &RunConfig,
+) -> anyhow::Result<(admin::SetLogLevel, tracing_appender::non_blocking::WorkerGuard, admin::DroppedLines)> {
     let filter = EnvFilter::try_new(&config.log).with_context(|| format!("--log: invalid filter '{}'", config.log))?;
     let (filter, handle) = reload::Layer::new(filter);
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
+    let dropped = writer.error_counter();
     let registry = tracing_subscriber::registry().with(filter);
     if config.log_format == "json" {
-        registry.with(tracing_subscriber::fmt::layer().json().flatten_event(true)).init();
+        registry.with(tracing_subscriber::fmt::layer().json().flatten_event(true).with_writer(writer)).init();
     } else {
         let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-        registry.with(tracing_subscriber::fmt::layer().with_ansi(ansi)).init();
+        registry.with(tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(writer)).init();
     }
-    Ok(Arc::new(move |level: &str| {
+    let set_level = Arc::new(move |level: &str| {
         let filter = EnvFilter::try_new(level).map_err(|e| format!("invalid log filter '{level}': {e}"))?;
         handle.reload(filter).map_err(|e| e.to_string())
-    }))
+    });
+    Ok((set_level, guard, dropped))
 }
 
 /// Raises the open-file limit to its hard maximum: every relayed connection holds
@@ -240,7 +249,11 @@ fn raise_fd_limit() {
     }
 }
 
-async fn run(config: RunConfig, set_log_level: admin::SetLogLevel) -> anyhow::Result<()> {
+async fn run(
+    config: RunConfig,
+    set_log_level: admin::SetLogLevel,
+    dropped_lines: admin::DroppedLines,
+) -> anyhow::Result<()> {
     raise_fd_limit();
     let ready = admin::Readiness::default();
     let startup = ready.register("startup");
@@ -328,6 +341,14 @@ async fn run(config: RunConfig, set_log_level: admin::SetLogLevel) -> anyhow::Re
     };
     let connect_timeout = Duration::from_millis(config.connect_timeout_ms);
     let metrics = Arc::new(metrics::Metrics::default());
+    metrics.register_collector(admin::AgentMetrics {
+        redirect: redirect.clone(),
+        counters: counters.clone(),
+        dropped_lines,
+    });
+    if let Some((client, certs)) = &control {
+        metrics.register_collector(mesh_proxy::admin::ControlMetrics { client: client.clone(), certs: certs.clone() });
+    }
     let limits = telemetry::Limits { per_pod: config.max_connections_per_pod, per_agent: config.max_connections };
     let mesh = control.as_ref().map(|(client, certs)| {
         mesh::Mesh::start(
@@ -395,7 +416,7 @@ async fn run(config: RunConfig, set_log_level: admin::SetLogLevel) -> anyhow::Re
     let admin_view = admin_state.clone();
     tokio::spawn(admin_server.run(move |req| admin::admin(admin_view.clone(), req)));
     let metrics_state = admin_state.clone();
-    tokio::spawn(metrics_server.run(move |_req| std::future::ready(admin::metrics(&metrics_state))));
+    tokio::spawn(metrics_server.run(move |req| std::future::ready(admin::metrics(&metrics_state, &req))));
     let ready_view = ready.clone();
     tokio::spawn(ready_server.run(move |req| std::future::ready(admin::readiness(&ready_view, &req))));
     if inherited.left() > 0 {

@@ -214,9 +214,11 @@ impl Connection {
                     let hbone_addr = SocketAddr::new(addr.ip(), hbone::HBONE_PORT);
                     mesh.pool.connect(&*self.pod, cert, hbone_addr, &workload.identity, request).await
                 });
+                let setup = Instant::now();
                 let tunnel = tunnel.await;
                 match tunnel {
                     Ok((upgraded, _stream)) => {
+                        mesh.metrics.tunnel_setup.observe(setup.elapsed().as_secs_f64());
                         bump(counters, |c| &c.tunneled, 1);
                         let labels = self.forwarder.metrics.intern(labels);
                         self.relay(client, upgraded, &labels, &mut log).await;

@@ -3,7 +3,6 @@
 use std::{
     collections::BTreeMap,
     convert::Infallible,
-    fmt::Write as _,
     net::SocketAddr,
     pin::Pin,
     sync::{
@@ -165,20 +164,81 @@ impl Controller {
         })
     }
 
-    pub fn metrics(&self) -> String {
-        let agents = self.agents.lock().expect("lock");
-        let connected = agents.values().filter(|a| a.connected).count();
-        let mut out = String::new();
-        out += "# HELP mesh_controller_config_version Version of the running configuration.\n";
-        out += "# TYPE mesh_controller_config_version gauge\n";
-        let _ = writeln!(out, "mesh_controller_config_version {}", self.current().version);
-        out += "# HELP mesh_controller_config_rejections_total Configuration changes rejected as invalid.\n";
-        out += "# TYPE mesh_controller_config_rejections_total counter\n";
-        let _ = writeln!(out, "mesh_controller_config_rejections_total {}", self.rejections.load(Ordering::Relaxed));
-        out += "# HELP mesh_controller_connected_agents Agents with an open configuration stream.\n";
-        out += "# TYPE mesh_controller_connected_agents gauge\n";
-        let _ = writeln!(out, "mesh_controller_connected_agents {connected}");
-        out
+    /// Prometheus text (OpenMetrics): the running version, rejections, and every
+    /// agent's sync state (what `meshctl status` shows).
+    pub fn metrics(self: &Arc<Self>, accept: Option<&str>) -> (&'static str, String) {
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(ControllerMetrics(self.clone())));
+        mesh_proxy::metrics::exposition::encode(&registry, accept)
+    }
+}
+
+/// One per-agent gauge, from the agent's status and the running version.
+type AgentValue = fn(&AgentStatus, u64) -> i64;
+
+/// Reads the controller's state at scrape time.
+#[derive(Debug)]
+struct ControllerMetrics(Arc<Controller>);
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller").field("trust_domain", &self.trust_domain).finish_non_exhaustive()
+    }
+}
+
+impl prometheus_client::collector::Collector for ControllerMetrics {
+    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        use mesh_proxy::admin::encode_family;
+        use prometheus_client::metrics::MetricType::{Counter, Gauge};
+        let controller = &self.0;
+        let version = controller.current().version;
+        let agents = controller.agents.lock().expect("lock").clone();
+        let connected = agents.values().filter(|a| a.connected).count() as i64;
+        let rejections = controller.rejections.load(Ordering::Relaxed) as i64;
+        for (name, help, metric_type, value) in [
+            ("mesh_controller_config_version", "Version of the running configuration.", Gauge, version as i64),
+            ("mesh_controller_config_rejections", "Configuration changes rejected as invalid.", Counter, rejections),
+            ("mesh_controller_connected_agents", "Agents with an open configuration stream.", Gauge, connected),
+        ] {
+            encode_family(&mut encoder, name, help, metric_type, [(Vec::new(), value)])?;
+        }
+        let per_agent: [(&str, &str, AgentValue); 4] = [
+            (
+                "mesh_controller_agent_connected",
+                "Whether the node's agent has an open configuration stream.",
+                |a, _| i64::from(a.connected),
+            ),
+            (
+                "mesh_controller_agent_config_version_sent",
+                "Last configuration version sent to the node's agent.",
+                |a, _| a.sent_version as i64,
+            ),
+            (
+                "mesh_controller_agent_config_version_acked",
+                "Last configuration version the node's agent applied and acknowledged.",
+                |a, _| a.acked_version as i64,
+            ),
+            (
+                "mesh_controller_agent_in_sync",
+                "Whether the node's agent acknowledged the running configuration version.",
+                |a, version| i64::from(a.acked_version == version),
+            ),
+        ];
+        for (name, help, value) in per_agent {
+            let samples = agents.iter().map(|(node, agent)| (vec![("node", node.as_str())], value(agent, version)));
+            encode_family(&mut encoder, name, help, Gauge, samples)?;
+        }
+        let certificates = agents.iter().flat_map(|(node, agent)| {
+            [("issued", agent.certificates_issued), ("refused", agent.certificates_refused)]
+                .map(|(result, count)| (vec![("node", node.as_str()), ("result", result)], count as i64))
+        });
+        encode_family(
+            &mut encoder,
+            "mesh_controller_agent_certificates",
+            "Workload certificates requested by the node's agent, by result.",
+            Counter,
+            certificates,
+        )
     }
 }
 
@@ -430,7 +490,15 @@ pub async fn serve_admin(listener: TcpListener, controller: Arc<Controller>) {
                 async move {
                     Ok::<_, Infallible>(match req.uri().path() {
                         "/status" => json(&controller.status()),
-                        "/metrics" => full(StatusCode::OK, controller.metrics()),
+                        "/metrics" => {
+                            let accept = req.headers().get(hyper::header::ACCEPT).and_then(|v| v.to_str().ok());
+                            let (content_type, body) = controller.metrics(accept);
+                            let mut response = full(StatusCode::OK, body);
+                            response
+                                .headers_mut()
+                                .insert("content-type", content_type.parse().expect("a valid header"));
+                            response
+                        }
                         _ => full(StatusCode::NOT_FOUND, "GET /status or /metrics\n"),
                     })
                 }
@@ -443,4 +511,46 @@ pub async fn serve_admin(listener: TcpListener, controller: Arc<Controller>) {
 /// Seconds since the epoch.
 pub fn now_unix() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use mesh_common::config::{Source, load};
+
+    use super::*;
+
+    #[test]
+    fn metrics_show_every_agents_sync_state() {
+        let dir = std::env::temp_dir().join(format!("mesh-metrics-ca-{}", std::process::id()));
+        let ca = Ca::load_or_create(&dir, "cluster.local").unwrap();
+        let config = load(&[Source { name: "empty.yaml".into(), text: String::new() }]).unwrap();
+        let controller = Arc::new(Controller::new(config, ca, Duration::from_hours(1), Vec::new()));
+        let version = controller.current().version;
+        controller.agent("node1", |a| {
+            a.connected = true;
+            a.sent_version = version;
+            a.acked_version = version;
+            a.certificates_issued = 3;
+        });
+        controller.agent("node2", |a| {
+            a.connected = true;
+            a.sent_version = version;
+            a.acked_version = version - 1;
+        });
+        let (content_type, text) = controller.metrics(None);
+        assert!(content_type.starts_with("text/plain"));
+        let has = |line: &str| text.lines().any(|l| l == line);
+        assert!(has("mesh_controller_connected_agents 2"), "{text}");
+        assert!(has("mesh_controller_agent_in_sync{node=\"node1\"} 1"), "{text}");
+        assert!(has("mesh_controller_agent_in_sync{node=\"node2\"} 0"), "{text}");
+        assert!(
+            has(&format!("mesh_controller_agent_config_version_acked{{node=\"node2\"}} {}", version - 1)),
+            "{text}"
+        );
+        assert!(has("mesh_controller_agent_certificates_total{node=\"node1\",result=\"issued\"} 3"), "{text}");
+        assert!(has("# TYPE mesh_controller_agent_certificates_total counter"), "{text}");
+        let (content_type, open) = controller.metrics(Some("application/openmetrics-text; version=1.0.0"));
+        assert!(content_type.starts_with("application/openmetrics-text") && open.ends_with("# EOF\n"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

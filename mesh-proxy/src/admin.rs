@@ -15,6 +15,12 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _, MetricEncoder},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+};
+
 use crate::{control::ControlClient, identity::CertStore};
 
 pub type Body = Full<Bytes>;
@@ -71,43 +77,101 @@ pub fn control_dump(client: &ControlClient, certs: &CertStore) -> serde_json::Va
     })
 }
 
-/// Prometheus text: configuration version, sync state and certificate expiry.
-pub fn control_metrics(client: &ControlClient, certs: &CertStore, out: &mut String) {
-    use std::fmt::Write as _;
-    *out += "# HELP mesh_agent_config_version Version of the configuration the agent runs.\n";
-    *out += "# TYPE mesh_agent_config_version gauge\n";
-    let current = client.current();
-    let _ = writeln!(out, "mesh_agent_config_version {}", current.version);
-    let (connected, stale_seconds) = client.staleness();
-    *out += "# HELP mesh_agent_config_connected Whether the configuration stream to the controller is open.\n";
-    *out += "# TYPE mesh_agent_config_connected gauge\n";
-    let _ = writeln!(out, "mesh_agent_config_connected {}", u8::from(connected));
-    *out += "# HELP mesh_agent_config_restored Whether the view in force was restored from the state directory.\n";
-    *out += "# TYPE mesh_agent_config_restored gauge\n";
-    let _ = writeln!(out, "mesh_agent_config_restored {}", u8::from(current.restored));
-    *out += "# HELP mesh_agent_config_received_timestamp_seconds When the controller sent the view in force.\n";
-    *out += "# TYPE mesh_agent_config_received_timestamp_seconds gauge\n";
-    let _ = writeln!(out, "mesh_agent_config_received_timestamp_seconds {}", current.received_at);
-    *out += "# HELP mesh_agent_config_stale_seconds Seconds since the controller was last heard from (0 while connected).\n";
-    *out += "# TYPE mesh_agent_config_stale_seconds gauge\n";
-    let _ = writeln!(out, "mesh_agent_config_stale_seconds {stale_seconds}");
-    *out += "# HELP mesh_agent_certificate_expiry_timestamp_seconds When each workload certificate expires.\n";
-    *out += "# TYPE mesh_agent_certificate_expiry_timestamp_seconds gauge\n";
-    let certificates = certs.status();
-    for (identity, status) in &certificates {
-        if let Some(not_after) = status.not_after {
-            let _ =
-                writeln!(out, "mesh_agent_certificate_expiry_timestamp_seconds{{identity=\"{identity}\"}} {not_after}");
-        }
+/// Metrics of the control plane as this proxy sees it, read at scrape time:
+/// configuration version and sync state, certificate expiry and renewal failures.
+pub struct ControlMetrics {
+    pub client: Arc<ControlClient>,
+    pub certs: Arc<CertStore>,
+}
+
+impl std::fmt::Debug for ControlMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlMetrics").finish_non_exhaustive()
     }
-    *out += "# HELP mesh_agent_certificate_renewal_failures_total Failed certificate requests.\n";
-    *out += "# TYPE mesh_agent_certificate_renewal_failures_total counter\n";
-    for (identity, status) in &certificates {
-        let _ = writeln!(
-            out,
-            "mesh_agent_certificate_renewal_failures_total{{identity=\"{identity}\"}} {}",
-            status.failures
-        );
+}
+
+/// Writes one gauge or counter family with its samples (label pairs and value).
+pub fn encode_family<'l>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    metric_type: MetricType,
+    samples: impl IntoIterator<Item = (Vec<(&'l str, &'l str)>, i64)>,
+) -> std::fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, metric_type)?;
+    let mut samples = samples.into_iter().peekable();
+    if let Some((labels, _)) = samples.peek()
+        && labels.is_empty()
+    {
+        // One sample without labels: `name value`, not `name{} value`.
+        let (_, value) = samples.next().expect("peeked");
+        return encode_value(metric_type, value, family);
+    }
+    for (labels, value) in samples {
+        let labels: Vec<(&str, String)> =
+            labels.into_iter().map(|(key, value)| (key, crate::metrics::escape(value).into_owned())).collect();
+        encode_value(metric_type, value, family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn encode_value(metric_type: MetricType, value: i64, sample: MetricEncoder<'_>) -> std::fmt::Result {
+    if matches!(metric_type, MetricType::Counter) {
+        ConstCounter::new(value.max(0) as u64).encode(sample)
+    } else {
+        ConstGauge::new(value).encode(sample)
+    }
+}
+
+impl Collector for ControlMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let current = self.client.current();
+        let (connected, stale_seconds) = self.client.staleness();
+        let gauges: [(&str, &str, i64); 5] = [
+            ("mesh_agent_config_version", "Version of the configuration the agent runs.", current.version as i64),
+            (
+                "mesh_agent_config_connected",
+                "Whether the configuration stream to the controller is open.",
+                i64::from(connected),
+            ),
+            (
+                "mesh_agent_config_restored",
+                "Whether the view in force was restored from the state directory.",
+                i64::from(current.restored),
+            ),
+            (
+                "mesh_agent_config_received_timestamp_seconds",
+                "When the controller sent the view in force.",
+                current.received_at,
+            ),
+            (
+                "mesh_agent_config_stale_seconds",
+                "Seconds since the controller was last heard from (0 while connected).",
+                stale_seconds,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            encode_family(&mut encoder, name, help, MetricType::Gauge, [(Vec::new(), value)])?;
+        }
+        let certificates = self.certs.status();
+        encode_family(
+            &mut encoder,
+            "mesh_agent_certificate_expiry_timestamp_seconds",
+            "When each workload certificate expires.",
+            MetricType::Gauge,
+            certificates
+                .iter()
+                .filter_map(|(identity, status)| Some((vec![("identity", identity.as_str())], status.not_after?))),
+        )?;
+        encode_family(
+            &mut encoder,
+            "mesh_agent_certificate_renewal_failures",
+            "Failed certificate requests.",
+            MetricType::Counter,
+            certificates
+                .iter()
+                .map(|(identity, status)| (vec![("identity", identity.as_str())], status.failures as i64)),
+        )
     }
 }
 

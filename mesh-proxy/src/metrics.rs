@@ -2,14 +2,24 @@
 //! work: `istio_tcp_connections_opened_total`, `istio_tcp_connections_closed_total`,
 //! `istio_tcp_sent_bytes_total`, `istio_tcp_received_bytes_total`.
 use std::{
-    collections::BTreeMap,
-    fmt::Write as _,
+    collections::HashSet,
     sync::{Arc, Mutex},
+};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{EncodeLabel as _, EncodeLabelSet, LabelSetEncoder},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
 };
 
 /// One label set. `reporter` is `source` on the client's agent and `destination` on
 /// the server's; unknown values are `unknown`, as in Istio.
-#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TcpLabels {
     pub reporter: &'static str,
     pub source_workload: String,
@@ -49,107 +59,207 @@ pub mod flags {
 
 pub const UNKNOWN: &str = "unknown";
 
-#[derive(Debug, Default, Clone, Copy)]
-struct TcpCounts {
-    opened: u64,
-    closed: u64,
-    sent: u64,
-    received: u64,
+/// A label value as the text formats want it (the encoder writes values as given).
+pub fn escape(value: &str) -> std::borrow::Cow<'_, str> {
+    if value.contains(['\\', '"', '\n']) {
+        value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n").into()
+    } else {
+        value.into()
+    }
 }
 
-/// A metric family: name, help, and the count it reports.
-type Family = (&'static str, &'static str, fn(&TcpCounts) -> u64);
+/// Istio's labels, with `unknown` for what is not known, the canonical-service
+/// labels Istio derives from `app`, and `request_protocol="tcp"`.
+impl EncodeLabelSet for TcpLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        let pairs: [(&str, &str); 17] = [
+            ("reporter", self.reporter),
+            ("source_workload", &self.source_workload),
+            ("source_workload_namespace", &self.source_workload_namespace),
+            ("source_principal", &self.source_principal),
+            ("source_app", &self.source_app),
+            ("source_canonical_service", &self.source_app),
+            ("destination_workload", &self.destination_workload),
+            ("destination_workload_namespace", &self.destination_workload_namespace),
+            ("destination_principal", &self.destination_principal),
+            ("destination_app", &self.destination_app),
+            ("destination_canonical_service", &self.destination_app),
+            ("destination_service", &self.destination_service),
+            ("destination_service_name", &self.destination_service_name),
+            ("destination_service_namespace", &self.destination_service_namespace),
+            ("connection_security_policy", self.connection_security_policy),
+            ("response_flags", self.response_flags),
+            ("request_protocol", "tcp"),
+        ];
+        for (key, value) in pairs {
+            let value = if value.is_empty() { UNKNOWN } else { value };
+            (key, escape(value).as_ref()).encode(encoder.encode_label())?;
+        }
+        Ok(())
+    }
+}
 
-#[derive(Debug, Default)]
+/// A label set shared by the connections that report it (the families' key).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Shared(Arc<TcpLabels>);
+
+impl EncodeLabelSet for Shared {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        self.0.encode(encoder)
+    }
+}
+
+type TcpFamily = Family<Shared, Counter>;
+
+/// The agent's (or waypoint's) metrics: Istio's TCP families, tunnel setup times, and
+/// whatever collectors the process registers (read at scrape time).
 pub struct Metrics {
-    tcp: Mutex<BTreeMap<Arc<TcpLabels>, TcpCounts>>,
+    registry: Mutex<Registry>,
+    opened: TcpFamily,
+    closed: TcpFamily,
+    sent: TcpFamily,
+    received: TcpFamily,
+    /// How long outbound tunnel streams took to set up (pooled or new connection).
+    pub tunnel_setup: Histogram,
+    /// Label sets in use, shared by the connections that report them.
+    interned: Mutex<HashSet<Arc<TcpLabels>>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let families = [
+            ("istio_tcp_connections_opened", "TCP connections opened"),
+            ("istio_tcp_connections_closed", "TCP connections closed"),
+            ("istio_tcp_sent_bytes", "Bytes sent by the client (request direction)"),
+            ("istio_tcp_received_bytes", "Bytes received by the client (response direction)"),
+        ]
+        .map(|(name, help)| {
+            let family = TcpFamily::default();
+            registry.register(name, help, family.clone());
+            family
+        });
+        let [opened, closed, sent, received] = families;
+        // 100 us .. ~1.6 s: a pooled stream takes a round trip, a new connection a
+        // TLS handshake on top.
+        let tunnel_setup = Histogram::new(exponential_buckets(0.0001, 2.0, 15));
+        registry.register(
+            "mesh_agent_tunnel_setup_duration_seconds",
+            "Time to open an outbound tunnel stream, until the peer answered",
+            tunnel_setup.clone(),
+        );
+        Self {
+            registry: Mutex::new(registry),
+            opened,
+            closed,
+            sent,
+            received,
+            tunnel_setup,
+            interned: Mutex::default(),
+        }
+    }
 }
 
 impl Metrics {
+    /// Adds metrics read at scrape time.
+    pub fn register_collector(&self, collector: impl Collector) {
+        self.registry.lock().expect("lock").register_collector(Box::new(collector));
+    }
+
     /// The shared copy of `labels` when a connection already reported them (most
     /// connections share their label set with many others), else a new one: a
     /// connection then holds one pointer, not a dozen strings of its own.
     pub fn intern(&self, labels: TcpLabels) -> Arc<TcpLabels> {
-        let tcp = self.tcp.lock().expect("lock");
-        tcp.get_key_value(&labels).map_or_else(|| Arc::new(labels), |(shared, _)| shared.clone())
+        let mut interned = self.interned.lock().expect("lock");
+        if let Some(shared) = interned.get(&labels) {
+            return shared.clone();
+        }
+        let shared = Arc::new(labels);
+        interned.insert(shared.clone());
+        shared
     }
 
     pub fn opened(&self, labels: &Arc<TcpLabels>) {
-        self.tcp.lock().expect("lock").entry(labels.clone()).or_default().opened += 1;
+        self.opened.get_or_create(&Shared(labels.clone())).inc();
     }
 
     /// A connection refused or failed before any byte moved: opened and closed at
     /// once, under `labels` with `flag` as its response flags.
     pub fn refused(&self, labels: &TcpLabels, flag: &'static str) {
-        let labels = Arc::new(TcpLabels { response_flags: flag, ..labels.clone() });
+        let labels = self.intern(TcpLabels { response_flags: flag, ..labels.clone() });
         self.opened(&labels);
         self.closed(&labels);
     }
 
     /// Adds bytes of a connection still open (long transfers report as they go).
     pub fn bytes(&self, labels: &Arc<TcpLabels>, sent: u64, received: u64) {
-        let mut tcp = self.tcp.lock().expect("lock");
-        let counts = tcp.entry(labels.clone()).or_default();
-        counts.sent += sent;
-        counts.received += received;
+        if sent > 0 {
+            self.sent.get_or_create(&Shared(labels.clone())).inc_by(sent);
+        }
+        if received > 0 {
+            self.received.get_or_create(&Shared(labels.clone())).inc_by(received);
+        }
     }
 
     pub fn closed(&self, labels: &Arc<TcpLabels>) {
-        self.tcp.lock().expect("lock").entry(labels.clone()).or_default().closed += 1;
+        self.closed.get_or_create(&Shared(labels.clone())).inc();
     }
 
-    /// Prometheus text format.
-    pub fn render(&self, out: &mut String) {
-        let tcp = self.tcp.lock().expect("lock").clone();
-        let families: [Family; 4] = [
-            ("istio_tcp_connections_opened_total", "TCP connections opened.", |c| c.opened),
-            ("istio_tcp_connections_closed_total", "TCP connections closed.", |c| c.closed),
-            ("istio_tcp_sent_bytes_total", "Bytes sent by the client (request direction).", |c| c.sent),
-            ("istio_tcp_received_bytes_total", "Bytes received by the client (response direction).", |c| c.received),
-        ];
-        for (name, help, value) in families {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} counter");
-            for (labels, counts) in &tcp {
-                let _ = writeln!(out, "{name}{{{}}} {}", render_labels(labels), value(counts));
+    /// Every metric, in the format the scraper asked for (see [`exposition`]).
+    pub fn render(&self, accept: Option<&str>) -> (&'static str, String) {
+        exposition::encode(&self.registry.lock().expect("lock"), accept)
+    }
+}
+
+pub mod exposition {
+    //! Metrics as a scraper wants them: Prometheus asks for the `OpenMetrics` format, tools such
+    //! as curl and promtool read the classic text format.
+    use prometheus_client::registry::Registry;
+
+    pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+    pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+    /// `registry` in `OpenMetrics` text when `accept` asks for it, else in the
+    /// Prometheus text format; with its content type.
+    pub fn encode(registry: &Registry, accept: Option<&str>) -> (&'static str, String) {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, registry).expect("writing to a String");
+        if accept.is_some_and(|accept| accept.contains("application/openmetrics-text")) {
+            (OPENMETRICS, out)
+        } else {
+            (PROMETHEUS_TEXT, to_prometheus_text(&out))
+        }
+    }
+
+    /// `OpenMetrics` text as Prometheus text 0.0.4: a counter's HELP and TYPE name it
+    /// with its `_total` suffix; no UNIT lines and no `# EOF`.
+    pub fn to_prometheus_text(openmetrics: &str) -> String {
+        let counters: std::collections::HashSet<&str> =
+            openmetrics.lines().filter_map(|line| line.strip_prefix("# TYPE ")?.strip_suffix(" counter")).collect();
+        let mut out = String::with_capacity(openmetrics.len());
+        for line in openmetrics.lines() {
+            if line == "# EOF" || line.starts_with("# UNIT ") {
+                continue;
             }
+            let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+                let rest = line.strip_prefix(prefix)?;
+                let (name, tail) = rest.split_once(' ')?;
+                counters.contains(name).then(|| format!("{prefix}{name}_total {tail}"))
+            });
+            match renamed {
+                Some(line) => out.push_str(&line),
+                None => out.push_str(line),
+            }
+            out.push('\n');
         }
+        out
     }
-}
-
-fn render_labels(l: &TcpLabels) -> String {
-    let pairs: [(&str, &str); 16] = [
-        ("reporter", l.reporter),
-        ("source_workload", &l.source_workload),
-        ("source_workload_namespace", &l.source_workload_namespace),
-        ("source_principal", &l.source_principal),
-        ("source_app", &l.source_app),
-        ("source_canonical_service", &l.source_app),
-        ("destination_workload", &l.destination_workload),
-        ("destination_workload_namespace", &l.destination_workload_namespace),
-        ("destination_principal", &l.destination_principal),
-        ("destination_app", &l.destination_app),
-        ("destination_canonical_service", &l.destination_app),
-        ("destination_service", &l.destination_service),
-        ("destination_service_name", &l.destination_service_name),
-        ("destination_service_namespace", &l.destination_service_namespace),
-        ("connection_security_policy", l.connection_security_policy),
-        ("response_flags", l.response_flags),
-    ];
-    let mut out = String::new();
-    for (i, (key, value)) in pairs.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        let value = if value.is_empty() { UNKNOWN } else { value };
-        let _ = write!(out, "{key}=\"{}\"", escape(value));
-    }
-    out.push_str(",request_protocol=\"tcp\"");
-    out
-}
-
-fn escape(value: &str) -> String {
-    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -169,14 +279,20 @@ mod tests {
         metrics.opened(&labels);
         metrics.bytes(&labels, 10, 20);
         metrics.closed(&labels);
-        let mut out = String::new();
-        metrics.render(&mut out);
-        assert!(out.contains("# TYPE istio_tcp_sent_bytes_total counter"));
+        let (content_type, out) = metrics.render(None);
+        assert_eq!(content_type, exposition::PROMETHEUS_TEXT);
+        assert!(out.contains("# TYPE istio_tcp_sent_bytes_total counter"), "{out}");
+        assert!(!out.contains("# EOF"));
         assert!(out.contains("source_workload=\"web\\\"1\""), "{out}");
         assert!(out.contains("destination_workload=\"unknown\""));
         let sent = out.lines().find(|l| l.starts_with("istio_tcp_sent_bytes_total{")).unwrap();
         assert!(sent.ends_with(" 10"), "{sent}");
         let received = out.lines().find(|l| l.starts_with("istio_tcp_received_bytes_total{")).unwrap();
         assert!(received.ends_with(" 20"), "{received}");
+        let (content_type, open) = metrics.render(Some("application/openmetrics-text;version=1.0.0,text/plain;q=0.5"));
+        assert_eq!(content_type, exposition::OPENMETRICS);
+        assert!(open.contains("# TYPE istio_tcp_sent_bytes counter") && open.ends_with("# EOF\n"), "{open}");
+        // The histogram is there from the start, empty.
+        assert!(out.contains("mesh_agent_tunnel_setup_duration_seconds_count 0"), "{out}");
     }
 }
