@@ -2,7 +2,7 @@
 //! namespace, served by the library's tunnel server with the pod's certificate; each
 //! CONNECT is checked (target, limits, view, authorization policies) and delivered
 //! to the pod's application from the caller's address.
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{net::SocketAddr, sync::Arc};
 
 use http::StatusCode;
 use mesh_proxy::tunnel::server::{Connect, Handler, Server};
@@ -17,8 +17,7 @@ use crate::{
     mesh::Mesh,
     metrics::flags,
     netns::NetnsError,
-    relay::{self, Counted},
-    telemetry::{AccessLog, Active, Outcome, bump},
+    telemetry::{AccessLog, Outcome, Record, bump},
 };
 
 /// The inbound tunnel listener of one pod (15008 in the pod's namespace).
@@ -93,10 +92,9 @@ impl PodTunnel {
         let _drain = self.drain.clone();
         let (identity, peer) = (connect.identity.clone(), connect.peer);
         let counters = [&*self.mesh.counters, &self.pod.counters];
-        let start = Instant::now();
         bump(counters, |c| &c.inbound_accepted, 1);
         let source = self.mesh.index().workload(peer.ip()).cloned();
-        let mut log = AccessLog {
+        let log = AccessLog {
             direction: "inbound",
             src_workload: source.as_ref().map_or_else(String::new, |w| w.name.clone()),
             src_namespace: source.as_ref().map_or_else(String::new, |w| w.namespace.clone()),
@@ -108,89 +106,53 @@ impl PodTunnel {
             security: "mutual_tls",
             ..AccessLog::default()
         };
+        let mut record = Record::new(log, counters, &self.mesh.metrics);
         if !self.pod.enrolled() {
             // A stream that raced the GOAWAY of an un-enrolled pod.
-            log.outcome = Some(Outcome::ConnectFailed);
-            log.reason = Some("the pod is no longer enrolled".into());
-            log.duration = start.elapsed();
-            log.emit();
+            let reason = "the pod is no longer enrolled".to_owned();
+            record.refuse(None, Outcome::ConnectFailed, flags::NONE, Some(reason));
             return connect.refuse(StatusCode::SERVICE_UNAVAILABLE);
         }
         let target = match self.target(&connect) {
             Ok(target) => target,
             Err(reason) => {
-                bump(counters, |c| &c.inbound_bad_request, 1);
-                log.outcome = Some(Outcome::BadRequest);
-                log.reason = Some(reason);
-                log.duration = start.elapsed();
-                log.emit();
+                record.refuse(Some(|c| &c.inbound_bad_request), Outcome::BadRequest, flags::NONE, Some(reason));
                 return connect.refuse(StatusCode::BAD_REQUEST);
             }
         };
-        log.dst_addr = Some(target);
-        let labels = self.mesh.inbound_labels(&self.pod, source.as_deref(), Some(&identity), "mutual_tls");
+        record.log.dst_addr = Some(target);
+        record.set_labels(self.mesh.inbound_labels(&self.pod, source.as_deref(), Some(&identity), "mutual_tls"));
         if let Some(reason) = self.mesh.limits.reached(&self.mesh.counters, &self.pod.counters) {
-            bump(counters, |c| &c.limited, 1);
-            self.mesh.metrics.refused(&labels, flags::OVERFLOW);
-            log.outcome = Some(Outcome::Limited);
-            log.reason = Some(reason);
-            log.duration = start.elapsed();
-            log.emit();
+            record.refuse(Some(|c| &c.limited), Outcome::Limited, flags::OVERFLOW, Some(reason));
             return connect.refuse(StatusCode::SERVICE_UNAVAILABLE);
         }
         if !self.mesh.has_view() {
             // No policies known: fail closed rather than authorize against nothing.
-            bump(counters, |c| &c.no_view, 1);
-            self.mesh.metrics.refused(&labels, flags::NO_ROUTE);
-            log.outcome = Some(Outcome::NoView);
-            log.duration = start.elapsed();
-            log.emit();
+            record.refuse(Some(|c| &c.no_view), Outcome::NoView, flags::NO_ROUTE, None);
             return connect.refuse(StatusCode::SERVICE_UNAVAILABLE);
         }
         if let Err(reason) = self.mesh.authorize(&self.pod, Some(&identity), peer.ip(), target) {
-            bump(counters, |c| &c.denied, 1);
-            self.mesh.metrics.refused(&labels, flags::DENIED);
             info!(pod = %self.pod.spec.name, %identity, %target, reason, "tunnel request denied");
-            log.outcome = Some(Outcome::Denied);
-            log.reason = Some(reason);
-            log.duration = start.elapsed();
-            log.emit();
+            record.refuse(Some(|c| &c.denied), Outcome::Denied, flags::DENIED, Some(reason));
             return connect.refuse(StatusCode::UNAUTHORIZED);
         }
         let upstream = match deliver::deliver(&self.pod, peer.ip(), target, self.mesh.connect_timeout).await {
             Ok(upstream) => upstream,
             Err(error) => {
-                bump(counters, |c| &c.connect_failed, 1);
-                self.mesh.metrics.refused(&labels, flags::UPSTREAM_FAILURE);
-                log.outcome = Some(Outcome::ConnectFailed);
-                log.reason = Some(error.to_string());
-                log.duration = start.elapsed();
-                log.emit();
+                let reason = Some(error.to_string());
+                record.refuse(Some(|c| &c.connect_failed), Outcome::ConnectFailed, flags::UPSTREAM_FAILURE, reason);
                 return connect.refuse(StatusCode::SERVICE_UNAVAILABLE);
             }
         };
-        // Answered 200: the connection counts as opened even if the client resets
-        // the stream at once.
-        let accepted = connect.accept();
-        self.mesh.metrics.opened(&labels);
-        match accepted {
+        match connect.accept() {
             Ok(stream) => {
                 let recheck = self.mesh.recheck(&self.pod, Some(identity), peer.ip(), target);
-                let active = Active::enter(counters);
                 // The client side is the tunnel: bytes read from it were sent by the client.
-                let report =
-                    relay::run(Counted::new(stream), upstream, Some(recheck), &self.mesh.metrics, &labels).await;
-                drop(active);
-                report.fill(&mut log);
+                record.relay(stream, upstream, Some(recheck)).await;
             }
-            Err(error) => {
-                log.outcome = Some(Outcome::Reset);
-                log.reason = Some(error.to_string());
-            }
+            // Answered 200 but gone: opened and closed at once.
+            Err(error) => record.refuse(None, Outcome::Reset, flags::NONE, Some(error.to_string())),
         }
-        self.mesh.metrics.closed(&labels);
-        log.duration = start.elapsed();
-        log.emit();
     }
 
     /// The request's target: a CONNECT to one of this pod's addresses.

@@ -2,7 +2,7 @@
 //! every plaintext TCP connection addressed to the pod (except the tunnel port and
 //! exempt ports). `PeerAuthentication` decides: STRICT refuses, PERMISSIVE applies the
 //! L4 policies it can (there is no client identity) and forwards to the application.
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{net::SocketAddr, sync::Arc};
 
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info};
@@ -13,8 +13,7 @@ use crate::{
     mesh::Mesh,
     metrics::flags,
     netns::NetnsError,
-    relay::{self, Counted},
-    telemetry::{AccessLog, Active, Outcome, bump},
+    telemetry::{AccessLog, Counter, Outcome, Record, bump},
 };
 
 pub const INBOUND_PORT: u16 = 15006;
@@ -63,7 +62,6 @@ impl Plaintext {
 
 impl Shared {
     async fn serve(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
-        let start = Instant::now();
         let _drain = self.drain.clone();
         let counters = [&*self.mesh.counters, &self.pod.counters];
         bump(counters, |c| &c.inbound_accepted, 1);
@@ -78,7 +76,7 @@ impl Shared {
         };
         let _ = client.set_nodelay(true);
         let source = self.mesh.index().workload(peer.ip()).cloned();
-        let mut log = AccessLog {
+        let log = AccessLog {
             direction: "inbound_plaintext",
             src_workload: source.as_ref().map_or_else(String::new, |w| w.name.clone()),
             src_namespace: source.as_ref().map_or_else(String::new, |w| w.namespace.clone()),
@@ -90,67 +88,54 @@ impl Shared {
             security: "none",
             ..AccessLog::default()
         };
-        let labels = self.mesh.inbound_labels(&self.pod, source.as_deref(), None, "none");
-        let refuse = |flag, outcome, reason: String, mut log: AccessLog| {
-            self.mesh.metrics.refused(&labels, flag);
+        let mut record = Record::new(log, counters, &self.mesh.metrics);
+        record.set_labels(self.mesh.inbound_labels(&self.pod, source.as_deref(), None, "none"));
+        let refused = |record: &mut Record, counter, outcome, flag, reason: String| {
             let _ = client.set_zero_linger();
-            log.outcome = Some(outcome);
-            log.reason = Some(reason);
-            log.duration = start.elapsed();
-            log.emit();
+            record.refuse(Some(counter), outcome, flag, Some(reason));
         };
         if crate::own::MESH_PORTS.contains(&target.port()) {
             // Straight to one of the agent's listeners (not steered here by the
             // kernel): forwarding it would connect the agent to itself.
-            bump(counters, |c| &c.self_target, 1);
             let reason = format!("{target} is a listener of the mesh agent");
             info!(pod = %self.pod.spec.name, %peer, %target, reason, "inbound connection refused");
-            refuse(flags::NO_ROUTE, Outcome::SelfTarget, reason, log);
-            return;
+            return refused(&mut record, |c| &c.self_target, Outcome::SelfTarget, flags::NO_ROUTE, reason);
         }
         if let Some(reason) = self.mesh.limits.reached(&self.mesh.counters, &self.pod.counters) {
-            bump(counters, |c| &c.limited, 1);
-            refuse(flags::OVERFLOW, Outcome::Limited, reason, log);
-            return;
+            return refused(&mut record, |c| &c.limited, Outcome::Limited, flags::OVERFLOW, reason);
         }
         if !self.mesh.has_view() {
-            bump(counters, |c| &c.no_view, 1);
-            refuse(flags::NO_ROUTE, Outcome::NoView, "no view from the controller yet".into(), log);
-            return;
+            let reason = "no view from the controller yet".to_owned();
+            return refused(&mut record, |c| &c.no_view, Outcome::NoView, flags::NO_ROUTE, reason);
         }
         let (strict, policy) = self.mesh.plaintext_refused(&self.pod, target.port());
         if strict {
-            bump(counters, |c| &c.plaintext_refused, 1);
             let reason = format!(
                 "plaintext refused: PeerAuthentication {} is STRICT",
                 policy.as_deref().unwrap_or("(mesh default)")
             );
             info!(pod = %self.pod.spec.name, %peer, %target, reason, "inbound connection refused");
-            refuse(flags::PLAINTEXT_REFUSED, Outcome::PlaintextRefused, reason, log);
-            return;
+            let counter: Counter = |c| &c.plaintext_refused;
+            return refused(&mut record, counter, Outcome::PlaintextRefused, flags::PLAINTEXT_REFUSED, reason);
         }
         if let Err(reason) = self.mesh.authorize(&self.pod, None, peer.ip(), target) {
-            bump(counters, |c| &c.denied, 1);
             info!(pod = %self.pod.spec.name, %peer, %target, reason, "inbound plaintext connection denied");
-            refuse(flags::DENIED, Outcome::Denied, reason, log);
-            return;
+            return refused(&mut record, |c| &c.denied, Outcome::Denied, flags::DENIED, reason);
         }
         let upstream = match crate::deliver::deliver(&self.pod, peer.ip(), target, self.mesh.connect_timeout).await {
             Ok(upstream) => upstream,
             Err(error) => {
-                bump(counters, |c| &c.connect_failed, 1);
-                refuse(flags::UPSTREAM_FAILURE, Outcome::ConnectFailed, error.to_string(), log);
-                return;
+                let counter: Counter = |c| &c.connect_failed;
+                return refused(
+                    &mut record,
+                    counter,
+                    Outcome::ConnectFailed,
+                    flags::UPSTREAM_FAILURE,
+                    error.to_string(),
+                );
             }
         };
-        self.mesh.metrics.opened(&labels);
-        let active = Active::enter(counters);
         let recheck = self.mesh.recheck(&self.pod, None, peer.ip(), target);
-        let report = relay::run(Counted::new(client), upstream, Some(recheck), &self.mesh.metrics, &labels).await;
-        drop(active);
-        self.mesh.metrics.closed(&labels);
-        report.fill(&mut log);
-        log.duration = start.elapsed();
-        log.emit();
+        record.relay(client, upstream, Some(recheck)).await;
     }
 }

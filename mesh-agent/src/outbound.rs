@@ -3,7 +3,7 @@
 //! namespace, so the destination sees the pod's own address.
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::{Arc, atomic::AtomicU64},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -20,8 +20,7 @@ use crate::{
     netns::NetnsError,
     own::OwnAddrs,
     redirect::Redirect,
-    relay::{self, Counted},
-    telemetry::{AccessLog, Active, Counters, Limits, Outcome, bump},
+    telemetry::{AccessLog, Counter, Counters, Limits, Outcome, Record, bump},
     workloads::Route,
 };
 
@@ -79,7 +78,6 @@ struct Connection {
 
 impl Connection {
     async fn forward(self, client: TcpStream, peer: SocketAddr) {
-        let start = Instant::now();
         let counters = [&*self.forwarder.counters, &self.pod.counters];
         bump(counters, |c| &c.accepted, 1);
         let key = OrigDstKey {
@@ -94,7 +92,7 @@ impl Connection {
             .iter()
             .find(|ip| ip.is_ipv6() == peer.is_ipv6())
             .map_or(peer, |ip| SocketAddr::new(*ip, peer.port()));
-        let mut log = AccessLog {
+        let log = AccessLog {
             direction: "outbound",
             src_workload: self.pod.spec.name.clone(),
             src_namespace: self.pod.spec.namespace.clone(),
@@ -103,53 +101,45 @@ impl Connection {
             security: "none",
             ..AccessLog::default()
         };
+        let mut record = Record::new(log, counters, &self.forwarder.metrics);
         let Some(orig) = self.forwarder.redirect.take_orig_dst(&key) else {
             // Someone connected to 15001 directly, or the record aged out.
-            bump(counters, |c| &c.no_orig_dst, 1);
-            log.outcome = Some(Outcome::NoOriginalDestination);
-            log.duration = start.elapsed();
-            log.emit();
-            return;
+            return record.refuse(Some(|c| &c.no_orig_dst), Outcome::NoOriginalDestination, flags::NO_ROUTE, None);
         };
         let dst = orig_dst_addr(&orig);
-        log.dst_addr = Some(dst);
+        record.log.dst_addr = Some(dst);
         let _ = client.set_nodelay(true);
-        let refuse = |counter: fn(&Counters) -> &AtomicU64, outcome: Outcome, reason: String, mut log: AccessLog| {
-            bump(counters, counter, 1);
+        let refused = |record: &mut Record, counter: Counter, outcome: Outcome, flag, reason: Option<String>| {
+            // Reset the client, as the destination would have done.
             let _ = client.set_zero_linger();
-            debug!(pod = %self.pod.spec.name, %dst, reason, "outbound connection refused");
-            log.outcome = Some(outcome);
-            log.reason = Some(reason);
-            log.duration = start.elapsed();
-            log.emit();
+            debug!(pod = %self.pod.spec.name, %dst, ?reason, "outbound connection refused");
+            record.refuse(Some(counter), outcome, flag, reason);
         };
         let meshed =
             |ip| self.forwarder.mesh.as_ref().is_some_and(|m| m.index().workload(ip).is_some_and(|w| w.meshed));
         if let Some(reason) = self.forwarder.limits.reached(&self.forwarder.counters, &self.pod.counters) {
-            refuse(|c| &c.limited, Outcome::Limited, reason, log);
-            return;
+            return refused(&mut record, |c| &c.limited, Outcome::Limited, flags::OVERFLOW, Some(reason));
         }
         if self.forwarder.own.targets_agent(dst, meshed) {
-            refuse(|c| &c.self_target, Outcome::SelfTarget, format!("{dst} is a listener of the mesh agent"), log);
-            return;
+            let reason = format!("{dst} is a listener of the mesh agent");
+            return refused(&mut record, |c| &c.self_target, Outcome::SelfTarget, flags::NO_ROUTE, Some(reason));
         }
 
         let Some(mesh) = self.forwarder.mesh.clone() else {
             // No control plane: every destination is passthrough.
-            let labels = Arc::new(TcpLabels {
+            record.set_labels(Arc::new(TcpLabels {
                 reporter: "source",
                 connection_security_policy: "none",
                 response_flags: flags::NONE,
                 ..TcpLabels::default()
-            });
-            self.direct(client, dst, &labels, log, start).await;
-            return;
+            }));
+            return self.direct(&mut record, client, dst).await;
         };
         if !mesh.has_view() {
             // Fail closed: without a view nobody can tell whether the destination is
             // meshed, and sending it in clear could be wrong.
-            refuse(|c| &c.no_view, Outcome::NoView, "no view from the controller yet".into(), log);
-            return;
+            let reason = Some("no view from the controller yet".to_owned());
+            return refused(&mut record, |c| &c.no_view, Outcome::NoView, flags::NO_ROUTE, reason);
         }
         let index = mesh.index();
         let source = index.workload_of(self.pod.ips()).cloned();
@@ -160,43 +150,40 @@ impl Connection {
             && *addr != dst
             && self.forwarder.own.targets_agent(*addr, |ip| index.workload(ip).is_some_and(|w| w.meshed))
         {
-            refuse(|c| &c.self_target, Outcome::SelfTarget, format!("{addr} is a listener of the mesh agent"), log);
-            return;
+            let reason = format!("{addr} is a listener of the mesh agent");
+            return refused(&mut record, |c| &c.self_target, Outcome::SelfTarget, flags::NO_ROUTE, Some(reason));
         }
         match route {
             Route::Direct { addr, workload, service } => {
-                log.dst_addr = Some(addr);
-                log.dst_workload = workload.as_ref().map(|w| w.name.clone());
-                log.dst_namespace = workload.as_ref().map(|w| w.namespace.clone());
-                log.dst_service = service.as_ref().map(|s| s.hostname.clone());
-                let labels = self.forwarder.metrics.intern(Mesh::outbound_labels(
+                record.log.dst_addr = Some(addr);
+                record.log.dst_workload = workload.as_ref().map(|w| w.name.clone());
+                record.log.dst_namespace = workload.as_ref().map(|w| w.namespace.clone());
+                record.log.dst_service = service.as_ref().map(|s| s.hostname.clone());
+                record.set_labels(self.forwarder.metrics.intern(Mesh::outbound_labels(
                     &self.pod,
                     source.as_deref(),
                     workload.as_deref(),
                     service.as_deref(),
                     false,
-                ));
-                self.direct(client, addr, &labels, log, start).await;
+                )));
+                self.direct(&mut record, client, addr).await;
             }
             Route::NoEndpoint { service } => {
+                record.log.dst_service = Some(service.hostname.clone());
                 let labels = Mesh::outbound_labels(&self.pod, source.as_deref(), None, Some(&service), false);
-                mesh.metrics.refused(&labels, flags::NO_HEALTHY_UPSTREAM);
-                bump(counters, |c| &c.connect_failed, 1);
-                let _ = client.set_zero_linger();
-                log.dst_service = Some(service.hostname.clone());
-                log.outcome = Some(Outcome::NoEndpoint);
-                log.duration = start.elapsed();
-                log.emit();
+                record.set_labels(self.forwarder.metrics.intern(labels));
+                refused(&mut record, |c| &c.connect_failed, Outcome::NoEndpoint, flags::NO_HEALTHY_UPSTREAM, None);
             }
             Route::Tunnel { workload, addr, service } => {
-                log.dst_addr = Some(addr);
-                log.dst_workload = Some(workload.name.clone());
-                log.dst_namespace = Some(workload.namespace.clone());
-                log.dst_identity = Some(workload.identity.clone());
-                log.dst_service = service.as_ref().map(|s| s.hostname.clone());
-                log.security = "mutual_tls";
+                record.log.dst_addr = Some(addr);
+                record.log.dst_workload = Some(workload.name.clone());
+                record.log.dst_namespace = Some(workload.namespace.clone());
+                record.log.dst_identity = Some(workload.identity.clone());
+                record.log.dst_service = service.as_ref().map(|s| s.hostname.clone());
+                record.log.security = "mutual_tls";
                 let labels =
                     Mesh::outbound_labels(&self.pod, source.as_deref(), Some(&workload), service.as_deref(), true);
+                record.set_labels(self.forwarder.metrics.intern(labels));
                 // Boxed: the TLS and HTTP/2 handshakes' state is large and needed only
                 // while the tunnel is set up, not for the connection's whole life.
                 let tunnel = Box::pin(async {
@@ -215,78 +202,49 @@ impl Connection {
                     mesh.pool.connect(&*self.pod, cert, hbone_addr, &workload.identity, request).await
                 });
                 let setup = Instant::now();
-                let tunnel = tunnel.await;
-                match tunnel {
-                    Ok((upgraded, _stream)) => {
+                match tunnel.await {
+                    Ok((stream, _slot)) => {
                         mesh.metrics.tunnel_setup.observe(setup.elapsed().as_secs_f64());
-                        bump(counters, |c| &c.tunneled, 1);
-                        let labels = self.forwarder.metrics.intern(labels);
-                        self.relay(client, upgraded, &labels, &mut log).await;
+                        record.count(|c| &c.tunneled);
+                        self.relay(&mut record, client, stream).await;
                     }
                     Err(error) => {
                         debug!(pod = %self.pod.spec.name, %addr, %error, "tunnel failed");
                         let flag =
                             if error.outcome() == Outcome::Denied { flags::DENIED } else { flags::UPSTREAM_FAILURE };
-                        mesh.metrics.refused(&labels, flag);
-                        bump(counters, |c| &c.connect_failed, 1);
-                        let _ = client.set_zero_linger();
-                        log.outcome = Some(error.outcome());
-                        log.reason = Some(error_chain(&error));
+                        refused(&mut record, |c| &c.connect_failed, error.outcome(), flag, Some(error_chain(&error)));
                     }
                 }
-                log.duration = start.elapsed();
-                log.emit();
             }
         }
     }
 
     /// Passthrough: connects from inside the pod, so the destination sees the pod.
-    async fn direct(
-        self,
-        client: TcpStream,
-        dst: SocketAddr,
-        labels: &Arc<TcpLabels>,
-        mut log: AccessLog,
-        start: Instant,
-    ) {
-        let counters = [&*self.forwarder.counters, &self.pod.counters];
-        let upstream = match crate::deliver::connect_in(&self.pod, dst, self.forwarder.connect_timeout).await {
-            Ok(upstream) => upstream,
+    async fn direct(&self, record: &mut Record<'_>, client: TcpStream, dst: SocketAddr) {
+        match crate::deliver::connect_in(&self.pod, dst, self.forwarder.connect_timeout).await {
+            Ok(upstream) => {
+                record.count(|c| &c.forwarded);
+                self.relay(record, client, upstream).await;
+            }
             Err(error) => {
                 debug!(pod = %self.pod.spec.name, %dst, %error, "upstream connect failed");
-                bump(counters, |c| &c.connect_failed, 1);
-                self.forwarder.metrics.refused(labels, flags::UPSTREAM_FAILURE);
                 // Reset the client, as the destination would have done.
                 let _ = client.set_zero_linger();
-                log.outcome = Some(Outcome::ConnectFailed);
-                log.reason = Some(error.to_string());
-                log.duration = start.elapsed();
-                log.emit();
-                return;
+                let reason = Some(error.to_string());
+                record.refuse(Some(|c| &c.connect_failed), Outcome::ConnectFailed, flags::UPSTREAM_FAILURE, reason);
             }
-        };
-        bump(counters, |c| &c.forwarded, 1);
-        self.relay(client, upstream, labels, &mut log).await;
-        log.duration = start.elapsed();
-        log.emit();
+        }
     }
 
-    /// Relays an established connection, with the active count, the metrics and the
-    /// byte counters kept.
-    async fn relay<U>(&self, client: TcpStream, upstream: U, labels: &Arc<TcpLabels>, log: &mut AccessLog)
+    /// Relays an established connection; the bytes count in the agent's counters.
+    async fn relay<U>(&self, record: &mut Record<'_>, client: TcpStream, upstream: U)
     where
         U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
+        let report = record.relay(client, upstream, None).await;
         let counters = [&*self.forwarder.counters, &self.pod.counters];
-        let metrics = &self.forwarder.metrics;
-        let active = Active::enter(counters);
-        metrics.opened(labels);
-        let report = relay::run(Counted::new(client), upstream, None, metrics, labels).await;
-        metrics.closed(labels);
-        drop(active);
         bump(counters, |c| &c.bytes_sent, report.sent);
         bump(counters, |c| &c.bytes_received, report.received);
-        report.fill(log);
     }
 }
 

@@ -21,7 +21,7 @@ use tokio::{
 use crate::{
     control::ConfigState,
     metrics::{Metrics, TcpLabels},
-    telemetry::{AccessLog, Outcome},
+    telemetry::Outcome,
 };
 
 /// Copy buffer sizes per direction: a connection starts with the smallest and moves
@@ -87,19 +87,6 @@ pub struct Report {
     pub received: u64,
     pub outcome: Option<Outcome>,
     pub reason: Option<String>,
-}
-
-impl Report {
-    pub fn fill(self, log: &mut AccessLog) {
-        log.bytes_sent = self.sent;
-        log.bytes_received = self.received;
-        if self.outcome.is_some() {
-            log.outcome = self.outcome;
-        }
-        if self.reason.is_some() {
-            log.reason = self.reason;
-        }
-    }
 }
 
 /// Relays until both sides are done (or a policy change denies the connection).

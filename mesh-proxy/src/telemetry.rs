@@ -1,8 +1,18 @@
 //! Counters and access logs of the forwarding path.
 use std::{
     net::SocketAddr,
-    sync::atomic::{AtomicU64, Ordering::Relaxed},
-    time::Duration,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::{
+    metrics::{Metrics, TcpLabels},
+    relay::{self, Counted, Recheck, Report},
 };
 
 use serde::Serialize;
@@ -220,5 +230,78 @@ impl AccessLog {
             reason = %self.reason.as_deref().unwrap_or("-"),
             "connection complete"
         );
+    }
+}
+
+/// Picks one counter of a set.
+pub type Counter = fn(&Counters) -> &AtomicU64;
+
+/// One proxied connection's result, reported once: its counters, Istio's metrics and
+/// its access log line are all written from here, and the line when the record is
+/// dropped, whichever way the connection ended.
+pub struct Record<'a> {
+    pub log: AccessLog,
+    counters: [&'a Counters; 2],
+    metrics: &'a Metrics,
+    labels: Option<Arc<TcpLabels>>,
+    start: Instant,
+}
+
+impl<'a> Record<'a> {
+    /// Starts the record of a connection just accepted.
+    pub fn new(log: AccessLog, counters: [&'a Counters; 2], metrics: &'a Metrics) -> Self {
+        Self { log, counters, metrics, labels: None, start: Instant::now() }
+    }
+
+    pub fn count(&self, counter: Counter) {
+        bump(self.counters, counter, 1);
+    }
+
+    /// The connection's metric labels, once known.
+    pub fn set_labels(&mut self, labels: Arc<TcpLabels>) {
+        self.labels = Some(labels);
+    }
+
+    /// Ends a connection refused or failed before any byte moved: `counter` (if any)
+    /// counts it; the metrics count it opened and closed with `flag` as its response
+    /// flags once its labels are known; the log line gets `outcome` and `reason`.
+    pub fn refuse(&mut self, counter: Option<Counter>, outcome: Outcome, flag: &'static str, reason: Option<String>) {
+        if let Some(counter) = counter {
+            self.count(counter);
+        }
+        if let Some(labels) = &self.labels {
+            self.metrics.refused(labels, flag);
+        }
+        self.log.outcome = Some(outcome);
+        self.log.reason = reason;
+    }
+
+    /// Relays an established connection (`client` is the side it came from) with its
+    /// labels (set before), active for as long as it lasts.
+    pub async fn relay<A, B>(&mut self, client: A, upstream: B, recheck: Option<Recheck>) -> Report
+    where
+        A: AsyncRead + AsyncWrite + Unpin,
+        B: AsyncRead + AsyncWrite + Unpin,
+    {
+        let labels = self.labels.clone().unwrap_or_default();
+        self.metrics.opened(&labels);
+        let active = Active::enter(self.counters);
+        let report = relay::run(Counted::new(client), upstream, recheck, self.metrics, &labels).await;
+        drop(active);
+        self.metrics.closed(&labels);
+        self.log.bytes_sent = report.sent;
+        self.log.bytes_received = report.received;
+        if report.outcome.is_some() {
+            self.log.outcome = report.outcome;
+            self.log.reason.clone_from(&report.reason);
+        }
+        report
+    }
+}
+
+impl Drop for Record<'_> {
+    fn drop(&mut self) {
+        self.log.duration = self.start.elapsed();
+        self.log.emit();
     }
 }

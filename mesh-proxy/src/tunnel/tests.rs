@@ -353,7 +353,10 @@ async fn the_server_speaks_tls13_aes_gcm_h2_requires_a_client_certificate_and_do
     assert_eq!(session.alpn_protocol(), Some(&b"h2"[..]));
     // Post-quantum hybrid key exchange first (what ztunnel's COMPLIANCE_POLICY=pqc
     // requires).
-    assert_eq!(session.negotiated_key_exchange_group().map(|g| g.name()), Some(rustls::NamedGroup::X25519MLKEM768));
+    assert_eq!(
+        session.negotiated_key_exchange_group().map(rustls::crypto::SupportedKxGroup::name),
+        Some(rustls::NamedGroup::X25519MLKEM768)
+    );
     tls.write_all(PREFACE).await.unwrap();
     tls.write_all(&EMPTY_SETTINGS).await.unwrap();
     let frames = read_frames(&mut tls, |f| f.iter().any(|f| f.0 == 0x4) && connection_window_update(f).is_some()).await;
