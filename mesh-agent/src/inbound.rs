@@ -5,7 +5,7 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, info};
+use tracing::{Instrument as _, debug, info};
 
 use crate::{
     drain,
@@ -54,7 +54,8 @@ impl Plaintext {
         drain::accept_until_drained(listener, drain, &shared.pod.spec.name, "inbound", |stream, peer| {
             // A v4 client on the dual-stack listener shows as `::ffff:a.b.c.d`.
             let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-            tokio::spawn(shared.clone().serve(stream, peer));
+            let span = tracing::info_span!("inbound_plaintext", pod = %shared.pod.spec.name, %peer);
+            tokio::spawn(shared.clone().serve(stream, peer).instrument(span));
         })
         .await;
     }

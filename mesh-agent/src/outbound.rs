@@ -9,7 +9,7 @@ use std::{
 
 use mesh_common::{AF_INET, AF_INET6, OrigDst, OrigDstKey};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::debug;
+use tracing::{Instrument as _, debug};
 
 use crate::{
     drain,
@@ -63,7 +63,8 @@ impl Outbound {
         let watch = drain.clone();
         drain::accept_until_drained(listener, watch, &pod.spec.name, "outbound", |stream, peer| {
             let conn = Connection { pod: pod.clone(), forwarder: forwarder.clone(), _drain: drain.clone() };
-            tokio::spawn(conn.forward(stream, peer));
+            let span = tracing::info_span!("outbound", pod = %pod.spec.name, %peer);
+            tokio::spawn(conn.forward(stream, peer).instrument(span));
         })
         .await;
     }

@@ -13,7 +13,7 @@ use h2::{RecvStream, server::SendResponse};
 use http::{Response, StatusCode, request::Parts};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
-use tracing::debug;
+use tracing::{Instrument as _, debug};
 
 use super::{
     CONNECTION_WINDOW, HboneError, MAX_FRAME, MAX_HEADER_LIST, SEND_BUFFER, SERVER_MAX_STREAMS, STREAM_WINDOW,
@@ -157,7 +157,9 @@ impl<H: Handler> Server<H> {
                     Some(Ok((request, respond))) => {
                         let (request, body) = request.into_parts();
                         let connect = Connect { peer, identity: identity.clone(), request, respond, body };
-                        tokio::spawn(self.handler.clone().serve(connect));
+                        // A span per stream: what the handler logs says which one.
+                        let span = tracing::info_span!("tunnel_stream", %peer, authority = connect.authority());
+                        tokio::spawn(self.handler.clone().serve(connect).instrument(span));
                     }
                     Some(Err(error)) => {
                         debug!(%peer, %error, "tunnel connection ended with an error");
