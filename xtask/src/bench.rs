@@ -10,6 +10,7 @@ use mesh_lab::{ECHO_PORT, Lab};
 use crate::lab_spec;
 
 pub mod control;
+pub mod micro;
 
 #[derive(Default)]
 struct Sample {

@@ -102,9 +102,10 @@ fn main() -> ExitCode {
         Cmd::VmTest => setup::setup().and_then(|()| build()).and_then(|()| vm_test()),
         Cmd::Bench { what, quick } => setup::setup().and_then(|()| build()).and_then(|()| match what.as_deref() {
             None | Some("data") => bench::bench(quick),
+            Some("micro") => bench::micro::bench(quick),
             Some("control") if quick => bench::control::bench(20, 2_000, 10_000),
             Some("control") => bench::control::bench(100, 10_000, 50_000),
-            Some(other) => anyhow::bail!("unknown benchmark {other}: expected `control` or nothing"),
+            Some(other) => anyhow::bail!("unknown benchmark {other}: expected `control`, `micro` or nothing"),
         }),
         Cmd::Fuzz { seconds, target } => {
             setup::setup().and_then(|()| fuzz::fuzz(seconds, target.as_deref(), fuzz::Corpus::Kept))

@@ -44,7 +44,7 @@ fn cgroup() -> PathBuf {
     mesh_common::host::find_cgroup2_mount(&mountinfo).unwrap_or_else(|| "/sys/fs/cgroup".into()).join("mesh-bench")
 }
 
-fn generate(dir: &Path, nodes: usize, services: usize, workloads: usize) -> anyhow::Result<()> {
+pub(crate) fn generate(dir: &Path, nodes: usize, services: usize, workloads: usize) -> anyhow::Result<()> {
     fs::create_dir_all(dir)?;
     let namespaces = 100;
     let mut yaml = String::new();
