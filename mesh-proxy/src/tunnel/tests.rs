@@ -79,6 +79,8 @@ struct Echo {
     refusals: Mutex<Vec<String>>,
     requests: Mutex<Vec<http::request::Parts>>,
     identities: Mutex<Vec<String>>,
+    /// Authorization policies the server applies (as the agent's handler does).
+    policies: Option<mesh_common::config::Config>,
 }
 
 impl Handler for Echo {
@@ -98,7 +100,23 @@ impl Handler for Echo {
     async fn serve(self: Arc<Self>, connect: Connect) {
         self.identities.lock().unwrap().push(connect.identity.to_string());
         self.requests.lock().unwrap().push(connect.request.clone());
-        let port = connect.authority().and_then(|a| a.parse::<SocketAddr>().ok()).map_or(0, |a| a.port());
+        let target = connect.authority().and_then(|a| a.parse::<SocketAddr>().ok());
+        if let (Some(config), Some(target)) = (&self.policies, target) {
+            let labels = [("app".to_owned(), "server".to_owned())].into();
+            let workload = mesh_common::policy::Workload { namespace: "default", labels: &labels };
+            let connection = mesh_common::policy::Connection {
+                source_identity: Some(&connect.identity),
+                source_ip: connect.peer.ip(),
+                destination_ip: target.ip(),
+                destination_port: target.port(),
+            };
+            if let mesh_common::policy::Verdict::Deny { .. } =
+                mesh_common::policy::authorize(config, &workload, &connection)
+            {
+                return connect.refuse(http::StatusCode::UNAUTHORIZED);
+            }
+        }
+        let port = target.map_or(0, |a| a.port());
         match port {
             1 => connect.refuse(http::StatusCode::UNAUTHORIZED),
             2 => connect.refuse(http::StatusCode::SERVICE_UNAVAILABLE),
@@ -115,11 +133,17 @@ impl Handler for Echo {
 struct Harness {
     ca: Ca,
     echo: Arc<Echo>,
+    /// Tunnel connections the server has finished with.
+    ended: Arc<AtomicUsize>,
     addr: SocketAddr,
     server_identity: String,
 }
 
 async fn start() -> Harness {
+    start_with(None).await
+}
+
+async fn start_with(policies: Option<mesh_common::config::Config>) -> Harness {
     let ca = Ca::new();
     let server_identity = identity("server");
     let echo = Arc::new(Echo {
@@ -128,16 +152,23 @@ async fn start() -> Harness {
         refusals: Mutex::default(),
         requests: Mutex::default(),
         identities: Mutex::default(),
+        policies,
     });
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = Server::new(echo.clone());
+    let ended = Arc::new(AtomicUsize::new(0));
+    let count = ended.clone();
     tokio::spawn(async move {
         while let Ok((tcp, peer)) = listener.accept().await {
-            tokio::spawn(server.clone().serve(tcp, peer, std::future::pending()));
+            let (server, count) = (server.clone(), count.clone());
+            tokio::spawn(async move {
+                server.serve(tcp, peer, std::future::pending()).await;
+                count.fetch_add(1, Ordering::SeqCst);
+            });
         }
     });
-    Harness { ca, echo, addr, server_identity }
+    Harness { ca, echo, ended, addr, server_identity }
 }
 
 fn target(port: u16) -> SocketAddr {
@@ -175,6 +206,31 @@ async fn a_stream_carries_bytes_both_ways_through_a_half_close() {
 }
 
 #[tokio::test]
+async fn an_idle_connection_released_from_the_pool_closes_at_once() {
+    let h = start().await;
+    let pool = Pool::new(Duration::from_secs(5));
+    let cert = h.ca.cert(&identity("client"));
+    let request = || connect_request(target(8080), source(), "");
+    let (mut stream, slot) = pool.connect(&Local, cert, h.addr, &h.server_identity, request).await.unwrap();
+    stream.write_all(b"x").await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest).await.unwrap();
+    drop((stream, slot));
+    pool.release_idle(Duration::from_mins(5), Duration::from_secs(10));
+    assert_eq!(pool.connections(), 1, "an idle connection is kept for a while");
+    pool.release_idle(Duration::ZERO, Duration::ZERO);
+    assert_eq!(pool.connections(), 0);
+    // Not at the next keepalive ping (30 s): now.
+    let closed = async {
+        while h.ended.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(2), closed).await.expect("the server saw the connection close");
+}
+
+#[tokio::test]
 async fn the_server_answers_401_and_503_and_the_client_reports_them() {
     let h = start().await;
     let pool = Pool::new(Duration::from_secs(5));
@@ -191,6 +247,30 @@ async fn the_server_answers_401_and_503_and_the_client_reports_them() {
         assert_eq!(error.outcome(), outcome);
     }
     assert_eq!(pool.opened.load(Ordering::SeqCst), 1, "refused streams do not cost the pooled connection");
+}
+
+#[tokio::test]
+async fn authorization_policies_decide_on_the_verified_client_identity() {
+    let yaml = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: only-client\n  namespace: default\nspec:\n  selector:\n    matchLabels:\n      app: server\n  action: ALLOW\n  rules:\n  - from:\n    - source:\n        principals: [\"cluster.local/ns/default/sa/client\"]\n    to:\n    - operation:\n        ports: [\"8080\"]\n";
+    let config =
+        mesh_common::config::load(&[mesh_common::config::Source { name: "policy.yaml".into(), text: yaml.into() }])
+            .unwrap();
+    let h = start_with(Some(config)).await;
+    let pool = Pool::new(Duration::from_secs(5));
+    let connect = |name: &str, port: u16| {
+        let cert = h.ca.cert(&identity(name));
+        let pool = &pool;
+        let expected = h.server_identity.clone();
+        async move {
+            let request = || connect_request(target(port), source(), "");
+            pool.connect(&Local, cert, h.addr, &expected, request).await.map(|_| ())
+        }
+    };
+    connect("client", 8080).await.expect("the allowed principal on the allowed port");
+    let denied = connect("other", 8080).await.expect_err("another principal is denied");
+    assert!(matches!(denied, HboneError::Status(http::StatusCode::UNAUTHORIZED)), "{denied:?}");
+    let denied = connect("client", 9090).await.expect_err("another port is denied");
+    assert!(matches!(denied, HboneError::Status(http::StatusCode::UNAUTHORIZED)), "{denied:?}");
 }
 
 #[tokio::test]
