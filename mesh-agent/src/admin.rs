@@ -113,7 +113,11 @@ pub async fn admin(state: Arc<AdminState>, req: Request<Incoming>) -> Response<B
             let tunnels = state.mesh.as_ref().map(|m| {
                 serde_json::json!({ "pooled_connections": m.pool.connections(), "opened": m.pool.opened.load(std::sync::atomic::Ordering::Relaxed) })
             });
-            json(&serde_json::json!({ "agent": state.counters.snapshot(), "kernel": kernel, "tunnels": tunnels }))
+            let (in_use, free) = crate::control::heap_usage();
+            let heap = serde_json::json!({ "in_use_bytes": in_use, "free_bytes": free });
+            json(
+                &serde_json::json!({ "agent": state.counters.snapshot(), "kernel": kernel, "tunnels": tunnels, "heap": heap }),
+            )
         }
         (&Method::GET, "/config_dump") => json(&serde_json::json!({
             "config": state.config,

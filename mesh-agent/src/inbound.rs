@@ -54,7 +54,7 @@ impl Plaintext {
         drain::accept_until_drained(listener, drain, &shared.pod.spec.name, "inbound", |stream, peer| {
             // A v4 client on the dual-stack listener shows as `::ffff:a.b.c.d`.
             let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-            let span = tracing::info_span!("inbound_plaintext", pod = %shared.pod.spec.name, %peer);
+            let span = tracing::debug_span!("inbound_plaintext", pod = %shared.pod.spec.name, %peer);
             tokio::spawn(shared.clone().serve(stream, peer).instrument(span));
         })
         .await;

@@ -63,7 +63,7 @@ impl Outbound {
         let watch = drain.clone();
         drain::accept_until_drained(listener, watch, &pod.spec.name, "outbound", |stream, peer| {
             let conn = Connection { pod: pod.clone(), forwarder: forwarder.clone(), _drain: drain.clone() };
-            let span = tracing::info_span!("outbound", pod = %pod.spec.name, %peer);
+            let span = tracing::debug_span!("outbound", pod = %pod.spec.name, %peer);
             tokio::spawn(conn.forward(stream, peer).instrument(span));
         })
         .await;

@@ -430,6 +430,15 @@ pub fn trim_heap() {
     }
 }
 
+/// The allocator's view of the heap, in bytes: (in use, free but kept). A large
+/// "free but kept" after a burst means fragmentation, a large "in use" live data.
+#[allow(unsafe_code)]
+pub fn heap_usage() -> (u64, u64) {
+    // SAFETY: mallinfo2 only reads the allocator's counters and returns them by value.
+    let info = unsafe { libc::mallinfo2() };
+    (info.uordblks as u64 + info.hblkhd as u64, info.fordblks as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1314,6 +1314,19 @@ fn hardening_memory_bounds_and_connection_churn() {
         });
         let after = pids.map(rss_kib);
         eprintln!("agent RSS KiB: idle {idle:?}, 10k connections {held:?}, after {after:?}");
+        for node in [1, 2] {
+            let stats = lab.agent_stats(node).unwrap_or_default();
+            eprintln!("node{node} tunnels: {} heap: {}", stats["tunnels"], stats["heap"]);
+        }
+        if settled.is_err() {
+            for _ in 0..4 {
+                std::thread::sleep(Duration::from_secs(5));
+                eprintln!("agent RSS KiB later: {:?}", pids.map(rss_kib));
+            }
+            for pid in pids {
+                eprintln!("{}", std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default());
+            }
+        }
         for i in 0..2 {
             assert!(
                 held[i] <= idle[i] + 100 * 1024,

@@ -158,7 +158,7 @@ impl<H: Handler> Server<H> {
                         let (request, body) = request.into_parts();
                         let connect = Connect { peer, identity: identity.clone(), request, respond, body };
                         // A span per stream: what the handler logs says which one.
-                        let span = tracing::info_span!("tunnel_stream", %peer, authority = connect.authority());
+                        let span = tracing::debug_span!("tunnel_stream", %peer, authority = connect.authority());
                         tokio::spawn(self.handler.clone().serve(connect).instrument(span));
                     }
                     Some(Err(error)) => {

@@ -110,6 +110,8 @@ pub fn bench(quick: bool) -> anyhow::Result<()> {
     println!("| build the workload index ({services} services, {workloads} workloads) | {build_ms:.1} ms |");
     println!("| destination lookup, service VIP | {route_service_ns:.0} ns |");
     println!("| destination lookup, pod address | {route_pod_ns:.0} ns |");
-    println!("| L4 authorization ({policies} policies in the mesh, allow and deny alternating) | {authorize_ns:.0} ns |");
+    println!(
+        "| L4 authorization ({policies} policies in the mesh, allow and deny alternating) | {authorize_ns:.0} ns |"
+    );
     Ok(())
 }
