@@ -313,13 +313,52 @@ impl Results {
             for (key, _, f, _) in METRICS {
                 if !key.is_empty() {
                     let v = self.median(*leg, f);
-                    values.insert(key.into(), if v.is_finite() { serde_json::json!(v) } else { serde_json::Value::Null });
+                    values
+                        .insert(key.into(), if v.is_finite() { serde_json::json!(v) } else { serde_json::Value::Null });
                 }
             }
             results.insert(leg.key().into(), values.into());
         }
         serde_json::json!({ "rounds": rounds, "results": results })
     }
+}
+
+/// One HTTP request each way between our agent and a ztunnel, with the pods'
+/// identities from the shared root: our agent (client pod enrolled) to the server
+/// pod's ztunnel, then the client pod's ztunnel to our agent (server pod enrolled).
+/// Leaves both pods enrolled and no ztunnel running.
+fn interoperate(lab: &Lab, zt: &ztunnel::Ztunnel) -> anyhow::Result<()> {
+    let url = format!("http://{}:{}/", lab.pod(SERVER).ip4, mesh_lab::HTTP_PORT);
+    for (ztunnel_pod, enrolled_pod, what) in
+        [(SERVER, CLIENT, "our agent -> ztunnel"), (CLIENT, SERVER, "ztunnel -> our agent")]
+    {
+        lab.unenroll(ztunnel_pod)?;
+        let redirect = (ztunnel_pod == CLIENT).then_some(CLIENT);
+        let running = zt.start(lab, &[CLIENT, SERVER], &[ztunnel_pod], redirect)?;
+        lab.wait_certificates()?;
+        let tunneled = |n: usize| {
+            lab.agent_stats(n).map(|s| {
+                s["agent"]["tunneled"].as_u64().unwrap_or(0) + s["agent"]["inbound_accepted"].as_u64().unwrap_or(0)
+            })
+        };
+        let agent_node = lab.pod(enrolled_pod).node;
+        let agent_before = tunneled(agent_node)?;
+        let body = lab.curl(CLIENT, &url);
+        let through_ztunnel = ztunnel::Running::connections(lab, ztunnel_pod);
+        let agent_after = tunneled(agent_node)?;
+        running.stop(lab)?;
+        lab.enroll(ztunnel_pod)?;
+        let body = body.map_err(|e| e.context(format!("{what}: {}", running.logs(lab))))?;
+        if !body.contains(&format!("pod={SERVER} ")) || through_ztunnel == 0 || agent_after <= agent_before {
+            bail!(
+                "{what}: the request did not go through both ({body:?}, ztunnel connections {through_ztunnel}, agent {agent_before} -> {agent_after}); {}",
+                running.logs(lab)
+            );
+        }
+        let peer = body.split_whitespace().find_map(|w| w.strip_prefix("peer=")).unwrap_or("?");
+        println!("==> interoperability {what}: HTTP {CLIENT} -> {SERVER} through HBONE (the application saw {peer})");
+    }
+    lab.wait_certificates()
 }
 
 fn one_line(s: &Sample) -> String {
@@ -351,7 +390,11 @@ pub fn bench(options: &Options) -> anyhow::Result<()> {
     let ztunnel = match &options.ztunnel {
         Some(binary) => {
             let zt = ztunnel::Ztunnel::prepare(binary)?;
-            println!("==> ztunnel {}: our controller's CA uses its fake CA's root ({})", binary.display(), zt.root_subject);
+            println!(
+                "==> ztunnel {}: our controller's CA uses its fake CA's root ({})",
+                binary.display(),
+                zt.root_subject
+            );
             spec.ca_root = Some(zt.ca_dir.clone());
             Some(zt)
         }
@@ -379,6 +422,9 @@ pub fn bench(options: &Options) -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_millis(300));
     let agents = agent_pids(&lab);
     let agents_idle = rss_mib(&agents).0;
+    if let Some(zt) = &ztunnel {
+        interoperate(&lab, zt)?;
+    }
     let mut results = Results { legs: legs.iter().map(|l| (*l, Vec::new())).collect() };
     let mut ztunnel_idle = f64::NAN;
     // The lab enrolls the meshed pods; only the "ours" leg runs with them enrolled.
@@ -411,13 +457,13 @@ pub fn bench(options: &Options) -> anyhow::Result<()> {
                 }
                 Leg::Ztunnel => {
                     let zt = ztunnel.as_ref().context("no ztunnel")?;
-                    let running = zt.start(&lab, CLIENT, SERVER)?;
+                    let running = zt.start(&lab, &[CLIENT, SERVER], &[CLIENT, SERVER], Some(CLIENT))?;
                     if ztunnel_idle.is_nan() {
                         ztunnel_idle = rss_mib(&running.pids).0;
                     }
-                    let before = running.inbound_connections(&lab);
+                    let before = ztunnel::Running::connections(&lab, SERVER);
                     let measured = sample(&lab, &server, seconds, count, &running.pids);
-                    let after = running.inbound_connections(&lab);
+                    let after = ztunnel::Running::connections(&lab, SERVER);
                     let peak = rss_mib(&running.pids).1;
                     running.stop(&lab)?;
                     let mut s = measured.map_err(|e| e.context(format!("ztunnel leg: {}", running.logs(&lab))))?;

@@ -114,7 +114,11 @@ fn main() -> ExitCode {
                 Err(anyhow::anyhow!("--json and --ztunnel belong to the data-plane benchmark, not `bench control`"))
             }
             Some("control") => setup::setup().and_then(|()| build()).and_then(|()| {
-                if quick { bench::control::bench(20, 2_000, 10_000) } else { bench::control::bench(100, 10_000, 50_000) }
+                if quick {
+                    bench::control::bench(20, 2_000, 10_000)
+                } else {
+                    bench::control::bench(100, 10_000, 50_000)
+                }
             }),
             Some(other) => Err(anyhow::anyhow!("unknown benchmark {other}: expected `control` or nothing")),
         },

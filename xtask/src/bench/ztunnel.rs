@@ -166,13 +166,25 @@ impl Ztunnel {
         yaml
     }
 
-    /// Starts a ztunnel in the client and the server pod, waits until both are ready,
-    /// then redirects the client pod's outbound TCP into its ztunnel.
-    pub fn start(&self, lab: &Lab, client: &str, server: &str) -> anyhow::Result<Running> {
+    /// Starts a ztunnel in each of `pods` (the local config lists `workloads`), waits
+    /// until they are ready, then redirects the outbound TCP of `redirect` (a pod with a
+    /// ztunnel) into its ztunnel.
+    pub fn start(
+        &self,
+        lab: &Lab,
+        workloads: &[&str],
+        pods: &[&str],
+        redirect: Option<&str>,
+    ) -> anyhow::Result<Running> {
         let config = lab.dir.join("ztunnel-local.yaml");
-        fs::write(&config, Self::local_config(lab, &[client, server]))?;
-        let mut running = Running { names: Vec::new(), pids: Vec::new(), client: client.to_owned(), server: server.to_owned() };
-        for name in [client, server] {
+        fs::write(&config, Self::local_config(lab, workloads))?;
+        let mut running = Running {
+            pods: pods.iter().map(|p| (*p).to_owned()).collect(),
+            names: Vec::new(),
+            pids: Vec::new(),
+            redirect: None,
+        };
+        for &name in pods {
             let pod = lab.pod(name);
             let mut argv: Vec<String> = vec![
                 "env".into(),
@@ -192,7 +204,7 @@ impl Ztunnel {
             running.pids.push(lab.spawn_in(name, &process, &argv)?);
             running.names.push(process);
         }
-        for (name, process) in [client, server].iter().zip(&running.names) {
+        for (name, process) in pods.iter().zip(&running.names) {
             wait_for(Duration::from_secs(20), || {
                 lab.exec(name, &["curl", "-sf", "--max-time", "1", "http://127.0.0.1:15021/healthz/ready"])
                     .is_ok_and(|o| o.status.success())
@@ -204,29 +216,33 @@ impl Ztunnel {
              oifname \"lo\" return\n    meta mark & 0xfff == {MARK} return\n    \
              meta l4proto tcp redirect to :15001\n  }}\n}}\n"
         );
-        let file = lab.dir.join("ztunnel-redirect.nft");
-        fs::write(&file, rules)?;
-        let out = lab.exec(client, &["nft", "-f", &file.display().to_string()])?;
-        if !out.status.success() {
-            bail!("nftables redirect in {client}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        if let Some(client) = redirect {
+            let file = lab.dir.join("ztunnel-redirect.nft");
+            fs::write(&file, rules)?;
+            let out = lab.exec(client, &["nft", "-f", &file.display().to_string()])?;
+            if !out.status.success() {
+                bail!("nftables redirect in {client}: {}", String::from_utf8_lossy(&out.stderr).trim());
+            }
+            running.redirect = Some(client.to_owned());
         }
         Ok(running)
     }
 }
 
-/// The two running ztunnels of one leg.
+/// The running ztunnels of one leg.
 pub struct Running {
+    pods: Vec<String>,
     names: Vec<String>,
     pub pids: Vec<u32>,
-    client: String,
-    server: String,
+    /// The pod whose outbound TCP goes into its ztunnel.
+    redirect: Option<String>,
 }
 
 impl Running {
-    /// Connections the server pod's ztunnel has accepted (its
+    /// Connections the ztunnel in `pod` has opened, in and out (its
     /// `istio_tcp_connections_opened_total`, summed over labels); 0 when unknown.
-    pub fn inbound_connections(&self, lab: &Lab) -> u64 {
-        let Ok(out) = lab.exec(&self.server, &["curl", "-sf", "--max-time", "2", "http://127.0.0.1:15020/metrics"]) else {
+    pub fn connections(lab: &Lab, pod: &str) -> u64 {
+        let Ok(out) = lab.exec(pod, &["curl", "-sf", "--max-time", "2", "http://127.0.0.1:15020/metrics"]) else {
             return 0;
         };
         String::from_utf8_lossy(&out.stdout)
@@ -236,14 +252,25 @@ impl Running {
             .sum::<f64>() as u64
     }
 
-    /// Removes the redirect and stops both ztunnels.
+    /// Removes the redirect and stops the ztunnels.
     pub fn stop(&self, lab: &Lab) -> anyhow::Result<()> {
-        let out = lab.exec(&self.client, &["nft", "delete", "table", "ip", NFT_TABLE])?;
-        if !out.status.success() {
-            bail!("remove the nftables redirect in {}: {}", self.client, String::from_utf8_lossy(&out.stderr).trim());
+        if let Some(client) = &self.redirect {
+            let out = lab.exec(client, &["nft", "delete", "table", "ip", NFT_TABLE])?;
+            if !out.status.success() {
+                bail!("remove the nftables redirect in {client}: {}", String::from_utf8_lossy(&out.stderr).trim());
+            }
         }
         for name in &self.names {
             lab.stop_process(name, "KILL")?;
+        }
+        // The lab sees the process gone once its main thread is a zombie; the other
+        // threads may still hold the listeners our agent is about to bind.
+        for pod in &self.pods {
+            wait_for(Duration::from_secs(10), || {
+                lab.exec(pod, &["ss", "-Hltn", "( sport = :15001 or sport = :15006 or sport = :15008 )"])
+                    .is_ok_and(|o| o.status.success() && o.stdout.is_empty())
+            })
+            .with_context(|| format!("ztunnel's listeners in {pod} still open 10 s after it was killed"))?;
         }
         Ok(())
     }
