@@ -277,13 +277,14 @@ impl Running {
 
     /// Where the ztunnels log, and the end of each log (for errors).
     pub fn logs(&self, lab: &Lab) -> String {
-        self.names
-            .iter()
-            .map(|name| {
-                let log = lab.log_of(name);
-                let tail: Vec<&str> = log.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
-                format!("\n--- {} (last lines) ---\n{}", lab.dir.join(format!("{name}.log")).display(), tail.join("\n"))
-            })
-            .collect()
+        let mut out = String::new();
+        for name in &self.names {
+            let log = lab.log_of(name);
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(15)..];
+            let path = lab.dir.join(format!("{name}.log"));
+            let _ = write!(out, "\n--- {} (last lines) ---\n{}", path.display(), tail.join("\n"));
+        }
+        out
     }
 }
