@@ -141,11 +141,6 @@ impl Ztunnel {
         Ok(Self { binary: binary.to_owned(), ca_dir, root_subject, extra_env })
     }
 
-    /// Removes the copy of the root.
-    pub fn clean_up(self) {
-        let _ = fs::remove_dir_all(&self.ca_dir);
-    }
-
     /// ztunnel's local config: the two pods as HBONE workloads.
     fn local_config(lab: &Lab, pods: &[&str]) -> String {
         let mut yaml = String::from("workloads:\n");
@@ -204,12 +199,20 @@ impl Ztunnel {
             running.pids.push(lab.spawn_in(name, &process, &argv)?);
             running.names.push(process);
         }
-        for (name, process) in pods.iter().zip(&running.names) {
-            wait_for(Duration::from_secs(20), || {
-                lab.exec(name, &["curl", "-sf", "--max-time", "1", "http://127.0.0.1:15021/healthz/ready"])
-                    .is_ok_and(|o| o.status.success())
-            })
-            .with_context(|| format!("{process} not ready within 20 s; {}", running.logs(lab)))?;
+        for ((name, process), pid) in pods.iter().zip(&running.names).zip(&running.pids) {
+            let mut exited = false;
+            let ready = wait_for(Duration::from_secs(20), || {
+                exited = fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .map_or(true, |s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')));
+                exited
+                    || lab
+                        .exec(name, &["curl", "-sf", "--max-time", "1", "http://127.0.0.1:15021/healthz/ready"])
+                        .is_ok_and(|o| o.status.success())
+            });
+            if exited || ready.is_err() {
+                let what = if exited { "exited" } else { "was not ready within 20 s" };
+                bail!("{process} (in pod {name}) {what}; its log ends:{}", running.logs(lab));
+            }
         }
         let rules = format!(
             "table ip {NFT_TABLE} {{\n  chain output {{\n    type nat hook output priority -100; policy accept;\n    \
@@ -226,6 +229,13 @@ impl Ztunnel {
             running.redirect = Some(client.to_owned());
         }
         Ok(running)
+    }
+}
+
+impl Drop for Ztunnel {
+    /// Removes the copy of the root (also when the benchmark fails).
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.ca_dir);
     }
 }
 
