@@ -58,6 +58,11 @@ pub struct LabSpec {
     /// the meshed pods of their node by themselves. Needs `controller_bin`.
     #[serde(default)]
     pub kubernetes: bool,
+    /// A directory with `root-cert.pem` and `root-key.pem` the controller's CA starts
+    /// from instead of a new root (copied into the lab's CA directory), e.g. to share a
+    /// root with another mesh.
+    #[serde(default)]
+    pub ca_root: Option<PathBuf>,
 }
 
 /// The API server test double's address, inside the fabric namespace.
@@ -717,6 +722,15 @@ impl Lab {
             ip(&["-n", &fabric, "addr", "add", &format!("{CONTROLLER_IP}/24"), "dev", "br0"])?;
         }
         let ca_dir = self.dir.join("ca");
+        if let Some(from) = &self.spec.ca_root {
+            fs::create_dir_all(&ca_dir)?;
+            for file in ["root-cert.pem", "root-key.pem"] {
+                if !ca_dir.join(file).exists() {
+                    fs::copy(from.join(file), ca_dir.join(file))
+                        .with_context(|| format!("copy {} to the lab's CA", from.join(file).display()))?;
+                }
+            }
+        }
         for node in &self.nodes {
             let out = node.state_dir.join("credential");
             if !out.join("node-cert.pem").exists() {

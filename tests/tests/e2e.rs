@@ -74,6 +74,7 @@ fn with_lab_spec(
         controller_bin: controller_args.map(|_| controller_bin()),
         controller_args: controller_args.unwrap_or_default().iter().map(|s| (*s).to_owned()).collect(),
         kubernetes: false,
+        ca_root: None,
     };
     let mut spec = spec;
     adjust(&mut spec);

@@ -1,8 +1,19 @@
-//! `cargo xtask bench`: pod-to-pod throughput, latency, connection rate and agent cost
-//! across the lab's two nodes, without the mesh (both pods un-enrolled) and with it
-//! (both enrolled: captured and carried through the HBONE tunnel), alternating the two
-//! and reporting medians and ratios.
-use std::time::Duration;
+//! `cargo xtask bench`: pod-to-pod throughput, latency, connection rate and proxy cost
+//! across the lab's two nodes, in alternating rounds of each leg, reporting medians and
+//! ratios from one run:
+//!
+//! - no mesh: both pods un-enrolled, straight pod to pod;
+//! - ours: both enrolled, captured and carried through the agents' HBONE tunnel;
+//! - ztunnel (with `--ztunnel PATH`): both un-enrolled again, one ztunnel per pod in its
+//!   dedicated mode on a local config, the client pod's traffic redirected into it (see
+//!   `ztunnel.rs`).
+//!
+//! Every load run is bounded in count and in time (`timeout` around each client).
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{Context, bail};
 use mesh_lab::{ECHO_PORT, Lab};
@@ -11,6 +22,56 @@ use crate::lab_spec;
 
 pub mod control;
 pub mod micro;
+mod ztunnel;
+
+/// The client and server pods of every leg.
+const CLIENT: &str = "n1-p1";
+const SERVER: &str = "n2-p1";
+
+/// What `cargo xtask bench` was asked for, checked before anything is built.
+pub struct Options {
+    quick: bool,
+    json: Option<PathBuf>,
+    ztunnel: Option<PathBuf>,
+}
+
+impl Options {
+    pub fn new(quick: bool, json: Option<PathBuf>, ztunnel: Option<PathBuf>) -> anyhow::Result<Self> {
+        if let Some(path) = &json {
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            if !dir.is_dir() {
+                bail!("--json {}: directory {} does not exist", path.display(), dir.display());
+            }
+        }
+        let ztunnel = ztunnel.map(|path| ztunnel::check_binary(&path)).transpose()?;
+        Ok(Self { quick, json, ztunnel })
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Leg {
+    NoMesh,
+    Ours,
+    Ztunnel,
+}
+
+impl Leg {
+    fn key(self) -> &'static str {
+        match self {
+            Self::NoMesh => "no_mesh",
+            Self::Ours => "ours",
+            Self::Ztunnel => "ztunnel",
+        }
+    }
+
+    fn title(self) -> &'static str {
+        match self {
+            Self::NoMesh => "no mesh",
+            Self::Ours => "ours (HBONE)",
+            Self::Ztunnel => "ztunnel",
+        }
+    }
+}
 
 #[derive(Default)]
 struct Sample {
@@ -23,15 +84,36 @@ struct Sample {
     p50_us: f64,
     p99_us: f64,
     connections_per_second: f64,
-    /// CPU time of both agents per 1000 new connections (each one 1 KiB exchange).
-    cpu_ms_per_1000: f64,
-    /// CPU time of both agents per 1000 requests on a persistent connection (@1000/s).
-    cpu_ms_per_1000_requests: f64,
+    /// CPU time of the proxies at both ends per 1000 new connections (each one 1 KiB
+    /// exchange); NaN without proxies.
+    cpu_ms_per_1000_conn: f64,
+    /// CPU time of the proxies at both ends per 1000 requests on a persistent
+    /// connection (@1000/s); NaN without proxies.
+    cpu_ms_per_1000_req: f64,
+    /// Resident memory of the proxies at both ends (summed) before this leg's first
+    /// traffic, and their high-water mark; NaN without proxies.
+    rss_idle_mib: f64,
+    rss_peak_mib: f64,
 }
 
-fn iperf(lab: &Lab, from: &str, server: &str, streams: u32, seconds: u32) -> anyhow::Result<f64> {
-    let out = lab.exec(
-        from,
+/// Runs `argv` in `target` under `timeout` (`limit` seconds, then KILL 5 s later): no
+/// load client outlives its budget.
+fn exec_bounded(lab: &Lab, target: &str, limit: u32, argv: &[&str]) -> anyhow::Result<std::process::Output> {
+    let limit = limit.to_string();
+    let mut bounded = vec!["timeout", "-k", "5", limit.as_str()];
+    bounded.extend_from_slice(argv);
+    let out = lab.exec(target, &bounded)?;
+    if out.status.code() == Some(124) || out.status.code() == Some(137) {
+        bail!("{} did not finish within {limit} s", argv[0]);
+    }
+    Ok(out)
+}
+
+fn iperf(lab: &Lab, server: &str, streams: u32, seconds: u32) -> anyhow::Result<f64> {
+    let out = exec_bounded(
+        lab,
+        CLIENT,
+        seconds + 20,
         &[
             "iperf3",
             "-c",
@@ -52,11 +134,15 @@ fn iperf(lab: &Lab, from: &str, server: &str, streams: u32, seconds: u32) -> any
     json["end"]["sum_received"]["bits_per_second"].as_f64().context("iperf3 reported no throughput")
 }
 
-fn latency(lab: &Lab, from: &str, server: &str, count: u32, rate: u32) -> anyhow::Result<(f64, f64)> {
+fn latency(lab: &Lab, server: &str, count: u32, rate: u32) -> anyhow::Result<(f64, f64)> {
     let echo = lab.spec.echo_bin.display().to_string();
     let addr = format!("{server}:{ECHO_PORT}");
-    let out = lab.exec(
-        from,
+    // Paced runs take count/rate seconds; back-to-back ones well under a millisecond each.
+    let limit = count / rate.max(1) + 60;
+    let out = exec_bounded(
+        lab,
+        CLIENT,
+        limit,
         &[&echo, "rr", "--addr", &addr, "--size", "1024", "--count", &count.to_string(), "--rate", &rate.to_string()],
     )?;
     if !out.status.success() {
@@ -66,11 +152,16 @@ fn latency(lab: &Lab, from: &str, server: &str, count: u32, rate: u32) -> anyhow
     Ok((json["p50_us"].as_f64().unwrap_or(f64::NAN), json["p99_us"].as_f64().unwrap_or(f64::NAN)))
 }
 
-/// New connections per second from `from` (4 clients), and how many were made.
-fn connection_rate(lab: &Lab, from: &str, server: &str, seconds: u32) -> anyhow::Result<(f64, f64)> {
+/// New connections per second from the client (4 clients), and how many were made.
+fn connection_rate(lab: &Lab, server: &str, seconds: u32) -> anyhow::Result<(f64, f64)> {
     let echo = lab.spec.echo_bin.display().to_string();
     let addr = format!("{server}:{ECHO_PORT}");
-    let out = lab.exec(from, &[&echo, "cps", "--addr", &addr, "--clients", "4", "--seconds", &seconds.to_string()])?;
+    let out = exec_bounded(
+        lab,
+        CLIENT,
+        seconds + 30,
+        &[&echo, "cps", "--addr", &addr, "--clients", "4", "--seconds", &seconds.to_string()],
+    )?;
     if !out.status.success() {
         bail!("mesh-echo cps: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -83,134 +174,351 @@ fn connection_rate(lab: &Lab, from: &str, server: &str, seconds: u32) -> anyhow:
 
 /// The agents' pids.
 fn agent_pids(lab: &Lab) -> Vec<u32> {
-    (1..=lab.nodes.len())
-        .filter_map(|n| std::fs::read_to_string(lab.dir.join(format!("agent-node{n}.pid"))).ok())
-        .filter_map(|pid| pid.trim().parse().ok())
-        .collect()
+    (1..=lab.nodes.len()).filter_map(|n| lab.agent_pid(n).ok()).collect()
 }
 
-/// User + system CPU time of a process, in milliseconds.
-fn cpu_ms(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may contain spaces) start at ") ".
-    let fields: Vec<&str> = stat.rsplit_once(") ").map_or("", |(_, rest)| rest).split_whitespace().collect();
-    let ticks: f64 = fields.get(11..13).map_or(0.0, |t| t.iter().filter_map(|v| v.parse::<f64>().ok()).sum());
+/// User + system CPU time of processes, in milliseconds.
+fn cpu_ms(pids: &[u32]) -> f64 {
     let hz = std::process::Command::new("getconf")
         .arg("CLK_TCK")
         .output()
         .ok()
         .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse::<f64>().ok())
         .unwrap_or(100.0);
-    ticks * 1000.0 / hz
-}
-
-/// (`VmRSS`, `VmHWM`) of a process in MiB.
-fn rss_mib(pid: u32) -> (f64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-            .map_or(f64::NAN, |kib| kib / 1024.0)
+    let ticks = |pid: &u32| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Fields after the command name (which may contain spaces) start at ") ".
+        let fields: Vec<&str> = stat.rsplit_once(") ").map_or("", |(_, rest)| rest).split_whitespace().collect();
+        fields.get(11..13).map_or(0.0, |t| t.iter().filter_map(|v| v.parse::<f64>().ok()).sum::<f64>())
     };
-    (field("VmRSS:"), field("VmHWM:"))
+    pids.iter().map(ticks).sum::<f64>() * 1000.0 / hz
 }
 
-fn sample(lab: &Lab, server: &str, seconds: u32, count: u32) -> anyhow::Result<Sample> {
-    let (busy_p50_us, busy_p99_us) = latency(lab, "n1-p1", server, count * 5, 1_000_000)?;
-    let pids = agent_pids(lab);
-    let cpu_start: f64 = pids.iter().map(|p| cpu_ms(*p)).sum();
-    let (p50_us, p99_us) = latency(lab, "n1-p1", server, count, 1000)?;
-    let cpu_requests: f64 = pids.iter().map(|p| cpu_ms(*p)).sum::<f64>() - cpu_start;
-    let cpu_before: f64 = pids.iter().map(|p| cpu_ms(*p)).sum();
-    let (connections_per_second, connections) = connection_rate(lab, "n1-p1", server, seconds)?;
-    let cpu_after: f64 = pids.iter().map(|p| cpu_ms(*p)).sum();
+/// (`VmRSS`, `VmHWM`) of processes in MiB, summed.
+fn rss_mib(pids: &[u32]) -> (f64, f64) {
+    let mut total = (0.0, 0.0);
+    for pid in pids {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+                .map_or(f64::NAN, |kib| kib / 1024.0)
+        };
+        total.0 += field("VmRSS:");
+        total.1 += field("VmHWM:");
+    }
+    total
+}
+
+/// One sample of every metric; `proxies` are the processes whose CPU time is the
+/// leg's cost (none for no mesh).
+fn sample(lab: &Lab, server: &str, seconds: u32, count: u32, proxies: &[u32]) -> anyhow::Result<Sample> {
+    let cost = |ms: f64, per: f64| if proxies.is_empty() { f64::NAN } else { ms / per * 1000.0 };
+    let (busy_p50_us, busy_p99_us) = latency(lab, server, count * 5, 1_000_000)?;
+    let cpu_start = cpu_ms(proxies);
+    let (p50_us, p99_us) = latency(lab, server, count, 1000)?;
+    let cpu_requests = cpu_ms(proxies) - cpu_start;
+    let cpu_before = cpu_ms(proxies);
+    let (connections_per_second, connections) = connection_rate(lab, server, seconds)?;
+    let cpu_connections = cpu_ms(proxies) - cpu_before;
     Ok(Sample {
-        throughput_1: iperf(lab, "n1-p1", server, 1, seconds)?,
-        throughput_8: iperf(lab, "n1-p1", server, 8, seconds)?,
+        throughput_1: iperf(lab, server, 1, seconds)?,
+        throughput_8: iperf(lab, server, 8, seconds)?,
         busy_p50_us,
         busy_p99_us,
         p50_us,
         p99_us,
         connections_per_second,
-        cpu_ms_per_1000: (cpu_after - cpu_before) / connections * 1000.0,
-        cpu_ms_per_1000_requests: cpu_requests / f64::from(count) * 1000.0,
+        cpu_ms_per_1000_conn: cost(cpu_connections, connections),
+        cpu_ms_per_1000_req: cost(cpu_requests, f64::from(count)),
+        rss_idle_mib: f64::NAN,
+        rss_peak_mib: f64::NAN,
     })
 }
-
-/// (name, how to read it off a sample, unit)
-type Metric = (&'static str, fn(&Sample) -> f64, &'static str);
 
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
 }
 
-pub fn bench(quick: bool) -> anyhow::Result<()> {
-    let (rounds, seconds, count) = if quick { (1, 2, 1000) } else { (3, 5, 3000) };
+/// (JSON key or "" for table-only rows, table label, how to read it off a sample, unit)
+type Metric = (&'static str, &'static str, fn(&Sample) -> f64, &'static str);
+
+const METRICS: [Metric; 11] = [
+    ("throughput_1_gbps", "throughput, 1 stream", |s| s.throughput_1 / 1e9, "Gbit/s"),
+    ("throughput_8_gbps", "throughput, 8 streams", |s| s.throughput_8 / 1e9, "Gbit/s"),
+    ("", "1 KiB rr p50 back-to-back", |s| s.busy_p50_us, "us"),
+    ("", "1 KiB rr p99 back-to-back", |s| s.busy_p99_us, "us"),
+    ("rr_p50_us", "1 KiB rr p50 @1000/s", |s| s.p50_us, "us"),
+    ("rr_p99_us", "1 KiB rr p99 @1000/s", |s| s.p99_us, "us"),
+    ("conn_per_s", "new connections/s (4 clients)", |s| s.connections_per_second, "/s"),
+    ("cpu_ms_per_1000_req", "proxies' CPU per 1000 requests", |s| s.cpu_ms_per_1000_req, "ms"),
+    ("cpu_ms_per_1000_conn", "proxies' CPU per 1000 conns", |s| s.cpu_ms_per_1000_conn, "ms"),
+    ("rss_idle_mib", "proxies' RSS idle (sum)", |s| s.rss_idle_mib, "MiB"),
+    ("rss_peak_mib", "proxies' RSS peak (sum)", |s| s.rss_peak_mib, "MiB"),
+];
+
+struct Results {
+    legs: Vec<(Leg, Vec<Sample>)>,
+}
+
+impl Results {
+    fn median(&self, leg: Leg, f: fn(&Sample) -> f64) -> f64 {
+        self.legs.iter().find(|(l, _)| *l == leg).map_or(f64::NAN, |(_, s)| median(s.iter().map(f).collect()))
+    }
+
+    fn table(&self) -> String {
+        let has_zt = self.legs.iter().any(|(l, _)| *l == Leg::Ztunnel);
+        let mut out = format!("{:<31}", "metric");
+        for (leg, _) in &self.legs {
+            let _ = write!(out, " {:>16}", leg.title());
+        }
+        let _ = write!(out, " {:>14}", "ours/no mesh");
+        if has_zt {
+            let _ = write!(out, " {:>14} {:>14}", "ztunnel/no mesh", "ours/ztunnel");
+        }
+        out.push('\n');
+        let cell = |v: f64, unit: &str| if v.is_nan() { "-".to_owned() } else { format!("{v:.2} {unit}") };
+        // Latency: the time added over no mesh; everything else: a ratio.
+        let compare = |v: f64, base: f64, unit: &str| {
+            if v.is_nan() || base.is_nan() {
+                String::new()
+            } else if unit == "us" {
+                format!("{:+.1} us", v - base)
+            } else {
+                format!("{:.2}x", v / base)
+            }
+        };
+        for (_, label, f, unit) in METRICS {
+            let _ = write!(out, "{label:<31}");
+            for (leg, _) in &self.legs {
+                let _ = write!(out, " {:>16}", cell(self.median(*leg, f), unit));
+            }
+            let (none, ours, zt) =
+                (self.median(Leg::NoMesh, f), self.median(Leg::Ours, f), self.median(Leg::Ztunnel, f));
+            let _ = write!(out, " {:>14}", compare(ours, none, unit));
+            if has_zt {
+                let _ = write!(out, " {:>14} {:>14}", compare(zt, none, unit), compare(ours, zt, unit));
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    fn json(&self, rounds: u32) -> serde_json::Value {
+        let mut results = serde_json::Map::new();
+        for (leg, _) in &self.legs {
+            let mut values = serde_json::Map::new();
+            for (key, _, f, _) in METRICS {
+                if !key.is_empty() {
+                    let v = self.median(*leg, f);
+                    values
+                        .insert(key.into(), if v.is_finite() { serde_json::json!(v) } else { serde_json::Value::Null });
+                }
+            }
+            results.insert(leg.key().into(), values.into());
+        }
+        serde_json::json!({ "rounds": rounds, "results": results })
+    }
+}
+
+/// One HTTP request each way between our agent and a ztunnel, with the pods'
+/// identities from the shared root: our agent (client pod enrolled) to the server
+/// pod's ztunnel, then the client pod's ztunnel to our agent (server pod enrolled).
+/// A failed request is reported (with the ztunnel's log) and the benchmark goes on:
+/// the legs do not depend on it (e.g. `COMPLIANCE_POLICY=pqc` ztunnels offer only a
+/// key exchange our agents may lack). Leaves both pods enrolled and no ztunnel running.
+fn interoperate(lab: &Lab, zt: &ztunnel::Ztunnel) -> anyhow::Result<()> {
+    let url = format!("http://{}:{}/", lab.pod(SERVER).ip4, mesh_lab::HTTP_PORT);
+    for (ztunnel_pod, enrolled_pod, what) in
+        [(SERVER, CLIENT, "our agent -> ztunnel"), (CLIENT, SERVER, "ztunnel -> our agent")]
+    {
+        lab.unenroll(ztunnel_pod)?;
+        let redirect = (ztunnel_pod == CLIENT).then_some(CLIENT);
+        let running = zt.start(lab, &[CLIENT, SERVER], &[ztunnel_pod], redirect)?;
+        lab.wait_certificates()?;
+        let tunneled = |n: usize| {
+            lab.agent_stats(n).map(|s| {
+                s["agent"]["tunneled"].as_u64().unwrap_or(0) + s["agent"]["inbound_accepted"].as_u64().unwrap_or(0)
+            })
+        };
+        let agent_node = lab.pod(enrolled_pod).node;
+        let agent_before = tunneled(agent_node)?;
+        let body = lab.curl(CLIENT, &url);
+        let through_ztunnel = ztunnel::Running::connections(lab, ztunnel_pod);
+        let agent_after = tunneled(agent_node)?;
+        let logs = running.logs(lab);
+        running.stop(lab)?;
+        lab.enroll(ztunnel_pod)?;
+        match body {
+            Ok(body)
+                if body.contains(&format!("pod={SERVER} ")) && through_ztunnel > 0 && agent_after > agent_before =>
+            {
+                let peer = body.split_whitespace().find_map(|w| w.strip_prefix("peer=")).unwrap_or("?");
+                println!(
+                    "==> interoperability {what}: HTTP {CLIENT} -> {SERVER} through HBONE (the application saw {peer})"
+                );
+            }
+            outcome => {
+                let why = match outcome {
+                    Ok(body) => format!(
+                        "not through both ({body:?}, ztunnel connections {through_ztunnel}, agent {agent_before} -> \
+                         {agent_after})"
+                    ),
+                    Err(e) => format!("{e:#}"),
+                };
+                let cause = logs.lines().rev().find_map(|l| l.split_once("error=").map(|(_, e)| e)).unwrap_or("");
+                println!("==> interoperability {what}: FAILED ({why}) {cause}");
+                eprintln!("{logs}");
+            }
+        }
+    }
+    lab.wait_certificates()
+}
+
+fn one_line(s: &Sample) -> String {
+    format!(
+        "{:.2}/{:.2} Gbit/s, rr p50/p99 {:.0}/{:.0} us, {:.0} conn/s",
+        s.throughput_1 / 1e9,
+        s.throughput_8 / 1e9,
+        s.p50_us,
+        s.p99_us,
+        s.connections_per_second
+    )
+}
+
+pub fn bench(options: &Options) -> anyhow::Result<()> {
+    let (rounds, seconds, count): (u32, u32, u32) = if options.quick { (1, 2, 1000) } else { (3, 5, 3000) };
+    let legs: &[Leg] =
+        if options.ztunnel.is_some() { &[Leg::NoMesh, Leg::Ours, Leg::Ztunnel] } else { &[Leg::NoMesh, Leg::Ours] };
     println!(
-        "==> bench: 2-node lab; client n1-p1 -> server n2-p1; {rounds} rounds, alternating no mesh (both pods \
-         un-enrolled) / mesh (both enrolled: HBONE mTLS tunnel between the agents)"
+        "==> bench: 2-node lab, client {CLIENT} -> server {SERVER}; {rounds} round(s) of {} in turn; medians",
+        legs.iter().map(|l| l.title()).collect::<Vec<_>>().join(" / ")
     );
     let mut spec = lab_spec(2, 2);
     // Extra agent flags for experiments, e.g. MESH_BENCH_AGENT_ARGS="--worker-threads 1".
     spec.agent_args =
         std::env::var("MESH_BENCH_AGENT_ARGS").unwrap_or_default().split_whitespace().map(str::to_owned).collect();
     if !spec.agent_args.is_empty() {
-        println!("    agent flags: {}", spec.agent_args.join(" "));
+        println!("==> agent flags: {}", spec.agent_args.join(" "));
     }
+    let ztunnel = match &options.ztunnel {
+        Some(binary) => {
+            let zt = ztunnel::Ztunnel::prepare(binary)?;
+            println!(
+                "==> ztunnel {}: our controller's CA uses its fake CA's root ({})",
+                binary.display(),
+                zt.root_subject
+            );
+            spec.ca_root = Some(zt.ca_dir.clone());
+            Some(zt)
+        }
+        None => None,
+    };
+    println!("==> lab up (controller, 2 agents, 4 pods)");
     let lab = Lab::up(spec)?;
-    let server = lab.pod("n2-p1").ip4.clone();
-    let out = lab.exec("n2-p1", &["iperf3", "-s", "-D"])?;
+    let server = lab.pod(SERVER).ip4.clone();
+    // With the default (2: loopback only) TIME_WAIT sockets fill the ephemeral ports
+    // of a connection-rate run within a second and the baseline collapses.
+    for pod in &lab.pods {
+        let out = lab.exec(&pod.name, &["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])?;
+        if !out.status.success() {
+            bail!("sysctl tcp_tw_reuse in {}: {}", pod.name, String::from_utf8_lossy(&out.stderr).trim());
+        }
+    }
+    println!(
+        "==> net.ipv4.tcp_tw_reuse=1 in the pod namespaces ({}) for the connection-rate runs",
+        lab.pods.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(" ")
+    );
+    let out = lab.exec(SERVER, &["iperf3", "-s", "-D"])?;
     if !out.status.success() {
         bail!("iperf3 server: {}", String::from_utf8_lossy(&out.stderr));
     }
     std::thread::sleep(Duration::from_millis(300));
-    let idle: Vec<(f64, f64)> = agent_pids(&lab).into_iter().map(rss_mib).collect();
-    let mut baseline = Vec::new();
-    let mut meshed = Vec::new();
-    for round in 1..=rounds {
-        lab.unenroll("n1-p1")?;
-        lab.unenroll("n2-p1")?;
-        baseline.push(sample(&lab, &server, seconds, count)?);
-        lab.enroll("n1-p1")?;
-        lab.enroll("n2-p1")?;
-        lab.wait_certificates()?;
-        let before = lab.agent_stats(1)?["agent"]["tunneled"].as_u64().unwrap_or(0);
-        meshed.push(sample(&lab, &server, seconds, count)?);
-        let after = lab.agent_stats(1)?["agent"]["tunneled"].as_u64().unwrap_or(0);
-        if after <= before {
-            bail!("round {round}: the meshed run did not go through the tunnel");
+    let agents = agent_pids(&lab);
+    let agents_idle = rss_mib(&agents).0;
+    if let Some(zt) = &ztunnel {
+        interoperate(&lab, zt)?;
+    }
+    let mut results = Results { legs: legs.iter().map(|l| (*l, Vec::new())).collect() };
+    let mut ztunnel_idle = f64::NAN;
+    // The lab enrolls the meshed pods; only the "ours" leg runs with them enrolled.
+    let mut enrolled = true;
+    let mut enroll = |on: bool| -> anyhow::Result<()> {
+        if on != enrolled {
+            for pod in [CLIENT, SERVER] {
+                if on { lab.enroll(pod).map(drop)? } else { lab.unenroll(pod).map(drop)? }
+            }
+            enrolled = on;
         }
-        println!("  round {round} done");
+        Ok(())
+    };
+    for round in 1..=rounds {
+        for &leg in legs {
+            enroll(leg == Leg::Ours)?;
+            let sample = match leg {
+                Leg::NoMesh => sample(&lab, &server, seconds, count, &[])?,
+                Leg::Ours => {
+                    lab.wait_certificates()?;
+                    let before = lab.agent_stats(1)?["agent"]["tunneled"].as_u64().unwrap_or(0);
+                    let mut s = sample(&lab, &server, seconds, count, &agents)?;
+                    let after = lab.agent_stats(1)?["agent"]["tunneled"].as_u64().unwrap_or(0);
+                    if after <= before {
+                        bail!("round {round}: the run through our agents did not go through the tunnel");
+                    }
+                    s.rss_idle_mib = agents_idle;
+                    s.rss_peak_mib = rss_mib(&agents).1;
+                    s
+                }
+                Leg::Ztunnel => {
+                    let zt = ztunnel.as_ref().context("no ztunnel")?;
+                    let running = zt.start(&lab, &[CLIENT, SERVER], &[CLIENT, SERVER], Some(CLIENT))?;
+                    if ztunnel_idle.is_nan() {
+                        ztunnel_idle = rss_mib(&running.pids).0;
+                    }
+                    let before = ztunnel::Running::connections(&lab, SERVER);
+                    let measured = sample(&lab, &server, seconds, count, &running.pids);
+                    let after = ztunnel::Running::connections(&lab, SERVER);
+                    let peak = rss_mib(&running.pids).1;
+                    running.stop(&lab)?;
+                    let mut s = measured.map_err(|e| e.context(format!("ztunnel leg: {}", running.logs(&lab))))?;
+                    if after <= before {
+                        bail!(
+                            "round {round}: the ztunnel run did not reach the server's ztunnel ({before} -> {after} \
+                             inbound connections); {}",
+                            running.logs(&lab)
+                        );
+                    }
+                    s.rss_idle_mib = ztunnel_idle;
+                    s.rss_peak_mib = peak;
+                    s
+                }
+            };
+            println!("  round {round}/{rounds} {}: {}", leg.title(), one_line(&sample));
+            if let Some((_, samples)) = results.legs.iter_mut().find(|(l, _)| *l == leg) {
+                samples.push(sample);
+            }
+        }
     }
-    let m = |set: &[Sample], f: fn(&Sample) -> f64| median(set.iter().map(f).collect());
-    let rows: [Metric; 9] = [
-        ("throughput, 1 stream", |s| s.throughput_1 / 1e9, "Gbit/s"),
-        ("throughput, 8 streams", |s| s.throughput_8 / 1e9, "Gbit/s"),
-        ("1 KiB rr p50 back-to-back", |s| s.busy_p50_us, "us"),
-        ("1 KiB rr p99 back-to-back", |s| s.busy_p99_us, "us"),
-        ("1 KiB rr p50 @1000/s", |s| s.p50_us, "us"),
-        ("1 KiB rr p99 @1000/s", |s| s.p99_us, "us"),
-        ("new connections/s (4 clients)", |s| s.connections_per_second, "/s"),
-        ("agents' CPU per 1000 conns", |s| s.cpu_ms_per_1000, "ms"),
-        ("agents' CPU per 1000 requests", |s| s.cpu_ms_per_1000_requests, "ms"),
-    ];
-    println!("\n{:<30} {:>14} {:>14} {:>9} {:>12}", "metric", "no mesh", "mesh (HBONE)", "ratio", "added");
-    for (name, f, unit) in rows {
-        let (b, p) = (m(&baseline, f), m(&meshed, f));
-        let added = if unit == "us" { format!("{:+.1} us", p - b) } else { String::new() };
-        println!("{name:<30} {b:>9.2} {unit:<4} {p:>9.2} {unit:<4} {:>8.2}x {added:>12}", p / b);
+    // The peak is the highest high-water mark of the whole run.
+    for (_, samples) in &mut results.legs {
+        let peak = samples.iter().map(|s| s.rss_peak_mib).fold(f64::NAN, f64::max);
+        for s in samples.iter_mut() {
+            s.rss_peak_mib = peak;
+        }
     }
-    for (n, pid) in agent_pids(&lab).into_iter().enumerate() {
-        let (rss, peak) = rss_mib(pid);
-        let idle_rss = idle.get(n).map_or(f64::NAN, |i| i.0);
-        println!("agent node{}: RSS idle {idle_rss:.1} MiB, now {rss:.1} MiB, peak {peak:.1} MiB", n + 1);
-    }
+    println!("\n{}", results.table());
+    println!("(CPU and RSS: both ends' proxies summed: the two node agents, or the two pods' ztunnels)");
     let agent = lab.agent_stats(1)?;
     println!("agent node1 counters: {}", agent["agent"]);
-    println!("agent node1 tunnels: {}", agent["tunnels"]);
+    if let Some(path) = &options.json {
+        std::fs::write(path, serde_json::to_string_pretty(&results.json(rounds))? + "\n")
+            .with_context(|| format!("write {}", path.display()))?;
+        println!("==> medians written to {}", path.display());
+    }
     drop(lab);
+    drop(ztunnel);
     Ok(())
 }

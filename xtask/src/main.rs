@@ -53,6 +53,13 @@ enum Cmd {
         /// Shorter runs (for a quick look).
         #[arg(long)]
         quick: bool,
+        /// Also write the medians as JSON to this file (data-plane benchmark).
+        #[arg(long, value_name = "PATH")]
+        json: Option<PathBuf>,
+        /// Add a third leg: this ztunnel binary (built with `--features testing`), one per
+        /// pod in its dedicated mode, same pods, same lab (data-plane benchmark).
+        #[arg(long, value_name = "PATH")]
+        ztunnel: Option<PathBuf>,
     },
     /// Run the fuzz targets of fuzz/ (all, or one) for longer; the corpus they grow is
     /// kept in fuzz/target/corpus between runs.
@@ -100,13 +107,25 @@ fn main() -> ExitCode {
         Cmd::Demo => setup::setup().and_then(|()| build()).and_then(|()| demo::demo()),
         Cmd::Test { no_vm } => test(!no_vm),
         Cmd::VmTest => setup::setup().and_then(|()| build()).and_then(|()| vm_test()),
-        Cmd::Bench { what, quick } => setup::setup().and_then(|()| build()).and_then(|()| match what.as_deref() {
-            None | Some("data") => bench::bench(quick),
+        Cmd::Bench { what, quick, json, ztunnel } => match what.as_deref() {
+            None | Some("data") => bench::Options::new(quick, json, ztunnel)
+                .and_then(|options| setup::setup().and_then(|()| build()).and_then(|()| bench::bench(&options))),
+            Some("control") if json.is_some() || ztunnel.is_some() => {
+                Err(anyhow::anyhow!("--json and --ztunnel belong to the data-plane benchmark, not `bench control`"))
+            }
+            Some("control") => setup::setup().and_then(|()| build()).and_then(|()| {
+                if quick {
+                    bench::control::bench(20, 2_000, 10_000)
+                } else {
+                    bench::control::bench(100, 10_000, 50_000)
+                }
+            }),
+            Some("micro") if json.is_some() || ztunnel.is_some() => {
+                Err(anyhow::anyhow!("--json and --ztunnel belong to the data-plane benchmark, not `bench micro`"))
+            }
             Some("micro") => bench::micro::bench(quick),
-            Some("control") if quick => bench::control::bench(20, 2_000, 10_000),
-            Some("control") => bench::control::bench(100, 10_000, 50_000),
-            Some(other) => anyhow::bail!("unknown benchmark {other}: expected `control`, `micro` or nothing"),
-        }),
+            Some(other) => Err(anyhow::anyhow!("unknown benchmark {other}: expected `control`, `micro` or nothing")),
+        },
         Cmd::Fuzz { seconds, target } => {
             setup::setup().and_then(|()| fuzz::fuzz(seconds, target.as_deref(), fuzz::Corpus::Kept))
         }
@@ -185,6 +204,7 @@ pub fn lab_spec(nodes: usize, pods_per_node: usize) -> LabSpec {
         controller_bin: Some(release_bin("mesh-controller")),
         controller_args: Vec::new(),
         kubernetes: false,
+        ca_root: None,
     }
 }
 

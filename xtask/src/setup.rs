@@ -13,6 +13,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("curl", "tests and demo"),
     ("openssl", "tests (CSRs from a foreign client)"),
     ("iperf3", "throughput benchmark"),
+    ("nftables", "the ztunnel leg of the benchmark (redirect in the client pod)"),
     ("tcpdump", "packet captures"),
     ("socat", "tests"),
     ("python3", "the Kubernetes API server test double (tests/fake-apiserver.py)"),
