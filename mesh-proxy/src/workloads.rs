@@ -120,6 +120,18 @@ impl Index {
             }
             workloads.push(workload);
         }
+        // Grouped once, so that each service looks only at its own namespace's pods and
+        // its own slices (not at every pod and slice of the mesh).
+        let mut by_namespace: HashMap<&str, Vec<&Arc<Workload>>> = HashMap::new();
+        for workload in &workloads {
+            by_namespace.entry(workload.namespace.as_str()).or_default().push(workload);
+        }
+        let mut slices_of: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+        for slice in &config.endpoint_slices {
+            if let Some(service) = slice.service_name() {
+                slices_of.entry((slice.metadata.namespace.as_str(), service)).or_default().push(slice);
+            }
+        }
         let mut services = HashMap::new();
         for service in &config.services {
             let spec = &service.spec;
@@ -139,17 +151,14 @@ impl Index {
             // The cluster's EndpointSlices when there are any (they also list endpoints
             // outside the view and endpoints of Services without a selector), else the
             // pods the selector picks.
-            let slices: Vec<&EndpointSlice> = config
-                .endpoint_slices
-                .iter()
-                .filter(|s| s.metadata.namespace == *ns && s.service_name() == Some(name.as_str()))
-                .collect();
+            let slices = slices_of.get(&(ns.as_str(), name.as_str())).map_or(&[][..], Vec::as_slice);
             let members: Vec<&Arc<Workload>> = match &spec.selector {
-                Some(selector) if !selector.is_empty() && slices.is_empty() => workloads
+                Some(selector) if !selector.is_empty() && slices.is_empty() => by_namespace
+                    .get(ns.as_str())
+                    .map_or(&[][..], Vec::as_slice)
                     .iter()
-                    .filter(|w| {
-                        w.ready && w.namespace == *ns && selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
-                    })
+                    .copied()
+                    .filter(|w| w.ready && selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
                     .collect(),
                 _ => Vec::new(),
             };
@@ -168,7 +177,7 @@ impl Index {
                         Some(Endpoint { workload: (*w).clone(), port: target })
                     })
                     .collect();
-                for slice in &slices {
+                for slice in slices {
                     endpoints.extend(slice_endpoints(slice, port, &by_ip, ns));
                 }
                 let entry = Arc::new(ServicePort {
