@@ -85,7 +85,7 @@ impl Counters {
 }
 
 /// Bumps the same counter in each of the given sets.
-pub fn bump(sets: [&Counters; 2], field: fn(&Counters) -> &AtomicU64, by: u64) {
+pub fn bump(sets: [&Counters; 2], field: Counter, by: u64) {
     for set in sets {
         field(set).fetch_add(by, Relaxed);
     }

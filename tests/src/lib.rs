@@ -1016,6 +1016,16 @@ fn is_zombie(pid: &str) -> bool {
         .is_ok_and(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
 }
 
+/// A field of a process's `/proc/<pid>/status` given in KiB (`VmRSS`, `VmHWM`);
+/// `None` when the process or the field is gone.
+pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
 /// Polls `check` every 50 ms until it holds or `timeout` passes.
 pub fn wait_for(timeout: Duration, mut check: impl FnMut() -> bool) -> anyhow::Result<()> {
     let start = Instant::now();

@@ -1044,12 +1044,7 @@ fn captured(pcap: &std::path::Path, needle: &str) -> bool {
 
 /// A process's resident set, in KiB.
 fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+    mesh_lab::proc_status_kib(pid, "VmRSS").unwrap_or(0)
 }
 
 /// The lab's workload binary (also its load clients).

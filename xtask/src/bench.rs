@@ -198,16 +198,9 @@ fn cpu_ms(pids: &[u32]) -> f64 {
 fn rss_mib(pids: &[u32]) -> (f64, f64) {
     let mut total = (0.0, 0.0);
     for pid in pids {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-                .map_or(f64::NAN, |kib| kib / 1024.0)
-        };
-        total.0 += field("VmRSS:");
-        total.1 += field("VmHWM:");
+        let field = |name| mesh_lab::proc_status_kib(*pid, name).map_or(f64::NAN, |kib| kib as f64 / 1024.0);
+        total.0 += field("VmRSS");
+        total.1 += field("VmHWM");
     }
     total
 }

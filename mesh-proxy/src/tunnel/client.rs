@@ -284,6 +284,7 @@ impl Pool {
         const KEPT_IDLE: usize = 4;
         let now = self.epoch.elapsed().as_millis() as u64;
         let (idle, spare_idle) = (idle.as_millis() as u64, spare_idle.as_millis() as u64);
+        let mut in_use: Vec<Arc<WorkloadCert>> = Vec::new();
         let mut slots = self.slots.lock().expect("lock");
         slots.retain(|_, slot| {
             let mut conns = slot.conns.lock().expect("lock");
@@ -300,13 +301,10 @@ impl Pool {
                 idle_kept += usize::from(keep);
                 keep
             });
+            in_use.extend(conns.iter().map(|c| c.cert.clone()));
             // A slot someone is opening a connection in stays.
             !conns.is_empty() || Arc::strong_count(slot) > 1
         });
-        let in_use: Vec<Arc<WorkloadCert>> = slots
-            .values()
-            .flat_map(|s| s.conns.lock().expect("lock").iter().map(|c| c.cert.clone()).collect::<Vec<_>>())
-            .collect();
         drop(slots);
         self.configs.retain(|cert| in_use.iter().any(|c| Arc::ptr_eq(c, cert)));
     }

@@ -98,11 +98,7 @@ fn agent_version() -> u64 {
 }
 
 fn rss_kib(pid: u32) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:").and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse().ok()))
-        .unwrap_or(0)
+    mesh_lab::proc_status_kib(pid, "VmRSS").unwrap_or(0)
 }
 
 /// How many of the clients' stream files end with a complete line carrying
