@@ -108,9 +108,8 @@ impl Kind {
             Kind::WorkloadEntry | Kind::VirtualService | Kind::DestinationRule | Kind::ServiceEntry => NETWORKING,
             Kind::AuthorizationPolicy | Kind::PeerAuthentication | Kind::RequestAuthentication => SECURITY,
             Kind::Telemetry => &["v1alpha1", "v1"],
-            Kind::HttpRoute => &["v1", "v1beta1"],
+            Kind::HttpRoute | Kind::Gateway => &["v1", "v1beta1"],
             Kind::GrpcRoute => &["v1", "v1alpha2"],
-            Kind::Gateway => &["v1", "v1beta1"],
         }
     }
 
