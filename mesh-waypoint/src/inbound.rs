@@ -31,6 +31,7 @@ pub struct Settings {
     pub service_account: String,
     pub client: Arc<ControlClient>,
     pub certs: Arc<CertStore>,
+    pub metrics: Arc<Metrics>,
     pub connect_timeout: Duration,
 }
 
