@@ -75,6 +75,7 @@ fn with_lab_spec(
         controller_args: controller_args.unwrap_or_default().iter().map(|s| (*s).to_owned()).collect(),
         kubernetes: false,
         ca_root: None,
+        waypoint_bin: None,
     };
     let mut spec = spec;
     adjust(&mut spec);
