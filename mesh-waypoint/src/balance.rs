@@ -8,7 +8,7 @@
 //! counter. Weights are all 1 (Kubernetes endpoints carry none).
 //!
 //! Consistent hashing follows Envoy: the ring hash puts `ceil(min_ring_size / n)` points
-//! per endpoint at `xxh64("<key>_<i>")` and a request goes to the first point at or
+//! (rounded up to a power of two, see [`ring`]) per endpoint at `xxh64("<key>_<i>")` and a request goes to the first point at or
 //! after its hash; Maglev fills a prime-sized table from per-endpoint permutations
 //! (`offset = xxh64(key, 0) % M`, `skip = xxh64(key, 1) % (M - 1) + 1`) and a request
 //! goes to `table[hash % M]`. Envoy rebuilds both without ejected hosts; here an
@@ -119,7 +119,11 @@ impl Balancer {
             Kind::Maglev(table) => {
                 let hash = ctx.hash.unwrap_or(ctx.roll);
                 let start = (hash % table.len() as u64) as usize;
-                (0..table.len()).map(|i| table[(start + i) % table.len()] as usize).find(|&e| (ctx.eligible)(e))
+                (0..table.len())
+                    .map(|i| table[(start + i) % table.len()] as usize)
+                    .find(|&e| (ctx.eligible)(e))
+                    // A table smaller than the endpoint list leaves some out of it.
+                    .or_else(|| self.nth_eligible(ctx, (hash % eligible as u64) as usize))
             }
         }
     }
@@ -135,8 +139,11 @@ fn ring<K: AsRef<str>>(keys: &[K], min_ring_size: u64) -> Vec<(u64, u32)> {
         return Vec::new();
     }
     let n = keys.len() as u64;
-    // scale = ceil(min_weight * min_ring_size) / min_weight with min_weight = 1/n, capped.
-    let per_endpoint = min_ring_size.min(MAX_RING_SIZE).div_ceil(n).max(1);
+    // Envoy: ceil(min_ring_size / n) points per endpoint (equal weights). Rounded up to a
+    // power of two here, so that the count (and with it the placement of other
+    // endpoints' keys) changes only when n crosses a power of two, not with every
+    // endpoint that comes or goes; the ring is between 1 and 2 times the minimum.
+    let per_endpoint = min_ring_size.div_ceil(n).max(1).next_power_of_two().min((MAX_RING_SIZE / n).max(1));
     let mut points = Vec::with_capacity((per_endpoint * n) as usize);
     for (e, key) in keys.iter().enumerate() {
         let mut buf = String::with_capacity(key.as_ref().len() + 8);
