@@ -15,6 +15,7 @@
 //! ineligible endpoint's keys move to the next eligible point of the ring (what a
 //! rebuilt ring does) or the next slot of the table, so the other endpoints keep theirs.
 use std::{
+    fmt::Write as _,
     net::IpAddr,
     sync::atomic::{AtomicUsize, Ordering},
 };
@@ -236,10 +237,10 @@ impl HashKey {
                 // cookie (ttl 0), Path when set, HttpOnly.
                 let mut set = format!("{name}=\"{value}\"");
                 if !ttl.is_zero() {
-                    set.push_str(&format!("; Max-Age={}", ttl.as_secs()));
+                    let _ = write!(set, "; Max-Age={}", ttl.as_secs());
                 }
                 if let Some(path) = path {
-                    set.push_str(&format!("; Path={path}"));
+                    let _ = write!(set, "; Path={path}");
                 }
                 set.push_str("; HttpOnly");
                 // The name and path were checked to be header-safe when the policy was read.

@@ -87,12 +87,11 @@ impl Breaker {
     pub fn try_acquire(self: &Arc<Self>, resource: Resource, limits: &Limits) -> Option<Guard> {
         let limit = resource.limit(limits);
         let counter = &self.active[resource.index()];
-        match counter.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then(|| n + 1)) {
-            Ok(_) => Some(Guard { breaker: Arc::clone(self), resource }),
-            Err(_) => {
-                self.overflows[resource.index()].fetch_add(1, Ordering::Relaxed);
-                None
-            }
+        if counter.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then(|| n + 1)).is_ok() {
+            Some(Guard { breaker: Arc::clone(self), resource })
+        } else {
+            self.overflows[resource.index()].fetch_add(1, Ordering::Relaxed);
+            None
         }
     }
 

@@ -200,12 +200,11 @@ impl<K: Eq + Hash + Clone> Outliers<K> {
                     host.since = Some(now);
                     readmitted.push(i);
                 }
-                Some(_) => {}
                 None if host.times > 0 && host.since.is_none_or(|s| now.saturating_duration_since(s) >= interval) => {
                     host.times -= 1;
                     host.since = Some(now);
                 }
-                None => {}
+                Some(_) | None => {}
             }
         }
         readmitted

@@ -2,7 +2,7 @@
 //! gives one subset on one port, as typed settings the balancer, the outlier detector
 //! and the circuit breaker take.
 //!
-//! # Lookup (Istio's `PushContext.destinationRule`, pilot/pkg/model/push_context.go)
+//! # Lookup (Istio's `PushContext.destinationRule`, `pilot/pkg/model/push_context.go`)
 //! The waypoint is the client proxy, so the "client namespace" is the waypoint's own
 //! namespace (Istio's `proxy.ConfigNamespace`). In that order:
 //! 1. rules in the client namespace that are visible there (`exportTo` empty, `*`, `.`
@@ -116,7 +116,7 @@ pub struct Invalid {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LbPolicy {
     RoundRobin,
-    /// Envoy's LEAST_REQUEST with equal weights: the less busy of two random choices.
+    /// Envoy's `LEAST_REQUEST` with equal weights: the less busy of two random choices.
     /// Istio's default when nothing is set (`defaultLBAlgorithm`), and what `LEAST_CONN`
     /// (deprecated) means.
     LeastRequest,
@@ -190,7 +190,7 @@ impl Default for Limits {
             max_requests: u32::MAX,
             max_requests_per_connection: None,
             max_retries: u32::MAX,
-            idle_timeout: Duration::from_secs(3600),
+            idle_timeout: Duration::from_hours(1),
         }
     }
 }
@@ -228,7 +228,7 @@ impl Default for OutlierConfig {
             consecutive_local_origin: None,
             interval: Duration::from_secs(10),
             base_ejection_time: Duration::from_secs(30),
-            max_ejection_time: Duration::from_secs(300),
+            max_ejection_time: Duration::from_mins(5),
             max_ejection_percent: 10,
             min_health_percent: 0,
         }

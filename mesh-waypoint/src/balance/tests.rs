@@ -200,7 +200,7 @@ fn header_query_and_source_ip_keys() {
 #[test]
 fn cookie_key_reads_and_generates_the_cookie() {
     let ip: IpAddr = "10.1.2.3".parse().unwrap();
-    let key = HashKey::Cookie { name: "sticky".into(), path: Some("/".into()), ttl: Some(Duration::from_secs(60)) };
+    let key = HashKey::Cookie { name: "sticky".into(), path: Some("/".into()), ttl: Some(Duration::from_mins(1)) };
     // Present (quoted or not): hashed, nothing to set.
     let mut headers = HeaderMap::new();
     headers.insert(header::COOKIE, HeaderValue::from_static("a=1; sticky=\"abc\"; b=2"));

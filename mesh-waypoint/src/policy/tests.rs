@@ -1,4 +1,4 @@
-//! Tests of DestinationRule lookup and policy merging, from YAML as users write it.
+//! Tests of `DestinationRule` lookup and policy merging, from YAML as users write it.
 use std::time::Duration;
 
 use mesh_common::config::{Config, Source, load};
@@ -185,8 +185,8 @@ fn top_level_policy_typed() {
     assert_eq!(od.consecutive_5xx, Some(3));
     assert_eq!(od.consecutive_gateway, None);
     assert_eq!(od.interval, Duration::from_secs(5));
-    assert_eq!(od.base_ejection_time, Duration::from_secs(60));
-    assert_eq!(od.max_ejection_time, Duration::from_secs(300));
+    assert_eq!(od.base_ejection_time, Duration::from_mins(1));
+    assert_eq!(od.max_ejection_time, Duration::from_mins(5));
     assert_eq!((od.max_ejection_percent, od.min_health_percent), (50, 0));
     assert!(r.problems.is_empty(), "{:?}", r.problems);
 }
@@ -248,7 +248,7 @@ fn outlier_detection_as_istio_programs_envoy() {
     assert!(split.split_local_origin);
     assert_eq!(split.consecutive_local_origin, Some(4));
     let long = od("{baseEjectionTime: 10m, minHealthPercent: 40}");
-    assert_eq!(long.max_ejection_time, Duration::from_secs(600), "the cap is at least the base");
+    assert_eq!(long.max_ejection_time, Duration::from_mins(10), "the cap is at least the base");
     assert_eq!(long.min_health_percent, 40);
 }
 
@@ -284,7 +284,7 @@ fn consistent_hash_keys_and_algorithms() {
     assert_eq!(hash("{httpQueryParameterName: user}").key, HashKey::QueryParam("user".into()));
     assert_eq!(
         hash("{httpCookie: {name: session, path: /, ttl: 1h}}").key,
-        HashKey::Cookie { name: "session".into(), path: Some("/".into()), ttl: Some(Duration::from_secs(3600)) }
+        HashKey::Cookie { name: "session".into(), path: Some("/".into()), ttl: Some(Duration::from_hours(1)) }
     );
     assert_eq!(hash("{httpCookie: {name: s}}").key, HashKey::Cookie { name: "s".into(), path: None, ttl: None });
     // What cannot be read falls back to the default algorithm, with the reason.
