@@ -349,3 +349,15 @@ fn selectors_match_subsets_of_labels() {
     assert!(!selects(&labels(&[("version", "v1")]), &labels(&[("version", "v2")])));
     assert!(!selects(&labels(&[("version", "v1")]), &labels(&[])));
 }
+
+#[test]
+fn rules_with_a_workload_selector_are_for_sidecars() {
+    let c = config(
+        &[
+            dr("waypoints", "selected", REVIEWS, "  workloadSelector:\n    matchLabels: {app: client}\n"),
+            dr("shop", "svc", "reviews", ""),
+        ]
+        .concat(),
+    );
+    assert_eq!(rule_of(&resolve(&c, REVIEWS, "waypoints")).as_deref(), Some("shop/svc"));
+}
