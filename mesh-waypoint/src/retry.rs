@@ -226,10 +226,14 @@ impl RetryPolicy {
         policy
     }
 
-    /// Gateway API's `HTTPRouteRetry` (`{codes, attempts, backoff}`), as Istio converts
-    /// it: absent -> Istio's default; `attempts` (default 2) retries on connection
-    /// failures, refused streams, gRPC `unavailable`/`cancelled` and the listed
-    /// status codes; `attempts: 0` disables retries.
+    /// Gateway API's `HTTPRouteRetry` (`{codes, attempts, backoff}`, GEP-1731): absent
+    /// -> Istio's default; `attempts` (default 2, Istio's) retries on the listed status
+    /// codes and on connection errors: connect failures, refused streams, gRPC
+    /// `unavailable`/`cancelled` (Istio's defaults), and resets and per-try timeouts
+    /// (`reset`), which GEP-1731's conformance feature `HTTPRouteRetryConnectionError`
+    /// tests and its `backendRequest` text asks for (the API comment warns that a reset
+    /// after the request was sent is unsafe for non-idempotent requests: documented
+    /// here as it asks). `attempts: 0` disables retries.
     pub fn from_gateway(retry: Option<&serde_json::Value>) -> Self {
         let Some(retry) = retry.filter(|v| v.is_object()) else {
             return Self::istio_default();
@@ -240,7 +244,7 @@ impl RetryPolicy {
         }
         let mut policy = Self::istio_default();
         policy.attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
-        let mut conditions = RetryOn::parse("connect-failure,refused-stream,unavailable,cancelled");
+        let mut conditions = RetryOn::parse("connect-failure,refused-stream,reset,unavailable,cancelled");
         if let Some(codes) = retry.get("codes").and_then(serde_json::Value::as_array) {
             for code in codes.iter().filter_map(serde_json::Value::as_u64) {
                 if let Ok(code @ 100..=599) = u16::try_from(code) {
@@ -445,6 +449,9 @@ mod tests {
         assert!(!p.should_retry(5, &status(502)));
         assert!(!p.should_retry(1, &status(503)), "only the listed codes");
         assert!(p.should_retry(1, &Outcome { connect_failure: true, ..Outcome::default() }));
+        assert!(p.should_retry(1, &Outcome { reset: true, ..Outcome::default() }));
+        assert!(p.should_retry(1, &Outcome { per_try_timeout: true, ..Outcome::default() }));
+        assert!(p.should_retry(1, &grpc(14)));
         assert_eq!(p.backoff_base, Duration::from_millis(50));
         assert_eq!(RetryPolicy::from_gateway(Some(&serde_json::json!({"attempts": 0}))).attempts, 0);
         assert_eq!(RetryPolicy::from_gateway(Some(&serde_json::json!({}))).attempts, 2);

@@ -92,9 +92,11 @@ pub struct Route {
     pub action: Action,
     /// Path and authority rewrite before forwarding.
     pub rewrite: Option<Rewrite>,
-    /// Header operations on the request (after the backend's own, route first).
+    /// Header operations on the request. The proxy applies the chosen backend's
+    /// operations first, then these: Envoy's order (weighted cluster, then route), so
+    /// the route's `set` wins over the backend's.
     pub request_headers: HeaderOps,
-    /// Header operations on the response.
+    /// Header operations on the response, in the same order.
     pub response_headers: HeaderOps,
     /// Whole-request timeout (`VirtualService` `timeout`, `HTTPRoute` `timeouts.request`);
     /// `None`: no timeout, Istio's default for the mesh.

@@ -29,6 +29,9 @@
 //!   `exportTo` is read from the Service's namespace (the waypoint serves Services of
 //!   its own namespace in the usual setup). A match's `gateways` must be empty or name
 //!   `mesh`, like the `VirtualService`'s.
+//! - **`hostnames` of a route attached to a Service** are not used: the parent Service
+//!   already names the host the waypoint found (Istio does the same for Service
+//!   parents). The waypoint `Gateway` as a parent is not handled here.
 //! - **Unresolved backends**: a host that is no Service nor `ServiceEntry` host, a
 //!   Service port it does not have, or a subset no `DestinationRule` of the host defines
 //!   keeps its share of the weight and carries the reason: the proxy answers 503 `NR`.

@@ -1198,3 +1198,31 @@ fn cors() {
     assert!(cors.preflight("https://example.com", "PUT", "").is_none());
     assert!(cors.preflight("http://a.example.com", "PUT", "").is_none());
 }
+
+proptest! {
+    /// A Gateway API prefix matches itself and everything below it by whole segments,
+    /// never a longer last segment.
+    #[test]
+    fn segment_prefixes(prefix in "(/[a-z]{1,4}){1,3}", rest in "(/[a-z]{0,4}){0,2}", tail in "[a-z]{1,3}") {
+        let m = matcher::PathMatch::segments(&prefix);
+        let mut matcher = matcher::Matcher::any();
+        matcher.path = m;
+        let req = |path: &str| get(path);
+        let ok = |path: &str| matcher.matches(&req(path).parts());
+        prop_assert!(ok(&prefix));
+        let with_slash = format!("{prefix}/");
+        prop_assert!(ok(&with_slash));
+        let below = format!("{prefix}{rest}");
+        prop_assert!(ok(&below));
+        let longer = format!("{prefix}{tail}");
+        prop_assert!(!ok(&longer));
+    }
+
+    /// Percent-decoding turns an encoded value back into itself.
+    #[test]
+    fn query_values_decode(value in "[ -~]{0,12}") {
+        let encoded: String = value.bytes().map(|b| format!("%{b:02X}")).collect();
+        let query = format!("a=1&k={encoded}");
+        prop_assert_eq!(matcher::query_value(&query, "k"), Some(value));
+    }
+}
