@@ -24,6 +24,8 @@
 //!   alphabetical, the spec's next criterion), then rule and match order. `GRPCRoute`
 //!   method matches become paths as Istio converts them (`/svc/m` exact, `/svc/`
 //!   prefix, a regex otherwise).
+//! - **A `VirtualService` without `http` rules** (only `tcp`/`tls`) does not route HTTP:
+//!   the Service keeps its default route.
 //! - **Hosts**: a short name is relative to the object's namespace; `name.ns` and
 //!   `name.ns.svc` also name a Service (the cluster DNS search forms clients use).
 //!   `exportTo` is read from the Service's namespace (the waypoint serves Services of
@@ -59,7 +61,7 @@ pub(super) fn build(config: &Config, service: &ServiceRef) -> RouteTable {
     let mut warnings = Vec::new();
     let gateway = gateway_entries(config, service, &index, &mut warnings);
     let virtual_services: Vec<&VirtualService> =
-        config.virtual_services.iter().filter(|vs| vs_applies(vs, service)).collect();
+        config.virtual_services.iter().filter(|vs| !vs.spec.http.is_empty() && vs_applies(vs, service)).collect();
     let entries = if gateway.is_some() {
         for vs in &virtual_services {
             warnings.push(format!(

@@ -237,6 +237,21 @@ fn several_virtual_services_merge_in_order() {
 }
 
 #[test]
+fn virtual_service_without_http_rules_keeps_the_default() {
+    let t = table(
+        "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: r, namespace: shop}
+spec:
+  hosts: [reviews]
+  tcp: [{route: [{destination: {host: reviews}}]}]
+",
+    );
+    assert!(!t.is_configured());
+    assert_eq!(route_name(&t, &get("/")), Some("default".into()));
+}
+
+#[test]
 fn no_rule_matching_is_none() {
     let t = table(&vs(
         "r",
