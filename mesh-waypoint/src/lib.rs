@@ -8,3 +8,5 @@ pub mod balance;
 pub mod limits;
 pub mod outlier;
 pub mod policy;
+pub mod retry;
+pub mod route;
