@@ -120,6 +120,8 @@ pub struct Index {
     pub version: u64,
     by_ip: HashMap<IpAddr, Arc<Workload>>,
     services: HashMap<SocketAddr, Arc<ServicePort>>,
+    /// The same service ports by (hostname, port).
+    by_host: HashMap<(String, u16), Arc<ServicePort>>,
 }
 
 /// Where an outbound connection goes.
@@ -170,6 +172,7 @@ impl Index {
         }
         let waypoints = waypoints(config, &by_namespace);
         let mut services = HashMap::new();
+        let mut by_host = HashMap::new();
         for service in &config.services {
             let spec = &service.spec;
             let vips: Vec<IpAddr> = spec
@@ -227,12 +230,13 @@ impl Index {
                     waypoint: waypoint_of(config, service, &waypoints),
                     next: AtomicUsize::new(0),
                 });
+                by_host.insert((entry.hostname.clone(), entry.port), entry.clone());
                 for vip in &vips {
                     services.insert(SocketAddr::new(*vip, port.port as u16), entry.clone());
                 }
             }
         }
-        Self { version: 0, by_ip, services }
+        Self { version: 0, by_ip, services, by_host }
     }
 
     pub fn workload(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
@@ -247,6 +251,11 @@ impl Index {
     /// The service port at a VIP and port.
     pub fn service(&self, vip: SocketAddr) -> Option<&Arc<ServicePort>> {
         self.services.get(&vip)
+    }
+
+    /// The service port of `hostname` (`name.namespace.svc.cluster.local`) and `port`.
+    pub fn service_by_host(&self, hostname: &str, port: u16) -> Option<&Arc<ServicePort>> {
+        self.by_host.get(&(hostname.to_owned(), port))
     }
 
     /// Decides how to reach `dst` (an original destination of a captured connection).

@@ -3,8 +3,9 @@
 //! waypoint, then served as HTTP ([`crate::proxy`]) or relayed as TCP by the
 //! service port's protocol.
 use std::{
+    collections::HashMap,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, RwLock},
+    sync::{Arc, Mutex, RwLock},
     time::Duration,
 };
 
@@ -21,9 +22,15 @@ use mesh_proxy::{
     },
     workloads::{Index, ServicePort, Workload},
 };
-use tracing::{debug, info};
+use mesh_waypoint::route::{RouteTable, ServiceRef};
+use tracing::{debug, info, warn};
 
-use crate::{proxy, requests::RequestMetrics, upstream::Upstreams};
+use crate::{
+    destination::{Destination, Health, Key, Lookup},
+    proxy,
+    requests::RequestMetrics,
+    upstream::Upstreams,
+};
 
 pub struct Settings {
     pub namespace: String,
@@ -35,11 +42,49 @@ pub struct Settings {
     pub connect_timeout: Duration,
 }
 
-/// What one configuration version gives the waypoint.
+/// What one configuration version gives the waypoint. Route tables and destinations
+/// are compiled on first use and kept for the version's life.
 pub struct Tables {
     pub version: u64,
     pub config: Arc<Config>,
     pub index: Index,
+    routes: Mutex<HashMap<(String, u16), Arc<RouteTable>>>,
+    destinations: Mutex<HashMap<Key, Arc<Destination>>>,
+}
+
+impl Tables {
+    fn new(version: u64, config: Arc<Config>, index: Index) -> Self {
+        Self { version, config, index, routes: Mutex::default(), destinations: Mutex::default() }
+    }
+
+    /// The routes of a service port.
+    pub fn routes(&self, service: &ServicePort) -> Arc<RouteTable> {
+        let key = (service.hostname.clone(), service.port);
+        if let Some(table) = self.routes.lock().expect("lock").get(&key) {
+            return table.clone();
+        }
+        let table = Arc::new(RouteTable::build(
+            &self.config,
+            &ServiceRef::new(&service.namespace, &service.name, service.port),
+        ));
+        for warning in table.warnings() {
+            warn!(service = %service.hostname, warning, "route configuration");
+        }
+        self.routes.lock().expect("lock").insert(key, table.clone());
+        table
+    }
+
+    /// The endpoints and policy of a destination.
+    pub fn destination(&self, waypoint: &Waypoint, key: &Key) -> Lookup {
+        if let Some(found) = self.destinations.lock().expect("lock").get(key) {
+            return Lookup::Found(found.clone());
+        }
+        let lookup = Destination::resolve(&self.index, &self.config, &waypoint.namespace, key, &waypoint.health);
+        if let Lookup::Found(found) = &lookup {
+            self.destinations.lock().expect("lock").insert(key.clone(), found.clone());
+        }
+        lookup
+    }
 }
 
 pub struct Waypoint {
@@ -54,6 +99,8 @@ pub struct Waypoint {
     pub upstreams: Upstreams,
     connect_timeout: Duration,
     tables: RwLock<Arc<Tables>>,
+    /// Outlier and circuit-breaker state per destination, across config versions.
+    pub health: Mutex<HashMap<Key, Arc<Health>>>,
 }
 
 /// Who sent a request: the tunnel peer's verified identity and the original client.
@@ -102,7 +149,8 @@ impl Waypoint {
             requests,
             upstreams: Upstreams::new(settings.connect_timeout),
             connect_timeout: settings.connect_timeout,
-            tables: RwLock::new(Arc::new(Tables { version: 0, config: Arc::default(), index: Index::default() })),
+            tables: RwLock::new(Arc::new(Tables::new(0, Arc::default(), Index::default()))),
+            health: Mutex::default(),
         })
     }
 
@@ -140,7 +188,7 @@ impl Waypoint {
                     self.certs.acquire(&identity);
                 }
                 let index = Index::build(&config).at(state.version);
-                *self.tables.write().expect("lock") = Arc::new(Tables { version: state.version, config, index });
+                *self.tables.write().expect("lock") = Arc::new(Tables::new(state.version, config, index));
                 info!(version = state.version, "view applied");
                 if ready.is_some() && self.certs.get(&identity).is_some() {
                     ready = None;

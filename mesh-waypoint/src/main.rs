@@ -2,6 +2,7 @@
 //! `istio.io/use-waypoint`. Source agents tunnel to it (HBONE on 15008, `:authority`
 //! = the service VIP and port); it routes each request and tunnels on to the chosen
 //! endpoint's agent. It needs no privileges: no eBPF, no capture, no API access.
+mod destination;
 mod inbound;
 mod proxy;
 mod requests;

@@ -31,11 +31,75 @@ use mesh_proxy::{
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
 use tracing::debug;
 
+use http_body_util::Limited;
+use mesh_waypoint::{
+    outlier::CallResult,
+    policy::LbPolicy,
+    retry::Outcome,
+    route::{Abort, Action, Mirror, RequestParts},
+};
+
 use crate::{
+    destination::Lookup,
     inbound::{Caller, Protocol, Tables, Waypoint, protocol_of},
     requests::{RequestLabels, RequestLog},
     upstream::{Body, BoxError, Dial, Target, UpstreamError},
 };
+
+/// Request bodies up to this size are kept for retries and mirrors.
+const MAX_REPLAY: usize = 64 << 10;
+
+/// A request body for the tries of one request.
+enum Replay {
+    Buffered(Bytes),
+    /// Streamed: one try only.
+    Stream(Option<Counted>),
+}
+
+impl Replay {
+    fn take(&mut self) -> Option<Body> {
+        match self {
+            Self::Buffered(bytes) => Some(full(bytes.clone())),
+            Self::Stream(body) => body.take().map(|b| b.boxed()),
+        }
+    }
+
+    fn can_replay(&self) -> bool {
+        matches!(self, Self::Buffered(_))
+    }
+}
+
+/// Whether a request's body is known to be small enough to keep (no body, or a
+/// `content-length` within [`MAX_REPLAY`]).
+fn body_is_small(headers: &HeaderMap) -> bool {
+    match headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok()) {
+        Some(length) => length <= MAX_REPLAY,
+        None => !headers.contains_key(header::TRANSFER_ENCODING),
+    }
+}
+
+fn clone_head(head: &http::request::Parts) -> http::request::Parts {
+    let mut request = Request::new(());
+    *request.method_mut() = head.method.clone();
+    *request.uri_mut() = head.uri.clone();
+    *request.version_mut() = head.version;
+    *request.headers_mut() = head.headers.clone();
+    request.into_parts().0
+}
+
+fn parts_query(path: &str) -> Option<&str> {
+    path.split_once('?').map(|(_, q)| q)
+}
+
+fn roll_u64() -> u64 {
+    use std::hash::{BuildHasher as _, RandomState};
+    RandomState::new().hash_one(Instant::now())
+}
+
+/// A uniform random number in [0, 1).
+fn roll_f64() -> f64 {
+    (roll_u64() >> 11) as f64 / (1u64 << 53) as f64
+}
 
 /// Request headers larger than this get 431.
 const MAX_HEADERS: usize = 64 << 10;
@@ -350,7 +414,7 @@ impl Downstream {
         };
         let request_bytes = Arc::new(AtomicU64::new(header_bytes(request.headers())));
         let outcome = match &service {
-            Some(service) => self.forward(service, request, &request_bytes, &mut log, &mut labels).await,
+            Some(service) => self.forward(&tables, service, request, &request_bytes, &mut log, &mut labels).await,
             None => Err(Reply::new(StatusCode::SERVICE_UNAVAILABLE, "NR", "no route\n")
                 .because("the service is gone from the view")),
         };
@@ -393,6 +457,7 @@ impl Downstream {
 
     async fn forward(
         &self,
+        tables: &Tables,
         service: &Arc<ServicePort>,
         mut request: Request<Incoming>,
         request_bytes: &Arc<AtomicU64>,
@@ -403,11 +468,107 @@ impl Downstream {
             .waypoint
             .dial(&self.caller)
             .ok_or_else(|| Reply::new(StatusCode::SERVICE_UNAVAILABLE, "UF", "no certificate yet\n"))?;
-        let Some((workload, addr)) = service.pick(self.caller.addr.is_ipv6()) else {
-            return Err(Reply::new(StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream\n"));
+        // Route.
+        let table = tables.routes(service);
+        let no_labels = std::collections::BTreeMap::new();
+        let source_namespace =
+            mesh_common::control::parse_workload_identity(&self.caller.identity).map_or("", |(_, ns, _)| ns);
+        let path_and_query = log.path.clone();
+        let parts = RequestParts {
+            method: request.method().as_str(),
+            path: &path_and_query,
+            authority: &log.authority,
+            scheme: "http",
+            headers: request.headers(),
+            port: service.port,
+            source_namespace,
+            source_labels: self.caller.workload.as_ref().map_or(&no_labels, |w| &w.labels),
         };
-        self.describe_upstream(&workload, addr, log, labels);
-        let target = Target { workload, addr };
+        let Some(route) = table.select(&parts) else {
+            return Err(Reply::new(StatusCode::NOT_FOUND, "NR", "route not found\n").because("no route matched"));
+        };
+        log.route.clone_from(&route.name);
+        let origin = request.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        // CORS preflight, answered here when the policy allows the origin.
+        if let (Some(cors), Some(origin)) = (&route.cors, &origin)
+            && request.method() == http::Method::OPTIONS
+            && let Some(method) = request.headers().get("access-control-request-method").and_then(|v| v.to_str().ok())
+        {
+            let asked =
+                request.headers().get("access-control-request-headers").and_then(|v| v.to_str().ok()).unwrap_or("");
+            if let Some(headers) = cors.preflight(origin, method, asked) {
+                let mut response = Response::new(full(Bytes::new()));
+                *response.headers_mut() = headers;
+                return Ok(response);
+            }
+        }
+        // Faults.
+        if let Some(fault) = &route.fault {
+            let decision = fault.decide(roll_f64(), roll_f64());
+            if let Some(delay) = decision.delay {
+                tokio::time::sleep(delay).await;
+                log.flags = "DI";
+            }
+            match decision.abort {
+                Some(Abort::Http(status)) => {
+                    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                    return Err(Reply::new(status, "FI", "fault filter abort").because("fault injection"));
+                }
+                Some(Abort::Grpc(code)) => {
+                    log.flags = "FI";
+                    let mut response = Response::new(full(Bytes::new()));
+                    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+                    response.headers_mut().insert("grpc-status", HeaderValue::from(code));
+                    response.headers_mut().insert("grpc-message", HeaderValue::from_static("fault filter abort"));
+                    return Ok(response);
+                }
+                None => {}
+            }
+        }
+        let backends = match &route.action {
+            Action::Redirect(redirect) => {
+                let location = redirect.location(&parts);
+                let mut response = Response::new(full(Bytes::new()));
+                *response.status_mut() = StatusCode::from_u16(redirect.code).unwrap_or(StatusCode::MOVED_PERMANENTLY);
+                if let Ok(value) = HeaderValue::from_str(&location) {
+                    response.headers_mut().insert(header::LOCATION, value);
+                }
+                return Ok(response);
+            }
+            Action::DirectResponse { status, body } => {
+                let mut response = Response::new(full(body.clone().unwrap_or_default()));
+                *response.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
+                return Ok(response);
+            }
+            Action::Forward { backends } => backends,
+        };
+        let _ = backends;
+        let Some(backend) = route.pick_backend(roll_u64()) else {
+            return Err(Reply::new(StatusCode::SERVICE_UNAVAILABLE, "NR", "no backend\n"));
+        };
+        if let Some(reason) = &backend.unresolved {
+            return Err(
+                Reply::new(StatusCode::SERVICE_UNAVAILABLE, "NR", "no route to the backend\n").because(reason.clone())
+            );
+        }
+        let key = (backend.host.clone(), backend.subset.clone(), backend.port.unwrap_or(service.port));
+        let destination = match tables.destination(&self.waypoint, &key) {
+            Lookup::Found(destination) => destination,
+            Lookup::Missing(missing) => {
+                return Err(Reply::new(StatusCode::SERVICE_UNAVAILABLE, "NR", "no healthy upstream\n")
+                    .because(missing.to_string()));
+            }
+            Lookup::Unknown => {
+                let reason = format!("no service {}:{}", key.0, key.2);
+                return Err(
+                    Reply::new(StatusCode::SERVICE_UNAVAILABLE, "NR", "no route to the backend\n").because(reason)
+                );
+            }
+        };
+        if destination.endpoints.is_empty() {
+            return Err(Reply::new(StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream\n"));
+        }
+        // The request goes upstream: forwarding headers, rewrites, header operations.
         let upgrade = request.version() == Version::HTTP_11
             && request.headers().get(header::UPGRADE).is_some()
             && request
@@ -415,57 +576,244 @@ impl Downstream {
                 .get(header::CONNECTION)
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|v| v.to_ascii_lowercase().contains("upgrade"));
-        let h2 = !upgrade && (request.version() == Version::HTTP_2 || wants_h2(service));
-        let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
-        let (mut parts, body) = request.into_parts();
-        self.forwarding_headers(&mut parts.headers, upgrade);
-        let authority = log.authority.clone();
-        if h2 {
-            parts.version = Version::HTTP_2;
-            let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-            parts.uri = format!("http://{authority}{path}").parse().unwrap_or(parts.uri);
-            parts.headers.remove(header::HOST);
-        } else {
-            parts.version = Version::HTTP_11;
-            if !parts.headers.contains_key(header::HOST)
-                && let Ok(host) = HeaderValue::from_str(&authority)
-            {
-                parts.headers.insert(header::HOST, host);
+        let grpc = labels.request_protocol == "grpc";
+        let h2 = !upgrade && (request.version() == Version::HTTP_2 || grpc || wants_h2(service));
+        let mut downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+        let hash = match &destination.policy.lb {
+            LbPolicy::ConsistentHash(ch) => {
+                let query = parts_query(&path_and_query);
+                ch.key.hash(request.headers(), query, self.caller.addr.ip(), roll_u64())
             }
-            if let Some(path) = parts.uri.path_and_query().cloned() {
-                parts.uri = http::Uri::from(path);
+            _ => (None, None),
+        };
+        let (mut head, body) = request.into_parts();
+        self.forwarding_headers(&mut head.headers, upgrade);
+        let mut authority = log.authority.clone();
+        let mut path = path_and_query.clone();
+        if let Some(rewrite) = &route.rewrite {
+            if let Some(new) = route.rewrite_path(&path) {
+                path = new;
+            }
+            if let Some(new) = &rewrite.authority {
+                authority.clone_from(new);
+                if let Ok(value) = HeaderValue::from_str(new) {
+                    head.headers.insert(header::HOST, value);
+                }
             }
         }
-        let body = Counted {
-            inner: body.map_err(BoxError::from).boxed(),
-            bytes: request_bytes.clone(),
-            grpc_status: None,
-            done: None,
-        };
-        let upstream_request = Request::from_parts(parts, body.boxed());
-        log.attempts = 1;
-        let sent = if let Some(downstream) = downstream_upgrade {
-            let mut sender =
-                self.waypoint.upstreams.open_h1(&target, &dial.dial(), true).await.map_err(upstream_reply)?;
-            let mut response =
-                sender.send_request(upstream_request).await.map_err(|e| upstream_reply(UpstreamError::Reset(e)))?;
-            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-                let upstream = hyper::upgrade::on(&mut response);
-                tokio::spawn(async move {
-                    if let (Ok(a), Ok(b)) = (downstream.await, upstream.await) {
-                        let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(a), &mut TokioIo::new(b)).await;
-                    }
-                });
-            }
-            response
+        backend.request_headers.apply(&mut head.headers);
+        route.request_headers.apply(&mut head.headers);
+        if h2 {
+            head.version = Version::HTTP_2;
+            head.uri = format!("http://{authority}{path}").parse().unwrap_or(head.uri);
+            head.headers.remove(header::HOST);
         } else {
-            self.waypoint.upstreams.send(&target, h2, upstream_request, &dial.dial()).await.map_err(upstream_reply)?
+            head.version = Version::HTTP_11;
+            if !head.headers.contains_key(header::HOST)
+                && let Ok(host) = HeaderValue::from_str(&authority)
+            {
+                head.headers.insert(header::HOST, host);
+            }
+            head.uri = path.parse().unwrap_or(head.uri);
+        }
+        // Retries and mirrors need the body again: buffered when small, else the
+        // request goes once.
+        let retry = &route.retry;
+        let replayable = retry.attempts > 0 || !route.mirrors.is_empty();
+        let body: Replay = if replayable && !upgrade && body_is_small(&head.headers) {
+            match Limited::new(body, MAX_REPLAY).collect().await {
+                Ok(collected) => {
+                    let bytes = collected.to_bytes();
+                    request_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    Replay::Buffered(bytes)
+                }
+                Err(_) => return Err(Reply::new(StatusCode::PAYLOAD_TOO_LARGE, "-", "payload too large\n")),
+            }
+        } else {
+            Replay::Stream(Some(Counted {
+                inner: body.map_err(BoxError::from).boxed(),
+                bytes: request_bytes.clone(),
+                grpc_status: None,
+                done: None,
+            }))
+        };
+        let mut body = body;
+        // Mirrors: fire and forget, with `-shadow` appended to the host, as Envoy does.
+        if let Replay::Buffered(bytes) = &body {
+            for mirror in route.mirrors.iter().filter(|m| m.fires(roll_f64())) {
+                self.mirror(tables, service, mirror, &head, bytes.clone(), &authority, &path, h2);
+            }
+        }
+        let limits = destination.policy.limits;
+        let Some(_request_slot) = destination.health.breaker.try_request(&limits) else {
+            return Err(Reply::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UO",
+                "upstream connect error or disconnect/reset before headers. reset reason: overflow\n",
+            ));
+        };
+        let attempts = async {
+            let mut tried: Vec<usize> = Vec::new();
+            let mut attempt = 0u32;
+            let mut _retry_slot = None;
+            loop {
+                attempt += 1;
+                log.attempts = attempt;
+                let Some(i) =
+                    destination.pick(hash.0, roll_u64(), if retry.retry_ignore_previous_hosts { &tried } else { &[] })
+                else {
+                    return Err(Reply::new(StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream\n"));
+                };
+                tried.push(i);
+                let target = destination.endpoints[i].clone();
+                self.describe_upstream(&target.workload, target.addr, log, labels);
+                let Some(attempt_body) = body.take() else {
+                    return Err(Reply::new(StatusCode::SERVICE_UNAVAILABLE, "UC", "upstream reset\n"));
+                };
+                let upstream_request = Request::from_parts(clone_head(&head), attempt_body);
+                let _active = destination.start(i);
+                let send = async {
+                    if let Some(downstream) = downstream_upgrade.take() {
+                        self.upgrade(&target, &dial, upstream_request, downstream).await
+                    } else {
+                        self.waypoint.upstreams.send(&target, h2, upstream_request, &dial.dial()).await
+                    }
+                };
+                let result = match retry.per_try_timeout {
+                    Some(limit) => tokio::time::timeout(limit, send).await.map_err(|_| ()),
+                    None => Ok(send.await),
+                };
+                let outcome = match &result {
+                    Ok(Ok(response)) => Outcome {
+                        status: Some(response.status().as_u16()),
+                        grpc_status: response.headers().get("grpc-status").and_then(|v| v.to_str().ok()?.parse().ok()),
+                        envoy_ratelimited: response.headers().contains_key("x-envoy-ratelimited"),
+                        ..Outcome::default()
+                    },
+                    Ok(Err(error)) => Outcome {
+                        connect_failure: error.connect_failure(),
+                        reset: !error.connect_failure(),
+                        ..Outcome::default()
+                    },
+                    Err(()) => Outcome { per_try_timeout: true, ..Outcome::default() },
+                };
+                let status = outcome.status;
+                destination.record(
+                    i,
+                    CallResult {
+                        status,
+                        gateway_error: status.is_none_or(|s| matches!(s, 502..=504)),
+                        local_origin_failure: status.is_none(),
+                    },
+                );
+                let again = body.can_replay() && retry.should_retry(attempt, &outcome) && {
+                    _retry_slot = destination.health.breaker.try_retry(&limits);
+                    _retry_slot.is_some()
+                };
+                if !again {
+                    let exhausted = attempt > 1 && retry.conditions.matches(&outcome);
+                    return match result {
+                        Ok(Ok(response)) => {
+                            if exhausted {
+                                log.flags = "URX";
+                            }
+                            Ok(response)
+                        }
+                        Ok(Err(error)) => {
+                            let mut reply = upstream_reply(error);
+                            if exhausted {
+                                reply.flags = "URX";
+                            }
+                            Err(reply)
+                        }
+                        Err(()) => Err(Reply::new(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            if exhausted { "URX" } else { "UT" },
+                            "upstream request timeout\n",
+                        )),
+                    };
+                }
+                debug!(attempt, ?outcome, "retrying");
+                tokio::time::sleep(retry.backoff(attempt, roll_f64())).await;
+            }
+        };
+        let sent = match route.timeout {
+            Some(limit) => tokio::time::timeout(limit, attempts)
+                .await
+                .map_err(|_| Reply::new(StatusCode::GATEWAY_TIMEOUT, "UT", "upstream request timeout\n"))??,
+            None => attempts.await?,
         };
         let (mut parts, body) = sent.into_parts();
         if parts.status != StatusCode::SWITCHING_PROTOCOLS {
             strip_hop_by_hop(&mut parts.headers, false);
         }
+        backend.response_headers.apply(&mut parts.headers);
+        route.response_headers.apply(&mut parts.headers);
+        if let (Some(cors), Some(origin)) = (&route.cors, &origin) {
+            parts.headers.extend(cors.response_headers(origin));
+        }
+        if let Some(cookie) = hash.1 {
+            parts.headers.append(header::SET_COOKIE, cookie);
+        }
         Ok(Response::from_parts(parts, body.map_err(BoxError::from).boxed()))
+    }
+
+    /// Sends a WebSocket (or other `Upgrade`) request on a connection of its own and
+    /// joins the two upgraded connections when the upstream switches protocols.
+    async fn upgrade(
+        &self,
+        target: &Target,
+        dial: &DialParts,
+        request: Request<Body>,
+        downstream: hyper::upgrade::OnUpgrade,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let mut sender = self.waypoint.upstreams.open_h1(target, &dial.dial(), true).await?;
+        let mut response = sender.send_request(request).await.map_err(UpstreamError::Reset)?;
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let upstream = hyper::upgrade::on(&mut response);
+            tokio::spawn(async move {
+                if let (Ok(a), Ok(b)) = (downstream.await, upstream.await) {
+                    let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(a), &mut TokioIo::new(b)).await;
+                }
+            });
+        }
+        Ok(response)
+    }
+
+    /// Sends a copy of a request to a mirror backend; its answer is dropped.
+    #[allow(clippy::too_many_arguments, reason = "one call site; the parts of one request")]
+    fn mirror(
+        &self,
+        tables: &Tables,
+        service: &ServicePort,
+        mirror: &Mirror,
+        head: &http::request::Parts,
+        body: Bytes,
+        authority: &str,
+        path: &str,
+        h2: bool,
+    ) {
+        let key =
+            (mirror.backend.host.clone(), mirror.backend.subset.clone(), mirror.backend.port.unwrap_or(service.port));
+        let Lookup::Found(destination) = tables.destination(&self.waypoint, &key) else { return };
+        let Some(i) = destination.pick(None, roll_u64(), &[]) else { return };
+        let Some(dial) = self.waypoint.dial(&self.caller) else { return };
+        let target = destination.endpoints[i].clone();
+        let mut head = clone_head(head);
+        let host =
+            authority.split_once(':').map_or_else(|| format!("{authority}-shadow"), |(h, p)| format!("{h}-shadow:{p}"));
+        if h2 {
+            head.uri = format!("http://{host}{path}").parse().unwrap_or(head.uri);
+        } else if let Ok(value) = HeaderValue::from_str(&host) {
+            head.headers.insert(header::HOST, value);
+        }
+        let waypoint = self.waypoint.clone();
+        tokio::spawn(async move {
+            let request = Request::from_parts(head, full(body));
+            if let Err(error) = waypoint.upstreams.send(&target, h2, request, &dial.dial()).await {
+                debug!(%error, "mirror request failed");
+            }
+        });
     }
 
     fn describe_upstream(
