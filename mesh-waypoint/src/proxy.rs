@@ -69,15 +69,6 @@ impl Replay {
     }
 }
 
-/// Whether a request's body is known to be small enough to keep (no body, or a
-/// `content-length` within [`MAX_REPLAY`]).
-fn body_is_small(headers: &HeaderMap) -> bool {
-    match headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok()) {
-        Some(length) => length <= MAX_REPLAY,
-        None => !headers.contains_key(header::TRANSFER_ENCODING),
-    }
-}
-
 fn clone_head(head: &http::request::Parts) -> http::request::Parts {
     let mut request = Request::new(());
     *request.method_mut() = head.method.clone();
@@ -577,7 +568,11 @@ impl Downstream {
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|v| v.to_ascii_lowercase().contains("upgrade"));
         let grpc = labels.request_protocol == "grpc";
-        let h2 = !upgrade && (request.version() == Version::HTTP_2 || grpc || wants_h2(service));
+        // Upstream HTTP/2 for ports declared HTTP/2 or gRPC and for gRPC requests; the
+        // downstream's protocol on ports of unknown protocol; else HTTP/1.1 (Istio's
+        // default without `h2UpgradePolicy`).
+        let sniffed = protocol_of(service) == Protocol::Unknown && request.version() == Version::HTTP_2;
+        let h2 = !upgrade && (grpc || sniffed || wants_h2(service));
         let mut downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
         let hash = match &destination.policy.lb {
             LbPolicy::ConsistentHash(ch) => {
@@ -620,7 +615,9 @@ impl Downstream {
         // request goes once.
         let retry = &route.retry;
         let replayable = retry.attempts > 0 || !route.mirrors.is_empty();
-        let body: Replay = if replayable && !upgrade && body_is_small(&head.headers) {
+        let small = http_body::Body::is_end_stream(&body)
+            || http_body::Body::size_hint(&body).upper().is_some_and(|upper| upper <= MAX_REPLAY as u64);
+        let body: Replay = if replayable && !upgrade && small {
             match Limited::new(body, MAX_REPLAY).collect().await {
                 Ok(collected) => {
                     let bytes = collected.to_bytes();

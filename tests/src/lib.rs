@@ -339,6 +339,11 @@ impl Lab {
         };
         let credential = self.node(pod.node).state_dir.join("credential");
         let state = self.dir.join(WAYPOINT);
+        // The waypoint is a pod that talks to the controller: the fabric routes its
+        // address back through its node.
+        let fabric = format!("{}-fabric", self.spec.prefix);
+        let via = &self.node(pod.node).ip4;
+        let _ = ip(&["-n", &fabric, "route", "replace", &format!("{}/32", pod.ip4), "via", via]);
         let argv: Vec<String> = vec![
             bin.display().to_string(),
             "--namespace".into(),
@@ -1134,6 +1139,7 @@ fn is_lab_netns(prefix: &str, name: &str) -> bool {
     };
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     rest == "fabric"
+        || rest == WAYPOINT
         || rest.strip_prefix("node").is_some_and(digits)
         || rest.strip_prefix('n').and_then(|r| r.split_once("-p")).is_some_and(|(a, b)| digits(a) && digits(b))
 }
