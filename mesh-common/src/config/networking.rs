@@ -9,7 +9,7 @@ use std::{collections::BTreeMap, prelude::rust_2024::*};
 
 use serde::{Deserialize, Serialize};
 
-use super::meta::{Labels, ObjectMeta, Percent, WorkloadSelector, nullable};
+use super::meta::{Labels, LabelsSelector, ObjectMeta, Percent, WorkloadSelector, nullable};
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct VirtualService {
@@ -124,7 +124,8 @@ pub struct StringMatch {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRouteDestination {
     pub destination: Destination,
-    /// Share of the traffic in percent; `0` (absent) on a single destination means all.
+    /// Relative share of the traffic: `weight / sum of the weights` (Istio dropped the
+    /// "sum to 100" rule); `0` (absent) on a single destination means all.
     #[serde(default)]
     pub weight: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -534,8 +535,9 @@ pub struct ServiceEntrySpec {
     pub resolution: Resolution,
     #[serde(default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<WorkloadEntrySpec>,
+    /// Istio's `networking` selector: `{labels: {...}}` (not `matchLabels`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub workload_selector: Option<WorkloadSelector>,
+    pub workload_selector: Option<LabelsSelector>,
     #[serde(default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
     pub export_to: Vec<String>,
     #[serde(default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]

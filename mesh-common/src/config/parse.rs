@@ -288,6 +288,8 @@ fn join(parent: &str, child: &str) -> String {
 
 /// Parses one source into `loaded`, adding what is wrong to `problems`.
 pub(crate) fn parse_source(source: &Source, loaded: &mut Loaded, problems: &mut Found) {
+    let text = kubectl_flow_scalars(&source.text);
+    let source = &Source { name: source.name.clone(), text: text.into_owned() };
     // First pass: the documents as generic values, to tell their kind and to find
     // syntax errors (after one, libyaml cannot go on in that file).
     let mut values = Vec::new();
@@ -502,4 +504,57 @@ fn with_namespace(mut metadata: ObjectMeta, namespace: &str) -> ObjectMeta {
 fn is_list(map: &Mapping) -> bool {
     map.get("kind").and_then(Value::as_str) == Some("List")
         && map.get("apiVersion").and_then(Value::as_str) == Some("v1")
+}
+
+/// Reads flow collections as kubectl (go-yaml) does. libyaml rejects a plain scalar in
+/// a flow collection that holds a `:` right before `,`, `]` or `}` ("found unexpected
+/// ':'", as in `addresses: [2001:db8::, 10.0.0.1]`); go-yaml takes the `:` as part of
+/// the scalar, so the list is two strings. Each such scalar is quoted, which keeps
+/// every line where it was for the messages; other text is returned as is (and is
+/// not parsed here unless it holds `:,`, `:]` or `:}` somewhere).
+fn kubectl_flow_scalars(text: &str) -> std::borrow::Cow<'_, str> {
+    let mut text = std::borrow::Cow::Borrowed(text);
+    if ![":,", ":]", ":}"].iter().any(|p| text.contains(p)) {
+        return text;
+    }
+    // Each round quotes one scalar; a bound keeps a pathological input cheap.
+    for _ in 0..64 {
+        let error = serde_yaml::Deserializer::from_str(&text).find_map(|d| Value::deserialize(d).err());
+        let Some(error) = error.filter(|e| e.to_string().contains("found unexpected ':'")) else { break };
+        let Some(at) = error.location().map(|l| (l.line(), l.column())) else { break };
+        match quote_flow_scalar(&text, at) {
+            Some(quoted) => text = std::borrow::Cow::Owned(quoted),
+            None => break,
+        }
+    }
+    text
+}
+
+/// Quotes the plain scalar of a flow collection that holds the `:` at or before
+/// (1-based) `line`, `column`, or `None` when there is none to quote.
+fn quote_flow_scalar(text: &str, (line_no, column): (usize, usize)) -> Option<String> {
+    let line_start = if line_no <= 1 { 0 } else { text.match_indices('\n').nth(line_no - 2).map(|(i, _)| i + 1)? };
+    let line_end = text[line_start..].find('\n').map_or(text.len(), |i| line_start + i);
+    let line = &text[line_start..line_end];
+    // The column counts characters; the offending `:` is the last one up to it that a
+    // flow indicator follows.
+    let offset = line.char_indices().nth(column).map_or(line.len(), |(i, _)| i);
+    let colon = line
+        .char_indices()
+        .filter(|(i, c)| *c == ':' && *i <= offset && line[i + 1..].starts_with([',', ']', '}']))
+        .map(|(i, _)| i)
+        .next_back()?;
+    let start = line[..colon].rfind(['[', '{', ',']).map_or(0, |i| i + 1);
+    let start = start + line[start..].len() - line[start..].trim_start().len();
+    let end = line[colon + 1..].find([',', ']', '}']).map_or(line.len(), |i| colon + 1 + i);
+    let scalar = line[start..end].trim_end();
+    if scalar.is_empty() || scalar.starts_with(['\'', '"']) {
+        return None;
+    }
+    let quoted = format!("'{}'", scalar.replace('\'', "''"));
+    let mut out = String::with_capacity(text.len() + quoted.len());
+    out.push_str(&text[..line_start + start]);
+    out.push_str(&quoted);
+    out.push_str(&text[line_start + start + scalar.len()..]);
+    Some(out)
 }

@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, prelude::rust_2024::*};
 
 use serde::{Deserialize, Serialize};
 
-use super::meta::{ObjectMeta, PolicyTargetReference, WorkloadSelector, nullable};
+use super::meta::{ObjectMeta, PolicyTargetReference, WorkloadSelector, nullable, port_keyed};
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct AuthorizationPolicy {
@@ -149,8 +149,9 @@ pub struct PeerAuthenticationSpec {
     pub selector: Option<WorkloadSelector>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtls: Option<Mtls>,
-    /// Port -> mode, for the workload's target ports; needs a `selector`.
-    #[serde(default, deserialize_with = "nullable", skip_serializing_if = "BTreeMap::is_empty")]
+    /// Port -> mode, for the workload's target ports; needs a `selector`. The keys are
+    /// read from integers or from strings (`"8080"`, as the Kubernetes API writes them).
+    #[serde(default, deserialize_with = "port_keyed", skip_serializing_if = "BTreeMap::is_empty")]
     pub port_level_mtls: BTreeMap<u32, Mtls>,
 }
 
@@ -195,6 +196,8 @@ pub struct RequestAuthenticationSpec {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct JwtRule {
+    /// May be empty when `jwksUri` is set (any issuer the key set signs for).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub issuer: String,
     #[serde(default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
     pub audiences: Vec<String>,

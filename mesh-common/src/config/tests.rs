@@ -189,12 +189,12 @@ fn every_problem_is_reported_not_only_the_first() {
 kind: VirtualService
 metadata: {name: a}
 spec:
-  hosts: []
+  hosts: ['*']
   http:
   - timeout: 2x
     route:
     - destination: {host: a}
-      weight: 70
+      weight: -70
     - destination: {host: b}
       weight: 20
 ---
@@ -219,8 +219,8 @@ spec:
     assert_eq!(
         fields,
         [
-            "spec.hosts",
-            "spec.http[0].route",
+            "spec.hosts[0]",
+            "spec.http[0].route[0].weight",
             "spec.http[0].timeout",
             "spec.hostt",
             "spec.rules[0].from[0].source.ipBlocks[1]",
@@ -311,6 +311,7 @@ spec:
   hosts: [reviews]
   gateways:
   http:
+  tcp: [{route: [{destination: {host: reviews}}]}]
 status: {}
 "#,
     )
@@ -463,7 +464,6 @@ spec:
             "spec.rules[0].matches[0].method.type",
             "spec.rules[0].matches[0].method",
             "spec.rules[0].backendRefs[0].port",
-            "spec.jwtRules[0].issuer",
             "spec.jwtRules[0].jwksUri",
             "spec.jwtRules[0].timeout",
             "spec.address",
@@ -499,4 +499,66 @@ fn a_kind_in_the_wrong_istio_group_is_an_error() {
     assert!(found[0].reason.contains("supported: security.istio.io/v1beta1, security.istio.io/v1"), "{found:#?}");
     let found = problems("apiVersion: v1\nkind: VirtualService\nmetadata: {name: p}\nspec: {hosts: [p]}\n");
     assert_eq!(found[0].field, "apiVersion");
+}
+
+#[test]
+fn port_level_mtls_keys_are_integers_or_strings() {
+    // `kubectl get -o yaml` and the Kubernetes API write the keys as strings.
+    for key in ["8080", "\"8080\"", "'8080'"] {
+        let text = format!(
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: p, namespace: shop}}\n\
+             spec:\n  selector: {{matchLabels: {{app: echo}}}}\n  portLevelMtls:\n    {key}: {{mode: DISABLE}}\n"
+        );
+        let config = load_one(&text).unwrap_or_else(|r| panic!("{key}: {r}"));
+        let ports: Vec<u32> = config.peer_authentications[0].spec.port_level_mtls.keys().copied().collect();
+        assert_eq!(ports, [8080], "{key}");
+    }
+    let json = r#"{"apiVersion":"security.istio.io/v1","kind":"PeerAuthentication","metadata":{"name":"p"},
+        "spec":{"selector":{"matchLabels":{"app":"echo"}},"portLevelMtls":{"8080":{"mode":"DISABLE"}}}}"#;
+    assert!(load_one(json).is_ok());
+}
+
+#[test]
+fn service_entry_selectors_take_labels() {
+    let se = |selector: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: se}}\nspec:\n  hosts: [api.internal]\n  \
+             location: MESH_INTERNAL\n  ports: [{{number: 80, name: http, protocol: HTTP}}]\n  workloadSelector: {selector}\n"
+        )
+    };
+    let config = load_one(&se("{labels: {app: vm}}")).unwrap();
+    let selector = config.service_entries[0].spec.workload_selector.as_ref().unwrap();
+    assert_eq!(selector.labels.get("app").map(String::as_str), Some("vm"));
+    let wrong = problems(&se("{matchLabels: {app: vm}}"));
+    assert_eq!(wrong[0].field, "spec.workloadSelector.matchLabels", "{wrong:?}");
+}
+
+#[test]
+fn weights_are_relative_and_delegates_have_no_hosts() {
+    let vs = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\nspec:\n  hosts: [r]\n  http:\n  \
+              - route:\n    - {destination: {host: a}, weight: 1}\n    - {destination: {host: b}, weight: 3}\n";
+    assert!(load_one(vs).is_ok());
+    let delegate = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: d}\nspec:\n  http:\n  \
+                    - route:\n    - destination: {host: a}\n";
+    assert!(load_one(delegate).is_ok());
+}
+
+#[test]
+fn jwks_uri_alone_and_the_newer_when_keys() {
+    let ra = "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: j}\nspec:\n  jwtRules:\n  \
+              - jwksUri: https://example.com/.well-known/jwks.json\n";
+    assert!(load_one(ra).is_ok());
+    let ap = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec:\n  rules:\n  - when:\n    \
+              - {key: source.serviceAccount, values: [default/sleep]}\n    - {key: source.trustDomain, values: [cluster.local]}\n";
+    assert!(load_one(ap).is_ok());
+}
+
+#[test]
+fn plain_scalars_read_as_kubectl_reads_them() {
+    // kubectl (sigs.k8s.io/yaml) reads these plain scalars as strings.
+    let se = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: se}\nspec:\n  hosts: [a.example]\n  \
+              addresses: [1.2.3.4, 2001:db8::, 001:db8::, 10.0.0.0/8]\n  ports: [{number: 80, name: http}]\n  resolution: STATIC\n  \
+              endpoints: [{address: 1.2.3.4}]\n";
+    let config = load_one(se).unwrap_or_else(|r| panic!("{r}"));
+    assert_eq!(config.service_entries[0].spec.addresses, ["1.2.3.4", "2001:db8::", "001:db8::", "10.0.0.0/8"]);
 }

@@ -79,8 +79,21 @@ impl SubsetIndex {
 
 pub(super) fn virtual_service(o: &mut Obj, vs: &VirtualService, subsets: &SubsetIndex) {
     let spec = &vs.spec;
-    if spec.hosts.is_empty() {
-        o.err("spec.hosts", "a VirtualService needs at least one host");
+    // No hosts: a delegate, included by a root VirtualService's `http[].delegate`.
+    let delegate = spec.hosts.is_empty();
+    if delegate {
+        if !spec.gateways.is_empty() {
+            o.err("spec.gateways", "a delegate VirtualService (no hosts) must not name gateways");
+        }
+        if !spec.tcp.is_empty() {
+            o.err("spec.tcp", "a delegate VirtualService (no hosts) must not have tcp routes");
+        }
+        if !spec.tls.is_empty() {
+            o.err("spec.tls", "a delegate VirtualService (no hosts) must not have tls routes");
+        }
+    }
+    if spec.http.is_empty() && spec.tcp.is_empty() && spec.tls.is_empty() {
+        o.err("spec", "a VirtualService needs http, tcp or tls routes");
     }
     let mesh = spec.gateways.is_empty() || spec.gateways.iter().any(|g| g == "mesh");
     for (i, host) in spec.hosts.iter().enumerate() {
@@ -102,7 +115,11 @@ pub(super) fn virtual_service(o: &mut Obj, vs: &VirtualService, subsets: &Subset
     }
     o.export_to("spec.exportTo", &spec.export_to);
     for (i, rule) in spec.http.iter().enumerate() {
-        http_rule(o, &format!("spec.http[{i}]"), rule, subsets);
+        let field = format!("spec.http[{i}]");
+        if delegate && rule.delegate.is_some() {
+            o.err(format!("{field}.delegate"), "a delegate VirtualService must not delegate again");
+        }
+        http_rule(o, &field, rule, subsets);
     }
     for (i, rule) in spec.tcp.iter().enumerate() {
         let field = format!("spec.tcp[{i}]");
@@ -158,15 +175,18 @@ fn route_destinations(o: &mut Obj, field: &str, route: &[RouteDestination], subs
 
 /// Each weight within 0..=100; with more than one destination they add up to 100
 /// (a single destination may leave its weight out).
+/// Weights are relative (`weight / sum`), as in Istio: any non-negative 32-bit value;
+/// the data plane normalizes. Several destinations must not all weigh 0.
 fn weights(o: &mut Obj, field: &str, weights: &[i64]) {
     for (k, weight) in weights.iter().enumerate() {
-        if !(0..=100).contains(weight) {
-            o.err(format!("{field}[{k}].weight"), format!("weight {weight} is outside 0..=100"));
+        if *weight < 0 {
+            o.err(format!("{field}[{k}].weight"), format!("weight {weight} is negative"));
+        } else if *weight > i64::from(i32::MAX) {
+            o.err(format!("{field}[{k}].weight"), format!("weight {weight} is above {}", i32::MAX));
         }
     }
-    let sum: i64 = weights.iter().sum();
-    if weights.len() > 1 && sum != 100 {
-        o.err(field, format!("the weights of the {} destinations add up to {sum}, not 100", weights.len()));
+    if weights.len() > 1 && weights.iter().all(|w| *w == 0) {
+        o.err(field, format!("the {} destinations all have weight 0", weights.len()));
     }
 }
 
@@ -242,6 +262,18 @@ fn http_rule(o: &mut Obj, field: &str, rule: &HttpRule, subsets: &SubsetIndex) {
             o.port(&format!("{field}.port"), port);
         }
         o.labels(&format!("{field}.sourceLabels"), &m.source_labels);
+    }
+    if rule.delegate.is_some() {
+        for (name, set) in [
+            ("route", !rule.route.is_empty()),
+            ("redirect", rule.redirect.is_some()),
+            ("directResponse", rule.direct_response.is_some()),
+            ("mirror", rule.mirror.is_some() || !rule.mirrors.is_empty()),
+        ] {
+            if set {
+                o.err(format!("{field}.delegate"), format!("delegate and {name} are mutually exclusive"));
+            }
+        }
     }
     if !rule.route.is_empty() && rule.redirect.is_some() {
         o.err(format!("{field}.redirect"), "route and redirect are mutually exclusive");
@@ -496,7 +528,9 @@ pub(super) fn service_entry(o: &mut Obj, se: &ServiceEntry) {
         }
     }
     o.export_to("spec.exportTo", &spec.export_to);
-    o.selector("spec.workloadSelector", spec.workload_selector.as_ref());
+    if let Some(selector) = &spec.workload_selector {
+        o.labels("spec.workloadSelector.labels", &selector.labels);
+    }
     if spec.workload_selector.is_some() && !spec.endpoints.is_empty() {
         o.err("spec.workloadSelector", "workloadSelector and endpoints are mutually exclusive");
     }

@@ -154,6 +154,8 @@ const CONDITION_KEYS: &[&str] = &[
     "remote.ip",
     "source.namespace",
     "source.principal",
+    "source.serviceAccount",
+    "source.trustDomain",
     "request.auth.principal",
     "request.auth.audiences",
     "request.auth.presenter",
@@ -217,8 +219,8 @@ pub(super) fn request_authentication(o: &mut Obj, ra: &RequestAuthentication) {
     o.targets(spec.selector.as_ref(), spec.target_ref.as_ref(), &spec.target_refs);
     for (i, rule) in spec.jwt_rules.iter().enumerate() {
         let field = format!("spec.jwtRules[{i}]");
-        if rule.issuer.is_empty() {
-            o.err(format!("{field}.issuer"), "must not be empty");
+        if rule.issuer.is_empty() && rule.jwks_uri.is_none() {
+            o.err(format!("{field}.issuer"), "issuer or jwksUri is required");
         }
         if let Some(uri) = &rule.jwks_uri {
             let rest = uri.strip_prefix("https://").or_else(|| uri.strip_prefix("http://"));
