@@ -136,6 +136,14 @@ pub struct Config {
     pub telemetries: Vec<Telemetry>,
     pub http_routes: Vec<HttpRoute>,
     pub grpc_routes: Vec<GrpcRoute>,
+    /// What is accepted but deserves a look, in input order: references to objects
+    /// that are not loaded (a route's subset whose `DestinationRule` is in another
+    /// file or not applied yet: at run time such requests get 503 with response flag
+    /// `NR`, as in Istio), fields accepted but not enforced yet, deprecated fields.
+    /// `meshctl validate` prints them (and fails on them with `--strict`); the
+    /// controller logs them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<Problem>,
     /// Documents accepted but not served, one line each:
     /// `Kind/namespace/name (apiVersion) in FILE: why` (`Kind/name` when the document
     /// names no namespace). The kind is everything before the first `/`.
@@ -161,6 +169,7 @@ impl Default for Config {
             telemetries: Vec::new(),
             http_routes: Vec::new(),
             grpc_routes: Vec::new(),
+            warnings: Vec::new(),
             ignored: Vec::new(),
         }
     }
@@ -229,16 +238,27 @@ impl Config {
 /// Parses and validates every document of every source. All problems are reported,
 /// not only the first (each object is checked on its own, then against the others:
 /// duplicates, references), in input order.
+///
+/// Warnings (what Istio's admission accepts but `istioctl analyze` reports) do not
+/// reject the configuration: they are in [`Config::warnings`].
 pub fn load(sources: &[Source]) -> Result<Config, Report> {
     let mut problems = Vec::new();
     let mut loaded = parse::Loaded::default();
     for source in sources {
         parse::parse_source(source, &mut loaded, &mut problems);
     }
-    validate::validate(&loaded, &mut problems);
+    let mut warnings = std::mem::take(&mut loaded.warnings);
+    validate::validate(&loaded, &mut problems, &mut warnings);
     // Stable: the problems of one object stay in the order the checks found them.
     problems.sort_by_key(|(seq, _)| *seq);
-    if problems.is_empty() { Ok(loaded.config) } else { Err(Report(problems.into_iter().map(|(_, p)| p).collect())) }
+    warnings.sort_by_key(|(seq, _)| *seq);
+    if problems.is_empty() {
+        let mut config = loaded.config;
+        config.warnings = warnings.into_iter().map(|(_, p)| p).collect();
+        Ok(config)
+    } else {
+        Err(Report(problems.into_iter().map(|(_, p)| p).collect()))
+    }
 }
 
 /// Reads files and directories (recursively: `*.yaml`, `*.yml`, `*.json`, in sorted

@@ -234,6 +234,23 @@ fn an_invalid_object_is_left_out_or_held_and_reported_while_the_rest_applies() {
 }
 
 #[test]
+fn a_route_whose_destination_rule_is_not_applied_yet_is_served_with_a_warning() {
+    let mut store = recorded_cluster();
+    let rule = items("istio.json").into_iter().find(|o| o["kind"] == "DestinationRule").expect("DestinationRule");
+    store.apply(kind("DestinationRule"), Event::Delete(dynamic(&rule)));
+    let admitted = admit(&mut Admission::default(), &store);
+    assert!(admitted.problems.is_empty() && admitted.left_out.is_empty(), "{:?}", admitted.problems);
+    assert!(admitted.config.virtual_services.iter().any(|v| v.metadata.name == "echo"));
+    let warnings: Vec<&str> = admitted.config.warnings.iter().map(|w| w.field.as_str()).collect();
+    assert_eq!(
+        warnings,
+        ["spec.http[0].route[0].destination.subset", "spec.http[0].route[1].destination.subset"],
+        "{:?}",
+        admitted.config.warnings
+    );
+}
+
+#[test]
 fn recorded_token_reviews_give_the_node_or_a_reason() {
     let review = |name: &str| serde_json::from_value::<TokenReview>(recorded(name)).unwrap().status.unwrap();
     let account = "system:serviceaccount:istio-system:mesh-agent";

@@ -36,6 +36,23 @@ fn the_seed_virtual_service_is_valid_with_its_destination_rule() {
 }
 
 #[test]
+fn a_route_to_a_subset_defined_elsewhere_is_a_warning_and_fails_only_with_strict() {
+    let file = corpus("valid/004-virtualservice.yaml");
+    let out = meshctl(&[&file]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let warnings: Vec<&str> = stdout.lines().filter(|l| l.starts_with("warning: ")).collect();
+    assert_eq!(warnings.len(), 2, "{stdout}");
+    assert!(warnings[0].contains("spec.http[0].route[0].destination.subset: subset `v1` is not defined"), "{stdout}");
+    assert!(warnings[0].contains("503 (response flag NR)"), "{stdout}");
+    assert_eq!(stdout.lines().last(), Some("✔ 1 object in 1 file is valid with 2 warnings"));
+
+    let strict =
+        Command::new(env!("CARGO_BIN_EXE_meshctl")).args(["validate", "--strict"]).arg(&file).output().unwrap();
+    assert_eq!(strict.status.code(), Some(1), "{}", text(&strict.stdout));
+}
+
+#[test]
 fn a_broken_manifest_exits_1_naming_file_object_field_and_reason() {
     let file = corpus("corpus/weight-negative.yaml");
     let out = meshctl(&[&file]);

@@ -173,6 +173,8 @@ pub(crate) struct Loaded {
     pub config: Config,
     pub origins: BTreeMap<ObjectKey, Origin>,
     pub broken_destination_rules: Vec<(String, String)>,
+    /// Warnings found while decoding (fields accepted but not enforced).
+    pub warnings: Found,
     /// Documents read so far, across sources.
     documents: usize,
 }

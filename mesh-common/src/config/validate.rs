@@ -17,13 +17,13 @@ mod k8s;
 mod networking;
 mod security;
 
-pub(crate) fn validate(loaded: &Loaded, problems: &mut Found) {
+pub(crate) fn validate(loaded: &Loaded, problems: &mut Found, warnings: &mut Found) {
     let c = &loaded.config;
     let subsets = networking::SubsetIndex::new(loaded);
     macro_rules! each {
         ($list:ident, $kind:expr, $check:expr) => {
             for object in &c.$list {
-                let mut o = Obj::new(loaded, $kind, &object.metadata, problems);
+                let mut o = Obj::new(loaded, $kind, &object.metadata, problems, warnings);
                 o.metadata(&object.metadata, $kind);
                 #[allow(clippy::redundant_closure_call)]
                 ($check)(&mut o, object);
@@ -52,16 +52,23 @@ pub(super) struct Obj<'a> {
     seq: usize,
     pub namespace: String,
     problems: &'a mut Found,
+    warnings: &'a mut Found,
 }
 
 impl<'a> Obj<'a> {
-    fn new(loaded: &Loaded, kind: Kind, meta: &ObjectMeta, problems: &'a mut Found) -> Self {
+    fn new(loaded: &Loaded, kind: Kind, meta: &ObjectMeta, problems: &'a mut Found, warnings: &'a mut Found) -> Self {
         let (file, id, seq) = loaded.origin(kind, meta);
-        Self { file: file.to_string(), id, seq, namespace: meta.namespace.clone(), problems }
+        Self { file: file.to_string(), id, seq, namespace: meta.namespace.clone(), problems, warnings }
     }
 
     pub fn err(&mut self, field: impl Into<String>, reason: impl Into<String>) {
         self.problems.push((self.seq, Problem::new(self.file.clone(), Some(self.id.clone()), field, reason)));
+    }
+
+    /// Something Istio accepts but `istioctl analyze` would point out: reported, not
+    /// rejected.
+    pub fn warn(&mut self, field: impl Into<String>, reason: impl Into<String>) {
+        self.warnings.push((self.seq, Problem::new(self.file.clone(), Some(self.id.clone()), field, reason)));
     }
 
     fn metadata(&mut self, meta: &ObjectMeta, kind: Kind) {

@@ -24,32 +24,46 @@ pub(crate) fn fqdn(host: &str, ns: &str) -> String {
     if host.contains('.') || host.contains('*') { host.to_string() } else { format!("{host}.{ns}.svc.{DNS_DOMAIN}") }
 }
 
-/// The subsets each host's `DestinationRule`s define.
+/// The subsets each host's `DestinationRule`s define, and which rules those are.
 pub(super) struct SubsetIndex {
-    exact: BTreeMap<String, BTreeSet<String>>,
-    /// `*.example.com` rules, as (`.example.com`, subsets); `*` alone is (`""`, subsets).
-    wildcard: Vec<(String, BTreeSet<String>)>,
+    exact: BTreeMap<String, Rules>,
+    /// `*.example.com` rules, as (`.example.com`, rules); `*` alone is (`""`, rules).
+    wildcard: Vec<(String, Rules)>,
     /// Hosts of rules that could not be decoded: their subsets are unknown.
     broken: BTreeSet<String>,
+    /// How many rules were looked through, for the messages.
+    count: usize,
+}
+
+#[derive(Default)]
+struct Rules {
+    subsets: BTreeSet<String>,
+    /// `namespace/name` of each rule.
+    names: Vec<String>,
 }
 
 enum Lookup<'a> {
-    Defined(BTreeSet<&'a str>),
+    Defined { subsets: BTreeSet<&'a str>, rules: Vec<&'a str> },
     NoRule,
     Unknown,
 }
 
 impl SubsetIndex {
     pub(super) fn new(loaded: &Loaded) -> Self {
-        let mut index = Self { exact: BTreeMap::new(), wildcard: Vec::new(), broken: BTreeSet::new() };
-        for dr in &loaded.config.destination_rules {
+        let rules = &loaded.config.destination_rules;
+        let mut index =
+            Self { exact: BTreeMap::new(), wildcard: Vec::new(), broken: BTreeSet::new(), count: rules.len() };
+        for dr in rules {
             let host = fqdn(&dr.spec.host, &dr.metadata.namespace);
-            let names = dr.spec.subsets.iter().map(|s| s.name.clone());
-            if let Some(suffix) = host.strip_prefix('*') {
-                index.wildcard.push((suffix.to_string(), names.collect()));
+            let name = format!("{}/{}", dr.metadata.namespace, dr.metadata.name);
+            let entry = if let Some(suffix) = host.strip_prefix('*') {
+                index.wildcard.push((suffix.to_string(), Rules::default()));
+                &mut index.wildcard.last_mut().expect("just pushed").1
             } else {
-                index.exact.entry(host).or_default().extend(names);
-            }
+                index.exact.entry(host).or_default()
+            };
+            entry.subsets.extend(dr.spec.subsets.iter().map(|s| s.name.clone()));
+            entry.names.push(name);
         }
         for (ns, host) in &loaded.broken_destination_rules {
             index.broken.insert(fqdn(host, ns));
@@ -61,19 +75,19 @@ impl SubsetIndex {
         if self.broken.contains(host) {
             return Lookup::Unknown;
         }
+        let matching = self
+            .exact
+            .get(host)
+            .into_iter()
+            .chain(self.wildcard.iter().filter(|(suffix, _)| host.ends_with(suffix.as_str())).map(|(_, r)| r));
         let mut found = false;
-        let mut subsets = BTreeSet::new();
-        if let Some(exact) = self.exact.get(host) {
+        let (mut subsets, mut rules) = (BTreeSet::new(), Vec::new());
+        for r in matching {
             found = true;
-            subsets.extend(exact.iter().map(String::as_str));
+            subsets.extend(r.subsets.iter().map(String::as_str));
+            rules.extend(r.names.iter().map(String::as_str));
         }
-        for (suffix, names) in &self.wildcard {
-            if host.ends_with(suffix.as_str()) {
-                found = true;
-                subsets.extend(names.iter().map(String::as_str));
-            }
-        }
-        if found { Lookup::Defined(subsets) } else { Lookup::NoRule }
+        if found { Lookup::Defined { subsets, rules } } else { Lookup::NoRule }
     }
 }
 
@@ -207,22 +221,36 @@ fn destination(o: &mut Obj, field: &str, d: &Destination, subsets: &SubsetIndex)
         return;
     }
     let host = fqdn(&d.host, &o.namespace);
+    // A reference to another object, which may be in another file or not applied yet:
+    // Istio admits it and `istioctl analyze` warns (IST0101); requests get 503 (NR).
+    let consequence = "until it is defined, requests routed to it get 503 (response flag NR)";
     match subsets.lookup(&host) {
-        Lookup::NoRule => o.err(
-            format!("{field}.subset"),
-            format!("subset `{subset}` is not defined: no DestinationRule for host `{host}`"),
-        ),
-        Lookup::Defined(defined) if !defined.contains(subset.as_str()) => {
-            let defined: Vec<&str> = defined.into_iter().collect();
-            let defined = if defined.is_empty() { "none".to_string() } else { defined.join(", ") };
-            o.err(
+        Lookup::NoRule => {
+            let n = subsets.count;
+            let looked = match n {
+                0 => "no DestinationRule was loaded".to_string(),
+                1 => "looked through the 1 DestinationRule loaded, by exact and wildcard host".to_string(),
+                n => format!("looked through the {n} DestinationRules loaded, by exact and wildcard host"),
+            };
+            o.warn(
                 format!("{field}.subset"),
                 format!(
-                    "subset `{subset}` is not defined in any DestinationRule for host `{host}` (defined: {defined})"
+                    "subset `{subset}` is not defined: no DestinationRule for host `{host}` ({looked}); {consequence}"
                 ),
             );
         }
-        Lookup::Defined(_) | Lookup::Unknown => {}
+        Lookup::Defined { subsets: defined, rules } if !defined.contains(subset.as_str()) => {
+            let defined: Vec<&str> = defined.into_iter().collect();
+            let defined = if defined.is_empty() { "none".to_string() } else { defined.join(", ") };
+            o.warn(
+                format!("{field}.subset"),
+                format!(
+                    "subset `{subset}` is not defined in the DestinationRules for host `{host}` ({}; defined: {defined}); {consequence}",
+                    rules.join(", ")
+                ),
+            );
+        }
+        Lookup::Defined { .. } | Lookup::Unknown => {}
     }
 }
 
