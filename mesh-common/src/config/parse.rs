@@ -1,7 +1,7 @@
 //! From text to typed objects: splits multi-document YAML (JSON is YAML too), tells the
 //! kind of each document, decodes it with field paths for every error, and records
 //! where each object came from for the checks that follow.
-use std::{collections::BTreeMap, fmt, prelude::rust_2024::*};
+use std::{collections::BTreeMap, fmt, fmt::Write as _, prelude::rust_2024::*};
 
 use serde::{Deserialize, Deserializer, de::IgnoredAny};
 use serde_yaml::{Mapping, Value};
@@ -142,7 +142,7 @@ impl fmt::Display for ObjectKey {
 }
 
 fn object_id(f: &mut fmt::Formatter, kind: &str, namespace: &str, name: &str) -> fmt::Result {
-    let name = if name.is_empty() { "?" } else { name };
+    let name = if name.is_empty() { "\"\"" } else { name };
     if namespace.is_empty() { write!(f, "{kind}/{name}") } else { write!(f, "{kind}/{namespace}/{name}") }
 }
 
@@ -205,10 +205,21 @@ struct Envelope<S, T = IgnoredAny> {
     status: Option<T>,
 }
 
-/// A decoding failure: the field path and the reason (with the line when known).
+/// A decoding failure: the field path and the reason (with the line when known), and
+/// where in the document it is, to set that part aside and look for more.
 struct DecodeError {
     field: String,
     reason: String,
+    line: Option<usize>,
+    /// The path serde reports: the failing value, or the object missing a field.
+    at: Vec<Step>,
+}
+
+/// One step of a path into a document.
+#[derive(Clone, Debug, PartialEq)]
+enum Step {
+    Key(String),
+    Index(usize),
 }
 
 fn decode<'de, T, D>(deserializer: D) -> Result<T, DecodeError>
@@ -217,17 +228,121 @@ where
     D: Deserializer<'de, Error = serde_yaml::Error>,
 {
     serde_path_to_error::deserialize(deserializer).map_err(|e| {
-        let path = e.path().to_string();
+        let at = e
+            .path()
+            .iter()
+            .filter_map(|s| match s {
+                serde_path_to_error::Segment::Seq { index } => Some(Step::Index(*index)),
+                serde_path_to_error::Segment::Map { key } => Some(Step::Key(key.clone())),
+                _ => None,
+            })
+            .collect::<Vec<_>>();
         let error = e.into_inner();
-        let (field, reason) = describe(&path, &error);
-        DecodeError { field, reason }
+        let (field, reason) = describe(&at, &error);
+        DecodeError { field, reason, line: error.location().map(|l| l.line()), at }
     })
+}
+
+/// Whether the document decodes as `kind`, and the first error if not.
+fn check<'de, D>(kind: Kind, value: D) -> Result<(), DecodeError>
+where
+    D: Deserializer<'de, Error = serde_yaml::Error>,
+{
+    macro_rules! envelope {
+        ($spec:ty) => {
+            decode::<Envelope<$spec>, _>(value).map(drop)
+        };
+    }
+    match kind {
+        Kind::Namespace => envelope!(NamespaceSpec),
+        Kind::Service => envelope!(ServiceSpec),
+        Kind::EndpointSlice => decode::<EndpointSlice, _>(value).map(drop),
+        Kind::Pod => decode::<Envelope<PodSpec, PodStatus>, _>(value).map(drop),
+        Kind::WorkloadEntry => envelope!(WorkloadEntrySpec),
+        Kind::AuthorizationPolicy => envelope!(AuthorizationPolicySpec),
+        Kind::PeerAuthentication => envelope!(PeerAuthenticationSpec),
+        Kind::RequestAuthentication => envelope!(RequestAuthenticationSpec),
+        Kind::VirtualService => envelope!(VirtualServiceSpec),
+        Kind::DestinationRule => envelope!(DestinationRuleSpec),
+        Kind::ServiceEntry => envelope!(ServiceEntrySpec),
+        Kind::Telemetry => envelope!(TelemetrySpec),
+        Kind::HttpRoute => envelope!(HttpRouteSpec),
+        Kind::GrpcRoute => envelope!(GrpcRouteSpec),
+    }
+}
+
+/// The decoding errors after `first`: each round sets aside the part that failed
+/// (removes the key, or nulls the list item) and decodes again. An error on a path
+/// already reported (the key just removed is now "missing") is a consequence, not
+/// another problem, and is not repeated.
+fn more_decode_errors(kind: Kind, document: &Value, first: &DecodeError) -> Vec<DecodeError> {
+    let mut value = document.clone();
+    let mut reported = vec![first.field.clone()];
+    let mut found = Vec::new();
+    let mut at = first.at.clone();
+    // Each round removes something, so this ends; the bound keeps a huge document cheap.
+    for _ in 0..64 {
+        // Set aside the failing part, or a larger one when that changes nothing.
+        while !set_aside(&mut value, &at) {
+            if at.pop().is_none() {
+                return found;
+            }
+        }
+        match check(kind, value.clone()) {
+            Ok(()) => break,
+            Err(next) => {
+                let related = |r: &String| is_within(&next.field, r) || is_within(r, &next.field);
+                if reported.iter().any(related) {
+                    at = next.at;
+                } else {
+                    reported.push(next.field.clone());
+                    at.clone_from(&next.at);
+                    found.push(next);
+                }
+            }
+        }
+    }
+    found
+}
+
+/// Whether `path` is `outer` or inside it (`a.b` is within `a`, `a[0]` too, `ab` not).
+fn is_within(path: &str, outer: &str) -> bool {
+    path.strip_prefix(outer).is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+}
+
+/// Removes the key (or nulls the list item) at `at`; false when nothing changed.
+fn set_aside(value: &mut Value, at: &[Step]) -> bool {
+    let Some((last, parents)) = at.split_last() else { return false };
+    let mut node = value;
+    for step in parents {
+        let next = match (step, node) {
+            (Step::Key(k), Value::Mapping(m)) => m.get_mut(k.as_str()),
+            (Step::Index(i), Value::Sequence(s)) => s.get_mut(*i),
+            _ => None,
+        };
+        match next {
+            Some(next) => node = next,
+            None => return false,
+        }
+    }
+    match (last, node) {
+        (Step::Key(k), Value::Mapping(m)) => m.remove(k.as_str()).is_some(),
+        // Removing an item would renumber the ones after it.
+        (Step::Index(i), Value::Sequence(s)) => match s.get_mut(*i) {
+            Some(item) if !item.is_null() => {
+                *item = Value::Null;
+                true
+            }
+            _ => false,
+        },
+        _ => false,
+    }
 }
 
 /// Splits serde's message into a field path and a reason a person reads: the path of
 /// a missing or unknown field ends with that field, `serde_yaml`'s own path prefix and
 /// position suffix are dropped and the line is said once at the end.
-fn describe(path: &str, error: &serde_yaml::Error) -> (String, String) {
+fn describe(at: &[Step], error: &serde_yaml::Error) -> (String, String) {
     let mut message = error.to_string();
     if let Some(location) = error.location()
         && let Some(at) = message.rfind(" at line ")
@@ -241,7 +356,7 @@ fn describe(path: &str, error: &serde_yaml::Error) -> (String, String) {
     {
         message = rest.to_string();
     }
-    let mut field = if path == "." { String::new() } else { path.to_string() };
+    let mut field = field_path(at);
     let quoted = |m: &str, lead: &str| -> Option<String> {
         let rest = m.strip_prefix(lead)?;
         let end = rest.find('`')?;
@@ -260,10 +375,7 @@ fn describe(path: &str, error: &serde_yaml::Error) -> (String, String) {
             message = "unknown field".into();
         }
     }
-    message = plain_types(&message);
-    if let Some(location) = error.location() {
-        message = format!("{message} (line {})", location.line());
-    }
+    message = plain_types(&message).replace("unit value", "null");
     (field, message)
 }
 
@@ -282,6 +394,50 @@ fn plain_types(message: &str) -> String {
         _ => expected,
     };
     format!("{head}, expected {plain}")
+}
+
+/// Fields whose values are maps with keys the user chose (labels, header names,
+/// ports): a key under one is written `["key"]`, not `.key`.
+const MAP_FIELDS: &[&str] = &[
+    "labels",
+    "annotations",
+    "matchLabels",
+    "sourceLabels",
+    "headers",
+    "queryParams",
+    "withoutHeaders",
+    "portLevelMtls",
+    "set",
+    "add",
+    "ports",
+];
+
+/// A path as the messages write it: `spec.http[0].match[1].headers["x-user"].exact`.
+fn field_path(at: &[Step]) -> String {
+    let mut out = String::new();
+    let mut previous: Option<&Step> = None;
+    for step in at {
+        match step {
+            Step::Index(i) => {
+                let _ = write!(out, "[{i}]");
+            }
+            // A VirtualService rule's `headers` holds `request`/`response`, not names.
+            Step::Key(k)
+                if matches!(previous, Some(Step::Key(p)) if MAP_FIELDS.contains(&p.as_str())
+                    && !(p == "headers" && matches!(k.as_str(), "request" | "response"))) =>
+            {
+                let _ = write!(out, "[{k:?}]");
+            }
+            Step::Key(k) => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(k);
+            }
+        }
+        previous = Some(step);
+    }
+    out
 }
 
 fn join(parent: &str, child: &str) -> String {
@@ -422,14 +578,33 @@ impl Doc<'_> {
                 format!("apiVersion `{api_version}` is not supported for {kind_name} (supported: {supported})"),
             );
         }
-        if let Err(e) = self.decode_into(kind, &scoped_ns, deserializer) {
+        // Decoded from the YAML value, whose scalars are typed as kubectl types them
+        // (`123` is a number, `~` is null); serde_yaml decoding straight from the text
+        // would take any plain scalar as a string where a string is expected.
+        let document = Value::Mapping(map.clone());
+        if let Err(mut e) = self.decode_into(kind, &scoped_ns, document.clone()) {
+            // The line, from the text, when the text fails at the same place.
+            if let Err(in_text) = check(kind, deserializer)
+                && in_text.field == e.field
+            {
+                e.line = in_text.line;
+            }
             if kind == Kind::DestinationRule
                 && let Some(host) = map.get("spec").and_then(|s| s.get("host")).and_then(Value::as_str)
             {
                 self.loaded.broken_destination_rules.push((scoped_ns.clone(), host.to_string()));
             }
-            let field = if e.field.is_empty() { String::new() } else { format!("{prefix}{}", e.field) };
-            self.problem(Some(id), field, e.reason);
+            // serde stops at the first error: find the others by setting aside what
+            // failed and decoding again, so that one run reports them all.
+            let more = more_decode_errors(kind, &document, &e);
+            for e in std::iter::once(e).chain(more) {
+                let field = if e.field.is_empty() { String::new() } else { format!("{prefix}{}", e.field) };
+                let reason = match e.line {
+                    Some(line) => format!("{} (line {line})", e.reason),
+                    None => e.reason,
+                };
+                self.problem(Some(id.clone()), field, reason);
+            }
         }
     }
 

@@ -473,7 +473,7 @@ spec:
             "spec.jwtRules[0].jwksUri",
             "spec.jwtRules[0].timeout",
             "spec.address",
-            "spec.ports[http]",
+            "spec.ports[\"http\"]",
         ],
         "{found:#?}"
     );
@@ -567,4 +567,70 @@ fn plain_scalars_read_as_kubectl_reads_them() {
               endpoints: [{address: 1.2.3.4}]\n";
     let config = load_one(se).unwrap_or_else(|r| panic!("{r}"));
     assert_eq!(config.service_entries[0].spec.addresses, ["1.2.3.4", "2001:db8::", "001:db8::", "10.0.0.0/8"]);
+}
+
+#[test]
+fn every_decoding_problem_of_an_object_in_one_run() {
+    let found = problems(
+        "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: r}
+spec:
+  hosts: [r, ~]
+  http:
+  - match:
+    - headers: {x-user: {exactt: bob}}
+    route:
+    - destination: {host: a, port: {number: http}}
+    - destination: {host: b}
+      weight: many
+    timeoutt: 2s
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: p}
+spec:
+  selector: {matchLabels: {app: a}}
+  portLevelMtls:
+    \"80\": {mode: STRIKT}
+    \"81\": DISABLE
+",
+    );
+    let fields: Vec<&str> = found.iter().map(|p| p.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        [
+            "spec.hosts[1]",
+            "spec.http[0].match[0].headers[\"x-user\"].exactt",
+            "spec.http[0].route[0].destination.port.number",
+            "spec.http[0].route[1].weight",
+            "spec.http[0].timeoutt",
+            "spec.portLevelMtls[\"80\"].mode",
+            "spec.portLevelMtls[\"81\"]",
+        ],
+        "{found:#?}"
+    );
+    // `null`, not serde's "unit value".
+    assert!(found[0].reason.starts_with("invalid type: null, expected a string"), "{found:#?}");
+    // The first problem of an object carries its line (when the text fails there too:
+    // read as text, serde_yaml would take `~` for the string "~").
+    assert!(found[5].reason.ends_with("(line 21)"), "{found:#?}");
+    assert!(found[6].reason.starts_with("invalid type: string \"DISABLE\", expected a mapping"), "{found:#?}");
+}
+
+#[test]
+fn an_empty_name_reads_as_quotes() {
+    let found = problems("apiVersion: v1\nkind: Namespace\nmetadata: {name: ''}\n");
+    assert_eq!(found[0].object.as_deref(), Some("Namespace/\"\""), "{found:#?}");
+}
+
+#[test]
+fn a_number_where_a_string_belongs_is_rejected_as_the_api_server_does() {
+    // kubectl sends `123` as a number; a CRD's `type: string` rejects it.
+    let found = problems(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\nspec:\n  hosts: [r]\n  \
+         http:\n  - timeout: 10\n    route: [{destination: {host: r}}]\n",
+    );
+    assert_eq!(found[0].field, "spec.http[0].timeout", "{found:#?}");
+    assert!(found[0].reason.starts_with("invalid type: integer `10`, expected a string"), "{found:#?}");
 }

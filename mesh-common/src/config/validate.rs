@@ -97,7 +97,7 @@ impl<'a> Obj<'a> {
         self.labels("metadata.labels", &meta.labels);
         for key in meta.annotations.keys() {
             if let Some(why) = values::label_key_error(key) {
-                self.err(format!("metadata.annotations[{key}]"), why.replace("label key", "annotation key"));
+                self.err(format!("metadata.annotations[{key:?}]"), why.replace("label key", "annotation key"));
             }
         }
     }
@@ -105,7 +105,7 @@ impl<'a> Obj<'a> {
     pub fn labels(&mut self, field: &str, labels: &Labels) {
         for (key, value) in labels {
             if let Some(why) = values::label_key_error(key).or_else(|| values::label_value_error(value)) {
-                self.err(format!("{field}[{key}]"), why);
+                self.err(format!("{field}[{key:?}]"), why);
             }
         }
     }

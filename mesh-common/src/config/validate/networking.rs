@@ -283,7 +283,7 @@ fn http_rule(o: &mut Obj, field: &str, rule: &HttpRule, subsets: &SubsetIndex) {
                 if key.is_empty() {
                     o.err(format!("{field}.{name}"), "a name must not be empty");
                 }
-                string_match(o, &format!("{field}.{name}[{key}]"), value, false);
+                string_match(o, &format!("{field}.{name}[{key:?}]"), value, false);
             }
         }
         if let Some(port) = m.port {
@@ -583,7 +583,7 @@ pub(super) fn service_entry(o: &mut Obj, se: &ServiceEntry) {
         }
         for name in endpoint.ports.keys() {
             if !spec.ports.is_empty() && !spec.ports.iter().any(|p| &p.name == name) {
-                o.err(format!("{field}.ports[{name}]"), format!("port `{name}` is not defined in spec.ports"));
+                o.err(format!("{field}.ports[{name:?}]"), format!("port `{name}` is not defined in spec.ports"));
             }
         }
     }
@@ -603,7 +603,7 @@ fn workload(o: &mut Obj, field: &str, spec: &WorkloadEntrySpec) {
         o.host(&format!("{field}.address"), address);
     }
     for (name, port) in &spec.ports {
-        o.port(&format!("{field}.ports[{name}]"), *port);
+        o.port(&format!("{field}.ports[{name:?}]"), *port);
         if name.is_empty() {
             o.err(format!("{field}.ports"), "a port name must not be empty");
         }

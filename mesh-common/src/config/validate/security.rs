@@ -210,7 +210,7 @@ pub(super) fn peer_authentication(o: &mut Obj, pa: &PeerAuthentication) {
         o.err("spec.portLevelMtls", "portLevelMtls needs a selector (it applies to one workload's ports)");
     }
     for port in spec.port_level_mtls.keys() {
-        o.port(&format!("spec.portLevelMtls[{port}]"), *port);
+        o.port(&format!("spec.portLevelMtls[\"{port}\"]"), *port);
     }
 }
 
