@@ -540,10 +540,13 @@ spec:
         );
         assert!(!allowed(&config, &conn(Some(WEB))));
         assert!(!allowed(&config, &conn(None)));
-        // A DENY policy without rules matches nothing.
-        let config = yaml(
-            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: d, namespace: shop}\nspec: {action: DENY}\n",
-        );
+        // A DENY policy without rules matches nothing (validation rejects it, as Istio
+        // does; the evaluation still fails safe on a model built another way).
+        let mut config = Config::default();
+        config.authorization_policies.push(AuthorizationPolicy {
+            metadata: ObjectMeta { name: "d".into(), namespace: "shop".into(), ..ObjectMeta::default() },
+            spec: AuthorizationPolicySpec { action: Action::Deny, ..AuthorizationPolicySpec::default() },
+        });
         assert!(allowed(&config, &conn(Some(WEB))));
     }
 

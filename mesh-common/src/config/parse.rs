@@ -578,6 +578,16 @@ impl Doc<'_> {
                 format!("apiVersion `{api_version}` is not supported for {kind_name} (supported: {supported})"),
             );
         }
+        // What decoding cannot see: a map present but empty.
+        if kind == Kind::PeerAuthentication
+            && map
+                .get("spec")
+                .and_then(|s| s.get("portLevelMtls"))
+                .and_then(Value::as_mapping)
+                .is_some_and(Mapping::is_empty)
+        {
+            self.problem(Some(id.clone()), format!("{prefix}spec.portLevelMtls"), "must not be empty when present");
+        }
         // Decoded from the YAML value, whose scalars are typed as kubectl types them
         // (`123` is a number, `~` is null); serde_yaml decoding straight from the text
         // would take any plain scalar as a string where a string is expected.

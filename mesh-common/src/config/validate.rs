@@ -156,6 +156,20 @@ impl<'a> Obj<'a> {
         }
     }
 
+    /// A duration Istio requires to be at least 1 ms (timeouts, delays).
+    pub fn duration_ms(&mut self, field: &str, value: Option<&String>) {
+        self.duration(field, value);
+        if let Some(why) = value.and_then(|v| values::millis_duration_error(v)) {
+            self.err(field, why);
+        }
+    }
+
+    pub fn regex(&mut self, field: &str, pattern: &str) {
+        if let Some(why) = values::regex_error(pattern) {
+            self.err(field, why);
+        }
+    }
+
     pub fn port(&mut self, field: &str, port: u32) {
         if let Some(why) = values::port_error(port) {
             self.err(field, why);

@@ -303,3 +303,42 @@ pub fn port_str_error(port: &str) -> Option<String> {
 pub fn port_error(port: u32) -> Option<String> {
     if (1..=65535).contains(&port) { None } else { Some(format!("port {port} is out of range 1..=65535")) }
 }
+
+/// Why `pattern` is not a regex RE2 (Istio's and Envoy's engine) accepts, or `None`.
+/// RE2 has no look-around and no backreferences; neither has the `regex` crate's
+/// syntax, which is the check.
+pub fn regex_error(pattern: &str) -> Option<String> {
+    match regex_syntax::Parser::new().parse(pattern) {
+        Ok(_) => None,
+        Err(e) => {
+            let why = match &e {
+                regex_syntax::Error::Parse(e) => e.kind().to_string(),
+                regex_syntax::Error::Translate(e) => e.kind().to_string(),
+                _ => e.to_string(),
+            };
+            Some(format!("`{pattern}` is not an RE2 regular expression: {why}"))
+        }
+    }
+}
+
+/// Whether two Istio hosts overlap: equal, or one's wildcard covers the other
+/// (`*.example.com` and `api.example.com`, `*.com` and `*.example.com`, `*` and any).
+pub fn hosts_overlap(a: &str, b: &str) -> bool {
+    let covers = |wild: &str, other: &str| {
+        wild == "*"
+            || wild.strip_prefix('*').is_some_and(|suffix| other.ends_with(suffix) && other.len() > suffix.len())
+    };
+    a == b || covers(a, b) || covers(b, a)
+}
+
+/// Istio's rule for durations of timeouts and delays: at least 1 ms, in whole ms.
+pub fn millis_duration_error(text: &str) -> Option<String> {
+    let d = parse_duration(text).ok()?;
+    if d < Duration::from_millis(1) {
+        Some(format!("`{text}` is shorter than 1ms (the shortest duration Istio accepts here)"))
+    } else if d.subsec_nanos() % 1_000_000 != 0 {
+        Some(format!("`{text}` is not a whole number of milliseconds"))
+    } else {
+        None
+    }
+}

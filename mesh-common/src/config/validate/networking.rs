@@ -116,6 +116,16 @@ pub(super) fn virtual_service(o: &mut Obj, vs: &VirtualService, subsets: &Subset
             o.err(format!("spec.hosts[{i}]"), "host `*` is not allowed for rules that apply to the mesh");
         }
     }
+    // Istio: `*.example.com` next to `api.example.com` (or the same host twice) is a duplicate.
+    if spec.hosts.iter().all(|h| values::host_error(h).is_none()) {
+        for (i, a) in spec.hosts.iter().enumerate() {
+            for b in &spec.hosts[i + 1..] {
+                if values::hosts_overlap(a, b) {
+                    o.err("spec.hosts", format!("duplicate hosts: `{a}` and `{b}` overlap"));
+                }
+            }
+        }
+    }
     for (i, gateway) in spec.gateways.iter().enumerate() {
         let name = gateway.split_once('/').map_or(gateway.as_str(), |(ns, name)| {
             if !values::is_dns_label(ns) {
@@ -261,8 +271,10 @@ fn string_match(o: &mut Obj, field: &str, m: &StringMatch, required: bool) {
     } else if set == 0 && required {
         o.err(field, "set one of exact, prefix, regex");
     }
-    if m.regex.as_deref() == Some("") {
-        o.err(format!("{field}.regex"), "must not be empty");
+    match m.regex.as_deref() {
+        Some("") => o.err(format!("{field}.regex"), "must not be empty"),
+        Some(regex) => o.regex(&format!("{field}.regex"), regex),
+        None => {}
     }
 }
 
@@ -338,13 +350,29 @@ fn http_rule(o: &mut Obj, field: &str, rule: &HttpRule, subsets: &SubsetIndex) {
         }
     }
     o.duration(&format!("{field}.timeout"), rule.timeout.as_ref());
+    if let Some(rewrite) = &rule.rewrite
+        && let Some(regex) = rewrite.uri_regex_rewrite.as_ref().and_then(|r| r.get("match")).and_then(|m| m.as_str())
+    {
+        o.regex(&format!("{field}.rewrite.uriRegexRewrite.match"), regex);
+    }
     if let Some(retries) = &rule.retries {
         let field = format!("{field}.retries");
         if retries.attempts < 0 {
             o.err(format!("{field}.attempts"), format!("{} is negative", retries.attempts));
         }
-        o.duration(&format!("{field}.perTryTimeout"), retries.per_try_timeout.as_ref());
-        o.duration(&format!("{field}.backoff"), retries.backoff.as_ref());
+        o.duration_ms(&format!("{field}.perTryTimeout"), retries.per_try_timeout.as_ref());
+        o.duration_ms(&format!("{field}.backoff"), retries.backoff.as_ref());
+        // Istio: attempts 0 disables retries, so a policy next to it is a mistake.
+        if retries.attempts == 0
+            && (retries.per_try_timeout.is_some()
+                || retries.retry_on.is_some()
+                || retries.retry_remote_localities.is_some())
+        {
+            o.err(
+                format!("{field}.attempts"),
+                "a retry policy (perTryTimeout, retryOn, retryRemoteLocalities) is set but attempts is 0, which disables retries",
+            );
+        }
         if let Some(retry_on) = &retries.retry_on {
             for token in retry_on.split(',') {
                 if let Some(why) = values::retry_on_error(token) {
@@ -363,7 +391,7 @@ fn http_rule(o: &mut Obj, field: &str, rule: &HttpRule, subsets: &SubsetIndex) {
             if delay.fixed_delay.is_none() && delay.exponential_delay.is_none() {
                 o.err(format!("{field}.fixedDelay"), "required field is missing");
             }
-            o.duration(&format!("{field}.fixedDelay"), delay.fixed_delay.as_ref());
+            o.duration_ms(&format!("{field}.fixedDelay"), delay.fixed_delay.as_ref());
             o.duration(&format!("{field}.exponentialDelay"), delay.exponential_delay.as_ref());
             o.percent(&format!("{field}.percentage"), delay.percentage.as_ref());
             if let Some(percent) = delay.percent
@@ -430,7 +458,38 @@ pub(super) fn destination_rule(o: &mut Obj, dr: &DestinationRule) {
     }
 }
 
+/// `warmup` (kept as JSON): a duration of at least 1 ms, `minimumPercent` at most
+/// 100, `aggression` at least 1, as Istio checks them.
+fn warmup(o: &mut Obj, field: &str, warmup: &serde_json::Value) {
+    match warmup.get("duration") {
+        Some(serde_json::Value::String(d)) => o.duration_ms(&format!("{field}.duration"), Some(d)),
+        Some(_) => o.err(format!("{field}.duration"), "must be a duration such as 10s"),
+        None => o.err(format!("{field}.duration"), "required field is missing"),
+    }
+    let number = |key: &str| warmup.get(key).and_then(serde_json::Value::as_f64);
+    if let Some(min) = number("minimumPercent")
+        && !(0.0..=100.0).contains(&min)
+    {
+        o.err(format!("{field}.minimumPercent"), format!("{min} is outside 0..=100"));
+    }
+    if let Some(aggression) = number("aggression")
+        && aggression < 1.0
+    {
+        o.err(format!("{field}.aggression"), format!("{aggression} is below 1"));
+    }
+}
+
 fn traffic_policy(o: &mut Obj, field: &str, tp: &TrafficPolicy) {
+    let empty = tp.load_balancer.is_none()
+        && tp.connection_pool.is_none()
+        && tp.outlier_detection.is_none()
+        && tp.tls.is_none()
+        && tp.port_level_settings.is_empty()
+        && tp.tunnel.is_none()
+        && tp.proxy_protocol.is_none();
+    if empty {
+        o.err(field, "a traffic policy needs at least one setting");
+    }
     policy_parts(
         o,
         field,
@@ -469,11 +528,17 @@ fn policy_parts(
             o.err(format!("{field}.loadBalancer"), "simple and consistentHash are mutually exclusive");
         }
         o.duration(&format!("{field}.loadBalancer.warmupDurationSecs"), lb.warmup_duration_secs.as_ref());
+        if let Some(warmup) = &lb.warmup {
+            self::warmup(o, &format!("{field}.loadBalancer.warmup"), warmup);
+        }
     }
     if let Some(pool) = pool {
+        if pool.tcp.is_none() && pool.http.is_none() {
+            o.err(format!("{field}.connectionPool"), "a connection pool needs tcp or http settings");
+        }
         if let Some(tcp) = &pool.tcp {
             let field = format!("{field}.connectionPool.tcp");
-            o.duration(&format!("{field}.connectTimeout"), tcp.connect_timeout.as_ref());
+            o.duration_ms(&format!("{field}.connectTimeout"), tcp.connect_timeout.as_ref());
             o.duration(&format!("{field}.maxConnectionDuration"), tcp.max_connection_duration.as_ref());
             o.duration(&format!("{field}.idleTimeout"), tcp.idle_timeout.as_ref());
         }
@@ -529,6 +594,18 @@ pub(super) fn service_entry(o: &mut Obj, se: &ServiceEntry) {
     }
     for (i, address) in spec.addresses.iter().enumerate() {
         o.ip_or_cidr(&format!("spec.addresses[{i}]"), address);
+        if address.contains('/') && !matches!(spec.resolution, Resolution::None | Resolution::Static) {
+            o.err(format!("spec.addresses[{i}]"), "CIDR addresses are allowed only with resolution NONE or STATIC");
+        }
+    }
+    match spec.resolution {
+        Resolution::None if !spec.endpoints.is_empty() => {
+            o.err("spec.endpoints", "resolution NONE takes no endpoints (traffic goes to the address it was sent to)");
+        }
+        Resolution::DnsRoundRobin if spec.endpoints.len() > 1 => {
+            o.err("spec.endpoints", "resolution DNS_ROUND_ROBIN takes at most 1 endpoint");
+        }
+        _ => {}
     }
     let mut names = BTreeSet::new();
     let mut numbers = BTreeSet::new();
@@ -599,7 +676,15 @@ fn workload(o: &mut Obj, field: &str, spec: &WorkloadEntrySpec) {
         if spec.network.is_none() {
             o.err(format!("{field}.address"), "an address is required unless a network is named");
         }
-    } else if address.parse::<std::net::IpAddr>().is_err() && !address.starts_with("unix://") {
+    } else if let Some(path) = address.strip_prefix("unix://") {
+        // An abstract socket (`@name`) or an absolute path to a file.
+        if path.is_empty() || !(path.starts_with('@') || (path.starts_with('/') && !path.ends_with('/'))) {
+            o.err(format!("{field}.address"), format!("`{address}` is not unix:// and an absolute path to a socket"));
+        }
+        if !spec.ports.is_empty() {
+            o.err(format!("{field}.ports"), "a unix socket endpoint has no ports");
+        }
+    } else if address.parse::<std::net::IpAddr>().is_err() {
         o.host(&format!("{field}.address"), address);
     }
     for (name, port) in &spec.ports {

@@ -22,6 +22,9 @@ pub(super) fn authorization_policy(o: &mut Obj, policy: &AuthorizationPolicy) {
         }
         _ => {}
     }
+    if spec.action == Action::Deny && spec.rules.is_empty() {
+        o.err("spec.rules", "a DENY policy without rules never matches; add an empty rule `{}` to deny every request");
+    }
     for (i, rule) in spec.rules.iter().enumerate() {
         let field = format!("spec.rules[{i}]");
         for (j, from) in rule.from.iter().enumerate() {
@@ -236,6 +239,16 @@ pub(super) fn request_authentication(o: &mut Obj, ra: &RequestAuthentication) {
         if rule.jwks.is_some() && rule.jwks_uri.is_some() {
             o.err(format!("{field}.jwks"), "jwks and jwksUri are mutually exclusive");
         }
+        for (j, audience) in rule.audiences.iter().enumerate() {
+            if audience.is_empty() {
+                o.err(format!("{field}.audiences[{j}]"), "must not be empty");
+            }
+        }
+        for (j, cookie) in rule.from_cookies.iter().enumerate() {
+            if cookie.is_empty() {
+                o.err(format!("{field}.fromCookies[{j}]"), "must not be empty");
+            }
+        }
         for (j, header) in rule.from_headers.iter().enumerate() {
             if header.name.is_empty() {
                 o.err(format!("{field}.fromHeaders[{j}].name"), "must not be empty");
@@ -249,6 +262,11 @@ pub(super) fn request_authentication(o: &mut Obj, ra: &RequestAuthentication) {
         for (j, claim) in rule.output_claim_to_headers.iter().enumerate() {
             if claim.header.is_empty() {
                 o.err(format!("{field}.outputClaimToHeaders[{j}].header"), "must not be empty");
+            } else if claim.header.starts_with(':') {
+                o.err(
+                    format!("{field}.outputClaimToHeaders[{j}].header"),
+                    format!("`{}` is a pseudo-header; a claim goes to a regular header", claim.header),
+                );
             }
             if claim.claim.is_empty() {
                 o.err(format!("{field}.outputClaimToHeaders[{j}].claim"), "must not be empty");
@@ -259,6 +277,49 @@ pub(super) fn request_authentication(o: &mut Obj, ra: &RequestAuthentication) {
 }
 
 pub(super) fn telemetry(o: &mut Obj, telemetry: &Telemetry) {
+    use serde_json::Value;
     let spec = &telemetry.spec;
     o.targets(spec.selector.as_ref(), spec.target_ref.as_ref(), &spec.target_refs);
+    let providers = |o: &mut Obj, field: &str, block: &Value| {
+        for (k, p) in block.get("providers").and_then(Value::as_array).into_iter().flatten().enumerate() {
+            if p.get("name").and_then(Value::as_str).is_none_or(str::is_empty) {
+                o.err(format!("{field}.providers[{k}].name"), "must not be empty");
+            }
+        }
+    };
+    for (i, metrics) in spec.metrics.iter().enumerate() {
+        let field = format!("spec.metrics[{i}]");
+        providers(o, &field, metrics);
+        for (j, over) in metrics.get("overrides").and_then(Value::as_array).into_iter().flatten().enumerate() {
+            let field = format!("{field}.overrides[{j}]");
+            if over.pointer("/match/customMetric").is_some_and(|m| m.as_str().is_none_or(str::is_empty)) {
+                o.err(format!("{field}.match.customMetric"), "must not be empty");
+            }
+            for (name, tag) in over.get("tagOverrides").and_then(Value::as_object).into_iter().flatten() {
+                let field = format!("{field}.tagOverrides[{name:?}]");
+                let operation = tag.get("operation").and_then(Value::as_str).unwrap_or("UPSERT");
+                let value = tag.get("value").and_then(Value::as_str).unwrap_or("");
+                match operation {
+                    "UPSERT" if value.is_empty() => o.err(format!("{field}.value"), "required with operation UPSERT"),
+                    "REMOVE" if !value.is_empty() => {
+                        o.err(format!("{field}.value"), "only allowed with operation UPSERT");
+                    }
+                    "UPSERT" | "REMOVE" => {}
+                    other => o.err(format!("{field}.operation"), format!("`{other}` is not UPSERT or REMOVE")),
+                }
+            }
+        }
+    }
+    for (i, tracing) in spec.tracing.iter().enumerate() {
+        let field = format!("spec.tracing[{i}]");
+        providers(o, &field, tracing);
+        if let Some(p) = tracing.get("randomSamplingPercentage").and_then(Value::as_f64)
+            && !(0.0..=100.0).contains(&p)
+        {
+            o.err(format!("{field}.randomSamplingPercentage"), format!("{p} is outside 0..=100"));
+        }
+    }
+    for (i, logging) in spec.access_logging.iter().enumerate() {
+        providers(o, &format!("spec.accessLogging[{i}]"), logging);
+    }
 }
