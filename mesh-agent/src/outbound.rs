@@ -175,7 +175,16 @@ impl Connection {
                 record.set_labels(self.forwarder.metrics.intern(labels));
                 refused(&mut record, |c| &c.connect_failed, Outcome::NoEndpoint, flags::NO_HEALTHY_UPSTREAM, None);
             }
-            Route::Tunnel { workload, addr, service } => {
+            Route::NoWaypoint { service } => {
+                // Fail closed: the service's traffic must pass its waypoint.
+                record.log.dst_service = Some(service.hostname.clone());
+                let labels = Mesh::outbound_labels(&self.pod, source.as_deref(), None, Some(&service), true);
+                record.set_labels(self.forwarder.metrics.intern(labels));
+                let reason =
+                    service.waypoint.as_ref().map(|w| format!("waypoint {}/{} has no ready pod", w.namespace, w.name));
+                refused(&mut record, |c| &c.connect_failed, Outcome::NoEndpoint, flags::NO_HEALTHY_UPSTREAM, reason);
+            }
+            Route::Tunnel { workload, addr, hbone: hbone_addr, service } => {
                 record.log.dst_addr = Some(addr);
                 record.log.dst_workload = Some(workload.name.clone());
                 record.log.dst_namespace = Some(workload.namespace.clone());
@@ -199,7 +208,6 @@ impl Connection {
                         source.as_ref().map_or(self.pod.spec.name.as_str(), |w| w.app())
                     );
                     let request = || hbone::connect_request(addr, source_addr, &baggage);
-                    let hbone_addr = SocketAddr::new(addr.ip(), hbone::HBONE_PORT);
                     mesh.pool.connect(&*self.pod, cert, hbone_addr, &workload.identity, request).await
                 });
                 let setup = Instant::now();

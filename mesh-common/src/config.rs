@@ -31,7 +31,7 @@ mod parse;
 mod tests;
 mod validate;
 
-pub use gateway::{GrpcRoute, HttpRoute};
+pub use gateway::{Gateway, GrpcRoute, HttpRoute};
 pub use k8s::{EndpointSlice, Namespace, Pod, Service};
 pub use meta::ObjectMeta;
 pub use networking::{DestinationRule, ServiceEntry, VirtualService, WorkloadEntry};
@@ -136,6 +136,7 @@ pub struct Config {
     pub telemetries: Vec<Telemetry>,
     pub http_routes: Vec<HttpRoute>,
     pub grpc_routes: Vec<GrpcRoute>,
+    pub gateways: Vec<Gateway>,
     /// What is accepted but deserves a look, in input order: references to objects
     /// that are not loaded (a route's subset whose `DestinationRule` is in another
     /// file or not applied yet: at run time such requests get 503 with response flag
@@ -169,6 +170,7 @@ impl Default for Config {
             telemetries: Vec::new(),
             http_routes: Vec::new(),
             grpc_routes: Vec::new(),
+            gateways: Vec::new(),
             warnings: Vec::new(),
             ignored: Vec::new(),
         }
@@ -220,6 +222,7 @@ impl Config {
             + self.telemetries.len()
             + self.http_routes.len()
             + self.grpc_routes.len()
+            + self.gateways.len()
     }
 
     /// The kinds of the ignored documents, each once, in first-seen order.
@@ -348,6 +351,7 @@ pub fn kind_counts(config: &Config) -> BTreeMap<&'static str, usize> {
         ("Telemetry", config.telemetries.len()),
         ("HTTPRoute", config.http_routes.len()),
         ("GRPCRoute", config.grpc_routes.len()),
+        ("Gateway", config.gateways.len()),
     ];
     counts.into_iter().filter(|(_, n)| *n > 0).collect()
 }

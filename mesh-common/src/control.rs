@@ -135,6 +135,7 @@ const KINDS: &[(&str, &str)] = &[
     ("telemetries", "Telemetry"),
     ("httpRoutes", "HTTPRoute"),
     ("grpcRoutes", "GRPCRoute"),
+    ("gateways", "Gateway"),
 ];
 
 fn meta<'a>(object: &'a Value, field: &str) -> &'a str {
@@ -226,6 +227,7 @@ pub fn materialize_raw<'a>(
             "Telemetry" => config.telemetries.push(from_str(text)?),
             "HTTPRoute" => config.http_routes.push(from_str(text)?),
             "GRPCRoute" => config.grpc_routes.push(from_str(text)?),
+            "Gateway" => config.gateways.push(from_str(text)?),
             "MeshConfig" => {
                 let mesh: MeshSettings = from_str(text)?;
                 config.root_namespace = mesh.root_namespace;

@@ -92,6 +92,14 @@ pub const WATCHED: &[WatchedKind] = &[
         optional: true,
         status: false,
     },
+    WatchedKind {
+        group: "gateway.networking.k8s.io",
+        version: "v1",
+        kind: "Gateway",
+        plural: "gateways",
+        optional: true,
+        status: false,
+    },
 ];
 
 impl WatchedKind {

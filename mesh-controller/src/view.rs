@@ -38,7 +38,7 @@ const POLICY_KINDS: &[&str] = &["AuthorizationPolicy", "PeerAuthentication"];
 /// What the view filter needs to know about a whole configuration, computed once.
 #[derive(Debug, Default)]
 pub struct ViewIndex {
-    /// `Pod/ns/name` keys of meshed pods.
+    /// `Pod/ns/name` keys of meshed pods and of waypoint pods: every node's view has them.
     meshed: HashSet<String>,
     /// Namespaces each node's pods live in, plus the root namespace.
     node_namespaces: HashMap<String, BTreeSet<String>>,
@@ -53,7 +53,10 @@ impl ViewIndex {
             if let Some(node) = &pod.spec.node_name {
                 node_namespaces.entry(node.clone()).or_default().insert(pod.metadata.namespace.clone());
             }
-            if config.pod_is_meshed(pod) {
+            // Waypoint pods are not captured but every node tunnels to them.
+            if config.pod_is_meshed(pod)
+                || pod.metadata.labels.contains_key(mesh_common::config::gateway::GATEWAY_NAME_LABEL)
+            {
                 meshed.insert(format!("Pod/{}/{}", pod.metadata.namespace, pod.metadata.name));
             }
         }

@@ -167,6 +167,11 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Adds a metric family of the process's own (the waypoint's request metrics).
+    pub fn register(&self, name: &str, help: &str, metric: impl prometheus_client::registry::Metric) {
+        self.registry.lock().expect("lock").register(name, help, metric);
+    }
+
     /// Adds metrics read at scrape time.
     pub fn register_collector(&self, collector: impl Collector) {
         self.registry.lock().expect("lock").register_collector(Box::new(collector));

@@ -12,6 +12,7 @@ use std::{
 
 use mesh_common::config::{
     Config, DNS_DOMAIN,
+    gateway::{GATEWAY_NAME_LABEL, USE_WAYPOINT_LABEL, USE_WAYPOINT_NAMESPACE_LABEL, WAYPOINT_PORT},
     k8s::{EndpointSlice, Pod, ServicePort as ServicePortSpec},
     meta::IntOrString,
 };
@@ -58,8 +59,39 @@ pub struct ServicePort {
     pub namespace: String,
     /// `name.namespace.svc.cluster.local`
     pub hostname: String,
+    /// The service port number.
+    pub port: u16,
+    /// The port's `appProtocol`, else its name (Istio reads the protocol from the
+    /// name's prefix: `http`, `http2`, `grpc`, `tcp`, ...).
+    pub protocol: String,
     pub endpoints: Vec<Endpoint>,
+    /// The waypoint the service's traffic goes through (`istio.io/use-waypoint` on the
+    /// Service, else on its namespace).
+    pub waypoint: Option<Arc<Waypoint>>,
     next: AtomicUsize,
+}
+
+/// A waypoint (a Gateway of class `istio-waypoint`) and its pods.
+#[derive(Debug)]
+pub struct Waypoint {
+    pub name: String,
+    pub namespace: String,
+    /// Its ready pods: the tunnel goes to one of them on port 15008.
+    pub pods: Vec<Arc<Workload>>,
+    next: AtomicUsize,
+}
+
+impl Waypoint {
+    /// Round robin over the waypoint's pods: the pod and its HBONE address.
+    pub fn pick(&self, v6: bool) -> Option<(Arc<Workload>, SocketAddr)> {
+        let n = self.pods.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..n).find_map(|i| {
+            let pod = &self.pods[(start + i) % n];
+            let ip = pod.ips.iter().find(|ip| ip.is_ipv6() == v6).or_else(|| pod.ips.first())?;
+            Some((pod.clone(), SocketAddr::new(*ip, WAYPOINT_PORT)))
+        })
+    }
 }
 
 impl ServicePort {
@@ -88,13 +120,19 @@ pub struct Index {
     pub version: u64,
     by_ip: HashMap<IpAddr, Arc<Workload>>,
     services: HashMap<SocketAddr, Arc<ServicePort>>,
+    /// The same service ports by (hostname, port).
+    by_host: HashMap<(String, u16), Arc<ServicePort>>,
 }
 
 /// Where an outbound connection goes.
 #[derive(Debug)]
 pub enum Route {
-    /// Through the tunnel to a meshed workload at `addr` (its IP and the target port).
-    Tunnel { workload: Arc<Workload>, addr: SocketAddr, service: Option<Arc<ServicePort>> },
+    /// Through the tunnel, to the proxy at `hbone` (port 15008), which presents
+    /// `workload`'s identity, asking for `addr`: a meshed workload's IP and target
+    /// port, or a service VIP and port when `hbone` is the service's waypoint.
+    Tunnel { workload: Arc<Workload>, addr: SocketAddr, hbone: SocketAddr, service: Option<Arc<ServicePort>> },
+    /// The service uses a waypoint that has no ready pod: refused, never bypassed.
+    NoWaypoint { service: Arc<ServicePort> },
     /// Straight to `addr` (unmeshed or unknown destination).
     Direct { addr: SocketAddr, workload: Option<Arc<Workload>>, service: Option<Arc<ServicePort>> },
     /// A service VIP without any endpoint.
@@ -132,7 +170,9 @@ impl Index {
                 slices_of.entry((slice.metadata.namespace.as_str(), service)).or_default().push(slice);
             }
         }
+        let waypoints = waypoints(config, &by_namespace);
         let mut services = HashMap::new();
+        let mut by_host = HashMap::new();
         for service in &config.services {
             let spec = &service.spec;
             let vips: Vec<IpAddr> = spec
@@ -184,15 +224,19 @@ impl Index {
                     name: service.metadata.name.clone(),
                     namespace: ns.clone(),
                     hostname: format!("{}.{ns}.svc.{DNS_DOMAIN}", service.metadata.name),
+                    port: port.port as u16,
+                    protocol: port.app_protocol.clone().or_else(|| port.name.clone()).unwrap_or_default(),
                     endpoints,
+                    waypoint: waypoint_of(config, service, &waypoints),
                     next: AtomicUsize::new(0),
                 });
+                by_host.insert((entry.hostname.clone(), entry.port), entry.clone());
                 for vip in &vips {
                     services.insert(SocketAddr::new(*vip, port.port as u16), entry.clone());
                 }
             }
         }
-        Self { version: 0, by_ip, services }
+        Self { version: 0, by_ip, services, by_host }
     }
 
     pub fn workload(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
@@ -204,12 +248,30 @@ impl Index {
         ips.iter().find_map(|ip| self.by_ip.get(ip))
     }
 
+    /// The service port at a VIP and port.
+    pub fn service(&self, vip: SocketAddr) -> Option<&Arc<ServicePort>> {
+        self.services.get(&vip)
+    }
+
+    /// The service port of `hostname` (`name.namespace.svc.cluster.local`) and `port`.
+    pub fn service_by_host(&self, hostname: &str, port: u16) -> Option<&Arc<ServicePort>> {
+        self.by_host.get(&(hostname.to_owned(), port))
+    }
+
     /// Decides how to reach `dst` (an original destination of a captured connection).
     pub fn route(&self, dst: SocketAddr) -> Route {
         if let Some(service) = self.services.get(&dst) {
+            if let Some(waypoint) = &service.waypoint {
+                return match waypoint.pick(dst.is_ipv6()) {
+                    Some((workload, hbone)) => {
+                        Route::Tunnel { workload, addr: dst, hbone, service: Some(service.clone()) }
+                    }
+                    None => Route::NoWaypoint { service: service.clone() },
+                };
+            }
             return match service.pick(dst.is_ipv6()) {
                 Some((workload, addr)) if workload.meshed => {
-                    Route::Tunnel { workload, addr, service: Some(service.clone()) }
+                    Route::Tunnel { workload, addr, hbone: hbone_of(addr), service: Some(service.clone()) }
                 }
                 Some((workload, addr)) => {
                     Route::Direct { addr, workload: Some(workload), service: Some(service.clone()) }
@@ -218,10 +280,64 @@ impl Index {
             };
         }
         match self.by_ip.get(&dst.ip()) {
-            Some(workload) if workload.meshed => Route::Tunnel { workload: workload.clone(), addr: dst, service: None },
+            Some(workload) if workload.meshed => {
+                Route::Tunnel { workload: workload.clone(), addr: dst, hbone: hbone_of(dst), service: None }
+            }
             workload => Route::Direct { addr: dst, workload: workload.cloned(), service: None },
         }
     }
+}
+
+/// A meshed workload's tunnel address: its IP on port 15008.
+fn hbone_of(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip(), WAYPOINT_PORT)
+}
+
+/// The waypoints the config declares, by (namespace, name), with their ready pods.
+fn waypoints(
+    config: &Config,
+    by_namespace: &HashMap<&str, Vec<&Arc<Workload>>>,
+) -> HashMap<(String, String), Arc<Waypoint>> {
+    config
+        .gateways
+        .iter()
+        .filter(|g| g.is_waypoint() && matches!(g.waypoint_for(), "service" | "all"))
+        .map(|g| {
+            let (ns, name) = (&g.metadata.namespace, &g.metadata.name);
+            let pods = by_namespace
+                .get(ns.as_str())
+                .map_or(&[][..], Vec::as_slice)
+                .iter()
+                .filter(|w| w.ready && w.labels.get(GATEWAY_NAME_LABEL) == Some(name))
+                .map(|w| (*w).clone())
+                .collect();
+            let waypoint = Waypoint { name: name.clone(), namespace: ns.clone(), pods, next: AtomicUsize::new(0) };
+            ((ns.clone(), name.clone()), Arc::new(waypoint))
+        })
+        .collect()
+}
+
+/// The waypoint a Service uses: its own `istio.io/use-waypoint` label, else its
+/// namespace's (`none` opts out). A label naming no declared waypoint is ignored, as
+/// Istio does (the Service is then reached directly).
+fn waypoint_of(
+    config: &Config,
+    service: &mesh_common::config::Service,
+    waypoints: &HashMap<(String, String), Arc<Waypoint>>,
+) -> Option<Arc<Waypoint>> {
+    if waypoints.is_empty() {
+        return None;
+    }
+    let ns = &service.metadata.namespace;
+    let namespace = config.namespaces.iter().find(|n| n.metadata.name == *ns);
+    let labels = if service.metadata.labels.contains_key(USE_WAYPOINT_LABEL) {
+        &service.metadata.labels
+    } else {
+        &namespace?.metadata.labels
+    };
+    let name = labels.get(USE_WAYPOINT_LABEL).filter(|name| *name != "none")?;
+    let waypoint_ns = labels.get(USE_WAYPOINT_NAMESPACE_LABEL).unwrap_or(ns);
+    waypoints.get(&(waypoint_ns.clone(), name.clone())).cloned()
 }
 
 /// The ready endpoints of `slice` for the Service port `port` (the slice port of the
@@ -367,7 +483,7 @@ ports: [{name: sql, port: 15432, protocol: TCP}]
         let mut seen = Vec::new();
         for _ in 0..4 {
             match index.route(vip) {
-                Route::Tunnel { workload, addr, service } => {
+                Route::Tunnel { workload, addr, service, .. } => {
                     assert_eq!(workload.identity, "spiffe://cluster.local/ns/shop/sa/sa-a");
                     assert_eq!(service.unwrap().hostname, "echo.shop.svc.cluster.local");
                     seen.push(addr);
@@ -376,7 +492,7 @@ ports: [{name: sql, port: 15432, protocol: TCP}]
                     assert!(!workload.unwrap().meshed);
                     seen.push(addr);
                 }
-                Route::NoEndpoint { .. } => panic!("endpoints exist"),
+                Route::NoEndpoint { .. } | Route::NoWaypoint { .. } => panic!("endpoints exist"),
             }
         }
         seen.sort();
@@ -407,12 +523,58 @@ ports: [{name: sql, port: 15432, protocol: TCP}]
                     assert!(!workload.unwrap().meshed);
                     seen.push(addr);
                 }
-                Route::NoEndpoint { .. } => panic!("endpoints exist"),
+                Route::NoEndpoint { .. } | Route::NoWaypoint { .. } => panic!("endpoints exist"),
             }
         }
         seen.sort();
         seen.dedup();
         // The endpoint that is not ready is left out; the slice's port is used.
         assert_eq!(seen, vec!["10.0.0.1:15432".parse().unwrap(), "192.0.2.7:15432".parse().unwrap()]);
+    }
+
+    #[test]
+    fn services_that_use_a_waypoint_go_to_it_and_fail_closed_without_it() {
+        let waypoint = "\
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: shop}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: opted-out, namespace: shop, labels: {istio.io/use-waypoint: none}}
+spec: {clusterIP: 10.96.0.30, selector: {app: echo}, ports: [{name: http, port: 80, targetPort: 8080}]}
+";
+        let pod = "\
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: waypoint-1, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: waypoint, istio.io/dataplane-mode: none}}
+spec: {serviceAccountName: waypoint}
+status: {podIP: 10.0.0.50}
+";
+        let labelled = YAML.replace(
+            "metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}",
+            "metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}",
+        );
+        let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
+        let index = Index::build(&config(&format!("{labelled}{waypoint}{pod}")));
+        let Route::Tunnel { workload, addr, hbone, service } = index.route(vip) else { panic!("not tunneled") };
+        assert_eq!(workload.identity, "spiffe://cluster.local/ns/shop/sa/waypoint");
+        assert_eq!((addr, hbone), (vip, "10.0.0.50:15008".parse().unwrap()), "authority is the VIP");
+        assert_eq!(service.unwrap().protocol, "http");
+        // The Service's own label wins over its namespace's.
+        let Route::Tunnel { hbone, .. } = index.route("10.96.0.30:80".parse().unwrap()) else { panic!() };
+        assert_eq!(hbone.port(), 15008);
+        assert_ne!(hbone.ip(), "10.0.0.50".parse::<IpAddr>().unwrap());
+        // Declared, but no pod: refused.
+        let index = Index::build(&config(&format!("{labelled}{waypoint}")));
+        assert!(matches!(index.route(vip), Route::NoWaypoint { .. }));
+        // A label naming no declared waypoint is ignored (as Istio does).
+        let index = Index::build(&config(&format!("{labelled}{pod}")));
+        assert!(
+            matches!(index.route(vip), Route::Tunnel { hbone, .. } if hbone.ip() != "10.0.0.50".parse::<IpAddr>().unwrap())
+        );
     }
 }

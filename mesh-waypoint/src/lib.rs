@@ -3,3 +3,10 @@
 //! decisions, ejection) lives in modules that take values and return values; the
 //! proxy phases follow the packet walk: request filter -> route -> authorize ->
 //! upstream peer -> upstream request -> response -> log.
+
+pub mod balance;
+pub mod limits;
+pub mod outlier;
+pub mod policy;
+pub mod retry;
+pub mod route;

@@ -63,7 +63,16 @@ pub struct LabSpec {
     /// root with another mesh.
     #[serde(default)]
     pub ca_root: Option<PathBuf>,
+    /// Runs this `mesh-waypoint` as the waypoint `waypoint` of namespace `shop` (its
+    /// Gateway and the namespace's `istio.io/use-waypoint` label are in the lab's
+    /// config), in a pod of node 1 that the mesh does not capture. Needs
+    /// `controller_bin` (not with `kubernetes`).
+    #[serde(default)]
+    pub waypoint_bin: Option<PathBuf>,
 }
+
+/// The lab's waypoint: its name, namespace, and admin/metrics/readiness ports.
+pub const WAYPOINT: &str = "waypoint";
 
 /// The API server test double's address, inside the fabric namespace.
 pub const API_SERVER: &str = "127.0.0.1:16443";
@@ -109,6 +118,9 @@ pub struct Lab {
     pub spec: LabSpec,
     pub nodes: Vec<Node>,
     pub pods: Vec<Pod>,
+    /// The waypoint's pod, when the lab runs one.
+    #[serde(default)]
+    pub waypoint: Option<Pod>,
     pub dir: PathBuf,
     #[serde(skip)]
     keep: bool,
@@ -170,7 +182,7 @@ impl Lab {
         let cg = cgroup2_root()?.join(&spec.prefix);
         let dir = Path::new(STATE_ROOT).join(&spec.prefix);
         fs::create_dir_all(&dir)?;
-        let mut lab = Self { nodes: Vec::new(), pods: Vec::new(), dir, spec, keep: false };
+        let mut lab = Self { nodes: Vec::new(), pods: Vec::new(), waypoint: None, dir, spec, keep: false };
         let p = lab.spec.prefix.clone();
         for i in 1..=lab.spec.nodes {
             lab.nodes.push(Node {
@@ -199,6 +211,22 @@ impl Lab {
                     name,
                 });
             }
+        }
+        if lab.spec.waypoint_bin.is_some() {
+            if lab.spec.controller_bin.is_none() || lab.spec.kubernetes {
+                bail!("a lab waypoint needs a controller serving the lab's YAML (not Kubernetes mode)");
+            }
+            lab.waypoint = Some(Pod {
+                name: WAYPOINT.into(),
+                uid: format!("uid-{p}-{WAYPOINT}"),
+                namespace: "shop".into(),
+                node: 1,
+                netns: format!("{p}-{WAYPOINT}"),
+                ip4: "10.98.1.250".into(),
+                ip6: "fd00:98:1::250".into(),
+                cgroup: cg.join("node1").join("kubepods").join(format!("poduid-{p}-{WAYPOINT}")),
+                meshed: false,
+            });
         }
         if let Err(e) = lab.build() {
             let _ = down(&lab.spec.prefix);
@@ -257,21 +285,8 @@ impl Lab {
             fs::create_dir_all(node.cgroup.join("host"))?;
             fs::create_dir_all(&node.state_dir)?;
         }
-        for pod in &self.pods {
-            let ns = &pod.netns;
-            let node = &self.nodes[pod.node - 1];
-            let i = pod.node;
-            ip(&["netns", "add", ns])?;
-            ip(&["-n", ns, "link", "set", "lo", "up"])?;
-            let port = format!("p-{}", pod.name);
-            ip(&["link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", &port, "netns", &node.netns])?;
-            ip(&["-n", &node.netns, "link", "set", &port, "master", "pods", "up"])?;
-            ip(&["-n", ns, "addr", "add", &format!("{}/24", pod.ip4), "dev", "eth0"])?;
-            ip(&["-n", ns, "addr", "add", &format!("{}/64", pod.ip6), "dev", "eth0", "nodad"])?;
-            ip(&["-n", ns, "link", "set", "eth0", "up"])?;
-            ip(&["-n", ns, "route", "add", "default", "via", &format!("10.98.{i}.1")])?;
-            ip(&["-n", ns, "-6", "route", "add", "default", "via", &format!("fd00:98:{i}::1")])?;
-            fs::create_dir_all(&pod.cgroup)?;
+        for pod in self.pods.iter().chain(&self.waypoint) {
+            self.plug(pod)?;
         }
         self.save()?;
         if self.spec.kubernetes {
@@ -311,6 +326,59 @@ impl Lab {
         if self.spec.controller_bin.is_some() {
             self.wait_certificates()?;
         }
+        if self.waypoint.is_some() {
+            self.start_waypoint()?;
+        }
+        Ok(())
+    }
+
+    /// Starts (or restarts) the lab's waypoint and waits until it is ready.
+    pub fn start_waypoint(&self) -> anyhow::Result<()> {
+        let (Some(pod), Some(bin)) = (&self.waypoint, &self.spec.waypoint_bin) else {
+            bail!("this lab runs no waypoint");
+        };
+        let credential = self.node(pod.node).state_dir.join("credential");
+        let state = self.dir.join(WAYPOINT);
+        let argv: Vec<String> = vec![
+            bin.display().to_string(),
+            "--namespace".into(),
+            pod.namespace.clone(),
+            "--name".into(),
+            WAYPOINT.into(),
+            "--controller".into(),
+            format!("{CONTROLLER_IP}:15012"),
+            "--credential-dir".into(),
+            credential.display().to_string(),
+            "--state-dir".into(),
+            state.display().to_string(),
+            "--drain-seconds".into(),
+            "5".into(),
+        ];
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        self.spawn(WAYPOINT, &pod.netns, &pod.cgroup, &argv)?;
+        wait_for(Duration::from_secs(20), || {
+            Self::exec_netns(&pod.netns, None, &["curl", "-sf", "http://127.0.0.1:15021/healthz/ready"])
+                .is_ok_and(|o| o.status.success())
+        })
+        .with_context(|| format!("waypoint not ready; log:\n{}", self.log_of(WAYPOINT)))
+    }
+
+    /// A pod's network namespace, wired to its node's pod bridge, and its cgroup.
+    fn plug(&self, pod: &Pod) -> anyhow::Result<()> {
+        let ns = &pod.netns;
+        let node = &self.nodes[pod.node - 1];
+        let i = pod.node;
+        ip(&["netns", "add", ns])?;
+        ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        let port = format!("p-{}", pod.name);
+        ip(&["link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", &port, "netns", &node.netns])?;
+        ip(&["-n", &node.netns, "link", "set", &port, "master", "pods", "up"])?;
+        ip(&["-n", ns, "addr", "add", &format!("{}/24", pod.ip4), "dev", "eth0"])?;
+        ip(&["-n", ns, "addr", "add", &format!("{}/64", pod.ip6), "dev", "eth0", "nodad"])?;
+        ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+        ip(&["-n", ns, "route", "add", "default", "via", &format!("10.98.{i}.1")])?;
+        ip(&["-n", ns, "-6", "route", "add", "default", "via", &format!("fd00:98:{i}::1")])?;
+        fs::create_dir_all(&pod.cgroup)?;
         Ok(())
     }
 
@@ -486,11 +554,32 @@ impl Lab {
              apiVersion: v1\nkind: Service\nmetadata:\n  name: echo\n  namespace: shop\nspec:\n  clusterIP: 10.96.0.10\n  selector:\n    app: echo\n  ports:\n  - name: http\n    port: 80\n    targetPort: 8080\n",
         );
         for pod in &self.pods {
+            // The first pod of each node is `version: v1`, the others `v2`: the
+            // subsets of the seed's canary.
+            let version = if pod.name.ends_with("-p1") { "v1" } else { "v2" };
             let sa = if pod.meshed { format!("sa-{}", pod.name) } else { "default".into() };
             let _ = write!(
                 yaml,
-                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  uid: {}\n  labels:\n    app: echo\nspec:\n  nodeName: node{}\n  serviceAccountName: {sa}\n  containers:\n  - name: echo\n    image: mesh-echo\nstatus:\n  podIP: {}\n  podIPs:\n  - ip: {}\n  - ip: {}\n",
+                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  uid: {}\n  labels:\n    app: echo\n    version: {version}\nspec:\n  nodeName: node{}\n  serviceAccountName: {sa}\n  containers:\n  - name: echo\n    image: mesh-echo\nstatus:\n  podIP: {}\n  podIPs:\n  - ip: {}\n  - ip: {}\n",
                 pod.name, pod.namespace, pod.uid, pod.node, pod.ip4, pod.ip4, pod.ip6
+            );
+        }
+        if let Some(pod) = &self.waypoint {
+            // What `istioctl waypoint apply -n shop` declares, its pod, and the
+            // namespace's opt-in.
+            yaml = yaml.replace(
+                "name: shop\n  labels:\n    istio.io/dataplane-mode: ambient\n",
+                "name: shop\n  labels:\n    istio.io/dataplane-mode: ambient\n    istio.io/use-waypoint: waypoint\n",
+            );
+            let _ = write!(
+                yaml,
+                "---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: {WAYPOINT}\n  namespace: {ns}\n  labels:\n    istio.io/waypoint-for: service\nspec:\n  gatewayClassName: istio-waypoint\n  listeners:\n  - name: mesh\n    port: 15008\n    protocol: HBONE\n\
+                 ---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {WAYPOINT}\n  namespace: {ns}\n  uid: {uid}\n  labels:\n    gateway.networking.k8s.io/gateway-name: {WAYPOINT}\n    istio.io/dataplane-mode: none\nspec:\n  nodeName: node{node}\n  serviceAccountName: {WAYPOINT}\n  containers:\n  - name: waypoint\n    image: mesh-waypoint\nstatus:\n  podIP: {ip4}\n  podIPs:\n  - ip: {ip4}\n  - ip: {ip6}\n",
+                ns = pod.namespace,
+                uid = pod.uid,
+                node = pod.node,
+                ip4 = pod.ip4,
+                ip6 = pod.ip6,
             );
         }
         fs::write(dir.join("lab.yaml"), yaml)?;
@@ -851,7 +940,7 @@ impl Lab {
 
     /// The network namespace (and, for a pod, the cgroup) of a pod, node or `fabric`.
     fn resolve(&self, target: &str) -> anyhow::Result<(String, Option<PathBuf>)> {
-        if let Some(pod) = self.pods.iter().find(|p| p.name == target) {
+        if let Some(pod) = self.pods.iter().chain(&self.waypoint).find(|p| p.name == target) {
             return Ok((pod.netns.clone(), Some(pod.cgroup.clone())));
         }
         if let Some(node) = self.nodes.iter().find(|n| n.name == target) {

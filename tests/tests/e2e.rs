@@ -26,6 +26,13 @@ fn controller_bin() -> PathBuf {
     release_bin("MESH_CONTROLLER_BIN", "mesh-controller")
 }
 
+fn waypoint_bin() -> PathBuf {
+    release_bin("MESH_WAYPOINT_BIN", "mesh-waypoint")
+}
+
+#[path = "e2e/waypoint.rs"]
+mod waypoint;
+
 /// Runs `body` on a fresh 2-node lab, then tears the lab down and checks that
 /// nothing of it is left (namespaces, links, cgroups, pins, processes, state).
 fn with_lab(prefix: &str, agent_args: &[&str], body: impl FnOnce(&Lab)) {
@@ -75,6 +82,7 @@ fn with_lab_spec(
         controller_args: controller_args.unwrap_or_default().iter().map(|s| (*s).to_owned()).collect(),
         kubernetes: false,
         ca_root: None,
+        waypoint_bin: None,
     };
     let mut spec = spec;
     adjust(&mut spec);

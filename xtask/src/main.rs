@@ -80,6 +80,10 @@ enum LabCmd {
         nodes: usize,
         #[arg(long, default_value_t = 2)]
         pods_per_node: usize,
+        /// Also run a waypoint for namespace `shop` (its Gateway and the namespace's
+        /// `istio.io/use-waypoint` label are in the lab's config).
+        #[arg(long)]
+        waypoint: bool,
     },
     /// Show nodes, pods and agents.
     Status,
@@ -205,15 +209,20 @@ pub fn lab_spec(nodes: usize, pods_per_node: usize) -> LabSpec {
         controller_args: Vec::new(),
         kubernetes: false,
         ca_root: None,
+        waypoint_bin: None,
     }
 }
 
 fn lab(command: LabCmd) -> anyhow::Result<()> {
     match command {
-        LabCmd::Up { nodes, pods_per_node } => {
+        LabCmd::Up { nodes, pods_per_node, waypoint } => {
             setup::setup()?;
             build()?;
-            let mut lab = Lab::up(lab_spec(nodes, pods_per_node))?;
+            let mut spec = lab_spec(nodes, pods_per_node);
+            if waypoint {
+                spec.waypoint_bin = Some(release_bin("mesh-waypoint"));
+            }
+            let mut lab = Lab::up(spec)?;
             lab.keep();
             print!("{}", lab.status());
             println!(
@@ -269,7 +278,8 @@ fn test(vm: bool) -> anyhow::Result<()> {
         .args(["test", "--release", "--workspace", "--", "--test-threads=1"])
         .env("MESH_EBPF_OBJECT", ebpf_object())
         .env("MESH_AGENT_BIN", release_bin("mesh-agent"))
-        .env("MESH_CONTROLLER_BIN", release_bin("mesh-controller")))?;
+        .env("MESH_CONTROLLER_BIN", release_bin("mesh-controller"))
+        .env("MESH_WAYPOINT_BIN", release_bin("mesh-waypoint")))?;
     // Briefly, on the committed seeds: a regression check, not a search (`cargo xtask
     // fuzz` is for that).
     fuzz::fuzz(FUZZ_SECONDS, None, fuzz::Corpus::Fresh)?;

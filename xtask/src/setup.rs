@@ -49,7 +49,8 @@ pub fn setup() -> anyhow::Result<()> {
     let need_linker = !have("bpf-linker");
     let need_vng = !have("vng");
     let need_fuzz = !have("cargo-fuzz");
-    if missing.is_empty() && !need_rust_src && !need_linker && !need_vng && !need_fuzz {
+    let need_python = !python_peers_present();
+    if missing.is_empty() && !need_rust_src && !need_linker && !need_vng && !need_fuzz && !need_python {
         return Ok(());
     }
     if !mesh_lab::is_root() {
@@ -61,7 +62,8 @@ pub fn setup() -> anyhow::Result<()> {
                     (need_rust_src, "nightly rust-src"),
                     (need_linker, "bpf-linker"),
                     (need_vng, "virtme-ng"),
-                    (need_fuzz, "cargo-fuzz")
+                    (need_fuzz, "cargo-fuzz"),
+                    (need_python, "the Python test peers (httpbin, gunicorn, grpcio, websockets)")
                 ]
             )
         );
@@ -105,8 +107,29 @@ pub fn setup() -> anyhow::Result<()> {
             })
             .context("install virtme-ng")?;
     }
+    if need_python {
+        println!("setup: installing the test peers from PyPI: {}", PYTHON_PEERS.join(" "));
+        logged(
+            "pip-peers",
+            Command::new("python3")
+                .args(["-m", "pip", "install", "--quiet", "--break-system-packages"])
+                .args(PYTHON_PEERS),
+        )
+        .context("install the Python test peers")?;
+    }
     println!("setup: done");
     Ok(())
+}
+
+/// Servers and clients from PyPI the waypoint's end-to-end tests run against: Istio's
+/// own sample app (httpbin, served by gunicorn), gRPC's health service, WebSocket.
+const PYTHON_PEERS: &[&str] = &["httpbin", "gunicorn", "websockets", "grpcio", "grpcio-health-checking"];
+
+fn python_peers_present() -> bool {
+    Command::new("python3")
+        .args(["-c", "import httpbin, gunicorn, websockets, grpc, grpc_health.v1"])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 /// Runs a step with its output in `target/logs/<name>.log`, shown only when it fails.

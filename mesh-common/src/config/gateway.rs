@@ -208,3 +208,68 @@ pub struct GrpcMethodMatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub method: Option<String>,
 }
+
+/// Gateway API's `Gateway` kind. The mesh serves the waypoints it declares
+/// (`gatewayClassName: istio-waypoint`); other classes are kept and left to their
+/// own controllers.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Gateway {
+    pub metadata: ObjectMeta,
+    pub spec: GatewaySpec,
+}
+
+/// The class of the Gateways that declare waypoints.
+pub const WAYPOINT_CLASS: &str = "istio-waypoint";
+/// A waypoint's listener port: HBONE.
+pub const WAYPOINT_PORT: u16 = 15008;
+/// On a Gateway: which traffic the waypoint takes (`service`, `workload`, `all`, `none`).
+pub const WAYPOINT_FOR_LABEL: &str = "istio.io/waypoint-for";
+/// On a Namespace or Service: the waypoint (a Gateway's name) its traffic goes through;
+/// `none` opts out.
+pub const USE_WAYPOINT_LABEL: &str = "istio.io/use-waypoint";
+/// With [`USE_WAYPOINT_LABEL`]: the namespace of a waypoint outside the object's own.
+pub const USE_WAYPOINT_NAMESPACE_LABEL: &str = "istio.io/use-waypoint-namespace";
+/// On a waypoint's pods: the Gateway they serve.
+pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+
+impl Gateway {
+    pub fn is_waypoint(&self) -> bool {
+        self.spec.gateway_class_name == WAYPOINT_CLASS
+    }
+
+    /// Which traffic a waypoint takes: its `istio.io/waypoint-for` label, `service` by
+    /// default.
+    pub fn waypoint_for(&self) -> &str {
+        self.metadata.labels.get(WAYPOINT_FOR_LABEL).map_or("service", String::as_str)
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatewaySpec {
+    pub gateway_class_name: String,
+    #[serde(default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
+    pub listeners: Vec<Listener>,
+    #[serde(default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub infrastructure: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_listeners: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_tls: Option<serde_json::Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Listener {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    pub port: u32,
+    pub protocol: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_routes: Option<serde_json::Value>,
+}

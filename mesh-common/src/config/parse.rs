@@ -8,7 +8,7 @@ use serde_yaml::{Mapping, Value};
 
 use super::{
     Config, Problem, Source,
-    gateway::{GrpcRoute, GrpcRouteSpec, HttpRoute, HttpRouteSpec},
+    gateway::{Gateway, GatewaySpec, GrpcRoute, GrpcRouteSpec, HttpRoute, HttpRouteSpec},
     k8s::{EndpointSlice, Namespace, NamespaceSpec, Pod, PodSpec, PodStatus, Service, ServiceSpec},
     meta::{ObjectMeta, nullable},
     networking::{
@@ -39,13 +39,18 @@ pub(crate) enum Kind {
     Telemetry,
     HttpRoute,
     GrpcRoute,
+    Gateway,
 }
+
+/// Kinds of our API groups that share a name with a kind we serve in another group:
+/// not a mistake in the apiVersion (Istio's `Gateway` next to Gateway API's).
+const OTHER_KINDS: &[(&str, &str)] = &[("Gateway", "networking.istio.io")];
 
 const NETWORKING: &[&str] = &["v1alpha3", "v1beta1", "v1"];
 const SECURITY: &[&str] = &["v1beta1", "v1"];
 
 impl Kind {
-    const ALL: [Kind; 14] = [
+    const ALL: [Kind; 15] = [
         Kind::Namespace,
         Kind::Service,
         Kind::EndpointSlice,
@@ -60,6 +65,7 @@ impl Kind {
         Kind::Telemetry,
         Kind::HttpRoute,
         Kind::GrpcRoute,
+        Kind::Gateway,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -78,6 +84,7 @@ impl Kind {
             Kind::Telemetry => "Telemetry",
             Kind::HttpRoute => "HTTPRoute",
             Kind::GrpcRoute => "GRPCRoute",
+            Kind::Gateway => "Gateway",
         }
     }
 
@@ -91,7 +98,7 @@ impl Kind {
             }
             Kind::AuthorizationPolicy | Kind::PeerAuthentication | Kind::RequestAuthentication => "security.istio.io",
             Kind::Telemetry => "telemetry.istio.io",
-            Kind::HttpRoute | Kind::GrpcRoute => "gateway.networking.k8s.io",
+            Kind::HttpRoute | Kind::GrpcRoute | Kind::Gateway => "gateway.networking.k8s.io",
         }
     }
 
@@ -101,7 +108,7 @@ impl Kind {
             Kind::WorkloadEntry | Kind::VirtualService | Kind::DestinationRule | Kind::ServiceEntry => NETWORKING,
             Kind::AuthorizationPolicy | Kind::PeerAuthentication | Kind::RequestAuthentication => SECURITY,
             Kind::Telemetry => &["v1alpha1", "v1"],
-            Kind::HttpRoute => &["v1", "v1beta1"],
+            Kind::HttpRoute | Kind::Gateway => &["v1", "v1beta1"],
             Kind::GrpcRoute => &["v1", "v1alpha2"],
         }
     }
@@ -268,6 +275,7 @@ where
         Kind::Telemetry => envelope!(TelemetrySpec),
         Kind::HttpRoute => envelope!(HttpRouteSpec),
         Kind::GrpcRoute => envelope!(GrpcRouteSpec),
+        Kind::Gateway => envelope!(GatewaySpec),
     }
 }
 
@@ -553,7 +561,9 @@ impl Doc<'_> {
             None => ("", ""),
         };
         let ours = Kind::ALL.iter().any(|k| k.group() == group);
-        let served = served.filter(|k| api_version.is_none() || k.group() == group || ours);
+        let served = served.filter(|k| {
+            api_version.is_none() || k.group() == group || (ours && !OTHER_KINDS.contains(&(kind_name.as_str(), group)))
+        });
         let scoped_ns = match served {
             Some(kind) if kind.namespaced() && namespace.is_empty() => "default".to_string(),
             Some(kind) if !kind.namespaced() => String::new(),
@@ -663,6 +673,7 @@ impl Doc<'_> {
             Kind::Telemetry => plain!(TelemetrySpec, Telemetry, telemetries),
             Kind::HttpRoute => plain!(HttpRouteSpec, HttpRoute, http_routes),
             Kind::GrpcRoute => plain!(GrpcRouteSpec, GrpcRoute, grpc_routes),
+            Kind::Gateway => plain!(GatewaySpec, Gateway, gateways),
         }
         Ok(())
     }

@@ -43,6 +43,7 @@ pub(crate) fn validate(loaded: &Loaded, problems: &mut Found, warnings: &mut Fou
     each!(telemetries, Kind::Telemetry, security::telemetry);
     each!(http_routes, Kind::HttpRoute, gateway::http_route);
     each!(grpc_routes, Kind::GrpcRoute, gateway::grpc_route);
+    each!(gateways, Kind::Gateway, gateway::gateway);
 }
 
 /// The object being checked and where its problems go.

@@ -4,7 +4,7 @@ use std::prelude::rust_2024::*;
 
 use super::Obj;
 use crate::config::{
-    gateway::{BackendRef, GrpcRoute, HttpRoute, NameMatch, ParentReference, RouteFilter},
+    gateway::{BackendRef, Gateway, GrpcRoute, HttpRoute, NameMatch, ParentReference, RouteFilter, WAYPOINT_PORT},
     values,
 };
 
@@ -109,6 +109,60 @@ pub(super) fn grpc_route(o: &mut Obj, route: &GrpcRoute) {
         }
         filters(o, &format!("{field}.filters"), &rule.filters, GRPC_FILTERS);
         backends(o, &format!("{field}.backendRefs"), &rule.backend_refs, GRPC_FILTERS);
+    }
+}
+
+/// Listener protocols of Gateway API's core and of Istio's waypoints.
+const LISTENER_PROTOCOLS: &[&str] = &["HTTP", "HTTPS", "TLS", "TCP", "UDP", "HBONE"];
+const WAYPOINT_FOR: &[&str] = &["service", "workload", "all", "none"];
+
+pub(super) fn gateway(o: &mut Obj, gateway: &Gateway) {
+    let spec = &gateway.spec;
+    if spec.gateway_class_name.is_empty() {
+        o.err("spec.gatewayClassName", "must not be empty");
+    }
+    if spec.listeners.is_empty() {
+        o.err("spec.listeners", "must list at least one listener");
+    }
+    let mut names = Vec::new();
+    for (i, listener) in spec.listeners.iter().enumerate() {
+        let field = format!("spec.listeners[{i}]");
+        if listener.name.is_empty() {
+            o.err(format!("{field}.name"), "must not be empty");
+        } else if names.contains(&listener.name.as_str()) {
+            o.err(format!("{field}.name"), format!("`{}` names two listeners", listener.name));
+        } else {
+            names.push(listener.name.as_str());
+        }
+        o.port(&format!("{field}.port"), listener.port);
+        if !LISTENER_PROTOCOLS.contains(&listener.protocol.as_str()) && !listener.protocol.contains('/') {
+            o.err(
+                format!("{field}.protocol"),
+                format!(
+                    "`{}` is not one of {} (or a domain-prefixed protocol)",
+                    listener.protocol,
+                    LISTENER_PROTOCOLS.join(", ")
+                ),
+            );
+        }
+        if let Some(host) = &listener.hostname {
+            o.host(&format!("{field}.hostname"), host);
+        }
+    }
+    if gateway.is_waypoint() {
+        let for_ = gateway.waypoint_for();
+        if !WAYPOINT_FOR.contains(&for_) {
+            o.err(
+                "metadata.labels[\"istio.io/waypoint-for\"]",
+                format!("`{for_}` is not one of {}", WAYPOINT_FOR.join(", ")),
+            );
+        }
+        if !spec.listeners.iter().any(|l| l.protocol == "HBONE" && l.port == u32::from(WAYPOINT_PORT)) {
+            o.err(
+                "spec.listeners",
+                format!("a waypoint (gatewayClassName istio-waypoint) needs an HBONE listener on port {WAYPOINT_PORT}"),
+            );
+        }
     }
 }
 

@@ -1,0 +1,147 @@
+//! Upstream peers: the endpoints of one destination (host, subset, port) with their
+//! traffic policy, balancer, outlier state and circuit breaker. The policy and the
+//! endpoint list follow the config version; outlier state and breaker counters live
+//! across versions, keyed by destination and endpoint.
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::Instant,
+};
+
+use mesh_proxy::workloads::Index;
+use mesh_waypoint::{
+    balance::{Balancer, PickContext},
+    limits::Breaker,
+    outlier::{CallResult, Outliers},
+    policy::{Missing, Resolved, selects},
+};
+use tracing::info;
+
+use crate::upstream::Target;
+
+/// (host, subset, port)
+pub type Key = (String, Option<String>, u16);
+
+/// The state of a destination that outlives config versions.
+pub struct Health {
+    pub breaker: Arc<Breaker>,
+    outliers: Mutex<Option<(Outliers<String>, Instant)>>,
+}
+
+pub struct Destination {
+    pub key: Key,
+    pub policy: Resolved,
+    pub endpoints: Vec<Target>,
+    balancer: Balancer,
+    active: Vec<AtomicU32>,
+    pub health: Arc<Health>,
+}
+
+/// What resolving a destination can come to.
+pub enum Lookup {
+    Found(Arc<Destination>),
+    /// No DestinationRule defines the subset (503 NR).
+    Missing(Missing),
+    /// Neither a Service nor its port is known (503 NR).
+    Unknown,
+}
+
+impl Destination {
+    pub fn resolve(
+        index: &Index,
+        config: &mesh_common::config::Config,
+        waypoint_namespace: &str,
+        key: &Key,
+        health: &Mutex<HashMap<Key, Arc<Health>>>,
+    ) -> Lookup {
+        let (host, subset, port) = key;
+        let Some(service) = index.service_by_host(host, *port) else { return Lookup::Unknown };
+        let policy = match Resolved::for_destination(config, host, waypoint_namespace, subset.as_deref(), *port) {
+            Ok(policy) => policy,
+            Err(missing) => return Lookup::Missing(missing),
+        };
+        let endpoints: Vec<Target> = service
+            .endpoints
+            .iter()
+            .filter(|e| selects(&policy.labels, &e.workload.labels))
+            .filter_map(|e| {
+                let ip = e.workload.ips.first()?;
+                Some(Target { workload: e.workload.clone(), addr: std::net::SocketAddr::new(*ip, e.port) })
+            })
+            .collect();
+        let keys: Vec<String> = endpoints.iter().map(|t| t.addr.to_string()).collect();
+        let balancer = Balancer::new(&policy.lb, &keys);
+        let health = health
+            .lock()
+            .expect("lock")
+            .entry(key.clone())
+            .or_insert_with(|| Arc::new(Health { breaker: Breaker::new(), outliers: Mutex::new(None) }))
+            .clone();
+        {
+            let mut outliers = health.outliers.lock().expect("lock");
+            match (&policy.outlier, outliers.as_mut()) {
+                (Some(config), Some((state, _))) if state.config() == config => state.set_endpoints(keys),
+                (Some(config), _) => *outliers = Some((Outliers::new(*config, keys), Instant::now())),
+                (None, _) => *outliers = None,
+            }
+        }
+        let active = endpoints.iter().map(|_| AtomicU32::new(0)).collect();
+        Lookup::Found(Arc::new(Self { key: key.clone(), policy, endpoints, balancer, active, health }))
+    }
+
+    /// An endpoint for one try, avoiding `tried` when others are eligible.
+    pub fn pick(&self, hash: Option<u64>, roll: u64, tried: &[usize]) -> Option<usize> {
+        let now = Instant::now();
+        let outliers = self.sweep(now);
+        let eligible_now = |i: usize| outliers.as_ref().is_none_or(|(o, _)| o.eligible(i, now));
+        let active = |i: usize| self.active.get(i).map_or(0, |a| a.load(Ordering::Relaxed));
+        let fresh = |i: usize| eligible_now(i) && !tried.contains(&i);
+        let picked = self.balancer.pick(&PickContext { hash, roll, active: &active, eligible: &fresh });
+        picked.or_else(|| self.balancer.pick(&PickContext { hash, roll, active: &active, eligible: &eligible_now }))
+    }
+
+    /// Readmits endpoints whose ejection is over, at most once per interval.
+    fn sweep(&self, now: Instant) -> std::sync::MutexGuard<'_, Option<(Outliers<String>, Instant)>> {
+        let mut outliers = self.health.outliers.lock().expect("lock");
+        if let Some((state, last)) = outliers.as_mut()
+            && now.duration_since(*last) >= state.config().interval.min(std::time::Duration::from_secs(1))
+        {
+            *last = now;
+            for i in state.sweep(now) {
+                info!(destination = ?self.key, endpoint = ?self.endpoints.get(i).map(|t| t.addr), "endpoint readmitted");
+            }
+        }
+        outliers
+    }
+
+    /// Counts a request in flight to endpoint `i` (least request) until the guard drops.
+    pub fn start(&self, i: usize) -> ActiveGuard<'_> {
+        if let Some(a) = self.active.get(i) {
+            a.fetch_add(1, Ordering::Relaxed);
+        }
+        ActiveGuard(self.active.get(i))
+    }
+
+    /// Feeds outlier detection with how a call to endpoint `i` ended.
+    pub fn record(&self, i: usize, result: CallResult) {
+        let mut outliers = self.health.outliers.lock().expect("lock");
+        if let Some((state, _)) = outliers.as_mut()
+            && let Some(ejection) = state.record(i, result, Instant::now())
+        {
+            info!(destination = ?self.key, endpoint = ?self.endpoints.get(i).map(|t| t.addr), reason = ?ejection.reason, times = ejection.times, "endpoint ejected");
+        }
+    }
+}
+
+pub struct ActiveGuard<'a>(Option<&'a AtomicU32>);
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(a) = self.0 {
+            a.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! Where tunnel streams come in: the waypoint's HBONE [`Handler`]. Each `CONNECT`
+//! names a service VIP and port; the stream is refused unless that service uses this
+//! waypoint, then served as HTTP ([`crate::proxy`]) or relayed as TCP by the
+//! service port's protocol.
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex, RwLock},
+    time::Duration,
+};
+
+use http::StatusCode;
+use mesh_common::{config::Config, control::parse_workload_identity};
+use mesh_proxy::{
+    admin::{self, Body},
+    control::ControlClient,
+    identity::{CertStore, WorkloadCert},
+    metrics::Metrics,
+    tunnel::{
+        HboneError,
+        server::{Connect, Handler},
+    },
+    workloads::{Index, ServicePort, Workload},
+};
+use mesh_waypoint::route::{RouteTable, ServiceRef};
+use tracing::{debug, info, warn};
+
+use crate::{
+    destination::{Destination, Health, Key, Lookup},
+    proxy,
+    requests::RequestMetrics,
+    upstream::Upstreams,
+};
+
+pub struct Settings {
+    pub namespace: String,
+    pub name: String,
+    pub service_account: String,
+    pub client: Arc<ControlClient>,
+    pub certs: Arc<CertStore>,
+    pub metrics: Arc<Metrics>,
+    pub connect_timeout: Duration,
+}
+
+/// What one configuration version gives the waypoint. Route tables and destinations
+/// are compiled on first use and kept for the version's life.
+pub struct Tables {
+    pub version: u64,
+    pub config: Arc<Config>,
+    pub index: Index,
+    routes: Mutex<HashMap<(String, u16), Arc<RouteTable>>>,
+    destinations: Mutex<HashMap<Key, Arc<Destination>>>,
+}
+
+impl Tables {
+    fn new(version: u64, config: Arc<Config>, index: Index) -> Self {
+        Self { version, config, index, routes: Mutex::default(), destinations: Mutex::default() }
+    }
+
+    /// The routes of a service port.
+    pub fn routes(&self, service: &ServicePort) -> Arc<RouteTable> {
+        let key = (service.hostname.clone(), service.port);
+        if let Some(table) = self.routes.lock().expect("lock").get(&key) {
+            return table.clone();
+        }
+        let table = Arc::new(RouteTable::build(
+            &self.config,
+            &ServiceRef::new(&service.namespace, &service.name, service.port),
+        ));
+        for warning in table.warnings() {
+            warn!(service = %service.hostname, warning, "route configuration");
+        }
+        self.routes.lock().expect("lock").insert(key, table.clone());
+        table
+    }
+
+    /// The endpoints and policy of a destination.
+    pub fn destination(&self, waypoint: &Waypoint, key: &Key) -> Lookup {
+        if let Some(found) = self.destinations.lock().expect("lock").get(key) {
+            return Lookup::Found(found.clone());
+        }
+        let lookup = Destination::resolve(&self.index, &self.config, &waypoint.namespace, key, &waypoint.health);
+        if let Lookup::Found(found) = &lookup {
+            self.destinations.lock().expect("lock").insert(key.clone(), found.clone());
+        }
+        lookup
+    }
+}
+
+pub struct Waypoint {
+    pub namespace: String,
+    pub name: String,
+    /// Our SPIFFE identity (known once the view names the trust domain).
+    identity: RwLock<Option<String>>,
+    service_account: String,
+    client: Arc<ControlClient>,
+    certs: Arc<CertStore>,
+    pub requests: RequestMetrics,
+    pub upstreams: Upstreams,
+    connect_timeout: Duration,
+    tables: RwLock<Arc<Tables>>,
+    /// Outlier and circuit-breaker state per destination, across config versions.
+    pub health: Mutex<HashMap<Key, Arc<Health>>>,
+}
+
+/// Who sent a request: the tunnel peer's verified identity and the original client.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub identity: Arc<str>,
+    /// The client's address as the source agent reported it (`forwarded: for=`), else
+    /// the tunnel peer's.
+    pub addr: SocketAddr,
+    pub workload: Option<Arc<Workload>>,
+}
+
+/// How a service port's traffic is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/1.1 or HTTP/2 (prior knowledge), told apart by the first bytes.
+    Http,
+    /// Opaque bytes: L4 routing only.
+    Tcp,
+    /// Not declared: HTTP when the first bytes are, else TCP.
+    Unknown,
+}
+
+/// The protocol of a service port from its `appProtocol` or name, as Istio reads it:
+/// the name's prefix before `-` (`http`, `http-web`, `grpc-api`, `tcp-db`).
+pub fn protocol_of(port: &ServicePort) -> Protocol {
+    let name = port.protocol.to_ascii_lowercase();
+    match name.split(['-', '_']).next().unwrap_or("") {
+        "http" | "http2" | "grpc" | "grpc-web" | "kubernetes.io/h2c" | "kubernetes.io/ws" => Protocol::Http,
+        "tcp" | "tls" | "https" | "mongo" | "mysql" | "redis" | "udp" => Protocol::Tcp,
+        _ => Protocol::Unknown,
+    }
+}
+
+impl Waypoint {
+    pub fn new(settings: Settings) -> Arc<Self> {
+        let requests = RequestMetrics::new(&settings.metrics);
+        Arc::new(Self {
+            namespace: settings.namespace,
+            name: settings.name,
+            identity: RwLock::new(None),
+            service_account: settings.service_account,
+            client: settings.client,
+            certs: settings.certs,
+
+            requests,
+            upstreams: Upstreams::new(settings.connect_timeout),
+            connect_timeout: settings.connect_timeout,
+            tables: RwLock::new(Arc::new(Tables::new(0, Arc::default(), Index::default()))),
+            health: Mutex::default(),
+        })
+    }
+
+    pub fn tables(&self) -> Arc<Tables> {
+        self.tables.read().expect("lock").clone()
+    }
+
+    pub fn certificate_of(&self, identity: &str) -> Option<Arc<WorkloadCert>> {
+        self.certs.get(identity)
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
+    pub fn identity(&self) -> Option<String> {
+        self.identity.read().expect("lock").clone()
+    }
+
+    /// Rebuilds the tables on every new view; the first one also asks for the
+    /// waypoint's certificate. `ready` is dropped once both are there.
+    pub async fn follow_config(self: Arc<Self>, ready: admin::ReadyGuard) {
+        let mut updates = self.client.subscribe();
+        let mut ready = Some(ready);
+        loop {
+            let state = updates.borrow_and_update().clone();
+            if state.version > 0 {
+                let config = Arc::new(state.config.clone());
+                let identity = config.spiffe_id(&self.namespace, &self.service_account);
+                let changed = self.identity.read().expect("lock").as_deref() != Some(identity.as_str());
+                if changed {
+                    if let Some(old) = self.identity.write().expect("lock").replace(identity.clone()) {
+                        self.certs.release(&old);
+                    }
+                    self.certs.acquire(&identity);
+                }
+                let index = Index::build(&config).at(state.version);
+                *self.tables.write().expect("lock") = Arc::new(Tables::new(state.version, config, index));
+                info!(version = state.version, "view applied");
+                if ready.is_some() && self.certs.get(&identity).is_some() {
+                    ready = None;
+                }
+            }
+            if ready.is_some() {
+                // Waiting for the certificate: look again shortly.
+                let _ = tokio::time::timeout(Duration::from_millis(200), updates.changed()).await;
+            } else if updates.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Does `service` send its traffic through this waypoint?
+    fn serves(&self, service: &ServicePort) -> bool {
+        service.waypoint.as_ref().is_some_and(|w| w.name == self.name && w.namespace == self.namespace)
+    }
+
+    /// The admin endpoint: the config dump and the certificate's state.
+    pub fn admin(&self, req: &http::Request<hyper::body::Incoming>) -> http::Response<Body> {
+        match req.uri().path() {
+            "/config_dump" => admin::json(&admin::control_dump(&self.client, &self.certs)),
+            "/stats" => admin::json(&serde_json::json!({
+                "version": self.tables().version,
+                "identity": self.identity(),
+                "upstream_tunnels": self.upstreams.tunnels(),
+            })),
+            _ => admin::reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+        }
+    }
+}
+
+/// The client address in a `forwarded` header (`for="10.0.0.1:3456"`, `for=10.0.0.1`,
+/// `for="[fd00::1]:80"`).
+fn forwarded_for(value: &str) -> Option<SocketAddr> {
+    let value = value.split([';', ',']).find_map(|part| part.trim().strip_prefix("for="))?.trim_matches('"');
+    value.parse::<SocketAddr>().ok().or_else(|| {
+        let ip = value.trim_start_matches('[').trim_end_matches(']');
+        ip.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 0))
+    })
+}
+
+impl Handler for Waypoint {
+    fn certificate(&self) -> Result<Arc<WorkloadCert>, HboneError> {
+        let identity = self.identity().unwrap_or_default();
+        self.certs.get(&identity).ok_or(HboneError::NoCertificate { identity })
+    }
+
+    fn trusts(&self, identity: &str) -> bool {
+        let tables = self.tables();
+        parse_workload_identity(identity).is_some_and(|(td, _, _)| td == tables.config.trust_domain)
+    }
+
+    fn refused(&self, peer: SocketAddr, reason: &str) {
+        debug!(%peer, reason, "tunnel connection refused");
+    }
+
+    async fn serve(self: Arc<Self>, connect: Connect) {
+        let tables = self.tables();
+        let Some(target) = connect.authority().and_then(|a| a.parse::<SocketAddr>().ok()) else {
+            debug!(authority = connect.authority(), "CONNECT without an ip:port authority");
+            return connect.refuse(StatusCode::BAD_REQUEST);
+        };
+        // Fail closed: only the services that use this waypoint, and only with a view.
+        let Some(service) = tables.index.service(target).filter(|s| self.serves(s)).cloned() else {
+            debug!(%target, "CONNECT to a service that does not use this waypoint");
+            return connect.refuse(StatusCode::SERVICE_UNAVAILABLE);
+        };
+        let addr = connect
+            .request
+            .headers
+            .get("forwarded")
+            .and_then(|v| v.to_str().ok())
+            .and_then(forwarded_for)
+            .unwrap_or(connect.peer);
+        let workload = tables.index.workload(addr.ip()).cloned();
+        let caller = Caller { identity: connect.identity.clone(), addr, workload };
+        let Ok(stream) = connect.accept() else { return };
+        match protocol_of(&service) {
+            Protocol::Http | Protocol::Unknown => proxy::serve(self, tables, service, caller, target, stream).await,
+            Protocol::Tcp => proxy::relay_tcp(self, tables, service, caller, stream).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_for_reads_the_forms_agents_send() {
+        assert_eq!(forwarded_for("for=\"10.0.0.1:3456\""), Some("10.0.0.1:3456".parse().unwrap()));
+        assert_eq!(forwarded_for("for=10.0.0.1"), Some("10.0.0.1:0".parse().unwrap()));
+        assert_eq!(forwarded_for("for=\"[fd00::1]:80\""), Some("[fd00::1]:80".parse().unwrap()));
+        assert_eq!(forwarded_for("proto=http;for=\"[fd00::1]\""), Some("[fd00::1]:0".parse().unwrap()));
+        assert_eq!(forwarded_for("by=x"), None);
+    }
+}

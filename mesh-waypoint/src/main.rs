@@ -1,0 +1,206 @@
+//! `mesh-waypoint`: the L7 proxy of the services and namespaces that opt in with
+//! `istio.io/use-waypoint`. Source agents tunnel to it (HBONE on 15008, `:authority`
+//! = the service VIP and port); it routes each request and tunnels on to the chosen
+//! endpoint's agent. It needs no privileges: no eBPF, no capture, no API access.
+mod destination;
+mod inbound;
+mod proxy;
+mod requests;
+mod upstream;
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use clap::Parser;
+use mesh_proxy::{admin, control, drain, identity, metrics};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+use tracing_subscriber::{EnvFilter, layer::SubscriberExt as _, util::SubscriberInitExt as _};
+
+#[derive(Parser, Debug, serde::Serialize)]
+#[command(name = "mesh-waypoint", version, about = "L7 waypoint proxy of the mesh")]
+struct Cli {
+    /// The waypoint's namespace (its Gateway's).
+    #[arg(long, env = "MESH_WAYPOINT_NAMESPACE")]
+    namespace: String,
+    /// The waypoint's name: its Gateway's `metadata.name`.
+    #[arg(long, env = "MESH_WAYPOINT_NAME")]
+    name: String,
+    /// The service account whose SPIFFE identity the waypoint presents (default: the
+    /// waypoint's name, as `istioctl waypoint` deploys it).
+    #[arg(long, env = "MESH_WAYPOINT_SERVICE_ACCOUNT")]
+    service_account: Option<String>,
+    /// Controller's control endpoint, `host:port` (TLS).
+    #[arg(long, env = "MESH_CONTROLLER_ADDR")]
+    controller: String,
+    /// Directory with the bootstrap credential of the node the waypoint runs on:
+    /// node-cert.pem, node-key.pem, root-cert.pem.
+    #[arg(long, env = "MESH_CREDENTIAL_DIR", conflicts_with = "token_file")]
+    credential_dir: Option<PathBuf>,
+    /// Kubernetes: the projected `ServiceAccount` token (audience mesh-controller).
+    #[arg(long, env = "MESH_TOKEN_FILE", requires = "root_cert")]
+    token_file: Option<PathBuf>,
+    /// The mesh's root certificate, to verify the controller with (with --token-file).
+    #[arg(long, env = "MESH_ROOT_CERT", requires = "token_file")]
+    root_cert: Option<PathBuf>,
+    /// Where the last view and certificate are kept across restarts.
+    #[arg(long, env = "MESH_STATE_DIR", default_value = "/var/run/mesh-waypoint")]
+    state_dir: PathBuf,
+    /// HBONE listener.
+    #[arg(long, env = "MESH_HBONE_ADDR", default_value = "[::]:15008")]
+    hbone_addr: SocketAddr,
+    #[arg(long, env = "MESH_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+    #[arg(long, env = "MESH_METRICS_ADDR", default_value = "0.0.0.0:15020")]
+    metrics_addr: SocketAddr,
+    #[arg(long, env = "MESH_READINESS_ADDR", default_value = "0.0.0.0:15021")]
+    readiness_addr: SocketAddr,
+    #[arg(long, env = "MESH_WORKER_THREADS", default_value_t = 2)]
+    worker_threads: usize,
+    /// Upstream connect timeout (TCP and tunnel), in milliseconds (a DestinationRule's
+    /// `connectTimeout` overrides it).
+    #[arg(long, env = "MESH_CONNECT_TIMEOUT_MS", default_value_t = 10_000)]
+    connect_timeout_ms: u64,
+    /// How long requests in flight may finish after SIGTERM, in seconds.
+    #[arg(long, env = "MESH_DRAIN_SECONDS", default_value_t = 30)]
+    drain_seconds: u64,
+    #[arg(long, env = "MESH_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    #[arg(long, env = "MESH_LOG", default_value = "info")]
+    log: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let _log_writer = match init_logging(&cli) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("mesh-waypoint: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    control::limit_arenas(cli.worker_threads);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cli.worker_threads.max(1))
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("mesh-waypoint: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs (access logs included) go to stdout from a thread of their own.
+fn init_logging(cli: &Cli) -> anyhow::Result<tracing_appender::non_blocking::WorkerGuard> {
+    let filter = EnvFilter::try_new(&cli.log).with_context(|| format!("--log: invalid filter '{}'", cli.log))?;
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
+    let registry = tracing_subscriber::registry().with(filter);
+    if cli.log_format == "json" {
+        registry.with(tracing_subscriber::fmt::layer().json().flatten_event(true).with_writer(writer)).init();
+    } else {
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+        registry.with(tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(writer)).init();
+    }
+    Ok(guard)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    info!(config = %serde_json::to_value(&cli).expect("serializes"), "starting mesh-waypoint");
+    let ready = admin::Readiness::default();
+    let startup = ready.register("startup");
+    std::fs::create_dir_all(&cli.state_dir).with_context(|| format!("create state dir {}", cli.state_dir.display()))?;
+    let read = |path: PathBuf| std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()));
+    let tls = match (&cli.credential_dir, &cli.root_cert) {
+        (Some(dir), _) => mesh_common::tls::client_config(
+            &read(dir.join("node-cert.pem"))?,
+            &read(dir.join("node-key.pem"))?,
+            &[read(dir.join("root-cert.pem"))?],
+        )
+        .context("node credential")?,
+        (None, Some(root)) => {
+            mesh_common::tls::anonymous_client_config(&[read(root.clone())?]).context("--root-cert")?
+        }
+        (None, None) => anyhow::bail!("a credential is needed: --credential-dir or --token-file"),
+    };
+    let client = Arc::new(control::ControlClient::new(
+        cli.controller.clone(),
+        tls,
+        cli.token_file.clone(),
+        Some(cli.state_dir.join("view.json")),
+    ));
+    match client.restore_view() {
+        Ok((version, age)) => info!(version, age_seconds = age, "view restored from the state directory"),
+        Err(error) => info!(%error, "no view restored; waiting for the controller"),
+    }
+    tokio::spawn(client.clone().run());
+    let certs = Arc::new(identity::CertStore::new(client.clone(), Some(cli.state_dir.join("certs"))));
+    let metrics = Arc::new(metrics::Metrics::default());
+    metrics.register_collector(admin::ControlMetrics { client: client.clone(), certs: certs.clone() });
+
+    let service_account = cli.service_account.clone().unwrap_or_else(|| cli.name.clone());
+    let waypoint = inbound::Waypoint::new(inbound::Settings {
+        namespace: cli.namespace.clone(),
+        name: cli.name.clone(),
+        service_account,
+        client: client.clone(),
+        certs: certs.clone(),
+        metrics: metrics.clone(),
+        connect_timeout: Duration::from_millis(cli.connect_timeout_ms),
+    });
+    // Ready with a view and a certificate: until then every stream is refused.
+    let waiting = ready.register("config");
+    tokio::spawn(waypoint.clone().follow_config(waiting));
+
+    let (stop_serving, stop) = tokio::sync::watch::channel(false);
+    let admin_server = admin::HttpServer::bind("admin", cli.admin_addr, None, stop.clone())
+        .with_context(|| format!("cannot listen on admin address {}", cli.admin_addr))?;
+    let metrics_server = admin::HttpServer::bind("metrics", cli.metrics_addr, None, stop.clone())
+        .with_context(|| format!("cannot listen on metrics address {}", cli.metrics_addr))?;
+    let ready_server = admin::HttpServer::bind("readiness", cli.readiness_addr, None, stop.clone())
+        .with_context(|| format!("cannot listen on readiness address {}", cli.readiness_addr))?;
+    let dump = waypoint.clone();
+    tokio::spawn(admin_server.run(move |req| std::future::ready(dump.admin(&req))));
+    let scrape = metrics.clone();
+    tokio::spawn(metrics_server.run(move |req| {
+        let accept = req.headers().get("accept").and_then(|v| v.to_str().ok());
+        let (content_type, body) = scrape.render(accept);
+        std::future::ready(admin::reply(http::StatusCode::OK, content_type, body))
+    }));
+    let ready_view = ready.clone();
+    tokio::spawn(ready_server.run(move |req| std::future::ready(admin::readiness(&ready_view, &req))));
+
+    let listener = tokio::net::TcpListener::bind(cli.hbone_addr)
+        .await
+        .with_context(|| format!("cannot listen on HBONE address {}", cli.hbone_addr))?;
+    let (trigger, drain) = drain::channel();
+    let server = mesh_proxy::tunnel::server::Server::new(waypoint.clone());
+    let accept_drain = drain.clone();
+    let name = cli.name.clone();
+    tokio::spawn(async move {
+        drain::accept_until_drained(listener, accept_drain, &name, "hbone", move |tcp, peer| {
+            let server = server.clone();
+            let mut watch = drain.clone();
+            tokio::spawn(async move { server.serve(tcp, peer, async move { watch.signaled().await }).await });
+        })
+        .await;
+    });
+    drop(startup);
+    info!(addr = %cli.hbone_addr, "waypoint listening");
+
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: draining"),
+        _ = int.recv() => info!("SIGINT: draining"),
+    }
+    let _ = stop_serving.send(true);
+    if !trigger.drain(Duration::from_secs(cli.drain_seconds)).await {
+        warn!("drain deadline passed with requests still open");
+    }
+    Ok(())
+}

@@ -1,0 +1,950 @@
+//! The HTTP proxy of one downstream connection, in the phases pingora names: request
+//! filter (limits, forwarding headers) -> route -> upstream peer -> upstream request
+//! -> response -> log. Bodies stream through; what a retry needs is buffered only
+//! up to a bound.
+use std::{
+    convert::Infallible,
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Version, header};
+use http_body::{Frame, SizeHint};
+use http_body_util::{BodyExt as _, Full};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
+use mesh_proxy::{
+    tunnel::stream::H2Stream,
+    workloads::{ServicePort, Workload},
+};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
+use tracing::debug;
+
+use http_body_util::Limited;
+use mesh_waypoint::{
+    outlier::CallResult,
+    policy::LbPolicy,
+    retry::Outcome,
+    route::{Abort, Action, Mirror, RequestParts},
+};
+
+use crate::{
+    destination::Lookup,
+    inbound::{Caller, Protocol, Tables, Waypoint, protocol_of},
+    requests::{RequestLabels, RequestLog},
+    upstream::{Body, BoxError, Dial, Target, UpstreamError},
+};
+
+/// Request bodies up to this size are kept for retries and mirrors.
+const MAX_REPLAY: usize = 64 << 10;
+
+/// A request body for the tries of one request.
+enum Replay {
+    Buffered(Bytes),
+    /// Streamed: one try only.
+    Stream(Option<Counted>),
+}
+
+impl Replay {
+    fn take(&mut self) -> Option<Body> {
+        match self {
+            Self::Buffered(bytes) => Some(full(bytes.clone())),
+            Self::Stream(body) => body.take().map(|b| b.boxed()),
+        }
+    }
+
+    fn can_replay(&self) -> bool {
+        matches!(self, Self::Buffered(_))
+    }
+}
+
+/// Whether a request's body is known to be small enough to keep (no body, or a
+/// `content-length` within [`MAX_REPLAY`]).
+fn body_is_small(headers: &HeaderMap) -> bool {
+    match headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok()) {
+        Some(length) => length <= MAX_REPLAY,
+        None => !headers.contains_key(header::TRANSFER_ENCODING),
+    }
+}
+
+fn clone_head(head: &http::request::Parts) -> http::request::Parts {
+    let mut request = Request::new(());
+    *request.method_mut() = head.method.clone();
+    *request.uri_mut() = head.uri.clone();
+    *request.version_mut() = head.version;
+    *request.headers_mut() = head.headers.clone();
+    request.into_parts().0
+}
+
+fn parts_query(path: &str) -> Option<&str> {
+    path.split_once('?').map(|(_, q)| q)
+}
+
+fn roll_u64() -> u64 {
+    use std::hash::{BuildHasher as _, RandomState};
+    RandomState::new().hash_one(Instant::now())
+}
+
+/// A uniform random number in [0, 1).
+fn roll_f64() -> f64 {
+    (roll_u64() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Request headers larger than this get 431.
+const MAX_HEADERS: usize = 64 << 10;
+/// A client has this long to send a request's headers (no slowloris).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the first bytes of a connection on a port of unknown protocol are
+/// awaited to tell HTTP from other protocols.
+const SNIFF_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// One downstream connection's context.
+struct Downstream {
+    waypoint: Arc<Waypoint>,
+    /// The service VIP and port the tunnel stream asked for.
+    target: SocketAddr,
+    caller: Caller,
+}
+
+/// Serves a tunnel stream to `service` as HTTP, or as TCP when a port of unknown
+/// protocol does not start with HTTP.
+pub async fn serve(
+    waypoint: Arc<Waypoint>,
+    tables: Arc<Tables>,
+    service: Arc<ServicePort>,
+    caller: Caller,
+    target: SocketAddr,
+    stream: H2Stream,
+) {
+    let mut stream = Prefixed { prefix: Bytes::new(), inner: stream };
+    if protocol_of(&service) == Protocol::Unknown {
+        let mut first = vec![0u8; 24];
+        let n = match tokio::time::timeout(SNIFF_TIMEOUT, stream.inner.read(&mut first)).await {
+            Ok(Ok(n)) => n,
+            // Server-first protocols send nothing: relay them as TCP.
+            Ok(Err(_)) => return,
+            Err(_) => 0,
+        };
+        first.truncate(n);
+        let http = looks_like_http(&first);
+        stream.prefix = first.into();
+        if !http {
+            return relay(waypoint, tables, service, caller, stream).await;
+        }
+    }
+    let downstream = Arc::new(Downstream { waypoint, target, caller });
+    let service = service_fn(move |request| {
+        let downstream = downstream.clone();
+        async move { Ok::<_, Infallible>(downstream.handle(request).await) }
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT).max_buf_size(MAX_HEADERS);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(1000)
+        .max_header_list_size(MAX_HEADERS as u32)
+        .max_pending_accept_reset_streams(64)
+        .max_local_error_reset_streams(Some(256))
+        .keep_alive_interval(Duration::from_secs(30));
+    if let Err(error) = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).await {
+        debug!(%error, "downstream HTTP connection ended with an error");
+    }
+}
+
+/// Whether the first bytes of a connection are an HTTP/1 request line or the
+/// HTTP/2 connection preface.
+fn looks_like_http(first: &[u8]) -> bool {
+    const METHODS: [&[u8]; 9] =
+        [b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"OPTIONS ", b"PATCH ", b"TRACE ", b"CONNECT "];
+    first.starts_with(b"PRI * HTTP/2.0") || METHODS.iter().any(|m| first.starts_with(m))
+}
+
+/// Relays a tunnel stream to one endpoint as TCP.
+pub async fn relay_tcp(
+    waypoint: Arc<Waypoint>,
+    tables: Arc<Tables>,
+    service: Arc<ServicePort>,
+    caller: Caller,
+    stream: H2Stream,
+) {
+    relay(waypoint, tables, service, caller, Prefixed { prefix: Bytes::new(), inner: stream }).await;
+}
+
+async fn relay(
+    waypoint: Arc<Waypoint>,
+    tables: Arc<Tables>,
+    service: Arc<ServicePort>,
+    caller: Caller,
+    mut stream: Prefixed<H2Stream>,
+) {
+    let _ = tables;
+    let Some((workload, addr)) = service.pick(caller.addr.is_ipv6()) else {
+        debug!(service = %service.hostname, "no endpoint for a TCP connection");
+        return;
+    };
+    let Some(dial) = waypoint.dial(&caller) else { return };
+    let target = Target { workload, addr };
+    match waypoint.upstreams.connect(&target, &dial.dial()).await {
+        Ok(mut upstream) => {
+            let _ = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await;
+        }
+        Err(error) => debug!(%addr, %error, "TCP upstream connect failed"),
+    }
+}
+
+/// Owned parts of a [`Dial`].
+pub struct DialParts {
+    cert: Arc<mesh_proxy::identity::WorkloadCert>,
+    client: SocketAddr,
+    baggage: String,
+    connect_timeout: Duration,
+}
+
+impl DialParts {
+    pub fn dial(&self) -> Dial<'_> {
+        Dial {
+            cert: self.cert.clone(),
+            client: self.client,
+            baggage: &self.baggage,
+            connect_timeout: self.connect_timeout,
+        }
+    }
+}
+
+impl Waypoint {
+    /// How upstream connections for `caller` are made; None without a certificate.
+    pub fn dial(&self, caller: &Caller) -> Option<DialParts> {
+        let identity = self.identity()?;
+        let cert = self.certificate_of(&identity)?;
+        Some(DialParts {
+            cert,
+            client: caller.addr,
+            baggage: format!(
+                "k8s.namespace.name={},k8s.deployment.name={},service.name={},k8s.cluster.name=Kubernetes",
+                self.namespace, self.name, self.name
+            ),
+            connect_timeout: self.connect_timeout(),
+        })
+    }
+}
+
+/// A locally generated answer.
+struct Reply {
+    status: StatusCode,
+    flags: &'static str,
+    body: &'static str,
+    reason: Option<String>,
+}
+
+impl Reply {
+    fn new(status: StatusCode, flags: &'static str, body: &'static str) -> Self {
+        Self { status, flags, body, reason: None }
+    }
+
+    fn because(mut self, reason: impl Into<String>) -> Self {
+        self.reason = Some(reason.into());
+        self
+    }
+}
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).map_err(|never: Infallible| match never {}).boxed()
+}
+
+/// A request id for requests that come without one (a random UUID, version 4).
+fn request_id() -> String {
+    use std::hash::{BuildHasher as _, RandomState};
+    let a = RandomState::new().hash_one(Instant::now());
+    let b = RandomState::new().hash_one(a);
+    let (a, b) = ((a & !0xf000) | 0x4000, (b & !(0b11 << 62)) | (0b10 << 62));
+    format!(
+        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xffff,
+        b >> 48,
+        b & 0xffff_ffff_ffff
+    )
+}
+
+/// Hop-by-hop headers, never forwarded (RFC 9110, 7.6.1).
+const HOP_BY_HOP: [&str; 7] =
+    ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "upgrade", "proxy-authorization"];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|v| v.trim().to_ascii_lowercase())
+        .filter(|v| !v.is_empty())
+        .collect();
+    let trailers = headers.get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for name in HOP_BY_HOP.iter().copied().chain(named.iter().map(String::as_str)) {
+        if keep_upgrade && (name == "upgrade" || name == "connection") {
+            continue;
+        }
+        headers.remove(name);
+    }
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Counts a body's bytes and calls `done` once at its end (or when dropped early),
+/// with the byte count and a `grpc-status` seen in its trailers.
+struct Counted {
+    inner: Body,
+    bytes: Arc<AtomicU64>,
+    grpc_status: Option<String>,
+    done: Option<Box<dyn FnOnce(u64, Option<String>) + Send + Sync>>,
+}
+
+impl Counted {
+    fn finish(&mut self) {
+        if let Some(done) = self.done.take() {
+            done(self.bytes.load(Ordering::Relaxed), self.grpc_status.take());
+        }
+    }
+}
+
+impl http_body::Body for Counted {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                } else if let Some(trailers) = frame.trailers_ref()
+                    && let Some(status) = trailers.get("grpc-status").and_then(|v| v.to_str().ok())
+                {
+                    this.grpc_status = Some(status.to_owned());
+                }
+            }
+            Poll::Ready(None | Some(Err(_))) => this.finish(),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+fn header_bytes(headers: &HeaderMap) -> u64 {
+    headers.iter().map(|(k, v)| (k.as_str().len() + v.len() + 4) as u64).sum()
+}
+
+impl Downstream {
+    async fn handle(self: Arc<Self>, mut request: Request<Incoming>) -> Response<Body> {
+        let start = Instant::now();
+        let tables = self.waypoint.tables();
+        let service = tables.index.service(self.target).cloned();
+        let grpc =
+            request.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        let request_id = match request.headers().get("x-request-id").and_then(|v| v.to_str().ok()) {
+            Some(id) if !id.is_empty() => id.to_owned(),
+            _ => {
+                let id = request_id();
+                request.headers_mut().insert("x-request-id", HeaderValue::from_str(&id).expect("hex is a valid value"));
+                id
+            }
+        };
+        let source = self.caller.workload.as_deref();
+        let mut labels = RequestLabels {
+            source_workload: source.map(|w| w.name.clone()).unwrap_or_default(),
+            source_workload_namespace: source.map(|w| w.namespace.clone()).unwrap_or_default(),
+            source_principal: self.caller.identity.to_string(),
+            source_app: source.map(|w| w.app().to_owned()).unwrap_or_default(),
+            request_protocol: if grpc { "grpc" } else { "http" },
+            ..RequestLabels::default()
+        };
+        if let Some(service) = &service {
+            labels.destination_service = service.hostname.clone();
+            labels.destination_service_name = service.name.clone();
+            labels.destination_service_namespace = service.namespace.clone();
+        }
+        let mut log = RequestLog {
+            method: request.method().to_string(),
+            authority: request
+                .uri()
+                .authority()
+                .map(ToString::to_string)
+                .or_else(|| request.headers().get(header::HOST).and_then(|v| v.to_str().ok()).map(str::to_owned))
+                .unwrap_or_default(),
+            path: request.uri().path_and_query().map_or_else(|| "/".to_owned(), ToString::to_string),
+            protocol: match request.version() {
+                Version::HTTP_2 => "HTTP/2",
+                Version::HTTP_10 => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            },
+            request_id,
+            source_identity: self.caller.identity.to_string(),
+            source_addr: Some(self.caller.addr),
+            destination_service: labels.destination_service.clone(),
+            ..RequestLog::default()
+        };
+        let request_bytes = Arc::new(AtomicU64::new(header_bytes(request.headers())));
+        let outcome = match &service {
+            Some(service) => self.forward(&tables, service, request, &request_bytes, &mut log, &mut labels).await,
+            None => Err(Reply::new(StatusCode::SERVICE_UNAVAILABLE, "NR", "no route\n")
+                .because("the service is gone from the view")),
+        };
+        let response = match outcome {
+            Ok(response) => response,
+            Err(reply) => {
+                log.reason = reply.reason;
+                log.flags = reply.flags;
+                Response::builder()
+                    .status(reply.status)
+                    .header(header::CONTENT_TYPE, "text/plain")
+                    .body(full(reply.body))
+                    .expect("static parts")
+            }
+        };
+        if log.flags.is_empty() {
+            log.flags = "-";
+        }
+        labels.response_code = response.status().as_u16();
+        labels.response_flags = log.flags;
+        log.status = labels.response_code;
+        let (parts, body) = response.into_parts();
+        if let Some(status) = parts.headers.get("grpc-status").and_then(|v| v.to_str().ok()) {
+            labels.grpc_response_status = status.to_owned();
+        }
+        let waypoint = self.waypoint.clone();
+        let response_bytes = Arc::new(AtomicU64::new(header_bytes(&parts.headers)));
+        let done = move |bytes: u64, grpc_status: Option<String>| {
+            if let Some(status) = grpc_status {
+                labels.grpc_response_status = status;
+            }
+            let duration = start.elapsed();
+            let sent = request_bytes.load(Ordering::Relaxed);
+            waypoint.requests.record(&labels, duration, sent, bytes);
+            log.emit(duration, sent, bytes);
+        };
+        let body = Counted { inner: body, bytes: response_bytes, grpc_status: None, done: Some(Box::new(done)) };
+        Response::from_parts(parts, body.boxed())
+    }
+
+    async fn forward(
+        &self,
+        tables: &Tables,
+        service: &Arc<ServicePort>,
+        mut request: Request<Incoming>,
+        request_bytes: &Arc<AtomicU64>,
+        log: &mut RequestLog,
+        labels: &mut RequestLabels,
+    ) -> Result<Response<Body>, Reply> {
+        let dial = self
+            .waypoint
+            .dial(&self.caller)
+            .ok_or_else(|| Reply::new(StatusCode::SERVICE_UNAVAILABLE, "UF", "no certificate yet\n"))?;
+        // Route.
+        let table = tables.routes(service);
+        let no_labels = std::collections::BTreeMap::new();
+        let source_namespace =
+            mesh_common::control::parse_workload_identity(&self.caller.identity).map_or("", |(_, ns, _)| ns);
+        let path_and_query = log.path.clone();
+        let parts = RequestParts {
+            method: request.method().as_str(),
+            path: &path_and_query,
+            authority: &log.authority,
+            scheme: "http",
+            headers: request.headers(),
+            port: service.port,
+            source_namespace,
+            source_labels: self.caller.workload.as_ref().map_or(&no_labels, |w| &w.labels),
+        };
+        let Some(route) = table.select(&parts) else {
+            return Err(Reply::new(StatusCode::NOT_FOUND, "NR", "route not found\n").because("no route matched"));
+        };
+        log.route.clone_from(&route.name);
+        let origin = request.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        // CORS preflight, answered here when the policy allows the origin.
+        if let (Some(cors), Some(origin)) = (&route.cors, &origin)
+            && request.method() == http::Method::OPTIONS
+            && let Some(method) = request.headers().get("access-control-request-method").and_then(|v| v.to_str().ok())
+        {
+            let asked =
+                request.headers().get("access-control-request-headers").and_then(|v| v.to_str().ok()).unwrap_or("");
+            if let Some(headers) = cors.preflight(origin, method, asked) {
+                let mut response = Response::new(full(Bytes::new()));
+                *response.headers_mut() = headers;
+                return Ok(response);
+            }
+        }
+        // Faults.
+        if let Some(fault) = &route.fault {
+            let decision = fault.decide(roll_f64(), roll_f64());
+            if let Some(delay) = decision.delay {
+                tokio::time::sleep(delay).await;
+                log.flags = "DI";
+            }
+            match decision.abort {
+                Some(Abort::Http(status)) => {
+                    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                    return Err(Reply::new(status, "FI", "fault filter abort").because("fault injection"));
+                }
+                Some(Abort::Grpc(code)) => {
+                    log.flags = "FI";
+                    let mut response = Response::new(full(Bytes::new()));
+                    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+                    response.headers_mut().insert("grpc-status", HeaderValue::from(code));
+                    response.headers_mut().insert("grpc-message", HeaderValue::from_static("fault filter abort"));
+                    return Ok(response);
+                }
+                None => {}
+            }
+        }
+        let backends = match &route.action {
+            Action::Redirect(redirect) => {
+                let location = redirect.location(&parts);
+                let mut response = Response::new(full(Bytes::new()));
+                *response.status_mut() = StatusCode::from_u16(redirect.code).unwrap_or(StatusCode::MOVED_PERMANENTLY);
+                if let Ok(value) = HeaderValue::from_str(&location) {
+                    response.headers_mut().insert(header::LOCATION, value);
+                }
+                return Ok(response);
+            }
+            Action::DirectResponse { status, body } => {
+                let mut response = Response::new(full(body.clone().unwrap_or_default()));
+                *response.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
+                return Ok(response);
+            }
+            Action::Forward { backends } => backends,
+        };
+        let _ = backends;
+        let Some(backend) = route.pick_backend(roll_u64()) else {
+            return Err(Reply::new(StatusCode::SERVICE_UNAVAILABLE, "NR", "no backend\n"));
+        };
+        if let Some(reason) = &backend.unresolved {
+            return Err(
+                Reply::new(StatusCode::SERVICE_UNAVAILABLE, "NR", "no route to the backend\n").because(reason.clone())
+            );
+        }
+        let key = (backend.host.clone(), backend.subset.clone(), backend.port.unwrap_or(service.port));
+        let destination = match tables.destination(&self.waypoint, &key) {
+            Lookup::Found(destination) => destination,
+            Lookup::Missing(missing) => {
+                return Err(Reply::new(StatusCode::SERVICE_UNAVAILABLE, "NR", "no healthy upstream\n")
+                    .because(missing.to_string()));
+            }
+            Lookup::Unknown => {
+                let reason = format!("no service {}:{}", key.0, key.2);
+                return Err(
+                    Reply::new(StatusCode::SERVICE_UNAVAILABLE, "NR", "no route to the backend\n").because(reason)
+                );
+            }
+        };
+        if destination.endpoints.is_empty() {
+            return Err(Reply::new(StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream\n"));
+        }
+        // The request goes upstream: forwarding headers, rewrites, header operations.
+        let upgrade = request.version() == Version::HTTP_11
+            && request.headers().get(header::UPGRADE).is_some()
+            && request
+                .headers()
+                .get(header::CONNECTION)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.to_ascii_lowercase().contains("upgrade"));
+        let grpc = labels.request_protocol == "grpc";
+        let h2 = !upgrade && (request.version() == Version::HTTP_2 || grpc || wants_h2(service));
+        let mut downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+        let hash = match &destination.policy.lb {
+            LbPolicy::ConsistentHash(ch) => {
+                let query = parts_query(&path_and_query);
+                ch.key.hash(request.headers(), query, self.caller.addr.ip(), roll_u64())
+            }
+            _ => (None, None),
+        };
+        let (mut head, body) = request.into_parts();
+        self.forwarding_headers(&mut head.headers, upgrade);
+        let mut authority = log.authority.clone();
+        let mut path = path_and_query.clone();
+        if let Some(rewrite) = &route.rewrite {
+            if let Some(new) = route.rewrite_path(&path) {
+                path = new;
+            }
+            if let Some(new) = &rewrite.authority {
+                authority.clone_from(new);
+                if let Ok(value) = HeaderValue::from_str(new) {
+                    head.headers.insert(header::HOST, value);
+                }
+            }
+        }
+        backend.request_headers.apply(&mut head.headers);
+        route.request_headers.apply(&mut head.headers);
+        if h2 {
+            head.version = Version::HTTP_2;
+            head.uri = format!("http://{authority}{path}").parse().unwrap_or(head.uri);
+            head.headers.remove(header::HOST);
+        } else {
+            head.version = Version::HTTP_11;
+            if !head.headers.contains_key(header::HOST)
+                && let Ok(host) = HeaderValue::from_str(&authority)
+            {
+                head.headers.insert(header::HOST, host);
+            }
+            head.uri = path.parse().unwrap_or(head.uri);
+        }
+        // Retries and mirrors need the body again: buffered when small, else the
+        // request goes once.
+        let retry = &route.retry;
+        let replayable = retry.attempts > 0 || !route.mirrors.is_empty();
+        let body: Replay = if replayable && !upgrade && body_is_small(&head.headers) {
+            match Limited::new(body, MAX_REPLAY).collect().await {
+                Ok(collected) => {
+                    let bytes = collected.to_bytes();
+                    request_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    Replay::Buffered(bytes)
+                }
+                Err(_) => return Err(Reply::new(StatusCode::PAYLOAD_TOO_LARGE, "-", "payload too large\n")),
+            }
+        } else {
+            Replay::Stream(Some(Counted {
+                inner: body.map_err(BoxError::from).boxed(),
+                bytes: request_bytes.clone(),
+                grpc_status: None,
+                done: None,
+            }))
+        };
+        let mut body = body;
+        // Mirrors: fire and forget, with `-shadow` appended to the host, as Envoy does.
+        if let Replay::Buffered(bytes) = &body {
+            for mirror in route.mirrors.iter().filter(|m| m.fires(roll_f64())) {
+                self.mirror(tables, service, mirror, &head, bytes.clone(), &authority, &path, h2);
+            }
+        }
+        let limits = destination.policy.limits;
+        let Some(_request_slot) = destination.health.breaker.try_request(&limits) else {
+            return Err(Reply::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UO",
+                "upstream connect error or disconnect/reset before headers. reset reason: overflow\n",
+            ));
+        };
+        let attempts = async {
+            let mut tried: Vec<usize> = Vec::new();
+            let mut attempt = 0u32;
+            let mut _retry_slot = None;
+            loop {
+                attempt += 1;
+                log.attempts = attempt;
+                let Some(i) =
+                    destination.pick(hash.0, roll_u64(), if retry.retry_ignore_previous_hosts { &tried } else { &[] })
+                else {
+                    return Err(Reply::new(StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream\n"));
+                };
+                tried.push(i);
+                let target = destination.endpoints[i].clone();
+                self.describe_upstream(&target.workload, target.addr, log, labels);
+                let Some(attempt_body) = body.take() else {
+                    return Err(Reply::new(StatusCode::SERVICE_UNAVAILABLE, "UC", "upstream reset\n"));
+                };
+                let upstream_request = Request::from_parts(clone_head(&head), attempt_body);
+                let _active = destination.start(i);
+                let send = async {
+                    if let Some(downstream) = downstream_upgrade.take() {
+                        self.upgrade(&target, &dial, upstream_request, downstream).await
+                    } else {
+                        self.waypoint.upstreams.send(&target, h2, upstream_request, &dial.dial()).await
+                    }
+                };
+                let result = match retry.per_try_timeout {
+                    Some(limit) => tokio::time::timeout(limit, send).await.map_err(|_| ()),
+                    None => Ok(send.await),
+                };
+                let outcome = match &result {
+                    Ok(Ok(response)) => Outcome {
+                        status: Some(response.status().as_u16()),
+                        grpc_status: response.headers().get("grpc-status").and_then(|v| v.to_str().ok()?.parse().ok()),
+                        envoy_ratelimited: response.headers().contains_key("x-envoy-ratelimited"),
+                        ..Outcome::default()
+                    },
+                    Ok(Err(error)) => Outcome {
+                        connect_failure: error.connect_failure(),
+                        reset: !error.connect_failure(),
+                        ..Outcome::default()
+                    },
+                    Err(()) => Outcome { per_try_timeout: true, ..Outcome::default() },
+                };
+                let status = outcome.status;
+                destination.record(
+                    i,
+                    CallResult {
+                        status,
+                        gateway_error: status.is_none_or(|s| matches!(s, 502..=504)),
+                        local_origin_failure: status.is_none(),
+                    },
+                );
+                let again = body.can_replay() && retry.should_retry(attempt, &outcome) && {
+                    _retry_slot = destination.health.breaker.try_retry(&limits);
+                    _retry_slot.is_some()
+                };
+                if !again {
+                    let exhausted = attempt > 1 && retry.conditions.matches(&outcome);
+                    return match result {
+                        Ok(Ok(response)) => {
+                            if exhausted {
+                                log.flags = "URX";
+                            }
+                            Ok(response)
+                        }
+                        Ok(Err(error)) => {
+                            let mut reply = upstream_reply(error);
+                            if exhausted {
+                                reply.flags = "URX";
+                            }
+                            Err(reply)
+                        }
+                        Err(()) => Err(Reply::new(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            if exhausted { "URX" } else { "UT" },
+                            "upstream request timeout\n",
+                        )),
+                    };
+                }
+                debug!(attempt, ?outcome, "retrying");
+                tokio::time::sleep(retry.backoff(attempt, roll_f64())).await;
+            }
+        };
+        let sent = match route.timeout {
+            Some(limit) => tokio::time::timeout(limit, attempts)
+                .await
+                .map_err(|_| Reply::new(StatusCode::GATEWAY_TIMEOUT, "UT", "upstream request timeout\n"))??,
+            None => attempts.await?,
+        };
+        let (mut parts, body) = sent.into_parts();
+        if parts.status != StatusCode::SWITCHING_PROTOCOLS {
+            strip_hop_by_hop(&mut parts.headers, false);
+        }
+        backend.response_headers.apply(&mut parts.headers);
+        route.response_headers.apply(&mut parts.headers);
+        if let (Some(cors), Some(origin)) = (&route.cors, &origin) {
+            parts.headers.extend(cors.response_headers(origin));
+        }
+        if let Some(cookie) = hash.1 {
+            parts.headers.append(header::SET_COOKIE, cookie);
+        }
+        Ok(Response::from_parts(parts, body.map_err(BoxError::from).boxed()))
+    }
+
+    /// Sends a WebSocket (or other `Upgrade`) request on a connection of its own and
+    /// joins the two upgraded connections when the upstream switches protocols.
+    async fn upgrade(
+        &self,
+        target: &Target,
+        dial: &DialParts,
+        request: Request<Body>,
+        downstream: hyper::upgrade::OnUpgrade,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let mut sender = self.waypoint.upstreams.open_h1(target, &dial.dial(), true).await?;
+        let mut response = sender.send_request(request).await.map_err(UpstreamError::Reset)?;
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let upstream = hyper::upgrade::on(&mut response);
+            tokio::spawn(async move {
+                if let (Ok(a), Ok(b)) = (downstream.await, upstream.await) {
+                    let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(a), &mut TokioIo::new(b)).await;
+                }
+            });
+        }
+        Ok(response)
+    }
+
+    /// Sends a copy of a request to a mirror backend; its answer is dropped.
+    #[allow(clippy::too_many_arguments, reason = "one call site; the parts of one request")]
+    fn mirror(
+        &self,
+        tables: &Tables,
+        service: &ServicePort,
+        mirror: &Mirror,
+        head: &http::request::Parts,
+        body: Bytes,
+        authority: &str,
+        path: &str,
+        h2: bool,
+    ) {
+        let key =
+            (mirror.backend.host.clone(), mirror.backend.subset.clone(), mirror.backend.port.unwrap_or(service.port));
+        let Lookup::Found(destination) = tables.destination(&self.waypoint, &key) else { return };
+        let Some(i) = destination.pick(None, roll_u64(), &[]) else { return };
+        let Some(dial) = self.waypoint.dial(&self.caller) else { return };
+        let target = destination.endpoints[i].clone();
+        let mut head = clone_head(head);
+        let host =
+            authority.split_once(':').map_or_else(|| format!("{authority}-shadow"), |(h, p)| format!("{h}-shadow:{p}"));
+        if h2 {
+            head.uri = format!("http://{host}{path}").parse().unwrap_or(head.uri);
+        } else if let Ok(value) = HeaderValue::from_str(&host) {
+            head.headers.insert(header::HOST, value);
+        }
+        let waypoint = self.waypoint.clone();
+        tokio::spawn(async move {
+            let request = Request::from_parts(head, full(body));
+            if let Err(error) = waypoint.upstreams.send(&target, h2, request, &dial.dial()).await {
+                debug!(%error, "mirror request failed");
+            }
+        });
+    }
+
+    fn describe_upstream(
+        &self,
+        workload: &Workload,
+        addr: SocketAddr,
+        log: &mut RequestLog,
+        labels: &mut RequestLabels,
+    ) {
+        log.upstream = Some(addr);
+        log.destination_identity.clone_from(&workload.identity);
+        labels.destination_workload.clone_from(&workload.name);
+        labels.destination_workload_namespace.clone_from(&workload.namespace);
+        labels.destination_principal.clone_from(&workload.identity);
+        labels.destination_app = workload.app().to_owned();
+    }
+
+    /// What Envoy adds: `x-forwarded-for` (the client's address appended),
+    /// `x-forwarded-proto`, and the caller's verified identity in
+    /// `x-forwarded-client-cert` (any value the client sent is replaced).
+    fn forwarding_headers(&self, headers: &mut HeaderMap, upgrade: bool) {
+        strip_hop_by_hop(headers, upgrade);
+        let ip = self.caller.addr.ip().to_string();
+        let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            Some(existing) if !existing.is_empty() => format!("{existing}, {ip}"),
+            _ => ip,
+        };
+        if let Ok(value) = HeaderValue::from_str(&xff) {
+            headers.insert("x-forwarded-for", value);
+        }
+        if !headers.contains_key("x-forwarded-proto") {
+            headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        }
+        let by = self.waypoint.identity().unwrap_or_default();
+        if let Ok(value) = HeaderValue::from_str(&format!("By={by};URI={}", self.caller.identity)) {
+            headers.insert("x-forwarded-client-cert", value);
+        }
+    }
+}
+
+/// Ports declared HTTP/2 or gRPC are spoken to in HTTP/2 upstream; others in the
+/// downstream's protocol.
+fn wants_h2(service: &ServicePort) -> bool {
+    let name = service.protocol.to_ascii_lowercase();
+    matches!(name.split(['-', '_']).next(), Some("http2" | "grpc")) || name == "kubernetes.io/h2c"
+}
+
+fn upstream_reply(error: UpstreamError) -> Reply {
+    let reason = mesh_proxy_error_chain(&error);
+    let body = if error.connect_failure() {
+        "upstream connect error or disconnect/reset before headers. reset reason: connection failure\n"
+    } else {
+        "upstream connect error or disconnect/reset before headers. reset reason: connection termination\n"
+    };
+    Reply::new(StatusCode::SERVICE_UNAVAILABLE, error.flag(), body).because(reason)
+}
+
+fn mesh_proxy_error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// A stream with bytes already read from it in front.
+pub struct Prefixed<S> {
+    prefix: Bytes,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            let head = self.prefix.split_to(n);
+            buf.put_slice(&head);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sniffing_tells_http_from_other_protocols() {
+        assert!(looks_like_http(b"GET / HTTP/1.1\r\n"));
+        assert!(looks_like_http(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"));
+        assert!(!looks_like_http(b"\x16\x03\x01\x02\x00"));
+        assert!(!looks_like_http(b"GETX"));
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_not_forwarded() {
+        let mut headers = HeaderMap::new();
+        headers.insert("connection", HeaderValue::from_static("keep-alive, x-private"));
+        headers.insert("x-private", HeaderValue::from_static("1"));
+        headers.insert("te", HeaderValue::from_static("trailers"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut headers, false);
+        let names: Vec<&str> = headers.keys().map(http::HeaderName::as_str).collect();
+        assert_eq!(names, vec!["x-kept", "te"]);
+    }
+
+    #[test]
+    fn request_ids_are_version_4_uuids() {
+        let id = request_id();
+        assert_eq!(id.len(), 36);
+        assert_eq!(&id[14..15], "4");
+        assert!(matches!(&id[19..20], "8" | "9" | "a" | "b"));
+        assert_ne!(id, request_id());
+    }
+}

@@ -1,0 +1,217 @@
+//! The route phase: the L7 routing configuration of one Service port, compiled once into
+//! an immutable [`RouteTable`], and the pure decisions the proxy asks of it: which
+//! route a request takes ([`RouteTable::select`]), which backend gets it
+//! ([`Route::pick_backend`]), how its path is rewritten, whether a fault or a mirror
+//! fires, the CORS answer. Values in, values out: randomness comes in as rolls.
+//!
+//! Sources, in the order [`RouteTable::build`] consults them:
+//! - Gateway API `HTTPRoute` and `GRPCRoute` whose `parentRefs` name the Service (GAMMA);
+//!   their rules are ordered as the Gateway API spec orders them (see [`build`]).
+//! - Else the `VirtualService`s whose `hosts` name the Service, for the mesh, in order,
+//!   first matching rule wins.
+//! - Else one default route to the Service itself with Istio's default retries.
+//!
+//! When route objects apply but no rule matches, [`RouteTable::select`] answers `None`:
+//! the proxy answers 404 with flag `NR`, as Envoy does.
+use std::{collections::BTreeMap, time::Duration};
+
+use http::HeaderMap;
+
+use crate::retry::RetryPolicy;
+
+mod build;
+mod filters;
+mod matcher;
+#[cfg(test)]
+mod tests;
+
+pub use filters::{Abort, Cors, Fault, FaultDecision, HeaderOps, Mirror, PathRewrite, Redirect, RedirectPort};
+
+use matcher::Matcher;
+
+/// The Service port being routed: what the waypoint found by the request's authority.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceRef {
+    pub namespace: String,
+    pub name: String,
+    /// `name.namespace.svc.cluster.local`.
+    pub hostname: String,
+    pub port: u16,
+}
+
+impl ServiceRef {
+    /// A Service of the cluster's DNS domain.
+    pub fn new(namespace: &str, name: &str, port: u16) -> Self {
+        Self {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            hostname: format!("{name}.{namespace}.svc.{}", mesh_common::config::DNS_DOMAIN),
+            port,
+        }
+    }
+}
+
+/// What matching reads of a request.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestParts<'a> {
+    pub method: &'a str,
+    /// Path and query as received (`/a/b?x=1`); matched without normalization.
+    pub path: &'a str,
+    /// `:authority` / `Host`, with the port when the client sent one.
+    pub authority: &'a str,
+    /// `http` or `https` as the client used it.
+    pub scheme: &'a str,
+    pub headers: &'a HeaderMap,
+    /// The Service port the request came in on.
+    pub port: u16,
+    /// Namespace of the caller's identity.
+    pub source_namespace: &'a str,
+    /// Labels of the calling workload.
+    pub source_labels: &'a BTreeMap<String, String>,
+}
+
+impl RequestParts<'_> {
+    /// The path without the query.
+    pub fn path_only(&self) -> &str {
+        self.path.split_once('?').map_or(self.path, |(p, _)| p)
+    }
+
+    /// The query without the `?`, empty when there is none.
+    pub fn query(&self) -> &str {
+        self.path.split_once('?').map_or("", |(_, q)| q)
+    }
+}
+
+/// One route: what a matching request gets.
+#[derive(Clone, Debug)]
+pub struct Route {
+    /// Stable name for telemetry and logs: `VirtualService/ns/name#http[2]`,
+    /// `HTTPRoute/ns/name#rules[0]`, `GRPCRoute/ns/name#rules[1]`, or `default` for the
+    /// route of a Service without route objects.
+    pub name: String,
+    pub action: Action,
+    /// Path and authority rewrite before forwarding.
+    pub rewrite: Option<Rewrite>,
+    /// Header operations on the request. The proxy applies the chosen backend's
+    /// operations first, then these: Envoy's order (weighted cluster, then route), so
+    /// the route's `set` wins over the backend's.
+    pub request_headers: HeaderOps,
+    /// Header operations on the response, in the same order.
+    pub response_headers: HeaderOps,
+    /// Whole-request timeout (`VirtualService` `timeout`, `HTTPRoute` `timeouts.request`);
+    /// `None`: no timeout, Istio's default for the mesh.
+    pub timeout: Option<Duration>,
+    pub retry: RetryPolicy,
+    pub fault: Option<Fault>,
+    pub mirrors: Vec<Mirror>,
+    pub cors: Option<Cors>,
+}
+
+/// What the proxy does with a matching request.
+#[derive(Clone, Debug)]
+pub enum Action {
+    /// Send it to one of the backends, chosen by weight.
+    Forward { backends: Vec<Backend> },
+    /// Answer with a redirect.
+    Redirect(Redirect),
+    /// Answer directly.
+    DirectResponse { status: u16, body: Option<Vec<u8>> },
+}
+
+/// A destination of a route: a Service (or `ServiceEntry` host), maybe one subset of it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Backend {
+    /// Fully qualified host (`reviews.shop.svc.cluster.local`, `api.example.com`).
+    pub host: String,
+    /// Namespace of the Service or `ServiceEntry` (the route's when unknown).
+    pub namespace: String,
+    /// Port; `None`: the port the request came in on.
+    pub port: Option<u16>,
+    /// A `DestinationRule` subset.
+    pub subset: Option<String>,
+    /// Relative weight.
+    pub weight: u32,
+    pub request_headers: HeaderOps,
+    pub response_headers: HeaderOps,
+    /// Why the backend cannot be reached (unknown host, port or subset): the proxy
+    /// answers 503 with flag `NR` for requests that pick it.
+    pub unresolved: Option<String>,
+}
+
+/// Rewrites applied to a forwarded request.
+#[derive(Clone, Debug)]
+pub struct Rewrite {
+    pub path: Option<PathRewrite>,
+    /// New `:authority` / `Host`.
+    pub authority: Option<String>,
+}
+
+/// The compiled routing of one Service port.
+#[derive(Clone, Debug)]
+pub struct RouteTable {
+    /// (matcher, route) in the order they are tried; the first match wins.
+    entries: Vec<(Matcher, Route)>,
+    /// Whether route objects applied (else the one entry is the default route).
+    configured: bool,
+    warnings: Vec<String>,
+}
+
+impl RouteTable {
+    /// Compiles the routing of `service` from `config`. Never fails: what cannot be
+    /// used is left out (or never matches) and reported in [`RouteTable::warnings`].
+    pub fn build(config: &mesh_common::config::Config, service: &ServiceRef) -> Self {
+        build::build(config, service)
+    }
+
+    /// The route of the first entry that matches `req`; `None` when route objects
+    /// apply but none matches (404 `NR`).
+    pub fn select(&self, req: &RequestParts) -> Option<&Route> {
+        self.entries.iter().find(|(m, _)| m.matches(req)).map(|(_, r)| r)
+    }
+
+    /// Whether the routes come from route objects (not the default route).
+    pub fn is_configured(&self) -> bool {
+        self.configured
+    }
+
+    /// Every route, in match order (a rule with several matches appears once per match).
+    pub fn routes(&self) -> impl Iterator<Item = &Route> {
+        self.entries.iter().map(|(_, r)| r)
+    }
+
+    /// What was left out or cannot match, one line each, naming the object and field.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+}
+
+impl Route {
+    /// The backend for a uniform `roll`: backends get `weight / sum` of the rolls; when
+    /// all weights are 0 (a single destination without weight) the first gets all.
+    /// `None` when the route does not forward.
+    pub fn pick_backend(&self, roll: u64) -> Option<&Backend> {
+        let Action::Forward { backends } = &self.action else {
+            return None;
+        };
+        let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
+        if total == 0 {
+            return backends.first();
+        }
+        let mut point = roll % total;
+        for backend in backends {
+            let weight = u64::from(backend.weight);
+            if point < weight {
+                return Some(backend);
+            }
+            point -= weight;
+        }
+        backends.last()
+    }
+
+    /// The rewritten path and query for a forwarded request, or `None` when the route
+    /// does not rewrite the path. The query is kept.
+    pub fn rewrite_path(&self, path_and_query: &str) -> Option<String> {
+        let rewrite = self.rewrite.as_ref()?.path.as_ref()?;
+        Some(rewrite.apply(path_and_query))
+    }
+}
