@@ -43,8 +43,8 @@ impl Outcome {
                 for warning in &config.warnings {
                     let _ = writeln!(out, "warning: {warning}");
                 }
-                let objects = config.object_count() + config.ignored.len();
-                let kinds = config.ignored_kinds();
+                // Only what was checked is called valid; the rest is named, with its group.
+                let objects = config.object_count();
                 let _ = write!(
                     out,
                     "✔ {} in {} {} valid",
@@ -55,13 +55,8 @@ impl Outcome {
                 if !config.warnings.is_empty() {
                     let _ = write!(out, " with {}", plural(config.warnings.len(), "warning", "warnings"));
                 }
-                if !kinds.is_empty() {
-                    let _ = write!(
-                        out,
-                        " ({}: {})",
-                        plural(kinds.len(), "ignored kind", "ignored kinds"),
-                        kinds.join(", ")
-                    );
+                if !config.ignored.is_empty() {
+                    let _ = write!(out, "; not checked: {}", config.not_checked_summary());
                 }
                 out.push('\n');
             }

@@ -8,12 +8,15 @@ use serde_yaml::{Mapping, Value};
 
 use super::{
     Config, Problem, Source,
-    gateway::{Gateway, GatewaySpec, GrpcRoute, GrpcRouteSpec, HttpRoute, HttpRouteSpec},
+    gateway::{
+        Gateway, GatewayClass, GatewayClassSpec, GatewaySpec, GrpcRoute, GrpcRouteSpec, HttpRoute, HttpRouteSpec,
+        L4RouteSpec, ReferenceGrant, ReferenceGrantSpec, TcpRoute, TlsRoute,
+    },
     k8s::{EndpointSlice, Namespace, NamespaceSpec, Pod, PodSpec, PodStatus, Service, ServiceSpec},
     meta::{ObjectMeta, nullable},
     networking::{
-        DestinationRule, DestinationRuleSpec, ServiceEntry, ServiceEntrySpec, VirtualService, VirtualServiceSpec,
-        WorkloadEntry, WorkloadEntrySpec,
+        DestinationRule, DestinationRuleSpec, IstioGateway, IstioGatewaySpec, ServiceEntry, ServiceEntrySpec,
+        VirtualService, VirtualServiceSpec, WorkloadEntry, WorkloadEntrySpec,
     },
     security::{
         AuthorizationPolicy, AuthorizationPolicySpec, PeerAuthentication, PeerAuthenticationSpec,
@@ -40,17 +43,19 @@ pub(crate) enum Kind {
     HttpRoute,
     GrpcRoute,
     Gateway,
+    GatewayClass,
+    ReferenceGrant,
+    TcpRoute,
+    TlsRoute,
+    /// Istio's `networking.istio.io` `Gateway` (not Gateway API's).
+    IstioGateway,
 }
-
-/// Kinds of our API groups that share a name with a kind we serve in another group:
-/// not a mistake in the apiVersion (Istio's `Gateway` next to Gateway API's).
-const OTHER_KINDS: &[(&str, &str)] = &[("Gateway", "networking.istio.io")];
 
 const NETWORKING: &[&str] = &["v1alpha3", "v1beta1", "v1"];
 const SECURITY: &[&str] = &["v1beta1", "v1"];
 
 impl Kind {
-    const ALL: [Kind; 15] = [
+    const ALL: [Kind; 20] = [
         Kind::Namespace,
         Kind::Service,
         Kind::EndpointSlice,
@@ -66,6 +71,11 @@ impl Kind {
         Kind::HttpRoute,
         Kind::GrpcRoute,
         Kind::Gateway,
+        Kind::GatewayClass,
+        Kind::ReferenceGrant,
+        Kind::TcpRoute,
+        Kind::TlsRoute,
+        Kind::IstioGateway,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -84,7 +94,11 @@ impl Kind {
             Kind::Telemetry => "Telemetry",
             Kind::HttpRoute => "HTTPRoute",
             Kind::GrpcRoute => "GRPCRoute",
-            Kind::Gateway => "Gateway",
+            Kind::Gateway | Kind::IstioGateway => "Gateway",
+            Kind::GatewayClass => "GatewayClass",
+            Kind::ReferenceGrant => "ReferenceGrant",
+            Kind::TcpRoute => "TCPRoute",
+            Kind::TlsRoute => "TLSRoute",
         }
     }
 
@@ -93,28 +107,41 @@ impl Kind {
         match self {
             Kind::Namespace | Kind::Service | Kind::Pod => "",
             Kind::EndpointSlice => "discovery.k8s.io",
-            Kind::WorkloadEntry | Kind::VirtualService | Kind::DestinationRule | Kind::ServiceEntry => {
-                "networking.istio.io"
-            }
+            Kind::WorkloadEntry
+            | Kind::VirtualService
+            | Kind::DestinationRule
+            | Kind::ServiceEntry
+            | Kind::IstioGateway => "networking.istio.io",
             Kind::AuthorizationPolicy | Kind::PeerAuthentication | Kind::RequestAuthentication => "security.istio.io",
             Kind::Telemetry => "telemetry.istio.io",
-            Kind::HttpRoute | Kind::GrpcRoute | Kind::Gateway => "gateway.networking.k8s.io",
+            Kind::HttpRoute
+            | Kind::GrpcRoute
+            | Kind::Gateway
+            | Kind::GatewayClass
+            | Kind::ReferenceGrant
+            | Kind::TcpRoute
+            | Kind::TlsRoute => "gateway.networking.k8s.io",
         }
     }
 
     fn versions(self) -> &'static [&'static str] {
         match self {
             Kind::Namespace | Kind::Service | Kind::Pod | Kind::EndpointSlice => &["v1"],
-            Kind::WorkloadEntry | Kind::VirtualService | Kind::DestinationRule | Kind::ServiceEntry => NETWORKING,
+            Kind::WorkloadEntry
+            | Kind::VirtualService
+            | Kind::DestinationRule
+            | Kind::ServiceEntry
+            | Kind::IstioGateway => NETWORKING,
             Kind::AuthorizationPolicy | Kind::PeerAuthentication | Kind::RequestAuthentication => SECURITY,
             Kind::Telemetry => &["v1alpha1", "v1"],
-            Kind::HttpRoute | Kind::Gateway => &["v1", "v1beta1"],
-            Kind::GrpcRoute => &["v1", "v1alpha2"],
+            Kind::HttpRoute | Kind::Gateway | Kind::GatewayClass | Kind::ReferenceGrant => &["v1", "v1beta1"],
+            Kind::TlsRoute => &["v1", "v1alpha3", "v1alpha2"],
+            Kind::GrpcRoute | Kind::TcpRoute => &["v1", "v1alpha2"],
         }
     }
 
     pub(crate) fn namespaced(self) -> bool {
-        self != Kind::Namespace
+        !matches!(self, Kind::Namespace | Kind::GatewayClass)
     }
 
     fn api_versions(self) -> String {
@@ -276,6 +303,10 @@ where
         Kind::HttpRoute => envelope!(HttpRouteSpec),
         Kind::GrpcRoute => envelope!(GrpcRouteSpec),
         Kind::Gateway => envelope!(GatewaySpec),
+        Kind::GatewayClass => envelope!(GatewayClassSpec),
+        Kind::ReferenceGrant => envelope!(ReferenceGrantSpec),
+        Kind::TcpRoute | Kind::TlsRoute => envelope!(L4RouteSpec),
+        Kind::IstioGateway => envelope!(IstioGatewaySpec),
     }
 }
 
@@ -553,7 +584,10 @@ impl Doc<'_> {
             let object = if name.is_empty() { format!("document {n}") } else { format!("?/{name}") };
             return self.problem(Some(object), format!("{prefix}kind"), why);
         };
-        let served = Kind::ALL.into_iter().find(|k| k.name() == kind_name);
+        // Two kinds share the name `Gateway`: the group tells which.
+        let (group, _) = api_version.as_deref().map_or(("", ""), |v| v.rsplit_once('/').unwrap_or(("", v)));
+        let named = || Kind::ALL.into_iter().filter(|k| k.name() == kind_name);
+        let served = named().find(|k| k.group() == group).or_else(|| named().next());
         // Same kind name in another project's API group (Knative's `Service`): not ours.
         // In one of our groups, it is a mistake in the apiVersion.
         let (group, version) = match &api_version {
@@ -561,9 +595,7 @@ impl Doc<'_> {
             None => ("", ""),
         };
         let ours = Kind::ALL.iter().any(|k| k.group() == group);
-        let served = served.filter(|k| {
-            api_version.is_none() || k.group() == group || (ours && !OTHER_KINDS.contains(&(kind_name.as_str(), group)))
-        });
+        let served = served.filter(|k| api_version.is_none() || k.group() == group || ours);
         let scoped_ns = match served {
             Some(kind) if kind.namespaced() && namespace.is_empty() => "default".to_string(),
             Some(kind) if !kind.namespaced() => String::new(),
@@ -674,6 +706,11 @@ impl Doc<'_> {
             Kind::HttpRoute => plain!(HttpRouteSpec, HttpRoute, http_routes),
             Kind::GrpcRoute => plain!(GrpcRouteSpec, GrpcRoute, grpc_routes),
             Kind::Gateway => plain!(GatewaySpec, Gateway, gateways),
+            Kind::GatewayClass => plain!(GatewayClassSpec, GatewayClass, gateway_classes),
+            Kind::ReferenceGrant => plain!(ReferenceGrantSpec, ReferenceGrant, reference_grants),
+            Kind::TcpRoute => plain!(L4RouteSpec, TcpRoute, tcp_routes),
+            Kind::TlsRoute => plain!(L4RouteSpec, TlsRoute, tls_routes),
+            Kind::IstioGateway => plain!(IstioGatewaySpec, IstioGateway, istio_gateways),
         }
         Ok(())
     }

@@ -634,3 +634,18 @@ fn a_number_where_a_string_belongs_is_rejected_as_the_api_server_does() {
     assert_eq!(found[0].field, "spec.http[0].timeout", "{found:#?}");
     assert!(found[0].reason.starts_with("invalid type: integer `10`, expected a string"), "{found:#?}");
 }
+
+#[test]
+fn kinds_not_served_are_named_not_checked_with_their_group() {
+    let config = load_one(
+        "apiVersion: networking.istio.io/v1alpha3\nkind: EnvoyFilter\nmetadata: {name: a}\nspec: {}\n---\n\
+         apiVersion: networking.istio.io/v1alpha3\nkind: EnvoyFilter\nmetadata: {name: b}\nspec: {}\n---\n\
+         apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {name: w}\nspec: {}\n---\n\
+         apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: g}\nspec:\n  selector: {istio: ingressgateway}\n  \
+         servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: ['*']}]\n",
+    )
+    .unwrap_or_else(|r| panic!("{r}"));
+    assert_eq!(config.not_checked_summary(), "2 EnvoyFilter (networking.istio.io), 1 WasmPlugin (extensions.istio.io)");
+    // Istio's Gateway is checked (and told from Gateway API's by its group).
+    assert_eq!((config.istio_gateways.len(), config.gateways.len()), (1, 0));
+}

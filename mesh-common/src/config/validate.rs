@@ -44,6 +44,11 @@ pub(crate) fn validate(loaded: &Loaded, problems: &mut Found, warnings: &mut Fou
     each!(http_routes, Kind::HttpRoute, gateway::http_route);
     each!(grpc_routes, Kind::GrpcRoute, gateway::grpc_route);
     each!(gateways, Kind::Gateway, gateway::gateway);
+    each!(gateway_classes, Kind::GatewayClass, gateway::gateway_class);
+    each!(reference_grants, Kind::ReferenceGrant, gateway::reference_grant);
+    each!(tcp_routes, Kind::TcpRoute, |o: &mut Obj, r: &crate::config::TcpRoute| gateway::l4_route(o, &r.spec, false));
+    each!(tls_routes, Kind::TlsRoute, |o: &mut Obj, r: &crate::config::TlsRoute| gateway::l4_route(o, &r.spec, true));
+    each!(istio_gateways, Kind::IstioGateway, networking::istio_gateway);
 }
 
 /// The object being checked and where its problems go.

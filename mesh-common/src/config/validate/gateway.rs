@@ -4,7 +4,10 @@ use std::prelude::rust_2024::*;
 
 use super::Obj;
 use crate::config::{
-    gateway::{BackendRef, Gateway, GrpcRoute, HttpRoute, NameMatch, ParentReference, RouteFilter, WAYPOINT_PORT},
+    gateway::{
+        BackendRef, Gateway, GatewayClass, GrpcRoute, HttpRoute, L4RouteSpec, NameMatch, ParentReference,
+        ReferenceGrant, RouteFilter, WAYPOINT_PORT,
+    },
     values,
 };
 
@@ -359,4 +362,84 @@ pub(super) fn is_kind(kind: &str) -> bool {
         && kind.starts_with(|c: char| c.is_ascii_alphabetic())
         && !kind.ends_with('-')
         && kind.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// `controllerName`: a domain-prefixed path (`istio.io/gateway-controller`).
+pub(super) fn gateway_class(o: &mut Obj, class: &GatewayClass) {
+    let name = &class.spec.controller_name;
+    let valid = name.split_once('/').is_some_and(|(domain, path)| {
+        values::is_dns_subdomain(domain)
+            && !path.is_empty()
+            && path.bytes().all(|b| b.is_ascii_alphanumeric() || b"/-._~%!$&'()*+,;=:".contains(&b))
+    });
+    if !valid {
+        o.err(
+            "spec.controllerName",
+            format!("`{name}` is not a domain-prefixed path such as `istio.io/gateway-controller`"),
+        );
+    }
+    if let Some(params) = &class.spec.parameters_ref {
+        if !is_kind(&params.kind) {
+            o.err("spec.parametersRef.kind", format!("`{}` is not a kind name", params.kind));
+        }
+        if params.name.is_empty() {
+            o.err("spec.parametersRef.name", "must not be empty");
+        }
+    }
+}
+
+/// `from` and `to`: 1 to 16 entries each, with kind names and namespaces.
+pub(super) fn reference_grant(o: &mut Obj, grant: &ReferenceGrant) {
+    let spec = &grant.spec;
+    for (name, len) in [("from", spec.from.len()), ("to", spec.to.len())] {
+        if !(1..=16).contains(&len) {
+            o.err(format!("spec.{name}"), format!("needs 1 to 16 entries, has {len}"));
+        }
+    }
+    for (i, from) in spec.from.iter().enumerate() {
+        if !is_kind(&from.kind) {
+            o.err(format!("spec.from[{i}].kind"), format!("`{}` is not a kind name", from.kind));
+        }
+        if !values::is_dns_label(&from.namespace) {
+            o.err(format!("spec.from[{i}].namespace"), format!("`{}` is not a namespace name", from.namespace));
+        }
+        group(o, &format!("spec.from[{i}].group"), &from.group);
+    }
+    for (i, to) in spec.to.iter().enumerate() {
+        if !is_kind(&to.kind) {
+            o.err(format!("spec.to[{i}].kind"), format!("`{}` is not a kind name", to.kind));
+        }
+        group(o, &format!("spec.to[{i}].group"), &to.group);
+    }
+}
+
+fn group(o: &mut Obj, field: &str, group: &str) {
+    if !group.is_empty() && !values::is_dns_subdomain(group) {
+        o.err(field, format!("`{group}` is not an API group (a DNS subdomain, or empty for core)"));
+    }
+}
+
+/// `TCPRoute` and `TLSRoute` (`tls`): rules of backends; a `TLSRoute` matches SNI
+/// hostnames and has one rule.
+pub(super) fn l4_route(o: &mut Obj, spec: &L4RouteSpec, tls: bool) {
+    parents(o, &spec.parent_refs);
+    if tls {
+        if spec.hostnames.is_empty() {
+            o.err("spec.hostnames", "a TLSRoute needs at least one hostname (matched against SNI)");
+        }
+        hostnames(o, &spec.hostnames);
+    } else if !spec.hostnames.is_empty() {
+        o.err("spec.hostnames", "unknown field (a TCPRoute has no hostnames)");
+    }
+    let max = if tls { 1 } else { 16 };
+    if spec.rules.is_empty() || spec.rules.len() > max {
+        o.err("spec.rules", format!("needs 1 to {max} rules, has {}", spec.rules.len()));
+    }
+    for (i, rule) in spec.rules.iter().enumerate() {
+        let field = format!("spec.rules[{i}].backendRefs");
+        if rule.backend_refs.is_empty() {
+            o.err(&field, "at least one backend is required");
+        }
+        backends(o, &field, &rule.backend_refs, &[]);
+    }
 }

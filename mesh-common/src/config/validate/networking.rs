@@ -9,9 +9,9 @@ use super::Obj;
 use crate::config::{
     DNS_DOMAIN,
     networking::{
-        ClientTlsSettings, ConnectionPoolSettings, Destination, DestinationRule, HttpRule, LoadBalancerSettings,
-        OutlierDetection, Resolution, RouteDestination, ServiceEntry, StringMatch, TlsMode, TrafficPolicy,
-        VirtualService, WorkloadEntry, WorkloadEntrySpec,
+        ClientTlsSettings, ConnectionPoolSettings, Destination, DestinationRule, HttpRule, IstioGateway,
+        LoadBalancerSettings, OutlierDetection, Resolution, RouteDestination, ServiceEntry, StringMatch, TlsMode,
+        TrafficPolicy, VirtualService, WorkloadEntry, WorkloadEntrySpec,
     },
     parse::Loaded,
     values,
@@ -698,5 +698,76 @@ fn workload(o: &mut Obj, field: &str, spec: &WorkloadEntrySpec) {
         && !values::is_dns_subdomain(sa)
     {
         o.err(format!("{field}.serviceAccount"), format!("`{sa}` is not a valid service account name"));
+    }
+}
+
+/// Server protocols of Istio's `Gateway` (case-insensitive).
+const SERVER_PROTOCOLS: &[&str] = &["HTTP", "HTTPS", "GRPC", "GRPC-WEB", "HTTP2", "MONGO", "TCP", "TLS"];
+const SERVER_TLS_MODES: &[&str] =
+    &["PASSTHROUGH", "SIMPLE", "MUTUAL", "AUTO_PASSTHROUGH", "ISTIO_MUTUAL", "OPTIONAL_MUTUAL"];
+
+/// Istio's `Gateway`, as Istio validates it: servers with a port, hosts as `host` or
+/// `namespace/host`, TLS settings for HTTPS, unique server names and ports.
+pub(super) fn istio_gateway(o: &mut Obj, gateway: &IstioGateway) {
+    let spec = &gateway.spec;
+    o.labels("spec.selector", &spec.selector);
+    if spec.servers.is_empty() {
+        o.err("spec.servers", "a Gateway needs at least one server");
+    }
+    let mut names = BTreeSet::new();
+    for (i, server) in spec.servers.iter().enumerate() {
+        let field = format!("spec.servers[{i}]");
+        o.port(&format!("{field}.port.number"), server.port.number);
+        if let Some(target) = server.port.target_port {
+            o.port(&format!("{field}.port.targetPort"), target);
+        }
+        let protocol = server.port.protocol.to_ascii_uppercase();
+        if !SERVER_PROTOCOLS.contains(&protocol.as_str()) {
+            o.err(
+                format!("{field}.port.protocol"),
+                format!(
+                    "unknown protocol `{}` (expected one of {})",
+                    server.port.protocol,
+                    SERVER_PROTOCOLS.join(", ")
+                ),
+            );
+        }
+        if let Some(name) = &server.name
+            && !names.insert(name.as_str())
+        {
+            o.err(format!("{field}.name"), format!("duplicate server name `{name}`"));
+        }
+        if server.hosts.is_empty() {
+            o.err(format!("{field}.hosts"), "a server needs at least one host");
+        }
+        for (j, host) in server.hosts.iter().enumerate() {
+            let field = format!("{field}.hosts[{j}]");
+            let name = match host.split_once('/') {
+                Some((ns, name)) => {
+                    if !matches!(ns, "." | "*" | "~") && !values::is_dns_label(ns) {
+                        o.err(&field, format!("`{ns}` is not `.`, `*`, `~` or a namespace name"));
+                    }
+                    name
+                }
+                None => host.as_str(),
+            };
+            o.host(&field, name);
+        }
+        let mode = server.tls.as_ref().and_then(|t| t.get("mode")).and_then(serde_json::Value::as_str);
+        let redirect = server.tls.as_ref().and_then(|t| t.get("httpsRedirect")).and_then(serde_json::Value::as_bool);
+        if let Some(mode) = mode
+            && !SERVER_TLS_MODES.contains(&mode)
+        {
+            o.err(
+                format!("{field}.tls.mode"),
+                format!("unknown TLS mode `{mode}` (expected one of {})", SERVER_TLS_MODES.join(", ")),
+            );
+        }
+        if protocol == "HTTPS" && server.tls.is_none() {
+            o.err(format!("{field}.tls"), "an HTTPS server needs tls settings");
+        }
+        if protocol == "HTTP" && server.tls.is_some() && redirect != Some(true) {
+            o.err(format!("{field}.tls"), "an HTTP server takes tls only for httpsRedirect");
+        }
     }
 }
