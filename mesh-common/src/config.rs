@@ -39,6 +39,23 @@ pub use security::{AuthorizationPolicy, PeerAuthentication, RequestAuthenticatio
 pub use telemetry::Telemetry;
 pub use values::{IpNet, parse_duration};
 
+/// Fields of the pinned Istio and Gateway API schemas (`deploy/crds`,
+/// `deploy/gateway-api`) that the mesh accepts but does not enforce yet: (kind, field
+/// path with `[]` for any list item and `*` for any map value). They are set aside
+/// before decoding, each occurrence with a warning, so that a manifest Istio accepts
+/// is accepted here too and its author learns what has no effect. The schema test
+/// (`tests/schemas.rs`) keeps this list and the schemas in step.
+pub const NOT_ENFORCED: &[(&str, &str)] = &[
+    // Envoy's retry budget (Istio 1.29+): retries are bounded by attempts only.
+    ("DestinationRule", "spec.trafficPolicy.retryBudget"),
+    ("DestinationRule", "spec.subsets[].trafficPolicy.retryBudget"),
+    // Claims such as `scope` split on spaces for `request.auth.claims[...]` matching.
+    ("RequestAuthentication", "spec.jwtRules[].spaceDelimitedClaims"),
+    // Gateway API's Gateway-level TLS (client certificates to backends, frontend
+    // validation): the waypoint speaks HBONE, not these.
+    ("Gateway", "spec.tls"),
+];
+
 /// Namespace whose policies (without a selector) apply to the whole mesh.
 pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 /// Trust domain of the SPIFFE identities the mesh issues.

@@ -63,8 +63,9 @@ pub struct HttpRule {
     pub mirror: Option<Destination>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror_percentage: Option<Percent>,
-    /// Deprecated integer form of `mirrorPercentage`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Deprecated integer form of `mirrorPercentage` (`mirror_percent` is the schema's
+    /// older spelling of it).
+    #[serde(default, alias = "mirror_percent", skip_serializing_if = "Option::is_none")]
     pub mirror_percent: Option<u32>,
     #[serde(default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
     pub mirrors: Vec<HttpMirrorPolicy>,

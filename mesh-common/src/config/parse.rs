@@ -633,7 +633,26 @@ impl Doc<'_> {
         // Decoded from the YAML value, whose scalars are typed as kubectl types them
         // (`123` is a number, `~` is null); serde_yaml decoding straight from the text
         // would take any plain scalar as a string where a string is expected.
-        let document = Value::Mapping(map.clone());
+        let mut document = Value::Mapping(map.clone());
+        // Fields of the schema the mesh does not enforce yet: set aside, with a warning.
+        // (The list's `Gateway` is Gateway API's, not Istio's of the same name.)
+        for (not_kind, pattern) in super::NOT_ENFORCED {
+            if *not_kind != kind.name() || kind == Kind::IstioGateway {
+                continue;
+            }
+            let steps: Vec<&str> = pattern.split('.').flat_map(|s| s.split_inclusive("[]")).collect();
+            let mut found = Vec::new();
+            set_aside_all(&mut document, &steps, "", &mut found);
+            for path in found {
+                let warning = Problem::new(
+                    &self.source.name,
+                    Some(id.clone()),
+                    format!("{prefix}{path}"),
+                    "accepted but not enforced by this mesh yet: it has no effect",
+                );
+                self.loaded.warnings.push((self.seq, warning));
+            }
+        }
         if let Err(mut e) = self.decode_into(kind, &scoped_ns, document.clone()) {
             // The line, from the text, when the text fails at the same place.
             if let Err(in_text) = check(kind, deserializer)
@@ -792,4 +811,31 @@ fn quote_flow_scalar(text: &str, (line_no, column): (usize, usize)) -> Option<St
     out.push_str(&quoted);
     out.push_str(&text[line_start + start + scalar.len()..]);
     Some(out)
+}
+
+/// Removes every field at `steps` (`spec`, `subsets[]`, `trafficPolicy`, ...: a step
+/// ending in `[]` is each item of a list, `*` each value of a map), recording the path
+/// of each one removed.
+fn set_aside_all(value: &mut Value, steps: &[&str], path: &str, found: &mut Vec<String>) {
+    let Some((step, rest)) = steps.split_first() else { return };
+    let Value::Mapping(map) = value else { return };
+    let join = |key: &str| if path.is_empty() { key.to_string() } else { format!("{path}.{key}") };
+    if *step == "*" {
+        for (key, child) in map.iter_mut() {
+            let key = key.as_str().unwrap_or("?");
+            set_aside_all(child, rest, &format!("{path}[{key:?}]"), found);
+        }
+    } else if let Some(list) = step.strip_suffix("[]") {
+        if let Some(Value::Sequence(items)) = map.get_mut(list) {
+            for (i, item) in items.iter_mut().enumerate() {
+                set_aside_all(item, rest, &format!("{}[{i}]", join(list)), found);
+            }
+        }
+    } else if rest.is_empty() {
+        if map.remove(*step).is_some() {
+            found.push(join(step));
+        }
+    } else if let Some(child) = map.get_mut(*step) {
+        set_aside_all(child, rest, &join(step), found);
+    }
 }

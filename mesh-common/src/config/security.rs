@@ -94,6 +94,11 @@ pub struct RuleSource {
     pub service_accounts: Vec<String>,
     #[serde(default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
     pub not_service_accounts: Vec<String>,
+    /// Trust domains of the peer's identity (`cluster.local`, `*.example.com`).
+    #[serde(default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
+    pub trust_domains: Vec<String>,
+    #[serde(default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
+    pub not_trust_domains: Vec<String>,
     #[serde(default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
     pub ip_blocks: Vec<String>,
     #[serde(default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
@@ -201,7 +206,8 @@ pub struct JwtRule {
     pub issuer: String,
     #[serde(default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
     pub audiences: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// `jwks_uri` is the schema's deprecated spelling of the same field.
+    #[serde(default, alias = "jwks_uri", skip_serializing_if = "Option::is_none")]
     pub jwks_uri: Option<String>,
     /// An inline JWKS document (JSON text).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -649,3 +649,29 @@ fn kinds_not_served_are_named_not_checked_with_their_group() {
     // Istio's Gateway is checked (and told from Gateway API's by its group).
     assert_eq!((config.istio_gateways.len(), config.gateways.len()), (1, 0));
 }
+
+#[test]
+fn fields_not_enforced_are_accepted_with_a_warning_and_aliases_read() {
+    let found = warnings(
+        "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: r}
+spec:
+  host: reviews
+  subsets:
+  - name: v1
+    trafficPolicy: {retryBudget: {percent: {value: 20}}, connectionPool: {tcp: {maxConnections: 10}}}
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {name: j}
+spec:
+  jwtRules:
+  - jwks_uri: https://example.com/jwks.json
+    spaceDelimitedClaims: [scope]
+",
+    );
+    let fields: Vec<&str> = found.iter().map(|w| w.field.as_str()).collect();
+    assert_eq!(fields, ["spec.subsets[0].trafficPolicy.retryBudget", "spec.jwtRules[0].spaceDelimitedClaims"]);
+    assert!(found.iter().all(|w| w.reason.contains("not enforced")), "{found:#?}");
+}

@@ -57,6 +57,8 @@ fn is_empty_source(s: &RuleSource) -> bool {
         &s.not_namespaces,
         &s.service_accounts,
         &s.not_service_accounts,
+        &s.trust_domains,
+        &s.not_trust_domains,
         &s.ip_blocks,
         &s.not_ip_blocks,
         &s.remote_ip_blocks,
@@ -80,6 +82,8 @@ fn source(o: &mut Obj, field: &str, s: &RuleSource) {
         ("notRequestPrincipals", &s.not_request_principals),
         ("namespaces", &s.namespaces),
         ("notNamespaces", &s.not_namespaces),
+        ("trustDomains", &s.trust_domains),
+        ("notTrustDomains", &s.not_trust_domains),
     ];
     for (name, list) in wildcards {
         for (i, value) in list.iter().enumerate() {
