@@ -186,3 +186,87 @@ fn an_unreadable_path_is_a_problem() {
     assert!(report.0[0].file.contains("no-such-file.yaml"));
     assert!(report.0[0].reason.starts_with("cannot read"), "{report}");
 }
+
+fn upstream_files() -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for sub in ["istio", "gateway-api"] {
+        let entries = fs::read_dir(dir("upstream-valid").join(sub)).expect("upstream-valid");
+        files.extend(entries.map(|e| e.expect("entry").path()));
+    }
+    files.sort();
+    files
+}
+
+/// Istio's samples and Gateway API's examples, each on its own (several define the
+/// same objects in variants): accepted, as Istio and Gateway API accept them.
+#[test]
+fn upstream_samples_and_examples_load_each_on_its_own() {
+    let files = upstream_files();
+    assert!(files.len() >= 100, "{} upstream files", files.len());
+    let rejected: Vec<String> =
+        files.iter().filter_map(|f| config::load_paths(std::slice::from_ref(f)).err().map(|r| r.to_string())).collect();
+    assert!(rejected.is_empty(), "rejected:\n{}", rejected.join("\n"));
+}
+
+/// apiVersion and kind of each list of the model, to write it back as manifests.
+const KINDS: &[(&str, &str, &str)] = &[
+    ("namespaces", "v1", "Namespace"),
+    ("services", "v1", "Service"),
+    ("endpointSlices", "discovery.k8s.io/v1", "EndpointSlice"),
+    ("pods", "v1", "Pod"),
+    ("workloadEntries", "networking.istio.io/v1", "WorkloadEntry"),
+    ("authorizationPolicies", "security.istio.io/v1", "AuthorizationPolicy"),
+    ("peerAuthentications", "security.istio.io/v1", "PeerAuthentication"),
+    ("requestAuthentications", "security.istio.io/v1", "RequestAuthentication"),
+    ("virtualServices", "networking.istio.io/v1", "VirtualService"),
+    ("destinationRules", "networking.istio.io/v1", "DestinationRule"),
+    ("serviceEntries", "networking.istio.io/v1", "ServiceEntry"),
+    ("telemetries", "telemetry.istio.io/v1", "Telemetry"),
+    ("httpRoutes", "gateway.networking.k8s.io/v1", "HTTPRoute"),
+    ("grpcRoutes", "gateway.networking.k8s.io/v1", "GRPCRoute"),
+    ("gateways", "gateway.networking.k8s.io/v1", "Gateway"),
+    ("gatewayClasses", "gateway.networking.k8s.io/v1", "GatewayClass"),
+    ("referenceGrants", "gateway.networking.k8s.io/v1beta1", "ReferenceGrant"),
+    ("tcpRoutes", "gateway.networking.k8s.io/v1", "TCPRoute"),
+    ("tlsRoutes", "gateway.networking.k8s.io/v1", "TLSRoute"),
+    ("istioGateways", "networking.istio.io/v1", "Gateway"),
+];
+
+/// The model written back as YAML manifests, one document per object.
+fn to_yaml(config: &Config) -> String {
+    let model = serde_json::to_value(config).expect("the model serializes");
+    let mut documents = Vec::new();
+    for (list, api_version, kind) in KINDS {
+        for object in model[*list].as_array().into_iter().flatten() {
+            let mut object = object.clone();
+            object["apiVersion"] = (*api_version).into();
+            object["kind"] = (*kind).into();
+            documents.push(serde_yaml::to_string(&object).expect("YAML"));
+        }
+    }
+    let listed: usize = KINDS.iter().map(|(list, _, _)| model[*list].as_array().map_or(0, Vec::len)).sum();
+    assert_eq!(listed, config.object_count(), "every list of the model is in KINDS");
+    documents.join("---\n")
+}
+
+/// What a manifest means, without what depends on where it was read.
+fn meaning(mut config: Config) -> Config {
+    config.ignored.clear();
+    config.warnings.clear();
+    config
+}
+
+/// Any manifest the model accepts, written back as YAML, is accepted again and means
+/// the same: the seeds together, every upstream file on its own.
+#[test]
+fn what_the_model_accepts_round_trips_through_yaml() {
+    let mut inputs = vec![dir("valid")];
+    inputs.extend(upstream_files());
+    for input in inputs {
+        let first = config::load_paths(std::slice::from_ref(&input)).expect("accepted");
+        let yaml = to_yaml(&first);
+        let again = config::load(&[config::Source::new("again.yaml", yaml.clone())])
+            .unwrap_or_else(|report| panic!("{}: written back, rejected:\n{report}\n{yaml}", input.display()));
+        assert_eq!(meaning(again), meaning(first), "{}: means something else written back", input.display());
+    }
+}
