@@ -49,8 +49,6 @@ pub const NOT_ENFORCED: &[(&str, &str)] = &[
     // Envoy's retry budget (Istio 1.29+): retries are bounded by attempts only.
     ("DestinationRule", "spec.trafficPolicy.retryBudget"),
     ("DestinationRule", "spec.subsets[].trafficPolicy.retryBudget"),
-    // Claims such as `scope` split on spaces for `request.auth.claims[...]` matching.
-    ("RequestAuthentication", "spec.jwtRules[].spaceDelimitedClaims"),
     // Gateway API's Gateway-level TLS (client certificates to backends, frontend
     // validation): the waypoint speaks HBONE, not these.
     ("Gateway", "spec.tls"),

@@ -224,6 +224,9 @@ pub struct JwtRule {
     pub output_claim_to_headers: Vec<ClaimToHeader>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub forward_original_token: bool,
+    /// Claims whose string value splits on spaces (`scope`); not enforced yet.
+    #[serde(default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
+    pub space_delimited_claims: Vec<String>,
     /// Timeout of the JWKS fetch (an Istio duration).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<String>,

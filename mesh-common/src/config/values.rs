@@ -216,7 +216,11 @@ pub fn host_error(host: &str) -> Option<String> {
     if host == "*" {
         return None;
     }
-    let name = host.strip_prefix("*.").unwrap_or(host);
+    // Istio's first label may be `*`, or `*` before a label (`*foo`, `*-foo`).
+    let name = host
+        .strip_prefix('*')
+        .map_or(host, |rest| rest.strip_prefix('.').or_else(|| rest.strip_prefix('-')).unwrap_or(rest));
+    let name = if name.is_empty() { "x" } else { name };
     if host.len() > 255 {
         return Some(format!("host `{host}` is longer than 255 characters"));
     }
@@ -232,7 +236,9 @@ pub fn host_error(host: &str) -> Option<String> {
     if name.split('.').all(label_ok) {
         None
     } else if host.contains('*') {
-        Some(format!("host `{host}`: a wildcard is only allowed as the whole first label (`*.example.com`)"))
+        Some(format!(
+            "host `{host}`: a wildcard is only allowed at the start of the first label (`*.example.com`, `*foo.example.com`)"
+        ))
     } else {
         Some(format!("host `{host}` is not a valid DNS name"))
     }

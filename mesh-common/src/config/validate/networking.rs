@@ -590,6 +590,12 @@ pub(super) fn service_entry(o: &mut Obj, se: &ServiceEntry) {
         o.host(&format!("spec.hosts[{i}]"), host);
         if host == "*" {
             o.err(format!("spec.hosts[{i}]"), "host `*` is not allowed in a ServiceEntry");
+        } else if host.contains('*') && !host.starts_with("*.") {
+            // Istio admits it with the same warning.
+            o.warn(
+                format!("spec.hosts[{i}]"),
+                format!("partial wildcard `{host}`: only `*.` prefixes match as wildcards"),
+            );
         }
     }
     for (i, address) in spec.addresses.iter().enumerate() {
@@ -689,8 +695,14 @@ fn workload(o: &mut Obj, field: &str, spec: &WorkloadEntrySpec) {
     }
     for (name, port) in &spec.ports {
         o.port(&format!("{field}.ports[{name:?}]"), *port);
-        if name.is_empty() {
-            o.err(format!("{field}.ports"), "a port name must not be empty");
+        // The CRD's rule: under 63 letters, digits and '-', not starting or ending with '-'.
+        let valid = !name.is_empty()
+            && name.len() < 63
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !name.starts_with('-')
+            && !name.ends_with('-');
+        if !valid {
+            o.err(format!("{field}.ports[{name:?}]"), format!("`{name}` is not a valid port name"));
         }
     }
     o.labels(&format!("{field}.labels"), &spec.labels);

@@ -105,8 +105,8 @@ fn source(o: &mut Obj, field: &str, s: &RuleSource) {
             }
         }
     }
-    if !s.service_accounts.is_empty() && !s.principals.is_empty() {
-        o.err(format!("{field}.serviceAccounts"), "serviceAccounts and principals are mutually exclusive");
+    if !s.service_accounts.is_empty() && (!s.principals.is_empty() || !s.namespaces.is_empty()) {
+        o.err(format!("{field}.serviceAccounts"), "serviceAccounts cannot be set with namespaces or principals");
     }
     let blocks = [
         ("ipBlocks", &s.ip_blocks),
@@ -247,6 +247,17 @@ pub(super) fn request_authentication(o: &mut Obj, ra: &RequestAuthentication) {
             if audience.is_empty() {
                 o.err(format!("{field}.audiences[{j}]"), "must not be empty");
             }
+        }
+        for (j, claim) in rule.space_delimited_claims.iter().enumerate() {
+            if claim.is_empty() {
+                o.err(format!("{field}.spaceDelimitedClaims[{j}]"), "must not be empty");
+            }
+        }
+        if !rule.space_delimited_claims.is_empty() {
+            o.warn(
+                format!("{field}.spaceDelimitedClaims"),
+                "accepted but not enforced by this mesh yet: it has no effect",
+            );
         }
         for (j, cookie) in rule.from_cookies.iter().enumerate() {
             if cookie.is_empty() {
