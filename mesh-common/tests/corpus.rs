@@ -189,7 +189,7 @@ fn an_unreadable_path_is_a_problem() {
 
 fn upstream_files() -> Vec<PathBuf> {
     let mut files = Vec::new();
-    for sub in ["istio", "istio-testdata", "gateway-api", "gateway-api-conformance"] {
+    for sub in ["istio", "istio-reference", "istio-testdata", "gateway-api", "gateway-api-conformance"] {
         let entries = fs::read_dir(dir("upstream-valid").join(sub)).expect("upstream-valid");
         files.extend(entries.map(|e| e.expect("entry").path()));
     }
