@@ -51,6 +51,17 @@ pub(crate) enum Kind {
     IstioGateway,
 }
 
+/// The kinds of Istio's and Gateway API's groups (standard and experimental channels of
+/// the pinned releases) that the mesh does not check: named "not checked". A kind of
+/// these groups in neither list is a mistake.
+const OTHER_KINDS: &[(&str, &[&str])] = &[
+    ("networking.istio.io", &["EnvoyFilter", "Sidecar", "WorkloadGroup", "ProxyConfig"]),
+    ("security.istio.io", &[]),
+    ("telemetry.istio.io", &[]),
+    ("extensions.istio.io", &["WasmPlugin", "TrafficExtension"]),
+    ("gateway.networking.k8s.io", &["UDPRoute", "BackendTLSPolicy", "ListenerSet", "BackendLBPolicy"]),
+];
+
 const NETWORKING: &[&str] = &["v1alpha3", "v1beta1", "v1"];
 const SECURITY: &[&str] = &["v1beta1", "v1"];
 
@@ -610,6 +621,26 @@ impl Doc<'_> {
             return self.ignore(&id, "no apiVersion", "kind not served by this mesh");
         };
         let Some(kind) = served else {
+            // In Istio's and Gateway API's groups the kinds are known: another name is a
+            // typo the API server would refuse (no such resource), not a kind to skip.
+            if let Some((_, kinds)) = OTHER_KINDS.iter().find(|(g, _)| *g == group)
+                && !kinds.contains(&kind_name.as_str())
+            {
+                let mut known: Vec<&str> = Kind::ALL
+                    .iter()
+                    .filter(|k| k.group() == group)
+                    .map(|k| k.name())
+                    .chain(kinds.iter().copied())
+                    .collect();
+                known.sort_unstable();
+                known.dedup();
+                let known = known.join(", ");
+                return self.problem(
+                    Some(id),
+                    format!("{prefix}kind"),
+                    format!("`{kind_name}` is not a kind of {group} (its kinds: {known})"),
+                );
+            }
             return self.ignore(&id, api_version, "kind not served by this mesh");
         };
         if kind.group() != group || !kind.versions().contains(&version) {
