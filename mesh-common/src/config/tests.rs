@@ -1,6 +1,7 @@
 //! Unit and property tests of the loader, the checks and the value parsers. The
 //! corpora of whole manifests are in `tests/corpus.rs`.
 use std::{
+    fmt::Write as _,
     format,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     string::{String, ToString},
@@ -674,4 +675,61 @@ spec:
     let fields: Vec<&str> = found.iter().map(|w| w.field.as_str()).collect();
     assert_eq!(fields, ["spec.subsets[0].trafficPolicy.retryBudget", "spec.jwtRules[0].spaceDelimitedClaims"]);
     assert!(found.iter().all(|w| w.reason.contains("not enforced")), "{found:#?}");
+}
+
+/// The objects of a configuration written back as manifests (the Istio kinds the
+/// generator below produces).
+fn written_back(config: &Config) -> String {
+    let mut docs = Vec::new();
+    for vs in &config.virtual_services {
+        let mut doc = serde_json::to_value(vs).unwrap();
+        doc["apiVersion"] = "networking.istio.io/v1".into();
+        doc["kind"] = "VirtualService".into();
+        docs.push(serde_yaml::to_string(&doc).unwrap());
+    }
+    for pa in &config.peer_authentications {
+        let mut doc = serde_json::to_value(pa).unwrap();
+        doc["apiVersion"] = "security.istio.io/v1".into();
+        doc["kind"] = "PeerAuthentication".into();
+        docs.push(serde_yaml::to_string(&doc).unwrap());
+    }
+    docs.join("---\n")
+}
+
+proptest! {
+    /// Whatever the model accepts of these generated manifests, written back as YAML,
+    /// is accepted again and means the same (weights, hosts, ports as keys, strings
+    /// that look like numbers or addresses).
+    #[test]
+    fn accepted_manifests_round_trip_through_yaml(
+        hosts in proptest::collection::vec("[a-c]{1,3}(\\.[a-c]{1,2})?|\\*\\.[a-c]{1,2}", 1..3),
+        weights in proptest::collection::vec(-1i64..1000, 1..4),
+        timeout in "[0-9]{1,3}(ms|s)|0",
+        header in "[0-9:.a-f]{1,8}",
+        ports in proptest::collection::btree_map(0u32..70000, 0usize..4, 0..3),
+    ) {
+        let mut routes = String::new();
+        for (i, w) in weights.iter().enumerate() {
+            let _ = writeln!(routes, "    - destination: {{host: svc{i}}}\n      weight: {w}");
+        }
+        let modes = ["UNSET", "DISABLE", "PERMISSIVE", "STRICT"];
+        let mut port_lines = String::new();
+        for (p, m) in &ports {
+            let _ = writeln!(port_lines, "    \"{p}\": {{mode: {}}}", modes[*m]);
+        }
+        let text = format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: r}}\nspec:\n  hosts: {hosts:?}\n  \
+             gateways: [istio-system/gw]\n  http:\n  - match: [{{headers: {{x-id: {{exact: '{header}'}}}}}}]\n    timeout: {timeout}\n    \
+             route:\n{routes}---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: p}}\nspec:\n  \
+             selector: {{matchLabels: {{app: a}}}}\n  portLevelMtls:\n{port_lines}"
+        );
+        if let Ok(first) = load_one(&text) {
+            let yaml = written_back(&first);
+            let again = load(&[Source::new("again.yaml", yaml.clone())]);
+            prop_assert!(again.is_ok(), "{text}\nwritten back as\n{yaml}\nrejected: {}", again.unwrap_err());
+            let again = again.unwrap();
+            prop_assert_eq!(&again.virtual_services, &first.virtual_services);
+            prop_assert_eq!(&again.peer_authentications, &first.peer_authentications);
+        }
+    }
 }
