@@ -31,13 +31,28 @@ mod parse;
 mod tests;
 mod validate;
 
-pub use gateway::{Gateway, GrpcRoute, HttpRoute};
+pub use gateway::{Gateway, GatewayClass, GrpcRoute, HttpRoute, ReferenceGrant, TcpRoute, TlsRoute};
 pub use k8s::{EndpointSlice, Namespace, Pod, Service};
 pub use meta::ObjectMeta;
-pub use networking::{DestinationRule, ServiceEntry, VirtualService, WorkloadEntry};
+pub use networking::{DestinationRule, IstioGateway, ServiceEntry, VirtualService, WorkloadEntry};
 pub use security::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
 pub use telemetry::Telemetry;
 pub use values::{IpNet, parse_duration};
+
+/// Fields of the pinned Istio and Gateway API schemas (`deploy/crds`,
+/// `deploy/gateway-api`) that the mesh accepts but does not enforce yet: (kind, field
+/// path with `[]` for any list item and `*` for any map value). They are set aside
+/// before decoding, each occurrence with a warning, so that a manifest Istio accepts
+/// is accepted here too and its author learns what has no effect. The schema test
+/// (`tests/schemas.rs`) keeps this list and the schemas in step.
+pub const NOT_ENFORCED: &[(&str, &str)] = &[
+    // Envoy's retry budget (Istio 1.29+): retries are bounded by attempts only.
+    ("DestinationRule", "spec.trafficPolicy.retryBudget"),
+    ("DestinationRule", "spec.subsets[].trafficPolicy.retryBudget"),
+    // Gateway API's Gateway-level TLS (client certificates to backends, frontend
+    // validation): the waypoint speaks HBONE, not these.
+    ("Gateway", "spec.tls"),
+];
 
 /// Namespace whose policies (without a selector) apply to the whole mesh.
 pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
@@ -137,6 +152,26 @@ pub struct Config {
     pub http_routes: Vec<HttpRoute>,
     pub grpc_routes: Vec<GrpcRoute>,
     pub gateways: Vec<Gateway>,
+    /// Validated, not served: what users write next to routes.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub gateway_classes: Vec<GatewayClass>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reference_grants: Vec<ReferenceGrant>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tcp_routes: Vec<TcpRoute>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tls_routes: Vec<TlsRoute>,
+    /// Istio's `networking.istio.io` `Gateway`s (ingress/egress gateway servers).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub istio_gateways: Vec<IstioGateway>,
+    /// What is accepted but deserves a look, in input order: references to objects
+    /// that are not loaded (a route's subset whose `DestinationRule` is in another
+    /// file or not applied yet: at run time such requests get 503 with response flag
+    /// `NR`, as in Istio), fields accepted but not enforced yet, deprecated fields.
+    /// `meshctl validate` prints them (and fails on them with `--strict`); the
+    /// controller logs them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<Problem>,
     /// Documents accepted but not served, one line each:
     /// `Kind/namespace/name (apiVersion) in FILE: why` (`Kind/name` when the document
     /// names no namespace). The kind is everything before the first `/`.
@@ -163,6 +198,12 @@ impl Default for Config {
             http_routes: Vec::new(),
             grpc_routes: Vec::new(),
             gateways: Vec::new(),
+            gateway_classes: Vec::new(),
+            reference_grants: Vec::new(),
+            tcp_routes: Vec::new(),
+            tls_routes: Vec::new(),
+            istio_gateways: Vec::new(),
+            warnings: Vec::new(),
             ignored: Vec::new(),
         }
     }
@@ -214,6 +255,39 @@ impl Config {
             + self.http_routes.len()
             + self.grpc_routes.len()
             + self.gateways.len()
+            + self.gateway_classes.len()
+            + self.reference_grants.len()
+            + self.tcp_routes.len()
+            + self.tls_routes.len()
+            + self.istio_gateways.len()
+    }
+
+    /// What was read but not checked, by kind: (kind, API group, count) in first-seen
+    /// order. The group is `core` for `v1`, `?` when the document names no apiVersion.
+    pub fn not_checked(&self) -> Vec<(String, String, usize)> {
+        let mut out: Vec<(String, String, usize)> = Vec::new();
+        for entry in &self.ignored {
+            let kind = entry.split(['/', ' ']).next().unwrap_or(entry);
+            let api_version = entry.split_once(" (").and_then(|(_, rest)| rest.split_once(')')).map_or("", |(v, _)| v);
+            let group = match api_version.rsplit_once('/') {
+                Some((group, _)) => group,
+                None if api_version.starts_with('v') => "core",
+                None => "?",
+            };
+            match out.iter_mut().find(|(k, g, _)| k == kind && g == group) {
+                Some((_, _, n)) => *n += 1,
+                None => out.push((kind.to_string(), group.to_string(), 1)),
+            }
+        }
+        out
+    }
+
+    /// [`Config::not_checked`] as a person reads it: `2 EnvoyFilter (networking.istio.io),
+    /// 1 Deployment (apps)`; empty when everything was checked.
+    pub fn not_checked_summary(&self) -> String {
+        let parts: Vec<String> =
+            self.not_checked().iter().map(|(kind, group, n)| format!("{n} {kind} ({group})")).collect();
+        parts.join(", ")
     }
 
     /// The kinds of the ignored documents, each once, in first-seen order.
@@ -232,16 +306,27 @@ impl Config {
 /// Parses and validates every document of every source. All problems are reported,
 /// not only the first (each object is checked on its own, then against the others:
 /// duplicates, references), in input order.
+///
+/// Warnings (what Istio's admission accepts but `istioctl analyze` reports) do not
+/// reject the configuration: they are in [`Config::warnings`].
 pub fn load(sources: &[Source]) -> Result<Config, Report> {
     let mut problems = Vec::new();
     let mut loaded = parse::Loaded::default();
     for source in sources {
         parse::parse_source(source, &mut loaded, &mut problems);
     }
-    validate::validate(&loaded, &mut problems);
+    let mut warnings = std::mem::take(&mut loaded.warnings);
+    validate::validate(&loaded, &mut problems, &mut warnings);
     // Stable: the problems of one object stay in the order the checks found them.
     problems.sort_by_key(|(seq, _)| *seq);
-    if problems.is_empty() { Ok(loaded.config) } else { Err(Report(problems.into_iter().map(|(_, p)| p).collect())) }
+    warnings.sort_by_key(|(seq, _)| *seq);
+    if problems.is_empty() {
+        let mut config = loaded.config;
+        config.warnings = warnings.into_iter().map(|(_, p)| p).collect();
+        Ok(config)
+    } else {
+        Err(Report(problems.into_iter().map(|(_, p)| p).collect()))
+    }
 }
 
 /// Reads files and directories (recursively: `*.yaml`, `*.yml`, `*.json`, in sorted
@@ -332,6 +417,11 @@ pub fn kind_counts(config: &Config) -> BTreeMap<&'static str, usize> {
         ("HTTPRoute", config.http_routes.len()),
         ("GRPCRoute", config.grpc_routes.len()),
         ("Gateway", config.gateways.len()),
+        ("GatewayClass", config.gateway_classes.len()),
+        ("ReferenceGrant", config.reference_grants.len()),
+        ("TCPRoute", config.tcp_routes.len()),
+        ("TLSRoute", config.tls_routes.len()),
+        ("Gateway.networking.istio.io", config.istio_gateways.len()),
     ];
     counts.into_iter().filter(|(_, n)| *n > 0).collect()
 }

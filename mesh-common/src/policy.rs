@@ -271,6 +271,11 @@ impl<'a> Peer<'a> {
         }
     }
 
+    /// The trust domain of the peer's identity (the part before `/ns/`).
+    fn trust_domain_matches(&self, pattern: &str) -> bool {
+        self.principal.and_then(|p| p.split_once('/')).is_some_and(|(td, _)| wildcard_matches(pattern, td))
+    }
+
     fn namespace_matches(&self, pattern: &str) -> bool {
         self.namespace.is_some_and(|ns| wildcard_matches(pattern, ns))
     }
@@ -344,6 +349,7 @@ fn source_matches(s: &RuleSource, peer: &Peer, policy_namespace: &str) -> bool {
     // requestPrincipals / notRequestPrincipals are L7 (JWT): left out.
     field_matches(&s.principals, &s.not_principals, |p| peer.principal_matches(p))
         && field_matches(&s.namespaces, &s.not_namespaces, |n| peer.namespace_matches(n))
+        && field_matches(&s.trust_domains, &s.not_trust_domains, |t| peer.trust_domain_matches(t))
         && field_matches(&s.service_accounts, &s.not_service_accounts, |v| {
             peer.service_account_matches(v, policy_namespace)
         })
@@ -540,10 +546,13 @@ spec:
         );
         assert!(!allowed(&config, &conn(Some(WEB))));
         assert!(!allowed(&config, &conn(None)));
-        // A DENY policy without rules matches nothing.
-        let config = yaml(
-            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: d, namespace: shop}\nspec: {action: DENY}\n",
-        );
+        // A DENY policy without rules matches nothing (validation rejects it, as Istio
+        // does; the evaluation still fails safe on a model built another way).
+        let mut config = Config::default();
+        config.authorization_policies.push(AuthorizationPolicy {
+            metadata: ObjectMeta { name: "d".into(), namespace: "shop".into(), ..ObjectMeta::default() },
+            spec: AuthorizationPolicySpec { action: Action::Deny, ..AuthorizationPolicySpec::default() },
+        });
         assert!(allowed(&config, &conn(Some(WEB))));
     }
 
@@ -594,6 +603,17 @@ spec:
         assert!(allowed(&config, &conn(Some(WEB))));
         assert!(!allowed(&config, &conn(Some("spiffe://other.org/ns/shop/sa/web"))));
         assert!(!allowed(&config, &conn(Some("spiffe://example.org/ns/shop/sa/api"))));
+    }
+
+    #[test]
+    fn trust_domains() {
+        let config = shop_policy("ALLOW", "  - from:\n    - source:\n        trustDomains: [cluster.local]\n");
+        assert!(allowed(&config, &conn(Some(WEB))));
+        assert!(!allowed(&config, &conn(Some("spiffe://partner.example/ns/shop/sa/web"))));
+        assert!(!allowed(&config, &conn(None)));
+        let config = shop_policy("DENY", "  - from:\n    - source:\n        notTrustDomains: ['*.example']\n");
+        assert!(!allowed(&config, &conn(Some(WEB))));
+        assert!(allowed(&config, &conn(Some("spiffe://partner.example/ns/shop/sa/web"))));
     }
 
     #[test]

@@ -13,8 +13,9 @@
 //! templates: the profile decides which files are rendered.
 use std::{collections::BTreeMap, fmt::Write as _};
 
-/// The `CustomResourceDefinition`s, one file per kind (Gateway API's `HTTPRoute` and
-/// `GRPCRoute` come from the upstream Gateway API release instead).
+/// The `CustomResourceDefinition`s, one file per kind, as the pinned Istio release
+/// generates them (`deploy/refresh-crds.py`); Gateway API's kinds come from the
+/// upstream Gateway API release instead.
 pub const CRDS: &[(&str, &str)] = &[
     (
         "authorizationpolicies.security.istio.io.yaml",

@@ -128,6 +128,11 @@ impl Controller {
         let version = current.version + 1;
         let changed = view::changed_keys(&current.objects, &objects);
         let index = view::ViewIndex::new(&config);
+        // Accepted but worth a look (references to objects not applied yet, fields
+        // not enforced): once per accepted version, as `meshctl validate` prints them.
+        for warning in &config.warnings {
+            warn!(version, "configuration warning: {warning}");
+        }
         self.snapshot.send_replace(Arc::new(Snapshot {
             version,
             config,

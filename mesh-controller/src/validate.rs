@@ -1,6 +1,8 @@
 //! `meshctl validate`: the controller's configuration checks, run offline on files and
-//! directories, with a report a person reads (one problem per line) and an exit status
-//! a script reads (0 valid, 1 invalid, 2 usage error).
+//! directories, with a report a person reads (one problem per line, warnings too) and
+//! an exit status a script reads (0 valid, 1 invalid, 2 usage error). Warnings (a
+//! route to a subset whose `DestinationRule` is not among the files, a field accepted
+//! but not enforced) leave the status at 0 unless `--strict`.
 use std::{
     fmt::Write as _,
     path::{Path, PathBuf},
@@ -24,8 +26,10 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub fn exit_code(&self) -> u8 {
+    /// 0 valid, 1 invalid; with `strict`, a warning makes it invalid too.
+    pub fn exit_code(&self, strict: bool) -> u8 {
         match self {
+            Self::Valid { config, .. } if strict && !config.warnings.is_empty() => 1,
             Self::Valid { .. } => 0,
             Self::Invalid { .. } => 1,
         }
@@ -36,8 +40,11 @@ impl Outcome {
         let mut out = String::new();
         match self {
             Self::Valid { files, config } => {
-                let objects = config.object_count() + config.ignored.len();
-                let kinds = config.ignored_kinds();
+                for warning in &config.warnings {
+                    let _ = writeln!(out, "warning: {warning}");
+                }
+                // Only what was checked is called valid; the rest is named, with its group.
+                let objects = config.object_count();
                 let _ = write!(
                     out,
                     "✔ {} in {} {} valid",
@@ -45,13 +52,11 @@ impl Outcome {
                     plural(*files, "file", "files"),
                     if objects == 1 { "is" } else { "are" },
                 );
-                if !kinds.is_empty() {
-                    let _ = write!(
-                        out,
-                        " ({}: {})",
-                        plural(kinds.len(), "ignored kind", "ignored kinds"),
-                        kinds.join(", ")
-                    );
+                if !config.warnings.is_empty() {
+                    let _ = write!(out, " with {}", plural(config.warnings.len(), "warning", "warnings"));
+                }
+                if !config.ignored.is_empty() {
+                    let _ = write!(out, "; not checked: {}", config.not_checked_summary());
                 }
                 out.push('\n');
             }

@@ -12,7 +12,7 @@ use k8s_openapi::{
     jiff::Timestamp,
 };
 use kube::{api::DynamicObject, runtime::watcher::Event};
-use mesh_common::config::Config;
+use mesh_common::config::{Config, security::MtlsMode};
 use mesh_controller::{
     kube_source::{Admission, Store, WatchedKind, problem_text, status_patch},
     lease::{Decision, decide},
@@ -128,7 +128,11 @@ fn the_recorded_cluster_becomes_the_model_the_yaml_source_would_give() {
     let service = config.services.iter().find(|s| s.metadata.name == "echo").expect("service echo");
     assert_eq!(service.spec.cluster_ip.as_deref(), Some("10.96.0.10"));
     assert_eq!(service.spec.ports[0].target_port.as_ref().map(ToString::to_string).as_deref(), Some("http"));
-    assert_eq!(config.peer_authentications.len(), 1);
+    assert_eq!(config.peer_authentications.len(), 2);
+    // The API server writes `portLevelMtls` keys as strings (`"8081"`): read as ports.
+    let health = config.peer_authentications.iter().find(|p| p.metadata.name == "echo-health").expect("echo-health");
+    let ports: Vec<(u32, MtlsMode)> = health.spec.port_level_mtls.iter().map(|(p, m)| (*p, m.mode)).collect();
+    assert_eq!(ports, [(8081, MtlsMode::Disable)]);
     assert_eq!(config.authorization_policies[0].metadata.name, "echo-allow");
     assert_eq!(config.virtual_services.len(), 1);
     assert_eq!(config.destination_rules.len(), 1);
@@ -194,7 +198,7 @@ fn an_invalid_object_is_left_out_or_held_and_reported_while_the_rest_applies() {
     assert!(!admitted.config.virtual_services.iter().any(|v| v.metadata.name == "broken"));
     let problems = &admitted.problems["VirtualService/shop/broken"];
     let text = problem_text(problems);
-    assert!(text.contains("spec.http[0].route") && text.contains("100"), "{text}");
+    assert!(text.contains("spec.http[0].route[0].weight") && text.contains("negative"), "{text}");
     assert!(text.contains("spec.http[0].timeout") && text.contains("2x"), "{text}");
     assert!(problems.iter().all(|p| p.object.as_deref() == Some("VirtualService/shop/broken")));
 
@@ -226,6 +230,23 @@ fn an_invalid_object_is_left_out_or_held_and_reported_while_the_rest_applies() {
     let admitted = admit(&mut admission, &store);
     assert!(
         admitted.problems.is_empty() && !admitted.config.virtual_services.iter().any(|v| v.metadata.name == "broken")
+    );
+}
+
+#[test]
+fn a_route_whose_destination_rule_is_not_applied_yet_is_served_with_a_warning() {
+    let mut store = recorded_cluster();
+    let rule = items("istio.json").into_iter().find(|o| o["kind"] == "DestinationRule").expect("DestinationRule");
+    store.apply(kind("DestinationRule"), Event::Delete(dynamic(&rule)));
+    let admitted = admit(&mut Admission::default(), &store);
+    assert!(admitted.problems.is_empty() && admitted.left_out.is_empty(), "{:?}", admitted.problems);
+    assert!(admitted.config.virtual_services.iter().any(|v| v.metadata.name == "echo"));
+    let warnings: Vec<&str> = admitted.config.warnings.iter().map(|w| w.field.as_str()).collect();
+    assert_eq!(
+        warnings,
+        ["spec.http[0].route[0].destination.subset", "spec.http[0].route[1].destination.subset"],
+        "{:?}",
+        admitted.config.warnings
     );
 }
 

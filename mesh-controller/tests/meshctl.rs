@@ -24,8 +24,10 @@ fn valid_manifests_exit_0_with_a_summary() {
     assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
     assert_eq!(stdout.lines().count(), 1, "{stdout}");
     assert!(stdout.starts_with("✔ "), "{stdout}");
-    assert!(stdout.contains(" files are valid ("), "{stdout}");
-    assert!(stdout.contains("ignored kinds: Deployment, ServiceAccount"), "{stdout}");
+    assert!(stdout.contains(" files are valid; not checked: "), "{stdout}");
+    // What was not checked is named with its group, never counted as valid.
+    assert!(stdout.contains(" Deployment (apps), 1 ServiceAccount (core)"), "{stdout}");
+    assert!(stdout.contains(" Deployment (?)"), "{stdout}");
 }
 
 #[test]
@@ -36,8 +38,25 @@ fn the_seed_virtual_service_is_valid_with_its_destination_rule() {
 }
 
 #[test]
+fn a_route_to_a_subset_defined_elsewhere_is_a_warning_and_fails_only_with_strict() {
+    let file = corpus("valid/004-virtualservice.yaml");
+    let out = meshctl(&[&file]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let warnings: Vec<&str> = stdout.lines().filter(|l| l.starts_with("warning: ")).collect();
+    assert_eq!(warnings.len(), 2, "{stdout}");
+    assert!(warnings[0].contains("spec.http[0].route[0].destination.subset: subset `v1` is not defined"), "{stdout}");
+    assert!(warnings[0].contains("503 (response flag NR)"), "{stdout}");
+    assert_eq!(stdout.lines().last(), Some("✔ 1 object in 1 file is valid with 2 warnings"));
+
+    let strict =
+        Command::new(env!("CARGO_BIN_EXE_meshctl")).args(["validate", "--strict"]).arg(&file).output().unwrap();
+    assert_eq!(strict.status.code(), Some(1), "{}", text(&strict.stdout));
+}
+
+#[test]
 fn a_broken_manifest_exits_1_naming_file_object_field_and_reason() {
-    let file = corpus("corpus/weight-out-of-range.yaml");
+    let file = corpus("corpus/weight-negative.yaml");
     let out = meshctl(&[&file]);
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
@@ -45,11 +64,11 @@ fn a_broken_manifest_exits_1_naming_file_object_field_and_reason() {
     assert_eq!(
         first,
         format!(
-            "{}: VirtualService/default/my-service: spec.http[0].route[0].weight: weight -20 is outside 0..=100",
+            "{}: VirtualService/default/my-service: spec.http[0].route[0].weight: weight -20 is negative",
             file.display()
         )
     );
-    assert_eq!(stdout.lines().last(), Some("✘ 2 problems in 1 file"));
+    assert_eq!(stdout.lines().last(), Some("✘ 1 problem in 1 file"));
 }
 
 #[test]

@@ -1,5 +1,7 @@
-//! Gateway API route kinds (`gateway.networking.k8s.io`): `HTTPRoute` and `GRPCRoute`,
-//! as used for mesh traffic (GAMMA: a `parentRef` naming a Service) and by waypoints.
+//! Gateway API kinds (`gateway.networking.k8s.io`): `HTTPRoute` and `GRPCRoute`, as used
+//! for mesh traffic (GAMMA: a `parentRef` naming a Service) and by waypoints; `Gateway`;
+//! and, validated for users who write them next to routes, `GatewayClass`,
+//! `ReferenceGrant`, `TCPRoute` and `TLSRoute`.
 //! Filters other than their `type` are kept as JSON values.
 use std::prelude::rust_2024::*;
 
@@ -272,4 +274,101 @@ pub struct Listener {
     pub tls: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed_routes: Option<serde_json::Value>,
+}
+
+/// Gateway API's `GatewayClass` (cluster-scoped): which controller implements the
+/// Gateways of a class.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct GatewayClass {
+    pub metadata: ObjectMeta,
+    pub spec: GatewayClassSpec,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatewayClassSpec {
+    /// `domain/path`, such as `istio.io/gateway-controller`.
+    pub controller_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters_ref: Option<ParametersReference>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ParametersReference {
+    pub group: String,
+    pub kind: String,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+/// Gateway API's `ReferenceGrant`: lets routes (or Gateways) of other namespaces refer
+/// to objects of this one.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReferenceGrant {
+    pub metadata: ObjectMeta,
+    pub spec: ReferenceGrantSpec,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReferenceGrantSpec {
+    pub from: Vec<ReferenceGrantFrom>,
+    pub to: Vec<ReferenceGrantTo>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReferenceGrantFrom {
+    pub group: String,
+    pub kind: String,
+    pub namespace: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReferenceGrantTo {
+    pub group: String,
+    pub kind: String,
+    /// Absent: every object of the kind.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// Gateway API's `TCPRoute`: TCP traffic of a listener to backends.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TcpRoute {
+    pub metadata: ObjectMeta,
+    pub spec: L4RouteSpec,
+}
+
+/// Gateway API's `TLSRoute`: TLS traffic, by SNI, to backends (passthrough).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TlsRoute {
+    pub metadata: ObjectMeta,
+    pub spec: L4RouteSpec,
+}
+
+/// The spec of `TCPRoute` and `TLSRoute` (only `TLSRoute` has `hostnames`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct L4RouteSpec {
+    #[serde(default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
+    pub parent_refs: Vec<ParentReference>,
+    #[serde(default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
+    pub hostnames: Vec<String>,
+    #[serde(default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<L4RouteRule>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct L4RouteRule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
+    pub backend_refs: Vec<BackendRef>,
 }

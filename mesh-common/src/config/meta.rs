@@ -38,6 +38,16 @@ pub struct WorkloadSelector {
     pub match_labels: Labels,
 }
 
+/// Istio's `networking.istio.io` `WorkloadSelector` (of a `ServiceEntry`, `Sidecar`,
+/// `EnvoyFilter`): the labels sit directly under `labels`, not under `matchLabels` as in
+/// the `security.istio.io` kinds' [`WorkloadSelector`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LabelsSelector {
+    #[serde(default, deserialize_with = "nullable")]
+    pub labels: Labels,
+}
+
 /// Istio's `PolicyTargetReference` / Gateway API's `ParentReference`-like target.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -104,4 +114,41 @@ where
     T: Deserialize<'de> + Default,
 {
     Option::<T>::deserialize(deserializer).map(Option::unwrap_or_default)
+}
+
+/// Reads a map keyed by port number whose keys may be integers (`8080:` in YAML) or
+/// strings (`"8080":`, which is how the Kubernetes API and `kubectl get -o yaml` write
+/// the keys of a protobuf `map<uint32, ...>`).
+pub(crate) fn port_keyed<'de, D, V>(deserializer: D) -> Result<BTreeMap<u32, V>, D::Error>
+where
+    D: Deserializer<'de>,
+    V: Deserialize<'de>,
+{
+    let map = Option::<BTreeMap<PortKey, V>>::deserialize(deserializer)?.unwrap_or_default();
+    Ok(map.into_iter().map(|(k, v)| (k.0, v)).collect())
+}
+
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct PortKey(u32);
+
+impl<'de> Deserialize<'de> for PortKey {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl de::Visitor<'_> for Visitor {
+            type Value = PortKey;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a port number")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<PortKey, E> {
+                u32::try_from(v).map(PortKey).map_err(|_| E::invalid_value(de::Unexpected::Unsigned(v), &self))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<PortKey, E> {
+                u32::try_from(v).map(PortKey).map_err(|_| E::invalid_value(de::Unexpected::Signed(v), &self))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<PortKey, E> {
+                v.parse().map(PortKey).map_err(|_| E::invalid_value(de::Unexpected::Str(v), &self))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }

@@ -9,7 +9,7 @@ use std::{collections::BTreeMap, prelude::rust_2024::*};
 
 use serde::{Deserialize, Serialize};
 
-use super::meta::{Labels, ObjectMeta, Percent, WorkloadSelector, nullable};
+use super::meta::{Labels, LabelsSelector, ObjectMeta, Percent, WorkloadSelector, nullable};
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct VirtualService {
@@ -63,8 +63,9 @@ pub struct HttpRule {
     pub mirror: Option<Destination>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror_percentage: Option<Percent>,
-    /// Deprecated integer form of `mirrorPercentage`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Deprecated integer form of `mirrorPercentage` (`mirror_percent` is the schema's
+    /// older spelling of it).
+    #[serde(default, alias = "mirror_percent", skip_serializing_if = "Option::is_none")]
     pub mirror_percent: Option<u32>,
     #[serde(default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
     pub mirrors: Vec<HttpMirrorPolicy>,
@@ -124,7 +125,8 @@ pub struct StringMatch {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRouteDestination {
     pub destination: Destination,
-    /// Share of the traffic in percent; `0` (absent) on a single destination means all.
+    /// Relative share of the traffic: `weight / sum of the weights` (Istio dropped the
+    /// "sum to 100" rule); `0` (absent) on a single destination means all.
     #[serde(default)]
     pub weight: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -534,8 +536,9 @@ pub struct ServiceEntrySpec {
     pub resolution: Resolution,
     #[serde(default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<WorkloadEntrySpec>,
+    /// Istio's `networking` selector: `{labels: {...}}` (not `matchLabels`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub workload_selector: Option<WorkloadSelector>,
+    pub workload_selector: Option<LabelsSelector>,
     #[serde(default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
     pub export_to: Vec<String>,
     #[serde(default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
@@ -602,4 +605,52 @@ pub struct WorkloadEntrySpec {
     pub weight: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account: Option<String>,
+}
+
+/// Istio's `Gateway` (`networking.istio.io`, not Gateway API's): the servers (ports,
+/// hosts, TLS) of an ingress or egress gateway's pods, which `VirtualService`s bind to
+/// by name. Validated; not served by this mesh yet.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct IstioGateway {
+    pub metadata: ObjectMeta,
+    pub spec: IstioGatewaySpec,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IstioGatewaySpec {
+    #[serde(default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
+    pub servers: Vec<Server>,
+    /// The gateway pods' labels (a plain map, not `matchLabels`).
+    #[serde(default, deserialize_with = "nullable", skip_serializing_if = "BTreeMap::is_empty")]
+    pub selector: Labels,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Server {
+    pub port: ServerPort,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bind: Option<String>,
+    /// `host` or `namespace/host` (`*` and `.` for the namespace part).
+    #[serde(default, deserialize_with = "nullable")]
+    pub hosts: Vec<String>,
+    /// Istio's `ServerTLSSettings`, as written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_endpoint: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServerPort {
+    pub number: u32,
+    pub protocol: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<u32>,
 }

@@ -1,19 +1,22 @@
 //! From text to typed objects: splits multi-document YAML (JSON is YAML too), tells the
 //! kind of each document, decodes it with field paths for every error, and records
 //! where each object came from for the checks that follow.
-use std::{collections::BTreeMap, fmt, prelude::rust_2024::*};
+use std::{collections::BTreeMap, fmt, fmt::Write as _, prelude::rust_2024::*};
 
 use serde::{Deserialize, Deserializer, de::IgnoredAny};
 use serde_yaml::{Mapping, Value};
 
 use super::{
     Config, Problem, Source,
-    gateway::{Gateway, GatewaySpec, GrpcRoute, GrpcRouteSpec, HttpRoute, HttpRouteSpec},
+    gateway::{
+        Gateway, GatewayClass, GatewayClassSpec, GatewaySpec, GrpcRoute, GrpcRouteSpec, HttpRoute, HttpRouteSpec,
+        L4RouteSpec, ReferenceGrant, ReferenceGrantSpec, TcpRoute, TlsRoute,
+    },
     k8s::{EndpointSlice, Namespace, NamespaceSpec, Pod, PodSpec, PodStatus, Service, ServiceSpec},
     meta::{ObjectMeta, nullable},
     networking::{
-        DestinationRule, DestinationRuleSpec, ServiceEntry, ServiceEntrySpec, VirtualService, VirtualServiceSpec,
-        WorkloadEntry, WorkloadEntrySpec,
+        DestinationRule, DestinationRuleSpec, IstioGateway, IstioGatewaySpec, ServiceEntry, ServiceEntrySpec,
+        VirtualService, VirtualServiceSpec, WorkloadEntry, WorkloadEntrySpec,
     },
     security::{
         AuthorizationPolicy, AuthorizationPolicySpec, PeerAuthentication, PeerAuthenticationSpec,
@@ -40,17 +43,30 @@ pub(crate) enum Kind {
     HttpRoute,
     GrpcRoute,
     Gateway,
+    GatewayClass,
+    ReferenceGrant,
+    TcpRoute,
+    TlsRoute,
+    /// Istio's `networking.istio.io` `Gateway` (not Gateway API's).
+    IstioGateway,
 }
 
-/// Kinds of our API groups that share a name with a kind we serve in another group:
-/// not a mistake in the apiVersion (Istio's `Gateway` next to Gateway API's).
-const OTHER_KINDS: &[(&str, &str)] = &[("Gateway", "networking.istio.io")];
+/// The kinds of Istio's and Gateway API's groups (standard and experimental channels of
+/// the pinned releases) that the mesh does not check: named "not checked". A kind of
+/// these groups in neither list is a mistake.
+const OTHER_KINDS: &[(&str, &[&str])] = &[
+    ("networking.istio.io", &["EnvoyFilter", "Sidecar", "WorkloadGroup", "ProxyConfig"]),
+    ("security.istio.io", &[]),
+    ("telemetry.istio.io", &[]),
+    ("extensions.istio.io", &["WasmPlugin", "TrafficExtension"]),
+    ("gateway.networking.k8s.io", &["UDPRoute", "BackendTLSPolicy", "ListenerSet", "BackendLBPolicy"]),
+];
 
 const NETWORKING: &[&str] = &["v1alpha3", "v1beta1", "v1"];
 const SECURITY: &[&str] = &["v1beta1", "v1"];
 
 impl Kind {
-    const ALL: [Kind; 15] = [
+    const ALL: [Kind; 20] = [
         Kind::Namespace,
         Kind::Service,
         Kind::EndpointSlice,
@@ -66,6 +82,11 @@ impl Kind {
         Kind::HttpRoute,
         Kind::GrpcRoute,
         Kind::Gateway,
+        Kind::GatewayClass,
+        Kind::ReferenceGrant,
+        Kind::TcpRoute,
+        Kind::TlsRoute,
+        Kind::IstioGateway,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -84,7 +105,11 @@ impl Kind {
             Kind::Telemetry => "Telemetry",
             Kind::HttpRoute => "HTTPRoute",
             Kind::GrpcRoute => "GRPCRoute",
-            Kind::Gateway => "Gateway",
+            Kind::Gateway | Kind::IstioGateway => "Gateway",
+            Kind::GatewayClass => "GatewayClass",
+            Kind::ReferenceGrant => "ReferenceGrant",
+            Kind::TcpRoute => "TCPRoute",
+            Kind::TlsRoute => "TLSRoute",
         }
     }
 
@@ -93,28 +118,41 @@ impl Kind {
         match self {
             Kind::Namespace | Kind::Service | Kind::Pod => "",
             Kind::EndpointSlice => "discovery.k8s.io",
-            Kind::WorkloadEntry | Kind::VirtualService | Kind::DestinationRule | Kind::ServiceEntry => {
-                "networking.istio.io"
-            }
+            Kind::WorkloadEntry
+            | Kind::VirtualService
+            | Kind::DestinationRule
+            | Kind::ServiceEntry
+            | Kind::IstioGateway => "networking.istio.io",
             Kind::AuthorizationPolicy | Kind::PeerAuthentication | Kind::RequestAuthentication => "security.istio.io",
             Kind::Telemetry => "telemetry.istio.io",
-            Kind::HttpRoute | Kind::GrpcRoute | Kind::Gateway => "gateway.networking.k8s.io",
+            Kind::HttpRoute
+            | Kind::GrpcRoute
+            | Kind::Gateway
+            | Kind::GatewayClass
+            | Kind::ReferenceGrant
+            | Kind::TcpRoute
+            | Kind::TlsRoute => "gateway.networking.k8s.io",
         }
     }
 
     fn versions(self) -> &'static [&'static str] {
         match self {
             Kind::Namespace | Kind::Service | Kind::Pod | Kind::EndpointSlice => &["v1"],
-            Kind::WorkloadEntry | Kind::VirtualService | Kind::DestinationRule | Kind::ServiceEntry => NETWORKING,
+            Kind::WorkloadEntry
+            | Kind::VirtualService
+            | Kind::DestinationRule
+            | Kind::ServiceEntry
+            | Kind::IstioGateway => NETWORKING,
             Kind::AuthorizationPolicy | Kind::PeerAuthentication | Kind::RequestAuthentication => SECURITY,
             Kind::Telemetry => &["v1alpha1", "v1"],
-            Kind::HttpRoute | Kind::Gateway => &["v1", "v1beta1"],
-            Kind::GrpcRoute => &["v1", "v1alpha2"],
+            Kind::HttpRoute | Kind::Gateway | Kind::GatewayClass | Kind::ReferenceGrant => &["v1", "v1beta1"],
+            Kind::TlsRoute => &["v1", "v1alpha3", "v1alpha2"],
+            Kind::GrpcRoute | Kind::TcpRoute => &["v1", "v1alpha2"],
         }
     }
 
     pub(crate) fn namespaced(self) -> bool {
-        self != Kind::Namespace
+        !matches!(self, Kind::Namespace | Kind::GatewayClass)
     }
 
     fn api_versions(self) -> String {
@@ -149,7 +187,7 @@ impl fmt::Display for ObjectKey {
 }
 
 fn object_id(f: &mut fmt::Formatter, kind: &str, namespace: &str, name: &str) -> fmt::Result {
-    let name = if name.is_empty() { "?" } else { name };
+    let name = if name.is_empty() { "\"\"" } else { name };
     if namespace.is_empty() { write!(f, "{kind}/{name}") } else { write!(f, "{kind}/{namespace}/{name}") }
 }
 
@@ -180,6 +218,8 @@ pub(crate) struct Loaded {
     pub config: Config,
     pub origins: BTreeMap<ObjectKey, Origin>,
     pub broken_destination_rules: Vec<(String, String)>,
+    /// Warnings found while decoding (fields accepted but not enforced).
+    pub warnings: Found,
     /// Documents read so far, across sources.
     documents: usize,
 }
@@ -210,10 +250,21 @@ struct Envelope<S, T = IgnoredAny> {
     status: Option<T>,
 }
 
-/// A decoding failure: the field path and the reason (with the line when known).
+/// A decoding failure: the field path and the reason (with the line when known), and
+/// where in the document it is, to set that part aside and look for more.
 struct DecodeError {
     field: String,
     reason: String,
+    line: Option<usize>,
+    /// The path serde reports: the failing value, or the object missing a field.
+    at: Vec<Step>,
+}
+
+/// One step of a path into a document.
+#[derive(Clone, Debug, PartialEq)]
+enum Step {
+    Key(String),
+    Index(usize),
 }
 
 fn decode<'de, T, D>(deserializer: D) -> Result<T, DecodeError>
@@ -222,17 +273,126 @@ where
     D: Deserializer<'de, Error = serde_yaml::Error>,
 {
     serde_path_to_error::deserialize(deserializer).map_err(|e| {
-        let path = e.path().to_string();
+        let at = e
+            .path()
+            .iter()
+            .filter_map(|s| match s {
+                serde_path_to_error::Segment::Seq { index } => Some(Step::Index(*index)),
+                serde_path_to_error::Segment::Map { key } => Some(Step::Key(key.clone())),
+                _ => None,
+            })
+            .collect::<Vec<_>>();
         let error = e.into_inner();
-        let (field, reason) = describe(&path, &error);
-        DecodeError { field, reason }
+        let (field, reason) = describe(&at, &error);
+        DecodeError { field, reason, line: error.location().map(|l| l.line()), at }
     })
+}
+
+/// Whether the document decodes as `kind`, and the first error if not.
+fn check<'de, D>(kind: Kind, value: D) -> Result<(), DecodeError>
+where
+    D: Deserializer<'de, Error = serde_yaml::Error>,
+{
+    macro_rules! envelope {
+        ($spec:ty) => {
+            decode::<Envelope<$spec>, _>(value).map(drop)
+        };
+    }
+    match kind {
+        Kind::Namespace => envelope!(NamespaceSpec),
+        Kind::Service => envelope!(ServiceSpec),
+        Kind::EndpointSlice => decode::<EndpointSlice, _>(value).map(drop),
+        Kind::Pod => decode::<Envelope<PodSpec, PodStatus>, _>(value).map(drop),
+        Kind::WorkloadEntry => envelope!(WorkloadEntrySpec),
+        Kind::AuthorizationPolicy => envelope!(AuthorizationPolicySpec),
+        Kind::PeerAuthentication => envelope!(PeerAuthenticationSpec),
+        Kind::RequestAuthentication => envelope!(RequestAuthenticationSpec),
+        Kind::VirtualService => envelope!(VirtualServiceSpec),
+        Kind::DestinationRule => envelope!(DestinationRuleSpec),
+        Kind::ServiceEntry => envelope!(ServiceEntrySpec),
+        Kind::Telemetry => envelope!(TelemetrySpec),
+        Kind::HttpRoute => envelope!(HttpRouteSpec),
+        Kind::GrpcRoute => envelope!(GrpcRouteSpec),
+        Kind::Gateway => envelope!(GatewaySpec),
+        Kind::GatewayClass => envelope!(GatewayClassSpec),
+        Kind::ReferenceGrant => envelope!(ReferenceGrantSpec),
+        Kind::TcpRoute | Kind::TlsRoute => envelope!(L4RouteSpec),
+        Kind::IstioGateway => envelope!(IstioGatewaySpec),
+    }
+}
+
+/// The decoding errors after `first`: each round sets aside the part that failed
+/// (removes the key, or nulls the list item) and decodes again. An error on a path
+/// already reported (the key just removed is now "missing") is a consequence, not
+/// another problem, and is not repeated.
+fn more_decode_errors(kind: Kind, document: &Value, first: &DecodeError) -> Vec<DecodeError> {
+    let mut value = document.clone();
+    let mut reported = vec![first.field.clone()];
+    let mut found = Vec::new();
+    let mut at = first.at.clone();
+    // Each round removes something, so this ends; the bound keeps a huge document cheap.
+    for _ in 0..64 {
+        // Set aside the failing part, or a larger one when that changes nothing.
+        while !set_aside(&mut value, &at) {
+            if at.pop().is_none() {
+                return found;
+            }
+        }
+        match check(kind, value.clone()) {
+            Ok(()) => break,
+            Err(next) => {
+                let related = |r: &String| is_within(&next.field, r) || is_within(r, &next.field);
+                if reported.iter().any(related) {
+                    at = next.at;
+                } else {
+                    reported.push(next.field.clone());
+                    at.clone_from(&next.at);
+                    found.push(next);
+                }
+            }
+        }
+    }
+    found
+}
+
+/// Whether `path` is `outer` or inside it (`a.b` is within `a`, `a[0]` too, `ab` not).
+fn is_within(path: &str, outer: &str) -> bool {
+    path.strip_prefix(outer).is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+}
+
+/// Removes the key (or nulls the list item) at `at`; false when nothing changed.
+fn set_aside(value: &mut Value, at: &[Step]) -> bool {
+    let Some((last, parents)) = at.split_last() else { return false };
+    let mut node = value;
+    for step in parents {
+        let next = match (step, node) {
+            (Step::Key(k), Value::Mapping(m)) => m.get_mut(k.as_str()),
+            (Step::Index(i), Value::Sequence(s)) => s.get_mut(*i),
+            _ => None,
+        };
+        match next {
+            Some(next) => node = next,
+            None => return false,
+        }
+    }
+    match (last, node) {
+        (Step::Key(k), Value::Mapping(m)) => m.remove(k.as_str()).is_some(),
+        // Removing an item would renumber the ones after it.
+        (Step::Index(i), Value::Sequence(s)) => match s.get_mut(*i) {
+            Some(item) if !item.is_null() => {
+                *item = Value::Null;
+                true
+            }
+            _ => false,
+        },
+        _ => false,
+    }
 }
 
 /// Splits serde's message into a field path and a reason a person reads: the path of
 /// a missing or unknown field ends with that field, `serde_yaml`'s own path prefix and
 /// position suffix are dropped and the line is said once at the end.
-fn describe(path: &str, error: &serde_yaml::Error) -> (String, String) {
+fn describe(at: &[Step], error: &serde_yaml::Error) -> (String, String) {
     let mut message = error.to_string();
     if let Some(location) = error.location()
         && let Some(at) = message.rfind(" at line ")
@@ -246,7 +406,7 @@ fn describe(path: &str, error: &serde_yaml::Error) -> (String, String) {
     {
         message = rest.to_string();
     }
-    let mut field = if path == "." { String::new() } else { path.to_string() };
+    let mut field = field_path(at);
     let quoted = |m: &str, lead: &str| -> Option<String> {
         let rest = m.strip_prefix(lead)?;
         let end = rest.find('`')?;
@@ -265,10 +425,7 @@ fn describe(path: &str, error: &serde_yaml::Error) -> (String, String) {
             message = "unknown field".into();
         }
     }
-    message = plain_types(&message);
-    if let Some(location) = error.location() {
-        message = format!("{message} (line {})", location.line());
-    }
+    message = plain_types(&message).replace("unit value", "null");
     (field, message)
 }
 
@@ -289,12 +446,58 @@ fn plain_types(message: &str) -> String {
     format!("{head}, expected {plain}")
 }
 
+/// Fields whose values are maps with keys the user chose (labels, header names,
+/// ports): a key under one is written `["key"]`, not `.key`.
+const MAP_FIELDS: &[&str] = &[
+    "labels",
+    "annotations",
+    "matchLabels",
+    "sourceLabels",
+    "headers",
+    "queryParams",
+    "withoutHeaders",
+    "portLevelMtls",
+    "set",
+    "add",
+    "ports",
+];
+
+/// A path as the messages write it: `spec.http[0].match[1].headers["x-user"].exact`.
+fn field_path(at: &[Step]) -> String {
+    let mut out = String::new();
+    let mut previous: Option<&Step> = None;
+    for step in at {
+        match step {
+            Step::Index(i) => {
+                let _ = write!(out, "[{i}]");
+            }
+            // A VirtualService rule's `headers` holds `request`/`response`, not names.
+            Step::Key(k)
+                if matches!(previous, Some(Step::Key(p)) if MAP_FIELDS.contains(&p.as_str())
+                    && !(p == "headers" && matches!(k.as_str(), "request" | "response"))) =>
+            {
+                let _ = write!(out, "[{k:?}]");
+            }
+            Step::Key(k) => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(k);
+            }
+        }
+        previous = Some(step);
+    }
+    out
+}
+
 fn join(parent: &str, child: &str) -> String {
     if parent.is_empty() { child.to_string() } else { format!("{parent}.{child}") }
 }
 
 /// Parses one source into `loaded`, adding what is wrong to `problems`.
 pub(crate) fn parse_source(source: &Source, loaded: &mut Loaded, problems: &mut Found) {
+    let text = kubectl_flow_scalars(&source.text);
+    let source = &Source { name: source.name.clone(), text: text.into_owned() };
     // First pass: the documents as generic values, to tell their kind and to find
     // syntax errors (after one, libyaml cannot go on in that file).
     let mut values = Vec::new();
@@ -392,7 +595,10 @@ impl Doc<'_> {
             let object = if name.is_empty() { format!("document {n}") } else { format!("?/{name}") };
             return self.problem(Some(object), format!("{prefix}kind"), why);
         };
-        let served = Kind::ALL.into_iter().find(|k| k.name() == kind_name);
+        // Two kinds share the name `Gateway`: the group tells which.
+        let (group, _) = api_version.as_deref().map_or(("", ""), |v| v.rsplit_once('/').unwrap_or(("", v)));
+        let named = || Kind::ALL.into_iter().filter(|k| k.name() == kind_name);
+        let served = named().find(|k| k.group() == group).or_else(|| named().next());
         // Same kind name in another project's API group (Knative's `Service`): not ours.
         // In one of our groups, it is a mistake in the apiVersion.
         let (group, version) = match &api_version {
@@ -400,9 +606,7 @@ impl Doc<'_> {
             None => ("", ""),
         };
         let ours = Kind::ALL.iter().any(|k| k.group() == group);
-        let served = served.filter(|k| {
-            api_version.is_none() || k.group() == group || (ours && !OTHER_KINDS.contains(&(kind_name.as_str(), group)))
-        });
+        let served = served.filter(|k| api_version.is_none() || k.group() == group || ours);
         let scoped_ns = match served {
             Some(kind) if kind.namespaced() && namespace.is_empty() => "default".to_string(),
             Some(kind) if !kind.namespaced() => String::new(),
@@ -417,6 +621,26 @@ impl Doc<'_> {
             return self.ignore(&id, "no apiVersion", "kind not served by this mesh");
         };
         let Some(kind) = served else {
+            // In Istio's and Gateway API's groups the kinds are known: another name is a
+            // typo the API server would refuse (no such resource), not a kind to skip.
+            if let Some((_, kinds)) = OTHER_KINDS.iter().find(|(g, _)| *g == group)
+                && !kinds.contains(&kind_name.as_str())
+            {
+                let mut known: Vec<&str> = Kind::ALL
+                    .iter()
+                    .filter(|k| k.group() == group)
+                    .map(|k| k.name())
+                    .chain(kinds.iter().copied())
+                    .collect();
+                known.sort_unstable();
+                known.dedup();
+                let known = known.join(", ");
+                return self.problem(
+                    Some(id),
+                    format!("{prefix}kind"),
+                    format!("`{kind_name}` is not a kind of {group} (its kinds: {known})"),
+                );
+            }
             return self.ignore(&id, api_version, "kind not served by this mesh");
         };
         if kind.group() != group || !kind.versions().contains(&version) {
@@ -427,14 +651,62 @@ impl Doc<'_> {
                 format!("apiVersion `{api_version}` is not supported for {kind_name} (supported: {supported})"),
             );
         }
-        if let Err(e) = self.decode_into(kind, &scoped_ns, deserializer) {
+        // What decoding cannot see: a map present but empty.
+        if kind == Kind::PeerAuthentication
+            && map
+                .get("spec")
+                .and_then(|s| s.get("portLevelMtls"))
+                .and_then(Value::as_mapping)
+                .is_some_and(Mapping::is_empty)
+        {
+            self.problem(Some(id.clone()), format!("{prefix}spec.portLevelMtls"), "must not be empty when present");
+        }
+        // Decoded from the YAML value, whose scalars are typed as kubectl types them
+        // (`123` is a number, `~` is null); serde_yaml decoding straight from the text
+        // would take any plain scalar as a string where a string is expected.
+        let mut document = Value::Mapping(map.clone());
+        // Fields of the schema the mesh does not enforce yet: set aside, with a warning.
+        // (The list's `Gateway` is Gateway API's, not Istio's of the same name.)
+        for (not_kind, pattern) in super::NOT_ENFORCED {
+            if *not_kind != kind.name() || kind == Kind::IstioGateway {
+                continue;
+            }
+            let steps: Vec<&str> = pattern.split('.').flat_map(|s| s.split_inclusive("[]")).collect();
+            let mut found = Vec::new();
+            set_aside_all(&mut document, &steps, "", &mut found);
+            for path in found {
+                let warning = Problem::new(
+                    &self.source.name,
+                    Some(id.clone()),
+                    format!("{prefix}{path}"),
+                    "accepted but not enforced by this mesh yet: it has no effect",
+                );
+                self.loaded.warnings.push((self.seq, warning));
+            }
+        }
+        if let Err(mut e) = self.decode_into(kind, &scoped_ns, document.clone()) {
+            // The line, from the text, when the text fails at the same place.
+            if let Err(in_text) = check(kind, deserializer)
+                && in_text.field == e.field
+            {
+                e.line = in_text.line;
+            }
             if kind == Kind::DestinationRule
                 && let Some(host) = map.get("spec").and_then(|s| s.get("host")).and_then(Value::as_str)
             {
                 self.loaded.broken_destination_rules.push((scoped_ns.clone(), host.to_string()));
             }
-            let field = if e.field.is_empty() { String::new() } else { format!("{prefix}{}", e.field) };
-            self.problem(Some(id), field, e.reason);
+            // serde stops at the first error: find the others by setting aside what
+            // failed and decoding again, so that one run reports them all.
+            let more = more_decode_errors(kind, &document, &e);
+            for e in std::iter::once(e).chain(more) {
+                let field = if e.field.is_empty() { String::new() } else { format!("{prefix}{}", e.field) };
+                let reason = match e.line {
+                    Some(line) => format!("{} (line {line})", e.reason),
+                    None => e.reason,
+                };
+                self.problem(Some(id.clone()), field, reason);
+            }
         }
     }
 
@@ -484,6 +756,11 @@ impl Doc<'_> {
             Kind::HttpRoute => plain!(HttpRouteSpec, HttpRoute, http_routes),
             Kind::GrpcRoute => plain!(GrpcRouteSpec, GrpcRoute, grpc_routes),
             Kind::Gateway => plain!(GatewaySpec, Gateway, gateways),
+            Kind::GatewayClass => plain!(GatewayClassSpec, GatewayClass, gateway_classes),
+            Kind::ReferenceGrant => plain!(ReferenceGrantSpec, ReferenceGrant, reference_grants),
+            Kind::TcpRoute => plain!(L4RouteSpec, TcpRoute, tcp_routes),
+            Kind::TlsRoute => plain!(L4RouteSpec, TlsRoute, tls_routes),
+            Kind::IstioGateway => plain!(IstioGatewaySpec, IstioGateway, istio_gateways),
         }
         Ok(())
     }
@@ -512,4 +789,84 @@ fn with_namespace(mut metadata: ObjectMeta, namespace: &str) -> ObjectMeta {
 fn is_list(map: &Mapping) -> bool {
     map.get("kind").and_then(Value::as_str) == Some("List")
         && map.get("apiVersion").and_then(Value::as_str) == Some("v1")
+}
+
+/// Reads flow collections as kubectl (go-yaml) does. libyaml rejects a plain scalar in
+/// a flow collection that holds a `:` right before `,`, `]` or `}` ("found unexpected
+/// ':'", as in `addresses: [2001:db8::, 10.0.0.1]`); go-yaml takes the `:` as part of
+/// the scalar, so the list is two strings. Each such scalar is quoted, which keeps
+/// every line where it was for the messages; other text is returned as is (and is
+/// not parsed here unless it holds `:,`, `:]` or `:}` somewhere).
+fn kubectl_flow_scalars(text: &str) -> std::borrow::Cow<'_, str> {
+    let mut text = std::borrow::Cow::Borrowed(text);
+    if ![":,", ":]", ":}"].iter().any(|p| text.contains(p)) {
+        return text;
+    }
+    // Each round quotes one scalar; a bound keeps a pathological input cheap.
+    for _ in 0..64 {
+        let error = serde_yaml::Deserializer::from_str(&text).find_map(|d| Value::deserialize(d).err());
+        let Some(error) = error.filter(|e| e.to_string().contains("found unexpected ':'")) else { break };
+        let Some(at) = error.location().map(|l| (l.line(), l.column())) else { break };
+        match quote_flow_scalar(&text, at) {
+            Some(quoted) => text = std::borrow::Cow::Owned(quoted),
+            None => break,
+        }
+    }
+    text
+}
+
+/// Quotes the plain scalar of a flow collection that holds the `:` at or before
+/// (1-based) `line`, `column`, or `None` when there is none to quote.
+fn quote_flow_scalar(text: &str, (line_no, column): (usize, usize)) -> Option<String> {
+    let line_start = if line_no <= 1 { 0 } else { text.match_indices('\n').nth(line_no - 2).map(|(i, _)| i + 1)? };
+    let line_end = text[line_start..].find('\n').map_or(text.len(), |i| line_start + i);
+    let line = &text[line_start..line_end];
+    // The column counts characters; the offending `:` is the last one up to it that a
+    // flow indicator follows.
+    let offset = line.char_indices().nth(column).map_or(line.len(), |(i, _)| i);
+    let colon = line
+        .char_indices()
+        .filter(|(i, c)| *c == ':' && *i <= offset && line[i + 1..].starts_with([',', ']', '}']))
+        .map(|(i, _)| i)
+        .next_back()?;
+    let start = line[..colon].rfind(['[', '{', ',']).map_or(0, |i| i + 1);
+    let start = start + line[start..].len() - line[start..].trim_start().len();
+    let end = line[colon + 1..].find([',', ']', '}']).map_or(line.len(), |i| colon + 1 + i);
+    let scalar = line[start..end].trim_end();
+    if scalar.is_empty() || scalar.starts_with(['\'', '"']) {
+        return None;
+    }
+    let quoted = format!("'{}'", scalar.replace('\'', "''"));
+    let mut out = String::with_capacity(text.len() + quoted.len());
+    out.push_str(&text[..line_start + start]);
+    out.push_str(&quoted);
+    out.push_str(&text[line_start + start + scalar.len()..]);
+    Some(out)
+}
+
+/// Removes every field at `steps` (`spec`, `subsets[]`, `trafficPolicy`, ...: a step
+/// ending in `[]` is each item of a list, `*` each value of a map), recording the path
+/// of each one removed.
+fn set_aside_all(value: &mut Value, steps: &[&str], path: &str, found: &mut Vec<String>) {
+    let Some((step, rest)) = steps.split_first() else { return };
+    let Value::Mapping(map) = value else { return };
+    let join = |key: &str| if path.is_empty() { key.to_string() } else { format!("{path}.{key}") };
+    if *step == "*" {
+        for (key, child) in map.iter_mut() {
+            let key = key.as_str().unwrap_or("?");
+            set_aside_all(child, rest, &format!("{path}[{key:?}]"), found);
+        }
+    } else if let Some(list) = step.strip_suffix("[]") {
+        if let Some(Value::Sequence(items)) = map.get_mut(list) {
+            for (i, item) in items.iter_mut().enumerate() {
+                set_aside_all(item, rest, &format!("{}[{i}]", join(list)), found);
+            }
+        }
+    } else if rest.is_empty() {
+        if map.remove(*step).is_some() {
+            found.push(join(step));
+        }
+    } else if let Some(child) = map.get_mut(*step) {
+        set_aside_all(child, rest, &join(step), found);
+    }
 }

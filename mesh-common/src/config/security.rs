@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, prelude::rust_2024::*};
 
 use serde::{Deserialize, Serialize};
 
-use super::meta::{ObjectMeta, PolicyTargetReference, WorkloadSelector, nullable};
+use super::meta::{ObjectMeta, PolicyTargetReference, WorkloadSelector, nullable, port_keyed};
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct AuthorizationPolicy {
@@ -94,6 +94,11 @@ pub struct RuleSource {
     pub service_accounts: Vec<String>,
     #[serde(default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
     pub not_service_accounts: Vec<String>,
+    /// Trust domains of the peer's identity (`cluster.local`, `*.example.com`).
+    #[serde(default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
+    pub trust_domains: Vec<String>,
+    #[serde(default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
+    pub not_trust_domains: Vec<String>,
     #[serde(default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
     pub ip_blocks: Vec<String>,
     #[serde(default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
@@ -149,8 +154,9 @@ pub struct PeerAuthenticationSpec {
     pub selector: Option<WorkloadSelector>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtls: Option<Mtls>,
-    /// Port -> mode, for the workload's target ports; needs a `selector`.
-    #[serde(default, deserialize_with = "nullable", skip_serializing_if = "BTreeMap::is_empty")]
+    /// Port -> mode, for the workload's target ports; needs a `selector`. The keys are
+    /// read from integers or from strings (`"8080"`, as the Kubernetes API writes them).
+    #[serde(default, deserialize_with = "port_keyed", skip_serializing_if = "BTreeMap::is_empty")]
     pub port_level_mtls: BTreeMap<u32, Mtls>,
 }
 
@@ -195,10 +201,13 @@ pub struct RequestAuthenticationSpec {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct JwtRule {
+    /// May be empty when `jwksUri` is set (any issuer the key set signs for).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub issuer: String,
     #[serde(default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
     pub audiences: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// `jwks_uri` is the schema's deprecated spelling of the same field.
+    #[serde(default, alias = "jwks_uri", skip_serializing_if = "Option::is_none")]
     pub jwks_uri: Option<String>,
     /// An inline JWKS document (JSON text).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -215,6 +224,9 @@ pub struct JwtRule {
     pub output_claim_to_headers: Vec<ClaimToHeader>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub forward_original_token: bool,
+    /// Claims whose string value splits on spaces (`scope`); not enforced yet.
+    #[serde(default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
+    pub space_delimited_claims: Vec<String>,
     /// Timeout of the JWKS fetch (an Istio duration).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<String>,

@@ -17,13 +17,13 @@ mod k8s;
 mod networking;
 mod security;
 
-pub(crate) fn validate(loaded: &Loaded, problems: &mut Found) {
+pub(crate) fn validate(loaded: &Loaded, problems: &mut Found, warnings: &mut Found) {
     let c = &loaded.config;
     let subsets = networking::SubsetIndex::new(loaded);
     macro_rules! each {
         ($list:ident, $kind:expr, $check:expr) => {
             for object in &c.$list {
-                let mut o = Obj::new(loaded, $kind, &object.metadata, problems);
+                let mut o = Obj::new(loaded, $kind, &object.metadata, problems, warnings);
                 o.metadata(&object.metadata, $kind);
                 #[allow(clippy::redundant_closure_call)]
                 ($check)(&mut o, object);
@@ -44,6 +44,11 @@ pub(crate) fn validate(loaded: &Loaded, problems: &mut Found) {
     each!(http_routes, Kind::HttpRoute, gateway::http_route);
     each!(grpc_routes, Kind::GrpcRoute, gateway::grpc_route);
     each!(gateways, Kind::Gateway, gateway::gateway);
+    each!(gateway_classes, Kind::GatewayClass, gateway::gateway_class);
+    each!(reference_grants, Kind::ReferenceGrant, gateway::reference_grant);
+    each!(tcp_routes, Kind::TcpRoute, |o: &mut Obj, r: &crate::config::TcpRoute| gateway::l4_route(o, &r.spec, false));
+    each!(tls_routes, Kind::TlsRoute, |o: &mut Obj, r: &crate::config::TlsRoute| gateway::l4_route(o, &r.spec, true));
+    each!(istio_gateways, Kind::IstioGateway, networking::istio_gateway);
 }
 
 /// The object being checked and where its problems go.
@@ -53,16 +58,23 @@ pub(super) struct Obj<'a> {
     seq: usize,
     pub namespace: String,
     problems: &'a mut Found,
+    warnings: &'a mut Found,
 }
 
 impl<'a> Obj<'a> {
-    fn new(loaded: &Loaded, kind: Kind, meta: &ObjectMeta, problems: &'a mut Found) -> Self {
+    fn new(loaded: &Loaded, kind: Kind, meta: &ObjectMeta, problems: &'a mut Found, warnings: &'a mut Found) -> Self {
         let (file, id, seq) = loaded.origin(kind, meta);
-        Self { file: file.to_string(), id, seq, namespace: meta.namespace.clone(), problems }
+        Self { file: file.to_string(), id, seq, namespace: meta.namespace.clone(), problems, warnings }
     }
 
     pub fn err(&mut self, field: impl Into<String>, reason: impl Into<String>) {
         self.problems.push((self.seq, Problem::new(self.file.clone(), Some(self.id.clone()), field, reason)));
+    }
+
+    /// Something Istio accepts but `istioctl analyze` would point out: reported, not
+    /// rejected.
+    pub fn warn(&mut self, field: impl Into<String>, reason: impl Into<String>) {
+        self.warnings.push((self.seq, Problem::new(self.file.clone(), Some(self.id.clone()), field, reason)));
     }
 
     fn metadata(&mut self, meta: &ObjectMeta, kind: Kind) {
@@ -91,7 +103,7 @@ impl<'a> Obj<'a> {
         self.labels("metadata.labels", &meta.labels);
         for key in meta.annotations.keys() {
             if let Some(why) = values::label_key_error(key) {
-                self.err(format!("metadata.annotations[{key}]"), why.replace("label key", "annotation key"));
+                self.err(format!("metadata.annotations[{key:?}]"), why.replace("label key", "annotation key"));
             }
         }
     }
@@ -99,7 +111,7 @@ impl<'a> Obj<'a> {
     pub fn labels(&mut self, field: &str, labels: &Labels) {
         for (key, value) in labels {
             if let Some(why) = values::label_key_error(key).or_else(|| values::label_value_error(value)) {
-                self.err(format!("{field}[{key}]"), why);
+                self.err(format!("{field}[{key:?}]"), why);
             }
         }
     }
@@ -147,6 +159,20 @@ impl<'a> Obj<'a> {
             && let Err(e) = values::parse_duration(value)
         {
             self.err(field, format!("invalid duration: {e}"));
+        }
+    }
+
+    /// A duration Istio requires to be at least 1 ms (timeouts, delays).
+    pub fn duration_ms(&mut self, field: &str, value: Option<&String>) {
+        self.duration(field, value);
+        if let Some(why) = value.and_then(|v| values::millis_duration_error(v)) {
+            self.err(field, why);
+        }
+    }
+
+    pub fn regex(&mut self, field: &str, pattern: &str) {
+        if let Some(why) = values::regex_error(pattern) {
+            self.err(field, why);
         }
     }
 

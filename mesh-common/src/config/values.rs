@@ -216,7 +216,11 @@ pub fn host_error(host: &str) -> Option<String> {
     if host == "*" {
         return None;
     }
-    let name = host.strip_prefix("*.").unwrap_or(host);
+    // Istio's first label may be `*`, or `*` before a label (`*foo`, `*-foo`).
+    let name = host
+        .strip_prefix('*')
+        .map_or(host, |rest| rest.strip_prefix('.').or_else(|| rest.strip_prefix('-')).unwrap_or(rest));
+    let name = if name.is_empty() { "x" } else { name };
     if host.len() > 255 {
         return Some(format!("host `{host}` is longer than 255 characters"));
     }
@@ -232,7 +236,9 @@ pub fn host_error(host: &str) -> Option<String> {
     if name.split('.').all(label_ok) {
         None
     } else if host.contains('*') {
-        Some(format!("host `{host}`: a wildcard is only allowed as the whole first label (`*.example.com`)"))
+        Some(format!(
+            "host `{host}`: a wildcard is only allowed at the start of the first label (`*.example.com`, `*foo.example.com`)"
+        ))
     } else {
         Some(format!("host `{host}` is not a valid DNS name"))
     }
@@ -302,4 +308,43 @@ pub fn port_str_error(port: &str) -> Option<String> {
 
 pub fn port_error(port: u32) -> Option<String> {
     if (1..=65535).contains(&port) { None } else { Some(format!("port {port} is out of range 1..=65535")) }
+}
+
+/// Why `pattern` is not a regex RE2 (Istio's and Envoy's engine) accepts, or `None`.
+/// RE2 has no look-around and no backreferences; neither has the `regex` crate's
+/// syntax, which is the check.
+pub fn regex_error(pattern: &str) -> Option<String> {
+    match regex_syntax::Parser::new().parse(pattern) {
+        Ok(_) => None,
+        Err(e) => {
+            let why = match &e {
+                regex_syntax::Error::Parse(e) => e.kind().to_string(),
+                regex_syntax::Error::Translate(e) => e.kind().to_string(),
+                _ => e.to_string(),
+            };
+            Some(format!("`{pattern}` is not an RE2 regular expression: {why}"))
+        }
+    }
+}
+
+/// Whether two Istio hosts overlap: equal, or one's wildcard covers the other
+/// (`*.example.com` and `api.example.com`, `*.com` and `*.example.com`, `*` and any).
+pub fn hosts_overlap(a: &str, b: &str) -> bool {
+    let covers = |wild: &str, other: &str| {
+        wild == "*"
+            || wild.strip_prefix('*').is_some_and(|suffix| other.ends_with(suffix) && other.len() > suffix.len())
+    };
+    a == b || covers(a, b) || covers(b, a)
+}
+
+/// Istio's rule for durations of timeouts and delays: at least 1 ms, in whole ms.
+pub fn millis_duration_error(text: &str) -> Option<String> {
+    let d = parse_duration(text).ok()?;
+    if d < Duration::from_millis(1) {
+        Some(format!("`{text}` is shorter than 1ms (the shortest duration Istio accepts here)"))
+    } else if d.subsec_nanos() % 1_000_000 != 0 {
+        Some(format!("`{text}` is not a whole number of milliseconds"))
+    } else {
+        None
+    }
 }

@@ -1,6 +1,7 @@
 //! `meshctl`: the mesh's command-line tool. `meshctl validate PATH...` checks manifests
 //! (files, or directories read recursively) with the same validation the controller
-//! applies, prints every problem and exits 0 (valid), 1 (problems) or 2 (usage).
+//! applies, prints every problem and warning and exits 0 (valid, warnings allowed
+//! unless `--strict`), 1 (problems) or 2 (usage).
 //! `meshctl status` shows the controller's configuration version and, for every
 //! agent, the version it was sent and the one it acknowledged.
 //! `meshctl manifest generate [--set KEY=VALUE]...` prints the Kubernetes manifests of
@@ -35,6 +36,10 @@ enum Command {
         /// credentials): each problem names `Kind/namespace/name` and the field.
         #[arg(long, conflicts_with = "paths")]
         kubernetes: bool,
+        /// Fail (exit 1) on warnings too: references to objects that are not among the
+        /// manifests (a subset without its `DestinationRule`), fields not enforced yet.
+        #[arg(long)]
+        strict: bool,
     },
     /// Show the controller's configuration version and every agent's sync state.
     Status {
@@ -120,7 +125,7 @@ fn status(addr: SocketAddr) -> ExitCode {
 }
 
 /// `meshctl validate --kubernetes`: lists the cluster with the controller's own code.
-fn validate_cluster() -> ExitCode {
+fn validate_cluster(strict: bool) -> ExitCode {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     let listed = runtime.block_on(async {
         let client = kube::Client::try_default().await.map_err(|e| format!("no cluster credentials: {e}"))?;
@@ -130,7 +135,18 @@ fn validate_cluster() -> ExitCode {
         Ok(store) => {
             let outcome = validate::validate_documents(store.documents());
             match &outcome {
-                validate::Outcome::Valid { files, .. } => println!("✔ the cluster's {files} mesh objects are valid"),
+                validate::Outcome::Valid { files, config } => {
+                    for warning in &config.warnings {
+                        println!("warning: {warning}");
+                    }
+                    let warnings = config.warnings.len();
+                    let with = match warnings {
+                        0 => String::new(),
+                        1 => " with 1 warning".to_owned(),
+                        n => format!(" with {n} warnings"),
+                    };
+                    println!("✔ the cluster's {files} mesh objects are valid{with}");
+                }
                 validate::Outcome::Invalid { files, report } => {
                     for problem in &report.0 {
                         println!("{problem}");
@@ -139,7 +155,7 @@ fn validate_cluster() -> ExitCode {
                     println!("✘ {n} problem{} in the cluster's {files} mesh objects", if n == 1 { "" } else { "s" });
                 }
             }
-            ExitCode::from(outcome.exit_code())
+            ExitCode::from(outcome.exit_code(strict))
         }
         Err(e) => {
             eprintln!("meshctl validate --kubernetes: {e}");
@@ -163,11 +179,11 @@ fn main() -> ExitCode {
             }
         },
         Command::Status { controller } => status(controller),
-        Command::Validate { kubernetes: true, .. } => validate_cluster(),
-        Command::Validate { paths, .. } => match validate::validate(&paths) {
+        Command::Validate { kubernetes: true, strict, .. } => validate_cluster(strict),
+        Command::Validate { paths, strict, .. } => match validate::validate(&paths) {
             Ok(outcome) => {
                 print!("{}", outcome.render());
-                ExitCode::from(outcome.exit_code())
+                ExitCode::from(outcome.exit_code(strict))
             }
             Err(e) => {
                 eprintln!("meshctl validate: {e}");

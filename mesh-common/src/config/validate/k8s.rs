@@ -14,7 +14,7 @@ fn dataplane_mode(o: &mut Obj, labels: &Labels) {
         && mode != "ambient"
         && mode != "none"
     {
-        o.err(format!("metadata.labels[{DATAPLANE_MODE_LABEL}]"), format!("`{mode}` is not `ambient` or `none`"));
+        o.err(format!("metadata.labels[{DATAPLANE_MODE_LABEL:?}]"), format!("`{mode}` is not `ambient` or `none`"));
     }
 }
 

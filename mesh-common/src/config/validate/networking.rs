@@ -9,9 +9,9 @@ use super::Obj;
 use crate::config::{
     DNS_DOMAIN,
     networking::{
-        ClientTlsSettings, ConnectionPoolSettings, Destination, DestinationRule, HttpRule, LoadBalancerSettings,
-        OutlierDetection, Resolution, RouteDestination, ServiceEntry, StringMatch, TlsMode, TrafficPolicy,
-        VirtualService, WorkloadEntry, WorkloadEntrySpec,
+        ClientTlsSettings, ConnectionPoolSettings, Destination, DestinationRule, HttpRule, IstioGateway,
+        LoadBalancerSettings, OutlierDetection, Resolution, RouteDestination, ServiceEntry, StringMatch, TlsMode,
+        TrafficPolicy, VirtualService, WorkloadEntry, WorkloadEntrySpec,
     },
     parse::Loaded,
     values,
@@ -24,32 +24,46 @@ pub(crate) fn fqdn(host: &str, ns: &str) -> String {
     if host.contains('.') || host.contains('*') { host.to_string() } else { format!("{host}.{ns}.svc.{DNS_DOMAIN}") }
 }
 
-/// The subsets each host's `DestinationRule`s define.
+/// The subsets each host's `DestinationRule`s define, and which rules those are.
 pub(super) struct SubsetIndex {
-    exact: BTreeMap<String, BTreeSet<String>>,
-    /// `*.example.com` rules, as (`.example.com`, subsets); `*` alone is (`""`, subsets).
-    wildcard: Vec<(String, BTreeSet<String>)>,
+    exact: BTreeMap<String, Rules>,
+    /// `*.example.com` rules, as (`.example.com`, rules); `*` alone is (`""`, rules).
+    wildcard: Vec<(String, Rules)>,
     /// Hosts of rules that could not be decoded: their subsets are unknown.
     broken: BTreeSet<String>,
+    /// How many rules were looked through, for the messages.
+    count: usize,
+}
+
+#[derive(Default)]
+struct Rules {
+    subsets: BTreeSet<String>,
+    /// `namespace/name` of each rule.
+    names: Vec<String>,
 }
 
 enum Lookup<'a> {
-    Defined(BTreeSet<&'a str>),
+    Defined { subsets: BTreeSet<&'a str>, rules: Vec<&'a str> },
     NoRule,
     Unknown,
 }
 
 impl SubsetIndex {
     pub(super) fn new(loaded: &Loaded) -> Self {
-        let mut index = Self { exact: BTreeMap::new(), wildcard: Vec::new(), broken: BTreeSet::new() };
-        for dr in &loaded.config.destination_rules {
+        let rules = &loaded.config.destination_rules;
+        let mut index =
+            Self { exact: BTreeMap::new(), wildcard: Vec::new(), broken: BTreeSet::new(), count: rules.len() };
+        for dr in rules {
             let host = fqdn(&dr.spec.host, &dr.metadata.namespace);
-            let names = dr.spec.subsets.iter().map(|s| s.name.clone());
-            if let Some(suffix) = host.strip_prefix('*') {
-                index.wildcard.push((suffix.to_string(), names.collect()));
+            let name = format!("{}/{}", dr.metadata.namespace, dr.metadata.name);
+            let entry = if let Some(suffix) = host.strip_prefix('*') {
+                index.wildcard.push((suffix.to_string(), Rules::default()));
+                &mut index.wildcard.last_mut().expect("just pushed").1
             } else {
-                index.exact.entry(host).or_default().extend(names);
-            }
+                index.exact.entry(host).or_default()
+            };
+            entry.subsets.extend(dr.spec.subsets.iter().map(|s| s.name.clone()));
+            entry.names.push(name);
         }
         for (ns, host) in &loaded.broken_destination_rules {
             index.broken.insert(fqdn(host, ns));
@@ -61,32 +75,55 @@ impl SubsetIndex {
         if self.broken.contains(host) {
             return Lookup::Unknown;
         }
+        let matching = self
+            .exact
+            .get(host)
+            .into_iter()
+            .chain(self.wildcard.iter().filter(|(suffix, _)| host.ends_with(suffix.as_str())).map(|(_, r)| r));
         let mut found = false;
-        let mut subsets = BTreeSet::new();
-        if let Some(exact) = self.exact.get(host) {
+        let (mut subsets, mut rules) = (BTreeSet::new(), Vec::new());
+        for r in matching {
             found = true;
-            subsets.extend(exact.iter().map(String::as_str));
+            subsets.extend(r.subsets.iter().map(String::as_str));
+            rules.extend(r.names.iter().map(String::as_str));
         }
-        for (suffix, names) in &self.wildcard {
-            if host.ends_with(suffix.as_str()) {
-                found = true;
-                subsets.extend(names.iter().map(String::as_str));
-            }
-        }
-        if found { Lookup::Defined(subsets) } else { Lookup::NoRule }
+        if found { Lookup::Defined { subsets, rules } } else { Lookup::NoRule }
     }
 }
 
 pub(super) fn virtual_service(o: &mut Obj, vs: &VirtualService, subsets: &SubsetIndex) {
     let spec = &vs.spec;
-    if spec.hosts.is_empty() {
-        o.err("spec.hosts", "a VirtualService needs at least one host");
+    // No hosts: a delegate, included by a root VirtualService's `http[].delegate`.
+    let delegate = spec.hosts.is_empty();
+    if delegate {
+        if !spec.gateways.is_empty() {
+            o.err("spec.gateways", "a delegate VirtualService (no hosts) must not name gateways");
+        }
+        if !spec.tcp.is_empty() {
+            o.err("spec.tcp", "a delegate VirtualService (no hosts) must not have tcp routes");
+        }
+        if !spec.tls.is_empty() {
+            o.err("spec.tls", "a delegate VirtualService (no hosts) must not have tls routes");
+        }
+    }
+    if spec.http.is_empty() && spec.tcp.is_empty() && spec.tls.is_empty() {
+        o.err("spec", "a VirtualService needs http, tcp or tls routes");
     }
     let mesh = spec.gateways.is_empty() || spec.gateways.iter().any(|g| g == "mesh");
     for (i, host) in spec.hosts.iter().enumerate() {
         o.host(&format!("spec.hosts[{i}]"), host);
         if host == "*" && mesh {
             o.err(format!("spec.hosts[{i}]"), "host `*` is not allowed for rules that apply to the mesh");
+        }
+    }
+    // Istio: `*.example.com` next to `api.example.com` (or the same host twice) is a duplicate.
+    if spec.hosts.iter().all(|h| values::host_error(h).is_none()) {
+        for (i, a) in spec.hosts.iter().enumerate() {
+            for b in &spec.hosts[i + 1..] {
+                if values::hosts_overlap(a, b) {
+                    o.err("spec.hosts", format!("duplicate hosts: `{a}` and `{b}` overlap"));
+                }
+            }
         }
     }
     for (i, gateway) in spec.gateways.iter().enumerate() {
@@ -102,7 +139,11 @@ pub(super) fn virtual_service(o: &mut Obj, vs: &VirtualService, subsets: &Subset
     }
     o.export_to("spec.exportTo", &spec.export_to);
     for (i, rule) in spec.http.iter().enumerate() {
-        http_rule(o, &format!("spec.http[{i}]"), rule, subsets);
+        let field = format!("spec.http[{i}]");
+        if delegate && rule.delegate.is_some() {
+            o.err(format!("{field}.delegate"), "a delegate VirtualService must not delegate again");
+        }
+        http_rule(o, &field, rule, subsets);
     }
     for (i, rule) in spec.tcp.iter().enumerate() {
         let field = format!("spec.tcp[{i}]");
@@ -158,15 +199,18 @@ fn route_destinations(o: &mut Obj, field: &str, route: &[RouteDestination], subs
 
 /// Each weight within 0..=100; with more than one destination they add up to 100
 /// (a single destination may leave its weight out).
+/// Weights are relative (`weight / sum`), as in Istio: any non-negative 32-bit value;
+/// the data plane normalizes. Several destinations must not all weigh 0.
 fn weights(o: &mut Obj, field: &str, weights: &[i64]) {
     for (k, weight) in weights.iter().enumerate() {
-        if !(0..=100).contains(weight) {
-            o.err(format!("{field}[{k}].weight"), format!("weight {weight} is outside 0..=100"));
+        if *weight < 0 {
+            o.err(format!("{field}[{k}].weight"), format!("weight {weight} is negative"));
+        } else if *weight > i64::from(i32::MAX) {
+            o.err(format!("{field}[{k}].weight"), format!("weight {weight} is above {}", i32::MAX));
         }
     }
-    let sum: i64 = weights.iter().sum();
-    if weights.len() > 1 && sum != 100 {
-        o.err(field, format!("the weights of the {} destinations add up to {sum}, not 100", weights.len()));
+    if weights.len() > 1 && weights.iter().all(|w| *w == 0) {
+        o.err(field, format!("the {} destinations all have weight 0", weights.len()));
     }
 }
 
@@ -187,22 +231,36 @@ fn destination(o: &mut Obj, field: &str, d: &Destination, subsets: &SubsetIndex)
         return;
     }
     let host = fqdn(&d.host, &o.namespace);
+    // A reference to another object, which may be in another file or not applied yet:
+    // Istio admits it and `istioctl analyze` warns (IST0101); requests get 503 (NR).
+    let consequence = "until it is defined, requests routed to it get 503 (response flag NR)";
     match subsets.lookup(&host) {
-        Lookup::NoRule => o.err(
-            format!("{field}.subset"),
-            format!("subset `{subset}` is not defined: no DestinationRule for host `{host}`"),
-        ),
-        Lookup::Defined(defined) if !defined.contains(subset.as_str()) => {
-            let defined: Vec<&str> = defined.into_iter().collect();
-            let defined = if defined.is_empty() { "none".to_string() } else { defined.join(", ") };
-            o.err(
+        Lookup::NoRule => {
+            let n = subsets.count;
+            let looked = match n {
+                0 => "no DestinationRule was loaded".to_string(),
+                1 => "looked through the 1 DestinationRule loaded, by exact and wildcard host".to_string(),
+                n => format!("looked through the {n} DestinationRules loaded, by exact and wildcard host"),
+            };
+            o.warn(
                 format!("{field}.subset"),
                 format!(
-                    "subset `{subset}` is not defined in any DestinationRule for host `{host}` (defined: {defined})"
+                    "subset `{subset}` is not defined: no DestinationRule for host `{host}` ({looked}); {consequence}"
                 ),
             );
         }
-        Lookup::Defined(_) | Lookup::Unknown => {}
+        Lookup::Defined { subsets: defined, rules } if !defined.contains(subset.as_str()) => {
+            let defined: Vec<&str> = defined.into_iter().collect();
+            let defined = if defined.is_empty() { "none".to_string() } else { defined.join(", ") };
+            o.warn(
+                format!("{field}.subset"),
+                format!(
+                    "subset `{subset}` is not defined in the DestinationRules for host `{host}` ({}; defined: {defined}); {consequence}",
+                    rules.join(", ")
+                ),
+            );
+        }
+        Lookup::Defined { .. } | Lookup::Unknown => {}
     }
 }
 
@@ -213,8 +271,10 @@ fn string_match(o: &mut Obj, field: &str, m: &StringMatch, required: bool) {
     } else if set == 0 && required {
         o.err(field, "set one of exact, prefix, regex");
     }
-    if m.regex.as_deref() == Some("") {
-        o.err(format!("{field}.regex"), "must not be empty");
+    match m.regex.as_deref() {
+        Some("") => o.err(format!("{field}.regex"), "must not be empty"),
+        Some(regex) => o.regex(&format!("{field}.regex"), regex),
+        None => {}
     }
 }
 
@@ -235,13 +295,25 @@ fn http_rule(o: &mut Obj, field: &str, rule: &HttpRule, subsets: &SubsetIndex) {
                 if key.is_empty() {
                     o.err(format!("{field}.{name}"), "a name must not be empty");
                 }
-                string_match(o, &format!("{field}.{name}[{key}]"), value, false);
+                string_match(o, &format!("{field}.{name}[{key:?}]"), value, false);
             }
         }
         if let Some(port) = m.port {
             o.port(&format!("{field}.port"), port);
         }
         o.labels(&format!("{field}.sourceLabels"), &m.source_labels);
+    }
+    if rule.delegate.is_some() {
+        for (name, set) in [
+            ("route", !rule.route.is_empty()),
+            ("redirect", rule.redirect.is_some()),
+            ("directResponse", rule.direct_response.is_some()),
+            ("mirror", rule.mirror.is_some() || !rule.mirrors.is_empty()),
+        ] {
+            if set {
+                o.err(format!("{field}.delegate"), format!("delegate and {name} are mutually exclusive"));
+            }
+        }
     }
     if !rule.route.is_empty() && rule.redirect.is_some() {
         o.err(format!("{field}.redirect"), "route and redirect are mutually exclusive");
@@ -278,13 +350,29 @@ fn http_rule(o: &mut Obj, field: &str, rule: &HttpRule, subsets: &SubsetIndex) {
         }
     }
     o.duration(&format!("{field}.timeout"), rule.timeout.as_ref());
+    if let Some(rewrite) = &rule.rewrite
+        && let Some(regex) = rewrite.uri_regex_rewrite.as_ref().and_then(|r| r.get("match")).and_then(|m| m.as_str())
+    {
+        o.regex(&format!("{field}.rewrite.uriRegexRewrite.match"), regex);
+    }
     if let Some(retries) = &rule.retries {
         let field = format!("{field}.retries");
         if retries.attempts < 0 {
             o.err(format!("{field}.attempts"), format!("{} is negative", retries.attempts));
         }
-        o.duration(&format!("{field}.perTryTimeout"), retries.per_try_timeout.as_ref());
-        o.duration(&format!("{field}.backoff"), retries.backoff.as_ref());
+        o.duration_ms(&format!("{field}.perTryTimeout"), retries.per_try_timeout.as_ref());
+        o.duration_ms(&format!("{field}.backoff"), retries.backoff.as_ref());
+        // Istio: attempts 0 disables retries, so a policy next to it is a mistake.
+        if retries.attempts == 0
+            && (retries.per_try_timeout.is_some()
+                || retries.retry_on.is_some()
+                || retries.retry_remote_localities.is_some())
+        {
+            o.err(
+                format!("{field}.attempts"),
+                "a retry policy (perTryTimeout, retryOn, retryRemoteLocalities) is set but attempts is 0, which disables retries",
+            );
+        }
         if let Some(retry_on) = &retries.retry_on {
             for token in retry_on.split(',') {
                 if let Some(why) = values::retry_on_error(token) {
@@ -303,7 +391,7 @@ fn http_rule(o: &mut Obj, field: &str, rule: &HttpRule, subsets: &SubsetIndex) {
             if delay.fixed_delay.is_none() && delay.exponential_delay.is_none() {
                 o.err(format!("{field}.fixedDelay"), "required field is missing");
             }
-            o.duration(&format!("{field}.fixedDelay"), delay.fixed_delay.as_ref());
+            o.duration_ms(&format!("{field}.fixedDelay"), delay.fixed_delay.as_ref());
             o.duration(&format!("{field}.exponentialDelay"), delay.exponential_delay.as_ref());
             o.percent(&format!("{field}.percentage"), delay.percentage.as_ref());
             if let Some(percent) = delay.percent
@@ -370,7 +458,38 @@ pub(super) fn destination_rule(o: &mut Obj, dr: &DestinationRule) {
     }
 }
 
+/// `warmup` (kept as JSON): a duration of at least 1 ms, `minimumPercent` at most
+/// 100, `aggression` at least 1, as Istio checks them.
+fn warmup(o: &mut Obj, field: &str, warmup: &serde_json::Value) {
+    match warmup.get("duration") {
+        Some(serde_json::Value::String(d)) => o.duration_ms(&format!("{field}.duration"), Some(d)),
+        Some(_) => o.err(format!("{field}.duration"), "must be a duration such as 10s"),
+        None => o.err(format!("{field}.duration"), "required field is missing"),
+    }
+    let number = |key: &str| warmup.get(key).and_then(serde_json::Value::as_f64);
+    if let Some(min) = number("minimumPercent")
+        && !(0.0..=100.0).contains(&min)
+    {
+        o.err(format!("{field}.minimumPercent"), format!("{min} is outside 0..=100"));
+    }
+    if let Some(aggression) = number("aggression")
+        && aggression < 1.0
+    {
+        o.err(format!("{field}.aggression"), format!("{aggression} is below 1"));
+    }
+}
+
 fn traffic_policy(o: &mut Obj, field: &str, tp: &TrafficPolicy) {
+    let empty = tp.load_balancer.is_none()
+        && tp.connection_pool.is_none()
+        && tp.outlier_detection.is_none()
+        && tp.tls.is_none()
+        && tp.port_level_settings.is_empty()
+        && tp.tunnel.is_none()
+        && tp.proxy_protocol.is_none();
+    if empty {
+        o.err(field, "a traffic policy needs at least one setting");
+    }
     policy_parts(
         o,
         field,
@@ -409,11 +528,17 @@ fn policy_parts(
             o.err(format!("{field}.loadBalancer"), "simple and consistentHash are mutually exclusive");
         }
         o.duration(&format!("{field}.loadBalancer.warmupDurationSecs"), lb.warmup_duration_secs.as_ref());
+        if let Some(warmup) = &lb.warmup {
+            self::warmup(o, &format!("{field}.loadBalancer.warmup"), warmup);
+        }
     }
     if let Some(pool) = pool {
+        if pool.tcp.is_none() && pool.http.is_none() {
+            o.err(format!("{field}.connectionPool"), "a connection pool needs tcp or http settings");
+        }
         if let Some(tcp) = &pool.tcp {
             let field = format!("{field}.connectionPool.tcp");
-            o.duration(&format!("{field}.connectTimeout"), tcp.connect_timeout.as_ref());
+            o.duration_ms(&format!("{field}.connectTimeout"), tcp.connect_timeout.as_ref());
             o.duration(&format!("{field}.maxConnectionDuration"), tcp.max_connection_duration.as_ref());
             o.duration(&format!("{field}.idleTimeout"), tcp.idle_timeout.as_ref());
         }
@@ -465,10 +590,28 @@ pub(super) fn service_entry(o: &mut Obj, se: &ServiceEntry) {
         o.host(&format!("spec.hosts[{i}]"), host);
         if host == "*" {
             o.err(format!("spec.hosts[{i}]"), "host `*` is not allowed in a ServiceEntry");
+        } else if host.contains('*') && !host.starts_with("*.") {
+            // Istio admits it with the same warning.
+            o.warn(
+                format!("spec.hosts[{i}]"),
+                format!("partial wildcard `{host}`: only `*.` prefixes match as wildcards"),
+            );
         }
     }
     for (i, address) in spec.addresses.iter().enumerate() {
         o.ip_or_cidr(&format!("spec.addresses[{i}]"), address);
+        if address.contains('/') && !matches!(spec.resolution, Resolution::None | Resolution::Static) {
+            o.err(format!("spec.addresses[{i}]"), "CIDR addresses are allowed only with resolution NONE or STATIC");
+        }
+    }
+    match spec.resolution {
+        Resolution::None if !spec.endpoints.is_empty() => {
+            o.err("spec.endpoints", "resolution NONE takes no endpoints (traffic goes to the address it was sent to)");
+        }
+        Resolution::DnsRoundRobin if spec.endpoints.len() > 1 => {
+            o.err("spec.endpoints", "resolution DNS_ROUND_ROBIN takes at most 1 endpoint");
+        }
+        _ => {}
     }
     let mut names = BTreeSet::new();
     let mut numbers = BTreeSet::new();
@@ -496,7 +639,9 @@ pub(super) fn service_entry(o: &mut Obj, se: &ServiceEntry) {
         }
     }
     o.export_to("spec.exportTo", &spec.export_to);
-    o.selector("spec.workloadSelector", spec.workload_selector.as_ref());
+    if let Some(selector) = &spec.workload_selector {
+        o.labels("spec.workloadSelector.labels", &selector.labels);
+    }
     if spec.workload_selector.is_some() && !spec.endpoints.is_empty() {
         o.err("spec.workloadSelector", "workloadSelector and endpoints are mutually exclusive");
     }
@@ -521,7 +666,7 @@ pub(super) fn service_entry(o: &mut Obj, se: &ServiceEntry) {
         }
         for name in endpoint.ports.keys() {
             if !spec.ports.is_empty() && !spec.ports.iter().any(|p| &p.name == name) {
-                o.err(format!("{field}.ports[{name}]"), format!("port `{name}` is not defined in spec.ports"));
+                o.err(format!("{field}.ports[{name:?}]"), format!("port `{name}` is not defined in spec.ports"));
             }
         }
     }
@@ -537,13 +682,27 @@ fn workload(o: &mut Obj, field: &str, spec: &WorkloadEntrySpec) {
         if spec.network.is_none() {
             o.err(format!("{field}.address"), "an address is required unless a network is named");
         }
-    } else if address.parse::<std::net::IpAddr>().is_err() && !address.starts_with("unix://") {
+    } else if let Some(path) = address.strip_prefix("unix://") {
+        // An abstract socket (`@name`) or an absolute path to a file.
+        if path.is_empty() || !(path.starts_with('@') || (path.starts_with('/') && !path.ends_with('/'))) {
+            o.err(format!("{field}.address"), format!("`{address}` is not unix:// and an absolute path to a socket"));
+        }
+        if !spec.ports.is_empty() {
+            o.err(format!("{field}.ports"), "a unix socket endpoint has no ports");
+        }
+    } else if address.parse::<std::net::IpAddr>().is_err() {
         o.host(&format!("{field}.address"), address);
     }
     for (name, port) in &spec.ports {
-        o.port(&format!("{field}.ports[{name}]"), *port);
-        if name.is_empty() {
-            o.err(format!("{field}.ports"), "a port name must not be empty");
+        o.port(&format!("{field}.ports[{name:?}]"), *port);
+        // The CRD's rule: under 63 letters, digits and '-', not starting or ending with '-'.
+        let valid = !name.is_empty()
+            && name.len() < 63
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !name.starts_with('-')
+            && !name.ends_with('-');
+        if !valid {
+            o.err(format!("{field}.ports[{name:?}]"), format!("`{name}` is not a valid port name"));
         }
     }
     o.labels(&format!("{field}.labels"), &spec.labels);
@@ -551,5 +710,76 @@ fn workload(o: &mut Obj, field: &str, spec: &WorkloadEntrySpec) {
         && !values::is_dns_subdomain(sa)
     {
         o.err(format!("{field}.serviceAccount"), format!("`{sa}` is not a valid service account name"));
+    }
+}
+
+/// Server protocols of Istio's `Gateway` (case-insensitive).
+const SERVER_PROTOCOLS: &[&str] = &["HTTP", "HTTPS", "GRPC", "GRPC-WEB", "HTTP2", "MONGO", "TCP", "TLS"];
+const SERVER_TLS_MODES: &[&str] =
+    &["PASSTHROUGH", "SIMPLE", "MUTUAL", "AUTO_PASSTHROUGH", "ISTIO_MUTUAL", "OPTIONAL_MUTUAL"];
+
+/// Istio's `Gateway`, as Istio validates it: servers with a port, hosts as `host` or
+/// `namespace/host`, TLS settings for HTTPS, unique server names and ports.
+pub(super) fn istio_gateway(o: &mut Obj, gateway: &IstioGateway) {
+    let spec = &gateway.spec;
+    o.labels("spec.selector", &spec.selector);
+    if spec.servers.is_empty() {
+        o.err("spec.servers", "a Gateway needs at least one server");
+    }
+    let mut names = BTreeSet::new();
+    for (i, server) in spec.servers.iter().enumerate() {
+        let field = format!("spec.servers[{i}]");
+        o.port(&format!("{field}.port.number"), server.port.number);
+        if let Some(target) = server.port.target_port {
+            o.port(&format!("{field}.port.targetPort"), target);
+        }
+        let protocol = server.port.protocol.to_ascii_uppercase();
+        if !SERVER_PROTOCOLS.contains(&protocol.as_str()) {
+            o.err(
+                format!("{field}.port.protocol"),
+                format!(
+                    "unknown protocol `{}` (expected one of {})",
+                    server.port.protocol,
+                    SERVER_PROTOCOLS.join(", ")
+                ),
+            );
+        }
+        if let Some(name) = &server.name
+            && !names.insert(name.as_str())
+        {
+            o.err(format!("{field}.name"), format!("duplicate server name `{name}`"));
+        }
+        if server.hosts.is_empty() {
+            o.err(format!("{field}.hosts"), "a server needs at least one host");
+        }
+        for (j, host) in server.hosts.iter().enumerate() {
+            let field = format!("{field}.hosts[{j}]");
+            let name = match host.split_once('/') {
+                Some((ns, name)) => {
+                    if !matches!(ns, "." | "*" | "~") && !values::is_dns_label(ns) {
+                        o.err(&field, format!("`{ns}` is not `.`, `*`, `~` or a namespace name"));
+                    }
+                    name
+                }
+                None => host.as_str(),
+            };
+            o.host(&field, name);
+        }
+        let mode = server.tls.as_ref().and_then(|t| t.get("mode")).and_then(serde_json::Value::as_str);
+        let redirect = server.tls.as_ref().and_then(|t| t.get("httpsRedirect")).and_then(serde_json::Value::as_bool);
+        if let Some(mode) = mode
+            && !SERVER_TLS_MODES.contains(&mode)
+        {
+            o.err(
+                format!("{field}.tls.mode"),
+                format!("unknown TLS mode `{mode}` (expected one of {})", SERVER_TLS_MODES.join(", ")),
+            );
+        }
+        if protocol == "HTTPS" && server.tls.is_none() {
+            o.err(format!("{field}.tls"), "an HTTPS server needs tls settings");
+        }
+        if protocol == "HTTP" && server.tls.is_some() && redirect != Some(true) {
+            o.err(format!("{field}.tls"), "an HTTP server takes tls only for httpsRedirect");
+        }
     }
 }

@@ -22,6 +22,9 @@ pub(super) fn authorization_policy(o: &mut Obj, policy: &AuthorizationPolicy) {
         }
         _ => {}
     }
+    if spec.action == Action::Deny && spec.rules.is_empty() {
+        o.err("spec.rules", "a DENY policy without rules never matches; add an empty rule `{}` to deny every request");
+    }
     for (i, rule) in spec.rules.iter().enumerate() {
         let field = format!("spec.rules[{i}]");
         for (j, from) in rule.from.iter().enumerate() {
@@ -54,6 +57,8 @@ fn is_empty_source(s: &RuleSource) -> bool {
         &s.not_namespaces,
         &s.service_accounts,
         &s.not_service_accounts,
+        &s.trust_domains,
+        &s.not_trust_domains,
         &s.ip_blocks,
         &s.not_ip_blocks,
         &s.remote_ip_blocks,
@@ -77,6 +82,8 @@ fn source(o: &mut Obj, field: &str, s: &RuleSource) {
         ("notRequestPrincipals", &s.not_request_principals),
         ("namespaces", &s.namespaces),
         ("notNamespaces", &s.not_namespaces),
+        ("trustDomains", &s.trust_domains),
+        ("notTrustDomains", &s.not_trust_domains),
     ];
     for (name, list) in wildcards {
         for (i, value) in list.iter().enumerate() {
@@ -98,8 +105,8 @@ fn source(o: &mut Obj, field: &str, s: &RuleSource) {
             }
         }
     }
-    if !s.service_accounts.is_empty() && !s.principals.is_empty() {
-        o.err(format!("{field}.serviceAccounts"), "serviceAccounts and principals are mutually exclusive");
+    if !s.service_accounts.is_empty() && (!s.principals.is_empty() || !s.namespaces.is_empty()) {
+        o.err(format!("{field}.serviceAccounts"), "serviceAccounts cannot be set with namespaces or principals");
     }
     let blocks = [
         ("ipBlocks", &s.ip_blocks),
@@ -154,6 +161,8 @@ const CONDITION_KEYS: &[&str] = &[
     "remote.ip",
     "source.namespace",
     "source.principal",
+    "source.serviceAccount",
+    "source.trustDomain",
     "request.auth.principal",
     "request.auth.audiences",
     "request.auth.presenter",
@@ -208,7 +217,7 @@ pub(super) fn peer_authentication(o: &mut Obj, pa: &PeerAuthentication) {
         o.err("spec.portLevelMtls", "portLevelMtls needs a selector (it applies to one workload's ports)");
     }
     for port in spec.port_level_mtls.keys() {
-        o.port(&format!("spec.portLevelMtls[{port}]"), *port);
+        o.port(&format!("spec.portLevelMtls[\"{port}\"]"), *port);
     }
 }
 
@@ -217,8 +226,8 @@ pub(super) fn request_authentication(o: &mut Obj, ra: &RequestAuthentication) {
     o.targets(spec.selector.as_ref(), spec.target_ref.as_ref(), &spec.target_refs);
     for (i, rule) in spec.jwt_rules.iter().enumerate() {
         let field = format!("spec.jwtRules[{i}]");
-        if rule.issuer.is_empty() {
-            o.err(format!("{field}.issuer"), "must not be empty");
+        if rule.issuer.is_empty() && rule.jwks_uri.is_none() {
+            o.err(format!("{field}.issuer"), "issuer or jwksUri is required");
         }
         if let Some(uri) = &rule.jwks_uri {
             let rest = uri.strip_prefix("https://").or_else(|| uri.strip_prefix("http://"));
@@ -234,6 +243,27 @@ pub(super) fn request_authentication(o: &mut Obj, ra: &RequestAuthentication) {
         if rule.jwks.is_some() && rule.jwks_uri.is_some() {
             o.err(format!("{field}.jwks"), "jwks and jwksUri are mutually exclusive");
         }
+        for (j, audience) in rule.audiences.iter().enumerate() {
+            if audience.is_empty() {
+                o.err(format!("{field}.audiences[{j}]"), "must not be empty");
+            }
+        }
+        for (j, claim) in rule.space_delimited_claims.iter().enumerate() {
+            if claim.is_empty() {
+                o.err(format!("{field}.spaceDelimitedClaims[{j}]"), "must not be empty");
+            }
+        }
+        if !rule.space_delimited_claims.is_empty() {
+            o.warn(
+                format!("{field}.spaceDelimitedClaims"),
+                "accepted but not enforced by this mesh yet: it has no effect",
+            );
+        }
+        for (j, cookie) in rule.from_cookies.iter().enumerate() {
+            if cookie.is_empty() {
+                o.err(format!("{field}.fromCookies[{j}]"), "must not be empty");
+            }
+        }
         for (j, header) in rule.from_headers.iter().enumerate() {
             if header.name.is_empty() {
                 o.err(format!("{field}.fromHeaders[{j}].name"), "must not be empty");
@@ -247,6 +277,11 @@ pub(super) fn request_authentication(o: &mut Obj, ra: &RequestAuthentication) {
         for (j, claim) in rule.output_claim_to_headers.iter().enumerate() {
             if claim.header.is_empty() {
                 o.err(format!("{field}.outputClaimToHeaders[{j}].header"), "must not be empty");
+            } else if claim.header.starts_with(':') {
+                o.err(
+                    format!("{field}.outputClaimToHeaders[{j}].header"),
+                    format!("`{}` is a pseudo-header; a claim goes to a regular header", claim.header),
+                );
             }
             if claim.claim.is_empty() {
                 o.err(format!("{field}.outputClaimToHeaders[{j}].claim"), "must not be empty");
@@ -257,6 +292,49 @@ pub(super) fn request_authentication(o: &mut Obj, ra: &RequestAuthentication) {
 }
 
 pub(super) fn telemetry(o: &mut Obj, telemetry: &Telemetry) {
+    use serde_json::Value;
     let spec = &telemetry.spec;
     o.targets(spec.selector.as_ref(), spec.target_ref.as_ref(), &spec.target_refs);
+    let providers = |o: &mut Obj, field: &str, block: &Value| {
+        for (k, p) in block.get("providers").and_then(Value::as_array).into_iter().flatten().enumerate() {
+            if p.get("name").and_then(Value::as_str).is_none_or(str::is_empty) {
+                o.err(format!("{field}.providers[{k}].name"), "must not be empty");
+            }
+        }
+    };
+    for (i, metrics) in spec.metrics.iter().enumerate() {
+        let field = format!("spec.metrics[{i}]");
+        providers(o, &field, metrics);
+        for (j, over) in metrics.get("overrides").and_then(Value::as_array).into_iter().flatten().enumerate() {
+            let field = format!("{field}.overrides[{j}]");
+            if over.pointer("/match/customMetric").is_some_and(|m| m.as_str().is_none_or(str::is_empty)) {
+                o.err(format!("{field}.match.customMetric"), "must not be empty");
+            }
+            for (name, tag) in over.get("tagOverrides").and_then(Value::as_object).into_iter().flatten() {
+                let field = format!("{field}.tagOverrides[{name:?}]");
+                let operation = tag.get("operation").and_then(Value::as_str).unwrap_or("UPSERT");
+                let value = tag.get("value").and_then(Value::as_str).unwrap_or("");
+                match operation {
+                    "UPSERT" if value.is_empty() => o.err(format!("{field}.value"), "required with operation UPSERT"),
+                    "REMOVE" if !value.is_empty() => {
+                        o.err(format!("{field}.value"), "only allowed with operation UPSERT");
+                    }
+                    "UPSERT" | "REMOVE" => {}
+                    other => o.err(format!("{field}.operation"), format!("`{other}` is not UPSERT or REMOVE")),
+                }
+            }
+        }
+    }
+    for (i, tracing) in spec.tracing.iter().enumerate() {
+        let field = format!("spec.tracing[{i}]");
+        providers(o, &field, tracing);
+        if let Some(p) = tracing.get("randomSamplingPercentage").and_then(Value::as_f64)
+            && !(0.0..=100.0).contains(&p)
+        {
+            o.err(format!("{field}.randomSamplingPercentage"), format!("{p} is outside 0..=100"));
+        }
+    }
+    for (i, logging) in spec.access_logging.iter().enumerate() {
+        providers(o, &format!("spec.accessLogging[{i}]"), logging);
+    }
 }
