@@ -43,7 +43,7 @@ pub struct Destination {
 /// What resolving a destination can come to.
 pub enum Lookup {
     Found(Arc<Destination>),
-    /// No DestinationRule defines the subset (503 NR).
+    /// No `DestinationRule` defines the subset (503 NR).
     Missing(Missing),
     /// Neither a Service nor its port is known (503 NR).
     Unknown,

@@ -57,7 +57,7 @@ struct Cli {
     readiness_addr: SocketAddr,
     #[arg(long, env = "MESH_WORKER_THREADS", default_value_t = 2)]
     worker_threads: usize,
-    /// Upstream connect timeout (TCP and tunnel), in milliseconds (a DestinationRule's
+    /// Upstream connect timeout (TCP and tunnel), in milliseconds (a `DestinationRule`'s
     /// `connectTimeout` overrides it).
     #[arg(long, env = "MESH_CONNECT_TIMEOUT_MS", default_value_t = 10_000)]
     connect_timeout_ms: u64,

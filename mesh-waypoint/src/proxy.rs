@@ -60,7 +60,7 @@ impl Replay {
     fn take(&mut self) -> Option<Body> {
         match self {
             Self::Buffered(bytes) => Some(full(bytes.clone())),
-            Self::Stream(body) => body.take().map(|b| b.boxed()),
+            Self::Stream(body) => body.take().map(http_body_util::BodyExt::boxed),
         }
     }
 
@@ -295,13 +295,16 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// Called once at a body's end with its byte count and `grpc-status`.
+type Done = Box<dyn FnOnce(u64, Option<String>) + Send + Sync>;
+
 /// Counts a body's bytes and calls `done` once at its end (or when dropped early),
 /// with the byte count and a `grpc-status` seen in its trailers.
 struct Counted {
     inner: Body,
     bytes: Arc<AtomicU64>,
     grpc_status: Option<String>,
-    done: Option<Box<dyn FnOnce(u64, Option<String>) + Send + Sync>>,
+    done: Option<Done>,
 }
 
 impl Counted {
@@ -429,7 +432,7 @@ impl Downstream {
         log.status = labels.response_code;
         let (parts, body) = response.into_parts();
         if let Some(status) = parts.headers.get("grpc-status").and_then(|v| v.to_str().ok()) {
-            labels.grpc_response_status = status.to_owned();
+            status.clone_into(&mut labels.grpc_response_status);
         }
         let waypoint = self.waypoint.clone();
         let response_bytes = Arc::new(AtomicU64::new(header_bytes(&parts.headers)));
@@ -652,7 +655,7 @@ impl Downstream {
         let attempts = async {
             let mut tried: Vec<usize> = Vec::new();
             let mut attempt = 0u32;
-            let mut _retry_slot = None;
+            let mut retry_slots = Vec::new();
             loop {
                 attempt += 1;
                 log.attempts = attempt;
@@ -663,7 +666,7 @@ impl Downstream {
                 };
                 tried.push(i);
                 let target = destination.endpoints[i].clone();
-                self.describe_upstream(&target.workload, target.addr, log, labels);
+                Self::describe_upstream(&target.workload, target.addr, log, labels);
                 let Some(attempt_body) = body.take() else {
                     return Err(Reply::new(StatusCode::SERVICE_UNAVAILABLE, "UC", "upstream reset\n"));
                 };
@@ -704,8 +707,8 @@ impl Downstream {
                     },
                 );
                 let again = body.can_replay() && retry.should_retry(attempt, &outcome) && {
-                    _retry_slot = destination.health.breaker.try_retry(&limits);
-                    _retry_slot.is_some()
+                    // Retries in flight to the destination are bounded too (`maxRetries`).
+                    destination.health.breaker.try_retry(&limits).map(|slot| retry_slots.push(slot)).is_some()
                 };
                 if !again {
                     let exhausted = attempt > 1 && retry.conditions.matches(&outcome);
@@ -813,19 +816,13 @@ impl Downstream {
         });
     }
 
-    fn describe_upstream(
-        &self,
-        workload: &Workload,
-        addr: SocketAddr,
-        log: &mut RequestLog,
-        labels: &mut RequestLabels,
-    ) {
+    fn describe_upstream(workload: &Workload, addr: SocketAddr, log: &mut RequestLog, labels: &mut RequestLabels) {
         log.upstream = Some(addr);
         log.destination_identity.clone_from(&workload.identity);
         labels.destination_workload.clone_from(&workload.name);
         labels.destination_workload_namespace.clone_from(&workload.namespace);
         labels.destination_principal.clone_from(&workload.identity);
-        labels.destination_app = workload.app().to_owned();
+        workload.app().clone_into(&mut labels.destination_app);
     }
 
     /// What Envoy adds: `x-forwarded-for` (the client's address appended),
@@ -858,6 +855,7 @@ fn wants_h2(service: &ServicePort) -> bool {
     matches!(name.split(['-', '_']).next(), Some("http2" | "grpc")) || name == "kubernetes.io/h2c"
 }
 
+#[allow(clippy::needless_pass_by_value, reason = "a map_err function: it takes the error it is given")]
 fn upstream_reply(error: UpstreamError) -> Reply {
     let reason = mesh_proxy_error_chain(&error);
     let body = if error.connect_failure() {

@@ -181,27 +181,26 @@ impl Upstreams {
         dial: &Dial<'_>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let pooled = self.http2.lock().expect("lock").get(&target.addr).filter(|s| !s.is_closed()).cloned();
-        let mut sender = match pooled {
-            Some(sender) => sender,
-            None => {
-                let io = self.connect(target, dial).await?;
-                let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .initial_stream_window_size(1 << 20)
-                    .initial_connection_window_size(4 << 20)
-                    .keep_alive_interval(Duration::from_secs(30))
-                    .handshake(TokioIo::new(io))
-                    .await
-                    .map_err(|source| UpstreamError::Handshake { addr: target.addr, source })?;
-                let addr = target.addr;
-                tokio::spawn(async move {
-                    if let Err(error) = connection.await {
-                        debug!(%addr, %error, "upstream HTTP/2 connection ended");
-                    }
-                });
-                self.http2.lock().expect("lock").insert(target.addr, sender.clone());
-                sender
-            }
+        let mut sender = if let Some(sender) = pooled {
+            sender
+        } else {
+            let io = self.connect(target, dial).await?;
+            let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .initial_stream_window_size(1 << 20)
+                .initial_connection_window_size(4 << 20)
+                .keep_alive_interval(Duration::from_secs(30))
+                .handshake(TokioIo::new(io))
+                .await
+                .map_err(|source| UpstreamError::Handshake { addr: target.addr, source })?;
+            let addr = target.addr;
+            tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    debug!(%addr, %error, "upstream HTTP/2 connection ended");
+                }
+            });
+            self.http2.lock().expect("lock").insert(target.addr, sender.clone());
+            sender
         };
         sender.send_request(request).await.map_err(UpstreamError::Reset)
     }

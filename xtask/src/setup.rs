@@ -121,7 +121,7 @@ pub fn setup() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Servers and clients from PyPI the waypoint's end-to-end tests run against: Istio's
+/// Servers and clients from `PyPI` the waypoint's end-to-end tests run against: Istio's
 /// own sample app (httpbin, served by gunicorn), gRPC's health service, WebSocket.
 const PYTHON_PEERS: &[&str] = &["httpbin", "gunicorn", "websockets", "grpcio", "grpcio-health-checking"];
 

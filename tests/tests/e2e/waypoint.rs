@@ -1,6 +1,6 @@
 //! The waypoint, end to end: source agents tunnel a service's traffic to it, it
-//! routes with the service's VirtualService/DestinationRule and tunnels on to the
-//! endpoints; the servers are httpbin (Istio's sample app, from PyPI, under gunicorn)
+//! routes with the service's `VirtualService` and `DestinationRule` and tunnels on to the
+//! endpoints; the servers are httpbin (Istio's sample app, from `PyPI`, under gunicorn)
 //! and the lab's echo server; the clients curl and h2load.
 use std::time::Duration;
 
@@ -132,7 +132,8 @@ fn waypoint_routes_services_that_opt_in_and_fails_closed() {
         assert_eq!(headers["X-Forwarded-Proto"], "http", "{headers}");
         assert_eq!(headers["X-Request-Id"].as_str().map(str::len), Some(36), "{headers}");
         // HTTP/2 cleartext (prior knowledge): h2load, 200 requests on 2 connections.
-        let out = lab.exec("n1-p1", &["h2load", "-n", "200", "-c", "2", "-m", "10", &format!("{HTTPBIN_URL}/get")]).unwrap();
+        let out =
+            lab.exec("n1-p1", &["h2load", "-n", "200", "-c", "2", "-m", "10", &format!("{HTTPBIN_URL}/get")]).unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.contains("200 succeeded, 0 failed") && text.contains("200 2xx"), "{text}");
         // Chunked upload streamed through, Expect: 100-continue answered.
@@ -161,7 +162,8 @@ fn waypoint_routes_services_that_opt_in_and_fails_closed() {
             .unwrap();
         // Istio's own name for the duration histogram breaks promtool's base-unit lint;
         // anything else it reports is ours.
-        let complaints = format!("{}{}", String::from_utf8_lossy(&check.stdout), String::from_utf8_lossy(&check.stderr));
+        let complaints =
+            format!("{}{}", String::from_utf8_lossy(&check.stdout), String::from_utf8_lossy(&check.stderr));
         let ours: Vec<&str> = complaints
             .lines()
             .filter(|l| !l.trim().is_empty() && !l.contains("istio_request_duration_milliseconds use base unit"))
