@@ -9,6 +9,11 @@
 //! caller's real address. Installed in the pod's namespace at enrollment:
 //! - `net.ipv4.tcp_fwmark_accept=1`: the application's accepted socket takes the
 //!   mark of the SYN, so all its packets on that connection carry [`DELIVER_MARK`];
+//! - `net.ipv4.fwmark_reflect=1` and `net.ipv6.fwmark_reflect=1`: the kernel's own
+//!   replies that belong to no socket (the RST of a closed port) take the mark of
+//!   the packet they answer, so a delivery to a port nobody listens on is refused at
+//!   once instead of waiting out the connect timeout (the RST would otherwise go to
+//!   the caller's real address);
 //! - a rule `fwmark DELIVER_MARK lookup DELIVER_TABLE` and, in that table, `local
 //!   default dev lo` (IPv4 and IPv6): marked packets are delivered locally, to the
 //!   agent's transparent socket;
@@ -64,6 +69,9 @@ const LOOPBACK_IFINDEX: u32 = 1;
 /// namespace has none.
 pub fn install() -> io::Result<()> {
     write_sysctl("net/ipv4/tcp_fwmark_accept", "1")?;
+    write_sysctl("net/ipv4/fwmark_reflect", "1")?;
+    // A namespace without IPv6 has no such setting.
+    let _ = write_sysctl("net/ipv6/fwmark_reflect", "1");
     write_sysctl("net/ipv4/conf/lo/src_valid_mark", "1")?;
     let socket = Netlink::open()?;
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {

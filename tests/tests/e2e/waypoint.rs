@@ -325,7 +325,41 @@ fn waypoint_canary_retries_faults_timeouts_breaker_and_ejection() {
             String::from_utf8_lossy(&out.stdout)
         );
 
+        // A dead endpoint: Istio's default retries hide it, then outlier detection
+        // ejects it and readmits it when it is back. gunicorn's workers are children
+        // of its master: the whole group is stopped.
+        let pid = std::fs::read_to_string(lab.dir.join("httpbin-n1-p2.pid")).unwrap();
+        std::process::Command::new("kill").args(["-KILL", "--", &format!("-{}", pid.trim())]).status().unwrap();
+        wait_for(Duration::from_secs(5), || {
+            !lab.exec("n1-p2", &["curl", "-sf", "http://127.0.0.1:8000/status/200"]).is_ok_and(|o| o.status.success())
+        })
+        .expect("httpbin in n1-p2 stopped");
+        // Through the tunnel, a closed port is refused at once (reset), as it would be
+        // without the mesh.
+        let (code, text) = try_curl(lab, "n2-p1", "http://10.98.1.12:8000/");
+        assert!(code != 0 && text.contains("reset"), "closed port: {code} {text}");
+        let hidden = bodies(lab, "n2-p1", &format!("{HTTPBIN_URL}/get"), 30, "-o /dev/null");
+        assert!(hidden.iter().all(|l| l.trim() == "200"), "{hidden:?}");
         apply(lab, "httpbin-policy.yaml", HTTPBIN_POLICY);
+        let _ = bodies(lab, "n2-p1", &format!("{HTTPBIN_URL}/get"), 20, "-o /dev/null");
+        wait_for(Duration::from_secs(5), || lab.log_of("waypoint").contains("endpoint ejected"))
+            .unwrap_or_else(|_| panic!("no ejection: {}", lab.log_of("waypoint")));
+        lab.spawn_in(
+            "n1-p2",
+            "httpbin-n1-p2",
+            &["python3", "-m", "gunicorn", "-b", "[::]:8000", "--access-logfile", "-", "httpbin:app"],
+        )
+        .unwrap();
+        wait_for(Duration::from_secs(30), || {
+            lab.exec("n1-p2", &["curl", "-sf", "http://127.0.0.1:8000/status/200"]).is_ok_and(|o| o.status.success())
+        })
+        .unwrap();
+        wait_for(Duration::from_secs(15), || {
+            let _ = bodies(lab, "n2-p1", &format!("{HTTPBIN_URL}/get"), 4, "-o /dev/null");
+            gunicorn_hits(lab, "n1-p2", "/get") > 0
+        })
+        .unwrap_or_else(|_| panic!("not readmitted: {}", lab.log_of("waypoint")));
+        assert!(lab.log_of("waypoint").contains("endpoint readmitted"));
         // Circuit breaking: at most 2 requests in flight, the rest 503 UO at once.
         let script = format!(
             "curl -s --parallel --parallel-max 12 $(for i in $(seq 12); do printf -- '-o /dev/null -w %%{{http_code}}\\n {HTTPBIN_URL}/delay/1 '; done)"
