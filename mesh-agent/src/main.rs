@@ -300,20 +300,8 @@ async fn run(
     let counters = Arc::new(telemetry::Counters::default());
     let control = match &config.controller {
         Some(addr) => {
-            let read =
-                |path: PathBuf| std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()));
-            let tls = match (&config.credential_dir, &config.root_cert) {
-                (Some(dir), _) => mesh_common::tls::client_config(
-                    &read(dir.join("node-cert.pem"))?,
-                    &read(dir.join("node-key.pem"))?,
-                    &[read(dir.join("root-cert.pem"))?],
-                )
-                .context("node credential")?,
-                (None, Some(root)) => {
-                    mesh_common::tls::anonymous_client_config(&[read(root.clone())?]).context("--root-cert")?
-                }
-                (None, None) => anyhow::bail!("--controller needs a credential: --credential-dir or --token-file"),
-            };
+            let tls = control::client_tls(config.credential_dir.as_deref(), config.root_cert.as_deref())
+                .map_err(|e| anyhow::anyhow!("--controller: {e}"))?;
             let client = Arc::new(control::ControlClient::new(
                 addr.clone(),
                 tls,

@@ -257,17 +257,7 @@ impl Connection {
     }
 }
 
-/// An error with its causes, for logs (`a: b: c`).
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+pub use mesh_proxy::telemetry::error_chain;
 
 pub fn orig_dst_addr(orig: &OrigDst) -> SocketAddr {
     let ip = if orig.family == AF_INET {

@@ -71,6 +71,28 @@ pub struct ConfigState {
     pub config: Config,
 }
 
+/// The TLS settings a node-side process (agent, waypoint) reaches the controller with:
+/// the node's bootstrap credential (`node-cert.pem`, `node-key.pem`, `root-cert.pem` in
+/// `credential_dir`), or, in Kubernetes mode, only the root to verify the controller
+/// with (the process then authenticates with its token). The error names the file.
+pub fn client_tls(
+    credential_dir: Option<&std::path::Path>,
+    root_cert: Option<&std::path::Path>,
+) -> Result<rustls::ClientConfig, String> {
+    let read = |path: PathBuf| std::fs::read_to_string(&path).map_err(|e| format!("read {}: {e}", path.display()));
+    match (credential_dir, root_cert) {
+        (Some(dir), _) => mesh_common::tls::client_config(
+            &read(dir.join("node-cert.pem"))?,
+            &read(dir.join("node-key.pem"))?,
+            &[read(dir.join("root-cert.pem"))?],
+        )
+        .map_err(|e| format!("node credential in {}: {e}", dir.display())),
+        (None, Some(root)) => mesh_common::tls::anonymous_client_config(&[read(root.to_path_buf())?])
+            .map_err(|e| format!("root certificate {}: {e}", root.display())),
+        (None, None) => Err("a credential is needed: --credential-dir or --token-file".to_owned()),
+    }
+}
+
 pub struct ControlClient {
     /// Where the last applied view is kept for a restart without the controller.
     view_file: Option<PathBuf>,

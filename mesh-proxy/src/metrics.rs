@@ -91,12 +91,17 @@ impl EncodeLabelSet for TcpLabels {
             ("response_flags", self.response_flags),
             ("request_protocol", "tcp"),
         ];
-        for (key, value) in pairs {
-            let value = if value.is_empty() { UNKNOWN } else { value };
-            (key, escape(value).as_ref()).encode(encoder.encode_label())?;
-        }
-        Ok(())
+        encode_labels(&pairs, encoder)
     }
+}
+
+/// Writes label pairs, empty values as `unknown` (Istio's convention).
+pub fn encode_labels(pairs: &[(&str, &str)], encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+    for (key, value) in pairs {
+        let value = if value.is_empty() { UNKNOWN } else { value };
+        (*key, escape(value).as_ref()).encode(encoder.encode_label())?;
+    }
+    Ok(())
 }
 
 /// A label set shared by the connections that report it (the families' key).

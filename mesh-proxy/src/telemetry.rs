@@ -305,3 +305,15 @@ impl Drop for Record<'_> {
         self.log.emit();
     }
 }
+
+/// An error with its causes, for logs (`a: b: c`).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

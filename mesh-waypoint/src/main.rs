@@ -114,19 +114,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let ready = admin::Readiness::default();
     let startup = ready.register("startup");
     std::fs::create_dir_all(&cli.state_dir).with_context(|| format!("create state dir {}", cli.state_dir.display()))?;
-    let read = |path: PathBuf| std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()));
-    let tls = match (&cli.credential_dir, &cli.root_cert) {
-        (Some(dir), _) => mesh_common::tls::client_config(
-            &read(dir.join("node-cert.pem"))?,
-            &read(dir.join("node-key.pem"))?,
-            &[read(dir.join("root-cert.pem"))?],
-        )
-        .context("node credential")?,
-        (None, Some(root)) => {
-            mesh_common::tls::anonymous_client_config(&[read(root.clone())?]).context("--root-cert")?
-        }
-        (None, None) => anyhow::bail!("a credential is needed: --credential-dir or --token-file"),
-    };
+    let tls =
+        control::client_tls(cli.credential_dir.as_deref(), cli.root_cert.as_deref()).map_err(anyhow::Error::msg)?;
     let client = Arc::new(control::ControlClient::new(
         cli.controller.clone(),
         tls,

@@ -857,24 +857,13 @@ fn wants_h2(service: &ServicePort) -> bool {
 
 #[allow(clippy::needless_pass_by_value, reason = "a map_err function: it takes the error it is given")]
 fn upstream_reply(error: UpstreamError) -> Reply {
-    let reason = mesh_proxy_error_chain(&error);
+    let reason = mesh_proxy::telemetry::error_chain(&error);
     let body = if error.connect_failure() {
         "upstream connect error or disconnect/reset before headers. reset reason: connection failure\n"
     } else {
         "upstream connect error or disconnect/reset before headers. reset reason: connection termination\n"
     };
     Reply::new(StatusCode::SERVICE_UNAVAILABLE, error.flag(), body).because(reason)
-}
-
-fn mesh_proxy_error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// A stream with bytes already read from it in front.

@@ -4,9 +4,9 @@
 //! request.
 use std::{net::SocketAddr, time::Duration};
 
-use mesh_proxy::metrics::{Metrics, UNKNOWN, escape};
+use mesh_proxy::metrics::{Metrics, encode_labels};
 use prometheus_client::{
-    encoding::{EncodeLabel as _, EncodeLabelSet, LabelSetEncoder},
+    encoding::{EncodeLabelSet, LabelSetEncoder},
     metrics::{counter::Counter, family::Family, histogram::Histogram},
 };
 
@@ -81,11 +81,7 @@ impl EncodeLabelSet for RequestLabels {
             ("response_flags", self.response_flags),
             ("connection_security_policy", "mutual_tls"),
         ];
-        for (key, value) in pairs {
-            let value = if value.is_empty() { UNKNOWN } else { value };
-            (key, escape(value).as_ref()).encode(encoder.encode_label())?;
-        }
-        Ok(())
+        encode_labels(&pairs, encoder)
     }
 }
 

@@ -3,7 +3,7 @@
 use std::{process::Command, time::Duration};
 
 use anyhow::{Context, ensure};
-use mesh_lab::{HTTP_PORT, Lab};
+use mesh_lab::{HTTP_PORT, Lab, waypoint};
 
 use crate::lab_spec;
 
@@ -245,6 +245,7 @@ pub fn demo() -> anyhow::Result<()> {
     step("Tearing the lab down");
     drop(lab);
 
+    waypoint()?;
     kubernetes_mode()?;
 
     let netns = Command::new("ip").args(["netns", "list"]).output()?;
@@ -253,6 +254,122 @@ pub fn demo() -> anyhow::Result<()> {
     println!("  ip netns list: {}", if left.is_empty() { "nothing of the lab".to_owned() } else { left.join(", ") });
     ensure!(mesh_lab::leftovers(crate::LAB_PREFIX).is_empty(), "the lab left something behind");
     println!("\ndemo complete");
+    Ok(())
+}
+
+/// Writes (or removes) a config file and waits until the agents and the waypoint run it.
+fn apply_waypoint(lab: &Lab, file: &str, yaml: &str) -> anyhow::Result<()> {
+    apply(lab, file, Some(yaml))?;
+    let version = lab.controller_version()?;
+    mesh_lab::wait_for(Duration::from_secs(10), || waypoint::waypoint_version(lab) >= version)
+}
+
+/// Statuses of `count` requests (one curl, one keep-alive connection).
+fn statuses(lab: &Lab, from: &str, url: &str, count: usize, extra: &str) -> anyhow::Result<Vec<String>> {
+    let script = format!("for i in $(seq {count}); do curl -s -o /dev/null -w '%{{http_code}} ' {extra} '{url}'; done");
+    let out = lab.exec(from, &["sh", "-c", &script])?;
+    Ok(String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_owned).collect())
+}
+
+fn tally(statuses: &[String]) -> String {
+    let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+    for s in statuses {
+        *counts.entry(s.as_str()).or_default() += 1;
+    }
+    counts.iter().map(|(s, n)| format!("{n} x {s}")).collect::<Vec<_>>().join(", ")
+}
+
+/// The waypoint: L7 traffic management for the namespace `shop`.
+fn waypoint() -> anyhow::Result<()> {
+    step(
+        "A waypoint for namespace shop (Gateway istio-waypoint + label istio.io/use-waypoint), httpbin in the shop pods",
+    );
+    let mut spec = lab_spec(2, 3);
+    spec.waypoint_bin = Some(crate::release_bin("mesh-waypoint"));
+    let lab = Lab::up(spec)?;
+    waypoint::start_httpbin(&lab, &waypoint::shop_pods(&lab))?;
+    apply_waypoint(&lab, "httpbin.yaml", waypoint::HTTPBIN)?;
+    show_cmd("n1-p1", "curl -s http://10.96.0.10/");
+    println!(
+        "  {}   <- the echo server sees the waypoint ({}) as its peer",
+        try_curl(&lab, "n1-p1", "http://10.96.0.10/")?,
+        waypoint::WAYPOINT_IP
+    );
+    let headers = try_curl(&lab, "n1-p1", &format!("{}/headers", waypoint::HTTPBIN_URL))?;
+    let xfcc = serde_json::from_str::<serde_json::Value>(&headers)?["headers"]["X-Forwarded-Client-Cert"].clone();
+    println!("  httpbin sees X-Forwarded-Client-Cert: {xfcc}");
+
+    step("The seed's canary: DestinationRule subsets by version, VirtualService 80/20, 1000 requests");
+    apply_waypoint(&lab, "canary.yaml", waypoint::CANARY)?;
+    let script = "curl -s $(for i in $(seq 1000); do printf 'http://10.96.0.10/ '; done)";
+    let out = lab.exec("n1-p1", &["sh", "-c", script])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v1 = text.lines().filter(|l| l.starts_with("pod=n1-p1 ") || l.starts_with("pod=n2-p1 ")).count();
+    let v2 = text.lines().filter(|l| l.starts_with("pod=n1-p2 ") || l.starts_with("pod=n2-p2 ")).count();
+    println!("  v1: {v1}, v2: {v2} ({:.1} % / {:.1} %)", v1 as f64 / 10.0, v2 as f64 / 10.0);
+    let script = "for i in $(seq 20); do curl -s -H 'x-canary: yes' http://10.96.0.10/; done";
+    let out = lab.exec("n1-p1", &["sh", "-c", script])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v2 = text.lines().filter(|l| l.starts_with("pod=n1-p2 ") || l.starts_with("pod=n2-p2 ")).count();
+    println!("  with the header x-canary: yes, {v2} of 20 requests went to v2 (the header route)");
+
+    step("Routes on httpbin: fault injection (50 % abort 418), a 1 s timeout, retries on 5xx, a redirect");
+    apply_waypoint(&lab, "httpbin-routes.yaml", waypoint::HTTPBIN_ROUTES)?;
+    let url = waypoint::HTTPBIN_URL;
+    println!("  /fault x 100: {}", tally(&statuses(&lab, "n1-p1", &format!("{url}/fault"), 100, "")?));
+    println!("  /delay/3 (timeout 1s): {}", tally(&statuses(&lab, "n1-p1", &format!("{url}/delay/3"), 1, "")?));
+    let before: usize = waypoint::shop_pods(&lab).iter().map(|p| waypoint::gunicorn_hits(&lab, p, "/status/503")).sum();
+    let answer = statuses(&lab, "n1-p1", &format!("{url}/status/503"), 1, "")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let after: usize = waypoint::shop_pods(&lab).iter().map(|p| waypoint::gunicorn_hits(&lab, p, "/status/503")).sum();
+    println!("  /status/503 (3 retries): {} to the client, {} tries seen by httpbin", tally(&answer), after - before);
+    let out = lab.exec(
+        "n1-p1",
+        &["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} -> %{redirect_url}", &format!("{url}/moved")],
+    )?;
+    println!("  /moved: {}", String::from_utf8_lossy(&out.stdout));
+
+    step("A dead endpoint (httpbin in n1-p2 stopped): retries hide it, outlier detection ejects it, it comes back");
+    waypoint::stop_httpbin(&lab, "n1-p2")?;
+    println!("  30 requests: {}", tally(&statuses(&lab, "n2-p1", &format!("{url}/get"), 30, "")?));
+    apply_waypoint(&lab, "httpbin-policy.yaml", waypoint::HTTPBIN_POLICY)?;
+    let _ = statuses(&lab, "n2-p1", &format!("{url}/get"), 20, "")?;
+    if let Some(line) = lab.log_of("waypoint").lines().find(|l| l.contains("endpoint ejected")) {
+        println!("  waypoint: {}", line.split_once(" INFO ").map_or(line, |(_, rest)| rest));
+    }
+    waypoint::start_httpbin(&lab, &["n1-p2".to_owned()])?;
+    mesh_lab::wait_for(Duration::from_secs(15), || {
+        let _ = statuses(&lab, "n2-p1", &format!("{url}/get"), 4, "");
+        waypoint::gunicorn_hits(&lab, "n1-p2", "/get") > 0
+    })?;
+    if let Some(line) = lab.log_of("waypoint").lines().find(|l| l.contains("endpoint readmitted")) {
+        println!("  waypoint: {}", line.split_once(" INFO ").map_or(line, |(_, rest)| rest));
+    }
+
+    step("Circuit breaking (http2MaxRequests: 2): 12 concurrent slow requests");
+    let script = format!(
+        "curl -s --parallel --parallel-max 12 $(for i in $(seq 12); do printf -- '-o /dev/null -w %%{{http_code}}_ {url}/delay/1 '; done)"
+    );
+    let out = lab.exec("n1-p1", &["sh", "-c", &script])?;
+    let codes: Vec<String> =
+        String::from_utf8_lossy(&out.stdout).split('_').filter(|c| !c.is_empty()).map(str::to_owned).collect();
+    println!("  {}   (503s carry the response flag UO)", tally(&codes));
+
+    step("Request metrics on the waypoint's :15020/metrics (istio_requests_total, by response code and flag)");
+    let metrics = waypoint::waypoint_http(&lab, 15020, "/metrics");
+    let mut by_code = std::collections::BTreeMap::<(String, String), f64>::new();
+    for line in metrics.lines().filter(|l| l.starts_with("istio_requests_total{")) {
+        let label = |key: &str| {
+            line.split(&format!("{key}=\"")).nth(1).and_then(|r| r.split('"').next()).unwrap_or("").to_owned()
+        };
+        let value: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        *by_code.entry((label("response_code"), label("response_flags"))).or_default() += value;
+    }
+    for ((code, flags), n) in by_code {
+        println!("  response_code={code} response_flags={flags}: {n}");
+    }
+    step("Tearing the waypoint lab down");
+    drop(lab);
     Ok(())
 }
 

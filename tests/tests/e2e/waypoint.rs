@@ -4,64 +4,15 @@
 //! and the lab's echo server; the clients curl and h2load.
 use std::time::Duration;
 
-use mesh_lab::{Lab, wait_for};
+use mesh_lab::{
+    Lab, wait_for,
+    waypoint::{
+        CANARY, HTTPBIN, HTTPBIN_POLICY, HTTPBIN_ROUTES, HTTPBIN_URL, WAYPOINT_IP, gunicorn_hits, shop_pods,
+        start_httpbin, stop_httpbin, waypoint_http, waypoint_version,
+    },
+};
 
 use super::{controller_version, try_curl, wait_agents_at, with_lab_spec};
-
-/// The httpbin Service: a VIP in front of the shop pods' gunicorn on port 8000.
-const HTTPBIN: &str = "\
-apiVersion: v1
-kind: Service
-metadata:
-  name: httpbin
-  namespace: shop
-spec:
-  clusterIP: 10.96.0.20
-  selector:
-    app: echo
-  ports:
-  - name: http
-    port: 8000
-    targetPort: 8000
-";
-const HTTPBIN_URL: &str = "http://10.96.0.20:8000";
-const WAYPOINT_IP: &str = "10.98.1.250";
-
-fn shop_pods(lab: &Lab) -> Vec<String> {
-    lab.pods.iter().filter(|p| p.meshed).map(|p| p.name.clone()).collect()
-}
-
-/// Starts httpbin under gunicorn in every shop pod (threads: concurrent requests)
-/// and waits until each answers locally.
-fn start_httpbin(lab: &Lab) {
-    for pod in shop_pods(lab) {
-        lab.spawn_in(
-            &pod,
-            &format!("httpbin-{pod}"),
-            &[
-                "python3",
-                "-m",
-                "gunicorn",
-                "-b",
-                "[::]:8000",
-                "-k",
-                "gthread",
-                "--threads",
-                "16",
-                "--access-logfile",
-                "-",
-                "httpbin:app",
-            ],
-        )
-        .expect("start httpbin");
-    }
-    for pod in shop_pods(lab) {
-        wait_for(Duration::from_secs(30), || {
-            lab.exec(&pod, &["curl", "-sf", "http://127.0.0.1:8000/status/200"]).is_ok_and(|o| o.status.success())
-        })
-        .unwrap_or_else(|_| panic!("httpbin in {pod} did not come up: {}", lab.log_of(&format!("httpbin-{pod}"))));
-    }
-}
 
 /// Writes `yaml` as the config file `name` and waits until the agents and the
 /// waypoint run the new version.
@@ -73,19 +24,6 @@ fn apply(lab: &Lab, name: &str, yaml: &str) {
     wait_agents_at(lab, version);
     wait_for(Duration::from_secs(10), || waypoint_version(lab) >= version)
         .unwrap_or_else(|_| panic!("waypoint not at version {version}: {}", lab.log_of("waypoint")));
-}
-
-fn waypoint_http(lab: &Lab, port: u16, path: &str) -> String {
-    let out =
-        lab.exec("waypoint", &["curl", "-sS", "--max-time", "5", &format!("http://127.0.0.1:{port}{path}")]).unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn waypoint_version(lab: &Lab) -> u64 {
-    serde_json::from_str::<serde_json::Value>(&waypoint_http(lab, 15000, "/stats"))
-        .ok()
-        .and_then(|v| v["version"].as_u64())
-        .unwrap_or(0)
 }
 
 /// `count` sequential requests from `from` with curl (a new connection each), the
@@ -111,7 +49,7 @@ fn metric(lab: &Lab, name: &str, labels: &[(&str, &str)]) -> f64 {
 fn waypoint_routes_services_that_opt_in_and_fails_closed() {
     let adjust = |spec: &mut mesh_lab::LabSpec| spec.waypoint_bin = Some(super::waypoint_bin());
     with_lab_spec("mesh-wp", 3, &[], Some(&[]), adjust, |lab| {
-        start_httpbin(lab);
+        start_httpbin(lab, &shop_pods(lab)).expect("httpbin");
         apply(lab, "httpbin.yaml", HTTPBIN);
         // The echo service (namespace shop opted in): the echo server sees the
         // waypoint as its peer, not the client.
@@ -180,88 +118,11 @@ fn waypoint_routes_services_that_opt_in_and_fails_closed() {
     });
 }
 
-/// The seed's canary: subsets by the `version` label, 80/20 by weight, and a header
-/// route to v2.
-const CANARY: &str = "\
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: echo, namespace: shop}
-spec:
-  host: echo
-  subsets:
-  - name: v1
-    labels: {version: v1}
-  - name: v2
-    labels: {version: v2}
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: echo, namespace: shop}
-spec:
-  hosts: [echo]
-  http:
-  - match: [{headers: {x-canary: {exact: \"yes\"}}}]
-    route: [{destination: {host: echo, subset: v2}}]
-  - route:
-    - destination: {host: echo, subset: v1}
-      weight: 80
-    - destination: {host: echo, subset: v2}
-      weight: 20
-";
-
-const HTTPBIN_ROUTES: &str = "\
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: httpbin, namespace: shop}
-spec:
-  hosts: [httpbin.shop.svc.cluster.local]
-  http:
-  - match: [{uri: {exact: /fault}}]
-    fault:
-      abort: {httpStatus: 418, percentage: {value: 50}}
-    rewrite: {uri: /get}
-    route: [{destination: {host: httpbin}}]
-  - match: [{uri: {exact: /slow}}]
-    fault:
-      delay: {fixedDelay: 300ms, percentage: {value: 100}}
-    rewrite: {uri: /get}
-    route: [{destination: {host: httpbin}}]
-  - match: [{uri: {prefix: /delay/3}}]
-    timeout: 1s
-    route: [{destination: {host: httpbin}}]
-  - match: [{uri: {prefix: /status/503}}]
-    retries: {attempts: 3, retryOn: 5xx}
-    route: [{destination: {host: httpbin}}]
-  - match: [{uri: {prefix: /moved}}]
-    redirect: {uri: /get}
-  - route: [{destination: {host: httpbin}}]
-";
-
-const HTTPBIN_POLICY: &str = "\
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: httpbin, namespace: shop}
-spec:
-  host: httpbin
-  trafficPolicy:
-    connectionPool:
-      http: {http2MaxRequests: 2}
-    outlierDetection:
-      consecutiveGatewayErrors: 1
-      interval: 1s
-      baseEjectionTime: 3s
-      maxEjectionPercent: 100
-";
-
-fn gunicorn_hits(lab: &Lab, pod: &str, path: &str) -> usize {
-    lab.log_of(&format!("httpbin-{pod}")).lines().filter(|l| l.contains(&format!("\"GET {path} "))).count()
-}
-
 #[test]
 fn waypoint_canary_retries_faults_timeouts_breaker_and_ejection() {
     let adjust = |spec: &mut mesh_lab::LabSpec| spec.waypoint_bin = Some(super::waypoint_bin());
     with_lab_spec("mesh-wq", 3, &[], Some(&[]), adjust, |lab| {
-        start_httpbin(lab);
+        start_httpbin(lab, &shop_pods(lab)).expect("httpbin");
         apply(lab, "httpbin.yaml", HTTPBIN);
         apply(lab, "canary.yaml", CANARY);
         // 80/20 over 2000 requests (one keep-alive connection: each request routed).
@@ -328,12 +189,7 @@ fn waypoint_canary_retries_faults_timeouts_breaker_and_ejection() {
         // A dead endpoint: Istio's default retries hide it, then outlier detection
         // ejects it and readmits it when it is back. gunicorn's workers are children
         // of its master: the whole group is stopped.
-        let pid = std::fs::read_to_string(lab.dir.join("httpbin-n1-p2.pid")).unwrap();
-        std::process::Command::new("kill").args(["-KILL", "--", &format!("-{}", pid.trim())]).status().unwrap();
-        wait_for(Duration::from_secs(5), || {
-            !lab.exec("n1-p2", &["curl", "-sf", "http://127.0.0.1:8000/status/200"]).is_ok_and(|o| o.status.success())
-        })
-        .expect("httpbin in n1-p2 stopped");
+        stop_httpbin(lab, "n1-p2").expect("httpbin in n1-p2 stopped");
         // Through the tunnel, a closed port is refused at once (reset), as it would be
         // without the mesh.
         let (code, text) = try_curl(lab, "n2-p1", "http://10.98.1.12:8000/");
@@ -344,16 +200,7 @@ fn waypoint_canary_retries_faults_timeouts_breaker_and_ejection() {
         let _ = bodies(lab, "n2-p1", &format!("{HTTPBIN_URL}/get"), 20, "-o /dev/null");
         wait_for(Duration::from_secs(5), || lab.log_of("waypoint").contains("endpoint ejected"))
             .unwrap_or_else(|_| panic!("no ejection: {}", lab.log_of("waypoint")));
-        lab.spawn_in(
-            "n1-p2",
-            "httpbin-n1-p2",
-            &["python3", "-m", "gunicorn", "-b", "[::]:8000", "--access-logfile", "-", "httpbin:app"],
-        )
-        .unwrap();
-        wait_for(Duration::from_secs(30), || {
-            lab.exec("n1-p2", &["curl", "-sf", "http://127.0.0.1:8000/status/200"]).is_ok_and(|o| o.status.success())
-        })
-        .unwrap();
+        start_httpbin(lab, &["n1-p2".to_owned()]).expect("httpbin back in n1-p2");
         wait_for(Duration::from_secs(15), || {
             let _ = bodies(lab, "n2-p1", &format!("{HTTPBIN_URL}/get"), 4, "-o /dev/null");
             gunicorn_hits(lab, "n1-p2", "/get") > 0
