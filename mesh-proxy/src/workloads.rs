@@ -259,7 +259,13 @@ impl Index {
     }
 
     /// Decides how to reach `dst` (an original destination of a captured connection).
+    /// An IPv4-mapped IPv6 destination (a dual-stack socket connecting to an IPv4
+    /// address, as gRPC and Java clients do) is the IPv4 address.
     pub fn route(&self, dst: SocketAddr) -> Route {
+        let dst = match dst {
+            SocketAddr::V6(v6) => v6.ip().to_ipv4_mapped().map_or(dst, |v4| SocketAddr::new(v4.into(), v6.port())),
+            SocketAddr::V4(_) => dst,
+        };
         if let Some(service) = self.services.get(&dst) {
             if let Some(waypoint) = &service.waypoint {
                 return match waypoint.pick(dst.is_ipv6()) {
@@ -504,6 +510,14 @@ ports: [{name: sql, port: 15432, protocol: TCP}]
         assert!(matches!(index.route("10.0.0.2:8080".parse().unwrap()), Route::Direct { workload: Some(_), .. }));
         assert!(matches!(index.route("192.0.2.1:80".parse().unwrap()), Route::Direct { workload: None, .. }));
         assert!(matches!(index.route("10.0.0.4:8080".parse().unwrap()), Route::Tunnel { .. }));
+        // A dual-stack socket's IPv4-mapped destination is the IPv4 service.
+        assert!(matches!(
+            index.route("[::ffff:10.96.0.10]:80".parse().unwrap()),
+            Route::Tunnel { .. } | Route::Direct { workload: Some(_), .. }
+        ));
+        assert!(
+            matches!(index.route("[::ffff:10.0.0.1]:8080".parse().unwrap()), Route::Tunnel { addr, .. } if addr.is_ipv4())
+        );
     }
 
     #[test]

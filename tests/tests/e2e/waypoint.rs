@@ -225,3 +225,111 @@ fn waypoint_canary_retries_faults_timeouts_breaker_and_ejection() {
         }
     });
 }
+
+/// A WebSocket echo server and gRPC's health service (both from `PyPI`) behind
+/// Services that use the waypoint.
+const WS_AND_GRPC: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: ws, namespace: shop}
+spec:
+  clusterIP: 10.96.0.30
+  selector: {app: echo}
+  ports: [{name: http-ws, port: 8765, targetPort: 8765}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: grpc, namespace: shop}
+spec:
+  clusterIP: 10.96.0.31
+  selector: {app: echo}
+  ports: [{name: grpc, port: 9090, targetPort: 9090}]
+";
+
+const WS_SERVER: &str = "\
+from websockets.sync.server import serve
+def echo(ws):
+    for message in ws:
+        ws.send(message)
+with serve(echo, '0.0.0.0', 8765) as server:
+    server.serve_forever()
+";
+
+const WS_CLIENT: &str = "\
+from websockets.sync.client import connect
+with connect('ws://10.96.0.30:8765/') as ws:
+    for i in range(3):
+        ws.send(f'hello {i}')
+        print(ws.recv())
+";
+
+const GRPC_SERVER: &str = "\
+import concurrent.futures, grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+server = grpc.server(concurrent.futures.ThreadPoolExecutor(8))
+servicer = health.HealthServicer()
+servicer.set('shop', health_pb2.HealthCheckResponse.SERVING)
+health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+server.add_insecure_port('[::]:9090')
+server.start()
+server.wait_for_termination()
+";
+
+const GRPC_CLIENT: &str = "\
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+stub = health_pb2_grpc.HealthStub(grpc.insecure_channel('10.96.0.31:9090'))
+print('check', health_pb2.HealthCheckResponse.ServingStatus.Name(stub.Check(health_pb2.HealthCheckRequest(service='shop'), timeout=5).status))
+try:
+    stub.Check(health_pb2.HealthCheckRequest(service='nope'), timeout=5)
+except grpc.RpcError as e:
+    print('unknown', e.code().name)
+watch = stub.Watch(health_pb2.HealthCheckRequest(service='shop'), timeout=5)
+print('watch', health_pb2.HealthCheckResponse.ServingStatus.Name(next(watch).status))
+watch.cancel()
+";
+
+#[test]
+fn waypoint_websocket_and_grpc() {
+    let adjust = |spec: &mut mesh_lab::LabSpec| spec.waypoint_bin = Some(super::waypoint_bin());
+    with_lab_spec("mesh-wg", 3, &[], Some(&[]), adjust, |lab| {
+        apply(lab, "ws-grpc.yaml", WS_AND_GRPC);
+        for pod in shop_pods(lab) {
+            lab.spawn_in(&pod, &format!("ws-{pod}"), &["python3", "-c", WS_SERVER]).unwrap();
+            lab.spawn_in(&pod, &format!("grpc-{pod}"), &["python3", "-c", GRPC_SERVER]).unwrap();
+        }
+        for pod in shop_pods(lab) {
+            wait_for(Duration::from_secs(20), || {
+                let ports = lab.exec(&pod, &["ss", "-ltn"]).map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+                ports.is_ok_and(|p| p.contains(":8765") && p.contains(":9090"))
+            })
+            .unwrap_or_else(|_| {
+                panic!("servers in {pod}: {} {}", lab.log_of(&format!("ws-{pod}")), lab.log_of(&format!("grpc-{pod}")))
+            });
+        }
+        // WebSocket: the upgrade goes through the waypoint and the frames both ways.
+        let out = lab.exec("n1-p1", &["python3", "-c", WS_CLIENT]).unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "hello 0\nhello 1\nhello 2\n",
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            lab.log_of("waypoint")
+        );
+        // gRPC: unary, a status in trailers, and a server stream.
+        let out = lab.exec("n2-p1", &["python3", "-c", GRPC_CLIENT]).unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "check SERVING\nunknown NOT_FOUND\nwatch SERVING\n",
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            lab.log_of("waypoint")
+        );
+        assert!(
+            metric(lab, "istio_requests_total", &[("request_protocol", "grpc"), ("grpc_response_status", "5")]) >= 1.0
+        );
+        assert!(
+            metric(lab, "istio_requests_total", &[("request_protocol", "grpc"), ("grpc_response_status", "0")]) >= 1.0
+        );
+    });
+}
