@@ -206,9 +206,13 @@ fn waypoint_canary_retries_faults_timeouts_breaker_and_ejection() {
             gunicorn_hits(lab, "n1-p2", "/get") > 0
         })
         .unwrap_or_else(|_| panic!("not readmitted: {}", lab.log_of("waypoint")));
-        // The log is written by its own thread: give it a moment.
-        wait_for(Duration::from_secs(5), || lab.log_of("waypoint").contains("endpoint readmitted"))
-            .unwrap_or_else(|_| panic!("readmission not logged: {}", lab.log_of("waypoint")));
+        // An ejection ends by time; the readmission is logged by the next pick's sweep
+        // (and the log is written by its own thread): keep a little traffic going.
+        wait_for(Duration::from_secs(5), || {
+            let _ = bodies(lab, "n2-p1", &format!("{HTTPBIN_URL}/get"), 2, "-o /dev/null");
+            lab.log_of("waypoint").contains("endpoint readmitted")
+        })
+        .unwrap_or_else(|_| panic!("readmission not logged: {}", lab.log_of("waypoint")));
         // Circuit breaking: at most 2 requests in flight, the rest 503 UO at once.
         let script = format!(
             "curl -s --parallel --parallel-max 12 $(for i in $(seq 12); do printf -- '-o /dev/null -w %%{{http_code}}\\n {HTTPBIN_URL}/delay/1 '; done)"
