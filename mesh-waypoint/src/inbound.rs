@@ -269,8 +269,8 @@ impl Handler for Waypoint {
         let caller = Caller { identity: connect.identity.clone(), addr, workload };
         let Ok(stream) = connect.accept() else { return };
         match protocol_of(&service) {
-            Protocol::Http | Protocol::Unknown => proxy::serve(self, tables, service, caller, target, stream).await,
-            Protocol::Tcp => proxy::relay_tcp(self, tables, service, caller, stream).await,
+            Protocol::Http | Protocol::Unknown => proxy::serve(self, service, caller, target, stream).await,
+            Protocol::Tcp => proxy::relay_tcp(self, service, caller, stream).await,
         }
     }
 }

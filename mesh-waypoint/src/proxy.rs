@@ -112,7 +112,6 @@ struct Downstream {
 /// protocol does not start with HTTP.
 pub async fn serve(
     waypoint: Arc<Waypoint>,
-    tables: Arc<Tables>,
     service: Arc<ServicePort>,
     caller: Caller,
     target: SocketAddr,
@@ -131,7 +130,7 @@ pub async fn serve(
         let http = looks_like_http(&first);
         stream.prefix = first.into();
         if !http {
-            return relay(waypoint, tables, service, caller, stream).await;
+            return relay(waypoint, service, caller, stream).await;
         }
     }
     let downstream = Arc::new(Downstream { waypoint, target, caller });
@@ -163,24 +162,11 @@ fn looks_like_http(first: &[u8]) -> bool {
 }
 
 /// Relays a tunnel stream to one endpoint as TCP.
-pub async fn relay_tcp(
-    waypoint: Arc<Waypoint>,
-    tables: Arc<Tables>,
-    service: Arc<ServicePort>,
-    caller: Caller,
-    stream: H2Stream,
-) {
-    relay(waypoint, tables, service, caller, Prefixed { prefix: Bytes::new(), inner: stream }).await;
+pub async fn relay_tcp(waypoint: Arc<Waypoint>, service: Arc<ServicePort>, caller: Caller, stream: H2Stream) {
+    relay(waypoint, service, caller, Prefixed { prefix: Bytes::new(), inner: stream }).await;
 }
 
-async fn relay(
-    waypoint: Arc<Waypoint>,
-    tables: Arc<Tables>,
-    service: Arc<ServicePort>,
-    caller: Caller,
-    mut stream: Prefixed<H2Stream>,
-) {
-    let _ = tables;
+async fn relay(waypoint: Arc<Waypoint>, service: Arc<ServicePort>, caller: Caller, mut stream: Prefixed<H2Stream>) {
     let Some((workload, addr)) = service.pick(caller.addr.is_ipv6()) else {
         debug!(service = %service.hostname, "no endpoint for a TCP connection");
         return;
@@ -519,7 +505,7 @@ impl Downstream {
                 None => {}
             }
         }
-        let backends = match &route.action {
+        match &route.action {
             Action::Redirect(redirect) => {
                 let location = redirect.location(&parts);
                 let mut response = Response::new(full(Bytes::new()));
@@ -534,9 +520,8 @@ impl Downstream {
                 *response.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
                 return Ok(response);
             }
-            Action::Forward { backends } => backends,
-        };
-        let _ = backends;
+            Action::Forward { .. } => {}
+        }
         let Some(backend) = route.pick_backend(roll_u64()) else {
             return Err(Reply::new(StatusCode::SERVICE_UNAVAILABLE, "NR", "no backend\n"));
         };
