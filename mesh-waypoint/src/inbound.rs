@@ -22,7 +22,7 @@ use mesh_proxy::{
     },
     workloads::{Index, ServicePort, Workload},
 };
-use mesh_waypoint::route::{RouteTable, ServiceRef};
+use mesh_waypoint::route::{RouteTable, ServiceRef, TcpTable};
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -49,12 +49,20 @@ pub struct Tables {
     pub config: Arc<Config>,
     pub index: Index,
     routes: Mutex<HashMap<(String, u16), Arc<RouteTable>>>,
+    tcp_routes: Mutex<HashMap<(String, u16), Arc<TcpTable>>>,
     destinations: Mutex<HashMap<Key, Arc<Destination>>>,
 }
 
 impl Tables {
     fn new(version: u64, config: Arc<Config>, index: Index) -> Self {
-        Self { version, config, index, routes: Mutex::default(), destinations: Mutex::default() }
+        Self {
+            version,
+            config,
+            index,
+            routes: Mutex::default(),
+            tcp_routes: Mutex::default(),
+            destinations: Mutex::default(),
+        }
     }
 
     /// The routes of a service port.
@@ -71,6 +79,21 @@ impl Tables {
             warn!(service = %service.hostname, warning, "route configuration");
         }
         self.routes.lock().expect("lock").insert(key, table.clone());
+        table
+    }
+
+    /// The L4 routes of a service port.
+    pub fn tcp_routes(&self, service: &ServicePort) -> Arc<TcpTable> {
+        let key = (service.hostname.clone(), service.port);
+        if let Some(table) = self.tcp_routes.lock().expect("lock").get(&key) {
+            return table.clone();
+        }
+        let table =
+            Arc::new(TcpTable::build(&self.config, &ServiceRef::new(&service.namespace, &service.name, service.port)));
+        for warning in table.warnings() {
+            warn!(service = %service.hostname, warning, "TCP route configuration");
+        }
+        self.tcp_routes.lock().expect("lock").insert(key, table.clone());
         table
     }
 
@@ -270,7 +293,7 @@ impl Handler for Waypoint {
         let Ok(stream) = connect.accept() else { return };
         match protocol_of(&service) {
             Protocol::Http | Protocol::Unknown => proxy::serve(self, service, caller, target, stream).await,
-            Protocol::Tcp => proxy::relay_tcp(self, service, caller, stream).await,
+            Protocol::Tcp => proxy::relay_tcp(self, service, caller, target, stream).await,
         }
     }
 }

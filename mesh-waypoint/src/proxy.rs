@@ -29,14 +29,14 @@ use mesh_proxy::{
     workloads::{ServicePort, Workload},
 };
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
-use tracing::debug;
+use tracing::{debug, info};
 
 use http_body_util::Limited;
 use mesh_waypoint::{
     outlier::CallResult,
     policy::LbPolicy,
     retry::Outcome,
-    route::{Abort, Action, Mirror, RequestParts},
+    route::{Abort, Action, Mirror, RequestParts, TcpRequest},
 };
 
 use crate::{
@@ -95,7 +95,7 @@ fn roll_f64() -> f64 {
 /// Request headers larger than this get 431.
 const MAX_HEADERS: usize = 64 << 10;
 /// A client has this long to send a request's headers (no slowloris).
-const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the first bytes of a connection on a port of unknown protocol are
 /// awaited to tell HTTP from other protocols.
 const SNIFF_TIMEOUT: Duration = Duration::from_secs(1);
@@ -130,7 +130,7 @@ pub async fn serve(
         let http = looks_like_http(&first);
         stream.prefix = first.into();
         if !http {
-            return relay(waypoint, service, caller, stream).await;
+            return relay(waypoint, service, caller, target, stream).await;
         }
     }
     let downstream = Arc::new(Downstream { waypoint, target, caller });
@@ -162,22 +162,62 @@ fn looks_like_http(first: &[u8]) -> bool {
 }
 
 /// Relays a tunnel stream to one endpoint as TCP.
-pub async fn relay_tcp(waypoint: Arc<Waypoint>, service: Arc<ServicePort>, caller: Caller, stream: H2Stream) {
-    relay(waypoint, service, caller, Prefixed { prefix: Bytes::new(), inner: stream }).await;
+pub async fn relay_tcp(
+    waypoint: Arc<Waypoint>,
+    service: Arc<ServicePort>,
+    caller: Caller,
+    target: SocketAddr,
+    stream: H2Stream,
+) {
+    relay(waypoint, service, caller, target, Prefixed { prefix: Bytes::new(), inner: stream }).await;
 }
 
-async fn relay(waypoint: Arc<Waypoint>, service: Arc<ServicePort>, caller: Caller, mut stream: Prefixed<H2Stream>) {
-    let Some((workload, addr)) = service.pick(caller.addr.is_ipv6()) else {
-        debug!(service = %service.hostname, "no endpoint for a TCP connection");
+/// Relays a connection by the service port's L4 routes: a backend by weight, an
+/// endpoint of it by its balancer. Nothing to route to (no matching route, an
+/// unresolved backend, no endpoint) closes the connection: refused, never bypassed.
+async fn relay(
+    waypoint: Arc<Waypoint>,
+    service: Arc<ServicePort>,
+    caller: Caller,
+    vip: SocketAddr,
+    mut stream: Prefixed<H2Stream>,
+) {
+    let tables = waypoint.tables();
+    let table = tables.tcp_routes(&service);
+    let no_labels = std::collections::BTreeMap::new();
+    let request = TcpRequest {
+        port: service.port,
+        destination: vip.ip(),
+        source: caller.addr.ip(),
+        source_namespace: mesh_common::control::parse_workload_identity(&caller.identity).map_or("", |(_, ns, _)| ns),
+        source_labels: caller.workload.as_ref().map_or(&no_labels, |w| &w.labels),
+    };
+    let Some(route) = table.select(&request) else {
+        info!(service = %service.hostname, caller = %caller.addr, flags = "NR", "TCP connection refused: no route matched");
+        return;
+    };
+    let Some(backend) = route.pick_backend(roll_u64()) else { return };
+    if let Some(reason) = &backend.unresolved {
+        info!(service = %service.hostname, route = %route.name, flags = "NR", reason, "TCP connection refused");
+        return;
+    }
+    let key = (backend.host.clone(), backend.subset.clone(), backend.port.unwrap_or(service.port));
+    let Lookup::Found(destination) = tables.destination(&waypoint, &key) else {
+        info!(service = %service.hostname, route = %route.name, destination = ?key, flags = "NR", "TCP connection refused: unknown destination");
+        return;
+    };
+    let Some(target) = destination.pick(None, roll_u64(), &[]).and_then(|i| destination.endpoints.get(i)).cloned()
+    else {
+        info!(service = %service.hostname, destination = ?key, flags = "UH", "TCP connection refused: no healthy endpoint");
         return;
     };
     let Some(dial) = waypoint.dial(&caller) else { return };
-    let target = Target { workload, addr };
     match waypoint.upstreams.connect(&target, &dial.dial()).await {
         Ok(mut upstream) => {
+            debug!(route = %route.name, endpoint = %target.addr, "TCP relay");
             let _ = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await;
         }
-        Err(error) => debug!(%addr, %error, "TCP upstream connect failed"),
+        Err(error) => debug!(addr = %target.addr, %error, "TCP upstream connect failed"),
     }
 }
 

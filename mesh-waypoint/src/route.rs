@@ -22,10 +22,12 @@ use crate::retry::RetryPolicy;
 mod build;
 mod filters;
 mod matcher;
+mod tcp;
 #[cfg(test)]
 mod tests;
 
 pub use filters::{Abort, Cors, Fault, FaultDecision, HeaderOps, Mirror, PathRewrite, Redirect, RedirectPort};
+pub use tcp::{TcpRequest, TcpRoute, TcpTable};
 
 use matcher::Matcher;
 
@@ -193,19 +195,7 @@ impl Route {
         let Action::Forward { backends } = &self.action else {
             return None;
         };
-        let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
-        if total == 0 {
-            return backends.first();
-        }
-        let mut point = roll % total;
-        for backend in backends {
-            let weight = u64::from(backend.weight);
-            if point < weight {
-                return Some(backend);
-            }
-            point -= weight;
-        }
-        backends.last()
+        pick_weighted(backends, roll)
     }
 
     /// The rewritten path and query for a forwarded request, or `None` when the route
@@ -214,4 +204,22 @@ impl Route {
         let rewrite = self.rewrite.as_ref()?.path.as_ref()?;
         Some(rewrite.apply(path_and_query))
     }
+}
+
+/// The backend for a uniform `roll`: backends get `weight / sum` of the rolls; when all
+/// weights are 0 (a single destination without weight) the first gets all.
+fn pick_weighted(backends: &[Backend], roll: u64) -> Option<&Backend> {
+    let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
+    if total == 0 {
+        return backends.first();
+    }
+    let mut point = roll % total;
+    for backend in backends {
+        let weight = u64::from(backend.weight);
+        if point < weight {
+            return Some(backend);
+        }
+        point -= weight;
+    }
+    backends.last()
 }

@@ -561,13 +561,14 @@ impl Lab {
         );
         for pod in &self.pods {
             // The first pod of each node is `version: v1`, the others `v2`: the
-            // subsets of the seed's canary.
+            // subsets of the seed's canary. The pod-name label selects one pod (as a
+            // StatefulSet's does).
             let version = if pod.name.ends_with("-p1") { "v1" } else { "v2" };
             let sa = if pod.meshed { format!("sa-{}", pod.name) } else { "default".into() };
             let _ = write!(
                 yaml,
-                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  uid: {}\n  labels:\n    app: echo\n    version: {version}\nspec:\n  nodeName: node{}\n  serviceAccountName: {sa}\n  containers:\n  - name: echo\n    image: mesh-echo\nstatus:\n  podIP: {}\n  podIPs:\n  - ip: {}\n  - ip: {}\n",
-                pod.name, pod.namespace, pod.uid, pod.node, pod.ip4, pod.ip4, pod.ip6
+                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  uid: {}\n  labels:\n    app: echo\n    version: {version}\n    statefulset.kubernetes.io/pod-name: {}\nspec:\n  nodeName: node{}\n  serviceAccountName: {sa}\n  containers:\n  - name: echo\n    image: mesh-echo\nstatus:\n  podIP: {}\n  podIPs:\n  - ip: {}\n  - ip: {}\n",
+                pod.name, pod.namespace, pod.uid, pod.name, pod.node, pod.ip4, pod.ip4, pod.ip6
             );
         }
         if let Some(pod) = &self.waypoint {

@@ -8,6 +8,9 @@
 //!   dedicated mode on a local config, the client pod's traffic redirected into it (see
 //!   `ztunnel.rs`).
 //!
+//! Then the waypoint's cost, HTTP over no mesh, the L4 tunnel and the waypoint (see
+//! `waypoint.rs`).
+//!
 //! Every load run is bounded in count and in time (`timeout` around each client).
 use std::{
     fmt::Write as _,
@@ -22,6 +25,7 @@ use crate::lab_spec;
 
 pub mod control;
 pub mod micro;
+mod waypoint;
 mod ztunnel;
 
 /// The client and server pods of every leg.
@@ -391,6 +395,7 @@ pub fn bench(options: &Options) -> anyhow::Result<()> {
         legs.iter().map(|l| l.title()).collect::<Vec<_>>().join(" / ")
     );
     let mut spec = lab_spec(2, 2);
+    spec.waypoint_bin = Some(crate::release_bin("mesh-waypoint"));
     // Extra agent flags for experiments, e.g. MESH_BENCH_AGENT_ARGS="--worker-threads 1".
     spec.agent_args =
         std::env::var("MESH_BENCH_AGENT_ARGS").unwrap_or_default().split_whitespace().map(str::to_owned).collect();
@@ -410,8 +415,9 @@ pub fn bench(options: &Options) -> anyhow::Result<()> {
         }
         None => None,
     };
-    println!("==> lab up (controller, 2 agents, 4 pods)");
+    println!("==> lab up (controller, 2 agents, 4 pods, a waypoint)");
     let lab = Lab::up(spec)?;
+    waypoint::prepare(&lab)?;
     let server = lab.pod(SERVER).ip4.clone();
     // With the default (2: loopback only) TIME_WAIT sockets fill the ephemeral ports
     // of a connection-rate run within a second and the baseline collapses.
@@ -495,6 +501,9 @@ pub fn bench(options: &Options) -> anyhow::Result<()> {
             }
         }
     }
+    let requests = if options.quick { 5_000 } else { 20_000 };
+    println!("==> waypoint: 1 KiB HTTP/1.1 {CLIENT} -> {SERVER}; {rounds} round(s) of no mesh / L4 tunnel / waypoint");
+    let http = waypoint::run(&lab, rounds, count, requests, &agents, &mut enroll)?;
     // The peak is the highest high-water mark of the whole run.
     for (_, samples) in &mut results.legs {
         let peak = samples.iter().map(|s| s.rss_peak_mib).fold(f64::NAN, f64::max);
@@ -504,10 +513,14 @@ pub fn bench(options: &Options) -> anyhow::Result<()> {
     }
     println!("\n{}", results.table());
     println!("(CPU and RSS: both ends' proxies summed: the two node agents, or the two pods' ztunnels)");
+    println!("\n{}", http.table());
+    println!("(agents: both nodes' agents summed; the waypoint runs on node1 with the client)");
     let agent = lab.agent_stats(1)?;
     println!("agent node1 counters: {}", agent["agent"]);
     if let Some(path) = &options.json {
-        std::fs::write(path, serde_json::to_string_pretty(&results.json(rounds))? + "\n")
+        let mut json = results.json(rounds);
+        json["waypoint"] = http.json();
+        std::fs::write(path, serde_json::to_string_pretty(&json)? + "\n")
             .with_context(|| format!("write {}", path.display()))?;
         println!("==> medians written to {}", path.display());
     }

@@ -63,7 +63,7 @@ pub fn setup() -> anyhow::Result<()> {
                     (need_linker, "bpf-linker"),
                     (need_vng, "virtme-ng"),
                     (need_fuzz, "cargo-fuzz"),
-                    (need_python, "the Python test peers (httpbin, gunicorn, grpcio, websockets)")
+                    (need_python, "the Python test peers (httpbin, gunicorn, grpcio, websockets, h2)")
                 ]
             )
         );
@@ -122,12 +122,13 @@ pub fn setup() -> anyhow::Result<()> {
 }
 
 /// Servers and clients from `PyPI` the waypoint's end-to-end tests run against: Istio's
-/// own sample app (httpbin, served by gunicorn), gRPC's health service, WebSocket.
-const PYTHON_PEERS: &[&str] = &["httpbin", "gunicorn", "websockets", "grpcio", "grpcio-health-checking"];
+/// own sample app (httpbin, served by gunicorn), gRPC's health service, WebSocket, and
+/// the HTTP/2 protocol library the flood tests speak with.
+const PYTHON_PEERS: &[&str] = &["httpbin", "gunicorn", "websockets", "grpcio", "grpcio-health-checking", "h2"];
 
 fn python_peers_present() -> bool {
     Command::new("python3")
-        .args(["-c", "import httpbin, gunicorn, websockets, grpc, grpc_health.v1"])
+        .args(["-c", "import httpbin, gunicorn, websockets, grpc, grpc_health.v1, h2.connection"])
         .output()
         .is_ok_and(|o| o.status.success())
 }

@@ -90,18 +90,7 @@ pub(super) fn build(config: &Config, service: &ServiceRef) -> RouteTable {
 fn default_route(service: &ServiceRef) -> Route {
     Route {
         name: "default".into(),
-        action: Action::Forward {
-            backends: vec![Backend {
-                host: service.hostname.clone(),
-                namespace: service.namespace.clone(),
-                port: Some(service.port),
-                subset: None,
-                weight: 100,
-                request_headers: HeaderOps::default(),
-                response_headers: HeaderOps::default(),
-                unresolved: None,
-            }],
-        },
+        action: Action::Forward { backends: vec![default_backend(service)] },
         rewrite: None,
         request_headers: HeaderOps::default(),
         response_headers: HeaderOps::default(),
@@ -110,6 +99,20 @@ fn default_route(service: &ServiceRef) -> Route {
         fault: None,
         mirrors: Vec::new(),
         cors: None,
+    }
+}
+
+/// The Service itself, same port: where traffic goes without route objects.
+pub(super) fn default_backend(service: &ServiceRef) -> Backend {
+    Backend {
+        host: service.hostname.clone(),
+        namespace: service.namespace.clone(),
+        port: Some(service.port),
+        subset: None,
+        weight: 100,
+        request_headers: HeaderOps::default(),
+        response_headers: HeaderOps::default(),
+        unresolved: None,
     }
 }
 
@@ -134,11 +137,11 @@ fn host_names_service(host: &str, ns: &str, service: &ServiceRef) -> bool {
         || host == format!("{}.{}.svc", service.name, service.namespace)
 }
 
-fn for_mesh(gateways: &[String]) -> bool {
+pub(super) fn for_mesh(gateways: &[String]) -> bool {
     gateways.is_empty() || gateways.iter().any(|g| g == "mesh")
 }
 
-fn vs_applies(vs: &VirtualService, service: &ServiceRef) -> bool {
+pub(super) fn vs_applies(vs: &VirtualService, service: &ServiceRef) -> bool {
     let ns = &vs.metadata.namespace;
     let export = &vs.spec.export_to;
     let exported = export.is_empty()
@@ -147,7 +150,7 @@ fn vs_applies(vs: &VirtualService, service: &ServiceRef) -> bool {
 }
 
 /// What backends are checked against: Services, `ServiceEntry` hosts, subsets.
-struct Index {
+pub(super) struct Index {
     /// FQDN -> (namespace, ports).
     services: BTreeMap<String, (String, Vec<u16>)>,
     /// `ServiceEntry` host -> namespace; wildcard hosts as (`.suffix`, namespace).
@@ -159,7 +162,7 @@ struct Index {
 }
 
 impl Index {
-    fn new(config: &Config) -> Self {
+    pub(super) fn new(config: &Config) -> Self {
         let mut index = Self {
             services: BTreeMap::new(),
             entries: BTreeMap::new(),
@@ -470,7 +473,7 @@ fn with_path_rewrite(
     route
 }
 
-fn destination(d: &Destination, ns: &str, weight: u32, index: &Index, place: &str) -> Backend {
+pub(super) fn destination(d: &Destination, ns: &str, weight: u32, index: &Index, place: &str) -> Backend {
     let port = d.port.as_ref().and_then(|p| u16::try_from(p.number).ok());
     index.backend(&d.host, ns, port, d.subset.as_deref(), weight, place)
 }
@@ -666,7 +669,7 @@ struct GatewayEntry {
     route: Route,
 }
 
-fn targets_service(p: &ParentReference, route_ns: &str, service: &ServiceRef) -> bool {
+pub(super) fn targets_service(p: &ParentReference, route_ns: &str, service: &ServiceRef) -> bool {
     // `group` must be core (""); an absent group is read as core too, since no Gateway
     // API kind is called Service.
     p.kind.as_deref() == Some("Service")
@@ -986,7 +989,7 @@ fn gateway_route(
 /// A `backendRef` (or mirror `backendRef`): a core Service (`name.ns.svc...`), or
 /// Istio's `networking.istio.io` `Hostname` (the name is the host, a Service or
 /// `ServiceEntry` host). Other kinds are unresolved.
-fn backend_ref(b: &BackendRef, route_ns: &str, weight: u32, index: &Index, place: &str) -> Backend {
+pub(super) fn backend_ref(b: &BackendRef, route_ns: &str, weight: u32, index: &Index, place: &str) -> Backend {
     let ns = b.namespace.as_deref().unwrap_or(route_ns);
     let port = b.port.and_then(|p| u16::try_from(p).ok());
     let group = b.group.as_deref().unwrap_or("");

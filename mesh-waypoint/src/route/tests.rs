@@ -1250,3 +1250,117 @@ proptest! {
         prop_assert_eq!(matcher::query_value(&query, "k"), Some(value));
     }
 }
+
+// ---------------------------------------------------------------------------------
+// L4 routes
+
+fn tcp_table(yaml: &str) -> TcpTable {
+    TcpTable::build(&config(yaml), &reviews())
+}
+
+fn tcp_request<'a>(labels: &'a BTreeMap<String, String>, source_namespace: &'a str) -> TcpRequest<'a> {
+    TcpRequest {
+        port: 9080,
+        destination: "10.96.0.5".parse().unwrap(),
+        source: "10.1.2.3".parse().unwrap(),
+        source_namespace,
+        source_labels: labels,
+    }
+}
+
+#[test]
+fn tcp_without_route_objects_goes_to_the_service() {
+    let table = tcp_table("");
+    assert!(!table.is_configured());
+    let labels = BTreeMap::new();
+    let route = table.select(&tcp_request(&labels, "shop")).unwrap();
+    assert_eq!(route.name, "default");
+    assert_eq!(route.backends[0].host, "reviews.shop.svc.cluster.local");
+    assert_eq!(route.backends[0].port, Some(9080));
+}
+
+#[test]
+fn tcp_virtual_service_weights_matches_and_first_rule_wins() {
+    let table = tcp_table(
+        "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: shop}
+spec:
+  hosts: [reviews]
+  tcp:
+  - match: [{sourceLabels: {app: legacy}}, {sourceSubnet: 10.9.0.0/16}]
+    route: [{destination: {host: reviews, subset: v1}}]
+  - match: [{port: 9080, sourceNamespace: shop}]
+    route:
+    - {destination: {host: reviews, subset: v1}, weight: 70}
+    - {destination: {host: reviews, subset: v2}, weight: 30}
+",
+    );
+    assert!(table.is_configured());
+    let legacy = BTreeMap::from([("app".to_string(), "legacy".to_string())]);
+    let route = table.select(&tcp_request(&legacy, "other")).unwrap();
+    assert_eq!(route.name, "VirtualService/shop/reviews#tcp[0]");
+    let none = BTreeMap::new();
+    let route = table.select(&tcp_request(&none, "shop")).unwrap();
+    assert_eq!(route.name, "VirtualService/shop/reviews#tcp[1]");
+    let v1 = (0..100).filter(|r| route.pick_backend(*r).unwrap().subset.as_deref() == Some("v1")).count();
+    assert_eq!(v1, 70);
+    // No rule matches a caller of another namespace: refused.
+    assert!(table.select(&tcp_request(&none, "other")).is_none());
+}
+
+#[test]
+fn tcp_route_attached_to_the_service_wins_over_virtual_services() {
+    let table = tcp_table(
+        "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: shop}
+spec:
+  hosts: [reviews]
+  tcp: [{route: [{destination: {host: ratings}}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata: {name: reviews, namespace: shop}
+spec:
+  parentRefs: [{group: '', kind: Service, name: reviews, port: 9080}]
+  rules:
+  - backendRefs: [{name: reviews, port: 9080, weight: 1}, {name: reviews-v2, port: 9080, weight: 3}, {name: nope, port: 1}]
+",
+    );
+    let none = BTreeMap::new();
+    let route = table.select(&tcp_request(&none, "shop")).unwrap();
+    assert_eq!(route.name, "TCPRoute/shop/reviews#rules[0]");
+    let hosts: Vec<&str> = (0..5).map(|r| route.pick_backend(r).unwrap().host.as_str()).collect();
+    assert_eq!(
+        hosts,
+        [
+            "reviews.shop.svc.cluster.local",
+            "reviews-v2.shop.svc.cluster.local",
+            "reviews-v2.shop.svc.cluster.local",
+            "reviews-v2.shop.svc.cluster.local",
+            "nope.shop.svc.cluster.local"
+        ]
+    );
+    assert!(route.backends[2].unresolved.is_some());
+}
+
+#[test]
+fn tcp_match_with_a_bad_subnet_is_left_out_with_a_warning() {
+    // The loader checks CIDRs; a table built from a model that skipped it must not
+    // match everything.
+    let mut config = config(
+        "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: shop}
+spec:
+  hosts: [reviews]
+  tcp: [{match: [{sourceSubnet: 10.0.0.0/8}], route: [{destination: {host: reviews}}]}]
+",
+    );
+    config.virtual_services[0].spec.tcp[0].match_[0].source_subnet = Some("10.0.0.0/99".into());
+    let table = TcpTable::build(&config, &reviews());
+    let none = BTreeMap::new();
+    assert!(table.select(&tcp_request(&none, "shop")).is_none());
+    assert!(table.warnings()[0].contains("sourceSubnet"), "{:?}", table.warnings());
+}

@@ -3,7 +3,9 @@
 //! `mesh-echo serve --name POD` answers every HTTP/1.1 request on `--http-port` with
 //! `pod=<name> peer=<ip:port>` (the address it saw the client come from) and echoes
 //! bytes back on `--tcp-port`. `mesh-echo rr --addr IP:PORT` measures request/response
-//! latency against the echo port at a fixed rate and prints JSON. `load` keeps a
+//! latency against the echo port at a fixed rate and prints JSON; `http` does the same
+//! with HTTP/1.1 requests on one keep-alive connection (`POST /echo`, whose body the
+//! server sends back). `load` keeps a
 //! steady rate of new connections and counts the failures; `many` holds many idle
 //! connections open at once.
 use std::{
@@ -34,6 +36,13 @@ fn main() -> anyhow::Result<()> {
             let rate: u64 = opt("--rate").map_or(Ok(1000), |v| v.parse()).context("--rate")?;
             request_response(addr, size, count, rate)
         }
+        "http" => {
+            let addr: SocketAddr = opt("--addr").context("--addr is required")?.parse().context("--addr")?;
+            let size: usize = opt("--size").map_or(Ok(1024), |v| v.parse()).context("--size")?;
+            let count: usize = opt("--count").map_or(Ok(2000), |v| v.parse()).context("--count")?;
+            let rate: u64 = opt("--rate").map_or(Ok(1000), |v| v.parse()).context("--rate")?;
+            http_request_response(addr, size, count, rate)
+        }
         "cps" => {
             let addr: SocketAddr = opt("--addr").context("--addr is required")?.parse().context("--addr")?;
             let clients: usize = opt("--clients").map_or(Ok(4), |v| v.parse()).context("--clients")?;
@@ -58,7 +67,7 @@ fn main() -> anyhow::Result<()> {
             let seconds: u64 = opt("--seconds").map_or(Ok(10), |v| v.parse()).context("--seconds")?;
             many(addr, count, Duration::from_secs(seconds))
         }
-        other => bail!("unknown mode {other}; expected serve, rr, cps, hold, load or many"),
+        other => bail!("unknown mode {other}; expected serve, rr, http, cps, hold, load or many"),
     }
 }
 
@@ -256,6 +265,7 @@ fn http_conn(stream: TcpStream, name: &str) {
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };
+    let _ = writer.set_nodelay(true);
     let mut reader = BufReader::new(stream);
     loop {
         let mut content_length = 0usize;
@@ -287,13 +297,21 @@ fn http_conn(stream: TcpStream, name: &str) {
         if reader.read_exact(&mut body).is_err() {
             return;
         }
-        let reply = format!("pod={name} peer={peer} local={local}\n");
-        let head = format!(
+        // `POST /echo`: the body back (the benchmark's requests); anything else: who
+        // answered and whom it saw.
+        let reply = if line.starts_with("POST /echo ") {
+            body
+        } else {
+            format!("pod={name} peer={peer} local={local}\n").into_bytes()
+        };
+        let mut answer = format!(
             "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{}\r\n",
             reply.len(),
             if close { "connection: close\r\n" } else { "" }
-        );
-        if writer.write_all(head.as_bytes()).and_then(|()| writer.write_all(reply.as_bytes())).is_err() || close {
+        )
+        .into_bytes();
+        answer.extend_from_slice(&reply);
+        if writer.write_all(&answer).is_err() || close {
             let _ = writer.shutdown(Shutdown::Both);
             return;
         }
@@ -302,6 +320,77 @@ fn http_conn(stream: TcpStream, name: &str) {
 
 fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// One persistent HTTP/1.1 connection; a `POST /echo` with a `size`-byte body every
+/// 1/`rate` s (at once when the previous answer came late), `count` times; each answer
+/// must be a 200 with the body echoed. Prints latency percentiles and the count of
+/// answers that were not.
+fn http_request_response(addr: SocketAddr, size: usize, count: usize, rate: u64) -> anyhow::Result<()> {
+    let stream =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(5)).with_context(|| format!("connect {addr}"))?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let mut request =
+        format!("POST /echo HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/octet-stream\r\ncontent-length: {size}\r\n\r\n")
+            .into_bytes();
+    request.extend(std::iter::repeat_n(0x5a_u8, size));
+    let interval = Duration::from_nanos(1_000_000_000 / rate.max(1));
+    let (mut latencies, mut bad) = (Vec::with_capacity(count), 0u64);
+    let started = Instant::now();
+    let mut next = Instant::now();
+    for _ in 0..count {
+        let now = Instant::now();
+        if next > now {
+            thread::sleep(next - now);
+        }
+        next += interval;
+        let t = Instant::now();
+        writer.write_all(&request)?;
+        let (status, body) = read_response(&mut reader)?;
+        latencies.push(t.elapsed());
+        if status != 200 || body.len() != size {
+            bad += 1;
+        }
+        if started.elapsed() > Duration::from_mins(1) {
+            break;
+        }
+    }
+    latencies.sort();
+    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64() * 1e6;
+    println!(
+        "{}",
+        serde_json::json!({ "count": latencies.len(), "bad": bad, "p50_us": pct(0.50), "p99_us": pct(0.99), "max_us": pct(1.0) })
+    );
+    Ok(())
+}
+
+/// One HTTP/1.1 response with a `content-length` body: (status, body).
+fn read_response(reader: &mut BufReader<TcpStream>) -> anyhow::Result<(u16, Vec<u8>)> {
+    let mut line = String::new();
+    if reader.read_line(&mut line)? == 0 {
+        bail!("connection closed before a response");
+    }
+    let status: u16 = line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("status line")?;
+    let mut length = 0usize;
+    loop {
+        let mut header = String::new();
+        if reader.read_line(&mut header)? == 0 {
+            bail!("connection closed in the response headers");
+        }
+        let header = header.trim_end().to_ascii_lowercase();
+        if header.is_empty() {
+            break;
+        }
+        if let Some(v) = header.strip_prefix("content-length:") {
+            length = v.trim().parse().context("content-length")?;
+        }
+    }
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body).context("response body")?;
+    Ok((status, body))
 }
 
 /// One persistent connection; a `size`-byte request every 1/`rate` s (sent at once

@@ -339,3 +339,176 @@ fn waypoint_websocket_and_grpc() {
         );
     });
 }
+
+/// A mirror to the v2 pods, and the echo server's HTTP port declared as TCP with a
+/// `VirtualService` `tcp` route to v2 only.
+const MIRROR_AND_TCP: &str = "\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: httpbin, namespace: shop}
+spec:
+  host: httpbin
+  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: httpbin, namespace: shop}
+spec:
+  hosts: [httpbin]
+  http:
+  - match: [{uri: {prefix: /anything/mirrored}}]
+    route: [{destination: {host: httpbin, subset: v1}}]
+    mirror: {host: httpbin, subset: v2}
+    mirrorPercentage: {value: 100}
+  - route: [{destination: {host: httpbin}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo-tcp, namespace: shop}
+spec:
+  clusterIP: 10.96.0.12
+  selector: {app: echo}
+  ports: [{name: tcp-echo, port: 81, targetPort: 8080}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: echo-tcp, namespace: shop}
+spec:
+  host: echo-tcp
+  subsets: [{name: v2, labels: {version: v2}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: echo-tcp, namespace: shop}
+spec:
+  hosts: [echo-tcp]
+  tcp:
+  - match: [{port: 81}]
+    route: [{destination: {host: echo-tcp, subset: v2}}]
+";
+
+/// Sends `request` on a new connection to httpbin's VIP and returns what came back
+/// until the server closed (or 5 s of silence).
+const RAW_HTTP: &str = "\
+import socket, sys
+s = socket.create_connection(('10.96.0.20', 8000), timeout=5)
+s.sendall(sys.argv[1].encode().decode('unicode_escape').encode('latin-1'))
+data = b''
+try:
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+except socket.timeout:
+    pass
+print(data.split(b'\\r\\n')[0].decode('latin-1', 'replace'))
+";
+
+/// Slowloris: a header line every second, never the end of the headers. Prints how
+/// long the server let it go on.
+const SLOWLORIS: &str = "\
+import socket, time
+s = socket.create_connection(('10.96.0.20', 8000), timeout=30)
+start = time.monotonic()
+s.sendall(b'GET /get HTTP/1.1\\r\\nHost: httpbin\\r\\n')
+try:
+    for i in range(30):
+        time.sleep(1)
+        s.sendall(b'x-slow-%d: 1\\r\\n' % i)
+    print('still open after', round(time.monotonic() - start), 's')
+except OSError as e:
+    print('closed after', round(time.monotonic() - start), 's')
+";
+
+/// HTTP/2 rapid reset (CVE-2023-44487): 2000 streams opened and reset at once on one
+/// connection. Prints how the server ended the connection, and how many of its
+/// answers came back.
+const RAPID_RESET: &str = "\
+import socket, h2.connection, h2.config, h2.events, h2.errors
+s = socket.create_connection(('10.96.0.20', 8000), timeout=10)
+c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+c.initiate_connection()
+s.sendall(c.data_to_send())
+for i in range(2000):
+    sid = c.get_next_available_stream_id()
+    c.send_headers(sid, [(':method', 'GET'), (':path', '/delay/2'), (':scheme', 'http'), (':authority', 'httpbin')], end_stream=True)
+    c.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+    if i % 100 == 99:
+        s.sendall(c.data_to_send())
+s.sendall(c.data_to_send())
+outcome, answers = 'no goaway', 0
+try:
+    while True:
+        data = s.recv(65536)
+        if not data:
+            outcome = outcome if outcome != 'no goaway' else 'closed'
+            break
+        for e in c.receive_data(data):
+            if isinstance(e, h2.events.ResponseReceived):
+                answers += 1
+            if isinstance(e, h2.events.ConnectionTerminated):
+                outcome = 'goaway ' + h2.errors.ErrorCodes(e.error_code).name
+        s.sendall(c.data_to_send())
+except (socket.timeout, ConnectionResetError):
+    pass
+print(outcome, answers)
+";
+
+#[test]
+fn waypoint_mirror_tcp_routes_and_bad_input() {
+    let adjust = |spec: &mut mesh_lab::LabSpec| spec.waypoint_bin = Some(super::waypoint_bin());
+    with_lab_spec("mesh-wm", 3, &[], Some(&[]), adjust, |lab| {
+        start_httpbin(lab, &shop_pods(lab)).expect("httpbin");
+        apply(lab, "httpbin.yaml", HTTPBIN);
+        apply(lab, "mirror-tcp.yaml", MIRROR_AND_TCP);
+        // Mirror: every request answered by v1 is also received by a v2 pod.
+        let answers = bodies(lab, "n1-p1", &format!("{HTTPBIN_URL}/anything/mirrored"), 10, "-o /dev/null");
+        assert!(answers.iter().all(|l| l.trim() == "200"), "{answers:?}");
+        let hits = |pods: &[&str]| pods.iter().map(|p| gunicorn_hits(lab, p, "/anything/mirrored")).sum::<usize>();
+        assert_eq!(hits(&["n1-p1", "n2-p1"]), 10, "primary requests at v1");
+        wait_for(Duration::from_secs(5), || hits(&["n1-p2", "n2-p2"]) == 10)
+            .unwrap_or_else(|_| panic!("mirrored: {} of 10; {}", hits(&["n1-p2", "n2-p2"]), lab.log_of("waypoint")));
+        // TCP route: the HTTP port declared `tcp-`: relayed as bytes by the waypoint
+        // (the server sees it as the peer), to v2 pods only.
+        let tcp = bodies(lab, "n1-p1", "http://10.96.0.12:81/", 12, "");
+        assert_eq!(tcp.len(), 12, "{tcp:?}\n{}", lab.log_of("waypoint"));
+        for line in &tcp {
+            assert!(line.starts_with("pod=n1-p2 ") || line.starts_with("pod=n2-p2 "), "not v2: {line}");
+            assert!(line.contains(&format!("peer={WAYPOINT_IP}:")), "not relayed by the waypoint: {line}");
+        }
+        // Bad input: clear 4xx answers, and the waypoint keeps serving.
+        let raw = |request: &str| {
+            let out = lab.exec("n1-p1", &["python3", "-c", RAW_HTTP, request]).unwrap();
+            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        };
+        assert_eq!(
+            raw("GET /get HTTP/1.1\\r\\nHost: httpbin\\r\\nno colon here\\r\\n\\r\\n"),
+            "HTTP/1.1 400 Bad Request"
+        );
+        assert_eq!(
+            raw("GET /get HTTP/1.1\\r\\nHost: httpbin\\r\\nContent-Length: x\\r\\n\\r\\n"),
+            "HTTP/1.1 400 Bad Request"
+        );
+        assert_eq!(raw("BREW /get HTCPCP/1.0\\r\\n\\r\\n"), "HTTP/1.1 400 Bad Request");
+        let big = format!("x-big: {}", "a".repeat(100 << 10));
+        let out = bodies(lab, "n1-p1", &format!("{HTTPBIN_URL}/get"), 1, &format!("-o /dev/null -H '{big}'"));
+        assert_eq!(out.iter().map(|l| l.trim()).collect::<Vec<_>>(), ["431"], "100 KiB header");
+        let many: String = (0..150).map(|i| format!(" -H 'x-h{i}: 1'")).collect();
+        let out = bodies(lab, "n1-p1", &format!("{HTTPBIN_URL}/get"), 1, &format!("-o /dev/null{many}"));
+        assert_eq!(out.iter().map(|l| l.trim()).collect::<Vec<_>>(), ["431"], "150 headers");
+        let out = lab.exec("n1-p1", &["python3", "-c", SLOWLORIS]).unwrap();
+        let slow = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let after: u64 = slow.rsplit(' ').nth(1).and_then(|n| n.parse().ok()).unwrap_or(99);
+        assert!(slow.starts_with("closed after") && (9..=15).contains(&after), "slowloris: {slow}");
+        let out = lab.exec("n1-p1", &["python3", "-c", RAPID_RESET]).unwrap();
+        let reset = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        eprintln!("rapid reset: {reset} {}", String::from_utf8_lossy(&out.stderr));
+        assert!(reset.starts_with("goaway ENHANCE_YOUR_CALM"), "rapid reset: {reset}");
+        // httpbin got at most a bounded share of the 2000 reset streams.
+        let flood: usize = shop_pods(lab).iter().map(|p| gunicorn_hits(lab, p, "/delay/2")).sum();
+        eprintln!("rapid reset: {flood} of 2000 reset requests reached httpbin");
+        let (code, text) = try_curl(lab, "n2-p1", &format!("{HTTPBIN_URL}/get"));
+        assert_eq!(code, 0, "after the bad input: {text}\n{}", lab.log_of("waypoint"));
+    });
+}
