@@ -8,5 +8,7 @@ pub mod balance;
 pub mod limits;
 pub mod outlier;
 pub mod policy;
+pub mod ratelimit;
 pub mod retry;
 pub mod route;
+pub mod trace;
