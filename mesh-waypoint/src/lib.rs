@@ -11,4 +11,5 @@ pub mod policy;
 pub mod ratelimit;
 pub mod retry;
 pub mod route;
+pub mod telemetry_api;
 pub mod trace;
