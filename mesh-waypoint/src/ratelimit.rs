@@ -23,7 +23,7 @@
 //!   `filter_enabled`/`filter_enforced` `{runtime_key, default_value {numerator,
 //!   denominator}}` and `response_headers_to_add [{append, header {key, value}}]`.
 //!   As in Envoy, an absent `filter_enabled` or `filter_enforced` means 0 %, an absent
-//!   `tokens_per_fill` means 1, and an HTTP_FILTER without `token_bucket` limits
+//!   `tokens_per_fill` means 1, and an `HTTP_FILTER` without `token_bucket` limits
 //!   nothing by itself (the per-route settings do).
 use std::{
     collections::BTreeMap,
@@ -126,7 +126,7 @@ pub struct Scope {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LocalRateLimit {
     pub scope: Scope,
-    /// `match.listener.portNumber` of the HTTP_FILTER patch, if any.
+    /// `match.listener.portNumber` of the `HTTP_FILTER` patch, if any.
     pub port: Option<u16>,
     /// The filter-wide bucket (all routes without their own), if configured.
     pub filter: Option<BucketConfig>,
@@ -200,10 +200,10 @@ fn proto_duration(v: &Value, path: &str) -> Result<Duration> {
 /// Parses a local rate limit `EnvoyFilter` (the whole object or its `spec`).
 pub fn parse_local_rate_limit(object: &Value) -> Result<LocalRateLimit> {
     let root = obj(object, "")?;
-    if let Some(kind) = root.get("kind") {
-        if kind.as_str() != Some("EnvoyFilter") {
-            return Err(invalid("kind", kind, "is not EnvoyFilter"));
-        }
+    if let Some(kind) = root.get("kind")
+        && kind.as_str() != Some("EnvoyFilter")
+    {
+        return Err(invalid("kind", kind, "is not EnvoyFilter"));
     }
     let (spec_value, sp) = match root.get("spec") {
         Some(s) => (s, "spec"),
@@ -266,10 +266,10 @@ pub fn parse_local_rate_limit(object: &Value) -> Result<LocalRateLimit> {
             None => &empty,
         };
         let mp = format!("{p}.match");
-        if let Some(c) = matcher.get("context") {
-            if !["SIDECAR_INBOUND", "GATEWAY", "ANY"].contains(&string(c, &format!("{mp}.context"))?) {
-                return Err(unsupported(&format!("{mp}.context"), c));
-            }
+        if let Some(c) = matcher.get("context")
+            && !["SIDECAR_INBOUND", "GATEWAY", "ANY"].contains(&string(c, &format!("{mp}.context"))?)
+        {
+            return Err(unsupported(&format!("{mp}.context"), c));
         }
         let patch = obj(req(m, &p, "patch")?, &format!("{p}.patch"))?;
         let pp = format!("{p}.patch");
@@ -372,10 +372,10 @@ fn route_match(matcher: &serde_json::Map<String, Value>, mp: &str) -> Result<(Op
             let rtp = format!("{vp}.route");
             let r = obj(r, &rtp)?;
             only(r, &rtp, &["name", "action"])?;
-            if let Some(a) = r.get("action") {
-                if a.as_str() != Some("ANY") {
-                    return Err(unsupported(&format!("{rtp}.action"), a));
-                }
+            if let Some(a) = r.get("action")
+                && a.as_str() != Some("ANY")
+            {
+                return Err(unsupported(&format!("{rtp}.action"), a));
             }
             r.get("name").map(|n| string(n, &format!("{rtp}.name")).map(str::to_string)).transpose()?
         }

@@ -203,21 +203,22 @@ fn scope_of(t: &Telemetry, s: &Subject<'_>) -> Option<usize> {
         let names = |kind: &str, group: &str, name: &str| {
             refs.iter().any(|r| r.kind == kind && (r.group.is_empty() || r.group == group) && r.name == name)
         };
-        if let Some((svc_ns, svc)) = s.service {
-            if ns == svc_ns && names("Service", "", svc) {
-                return Some(3);
-            }
+        if let Some((svc_ns, svc)) = s.service
+            && ns == svc_ns
+            && names("Service", "", svc)
+        {
+            return Some(3);
         }
         if ns == s.waypoint_namespace && names("Gateway", "gateway.networking.k8s.io", s.waypoint_name) {
             return Some(2);
         }
         return None;
     }
-    if let Some(sel) = &t.spec.selector {
-        if !sel.match_labels.is_empty() {
-            let matches = sel.match_labels.iter().all(|(k, v)| s.waypoint_labels.get(k) == Some(v));
-            return (ns == s.waypoint_namespace && matches).then_some(2);
-        }
+    if let Some(sel) = &t.spec.selector
+        && !sel.match_labels.is_empty()
+    {
+        let matches = sel.match_labels.iter().all(|(k, v)| s.waypoint_labels.get(k) == Some(v));
+        return (ns == s.waypoint_namespace && matches).then_some(2);
     }
     if ns == s.root_namespace {
         Some(0)
@@ -239,7 +240,7 @@ pub fn resolve(telemetries: &[Telemetry], subject: &Subject<'_>, defaults: &Defa
         match by_scope[scope] {
             None => by_scope[scope] = Some(t),
             Some(winner) => {
-                issues.push(TelemetryIssue::Shadowed { telemetry: id(t), scope: SCOPES[scope], winner: id(winner) })
+                issues.push(TelemetryIssue::Shadowed { telemetry: id(t), scope: SCOPES[scope], winner: id(winner) });
             }
         }
     }
@@ -438,13 +439,13 @@ impl Cx<'_> {
         };
         let disabled = match o.get("disabled") {
             None => None,
-            Some(v) => match v.as_bool() {
-                Some(b) => Some(b),
-                None => {
+            Some(v) => {
+                let b = v.as_bool();
+                if b.is_none() {
                     self.invalid(&format!("{path}.disabled"), v, "is not a boolean");
-                    None
                 }
-            },
+                b
+            }
         };
         let mut tags = BTreeMap::new();
         if let Some(to) = o.get("tagOverrides") {
@@ -548,14 +549,13 @@ enum Tok {
     Close,
 }
 
-fn lex(s: &str) -> Result<Vec<Tok>, String> {
-    let b = s.as_bytes();
+fn lex(text: &str) -> Result<Vec<Tok>, String> {
+    let (s, b) = (text, text.as_bytes());
     let mut i = 0;
     let mut out = Vec::new();
     while i < b.len() {
-        let c = b[i];
         let two = b.get(i..i + 2).unwrap_or(&[]);
-        let (tok, len) = match (c, two) {
+        let (tok, len) = match (b[i], two) {
             (b' ' | b'\t' | b'\n', _) => {
                 i += 1;
                 continue;

@@ -413,9 +413,9 @@ pub fn start(headers: &HeaderMap, sampling_percent: f64, random: Randomness) -> 
     let mut upstream = Vec::new();
     let mut remove = Vec::new();
     let tp = Traceparent { trace_id, parent_id: span_id, flags: u8::from(sampled) };
-    push(&mut upstream, "traceparent", tp.to_header());
+    push(&mut upstream, "traceparent", &tp.to_header());
     if let Some(ts) = &tracestate {
-        push(&mut upstream, "tracestate", ts.clone());
+        push(&mut upstream, "tracestate", ts);
     }
     let b3_trace = if trace_id_64 { TraceId(trace_id.0).to_string()[16..].to_string() } else { trace_id.to_string() };
     let b3_flag = if debug {
@@ -434,25 +434,25 @@ pub fn start(headers: &HeaderMap, sampling_percent: f64, random: Randomness) -> 
     let multi_names = ["x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags"];
     match b3_form {
         Some(Format::B3Single) => {
-            let mut v = format!("{b3_trace}-{span_id}-{b3_flag}");
-            if let Some(p) = parent_id {
-                v.push_str(&format!("-{p}"));
-            }
-            push(&mut upstream, "b3", v);
+            let v = match parent_id {
+                Some(p) => format!("{b3_trace}-{span_id}-{b3_flag}-{p}"),
+                None => format!("{b3_trace}-{span_id}-{b3_flag}"),
+            };
+            push(&mut upstream, "b3", &v);
             remove.extend(multi_names.into_iter().map(HeaderName::from_static));
         }
         Some(Format::B3Multi) => {
             remove.push(HeaderName::from_static("b3"));
             remove.extend(multi_names.into_iter().map(HeaderName::from_static));
-            push(&mut upstream, "x-b3-traceid", b3_trace);
-            push(&mut upstream, "x-b3-spanid", span_id.to_string());
+            push(&mut upstream, "x-b3-traceid", &b3_trace);
+            push(&mut upstream, "x-b3-spanid", &span_id.to_string());
             if let Some(p) = parent_id {
-                push(&mut upstream, "x-b3-parentspanid", p.to_string());
+                push(&mut upstream, "x-b3-parentspanid", &p.to_string());
             }
             if debug {
-                push(&mut upstream, "x-b3-flags", "1".into());
+                push(&mut upstream, "x-b3-flags", "1");
             } else {
-                push(&mut upstream, "x-b3-sampled", b3_flag.into());
+                push(&mut upstream, "x-b3-sampled", b3_flag);
             }
         }
         Some(Format::W3c) | None => {}
@@ -469,10 +469,10 @@ pub fn start(headers: &HeaderMap, sampling_percent: f64, random: Randomness) -> 
     }
 }
 
-fn push(out: &mut Vec<(HeaderName, HeaderValue)>, name: &'static str, value: String) {
+fn push(out: &mut Vec<(HeaderName, HeaderValue)>, name: &'static str, value: &str) {
     // Every value built here is hex, digits and '-', or a tracestate that was
     // already a valid header value.
-    if let Ok(v) = HeaderValue::from_str(&value) {
+    if let Ok(v) = HeaderValue::from_str(value) {
         out.push((HeaderName::from_static(name), v));
     }
 }

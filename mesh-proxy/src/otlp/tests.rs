@@ -14,7 +14,7 @@ fn span(n: u8, error: bool) -> Span {
     Span {
         trace_id: TraceId([n; 16]),
         span_id: SpanId([n + 1; 8]),
-        parent_id: (n % 2 == 0).then_some(SpanId([0xab; 8])),
+        parent_id: n.is_multiple_of(2).then_some(SpanId([0xab; 8])),
         tracestate: Some("vendor=x".into()),
         name: "reviews.default.svc.cluster.local:9080/*".into(),
         kind: SpanKind::Server,

@@ -16,11 +16,12 @@ fn settings(max: u32, per_fill: u32, interval: &str) -> Value {
 }
 
 fn typed(value: Value) -> Value {
-    json!({
+    let mut t = json!({
         "@type": "type.googleapis.com/udpa.type.v1.TypedStruct",
         "type_url": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
-        "value": value
-    })
+    });
+    t["value"] = value;
+    t
 }
 
 /// Istio's documented filter-wide example.
@@ -72,7 +73,7 @@ fn istios_documented_filter_parses() {
     let rl = parse_local_rate_limit(&documented()).unwrap();
     assert_eq!(rl.scope.selector.get("app").map(String::as_str), Some("productpage"));
     let f = rl.filter.unwrap();
-    assert_eq!((f.max_tokens, f.tokens_per_fill, f.fill_interval), (4, 4, Duration::from_secs(60)));
+    assert_eq!((f.max_tokens, f.tokens_per_fill, f.fill_interval), (4, 4, Duration::from_mins(1)));
     assert_eq!(f.enabled, Fraction::ALL);
     assert_eq!(f.enforced, Fraction::ALL);
     assert_eq!(f.response_headers, vec![("x-local-rate-limit".to_string(), "true".to_string())]);

@@ -3,7 +3,9 @@ use serde_json::json;
 use super::*;
 
 fn telemetry(namespace: &str, name: &str, spec: Value) -> Telemetry {
-    serde_json::from_value(json!({"metadata": {"name": name, "namespace": namespace}, "spec": spec})).unwrap()
+    let mut object = json!({"metadata": {"name": name, "namespace": namespace}});
+    object["spec"] = spec;
+    serde_json::from_value(object).unwrap()
 }
 
 fn labels() -> Labels {
