@@ -146,6 +146,21 @@ pub struct Origin {
     pub scope_version: String,
 }
 
+impl Origin {
+    /// The origin of a proxy's spans as Istio names it: `service.name` is
+    /// `<canonical service>.<namespace>` (what Jaeger shows as the service).
+    pub fn proxy(canonical_service: &str, namespace: &str, scope_name: &str, scope_version: &str) -> Self {
+        Self {
+            resource: vec![
+                ("service.name".to_string(), AttrValue::Str(format!("{canonical_service}.{namespace}"))),
+                ("k8s.namespace.name".to_string(), AttrValue::Str(namespace.to_string())),
+            ],
+            scope_name: scope_name.to_string(),
+            scope_version: scope_version.to_string(),
+        }
+    }
+}
+
 /// Encodes `opentelemetry.proto.collector.trace.v1.ExportTraceServiceRequest` with one
 /// `ResourceSpans` holding one `ScopeSpans`.
 pub fn encode_export_request(origin: &Origin, spans: &[Span]) -> Bytes {
@@ -227,6 +242,9 @@ pub struct ExporterConfig {
     pub path: String,
     /// The time one batch may take, connect included.
     pub timeout: Duration,
+    /// Extra request headers (the provider's `http.headers`, or gRPC
+    /// `initialMetadata`), such as an authorization token.
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
     /// Spans waiting for export at most; more are dropped.
     pub queue: usize,
     /// Spans per request at most.
@@ -246,6 +264,7 @@ impl ExporterConfig {
             protocol,
             path: HTTP_PATH.to_string(),
             timeout: Duration::from_secs(10),
+            headers: Vec::new(),
             queue: 2048,
             batch: 512,
             interval: Duration::from_secs(1),
@@ -274,6 +293,11 @@ pub enum ExportError {
         port: u16,
         #[source]
         source: std::io::Error,
+    },
+    #[error("building the export request (is the configured path a valid URI path?)")]
+    Request {
+        #[source]
+        source: http::Error,
     },
     #[error("HTTP exchange with the collector")]
     Http {
@@ -427,9 +451,10 @@ impl Exporter {
             Some(Connection::Http2(s)) => !s.is_closed() && s.ready().await.is_ok(),
             None => false,
         };
-        if !alive {
-            *connection = Some(self.connect().await?);
-        }
+        let connection = match connection.take() {
+            Some(c) if alive => connection.insert(c),
+            _ => connection.insert(self.connect().await?),
+        };
         let authority = if self.config.host.contains(':') {
             format!("[{}]:{}", self.config.host, self.config.port)
         } else {
@@ -437,12 +462,13 @@ impl Exporter {
         };
         let http = |source| ExportError::Http { source };
         match connection {
-            Some(Connection::Http1(sender)) => {
-                let request = Request::post(self.config.path.as_str())
+            Connection::Http1(sender) => {
+                let mut request = Request::post(self.config.path.as_str())
                     .header(http::header::HOST, authority)
                     .header(http::header::CONTENT_TYPE, "application/x-protobuf")
                     .body(Full::new(body))
-                    .expect("static request parts are valid");
+                    .map_err(|source| ExportError::Request { source })?;
+                request.headers_mut().extend(self.config.headers.iter().cloned());
                 let response = sender.send_request(request).await.map_err(http)?;
                 let status = response.status();
                 // Read the body to keep the connection reusable.
@@ -452,17 +478,18 @@ impl Exporter {
                 }
                 Ok(())
             }
-            Some(Connection::Http2(sender)) => {
+            Connection::Http2(sender) => {
                 let mut framed = BytesMut::with_capacity(body.len() + 5);
                 framed.put_u8(0); // not compressed
                 framed.put_u32(body.len() as u32);
                 framed.put_slice(&body);
                 let uri = format!("http://{authority}{GRPC_PATH}");
-                let request = Request::post(uri)
+                let mut request = Request::post(uri)
                     .header(http::header::CONTENT_TYPE, "application/grpc")
                     .header(http::header::TE, "trailers")
                     .body(Full::new(framed.freeze()))
-                    .expect("static request parts are valid");
+                    .map_err(|source| ExportError::Request { source })?;
+                request.headers_mut().extend(self.config.headers.iter().cloned());
                 let response = sender.send_request(request).await.map_err(http)?;
                 let status = response.status();
                 let (head, body) = response.into_parts();
@@ -486,7 +513,6 @@ impl Exporter {
                     }
                 }
             }
-            None => unreachable!("connected above"),
         }
     }
 }

@@ -502,7 +502,9 @@ pub enum Decision {
     Skipped,
     /// A token was taken.
     Allow,
-    /// Out of tokens and enforced: answer 429 with response flag `RL` and these headers.
+    /// Out of tokens and enforced: answer 429 with response flag `RL` and these
+    /// headers (`x-envoy-ratelimited: true`, as Envoy's filter sets, then the
+    /// configured `response_headers_to_add`).
     Limited { headers: Vec<(String, String)> },
     /// Out of tokens but not enforced for this request (`filter_enforced`): let it
     /// pass, count it as rate limited.
@@ -562,7 +564,10 @@ impl Bucket {
             }
         }
         if self.config.enforced.hits(random.wrapping_mul(0x9E37_79B9).rotate_left(16)) {
-            Decision::Limited { headers: self.config.response_headers.clone() }
+            let mut headers = Vec::with_capacity(self.config.response_headers.len() + 1);
+            headers.push((RATELIMITED_HEADER.to_string(), "true".to_string()));
+            headers.extend(self.config.response_headers.iter().cloned());
+            Decision::Limited { headers }
         } else {
             Decision::NotEnforced
         }
@@ -571,6 +576,8 @@ impl Bucket {
 
 /// The response flag of a rate-limited request.
 pub const RESPONSE_FLAG: &str = "RL";
+/// The header Envoy's local rate limit filter sets on its 429.
+pub const RATELIMITED_HEADER: &str = "x-envoy-ratelimited";
 
 #[cfg(test)]
 mod tests;

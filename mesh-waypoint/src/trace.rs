@@ -506,9 +506,12 @@ pub enum CustomTag {
 /// Everything about the request a span records, gathered by the proxy.
 #[derive(Clone, Debug, Default)]
 pub struct RequestFacts<'a> {
-    /// The destination service's host (`reviews.default.svc.cluster.local`).
+    /// The route's destination host (`reviews.default.svc.cluster.local`), or the
+    /// VirtualService name when the route splits across several (see [`span_name`]).
     pub service_host: &'a str,
     pub service_port: u16,
+    /// The route's path match, for the span name.
+    pub route_path: RoutePath<'a>,
     pub method: &'a str,
     /// The full URL as Envoy's `http.url` tag (scheme, authority, path and query).
     pub url: &'a str,
@@ -540,10 +543,30 @@ pub struct Node<'a> {
     pub cluster_id: &'a str,
 }
 
-/// The span name Istio gives a routed request: its route decorator's operation,
-/// `<service host>:<port>/*`.
-pub fn span_name(service_host: &str, port: u16) -> String {
-    format!("{service_host}:{port}/*")
+/// The path part of a route's match, as Istio names the route's operation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RoutePath<'a> {
+    /// No path match (or the default route): `/*`.
+    #[default]
+    Any,
+    /// A prefix match: the prefix followed by `*`.
+    Prefix(&'a str),
+    /// An exact match: the path.
+    Exact(&'a str),
+    /// A regex match: the regex.
+    Regex(&'a str),
+}
+
+/// The span name Istio gives a routed request, its route decorator's operation:
+/// `<host>:<port><path>` with the path as in [`RoutePath`]. `host` is the route's one
+/// destination host, or the VirtualService's name when the route splits across
+/// several destinations (Istio's choice when the destination is not one host).
+pub fn span_name(host: &str, port: u16, path: RoutePath<'_>) -> String {
+    match path {
+        RoutePath::Any => format!("{host}:{port}/*"),
+        RoutePath::Prefix(p) => format!("{host}:{port}{p}*"),
+        RoutePath::Exact(p) | RoutePath::Regex(p) => format!("{host}:{port}{p}"),
+    }
 }
 
 /// Builds the span of one request. Attribute names and their string values follow
@@ -613,7 +636,7 @@ pub fn finish(
         span_id: started.span_id,
         parent_id: started.parent_id,
         tracestate: started.tracestate.clone(),
-        name: span_name(facts.service_host, facts.service_port),
+        name: span_name(facts.service_host, facts.service_port, facts.route_path),
         kind,
         start_unix_nanos: facts.start_unix_nanos,
         end_unix_nanos: facts.end_unix_nanos.max(facts.start_unix_nanos),

@@ -30,11 +30,7 @@ fn span(n: u8, error: bool) -> Span {
 }
 
 fn origin() -> Origin {
-    Origin {
-        resource: vec![("service.name".into(), AttrValue::Str("waypoint.default".into()))],
-        scope_name: "mesh-waypoint".into(),
-        scope_version: "0.1.0".into(),
-    }
+    Origin::proxy("waypoint", "default", "mesh-waypoint", "0.1.0")
 }
 
 #[test]
@@ -130,6 +126,7 @@ async fn collector(grpc: bool, grpc_status: &'static str) -> (u16, Seen) {
                     async move {
                         let path = req.uri().path().to_string();
                         let ct = req.headers().get("content-type").unwrap().to_str().unwrap().to_string();
+                        assert_eq!(req.headers().get("x-token").unwrap(), "t", "configured headers are sent");
                         let body = req.into_body().collect().await.unwrap().to_bytes();
                         seen.lock().unwrap().push((path, ct, body));
                         let response: Response<BoxBody<Bytes, Infallible>> = if grpc {
@@ -168,6 +165,7 @@ fn config(port: u16, protocol: Protocol) -> ExporterConfig {
     c.batch = 3;
     c.interval = Duration::from_millis(50);
     c.timeout = Duration::from_secs(5);
+    c.headers = vec![(http::HeaderName::from_static("x-token"), http::HeaderValue::from_static("t"))];
     c
 }
 
@@ -237,6 +235,19 @@ async fn an_unreachable_collector_counts_as_failed() {
     // Bind then drop, so the port is (almost certainly) closed.
     let port = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
     let (sender, exporter) = exporter(config(port, Protocol::HttpProtobuf));
+    let task = tokio::spawn(exporter.run());
+    sender.send(span(1, false));
+    wait_for(sender.counters(), 0, 1).await;
+    drop(sender);
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_bad_path_fails_the_batch_without_panicking() {
+    let (port, _) = collector(false, "0").await;
+    let mut c = config(port, Protocol::HttpProtobuf);
+    c.path = "no spaces allowed".into();
+    let (sender, exporter) = exporter(c);
     let task = tokio::spawn(exporter.run());
     sender.send(span(1, false));
     wait_for(sender.counters(), 0, 1).await;

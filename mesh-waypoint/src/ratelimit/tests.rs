@@ -183,7 +183,9 @@ fn the_bucket_starts_full_and_refills_per_interval() {
     assert_eq!(b.try_take(6 * MS, 0), Decision::Allow);
     assert_eq!(
         b.try_take(7 * MS, 0),
-        Decision::Limited { headers: vec![("x-local-rate-limit".into(), "true".into())] }
+        Decision::Limited {
+            headers: vec![("x-envoy-ratelimited".into(), "true".into()), ("x-local-rate-limit".into(), "true".into())]
+        }
     );
     assert!(matches!(b.try_take(104 * MS, 0), Decision::Limited { .. }), "the first fill is at origin + 100ms");
     assert_eq!(b.try_take(105 * MS, 0), Decision::Allow);
@@ -194,6 +196,21 @@ fn the_bucket_starts_full_and_refills_per_interval() {
     assert!(matches!(b.try_take(10_000 * MS, 0), Decision::Limited { .. }));
     // Time going backwards adds nothing.
     assert!(matches!(b.try_take(MS, 0), Decision::Limited { .. }));
+}
+
+#[test]
+fn concurrent_takers_never_share_a_token() {
+    let b = std::sync::Arc::new(Bucket::new(config(1000, 1, 1000)));
+    let allowed: usize = std::thread::scope(|s| {
+        let takers: Vec<_> = (0..4)
+            .map(|_| {
+                let b = b.clone();
+                s.spawn(move || (0..600).filter(|_| b.try_take(MS, 0) == Decision::Allow).count())
+            })
+            .collect();
+        takers.into_iter().map(|t| t.join().unwrap()).sum()
+    });
+    assert_eq!(allowed, 1000);
 }
 
 #[test]

@@ -228,6 +228,10 @@ fn the_span_records_envoy_and_istio_tags_and_custom_tags() {
     assert_eq!(attr("env"), str_("z1"));
     assert_eq!(attr("lit"), str_("x"));
     assert_eq!(attr("http.method"), str_("overridden"));
+    let named = |p| span_name("reviews", 9080, p);
+    assert_eq!(named(RoutePath::Prefix("/api/")), "reviews:9080/api/*");
+    assert_eq!(named(RoutePath::Exact("/health")), "reviews:9080/health");
+    assert_eq!(named(RoutePath::Regex("/v[0-9]+/.*")), "reviews:9080/v[0-9]+/.*");
     let keys: std::collections::BTreeSet<_> = span.attributes.iter().map(|(k, _)| k).collect();
     assert_eq!(keys.len(), span.attributes.len(), "keys are unique");
 }
