@@ -507,7 +507,7 @@ pub enum CustomTag {
 #[derive(Clone, Debug, Default)]
 pub struct RequestFacts<'a> {
     /// The route's destination host (`reviews.default.svc.cluster.local`), or the
-    /// VirtualService name when the route splits across several (see [`span_name`]).
+    /// `VirtualService` name when the route splits across several (see [`span_name`]).
     pub service_host: &'a str,
     pub service_port: u16,
     /// The route's path match, for the span name.
@@ -559,7 +559,7 @@ pub enum RoutePath<'a> {
 
 /// The span name Istio gives a routed request, its route decorator's operation:
 /// `<host>:<port><path>` with the path as in [`RoutePath`]. `host` is the route's one
-/// destination host, or the VirtualService's name when the route splits across
+/// destination host, or the `VirtualService`'s name when the route splits across
 /// several destinations (Istio's choice when the destination is not one host).
 pub fn span_name(host: &str, port: u16, path: RoutePath<'_>) -> String {
     match path {
