@@ -417,7 +417,7 @@ pub fn start(headers: &HeaderMap, sampling_percent: f64, random: Randomness) -> 
     if let Some(ts) = &tracestate {
         push(&mut upstream, "tracestate", ts);
     }
-    let b3_trace = if trace_id_64 { TraceId(trace_id.0).to_string()[16..].to_string() } else { trace_id.to_string() };
+    let b3_trace = if trace_id_64 { trace_id.to_string()[16..].to_string() } else { trace_id.to_string() };
     let b3_flag = if debug {
         "d"
     } else if sampled {
