@@ -12,6 +12,7 @@ pub mod control;
 pub mod drain;
 pub mod identity;
 pub mod metrics;
+pub mod otlp;
 pub mod relay;
 pub mod socket;
 pub mod state;

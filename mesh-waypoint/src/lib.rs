@@ -8,5 +8,8 @@ pub mod balance;
 pub mod limits;
 pub mod outlier;
 pub mod policy;
+pub mod ratelimit;
 pub mod retry;
 pub mod route;
+pub mod telemetry_api;
+pub mod trace;
