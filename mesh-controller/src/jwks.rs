@@ -38,7 +38,7 @@ use tracing::{info, warn};
 use crate::server::{Controller, now_unix};
 
 /// How often every key set is fetched again (istiod's `PILOT_JWT_PUB_KEY_REFRESH_INTERVAL`).
-pub const REFRESH: Duration = Duration::from_secs(20 * 60);
+pub const REFRESH: Duration = Duration::from_mins(20);
 /// Istio's default `JWTRule.timeout`.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Larger answers are not key sets.
@@ -211,7 +211,8 @@ where
 /// and returns the updated cache: URIs no longer wanted are dropped, a failure keeps
 /// the last good keys. Logs a failure once per change of its reason.
 pub async fn refresh(cache: &Cache, wanted: &BTreeMap<String, Duration>, all: bool, tls: &TlsConnector) -> Cache {
-    let mut next: Cache = cache.iter().filter(|(uri, _)| wanted.contains_key(*uri)).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut next: Cache =
+        cache.iter().filter(|(uri, _)| wanted.contains_key(*uri)).map(|(k, v)| (k.clone(), v.clone())).collect();
     let due: Vec<(&String, Duration)> =
         wanted.iter().filter(|(uri, _)| all || !next.contains_key(*uri)).map(|(u, t)| (u, *t)).collect();
     let results = futures_util::future::join_all(due.iter().map(|(uri, timeout)| fetch(uri, *timeout, tls))).await;
@@ -247,8 +248,8 @@ pub async fn run(controller: Arc<Controller>) {
     loop {
         let all = tokio::select! {
             _ = tick.tick() => true,
-            changed = changes.changed() => {
-                if changed.is_err() {
+            notified = changes.changed() => {
+                if notified.is_err() {
                     return;
                 }
                 false
@@ -259,9 +260,9 @@ pub async fn run(controller: Arc<Controller>) {
         if wanted.is_empty() && cache.is_empty() {
             continue;
         }
-        let next = refresh(&cache, &wanted, all, &tls).await;
-        if next != cache {
-            controller.set_jwks(next);
+        let fetched = refresh(&cache, &wanted, all, &tls).await;
+        if fetched != cache {
+            controller.set_jwks(fetched);
         }
     }
 }

@@ -9,7 +9,7 @@
 //!
 //! Semantics (Istio's):
 //! - No token in any location the rules read: the request passes unauthenticated (no
-//!   request principal); AuthorizationPolicy's `requestPrincipals` decide.
+//!   request principal); `AuthorizationPolicy`'s `requestPrincipals` decide.
 //! - A token that no rule's `issuer` accepts, or that fails any check: 401 with Envoy's
 //!   message as the body (for example `Jwt verification fails`, `Jwt is expired`).
 //! - Several tokens (several locations filled): every one must verify; the request
@@ -308,12 +308,17 @@ fn compile_rule(policy: &str, rule: usize, spec: &JwtRule, problems: &mut Vec<Co
         },
         |jwks| jwks.keys,
     );
-    let mut header = |field: String, value: &str| match HeaderName::try_from(value.to_ascii_lowercase()) {
-        Ok(name) => Some(name),
-        Err(_) => {
-            problems.push(CompileProblem::HeaderName { policy: policy.to_owned(), rule, field, value: value.to_owned() });
-            None
+    let mut header = |field: String, value: &str| {
+        let name = HeaderName::try_from(value.to_ascii_lowercase()).ok();
+        if name.is_none() {
+            problems.push(CompileProblem::HeaderName {
+                policy: policy.to_owned(),
+                rule,
+                field,
+                value: value.to_owned(),
+            });
         }
+        name
     };
     let mut locations = Vec::new();
     for (i, from) in spec.from_headers.iter().enumerate() {
@@ -327,7 +332,8 @@ fn compile_rule(policy: &str, rule: usize, spec: &JwtRule, problems: &mut Vec<Co
         locations.push(Location::Header { name: header::AUTHORIZATION, prefix: DEFAULT_PREFIX.to_owned() });
         locations.push(Location::Param(DEFAULT_PARAM.to_owned()));
     }
-    let payload_header = spec.output_payload_to_header.as_deref().and_then(|h| header("outputPayloadToHeader".to_owned(), h));
+    let payload_header =
+        spec.output_payload_to_header.as_deref().and_then(|h| header("outputPayloadToHeader".to_owned(), h));
     let claim_headers = spec
         .output_claim_to_headers
         .iter()
@@ -401,7 +407,8 @@ struct Token<'a> {
 impl<'a> Token<'a> {
     fn parse(token: &'a str) -> Result<Self, JwtError> {
         let mut parts = token.split('.');
-        let (Some(header), Some(payload), Some(signature), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        let (Some(header), Some(payload), Some(signature), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return Err(JwtError::BadFormat);
         };

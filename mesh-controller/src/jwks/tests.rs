@@ -36,10 +36,13 @@ async fn server(answer: Answer) -> SocketAddr {
                             std::future::pending::<()>().await;
                             unreachable!()
                         };
-                        Ok::<_, Infallible>(Response::builder().status(status).body(Full::new(Bytes::from(body))).unwrap())
+                        Ok::<_, Infallible>(
+                            Response::builder().status(status).body(Full::new(Bytes::from(body))).unwrap(),
+                        )
                     }
                 });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                let _ =
+                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
             });
         }
     });
@@ -87,17 +90,23 @@ fn wanted_uris_and_timeouts() {
 #[test]
 fn inline_writes_keys_and_warns_on_failures() {
     let mut config = Config {
-        request_authentications: vec![policy("p", vec![
-            fetching("http://ok/keys", None),
-            fetching("http://stale/keys", None),
-            fetching("http://never/keys", None),
-            fetching("http://unknown/keys", None),
-        ])],
+        request_authentications: vec![policy(
+            "p",
+            vec![
+                fetching("http://ok/keys", None),
+                fetching("http://stale/keys", None),
+                fetching("http://never/keys", None),
+                fetching("http://unknown/keys", None),
+            ],
+        )],
         ..Config::default()
     };
     let cache = Cache::from([
         ("http://ok/keys".into(), Entry { keys: Some(KEYS.into()), fetched_at: Some(1), error: None }),
-        ("http://stale/keys".into(), Entry { keys: Some("old".into()), fetched_at: Some(1), error: Some("down".into()) }),
+        (
+            "http://stale/keys".into(),
+            Entry { keys: Some("old".into()), fetched_at: Some(1), error: Some("down".into()) },
+        ),
         ("http://never/keys".into(), Entry { keys: None, fetched_at: None, error: Some("refused".into()) }),
     ]);
     inline(&mut config, &cache);
@@ -107,11 +116,14 @@ fn inline_writes_keys_and_warns_on_failures() {
     assert_eq!(rules[2].jwks, None);
     assert_eq!(rules[3].jwks, None, "not fetched yet: no keys, no warning");
     let warnings: Vec<String> = config.warnings.iter().map(ToString::to_string).collect();
-    assert_eq!(warnings, [
-        "RequestAuthentication/shop/p: spec.jwtRules[1].jwksUri: down; the last good keys stay in force",
-        "RequestAuthentication/shop/p: spec.jwtRules[2].jwksUri: refused; no keys yet: waypoints refuse this issuer's \
+    assert_eq!(
+        warnings,
+        [
+            "RequestAuthentication/shop/p: spec.jwtRules[1].jwksUri: down; the last good keys stay in force",
+            "RequestAuthentication/shop/p: spec.jwtRules[2].jwksUri: refused; no keys yet: waypoints refuse this issuer's \
          tokens",
-    ]);
+        ]
+    );
 }
 
 #[tokio::test]
@@ -126,9 +138,10 @@ async fn fetch_answers_and_failures() {
 
     let html = server(answer(StatusCode::OK, "<html>")).await;
     let error = fetch(&format!("http://{html}/jwks"), DEFAULT_TIMEOUT, &tls).await.unwrap_err();
-    assert_eq!(error.to_string(), format!(
-        "jwksUri \"http://{html}/jwks\": the answer is not a key set (a JSON object with a \"keys\" array)"
-    ));
+    assert_eq!(
+        error.to_string(),
+        format!("jwksUri \"http://{html}/jwks\": the answer is not a key set (a JSON object with a \"keys\" array)")
+    );
 
     let silent = server(Arc::new(Mutex::new(None))).await;
     let error = fetch(&format!("http://{silent}/jwks"), Duration::from_millis(200), &tls).await.unwrap_err();

@@ -59,7 +59,10 @@ impl Alg {
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Material {
     /// Big-endian modulus and exponent.
-    Rsa { n: Vec<u8>, e: Vec<u8> },
+    Rsa {
+        n: Vec<u8>,
+        e: Vec<u8>,
+    },
     /// Uncompressed SEC1 point `0x04 || x || y`.
     P256(Vec<u8>),
     P384(Vec<u8>),

@@ -54,9 +54,10 @@ pub fn applicable<'a>(
         .filter(|policy| {
             let spec = &policy.spec;
             let namespace = policy.metadata.namespace.as_str();
-            spec.target_ref.iter().chain(&spec.target_refs).any(|target| {
-                attaches(target, namespace, &config.root_namespace, waypoint, destination)
-            })
+            spec.target_ref
+                .iter()
+                .chain(&spec.target_refs)
+                .any(|target| attaches(target, namespace, &config.root_namespace, waypoint, destination))
         })
         .collect()
 }

@@ -2,7 +2,7 @@
 //! (RSA: `testdata/README.md`), then verified through the public API.
 use http::{HeaderMap, HeaderValue};
 use mesh_common::config::{
-    meta::{ObjectMeta, PolicyTargetReference},
+    meta::{ObjectMeta, PolicyTargetReference, WorkloadSelector},
     security::{ClaimToHeader, JwtHeader, JwtRule, RequestAuthentication, RequestAuthenticationSpec},
 };
 use proptest::prelude::*;
@@ -101,7 +101,8 @@ fn jwks_of(keys: &[(&TestKey, Option<&str>)]) -> String {
 
 /// A token with header `header` and payload `claims`, signed by `key` as `alg`.
 fn token_with(header: &Value, claims: &Value, key: &TestKey, alg: &str) -> String {
-    let signed = format!("{}.{}", b64::encode(header.to_string().as_bytes()), b64::encode(claims.to_string().as_bytes()));
+    let signed =
+        format!("{}.{}", b64::encode(header.to_string().as_bytes()), b64::encode(claims.to_string().as_bytes()));
     let signature = key.sign(alg, signed.as_bytes());
     format!("{signed}.{}", b64::encode(&signature))
 }
@@ -241,17 +242,14 @@ fn time_claims_with_skew() {
     };
     // exp: tolerated up to the skew, refused one second after.
     authenticated(&with("exp", NOW - DEFAULT_CLOCK_SKEW_SECS));
-    assert_eq!(denied(&with("exp", NOW - DEFAULT_CLOCK_SKEW_SECS - 1)), &JwtError::Expired {
-        exp: NOW - 61,
-        now: NOW
-    });
+    assert_eq!(denied(&with("exp", NOW - DEFAULT_CLOCK_SKEW_SECS - 1)), &JwtError::Expired { exp: NOW - 61, now: NOW });
     assert_eq!(Denied { error: JwtError::Expired { exp: 0, now: 0 } }.body(), "Jwt is expired");
     // nbf: the same edge on the other side.
     authenticated(&with("nbf", NOW + DEFAULT_CLOCK_SKEW_SECS));
-    assert_eq!(denied(&with("nbf", NOW + DEFAULT_CLOCK_SKEW_SECS + 1)), &JwtError::NotYetValid {
-        nbf: NOW + 61,
-        now: NOW
-    });
+    assert_eq!(
+        denied(&with("nbf", NOW + DEFAULT_CLOCK_SKEW_SECS + 1)),
+        &JwtError::NotYetValid { nbf: NOW + 61, now: NOW }
+    );
     // Not an integer.
     let mut c = claims();
     c["exp"] = json!("tomorrow");
@@ -421,7 +419,8 @@ fn two_rules_with_different_issuers() {
 fn every_token_must_verify() {
     let key = TestKey::ed();
     let mut r = rule(ISS, jwks_of(&[(&key, None)]));
-    r.from_headers = vec![JwtHeader { name: "x-a".into(), prefix: None }, JwtHeader { name: "x-b".into(), prefix: None }];
+    r.from_headers =
+        vec![JwtHeader { name: "x-a".into(), prefix: None }, JwtHeader { name: "x-b".into(), prefix: None }];
     let auth = authenticator(vec![r]);
     let good = token("EdDSA", None, &claims(), &key);
     let mut headers = HeaderMap::new();
@@ -480,14 +479,17 @@ fn jwks_parsing() {
     let parsed = parse_jwks(ISS, &set.to_string()).unwrap();
     assert_eq!(parsed.keys.len(), 1);
     assert_eq!(parsed.keys[0].kid.as_deref(), Some("ok"));
-    assert_eq!(parsed.skipped, [
-        KeySkip::UnsupportedCurve { index: 0, crv: "P-521".into() },
-        KeySkip::NotForSignatures { index: 1, value: "enc".into() },
-        KeySkip::BadLength { index: 2, field: "x", len: 3, expected: 32 },
-        KeySkip::AlgDoesNotFit { index: 3, alg: "RS256".into() },
-        KeySkip::NotAnObject { index: 4 },
-        KeySkip::MissingField { index: 5, field: "n" },
-    ]);
+    assert_eq!(
+        parsed.skipped,
+        [
+            KeySkip::UnsupportedCurve { index: 0, crv: "P-521".into() },
+            KeySkip::NotForSignatures { index: 1, value: "enc".into() },
+            KeySkip::BadLength { index: 2, field: "x", len: 3, expected: 32 },
+            KeySkip::AlgDoesNotFit { index: 3, alg: "RS256".into() },
+            KeySkip::NotAnObject { index: 4 },
+            KeySkip::MissingField { index: 5, field: "n" },
+        ]
+    );
 
     let err = parse_jwks(ISS, r#"{"keys": []}"#).unwrap_err();
     assert_eq!(err.to_string(), format!("JWKS of issuer {ISS:?} has no usable key"));
@@ -537,10 +539,13 @@ fn bad_header_names_are_reported() {
     let p = policy("bad", vec![r]);
     let (_, problems) = Authenticator::compile(&[&p], DEFAULT_CLOCK_SKEW_SECS);
     let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
-    assert_eq!(text, [
-        "RequestAuthentication/shop/bad: spec.jwtRules[0].fromHeaders[0].name: \"bad header\" is not a valid header name",
-        "RequestAuthentication/shop/bad: spec.jwtRules[0].outputPayloadToHeader: \"also bad\" is not a valid header name",
-    ]);
+    assert_eq!(
+        text,
+        [
+            "RequestAuthentication/shop/bad: spec.jwtRules[0].fromHeaders[0].name: \"bad header\" is not a valid header name",
+            "RequestAuthentication/shop/bad: spec.jwtRules[0].outputPayloadToHeader: \"also bad\" is not a valid header name",
+        ]
+    );
 }
 
 #[test]
@@ -560,8 +565,12 @@ mod selection {
     fn targeted(name: &str, namespace: &str, group: &str, kind: &str, target: &str) -> RequestAuthentication {
         let mut p = policy(name, Vec::new());
         p.metadata.namespace = namespace.into();
-        p.spec.target_refs =
-            vec![PolicyTargetReference { group: group.into(), kind: kind.into(), name: target.into(), ..Default::default() }];
+        p.spec.target_refs = vec![PolicyTargetReference {
+            group: group.into(),
+            kind: kind.into(),
+            name: target.into(),
+            ..Default::default()
+        }];
         p
     }
 
@@ -569,7 +578,7 @@ mod selection {
     fn attachment_rules() {
         let gw = "gateway.networking.k8s.io";
         let mut selector = policy("selector", Vec::new());
-        selector.spec.selector = Some(Default::default());
+        selector.spec.selector = Some(WorkloadSelector::default());
         let mut single = targeted("single-ref", "shop", "", "Service", "cart");
         single.spec.target_ref = single.spec.target_refs.pop();
         let mut elsewhere = targeted("elsewhere", "shop", "", "Service", "cart");
