@@ -23,10 +23,11 @@
 //!   expired when `now > exp + skew`, not yet valid when `nbf > now + skew`.
 //! - `forwardOriginalToken: false` (the default) removes the header the token came in;
 //!   a token in a query parameter or cookie stays (Envoy does not remove those either).
-use std::fmt;
-
 use http::{HeaderMap, HeaderName, HeaderValue, header};
-use mesh_common::config::security::{JwtRule, RequestAuthentication};
+use mesh_common::config::{
+    Config,
+    security::{JwtRule, RequestAuthentication},
+};
 use serde_json::Value;
 
 pub mod jwks;
@@ -207,16 +208,6 @@ pub struct Authenticator {
     clock_skew: u64,
 }
 
-impl fmt::Display for Location {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Header { name, prefix } => write!(f, "header {name} prefix {prefix:?}"),
-            Self::Param(name) => write!(f, "query parameter {name}"),
-            Self::Cookie(name) => write!(f, "cookie {name}"),
-        }
-    }
-}
-
 impl Authenticator {
     /// Compiles the rules of `policies` (see [`select::applicable`]). Problems do not
     /// drop a rule: a rule without usable keys refuses every token of its issuer, as
@@ -231,6 +222,18 @@ impl Authenticator {
             }
         }
         (Self { providers, clock_skew }, problems)
+    }
+
+    /// What `waypoint` enforces for `destination` under `config`: [`select::applicable`]
+    /// then [`Authenticator::compile`]. Call once per configuration version and
+    /// destination; keep the result for the version's life.
+    pub fn for_destination(
+        config: &Config,
+        waypoint: select::Waypoint<'_>,
+        destination: select::Destination<'_>,
+        clock_skew: u64,
+    ) -> (Self, Vec<CompileProblem>) {
+        Self::compile(&select::applicable(config, waypoint, destination), clock_skew)
     }
 
     /// Is there any rule? (Without one every request is [`Outcome::Anonymous`].)

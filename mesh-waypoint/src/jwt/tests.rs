@@ -610,6 +610,25 @@ mod selection {
         };
         assert_eq!(names(DestinationKind::Service), ["waypoint", "class", "service", "single-ref"]);
         assert_eq!(names(DestinationKind::ServiceEntry), ["waypoint", "class", "service-entry"]);
+        let (auth, problems) = Authenticator::for_destination(
+            &config,
+            Waypoint { namespace: "shop", name: "wp2", class: "other-class" },
+            Destination { kind: DestinationKind::Service, namespace: "shop", name: "users" },
+            DEFAULT_CLOCK_SKEW_SECS,
+        );
+        assert!(problems.is_empty());
+        assert!(auth.is_empty(), "the test policies have no rules");
+        let mut keyed = targeted("keyed", "shop", gw, "Gateway", "wp2");
+        keyed.spec.jwt_rules = vec![JwtRule { issuer: ISS.into(), ..JwtRule::default() }];
+        let config = Config { request_authentications: vec![keyed], ..Config::default() };
+        let (auth, problems) = Authenticator::for_destination(
+            &config,
+            Waypoint { namespace: "shop", name: "wp2", class: "other-class" },
+            Destination { kind: DestinationKind::Service, namespace: "shop", name: "users" },
+            DEFAULT_CLOCK_SKEW_SECS,
+        );
+        assert!(!auth.is_empty());
+        assert_eq!(problems.len(), 1, "no keys: {problems:?}");
     }
 }
 
