@@ -3,7 +3,8 @@
 //! identity provider and keep verifying while it is away.
 //!
 //! The fetched document is written into the rule's own `jwks` field of the pushed
-//! object (only when the user left `jwks` empty: an inline set wins, as in Istio).
+//! object, in place of its `jwksUri` (only when the user left `jwks` empty: an inline
+//! set wins, as in Istio; validation holds the two fields mutually exclusive).
 //! That is the least invasive carrier: the control protocol, the agents' view and the
 //! waypoint's compile step stay as they are, and a waypoint sees one shape whether the
 //! keys were written inline or fetched.
@@ -122,7 +123,13 @@ pub fn inline(config: &mut Config, cache: &Cache) {
                     format!("{error}; {kept}"),
                 ));
             }
-            rule.jwks = entry.and_then(|e| e.keys.clone());
+            if let Some(keys) = entry.and_then(|e| e.keys.clone()) {
+                rule.jwks = Some(keys);
+                // Validation holds `jwks` and `jwksUri` mutually exclusive; the pushed
+                // object stays valid. Without keys the URI stays, for the waypoint's
+                // "not fetched" report.
+                rule.jwks_uri = None;
+            }
         }
     }
 }

@@ -112,8 +112,10 @@ fn inline_writes_keys_and_warns_on_failures() {
     inline(&mut config, &cache);
     let rules = &config.request_authentications[0].spec.jwt_rules;
     assert_eq!(rules[0].jwks.as_deref(), Some(KEYS));
+    assert_eq!(rules[0].jwks_uri, None, "replaced by the keys");
     assert_eq!(rules[1].jwks.as_deref(), Some("old"));
     assert_eq!(rules[2].jwks, None);
+    assert_eq!(rules[2].jwks_uri.as_deref(), Some("http://never/keys"));
     assert_eq!(rules[3].jwks, None, "not fetched yet: no keys, no warning");
     let warnings: Vec<String> = config.warnings.iter().map(ToString::to_string).collect();
     assert_eq!(
@@ -177,6 +179,7 @@ async fn controller_pushes_fetched_keys_and_keeps_them_when_unreachable() {
     let cache = refresh(&controller.jwks(), &controller.jwks_wanted(), false, &tls).await;
     assert_eq!(controller.set_jwks(cache), Some(first + 1));
     assert_eq!(pushed(&controller), Some(serde_json::json!(KEYS)));
+    assert_eq!(controller.current().objects[key]["spec"]["jwtRules"][0].get("jwksUri"), None);
     // Nothing new to fetch on the next change.
     let cache = refresh(&controller.jwks(), &controller.jwks_wanted(), false, &tls).await;
     assert_eq!(controller.set_jwks(cache), None);
