@@ -302,7 +302,7 @@ fn compile_rule(policy: &str, rule: usize, spec: &JwtRule, problems: &mut Vec<Co
     let keys = match (&spec.jwks, &spec.jwks_uri) {
         (Some(text), _) => parse_jwks(&spec.issuer, text),
         (None, Some(uri)) => Err(JwksError::NotFetched { issuer: spec.issuer.clone(), uri: uri.clone() }),
-        (None, None) => Err(JwksError::NoKeys { issuer: spec.issuer.clone() }),
+        (None, None) => Err(JwksError::NoKeySource { issuer: spec.issuer.clone() }),
     };
     let keys = keys.map_or_else(
         |source| {
