@@ -158,7 +158,7 @@ pub enum JwksError {
     NoUsableKey { issuer: String, skipped: Vec<KeySkip> },
     #[error("JWT rule of issuer {issuer:?} has neither jwks nor fetched keys for jwksUri {uri:?}")]
     NotFetched { issuer: String, uri: String },
-    /// Istio would discover the keys through the issuer's OpenID configuration; the
+    /// Istio would discover the keys through the issuer's `OpenID` configuration; the
     /// controller does not do that discovery yet.
     #[error("JWT rule of issuer {issuer:?} has neither jwks nor jwksUri (OpenID discovery is not supported)")]
     NoKeySource { issuer: String },
