@@ -3,6 +3,7 @@
 //! to the agents over mutual TLS, and is the certificate authority that signs the
 //! workload identities of the pods on each agent's node.
 pub mod ca;
+pub mod jwks;
 pub mod kube_source;
 pub mod lease;
 pub mod manifest;

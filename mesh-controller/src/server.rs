@@ -39,6 +39,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     ca::Ca,
+    jwks,
     node_auth::{AuthError, NodeAuthenticator},
     view,
 };
@@ -78,11 +79,18 @@ pub struct Controller {
     agents: Mutex<BTreeMap<String, AgentStatus>>,
     rejections: AtomicU64,
     last_rejection: Mutex<Option<String>>,
+    /// Fetched `jwksUri` key sets, written into the configuration on every apply.
+    jwks: Mutex<jwks::Cache>,
+    /// The configuration as its source gave it (before key sets were written in),
+    /// kept only while some rule names a `jwksUri`: a fetch re-applies it.
+    unkeyed: Mutex<Option<Config>>,
 }
 
 impl Controller {
-    pub fn new(config: Config, ca: Ca, cert_lifetime: Duration, trust_domain_aliases: Vec<String>) -> Self {
+    pub fn new(mut config: Config, ca: Ca, cert_lifetime: Duration, trust_domain_aliases: Vec<String>) -> Self {
         let trust_domain = config.trust_domain.clone();
+        let unkeyed = (!jwks::wanted(&config).is_empty()).then(|| config.clone());
+        jwks::inline(&mut config, &jwks::Cache::new());
         let objects = view::all_objects(&config);
         // Versions start at the wall clock in milliseconds so that they keep growing
         // across controller restarts.
@@ -98,6 +106,8 @@ impl Controller {
             agents: Mutex::new(BTreeMap::new()),
             rejections: AtomicU64::new(0),
             last_rejection: Mutex::new(None),
+            jwks: Mutex::new(jwks::Cache::new()),
+            unkeyed: Mutex::new(unkeyed),
         }
     }
 
@@ -119,7 +129,9 @@ impl Controller {
     }
 
     /// Makes `config` the running configuration (a new version) unless nothing changed.
-    pub fn apply(&self, config: Config) -> Option<u64> {
+    pub fn apply(&self, mut config: Config) -> Option<u64> {
+        *self.unkeyed.lock().expect("lock") = (!jwks::wanted(&config).is_empty()).then(|| config.clone());
+        jwks::inline(&mut config, &self.jwks.lock().expect("lock"));
         let current = self.current();
         let objects = view::all_objects(&config);
         if objects == current.objects {
@@ -144,6 +156,29 @@ impl Controller {
         Some(version)
     }
 
+    /// Notified on every accepted configuration.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.snapshot.subscribe()
+    }
+
+    /// The `jwksUri`s the running configuration fetches, with their timeouts.
+    pub fn jwks_wanted(&self) -> BTreeMap<String, Duration> {
+        self.unkeyed.lock().expect("lock").as_ref().map(jwks::wanted).unwrap_or_default()
+    }
+
+    /// What was fetched for each `jwksUri`.
+    pub fn jwks(&self) -> jwks::Cache {
+        self.jwks.lock().expect("lock").clone()
+    }
+
+    /// Records fetched key sets and re-applies the configuration with them (a new
+    /// version when a key set changed).
+    pub fn set_jwks(&self, cache: jwks::Cache) -> Option<u64> {
+        *self.jwks.lock().expect("lock") = cache;
+        let unkeyed = self.unkeyed.lock().expect("lock").clone()?;
+        self.apply(unkeyed)
+    }
+
     /// Forgets the last rejection (Kubernetes mode: every object is valid again).
     pub fn clear_rejection(&self) {
         *self.last_rejection.lock().expect("lock") = None;
@@ -166,6 +201,7 @@ impl Controller {
             "rejections": self.rejections.load(Ordering::Relaxed),
             "last_rejection": *self.last_rejection.lock().expect("lock"),
             "agents": *self.agents.lock().expect("lock"),
+            "jwks": *self.jwks.lock().expect("lock"),
         })
     }
 

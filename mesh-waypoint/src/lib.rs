@@ -5,6 +5,7 @@
 //! upstream peer -> upstream request -> response -> log.
 
 pub mod balance;
+pub mod jwt;
 pub mod limits;
 pub mod outlier;
 pub mod policy;

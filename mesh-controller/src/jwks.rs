@@ -1,0 +1,278 @@
+//! Key sets of `RequestAuthentication` rules that name a `jwksUri`: fetched by the
+//! controller and pushed inline, as istiod does, so waypoints never reach out to an
+//! identity provider and keep verifying while it is away.
+//!
+//! The fetched document is written into the rule's own `jwks` field of the pushed
+//! object, in place of its `jwksUri` (only when the user left `jwks` empty: an inline
+//! set wins, as in Istio; validation holds the two fields mutually exclusive).
+//! That is the least invasive carrier: the control protocol, the agents' view and the
+//! waypoint's compile step stay as they are, and a waypoint sees one shape whether the
+//! keys were written inline or fetched.
+//!
+//! Fetching: every distinct URI when the configuration changes (new URIs only) and all
+//! of them every [`REFRESH`] (istiod's default 20 minutes), each with the rule's
+//! `timeout` (default [`DEFAULT_TIMEOUT`]). A failed fetch keeps the last good keys;
+//! the failure is logged once per change of its reason, shown in the controller's
+//! `/status` and added to `Config::warnings` on the objects that use the URI. A rule
+//! whose URI never answered is pushed without keys: waypoints refuse its tokens
+//! (fail closed). `http://` and `https://` (rustls, the system's roots) are supported.
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, LazyLock},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty, Limited};
+use hyper::{Request, StatusCode, Uri};
+use hyper_util::rt::TokioIo;
+use mesh_common::config::{Config, Problem, values::parse_duration};
+use rustls::pki_types::ServerName;
+use serde::Serialize;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
+use tokio_rustls::TlsConnector;
+use tracing::{info, warn};
+
+use crate::server::{Controller, now_unix};
+
+/// How often every key set is fetched again (istiod's `PILOT_JWT_PUB_KEY_REFRESH_INTERVAL`).
+pub const REFRESH: Duration = Duration::from_mins(20);
+/// Istio's default `JWTRule.timeout`.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Larger answers are not key sets.
+const MAX_BODY: usize = 1 << 20;
+
+/// What the controller knows of one URI.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Entry {
+    /// The last good key set (JSON text).
+    pub keys: Option<String>,
+    /// Unix seconds of the last good fetch.
+    pub fetched_at: Option<i64>,
+    /// Why the last fetch failed; `None` after a success.
+    pub error: Option<String>,
+}
+
+/// URI -> what was fetched.
+pub type Cache = BTreeMap<String, Entry>;
+
+/// Why one fetch failed. Each names the URI.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("jwksUri {uri:?}: not an absolute http or https URI")]
+    BadUri { uri: String },
+    #[error("jwksUri {uri:?}: connecting failed")]
+    Connect {
+        uri: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("jwksUri {uri:?}: HTTP exchange failed")]
+    Http {
+        uri: String,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("jwksUri {uri:?}: the answer was {status}")]
+    Status { uri: String, status: StatusCode },
+    #[error("jwksUri {uri:?}: the body was unreadable or larger than {MAX_BODY} bytes")]
+    Body { uri: String },
+    #[error("jwksUri {uri:?}: no answer within {timeout:?}")]
+    Timeout { uri: String, timeout: Duration },
+    #[error("jwksUri {uri:?}: the answer is not a key set (a JSON object with a \"keys\" array)")]
+    NotJwks { uri: String },
+}
+
+/// Every URI to fetch, with the longest `timeout` of the rules that name it. Rules
+/// with inline `jwks` are not fetched (the inline set wins).
+pub fn wanted(config: &Config) -> BTreeMap<String, Duration> {
+    let mut uris = BTreeMap::new();
+    for policy in &config.request_authentications {
+        for rule in &policy.spec.jwt_rules {
+            if let (None, Some(uri)) = (&rule.jwks, &rule.jwks_uri) {
+                let timeout = rule.timeout.as_deref().and_then(|t| parse_duration(t).ok()).unwrap_or(DEFAULT_TIMEOUT);
+                let slot = uris.entry(uri.clone()).or_insert(timeout);
+                *slot = (*slot).max(timeout);
+            }
+        }
+    }
+    uris
+}
+
+/// Writes the cached key sets into the rules that fetch them, and a warning on each
+/// object whose URI failed its last fetch (with or without older keys in force).
+pub fn inline(config: &mut Config, cache: &Cache) {
+    for policy in &mut config.request_authentications {
+        let object = format!("RequestAuthentication/{}/{}", policy.metadata.namespace, policy.metadata.name);
+        for (index, rule) in policy.spec.jwt_rules.iter_mut().enumerate() {
+            let (None, Some(uri)) = (&rule.jwks, &rule.jwks_uri) else { continue };
+            let entry = cache.get(uri);
+            if let Some(error) = entry.and_then(|e| e.error.as_ref()) {
+                let kept = if entry.is_some_and(|e| e.keys.is_some()) {
+                    "the last good keys stay in force"
+                } else {
+                    "no keys yet: waypoints refuse this issuer's tokens"
+                };
+                config.warnings.push(Problem::new(
+                    object.clone(),
+                    Some(object.clone()),
+                    format!("spec.jwtRules[{index}].jwksUri"),
+                    format!("{error}; {kept}"),
+                ));
+            }
+            if let Some(keys) = entry.and_then(|e| e.keys.clone()) {
+                rule.jwks = Some(keys);
+                // Validation holds `jwks` and `jwksUri` mutually exclusive; the pushed
+                // object stays valid. Without keys the URI stays, for the waypoint's
+                // "not fetched" report.
+                rule.jwks_uri = None;
+            }
+        }
+    }
+}
+
+/// A TLS client trusting the system's roots (none found: https fetches fail, http works).
+pub fn connector() -> TlsConnector {
+    static CONFIG: LazyLock<Arc<rustls::ClientConfig>> = LazyLock::new(|| {
+        let mut roots = rustls::RootCertStore::empty();
+        let found = rustls_native_certs::load_native_certs();
+        let (added, _) = roots.add_parsable_certificates(found.certs);
+        if added == 0 {
+            warn!("no system root certificates: https jwksUri fetches will fail");
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Arc::new(config)
+    });
+    TlsConnector::from(CONFIG.clone())
+}
+
+/// GETs `uri` within `timeout` and checks that the answer looks like a key set.
+pub async fn fetch(uri: &str, timeout: Duration, tls: &TlsConnector) -> Result<String, FetchError> {
+    match tokio::time::timeout(timeout, fetch_inner(uri, tls)).await {
+        Ok(result) => result,
+        Err(_) => Err(FetchError::Timeout { uri: uri.to_owned(), timeout }),
+    }
+}
+
+async fn fetch_inner(text: &str, tls: &TlsConnector) -> Result<String, FetchError> {
+    let bad = || FetchError::BadUri { uri: text.to_owned() };
+    let uri: Uri = text.parse().map_err(|_| bad())?;
+    let secure = match uri.scheme_str() {
+        Some("https") => true,
+        Some("http") => false,
+        _ => return Err(bad()),
+    };
+    let host = uri.host().ok_or_else(bad)?.trim_start_matches('[').trim_end_matches(']').to_owned();
+    let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
+    let connect = |source| FetchError::Connect { uri: text.to_owned(), source };
+    let tcp = TcpStream::connect((host.as_str(), port)).await.map_err(connect)?;
+    if secure {
+        let name = ServerName::try_from(host.clone()).map_err(|_| bad())?;
+        let stream = tls.connect(name, tcp).await.map_err(connect)?;
+        get(text, &uri, stream).await
+    } else {
+        get(text, &uri, tcp).await
+    }
+}
+
+async fn get<S>(text: &str, uri: &Uri, stream: S) -> Result<String, FetchError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let http = |source| FetchError::Http { uri: text.to_owned(), source };
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(http)?;
+    let driver = tokio::spawn(connection);
+    let authority = uri.authority().map(ToString::to_string).unwrap_or_default();
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let request = Request::get(path)
+        .header(hyper::header::HOST, authority)
+        .header(hyper::header::ACCEPT, "application/json")
+        .body(Empty::<Bytes>::new())
+        .map_err(|_| FetchError::BadUri { uri: text.to_owned() })?;
+    let response = sender.send_request(request).await.map_err(http)?;
+    let status = response.status();
+    if !status.is_success() {
+        driver.abort();
+        return Err(FetchError::Status { uri: text.to_owned(), status });
+    }
+    let body = Limited::new(response.into_body(), MAX_BODY).collect().await;
+    driver.abort();
+    let body = body.map_err(|_| FetchError::Body { uri: text.to_owned() })?.to_bytes();
+    let keys = String::from_utf8(body.to_vec()).map_err(|_| FetchError::NotJwks { uri: text.to_owned() })?;
+    let is_jwks = serde_json::from_str::<serde_json::Value>(&keys).is_ok_and(|v| v["keys"].is_array());
+    if !is_jwks {
+        return Err(FetchError::NotJwks { uri: text.to_owned() });
+    }
+    Ok(keys)
+}
+
+/// Fetches the URIs of `wanted` (all of them, or only those `cache` does not know)
+/// and returns the updated cache: URIs no longer wanted are dropped, a failure keeps
+/// the last good keys. Logs a failure once per change of its reason.
+pub async fn refresh(cache: &Cache, wanted: &BTreeMap<String, Duration>, all: bool, tls: &TlsConnector) -> Cache {
+    let mut next: Cache =
+        cache.iter().filter(|(uri, _)| wanted.contains_key(*uri)).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let due: Vec<(&String, Duration)> =
+        wanted.iter().filter(|(uri, _)| all || !next.contains_key(*uri)).map(|(u, t)| (u, *t)).collect();
+    let results = futures_util::future::join_all(due.iter().map(|(uri, timeout)| fetch(uri, *timeout, tls))).await;
+    for ((uri, _), result) in due.into_iter().zip(results) {
+        let entry = next.entry(uri.clone()).or_default();
+        match result {
+            Ok(keys) => {
+                if entry.error.is_some() {
+                    info!(uri, "jwksUri reachable again");
+                }
+                entry.keys = Some(keys);
+                entry.fetched_at = Some(now_unix());
+                entry.error = None;
+            }
+            Err(error) => {
+                let reason = error.to_string();
+                if entry.error.as_ref() != Some(&reason) {
+                    warn!(uri, kept_last_good = entry.keys.is_some(), "{reason}");
+                }
+                entry.error = Some(reason);
+            }
+        }
+    }
+    next
+}
+
+/// The controller's fetch loop: new URIs on every configuration change, all URIs
+/// every [`REFRESH`]; a changed cache is pushed as a new configuration version.
+pub async fn run(controller: Arc<Controller>) {
+    let tls = connector();
+    let mut changes = controller.subscribe();
+    let mut tick = tokio::time::interval(REFRESH);
+    loop {
+        let all = tokio::select! {
+            _ = tick.tick() => true,
+            notified = changes.changed() => {
+                if notified.is_err() {
+                    return;
+                }
+                false
+            }
+        };
+        let wanted = controller.jwks_wanted();
+        let cache = controller.jwks();
+        if wanted.is_empty() && cache.is_empty() {
+            continue;
+        }
+        let fetched = refresh(&cache, &wanted, all, &tls).await;
+        if fetched != cache {
+            controller.set_jwks(fetched);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
