@@ -25,7 +25,7 @@ use mesh_common::{
     config::Config,
     control::{
         ACK_PATH, Ack, CERTIFICATE_PATH, CONFIG_PATH, CertificateRequest, CertificateResponse, ConfigMessage, Objects,
-        parse_node_identity,
+        WAYPOINT_HEADER, parse_node_identity,
     },
     tls::uri_sans,
 };
@@ -39,7 +39,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     ca::Ca,
-    node_auth::{AuthError, NodeAuthenticator},
+    node_auth::{AuthError, Client, NodeAuthenticator},
     view,
 };
 
@@ -69,6 +69,20 @@ pub struct AgentStatus {
     pub certificates_refused: u64,
 }
 
+/// A waypoint's sync state, next to what identifies it (`meshctl status`).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct WaypointStatus {
+    pub namespace: String,
+    /// Its Gateway's name.
+    pub name: String,
+    /// The SPIFFE identity it may obtain.
+    pub identity: String,
+    /// The node whose view it gets (the last one a replica connected from).
+    pub node: String,
+    #[serde(flatten)]
+    pub sync: AgentStatus,
+}
+
 pub struct Controller {
     snapshot: watch::Sender<Arc<Snapshot>>,
     ca: Ca,
@@ -76,6 +90,8 @@ pub struct Controller {
     trust_domain: String,
     trust_domain_aliases: Vec<String>,
     agents: Mutex<BTreeMap<String, AgentStatus>>,
+    /// By `namespace/name`: every replica of a waypoint shares one entry.
+    waypoints: Mutex<BTreeMap<String, WaypointStatus>>,
     rejections: AtomicU64,
     last_rejection: Mutex<Option<String>>,
 }
@@ -96,6 +112,7 @@ impl Controller {
             trust_domain,
             trust_domain_aliases,
             agents: Mutex::new(BTreeMap::new()),
+            waypoints: Mutex::new(BTreeMap::new()),
             rejections: AtomicU64::new(0),
             last_rejection: Mutex::new(None),
         }
@@ -160,12 +177,29 @@ impl Controller {
         update(self.agents.lock().expect("lock").entry(node.to_owned()).or_default());
     }
 
+    /// Updates the sync state of `client`: its node's agent entry, or its waypoint's.
+    fn client(&self, client: &Client, update: impl FnOnce(&mut AgentStatus)) {
+        match client {
+            Client::Agent { node } => self.agent(node, update),
+            Client::Waypoint(waypoint) => {
+                let mut waypoints = self.waypoints.lock().expect("lock");
+                let entry = waypoints.entry(format!("{}/{}", waypoint.namespace, waypoint.name)).or_default();
+                entry.namespace.clone_from(&waypoint.namespace);
+                entry.name.clone_from(&waypoint.name);
+                entry.identity = waypoint.identity(&self.trust_domain);
+                entry.node.clone_from(&waypoint.node);
+                update(&mut entry.sync);
+            }
+        }
+    }
+
     pub fn status(&self) -> serde_json::Value {
         serde_json::json!({
             "version": self.current().version,
             "rejections": self.rejections.load(Ordering::Relaxed),
             "last_rejection": *self.last_rejection.lock().expect("lock"),
             "agents": *self.agents.lock().expect("lock"),
+            "waypoints": *self.waypoints.lock().expect("lock"),
         })
     }
 
@@ -323,18 +357,21 @@ impl ControlServer {
                     let node = node.clone();
                     let tokens = tokens.clone();
                     async move {
-                        let node = match (node, tokens) {
-                            (Some(node), _) => node,
-                            (None, Some(tokens)) => match authenticate(&tokens, &req).await {
-                                Ok(node) => node,
+                        let client = match (node, tokens) {
+                            (Some(node), _) => {
+                                let header = req.headers().get(WAYPOINT_HEADER).and_then(|v| v.to_str().ok());
+                                Client::from_node(&node, header)
+                            }
+                            (None, Some(tokens)) => match authenticate(&tokens, &controller, &req).await {
+                                Ok(client) => client,
                                 Err(error) => {
-                                    warn!(%peer, %error, "agent refused");
+                                    warn!(%peer, %error, "control client refused");
                                     return Ok(full(StatusCode::UNAUTHORIZED, format!("{error}\n")));
                                 }
                             },
                             (None, None) => unreachable!("checked before serving"),
                         };
-                        Ok::<_, Infallible>(handle(&controller, &node, req).await)
+                        Ok::<_, Infallible>(handle(&controller, &client, req).await)
                     }
                 });
                 let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
@@ -348,8 +385,13 @@ impl ControlServer {
     }
 }
 
-/// The node a token-authenticated request speaks for.
-async fn authenticate(tokens: &NodeAuthenticator, req: &Request<Incoming>) -> Result<String, AuthError> {
+/// Who a token-authenticated request speaks for (the running configuration declares
+/// the waypoints).
+async fn authenticate(
+    tokens: &NodeAuthenticator,
+    controller: &Controller,
+    req: &Request<Incoming>,
+) -> Result<Client, AuthError> {
     let token = req
         .headers()
         .get(hyper::header::AUTHORIZATION)
@@ -358,7 +400,7 @@ async fn authenticate(tokens: &NodeAuthenticator, req: &Request<Incoming>) -> Re
         .map(str::trim)
         .filter(|t| !t.is_empty())
         .ok_or_else(|| AuthError::NotAuthenticated("no client certificate and no bearer token".into()))?;
-    tokens.node(token).await
+    tokens.client(token, &controller.current().config).await
 }
 
 fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
@@ -378,35 +420,47 @@ async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Re
     serde_json::from_slice(&bytes).map_err(|e| full(StatusCode::BAD_REQUEST, format!("bad request: {e}\n")))
 }
 
-async fn handle(controller: &Arc<Controller>, node: &str, req: Request<Incoming>) -> Response<Body> {
+async fn handle(controller: &Arc<Controller>, client: &Client, req: Request<Incoming>) -> Response<Body> {
     match (req.method(), req.uri().path()) {
-        (&Method::GET, CONFIG_PATH) => config_stream(controller.clone(), node.to_owned()),
+        (&Method::GET, CONFIG_PATH) => config_stream(controller.clone(), client.clone()),
         (&Method::POST, ACK_PATH) => match read_json::<Ack>(req).await {
             Ok(ack) => {
-                controller.agent(node, |a| a.acked_version = a.acked_version.max(ack.version));
-                debug!(node, version = ack.version, "agent acknowledged");
+                controller.client(client, |a| a.acked_version = a.acked_version.max(ack.version));
+                debug!(?client, version = ack.version, "client acknowledged");
                 full(StatusCode::NO_CONTENT, "")
             }
             Err(response) => response,
         },
         (&Method::POST, CERTIFICATE_PATH) => match read_json::<CertificateRequest>(req).await {
-            Ok(request) => certificate(controller, node, &request),
+            Ok(request) => certificate(controller, client, &request),
             Err(response) => response,
         },
         _ => full(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
 
-fn certificate(controller: &Controller, node: &str, request: &CertificateRequest) -> Response<Body> {
+fn certificate(controller: &Controller, client: &Client, request: &CertificateRequest) -> Response<Body> {
     let snapshot = controller.current();
-    if !view::may_issue(&snapshot.config, node, &request.identity) {
-        controller.agent(node, |a| a.certificates_refused += 1);
-        warn!(node, identity = %request.identity, "certificate refused: no pod with that identity on this node");
-        return full(StatusCode::FORBIDDEN, format!("node {node} runs no pod with identity {}\n", request.identity));
+    let node = client.node();
+    if !client.may_issue(&snapshot.config, &request.identity) {
+        controller.client(client, |a| a.certificates_refused += 1);
+        let reason = match client {
+            Client::Agent { node } => format!("node {node} runs no pod with identity {}", request.identity),
+            Client::Waypoint(waypoint) => format!(
+                "waypoint {}/{} on node {node} may only obtain {} (with a waypoint pod of that account on its node), \
+                 not {}",
+                waypoint.namespace,
+                waypoint.name,
+                waypoint.identity(&snapshot.config.trust_domain),
+                request.identity
+            ),
+        };
+        warn!(identity = %request.identity, "certificate refused: {reason}");
+        return full(StatusCode::FORBIDDEN, format!("{reason}\n"));
     }
     match controller.ca.sign_csr(&request.csr_pem, &request.identity, controller.cert_lifetime) {
         Ok(issued) => {
-            controller.agent(node, |a| a.certificates_issued += 1);
+            controller.client(client, |a| a.certificates_issued += 1);
             info!(node, identity = %request.identity, not_after = %issued.not_after, "certificate issued");
             let mut chain_pem = vec![issued.cert_pem];
             let root_pem = issued.chain_pem.last().cloned().unwrap_or_default();
@@ -414,7 +468,7 @@ fn certificate(controller: &Controller, node: &str, request: &CertificateRequest
             json(&CertificateResponse { chain_pem, root_pem, not_after: issued.not_after.unix_timestamp() })
         }
         Err(error) => {
-            controller.agent(node, |a| a.certificates_refused += 1);
+            controller.client(client, |a| a.certificates_refused += 1);
             full(StatusCode::BAD_REQUEST, format!("{error}\n"))
         }
     }
@@ -438,15 +492,16 @@ fn encode(message: &ConfigMessage) -> Bytes {
     Bytes::from(line)
 }
 
-fn config_stream(controller: Arc<Controller>, node: String) -> Response<Body> {
+fn config_stream(controller: Arc<Controller>, client: Client) -> Response<Body> {
     let (tx, rx) = mpsc::channel(16);
+    let node = client.node().to_owned();
     tokio::spawn(async move {
         let mut updates = controller.snapshot.subscribe();
         let mut sent = updates.borrow_and_update().clone();
         let line = view::encode_snapshot(&sent.index, &sent.objects, &node, sent.version);
         let objects = view::node_view_keys(&sent.index, &sent.objects, &node).len();
-        info!(%node, version = sent.version, objects, bytes = line.len(), "agent connected; sending snapshot");
-        controller.agent(&node, |a| {
+        info!(?client, version = sent.version, objects, bytes = line.len(), "client connected; sending snapshot");
+        controller.client(&client, |a| {
             a.streams += 1;
             a.connected = true;
             a.sent_version = sent.version;
@@ -470,13 +525,13 @@ fn config_stream(controller: Arc<Controller>, node: String) -> Response<Body> {
             );
             ok = tx.send(encode(&message)).await.is_ok();
             sent = next;
-            controller.agent(&node, |a| a.sent_version = sent.version);
+            controller.client(&client, |a| a.sent_version = sent.version);
         }
-        controller.agent(&node, |a| {
+        controller.client(&client, |a| {
             a.streams = a.streams.saturating_sub(1);
             a.connected = a.streams > 0;
         });
-        info!(%node, "agent disconnected");
+        info!(?client, "client disconnected");
     });
     Response::builder()
         .header("content-type", "application/x-ndjson")

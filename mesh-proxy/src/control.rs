@@ -107,6 +107,9 @@ pub struct ControlClient {
     /// Kubernetes mode: the projected `ServiceAccount` token, re-read on every connect
     /// (kubelet rotates it).
     token_file: Option<PathBuf>,
+    /// A waypoint's [`mesh_common::control::WAYPOINT_HEADER`] value, sent with every
+    /// request so that the controller reports it as a waypoint.
+    waypoint: Option<String>,
     tls: TlsConnector,
     state: watch::Sender<Arc<ConfigState>>,
 }
@@ -130,9 +133,17 @@ impl ControlClient {
             last_contact: AtomicI64::new(0),
             addr,
             token_file,
+            waypoint: None,
             tls: TlsConnector::from(Arc::new(tls)),
             state,
         }
+    }
+
+    /// Identifies the client as waypoint `namespace/name` running as `service_account`.
+    #[must_use]
+    pub fn with_waypoint(mut self, namespace: &str, name: &str, service_account: &str) -> Self {
+        self.waypoint = Some(mesh_common::control::waypoint_header(namespace, name, service_account));
+        self
     }
 
     /// Applies the view an earlier run saved, unless the controller has already sent
@@ -204,6 +215,9 @@ impl ControlClient {
             let token =
                 std::fs::read_to_string(path).map_err(|source| ControlError::Token { path: path.clone(), source })?;
             request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {}", token.trim()));
+        }
+        if let Some(waypoint) = &self.waypoint {
+            request = request.header(mesh_common::control::WAYPOINT_HEADER, waypoint);
         }
         Ok(request.body(Full::new(body)).expect("valid request"))
     }
