@@ -156,9 +156,14 @@ pub async fn client() -> Result<Client, WaypointError> {
 pub async fn apply(client: &Client, spec: &Spec, enroll_namespace: bool) -> Result<(), WaypointError> {
     let gateways: Api<DynamicObject> = Api::namespaced_with(client.clone(), &spec.namespace, &gateway_resource());
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    gateways.patch(&spec.name, &params, &Patch::Apply(gateway(spec))).await.map_err(|source| WaypointError::Api {
-        action: format!("apply Gateway {}/{} (are the Gateway API CRDs installed?)", spec.namespace, spec.name),
-        source,
+    gateways.patch(&spec.name, &params, &Patch::Apply(gateway(spec))).await.map_err(|source| {
+        // 404 for the whole kind: the Gateway API CRDs are missing (not the object).
+        let hint = if matches!(&source, kube::Error::Api(status) if status.code == 404) {
+            " (are the Gateway API CRDs installed?)"
+        } else {
+            ""
+        };
+        WaypointError::Api { action: format!("apply Gateway {}/{}{hint}", spec.namespace, spec.name), source }
     })?;
     if enroll_namespace {
         let namespaces: Api<Namespace> = Api::all(client.clone());
@@ -268,9 +273,12 @@ mod tests {
 
     #[test]
     fn bad_names_are_refused_with_the_flag_and_value() {
-        for (namespace, name, flag) in
-            [("Shop", "waypoint", "--namespace"), ("shop", "", "--name"), ("shop", "a: b", "--name"), ("-x", "w", "--namespace")]
-        {
+        for (namespace, name, flag) in [
+            ("Shop", "waypoint", "--namespace"),
+            ("shop", "", "--name"),
+            ("shop", "a: b", "--name"),
+            ("-x", "w", "--namespace"),
+        ] {
             let error = Spec::new(namespace, name, WaypointFor::Service).unwrap_err().to_string();
             assert!(error.starts_with(flag), "{error}");
         }
@@ -286,13 +294,17 @@ mod tests {
     #[test]
     fn list_shows_only_waypoints_sorted_with_their_state() {
         let mut programmed = gateway(&Spec::new("shop", "b", WaypointFor::All).unwrap());
-        programmed["status"] = json!({"conditions": [{"type": "Accepted", "status": "True"}, {"type": "Programmed", "status": "False"}]});
+        programmed["status"] =
+            json!({"conditions": [{"type": "Accepted", "status": "True"}, {"type": "Programmed", "status": "False"}]});
         let mut ingress = gateway(&Spec::new("shop", "ingress", WaypointFor::Service).unwrap());
         ingress["spec"]["gatewayClassName"] = "istio".into();
         let mut unlabelled = gateway(&Spec::new("app", "a", WaypointFor::Service).unwrap());
         unlabelled["metadata"]["labels"] = json!({});
         let rows = waypoint_rows(&[programmed, ingress, unlabelled]);
-        let names: Vec<_> = rows.iter().map(|r| (r.namespace.as_str(), r.name.as_str(), r.waypoint_for.as_str(), r.programmed.as_str())).collect();
+        let names: Vec<_> = rows
+            .iter()
+            .map(|r| (r.namespace.as_str(), r.name.as_str(), r.waypoint_for.as_str(), r.programmed.as_str()))
+            .collect();
         assert_eq!(names, [("app", "a", "service", "-"), ("shop", "b", "all", "False")]);
         let table = render_rows(&rows);
         assert_eq!(table.lines().count(), 3, "{table}");

@@ -349,7 +349,8 @@ fn a_waypoints_token_is_accepted_only_for_a_declared_waypoints_account() {
 
 #[test]
 fn a_waypoint_token_without_node_falls_back_to_its_pods_node() {
-    let mut status = serde_json::from_value::<TokenReview>(recorded("tokenreview-waypoint.json")).unwrap().status.unwrap();
+    let mut status =
+        serde_json::from_value::<TokenReview>(recorded("tokenreview-waypoint.json")).unwrap().status.unwrap();
     let extra = status.user.as_mut().unwrap().extra.as_mut().unwrap();
     extra.remove(mesh_controller::node_auth::NODE_NAME_EXTRA);
     let agent = "system:serviceaccount:istio-system:mesh-agent";
@@ -376,8 +377,10 @@ fn a_node_credential_with_the_waypoint_header_is_that_nodes_waypoint() {
     assert!(client.may_issue(&config, "spiffe://cluster.local/ns/shop/sa/waypoint"));
     assert!(!client.may_issue(&config, "spiffe://cluster.local/ns/shop/sa/echo"));
     // The claim only narrows: no waypoint pod of that account on node1.
-    assert!(!Client::from_node("node1", Some("shop/waypoint/waypoint"))
-        .may_issue(&config, "spiffe://cluster.local/ns/shop/sa/waypoint"));
+    assert!(
+        !Client::from_node("node1", Some("shop/waypoint/waypoint"))
+            .may_issue(&config, "spiffe://cluster.local/ns/shop/sa/waypoint")
+    );
     assert_eq!(Client::from_node("node2", None), Client::Agent { node: "node2".into() });
     assert_eq!(Client::from_node("node2", Some("garbage")), Client::Agent { node: "node2".into() });
 }

@@ -173,9 +173,11 @@ fn check_gateway(doc: &Value) -> Result<(), String> {
     if !(config.gateways.len() == 1 && config.gateways[0].is_waypoint()) {
         return Err("not read as a waypoint Gateway".into());
     }
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/gateway-api/gateway.networking.k8s.io_gateways.yaml");
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/gateway-api/gateway.networking.k8s.io_gateways.yaml");
     let crd = documents(&std::fs::read_to_string(path).map_err(|e| e.to_string())?).remove(0);
-    let served = crd["spec"]["versions"].as_array().and_then(|v| v.iter().find(|v| v["name"] == "v1")).ok_or("no v1")?;
+    let served =
+        crd["spec"]["versions"].as_array().and_then(|v| v.iter().find(|v| v["name"] == "v1")).ok_or("no v1")?;
     let mut errors = Vec::new();
     validate(&doc["spec"], &served["schema"]["openAPIV3Schema"]["properties"]["spec"], ".spec", &mut errors);
     if errors.is_empty() { Ok(()) } else { Err(errors.join(", ")) }
@@ -418,7 +420,8 @@ fn the_waypoint_runs_mesh_waypoint_unprivileged_with_its_own_token_and_is_declar
     assert_eq!((requests["cpu"].0.as_str(), requests["memory"].0.as_str()), ("50m", "32Mi"));
 
     // The token and root certificate where --token-file and --root-cert read them.
-    let mount = |name: &str| container.volume_mounts.iter().flatten().find(|m| m.name == name).map(|m| m.mount_path.clone());
+    let mount =
+        |name: &str| container.volume_mounts.iter().flatten().find(|m| m.name == name).map(|m| m.mount_path.clone());
     assert_eq!(mount("mesh-token").as_deref(), Some("/var/run/secrets/mesh"));
     assert_eq!(mount("state").as_deref(), Some("/var/run/mesh-waypoint"), "a writable state dir");
     let volume = spec.volumes.iter().flatten().find(|v| v.name == "mesh-token").expect("token volume");

@@ -128,8 +128,9 @@ fn waypoint_generate_prints_the_gateway_the_mesh_reads_as_a_waypoint() {
     let out = meshctl_args(&["waypoint", "generate", "-n", "shop", "--name", "shop-wp", "--for", "workload"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let yaml = text(&out.stdout);
-    let config = mesh_common::config::load(&[mesh_common::config::Source { name: "stdout".into(), text: yaml.clone() }])
-        .unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    let config =
+        mesh_common::config::load(&[mesh_common::config::Source { name: "stdout".into(), text: yaml.clone() }])
+            .unwrap_or_else(|e| panic!("{e}\n{yaml}"));
     let gateway = &config.gateways[..];
     assert_eq!(gateway.len(), 1, "{yaml}");
     assert!(gateway[0].is_waypoint());

@@ -66,7 +66,7 @@ enum WaypointCommand {
     Generate {
         #[arg(long, short = 'n', default_value = "default")]
         namespace: String,
-        /// The Gateway's name (its pods run as the ServiceAccount of that name).
+        /// The Gateway's name (its pods run as the `ServiceAccount` of that name).
         #[arg(long, default_value = "waypoint")]
         name: String,
         /// Which traffic it takes (label istio.io/waypoint-for).
@@ -184,12 +184,16 @@ fn waypoint_command(command: WaypointCommand) -> ExitCode {
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err((code, error)) => {
-            // One line: the error and its causes.
+            // One line: the error and its causes (kube's errors repeat their sources
+            // in their own text; a cause already said is not said again).
             let mut line = error.to_string();
             let mut source = std::error::Error::source(&error);
             while let Some(cause) = source {
-                line.push_str(": ");
-                line.push_str(&cause.to_string());
+                let text = cause.to_string();
+                if !line.contains(&text) {
+                    line.push_str(": ");
+                    line.push_str(&text);
+                }
                 source = cause.source();
             }
             eprintln!("meshctl waypoint {verb}: {}", line.replace('\n', " "));
