@@ -277,7 +277,26 @@ impl prometheus_client::collector::Collector for ControllerMetrics {
             "Workload certificates requested by the node's agent, by result.",
             Counter,
             certificates,
-        )
+        )?;
+        // The same sync state for waypoints, by the Gateway's namespace and name.
+        let waypoints = controller.waypoints.lock().expect("lock").clone();
+        let per_waypoint: [(&str, &str, AgentValue); 2] = [
+            ("mesh_controller_waypoint_connected", "Whether the waypoint has an open configuration stream.", |w, _| {
+                i64::from(w.connected)
+            }),
+            (
+                "mesh_controller_waypoint_in_sync",
+                "Whether the waypoint acknowledged the running configuration version.",
+                |w, version| i64::from(w.acked_version == version),
+            ),
+        ];
+        for (name, help, value) in per_waypoint {
+            let samples = waypoints.values().map(|w| {
+                (vec![("namespace", w.namespace.as_str()), ("name", w.name.as_str())], value(&w.sync, version))
+            });
+            encode_family(&mut encoder, name, help, Gauge, samples)?;
+        }
+        Ok(())
     }
 }
 
@@ -611,6 +630,48 @@ mod tests {
         assert!(has("# TYPE mesh_controller_agent_certificates_total counter"), "{text}");
         let (content_type, open) = controller.metrics(Some("application/openmetrics-text; version=1.0.0"));
         assert!(content_type.starts_with("application/openmetrics-text") && open.ends_with("# EOF\n"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn waypoints_are_reported_apart_from_the_agent_of_their_node() {
+        let dir = std::env::temp_dir().join(format!("mesh-status-ca-{}", std::process::id()));
+        let ca = Ca::load_or_create(&dir, "cluster.local").unwrap();
+        let config = load(&[Source { name: "empty.yaml".into(), text: String::new() }]).unwrap();
+        let controller = Arc::new(Controller::new(config, ca, Duration::from_hours(1), Vec::new()));
+        let version = controller.current().version;
+        let agent = Client::Agent { node: "node2".into() };
+        let waypoint = Client::from_node("node2", Some("shop/waypoint/waypoint-sa"));
+        controller.client(&agent, |a| {
+            a.connected = true;
+            a.acked_version = version;
+        });
+        // Two replicas of one waypoint: one entry, two streams.
+        for _ in 0..2 {
+            controller.client(&waypoint, |a| {
+                a.streams += 1;
+                a.connected = true;
+                a.sent_version = version;
+                a.acked_version = version - 1;
+            });
+        }
+        let status = controller.status();
+        assert_eq!(status["agents"].as_object().unwrap().len(), 1, "{status}");
+        assert_eq!(status["agents"]["node2"]["acked_version"], version);
+        let entry = &status["waypoints"]["shop/waypoint"];
+        assert_eq!(entry["namespace"], "shop");
+        assert_eq!(entry["name"], "waypoint");
+        assert_eq!(entry["node"], "node2");
+        assert_eq!(entry["identity"], "spiffe://cluster.local/ns/shop/sa/waypoint-sa");
+        assert_eq!((entry["streams"].as_u64(), entry["acked_version"].as_u64()), (Some(2), Some(version - 1)));
+        // What `meshctl status` makes of it.
+        let rendered = crate::status::render(&status);
+        assert!(rendered.text.contains("\nWAYPOINTS\n") && !rendered.in_sync, "{}", rendered.text);
+        let (_, text) = controller.metrics(None);
+        let has = |line: &str| text.lines().any(|l| l == line);
+        assert!(has("mesh_controller_waypoint_in_sync{namespace=\"shop\",name=\"waypoint\"} 0"), "{text}");
+        assert!(has("mesh_controller_waypoint_connected{namespace=\"shop\",name=\"waypoint\"} 1"), "{text}");
+        assert!(has("mesh_controller_connected_agents 1"), "a waypoint is not an agent: {text}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
