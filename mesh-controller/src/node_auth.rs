@@ -10,10 +10,11 @@
 //! reconnecting fleet does not flood the API server.
 //!
 //! A waypoint authenticates the same way with its own pod's token. Its account is
-//! accepted when it is the `ServiceAccount` of a declared waypoint: a pod labelled
-//! `gateway.networking.k8s.io/gateway-name: <gateway>` in the account's namespace,
-//! running with that account, where `<gateway>` is a `Gateway` of class
-//! `istio-waypoint` in that namespace. Such a client gets the view of the node its pod
+//! accepted when it is the `ServiceAccount` of a declared waypoint: the token's pod is
+//! labelled `gateway.networking.k8s.io/gateway-name: <gateway>`, in the account's
+//! namespace, running with that account, where `<gateway>` is a `Gateway` of class
+//! `istio-waypoint` in that namespace (a pod the watch has not seen yet is refused
+//! until it has: the waypoint retries). Such a client gets the view of the node its pod
 //! runs on (as the lab's waypoint, which connects with that node's credential) and a
 //! certificate for its own identity only ([`Client::may_issue`]). The cache keeps the
 //! API server's answer, not the decision: whether an account is a waypoint's follows
@@ -59,12 +60,11 @@ pub enum AuthError {
     Review(String),
     #[error(
         "the token belongs to {actual}, which is neither the agent's service account {agent} nor the service \
-         account of a declared waypoint (a pod labelled {GATEWAY_NAME_LABEL} of a Gateway of class {WAYPOINT_CLASS} \
-         in namespace {namespace} running as {service_account})"
+         account of a declared waypoint: its pod {namespace}/{pod} is not known as a pod labelled \
+         {GATEWAY_NAME_LABEL} of a Gateway of class {WAYPOINT_CLASS} in namespace {namespace} running as \
+         {service_account}"
     )]
-    NotAWaypoint { agent: String, actual: String, namespace: String, service_account: String },
-    #[error("the token of waypoint {namespace}/{name} is not bound to a pod on a node (no {NODE_NAME_EXTRA})")]
-    WaypointWithoutNode { namespace: String, name: String },
+    NotAWaypoint { agent: String, actual: String, namespace: String, service_account: String, pod: String },
 }
 
 /// Who a control client is, once authenticated.
@@ -179,35 +179,36 @@ pub fn classify(reviewed: &Reviewed, agent_account: &str, config: &Config) -> Re
     let waypoint_gateway = |name: &str| {
         config.gateways.iter().any(|g| g.metadata.namespace == namespace && g.metadata.name == name && g.is_waypoint())
     };
-    // The waypoint pods of that namespace that run with the account; the token's own
-    // pod first when the config knows it.
-    let mut pods: Vec<_> = config
-        .pods
-        .iter()
-        .filter(|p| p.metadata.namespace == namespace && p.spec.service_account() == service_account && !p.has_ended())
-        .filter_map(|p| {
-            let gateway = p.metadata.labels.get(GATEWAY_NAME_LABEL)?;
-            waypoint_gateway(gateway).then_some((p, gateway))
-        })
-        .collect();
-    pods.sort_by_key(|(p, _)| reviewed.pod.as_deref() != Some(p.metadata.name.as_str()));
-    let Some((pod, gateway)) = pods.first() else {
+    // The token must be bound to a pod (kubelet's projected tokens are), and that pod
+    // must be one of a declared waypoint's, running with the account.
+    let Some(pod_name) = reviewed.pod.as_deref() else {
+        return Err(AuthError::NoNode(reviewed.username.clone()));
+    };
+    let found = config.pods.iter().find_map(|p| {
+        let gateway = p.metadata.labels.get(GATEWAY_NAME_LABEL)?;
+        (p.metadata.namespace == namespace
+            && p.metadata.name == pod_name
+            && p.spec.service_account() == service_account
+            && !p.has_ended()
+            && waypoint_gateway(gateway))
+        .then_some((p, gateway))
+    });
+    let Some((pod, gateway)) = found else {
         return Err(AuthError::NotAWaypoint {
             agent: agent_account.to_owned(),
             actual: reviewed.username.clone(),
             namespace: namespace.to_owned(),
             service_account: service_account.to_owned(),
+            pod: pod_name.to_owned(),
         });
     };
     // The token's node (kubelet binds it); the pod's when the API server does not say.
-    let own_pod = reviewed.pod.as_deref() == Some(pod.metadata.name.as_str());
-    let node = reviewed.node.clone().or_else(|| own_pod.then(|| pod.spec.node_name.clone()).flatten());
-    let Some(node) = node else {
-        return Err(AuthError::WaypointWithoutNode { namespace: namespace.to_owned(), name: (*gateway).clone() });
+    let Some(node) = reviewed.node.clone().or_else(|| pod.spec.node_name.clone()) else {
+        return Err(AuthError::NoNode(reviewed.username.clone()));
     };
     Ok(Client::Waypoint(Waypoint {
         namespace: namespace.to_owned(),
-        name: (*gateway).clone(),
+        name: gateway.clone(),
         service_account: service_account.to_owned(),
         node,
     }))

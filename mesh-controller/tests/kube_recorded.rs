@@ -93,7 +93,12 @@ fn recorded_objects_are_real_api_objects() {
     for object in items("endpointslices.json") {
         serde_json::from_value::<EndpointSlice>(object).expect("EndpointSlice");
     }
-    for name in ["tokenreview.json", "tokenreview-unauthenticated.json", "tokenreview-no-node.json"] {
+    for name in [
+        "tokenreview.json",
+        "tokenreview-unauthenticated.json",
+        "tokenreview-no-node.json",
+        "tokenreview-waypoint.json",
+    ] {
         serde_json::from_value::<TokenReview>(recorded(name)).expect("TokenReview");
     }
     serde_json::from_value::<Lease>(recorded("lease.json")).expect("Lease");
@@ -332,10 +337,10 @@ fn a_waypoints_token_is_accepted_only_for_a_declared_waypoints_account() {
         let text = error.to_string();
         assert!(text.contains("system:serviceaccount:shop:waypoint") && text.contains("istio-waypoint"), "{text}");
     }
-    // A token of an account that is no service account's, and one not bound to a pod.
+    // A token not bound to a pod (`kubectl create token`): never a waypoint's.
     assert!(matches!(
         client_of(&review("tokenreview-no-node.json"), "mesh-controller", agent, &config),
-        Err(AuthError::NotAWaypoint { namespace, service_account, .. }) if namespace == "default" && service_account == "default"
+        Err(AuthError::NoNode(account)) if account == "system:serviceaccount:default:default"
     ));
     assert!(matches!(
         client_of(&review("tokenreview-unauthenticated.json"), "mesh-controller", agent, &config),
@@ -357,16 +362,30 @@ fn a_waypoint_token_without_node_falls_back_to_its_pods_node() {
     let config = waypoint_config("istio-waypoint", "waypoint");
     let client = client_of(&status, "mesh-controller", agent, &config).unwrap();
     assert_eq!(client.node(), "node2");
-    // Bound to no pod at all (no pod or node extras): no node to take a view from.
-    extra_clear(&mut status);
+    // Bound to no pod at all (no pod or node extras): no pod to check, no node's view.
+    status.user.as_mut().unwrap().extra = None;
     assert!(matches!(
         client_of(&status, "mesh-controller", agent, &config),
-        Err(AuthError::WaypointWithoutNode { namespace, name }) if namespace == "shop" && name == "waypoint"
+        Err(AuthError::NoNode(account)) if account == "system:serviceaccount:shop:waypoint"
     ));
 }
 
-fn extra_clear(status: &mut k8s_openapi::api::authentication::v1::TokenReviewStatus) {
-    status.user.as_mut().unwrap().extra = None;
+#[test]
+fn a_waypoint_account_token_from_another_pod_is_refused() {
+    // The account is a waypoint's, but the token is bound to a pod that is not one of
+    // the waypoint's pods (or not seen yet): refused, naming that pod.
+    let mut status =
+        serde_json::from_value::<TokenReview>(recorded("tokenreview-waypoint.json")).unwrap().status.unwrap();
+    let extra = status.user.as_mut().unwrap().extra.as_mut().unwrap();
+    extra.insert(mesh_controller::node_auth::POD_NAME_EXTRA.into(), vec!["debug-shell".into()]);
+    let refused = client_of(
+        &status,
+        "mesh-controller",
+        "system:serviceaccount:istio-system:mesh-agent",
+        &waypoint_config("istio-waypoint", "waypoint"),
+    );
+    let Err(error @ AuthError::NotAWaypoint { .. }) = refused else { panic!("{refused:?}") };
+    assert!(error.to_string().contains("shop/debug-shell"), "{error}");
 }
 
 #[test]
