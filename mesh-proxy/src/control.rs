@@ -491,4 +491,24 @@ mod tests {
         let a: Vec<Duration> = (0..5).map(|_| Backoff::default().next_wait()).collect();
         assert!(a.windows(2).any(|w| w[0] != w[1]), "{a:?}");
     }
+
+    #[test]
+    fn a_waypoint_names_itself_on_every_request_and_an_agent_does_not() {
+        let tls = || {
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .expect("TLS versions")
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth()
+        };
+        let agent = ControlClient::new("controller:15012".into(), tls(), None, None);
+        let request = agent.request(Method::GET, CONFIG_PATH, Bytes::new()).unwrap();
+        assert!(request.headers().get(mesh_common::control::WAYPOINT_HEADER).is_none());
+        let waypoint =
+            ControlClient::new("controller:15012".into(), tls(), None, None).with_waypoint("shop", "wp", "wp-sa");
+        for path in [CONFIG_PATH, ACK_PATH, CERTIFICATE_PATH] {
+            let request = waypoint.request(Method::POST, path, Bytes::new()).unwrap();
+            assert_eq!(request.headers()[mesh_common::control::WAYPOINT_HEADER], "shop/wp/wp-sa", "{path}");
+        }
+    }
 }
