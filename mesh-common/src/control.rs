@@ -27,6 +27,11 @@ pub const CONTROL_PORT: u16 = 15012;
 pub const CONFIG_PATH: &str = "/v1/config";
 pub const ACK_PATH: &str = "/v1/ack";
 pub const CERTIFICATE_PATH: &str = "/v1/certificate";
+/// Request header with which a waypoint tells the controller what it is:
+/// `<namespace>/<gateway name>/<service account>`. With a node certificate (the lab)
+/// it is a claim the controller reports and narrows certificates with; with a token
+/// the controller decides from the token and the declared waypoints instead.
+pub const WAYPOINT_HEADER: &str = "mesh-waypoint";
 /// DNS name in the controller's serving certificate.
 pub const CONTROLLER_NAME: &str = "mesh-controller";
 
@@ -104,6 +109,22 @@ pub fn node_identity(trust_domain: &str, node: &str) -> String {
 pub fn parse_node_identity<'a>(trust_domain: &str, uri: &'a str) -> Option<&'a str> {
     let rest = uri.strip_prefix("spiffe://")?.strip_prefix(trust_domain)?.strip_prefix("/mesh-node/")?;
     (!rest.is_empty() && !rest.contains('/')).then_some(rest)
+}
+
+/// The value of [`WAYPOINT_HEADER`] for a waypoint.
+pub fn waypoint_header(namespace: &str, name: &str, service_account: &str) -> String {
+    format!("{namespace}/{name}/{service_account}")
+}
+
+/// (namespace, gateway name, service account) of a [`WAYPOINT_HEADER`] value.
+pub fn parse_waypoint_header(value: &str) -> Option<(&str, &str, &str)> {
+    let mut parts = value.split('/');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(ns), Some(name), Some(sa), None) if !ns.is_empty() && !name.is_empty() && !sa.is_empty() => {
+            Some((ns, name, sa))
+        }
+        _ => None,
+    }
 }
 
 /// (trust domain, namespace, service account) of a workload identity.
@@ -256,6 +277,11 @@ mod tests {
         assert_eq!(parse_workload_identity("spiffe://cluster.local/ns/shop/sa/web/extra"), None);
         assert_eq!(parse_workload_identity("spiffe://cluster.local/ns//sa/web"), None);
         assert_eq!(parse_workload_identity("https://cluster.local/ns/a/sa/b"), None);
+        let header = waypoint_header("shop", "waypoint", "waypoint-sa");
+        assert_eq!(parse_waypoint_header(&header), Some(("shop", "waypoint", "waypoint-sa")));
+        for bad in ["", "shop/waypoint", "shop//sa", "a/b/c/d", "/b/c"] {
+            assert_eq!(parse_waypoint_header(bad), None, "{bad}");
+        }
         let node = node_identity("cluster.local", "node1");
         assert_eq!(parse_node_identity("cluster.local", &node), Some("node1"));
         assert_eq!(parse_node_identity("other.local", &node), None);

@@ -10,5 +10,7 @@ pub mod manifest;
 pub mod node_auth;
 pub mod server;
 pub mod source;
+pub mod status;
 pub mod validate;
 pub mod view;
+pub mod waypoint;

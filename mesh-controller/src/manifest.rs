@@ -108,9 +108,10 @@ pub const KEYS: &[(&str, &str)] = &[
 pub enum Profile {
     /// Everything: controller (2 replicas), agent on every node.
     Default,
-    /// For trying the mesh: 1 controller replica, debug logs, small requests. (The
-    /// waypoint template renders with `--set waypoint.enabled=true`; the waypoint
-    /// proxy itself is not built yet, so no profile enables it.)
+    /// For trying the mesh: 1 controller replica, debug logs, small requests, and a
+    /// waypoint (L7 routing and policy are much of what one tries a mesh for; it
+    /// needs the Gateway API CRDs and the root certificate in its namespace, which
+    /// `deploy/kind/try-on-kind.sh` provides).
     Demo,
     /// The controller, CRDs and RBAC; no agent.
     Minimal,
@@ -223,12 +224,19 @@ impl Values {
                 resources: if demo { small("1", "512Mi") } else { normal("2", "1Gi") },
             },
             waypoint: WaypointValues {
-                // The L7 waypoint proxy does not exist yet: a rendered waypoint would
-                // not start. Opt in with --set waypoint.enabled=true once it does.
-                enabled: false,
+                // Only the demo renders one: elsewhere waypoints are per namespace and
+                // come from `meshctl waypoint apply` or `--set waypoint.enabled=true`
+                // (and the Gateway kind needs the Gateway API CRDs, not installed here).
+                enabled: demo,
                 name: "waypoint".into(),
                 namespace: "default".into(),
-                resources: if demo { small("1", "256Mi") } else { normal("2", "1Gi") },
+                // An idle waypoint holds a view and a few pooled connections.
+                resources: Resources {
+                    requests_cpu: "50m",
+                    requests_memory: "32Mi",
+                    limits_cpu: if demo { "1" } else { "2" },
+                    limits_memory: if demo { "256Mi" } else { "1Gi" },
+                },
             },
         }
     }
@@ -378,10 +386,14 @@ impl Values {
 
     fn waypoint_args(&self) -> Vec<String> {
         vec![
-            "waypoint".into(),
+            format!("--namespace={}", self.waypoint.namespace),
+            format!("--name={}", self.waypoint.name),
+            // Istio's convention, and what the controller checks the token against.
+            format!("--service-account={}", self.waypoint.name),
             format!("--controller={}", self.controller_address()),
             "--token-file=/var/run/secrets/mesh/token".into(),
             "--root-cert=/var/run/secrets/mesh/root-cert.pem".into(),
+            "--state-dir=/var/run/mesh-waypoint".into(),
             format!("--log={}", self.agent.log_level),
             format!("--log-format={}", self.agent.log_format),
         ]

@@ -25,7 +25,7 @@ use mesh_common::{
     config::Config,
     control::{
         ACK_PATH, Ack, CERTIFICATE_PATH, CONFIG_PATH, CertificateRequest, CertificateResponse, ConfigMessage, Objects,
-        parse_node_identity,
+        WAYPOINT_HEADER, parse_node_identity,
     },
     tls::uri_sans,
 };
@@ -40,7 +40,7 @@ use tracing::{debug, info, warn};
 use crate::{
     ca::Ca,
     jwks,
-    node_auth::{AuthError, NodeAuthenticator},
+    node_auth::{AuthError, Client, NodeAuthenticator},
     view,
 };
 
@@ -70,6 +70,20 @@ pub struct AgentStatus {
     pub certificates_refused: u64,
 }
 
+/// A waypoint's sync state, next to what identifies it (`meshctl status`).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct WaypointStatus {
+    pub namespace: String,
+    /// Its Gateway's name.
+    pub name: String,
+    /// The SPIFFE identity it may obtain.
+    pub identity: String,
+    /// The node whose view it gets (the last one a replica connected from).
+    pub node: String,
+    #[serde(flatten)]
+    pub sync: AgentStatus,
+}
+
 pub struct Controller {
     snapshot: watch::Sender<Arc<Snapshot>>,
     ca: Ca,
@@ -77,6 +91,8 @@ pub struct Controller {
     trust_domain: String,
     trust_domain_aliases: Vec<String>,
     agents: Mutex<BTreeMap<String, AgentStatus>>,
+    /// By `namespace/name`: every replica of a waypoint shares one entry.
+    waypoints: Mutex<BTreeMap<String, WaypointStatus>>,
     rejections: AtomicU64,
     last_rejection: Mutex<Option<String>>,
     /// Fetched `jwksUri` key sets, written into the configuration on every apply.
@@ -104,6 +120,7 @@ impl Controller {
             trust_domain,
             trust_domain_aliases,
             agents: Mutex::new(BTreeMap::new()),
+            waypoints: Mutex::new(BTreeMap::new()),
             rejections: AtomicU64::new(0),
             last_rejection: Mutex::new(None),
             jwks: Mutex::new(jwks::Cache::new()),
@@ -195,6 +212,22 @@ impl Controller {
         update(self.agents.lock().expect("lock").entry(node.to_owned()).or_default());
     }
 
+    /// Updates the sync state of `client`: its node's agent entry, or its waypoint's.
+    fn client(&self, client: &Client, update: impl FnOnce(&mut AgentStatus)) {
+        match client {
+            Client::Agent { node } => self.agent(node, update),
+            Client::Waypoint(waypoint) => {
+                let mut waypoints = self.waypoints.lock().expect("lock");
+                let entry = waypoints.entry(format!("{}/{}", waypoint.namespace, waypoint.name)).or_default();
+                entry.namespace.clone_from(&waypoint.namespace);
+                entry.name.clone_from(&waypoint.name);
+                entry.identity = waypoint.identity(&self.trust_domain);
+                entry.node.clone_from(&waypoint.node);
+                update(&mut entry.sync);
+            }
+        }
+    }
+
     pub fn status(&self) -> serde_json::Value {
         serde_json::json!({
             "version": self.current().version,
@@ -202,6 +235,7 @@ impl Controller {
             "last_rejection": *self.last_rejection.lock().expect("lock"),
             "agents": *self.agents.lock().expect("lock"),
             "jwks": *self.jwks.lock().expect("lock"),
+            "waypoints": *self.waypoints.lock().expect("lock"),
         })
     }
 
@@ -279,7 +313,26 @@ impl prometheus_client::collector::Collector for ControllerMetrics {
             "Workload certificates requested by the node's agent, by result.",
             Counter,
             certificates,
-        )
+        )?;
+        // The same sync state for waypoints, by the Gateway's namespace and name.
+        let waypoints = controller.waypoints.lock().expect("lock").clone();
+        let per_waypoint: [(&str, &str, AgentValue); 2] = [
+            ("mesh_controller_waypoint_connected", "Whether the waypoint has an open configuration stream.", |w, _| {
+                i64::from(w.connected)
+            }),
+            (
+                "mesh_controller_waypoint_in_sync",
+                "Whether the waypoint acknowledged the running configuration version.",
+                |w, version| i64::from(w.acked_version == version),
+            ),
+        ];
+        for (name, help, value) in per_waypoint {
+            let samples = waypoints.values().map(|w| {
+                (vec![("namespace", w.namespace.as_str()), ("name", w.name.as_str())], value(&w.sync, version))
+            });
+            encode_family(&mut encoder, name, help, Gauge, samples)?;
+        }
+        Ok(())
     }
 }
 
@@ -359,18 +412,21 @@ impl ControlServer {
                     let node = node.clone();
                     let tokens = tokens.clone();
                     async move {
-                        let node = match (node, tokens) {
-                            (Some(node), _) => node,
-                            (None, Some(tokens)) => match authenticate(&tokens, &req).await {
-                                Ok(node) => node,
+                        let client = match (node, tokens) {
+                            (Some(node), _) => {
+                                let header = req.headers().get(WAYPOINT_HEADER).and_then(|v| v.to_str().ok());
+                                Client::from_node(&node, header)
+                            }
+                            (None, Some(tokens)) => match authenticate(&tokens, &controller, &req).await {
+                                Ok(client) => client,
                                 Err(error) => {
-                                    warn!(%peer, %error, "agent refused");
+                                    warn!(%peer, %error, "control client refused");
                                     return Ok(full(StatusCode::UNAUTHORIZED, format!("{error}\n")));
                                 }
                             },
                             (None, None) => unreachable!("checked before serving"),
                         };
-                        Ok::<_, Infallible>(handle(&controller, &node, req).await)
+                        Ok::<_, Infallible>(handle(&controller, &client, req).await)
                     }
                 });
                 let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
@@ -384,8 +440,13 @@ impl ControlServer {
     }
 }
 
-/// The node a token-authenticated request speaks for.
-async fn authenticate(tokens: &NodeAuthenticator, req: &Request<Incoming>) -> Result<String, AuthError> {
+/// Who a token-authenticated request speaks for (the running configuration declares
+/// the waypoints).
+async fn authenticate(
+    tokens: &NodeAuthenticator,
+    controller: &Controller,
+    req: &Request<Incoming>,
+) -> Result<Client, AuthError> {
     let token = req
         .headers()
         .get(hyper::header::AUTHORIZATION)
@@ -394,7 +455,7 @@ async fn authenticate(tokens: &NodeAuthenticator, req: &Request<Incoming>) -> Re
         .map(str::trim)
         .filter(|t| !t.is_empty())
         .ok_or_else(|| AuthError::NotAuthenticated("no client certificate and no bearer token".into()))?;
-    tokens.node(token).await
+    tokens.client(token, &controller.current().config).await
 }
 
 fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
@@ -414,35 +475,47 @@ async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Re
     serde_json::from_slice(&bytes).map_err(|e| full(StatusCode::BAD_REQUEST, format!("bad request: {e}\n")))
 }
 
-async fn handle(controller: &Arc<Controller>, node: &str, req: Request<Incoming>) -> Response<Body> {
+async fn handle(controller: &Arc<Controller>, client: &Client, req: Request<Incoming>) -> Response<Body> {
     match (req.method(), req.uri().path()) {
-        (&Method::GET, CONFIG_PATH) => config_stream(controller.clone(), node.to_owned()),
+        (&Method::GET, CONFIG_PATH) => config_stream(controller.clone(), client.clone()),
         (&Method::POST, ACK_PATH) => match read_json::<Ack>(req).await {
             Ok(ack) => {
-                controller.agent(node, |a| a.acked_version = a.acked_version.max(ack.version));
-                debug!(node, version = ack.version, "agent acknowledged");
+                controller.client(client, |a| a.acked_version = a.acked_version.max(ack.version));
+                debug!(?client, version = ack.version, "client acknowledged");
                 full(StatusCode::NO_CONTENT, "")
             }
             Err(response) => response,
         },
         (&Method::POST, CERTIFICATE_PATH) => match read_json::<CertificateRequest>(req).await {
-            Ok(request) => certificate(controller, node, &request),
+            Ok(request) => certificate(controller, client, &request),
             Err(response) => response,
         },
         _ => full(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
 
-fn certificate(controller: &Controller, node: &str, request: &CertificateRequest) -> Response<Body> {
+fn certificate(controller: &Controller, client: &Client, request: &CertificateRequest) -> Response<Body> {
     let snapshot = controller.current();
-    if !view::may_issue(&snapshot.config, node, &request.identity) {
-        controller.agent(node, |a| a.certificates_refused += 1);
-        warn!(node, identity = %request.identity, "certificate refused: no pod with that identity on this node");
-        return full(StatusCode::FORBIDDEN, format!("node {node} runs no pod with identity {}\n", request.identity));
+    let node = client.node();
+    if !client.may_issue(&snapshot.config, &request.identity) {
+        controller.client(client, |a| a.certificates_refused += 1);
+        let reason = match client {
+            Client::Agent { node } => format!("node {node} runs no pod with identity {}", request.identity),
+            Client::Waypoint(waypoint) => format!(
+                "waypoint {}/{} on node {node} may only obtain {} (with a waypoint pod of that account on its node), \
+                 not {}",
+                waypoint.namespace,
+                waypoint.name,
+                waypoint.identity(&snapshot.config.trust_domain),
+                request.identity
+            ),
+        };
+        warn!(identity = %request.identity, "certificate refused: {reason}");
+        return full(StatusCode::FORBIDDEN, format!("{reason}\n"));
     }
     match controller.ca.sign_csr(&request.csr_pem, &request.identity, controller.cert_lifetime) {
         Ok(issued) => {
-            controller.agent(node, |a| a.certificates_issued += 1);
+            controller.client(client, |a| a.certificates_issued += 1);
             info!(node, identity = %request.identity, not_after = %issued.not_after, "certificate issued");
             let mut chain_pem = vec![issued.cert_pem];
             let root_pem = issued.chain_pem.last().cloned().unwrap_or_default();
@@ -450,7 +523,7 @@ fn certificate(controller: &Controller, node: &str, request: &CertificateRequest
             json(&CertificateResponse { chain_pem, root_pem, not_after: issued.not_after.unix_timestamp() })
         }
         Err(error) => {
-            controller.agent(node, |a| a.certificates_refused += 1);
+            controller.client(client, |a| a.certificates_refused += 1);
             full(StatusCode::BAD_REQUEST, format!("{error}\n"))
         }
     }
@@ -474,15 +547,16 @@ fn encode(message: &ConfigMessage) -> Bytes {
     Bytes::from(line)
 }
 
-fn config_stream(controller: Arc<Controller>, node: String) -> Response<Body> {
+fn config_stream(controller: Arc<Controller>, client: Client) -> Response<Body> {
     let (tx, rx) = mpsc::channel(16);
+    let node = client.node().to_owned();
     tokio::spawn(async move {
         let mut updates = controller.snapshot.subscribe();
         let mut sent = updates.borrow_and_update().clone();
         let line = view::encode_snapshot(&sent.index, &sent.objects, &node, sent.version);
         let objects = view::node_view_keys(&sent.index, &sent.objects, &node).len();
-        info!(%node, version = sent.version, objects, bytes = line.len(), "agent connected; sending snapshot");
-        controller.agent(&node, |a| {
+        info!(?client, version = sent.version, objects, bytes = line.len(), "client connected; sending snapshot");
+        controller.client(&client, |a| {
             a.streams += 1;
             a.connected = true;
             a.sent_version = sent.version;
@@ -506,13 +580,13 @@ fn config_stream(controller: Arc<Controller>, node: String) -> Response<Body> {
             );
             ok = tx.send(encode(&message)).await.is_ok();
             sent = next;
-            controller.agent(&node, |a| a.sent_version = sent.version);
+            controller.client(&client, |a| a.sent_version = sent.version);
         }
-        controller.agent(&node, |a| {
+        controller.client(&client, |a| {
             a.streams = a.streams.saturating_sub(1);
             a.connected = a.streams > 0;
         });
-        info!(%node, "agent disconnected");
+        info!(?client, "client disconnected");
     });
     Response::builder()
         .header("content-type", "application/x-ndjson")
@@ -592,6 +666,48 @@ mod tests {
         assert!(has("# TYPE mesh_controller_agent_certificates_total counter"), "{text}");
         let (content_type, open) = controller.metrics(Some("application/openmetrics-text; version=1.0.0"));
         assert!(content_type.starts_with("application/openmetrics-text") && open.ends_with("# EOF\n"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn waypoints_are_reported_apart_from_the_agent_of_their_node() {
+        let dir = std::env::temp_dir().join(format!("mesh-status-ca-{}", std::process::id()));
+        let ca = Ca::load_or_create(&dir, "cluster.local").unwrap();
+        let config = load(&[Source { name: "empty.yaml".into(), text: String::new() }]).unwrap();
+        let controller = Arc::new(Controller::new(config, ca, Duration::from_hours(1), Vec::new()));
+        let version = controller.current().version;
+        let agent = Client::Agent { node: "node2".into() };
+        let waypoint = Client::from_node("node2", Some("shop/waypoint/waypoint-sa"));
+        controller.client(&agent, |a| {
+            a.connected = true;
+            a.acked_version = version;
+        });
+        // Two replicas of one waypoint: one entry, two streams.
+        for _ in 0..2 {
+            controller.client(&waypoint, |a| {
+                a.streams += 1;
+                a.connected = true;
+                a.sent_version = version;
+                a.acked_version = version - 1;
+            });
+        }
+        let status = controller.status();
+        assert_eq!(status["agents"].as_object().unwrap().len(), 1, "{status}");
+        assert_eq!(status["agents"]["node2"]["acked_version"], version);
+        let entry = &status["waypoints"]["shop/waypoint"];
+        assert_eq!(entry["namespace"], "shop");
+        assert_eq!(entry["name"], "waypoint");
+        assert_eq!(entry["node"], "node2");
+        assert_eq!(entry["identity"], "spiffe://cluster.local/ns/shop/sa/waypoint-sa");
+        assert_eq!((entry["streams"].as_u64(), entry["acked_version"].as_u64()), (Some(2), Some(version - 1)));
+        // What `meshctl status` makes of it.
+        let rendered = crate::status::render(&status);
+        assert!(rendered.text.contains("\nWAYPOINTS\n") && !rendered.in_sync, "{}", rendered.text);
+        let (_, text) = controller.metrics(None);
+        let has = |line: &str| text.lines().any(|l| l == line);
+        assert!(has("mesh_controller_waypoint_in_sync{namespace=\"shop\",name=\"waypoint\"} 0"), "{text}");
+        assert!(has("mesh_controller_waypoint_connected{namespace=\"shop\",name=\"waypoint\"} 1"), "{text}");
+        assert!(has("mesh_controller_connected_agents 1"), "a waypoint is not an agent: {text}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -16,7 +16,7 @@ use mesh_common::config::{Config, security::MtlsMode};
 use mesh_controller::{
     kube_source::{Admission, Store, WatchedKind, problem_text, status_patch},
     lease::{Decision, decide},
-    node_auth::{AuthError, node_of},
+    node_auth::{AuthError, Client, Waypoint, client_of, node_of},
 };
 use serde_json::Value;
 
@@ -93,7 +93,12 @@ fn recorded_objects_are_real_api_objects() {
     for object in items("endpointslices.json") {
         serde_json::from_value::<EndpointSlice>(object).expect("EndpointSlice");
     }
-    for name in ["tokenreview.json", "tokenreview-unauthenticated.json", "tokenreview-no-node.json"] {
+    for name in [
+        "tokenreview.json",
+        "tokenreview-unauthenticated.json",
+        "tokenreview-no-node.json",
+        "tokenreview-waypoint.json",
+    ] {
         serde_json::from_value::<TokenReview>(recorded(name)).expect("TokenReview");
     }
     serde_json::from_value::<Lease>(recorded("lease.json")).expect("Lease");
@@ -269,6 +274,134 @@ fn recorded_token_reviews_give_the_node_or_a_reason() {
         Err(AuthError::WrongAccount { .. })
     ));
     assert!(matches!(node_of(&review("tokenreview.json"), "vault", account), Err(AuthError::WrongAudience { .. })));
+}
+
+/// A namespace `shop` with waypoint `waypoint` (class istio-waypoint, as `meshctl
+/// waypoint apply` declares it), its pod on node2 running as `waypoint` (the token of
+/// `tokenreview-waypoint.json`), and an application pod on node2.
+fn waypoint_config(class: &str, pod_account: &str) -> Config {
+    let text = format!(
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: waypoint, namespace: shop, labels: {{istio.io/waypoint-for: service}}}}
+spec:
+  gatewayClassName: {class}
+  listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: waypoint-7c5d9b8f4-x2m9q
+  namespace: shop
+  labels: {{gateway.networking.k8s.io/gateway-name: waypoint}}
+spec: {{nodeName: node2, serviceAccountName: {pod_account}, containers: [{{name: waypoint, image: mesh}}]}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: echo-1, namespace: shop, labels: {{app: echo}}}}
+spec: {{nodeName: node2, serviceAccountName: echo, containers: [{{name: echo, image: echo}}]}}
+"
+    );
+    mesh_common::config::load(&[mesh_common::config::Source { name: "waypoint.yaml".into(), text }]).unwrap()
+}
+
+#[test]
+fn a_waypoints_token_is_accepted_only_for_a_declared_waypoints_account() {
+    let review = |name: &str| serde_json::from_value::<TokenReview>(recorded(name)).unwrap().status.unwrap();
+    let agent = "system:serviceaccount:istio-system:mesh-agent";
+    let config = waypoint_config("istio-waypoint", "waypoint");
+    let expected = Waypoint {
+        namespace: "shop".into(),
+        name: "waypoint".into(),
+        service_account: "waypoint".into(),
+        node: "node2".into(),
+    };
+    let client = client_of(&review("tokenreview-waypoint.json"), "mesh-controller", agent, &config);
+    assert_eq!(client, Ok(Client::Waypoint(expected.clone())));
+    let client = client.unwrap();
+    // Its own identity and nothing else: not the pod next to it on the same node.
+    assert_eq!(expected.identity("cluster.local"), "spiffe://cluster.local/ns/shop/sa/waypoint");
+    assert!(client.may_issue(&config, "spiffe://cluster.local/ns/shop/sa/waypoint"));
+    assert!(!client.may_issue(&config, "spiffe://cluster.local/ns/shop/sa/echo"));
+    assert!(!client.may_issue(&config, "spiffe://other.local/ns/shop/sa/waypoint"));
+    // The agent's token keeps working, and the agent of node2 may still get the
+    // application's identity.
+    let agent_client = client_of(&review("tokenreview.json"), "mesh-controller", agent, &config);
+    assert_eq!(agent_client, Ok(Client::Agent { node: "node1".into() }));
+    assert!(Client::Agent { node: "node2".into() }.may_issue(&config, "spiffe://cluster.local/ns/shop/sa/echo"));
+
+    // Not a waypoint: the Gateway is of another class, or its pods run as another account.
+    for config in [waypoint_config("istio", "waypoint"), waypoint_config("istio-waypoint", "other")] {
+        let refused = client_of(&review("tokenreview-waypoint.json"), "mesh-controller", agent, &config);
+        let Err(error @ AuthError::NotAWaypoint { .. }) = refused else { panic!("{refused:?}") };
+        let text = error.to_string();
+        assert!(text.contains("system:serviceaccount:shop:waypoint") && text.contains("istio-waypoint"), "{text}");
+    }
+    // A token not bound to a pod (`kubectl create token`): never a waypoint's.
+    assert!(matches!(
+        client_of(&review("tokenreview-no-node.json"), "mesh-controller", agent, &config),
+        Err(AuthError::NoNode(account)) if account == "system:serviceaccount:default:default"
+    ));
+    assert!(matches!(
+        client_of(&review("tokenreview-unauthenticated.json"), "mesh-controller", agent, &config),
+        Err(AuthError::NotAuthenticated(_))
+    ));
+    assert!(matches!(
+        client_of(&review("tokenreview-waypoint.json"), "vault", agent, &config),
+        Err(AuthError::WrongAudience { .. })
+    ));
+}
+
+#[test]
+fn a_waypoint_token_without_node_falls_back_to_its_pods_node() {
+    let mut status =
+        serde_json::from_value::<TokenReview>(recorded("tokenreview-waypoint.json")).unwrap().status.unwrap();
+    let extra = status.user.as_mut().unwrap().extra.as_mut().unwrap();
+    extra.remove(mesh_controller::node_auth::NODE_NAME_EXTRA);
+    let agent = "system:serviceaccount:istio-system:mesh-agent";
+    let config = waypoint_config("istio-waypoint", "waypoint");
+    let client = client_of(&status, "mesh-controller", agent, &config).unwrap();
+    assert_eq!(client.node(), "node2");
+    // Bound to no pod at all (no pod or node extras): no pod to check, no node's view.
+    status.user.as_mut().unwrap().extra = None;
+    assert!(matches!(
+        client_of(&status, "mesh-controller", agent, &config),
+        Err(AuthError::NoNode(account)) if account == "system:serviceaccount:shop:waypoint"
+    ));
+}
+
+#[test]
+fn a_waypoint_account_token_from_another_pod_is_refused() {
+    // The account is a waypoint's, but the token is bound to a pod that is not one of
+    // the waypoint's pods (or not seen yet): refused, naming that pod.
+    let mut status =
+        serde_json::from_value::<TokenReview>(recorded("tokenreview-waypoint.json")).unwrap().status.unwrap();
+    let extra = status.user.as_mut().unwrap().extra.as_mut().unwrap();
+    extra.insert(mesh_controller::node_auth::POD_NAME_EXTRA.into(), vec!["debug-shell".into()]);
+    let refused = client_of(
+        &status,
+        "mesh-controller",
+        "system:serviceaccount:istio-system:mesh-agent",
+        &waypoint_config("istio-waypoint", "waypoint"),
+    );
+    let Err(error @ AuthError::NotAWaypoint { .. }) = refused else { panic!("{refused:?}") };
+    assert!(error.to_string().contains("shop/debug-shell"), "{error}");
+}
+
+#[test]
+fn a_node_credential_with_the_waypoint_header_is_that_nodes_waypoint() {
+    let config = waypoint_config("istio-waypoint", "waypoint");
+    let client = Client::from_node("node2", Some("shop/waypoint/waypoint"));
+    assert!(matches!(&client, Client::Waypoint(w) if w.name == "waypoint" && w.node == "node2"));
+    assert!(client.may_issue(&config, "spiffe://cluster.local/ns/shop/sa/waypoint"));
+    assert!(!client.may_issue(&config, "spiffe://cluster.local/ns/shop/sa/echo"));
+    // The claim only narrows: no waypoint pod of that account on node1.
+    assert!(
+        !Client::from_node("node1", Some("shop/waypoint/waypoint"))
+            .may_issue(&config, "spiffe://cluster.local/ns/shop/sa/waypoint")
+    );
+    assert_eq!(Client::from_node("node2", None), Client::Agent { node: "node2".into() });
+    assert_eq!(Client::from_node("node2", Some("garbage")), Client::Agent { node: "node2".into() });
 }
 
 #[test]

@@ -157,8 +157,30 @@ fn check_typed(doc: &Value) -> Result<(), String> {
         ("coordination.k8s.io/v1", "Lease") => round_trip::<Lease>(doc).map(drop),
         ("apps/v1", "Deployment") => round_trip::<Deployment>(doc).map(drop),
         ("apps/v1", "DaemonSet") => round_trip::<DaemonSet>(doc).map(drop),
+        // No k8s-openapi type: the mesh's own model (which refuses unknown fields)
+        // and the Gateway API CRD's schema.
+        ("gateway.networking.k8s.io/v1", "Gateway") => check_gateway(doc),
         _ => Err(format!("{api_version} {kind} is not a kind an install should contain")),
     }
+}
+
+/// A rendered `Gateway`: the mesh's config loader reads it as a waypoint, and the
+/// Gateway API CRD (deploy/gateway-api) accepts its spec.
+fn check_gateway(doc: &Value) -> Result<(), String> {
+    let text = serde_json::to_string(doc).map_err(|e| e.to_string())?;
+    let config = mesh_common::config::load(&[mesh_common::config::Source { name: "gateway.json".into(), text }])
+        .map_err(|e| e.to_string())?;
+    if !(config.gateways.len() == 1 && config.gateways[0].is_waypoint()) {
+        return Err("not read as a waypoint Gateway".into());
+    }
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/gateway-api/gateway.networking.k8s.io_gateways.yaml");
+    let crd = documents(&std::fs::read_to_string(path).map_err(|e| e.to_string())?).remove(0);
+    let served =
+        crd["spec"]["versions"].as_array().and_then(|v| v.iter().find(|v| v["name"] == "v1")).ok_or("no v1")?;
+    let mut errors = Vec::new();
+    validate(&doc["spec"], &served["schema"]["openAPIV3Schema"]["properties"]["spec"], ".spec", &mut errors);
+    if errors.is_empty() { Ok(()) } else { Err(errors.join(", ")) }
 }
 
 #[test]
@@ -255,13 +277,14 @@ fn profiles_render_their_components() {
         "--set wins over the profile"
     );
 
-    for (docs, agent, waypoint) in [(&default, true, false), (&demo, true, false), (&minimal, false, false)] {
+    for (docs, agent, waypoint) in [(&default, true, false), (&demo, true, true), (&minimal, false, false)] {
         assert_eq!(find(docs, "DaemonSet", "mesh-agent").is_some(), agent);
         assert_eq!(find(docs, "ServiceAccount", "mesh-agent").is_some(), agent);
         // The agent needs no API access: its pods come from the controller.
         assert!(find(docs, "ClusterRole", "mesh-agent").is_none());
         assert_eq!(find(docs, "Deployment", "waypoint").is_some(), waypoint);
         assert_eq!(find(docs, "Service", "waypoint").is_some(), waypoint);
+        assert_eq!(find(docs, "Gateway", "waypoint").is_some(), waypoint);
         assert_eq!(docs.iter().filter(|d| d["kind"] == "CustomResourceDefinition").count(), 8);
         assert!(find(docs, "Service", "mesh-controller").is_some());
         assert!(find(docs, "Lease", "mesh-controller").is_some());
@@ -344,6 +367,71 @@ fn the_agent_has_exactly_the_privileges_and_host_paths_it_needs() {
     let probe = agent.readiness_probe.as_ref().and_then(|p| p.http_get.as_ref()).expect("readiness probe");
     assert_eq!(probe.path.as_deref(), Some("/healthz/ready"));
     assert_eq!(probe.port, k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(15021));
+}
+
+#[test]
+fn the_waypoint_runs_mesh_waypoint_unprivileged_with_its_own_token_and_is_declared() {
+    let docs = documents(&render(&["waypoint.enabled=true", "waypoint.namespace=shop", "waypoint.name=shop-wp"]));
+    let gateway = find(&docs, "Gateway", "shop-wp").expect("the Gateway that declares the waypoint");
+    assert_eq!(gateway["metadata"]["namespace"], "shop");
+    assert_eq!(gateway["spec"]["gatewayClassName"], "istio-waypoint");
+    assert_eq!(gateway["spec"]["listeners"], serde_json::json!([{"name": "mesh", "port": 15008, "protocol": "HBONE"}]));
+    assert_eq!(gateway["metadata"]["labels"]["istio.io/waypoint-for"], "service");
+
+    let deployment: Deployment = typed(find(&docs, "Deployment", "shop-wp").expect("deployment"));
+    let template = &deployment.spec.template;
+    // The controller recognises the pods by this label (and accepts their account).
+    let labels = template.metadata.as_ref().unwrap().labels.clone().unwrap();
+    assert_eq!(labels["gateway.networking.k8s.io/gateway-name"], "shop-wp");
+    assert_eq!(labels["istio.io/dataplane-mode"], "none");
+    let spec = template.spec.as_ref().unwrap();
+    assert_eq!(spec.service_account_name.as_deref(), Some("shop-wp"));
+    assert_eq!(spec.automount_service_account_token, Some(false), "no API token: it needs no API access");
+    assert_ne!(spec.host_pid, Some(true));
+    assert_ne!(spec.host_network, Some(true));
+    assert_eq!(spec.security_context.as_ref().and_then(|s| s.run_as_non_root), Some(true));
+    let container = only_container(spec);
+    assert_eq!(container.command, Some(vec!["mesh-waypoint".to_owned()]));
+    let args = container.args.clone().unwrap_or_default();
+    for expected in [
+        "--namespace=shop",
+        "--name=shop-wp",
+        "--service-account=shop-wp",
+        "--controller=mesh-controller.mesh-system.svc:15012",
+        "--token-file=/var/run/secrets/mesh/token",
+        "--root-cert=/var/run/secrets/mesh/root-cert.pem",
+        "--state-dir=/var/run/mesh-waypoint",
+    ] {
+        assert!(args.iter().any(|a| a == expected), "{expected} in {args:?}");
+    }
+    let security = container.security_context.as_ref().expect("security context");
+    assert_eq!(security.privileged, Some(false));
+    assert_eq!(security.allow_privilege_escalation, Some(false));
+    assert_eq!(security.read_only_root_filesystem, Some(true));
+    assert_eq!(security.run_as_non_root, Some(true));
+    assert_eq!(security.capabilities.as_ref().and_then(|c| c.drop.clone()), Some(vec!["ALL".to_owned()]));
+    assert!(security.capabilities.as_ref().and_then(|c| c.add.as_ref()).is_none());
+    let ports: BTreeSet<i32> = container.ports.iter().flatten().map(|p| p.container_port).collect();
+    assert_eq!(ports, BTreeSet::from([15008, 15020, 15021]));
+    let probe = container.readiness_probe.as_ref().and_then(|p| p.http_get.as_ref()).expect("readiness probe");
+    assert_eq!(probe.path.as_deref(), Some("/healthz/ready"));
+    assert_eq!(probe.port, k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(15021));
+    let requests = container.resources.as_ref().unwrap().requests.clone().unwrap();
+    assert_eq!((requests["cpu"].0.as_str(), requests["memory"].0.as_str()), ("50m", "32Mi"));
+
+    // The token and root certificate where --token-file and --root-cert read them.
+    let mount =
+        |name: &str| container.volume_mounts.iter().flatten().find(|m| m.name == name).map(|m| m.mount_path.clone());
+    assert_eq!(mount("mesh-token").as_deref(), Some("/var/run/secrets/mesh"));
+    assert_eq!(mount("state").as_deref(), Some("/var/run/mesh-waypoint"), "a writable state dir");
+    let volume = spec.volumes.iter().flatten().find(|v| v.name == "mesh-token").expect("token volume");
+    let sources = volume.projected.as_ref().unwrap().sources.clone().unwrap();
+    let token = sources.iter().find_map(|s| s.service_account_token.as_ref()).expect("projected token");
+    assert_eq!((token.audience.as_deref(), token.path.as_str()), (Some("mesh-controller"), "token"));
+    assert!(token.expiration_seconds.is_some_and(|s| s <= 3600));
+    let root = sources.iter().find_map(|s| s.config_map.as_ref()).expect("root certificate");
+    assert_eq!(root.name, "mesh-root-cert");
+    assert_eq!(root.items.as_ref().unwrap()[0].path, "root-cert.pem");
 }
 
 #[test]

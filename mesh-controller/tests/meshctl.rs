@@ -110,3 +110,54 @@ fn usage_errors_exit_2() {
     let unknown = Command::new(env!("CARGO_BIN_EXE_meshctl")).arg("frobnicate").output().unwrap();
     assert_eq!(unknown.status.code(), Some(2));
 }
+
+fn meshctl_args(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_meshctl"))
+        .args(args)
+        // No cluster: no kubeconfig, no in-cluster service account.
+        .env("KUBECONFIG", "/nonexistent/meshctl-test/kubeconfig")
+        .env("HOME", "/nonexistent/meshctl-test")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .output()
+        .expect("run meshctl")
+}
+
+#[test]
+fn waypoint_generate_prints_the_gateway_the_mesh_reads_as_a_waypoint() {
+    let out = meshctl_args(&["waypoint", "generate", "-n", "shop", "--name", "shop-wp", "--for", "workload"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let yaml = text(&out.stdout);
+    let config =
+        mesh_common::config::load(&[mesh_common::config::Source { name: "stdout".into(), text: yaml.clone() }])
+            .unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    let gateway = &config.gateways[..];
+    assert_eq!(gateway.len(), 1, "{yaml}");
+    assert!(gateway[0].is_waypoint());
+    assert_eq!((gateway[0].metadata.namespace.as_str(), gateway[0].metadata.name.as_str()), ("shop", "shop-wp"));
+    assert_eq!(gateway[0].waypoint_for(), "workload");
+    let listener = &gateway[0].spec.listeners[0];
+    assert_eq!((listener.name.as_str(), listener.port, listener.protocol.as_str()), ("mesh", 15008, "HBONE"));
+    // Defaults: namespace default, name waypoint, for service.
+    let out = meshctl_args(&["waypoint", "generate"]);
+    let yaml = text(&out.stdout);
+    assert!(yaml.contains("  name: waypoint\n  namespace: default\n"), "{yaml}");
+    assert!(yaml.contains("istio.io/waypoint-for: service\n"), "{yaml}");
+}
+
+#[test]
+fn waypoint_commands_fail_with_one_line_on_bad_names_and_without_a_cluster() {
+    let out = meshctl_args(&["waypoint", "generate", "--name", "Not_A_Name"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("meshctl waypoint generate: --name Not_A_Name: not a valid name"), "{stderr}");
+    for args in [&["waypoint", "apply", "-n", "shop", "--enroll-namespace"][..], &["waypoint", "list"]] {
+        let out = meshctl_args(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let stderr = text(&out.stderr);
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.contains("no cluster to talk to"), "{args:?}: {stderr}");
+        assert!(out.stdout.is_empty());
+    }
+}

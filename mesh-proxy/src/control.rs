@@ -107,6 +107,9 @@ pub struct ControlClient {
     /// Kubernetes mode: the projected `ServiceAccount` token, re-read on every connect
     /// (kubelet rotates it).
     token_file: Option<PathBuf>,
+    /// A waypoint's [`mesh_common::control::WAYPOINT_HEADER`] value, sent with every
+    /// request so that the controller reports it as a waypoint.
+    waypoint: Option<String>,
     tls: TlsConnector,
     state: watch::Sender<Arc<ConfigState>>,
 }
@@ -130,9 +133,17 @@ impl ControlClient {
             last_contact: AtomicI64::new(0),
             addr,
             token_file,
+            waypoint: None,
             tls: TlsConnector::from(Arc::new(tls)),
             state,
         }
+    }
+
+    /// Identifies the client as waypoint `namespace/name` running as `service_account`.
+    #[must_use]
+    pub fn with_waypoint(mut self, namespace: &str, name: &str, service_account: &str) -> Self {
+        self.waypoint = Some(mesh_common::control::waypoint_header(namespace, name, service_account));
+        self
     }
 
     /// Applies the view an earlier run saved, unless the controller has already sent
@@ -204,6 +215,9 @@ impl ControlClient {
             let token =
                 std::fs::read_to_string(path).map_err(|source| ControlError::Token { path: path.clone(), source })?;
             request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {}", token.trim()));
+        }
+        if let Some(waypoint) = &self.waypoint {
+            request = request.header(mesh_common::control::WAYPOINT_HEADER, waypoint);
         }
         Ok(request.body(Full::new(body)).expect("valid request"))
     }
@@ -476,5 +490,25 @@ mod tests {
         // Jitter: two agents starting together do not wait the same.
         let a: Vec<Duration> = (0..5).map(|_| Backoff::default().next_wait()).collect();
         assert!(a.windows(2).any(|w| w[0] != w[1]), "{a:?}");
+    }
+
+    #[test]
+    fn a_waypoint_names_itself_on_every_request_and_an_agent_does_not() {
+        let tls = || {
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .expect("TLS versions")
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth()
+        };
+        let agent = ControlClient::new("controller:15012".into(), tls(), None, None);
+        let request = agent.request(Method::GET, CONFIG_PATH, Bytes::new()).unwrap();
+        assert!(request.headers().get(mesh_common::control::WAYPOINT_HEADER).is_none());
+        let waypoint =
+            ControlClient::new("controller:15012".into(), tls(), None, None).with_waypoint("shop", "wp", "wp-sa");
+        for path in [CONFIG_PATH, ACK_PATH, CERTIFICATE_PATH] {
+            let request = waypoint.request(Method::POST, path, Bytes::new()).unwrap();
+            assert_eq!(request.headers()[mesh_common::control::WAYPOINT_HEADER], "shop/wp/wp-sa", "{path}");
+        }
     }
 }

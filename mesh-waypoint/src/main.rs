@@ -116,12 +116,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cli.state_dir).with_context(|| format!("create state dir {}", cli.state_dir.display()))?;
     let tls =
         control::client_tls(cli.credential_dir.as_deref(), cli.root_cert.as_deref()).map_err(anyhow::Error::msg)?;
-    let client = Arc::new(control::ControlClient::new(
-        cli.controller.clone(),
-        tls,
-        cli.token_file.clone(),
-        Some(cli.state_dir.join("view.json")),
-    ));
+    let service_account = cli.service_account.clone().unwrap_or_else(|| cli.name.clone());
+    let client = Arc::new(
+        control::ControlClient::new(
+            cli.controller.clone(),
+            tls,
+            cli.token_file.clone(),
+            Some(cli.state_dir.join("view.json")),
+        )
+        .with_waypoint(&cli.namespace, &cli.name, &service_account),
+    );
     match client.restore_view() {
         Ok((version, age)) => info!(version, age_seconds = age, "view restored from the state directory"),
         Err(error) => info!(%error, "no view restored; waiting for the controller"),
@@ -131,7 +135,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let metrics = Arc::new(metrics::Metrics::default());
     metrics.register_collector(admin::ControlMetrics { client: client.clone(), certs: certs.clone() });
 
-    let service_account = cli.service_account.clone().unwrap_or_else(|| cli.name.clone());
     let waypoint = inbound::Waypoint::new(inbound::Settings {
         namespace: cli.namespace.clone(),
         name: cli.name.clone(),

@@ -3,7 +3,8 @@
 //! applies, prints every problem and warning and exits 0 (valid, warnings allowed
 //! unless `--strict`), 1 (problems) or 2 (usage).
 //! `meshctl status` shows the controller's configuration version and, for every
-//! agent, the version it was sent and the one it acknowledged.
+//! agent and every waypoint, the version it was sent and the one it acknowledged.
+//! `meshctl waypoint generate|apply|list` declares waypoints as `istioctl waypoint` does.
 //! `meshctl manifest generate [--set KEY=VALUE]...` prints the Kubernetes manifests of
 //! an install (exit 2 on a bad `--set`), for `| kubectl apply -f -` or `| kubectl delete -f -`.
 use std::{
@@ -16,7 +17,7 @@ use std::{
 };
 
 use clap::{Parser, Subcommand};
-use mesh_controller::{manifest, validate};
+use mesh_controller::{manifest, validate, waypoint};
 
 #[derive(Parser)]
 #[command(name = "meshctl", version, about = "Command-line tool of the mesh")]
@@ -41,7 +42,7 @@ enum Command {
         #[arg(long)]
         strict: bool,
     },
-    /// Show the controller's configuration version and every agent's sync state.
+    /// Show the controller's configuration version and every agent's and waypoint's sync state.
     Status {
         /// The controller's status endpoint.
         #[arg(long, env = "MESH_CONTROLLER_ADMIN", default_value = "127.0.0.1:15014")]
@@ -51,6 +52,44 @@ enum Command {
     Manifest {
         #[command(subcommand)]
         command: ManifestCommand,
+    },
+    /// Declare a namespace's waypoint (a Gateway of class istio-waypoint), as `istioctl waypoint` does.
+    Waypoint {
+        #[command(subcommand)]
+        command: WaypointCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum WaypointCommand {
+    /// Print the waypoint's Gateway as YAML.
+    Generate {
+        #[arg(long, short = 'n', default_value = "default")]
+        namespace: String,
+        /// The Gateway's name (its pods run as the `ServiceAccount` of that name).
+        #[arg(long, default_value = "waypoint")]
+        name: String,
+        /// Which traffic it takes (label istio.io/waypoint-for).
+        #[arg(long = "for", value_enum, default_value_t)]
+        waypoint_for: waypoint::WaypointFor,
+    },
+    /// Create or update the waypoint's Gateway in the cluster.
+    Apply {
+        #[arg(long, short = 'n', default_value = "default")]
+        namespace: String,
+        #[arg(long, default_value = "waypoint")]
+        name: String,
+        #[arg(long = "for", value_enum, default_value_t)]
+        waypoint_for: waypoint::WaypointFor,
+        /// Also label the namespace istio.io/use-waypoint=<name>: its services then use it.
+        #[arg(long)]
+        enroll_namespace: bool,
+    },
+    /// List the Gateways of class istio-waypoint.
+    List {
+        /// One namespace (all namespaces when absent).
+        #[arg(long, short = 'n')]
+        namespace: Option<String>,
     },
 }
 
@@ -100,28 +139,71 @@ fn status(addr: SocketAddr) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let version = status["version"].as_u64().unwrap_or(0);
-    println!("controller: config version {version}, {} rejected changes", status["rejections"]);
-    if let Some(reason) = status["last_rejection"].as_str() {
-        println!("last rejection:\n{reason}");
+    let rendered = mesh_controller::status::render(&status);
+    print!("{}", rendered.text);
+    if rendered.in_sync { ExitCode::SUCCESS } else { ExitCode::from(1) }
+}
+
+/// `meshctl waypoint ...`: bad names exit 2, cluster failures 1, each with one line.
+fn waypoint_command(command: WaypointCommand) -> ExitCode {
+    let spec = |namespace: &str, name: &str, waypoint_for| waypoint::Spec::new(namespace, name, waypoint_for);
+    let (verb, outcome) = match command {
+        WaypointCommand::Generate { namespace, name, waypoint_for } => match spec(&namespace, &name, waypoint_for) {
+            Ok(spec) => {
+                print!("{}", waypoint::generate_yaml(&spec));
+                return ExitCode::SUCCESS;
+            }
+            Err(e) => ("generate", Err((2, e))),
+        },
+        WaypointCommand::Apply { namespace, name, waypoint_for, enroll_namespace } => {
+            let outcome = match spec(&namespace, &name, waypoint_for) {
+                Err(e) => Err((2, e)),
+                Ok(spec) => block_on(async {
+                    let client = waypoint::client().await?;
+                    waypoint::apply(&client, &spec, enroll_namespace).await?;
+                    println!("waypoint {}/{} applied", spec.namespace, spec.name);
+                    if enroll_namespace {
+                        println!("namespace {} labelled istio.io/use-waypoint={}", spec.namespace, spec.name);
+                    }
+                    Ok(())
+                })
+                .map_err(|e| (1, e)),
+            };
+            ("apply", outcome)
+        }
+        WaypointCommand::List { namespace } => {
+            let outcome = block_on(async {
+                let client = waypoint::client().await?;
+                let gateways = waypoint::list(&client, namespace.as_deref()).await?;
+                print!("{}", waypoint::render_rows(&waypoint::waypoint_rows(&gateways)));
+                Ok(())
+            });
+            ("list", outcome.map_err(|e| (1, e)))
+        }
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err((code, error)) => {
+            // One line: the error and its causes (kube's errors repeat their sources
+            // in their own text; a cause already said is not said again).
+            let mut line = error.to_string();
+            let mut source = std::error::Error::source(&error);
+            while let Some(cause) = source {
+                let text = cause.to_string();
+                if !line.contains(&text) {
+                    line.push_str(": ");
+                    line.push_str(&text);
+                }
+                source = cause.source();
+            }
+            eprintln!("meshctl waypoint {verb}: {}", line.replace('\n', " "));
+            ExitCode::from(code)
+        }
     }
-    println!("{:<16} {:<10} {:>15} {:>15} {:>8} {:>6}  SYNC", "NODE", "STREAM", "SENT", "ACKED", "OBJECTS", "CERTS");
-    let mut in_sync = true;
-    for (node, agent) in status["agents"].as_object().into_iter().flatten() {
-        let acked = agent["acked_version"].as_u64().unwrap_or(0);
-        let synced = acked == version;
-        in_sync &= synced || agent["connected"] != true;
-        println!(
-            "{node:<16} {:<10} {:>15} {:>15} {:>8} {:>6}  {}",
-            if agent["connected"] == true { "connected" } else { "gone" },
-            agent["sent_version"].as_u64().unwrap_or(0),
-            acked,
-            agent["objects"].as_u64().unwrap_or(0),
-            agent["certificates_issued"].as_u64().unwrap_or(0),
-            if synced { "SYNCED" } else { "STALE" }
-        );
-    }
-    if in_sync { ExitCode::SUCCESS } else { ExitCode::from(1) }
+}
+
+fn block_on<T>(future: impl Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime").block_on(future)
 }
 
 /// `meshctl validate --kubernetes`: lists the cluster with the controller's own code.
@@ -179,6 +261,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Status { controller } => status(controller),
+        Command::Waypoint { command } => waypoint_command(command),
         Command::Validate { kubernetes: true, strict, .. } => validate_cluster(strict),
         Command::Validate { paths, strict, .. } => match validate::validate(&paths) {
             Ok(outcome) => {
