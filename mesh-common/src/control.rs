@@ -157,6 +157,7 @@ pub fn all_objects(config: &Config) -> Objects {
         serde_json::json!({
             "rootNamespace": config.root_namespace,
             "trustDomain": config.trust_domain,
+            "mesh": config.mesh,
         }),
     );
     objects
@@ -201,6 +202,9 @@ impl RawConfigMessage {
 struct MeshSettings {
     root_namespace: String,
     trust_domain: String,
+    /// Absent from older controllers: the defaults.
+    #[serde(default)]
+    mesh: crate::config::MeshConfig,
 }
 
 /// Rebuilds a typed config from objects given as JSON text, one object at a time
@@ -232,6 +236,7 @@ pub fn materialize_raw<'a>(
                 let mesh: MeshSettings = from_str(text)?;
                 config.root_namespace = mesh.root_namespace;
                 config.trust_domain = mesh.trust_domain;
+                config.mesh = mesh.mesh;
             }
             _ => {}
         }

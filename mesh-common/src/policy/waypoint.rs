@@ -86,10 +86,11 @@ pub struct WaypointPolicies {
 }
 
 impl WaypointPolicies {
-    /// Selects and compiles the policies of `config` that bind to `waypoint`.
-    /// `ext_authz_providers` are the names of the mesh config's ext_authz
-    /// `extensionProviders` (HTTP or gRPC).
-    pub fn new(config: &Config, waypoint: &Waypoint, ext_authz_providers: &[&str]) -> Self {
+    /// Selects and compiles the policies of `config` that bind to `waypoint`. A
+    /// `CUSTOM` policy's provider must be one of the ext_authz `extensionProviders`
+    /// of [`Config::mesh`].
+    pub fn new(config: &Config, waypoint: &Waypoint) -> Self {
+        let ext_authz_providers = config.mesh.ext_authz_providers();
         let mut out = Self { trust_domain: config.trust_domain.clone(), ..Self::default() };
         let mut bound: Vec<_> = config
             .authorization_policies

@@ -79,8 +79,18 @@ fn bound(action: &str, rules: &str) -> Config {
     ))
 }
 
+/// `config` with a gRPC ext_authz provider `opa` in its mesh config.
+fn with_opa(config: &Config) -> Config {
+    let mut config = config.clone();
+    let (mesh, _) = crate::config::mesh::read_for_tests(
+        "extensionProviders: [{name: opa, envoyExtAuthzGrpc: {service: opa.opa.svc.cluster.local, port: 9191}}]",
+    );
+    config.mesh = mesh;
+    config
+}
+
 fn verdict(config: &Config, req: &Req) -> WaypointVerdict {
-    let policies = WaypointPolicies::new(config, &WAYPOINT, &["opa"]);
+    let policies = WaypointPolicies::new(&with_opa(config), &WAYPOINT);
     req.with(|attrs| policies.evaluate(Some(&API), attrs))
 }
 
@@ -243,7 +253,7 @@ spec:
   rules: [{to: [{operation: {paths: ['/nobody']}}]}]
 ",
     );
-    let policies = WaypointPolicies::new(&config, &WAYPOINT, &["opa"]);
+    let policies = WaypointPolicies::new(&with_opa(&config), &WAYPOINT);
     let eval = |path: &str| Req::new().path(path).with(|a| policies.evaluate(Some(&API), a));
     assert_eq!(eval("/ext/admin"), WaypointVerdict::Custom { provider: "opa".into(), policy: "shop/ext".into() });
     let after = Req::new().path("/ext/admin").with(|a| policies.evaluate_after_ext_authz(Some(&API), a));
@@ -306,7 +316,7 @@ spec:
   rules: [{}]
 ",
     );
-    let policies = WaypointPolicies::new(&config, &WAYPOINT, &[]);
+    let policies = WaypointPolicies::new(&config, &WAYPOINT);
     let ids = |target: Option<&Target>| policies.applicable(target).map(|p| p.id.clone()).collect::<Vec<String>>();
     assert_eq!(ids(None), ["istio-system/class", "shop/gw"]);
     assert_eq!(ids(Some(&API)), ["istio-system/class", "shop/gw", "shop/svc"]);
@@ -330,7 +340,7 @@ spec:
   rules: [{to: [{operation: {methods: [GET]}}]}]
 ",
     );
-    let policies = WaypointPolicies::new(&config, &WAYPOINT, &[]);
+    let policies = WaypointPolicies::new(&config, &WAYPOINT);
     let post = Req { method: "POST", ..Req::new() };
     let other = Target { name: "cart", ..API };
     assert!(matches!(post.with(|a| policies.evaluate(Some(&API), a)), WaypointVerdict::Deny { .. }));
