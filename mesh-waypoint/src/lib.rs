@@ -6,6 +6,7 @@
 
 pub mod balance;
 pub mod limits;
+pub mod normalize;
 pub mod outlier;
 pub mod policy;
 pub mod retry;
