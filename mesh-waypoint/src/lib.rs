@@ -4,6 +4,7 @@
 //! proxy phases follow the packet walk: request filter -> route -> authorize ->
 //! upstream peer -> upstream request -> response -> log.
 
+pub mod authz;
 pub mod balance;
 pub mod limits;
 pub mod normalize;
