@@ -41,11 +41,11 @@ use crate::config::{
 mod engine;
 mod waypoint;
 
-pub use engine::{Attributes, Auth, CompiledPolicy, Http, header_value};
 use engine::Peer;
-pub use waypoint::{Target, TargetKind, Waypoint, WaypointPolicies, WaypointVerdict};
 #[cfg(test)]
 use engine::wildcard_matches;
+pub use engine::{Attributes, Auth, CompiledPolicy, Http, header_value};
+pub use waypoint::{Target, TargetKind, Waypoint, WaypointPolicies, WaypointVerdict};
 
 /// The inbound connection being authorized.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,7 +127,7 @@ pub fn authorize(config: &Config, workload: &Workload, conn: &Connection) -> Ver
         destination_port: conn.destination_port,
         http: None,
     };
-    decide(policies.iter(), &attrs, &config.trust_domain)
+    decide(&policies.iter(), &attrs, &config.trust_domain)
 }
 
 /// The `DENY`, `AUDIT` and `ALLOW` evaluation of `policies` (sorted by id; `CUSTOM`
@@ -139,7 +139,7 @@ pub fn authorize(config: &Config, workload: &Workload, conn: &Connection) -> Ver
 /// matching for `DENY`/`AUDIT` rules and as not matching for `ALLOW` rules; the reason
 /// names each rule that was affected.
 pub fn decide<'p>(
-    policies: impl Iterator<Item = &'p CompiledPolicy> + Clone,
+    policies: &(impl Iterator<Item = &'p CompiledPolicy> + Clone),
     attrs: &Attributes,
     trust_domain: &str,
 ) -> Verdict {

@@ -197,7 +197,8 @@ fn decode(path: &str, decode_slashes: bool) -> String {
     while i < bytes.len() {
         let b = bytes[i];
         if b == b'%'
-            && let (Some(h), Some(l)) = (bytes.get(i + 1).and_then(hex_value), bytes.get(i + 2).and_then(hex_value))
+            && let (Some(h), Some(l)) =
+                (bytes.get(i + 1).and_then(|b| hex_value(*b)), bytes.get(i + 2).and_then(|b| hex_value(*b)))
         {
             let c = h * 16 + l;
             let unreserved = c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~');
@@ -217,8 +218,8 @@ fn decode(path: &str, decode_slashes: bool) -> String {
     out
 }
 
-fn hex_value(b: &u8) -> Option<u8> {
-    char::from(*b).to_digit(16).and_then(|d| u8::try_from(d).ok())
+fn hex_value(b: u8) -> Option<u8> {
+    char::from(b).to_digit(16).and_then(|d| u8::try_from(d).ok())
 }
 
 /// RFC 3986 section 5.2.4 on an absolute path: `.` segments dropped, `..` segments

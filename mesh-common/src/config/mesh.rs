@@ -4,7 +4,7 @@
 //!
 //! Modelled: `rootNamespace`, `trustDomain` (both also set [`Config::root_namespace`]
 //! and [`Config::trust_domain`](super::Config::trust_domain), so the two never
-//! disagree), `pathNormalization`, `extensionProviders` (ext_authz over HTTP and gRPC,
+//! disagree), `pathNormalization`, `extensionProviders` (`ext_authz` over HTTP and gRPC,
 //! OpenTelemetry, Prometheus, file access log, Zipkin) and `defaultProviders`.
 //! `MeshConfig` has many more fields: they are accepted with a warning that they have
 //! no effect, never rejected. A value of the wrong type, or one outside its range, is
@@ -22,8 +22,8 @@ use super::values::{self, parse_duration};
 pub const CONFIG_MAP_NAME: &str = "istio";
 /// Its key holding the YAML.
 pub const CONFIG_MAP_KEY: &str = "mesh";
-/// Istio's default timeout of an ext_authz check.
-pub const DEFAULT_EXT_AUTHZ_TIMEOUT: Duration = Duration::from_secs(600);
+/// Istio's default timeout of an `ext_authz` check.
+pub const DEFAULT_EXT_AUTHZ_TIMEOUT: Duration = Duration::from_mins(10);
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
@@ -53,7 +53,7 @@ impl MeshConfig {
         self.path_normalization.as_ref().map_or(PathNormalization::Base, |p| p.normalization)
     }
 
-    /// The names of the ext_authz providers (HTTP or gRPC), for `CUSTOM` policies.
+    /// The names of the `ext_authz` providers (HTTP or gRPC), for `CUSTOM` policies.
     pub fn ext_authz_providers(&self) -> Vec<&str> {
         self.extension_providers.iter().filter(|p| p.ext_authz().is_some()).map(|p| p.name.as_str()).collect()
     }
@@ -102,7 +102,7 @@ pub struct ExtensionProvider {
     pub zipkin: Option<Zipkin>,
 }
 
-/// An ext_authz provider, whichever protocol it speaks.
+/// An `ext_authz` provider, whichever protocol it speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExtAuthz<'a> {
     Http(&'a ExtAuthzHttp),
@@ -111,7 +111,10 @@ pub enum ExtAuthz<'a> {
 
 impl ExtensionProvider {
     pub fn ext_authz(&self) -> Option<ExtAuthz<'_>> {
-        self.envoy_ext_authz_http.as_ref().map(ExtAuthz::Http).or(self.envoy_ext_authz_grpc.as_ref().map(ExtAuthz::Grpc))
+        self.envoy_ext_authz_http
+            .as_ref()
+            .map(ExtAuthz::Http)
+            .or(self.envoy_ext_authz_grpc.as_ref().map(ExtAuthz::Grpc))
     }
 }
 
@@ -277,7 +280,15 @@ const KNOWN: &[(&str, &[&str])] = &[
     ("pathNormalization", &["normalization"]),
     (
         "extensionProviders[]",
-        &["name", "envoyExtAuthzHttp", "envoyExtAuthzGrpc", "opentelemetry", "prometheus", "envoyFileAccessLog", "zipkin"],
+        &[
+            "name",
+            "envoyExtAuthzHttp",
+            "envoyExtAuthzGrpc",
+            "opentelemetry",
+            "prometheus",
+            "envoyFileAccessLog",
+            "zipkin",
+        ],
     ),
     (
         "extensionProviders[].envoyExtAuthzHttp",
@@ -309,16 +320,8 @@ const KNOWN: &[(&str, &[&str])] = &[
 ];
 
 /// Istio's other provider kinds: accepted, unused.
-const UNUSED_PROVIDER_KINDS: &[&str] = &[
-    "envoyOtelAls",
-    "envoyHttpAls",
-    "envoyTcpAls",
-    "stackdriver",
-    "datadog",
-    "lightstep",
-    "skywalking",
-    "sds",
-];
+const UNUSED_PROVIDER_KINDS: &[&str] =
+    &["envoyOtelAls", "envoyHttpAls", "envoyTcpAls", "stackdriver", "datadog", "lightstep", "skywalking", "sds"];
 
 /// Reads the YAML text of `data.mesh`.
 pub(crate) fn read(text: &str) -> (MeshConfig, Read) {
@@ -558,7 +561,11 @@ extensionProviders:
         assert!(found.errors.is_empty(), "{:?}", found.errors);
         assert_eq!(
             fields(&found.warnings),
-            ["accessLogFile", "extensionProviders[3].skywalking", "extensionProviders[1].envoyExtAuthzHttp.includeRequestBodyInCheck"]
+            [
+                "accessLogFile",
+                "extensionProviders[3].skywalking",
+                "extensionProviders[1].envoyExtAuthzHttp.includeRequestBodyInCheck"
+            ]
         );
         assert_eq!(mesh.path_normalization(), PathNormalization::MergeSlashes);
         assert_eq!(mesh.ext_authz_providers(), ["opa", "oauth"]);
@@ -583,13 +590,34 @@ extensionProviders:
     fn bad_values_name_their_field() {
         let cases = [
             ("pathNormalization: {normalization: FANCY}", "pathNormalization.normalization"),
-            ("extensionProviders: [{name: a, envoyExtAuthzGrpc: {service: x.svc, port: 0}}]", "extensionProviders[0].envoyExtAuthzGrpc.port"),
-            ("extensionProviders: [{name: a, envoyExtAuthzGrpc: {service: x.svc, port: 1, timeout: 3}}]", "extensionProviders[0].envoyExtAuthzGrpc.timeout"),
-            ("extensionProviders: [{name: a, envoyExtAuthzHttp: {port: 80}}]", "extensionProviders[0].envoyExtAuthzHttp.service"),
-            ("extensionProviders: [{name: a, envoyExtAuthzHttp: {service: a.b, port: 80, pathPrefix: x}}]", "extensionProviders[0].envoyExtAuthzHttp.pathPrefix"),
-            ("extensionProviders: [{name: a, envoyExtAuthzHttp: {service: a.b, port: 80, statusOnError: '700'}}]", "extensionProviders[0].envoyExtAuthzHttp.statusOnError"),
-            ("extensionProviders: [{name: a, prometheus: {}}, {name: a, prometheus: {}}]", "extensionProviders[1].name"),
-            ("extensionProviders: [{name: a, envoyExtAuthzHttp: {service: a.b, port: eighty}}]", "extensionProviders[0].envoyExtAuthzHttp.port"),
+            (
+                "extensionProviders: [{name: a, envoyExtAuthzGrpc: {service: x.svc, port: 0}}]",
+                "extensionProviders[0].envoyExtAuthzGrpc.port",
+            ),
+            (
+                "extensionProviders: [{name: a, envoyExtAuthzGrpc: {service: x.svc, port: 1, timeout: 3}}]",
+                "extensionProviders[0].envoyExtAuthzGrpc.timeout",
+            ),
+            (
+                "extensionProviders: [{name: a, envoyExtAuthzHttp: {port: 80}}]",
+                "extensionProviders[0].envoyExtAuthzHttp.service",
+            ),
+            (
+                "extensionProviders: [{name: a, envoyExtAuthzHttp: {service: a.b, port: 80, pathPrefix: x}}]",
+                "extensionProviders[0].envoyExtAuthzHttp.pathPrefix",
+            ),
+            (
+                "extensionProviders: [{name: a, envoyExtAuthzHttp: {service: a.b, port: 80, statusOnError: '700'}}]",
+                "extensionProviders[0].envoyExtAuthzHttp.statusOnError",
+            ),
+            (
+                "extensionProviders: [{name: a, prometheus: {}}, {name: a, prometheus: {}}]",
+                "extensionProviders[1].name",
+            ),
+            (
+                "extensionProviders: [{name: a, envoyExtAuthzHttp: {service: a.b, port: eighty}}]",
+                "extensionProviders[0].envoyExtAuthzHttp.port",
+            ),
             ("rootNamespace: Istio_System", "rootNamespace"),
             ("- a list", ""),
         ];

@@ -8,12 +8,12 @@ use serde_yaml::{Mapping, Value};
 
 use super::{
     Config, Problem, Source,
-    mesh,
     gateway::{
         Gateway, GatewayClass, GatewayClassSpec, GatewaySpec, GrpcRoute, GrpcRouteSpec, HttpRoute, HttpRouteSpec,
         L4RouteSpec, ReferenceGrant, ReferenceGrantSpec, TcpRoute, TlsRoute,
     },
     k8s::{EndpointSlice, Namespace, NamespaceSpec, Pod, PodSpec, PodStatus, Service, ServiceSpec},
+    mesh,
     meta::{ObjectMeta, nullable},
     networking::{
         DestinationRule, DestinationRuleSpec, IstioGateway, IstioGatewaySpec, ServiceEntry, ServiceEntrySpec,
@@ -733,14 +733,15 @@ impl Doc<'_> {
         let text = match map.get("data").and_then(|d| d.get(mesh::CONFIG_MAP_KEY)) {
             Some(Value::String(text)) => text.clone(),
             None | Some(Value::Null) => {
-                let warning = Problem::new(&self.source.name, Some(id.into()), field, "missing: Istio's defaults apply");
+                let warning =
+                    Problem::new(&self.source.name, Some(id.into()), field, "missing: Istio's defaults apply");
                 return self.loaded.warnings.push((self.seq, warning));
             }
             Some(_) => return self.problem(Some(id.into()), field, "must be a string holding the MeshConfig YAML"),
         };
         let (mesh, read) = mesh::read(&text);
         let at = |f: &str| if f.is_empty() { field.clone() } else { format!("{field}.{f}") };
-        for (f, reason) in read.errors.iter() {
+        for (f, reason) in &read.errors {
             self.problem(Some(id.into()), at(f), reason.clone());
         }
         for (f, reason) in read.warnings {

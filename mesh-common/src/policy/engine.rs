@@ -227,9 +227,12 @@ impl Key {
             | Self::SourceServiceAccount
             | Self::SourceTrustDomain => Visibility::L4,
             // ztunnel terminates the tunnel's TLS, not the application's: SNI is L7.
-            Self::Header(_) | Self::AuthPrincipal | Self::AuthAudiences | Self::AuthPresenter | Self::Claim(_) | Self::Sni => {
-                Visibility::Http
-            }
+            Self::Header(_)
+            | Self::AuthPrincipal
+            | Self::AuthAudiences
+            | Self::AuthPresenter
+            | Self::Claim(_)
+            | Self::Sni => Visibility::Http,
             Self::Unsupported => Visibility::Never,
         }
     }
@@ -344,7 +347,9 @@ impl HostMatch {
 /// `host[:port]` (an IPv6 literal in brackets keeps its colons).
 fn host_port(host: &str) -> (&str, Option<&str>) {
     match host.rsplit_once(':') {
-        Some((h, p)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && (!h.contains(':') || h.ends_with(']')) => {
+        Some((h, p))
+            if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && (!h.contains(':') || h.ends_with(']')) =>
+        {
             (h, Some(p))
         }
         _ => (host, None),
@@ -424,10 +429,12 @@ impl CompiledRule {
 }
 
 fn compile_rule(rule: &Rule, policy_namespace: &str) -> CompiledRule {
-    let from = rule.from.iter().filter_map(|f| f.source.as_ref()).map(|s| compile_source(s, policy_namespace)).collect();
+    let from =
+        rule.from.iter().filter_map(|f| f.source.as_ref()).map(|s| compile_source(s, policy_namespace)).collect();
     let to = rule.to.iter().filter_map(|t| t.operation.as_ref()).map(compile_operation).collect();
     let when: Vec<CompiledCondition> = rule.when.iter().map(compile_condition).collect();
-    let unsupported = rule.when.iter().find(|c| Key::parse(&c.key) == Key::Unsupported).map(|c| format!("when.{}", c.key));
+    let unsupported =
+        rule.when.iter().find(|c| Key::parse(&c.key) == Key::Unsupported).map(|c| format!("when.{}", c.key));
     CompiledRule { from, to, when, l7_attribute: l7_attribute(rule), unsupported }
 }
 
@@ -643,7 +650,9 @@ fn string_condition(key: &Key, field: &Field<StrMatch>, peer: &Peer) -> bool {
         }
         Key::AuthPrincipal => field.matches(|m| auth.is_some_and(|a| m.matches(&a.principal))),
         Key::AuthAudiences => field.matches(|m| auth.is_some_and(|a| a.audiences.iter().any(|aud| m.matches(aud)))),
-        Key::AuthPresenter => field.matches(|m| auth.and_then(|a| a.presenter.as_deref()).is_some_and(|p| m.matches(p))),
+        Key::AuthPresenter => {
+            field.matches(|m| auth.and_then(|a| a.presenter.as_deref()).is_some_and(|p| m.matches(p)))
+        }
         Key::Claim(path) => {
             let claim = auth.and_then(|a| path.iter().try_fold(&a.claims, |v, step| v.get(step.as_str())));
             field.matches(|m| claim.is_some_and(|c| claim_matches(c, m)))

@@ -80,14 +80,14 @@ pub struct WaypointPolicies {
     everywhere: Vec<usize>,
     /// Indexes of the policies bound to one destination.
     by_target: BTreeMap<(TargetKind, String, String), Vec<usize>>,
-    /// `CUSTOM` providers that are not declared as ext_authz providers.
+    /// `CUSTOM` providers that are not declared as `ext_authz` providers.
     undeclared: Vec<String>,
     trust_domain: String,
 }
 
 impl WaypointPolicies {
     /// Selects and compiles the policies of `config` that bind to `waypoint`. A
-    /// `CUSTOM` policy's provider must be one of the ext_authz `extensionProviders`
+    /// `CUSTOM` policy's provider must be one of the `ext_authz` `extensionProviders`
     /// of [`Config::mesh`].
     pub fn new(config: &Config, waypoint: &Waypoint) -> Self {
         let ext_authz_providers = config.mesh.ext_authz_providers();
@@ -190,7 +190,7 @@ impl WaypointPolicies {
     /// `DENY`, `AUDIT`, then `ALLOW`: the verdict without `CUSTOM` policies, for a
     /// request the external authorizer allowed (with the headers it added).
     pub fn evaluate_after_ext_authz(&self, target: Option<&Target>, attrs: &Attributes) -> Verdict {
-        decide(self.applicable(target), attrs, &self.trust_domain)
+        decide(&self.applicable(target), attrs, &self.trust_domain)
     }
 
     /// Providers named by `CUSTOM` policies that the mesh config does not declare.

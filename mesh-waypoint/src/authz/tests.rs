@@ -74,7 +74,7 @@ fn outcome(policies: &WaypointPolicies, option: PathNormalization, req: &Req) ->
     }
 }
 
-/// The outcome of `target` under NONE, BASE, MERGE_SLASHES, DECODE_AND_MERGE_SLASHES.
+/// The outcome of `target` under `NONE`, `BASE`, `MERGE_SLASHES`, `DECODE_AND_MERGE_SLASHES`.
 fn under_each(policies: &WaypointPolicies, target: &str) -> [Outcome; 4] {
     ALL.map(|option| outcome(policies, option, &get(target)))
 }
@@ -168,8 +168,13 @@ fn path_case_is_istio_case() {
 #[test]
 fn host_case_trailing_dot_and_port() {
     let host = deny("{to: [{operation: {hosts: [admin.example.com]}}]}");
-    for spelling in ["admin.example.com", "Admin.Example.COM", "admin.example.com.", "ADMIN.example.com.:80", "admin.example.com:8080"]
-    {
+    for spelling in [
+        "admin.example.com",
+        "Admin.Example.COM",
+        "admin.example.com.",
+        "ADMIN.example.com.:80",
+        "admin.example.com:8080",
+    ] {
         let req = Req { hosts: vec![spelling], ..get("/") };
         for option in ALL {
             assert_eq!(outcome(&host, option, &req), Denied, "{spelling} {option:?}");

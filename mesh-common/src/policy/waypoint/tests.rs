@@ -40,7 +40,14 @@ struct Req {
 
 impl Req {
     fn new() -> Self {
-        Self { method: "GET", host: "example.com".into(), path: "/".into(), headers: vec![], auth: None, identity: Some(WEB) }
+        Self {
+            method: "GET",
+            host: "example.com".into(),
+            path: "/".into(),
+            headers: vec![],
+            auth: None,
+            identity: Some(WEB),
+        }
     }
 
     fn path(self, path: &str) -> Self {
@@ -79,7 +86,7 @@ fn bound(action: &str, rules: &str) -> Config {
     ))
 }
 
-/// `config` with a gRPC ext_authz provider `opa` in its mesh config.
+/// `config` with a gRPC `ext_authz` provider `opa` in its mesh config.
 fn with_opa(config: &Config) -> Config {
     let mut config = config.clone();
     let (mesh, _) = crate::config::mesh::read_for_tests(
