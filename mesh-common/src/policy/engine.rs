@@ -257,8 +257,16 @@ struct CompiledCondition {
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum PathMatch {
     Str(StrMatch),
-    /// `/a/{*}/b/{**}`: segments after the leading `/`.
-    Template(Vec<Segment>),
+    Template(Template),
+}
+
+/// `/a/{*}/b/{**}/c`: the segments before `{**}`, and when there is one, those after.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Template {
+    before: Vec<Segment>,
+    /// `Some` when the template has `{**}`: it matches one or more path segments (each
+    /// possibly empty, so `/a/{**}` matches `/a/` and `/a/b/c`, not `/a`), then these.
+    after: Option<Vec<Segment>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -266,60 +274,57 @@ enum Segment {
     Literal(String),
     /// `{*}`: exactly one non-empty segment.
     One,
-    /// `{**}`: the rest of the path after a `/`, zero or more segments (last only).
-    Rest,
+}
+
+impl Segment {
+    fn matches(&self, segment: &str) -> bool {
+        match self {
+            Self::Literal(l) => segment == l,
+            Self::One => !segment.is_empty(),
+        }
+    }
 }
 
 impl PathMatch {
+    /// `None` for a template Istio rejects (validation reports it).
     fn new(pattern: &str) -> Option<Self> {
-        if !pattern.contains('{') {
+        if !pattern.contains(['{', '}']) {
             return Some(Self::Str(StrMatch::new(pattern)));
         }
-        let segments: Vec<&str> = pattern.strip_prefix('/')?.split('/').collect();
-        let last = segments.len() - 1;
-        let mut out = Vec::with_capacity(segments.len());
-        for (i, segment) in segments.into_iter().enumerate() {
-            out.push(match segment {
+        let mut template = Template { before: Vec::new(), after: None };
+        for segment in pattern.strip_prefix('/')?.split('/') {
+            let parsed = match segment {
+                "{**}" if template.after.is_none() => {
+                    template.after = Some(Vec::new());
+                    continue;
+                }
                 "{*}" => Segment::One,
-                "{**}" if i == last => Segment::Rest,
-                // An operator that is not a whole segment, or `{**}` before the end:
-                // Istio rejects the template; here it matches nothing.
-                s if s.contains(['{', '}']) => return None,
+                s if s.contains(['{', '}', '*']) => return None,
                 s => Segment::Literal(s.into()),
-            });
+            };
+            if parsed == Segment::One && template.after.is_some() {
+                return None;
+            }
+            template.after.as_mut().unwrap_or(&mut template.before).push(parsed);
         }
-        Some(Self::Template(out))
+        Some(Self::Template(template))
     }
 
     fn matches(&self, path: &str) -> bool {
         match self {
             Self::Str(m) => m.matches(path),
-            Self::Template(segments) => {
-                let Some(mut rest) = path.strip_prefix('/') else { return false };
-                for (i, segment) in segments.iter().enumerate() {
-                    if *segment == Segment::Rest {
-                        return true;
-                    }
-                    let (head, tail) = match rest.split_once('/') {
-                        Some((head, tail)) => (head, Some(tail)),
-                        None => (rest, None),
-                    };
-                    let ok = match segment {
-                        Segment::Literal(l) => head == l,
-                        Segment::One => !head.is_empty(),
-                        Segment::Rest => true,
-                    };
-                    if !ok {
-                        return false;
-                    }
-                    match tail {
-                        Some(tail) => rest = tail,
-                        // The path ended: it matches when the template ends too
-                        // (`/a/{**}` needs the `/` after `a`, as Envoy's template does).
-                        None => return i + 1 == segments.len(),
+            Self::Template(t) => {
+                let Some(rest) = path.strip_prefix('/') else { return false };
+                let segments: Vec<&str> = rest.split('/').collect();
+                let head = |n: usize| t.before.iter().zip(&segments[..n]).all(|(s, p)| s.matches(p));
+                match &t.after {
+                    None => segments.len() == t.before.len() && head(t.before.len()),
+                    Some(after) => {
+                        segments.len() > t.before.len() + after.len()
+                            && head(t.before.len())
+                            && after.iter().zip(&segments[segments.len() - after.len()..]).all(|(s, p)| s.matches(p))
                     }
                 }
-                false
             }
         }
     }

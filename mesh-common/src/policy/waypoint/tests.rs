@@ -107,11 +107,29 @@ fn denied(config: &Config, req: &Req) -> bool {
 
 #[test]
 fn paths_exact_prefix_suffix_and_any() {
-    let config = bound("DENY", "  - to: [{operation: {paths: [/admin, '/api/*', '*.php', '/x/{*}/y', '/z/{**}']}}]\n");
-    for path in ["/admin", "/api/", "/api/v1/x", "/index.php", "/x/1/y", "/z/", "/z/a/b/c"] {
+    let config = bound(
+        "DENY",
+        "  - to: [{operation: {paths: [/admin, '/api/*', '*.php', '/x/{*}/y', '/z/{**}', '/{**}/edit', '/f/{**}/']}}]\n",
+    );
+    for path in [
+        "/admin",
+        "/api/",
+        "/api/v1/x",
+        "/index.php",
+        "/x/1/y",
+        "/z/",
+        "/z/a/b/c",
+        "/a/edit",
+        "/a/b/edit",
+        "/f/b/",
+        "/f//",
+    ] {
         assert!(denied(&config, &Req::new().path(path)), "{path}");
     }
-    for path in ["/admin/", "/Admin", "/api", "/x/y", "/x//y", "/x/1/2/y", "/x/1/y/z", "/z", "/zz/a"] {
+    for path in [
+        "/admin/", "/Admin", "/api", "/x/y", "/x//y", "/x/1/2/y", "/x/1/y/z", "/z", "/zz/a", "/edit", "/a/edit/",
+        "/f/b", "/f/",
+    ] {
         assert!(!denied(&config, &Req::new().path(path)), "{path}");
     }
     let config = bound("DENY", "  - to: [{operation: {paths: ['*']}}]\n");
@@ -354,7 +372,43 @@ spec:
     assert!(matches!(post.with(|a| policies.evaluate(Some(&other), a)), WaypointVerdict::Allow { .. }));
 }
 
+/// A rule made of L4 attributes only: namespaces, ports, ip blocks, principals.
+fn l4_rule() -> impl Strategy<Value = String> {
+    (0..4u8, "[ab]", 8079u16..8082, any::<bool>()).prop_map(|(field, ns, port, negate)| {
+        let not =
+            |name: &str| if negate { format!("not{}{}", name[..1].to_uppercase(), &name[1..]) } else { name.into() };
+        match field {
+            0 => format!("{{from: [{{source: {{{}: [{ns}]}}}}]}}", not("namespaces")),
+            1 => format!("{{to: [{{operation: {{{}: ['{port}']}}}}]}}", not("ports")),
+            2 => format!("{{from: [{{source: {{{}: [10.1.0.0/16]}}}}]}}", not("ipBlocks")),
+            _ => format!("{{from: [{{source: {{{}: ['cluster.local/ns/{ns}/*']}}}}]}}", not("principals")),
+        }
+    })
+}
+
 proptest! {
+    /// On a rule without HTTP attributes, the waypoint (HTTP known) and the agent
+    /// (HTTP unknown) decide alike: one matcher for both layers.
+    #[test]
+    fn l4_rules_decide_alike_at_both_layers(
+        rule in l4_rule(),
+        action in prop_oneof![Just("ALLOW"), Just("DENY"), Just("AUDIT")],
+        ns in "[ab]",
+        port in 8079u16..8082,
+    ) {
+        let config = bound(action, &format!("  - {rule}\n"));
+        let policies = WaypointPolicies::new(&config, &WAYPOINT);
+        let identity = format!("spiffe://cluster.local/ns/{ns}/sa/x");
+        let req = Req { identity: None, ..Req::new() };
+        let at_l7 = req.with(|a| {
+            let attrs = Attributes { source_identity: Some(&identity), destination_port: port, ..*a };
+            let l4 = Attributes { http: None, ..attrs };
+            (policies.evaluate_after_ext_authz(Some(&API), &attrs), policies.evaluate_after_ext_authz(Some(&API), &l4))
+        });
+        prop_assert_eq!(at_l7.0, at_l7.1);
+    }
+
+
     /// `paths: [p]` and `notPaths: [p]` are complements on any request path.
     #[test]
     fn paths_and_not_paths_are_complements(
