@@ -109,8 +109,9 @@ impl EffectiveMtls {
 /// Decides whether `conn` may reach `workload` under the `AuthorizationPolicy` objects of
 /// `config` (see the module documentation for the semantics).
 ///
-/// The policies that apply are compiled on each call; the evaluation is the one the
-/// waypoint runs ([`decide`]), with every HTTP attribute unknown.
+/// The policies that apply are compiled on each call ([`NodePolicies`] compiles them
+/// once); the evaluation is the one the waypoint runs ([`decide`]), with every HTTP
+/// attribute unknown.
 pub fn authorize(config: &Config, workload: &Workload, conn: &Connection) -> Verdict {
     let mut policies: Vec<CompiledPolicy> = config
         .authorization_policies
@@ -120,14 +121,53 @@ pub fn authorize(config: &Config, workload: &Workload, conn: &Connection) -> Ver
         .collect();
     // Sorted, so that the policy a reason names does not depend on input order.
     policies.sort_by(|a, b| a.id.cmp(&b.id));
-    let attrs = Attributes {
+    decide(&policies.iter(), &attributes(conn), &config.trust_domain)
+}
+
+/// The L4 policies of a configuration compiled once (per configuration version), for
+/// a node agent that authorizes many connections: [`NodePolicies::authorize`] decides
+/// as [`authorize`] does without compiling anything per connection.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodePolicies {
+    /// Sorted by id; each with its selector (`None`: the whole namespace).
+    policies: Vec<(CompiledPolicy, String, Option<WorkloadSelector>)>,
+    root_namespace: String,
+    trust_domain: String,
+}
+
+impl NodePolicies {
+    pub fn new(config: &Config) -> Self {
+        let mut policies: Vec<_> = config
+            .authorization_policies
+            .iter()
+            .filter(|p| is_l4_policy(p))
+            .map(|p| (CompiledPolicy::compile(p), p.metadata.namespace.clone(), p.spec.selector.clone()))
+            .collect();
+        policies.sort_by(|a, b| a.0.id.cmp(&b.0.id));
+        Self { policies, root_namespace: config.root_namespace.clone(), trust_domain: config.trust_domain.clone() }
+    }
+
+    /// [`authorize`], on the compiled policies.
+    pub fn authorize(&self, workload: &Workload, conn: &Connection) -> Verdict {
+        let applicable = self
+            .policies
+            .iter()
+            .filter(|(_, ns, selector)| {
+                (*ns == self.root_namespace || ns == workload.namespace) && selects(selector.as_ref(), workload.labels)
+            })
+            .map(|(policy, _, _)| policy);
+        decide(&applicable, &attributes(conn), &self.trust_domain)
+    }
+}
+
+fn attributes<'a>(conn: &Connection<'a>) -> Attributes<'a> {
+    Attributes {
         source_identity: conn.source_identity,
         source_ip: conn.source_ip,
         destination_ip: conn.destination_ip,
         destination_port: conn.destination_port,
         http: None,
-    };
-    decide(&policies.iter(), &attrs, &config.trust_domain)
+    }
 }
 
 /// The `DENY`, `AUDIT` and `ALLOW` evaluation of `policies` (sorted by id; `CUSTOM`
@@ -256,12 +296,16 @@ fn mtls_mode_at(config: &Config, workload: &Workload, port: Option<u16>) -> Effe
 
 /// Whether `policy` is one that ztunnel enforces for `workload` (see the module docs).
 fn applies(config: &Config, policy: &AuthorizationPolicy, workload: &Workload) -> bool {
-    let spec = &policy.spec;
-    if spec.target_ref.is_some() || !spec.target_refs.is_empty() || spec.action == Action::Custom {
-        return false;
-    }
     let ns = policy.metadata.namespace.as_str();
-    (ns == config.root_namespace || ns == workload.namespace) && selects(spec.selector.as_ref(), workload.labels)
+    is_l4_policy(policy)
+        && (ns == config.root_namespace || ns == workload.namespace)
+        && selects(policy.spec.selector.as_ref(), workload.labels)
+}
+
+/// Not bound by `targetRef`/`targetRefs` (those are the waypoints'), not `CUSTOM`.
+fn is_l4_policy(policy: &AuthorizationPolicy) -> bool {
+    let spec = &policy.spec;
+    spec.target_ref.is_none() && spec.target_refs.is_empty() && spec.action != Action::Custom
 }
 
 /// No selector selects everything; `matchLabels` must be a subset of the labels.

@@ -3,7 +3,9 @@ use std::{format, net::IpAddr, string::String, vec};
 
 use proptest::prelude::*;
 
-use super::{Connection, EffectiveMtls, Verdict, Workload, authorize, mtls_mode, strict_ports, wildcard_matches};
+use super::{
+    Connection, EffectiveMtls, NodePolicies, Verdict, Workload, authorize, mtls_mode, strict_ports, wildcard_matches,
+};
 use crate::config::{
     Config, Source, load,
     meta::{Labels, ObjectMeta},
@@ -35,8 +37,12 @@ fn conn(identity: Option<&str>) -> Connection<'_> {
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 const ADMIN: &str = "spiffe://cluster.local/ns/ops/sa/admin";
 
+/// [`authorize`], checked against [`NodePolicies`]: every test covers both.
 fn verdict(config: &Config, ns: &str, labels: &Labels, conn: &Connection) -> Verdict {
-    authorize(config, &Workload { namespace: ns, labels }, conn)
+    let workload = Workload { namespace: ns, labels };
+    let verdict = authorize(config, &workload, conn);
+    assert_eq!(NodePolicies::new(config).authorize(&workload, conn), verdict, "compiled once");
+    verdict
 }
 
 /// The verdict for the `app: api` workload in `shop`.
