@@ -294,6 +294,20 @@ mod tests {
     }
 
     #[test]
+    fn the_mesh_config_travels_with_the_view() {
+        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/valid/mesh-config.yaml");
+        let config = crate::config::load_paths(&[path]).expect("valid manifest");
+        assert!(!config.mesh.extension_providers.is_empty());
+        let rebuilt = materialize(&all_objects(&config)).expect("materializes");
+        assert_eq!(rebuilt.mesh, config.mesh);
+        // A controller that sends no mesh config: the defaults.
+        let old = serde_json::json!({"rootNamespace": "istio-system", "trustDomain": "cluster.local"}).to_string();
+        let key = "MeshConfig//mesh".to_string();
+        let rebuilt = materialize_raw([(&key, old.as_str())]).expect("materializes");
+        assert!(rebuilt.mesh.is_default());
+    }
+
+    #[test]
     fn diff_then_apply_reaches_the_new_view() {
         let mut old = Objects::new();
         old.insert("Pod/a/x".into(), serde_json::json!({"v": 1}));
