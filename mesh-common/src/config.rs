@@ -5,7 +5,7 @@
 //! [`load`] reads every document of every source, checks it and returns either the
 //! whole [`Config`] or a [`Report`] of every problem found, each naming the file, the
 //! object (`Kind/namespace/name`), the field path and the reason. Kinds the mesh does
-//! not serve (`Deployment`, `ConfigMap`, Istio's `Gateway`, ...) are recorded in
+//! not serve (`Deployment`, `ConfigMap`s other than Istio's mesh config, ...) are recorded in
 //! [`Config::ignored`], never rejected, so that whole application manifests can be fed
 //! as they are. The model serializes to JSON losslessly: the controller ships it to
 //! agents that way.
@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod gateway;
 pub mod k8s;
+pub mod mesh;
 pub mod meta;
 pub mod networking;
 pub mod security;
@@ -33,6 +34,7 @@ mod validate;
 
 pub use gateway::{Gateway, GatewayClass, GrpcRoute, HttpRoute, ReferenceGrant, TcpRoute, TlsRoute};
 pub use k8s::{EndpointSlice, Namespace, Pod, Service};
+pub use mesh::MeshConfig;
 pub use meta::ObjectMeta;
 pub use networking::{DestinationRule, IstioGateway, ServiceEntry, VirtualService, WorkloadEntry};
 pub use security::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
@@ -164,6 +166,10 @@ pub struct Config {
     /// Istio's `networking.istio.io` `Gateway`s (ingress/egress gateway servers).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub istio_gateways: Vec<IstioGateway>,
+    /// Istio's mesh config (the `ConfigMap` `istio` of the root namespace, key
+    /// `mesh`); defaults when there is none.
+    #[serde(skip_serializing_if = "MeshConfig::is_default")]
+    pub mesh: MeshConfig,
     /// What is accepted but deserves a look, in input order: references to objects
     /// that are not loaded (a route's subset whose `DestinationRule` is in another
     /// file or not applied yet: at run time such requests get 503 with response flag
@@ -203,6 +209,7 @@ impl Default for Config {
             tcp_routes: Vec::new(),
             tls_routes: Vec::new(),
             istio_gateways: Vec::new(),
+            mesh: MeshConfig::default(),
             warnings: Vec::new(),
             ignored: Vec::new(),
         }

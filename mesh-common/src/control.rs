@@ -178,6 +178,7 @@ pub fn all_objects(config: &Config) -> Objects {
         serde_json::json!({
             "rootNamespace": config.root_namespace,
             "trustDomain": config.trust_domain,
+            "mesh": config.mesh,
         }),
     );
     objects
@@ -222,6 +223,9 @@ impl RawConfigMessage {
 struct MeshSettings {
     root_namespace: String,
     trust_domain: String,
+    /// Absent from older controllers: the defaults.
+    #[serde(default)]
+    mesh: crate::config::MeshConfig,
 }
 
 /// Rebuilds a typed config from objects given as JSON text, one object at a time
@@ -253,6 +257,7 @@ pub fn materialize_raw<'a>(
                 let mesh: MeshSettings = from_str(text)?;
                 config.root_namespace = mesh.root_namespace;
                 config.trust_domain = mesh.trust_domain;
+                config.mesh = mesh.mesh;
             }
             _ => {}
         }
@@ -312,6 +317,20 @@ mod tests {
         rebuilt.ignored.clear();
         assert_eq!(rebuilt.trust_domain, config.trust_domain);
         assert_eq!(rebuilt.pods.len(), config.pods.len());
+    }
+
+    #[test]
+    fn the_mesh_config_travels_with_the_view() {
+        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/valid/mesh-config.yaml");
+        let config = crate::config::load_paths(&[path]).expect("valid manifest");
+        assert!(!config.mesh.extension_providers.is_empty());
+        let rebuilt = materialize(&all_objects(&config)).expect("materializes");
+        assert_eq!(rebuilt.mesh, config.mesh);
+        // A controller that sends no mesh config: the defaults.
+        let old = serde_json::json!({"rootNamespace": "istio-system", "trustDomain": "cluster.local"}).to_string();
+        let key = "MeshConfig//mesh".to_string();
+        let rebuilt = materialize_raw([(&key, old.as_str())]).expect("materializes");
+        assert!(rebuilt.mesh.is_default());
     }
 
     #[test]

@@ -1,40 +1,51 @@
-//! Authorization of one inbound connection at L4: Istio's `AuthorizationPolicy` and
-//! `PeerAuthentication`, evaluated the way ztunnel enforces them in ambient mode.
+//! Authorization: Istio's `AuthorizationPolicy` and `PeerAuthentication`, evaluated at
+//! L4 the way ztunnel enforces them in ambient mode, and at L7 by the waypoint, with one
+//! compiled matcher ([`CompiledPolicy`], in `engine`) for both.
 //!
 //! Pure logic over the [`Config`] model: [`authorize`] decides whether a connection may
-//! reach a workload, [`mtls_mode`] whether the workload's port accepts plaintext. Both
-//! return what decided, so that the agent can log it and count it.
+//! reach a workload, [`mtls_mode`] whether the workload's port accepts plaintext,
+//! [`WaypointPolicies`] (built once per configuration version) decides on an HTTP
+//! request at a waypoint. All return what decided, so that callers can log and count it.
 //!
-//! Which `AuthorizationPolicy` objects apply to a workload: those of the root namespace
-//! without a selector (mesh-wide), those of the root namespace whose selector matches
-//! the workload (in any namespace), and those of the workload's namespace without a
-//! selector or with a matching one (`matchLabels` a subset of the workload's labels).
-//! Policies with `targetRef`/`targetRefs` bind to waypoints and gateways and are not
-//! applied here; `CUSTOM` policies (external authorizers) are enforced by waypoints,
-//! never at L4, and are skipped as well.
+//! Which `AuthorizationPolicy` objects apply to a workload at L4: those of the root
+//! namespace without a selector (mesh-wide), those of the root namespace whose selector
+//! matches the workload (in any namespace), and those of the workload's namespace
+//! without a selector or with a matching one (`matchLabels` a subset of the workload's
+//! labels). Policies with `targetRef`/`targetRefs` bind to waypoints (see `waypoint`)
+//! and are not applied here; `CUSTOM` policies (external authorizers) are enforced by
+//! waypoints, never at L4, and are skipped as well.
 //!
-//! The decision: a matching `DENY` policy denies; otherwise the matching `AUDIT`
-//! policies are recorded (they never change the decision); otherwise the connection is
-//! allowed when no `ALLOW` policy applies, and when one does, only if some `ALLOW`
-//! policy matches. A policy matches when one of its rules does (so an `ALLOW` policy
-//! without rules admits nothing, Istio's "deny all"); a rule matches when one of its
-//! `from` entries (if any), one of its `to` entries (if any) and all its `when`
+//! The decision ([`decide`]): a matching `DENY` policy denies; otherwise the matching
+//! `AUDIT` policies are recorded (they never change the decision); otherwise the
+//! request is allowed when no `ALLOW` policy applies, and when one does, only if some
+//! `ALLOW` policy matches. A policy matches when one of its rules does (so an `ALLOW`
+//! policy without rules admits nothing, Istio's "deny all"); a rule matches when one of
+//! its `from` entries (if any), one of its `to` entries (if any) and all its `when`
 //! conditions match; in a source or an operation, every field that is set must match.
 //!
 //! Attributes that only exist at L7 (`requestPrincipals`, `hosts`, `methods`, `paths`,
-//! `request.*` conditions, ...) cannot be checked on a TCP connection. As Istio does when
-//! it builds TCP filters, the evaluation errs on the side of denying: an `ALLOW` rule
-//! that needs one never matches (it cannot admit anything), and a `DENY` (or `AUDIT`)
-//! rule is evaluated on its L4 parts alone, matching when they do. Either way the verdict's reason names the
-//! policy, the rule and the attribute.
+//! `request.*` and `connection.sni` conditions) cannot be checked on a TCP connection,
+//! and `experimental.*` keys are checked nowhere. As Istio does when it builds TCP
+//! filters, the evaluation errs on the side of denying: an `ALLOW` rule that needs an
+//! unknown attribute never matches (it cannot admit anything), and a `DENY` (or `AUDIT`)
+//! rule is evaluated on its other parts alone, matching when they do. Either way the
+//! verdict's reason names the policy, the rule and the attribute.
 use std::{net::IpAddr, prelude::rust_2024::*};
 
 use crate::config::{
-    Config, DEFAULT_TRUST_DOMAIN,
+    Config,
     meta::{Labels, ObjectMeta, WorkloadSelector},
-    security::{Action, AuthorizationPolicy, Condition, MtlsMode, Operation, PeerAuthentication, Rule, RuleSource},
-    values::IpNet,
+    security::{Action, AuthorizationPolicy, MtlsMode, PeerAuthentication},
 };
+
+mod engine;
+mod waypoint;
+
+use engine::Peer;
+#[cfg(test)]
+use engine::wildcard_matches;
+pub use engine::{Attributes, Auth, CompiledPolicy, Http, header_value};
+pub use waypoint::{Target, TargetKind, Waypoint, WaypointPolicies, WaypointVerdict};
 
 /// The inbound connection being authorized.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,52 +108,124 @@ impl EffectiveMtls {
 
 /// Decides whether `conn` may reach `workload` under the `AuthorizationPolicy` objects of
 /// `config` (see the module documentation for the semantics).
+///
+/// The policies that apply are compiled on each call ([`NodePolicies`] compiles them
+/// once); the evaluation is the one the waypoint runs ([`decide`]), with every HTTP
+/// attribute unknown.
 pub fn authorize(config: &Config, workload: &Workload, conn: &Connection) -> Verdict {
-    let mut policies: Vec<&AuthorizationPolicy> =
-        config.authorization_policies.iter().filter(|p| applies(config, p, workload)).collect();
+    let mut policies: Vec<CompiledPolicy> = config
+        .authorization_policies
+        .iter()
+        .filter(|p| applies(config, p, workload))
+        .map(CompiledPolicy::compile)
+        .collect();
     // Sorted, so that the policy a reason names does not depend on input order.
-    policies.sort_by(|a, b| (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name)));
-    let peer = Peer::new(conn, &config.trust_domain);
-    let of_action = |action: Action| policies.iter().copied().filter(move |p| p.spec.action == action);
+    policies.sort_by(|a, b| a.id.cmp(&b.id));
+    decide(&policies.iter(), &attributes(conn), &config.trust_domain)
+}
+
+/// The L4 policies of a configuration compiled once (per configuration version), for
+/// a node agent that authorizes many connections: [`NodePolicies::authorize`] decides
+/// as [`authorize`] does without compiling anything per connection.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodePolicies {
+    /// Sorted by id; each with its selector (`None`: the whole namespace).
+    policies: Vec<(CompiledPolicy, String, Option<WorkloadSelector>)>,
+    root_namespace: String,
+    trust_domain: String,
+}
+
+impl NodePolicies {
+    pub fn new(config: &Config) -> Self {
+        let mut policies: Vec<_> = config
+            .authorization_policies
+            .iter()
+            .filter(|p| is_l4_policy(p))
+            .map(|p| (CompiledPolicy::compile(p), p.metadata.namespace.clone(), p.spec.selector.clone()))
+            .collect();
+        policies.sort_by(|a, b| a.0.id.cmp(&b.0.id));
+        Self { policies, root_namespace: config.root_namespace.clone(), trust_domain: config.trust_domain.clone() }
+    }
+
+    /// [`authorize`], on the compiled policies.
+    pub fn authorize(&self, workload: &Workload, conn: &Connection) -> Verdict {
+        let applicable = self
+            .policies
+            .iter()
+            .filter(|(_, ns, selector)| {
+                (*ns == self.root_namespace || ns == workload.namespace) && selects(selector.as_ref(), workload.labels)
+            })
+            .map(|(policy, _, _)| policy);
+        decide(&applicable, &attributes(conn), &self.trust_domain)
+    }
+}
+
+fn attributes<'a>(conn: &Connection<'a>) -> Attributes<'a> {
+    Attributes {
+        source_identity: conn.source_identity,
+        source_ip: conn.source_ip,
+        destination_ip: conn.destination_ip,
+        destination_port: conn.destination_port,
+        http: None,
+    }
+}
+
+/// The `DENY`, `AUDIT` and `ALLOW` evaluation of `policies` (sorted by id; `CUSTOM`
+/// ones are skipped: the caller decides on them first), shared by both layers.
+///
+/// A matching `DENY` policy denies; otherwise the matching `AUDIT` policies are
+/// recorded; otherwise the request is allowed when no `ALLOW` policy applies, and when
+/// one does, only if one of them matches. Attributes the layer cannot see count as
+/// matching for `DENY`/`AUDIT` rules and as not matching for `ALLOW` rules; the reason
+/// names each rule that was affected.
+pub fn decide<'p>(
+    policies: &(impl Iterator<Item = &'p CompiledPolicy> + Clone),
+    attrs: &Attributes,
+    trust_domain: &str,
+) -> Verdict {
+    let peer = Peer::new(attrs, trust_domain);
+    let http = attrs.http.is_some();
+    let (layer, attribute_kind, parts) =
+        if http { ("the waypoint", "unsupported attribute", "other") } else { ("L4", "L7 attribute", "L4") };
+    let of_action = |action: Action| policies.clone().filter(move |p| p.action == action);
 
     for policy in of_action(Action::Deny) {
-        if let Some((index, rule)) = policy.spec.rules.iter().enumerate().find(|(_, r)| rule_matches(r, &peer, policy))
-        {
-            let id = policy_id(&policy.metadata);
-            let reason = match l7_attribute(rule) {
+        if let Some(index) = policy.first_match(&peer, true) {
+            let id = &policy.id;
+            let reason = match policy.rules[index].unknown_attribute(http) {
                 None => format!("denied by DENY policy {id} (rule {index})"),
                 Some(attribute) => format!(
-                    "denied by DENY policy {id} (rule {index}); DENY policy {id} rule {index} needs L7 attribute \
-                     `{attribute}`; not enforceable at L4, matched on its L4 parts alone (fail closed)"
+                    "denied by DENY policy {id} (rule {index}); DENY policy {id} rule {index} needs {attribute_kind} \
+                     `{attribute}`; not enforceable at {layer}, matched on its {parts} parts alone (fail closed)"
                 ),
             };
-            return Verdict::Deny { policy: Some(id), reason };
+            return Verdict::Deny { policy: Some(id.clone()), reason };
         }
     }
 
-    let audited_by = of_action(Action::Audit)
-        .filter(|p| p.spec.rules.iter().any(|r| rule_matches(r, &peer, p)))
-        .map(|p| policy_id(&p.metadata))
-        .collect();
+    let audited_by =
+        of_action(Action::Audit).filter(|p| p.first_match(&peer, true).is_some()).map(|p| p.id.clone()).collect();
 
-    let allow: Vec<&AuthorizationPolicy> = of_action(Action::Allow).collect();
-    if allow.is_empty() {
+    let mut allow = of_action(Action::Allow).peekable();
+    if allow.peek().is_none() {
         return Verdict::Allow { audited_by };
     }
     let mut unenforceable = Vec::new();
-    for policy in &allow {
-        for (index, rule) in policy.spec.rules.iter().enumerate() {
-            if let Some(attribute) = l7_attribute(rule) {
+    let mut names = Vec::new();
+    for policy in allow {
+        if policy.first_match(&peer, false).is_some() {
+            return Verdict::Allow { audited_by };
+        }
+        names.push(policy.id.as_str());
+        for (index, rule) in policy.rules.iter().enumerate() {
+            if let Some(attribute) = rule.unknown_attribute(http) {
                 unenforceable.push(format!(
-                    "ALLOW policy {} rule {index} needs L7 attribute `{attribute}`; not enforceable at L4",
-                    policy_id(&policy.metadata)
+                    "ALLOW policy {} rule {index} needs {attribute_kind} `{attribute}`; not enforceable at {layer}",
+                    policy.id
                 ));
-            } else if rule_matches(rule, &peer, policy) {
-                return Verdict::Allow { audited_by };
             }
         }
     }
-    let names: Vec<String> = allow.iter().map(|p| policy_id(&p.metadata)).collect();
     let mut reason = format!("no ALLOW policy matched (policies: {})", names.join(", "));
     for line in unenforceable {
         reason.push_str("; ");
@@ -213,12 +296,16 @@ fn mtls_mode_at(config: &Config, workload: &Workload, port: Option<u16>) -> Effe
 
 /// Whether `policy` is one that ztunnel enforces for `workload` (see the module docs).
 fn applies(config: &Config, policy: &AuthorizationPolicy, workload: &Workload) -> bool {
-    let spec = &policy.spec;
-    if spec.target_ref.is_some() || !spec.target_refs.is_empty() || spec.action == Action::Custom {
-        return false;
-    }
     let ns = policy.metadata.namespace.as_str();
-    (ns == config.root_namespace || ns == workload.namespace) && selects(spec.selector.as_ref(), workload.labels)
+    is_l4_policy(policy)
+        && (ns == config.root_namespace || ns == workload.namespace)
+        && selects(policy.spec.selector.as_ref(), workload.labels)
+}
+
+/// Not bound by `targetRef`/`targetRefs` (those are the waypoints'), not `CUSTOM`.
+fn is_l4_policy(policy: &AuthorizationPolicy) -> bool {
+    let spec = &policy.spec;
+    spec.target_ref.is_none() && spec.target_refs.is_empty() && spec.action != Action::Custom
 }
 
 /// No selector selects everything; `matchLabels` must be a subset of the labels.
@@ -230,923 +317,5 @@ fn policy_id(meta: &ObjectMeta) -> String {
     format!("{}/{}", meta.namespace, meta.name)
 }
 
-/// The client as policies see it.
-struct Peer<'a> {
-    conn: &'a Connection<'a>,
-    /// The identity without `spiffe://` (Istio writes principals that way); `None` for
-    /// plaintext, or for an identity that is not a SPIFFE URI.
-    principal: Option<&'a str>,
-    /// The `ns` and `sa` of a `<trust domain>/ns/<ns>/sa/<sa>` identity, the only shape
-    /// the mesh issues (ztunnel reads no other).
-    namespace: Option<&'a str>,
-    service_account: Option<&'a str>,
-    trust_domain: &'a str,
-}
-
-impl<'a> Peer<'a> {
-    fn new(conn: &'a Connection<'a>, trust_domain: &'a str) -> Self {
-        let principal = conn.source_identity.and_then(|id| id.strip_prefix("spiffe://"));
-        let (namespace, service_account) = principal.and_then(workload_identity).unzip();
-        Self { conn, principal, namespace, service_account, trust_domain }
-    }
-
-    /// Istio's principal match: `*` matches any authenticated client; otherwise the
-    /// pattern (exact, `prefix*` or `*suffix`) is compared with the identity without
-    /// `spiffe://`. A pattern in the default trust domain (`cluster.local/...`) stands for
-    /// the mesh's own trust domain too, as Istio reads it.
-    fn principal_matches(&self, pattern: &str) -> bool {
-        if pattern == "*" {
-            return self.conn.source_identity.is_some();
-        }
-        let Some(principal) = self.principal else { return false };
-        if wildcard_matches(pattern, principal) {
-            return true;
-        }
-        if self.trust_domain == DEFAULT_TRUST_DOMAIN {
-            return false;
-        }
-        match (path_in(pattern, DEFAULT_TRUST_DOMAIN), path_in(principal, self.trust_domain)) {
-            (Some(pattern), Some(principal)) => wildcard_matches(pattern, principal),
-            _ => false,
-        }
-    }
-
-    /// The trust domain of the peer's identity (the part before `/ns/`).
-    fn trust_domain_matches(&self, pattern: &str) -> bool {
-        self.principal.and_then(|p| p.split_once('/')).is_some_and(|(td, _)| wildcard_matches(pattern, td))
-    }
-
-    fn namespace_matches(&self, pattern: &str) -> bool {
-        self.namespace.is_some_and(|ns| wildcard_matches(pattern, ns))
-    }
-
-    /// `ns/sa`, or `sa` in the policy's own namespace (Istio's `serviceAccounts`).
-    fn service_account_matches(&self, value: &str, policy_namespace: &str) -> bool {
-        let (ns, sa) = value.split_once('/').unwrap_or((policy_namespace, value));
-        self.namespace == Some(ns) && self.service_account == Some(sa)
-    }
-}
-
-/// The path of an identity (or principal pattern) in `trust_domain`: `/ns/...`.
-fn path_in<'s>(id: &'s str, trust_domain: &str) -> Option<&'s str> {
-    id.strip_prefix(trust_domain).filter(|path| path.starts_with('/'))
-}
-
-/// The namespace and service account of `<trust domain>/ns/<ns>/sa/<sa>`.
-fn workload_identity(principal: &str) -> Option<(&str, &str)> {
-    let (trust_domain, rest) = principal.split_once('/')?;
-    let (ns, sa) = rest.strip_prefix("ns/")?.split_once("/sa/")?;
-    let segment = |s: &str| !s.is_empty() && !s.contains('/');
-    (!trust_domain.is_empty() && segment(ns) && segment(sa)).then_some((ns, sa))
-}
-
-/// Istio's string match: `*` alone (anything not empty), `prefix*`, `*suffix` or exact.
-fn wildcard_matches(pattern: &str, value: &str) -> bool {
-    if pattern == "*" {
-        !value.is_empty()
-    } else if let Some(suffix) = pattern.strip_prefix('*') {
-        value.ends_with(suffix)
-    } else if let Some(prefix) = pattern.strip_suffix('*') {
-        value.starts_with(prefix)
-    } else {
-        value == pattern
-    }
-}
-
-/// A field with `values` and `not_values`: some value must match (when there are any)
-/// and no not-value may. A client without the attribute (plaintext: no principal, no
-/// namespace) matches no value, so it fails a positive list and passes a negative one.
-fn field_matches(values: &[String], not_values: &[String], matches: impl Fn(&str) -> bool) -> bool {
-    (values.is_empty() || values.iter().any(|v| matches(v))) && !not_values.iter().any(|v| matches(v))
-}
-
-/// An address against a CIDR block or a single address. Values were validated when the
-/// configuration was loaded; one that does not parse matches nothing.
-fn ip_matches(value: &str, ip: IpAddr) -> bool {
-    value.parse::<IpNet>().is_ok_and(|net| net.contains(&ip))
-}
-
-fn port_matches(value: &str, port: u16) -> bool {
-    value.parse::<u16>().is_ok_and(|p| p == port)
-}
-
-/// Whether `rule` matches, its L7 parts left out: they are treated as matching, which is
-/// what `DENY` and `AUDIT` rules need (fail closed). `ALLOW` rules with L7 parts are
-/// never evaluated (see [`l7_attribute`]).
-fn rule_matches(rule: &Rule, peer: &Peer, policy: &AuthorizationPolicy) -> bool {
-    let from = rule.from.is_empty()
-        || rule
-            .from
-            .iter()
-            .any(|f| f.source.as_ref().is_none_or(|s| source_matches(s, peer, &policy.metadata.namespace)));
-    let to =
-        rule.to.is_empty() || rule.to.iter().any(|t| t.operation.as_ref().is_none_or(|o| operation_matches(o, peer)));
-    from && to && rule.when.iter().all(|c| condition_matches(c, peer).unwrap_or(true))
-}
-
-fn source_matches(s: &RuleSource, peer: &Peer, policy_namespace: &str) -> bool {
-    let src = peer.conn.source_ip;
-    // requestPrincipals / notRequestPrincipals are L7 (JWT): left out.
-    field_matches(&s.principals, &s.not_principals, |p| peer.principal_matches(p))
-        && field_matches(&s.namespaces, &s.not_namespaces, |n| peer.namespace_matches(n))
-        && field_matches(&s.trust_domains, &s.not_trust_domains, |t| peer.trust_domain_matches(t))
-        && field_matches(&s.service_accounts, &s.not_service_accounts, |v| {
-            peer.service_account_matches(v, policy_namespace)
-        })
-        && field_matches(&s.ip_blocks, &s.not_ip_blocks, |v| ip_matches(v, src))
-        // At L4 the remote address is the peer's: there is no X-Forwarded-For to read.
-        && field_matches(&s.remote_ip_blocks, &s.not_remote_ip_blocks, |v| ip_matches(v, src))
-}
-
-fn operation_matches(o: &Operation, peer: &Peer) -> bool {
-    // hosts, methods, paths and their negations are L7: left out.
-    field_matches(&o.ports, &o.not_ports, |v| port_matches(v, peer.conn.destination_port))
-}
-
-/// `None` for a key that L4 does not see (see [`is_l4_key`]).
-fn condition_matches(c: &Condition, peer: &Peer) -> Option<bool> {
-    let conn = peer.conn;
-    let (values, not_values) = (&c.values, &c.not_values);
-    let matched = match c.key.as_str() {
-        "source.ip" | "remote.ip" => field_matches(values, not_values, |v| ip_matches(v, conn.source_ip)),
-        "destination.ip" => field_matches(values, not_values, |v| ip_matches(v, conn.destination_ip)),
-        "destination.port" => field_matches(values, not_values, |v| port_matches(v, conn.destination_port)),
-        "source.namespace" => field_matches(values, not_values, |v| peer.namespace_matches(v)),
-        "source.principal" => field_matches(values, not_values, |v| peer.principal_matches(v)),
-        _ => return None,
-    };
-    Some(matched)
-}
-
-/// The `when` keys evaluated at L4. `connection.sni` is not: ztunnel terminates the
-/// tunnel's TLS, not the application's. Everything else (`request.*`,
-/// `experimental.*`) is L7.
-fn is_l4_key(key: &str) -> bool {
-    matches!(
-        key,
-        "source.ip" | "remote.ip" | "destination.ip" | "destination.port" | "source.namespace" | "source.principal"
-    )
-}
-
-/// The first attribute of `rule` that only L7 can check, named as in the policy
-/// (`to.operation.methods`, `when.request.headers[x-user]`), or `None`.
-fn l7_attribute(rule: &Rule) -> Option<String> {
-    let sources = rule.from.iter().filter_map(|f| f.source.as_ref());
-    for s in sources {
-        for (name, list) in
-            [("requestPrincipals", &s.request_principals), ("notRequestPrincipals", &s.not_request_principals)]
-        {
-            if !list.is_empty() {
-                return Some(format!("from.source.{name}"));
-            }
-        }
-    }
-    for o in rule.to.iter().filter_map(|t| t.operation.as_ref()) {
-        let l7 = [
-            ("hosts", &o.hosts),
-            ("notHosts", &o.not_hosts),
-            ("methods", &o.methods),
-            ("notMethods", &o.not_methods),
-            ("paths", &o.paths),
-            ("notPaths", &o.not_paths),
-        ];
-        if let Some((name, _)) = l7.into_iter().find(|(_, list)| !list.is_empty()) {
-            return Some(format!("to.operation.{name}"));
-        }
-    }
-    rule.when.iter().find(|c| !is_l4_key(&c.key)).map(|c| format!("when.{}", c.key))
-}
-
 #[cfg(test)]
-mod tests {
-    use std::{format, net::IpAddr, string::String, vec};
-
-    use proptest::prelude::*;
-
-    use super::{Connection, EffectiveMtls, Verdict, Workload, authorize, mtls_mode, strict_ports, wildcard_matches};
-    use crate::config::{
-        Config, Source, load,
-        meta::{Labels, ObjectMeta},
-        security::{Action, AuthorizationPolicy, AuthorizationPolicySpec, MtlsMode, Rule, RuleFrom, RuleSource},
-    };
-
-    fn yaml(text: &str) -> Config {
-        load(&[Source::new("test.yaml", text)]).unwrap_or_else(|report| panic!("{report}"))
-    }
-
-    fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect()
-    }
-
-    fn ip(text: &str) -> IpAddr {
-        text.parse().unwrap()
-    }
-
-    /// A connection to 10.0.0.2:8080 from 10.1.2.3.
-    fn conn(identity: Option<&str>) -> Connection<'_> {
-        Connection {
-            source_identity: identity,
-            source_ip: ip("10.1.2.3"),
-            destination_ip: ip("10.0.0.2"),
-            destination_port: 8080,
-        }
-    }
-
-    const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
-    const ADMIN: &str = "spiffe://cluster.local/ns/ops/sa/admin";
-
-    fn verdict(config: &Config, ns: &str, labels: &Labels, conn: &Connection) -> Verdict {
-        authorize(config, &Workload { namespace: ns, labels }, conn)
-    }
-
-    /// The verdict for the `app: api` workload in `shop`.
-    fn api(config: &Config, conn: &Connection) -> Verdict {
-        verdict(config, "shop", &labels(&[("app", "api")]), conn)
-    }
-
-    fn allowed(config: &Config, conn: &Connection) -> bool {
-        api(config, conn).is_allow()
-    }
-
-    fn deny_reason(verdict: Verdict) -> (Option<String>, String) {
-        match verdict {
-            Verdict::Deny { policy, reason } => (policy, reason),
-            Verdict::Allow { .. } => panic!("allowed"),
-        }
-    }
-
-    fn allow_all() -> Verdict {
-        Verdict::Allow { audited_by: vec![] }
-    }
-
-    /// One policy in `shop` (no selector) with `action` and the rules given as YAML.
-    fn shop_policy(action: &str, rules: &str) -> Config {
-        yaml(&format!(
-            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
-             metadata: {{name: p, namespace: shop}}\nspec:\n  action: {action}\n  rules:\n{rules}"
-        ))
-    }
-
-    #[test]
-    fn no_policy_allows() {
-        let config = Config::default();
-        assert_eq!(api(&config, &conn(Some(WEB))), allow_all());
-        assert_eq!(api(&config, &conn(None)), allow_all());
-    }
-
-    #[test]
-    fn deny_by_principal() {
-        let config =
-            shop_policy("DENY", "  - from:\n    - source:\n        principals: [cluster.local/ns/ops/sa/admin]\n");
-        let (policy, reason) = deny_reason(api(&config, &conn(Some(ADMIN))));
-        assert_eq!(policy.as_deref(), Some("shop/p"));
-        assert_eq!(reason, "denied by DENY policy shop/p (rule 0)");
-        assert!(allowed(&config, &conn(Some(WEB))));
-        assert!(allowed(&config, &conn(None)), "plaintext has no principal to deny");
-    }
-
-    #[test]
-    fn allow_by_principal_admits_only_it() {
-        let config =
-            shop_policy("ALLOW", "  - from:\n    - source:\n        principals: [cluster.local/ns/shop/sa/web]\n");
-        assert_eq!(api(&config, &conn(Some(WEB))), allow_all());
-        let (policy, reason) = deny_reason(api(&config, &conn(Some(ADMIN))));
-        assert_eq!(policy, None);
-        assert_eq!(reason, "no ALLOW policy matched (policies: shop/p)");
-        assert!(!allowed(&config, &conn(None)));
-        assert!(!allowed(&config, &conn(Some("spiffe://cluster.local/ns/shop/sa/web-2"))), "exact, not a prefix");
-    }
-
-    #[test]
-    fn allow_policies_are_named_in_the_reason() {
-        let config = yaml(
-            "apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: b-allow, namespace: shop}
-spec:
-  rules:
-  - from: [{source: {namespaces: [front]}}]
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: a-allow, namespace: istio-system}
-spec:
-  rules:
-  - to: [{operation: {ports: ['9090']}}]
-",
-        );
-        let (_, reason) = deny_reason(api(&config, &conn(Some(WEB))));
-        assert_eq!(reason, "no ALLOW policy matched (policies: istio-system/a-allow, shop/b-allow)");
-    }
-
-    #[test]
-    fn allow_without_rules_denies_everything() {
-        let config = yaml(
-            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-all, namespace: shop}\nspec: {}\n",
-        );
-        assert!(!allowed(&config, &conn(Some(WEB))));
-        assert!(!allowed(&config, &conn(None)));
-        // A DENY policy without rules matches nothing (validation rejects it, as Istio
-        // does; the evaluation still fails safe on a model built another way).
-        let mut config = Config::default();
-        config.authorization_policies.push(AuthorizationPolicy {
-            metadata: ObjectMeta { name: "d".into(), namespace: "shop".into(), ..ObjectMeta::default() },
-            spec: AuthorizationPolicySpec { action: Action::Deny, ..AuthorizationPolicySpec::default() },
-        });
-        assert!(allowed(&config, &conn(Some(WEB))));
-    }
-
-    #[test]
-    fn empty_rule_matches_everything() {
-        let config = shop_policy("ALLOW", "  - {}\n");
-        assert!(allowed(&config, &conn(Some(WEB))));
-        assert!(allowed(&config, &conn(None)));
-        let config = shop_policy("DENY", "  - {}\n");
-        assert!(!allowed(&config, &conn(Some(WEB))));
-        assert!(!allowed(&config, &conn(None)));
-    }
-
-    #[test]
-    fn plaintext_against_not_principals() {
-        // Istio's idiom for "require mTLS": deny whoever has no principal.
-        let config = shop_policy("DENY", "  - from:\n    - source:\n        notPrincipals: ['*']\n");
-        assert!(!allowed(&config, &conn(None)));
-        assert!(allowed(&config, &conn(Some(WEB))));
-        // And its ALLOW form: any authenticated client.
-        let config = shop_policy("ALLOW", "  - from:\n    - source:\n        principals: ['*']\n");
-        assert!(!allowed(&config, &conn(None)));
-        assert!(allowed(&config, &conn(Some(ADMIN))));
-    }
-
-    #[test]
-    fn wildcard_principals() {
-        let config = shop_policy(
-            "ALLOW",
-            "  - from:\n    - source:\n        principals: [cluster.local/ns/shop/*, '*/sa/admin']\n",
-        );
-        assert!(allowed(&config, &conn(Some(WEB))));
-        assert!(allowed(&config, &conn(Some(ADMIN))));
-        assert!(!allowed(&config, &conn(Some("spiffe://cluster.local/ns/ops/sa/ci"))));
-        assert!(!allowed(&config, &conn(Some("spiffe://cluster.local/ns/shopping/sa/web"))), "prefix is `.../shop/`");
-        // Without the SPIFFE scheme an identity has no principal, but is authenticated.
-        assert!(!allowed(&config, &conn(Some("cluster.local/ns/shop/sa/web"))));
-        let config = shop_policy("ALLOW", "  - from:\n    - source:\n        principals: ['*']\n");
-        assert!(allowed(&config, &conn(Some("urn:example:web"))));
-    }
-
-    #[test]
-    fn default_trust_domain_stands_for_the_mesh_trust_domain() {
-        let mut config =
-            shop_policy("ALLOW", "  - from:\n    - source:\n        principals: [cluster.local/ns/shop/sa/web]\n");
-        config.trust_domain = "example.org".into();
-        assert!(allowed(&config, &conn(Some("spiffe://example.org/ns/shop/sa/web"))));
-        assert!(allowed(&config, &conn(Some(WEB))));
-        assert!(!allowed(&config, &conn(Some("spiffe://other.org/ns/shop/sa/web"))));
-        assert!(!allowed(&config, &conn(Some("spiffe://example.org/ns/shop/sa/api"))));
-    }
-
-    #[test]
-    fn trust_domains() {
-        let config = shop_policy("ALLOW", "  - from:\n    - source:\n        trustDomains: [cluster.local]\n");
-        assert!(allowed(&config, &conn(Some(WEB))));
-        assert!(!allowed(&config, &conn(Some("spiffe://partner.example/ns/shop/sa/web"))));
-        assert!(!allowed(&config, &conn(None)));
-        let config = shop_policy("DENY", "  - from:\n    - source:\n        notTrustDomains: ['*.example']\n");
-        assert!(!allowed(&config, &conn(Some(WEB))));
-        assert!(allowed(&config, &conn(Some("spiffe://partner.example/ns/shop/sa/web"))));
-    }
-
-    #[test]
-    fn namespaces() {
-        let config = shop_policy("ALLOW", "  - from:\n    - source:\n        namespaces: [shop, 'team-*']\n");
-        assert!(allowed(&config, &conn(Some(WEB))));
-        assert!(allowed(&config, &conn(Some("spiffe://cluster.local/ns/team-a/sa/x"))));
-        assert!(!allowed(&config, &conn(Some(ADMIN))));
-        assert!(!allowed(&config, &conn(None)));
-        assert!(!allowed(&config, &conn(Some("spiffe://cluster.local/ns/shop"))), "not a workload identity");
-
-        let config = shop_policy("DENY", "  - from:\n    - source:\n        notNamespaces: [shop]\n");
-        assert!(allowed(&config, &conn(Some(WEB))));
-        assert!(!allowed(&config, &conn(Some(ADMIN))));
-        assert!(!allowed(&config, &conn(None)), "plaintext is in no namespace");
-    }
-
-    #[test]
-    fn service_accounts() {
-        // `web` is in the policy's namespace (`shop`); `ops/admin` names its own.
-        let config = shop_policy("ALLOW", "  - from:\n    - source:\n        serviceAccounts: [web, ops/admin]\n");
-        assert!(allowed(&config, &conn(Some(WEB))));
-        assert!(allowed(&config, &conn(Some(ADMIN))));
-        assert!(!allowed(&config, &conn(Some("spiffe://cluster.local/ns/other/sa/web"))));
-        assert!(!allowed(&config, &conn(None)));
-        let config = shop_policy("DENY", "  - from:\n    - source:\n        notServiceAccounts: [web]\n");
-        assert!(allowed(&config, &conn(Some(WEB))));
-        assert!(!allowed(&config, &conn(Some(ADMIN))));
-        assert!(!allowed(&config, &conn(None)));
-    }
-
-    #[test]
-    fn ip_blocks() {
-        let config = shop_policy("ALLOW", "  - from:\n    - source:\n        ipBlocks: [10.1.0.0/16, 192.0.2.7]\n");
-        assert!(allowed(&config, &conn(None)));
-        let mut other = conn(None);
-        other.source_ip = ip("10.2.0.1");
-        assert!(!allowed(&config, &other));
-        other.source_ip = ip("192.0.2.7");
-        assert!(allowed(&config, &other));
-
-        let config = shop_policy(
-            "ALLOW",
-            "  - from:\n    - source:\n        ipBlocks: [10.0.0.0/8]\n        notIpBlocks: [10.1.2.0/24]\n",
-        );
-        assert!(!allowed(&config, &conn(None)), "10.1.2.3 is carved out");
-        other.source_ip = ip("10.9.9.9");
-        assert!(allowed(&config, &other));
-
-        let config = shop_policy("DENY", "  - from:\n    - source:\n        remoteIpBlocks: [10.1.2.3]\n");
-        assert!(!allowed(&config, &conn(None)), "the remote address is the peer's at L4");
-        let config = shop_policy("DENY", "  - from:\n    - source:\n        notRemoteIpBlocks: [10.0.0.0/8]\n");
-        assert!(allowed(&config, &conn(None)));
-        assert!(!allowed(&config, &Connection { source_ip: ip("2001:db8::1"), ..conn(None) }));
-    }
-
-    #[test]
-    fn all_fields_of_a_source_must_match() {
-        let config = shop_policy(
-            "ALLOW",
-            "  - from:\n    - source:\n        principals: [cluster.local/ns/shop/sa/web]\n        ipBlocks: [10.9.0.0/16]\n",
-        );
-        assert!(!allowed(&config, &conn(Some(WEB))), "principal matches, address does not");
-        // Across `from` entries, any one suffices.
-        let config = shop_policy(
-            "ALLOW",
-            "  - from:\n    - source: {ipBlocks: [10.9.0.0/16]}\n    - source: {principals: [cluster.local/ns/shop/sa/web]}\n",
-        );
-        assert!(allowed(&config, &conn(Some(WEB))));
-    }
-
-    #[test]
-    fn ports_and_not_ports() {
-        let config = shop_policy("ALLOW", "  - to:\n    - operation:\n        ports: ['8080', '8443']\n");
-        assert!(allowed(&config, &conn(None)));
-        assert!(!allowed(&config, &Connection { destination_port: 9090, ..conn(None) }));
-        let config = shop_policy("DENY", "  - to:\n    - operation:\n        notPorts: ['8080']\n");
-        assert!(allowed(&config, &conn(None)));
-        let (_, reason) = deny_reason(api(&config, &Connection { destination_port: 22, ..conn(None) }));
-        assert_eq!(reason, "denied by DENY policy shop/p (rule 0)");
-    }
-
-    #[test]
-    fn from_and_to_must_both_match() {
-        let config = shop_policy(
-            "ALLOW",
-            "  - from: [{source: {principals: [cluster.local/ns/shop/sa/web]}}]\n    to: [{operation: {ports: ['9090']}}]\n",
-        );
-        assert!(!allowed(&config, &conn(Some(WEB))));
-        assert!(allowed(&config, &Connection { destination_port: 9090, ..conn(Some(WEB)) }));
-        assert!(!allowed(&config, &Connection { destination_port: 9090, ..conn(Some(ADMIN)) }));
-    }
-
-    #[test]
-    fn when_conditions() {
-        let when = |cond: &str| shop_policy("ALLOW", &format!("  - when:\n    - {cond}\n"));
-        let web = conn(Some(WEB));
-        assert!(allowed(&when("{key: source.ip, values: [10.1.0.0/16]}"), &web));
-        assert!(!allowed(&when("{key: source.ip, notValues: [10.1.0.0/16]}"), &web));
-        assert!(allowed(&when("{key: remote.ip, values: [10.1.2.3]}"), &web));
-        assert!(allowed(&when("{key: destination.ip, values: [10.0.0.0/24]}"), &web));
-        assert!(!allowed(&when("{key: destination.ip, values: [10.0.1.0/24]}"), &web));
-        assert!(allowed(&when("{key: destination.port, values: ['8080']}"), &web));
-        assert!(!allowed(&when("{key: destination.port, notValues: ['8080']}"), &web));
-        assert!(allowed(&when("{key: source.namespace, values: [shop]}"), &web));
-        assert!(!allowed(&when("{key: source.namespace, values: [shop]}"), &conn(None)));
-        assert!(allowed(&when("{key: source.namespace, notValues: [ops]}"), &conn(None)));
-        assert!(allowed(&when("{key: source.principal, values: ['cluster.local/ns/shop/*']}"), &web));
-        assert!(!allowed(&when("{key: source.principal, values: ['*']}"), &conn(None)));
-        // values and notValues together, and every condition of a rule.
-        let both = when("{key: source.ip, values: [10.0.0.0/8], notValues: [10.1.2.3]}");
-        assert!(!allowed(&both, &web));
-        let two = shop_policy(
-            "ALLOW",
-            "  - when:\n    - {key: source.namespace, values: [shop]}\n    - {key: destination.port, values: ['9090']}\n",
-        );
-        assert!(!allowed(&two, &web));
-    }
-
-    #[test]
-    fn root_namespace_policies_are_mesh_wide() {
-        let config = yaml(
-            "apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: no-plaintext, namespace: istio-system}
-spec:
-  action: DENY
-  rules:
-  - from: [{source: {notPrincipals: ['*']}}]
-",
-        );
-        let (policy, _) = deny_reason(verdict(&config, "anywhere", &Labels::new(), &conn(None)));
-        assert_eq!(policy.as_deref(), Some("istio-system/no-plaintext"));
-        assert!(verdict(&config, "anywhere", &Labels::new(), &conn(Some(WEB))).is_allow());
-
-        // Another root namespace makes it an ordinary namespace policy.
-        let mut config = config;
-        config.root_namespace = "mesh-root".into();
-        assert!(verdict(&config, "anywhere", &Labels::new(), &conn(None)).is_allow());
-        assert!(!verdict(&config, "istio-system", &Labels::new(), &conn(None)).is_allow());
-    }
-
-    #[test]
-    fn root_namespace_selector_applies_in_every_namespace() {
-        let config = yaml(
-            "apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: db-lockdown, namespace: istio-system}
-spec:
-  selector: {matchLabels: {tier: db}}
-  action: DENY
-  rules: [{}]
-",
-        );
-        assert!(!verdict(&config, "shop", &labels(&[("tier", "db"), ("app", "pg")]), &conn(Some(WEB))).is_allow());
-        assert!(!verdict(&config, "ops", &labels(&[("tier", "db")]), &conn(Some(WEB))).is_allow());
-        assert!(verdict(&config, "shop", &labels(&[("tier", "web")]), &conn(Some(WEB))).is_allow());
-    }
-
-    #[test]
-    fn selector_scoping() {
-        let config = yaml(
-            "apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: api-only, namespace: shop}
-spec:
-  selector: {matchLabels: {app: api, version: v1}}
-  action: DENY
-  rules: [{}]
-",
-        );
-        let v1 = labels(&[("app", "api"), ("version", "v1"), ("extra", "x")]);
-        assert!(!verdict(&config, "shop", &v1, &conn(Some(WEB))).is_allow());
-        assert!(verdict(&config, "shop", &labels(&[("app", "api")]), &conn(Some(WEB))).is_allow(), "missing label");
-        assert!(
-            verdict(&config, "shop", &labels(&[("app", "api"), ("version", "v2")]), &conn(Some(WEB))).is_allow(),
-            "other value"
-        );
-        assert!(verdict(&config, "other", &v1, &conn(Some(WEB))).is_allow(), "other namespace");
-
-        // Without a selector: every workload of the namespace, and only of it.
-        let config = shop_policy("DENY", "  - {}\n");
-        assert!(!verdict(&config, "shop", &Labels::new(), &conn(Some(WEB))).is_allow());
-        assert!(verdict(&config, "ops", &Labels::new(), &conn(Some(WEB))).is_allow());
-    }
-
-    #[test]
-    fn target_ref_and_custom_policies_are_not_applied() {
-        let config = yaml(
-            "apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: waypoint-deny, namespace: shop}
-spec:
-  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
-  action: DENY
-  rules: [{}]
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: service-allow, namespace: shop}
-spec:
-  targetRef: {kind: Service, group: '', name: api}
-  rules: [{from: [{source: {principals: [nobody]}}]}]
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: ext, namespace: shop}
-spec:
-  action: CUSTOM
-  provider: {name: opa}
-  rules: [{}]
-",
-        );
-        assert_eq!(api(&config, &conn(Some(WEB))), allow_all());
-    }
-
-    #[test]
-    fn audit_is_recorded_not_enforced() {
-        let config = yaml(
-            "apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: audit-ops, namespace: shop}
-spec:
-  action: AUDIT
-  rules: [{from: [{source: {namespaces: [ops]}}]}]
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: audit-all, namespace: istio-system}
-spec:
-  action: AUDIT
-  rules: [{}]
-",
-        );
-        assert_eq!(
-            api(&config, &conn(Some(ADMIN))),
-            Verdict::Allow { audited_by: vec!["istio-system/audit-all".into(), "shop/audit-ops".into()] }
-        );
-        assert_eq!(
-            api(&config, &conn(Some(WEB))),
-            Verdict::Allow { audited_by: vec!["istio-system/audit-all".into()] }
-        );
-        // AUDIT policies are not ALLOW policies: they do not turn on default-deny.
-        assert!(allowed(&config, &conn(None)));
-    }
-
-    #[test]
-    fn deny_wins_over_allow() {
-        let config = yaml(
-            "apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: allow-all, namespace: shop}
-spec:
-  rules: [{}]
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: deny-ops, namespace: shop}
-spec:
-  action: DENY
-  rules:
-  - from: [{source: {namespaces: [front]}}]
-  - from: [{source: {namespaces: [ops]}}]
-",
-        );
-        let (policy, reason) = deny_reason(api(&config, &conn(Some(ADMIN))));
-        assert_eq!(policy.as_deref(), Some("shop/deny-ops"));
-        assert_eq!(reason, "denied by DENY policy shop/deny-ops (rule 1)");
-        assert!(allowed(&config, &conn(Some(WEB))));
-    }
-
-    #[test]
-    fn l7_allow_rule_cannot_admit() {
-        let config = yaml(
-            "apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: allow-get, namespace: shop}
-spec:
-  rules:
-  - from: [{source: {principals: [cluster.local/ns/shop/sa/web]}}]
-    to: [{operation: {methods: [GET]}}]
-  - when: [{key: 'request.headers[x-user]', values: [alice]}]
-",
-        );
-        let (policy, reason) = deny_reason(api(&config, &conn(Some(WEB))));
-        assert_eq!(policy, None);
-        assert_eq!(
-            reason,
-            "no ALLOW policy matched (policies: shop/allow-get); \
-             ALLOW policy shop/allow-get rule 0 needs L7 attribute `to.operation.methods`; not enforceable at L4; \
-             ALLOW policy shop/allow-get rule 1 needs L7 attribute `when.request.headers[x-user]`; not enforceable at L4"
-        );
-    }
-
-    #[test]
-    fn l4_allow_rule_still_admits_next_to_an_l7_one() {
-        let config = shop_policy(
-            "ALLOW",
-            "  - from: [{source: {requestPrincipals: ['*']}}]\n  - from: [{source: {namespaces: [shop]}}]\n",
-        );
-        assert!(allowed(&config, &conn(Some(WEB))));
-        let (_, reason) = deny_reason(api(&config, &conn(Some(ADMIN))));
-        assert!(
-            reason.ends_with(
-                "ALLOW policy shop/p rule 0 needs L7 attribute `from.source.requestPrincipals`; not enforceable at L4"
-            ),
-            "{reason}"
-        );
-        // connection.sni is not visible to L4 either.
-        let config = shop_policy("ALLOW", "  - when: [{key: connection.sni, values: [api.shop]}]\n");
-        let (_, reason) = deny_reason(api(&config, &conn(Some(WEB))));
-        assert!(reason.contains("`when.connection.sni`"), "{reason}");
-    }
-
-    #[test]
-    fn l7_deny_rule_fails_closed() {
-        let config = yaml(
-            "apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: deny-delete, namespace: shop}
-spec:
-  action: DENY
-  rules:
-  - from: [{source: {namespaces: [ops]}}]
-    to: [{operation: {methods: [DELETE], ports: ['8080']}}]
-",
-        );
-        let (policy, reason) = deny_reason(api(&config, &conn(Some(ADMIN))));
-        assert_eq!(policy.as_deref(), Some("shop/deny-delete"));
-        assert_eq!(
-            reason,
-            "denied by DENY policy shop/deny-delete (rule 0); DENY policy shop/deny-delete rule 0 needs L7 attribute \
-             `to.operation.methods`; not enforceable at L4, matched on its L4 parts alone (fail closed)"
-        );
-        // Its L4 parts still have to match.
-        assert!(allowed(&config, &conn(Some(WEB))));
-        assert!(allowed(&config, &Connection { destination_port: 9090, ..conn(Some(ADMIN)) }));
-
-        // A rule made only of L7 attributes matches every connection.
-        let config = shop_policy("DENY", "  - to: [{operation: {paths: [/admin]}}]\n");
-        assert!(!allowed(&config, &conn(None)));
-        let config = shop_policy("DENY", "  - when: [{key: request.auth.principal, values: [x]}]\n");
-        assert!(!allowed(&config, &conn(Some(WEB))));
-    }
-
-    const MTLS: &str = "apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: mesh, namespace: istio-system}
-spec: {mtls: {mode: STRICT}}
----
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: shop, namespace: shop}
-spec: {mtls: {mode: PERMISSIVE}}
----
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: db, namespace: shop}
-spec:
-  selector: {matchLabels: {app: db}}
-  mtls: {mode: UNSET}
-  portLevelMtls:
-    5432: {mode: STRICT}
-    9100: {mode: DISABLE}
-    9200: {mode: UNSET}
----
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: api, namespace: shop}
-spec:
-  selector: {matchLabels: {app: api}}
-  mtls: {mode: STRICT}
----
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: other-root, namespace: istio-system}
-spec:
-  selector: {matchLabels: {app: api}}
-  mtls: {mode: DISABLE}
-";
-
-    fn mode(config: &Config, ns: &str, labels: &Labels, port: u16) -> (MtlsMode, Option<String>) {
-        let effective = mtls_mode(config, &Workload { namespace: ns, labels }, port);
-        (effective.mode, effective.policy)
-    }
-
-    fn decided(mode: MtlsMode, policy: &str) -> (MtlsMode, Option<String>) {
-        (mode, Some(policy.into()))
-    }
-
-    #[test]
-    fn mtls_default_is_permissive() {
-        let effective = mtls_mode(&Config::default(), &Workload { namespace: "shop", labels: &Labels::new() }, 80);
-        assert_eq!(effective, EffectiveMtls { mode: MtlsMode::Permissive, policy: None });
-        assert!(effective.accepts_plaintext());
-    }
-
-    #[test]
-    fn mtls_scopes() {
-        let config = yaml(MTLS);
-        // Mesh-wide, for a namespace without its own policy.
-        assert_eq!(mode(&config, "ops", &Labels::new(), 80), decided(MtlsMode::Strict, "istio-system/mesh"));
-        // Namespace-wide.
-        assert_eq!(mode(&config, "shop", &labels(&[("app", "web")]), 80), decided(MtlsMode::Permissive, "shop/shop"));
-        // Workload selector; the root namespace's selector policy is ignored.
-        assert_eq!(mode(&config, "shop", &labels(&[("app", "api")]), 80), decided(MtlsMode::Strict, "shop/api"));
-        assert_eq!(
-            mode(&config, "ops", &labels(&[("app", "api")]), 80),
-            decided(MtlsMode::Strict, "istio-system/mesh")
-        );
-        // Port level overrides; UNSET inherits: port 9200 -> workload UNSET -> namespace.
-        let db = labels(&[("app", "db")]);
-        assert_eq!(mode(&config, "shop", &db, 5432), decided(MtlsMode::Strict, "shop/db"));
-        assert_eq!(mode(&config, "shop", &db, 9100), decided(MtlsMode::Disable, "shop/db"));
-        assert_eq!(mode(&config, "shop", &db, 9200), decided(MtlsMode::Permissive, "shop/shop"));
-        assert_eq!(mode(&config, "shop", &db, 80), decided(MtlsMode::Permissive, "shop/shop"));
-        let disabled = mtls_mode(&config, &Workload { namespace: "shop", labels: &db }, 9100);
-        assert!(disabled.accepts_plaintext());
-        assert!(!mtls_mode(&config, &Workload { namespace: "shop", labels: &db }, 5432).accepts_plaintext());
-    }
-
-    #[test]
-    fn strict_ports_agree_with_the_mode_of_every_port() {
-        let config = yaml(MTLS);
-        let db = labels(&[("app", "db")]);
-        let workload = Workload { namespace: "shop", labels: &db };
-        assert_eq!(strict_ports(&config, &workload), (false, vec![(5432, true)]));
-        let api = labels(&[("app", "api")]);
-        assert_eq!(strict_ports(&config, &Workload { namespace: "shop", labels: &api }), (true, vec![]));
-        assert_eq!(strict_ports(&config, &Workload { namespace: "ops", labels: &Labels::new() }), (true, vec![]));
-        // What the kernel decides from the entries equals the mode of every port.
-        for (namespace, labels) in [("shop", &db), ("shop", &api), ("shop", &Labels::new()), ("ops", &db)] {
-            let workload = Workload { namespace, labels };
-            let (default, overrides) = strict_ports(&config, &workload);
-            for port in [1, 80, 5432, 9100, 9200, 65535] {
-                let kernel = overrides.iter().find(|(p, _)| *p == port).map_or(default, |(_, strict)| *strict);
-                assert_eq!(kernel, mtls_mode(&config, &workload, port).mode == MtlsMode::Strict, "{namespace} {port}");
-            }
-        }
-    }
-
-    #[test]
-    fn mtls_unset_inherits_up_to_the_default() {
-        let config = yaml(
-            "apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: mesh, namespace: istio-system}
-spec: {}
----
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: ns, namespace: shop}
-spec: {mtls: {mode: UNSET}}
----
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: b, namespace: shop}
-spec: {selector: {matchLabels: {app: api}}, mtls: {mode: STRICT}}
----
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: a, namespace: shop}
-spec: {selector: {matchLabels: {app: api}}}
-",
-        );
-        // `a` wins over `b` (first name) and is UNSET: up to the namespace, the mesh, the default.
-        assert_eq!(mode(&config, "shop", &labels(&[("app", "api")]), 80), (MtlsMode::Permissive, None));
-        assert_eq!(mode(&config, "shop", &Labels::new(), 80), (MtlsMode::Permissive, None));
-    }
-
-    #[test]
-    fn wildcard_match_forms() {
-        assert!(wildcard_matches("*", "x"));
-        assert!(!wildcard_matches("*", ""));
-        assert!(wildcard_matches("ab*", "abc"));
-        assert!(wildcard_matches("ab*", "ab"));
-        assert!(!wildcard_matches("ab*", "xab"));
-        assert!(wildcard_matches("*bc", "abc"));
-        assert!(!wildcard_matches("*bc", "bcd"));
-        assert!(wildcard_matches("abc", "abc"));
-        assert!(!wildcard_matches("abc", "abcd"));
-    }
-
-    /// A mesh-wide policy built without YAML (proptest runs it many times).
-    fn mesh_policy(action: Action, source: RuleSource) -> Config {
-        let mut config = Config::default();
-        config.authorization_policies.push(AuthorizationPolicy {
-            metadata: ObjectMeta { name: "p".into(), namespace: "istio-system".into(), ..ObjectMeta::default() },
-            spec: AuthorizationPolicySpec {
-                action,
-                rules: vec![Rule { from: vec![RuleFrom { source: Some(source) }], ..Rule::default() }],
-                ..AuthorizationPolicySpec::default()
-            },
-        });
-        config
-    }
-
-    fn pattern() -> impl Strategy<Value = String> {
-        ("[ab]{0,2}", 0..3u8).prop_map(|(stem, shape)| match shape {
-            0 => format!("cluster.local/ns/{stem}"),
-            1 => format!("cluster.local/ns/{stem}*"),
-            _ => format!("*{stem}/sa/x"),
-        })
-    }
-
-    proptest! {
-        /// For an authenticated client, `principals: [p]` and `notPrincipals: [p]` are
-        /// complements; for a plaintext one the first never matches, the second always.
-        #[test]
-        fn principals_and_not_principals_are_complements(p in pattern(), ns in "[ab]{1,2}", plaintext: bool) {
-            let identity = format!("spiffe://cluster.local/ns/{ns}/sa/x");
-            let conn = conn((!plaintext).then_some(identity.as_str()));
-            let positive = mesh_policy(Action::Deny, RuleSource { principals: vec![p.clone()], ..RuleSource::default() });
-            let negative = mesh_policy(Action::Deny, RuleSource { not_principals: vec![p], ..RuleSource::default() });
-            let denied = |config: &Config| !verdict(config, "shop", &Labels::new(), &conn).is_allow();
-            if plaintext {
-                prop_assert!(!denied(&positive));
-                prop_assert!(denied(&negative));
-            } else {
-                prop_assert_ne!(denied(&positive), denied(&negative));
-            }
-        }
-
-        /// An ALLOW and a DENY policy with the same L4 rule decide opposite ways.
-        #[test]
-        fn allow_and_deny_are_mirror_images(ns in "[ab]{1,2}", rule_ns in "[ab]{1,2}", port in 8079u16..8082) {
-            let identity = format!("spiffe://cluster.local/ns/{ns}/sa/x");
-            let conn = Connection { destination_port: port, ..conn(Some(identity.as_str())) };
-            let mut source = RuleSource { namespaces: vec![rule_ns], ..RuleSource::default() };
-            source.not_ip_blocks = vec!["10.9.0.0/16".into()];
-            let allow = verdict(&mesh_policy(Action::Allow, source.clone()), "shop", &Labels::new(), &conn);
-            let deny = verdict(&mesh_policy(Action::Deny, source), "shop", &Labels::new(), &conn);
-            prop_assert_ne!(allow.is_allow(), deny.is_allow());
-        }
-    }
-}
+mod tests;

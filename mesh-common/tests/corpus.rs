@@ -152,6 +152,10 @@ fn the_valid_corpus_and_the_seeds_load_without_problems() {
         "{:#?}",
         config.ignored
     );
+    // Istio's mesh config, from the ConfigMap `istio` (not ignored, unlike others).
+    assert_eq!(config.mesh.ext_authz_providers(), ["sample-ext-authz-grpc", "sample-ext-authz-http"]);
+    assert_eq!(config.mesh.path_normalization(), config::mesh::PathNormalization::MergeSlashes);
+    assert!(!config.ignored.iter().any(|i| i.starts_with("ConfigMap/istio-system/istio ")), "{:#?}", config.ignored);
     // A `kind: List` export.
     assert!(config.services.iter().any(|s| s.metadata.name == "ratings" && s.metadata.namespace == "shop"));
     assert!(config.ignored.iter().any(|i| i.starts_with("Deployment/shop/ratings-v1 (apps/v1)")));
@@ -243,6 +247,16 @@ fn to_yaml(config: &Config) -> String {
             object["kind"] = (*kind).into();
             documents.push(serde_yaml::to_string(&object).expect("YAML"));
         }
+    }
+    if !config.mesh.is_default() {
+        let mesh = serde_yaml::to_string(&config.mesh).expect("YAML");
+        let map = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "istio", "namespace": "istio-system"},
+            "data": {"mesh": mesh},
+        });
+        documents.push(serde_yaml::to_string(&map).expect("YAML"));
     }
     let listed: usize = KINDS.iter().map(|(list, _, _)| model[*list].as_array().map_or(0, Vec::len)).sum();
     assert_eq!(listed, config.object_count(), "every list of the model is in KINDS");

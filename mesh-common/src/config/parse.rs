@@ -13,6 +13,7 @@ use super::{
         L4RouteSpec, ReferenceGrant, ReferenceGrantSpec, TcpRoute, TlsRoute,
     },
     k8s::{EndpointSlice, Namespace, NamespaceSpec, Pod, PodSpec, PodStatus, Service, ServiceSpec},
+    mesh,
     meta::{ObjectMeta, nullable},
     networking::{
         DestinationRule, DestinationRuleSpec, IstioGateway, IstioGatewaySpec, ServiceEntry, ServiceEntrySpec,
@@ -222,6 +223,8 @@ pub(crate) struct Loaded {
     pub warnings: Found,
     /// Documents read so far, across sources.
     documents: usize,
+    /// The file the mesh config `ConfigMap` came from.
+    mesh_source: Option<String>,
 }
 
 impl Loaded {
@@ -613,6 +616,13 @@ impl Doc<'_> {
             _ => namespace.clone(),
         };
         let id = Id(&kind_name, &scoped_ns, &name).to_string();
+        if kind_name == "ConfigMap"
+            && api_version.as_deref() == Some("v1")
+            && name == mesh::CONFIG_MAP_NAME
+            && namespace == super::DEFAULT_ROOT_NAMESPACE
+        {
+            return self.mesh_config(map, &id, prefix);
+        }
         let Some(api_version) = &api_version else {
             if served.is_some() {
                 let why = if map.contains_key("apiVersion") { "must be a string" } else { "required field is missing" };
@@ -707,6 +717,46 @@ impl Doc<'_> {
                 };
                 self.problem(Some(id.clone()), field, reason);
             }
+        }
+    }
+
+    /// Istio's mesh config: the `ConfigMap` `istio` of the root namespace, its YAML in
+    /// `data.mesh` (see [`mesh`]). Its `rootNamespace` and `trustDomain` become the
+    /// config's.
+    fn mesh_config(&mut self, map: &Mapping, id: &str, prefix: &str) {
+        if let Some(first) = &self.loaded.mesh_source {
+            let why = format!("a second mesh config (the first is in {first}); Istio reads one");
+            return self.problem(Some(id.into()), format!("{prefix}metadata.name"), why);
+        }
+        self.loaded.mesh_source = Some(self.source.name.clone());
+        let field = format!("{prefix}data.{}", mesh::CONFIG_MAP_KEY);
+        let text = match map.get("data").and_then(|d| d.get(mesh::CONFIG_MAP_KEY)) {
+            Some(Value::String(text)) => text.clone(),
+            None | Some(Value::Null) => {
+                let warning =
+                    Problem::new(&self.source.name, Some(id.into()), field, "missing: Istio's defaults apply");
+                return self.loaded.warnings.push((self.seq, warning));
+            }
+            Some(_) => return self.problem(Some(id.into()), field, "must be a string holding the MeshConfig YAML"),
+        };
+        let (mesh, read) = mesh::read(&text);
+        let at = |f: &str| if f.is_empty() { field.clone() } else { format!("{field}.{f}") };
+        for (f, reason) in &read.errors {
+            self.problem(Some(id.into()), at(f), reason.clone());
+        }
+        for (f, reason) in read.warnings {
+            let warning = Problem::new(&self.source.name, Some(id.into()), at(&f), reason);
+            self.loaded.warnings.push((self.seq, warning));
+        }
+        if read.errors.is_empty() {
+            let config = &mut self.loaded.config;
+            if let Some(root) = &mesh.root_namespace {
+                root.clone_into(&mut config.root_namespace);
+            }
+            if let Some(td) = &mesh.trust_domain {
+                td.clone_into(&mut config.trust_domain);
+            }
+            config.mesh = mesh;
         }
     }
 

@@ -49,6 +49,29 @@ pub(crate) fn validate(loaded: &Loaded, problems: &mut Found, warnings: &mut Fou
     each!(tcp_routes, Kind::TcpRoute, |o: &mut Obj, r: &crate::config::TcpRoute| gateway::l4_route(o, &r.spec, false));
     each!(tls_routes, Kind::TlsRoute, |o: &mut Obj, r: &crate::config::TlsRoute| gateway::l4_route(o, &r.spec, true));
     each!(istio_gateways, Kind::IstioGateway, networking::istio_gateway);
+    // A CUSTOM policy needs an ext_authz provider of the mesh config; Istio admits the
+    // policy and denies the requests it matches: a warning, and the waypoint fails closed.
+    let providers = c.mesh.ext_authz_providers();
+    for policy in &c.authorization_policies {
+        if let Some(provider) = &policy.spec.provider
+            && policy.spec.action == crate::config::security::Action::Custom
+            && !provider.name.is_empty()
+            && !providers.contains(&provider.name.as_str())
+        {
+            let mut o = Obj::new(loaded, Kind::AuthorizationPolicy, &policy.metadata, problems, warnings);
+            o.warn(
+                "spec.provider.name",
+                format!(
+                    "`{}` is not an ext_authz provider of the mesh config's extensionProviders (ConfigMap {}/{} \
+                     key {}): the requests this policy matches are denied",
+                    provider.name,
+                    super::DEFAULT_ROOT_NAMESPACE,
+                    super::mesh::CONFIG_MAP_NAME,
+                    super::mesh::CONFIG_MAP_KEY
+                ),
+            );
+        }
+    }
 }
 
 /// The object being checked and where its problems go.

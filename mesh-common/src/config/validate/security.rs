@@ -144,15 +144,34 @@ fn operation(o: &mut Obj, field: &str, op: &Operation) {
     for (name, list) in [("paths", &op.paths), ("notPaths", &op.not_paths)] {
         for (i, value) in list.iter().enumerate() {
             // Path templates (`/foo/{*}/bar`, `{**}`) have their own wildcard syntax.
-            if value.contains('{') {
-                if !value.starts_with('/') {
-                    o.err(format!("{field}.{name}[{i}]"), format!("path template `{value}` must start with `/`"));
+            if value.contains(['{', '}']) {
+                if let Some(why) = path_template_error(value) {
+                    o.err(format!("{field}.{name}[{i}]"), format!("path template `{value}` {why}"));
                 }
             } else {
                 o.wildcard(&format!("{field}.{name}[{i}]"), value);
             }
         }
     }
+}
+
+/// Istio's path template rules: starts with `/`; `{*}` (one segment) and `{**}` (zero
+/// or more segments) are whole segments; nothing but literals after `{**}` (it is the
+/// last operator); no other braces and no `*` glob beside them.
+fn path_template_error(value: &str) -> Option<&'static str> {
+    let Some(rest) = value.strip_prefix('/') else { return Some("must start with `/`") };
+    let mut after_rest = false;
+    for segment in rest.split('/') {
+        match segment {
+            "{*}" | "{**}" if after_rest => return Some("may have no operator after `{**}`"),
+            "{*}" => {}
+            "{**}" => after_rest = true,
+            s if s.contains(['{', '}']) => return Some("may use `{*}` and `{**}` only as whole segments"),
+            s if s.contains('*') => return Some("cannot mix `*` wildcards with `{*}` or `{**}`"),
+            _ => {}
+        }
+    }
+    None
 }
 
 /// Istio's `when` keys; `[...]` takes a header or claim name.
