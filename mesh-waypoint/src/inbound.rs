@@ -11,6 +11,10 @@ use std::{
 
 use http::StatusCode;
 use mesh_common::{config::Config, control::parse_workload_identity};
+use mesh_common::{
+    config::{gateway::WAYPOINT_CLASS, mesh::PathNormalization},
+    policy::{self, WaypointPolicies},
+};
 use mesh_proxy::{
     admin::{self, Body},
     control::ControlClient,
@@ -22,7 +26,10 @@ use mesh_proxy::{
     },
     workloads::{Index, ServicePort, Workload},
 };
-use mesh_waypoint::route::{RouteTable, ServiceRef, TcpTable};
+use mesh_waypoint::{
+    jwt::{self, Authenticator},
+    route::{RouteTable, ServiceRef, TcpTable},
+};
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -48,15 +55,26 @@ pub struct Tables {
     pub version: u64,
     pub config: Arc<Config>,
     pub index: Index,
+    /// The `AuthorizationPolicy` objects bound to this waypoint, compiled.
+    pub policies: WaypointPolicies,
+    /// How request paths are normalized before policy and routing (mesh config).
+    pub normalization: PathNormalization,
     routes: Mutex<HashMap<(String, u16), Arc<RouteTable>>>,
+    /// `RequestAuthentication` rules per destination (namespace, name).
+    authenticators: Mutex<HashMap<(String, String), Arc<Authenticator>>>,
     tcp_routes: Mutex<HashMap<(String, u16), Arc<TcpTable>>>,
     destinations: Mutex<HashMap<Key, Arc<Destination>>>,
 }
 
 impl Tables {
-    fn new(version: u64, config: Arc<Config>, index: Index) -> Self {
+    fn new(version: u64, config: Arc<Config>, index: Index, waypoint: (&str, &str)) -> Self {
+        let (namespace, name) = waypoint;
+        let policies = WaypointPolicies::new(&config, &policy::Waypoint { namespace, name, class: WAYPOINT_CLASS });
         Self {
             version,
+            normalization: config.mesh.path_normalization(),
+            policies,
+            authenticators: Mutex::default(),
             config,
             index,
             routes: Mutex::default(),
@@ -80,6 +98,30 @@ impl Tables {
         }
         self.routes.lock().expect("lock").insert(key, table.clone());
         table
+    }
+
+    /// The JWT rules that apply to requests for `service` at `waypoint`.
+    pub fn authenticator(&self, waypoint: &Waypoint, service: &ServicePort) -> Arc<Authenticator> {
+        let key = (service.namespace.clone(), service.name.clone());
+        if let Some(found) = self.authenticators.lock().expect("lock").get(&key) {
+            return found.clone();
+        }
+        let (authenticator, problems) = Authenticator::for_destination(
+            &self.config,
+            jwt::select::Waypoint { namespace: &waypoint.namespace, name: &waypoint.name, class: WAYPOINT_CLASS },
+            jwt::select::Destination {
+                kind: jwt::select::DestinationKind::Service,
+                namespace: &service.namespace,
+                name: &service.name,
+            },
+            jwt::DEFAULT_CLOCK_SKEW_SECS,
+        );
+        for problem in problems {
+            warn!(service = %service.hostname, %problem, "RequestAuthentication");
+        }
+        let authenticator = Arc::new(authenticator);
+        self.authenticators.lock().expect("lock").insert(key, authenticator.clone());
+        authenticator
     }
 
     /// The L4 routes of a service port.
@@ -161,6 +203,7 @@ pub fn protocol_of(port: &ServicePort) -> Protocol {
 impl Waypoint {
     pub fn new(settings: Settings) -> Arc<Self> {
         let requests = RequestMetrics::new(&settings.metrics);
+        let tables = Tables::new(0, Arc::default(), Index::default(), (&settings.namespace, &settings.name));
         Arc::new(Self {
             namespace: settings.namespace,
             name: settings.name,
@@ -172,7 +215,7 @@ impl Waypoint {
             requests,
             upstreams: Upstreams::new(settings.connect_timeout),
             connect_timeout: settings.connect_timeout,
-            tables: RwLock::new(Arc::new(Tables::new(0, Arc::default(), Index::default()))),
+            tables: RwLock::new(Arc::new(tables)),
             health: Mutex::default(),
         })
     }
@@ -211,7 +254,8 @@ impl Waypoint {
                     self.certs.acquire(&identity);
                 }
                 let index = Index::build(&config).at(state.version);
-                *self.tables.write().expect("lock") = Arc::new(Tables::new(state.version, config, index));
+                let tables = Tables::new(state.version, config, index, (&self.namespace, &self.name));
+                *self.tables.write().expect("lock") = Arc::new(tables);
                 info!(version = state.version, "view applied");
                 if ready.is_some() && self.certs.get(&identity).is_some() {
                     ready = None;

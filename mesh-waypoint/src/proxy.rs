@@ -32,7 +32,9 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
 use tracing::{debug, info};
 
 use http_body_util::Limited;
+use mesh_common::policy::{self, WaypointVerdict};
 use mesh_waypoint::{
+    authz, jwt,
     outlier::CallResult,
     policy::LbPolicy,
     retry::Outcome,
@@ -261,17 +263,30 @@ impl Waypoint {
 struct Reply {
     status: StatusCode,
     flags: &'static str,
-    body: &'static str,
+    body: Bytes,
+    headers: Vec<(http::HeaderName, HeaderValue)>,
     reason: Option<String>,
 }
 
 impl Reply {
     fn new(status: StatusCode, flags: &'static str, body: &'static str) -> Self {
-        Self { status, flags, body, reason: None }
+        Self { status, flags, body: Bytes::from_static(body.as_bytes()), headers: Vec::new(), reason: None }
     }
 
     fn because(mut self, reason: impl Into<String>) -> Self {
         self.reason = Some(reason.into());
+        self
+    }
+
+    fn with_body(mut self, body: impl Into<Bytes>) -> Self {
+        self.body = body.into();
+        self
+    }
+
+    fn with_header(mut self, name: http::HeaderName, value: &str) -> Self {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            self.headers.push((name, value));
+        }
         self
     }
 }
@@ -443,11 +458,13 @@ impl Downstream {
             Err(reply) => {
                 log.reason = reply.reason;
                 log.flags = reply.flags;
-                Response::builder()
+                let mut response = Response::builder()
                     .status(reply.status)
                     .header(header::CONTENT_TYPE, "text/plain")
                     .body(full(reply.body))
-                    .expect("static parts")
+                    .expect("static parts");
+                response.headers_mut().extend(reply.headers);
+                response
             }
         };
         if log.flags.is_empty() {
@@ -475,6 +492,99 @@ impl Downstream {
         Response::from_parts(parts, body.boxed())
     }
 
+    /// The security phase, before routing: JWT authentication (`RequestAuthentication`),
+    /// path and host normalization, then L7 authorization (`AuthorizationPolicy` bound
+    /// to this waypoint or the Service). On success the request carries the normalized
+    /// path, so that what was authorized is what is routed and forwarded.
+    fn secure(
+        &self,
+        tables: &Tables,
+        service: &ServicePort,
+        request: &mut Request<Incoming>,
+        log: &mut RequestLog,
+    ) -> Result<(), Reply> {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let auth = match tables.authenticator(&self.waypoint, service).authenticate(
+            request.headers(),
+            request.uri().query(),
+            now,
+        ) {
+            jwt::Outcome::Anonymous => None,
+            jwt::Outcome::Authenticated { auth, edits } => {
+                edits.apply(request.headers_mut());
+                Some(policy::Auth {
+                    principal: auth.principal,
+                    audiences: auth.audiences,
+                    presenter: auth.presenter,
+                    claims: auth.claims,
+                })
+            }
+            jwt::Outcome::Denied(denied) => {
+                let realm = format!("http://{}{}", log.authority, request.uri().path());
+                return Err(Reply::new(jwt::Denied::STATUS, "-", "")
+                    .with_body(denied.body())
+                    .with_header(header::WWW_AUTHENTICATE, &jwt::Denied::www_authenticate(&realm))
+                    .because(format!("JWT: {}", denied.body())));
+            }
+        };
+        let values: Vec<(&str, std::borrow::Cow<'_, str>)> =
+            request.headers().iter().map(|(k, v)| (k.as_str(), String::from_utf8_lossy(v.as_bytes()))).collect();
+        let headers: Vec<(&str, &str)> = values.iter().map(|(k, v)| (*k, v.as_ref())).collect();
+        let hosts: Vec<&str> = values.iter().filter(|(k, _)| *k == "host").map(|(_, v)| v.as_ref()).collect();
+        let path_and_query = request.uri().path_and_query().map_or("/", http::uri::PathAndQuery::as_str);
+        let checked = authz::check(
+            &tables.policies,
+            tables.normalization,
+            Some(&policy::Target {
+                kind: policy::TargetKind::Service,
+                namespace: &service.namespace,
+                name: &service.name,
+            }),
+            &authz::Request {
+                method: request.method().as_str(),
+                target: path_and_query,
+                authority: request.uri().authority().map(http::uri::Authority::as_str),
+                host_headers: &hosts,
+                headers: &headers,
+                source_identity: Some(&self.caller.identity),
+                source_ip: self.caller.addr.ip(),
+                destination_ip: self.target.ip(),
+                destination_port: self.target.port(),
+                auth: auth.as_ref(),
+                sni: None,
+            },
+        )
+        .map_err(|reject| {
+            let status = StatusCode::from_u16(reject.status()).unwrap_or(StatusCode::BAD_REQUEST);
+            Reply::new(status, "-", "").with_body(format!("{reject}\n")).because(reject.to_string())
+        })?;
+        match checked.verdict {
+            WaypointVerdict::Allow { audited_by } => {
+                if !audited_by.is_empty() {
+                    info!(request_id = %log.request_id, policies = ?audited_by, "request audited");
+                }
+            }
+            WaypointVerdict::Deny { reason, .. } => {
+                return Err(Reply::new(StatusCode::FORBIDDEN, "RBAC", "RBAC: access denied").because(reason));
+            }
+            WaypointVerdict::Custom { provider, policy } => {
+                return Err(Reply::new(StatusCode::FORBIDDEN, "UAEX", "RBAC: access denied").because(format!(
+                    "CUSTOM policy {policy}: external authorization by provider {provider} is not available"
+                )));
+            }
+        }
+        let normalized = checked.normalized.path_and_query();
+        if normalized != path_and_query {
+            let mut parts = request.uri().clone().into_parts();
+            parts.path_and_query = normalized.parse().ok();
+            if let Ok(uri) = http::Uri::from_parts(parts) {
+                *request.uri_mut() = uri;
+            }
+        }
+        log.path = normalized;
+        Ok(())
+    }
+
     async fn forward(
         &self,
         tables: &Tables,
@@ -488,6 +598,7 @@ impl Downstream {
             .waypoint
             .dial(&self.caller)
             .ok_or_else(|| Reply::new(StatusCode::SERVICE_UNAVAILABLE, "UF", "no certificate yet\n"))?;
+        self.secure(tables, service, &mut request, log)?;
         // Route.
         let table = tables.routes(service);
         let no_labels = std::collections::BTreeMap::new();

@@ -63,7 +63,10 @@ pub fn setup() -> anyhow::Result<()> {
                     (need_linker, "bpf-linker"),
                     (need_vng, "virtme-ng"),
                     (need_fuzz, "cargo-fuzz"),
-                    (need_python, "the Python test peers (httpbin, gunicorn, grpcio, websockets, h2)")
+                    (
+                        need_python,
+                        "the Python test peers (httpbin, gunicorn, grpcio, websockets, h2, pyjwt, opentelemetry-proto)"
+                    )
                 ]
             )
         );
@@ -122,13 +125,23 @@ pub fn setup() -> anyhow::Result<()> {
 }
 
 /// Servers and clients from `PyPI` the waypoint's end-to-end tests run against: Istio's
-/// own sample app (httpbin, served by gunicorn), gRPC's health service, WebSocket, and
-/// the HTTP/2 protocol library the flood tests speak with.
-const PYTHON_PEERS: &[&str] = &["httpbin", "gunicorn", "websockets", "grpcio", "grpcio-health-checking", "h2"];
+/// own sample app (httpbin, served by gunicorn), gRPC's health service, WebSocket, the
+/// HTTP/2 protocol library the flood tests speak with, JWTs signed with keys the tests
+/// make, and OpenTelemetry's protocol definitions for the trace receiver.
+const PYTHON_PEERS: &[&str] = &[
+    "httpbin",
+    "gunicorn",
+    "websockets",
+    "grpcio",
+    "grpcio-health-checking",
+    "h2",
+    "pyjwt[crypto]",
+    "opentelemetry-proto",
+];
 
 fn python_peers_present() -> bool {
     Command::new("python3")
-        .args(["-c", "import httpbin, gunicorn, websockets, grpc, grpc_health.v1, h2.connection"])
+        .args(["-c", "import httpbin, gunicorn, websockets, grpc, grpc_health.v1, h2.connection, jwt, cryptography, opentelemetry.proto"])
         .output()
         .is_ok_and(|o| o.status.success())
 }

@@ -515,3 +515,119 @@ fn waypoint_mirror_tcp_routes_and_bad_input() {
         assert_eq!(code, 0, "after the bad input: {text}\n{}", lab.log_of("waypoint"));
     });
 }
+
+/// Makes an RSA key, its JWKS and tokens with pyjwt: prints them as one JSON object.
+const TOKENS: &str = "\
+import json, time, jwt
+from cryptography.hazmat.primitives.asymmetric import rsa
+key, other = (rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(2))
+jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+jwk.update(kid='lab', alg='RS256', use='sig')
+now = int(time.time())
+def token(signer, **claims):
+    body = dict(iss='https://issuer.lab', sub='alice', aud='httpbin', iat=now, exp=now + 600)
+    body.update(claims)
+    return jwt.encode(body, signer, algorithm='RS256', headers={'kid': 'lab'})
+print(json.dumps({
+    'jwks': json.dumps({'keys': [jwk]}),
+    'admin': token(key, groups=['admins']),
+    'user': token(key, groups=['users']),
+    'expired': token(key, groups=['admins'], exp=now - 3600),
+    'forged': token(other, groups=['admins']),
+}))
+";
+
+/// L7 policies bound to the httpbin Service: a DENY on a path, and an ALLOW that lets
+/// `/anything/private*` through only for a JWT of the lab's issuer in group `admins`.
+fn security_policies(jwks: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: httpbin, namespace: shop}}
+spec:
+  targetRefs: [{{kind: Service, group: '', name: httpbin}}]
+  jwtRules:
+  - issuer: https://issuer.lab
+    audiences: [httpbin]
+    jwks: '{jwks}'
+    outputClaimToHeaders: [{{header: x-jwt-sub, claim: sub}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: httpbin-deny, namespace: shop}}
+spec:
+  targetRefs: [{{kind: Service, group: '', name: httpbin}}]
+  action: DENY
+  rules:
+  - to: [{{operation: {{paths: ['/anything/admin*']}}}}]
+  - to: [{{operation: {{methods: [DELETE]}}}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: httpbin-allow, namespace: shop}}
+spec:
+  targetRefs: [{{kind: Service, group: '', name: httpbin}}]
+  action: ALLOW
+  rules:
+  - to: [{{operation: {{notPaths: ['/anything/private*']}}}}]
+  - from: [{{source: {{requestPrincipals: ['https://issuer.lab/*']}}}}]
+    to: [{{operation: {{paths: ['/anything/private*']}}}}]
+    when: [{{key: 'request.auth.claims[groups]', values: [admins]}}]
+"
+    )
+}
+
+#[test]
+fn waypoint_l7_authorization_and_jwt() {
+    let adjust = |spec: &mut mesh_lab::LabSpec| spec.waypoint_bin = Some(super::waypoint_bin());
+    with_lab_spec("mesh-wa", 2, &[], Some(&[]), adjust, |lab| {
+        start_httpbin(lab, &shop_pods(lab)).expect("httpbin");
+        apply(lab, "httpbin.yaml", HTTPBIN);
+        let out = lab.exec("n1-p1", &["python3", "-c", TOKENS]).unwrap();
+        let tokens: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+        apply(lab, "security.yaml", &security_policies(tokens["jwks"].as_str().unwrap()));
+        let status = |path: &str, args: &str| {
+            let out =
+                bodies(lab, "n1-p1", &format!("{HTTPBIN_URL}{path}"), 1, &format!("-o /dev/null --path-as-is {args}"));
+            out.first().map(|l| l.trim().to_owned()).unwrap_or_default()
+        };
+        let bearer = |name: &str| format!("-H 'Authorization: Bearer {}'", tokens[name].as_str().unwrap());
+        // The DENY, and each way of writing the path a normalizing proxy must see through.
+        assert_eq!(status("/anything/ok", ""), "200");
+        for path in
+            ["/anything/admin", "/anything/./admin", "/anything/x/../admin", "/anything/%61dmin", "/anything/admin%23x"]
+        {
+            assert_eq!(status(path, ""), "403", "{path} must be denied\n{}", lab.log_of("waypoint"));
+        }
+        assert_eq!(status("/anything/ok", "-X DELETE"), "403");
+        let out = lab.exec("n1-p1", &["curl", "-s", &format!("{HTTPBIN_URL}/anything/admin")]).unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "RBAC: access denied");
+        // Two different hosts in one request: refused before any policy.
+        let out = lab
+            .exec(
+                "n1-p1",
+                &["python3", "-c", RAW_HTTP, "GET /anything/ok HTTP/1.1\\r\\nHost: a\\r\\nHost: b\\r\\n\\r\\n"],
+            )
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "HTTP/1.1 400 Bad Request");
+        // JWT: no token, a user's, an admin's, an expired and a forged one.
+        assert_eq!(status("/anything/private", ""), "403");
+        assert_eq!(status("/anything/private", &bearer("user")), "403");
+        assert_eq!(status("/anything/private", &bearer("admin")), "200");
+        assert_eq!(status("/anything/private", &bearer("expired")), "401");
+        assert_eq!(status("/anything/private", &bearer("forged")), "401");
+        assert_eq!(status("/anything/ok", &bearer("forged")), "401", "an invalid token is refused anywhere");
+        assert_eq!(status("/anything/admin", &bearer("admin")), "403", "DENY wins over a valid token");
+        // What the application sees: the claim as a header, the token removed.
+        let out = lab
+            .exec("n1-p1", &["sh", "-c", &format!("curl -s {} {HTTPBIN_URL}/anything/private", bearer("admin"))])
+            .unwrap();
+        let seen: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+        assert_eq!(seen["headers"]["X-Jwt-Sub"], "alice", "{seen}");
+        assert!(seen["headers"].get("Authorization").is_none(), "token forwarded: {seen}");
+        assert!(metric(lab, "istio_requests_total", &[("response_code", "403"), ("response_flags", "RBAC")]) >= 1.0);
+        assert!(lab.log_of("waypoint").contains("flags=\"RBAC\""), "{}", lab.log_of("waypoint"));
+    });
+}
