@@ -56,7 +56,7 @@ pub struct CheckRequest<'a> {
 /// `HeaderValueOption`: `append`, else `append_action`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HeaderAction {
-    /// Replace every value of the header (ext_authz's default: `append` false).
+    /// Replace every value of the header (`ext_authz`'s default: `append` false).
     Set,
     /// Add a value, keeping the ones there.
     Append,
@@ -203,16 +203,16 @@ pub enum ConfigError {
 pub fn http_check(provider: &ExtAuthzHttp, req: &CheckRequest<'_>) -> Result<http::Request<()>, ConfigError> {
     let prefix = provider.path_prefix.as_deref().unwrap_or("");
     let target = format!("{prefix}{}", req.path);
-    let uri: http::Uri = target
-        .parse()
-        .map_err(|_| ConfigError::Path { prefix: prefix.to_string(), path: req.path.to_string() })?;
+    let uri: http::Uri =
+        target.parse().map_err(|_| ConfigError::Path { prefix: prefix.to_string(), path: req.path.to_string() })?;
     let mut check = http::Request::new(());
     *check.method_mut() = req.method.clone();
     *check.uri_mut() = uri;
     let headers = check.headers_mut();
     for (name, value) in req.headers {
         if !hop_by_hop(name)
-            && (name == header::AUTHORIZATION || header_matches(&provider.include_request_headers_in_check, name.as_str()))
+            && (name == header::AUTHORIZATION
+                || header_matches(&provider.include_request_headers_in_check, name.as_str()))
         {
             headers.append(name.clone(), value.clone());
         }
@@ -332,8 +332,12 @@ pub fn encode_check_request(req: &CheckRequest<'_>) -> Bytes {
                 }
                 // A map entry per name; repeated values joined with `,` (HTTP's rule).
                 for name in req.headers.keys() {
-                    let values: Vec<String> =
-                        req.headers.get_all(name).iter().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).collect();
+                    let values: Vec<String> = req
+                        .headers
+                        .get_all(name)
+                        .iter()
+                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                        .collect();
                     http.message(3, |entry| {
                         entry.string(1, name.as_str()).string(2, &values.join(","));
                     });
@@ -388,10 +392,7 @@ pub fn grpc_unframe(body: &[u8]) -> Result<&[u8], AnswerError> {
     Ok(rest)
 }
 
-fn fields<'a>(
-    data: &'a [u8],
-    field: &'static str,
-) -> impl Iterator<Item = Result<(u32, Value<'a>), AnswerError>> + 'a {
+fn fields<'a>(data: &'a [u8], field: &'static str) -> impl Iterator<Item = Result<(u32, Value<'a>), AnswerError>> + 'a {
     Reader::new(data).map(move |r| r.map_err(|source| AnswerError::Proto { field, source }))
 }
 

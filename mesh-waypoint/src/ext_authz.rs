@@ -30,8 +30,8 @@ use hyper::{
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_common::config::mesh::ExtAuthz;
-pub use mesh_waypoint::custom::{CheckRequest, Decision};
 use mesh_waypoint::custom::{self, AnswerError, ConfigError};
+pub use mesh_waypoint::custom::{CheckRequest, Decision};
 use tokio::net::TcpStream;
 use tracing::debug;
 
@@ -226,24 +226,25 @@ impl ExtAuthzClient {
             senders.retain(|s| !s.is_closed());
             senders.iter().position(http1::SendRequest::is_ready).map(|i| senders.swap_remove(i))
         };
-        let mut sender = match idle {
-            Some(sender) => sender,
-            None => {
-                let io = connect(addr).await?;
-                let (sender, connection) = http1::Builder::new()
-                    .handshake(TokioIo::new(io))
-                    .await
-                    .map_err(|source| CheckError::Handshake { addr, source })?;
-                tokio::spawn(async move {
-                    if let Err(error) = connection.await {
-                        debug!(%addr, %error, "ext_authz HTTP/1.1 connection ended");
-                    }
-                });
-                sender
-            }
+        let mut sender = if let Some(sender) = idle {
+            sender
+        } else {
+            let io = connect(addr).await?;
+            let (sender, connection) = http1::Builder::new()
+                .handshake(TokioIo::new(io))
+                .await
+                .map_err(|source| CheckError::Handshake { addr, source })?;
+            tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    debug!(%addr, %error, "ext_authz HTTP/1.1 connection ended");
+                }
+            });
+            sender
         };
-        let response =
-            sender.send_request(request).await.map_err(|source| CheckError::Exchange { addr, source: source.into() })?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|source| CheckError::Exchange { addr, source: source.into() })?;
         // Back to the pool at once: it is ready again when the answer's body is read.
         let mut pool = self.http1.lock().expect("lock");
         let senders = pool.entry(addr).or_default();

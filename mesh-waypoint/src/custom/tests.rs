@@ -124,7 +124,10 @@ fn http_200_allows_and_copies_only_the_named_headers() {
         upstream_headers,
         [HeaderEdit::set(HeaderName::from_static("x-ext-authz-check-result"), HeaderValue::from_static("allowed"))]
     );
-    assert_eq!(downstream_headers, [HeaderEdit::set(HeaderName::from_static("x-down-note"), HeaderValue::from_static("hi"))]);
+    assert_eq!(
+        downstream_headers,
+        [HeaderEdit::set(HeaderName::from_static("x-down-note"), HeaderValue::from_static("hi"))]
+    );
     assert_eq!(remove, [HeaderName::from_static("cookie"), HeaderName::from_static("x-secret")]);
 }
 
@@ -150,7 +153,9 @@ fn http_non_200_denies_with_status_body_and_headers() {
 #[test]
 fn failure_is_fail_open_or_status_on_error() {
     assert_eq!(on_failure(true, 503), Decision::allow());
-    assert!(matches!(on_failure(false, 503), Decision::Deny { status, .. } if status == StatusCode::SERVICE_UNAVAILABLE));
+    assert!(
+        matches!(on_failure(false, 503), Decision::Deny { status, .. } if status == StatusCode::SERVICE_UNAVAILABLE)
+    );
     assert!(matches!(on_failure(false, 7), Decision::Deny { status, .. } if status == StatusCode::FORBIDDEN));
 }
 
@@ -158,9 +163,6 @@ fn failure_is_fail_open_or_status_on_error() {
 /// Envoy's, so a wrong number fails here.
 #[test]
 fn check_request_uses_envoys_field_numbers() {
-    let original = headers(&[("x-ext-authz", "allow"), ("x-multi", "a"), ("x-multi", "b")]);
-    let method = Method::GET;
-    let encoded = encode_check_request(&request(&method, &original));
     fn one(data: &[u8], field: u32) -> &[u8] {
         Reader::new(data)
             .map(Result::unwrap)
@@ -170,6 +172,9 @@ fn check_request_uses_envoys_field_numbers() {
             })
             .unwrap_or_else(|| panic!("field {field} missing"))
     }
+    let original = headers(&[("x-ext-authz", "allow"), ("x-multi", "a"), ("x-multi", "b")]);
+    let method = Method::GET;
+    let encoded = encode_check_request(&request(&method, &original));
     let attributes = one(&encoded, 1);
     let source = one(attributes, 1);
     let socket = one(one(source, 1), 1);
@@ -189,9 +194,10 @@ fn check_request_uses_envoys_field_numbers() {
     let map: Vec<(String, String)> = Reader::new(http)
         .map(Result::unwrap)
         .filter_map(|(f, v)| match v {
-            Value::Len(entry) if f == 3 => {
-                Some((String::from_utf8(one(entry, 1).to_vec()).unwrap(), String::from_utf8(one(entry, 2).to_vec()).unwrap()))
-            }
+            Value::Len(entry) if f == 3 => Some((
+                String::from_utf8(one(entry, 1).to_vec()).unwrap(),
+                String::from_utf8(one(entry, 2).to_vec()).unwrap(),
+            )),
             _ => None,
         })
         .collect();
@@ -246,7 +252,9 @@ fn check_response_denied_has_status_headers_body_and_403_default() {
     w.message(1, |s| {
         s.uint(1, 16);
     });
-    assert!(matches!(decode_check_response(&w.finish()), Ok(Decision::Deny { status, .. }) if status == StatusCode::FORBIDDEN));
+    assert!(
+        matches!(decode_check_response(&w.finish()), Ok(Decision::Deny { status, .. }) if status == StatusCode::FORBIDDEN)
+    );
     // An empty message is status OK: allow.
     assert_eq!(decode_check_response(&[]), Ok(Decision::allow()));
 }

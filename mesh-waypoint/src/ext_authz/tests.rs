@@ -206,8 +206,9 @@ async fn grpc_authorizer(mode: GrpcMode) -> SocketAddr {
                         .unwrap();
                     Ok::<_, Infallible>(response)
                 });
-                let _ =
-                    conn::http2::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service).await;
+                let _ = conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
             });
         }
     });
@@ -222,7 +223,7 @@ fn request_headers(pairs: &[(&str, &str)]) -> HeaderMap {
     map
 }
 
-fn check_request<'a>(headers: &'a HeaderMap) -> CheckRequest<'a> {
+fn check_request(headers: &HeaderMap) -> CheckRequest<'_> {
     CheckRequest {
         method: &Method::GET,
         path: "/api/items?x=1",
@@ -296,7 +297,8 @@ async fn http_allow_copies_headers_and_sends_prefixed_path_on_one_connection() {
     let client = ExtAuthzClient::new();
     let headers = request_headers(&[("x-ext-authz", "allow"), ("cookie", "secret"), ("authorization", "Bearer t")]);
     for _ in 0..2 {
-        let decision = client.check(ExtAuthz::Http(&provider), resolver(authorizer.addr), &check_request(&headers)).await;
+        let decision =
+            client.check(ExtAuthz::Http(&provider), resolver(authorizer.addr), &check_request(&headers)).await;
         assert_allowed_with_result(&decision);
     }
     assert_eq!(counts(&client), [2, 0, 0, 0]);
@@ -324,11 +326,8 @@ async fn http_deny_answers_status_body_and_listed_headers() {
 #[tokio::test]
 async fn timeout_denies_with_status_on_error() {
     let (addr, _task) = silent_authorizer().await;
-    let provider = ExtAuthzHttp {
-        timeout: Some("200ms".into()),
-        status_on_error: Some("503".into()),
-        ..http_provider(addr)
-    };
+    let provider =
+        ExtAuthzHttp { timeout: Some("200ms".into()), status_on_error: Some("503".into()), ..http_provider(addr) };
     let client = ExtAuthzClient::new();
     let headers = request_headers(&[("x-ext-authz", "allow")]);
     let started = std::time::Instant::now();
