@@ -6,8 +6,8 @@
 //! - HTTP provider: the check is the original request's method and `pathPrefix` + path,
 //!   with `Host`, `Authorization`, `Content-Length: 0`, the headers
 //!   `includeRequestHeadersInCheck` lists and the fixed `includeAdditionalHeadersInCheck`;
-//!   no body. A `200` allows; any other status denies with that status and body
-//!   ([`http_check`], [`http_decision`]).
+//!   no body. A `200` allows; a 5xx is a failure of the authorizer; any other status
+//!   denies with that status and body ([`http_check`], [`http_decision`]).
 //! - gRPC provider: `envoy.service.auth.v3.Authorization/Check` with a hand-encoded
 //!   `CheckRequest` ([`encode_check_request`]); `status.code` 0 allows
 //!   ([`decode_check_response`]).
@@ -236,11 +236,20 @@ pub fn http_check(provider: &ExtAuthzHttp, req: &CheckRequest<'_>) -> Result<htt
 /// allows, copying the answer's headers that `headersToUpstreamOnAllow` names onto the
 /// request and those `headersToDownstreamOnAllow` names onto the response, and
 /// removing the request headers the answer lists in `x-envoy-auth-headers-to-remove`.
-/// Any other status denies with that status and the answer's body, and the answer's
+/// A 5xx is the authorizer failing (an error: `failOpen` / `statusOnError` apply, as
+/// in Envoy). Any other status denies with that status and the answer's body, and the answer's
 /// headers `headersToDownstreamOnDeny` names (all of them but `Host` when the list is
 /// empty; `WWW-Authenticate` and `Location` always) — framing headers are not copied,
 /// the waypoint frames the body itself.
-pub fn http_decision(provider: &ExtAuthzHttp, status: StatusCode, headers: &HeaderMap, body: Bytes) -> Decision {
+pub fn http_decision(
+    provider: &ExtAuthzHttp,
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<Decision, AnswerError> {
+    if status.is_server_error() {
+        return Err(AnswerError::ServerError { status });
+    }
     let copied = |patterns: &[String]| -> Vec<HeaderEdit> {
         headers
             .iter()
@@ -258,11 +267,11 @@ pub fn http_decision(provider: &ExtAuthzHttp, status: StatusCode, headers: &Head
             // Envoy never lets the authorizer remove the request's target or host.
             .filter(|name| *name != header::HOST)
             .collect();
-        return Decision::Allow {
+        return Ok(Decision::Allow {
             upstream_headers: copied(&provider.headers_to_upstream_on_allow),
             downstream_headers: copied(&provider.headers_to_downstream_on_allow),
             remove,
-        };
+        });
     }
     let deny_headers = if provider.headers_to_downstream_on_deny.is_empty() {
         headers
@@ -282,7 +291,7 @@ pub fn http_decision(provider: &ExtAuthzHttp, status: StatusCode, headers: &Head
             .map(|(name, value)| HeaderEdit { name: name.clone(), value: value.clone(), action: HeaderAction::Append })
             .collect()
     };
-    Decision::Deny { status, headers: deny_headers, body }
+    Ok(Decision::Deny { status, headers: deny_headers, body })
 }
 
 /// The `envoy.service.auth.v3.CheckRequest` for `req`, protobuf-encoded (not framed).
@@ -349,7 +358,7 @@ pub fn encode_check_request(req: &CheckRequest<'_>) -> Bytes {
     w.finish()
 }
 
-/// A gRPC authorizer's answer that cannot be used.
+/// An authorizer's answer that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AnswerError {
     #[error("CheckResponse.{field}: malformed protobuf")]
@@ -364,6 +373,8 @@ pub enum AnswerError {
     HeaderName { field: &'static str, name: String },
     #[error("CheckResponse.{field}: the value of `{name}` is not a valid header value")]
     HeaderValue { field: &'static str, name: String },
+    #[error("the HTTP authorizer answered {status}: a failure, not a denial")]
+    ServerError { status: StatusCode },
     #[error("gRPC message frame: {reason}")]
     Frame { reason: &'static str },
 }

@@ -169,7 +169,8 @@ impl ExtAuthzClient {
                     let response = self.send_h1(addr, Request::from_parts(parts, Full::new(Bytes::new()))).await?;
                     let (parts, body) = response.into_parts();
                     let body = read_body(addr, body).await?.to_bytes();
-                    Ok(custom::http_decision(p, parts.status, &parts.headers, body))
+                    custom::http_decision(p, parts.status, &parts.headers, body)
+                        .map_err(|source| CheckError::Answer { addr, source })
                 }
                 ExtAuthz::Grpc(_) => {
                     let authority = format!("{}:{port}", custom::service_host(service).1);

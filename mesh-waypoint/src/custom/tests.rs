@@ -118,7 +118,7 @@ fn http_200_allows_and_copies_only_the_named_headers() {
         ("x-envoy-auth-headers-to-remove", "cookie, x-secret"),
         ("content-length", "0"),
     ]);
-    let decision = http_decision(&provider, StatusCode::OK, &answer, Bytes::new());
+    let decision = http_decision(&provider, StatusCode::OK, &answer, Bytes::new()).unwrap();
     let Decision::Allow { upstream_headers, downstream_headers, remove } = decision else { panic!("{decision:?}") };
     assert_eq!(
         upstream_headers,
@@ -136,7 +136,7 @@ fn http_non_200_denies_with_status_body_and_headers() {
     let answer = headers(&[("x-ext-authz-check-result", "denied"), ("www-authenticate", "Bearer"), ("host", "authz")]);
     let body = Bytes::from_static(b"denied by ext_authz");
     // No list: every header but Host and framing.
-    let all = http_decision(&ExtAuthzHttp::default(), StatusCode::FORBIDDEN, &answer, body.clone());
+    let all = http_decision(&ExtAuthzHttp::default(), StatusCode::FORBIDDEN, &answer, body.clone()).unwrap();
     let Decision::Deny { status, headers: h, body: b } = all else { panic!("{all:?}") };
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert_eq!(b, body);
@@ -144,10 +144,19 @@ fn http_non_200_denies_with_status_body_and_headers() {
     assert_eq!(names, ["x-ext-authz-check-result", "www-authenticate"]);
     // A list: those headers plus WWW-Authenticate; a 2xx other than 200 denies too.
     let provider = ExtAuthzHttp { headers_to_downstream_on_deny: vec!["x-none".into()], ..ExtAuthzHttp::default() };
-    let listed = http_decision(&provider, StatusCode::NO_CONTENT, &answer, Bytes::new());
+    let listed = http_decision(&provider, StatusCode::NO_CONTENT, &answer, Bytes::new()).unwrap();
     let Decision::Deny { status, headers: h, .. } = listed else { panic!("{listed:?}") };
     assert_eq!(status, StatusCode::NO_CONTENT);
     assert_eq!(h.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), ["www-authenticate"]);
+}
+
+#[test]
+fn http_5xx_is_a_failure_not_a_denial() {
+    let answer = headers(&[("x-ext-authz-check-result", "broken")]);
+    for status in [StatusCode::INTERNAL_SERVER_ERROR, StatusCode::SERVICE_UNAVAILABLE] {
+        let result = http_decision(&ExtAuthzHttp::default(), status, &answer, Bytes::from_static(b"oops"));
+        assert_eq!(result, Err(AnswerError::ServerError { status }));
+    }
 }
 
 #[test]

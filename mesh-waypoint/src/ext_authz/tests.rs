@@ -32,7 +32,8 @@ struct HttpAuthorizer {
 }
 
 /// Allows when the check has `x-ext-authz: allow` (answering
-/// `x-ext-authz-check-result: allowed`), else 403 `denied by ext_authz`.
+/// `x-ext-authz-check-result: allowed`), fails (500) on `x-ext-authz: fail`, else 403
+/// `denied by ext_authz`.
 async fn http_authorizer() -> HttpAuthorizer {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -53,8 +54,10 @@ async fn http_authorizer() -> HttpAuthorizer {
                             request.uri().to_string(),
                             request.headers().clone(),
                         ));
-                        let allow = request.headers().get("x-ext-authz").is_some_and(|v| v == "allow");
-                        let response = if allow {
+                        let verdict = request.headers().get("x-ext-authz").cloned();
+                        let response = if verdict.as_ref().is_some_and(|v| v == "fail") {
+                            Response::builder().status(500).body(Full::new(Bytes::from_static(b"authorizer broken")))
+                        } else if verdict.is_some_and(|v| v == "allow") {
                             Response::builder()
                                 .header("x-ext-authz-check-result", "allowed")
                                 .header("x-not-copied", "1")
@@ -321,6 +324,20 @@ async fn http_deny_answers_status_body_and_listed_headers() {
     let decision = client.check(ExtAuthz::Http(&provider), resolver(authorizer.addr), &check_request(&headers)).await;
     assert_denied_by_authorizer(&decision);
     assert_eq!(counts(&client), [0, 1, 0, 0]);
+}
+
+#[tokio::test]
+async fn http_5xx_answer_is_a_failure() {
+    let authorizer = http_authorizer().await;
+    let client = ExtAuthzClient::new();
+    let headers = request_headers(&[("x-ext-authz", "fail")]);
+    let closed = ExtAuthzHttp { status_on_error: Some("503".into()), ..http_provider(authorizer.addr) };
+    let decision = client.check(ExtAuthz::Http(&closed), resolver(authorizer.addr), &check_request(&headers)).await;
+    assert_status(&decision, 503);
+    let open = ExtAuthzHttp { fail_open: true, ..http_provider(authorizer.addr) };
+    let decision = client.check(ExtAuthz::Http(&open), resolver(authorizer.addr), &check_request(&headers)).await;
+    assert_eq!(decision, Decision::allow());
+    assert_eq!(counts(&client), [0, 0, 2, 1]);
 }
 
 #[tokio::test]
