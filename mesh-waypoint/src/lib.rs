@@ -6,6 +6,7 @@
 
 pub mod authz;
 pub mod balance;
+pub mod custom;
 pub mod jwt;
 pub mod limits;
 pub mod normalize;

@@ -1,0 +1,313 @@
+//! The client of the `ext_authz` authorizers that `CUSTOM` policies name
+//! (`WaypointVerdict::Custom { provider, .. }`): one [`ExtAuthzClient::check`] per
+//! request, over HTTP/1.1 (`envoyExtAuthzHttp`) or gRPC on HTTP/2 cleartext
+//! (`envoyExtAuthzGrpc`), with connections pooled per authorizer address. What the
+//! check carries and what the answer means is pure logic in [`mesh_waypoint::custom`];
+//! this module does the I/O and turns every failure (unresolved service, connect
+//! error, timeout, malformed answer) into the provider's `failOpen` / `statusOnError`
+//! decision, as Envoy does.
+//!
+//! The authorizer is reached over plain TCP at the address the caller's `resolve`
+//! gives: in-mesh mTLS (HBONE) to the authorizer is not done here.
+use std::{
+    collections::HashMap,
+    future::Future,
+    io,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{
+    body::Incoming,
+    client::conn::{http1, http2},
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use mesh_common::config::mesh::ExtAuthz;
+use mesh_waypoint::custom::{self, AnswerError, ConfigError};
+pub use mesh_waypoint::custom::{CheckRequest, Decision};
+use tokio::net::TcpStream;
+use tracing::debug;
+
+/// Idle HTTP/1.1 connections kept per authorizer address.
+const MAX_IDLE_PER_AUTHORIZER: usize = 32;
+/// The largest answer body read (a deny page or a gRPC message); more is an error.
+const MAX_ANSWER_BYTES: usize = 1 << 20;
+
+/// How checks ended, for the lead's metrics registry: every check counts once in `ok`,
+/// `denied` or `error`; `failed_open` counts the errors that allowed anyway
+/// (Envoy's `ext_authz.ok`, `.denied`, `.error`, `.failure_mode_allowed`).
+#[derive(Debug, Default)]
+pub struct ExtAuthzCounters {
+    pub ok: AtomicU64,
+    pub denied: AtomicU64,
+    pub error: AtomicU64,
+    pub failed_open: AtomicU64,
+}
+
+/// Why a check got no usable answer.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error("provider service `{service}` port {port} does not resolve to an address")]
+    Unresolved { service: String, port: u32 },
+    #[error("cannot build the check request")]
+    Config {
+        #[source]
+        source: ConfigError,
+    },
+    #[error("cannot connect to the authorizer at {addr}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("HTTP handshake with the authorizer at {addr} failed")]
+    Handshake {
+        addr: SocketAddr,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("the check to {addr} failed")]
+    Exchange {
+        addr: SocketAddr,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("the authorizer at {addr} did not answer within {timeout:?}")]
+    Timeout { addr: SocketAddr, timeout: Duration },
+    #[error("the gRPC authorizer at {addr} answered HTTP status {status}")]
+    GrpcHttpStatus { addr: SocketAddr, status: StatusCode },
+    #[error("the gRPC authorizer at {addr} answered grpc-status {code}: {message}")]
+    GrpcStatus { addr: SocketAddr, code: String, message: String },
+    #[error("the authorizer at {addr} sent an unusable answer")]
+    Answer {
+        addr: SocketAddr,
+        #[source]
+        source: AnswerError,
+    },
+}
+
+type CheckBody = Full<Bytes>;
+
+/// Shared by every request of the waypoint: pooled connections per authorizer address
+/// and the outcome counters.
+#[derive(Default)]
+pub struct ExtAuthzClient {
+    http1: Mutex<HashMap<SocketAddr, Vec<http1::SendRequest<CheckBody>>>>,
+    http2: Mutex<HashMap<SocketAddr, http2::SendRequest<CheckBody>>>,
+    counters: Arc<ExtAuthzCounters>,
+}
+
+impl ExtAuthzClient {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn counters(&self) -> &Arc<ExtAuthzCounters> {
+        &self.counters
+    }
+
+    /// Asks `provider` about `req` and returns what to do with the request. Never
+    /// fails: a check without a usable answer becomes the provider's `failOpen` /
+    /// `statusOnError` decision (and is logged at debug and counted). `resolve` maps
+    /// the provider's `service` as written (Istio's `[<namespace>/]<hostname>`, see
+    /// [`custom::service_host`]) and port to the authorizer's address.
+    pub async fn check(
+        &self,
+        provider: ExtAuthz<'_>,
+        resolve: impl Fn(&str, u16) -> Option<SocketAddr>,
+        req: &CheckRequest<'_>,
+    ) -> Decision {
+        let (fail_open, status_on_error) = match provider {
+            ExtAuthz::Http(p) => (p.fail_open, p.status_on_error()),
+            ExtAuthz::Grpc(p) => (p.fail_open, p.status_on_error()),
+        };
+        match self.try_check(provider, resolve, req).await {
+            Ok(decision) => {
+                let counter = if decision.is_allow() { &self.counters.ok } else { &self.counters.denied };
+                counter.fetch_add(1, Ordering::Relaxed);
+                decision
+            }
+            Err(error) => {
+                debug!(error = %error_chain(&error), fail_open, "ext_authz check failed");
+                self.counters.error.fetch_add(1, Ordering::Relaxed);
+                if fail_open {
+                    self.counters.failed_open.fetch_add(1, Ordering::Relaxed);
+                }
+                custom::on_failure(fail_open, status_on_error)
+            }
+        }
+    }
+
+    /// [`Self::check`] without the failure policy or counting: the authorizer's own
+    /// decision, or why there is none.
+    pub async fn try_check(
+        &self,
+        provider: ExtAuthz<'_>,
+        resolve: impl Fn(&str, u16) -> Option<SocketAddr>,
+        req: &CheckRequest<'_>,
+    ) -> Result<Decision, CheckError> {
+        let (service, port, timeout) = match provider {
+            ExtAuthz::Http(p) => (p.service.as_str(), p.port, p.timeout()),
+            ExtAuthz::Grpc(p) => (p.service.as_str(), p.port, p.timeout()),
+        };
+        let addr = u16::try_from(port)
+            .ok()
+            .and_then(|p| resolve(service, p))
+            .ok_or_else(|| CheckError::Unresolved { service: service.to_string(), port })?;
+        let exchange = async {
+            match provider {
+                ExtAuthz::Http(p) => {
+                    let check = custom::http_check(p, req).map_err(|source| CheckError::Config { source })?;
+                    let (parts, ()) = check.into_parts();
+                    let response = self.send_h1(addr, Request::from_parts(parts, Full::new(Bytes::new()))).await?;
+                    let (parts, body) = response.into_parts();
+                    let body = read_body(addr, body).await?.to_bytes();
+                    custom::http_decision(p, parts.status, &parts.headers, body)
+                        .map_err(|source| CheckError::Answer { addr, source })
+                }
+                ExtAuthz::Grpc(_) => {
+                    let authority = format!("{}:{port}", custom::service_host(service).1);
+                    self.grpc_check(addr, &authority, timeout, req).await
+                }
+            }
+        };
+        with_timeout(addr, timeout, exchange).await
+    }
+
+    async fn grpc_check(
+        &self,
+        addr: SocketAddr,
+        authority: &str,
+        timeout: Duration,
+        req: &CheckRequest<'_>,
+    ) -> Result<Decision, CheckError> {
+        let message = custom::encode_check_request(req);
+        let mut request = Request::post(format!("http://{authority}{}", custom::GRPC_CHECK_PATH))
+            .header(header::CONTENT_TYPE, "application/grpc")
+            .header(header::TE, "trailers")
+            .body(Full::new(custom::grpc_frame(&message)))
+            .map_err(|source| CheckError::Exchange { addr, source: source.into() })?;
+        // grpc-timeout allows at most 8 digits: milliseconds up to ~27 hours.
+        let millis = timeout.as_millis().min(99_999_999);
+        if let Ok(value) = HeaderValue::from_str(&format!("{millis}m")) {
+            request.headers_mut().insert("grpc-timeout", value);
+        }
+        let response = self.send_h2(addr, request).await?;
+        let (parts, body) = response.into_parts();
+        if parts.status != StatusCode::OK {
+            return Err(CheckError::GrpcHttpStatus { addr, status: parts.status });
+        }
+        let collected = read_body(addr, body).await?;
+        // A trailers-only answer carries grpc-status in the headers.
+        let trailers = collected.trailers().cloned().unwrap_or_default();
+        let status_of = |name: &str| {
+            trailers.get(name).or_else(|| parts.headers.get(name)).and_then(|v| v.to_str().ok()).map(str::to_string)
+        };
+        let code = status_of("grpc-status").unwrap_or_default();
+        if code != "0" {
+            let message = status_of("grpc-message").unwrap_or_default();
+            return Err(CheckError::GrpcStatus { addr, code, message });
+        }
+        let body = collected.to_bytes();
+        let message = custom::grpc_unframe(&body).map_err(|source| CheckError::Answer { addr, source })?;
+        custom::decode_check_response(message).map_err(|source| CheckError::Answer { addr, source })
+    }
+
+    async fn send_h1(&self, addr: SocketAddr, request: Request<CheckBody>) -> Result<Response<Incoming>, CheckError> {
+        let idle = {
+            let mut pool = self.http1.lock().expect("lock");
+            let senders = pool.entry(addr).or_default();
+            senders.retain(|s| !s.is_closed());
+            senders.iter().position(http1::SendRequest::is_ready).map(|i| senders.swap_remove(i))
+        };
+        let mut sender = if let Some(sender) = idle {
+            sender
+        } else {
+            let io = connect(addr).await?;
+            let (sender, connection) = http1::Builder::new()
+                .handshake(TokioIo::new(io))
+                .await
+                .map_err(|source| CheckError::Handshake { addr, source })?;
+            tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    debug!(%addr, %error, "ext_authz HTTP/1.1 connection ended");
+                }
+            });
+            sender
+        };
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|source| CheckError::Exchange { addr, source: source.into() })?;
+        // Back to the pool at once: it is ready again when the answer's body is read.
+        let mut pool = self.http1.lock().expect("lock");
+        let senders = pool.entry(addr).or_default();
+        if senders.len() < MAX_IDLE_PER_AUTHORIZER {
+            senders.push(sender);
+        }
+        Ok(response)
+    }
+
+    async fn send_h2(&self, addr: SocketAddr, request: Request<CheckBody>) -> Result<Response<Incoming>, CheckError> {
+        let pooled = self.http2.lock().expect("lock").get(&addr).filter(|s| !s.is_closed()).cloned();
+        let mut sender = if let Some(sender) = pooled {
+            sender
+        } else {
+            let io = connect(addr).await?;
+            let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .keep_alive_interval(Duration::from_secs(30))
+                .handshake(TokioIo::new(io))
+                .await
+                .map_err(|source| CheckError::Handshake { addr, source })?;
+            tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    debug!(%addr, %error, "ext_authz HTTP/2 connection ended");
+                }
+            });
+            self.http2.lock().expect("lock").insert(addr, sender.clone());
+            sender
+        };
+        sender.send_request(request).await.map_err(|source| CheckError::Exchange { addr, source: source.into() })
+    }
+}
+
+async fn connect(addr: SocketAddr) -> Result<TcpStream, CheckError> {
+    let tcp = TcpStream::connect(addr).await.map_err(|source| CheckError::Connect { addr, source })?;
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
+}
+
+/// The whole answer, at most [`MAX_ANSWER_BYTES`].
+async fn read_body(addr: SocketAddr, body: Incoming) -> Result<http_body_util::Collected<Bytes>, CheckError> {
+    Limited::new(body, MAX_ANSWER_BYTES).collect().await.map_err(|source| CheckError::Exchange { addr, source })
+}
+
+async fn with_timeout<T>(
+    addr: SocketAddr,
+    timeout: Duration,
+    future: impl Future<Output = Result<T, CheckError>>,
+) -> Result<T, CheckError> {
+    tokio::time::timeout(timeout, future).await.map_err(|_| CheckError::Timeout { addr, timeout })?
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests;
