@@ -14,10 +14,7 @@ use std::{
     future::Future,
     io,
     net::SocketAddr,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -32,6 +29,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_common::config::mesh::ExtAuthz;
 use mesh_waypoint::custom::{self, AnswerError, ConfigError};
 pub use mesh_waypoint::custom::{CheckRequest, Decision};
+use prometheus_client::metrics::counter::Counter;
 use tokio::net::TcpStream;
 use tracing::debug;
 
@@ -40,15 +38,37 @@ const MAX_IDLE_PER_AUTHORIZER: usize = 32;
 /// The largest answer body read (a deny page or a gRPC message); more is an error.
 const MAX_ANSWER_BYTES: usize = 1 << 20;
 
-/// How checks ended, for the lead's metrics registry: every check counts once in `ok`,
-/// `denied` or `error`; `failed_open` counts the errors that allowed anyway
-/// (Envoy's `ext_authz.ok`, `.denied`, `.error`, `.failure_mode_allowed`).
+/// How checks ended: every check counts once in `ok`, `denied` or `error`;
+/// `failed_open` counts the errors that allowed anyway (Envoy's `ext_authz.ok`,
+/// `.denied`, `.error`, `.failure_mode_allowed`).
 #[derive(Debug, Default)]
 pub struct ExtAuthzCounters {
-    pub ok: AtomicU64,
-    pub denied: AtomicU64,
-    pub error: AtomicU64,
-    pub failed_open: AtomicU64,
+    pub ok: Counter,
+    pub denied: Counter,
+    pub error: Counter,
+    pub failed_open: Counter,
+}
+
+impl ExtAuthzCounters {
+    /// Registers the counters as `mesh_waypoint_ext_authz_{ok,denied,error,failure_mode_allowed}_total`.
+    pub fn register(&self, metrics: &mesh_proxy::metrics::Metrics) {
+        metrics.register("mesh_waypoint_ext_authz_ok", "External authorization checks that allowed", self.ok.clone());
+        metrics.register(
+            "mesh_waypoint_ext_authz_denied",
+            "External authorization checks that denied",
+            self.denied.clone(),
+        );
+        metrics.register(
+            "mesh_waypoint_ext_authz_error",
+            "External authorization checks without a usable answer",
+            self.error.clone(),
+        );
+        metrics.register(
+            "mesh_waypoint_ext_authz_failure_mode_allowed",
+            "Failed external authorization checks allowed by failOpen",
+            self.failed_open.clone(),
+        );
+    }
 }
 
 /// Why a check got no usable answer.
@@ -115,7 +135,7 @@ impl ExtAuthzClient {
 
     /// Asks `provider` about `req` and returns what to do with the request. Never
     /// fails: a check without a usable answer becomes the provider's `failOpen` /
-    /// `statusOnError` decision (and is logged at debug and counted). `resolve` maps
+    /// `statusOnError` decision (counted, and returned with why, for the access log). `resolve` maps
     /// the provider's `service` as written (Istio's `[<namespace>/]<hostname>`, see
     /// [`custom::service_host`]) and port to the authorizer's address.
     pub async fn check(
@@ -123,7 +143,7 @@ impl ExtAuthzClient {
         provider: ExtAuthz<'_>,
         resolve: impl Fn(&str, u16) -> Option<SocketAddr>,
         req: &CheckRequest<'_>,
-    ) -> Decision {
+    ) -> (Decision, Option<String>) {
         let (fail_open, status_on_error) = match provider {
             ExtAuthz::Http(p) => (p.fail_open, p.status_on_error()),
             ExtAuthz::Grpc(p) => (p.fail_open, p.status_on_error()),
@@ -131,16 +151,17 @@ impl ExtAuthzClient {
         match self.try_check(provider, resolve, req).await {
             Ok(decision) => {
                 let counter = if decision.is_allow() { &self.counters.ok } else { &self.counters.denied };
-                counter.fetch_add(1, Ordering::Relaxed);
-                decision
+                counter.inc();
+                (decision, None)
             }
             Err(error) => {
-                debug!(error = %error_chain(&error), fail_open, "ext_authz check failed");
-                self.counters.error.fetch_add(1, Ordering::Relaxed);
+                let error = error_chain(&error);
+                debug!(%error, fail_open, "ext_authz check failed");
+                self.counters.error.inc();
                 if fail_open {
-                    self.counters.failed_open.fetch_add(1, Ordering::Relaxed);
+                    self.counters.failed_open.inc();
                 }
-                custom::on_failure(fail_open, status_on_error)
+                (custom::on_failure(fail_open, status_on_error), Some(error))
             }
         }
     }

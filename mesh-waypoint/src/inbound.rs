@@ -34,6 +34,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     destination::{Destination, Health, Key, Lookup},
+    ext_authz::ExtAuthzClient,
     proxy,
     requests::RequestMetrics,
     upstream::Upstreams,
@@ -162,6 +163,8 @@ pub struct Waypoint {
     certs: Arc<CertStore>,
     pub requests: RequestMetrics,
     pub upstreams: Upstreams,
+    /// The client of the external authorizers `CUSTOM` policies name.
+    pub ext_authz: ExtAuthzClient,
     connect_timeout: Duration,
     tables: RwLock<Arc<Tables>>,
     /// Outlier and circuit-breaker state per destination, across config versions.
@@ -203,6 +206,8 @@ pub fn protocol_of(port: &ServicePort) -> Protocol {
 impl Waypoint {
     pub fn new(settings: Settings) -> Arc<Self> {
         let requests = RequestMetrics::new(&settings.metrics);
+        let ext_authz = ExtAuthzClient::new();
+        ext_authz.counters().register(&settings.metrics);
         let tables = Tables::new(0, Arc::default(), Index::default(), (&settings.namespace, &settings.name));
         Arc::new(Self {
             namespace: settings.namespace,
@@ -214,6 +219,7 @@ impl Waypoint {
 
             requests,
             upstreams: Upstreams::new(settings.connect_timeout),
+            ext_authz,
             connect_timeout: settings.connect_timeout,
             tables: RwLock::new(Arc::new(tables)),
             health: Mutex::default(),

@@ -3,8 +3,6 @@
 //! = the service VIP and port); it routes each request and tunnels on to the chosen
 //! endpoint's agent. It needs no privileges: no eBPF, no capture, no API access.
 mod destination;
-// Reason: the lead wires CUSTOM policies to it in `proxy`; until then nothing calls it.
-#[allow(dead_code)]
 mod ext_authz;
 mod inbound;
 mod proxy;

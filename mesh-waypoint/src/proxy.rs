@@ -34,7 +34,10 @@ use tracing::{debug, info};
 use http_body_util::Limited;
 use mesh_common::policy::{self, WaypointVerdict};
 use mesh_waypoint::{
-    authz, jwt,
+    authz,
+    custom::{self, HeaderEdit},
+    jwt,
+    normalize::Normalized,
     outlier::CallResult,
     policy::LbPolicy,
     retry::Outcome,
@@ -43,6 +46,7 @@ use mesh_waypoint::{
 
 use crate::{
     destination::Lookup,
+    ext_authz::{CheckRequest, Decision},
     inbound::{Caller, Protocol, Tables, Waypoint, protocol_of},
     requests::{RequestLabels, RequestLog},
     upstream::{Body, BoxError, Dial, Target, UpstreamError},
@@ -295,6 +299,14 @@ fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into()).map_err(|never: Infallible| match never {}).boxed()
 }
 
+/// Every header as (lowercase name, value), repeated headers repeated, values that are
+/// not text read lossily (a policy must see them, not skip them); and the `Host` values.
+fn header_values(headers: &HeaderMap) -> (Vec<(&str, std::borrow::Cow<'_, str>)>, Vec<&str>) {
+    let values: Vec<_> = headers.iter().map(|(k, v)| (k.as_str(), String::from_utf8_lossy(v.as_bytes()))).collect();
+    let hosts = headers.get_all(header::HOST).iter().filter_map(|v| v.to_str().ok()).collect();
+    (values, hosts)
+}
+
 /// A request id for requests that come without one (a random UUID, version 4).
 fn request_id() -> String {
     use std::hash::{BuildHasher as _, RandomState};
@@ -449,7 +461,17 @@ impl Downstream {
         };
         let request_bytes = Arc::new(AtomicU64::new(header_bytes(request.headers())));
         let outcome = match &service {
-            Some(service) => self.forward(&tables, service, request, &request_bytes, &mut log, &mut labels).await,
+            Some(service) => match self.secure(&tables, service, &mut request, &mut log).await {
+                Ok(response_edits) => {
+                    let forwarded =
+                        self.forward(&tables, service, request, &request_bytes, &mut log, &mut labels).await;
+                    forwarded.map(|mut response| {
+                        HeaderEdit::apply_all(&response_edits, response.headers_mut());
+                        response
+                    })
+                }
+                Err(reply) => Err(reply),
+            },
             None => Err(Reply::new(StatusCode::SERVICE_UNAVAILABLE, "NR", "no route\n")
                 .because("the service is gone from the view")),
         };
@@ -496,13 +518,13 @@ impl Downstream {
     /// path and host normalization, then L7 authorization (`AuthorizationPolicy` bound
     /// to this waypoint or the Service). On success the request carries the normalized
     /// path, so that what was authorized is what is routed and forwarded.
-    fn secure(
+    async fn secure(
         &self,
         tables: &Tables,
         service: &ServicePort,
         request: &mut Request<Incoming>,
         log: &mut RequestLog,
-    ) -> Result<(), Reply> {
+    ) -> Result<Vec<HeaderEdit>, Reply> {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let auth = match tables.authenticator(&self.waypoint, service).authenticate(
             request.headers(),
@@ -527,38 +549,84 @@ impl Downstream {
                     .because(format!("JWT: {}", denied.body())));
             }
         };
-        let values: Vec<(&str, std::borrow::Cow<'_, str>)> =
-            request.headers().iter().map(|(k, v)| (k.as_str(), String::from_utf8_lossy(v.as_bytes()))).collect();
-        let headers: Vec<(&str, &str)> = values.iter().map(|(k, v)| (*k, v.as_ref())).collect();
-        let hosts: Vec<&str> = values.iter().filter(|(k, _)| *k == "host").map(|(_, v)| v.as_ref()).collect();
-        let path_and_query = request.uri().path_and_query().map_or("/", http::uri::PathAndQuery::as_str);
-        let checked = authz::check(
-            &tables.policies,
-            tables.normalization,
-            Some(&policy::Target {
-                kind: policy::TargetKind::Service,
-                namespace: &service.namespace,
-                name: &service.name,
-            }),
-            &authz::Request {
-                method: request.method().as_str(),
-                target: path_and_query,
-                authority: request.uri().authority().map(http::uri::Authority::as_str),
-                host_headers: &hosts,
-                headers: &headers,
-                source_identity: Some(&self.caller.identity),
-                source_ip: self.caller.addr.ip(),
-                destination_ip: self.target.ip(),
-                destination_port: self.target.port(),
-                auth: auth.as_ref(),
-                sni: None,
-            },
-        )
-        .map_err(|reject| {
-            let status = StatusCode::from_u16(reject.status()).unwrap_or(StatusCode::BAD_REQUEST);
-            Reply::new(status, "-", "").with_body(format!("{reject}\n")).because(reject.to_string())
-        })?;
-        match checked.verdict {
+        let target =
+            policy::Target { kind: policy::TargetKind::Service, namespace: &service.namespace, name: &service.name };
+        let path_and_query = request.uri().path_and_query().map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
+        let (normalized, verdict) = {
+            let (values, hosts) = header_values(request.headers());
+            let headers: Vec<(&str, &str)> = values.iter().map(|(k, v)| (*k, v.as_ref())).collect();
+            let checked = authz::check(
+                &tables.policies,
+                tables.normalization,
+                Some(&target),
+                &authz::Request {
+                    method: request.method().as_str(),
+                    target: &path_and_query,
+                    authority: request.uri().authority().map(http::uri::Authority::as_str),
+                    host_headers: &hosts,
+                    headers: &headers,
+                    source_identity: Some(&self.caller.identity),
+                    source_ip: self.caller.addr.ip(),
+                    destination_ip: self.target.ip(),
+                    destination_port: self.target.port(),
+                    auth: auth.as_ref(),
+                    sni: None,
+                },
+            )
+            .map_err(|reject| {
+                let status = StatusCode::from_u16(reject.status()).unwrap_or(StatusCode::BAD_REQUEST);
+                Reply::new(status, "-", "").with_body(format!("{reject}\n")).because(reject.to_string())
+            })?;
+            (checked.normalized, checked.verdict)
+        };
+        let mut response_edits = Vec::new();
+        let verdict = match verdict {
+            WaypointVerdict::Custom { provider, policy } => {
+                let (decision, failure) = self.ext_authz(tables, &provider, request, log, &normalized).await;
+                match decision {
+                    Decision::Deny { status, headers, body } => {
+                        let why = failure.map_or_else(String::new, |f| format!(": check failed: {f}"));
+                        let mut reply = Reply::new(status, "UAEX", "").with_body(body).because(format!(
+                            "denied by the external authorizer {provider} (CUSTOM policy {policy}){why}"
+                        ));
+                        let mut edited = HeaderMap::new();
+                        HeaderEdit::apply_all(&headers, &mut edited);
+                        reply.headers.extend(edited.into_iter().filter_map(|(k, v)| Some((k?, v))));
+                        return Err(reply);
+                    }
+                    Decision::Allow { upstream_headers, downstream_headers, remove } => {
+                        for name in &remove {
+                            request.headers_mut().remove(name);
+                        }
+                        HeaderEdit::apply_all(&upstream_headers, request.headers_mut());
+                        response_edits = downstream_headers;
+                        // Then DENY, AUDIT and ALLOW, with the headers the authorizer set.
+                        let (values, _) = header_values(request.headers());
+                        let headers: Vec<(&str, &str)> = values.iter().map(|(k, v)| (*k, v.as_ref())).collect();
+                        let attrs = policy::Attributes {
+                            source_identity: Some(&self.caller.identity),
+                            source_ip: self.caller.addr.ip(),
+                            destination_ip: self.target.ip(),
+                            destination_port: self.target.port(),
+                            http: Some(policy::Http {
+                                method: request.method().as_str(),
+                                host: &normalized.host,
+                                path: &normalized.path,
+                                headers: &headers,
+                                auth: auth.as_ref(),
+                                sni: None,
+                            }),
+                        };
+                        match tables.policies.evaluate_after_ext_authz(Some(&target), &attrs) {
+                            policy::Verdict::Allow { audited_by } => WaypointVerdict::Allow { audited_by },
+                            policy::Verdict::Deny { policy, reason } => WaypointVerdict::Deny { policy, reason },
+                        }
+                    }
+                }
+            }
+            verdict => verdict,
+        };
+        match verdict {
             WaypointVerdict::Allow { audited_by } => {
                 if !audited_by.is_empty() {
                     info!(request_id = %log.request_id, policies = ?audited_by, "request audited");
@@ -567,22 +635,58 @@ impl Downstream {
             WaypointVerdict::Deny { reason, .. } => {
                 return Err(Reply::new(StatusCode::FORBIDDEN, "RBAC", "RBAC: access denied").because(reason));
             }
-            WaypointVerdict::Custom { provider, policy } => {
-                return Err(Reply::new(StatusCode::FORBIDDEN, "UAEX", "RBAC: access denied").because(format!(
-                    "CUSTOM policy {policy}: external authorization by provider {provider} is not available"
-                )));
-            }
+            WaypointVerdict::Custom { .. } => unreachable!("CUSTOM was decided above"),
         }
-        let normalized = checked.normalized.path_and_query();
-        if normalized != path_and_query {
+        let forwarded = normalized.path_and_query();
+        if forwarded != path_and_query {
             let mut parts = request.uri().clone().into_parts();
-            parts.path_and_query = normalized.parse().ok();
+            parts.path_and_query = forwarded.parse().ok();
             if let Ok(uri) = http::Uri::from_parts(parts) {
                 *request.uri_mut() = uri;
             }
         }
-        log.path = normalized;
-        Ok(())
+        log.path = forwarded;
+        Ok(response_edits)
+    }
+
+    /// Asks the `ext_authz` provider `name` about the request; an undeclared provider
+    /// denies (fail closed).
+    async fn ext_authz(
+        &self,
+        tables: &Tables,
+        name: &str,
+        request: &Request<Incoming>,
+        log: &RequestLog,
+        normalized: &Normalized,
+    ) -> (Decision, Option<String>) {
+        let Some(provider) = tables.config.mesh.provider(name).and_then(|p| p.ext_authz()) else {
+            let deny = Decision::Deny {
+                status: StatusCode::FORBIDDEN,
+                headers: Vec::new(),
+                body: Bytes::from_static(b"RBAC: access denied"),
+            };
+            return (deny, Some(format!("no ext_authz provider {name} in the mesh config")));
+        };
+        let identity = self.waypoint.identity().unwrap_or_default();
+        let check = CheckRequest {
+            method: request.method(),
+            path: &normalized.path_and_query(),
+            host: &normalized.host,
+            scheme: "http",
+            version: request.version(),
+            headers: request.headers(),
+            source_principal: &self.caller.identity,
+            source_addr: self.caller.addr,
+            destination_addr: self.target,
+            destination_principal: &identity,
+            request_id: &log.request_id,
+        };
+        let v6 = self.caller.addr.is_ipv6();
+        let resolve = |service: &str, port: u16| {
+            let (_, host) = custom::service_host(service);
+            tables.index.service_by_host(host, port).and_then(|s| s.pick(v6)).map(|(_, addr)| addr)
+        };
+        self.waypoint.ext_authz.check(provider, resolve, &check).await
     }
 
     async fn forward(
@@ -598,7 +702,6 @@ impl Downstream {
             .waypoint
             .dial(&self.caller)
             .ok_or_else(|| Reply::new(StatusCode::SERVICE_UNAVAILABLE, "UF", "no certificate yet\n"))?;
-        self.secure(tables, service, &mut request, log)?;
         // Route.
         let table = tables.routes(service);
         let no_labels = std::collections::BTreeMap::new();

@@ -269,7 +269,7 @@ fn grpc_provider(addr: SocketAddr) -> ExtAuthzGrpc {
 
 fn counts(client: &ExtAuthzClient) -> [u64; 4] {
     let c = client.counters();
-    [&c.ok, &c.denied, &c.error, &c.failed_open].map(|a| a.load(Ordering::SeqCst))
+    [&c.ok, &c.denied, &c.error, &c.failed_open].map(prometheus_client::metrics::counter::Counter::get)
 }
 
 fn assert_allowed_with_result(decision: &Decision) {
@@ -301,7 +301,7 @@ async fn http_allow_copies_headers_and_sends_prefixed_path_on_one_connection() {
     let headers = request_headers(&[("x-ext-authz", "allow"), ("cookie", "secret"), ("authorization", "Bearer t")]);
     for _ in 0..2 {
         let decision =
-            client.check(ExtAuthz::Http(&provider), resolver(authorizer.addr), &check_request(&headers)).await;
+            client.check(ExtAuthz::Http(&provider), resolver(authorizer.addr), &check_request(&headers)).await.0;
         assert_allowed_with_result(&decision);
     }
     assert_eq!(counts(&client), [2, 0, 0, 0]);
@@ -321,7 +321,7 @@ async fn http_deny_answers_status_body_and_listed_headers() {
     let provider = http_provider(authorizer.addr);
     let client = ExtAuthzClient::new();
     let headers = request_headers(&[("x-ext-authz", "deny")]);
-    let decision = client.check(ExtAuthz::Http(&provider), resolver(authorizer.addr), &check_request(&headers)).await;
+    let decision = client.check(ExtAuthz::Http(&provider), resolver(authorizer.addr), &check_request(&headers)).await.0;
     assert_denied_by_authorizer(&decision);
     assert_eq!(counts(&client), [0, 1, 0, 0]);
 }
@@ -332,10 +332,10 @@ async fn http_5xx_answer_is_a_failure() {
     let client = ExtAuthzClient::new();
     let headers = request_headers(&[("x-ext-authz", "fail")]);
     let closed = ExtAuthzHttp { status_on_error: Some("503".into()), ..http_provider(authorizer.addr) };
-    let decision = client.check(ExtAuthz::Http(&closed), resolver(authorizer.addr), &check_request(&headers)).await;
+    let decision = client.check(ExtAuthz::Http(&closed), resolver(authorizer.addr), &check_request(&headers)).await.0;
     assert_status(&decision, 503);
     let open = ExtAuthzHttp { fail_open: true, ..http_provider(authorizer.addr) };
-    let decision = client.check(ExtAuthz::Http(&open), resolver(authorizer.addr), &check_request(&headers)).await;
+    let decision = client.check(ExtAuthz::Http(&open), resolver(authorizer.addr), &check_request(&headers)).await.0;
     assert_eq!(decision, Decision::allow());
     assert_eq!(counts(&client), [0, 0, 2, 1]);
 }
@@ -348,7 +348,7 @@ async fn timeout_denies_with_status_on_error() {
     let client = ExtAuthzClient::new();
     let headers = request_headers(&[("x-ext-authz", "allow")]);
     let started = std::time::Instant::now();
-    let decision = client.check(ExtAuthz::Http(&provider), resolver(addr), &check_request(&headers)).await;
+    let decision = client.check(ExtAuthz::Http(&provider), resolver(addr), &check_request(&headers)).await.0;
     assert_status(&decision, 503);
     assert!(started.elapsed() < Duration::from_secs(5));
     assert_eq!(counts(&client), [0, 0, 1, 0]);
@@ -362,7 +362,7 @@ async fn grpc_timeout_fails_open_when_asked() {
     let provider = ExtAuthzGrpc { timeout: Some("200ms".into()), fail_open: true, ..grpc_provider(addr) };
     let client = ExtAuthzClient::new();
     let headers = request_headers(&[]);
-    let decision = client.check(ExtAuthz::Grpc(&provider), resolver(addr), &check_request(&headers)).await;
+    let decision = client.check(ExtAuthz::Grpc(&provider), resolver(addr), &check_request(&headers)).await.0;
     assert_eq!(decision, Decision::allow());
     assert_eq!(counts(&client), [0, 0, 1, 1]);
 }
@@ -373,19 +373,19 @@ async fn unreachable_and_unresolved_fail_closed_or_open() {
     let client = ExtAuthzClient::new();
     let headers = request_headers(&[("x-ext-authz", "allow")]);
     let closed = http_provider(addr);
-    let decision = client.check(ExtAuthz::Http(&closed), resolver(addr), &check_request(&headers)).await;
+    let decision = client.check(ExtAuthz::Http(&closed), resolver(addr), &check_request(&headers)).await.0;
     assert_status(&decision, 403);
     let open = ExtAuthzHttp { fail_open: true, ..http_provider(addr) };
-    let decision = client.check(ExtAuthz::Http(&open), resolver(addr), &check_request(&headers)).await;
+    let decision = client.check(ExtAuthz::Http(&open), resolver(addr), &check_request(&headers)).await.0;
     assert_eq!(decision, Decision::allow());
     let grpc = ExtAuthzGrpc { status_on_error: Some("500".into()), ..grpc_provider(addr) };
-    let decision = client.check(ExtAuthz::Grpc(&grpc), resolver(addr), &check_request(&headers)).await;
+    let decision = client.check(ExtAuthz::Grpc(&grpc), resolver(addr), &check_request(&headers)).await.0;
     assert_status(&decision, 500);
     assert_eq!(counts(&client), [0, 0, 3, 1]);
     let error = client.try_check(ExtAuthz::Http(&closed), |_, _| None, &check_request(&headers)).await.unwrap_err();
     assert!(matches!(error, CheckError::Unresolved { .. }), "{error:?}");
     assert!(error.to_string().contains("ext-authz.foo.svc.cluster.local"), "{error}");
-    let decision = client.check(ExtAuthz::Http(&closed), |_, _| None, &check_request(&headers)).await;
+    let decision = client.check(ExtAuthz::Http(&closed), |_, _| None, &check_request(&headers)).await.0;
     assert_status(&decision, 403);
 }
 
@@ -395,12 +395,12 @@ async fn grpc_allow_and_deny() {
     let provider = grpc_provider(addr);
     let client = ExtAuthzClient::new();
     let allow = request_headers(&[("x-ext-authz", "allow")]);
-    let decision = client.check(ExtAuthz::Grpc(&provider), resolver(addr), &check_request(&allow)).await;
+    let decision = client.check(ExtAuthz::Grpc(&provider), resolver(addr), &check_request(&allow)).await.0;
     assert_allowed_with_result(&decision);
     let Decision::Allow { remove, .. } = &decision else { unreachable!() };
     assert_eq!(remove, &[http::HeaderName::from_static("cookie")]);
     let deny = request_headers(&[("x-ext-authz", "deny")]);
-    let decision = client.check(ExtAuthz::Grpc(&provider), resolver(addr), &check_request(&deny)).await;
+    let decision = client.check(ExtAuthz::Grpc(&provider), resolver(addr), &check_request(&deny)).await.0;
     assert_denied_by_authorizer(&decision);
     assert_eq!(counts(&client), [1, 1, 0, 0]);
 }
@@ -413,7 +413,7 @@ async fn grpc_garbage_or_error_status_is_a_failure() {
     let provider = ExtAuthzGrpc { status_on_error: Some("502".into()), ..grpc_provider(addr) };
     let error = client.try_check(ExtAuthz::Grpc(&provider), resolver(addr), &check_request(&headers)).await;
     assert!(matches!(error, Err(CheckError::Answer { .. })), "{error:?}");
-    let decision = client.check(ExtAuthz::Grpc(&provider), resolver(addr), &check_request(&headers)).await;
+    let decision = client.check(ExtAuthz::Grpc(&provider), resolver(addr), &check_request(&headers)).await.0;
     assert_status(&decision, 502);
     let addr = grpc_authorizer(GrpcMode::Unavailable).await;
     let provider = grpc_provider(addr);
@@ -422,7 +422,7 @@ async fn grpc_garbage_or_error_status_is_a_failure() {
     // An HTTP/1.1 authorizer named as gRPC: the h2 handshake or exchange fails.
     let http = http_authorizer().await;
     let provider = grpc_provider(http.addr);
-    let decision = client.check(ExtAuthz::Grpc(&provider), resolver(http.addr), &check_request(&headers)).await;
+    let decision = client.check(ExtAuthz::Grpc(&provider), resolver(http.addr), &check_request(&headers)).await.0;
     assert_status(&decision, 403);
 }
 
@@ -547,7 +547,7 @@ async fn python_grpc_authorizer_reads_our_check_and_we_read_its_answer() {
     let provider = ExtAuthzGrpc { timeout: Some("10s".into()), ..grpc_provider(addr) };
     let client = ExtAuthzClient::new();
     let allow = request_headers(&[("x-ext-authz", "allow")]);
-    let decision = client.check(ExtAuthz::Grpc(&provider), resolver(addr), &check_request(&allow)).await;
+    let decision = client.check(ExtAuthz::Grpc(&provider), resolver(addr), &check_request(&allow)).await.0;
     assert_allowed_with_result(&decision);
     let Decision::Allow { downstream_headers, .. } = &decision else { unreachable!() };
     assert_eq!(
@@ -556,7 +556,7 @@ async fn python_grpc_authorizer_reads_our_check_and_we_read_its_answer() {
          10.0.0.1:40000 10.96.0.10:8080 spiffe://cluster.local/ns/a/sa/waypoint"
     );
     let deny = request_headers(&[("x-ext-authz", "deny")]);
-    let decision = client.check(ExtAuthz::Grpc(&provider), resolver(addr), &check_request(&deny)).await;
+    let decision = client.check(ExtAuthz::Grpc(&provider), resolver(addr), &check_request(&deny)).await.0;
     assert_denied_by_authorizer(&decision);
     assert_eq!(counts(&client), [1, 1, 0, 0]);
 }

@@ -629,5 +629,82 @@ fn waypoint_l7_authorization_and_jwt() {
         assert!(seen["headers"].get("Authorization").is_none(), "token forwarded: {seen}");
         assert!(metric(lab, "istio_requests_total", &[("response_code", "403"), ("response_flags", "RBAC")]) >= 1.0);
         assert!(lab.log_of("waypoint").contains("flags=\"RBAC\""), "{}", lab.log_of("waypoint"));
+
+        // CUSTOM: an external authorizer (Python's HTTP server) in n2-p1, declared in
+        // the mesh config as Istio users declare it.
+        lab.spawn_in("n2-p1", "ext-authz", &["python3", "-c", EXT_AUTHZ]).unwrap();
+        wait_for(Duration::from_secs(10), || {
+            lab.exec("n2-p1", &["ss", "-ltn"]).is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(":9191"))
+        })
+        .unwrap_or_else(|_| panic!("authorizer: {}", lab.log_of("ext-authz")));
+        apply(lab, "ext-authz.yaml", CUSTOM_POLICY);
+        assert_eq!(status("/anything/custom", "-H 'x-ext-authz: allow'"), "200", "{}", lab.log_of("waypoint"));
+        let out = lab
+            .exec("n1-p1", &["curl", "-s", "-i", &format!("{HTTPBIN_URL}/anything/custom"), "-H", "x-ext-authz: no"])
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.starts_with("HTTP/1.1 403"), "{text}");
+        assert!(text.contains("x-ext-authz-check-result: denied") && text.ends_with("denied by ext_authz"), "{text}");
+        let out = lab
+            .exec("n1-p1", &["curl", "-s", &format!("{HTTPBIN_URL}/anything/custom"), "-H", "x-ext-authz: allow"])
+            .unwrap();
+        let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(seen["headers"]["X-Ext-Authz-Check-Result"], "allowed", "{seen}");
+        assert_eq!(status("/anything/other", ""), "200", "paths the CUSTOM policy does not name");
+        assert!(lab.log_of("waypoint").contains("flags=\"UAEX\""));
+        // The authorizer down: denied (statusOnError), never allowed.
+        lab.stop_process("ext-authz", "KILL").unwrap();
+        assert_eq!(status("/anything/custom", "-H 'x-ext-authz: allow'"), "403");
+        assert!(waypoint_http(lab, 15020, "/metrics").contains("mesh_waypoint_ext_authz_error_total 1"));
     });
 }
+
+/// An HTTP authorizer: allows requests with `x-ext-authz: allow` (and says so in a
+/// header for upstream), denies the rest with a body and a header.
+const EXT_AUTHZ: &str = "\
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class Check(BaseHTTPRequestHandler):
+    def answer(self):
+        allowed = self.headers.get('x-ext-authz') == 'allow'
+        body = b'' if allowed else b'denied by ext_authz'
+        self.send_response(200 if allowed else 403)
+        self.send_header('x-ext-authz-check-result', 'allowed' if allowed else 'denied')
+        self.send_header('content-length', str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = answer
+ThreadingHTTPServer(('0.0.0.0', 9191), Check).serve_forever()
+";
+
+const CUSTOM_POLICY: &str = "\
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |
+    extensionProviders:
+    - name: lab-authz
+      envoyExtAuthzHttp:
+        service: ext-authz.shop.svc.cluster.local
+        port: 9191
+        includeRequestHeadersInCheck: [x-ext-authz]
+        headersToUpstreamOnAllow: [x-ext-authz-check-result]
+        headersToDownstreamOnDeny: [x-ext-authz-check-result]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ext-authz, namespace: shop, labels: {istio.io/use-waypoint: none}}
+spec:
+  clusterIP: 10.96.0.13
+  selector: {statefulset.kubernetes.io/pod-name: n2-p1}
+  ports: [{name: http, port: 9191, targetPort: 9191}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: httpbin-custom, namespace: shop}
+spec:
+  targetRefs: [{kind: Service, group: '', name: httpbin}]
+  action: CUSTOM
+  provider: {name: lab-authz}
+  rules: [{to: [{operation: {paths: ['/anything/custom*']}}]}]
+";
