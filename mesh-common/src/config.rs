@@ -18,8 +18,8 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-pub mod gateway;
 pub mod envoy_filter;
+pub mod gateway;
 pub mod k8s;
 pub mod mesh;
 pub mod meta;

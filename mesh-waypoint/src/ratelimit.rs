@@ -30,7 +30,7 @@
 //! filter chain per Service), and a route is the waypoint's route
 //! ([`crate::route::Route::name`], `VirtualService/ns/name#http[i]`). Envoy's
 //! `routeConfiguration.vhost.route.name` matches the route `name` Istio gives Envoy:
-//! the `name` field of the VirtualService's `http[i]` (of the Gateway API rule's `name`
+//! the `name` field of the `VirtualService`'s `http[i]` (of the Gateway API rule's `name`
 //! for `HTTPRoute`/`GRPCRoute` `rules[i]`), and `default` for the route of a Service
 //! without route objects; `route.action: ANY` or no `route` matches every route.
 //! `vhost.name` matches the destination when it is one of the names Istio gives that
@@ -47,8 +47,8 @@ use std::{
     },
 };
 
-use mesh_common::config::{Config, EnvoyFilter};
 pub use mesh_common::config::envoy_filter::{BucketConfig, Fraction, LocalRateLimit, RouteLimit, Scope};
+use mesh_common::config::{Config, EnvoyFilter};
 
 use crate::route::{RouteTable, ServiceRef};
 

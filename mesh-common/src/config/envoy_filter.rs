@@ -58,7 +58,7 @@ pub enum EnvoyFilterError {
     Unsupported { path: String, found: String },
     #[error("{path}: missing")]
     Missing { path: String },
-    #[error("{path}: {value} is not valid: {reason}")]
+    #[error("{path}: {value}: {reason}")]
     Invalid { path: String, value: String, reason: &'static str },
 }
 
@@ -79,7 +79,7 @@ impl EnvoyFilterError {
         match self {
             Self::Unsupported { found, .. } => format!("{found}: {UNSUPPORTED}"),
             Self::Missing { .. } => "required field is missing".to_string(),
-            Self::Invalid { value, reason, .. } => format!("{value} is not valid: {reason}"),
+            Self::Invalid { value, reason, .. } => format!("{value}: {reason}"),
         }
     }
 }

@@ -766,7 +766,7 @@ fn the_local_rate_limit_envoy_filter_loads_with_its_typed_view() {
     let limit = config.envoy_filters[0].local_rate_limit().expect("validated");
     let bucket = limit.filter.expect("filter-wide bucket");
     assert_eq!((bucket.max_tokens, bucket.tokens_per_fill), (4, 4));
-    assert_eq!(bucket.fill_interval, std::time::Duration::from_secs(60));
+    assert_eq!(bucket.fill_interval, std::time::Duration::from_mins(1));
     assert_eq!(limit.scope.target_refs, vec![("Gateway".to_string(), "waypoint".to_string())]);
     // Lossless through the JSON the controller ships.
     let json = serde_json::to_string(&config).expect("serializes");
@@ -788,5 +788,8 @@ fn other_envoy_filters_are_rejected_naming_the_field_and_value() {
 
     let no_patches = "apiVersion: networking.istio.io/v1alpha3\nkind: EnvoyFilter\nmetadata: {name: e}\nspec: {}\n";
     let found = problems(no_patches);
-    assert_eq!((found[0].field.as_str(), found[0].reason.as_str()), ("spec.configPatches", "required field is missing"));
+    assert_eq!(
+        (found[0].field.as_str(), found[0].reason.as_str()),
+        ("spec.configPatches", "required field is missing")
+    );
 }

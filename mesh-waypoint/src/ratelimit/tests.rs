@@ -104,6 +104,8 @@ proptest! {
 // Selection: which filters apply at a waypoint, and which bucket a route takes.
 
 mod selection {
+    use std::fmt::Write as _;
+
     use mesh_common::config::{Config, Source, load};
 
     use super::*;
@@ -153,10 +155,12 @@ spec:
         out = out.replace("{udpa: 1}", &format!("{{{ty}, {}}}", &filter_value[1..filter_value.len() - 1]));
         if let Some(route) = route {
             let one = bucket(1);
-            out.push_str(&format!(
+            write!(
+                out,
                 "  - applyTo: HTTP_ROUTE\n    match:\n      routeConfiguration: {{vhost: {route}}}\n    patch:\n      operation: MERGE\n      value:\n        typed_per_filter_config:\n          envoy.filters.http.local_ratelimit: {{{ty}, {}}}\n",
                 &one[1..one.len() - 1]
-            ));
+            )
+            .expect("writes to a String");
         }
         out
     }
@@ -208,8 +212,10 @@ spec:
 
     #[test]
     fn a_listener_port_limits_the_filter_to_that_service_port() {
-        let with_port = filter("shop", "p", TO_WAYPOINT, 5, None)
-            .replace("  - applyTo: HTTP_FILTER\n", "  - applyTo: HTTP_FILTER\n    match: {listener: {portNumber: 8080}}\n");
+        let with_port = filter("shop", "p", TO_WAYPOINT, 5, None).replace(
+            "  - applyTo: HTTP_FILTER\n",
+            "  - applyTo: HTTP_FILTER\n    match: {listener: {portNumber: 8080}}\n",
+        );
         assert!(limits(&config(&with_port), "reviews").is_empty());
         let with_port = with_port.replace("portNumber: 8080", "portNumber: 9080");
         assert_eq!(ids(&limits(&config(&with_port), "reviews")), ["shop/p"]);
@@ -282,7 +288,8 @@ spec:
 
     #[test]
     fn filters_chain_and_the_first_that_limits_answers() {
-        let yaml = [filter("istio-system", "wide", "", 1, None), filter("shop", "narrow", TO_WAYPOINT, 5, None)].concat();
+        let yaml =
+            [filter("istio-system", "wide", "", 1, None), filter("shop", "narrow", TO_WAYPOINT, 5, None)].concat();
         let limits = limits(&config(&yaml), "reviews");
         assert_eq!(ids(&limits), ["istio-system/wide", "shop/narrow"]);
         assert_eq!(limits.decide(HTTP1, 0, 0), Decision::Allow);

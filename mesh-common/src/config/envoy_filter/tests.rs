@@ -1,3 +1,5 @@
+use std::panic;
+
 use proptest::prelude::*;
 use serde_json::json;
 
