@@ -18,6 +18,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+pub mod envoy_filter;
 pub mod gateway;
 pub mod k8s;
 pub mod mesh;
@@ -32,6 +33,7 @@ mod parse;
 mod tests;
 mod validate;
 
+pub use envoy_filter::EnvoyFilter;
 pub use gateway::{Gateway, GatewayClass, GrpcRoute, HttpRoute, ReferenceGrant, TcpRoute, TlsRoute};
 pub use k8s::{EndpointSlice, Namespace, Pod, Service};
 pub use mesh::MeshConfig;
@@ -166,6 +168,10 @@ pub struct Config {
     /// Istio's `networking.istio.io` `Gateway`s (ingress/egress gateway servers).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub istio_gateways: Vec<IstioGateway>,
+    /// `EnvoyFilter`s, each the local rate limit shape (the loader rejects others);
+    /// [`EnvoyFilter::local_rate_limit`] is the typed view the waypoint enforces.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub envoy_filters: Vec<EnvoyFilter>,
     /// Istio's mesh config (the `ConfigMap` `istio` of the root namespace, key
     /// `mesh`); defaults when there is none.
     #[serde(skip_serializing_if = "MeshConfig::is_default")]
@@ -209,6 +215,7 @@ impl Default for Config {
             tcp_routes: Vec::new(),
             tls_routes: Vec::new(),
             istio_gateways: Vec::new(),
+            envoy_filters: Vec::new(),
             mesh: MeshConfig::default(),
             warnings: Vec::new(),
             ignored: Vec::new(),
@@ -267,6 +274,7 @@ impl Config {
             + self.tcp_routes.len()
             + self.tls_routes.len()
             + self.istio_gateways.len()
+            + self.envoy_filters.len()
     }
 
     /// What was read but not checked, by kind: (kind, API group, count) in first-seen
@@ -289,7 +297,7 @@ impl Config {
         out
     }
 
-    /// [`Config::not_checked`] as a person reads it: `2 EnvoyFilter (networking.istio.io),
+    /// [`Config::not_checked`] as a person reads it: `2 Sidecar (networking.istio.io),
     /// 1 Deployment (apps)`; empty when everything was checked.
     pub fn not_checked_summary(&self) -> String {
         let parts: Vec<String> =
@@ -429,6 +437,7 @@ pub fn kind_counts(config: &Config) -> BTreeMap<&'static str, usize> {
         ("TCPRoute", config.tcp_routes.len()),
         ("TLSRoute", config.tls_routes.len()),
         ("Gateway.networking.istio.io", config.istio_gateways.len()),
+        ("EnvoyFilter", config.envoy_filters.len()),
     ];
     counts.into_iter().filter(|(_, n)| *n > 0).collect()
 }

@@ -157,6 +157,7 @@ const KINDS: &[(&str, &str)] = &[
     ("httpRoutes", "HTTPRoute"),
     ("grpcRoutes", "GRPCRoute"),
     ("gateways", "Gateway"),
+    ("envoyFilters", "EnvoyFilter"),
 ];
 
 fn meta<'a>(object: &'a Value, field: &str) -> &'a str {
@@ -253,6 +254,7 @@ pub fn materialize_raw<'a>(
             "HTTPRoute" => config.http_routes.push(from_str(text)?),
             "GRPCRoute" => config.grpc_routes.push(from_str(text)?),
             "Gateway" => config.gateways.push(from_str(text)?),
+            "EnvoyFilter" => config.envoy_filters.push(from_str(text)?),
             "MeshConfig" => {
                 let mesh: MeshSettings = from_str(text)?;
                 config.root_namespace = mesh.root_namespace;

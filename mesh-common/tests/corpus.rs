@@ -234,6 +234,7 @@ const KINDS: &[(&str, &str, &str)] = &[
     ("tcpRoutes", "gateway.networking.k8s.io/v1", "TCPRoute"),
     ("tlsRoutes", "gateway.networking.k8s.io/v1", "TLSRoute"),
     ("istioGateways", "networking.istio.io/v1", "Gateway"),
+    ("envoyFilters", "networking.istio.io/v1alpha3", "EnvoyFilter"),
 ];
 
 /// The model written back as YAML manifests, one document per object.

@@ -76,6 +76,16 @@ pub const WATCHED: &[WatchedKind] = &[
     istio("networking.istio.io", "ServiceEntry", "serviceentries"),
     istio("networking.istio.io", "WorkloadEntry", "workloadentries"),
     istio("telemetry.istio.io", "Telemetry", "telemetries"),
+    // Istio serves EnvoyFilter in v1alpha3 only; the loader accepts the local rate
+    // limit shape and reports any other on the object's status.
+    WatchedKind {
+        group: "networking.istio.io",
+        version: "v1alpha3",
+        kind: "EnvoyFilter",
+        plural: "envoyfilters",
+        optional: true,
+        status: true,
+    },
     WatchedKind {
         group: "gateway.networking.k8s.io",
         version: "v1",

@@ -2,7 +2,8 @@
 //! functions of the config (no I/O), so they are cheap to test and to benchmark.
 //!
 //! A view holds every object needed to route anywhere in the mesh (namespaces,
-//! services, meshed pods on every node, service entries, routes), the node's own pods
+//! services, meshed pods on every node, service entries, routes, `EnvoyFilter`s: a
+//! waypoint takes its node's view and may serve other namespaces), the node's own pods
 //! (meshed or not: the agent enrolls and identifies them), and only the security
 //! policies that can apply to the node's pods (those in the root namespace and in the
 //! namespaces of its pods).

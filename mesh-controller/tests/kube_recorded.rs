@@ -141,6 +141,11 @@ fn the_recorded_cluster_becomes_the_model_the_yaml_source_would_give() {
     assert_eq!(config.authorization_policies[0].metadata.name, "echo-allow");
     assert_eq!(config.virtual_services.len(), 1);
     assert_eq!(config.destination_rules.len(), 1);
+    // The local rate limit EnvoyFilter (v1alpha3), its spec as written.
+    assert_eq!(config.envoy_filters.len(), 1);
+    let limit = config.envoy_filters[0].local_rate_limit().expect("the supported shape");
+    assert_eq!(limit.scope.target_refs, [("Gateway".to_string(), "waypoint".to_string())]);
+    assert_eq!(limit.filter.map(|b| (b.max_tokens, b.fill_interval.as_secs())), Some((50, 1)));
 
     // Relisting the same objects changes nothing; the watch events of the recorded
     // stream do.

@@ -1,498 +1,257 @@
-//! Local rate limits: the one `EnvoyFilter` shape Istio's documentation gives for
-//! Envoy's local rate limit filter (task "Enabling Rate Limits using Envoy", section
-//! "Local rate limit"), read from the object's JSON, and the token bucket that
-//! enforces it. Any other `EnvoyFilter` is rejected with a clear error: the mesh has
-//! no Envoy to patch, so it honours this one well-known use and nothing else.
+//! Local rate limits at the waypoint: which `EnvoyFilter`s (Istio's documented local
+//! rate limit shape, parsed and validated by `mesh_common::config::envoy_filter`) apply
+//! to a destination ([`applies`]), the token buckets that enforce them
+//! ([`RateLimits`], [`Bucket`]) and the decision for one request
+//! ([`RateLimits::decide`]). Pure: the caller passes the clock reading and a random
+//! roll.
 //!
-//! Accepted shape (`spec`):
-//! - `workloadSelector.labels` or `targetRefs`/`targetRef` (a waypoint `Gateway` or a
-//!   `Service`), at most one kind of scope;
-//! - `configPatches` of two kinds:
-//!   - `applyTo: HTTP_FILTER`, `patch.operation: INSERT_BEFORE` (or `INSERT_FIRST`,
-//!     `ADD`), `match.context` `SIDECAR_INBOUND`, `GATEWAY` or `ANY`, optional
-//!     `match.listener.portNumber` and `filterChain.filter.name`
-//!     (`envoy.filters.network.http_connection_manager`, optional `subFilter.name`),
-//!     `patch.value.name: envoy.filters.http.local_ratelimit` and a `typed_config`;
-//!   - `applyTo: HTTP_ROUTE`, `patch.operation: MERGE`, `match.routeConfiguration.vhost`
-//!     (`name`, optional `route.name` / `route.action: ANY`) and
-//!     `patch.value.typed_per_filter_config."envoy.filters.http.local_ratelimit"`.
-//! - A `typed_config` is either `udpa.type.v1.TypedStruct` (or `xds.type.v3.TypedStruct`)
-//!   with `type_url` of `envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit`
-//!   and the settings in `value`, or that type directly in `@type`. Settings:
-//!   `stat_prefix`, `token_bucket {max_tokens, tokens_per_fill, fill_interval}`,
-//!   `filter_enabled`/`filter_enforced` `{runtime_key, default_value {numerator,
-//!   denominator}}` and `response_headers_to_add [{append, header {key, value}}]`.
-//!   As in Envoy, an absent `filter_enabled` or `filter_enforced` means 0 %, an absent
-//!   `tokens_per_fill` means 1, and an `HTTP_FILTER` without `token_bucket` limits
-//!   nothing by itself (the per-route settings do).
+//! Which filters apply at a waypoint for a destination Service (Istio's `EnvoyFilter`
+//! reference: `targetRefs` is how a policy reaches a waypoint; a `workloadSelector`
+//! selects pods by label in the filter's namespace; a filter without either applies to
+//! every proxy of its namespace, and in the root namespace to the whole mesh):
+//! - `targetRefs` naming the waypoint's `Gateway` (same namespace): every Service the
+//!   waypoint serves;
+//! - `targetRefs` naming the destination `Service` (same namespace): that Service only
+//!   (as Istio's waypoint attachment of Service-targeted policies);
+//! - `workloadSelector.labels`, all present on the waypoint's pod labels, in the
+//!   waypoint's namespace or the root namespace (so Istio's documented example, which
+//!   selects a sidecar's `app` label, applies when written against the waypoint's
+//!   `gateway.networking.k8s.io/gateway-name` label);
+//! - neither: in the waypoint's namespace, or the root namespace (mesh-wide).
+//!
+//! An `HTTP_FILTER` patch's `match.listener.portNumber`, when set, must equal the
+//! destination's Service port (the waypoint has one inbound listener; the Service port
+//! is what tells its filter chains apart).
+//!
+//! Buckets and route names. Envoy gives each filter instance its own bucket and each
+//! route that carries a per-route config (`HTTP_ROUTE` `MERGE` of
+//! `typed_per_filter_config`) its own bucket, used instead of the filter's. Here a
+//! filter instance is one filter at one destination (Istio's waypoint builds one
+//! filter chain per Service), and a route is the waypoint's route
+//! ([`crate::route::Route::name`], `VirtualService/ns/name#http[i]`). Envoy's
+//! `routeConfiguration.vhost.route.name` matches the route `name` Istio gives Envoy:
+//! the `name` field of the `VirtualService`'s `http[i]` (of the Gateway API rule's `name`
+//! for `HTTPRoute`/`GRPCRoute` `rules[i]`), and `default` for the route of a Service
+//! without route objects; `route.action: ANY` or no `route` matches every route.
+//! `vhost.name` matches the destination when it is one of the names Istio gives that
+//! virtual host: `inbound|http|<port>` (sidecar, as in Istio's documentation),
+//! `inbound-vip|<port>|http|<host>` (waypoint), `<host>:<port>` or `<host>`.
+//!
+//! Several filters at one destination run in a chain as Envoy's would: each takes its
+//! token in turn and the first that limits answers.
 use std::{
     collections::BTreeMap,
-    sync::atomic::{AtomicU64, Ordering},
-    time::Duration,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
-use serde_json::Value;
+pub use mesh_common::config::envoy_filter::{BucketConfig, Fraction, LocalRateLimit, RouteLimit, Scope};
+use mesh_common::config::{Config, EnvoyFilter};
 
-const FILTER_NAME: &str = "envoy.filters.http.local_ratelimit";
-const LOCAL_RATE_LIMIT_TYPE: &str =
-    "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit";
-const TYPED_STRUCTS: [&str; 2] =
-    ["type.googleapis.com/udpa.type.v1.TypedStruct", "type.googleapis.com/xds.type.v3.TypedStruct"];
-/// Envoy's lower bound of a local rate limit's `fill_interval`.
-const MIN_FILL_INTERVAL: Duration = Duration::from_millis(50);
+use crate::route::{RouteTable, ServiceRef};
 
-/// Why an `EnvoyFilter` was not accepted; `path` is the JSON path of the field.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RateLimitError {
-    #[error(
-        "{path}: {found:?}: only the local rate limit filter is supported (Istio's documented local rate limit EnvoyFilter)"
-    )]
-    Unsupported { path: String, found: String },
-    #[error("{path}: missing")]
-    Missing { path: String },
-    #[error("{path}: {value} is not valid: {reason}")]
-    Invalid { path: String, value: String, reason: &'static str },
+/// The waypoint whose limits are computed: its `Gateway` and its pods' labels.
+#[derive(Clone, Copy, Debug)]
+pub struct WaypointRef<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    /// The labels of the waypoint's pods (at least
+    /// `gateway.networking.k8s.io/gateway-name: <name>`, see [`WaypointRef::labels_of`]).
+    pub labels: &'a BTreeMap<String, String>,
 }
 
-type Result<T> = std::result::Result<T, RateLimitError>;
-
-fn unsupported(path: &str, found: &Value) -> RateLimitError {
-    RateLimitError::Unsupported { path: path.to_string(), found: short(found) }
-}
-
-fn invalid(path: &str, value: &Value, reason: &'static str) -> RateLimitError {
-    RateLimitError::Invalid { path: path.to_string(), value: short(value), reason }
-}
-
-fn short(v: &Value) -> String {
-    let s = v.to_string();
-    if s.len() > 120 { format!("{}...", &s[..s.floor_char_boundary(117)]) } else { s }
-}
-
-/// A fraction of requests (Envoy's `FractionalPercent`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Fraction {
-    pub numerator: u32,
-    /// 100, 10 000 or 1 000 000.
-    pub denominator: u32,
-}
-
-impl Fraction {
-    pub const NONE: Fraction = Fraction { numerator: 0, denominator: 100 };
-    pub const ALL: Fraction = Fraction { numerator: 100, denominator: 100 };
-
-    /// True for a share `numerator/denominator` of the uniform `u32` rolls.
-    pub fn hits(self, roll: u32) -> bool {
-        ((u64::from(roll) * u64::from(self.denominator)) >> 32) < u64::from(self.numerator)
+impl WaypointRef<'_> {
+    /// The labels every waypoint pod carries: `gateway.networking.k8s.io/gateway-name`.
+    pub fn labels_of(name: &str) -> BTreeMap<String, String> {
+        BTreeMap::from([(mesh_common::config::gateway::GATEWAY_NAME_LABEL.to_string(), name.to_string())])
     }
 }
 
-/// The settings of one token bucket.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BucketConfig {
-    pub stat_prefix: String,
-    pub max_tokens: u32,
-    pub tokens_per_fill: u32,
-    pub fill_interval: Duration,
-    /// The share of requests the filter looks at.
-    pub enabled: Fraction,
-    /// The share of limited requests that are answered 429 (the rest pass, counted).
-    pub enforced: Fraction,
-    /// Headers added to a 429 answer.
-    pub response_headers: Vec<(String, String)>,
-}
-
-/// Where a per-route limit applies (Istio's `routeConfiguration` match).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RouteLimit {
-    /// The virtual host name (`inbound|http|9080`); `None` matches any.
-    pub vhost: Option<String>,
-    /// The route name; `None` (or `action: ANY`) matches any route of the host.
-    pub route: Option<String>,
-    pub config: BucketConfig,
-}
-
-/// The workloads an `EnvoyFilter` applies to.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
-pub struct Scope {
-    /// `workloadSelector.labels`; empty with no target refs means every workload of
-    /// the namespace (the root namespace: the whole mesh).
-    pub selector: BTreeMap<String, String>,
-    /// `(kind, name)` of `targetRefs`/`targetRef` (`Gateway`, `Service`).
-    pub target_refs: Vec<(String, String)>,
-}
-
-/// A parsed local rate limit `EnvoyFilter`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LocalRateLimit {
-    pub scope: Scope,
-    /// `match.listener.portNumber` of the `HTTP_FILTER` patch, if any.
-    pub port: Option<u16>,
-    /// The filter-wide bucket (all routes without their own), if configured.
-    pub filter: Option<BucketConfig>,
-    pub routes: Vec<RouteLimit>,
-}
-
-impl LocalRateLimit {
-    /// The bucket settings that apply to a request routed by `vhost`/`route`: the
-    /// first matching per-route limit, else the filter-wide one.
-    pub fn config_for(&self, vhost: &str, route: &str) -> Option<&BucketConfig> {
-        self.routes
-            .iter()
-            .find(|r| r.vhost.as_deref().is_none_or(|v| v == vhost) && r.route.as_deref().is_none_or(|n| n == route))
-            .map(|r| &r.config)
-            .or(self.filter.as_ref())
+/// Whether `filter` (with its parsed `limit`) applies at `waypoint` for `service`
+/// (see the module doc for the rules). `root` is the mesh's root namespace.
+pub fn applies(
+    filter: &EnvoyFilter,
+    limit: &LocalRateLimit,
+    root: &str,
+    waypoint: WaypointRef,
+    service: &ServiceRef,
+) -> bool {
+    let ns = filter.metadata.namespace.as_str();
+    if limit.port.is_some_and(|p| p != service.port) {
+        return false;
     }
-}
-
-fn obj<'a>(v: &'a Value, path: &str) -> Result<&'a serde_json::Map<String, Value>> {
-    v.as_object().ok_or_else(|| invalid(path, v, "is not an object"))
-}
-
-fn only(map: &serde_json::Map<String, Value>, path: &str, allowed: &[&str]) -> Result<()> {
-    match map.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {
-        Some((k, v)) => Err(unsupported(&format!("{path}.{k}"), v)),
-        None => Ok(()),
+    let scope = &limit.scope;
+    if !scope.target_refs.is_empty() {
+        return scope.target_refs.iter().any(|(kind, name)| match kind.as_str() {
+            "Gateway" => ns == waypoint.namespace && name == waypoint.name,
+            "Service" => ns == service.namespace && *name == service.name,
+            _ => false,
+        });
     }
+    let in_scope = ns == waypoint.namespace || ns == root;
+    in_scope && scope.selector.iter().all(|(k, v)| waypoint.labels.get(k) == Some(v))
 }
 
-fn req<'a>(map: &'a serde_json::Map<String, Value>, path: &str, key: &str) -> Result<&'a Value> {
-    map.get(key).ok_or_else(|| RateLimitError::Missing { path: format!("{path}.{key}") })
-}
-
-fn string<'a>(v: &'a Value, path: &str) -> Result<&'a str> {
-    v.as_str().ok_or_else(|| invalid(path, v, "is not a string"))
-}
-
-fn expect_str(map: &serde_json::Map<String, Value>, path: &str, key: &str, allowed: &[&str]) -> Result<()> {
-    let p = format!("{path}.{key}");
-    let v = req(map, path, key)?;
-    if allowed.contains(&string(v, &p)?) { Ok(()) } else { Err(unsupported(&p, v)) }
-}
-
-/// Reads an integer given as a JSON number or a decimal string (protobuf's JSON
-/// form allows both).
-fn uint(v: &Value, path: &str) -> Result<u32> {
-    let n = match v {
-        Value::Number(n) => n.as_u64(),
-        Value::String(s) => s.parse::<u64>().ok(),
+/// The name Istio gives the Envoy route of waypoint route `route_name`: the rule's
+/// `name` field (`None` when it has none), `default` for the default route.
+fn envoy_route_name<'a>(config: &'a Config, route_name: &'a str) -> Option<&'a str> {
+    if route_name == "default" {
+        return Some("default");
+    }
+    let (object, section) = route_name.split_once('#')?;
+    let mut parts = object.splitn(3, '/');
+    let (kind, ns, name) = (parts.next()?, parts.next()?, parts.next()?);
+    let index = |prefix: &str| section.strip_prefix(prefix)?.strip_suffix(']')?.parse::<usize>().ok();
+    let is = |m: &mesh_common::config::ObjectMeta| m.namespace == ns && m.name == name;
+    match kind {
+        "VirtualService" => {
+            let vs = config.virtual_services.iter().find(|v| is(&v.metadata))?;
+            vs.spec.http.get(index("http[")?)?.name.as_deref()
+        }
+        "HTTPRoute" => {
+            let r = config.http_routes.iter().find(|r| is(&r.metadata))?;
+            r.spec.rules.get(index("rules[")?)?.name.as_deref()
+        }
+        "GRPCRoute" => {
+            let r = config.grpc_routes.iter().find(|r| is(&r.metadata))?;
+            r.spec.rules.get(index("rules[")?)?.name.as_deref()
+        }
         _ => None,
-    };
-    n.and_then(|n| u32::try_from(n).ok()).ok_or_else(|| invalid(path, v, "is not a non-negative 32-bit integer"))
+    }
 }
 
-/// Protobuf's JSON `Duration`: decimal seconds with an `s` suffix (`60s`, `0.5s`).
-fn proto_duration(v: &Value, path: &str) -> Result<Duration> {
-    let bad = || invalid(path, v, "is not a protobuf duration (seconds with an s suffix: 60s, 0.5s)");
-    let s = string(v, path)?.strip_suffix('s').ok_or_else(bad)?;
-    let (whole, frac) = s.split_once('.').unwrap_or((s, ""));
-    if whole.is_empty() || !whole.bytes().all(|b| b.is_ascii_digit()) || frac.len() > 9 {
-        return Err(bad());
-    }
-    if !frac.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(bad());
-    }
-    let secs: u64 = whole.parse().map_err(|_| bad())?;
-    let nanos: u32 = if frac.is_empty() { 0 } else { format!("{frac:0<9}").parse().map_err(|_| bad())? };
-    Ok(Duration::new(secs, nanos))
+/// Whether an `HTTP_ROUTE` patch's virtual host name is the destination's.
+fn vhost_matches(vhost: &str, service: &ServiceRef) -> bool {
+    let (host, port) = (service.hostname.as_str(), service.port);
+    vhost == format!("inbound|http|{port}")
+        || vhost == format!("inbound-vip|{port}|http|{host}")
+        || vhost == format!("{host}:{port}")
+        || vhost == host
 }
 
-/// Parses a local rate limit `EnvoyFilter` (the whole object or its `spec`).
-pub fn parse_local_rate_limit(object: &Value) -> Result<LocalRateLimit> {
-    let root = obj(object, "")?;
-    if let Some(kind) = root.get("kind")
-        && kind.as_str() != Some("EnvoyFilter")
-    {
-        return Err(invalid("kind", kind, "is not EnvoyFilter"));
-    }
-    let (spec_value, sp) = match root.get("spec") {
-        Some(s) => (s, "spec"),
-        None => (object, "spec"),
-    };
-    let spec = obj(spec_value, sp)?;
-    only(spec, sp, &["workloadSelector", "targetRefs", "targetRef", "configPatches", "priority"])?;
-    let mut scope = Scope::default();
-    if let Some(ws) = spec.get("workloadSelector") {
-        let p = "spec.workloadSelector";
-        let ws = obj(ws, p)?;
-        only(ws, p, &["labels"])?;
-        if let Some(labels) = ws.get("labels") {
-            for (k, v) in obj(labels, "spec.workloadSelector.labels")? {
-                let value = string(v, &format!("spec.workloadSelector.labels.{k}"))?;
-                scope.selector.insert(k.clone(), value.to_string());
-            }
+/// The buckets of one filter at one destination.
+#[derive(Debug)]
+struct FilterBuckets {
+    /// `namespace/name` of the `EnvoyFilter`.
+    id: String,
+    /// For routes without a per-route limit; `None`: they are not limited.
+    filter: Option<Arc<Bucket>>,
+    /// By waypoint route name: the routes with a per-route limit.
+    routes: BTreeMap<String, Arc<Bucket>>,
+}
+
+/// The local rate limits of one destination Service at one waypoint.
+#[derive(Debug, Default)]
+pub struct RateLimits {
+    /// In chain order: root-namespace filters first, then by namespace and name
+    /// (Istio orders patches by priority, then namespace; `priority` is not read).
+    filters: Vec<FilterBuckets>,
+}
+
+impl RateLimits {
+    /// The filters of `config` that apply at `waypoint` for `service`, with fresh
+    /// buckets for each (see [`RateLimits::carry_over`] to keep the previous ones).
+    /// The routes are those [`RouteTable::build`] gives the destination.
+    pub fn for_destination(config: &Config, waypoint: WaypointRef, service: &ServiceRef) -> Self {
+        let mut applying: Vec<(&EnvoyFilter, LocalRateLimit)> = config
+            .envoy_filters
+            .iter()
+            // The loader validated every filter: an error here means a config that
+            // did not pass through it, and such a filter limits nothing.
+            .filter_map(|f| f.local_rate_limit().ok().map(|l| (f, l)))
+            .filter(|(f, l)| applies(f, l, &config.root_namespace, waypoint, service))
+            .collect();
+        if applying.is_empty() {
+            return Self::default();
         }
-    }
-    let mut refs: Vec<(&Value, String)> = Vec::new();
-    if let Some(r) = spec.get("targetRef") {
-        refs.push((r, "spec.targetRef".into()));
-    }
-    if let Some(rs) = spec.get("targetRefs") {
-        let list = rs.as_array().ok_or_else(|| invalid("spec.targetRefs", rs, "is not a list"))?;
-        refs.extend(list.iter().enumerate().map(|(i, r)| (r, format!("spec.targetRefs[{i}]"))));
-    }
-    for (r, p) in refs {
-        let m = obj(r, &p)?;
-        only(m, &p, &["group", "kind", "name", "namespace"])?;
-        let kind = string(req(m, &p, "kind")?, &format!("{p}.kind"))?;
-        if kind != "Gateway" && kind != "Service" {
-            return Err(invalid(&format!("{p}.kind"), &m["kind"], "is not Gateway or Service"));
-        }
-        let name = string(req(m, &p, "name")?, &format!("{p}.name"))?;
-        scope.target_refs.push((kind.to_string(), name.to_string()));
-    }
-    if !scope.selector.is_empty() && !scope.target_refs.is_empty() {
-        return Err(invalid(
-            "spec.workloadSelector",
-            spec_value.get("workloadSelector").unwrap_or(&Value::Null),
-            "cannot be combined with targetRefs",
-        ));
-    }
-    let patches = req(spec, sp, "configPatches")?;
-    let patches = patches.as_array().ok_or_else(|| invalid("spec.configPatches", patches, "is not a list"))?;
-    if patches.is_empty() {
-        return Err(RateLimitError::Missing { path: "spec.configPatches[0]".into() });
-    }
-    let mut out = LocalRateLimit { scope, port: None, filter: None, routes: Vec::new() };
-    let mut saw_filter = false;
-    for (i, patch) in patches.iter().enumerate() {
-        let p = format!("spec.configPatches[{i}]");
-        let m = obj(patch, &p)?;
-        only(m, &p, &["applyTo", "match", "patch"])?;
-        let apply_to = req(m, &p, "applyTo")?;
-        let empty = serde_json::Map::new();
-        let matcher = match m.get("match") {
-            Some(v) => obj(v, &format!("{p}.match"))?,
-            None => &empty,
-        };
-        let mp = format!("{p}.match");
-        if let Some(c) = matcher.get("context")
-            && !["SIDECAR_INBOUND", "GATEWAY", "ANY"].contains(&string(c, &format!("{mp}.context"))?)
-        {
-            return Err(unsupported(&format!("{mp}.context"), c));
-        }
-        let patch = obj(req(m, &p, "patch")?, &format!("{p}.patch"))?;
-        let pp = format!("{p}.patch");
-        only(patch, &pp, &["operation", "value"])?;
-        let value = obj(req(patch, &pp, "value")?, &format!("{pp}.value"))?;
-        let vp = format!("{pp}.value");
-        match apply_to.as_str() {
-            Some("HTTP_FILTER") => {
-                only(matcher, &mp, &["context", "listener", "proxy"])?;
-                out.port = listener_match(matcher, &mp)?;
-                expect_str(patch, &pp, "operation", &["INSERT_BEFORE", "INSERT_FIRST", "ADD"])?;
-                only(value, &vp, &["name", "typed_config", "typedConfig"])?;
-                expect_str(value, &vp, "name", &[FILTER_NAME])?;
-                let (key, tc) = match (value.get("typed_config"), value.get("typedConfig")) {
-                    (Some(tc), _) => ("typed_config", tc),
-                    (None, Some(tc)) => ("typedConfig", tc),
-                    (None, None) => return Err(RateLimitError::Missing { path: format!("{vp}.typed_config") }),
-                };
-                if saw_filter {
-                    return Err(invalid(&p, apply_to, "a second HTTP_FILTER patch (one local rate limit filter)"));
-                }
-                saw_filter = true;
-                out.filter = typed_config(tc, &format!("{vp}.{key}"), false)?;
-            }
-            Some("HTTP_ROUTE") => {
-                only(matcher, &mp, &["context", "routeConfiguration", "proxy"])?;
-                expect_str(patch, &pp, "operation", &["MERGE"])?;
-                let (vhost, route) = route_match(matcher, &mp)?;
-                only(value, &vp, &["typed_per_filter_config", "typedPerFilterConfig"])?;
-                let (key, per) = match (value.get("typed_per_filter_config"), value.get("typedPerFilterConfig")) {
-                    (Some(v), _) => ("typed_per_filter_config", v),
-                    (None, Some(v)) => ("typedPerFilterConfig", v),
-                    (None, None) => {
-                        return Err(RateLimitError::Missing { path: format!("{vp}.typed_per_filter_config") });
+        applying.sort_by_key(|(f, _)| {
+            (f.metadata.namespace != config.root_namespace, f.metadata.namespace.clone(), f.metadata.name.clone())
+        });
+        let table = RouteTable::build(config, service);
+        let routes: Vec<(&str, Option<&str>)> =
+            table.routes().map(|r| (r.name.as_str(), envoy_route_name(config, &r.name))).collect();
+        let filters = applying
+            .into_iter()
+            .map(|(f, limit)| {
+                let mut per_route = BTreeMap::new();
+                for (route, envoy_name) in &routes {
+                    let found = limit.routes.iter().find(|r| {
+                        r.vhost.as_deref().is_none_or(|v| vhost_matches(v, service))
+                            && r.route.as_deref().is_none_or(|n| Some(n) == *envoy_name)
+                    });
+                    if let Some(r) = found {
+                        per_route.insert((*route).to_string(), Arc::new(Bucket::new(r.config.clone())));
                     }
-                };
-                let pfp = format!("{vp}.{key}");
-                let per = obj(per, &pfp)?;
-                only(per, &pfp, &[FILTER_NAME])?;
-                let tc = req(per, &pfp, FILTER_NAME)?;
-                let config = typed_config(tc, &format!("{pfp}.{FILTER_NAME}"), true)?.ok_or_else(|| {
-                    RateLimitError::Missing { path: format!("{pfp}.{FILTER_NAME}.value.token_bucket") }
-                })?;
-                out.routes.push(RouteLimit { vhost, route, config });
-            }
-            _ => return Err(unsupported(&format!("{p}.applyTo"), apply_to)),
-        }
+                }
+                FilterBuckets {
+                    id: format!("{}/{}", f.metadata.namespace, f.metadata.name),
+                    filter: limit.filter.map(|c| Arc::new(Bucket::new(c))),
+                    routes: per_route,
+                }
+            })
+            .collect();
+        Self { filters }
     }
-    if !saw_filter {
-        // Envoy needs the filter in the chain for per-route settings to act.
-        return Err(RateLimitError::Missing { path: "spec.configPatches[].applyTo: HTTP_FILTER".into() });
-    }
-    Ok(out)
-}
 
-fn listener_match(matcher: &serde_json::Map<String, Value>, mp: &str) -> Result<Option<u16>> {
-    let Some(l) = matcher.get("listener") else { return Ok(None) };
-    let lp = format!("{mp}.listener");
-    let l = obj(l, &lp)?;
-    only(l, &lp, &["portNumber", "filterChain"])?;
-    let port = match l.get("portNumber") {
-        Some(v) => Some(
-            u16::try_from(uint(v, &format!("{lp}.portNumber"))?)
-                .map_err(|_| invalid(&format!("{lp}.portNumber"), v, "is not a port"))?,
-        ),
-        None => None,
-    };
-    if let Some(fc) = l.get("filterChain") {
-        let fcp = format!("{lp}.filterChain");
-        let fc = obj(fc, &fcp)?;
-        only(fc, &fcp, &["filter"])?;
-        if let Some(f) = fc.get("filter") {
-            let fp = format!("{fcp}.filter");
-            let f = obj(f, &fp)?;
-            only(f, &fp, &["name", "subFilter"])?;
-            expect_str(f, &fp, "name", &["envoy.filters.network.http_connection_manager"])?;
-            if let Some(sf) = f.get("subFilter") {
-                let sfp = format!("{fp}.subFilter");
-                let sf = obj(sf, &sfp)?;
-                only(sf, &sfp, &["name"])?;
-                string(req(sf, &sfp, "name")?, &format!("{sfp}.name"))?;
+    /// Keeps the buckets of `previous` (the same destination's limits of the last
+    /// config version) whose filter, route and settings are unchanged, so that a
+    /// config push does not refill them; the others start full.
+    #[must_use]
+    pub fn carry_over(mut self, previous: &RateLimits) -> Self {
+        let same = |new: &mut Arc<Bucket>, old: Option<&Arc<Bucket>>| {
+            if let Some(old) = old.filter(|o| o.config == new.config) {
+                *new = Arc::clone(old);
+            }
+        };
+        for f in &mut self.filters {
+            let Some(old) = previous.filters.iter().find(|o| o.id == f.id) else { continue };
+            if let Some(bucket) = &mut f.filter {
+                same(bucket, old.filter.as_ref());
+            }
+            for (route, bucket) in &mut f.routes {
+                same(bucket, old.routes.get(route));
             }
         }
+        self
     }
-    Ok(port)
-}
 
-fn route_match(matcher: &serde_json::Map<String, Value>, mp: &str) -> Result<(Option<String>, Option<String>)> {
-    let rp = format!("{mp}.routeConfiguration");
-    let rc = obj(req(matcher, mp, "routeConfiguration")?, &rp)?;
-    only(rc, &rp, &["vhost"])?;
-    let Some(vh) = rc.get("vhost") else { return Ok((None, None)) };
-    let vp = format!("{rp}.vhost");
-    let vh = obj(vh, &vp)?;
-    only(vh, &vp, &["name", "route"])?;
-    let vhost = vh.get("name").map(|n| string(n, &format!("{vp}.name")).map(str::to_string)).transpose()?;
-    let route = match vh.get("route") {
-        None => None,
-        Some(r) => {
-            let rtp = format!("{vp}.route");
-            let r = obj(r, &rtp)?;
-            only(r, &rtp, &["name", "action"])?;
-            if let Some(a) = r.get("action")
-                && a.as_str() != Some("ANY")
-            {
-                return Err(unsupported(&format!("{rtp}.action"), a));
-            }
-            r.get("name").map(|n| string(n, &format!("{rtp}.name")).map(str::to_string)).transpose()?
-        }
-    };
-    Ok((vhost, route))
-}
+    /// No filter applies: every request passes untouched.
+    pub fn is_empty(&self) -> bool {
+        self.filters.is_empty()
+    }
 
-/// Reads a `typed_config`; `None` when it has no `token_bucket` (allowed at the
-/// filter level only, `per_route` false).
-fn typed_config(tc: &Value, path: &str, per_route: bool) -> Result<Option<BucketConfig>> {
-    let m = obj(tc, path)?;
-    let ty = string(req(m, path, "@type")?, &format!("{path}.@type"))?;
-    let (settings, sp) = if TYPED_STRUCTS.contains(&ty) {
-        only(m, path, &["@type", "type_url", "typeUrl", "value"])?;
-        let url = m.get("type_url").or_else(|| m.get("typeUrl"));
-        let url = url.ok_or_else(|| RateLimitError::Missing { path: format!("{path}.type_url") })?;
-        if url.as_str() != Some(LOCAL_RATE_LIMIT_TYPE) {
-            return Err(unsupported(&format!("{path}.type_url"), url));
-        }
-        let value = req(m, path, "value")?;
-        (obj(value, &format!("{path}.value"))?.clone(), format!("{path}.value"))
-    } else if ty == LOCAL_RATE_LIMIT_TYPE {
-        let mut direct = m.clone();
-        direct.remove("@type");
-        (direct, path.to_string())
-    } else {
-        return Err(unsupported(&format!("{path}.@type"), &m["@type"]));
-    };
-    settings_of(&settings, &sp, per_route)
-}
+    /// `namespace/name` of the filters that apply, in chain order.
+    pub fn filter_ids(&self) -> impl Iterator<Item = &str> {
+        self.filters.iter().map(|f| f.id.as_str())
+    }
 
-fn settings_of(m: &serde_json::Map<String, Value>, path: &str, per_route: bool) -> Result<Option<BucketConfig>> {
-    only(m, path, &["stat_prefix", "token_bucket", "filter_enabled", "filter_enforced", "response_headers_to_add"])?;
-    let stat_prefix = string(req(m, path, "stat_prefix")?, &format!("{path}.stat_prefix"))?.to_string();
-    let Some(tb) = m.get("token_bucket") else {
-        if per_route {
-            return Err(RateLimitError::Missing { path: format!("{path}.token_bucket") });
-        }
-        return Ok(None);
-    };
-    let tp = format!("{path}.token_bucket");
-    let tb = obj(tb, &tp)?;
-    only(tb, &tp, &["max_tokens", "tokens_per_fill", "fill_interval"])?;
-    let max_tokens = uint(req(tb, &tp, "max_tokens")?, &format!("{tp}.max_tokens"))?;
-    if max_tokens == 0 {
-        return Err(invalid(&format!("{tp}.max_tokens"), &tb["max_tokens"], "must be at least 1"));
+    /// The bucket that limits `route_name` in each applying filter, in chain order
+    /// (a filter without one for this route is left out).
+    fn buckets_for<'a>(&'a self, route_name: &'a str) -> impl Iterator<Item = &'a Arc<Bucket>> {
+        self.filters.iter().filter_map(move |f| f.routes.get(route_name).or(f.filter.as_ref()))
     }
-    let tokens_per_fill = match tb.get("tokens_per_fill") {
-        Some(v) => uint(v, &format!("{tp}.tokens_per_fill"))?,
-        None => 1,
-    };
-    if tokens_per_fill == 0 {
-        return Err(invalid(&format!("{tp}.tokens_per_fill"), &tb["tokens_per_fill"], "must be at least 1"));
-    }
-    let fip = format!("{tp}.fill_interval");
-    let fill_interval = proto_duration(req(tb, &tp, "fill_interval")?, &fip)?;
-    if fill_interval < MIN_FILL_INTERVAL {
-        return Err(invalid(&fip, &tb["fill_interval"], "must be at least 50ms (Envoy's minimum)"));
-    }
-    let enabled = fraction(m.get("filter_enabled"), &format!("{path}.filter_enabled"))?;
-    let enforced = fraction(m.get("filter_enforced"), &format!("{path}.filter_enforced"))?;
-    let mut response_headers = Vec::new();
-    if let Some(list) = m.get("response_headers_to_add") {
-        let lp = format!("{path}.response_headers_to_add");
-        let list = list.as_array().ok_or_else(|| invalid(&lp, list, "is not a list"))?;
-        for (i, h) in list.iter().enumerate() {
-            let hp = format!("{lp}[{i}]");
-            let h = obj(h, &hp)?;
-            only(h, &hp, &["append", "append_action", "header", "keep_empty_value"])?;
-            let kv = obj(req(h, &hp, "header")?, &format!("{hp}.header"))?;
-            only(kv, &format!("{hp}.header"), &["key", "value"])?;
-            let key = string(req(kv, &hp, "key")?, &format!("{hp}.header.key"))?;
-            let value = kv.get("value").map_or(Ok(""), |v| string(v, &format!("{hp}.header.value")))?;
-            if http::HeaderName::from_bytes(key.as_bytes()).is_err() {
-                return Err(invalid(&format!("{hp}.header.key"), &kv["key"], "is not a header name"));
-            }
-            if http::HeaderValue::from_str(value).is_err() {
-                return Err(invalid(&format!("{hp}.header.value"), &kv["value"], "is not a header value"));
-            }
-            response_headers.push((key.to_ascii_lowercase(), value.to_string()));
-        }
-    }
-    Ok(Some(BucketConfig {
-        stat_prefix,
-        max_tokens,
-        tokens_per_fill,
-        fill_interval,
-        enabled,
-        enforced,
-        response_headers,
-    }))
-}
 
-/// `{runtime_key, default_value {numerator, denominator}}`; absent is 0 % (Envoy's
-/// default "for safety"). The runtime key is accepted and ignored: the mesh has no
-/// Envoy runtime.
-fn fraction(v: Option<&Value>, path: &str) -> Result<Fraction> {
-    let Some(v) = v else { return Ok(Fraction::NONE) };
-    let m = obj(v, path)?;
-    only(m, path, &["runtime_key", "default_value"])?;
-    let dp = format!("{path}.default_value");
-    let d = obj(req(m, path, "default_value")?, &dp)?;
-    only(d, &dp, &["numerator", "denominator"])?;
-    let numerator = d.get("numerator").map_or(Ok(0), |n| uint(n, &format!("{dp}.numerator")))?;
-    let denominator = match d.get("denominator") {
-        None => 100,
-        Some(den) => match den.as_str() {
-            Some("HUNDRED") => 100,
-            Some("TEN_THOUSAND") => 10_000,
-            Some("MILLION") => 1_000_000,
-            _ => {
-                return Err(invalid(&format!("{dp}.denominator"), den, "is not HUNDRED, TEN_THOUSAND or MILLION"));
+    /// Decides one request routed by `route_name` (the waypoint's
+    /// [`crate::route::Route::name`]) at `now_nanos` (a monotonic clock) with a
+    /// uniform `random` roll: each applying filter in turn; the first `Limited`
+    /// answers; else `NotEnforced` if any filter was out of tokens, `Allow` if any
+    /// took a token, `Skipped` when none looked at the request.
+    pub fn decide(&self, route_name: &str, now_nanos: u64, random: u32) -> Decision {
+        let mut outcome = Decision::Skipped;
+        for (i, bucket) in self.buckets_for(route_name).enumerate() {
+            // A roll per filter: independent filters see independent shares.
+            let roll = random.wrapping_add((i as u32).wrapping_mul(0x9E37_79B9));
+            match bucket.try_take(now_nanos, roll) {
+                limited @ Decision::Limited { .. } => return limited,
+                Decision::NotEnforced => outcome = Decision::NotEnforced,
+                Decision::Allow if outcome == Decision::Skipped => outcome = Decision::Allow,
+                Decision::Allow | Decision::Skipped => {}
             }
-        },
-    };
-    // Envoy caps a numerator above its denominator at 100 %.
-    Ok(Fraction { numerator: numerator.min(denominator), denominator })
+        }
+        outcome
+    }
 }
 
 /// What the limiter says about one request.

@@ -8,6 +8,7 @@ use serde_yaml::{Mapping, Value};
 
 use super::{
     Config, Problem, Source,
+    envoy_filter::EnvoyFilter,
     gateway::{
         Gateway, GatewayClass, GatewayClassSpec, GatewaySpec, GrpcRoute, GrpcRouteSpec, HttpRoute, HttpRouteSpec,
         L4RouteSpec, ReferenceGrant, ReferenceGrantSpec, TcpRoute, TlsRoute,
@@ -50,13 +51,15 @@ pub(crate) enum Kind {
     TlsRoute,
     /// Istio's `networking.istio.io` `Gateway` (not Gateway API's).
     IstioGateway,
+    /// Only the local rate limit shape (checked in `validate`).
+    EnvoyFilter,
 }
 
 /// The kinds of Istio's and Gateway API's groups (standard and experimental channels of
 /// the pinned releases) that the mesh does not check: named "not checked". A kind of
 /// these groups in neither list is a mistake.
 const OTHER_KINDS: &[(&str, &[&str])] = &[
-    ("networking.istio.io", &["EnvoyFilter", "Sidecar", "WorkloadGroup", "ProxyConfig"]),
+    ("networking.istio.io", &["Sidecar", "WorkloadGroup", "ProxyConfig"]),
     ("security.istio.io", &[]),
     ("telemetry.istio.io", &[]),
     ("extensions.istio.io", &["WasmPlugin", "TrafficExtension"]),
@@ -67,7 +70,7 @@ const NETWORKING: &[&str] = &["v1alpha3", "v1beta1", "v1"];
 const SECURITY: &[&str] = &["v1beta1", "v1"];
 
 impl Kind {
-    const ALL: [Kind; 20] = [
+    const ALL: [Kind; 21] = [
         Kind::Namespace,
         Kind::Service,
         Kind::EndpointSlice,
@@ -88,6 +91,7 @@ impl Kind {
         Kind::TcpRoute,
         Kind::TlsRoute,
         Kind::IstioGateway,
+        Kind::EnvoyFilter,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -111,6 +115,7 @@ impl Kind {
             Kind::ReferenceGrant => "ReferenceGrant",
             Kind::TcpRoute => "TCPRoute",
             Kind::TlsRoute => "TLSRoute",
+            Kind::EnvoyFilter => "EnvoyFilter",
         }
     }
 
@@ -123,7 +128,8 @@ impl Kind {
             | Kind::VirtualService
             | Kind::DestinationRule
             | Kind::ServiceEntry
-            | Kind::IstioGateway => "networking.istio.io",
+            | Kind::IstioGateway
+            | Kind::EnvoyFilter => "networking.istio.io",
             Kind::AuthorizationPolicy | Kind::PeerAuthentication | Kind::RequestAuthentication => "security.istio.io",
             Kind::Telemetry => "telemetry.istio.io",
             Kind::HttpRoute
@@ -144,6 +150,8 @@ impl Kind {
             | Kind::DestinationRule
             | Kind::ServiceEntry
             | Kind::IstioGateway => NETWORKING,
+            // Istio serves EnvoyFilter in v1alpha3 only.
+            Kind::EnvoyFilter => &["v1alpha3"],
             Kind::AuthorizationPolicy | Kind::PeerAuthentication | Kind::RequestAuthentication => SECURITY,
             Kind::Telemetry => &["v1alpha1", "v1"],
             Kind::HttpRoute | Kind::Gateway | Kind::GatewayClass | Kind::ReferenceGrant => &["v1", "v1beta1"],
@@ -321,6 +329,7 @@ where
         Kind::ReferenceGrant => envelope!(ReferenceGrantSpec),
         Kind::TcpRoute | Kind::TlsRoute => envelope!(L4RouteSpec),
         Kind::IstioGateway => envelope!(IstioGatewaySpec),
+        Kind::EnvoyFilter => envelope!(serde_json::Value),
     }
 }
 
@@ -811,6 +820,7 @@ impl Doc<'_> {
             Kind::TcpRoute => plain!(L4RouteSpec, TcpRoute, tcp_routes),
             Kind::TlsRoute => plain!(L4RouteSpec, TlsRoute, tls_routes),
             Kind::IstioGateway => plain!(IstioGatewaySpec, IstioGateway, istio_gateways),
+            Kind::EnvoyFilter => plain!(serde_json::Value, EnvoyFilter, envoy_filters),
         }
         Ok(())
     }

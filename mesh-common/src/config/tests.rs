@@ -639,14 +639,14 @@ fn a_number_where_a_string_belongs_is_rejected_as_the_api_server_does() {
 #[test]
 fn kinds_not_served_are_named_not_checked_with_their_group() {
     let config = load_one(
-        "apiVersion: networking.istio.io/v1alpha3\nkind: EnvoyFilter\nmetadata: {name: a}\nspec: {}\n---\n\
-         apiVersion: networking.istio.io/v1alpha3\nkind: EnvoyFilter\nmetadata: {name: b}\nspec: {}\n---\n\
+        "apiVersion: networking.istio.io/v1alpha3\nkind: Sidecar\nmetadata: {name: a}\nspec: {}\n---\n\
+         apiVersion: networking.istio.io/v1alpha3\nkind: Sidecar\nmetadata: {name: b}\nspec: {}\n---\n\
          apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {name: w}\nspec: {}\n---\n\
          apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: g}\nspec:\n  selector: {istio: ingressgateway}\n  \
          servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: ['*']}]\n",
     )
     .unwrap_or_else(|r| panic!("{r}"));
-    assert_eq!(config.not_checked_summary(), "2 EnvoyFilter (networking.istio.io), 1 WasmPlugin (extensions.istio.io)");
+    assert_eq!(config.not_checked_summary(), "2 Sidecar (networking.istio.io), 1 WasmPlugin (extensions.istio.io)");
     // Istio's Gateway is checked (and told from Gateway API's by its group).
     assert_eq!((config.istio_gateways.len(), config.gateways.len()), (1, 0));
 }
@@ -732,4 +732,64 @@ proptest! {
             prop_assert_eq!(&again.peer_authentications, &first.peer_authentications);
         }
     }
+}
+
+const LOCAL_RATE_LIMIT: &str = "apiVersion: networking.istio.io/v1alpha3
+kind: EnvoyFilter
+metadata: {name: rl, namespace: shop}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+  configPatches:
+  - applyTo: HTTP_FILTER
+    match:
+      context: SIDECAR_INBOUND
+      listener: {filterChain: {filter: {name: envoy.filters.network.http_connection_manager}}}
+    patch:
+      operation: INSERT_BEFORE
+      value:
+        name: envoy.filters.http.local_ratelimit
+        typed_config:
+          '@type': type.googleapis.com/udpa.type.v1.TypedStruct
+          type_url: type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit
+          value:
+            stat_prefix: http_local_rate_limiter
+            token_bucket: {max_tokens: 4, tokens_per_fill: 4, fill_interval: 60s}
+            filter_enabled: {runtime_key: e, default_value: {numerator: 100, denominator: HUNDRED}}
+            filter_enforced: {runtime_key: f, default_value: {numerator: 100, denominator: HUNDRED}}
+";
+
+#[test]
+fn the_local_rate_limit_envoy_filter_loads_with_its_typed_view() {
+    let config = load_one(LOCAL_RATE_LIMIT).unwrap_or_else(|r| panic!("{r}"));
+    assert_eq!(config.envoy_filters.len(), 1);
+    assert!(config.ignored.is_empty(), "{:?}", config.ignored);
+    let limit = config.envoy_filters[0].local_rate_limit().expect("validated");
+    let bucket = limit.filter.expect("filter-wide bucket");
+    assert_eq!((bucket.max_tokens, bucket.tokens_per_fill), (4, 4));
+    assert_eq!(bucket.fill_interval, std::time::Duration::from_mins(1));
+    assert_eq!(limit.scope.target_refs, vec![("Gateway".to_string(), "waypoint".to_string())]);
+    // Lossless through the JSON the controller ships.
+    let json = serde_json::to_string(&config).expect("serializes");
+    let back: Config = serde_json::from_str(&json).expect("deserializes");
+    assert_eq!(back.envoy_filters, config.envoy_filters);
+}
+
+#[test]
+fn other_envoy_filters_are_rejected_naming_the_field_and_value() {
+    let lua = LOCAL_RATE_LIMIT.replace("name: envoy.filters.http.local_ratelimit", "name: envoy.filters.http.lua");
+    let found = problems(&lua);
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert_eq!(found[0].object.as_deref(), Some("EnvoyFilter/shop/rl"));
+    assert_eq!(found[0].field, "spec.configPatches[0].patch.value.name");
+    assert!(found[0].reason.starts_with("\"envoy.filters.http.lua\": only the local rate limit filter is supported"));
+
+    let v1 = LOCAL_RATE_LIMIT.replace("v1alpha3", "v1");
+    assert!(problems(&v1)[0].reason.contains("supported: networking.istio.io/v1alpha3"));
+
+    let no_patches = "apiVersion: networking.istio.io/v1alpha3\nkind: EnvoyFilter\nmetadata: {name: e}\nspec: {}\n";
+    let found = problems(no_patches);
+    assert_eq!(
+        (found[0].field.as_str(), found[0].reason.as_str()),
+        ("spec.configPatches", "required field is missing")
+    );
 }

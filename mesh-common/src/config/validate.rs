@@ -49,6 +49,11 @@ pub(crate) fn validate(loaded: &Loaded, problems: &mut Found, warnings: &mut Fou
     each!(tcp_routes, Kind::TcpRoute, |o: &mut Obj, r: &crate::config::TcpRoute| gateway::l4_route(o, &r.spec, false));
     each!(tls_routes, Kind::TlsRoute, |o: &mut Obj, r: &crate::config::TlsRoute| gateway::l4_route(o, &r.spec, true));
     each!(istio_gateways, Kind::IstioGateway, networking::istio_gateway);
+    each!(envoy_filters, Kind::EnvoyFilter, |o: &mut Obj, f: &crate::config::EnvoyFilter| {
+        if let Err(e) = f.local_rate_limit() {
+            o.err(e.field(), e.reason());
+        }
+    });
     // A CUSTOM policy needs an ext_authz provider of the mesh config; Istio admits the
     // policy and denies the requests it matches: a warning, and the waypoint fails closed.
     let providers = c.mesh.ext_authz_providers();

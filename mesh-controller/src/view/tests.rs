@@ -109,3 +109,28 @@ fn certificates_only_for_pods_on_the_node() {
     assert!(!may_issue(&config, "node1", "spiffe://cluster.local/ns/shop/sa/web/x"));
     assert!(!may_issue(&config, "node3", "spiffe://cluster.local/ns/shop/sa/web"));
 }
+
+/// A local rate limit `EnvoyFilter`, aimed at the waypoint `waypoint` of `billing`.
+const RATE_LIMIT: &str = "---\napiVersion: networking.istio.io/v1alpha3\nkind: EnvoyFilter\nmetadata:\n  name: rl\n  namespace: billing\nspec:\n  targetRefs:\n  - {kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}\n  configPatches:\n  - applyTo: HTTP_FILTER\n    patch:\n      operation: INSERT_BEFORE\n      value:\n        name: envoy.filters.http.local_ratelimit\n        typed_config:\n          '@type': type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit\n          stat_prefix: rl\n          token_bucket: {max_tokens: 10, fill_interval: 1s}\n";
+
+/// Waypoints take their node's view; a waypoint may serve services of namespaces
+/// without pods on its node, so `EnvoyFilter`s travel to every node (as routes do),
+/// and come back typed at the other end.
+#[test]
+fn envoy_filters_reach_every_node_and_materialize_typed() {
+    let with = config(RATE_LIMIT);
+    assert_eq!(with.envoy_filters.len(), 1);
+    let all = all_objects(&with);
+    for node in ["node1", "node2", "node9"] {
+        let view = node_view(&with, &all, node);
+        assert!(keys(&view).contains(&"EnvoyFilter/billing/rl"), "{node}: {:?}", keys(&view));
+        let back = materialize(&view).expect("materializes");
+        assert_eq!(back.envoy_filters, with.envoy_filters);
+        let limit = back.envoy_filters[0].local_rate_limit().expect("still the supported shape");
+        assert_eq!(limit.filter.map(|b| b.max_tokens), Some(10));
+    }
+    // Removing it is an incremental delete.
+    let without = config("");
+    let changed = changed_keys(&all, &all_objects(&without));
+    assert_eq!(changed, ["EnvoyFilter/billing/rl"]);
+}

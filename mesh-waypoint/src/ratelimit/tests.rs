@@ -1,166 +1,8 @@
+use std::time::Duration;
+
 use proptest::prelude::*;
-use serde_json::json;
 
 use super::*;
-
-fn settings(max: u32, per_fill: u32, interval: &str) -> Value {
-    json!({
-        "stat_prefix": "http_local_rate_limiter",
-        "token_bucket": {"max_tokens": max, "tokens_per_fill": per_fill, "fill_interval": interval},
-        "filter_enabled": {"runtime_key": "local_rate_limit_enabled",
-            "default_value": {"numerator": 100, "denominator": "HUNDRED"}},
-        "filter_enforced": {"runtime_key": "local_rate_limit_enforced",
-            "default_value": {"numerator": 100, "denominator": "HUNDRED"}},
-        "response_headers_to_add": [{"append": false, "header": {"key": "x-local-rate-limit", "value": "true"}}]
-    })
-}
-
-fn typed(value: Value) -> Value {
-    let mut t = json!({
-        "@type": "type.googleapis.com/udpa.type.v1.TypedStruct",
-        "type_url": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
-    });
-    t["value"] = value;
-    t
-}
-
-/// Istio's documented filter-wide example.
-fn documented() -> Value {
-    json!({
-        "apiVersion": "networking.istio.io/v1alpha3",
-        "kind": "EnvoyFilter",
-        "metadata": {"name": "filter-local-ratelimit-svc", "namespace": "istio-system"},
-        "spec": {
-            "workloadSelector": {"labels": {"app": "productpage"}},
-            "configPatches": [{
-                "applyTo": "HTTP_FILTER",
-                "match": {"context": "SIDECAR_INBOUND", "listener": {"filterChain": {"filter": {
-                    "name": "envoy.filters.network.http_connection_manager"}}}},
-                "patch": {"operation": "INSERT_BEFORE", "value": {
-                    "name": "envoy.filters.http.local_ratelimit",
-                    "typed_config": typed(settings(4, 4, "60s"))}}
-            }]
-        }
-    })
-}
-
-/// Istio's documented per-route example, aimed at a waypoint by `targetRefs`.
-fn per_route() -> Value {
-    json!({
-        "kind": "EnvoyFilter",
-        "spec": {
-            "targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "waypoint"}],
-            "configPatches": [{
-                "applyTo": "HTTP_FILTER",
-                "match": {"context": "SIDECAR_INBOUND", "listener": {"filterChain": {"filter": {
-                    "name": "envoy.filters.network.http_connection_manager"}}}},
-                "patch": {"operation": "INSERT_BEFORE", "value": {
-                    "name": "envoy.filters.http.local_ratelimit",
-                    "typed_config": typed(json!({"stat_prefix": "http_local_rate_limiter"}))}}
-            }, {
-                "applyTo": "HTTP_ROUTE",
-                "match": {"context": "SIDECAR_INBOUND", "routeConfiguration": {"vhost": {
-                    "name": "inbound|http|9080", "route": {"action": "ANY"}}}},
-                "patch": {"operation": "MERGE", "value": {"typed_per_filter_config": {
-                    "envoy.filters.http.local_ratelimit": typed(settings(10, 5, "1.5s"))}}}
-            }]
-        }
-    })
-}
-
-#[test]
-fn istios_documented_filter_parses() {
-    let rl = parse_local_rate_limit(&documented()).unwrap();
-    assert_eq!(rl.scope.selector.get("app").map(String::as_str), Some("productpage"));
-    let f = rl.filter.unwrap();
-    assert_eq!((f.max_tokens, f.tokens_per_fill, f.fill_interval), (4, 4, Duration::from_mins(1)));
-    assert_eq!(f.enabled, Fraction::ALL);
-    assert_eq!(f.enforced, Fraction::ALL);
-    assert_eq!(f.response_headers, vec![("x-local-rate-limit".to_string(), "true".to_string())]);
-    assert!(rl.routes.is_empty());
-}
-
-#[test]
-fn the_per_route_shape_parses_and_applies_to_its_vhost_only() {
-    let rl = parse_local_rate_limit(&per_route()).unwrap();
-    assert_eq!(rl.scope.target_refs, vec![("Gateway".to_string(), "waypoint".to_string())]);
-    assert!(rl.filter.is_none());
-    let c = rl.config_for("inbound|http|9080", "default").unwrap();
-    assert_eq!((c.max_tokens, c.tokens_per_fill, c.fill_interval), (10, 5, Duration::from_millis(1500)));
-    assert!(rl.config_for("inbound|http|8080", "default").is_none());
-}
-
-#[test]
-fn other_envoy_filters_are_rejected_by_path() {
-    let mut lua = documented();
-    lua["spec"]["configPatches"][0]["patch"]["value"]["name"] = json!("envoy.filters.http.lua");
-    let err = parse_local_rate_limit(&lua).unwrap_err();
-    assert_eq!(
-        err,
-        RateLimitError::Unsupported {
-            path: "spec.configPatches[0].patch.value.name".into(),
-            found: "\"envoy.filters.http.lua\"".into()
-        }
-    );
-    assert!(err.to_string().contains("only the local rate limit filter is supported"));
-
-    let mut cluster = documented();
-    cluster["spec"]["configPatches"][0]["applyTo"] = json!("CLUSTER");
-    assert!(matches!(parse_local_rate_limit(&cluster), Err(RateLimitError::Unsupported { path, .. })
-        if path == "spec.configPatches[0].applyTo"));
-
-    let mut global = documented();
-    global["spec"]["configPatches"][0]["patch"]["value"]["typed_config"]["type_url"] =
-        json!("type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit");
-    assert!(matches!(parse_local_rate_limit(&global), Err(RateLimitError::Unsupported { path, .. })
-        if path == "spec.configPatches[0].patch.value.typed_config.type_url"));
-
-    let mut extra = documented();
-    extra["spec"]["configPatches"][0]["patch"]["value"]["typed_config"]["value"]["descriptors"] = json!([]);
-    assert!(matches!(parse_local_rate_limit(&extra), Err(RateLimitError::Unsupported { path, .. })
-        if path == "spec.configPatches[0].patch.value.typed_config.value.descriptors"));
-
-    let mut outbound = documented();
-    outbound["spec"]["configPatches"][0]["match"]["context"] = json!("SIDECAR_OUTBOUND");
-    assert!(parse_local_rate_limit(&outbound).is_err());
-
-    assert!(matches!(parse_local_rate_limit(&json!({"kind": "Sidecar", "spec": {}})),
-        Err(RateLimitError::Invalid { path, .. }) if path == "kind"));
-}
-
-#[test]
-fn bad_values_name_the_field_and_value() {
-    let cases = [
-        ("max_tokens", json!(0), "must be at least 1"),
-        ("max_tokens", json!(-1), "is not a non-negative 32-bit integer"),
-        ("fill_interval", json!("1m"), "is not a protobuf duration (seconds with an s suffix: 60s, 0.5s)"),
-        ("fill_interval", json!("0.01s"), "must be at least 50ms (Envoy's minimum)"),
-    ];
-    for (field, value, reason) in cases {
-        let mut f = documented();
-        f["spec"]["configPatches"][0]["patch"]["value"]["typed_config"]["value"]["token_bucket"][field] = value.clone();
-        match parse_local_rate_limit(&f) {
-            Err(RateLimitError::Invalid { path, value: v, reason: r }) => {
-                assert_eq!(path, format!("spec.configPatches[0].patch.value.typed_config.value.token_bucket.{field}"));
-                assert_eq!(v, value.to_string());
-                assert_eq!(r, reason);
-            }
-            other => panic!("{field}={value}: {other:?}"),
-        }
-    }
-}
-
-#[test]
-fn absent_enabled_and_enforced_are_zero_percent_as_in_envoy() {
-    let mut f = documented();
-    let v = &mut f["spec"]["configPatches"][0]["patch"]["value"]["typed_config"]["value"];
-    v.as_object_mut().unwrap().remove("filter_enabled");
-    v.as_object_mut().unwrap().remove("filter_enforced");
-    let cfg = parse_local_rate_limit(&f).unwrap().filter.unwrap();
-    assert_eq!(cfg.enabled.numerator, 0);
-    let bucket = Bucket::new(cfg);
-    assert_eq!(bucket.try_take(0, 0), Decision::Skipped);
-}
 
 fn config(max: u32, per_fill: u32, interval_ms: u64) -> BucketConfig {
     BucketConfig {
@@ -256,14 +98,203 @@ proptest! {
         }).1;
         prop_assert_eq!(allowed, expected);
     }
+}
+
+// ---------------------------------------------------------------------------------
+// Selection: which filters apply at a waypoint, and which bucket a route takes.
+
+mod selection {
+    use std::fmt::Write as _;
+
+    use mesh_common::config::{Config, Source, load};
+
+    use super::*;
+    use crate::route::ServiceRef;
+
+    const BASE: &str = "apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: shop}
+spec: {ports: [{port: 9080, name: http}], selector: {app: reviews}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ratings, namespace: shop}
+spec: {ports: [{port: 9080, name: http}], selector: {app: ratings}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: shop}
+spec:
+  hosts: [reviews]
+  http:
+  - name: limited
+    match: [{uri: {prefix: /slow}}]
+    route: [{destination: {host: reviews}}]
+  - route: [{destination: {host: reviews}}]
+";
+
+    fn config(yaml: &str) -> Config {
+        load(&[Source::new("t.yaml", format!("{BASE}{yaml}"))]).unwrap_or_else(|report| panic!("{report}"))
+    }
+
+    /// A local rate limit `EnvoyFilter` `ns/name` with `scope` (YAML lines under
+    /// `spec:`), a filter-wide bucket of `filter_max` tokens (none when 0) and, when
+    /// `route` is given, a per-route bucket of 1 token for that `vhost.route` match.
+    fn filter(ns: &str, name: &str, scope: &str, filter_max: u32, route: Option<&str>) -> String {
+        let bucket = |max: u32| {
+            format!(
+                "{{stat_prefix: rl, token_bucket: {{max_tokens: {max}, fill_interval: 60s}}, \
+                 filter_enabled: {{default_value: {{numerator: 100}}}}, filter_enforced: {{default_value: {{numerator: 100}}}}}}"
+            )
+        };
+        let filter_value = if filter_max == 0 { "{stat_prefix: rl}".to_string() } else { bucket(filter_max) };
+        let ty = "'@type': type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit";
+        let mut out = format!(
+            "---\napiVersion: networking.istio.io/v1alpha3\nkind: EnvoyFilter\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{scope}  configPatches:\n  - applyTo: HTTP_FILTER\n    patch:\n      operation: INSERT_BEFORE\n      value:\n        name: envoy.filters.http.local_ratelimit\n        typed_config: {{udpa: 1}}\n"
+        );
+        out = out.replace("{udpa: 1}", &format!("{{{ty}, {}}}", &filter_value[1..filter_value.len() - 1]));
+        if let Some(route) = route {
+            let one = bucket(1);
+            write!(
+                out,
+                "  - applyTo: HTTP_ROUTE\n    match:\n      routeConfiguration: {{vhost: {route}}}\n    patch:\n      operation: MERGE\n      value:\n        typed_per_filter_config:\n          envoy.filters.http.local_ratelimit: {{{ty}, {}}}\n",
+                &one[1..one.len() - 1]
+            )
+            .expect("writes to a String");
+        }
+        out
+    }
+
+    const TO_WAYPOINT: &str = "  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]\n";
+
+    fn limits(config: &Config, service: &str) -> RateLimits {
+        let labels = WaypointRef::labels_of("waypoint");
+        let waypoint = WaypointRef { namespace: "shop", name: "waypoint", labels: &labels };
+        RateLimits::for_destination(config, waypoint, &ServiceRef::new("shop", service, 9080))
+    }
+
+    fn ids(limits: &RateLimits) -> Vec<&str> {
+        limits.filter_ids().collect()
+    }
+
+    const HTTP0: &str = "VirtualService/shop/reviews#http[0]";
+    const HTTP1: &str = "VirtualService/shop/reviews#http[1]";
 
     #[test]
-    fn parsing_arbitrary_json_never_panics(s in "\\PC{0,40}", n in any::<i64>()) {
-        let mut f = documented();
-        f["spec"]["configPatches"][0]["patch"]["value"]["typed_config"]["value"]["token_bucket"]["fill_interval"] = json!(s);
-        let _ = parse_local_rate_limit(&f);
-        let mut f = documented();
-        f["spec"]["configPatches"][0]["patch"]["value"]["typed_config"]["value"]["token_bucket"]["max_tokens"] = json!(n);
-        let _ = parse_local_rate_limit(&f);
+    fn scopes_select_the_filters_of_the_waypoint_and_destination() {
+        let yaml = [
+            filter("shop", "to-waypoint", TO_WAYPOINT, 5, None),
+            filter("shop", "to-other-waypoint", &TO_WAYPOINT.replace("name: waypoint", "name: other"), 5, None),
+            filter("shop", "to-reviews", "  targetRefs: [{kind: Service, group: '', name: reviews}]\n", 5, None),
+            filter("istio-system", "mesh-wide", "", 5, None),
+            filter("shop", "namespace-wide", "", 5, None),
+            filter("other", "other-namespace", "", 5, None),
+            filter(
+                "shop",
+                "by-label",
+                "  workloadSelector: {labels: {gateway.networking.k8s.io/gateway-name: waypoint}}\n",
+                5,
+                None,
+            ),
+            filter("shop", "label-of-a-sidecar", "  workloadSelector: {labels: {app: productpage}}\n", 5, None),
+        ]
+        .concat();
+        let config = config(&yaml);
+        assert_eq!(
+            ids(&limits(&config, "reviews")),
+            ["istio-system/mesh-wide", "shop/by-label", "shop/namespace-wide", "shop/to-reviews", "shop/to-waypoint"]
+        );
+        assert_eq!(
+            ids(&limits(&config, "ratings")),
+            ["istio-system/mesh-wide", "shop/by-label", "shop/namespace-wide", "shop/to-waypoint"]
+        );
+    }
+
+    #[test]
+    fn a_listener_port_limits_the_filter_to_that_service_port() {
+        let with_port = filter("shop", "p", TO_WAYPOINT, 5, None).replace(
+            "  - applyTo: HTTP_FILTER\n",
+            "  - applyTo: HTTP_FILTER\n    match: {listener: {portNumber: 8080}}\n",
+        );
+        assert!(limits(&config(&with_port), "reviews").is_empty());
+        let with_port = with_port.replace("portNumber: 8080", "portNumber: 9080");
+        assert_eq!(ids(&limits(&config(&with_port), "reviews")), ["shop/p"]);
+    }
+
+    #[test]
+    fn a_named_route_takes_its_own_bucket_and_the_others_the_filters() {
+        let yaml = filter("shop", "rl", TO_WAYPOINT, 3, Some("{name: 'inbound|http|9080', route: {name: limited}}"));
+        let limits = limits(&config(&yaml), "reviews");
+        // http[0] (`name: limited`): its own bucket of 1.
+        assert_eq!(limits.decide(HTTP0, 0, 0), Decision::Allow);
+        assert!(matches!(limits.decide(HTTP0, 1, 0), Decision::Limited { .. }));
+        // http[1] (unnamed): the filter-wide bucket of 3, untouched by http[0].
+        for t in 0..3 {
+            assert_eq!(limits.decide(HTTP1, t, 0), Decision::Allow, "request {t}");
+        }
+        let Decision::Limited { headers } = limits.decide(HTTP1, 4, 0) else { panic!("not limited") };
+        assert_eq!(headers[0], ("x-envoy-ratelimited".to_string(), "true".to_string()));
+    }
+
+    #[test]
+    fn route_action_any_gives_every_route_its_own_bucket() {
+        let yaml = filter("shop", "rl", TO_WAYPOINT, 0, Some("{name: 'inbound|http|9080', route: {action: ANY}}"));
+        let limits = limits(&config(&yaml), "reviews");
+        for route in [HTTP0, HTTP1] {
+            assert_eq!(limits.decide(route, 0, 0), Decision::Allow, "{route}");
+            assert!(matches!(limits.decide(route, 1, 0), Decision::Limited { .. }), "{route}");
+        }
+        // A route name the destination does not have: no per-route bucket, and the
+        // filter has none of its own.
+        assert_eq!(limits.decide("VirtualService/shop/other#http[0]", 2, 0), Decision::Skipped);
+    }
+
+    #[test]
+    fn the_default_route_and_waypoint_vhost_names_match() {
+        for vhost in [
+            "{name: 'inbound-vip|9080|http|ratings.shop.svc.cluster.local', route: {name: default}}",
+            "{name: 'ratings.shop.svc.cluster.local:9080'}",
+        ] {
+            let yaml = filter("shop", "rl", TO_WAYPOINT, 0, Some(vhost));
+            let limits = limits(&config(&yaml), "ratings");
+            assert_eq!(limits.decide("default", 0, 0), Decision::Allow, "{vhost}");
+            assert!(matches!(limits.decide("default", 1, 0), Decision::Limited { .. }), "{vhost}");
+        }
+        // Another service's vhost: nothing for ratings.
+        let yaml = filter("shop", "rl", TO_WAYPOINT, 0, Some("{name: 'inbound|http|8080'}"));
+        assert_eq!(limits(&config(&yaml), "ratings").decide("default", 0, 0), Decision::Skipped);
+    }
+
+    #[test]
+    fn buckets_survive_a_config_push_when_their_settings_do_not_change() {
+        let yaml = filter("shop", "rl", TO_WAYPOINT, 2, Some("{route: {name: limited}}"));
+        let first = limits(&config(&yaml), "reviews");
+        first.decide(HTTP0, 0, 0);
+        first.decide(HTTP1, 0, 0);
+        first.decide(HTTP1, 0, 0);
+        // The same filter again (another object changed): both buckets stay empty.
+        let other = "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: unrelated}\n";
+        let second = limits(&config(&format!("{yaml}{other}")), "reviews").carry_over(&first);
+        assert!(matches!(second.decide(HTTP0, 1, 0), Decision::Limited { .. }));
+        assert!(matches!(second.decide(HTTP1, 1, 0), Decision::Limited { .. }));
+        // New filter-wide settings: that bucket starts full; the route's is kept.
+        let changed = yaml.replace("max_tokens: 2", "max_tokens: 5");
+        let third = limits(&config(&changed), "reviews").carry_over(&second);
+        assert_eq!(third.decide(HTTP1, 2, 0), Decision::Allow);
+        assert!(matches!(third.decide(HTTP0, 2, 0), Decision::Limited { .. }));
+        // Without carrying over, everything starts full.
+        assert_eq!(limits(&config(&yaml), "reviews").decide(HTTP0, 3, 0), Decision::Allow);
+    }
+
+    #[test]
+    fn filters_chain_and_the_first_that_limits_answers() {
+        let yaml =
+            [filter("istio-system", "wide", "", 1, None), filter("shop", "narrow", TO_WAYPOINT, 5, None)].concat();
+        let limits = limits(&config(&yaml), "reviews");
+        assert_eq!(ids(&limits), ["istio-system/wide", "shop/narrow"]);
+        assert_eq!(limits.decide(HTTP1, 0, 0), Decision::Allow);
+        assert!(matches!(limits.decide(HTTP1, 1, 0), Decision::Limited { .. }));
+        assert!(RateLimits::default().is_empty());
+        assert_eq!(RateLimits::default().decide(HTTP1, 0, 0), Decision::Skipped);
     }
 }
