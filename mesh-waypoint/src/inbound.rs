@@ -28,6 +28,7 @@ use mesh_proxy::{
 };
 use mesh_waypoint::{
     jwt::{self, Authenticator},
+    ratelimit::{RateLimits, WaypointRef},
     route::{RouteTable, ServiceRef, TcpTable},
 };
 use tracing::{debug, info, warn};
@@ -167,6 +168,9 @@ pub struct Waypoint {
     pub ext_authz: ExtAuthzClient,
     connect_timeout: Duration,
     tables: RwLock<Arc<Tables>>,
+    /// Local rate limits per service port, with the config version they were built
+    /// for: rebuilt on a new version, keeping the buckets whose settings did not change.
+    ratelimits: Mutex<HashMap<(String, u16), (u64, Arc<RateLimits>)>>,
     /// Outlier and circuit-breaker state per destination, across config versions.
     pub health: Mutex<HashMap<Key, Arc<Health>>>,
 }
@@ -220,6 +224,7 @@ impl Waypoint {
             requests,
             upstreams: Upstreams::new(settings.connect_timeout),
             ext_authz,
+            ratelimits: Mutex::default(),
             connect_timeout: settings.connect_timeout,
             tables: RwLock::new(Arc::new(tables)),
             health: Mutex::default(),
@@ -228,6 +233,33 @@ impl Waypoint {
 
     pub fn tables(&self) -> Arc<Tables> {
         self.tables.read().expect("lock").clone()
+    }
+
+    /// The local rate limits (`EnvoyFilter`) for requests to `service`.
+    pub fn rate_limits(&self, tables: &Tables, service: &ServicePort) -> Arc<RateLimits> {
+        let key = (service.hostname.clone(), service.port);
+        let mut all = self.ratelimits.lock().expect("lock");
+        if let Some((version, limits)) = all.get(&key)
+            && *version == tables.version
+        {
+            return limits.clone();
+        }
+        let labels = WaypointRef::labels_of(&self.name);
+        let waypoint = WaypointRef { namespace: &self.namespace, name: &self.name, labels: &labels };
+        let fresh = RateLimits::for_destination(
+            &tables.config,
+            waypoint,
+            &ServiceRef::new(&service.namespace, &service.name, service.port),
+        );
+        let fresh = Arc::new(match all.get(&key) {
+            Some((_, old)) => fresh.carry_over(old),
+            None => fresh,
+        });
+        if !fresh.is_empty() {
+            info!(service = %service.hostname, filters = ?fresh.filter_ids().collect::<Vec<_>>(), "local rate limits");
+        }
+        all.insert(key, (tables.version, fresh.clone()));
+        fresh
     }
 
     pub fn certificate_of(&self, identity: &str) -> Option<Arc<WorkloadCert>> {

@@ -40,6 +40,7 @@ use mesh_waypoint::{
     normalize::Normalized,
     outlier::CallResult,
     policy::LbPolicy,
+    ratelimit,
     retry::Outcome,
     route::{Abort, Action, Mirror, RequestParts, TcpRequest},
 };
@@ -91,6 +92,12 @@ fn parts_query(path: &str) -> Option<&str> {
 fn roll_u64() -> u64 {
     use std::hash::{BuildHasher as _, RandomState};
     RandomState::new().hash_one(Instant::now())
+}
+
+/// Nanoseconds on a monotonic clock (since the first call): the rate limiters' time.
+fn monotonic_nanos() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    u64::try_from(START.get_or_init(Instant::now).elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// A uniform random number in [0, 1).
@@ -722,6 +729,20 @@ impl Downstream {
             return Err(Reply::new(StatusCode::NOT_FOUND, "NR", "route not found\n").because("no route matched"));
         };
         log.route.clone_from(&route.name);
+        let limits = self.waypoint.rate_limits(tables, service);
+        if !limits.is_empty()
+            && let ratelimit::Decision::Limited { headers } =
+                limits.decide(&route.name, monotonic_nanos(), (roll_u64() >> 32) as u32)
+        {
+            let mut reply = Reply::new(StatusCode::TOO_MANY_REQUESTS, "RL", "local_rate_limited")
+                .because(format!("local rate limit ({})", limits.filter_ids().collect::<Vec<_>>().join(", ")));
+            for (name, value) in headers {
+                if let Ok(name) = http::HeaderName::from_bytes(name.as_bytes()) {
+                    reply = reply.with_header(name, &value);
+                }
+            }
+            return Err(reply);
+        }
         let origin = request.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok()).map(str::to_owned);
         // CORS preflight, answered here when the policy allows the origin.
         if let (Some(cors), Some(origin)) = (&route.cors, &origin)

@@ -656,8 +656,52 @@ fn waypoint_l7_authorization_and_jwt() {
         lab.stop_process("ext-authz", "KILL").unwrap();
         assert_eq!(status("/anything/custom", "-H 'x-ext-authz: allow'"), "403");
         assert!(waypoint_http(lab, 15020, "/metrics").contains("mesh_waypoint_ext_authz_error_total 1"));
+
+        // A local rate limit, the EnvoyFilter of Istio's documentation bound to the
+        // Service: 4 tokens a minute, then 429 with flag RL and the configured header.
+        apply(lab, "ratelimit.yaml", RATE_LIMIT);
+        let codes = bodies(lab, "n1-p1", &format!("{HTTPBIN_URL}/anything/ok"), 10, "-o /dev/null");
+        let codes: Vec<&str> = codes.iter().map(|l| l.trim()).collect();
+        assert_eq!(
+            codes,
+            ["200", "200", "200", "200", "429", "429", "429", "429", "429", "429"],
+            "{}",
+            lab.log_of("waypoint")
+        );
+        let out = lab.exec("n1-p1", &["curl", "-s", "-i", &format!("{HTTPBIN_URL}/anything/ok")]).unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.starts_with("HTTP/1.1 429") && text.contains("x-local-rate-limit: true"), "{text}");
+        assert!(metric(lab, "istio_requests_total", &[("response_code", "429"), ("response_flags", "RL")]) >= 7.0);
     });
 }
+
+const RATE_LIMIT: &str = "\
+apiVersion: networking.istio.io/v1alpha3
+kind: EnvoyFilter
+metadata: {name: httpbin-ratelimit, namespace: shop}
+spec:
+  targetRefs: [{kind: Service, group: '', name: httpbin}]
+  configPatches:
+  - applyTo: HTTP_FILTER
+    match:
+      context: SIDECAR_INBOUND
+      listener: {filterChain: {filter: {name: envoy.filters.network.http_connection_manager}}}
+    patch:
+      operation: INSERT_BEFORE
+      value:
+        name: envoy.filters.http.local_ratelimit
+        typed_config:
+          '@type': type.googleapis.com/udpa.type.v1.TypedStruct
+          type_url: type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit
+          value:
+            stat_prefix: http_local_rate_limiter
+            token_bucket: {max_tokens: 4, tokens_per_fill: 4, fill_interval: 60s}
+            filter_enabled: {runtime_key: local_rate_limit_enabled, default_value: {numerator: 100, denominator: HUNDRED}}
+            filter_enforced: {runtime_key: local_rate_limit_enforced, default_value: {numerator: 100, denominator: HUNDRED}}
+            response_headers_to_add:
+            - append: false
+              header: {key: x-local-rate-limit, value: 'true'}
+";
 
 /// An HTTP authorizer: allows requests with `x-ext-authz: allow` (and says so in a
 /// header for upstream), denies the rest with a body and a header.
