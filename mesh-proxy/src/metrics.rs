@@ -26,10 +26,13 @@ pub struct TcpLabels {
     pub source_workload_namespace: String,
     pub source_principal: String,
     pub source_app: String,
+    /// The source's canonical revision ([`crate::workloads::Workload::revision`]).
+    pub source_revision: String,
     pub destination_workload: String,
     pub destination_workload_namespace: String,
     pub destination_principal: String,
     pub destination_app: String,
+    pub destination_revision: String,
     pub destination_service: String,
     pub destination_service_name: String,
     pub destination_service_namespace: String,
@@ -59,6 +62,17 @@ pub mod flags {
 
 pub const UNKNOWN: &str = "unknown";
 
+/// The cluster every workload is reported in (`source_cluster`, `destination_cluster`):
+/// Istio's default cluster ID. Kiali drops series whose namespace is known but whose
+/// cluster is `unknown`, so a known workload must carry a real cluster name.
+pub const CLUSTER: &str = "Kubernetes";
+
+/// The cluster of a workload whose namespace is `namespace`: [`CLUSTER`] when the
+/// workload is known, else empty (reported as `unknown`).
+pub fn cluster_of(namespace: &str) -> &'static str {
+    if namespace.is_empty() || namespace == UNKNOWN { "" } else { CLUSTER }
+}
+
 /// A label value as the text formats want it (the encoder writes values as given).
 pub fn escape(value: &str) -> std::borrow::Cow<'_, str> {
     if value.contains(['\\', '"', '\n']) {
@@ -72,18 +86,30 @@ pub fn escape(value: &str) -> std::borrow::Cow<'_, str> {
 /// labels Istio derives from `app`, and `request_protocol="tcp"`.
 impl EncodeLabelSet for TcpLabels {
     fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
-        let pairs: [(&str, &str); 17] = [
+        // A request to a known service that found no workload is still in the cluster.
+        let destination_namespace = if self.destination_workload_namespace.is_empty() {
+            &self.destination_service_namespace
+        } else {
+            &self.destination_workload_namespace
+        };
+        let pairs: [(&str, &str); 23] = [
             ("reporter", self.reporter),
             ("source_workload", &self.source_workload),
             ("source_workload_namespace", &self.source_workload_namespace),
             ("source_principal", &self.source_principal),
             ("source_app", &self.source_app),
+            ("source_version", &self.source_revision),
             ("source_canonical_service", &self.source_app),
+            ("source_canonical_revision", &self.source_revision),
+            ("source_cluster", cluster_of(&self.source_workload_namespace)),
             ("destination_workload", &self.destination_workload),
             ("destination_workload_namespace", &self.destination_workload_namespace),
             ("destination_principal", &self.destination_principal),
             ("destination_app", &self.destination_app),
+            ("destination_version", &self.destination_revision),
             ("destination_canonical_service", &self.destination_app),
+            ("destination_canonical_revision", &self.destination_revision),
+            ("destination_cluster", cluster_of(destination_namespace)),
             ("destination_service", &self.destination_service),
             ("destination_service_name", &self.destination_service_name),
             ("destination_service_namespace", &self.destination_service_namespace),

@@ -44,6 +44,17 @@ impl Workload {
             .or_else(|| self.labels.get("app"))
             .map_or(self.name.as_str(), String::as_str)
     }
+
+    /// The workload's canonical revision for telemetry, as Istio derives it:
+    /// `service.istio.io/canonical-revision`, else `app.kubernetes.io/version`, else
+    /// `version`, else `latest`. Kiali's graph names versioned app nodes by it.
+    pub fn revision(&self) -> &str {
+        self.labels
+            .get("service.istio.io/canonical-revision")
+            .or_else(|| self.labels.get("app.kubernetes.io/version"))
+            .or_else(|| self.labels.get("version"))
+            .map_or("latest", String::as_str)
+    }
 }
 
 #[derive(Debug)]

@@ -4,7 +4,7 @@
 //! request.
 use std::{net::SocketAddr, time::Duration};
 
-use mesh_proxy::metrics::{Metrics, encode_labels};
+use mesh_proxy::metrics::{Metrics, cluster_of, encode_labels};
 use prometheus_client::{
     encoding::{EncodeLabelSet, LabelSetEncoder},
     metrics::{counter::Counter, family::Family, histogram::Histogram},
@@ -42,10 +42,13 @@ pub struct RequestLabels {
     pub source_workload_namespace: String,
     pub source_principal: String,
     pub source_app: String,
+    /// The source's canonical revision (`Workload::revision`).
+    pub source_revision: String,
     pub destination_workload: String,
     pub destination_workload_namespace: String,
     pub destination_principal: String,
     pub destination_app: String,
+    pub destination_revision: String,
     pub destination_service: String,
     pub destination_service_name: String,
     pub destination_service_namespace: String,
@@ -60,18 +63,30 @@ pub struct RequestLabels {
 impl EncodeLabelSet for RequestLabels {
     fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
         let code = self.response_code.to_string();
-        let pairs: [(&str, &str); 19] = [
+        // A request to a known service that found no workload is still in the cluster.
+        let destination_namespace = if self.destination_workload_namespace.is_empty() {
+            &self.destination_service_namespace
+        } else {
+            &self.destination_workload_namespace
+        };
+        let pairs: [(&str, &str); 25] = [
             ("reporter", "waypoint"),
             ("source_workload", &self.source_workload),
             ("source_workload_namespace", &self.source_workload_namespace),
             ("source_principal", &self.source_principal),
             ("source_app", &self.source_app),
+            ("source_version", &self.source_revision),
             ("source_canonical_service", &self.source_app),
+            ("source_canonical_revision", &self.source_revision),
+            ("source_cluster", cluster_of(&self.source_workload_namespace)),
             ("destination_workload", &self.destination_workload),
             ("destination_workload_namespace", &self.destination_workload_namespace),
             ("destination_principal", &self.destination_principal),
             ("destination_app", &self.destination_app),
+            ("destination_version", &self.destination_revision),
             ("destination_canonical_service", &self.destination_app),
+            ("destination_canonical_revision", &self.destination_revision),
+            ("destination_cluster", cluster_of(destination_namespace)),
             ("destination_service", &self.destination_service),
             ("destination_service_name", &self.destination_service_name),
             ("destination_service_namespace", &self.destination_service_namespace),
