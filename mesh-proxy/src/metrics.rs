@@ -331,4 +331,54 @@ mod tests {
         // The histogram is there from the start, empty.
         assert!(out.contains("mesh_agent_tunnel_setup_duration_seconds_count 0"), "{out}");
     }
+
+    /// Kiali skips series without the canonical revision labels, and those whose
+    /// namespace is known but whose cluster is `unknown`.
+    #[test]
+    fn labels_carry_revisions_and_the_cluster_of_known_workloads() {
+        let metrics = Metrics::default();
+        let known = Arc::new(TcpLabels {
+            reporter: "destination",
+            source_workload: "web".into(),
+            source_workload_namespace: "shop".into(),
+            source_revision: "v1".into(),
+            destination_workload: "db".into(),
+            destination_workload_namespace: "data".into(),
+            destination_revision: "latest".into(),
+            connection_security_policy: "mutual_tls",
+            response_flags: flags::NONE,
+            ..TcpLabels::default()
+        });
+        let service_only = Arc::new(TcpLabels {
+            reporter: "source",
+            destination_service_namespace: "shop".into(),
+            response_flags: flags::NO_HEALTHY_UPSTREAM,
+            ..TcpLabels::default()
+        });
+        metrics.opened(&known);
+        metrics.opened(&service_only);
+        let (_, out) = metrics.render(None);
+        let line = |reporter: &str| {
+            out.lines()
+                .find(|l| l.starts_with("istio_tcp_connections_opened_total{") && l.contains(reporter))
+                .unwrap_or_else(|| panic!("no {reporter} line in {out}"))
+                .to_owned()
+        };
+        let known = line("reporter=\"destination\"");
+        for pair in [
+            "source_canonical_revision=\"v1\"",
+            "source_version=\"v1\"",
+            "source_cluster=\"Kubernetes\"",
+            "destination_canonical_revision=\"latest\"",
+            "destination_version=\"latest\"",
+            "destination_cluster=\"Kubernetes\"",
+        ] {
+            assert!(known.contains(pair), "{pair} missing: {known}");
+        }
+        let unknown = line("reporter=\"source\"");
+        assert!(unknown.contains("source_cluster=\"unknown\""), "{unknown}");
+        assert!(unknown.contains("source_canonical_revision=\"unknown\""), "{unknown}");
+        // No workload, but a known service namespace: still in the cluster.
+        assert!(unknown.contains("destination_cluster=\"Kubernetes\""), "{unknown}");
+    }
 }

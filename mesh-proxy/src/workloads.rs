@@ -494,6 +494,25 @@ ports: [{name: sql, port: 15432, protocol: TCP}]
 ";
 
     #[test]
+    fn revision_follows_istios_label_order_and_defaults_to_latest() {
+        let workload = |labels: &[(&str, &str)]| Workload {
+            name: "w".into(),
+            namespace: "shop".into(),
+            identity: String::new(),
+            meshed: true,
+            labels: labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            ips: Vec::new(),
+            ready: true,
+            ports: Vec::new(),
+        };
+        assert_eq!(workload(&[]).revision(), "latest");
+        assert_eq!(workload(&[("version", "v2")]).revision(), "v2");
+        assert_eq!(workload(&[("version", "v2"), ("app.kubernetes.io/version", "1.4")]).revision(), "1.4");
+        let all = [("version", "v2"), ("app.kubernetes.io/version", "1.4"), ("service.istio.io/canonical-revision", "c")];
+        assert_eq!(workload(&all).revision(), "c");
+    }
+
+    #[test]
     fn services_balance_over_running_endpoints_and_pick_the_path() {
         let index = Index::build(&config(YAML));
         let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
