@@ -508,7 +508,8 @@ ports: [{name: sql, port: 15432, protocol: TCP}]
         assert_eq!(workload(&[]).revision(), "latest");
         assert_eq!(workload(&[("version", "v2")]).revision(), "v2");
         assert_eq!(workload(&[("version", "v2"), ("app.kubernetes.io/version", "1.4")]).revision(), "1.4");
-        let all = [("version", "v2"), ("app.kubernetes.io/version", "1.4"), ("service.istio.io/canonical-revision", "c")];
+        let all =
+            [("version", "v2"), ("app.kubernetes.io/version", "1.4"), ("service.istio.io/canonical-revision", "c")];
         assert_eq!(workload(&all).revision(), "c");
     }
 

@@ -104,7 +104,12 @@ pub fn parse_vector(body: &str) -> anyhow::Result<Vec<Sample>> {
     let answer: serde_json::Value =
         serde_json::from_str(body).with_context(|| format!("query answer is not JSON: {body:.200}"))?;
     if answer["status"] != "success" {
-        bail!("query failed: status {}, errorType {}, error {}", answer["status"], answer["errorType"], answer["error"]);
+        bail!(
+            "query failed: status {}, errorType {}, error {}",
+            answer["status"],
+            answer["errorType"],
+            answer["error"]
+        );
     }
     let data = &answer["data"];
     if data["resultType"] != "vector" {
@@ -161,9 +166,9 @@ impl<'a> Prometheus<'a> {
     }
 
     fn curl(&self, args: &[&str]) -> anyhow::Result<String> {
-        let mut argv = vec!["curl", "-sS", "--fail-with-body", "--max-time", "10"];
-        argv.extend_from_slice(args);
-        let out = self.lab.exec("fabric", &argv)?;
+        let mut command = vec!["curl", "-sS", "--fail-with-body", "--max-time", "10"];
+        command.extend_from_slice(args);
+        let out = self.lab.exec("fabric", &command)?;
         let body = String::from_utf8_lossy(&out.stdout).into_owned();
         if !out.status.success() {
             bail!("curl {args:?}: {} {body}", String::from_utf8_lossy(&out.stderr).trim());
@@ -177,7 +182,8 @@ impl<'a> Prometheus<'a> {
 
     /// An instant query (`/api/v1/query`) at the current time.
     pub fn query(&self, promql: &str) -> anyhow::Result<Vec<Sample>> {
-        let body = self.curl(&["--data-urlencode", &format!("query={promql}"), &format!("http://{LISTEN}/api/v1/query")])?;
+        let body =
+            self.curl(&["--data-urlencode", &format!("query={promql}"), &format!("http://{LISTEN}/api/v1/query")])?;
         parse_vector(&body).with_context(|| format!("query {promql}"))
     }
 

@@ -134,8 +134,11 @@ pub fn setup() -> anyhow::Result<()> {
 fn stop_packaged_prometheus() -> anyhow::Result<()> {
     println!("setup: stopping and disabling the packaged prometheus service (the tests run their own)");
     if std::path::Path::new("/run/systemd/system").exists() {
-        return logged("prometheus-disable", Command::new("systemctl").args(["disable", "--now", "prometheus.service"]))
-            .context("disable the prometheus service");
+        return logged(
+            "prometheus-disable",
+            Command::new("systemctl").args(["disable", "--now", "prometheus.service"]),
+        )
+        .context("disable the prometheus service");
     }
     if std::path::Path::new("/etc/init.d/prometheus").exists() {
         logged("prometheus-stop", Command::new("/etc/init.d/prometheus").arg("stop"))

@@ -1,5 +1,5 @@
 //! Dashboards that work unchanged: Prometheus (Debian's package) scrapes the lab's
-//! agents and waypoint, and the PromQL that Kiali's traffic graph and Istio's Grafana
+//! agents and waypoint, and the `PromQL` that Kiali's traffic graph and Istio's Grafana
 //! dashboards issue, copied verbatim with only their variables filled in, returns the
 //! lab's traffic with the labels those tools read.
 //!
@@ -178,11 +178,7 @@ fn dashboards_kiali_and_istio_grafana_queries_return_the_labs_traffic() {
             .expect("a workload answered 200");
         assert!(lab.pods.iter().any(|p| p.name == workload), "destination_workload {workload} is not a lab pod");
         let revision = incoming.iter().find(|s| s.label("destination_workload") == workload).unwrap();
-        assert!(
-            ["v1", "v2"].contains(&revision.label("destination_canonical_revision")),
-            "{:?}",
-            revision.labels
-        );
+        assert!(["v1", "v2"].contains(&revision.label("destination_canonical_revision")), "{:?}", revision.labels);
 
         // Kiali, query 3: outgoing requests of the namespace's workloads.
         until(
@@ -308,8 +304,9 @@ fn dashboards_kiali_and_istio_grafana_queries_return_the_labs_traffic() {
         });
 
         // The queries of deploy/grafana/mesh-http-dashboard.json.
-        let dashboard: serde_json::Value = serde_json::from_str(include_str!("../../../deploy/grafana/mesh-http-dashboard.json"))
-            .expect("dashboard JSON");
+        let dashboard: serde_json::Value =
+            serde_json::from_str(include_str!("../../../deploy/grafana/mesh-http-dashboard.json"))
+                .expect("dashboard JSON");
         let vars = [
             ("$__rate_interval", "1m"),
             ("$__range", "1m"),
