@@ -183,3 +183,65 @@ impl RequestLog {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The labels Kiali's graph needs: canonical revisions on both sides, and a real
+    /// cluster wherever the namespace is known (also for a request no workload served).
+    #[test]
+    fn request_series_carry_revisions_and_clusters() {
+        let metrics = Metrics::default();
+        let requests = RequestMetrics::new(&metrics);
+        let served = RequestLabels {
+            source_workload: "web".into(),
+            source_workload_namespace: "shop".into(),
+            source_app: "web".into(),
+            source_revision: "v1".into(),
+            destination_workload: "httpbin-1".into(),
+            destination_workload_namespace: "shop".into(),
+            destination_app: "httpbin".into(),
+            destination_revision: "latest".into(),
+            destination_service: "httpbin.shop.svc.cluster.local".into(),
+            destination_service_name: "httpbin".into(),
+            destination_service_namespace: "shop".into(),
+            request_protocol: "http",
+            response_code: 404,
+            response_flags: "-",
+            ..RequestLabels::default()
+        };
+        let unserved = RequestLabels {
+            destination_workload: String::new(),
+            destination_workload_namespace: String::new(),
+            destination_revision: String::new(),
+            response_code: 503,
+            response_flags: "UH",
+            ..served.clone()
+        };
+        requests.record(&served, Duration::from_millis(3), 10, 20);
+        requests.record(&unserved, Duration::from_millis(1), 10, 0);
+        let (_, out) = metrics.render(None);
+        let line = |code: &str| {
+            out.lines()
+                .find(|l| l.starts_with("istio_requests_total{") && l.contains(&format!("response_code=\"{code}\"")))
+                .unwrap_or_else(|| panic!("no {code} series in {out}"))
+                .to_owned()
+        };
+        let served = line("404");
+        for pair in [
+            "reporter=\"waypoint\"",
+            "source_canonical_revision=\"v1\"",
+            "source_cluster=\"Kubernetes\"",
+            "destination_canonical_revision=\"latest\"",
+            "destination_cluster=\"Kubernetes\"",
+            "destination_version=\"latest\"",
+        ] {
+            assert!(served.contains(pair), "{pair} missing: {served}");
+        }
+        let unserved = line("503");
+        assert!(unserved.contains("destination_workload=\"unknown\""), "{unserved}");
+        assert!(unserved.contains("destination_canonical_revision=\"unknown\""), "{unserved}");
+        assert!(unserved.contains("destination_cluster=\"Kubernetes\""), "{unserved}");
+    }
+}
