@@ -26,10 +26,13 @@ pub struct TcpLabels {
     pub source_workload_namespace: String,
     pub source_principal: String,
     pub source_app: String,
+    /// The source's canonical revision ([`crate::workloads::Workload::revision`]).
+    pub source_revision: String,
     pub destination_workload: String,
     pub destination_workload_namespace: String,
     pub destination_principal: String,
     pub destination_app: String,
+    pub destination_revision: String,
     pub destination_service: String,
     pub destination_service_name: String,
     pub destination_service_namespace: String,
@@ -59,6 +62,17 @@ pub mod flags {
 
 pub const UNKNOWN: &str = "unknown";
 
+/// The cluster every workload is reported in (`source_cluster`, `destination_cluster`):
+/// Istio's default cluster ID. Kiali drops series whose namespace is known but whose
+/// cluster is `unknown`, so a known workload must carry a real cluster name.
+pub const CLUSTER: &str = "Kubernetes";
+
+/// The cluster of a workload whose namespace is `namespace`: [`CLUSTER`] when the
+/// workload is known, else empty (reported as `unknown`).
+pub fn cluster_of(namespace: &str) -> &'static str {
+    if namespace.is_empty() || namespace == UNKNOWN { "" } else { CLUSTER }
+}
+
 /// A label value as the text formats want it (the encoder writes values as given).
 pub fn escape(value: &str) -> std::borrow::Cow<'_, str> {
     if value.contains(['\\', '"', '\n']) {
@@ -72,18 +86,30 @@ pub fn escape(value: &str) -> std::borrow::Cow<'_, str> {
 /// labels Istio derives from `app`, and `request_protocol="tcp"`.
 impl EncodeLabelSet for TcpLabels {
     fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
-        let pairs: [(&str, &str); 17] = [
+        // A request to a known service that found no workload is still in the cluster.
+        let destination_namespace = if self.destination_workload_namespace.is_empty() {
+            &self.destination_service_namespace
+        } else {
+            &self.destination_workload_namespace
+        };
+        let pairs: [(&str, &str); 23] = [
             ("reporter", self.reporter),
             ("source_workload", &self.source_workload),
             ("source_workload_namespace", &self.source_workload_namespace),
             ("source_principal", &self.source_principal),
             ("source_app", &self.source_app),
+            ("source_version", &self.source_revision),
             ("source_canonical_service", &self.source_app),
+            ("source_canonical_revision", &self.source_revision),
+            ("source_cluster", cluster_of(&self.source_workload_namespace)),
             ("destination_workload", &self.destination_workload),
             ("destination_workload_namespace", &self.destination_workload_namespace),
             ("destination_principal", &self.destination_principal),
             ("destination_app", &self.destination_app),
+            ("destination_version", &self.destination_revision),
             ("destination_canonical_service", &self.destination_app),
+            ("destination_canonical_revision", &self.destination_revision),
+            ("destination_cluster", cluster_of(destination_namespace)),
             ("destination_service", &self.destination_service),
             ("destination_service_name", &self.destination_service_name),
             ("destination_service_namespace", &self.destination_service_namespace),
@@ -304,5 +330,55 @@ mod tests {
         assert!(open.contains("# TYPE istio_tcp_sent_bytes counter") && open.ends_with("# EOF\n"), "{open}");
         // The histogram is there from the start, empty.
         assert!(out.contains("mesh_agent_tunnel_setup_duration_seconds_count 0"), "{out}");
+    }
+
+    /// Kiali skips series without the canonical revision labels, and those whose
+    /// namespace is known but whose cluster is `unknown`.
+    #[test]
+    fn labels_carry_revisions_and_the_cluster_of_known_workloads() {
+        let metrics = Metrics::default();
+        let known = Arc::new(TcpLabels {
+            reporter: "destination",
+            source_workload: "web".into(),
+            source_workload_namespace: "shop".into(),
+            source_revision: "v1".into(),
+            destination_workload: "db".into(),
+            destination_workload_namespace: "data".into(),
+            destination_revision: "latest".into(),
+            connection_security_policy: "mutual_tls",
+            response_flags: flags::NONE,
+            ..TcpLabels::default()
+        });
+        let service_only = Arc::new(TcpLabels {
+            reporter: "source",
+            destination_service_namespace: "shop".into(),
+            response_flags: flags::NO_HEALTHY_UPSTREAM,
+            ..TcpLabels::default()
+        });
+        metrics.opened(&known);
+        metrics.opened(&service_only);
+        let (_, out) = metrics.render(None);
+        let line = |reporter: &str| {
+            out.lines()
+                .find(|l| l.starts_with("istio_tcp_connections_opened_total{") && l.contains(reporter))
+                .unwrap_or_else(|| panic!("no {reporter} line in {out}"))
+                .to_owned()
+        };
+        let known = line("reporter=\"destination\"");
+        for pair in [
+            "source_canonical_revision=\"v1\"",
+            "source_version=\"v1\"",
+            "source_cluster=\"Kubernetes\"",
+            "destination_canonical_revision=\"latest\"",
+            "destination_version=\"latest\"",
+            "destination_cluster=\"Kubernetes\"",
+        ] {
+            assert!(known.contains(pair), "{pair} missing: {known}");
+        }
+        let unknown = line("reporter=\"source\"");
+        assert!(unknown.contains("source_cluster=\"unknown\""), "{unknown}");
+        assert!(unknown.contains("source_canonical_revision=\"unknown\""), "{unknown}");
+        // No workload, but a known service namespace: still in the cluster.
+        assert!(unknown.contains("destination_cluster=\"Kubernetes\""), "{unknown}");
     }
 }

@@ -44,6 +44,17 @@ impl Workload {
             .or_else(|| self.labels.get("app"))
             .map_or(self.name.as_str(), String::as_str)
     }
+
+    /// The workload's canonical revision for telemetry, as Istio derives it:
+    /// `service.istio.io/canonical-revision`, else `app.kubernetes.io/version`, else
+    /// `version`, else `latest`. Kiali's graph names versioned app nodes by it.
+    pub fn revision(&self) -> &str {
+        self.labels
+            .get("service.istio.io/canonical-revision")
+            .or_else(|| self.labels.get("app.kubernetes.io/version"))
+            .or_else(|| self.labels.get("version"))
+            .map_or("latest", String::as_str)
+    }
 }
 
 #[derive(Debug)]
@@ -481,6 +492,26 @@ endpoints:
   conditions: {ready: false, terminating: true}
 ports: [{name: sql, port: 15432, protocol: TCP}]
 ";
+
+    #[test]
+    fn revision_follows_istios_label_order_and_defaults_to_latest() {
+        let workload = |labels: &[(&str, &str)]| Workload {
+            name: "w".into(),
+            namespace: "shop".into(),
+            identity: String::new(),
+            meshed: true,
+            labels: labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            ips: Vec::new(),
+            ready: true,
+            ports: Vec::new(),
+        };
+        assert_eq!(workload(&[]).revision(), "latest");
+        assert_eq!(workload(&[("version", "v2")]).revision(), "v2");
+        assert_eq!(workload(&[("version", "v2"), ("app.kubernetes.io/version", "1.4")]).revision(), "1.4");
+        let all =
+            [("version", "v2"), ("app.kubernetes.io/version", "1.4"), ("service.istio.io/canonical-revision", "c")];
+        assert_eq!(workload(&all).revision(), "c");
+    }
 
     #[test]
     fn services_balance_over_running_endpoints_and_pick_the_path() {

@@ -438,6 +438,7 @@ impl Downstream {
             source_workload_namespace: source.map(|w| w.namespace.clone()).unwrap_or_default(),
             source_principal: self.caller.identity.to_string(),
             source_app: source.map(|w| w.app().to_owned()).unwrap_or_default(),
+            source_revision: source.map(|w| w.revision().to_owned()).unwrap_or_default(),
             request_protocol: if grpc { "grpc" } else { "http" },
             ..RequestLabels::default()
         };
@@ -1083,6 +1084,7 @@ impl Downstream {
         labels.destination_workload_namespace.clone_from(&workload.namespace);
         labels.destination_principal.clone_from(&workload.identity);
         workload.app().clone_into(&mut labels.destination_app);
+        workload.revision().clone_into(&mut labels.destination_revision);
     }
 
     /// What Envoy adds: `x-forwarded-for` (the client's address appended),

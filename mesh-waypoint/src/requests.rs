@@ -4,7 +4,7 @@
 //! request.
 use std::{net::SocketAddr, time::Duration};
 
-use mesh_proxy::metrics::{Metrics, encode_labels};
+use mesh_proxy::metrics::{Metrics, cluster_of, encode_labels};
 use prometheus_client::{
     encoding::{EncodeLabelSet, LabelSetEncoder},
     metrics::{counter::Counter, family::Family, histogram::Histogram},
@@ -42,10 +42,13 @@ pub struct RequestLabels {
     pub source_workload_namespace: String,
     pub source_principal: String,
     pub source_app: String,
+    /// The source's canonical revision (`Workload::revision`).
+    pub source_revision: String,
     pub destination_workload: String,
     pub destination_workload_namespace: String,
     pub destination_principal: String,
     pub destination_app: String,
+    pub destination_revision: String,
     pub destination_service: String,
     pub destination_service_name: String,
     pub destination_service_namespace: String,
@@ -60,18 +63,30 @@ pub struct RequestLabels {
 impl EncodeLabelSet for RequestLabels {
     fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
         let code = self.response_code.to_string();
-        let pairs: [(&str, &str); 19] = [
+        // A request to a known service that found no workload is still in the cluster.
+        let destination_namespace = if self.destination_workload_namespace.is_empty() {
+            &self.destination_service_namespace
+        } else {
+            &self.destination_workload_namespace
+        };
+        let pairs: [(&str, &str); 25] = [
             ("reporter", "waypoint"),
             ("source_workload", &self.source_workload),
             ("source_workload_namespace", &self.source_workload_namespace),
             ("source_principal", &self.source_principal),
             ("source_app", &self.source_app),
+            ("source_version", &self.source_revision),
             ("source_canonical_service", &self.source_app),
+            ("source_canonical_revision", &self.source_revision),
+            ("source_cluster", cluster_of(&self.source_workload_namespace)),
             ("destination_workload", &self.destination_workload),
             ("destination_workload_namespace", &self.destination_workload_namespace),
             ("destination_principal", &self.destination_principal),
             ("destination_app", &self.destination_app),
+            ("destination_version", &self.destination_revision),
             ("destination_canonical_service", &self.destination_app),
+            ("destination_canonical_revision", &self.destination_revision),
+            ("destination_cluster", cluster_of(destination_namespace)),
             ("destination_service", &self.destination_service),
             ("destination_service_name", &self.destination_service_name),
             ("destination_service_namespace", &self.destination_service_namespace),
@@ -166,5 +181,67 @@ impl RequestLog {
             reason = %self.reason.as_deref().unwrap_or("-"),
             "request complete"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The labels Kiali's graph needs: canonical revisions on both sides, and a real
+    /// cluster wherever the namespace is known (also for a request no workload served).
+    #[test]
+    fn request_series_carry_revisions_and_clusters() {
+        let metrics = Metrics::default();
+        let requests = RequestMetrics::new(&metrics);
+        let served = RequestLabels {
+            source_workload: "web".into(),
+            source_workload_namespace: "shop".into(),
+            source_app: "web".into(),
+            source_revision: "v1".into(),
+            destination_workload: "httpbin-1".into(),
+            destination_workload_namespace: "shop".into(),
+            destination_app: "httpbin".into(),
+            destination_revision: "latest".into(),
+            destination_service: "httpbin.shop.svc.cluster.local".into(),
+            destination_service_name: "httpbin".into(),
+            destination_service_namespace: "shop".into(),
+            request_protocol: "http",
+            response_code: 404,
+            response_flags: "-",
+            ..RequestLabels::default()
+        };
+        let unserved = RequestLabels {
+            destination_workload: String::new(),
+            destination_workload_namespace: String::new(),
+            destination_revision: String::new(),
+            response_code: 503,
+            response_flags: "UH",
+            ..served.clone()
+        };
+        requests.record(&served, Duration::from_millis(3), 10, 20);
+        requests.record(&unserved, Duration::from_millis(1), 10, 0);
+        let (_, out) = metrics.render(None);
+        let line = |code: &str| {
+            out.lines()
+                .find(|l| l.starts_with("istio_requests_total{") && l.contains(&format!("response_code=\"{code}\"")))
+                .unwrap_or_else(|| panic!("no {code} series in {out}"))
+                .to_owned()
+        };
+        let served = line("404");
+        for pair in [
+            "reporter=\"waypoint\"",
+            "source_canonical_revision=\"v1\"",
+            "source_cluster=\"Kubernetes\"",
+            "destination_canonical_revision=\"latest\"",
+            "destination_cluster=\"Kubernetes\"",
+            "destination_version=\"latest\"",
+        ] {
+            assert!(served.contains(pair), "{pair} missing: {served}");
+        }
+        let unserved = line("503");
+        assert!(unserved.contains("destination_workload=\"unknown\""), "{unserved}");
+        assert!(unserved.contains("destination_canonical_revision=\"unknown\""), "{unserved}");
+        assert!(unserved.contains("destination_cluster=\"Kubernetes\""), "{unserved}");
     }
 }

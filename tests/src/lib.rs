@@ -26,6 +26,7 @@ use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
 pub mod probe;
+pub mod prometheus;
 pub mod waypoint;
 
 /// Where labs keep their state (logs, pids, sockets, description).

@@ -33,6 +33,9 @@ fn waypoint_bin() -> PathBuf {
 #[path = "e2e/waypoint.rs"]
 mod waypoint;
 
+#[path = "e2e/dashboards.rs"]
+mod dashboards;
+
 /// Runs `body` on a fresh 2-node lab, then tears the lab down and checks that
 /// nothing of it is left (namespaces, links, cgroups, pins, processes, state).
 fn with_lab(prefix: &str, agent_args: &[&str], body: impl FnOnce(&Lab)) {

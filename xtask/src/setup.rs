@@ -17,7 +17,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("tcpdump", "packet captures"),
     ("socat", "tests"),
     ("python3", "the Kubernetes API server test double (tests/fake-apiserver.py)"),
-    ("prometheus", "promtool (tests check the agent's metrics)"),
+    ("prometheus", "promtool, and the server the dashboards test runs (not the packaged service)"),
     ("nghttp2-client", "h2load"),
     ("llvm-22-dev", "bpf-linker"),
     ("libpolly-22-dev", "bpf-linker"),
@@ -73,11 +73,18 @@ pub fn setup() -> anyhow::Result<()> {
     }
     if !missing.is_empty() {
         println!("setup: installing Debian packages: {}", missing.join(" "));
-        sh(Command::new("apt-get").args(["update", "-qq"]))?;
-        sh(Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        logged("apt-update", Command::new("apt-get").args(["update", "-qq"])).context("apt-get update")?;
+        logged(
+            "apt-install",
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+        .context("install Debian packages")?;
+        if missing.contains(&"prometheus") {
+            stop_packaged_prometheus()?;
+        }
     }
     if need_rust_src {
         println!("setup: adding rust-src to the nightly toolchain");
@@ -121,6 +128,27 @@ pub fn setup() -> anyhow::Result<()> {
         .context("install the Python test peers")?;
     }
     println!("setup: done");
+    Ok(())
+}
+
+/// Debian's `prometheus` package starts a server on :9090 scraping the machine; the
+/// tests run their own (`mesh_lab::prometheus`), so the packaged service is stopped
+/// and disabled, through systemd when it runs, else through the init script.
+fn stop_packaged_prometheus() -> anyhow::Result<()> {
+    println!("setup: stopping and disabling the packaged prometheus service (the tests run their own)");
+    if std::path::Path::new("/run/systemd/system").exists() {
+        return logged(
+            "prometheus-disable",
+            Command::new("systemctl").args(["disable", "--now", "prometheus.service"]),
+        )
+        .context("disable the prometheus service");
+    }
+    if std::path::Path::new("/etc/init.d/prometheus").exists() {
+        logged("prometheus-stop", Command::new("/etc/init.d/prometheus").arg("stop"))
+            .context("stop the prometheus service")?;
+        logged("prometheus-disable", Command::new("update-rc.d").args(["prometheus", "disable"]))
+            .context("disable the prometheus service")?;
+    }
     Ok(())
 }
 
