@@ -20,6 +20,7 @@ use mesh_proxy::{
     control::ControlClient,
     identity::{CertStore, WorkloadCert},
     metrics::Metrics,
+    otlp,
     tunnel::{
         HboneError,
         server::{Connect, Handler},
@@ -30,6 +31,7 @@ use mesh_waypoint::{
     jwt::{self, Authenticator},
     ratelimit::{RateLimits, WaypointRef},
     route::{RouteTable, ServiceRef, TcpTable},
+    telemetry_api::{self, Defaults, Effective, Subject},
 };
 use tracing::{debug, info, warn};
 
@@ -62,6 +64,8 @@ pub struct Tables {
     /// How request paths are normalized before policy and routing (mesh config).
     pub normalization: PathNormalization,
     routes: Mutex<HashMap<(String, u16), Arc<RouteTable>>>,
+    /// The Telemetry API's effective settings per destination (namespace, name).
+    telemetry: Mutex<HashMap<(String, String), Arc<Effective>>>,
     /// `RequestAuthentication` rules per destination (namespace, name).
     authenticators: Mutex<HashMap<(String, String), Arc<Authenticator>>>,
     tcp_routes: Mutex<HashMap<(String, u16), Arc<TcpTable>>>,
@@ -77,6 +81,7 @@ impl Tables {
             normalization: config.mesh.path_normalization(),
             policies,
             authenticators: Mutex::default(),
+            telemetry: Mutex::default(),
             config,
             index,
             routes: Mutex::default(),
@@ -126,6 +131,43 @@ impl Tables {
         authenticator
     }
 
+    /// What the Telemetry API asks of requests to `service` at `waypoint`.
+    pub fn telemetry(&self, waypoint: &Waypoint, service: &ServicePort) -> Arc<Effective> {
+        let key = (service.namespace.clone(), service.name.clone());
+        if let Some(found) = self.telemetry.lock().expect("lock").get(&key) {
+            return found.clone();
+        }
+        let labels = WaypointRef::labels_of(&waypoint.name);
+        let defaults = Defaults {
+            tracing_providers: self
+                .config
+                .mesh
+                .default_providers
+                .as_ref()
+                .map(|d| d.tracing.clone())
+                .unwrap_or_default(),
+            sampling_percent: 1.0,
+            ..Defaults::default()
+        };
+        let resolved = telemetry_api::resolve(
+            &self.config.telemetries,
+            &Subject {
+                root_namespace: &self.config.root_namespace,
+                waypoint_namespace: &waypoint.namespace,
+                waypoint_name: &waypoint.name,
+                waypoint_labels: &labels,
+                service: Some((&service.namespace, &service.name)),
+            },
+            &defaults,
+        );
+        for issue in &resolved.issues {
+            warn!(service = %service.hostname, %issue, "Telemetry");
+        }
+        let effective = Arc::new(resolved.effective);
+        self.telemetry.lock().expect("lock").insert(key, effective.clone());
+        effective
+    }
+
     /// The L4 routes of a service port.
     pub fn tcp_routes(&self, service: &ServicePort) -> Arc<TcpTable> {
         let key = (service.hostname.clone(), service.port);
@@ -168,6 +210,8 @@ pub struct Waypoint {
     pub ext_authz: ExtAuthzClient,
     connect_timeout: Duration,
     tables: RwLock<Arc<Tables>>,
+    /// Span exporters by `extensionProviders` name, with the collector they send to.
+    exporters: Mutex<HashMap<String, (String, otlp::SpanSender)>>,
     /// Local rate limits per service port, with the config version they were built
     /// for: rebuilt on a new version, keeping the buckets whose settings did not change.
     ratelimits: Mutex<HashMap<(String, u16), (u64, Arc<RateLimits>)>>,
@@ -225,6 +269,7 @@ impl Waypoint {
             upstreams: Upstreams::new(settings.connect_timeout),
             ext_authz,
             ratelimits: Mutex::default(),
+            exporters: Mutex::default(),
             connect_timeout: settings.connect_timeout,
             tables: RwLock::new(Arc::new(tables)),
             health: Mutex::default(),
@@ -233,6 +278,41 @@ impl Waypoint {
 
     pub fn tables(&self) -> Arc<Tables> {
         self.tables.read().expect("lock").clone()
+    }
+
+    /// The exporter of the `opentelemetry` provider `name` of the mesh config, started
+    /// on first use (and again when the provider's collector changes). `None` when the
+    /// mesh config has no such provider.
+    pub fn exporter(&self, tables: &Tables, name: &str) -> Option<otlp::SpanSender> {
+        let provider = tables.config.mesh.provider(name)?.opentelemetry.as_ref()?;
+        let (_, host) = mesh_waypoint::custom::service_host(&provider.service);
+        let port = u16::try_from(provider.port).ok()?;
+        // A Service of the view is reached at one of its endpoints; any other host by name.
+        let address = tables
+            .index
+            .service_by_host(host, port)
+            .and_then(|s| s.pick(false))
+            .map_or_else(|| host.to_string(), |(_, addr)| addr.ip().to_string());
+        let protocol = if provider.http.is_some() { otlp::Protocol::HttpProtobuf } else { otlp::Protocol::Grpc };
+        let key = format!("{address}:{port} {protocol:?} {:?}", provider.http);
+        let mut exporters = self.exporters.lock().expect("lock");
+        if let Some((current, sender)) = exporters.get(name)
+            && *current == key
+        {
+            return Some(sender.clone());
+        }
+        let origin = otlp::Origin::proxy(&self.name, &self.namespace, "mesh-waypoint", env!("CARGO_PKG_VERSION"));
+        let mut config = otlp::ExporterConfig::new(address, port, protocol, origin);
+        if let Some(http) = &provider.http
+            && !http.path.is_empty()
+        {
+            config.path.clone_from(&http.path);
+        }
+        let (sender, exporter) = otlp::exporter(config);
+        tokio::spawn(exporter.run());
+        info!(provider = name, collector = %key, "span exporter started");
+        exporters.insert(name.to_string(), (key, sender.clone()));
+        Some(sender)
     }
 
     /// The local rate limits (`EnvoyFilter`) for requests to `service`.

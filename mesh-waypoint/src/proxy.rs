@@ -25,6 +25,7 @@ use hyper_util::{
     server::conn::auto,
 };
 use mesh_proxy::{
+    otlp,
     tunnel::stream::H2Stream,
     workloads::{ServicePort, Workload},
 };
@@ -43,6 +44,7 @@ use mesh_waypoint::{
     ratelimit,
     retry::Outcome,
     route::{Abort, Action, Mirror, RequestParts, TcpRequest},
+    trace,
 };
 
 use crate::{
@@ -306,6 +308,64 @@ fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into()).map_err(|never: Infallible| match never {}).boxed()
 }
 
+/// A request's span in the making (see `Downstream::start_span`).
+struct Span {
+    started: trace::Started,
+    /// `None`: not sampled, or reporting disabled (the context still propagates).
+    sender: Option<otlp::SpanSender>,
+    tags: std::collections::BTreeMap<String, trace::CustomTag>,
+    /// The request headers, kept only when custom tags read them.
+    headers: HeaderMap,
+    user_agent: Option<String>,
+    port: u16,
+    start_unix_nanos: u64,
+}
+
+impl Span {
+    /// Records the span and queues it for export (never waits).
+    fn finish(self, waypoint: &Waypoint, log: &RequestLog, labels: &RequestLabels, sent: u64, received: u64) {
+        let Some(sender) = &self.sender else { return };
+        let url = format!("http://{}{}", log.authority, log.path);
+        let cluster = format!("outbound|{}||{}", self.port, labels.destination_service);
+        let upstream = log.upstream.map(|a| a.to_string());
+        let facts = trace::RequestFacts {
+            service_host: &labels.destination_service,
+            service_port: self.port,
+            route_path: trace::RoutePath::Any,
+            method: &log.method,
+            url: &url,
+            protocol: log.protocol,
+            user_agent: self.user_agent.as_deref(),
+            request_id: Some(&log.request_id),
+            status: log.status,
+            response_flags: log.flags,
+            upstream_cluster: &cluster,
+            upstream_address: upstream.as_deref(),
+            request_size: sent,
+            response_size: received,
+            start_unix_nanos: self.start_unix_nanos,
+            end_unix_nanos: unix_nanos(),
+        };
+        let node = trace::Node {
+            node_id: &waypoint.name,
+            canonical_service: &waypoint.name,
+            canonical_revision: "latest",
+            namespace: &waypoint.namespace,
+            mesh_id: mesh_common::config::DEFAULT_TRUST_DOMAIN,
+            cluster_id: mesh_proxy::metrics::CLUSTER,
+        };
+        let env = |name: &str| std::env::var(name).ok();
+        let span = trace::finish(&self.started, otlp::SpanKind::Server, &facts, &node, &self.headers, &self.tags, &env);
+        sender.send(span);
+    }
+}
+
+fn unix_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
 /// Every header as (lowercase name, value), repeated headers repeated, values that are
 /// not text read lossily (a policy must see them, not skip them); and the `Host` values.
 fn header_values(headers: &HeaderMap) -> (Vec<(&str, std::borrow::Cow<'_, str>)>, Vec<&str>) {
@@ -468,6 +528,7 @@ impl Downstream {
             ..RequestLog::default()
         };
         let request_bytes = Arc::new(AtomicU64::new(header_bytes(request.headers())));
+        let span = service.as_ref().and_then(|service| self.start_span(&tables, service, &mut request));
         let outcome = match &service {
             Some(service) => match self.secure(&tables, service, &mut request, &mut log).await {
                 Ok(response_edits) => {
@@ -517,9 +578,39 @@ impl Downstream {
             let sent = request_bytes.load(Ordering::Relaxed);
             waypoint.requests.record(&labels, duration, sent, bytes);
             log.emit(duration, sent, bytes);
+            if let Some(span) = span {
+                span.finish(&waypoint, &log, &labels, sent, bytes);
+            }
         };
         let body = Counted { inner: body, bytes: response_bytes, grpc_status: None, done: Some(Box::new(done)) };
         Response::from_parts(parts, body.boxed())
+    }
+
+    /// Tracing: when the Telemetry API gives the service a tracing provider, the trace
+    /// context is read (W3C or B3), a span id made and the headers for upstream set on
+    /// the request; the span is exported when the request is done, if sampled.
+    fn start_span(&self, tables: &Tables, service: &ServicePort, request: &mut Request<Incoming>) -> Option<Span> {
+        let tracing = tables.telemetry(&self.waypoint, service).tracing.clone()?;
+        let (a, b) = (roll_u64(), roll_u64());
+        let mut trace_id = [0u8; 16];
+        trace_id[..8].copy_from_slice(&a.to_le_bytes());
+        trace_id[8..].copy_from_slice(&b.to_le_bytes());
+        let randomness =
+            trace::Randomness { trace_id, span_id: roll_u64().to_le_bytes(), sample: (roll_u64() >> 32) as u32 };
+        let started = trace::start(request.headers(), tracing.sampling_percent, randomness);
+        trace::inject(&started, request.headers_mut());
+        let sender =
+            if started.sampled && !tracing.disabled { self.waypoint.exporter(tables, &tracing.provider) } else { None };
+        let headers = if tracing.custom_tags.is_empty() { HeaderMap::new() } else { request.headers().clone() };
+        Some(Span {
+            started,
+            sender,
+            tags: tracing.custom_tags,
+            headers,
+            user_agent: request.headers().get(header::USER_AGENT).and_then(|v| v.to_str().ok()).map(str::to_owned),
+            port: service.port,
+            start_unix_nanos: unix_nanos(),
+        })
     }
 
     /// The security phase, before routing: JWT authentication (`RequestAuthentication`),

@@ -755,3 +755,128 @@ spec:
   provider: {name: lab-authz}
   rules: [{to: [{operation: {paths: ['/anything/custom*']}}]}]
 ";
+
+/// An OTLP/HTTP receiver on OpenTelemetry's own protocol definitions
+/// (`opentelemetry-proto`): prints one JSON line per span received.
+const OTLP_RECEIVER: &str = "\
+import json, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest, ExportTraceServiceResponse
+def value(v):
+    return v.string_value or v.int_value or v.bool_value
+class Receiver(BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers['content-length']))
+        request = ExportTraceServiceRequest.FromString(body)
+        for rs in request.resource_spans:
+            resource = {a.key: value(a.value) for a in rs.resource.attributes}
+            for ss in rs.scope_spans:
+                for s in ss.spans:
+                    print(json.dumps({'path': self.path, 'service': resource.get('service.name'), 'trace_id': s.trace_id.hex(),
+                        'span_id': s.span_id.hex(), 'parent_span_id': s.parent_span_id.hex(), 'name': s.name, 'kind': s.kind,
+                        'attributes': {a.key: value(a.value) for a in s.attributes}}), flush=True)
+        answer = ExportTraceServiceResponse().SerializeToString()
+        self.send_response(200)
+        self.send_header('content-type', 'application/x-protobuf')
+        self.send_header('content-length', str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+    def log_message(self, *args):
+        pass
+ThreadingHTTPServer(('0.0.0.0', 4318), Receiver).serve_forever()
+";
+
+const TRACING: &str = "\
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |
+    extensionProviders:
+    - name: lab-otel
+      opentelemetry:
+        service: otel.shop.svc.cluster.local
+        port: 4318
+        http: {path: /v1/traces}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: otel, namespace: shop, labels: {istio.io/use-waypoint: none}}
+spec:
+  clusterIP: 10.96.0.14
+  selector: {statefulset.kubernetes.io/pod-name: n2-p1}
+  ports: [{name: http, port: 4318, targetPort: 4318}]
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: mesh-default, namespace: istio-system}
+spec:
+  tracing:
+  - providers: [{name: lab-otel}]
+    randomSamplingPercentage: 100
+    customTags:
+      lab: {literal: {value: waypoint-e2e}}
+      client: {header: {name: x-client, defaultValue: none}}
+";
+
+#[test]
+fn waypoint_traces_to_an_otlp_receiver() {
+    let adjust = |spec: &mut mesh_lab::LabSpec| spec.waypoint_bin = Some(super::waypoint_bin());
+    with_lab_spec("mesh-wt", 2, &[], Some(&[]), adjust, |lab| {
+        start_httpbin(lab, &shop_pods(lab)).expect("httpbin");
+        apply(lab, "httpbin.yaml", HTTPBIN);
+        lab.spawn_in("n2-p1", "otlp", &["python3", "-c", OTLP_RECEIVER]).unwrap();
+        wait_for(Duration::from_secs(10), || {
+            lab.exec("n2-p1", &["ss", "-ltn"]).is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(":4318"))
+        })
+        .unwrap_or_else(|_| panic!("receiver: {}", lab.log_of("otlp")));
+        apply(lab, "tracing.yaml", TRACING);
+        let headers_seen = |args: &[&str]| -> serde_json::Value {
+            let mut argv = vec!["curl", "-s"];
+            argv.extend_from_slice(args);
+            let url = format!("{HTTPBIN_URL}/headers");
+            argv.push(&url);
+            let out = lab.exec("n1-p1", &argv).unwrap();
+            serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))["headers"]
+                .clone()
+        };
+        // W3C: the trace goes on with the waypoint's span as the parent upstream.
+        let seen = headers_seen(&[
+            "-H",
+            "traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "-H",
+            "x-client: e2e",
+        ]);
+        let upstream = seen["Traceparent"].as_str().unwrap_or_else(|| panic!("no traceparent upstream: {seen}"));
+        let parts: Vec<&str> = upstream.split('-').collect();
+        assert_eq!((parts[0], parts[1], parts[3]), ("00", "4bf92f3577b34da6a3ce929d0e0e4736", "01"), "{upstream}");
+        let waypoint_span = parts[2].to_owned();
+        assert_ne!(waypoint_span, "00f067aa0ba902b7", "the waypoint's own span id");
+        // B3 (single header): the same trace id upstream.
+        let seen = headers_seen(&["-H", "b3: 80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1"]);
+        assert!(seen.to_string().contains("80f198ee56343ba864fe8b2a57d3eff7"), "B3 not propagated: {seen}");
+        // The span, exported over OTLP/HTTP, with its parent link and tags.
+        let span = || {
+            lab.log_of("otlp")
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|s| s["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736")
+        };
+        wait_for(Duration::from_secs(10), || span().is_some())
+            .unwrap_or_else(|_| panic!("no span: {}\n{}", lab.log_of("otlp"), lab.log_of("waypoint")));
+        let span = span().unwrap();
+        assert_eq!(span["parent_span_id"], "00f067aa0ba902b7", "{span}");
+        assert_eq!(span["span_id"], waypoint_span.as_str(), "{span}");
+        assert_eq!(span["path"], "/v1/traces");
+        assert_eq!(span["name"], "httpbin.shop.svc.cluster.local:8000/*", "{span}");
+        assert_eq!(span["kind"], 2, "SERVER: {span}");
+        assert_eq!(span["attributes"]["http.status_code"], "200", "{span}");
+        assert_eq!(span["attributes"]["lab"], "waypoint-e2e", "{span}");
+        assert_eq!(span["attributes"]["client"], "e2e", "{span}");
+        assert_eq!(span["service"], "waypoint.shop", "{span}");
+        let b3 = lab.log_of("otlp").contains("80f198ee56343ba864fe8b2a57d3eff7");
+        wait_for(Duration::from_secs(5), || lab.log_of("otlp").contains("80f198ee56343ba864fe8b2a57d3eff7"))
+            .unwrap_or_else(|_| panic!("no span for the B3 request (seen before wait: {b3})"));
+    });
+}
