@@ -21,6 +21,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, client::conn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use crate::telemetry::error_chain;
 use tokio::{
     net::TcpStream,
     sync::mpsc,
@@ -515,17 +516,6 @@ impl Exporter {
             }
         }
     }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut out = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 #[cfg(test)]

@@ -31,6 +31,7 @@ use mesh_waypoint::custom::{self, AnswerError, ConfigError};
 pub use mesh_waypoint::custom::{CheckRequest, Decision};
 use prometheus_client::metrics::counter::Counter;
 use tokio::net::TcpStream;
+use mesh_proxy::telemetry::error_chain;
 use tracing::debug;
 
 /// Idle HTTP/1.1 connections kept per authorizer address.
@@ -317,17 +318,6 @@ async fn with_timeout<T>(
     future: impl Future<Output = Result<T, CheckError>>,
 ) -> Result<T, CheckError> {
     tokio::time::timeout(timeout, future).await.map_err(|_| CheckError::Timeout { addr, timeout })?
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -101,19 +101,9 @@ pub enum JwtError {
     Audience { audiences: Vec<String> },
 }
 
-/// A verified token: what authorization (`requestPrincipals`, `request.auth.*`)
-/// needs.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Auth {
-    /// `iss/sub`, Istio's request principal.
-    pub principal: String,
-    /// The token's `aud` (a string is a one-element list).
-    pub audiences: Vec<String>,
-    /// `azp`.
-    pub presenter: Option<String>,
-    /// The whole payload.
-    pub claims: Value,
-}
+/// A verified token is what authorization (`requestPrincipals`, `request.auth.*`)
+/// reads: the policy engine's own type.
+pub use mesh_common::policy::Auth;
 
 /// Header changes a successful authentication makes to the request sent upstream.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

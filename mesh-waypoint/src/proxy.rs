@@ -633,12 +633,7 @@ impl Downstream {
             jwt::Outcome::Anonymous => None,
             jwt::Outcome::Authenticated { auth, edits } => {
                 edits.apply(request.headers_mut());
-                Some(policy::Auth {
-                    principal: auth.principal,
-                    audiences: auth.audiences,
-                    presenter: auth.presenter,
-                    claims: auth.claims,
-                })
+                Some(auth)
             }
             jwt::Outcome::Denied(denied) => {
                 let realm = format!("http://{}{}", log.authority, request.uri().path());
