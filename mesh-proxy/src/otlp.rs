@@ -17,11 +17,11 @@ use std::{
     time::Duration,
 };
 
+use crate::telemetry::error_chain;
 use bytes::{BufMut, Bytes, BytesMut};
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, client::conn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use crate::telemetry::error_chain;
 use tokio::{
     net::TcpStream,
     sync::mpsc,

@@ -27,11 +27,11 @@ use hyper::{
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_common::config::mesh::ExtAuthz;
+use mesh_proxy::telemetry::error_chain;
 use mesh_waypoint::custom::{self, AnswerError, ConfigError};
 pub use mesh_waypoint::custom::{CheckRequest, Decision};
 use prometheus_client::metrics::counter::Counter;
 use tokio::net::TcpStream;
-use mesh_proxy::telemetry::error_chain;
 use tracing::debug;
 
 /// Idle HTTP/1.1 connections kept per authorizer address.

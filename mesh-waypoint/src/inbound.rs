@@ -214,10 +214,13 @@ pub struct Waypoint {
     exporters: Mutex<HashMap<String, (String, otlp::SpanSender)>>,
     /// Local rate limits per service port, with the config version they were built
     /// for: rebuilt on a new version, keeping the buckets whose settings did not change.
-    ratelimits: Mutex<HashMap<(String, u16), (u64, Arc<RateLimits>)>>,
+    ratelimits: Mutex<HashMap<(String, u16), VersionedLimits>>,
     /// Outlier and circuit-breaker state per destination, across config versions.
     pub health: Mutex<HashMap<Key, Arc<Health>>>,
 }
+
+/// Rate limits and the config version they were built for.
+type VersionedLimits = (u64, Arc<RateLimits>);
 
 /// Who sent a request: the tunnel peer's verified identity and the original client.
 #[derive(Clone, Debug)]

@@ -33,7 +33,10 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
 use tracing::{debug, info};
 
 use http_body_util::Limited;
-use mesh_common::policy::{self, WaypointVerdict};
+use mesh_common::{
+    config::mesh::ExtensionProvider,
+    policy::{self, WaypointVerdict},
+};
 use mesh_waypoint::{
     authz,
     custom::{self, HeaderEdit},
@@ -753,7 +756,7 @@ impl Downstream {
         log: &RequestLog,
         normalized: &Normalized,
     ) -> (Decision, Option<String>) {
-        let Some(provider) = tables.config.mesh.provider(name).and_then(|p| p.ext_authz()) else {
+        let Some(provider) = tables.config.mesh.provider(name).and_then(ExtensionProvider::ext_authz) else {
             let deny = Decision::Deny {
                 status: StatusCode::FORBIDDEN,
                 headers: Vec::new(),

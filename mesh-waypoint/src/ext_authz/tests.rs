@@ -8,7 +8,10 @@ use std::{
     net::SocketAddr,
     pin::Pin,
     process::{Child, Command, Stdio},
-    sync::{Arc, Mutex, atomic::AtomicUsize},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
