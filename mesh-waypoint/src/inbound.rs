@@ -64,10 +64,10 @@ pub struct Tables {
     /// How request paths are normalized before policy and routing (mesh config).
     pub normalization: PathNormalization,
     routes: Mutex<HashMap<(String, u16), Arc<RouteTable>>>,
-    /// The Telemetry API's effective settings per destination (namespace, name).
-    telemetry: Mutex<HashMap<(String, String), Arc<Effective>>>,
-    /// `RequestAuthentication` rules per destination (namespace, name).
-    authenticators: Mutex<HashMap<(String, String), Arc<Authenticator>>>,
+    /// The Telemetry API's effective settings per service port.
+    telemetry: Mutex<HashMap<ServiceKey, Arc<Telemetry>>>,
+    /// `RequestAuthentication` rules per service port.
+    authenticators: Mutex<HashMap<ServiceKey, Arc<Authenticator>>>,
     tcp_routes: Mutex<HashMap<(String, u16), Arc<TcpTable>>>,
     destinations: Mutex<HashMap<Key, Arc<Destination>>>,
 }
@@ -92,95 +92,84 @@ impl Tables {
 
     /// The routes of a service port.
     pub fn routes(&self, service: &ServicePort) -> Arc<RouteTable> {
-        let key = (service.hostname.clone(), service.port);
-        if let Some(table) = self.routes.lock().expect("lock").get(&key) {
-            return table.clone();
-        }
-        let table = Arc::new(RouteTable::build(
-            &self.config,
-            &ServiceRef::new(&service.namespace, &service.name, service.port),
-        ));
-        for warning in table.warnings() {
-            warn!(service = %service.hostname, warning, "route configuration");
-        }
-        self.routes.lock().expect("lock").insert(key, table.clone());
-        table
+        cached(&self.routes, (service.hostname.clone(), service.port), || {
+            let table = RouteTable::build(&self.config, &service_ref(service));
+            for warning in table.warnings() {
+                warn!(service = %service.hostname, warning, "route configuration");
+            }
+            table
+        })
     }
 
     /// The JWT rules that apply to requests for `service` at `waypoint`.
     pub fn authenticator(&self, waypoint: &Waypoint, service: &ServicePort) -> Arc<Authenticator> {
-        let key = (service.namespace.clone(), service.name.clone());
-        if let Some(found) = self.authenticators.lock().expect("lock").get(&key) {
-            return found.clone();
-        }
-        let (authenticator, problems) = Authenticator::for_destination(
-            &self.config,
-            jwt::select::Waypoint { namespace: &waypoint.namespace, name: &waypoint.name, class: WAYPOINT_CLASS },
-            jwt::select::Destination {
-                kind: jwt::select::DestinationKind::Service,
-                namespace: &service.namespace,
-                name: &service.name,
-            },
-            jwt::DEFAULT_CLOCK_SKEW_SECS,
-        );
-        for problem in problems {
-            warn!(service = %service.hostname, %problem, "RequestAuthentication");
-        }
-        let authenticator = Arc::new(authenticator);
-        self.authenticators.lock().expect("lock").insert(key, authenticator.clone());
-        authenticator
+        cached(&self.authenticators, (service.hostname.clone(), service.port), || {
+            let (authenticator, problems) = Authenticator::for_destination(
+                &self.config,
+                jwt::select::Waypoint { namespace: &waypoint.namespace, name: &waypoint.name, class: WAYPOINT_CLASS },
+                jwt::select::Destination {
+                    kind: jwt::select::DestinationKind::Service,
+                    namespace: &service.namespace,
+                    name: &service.name,
+                },
+                jwt::DEFAULT_CLOCK_SKEW_SECS,
+            );
+            for problem in problems {
+                warn!(service = %service.hostname, %problem, "RequestAuthentication");
+            }
+            authenticator
+        })
     }
 
-    /// What the Telemetry API asks of requests to `service` at `waypoint`.
-    pub fn telemetry(&self, waypoint: &Waypoint, service: &ServicePort) -> Arc<Effective> {
-        let key = (service.namespace.clone(), service.name.clone());
-        if let Some(found) = self.telemetry.lock().expect("lock").get(&key) {
-            return found.clone();
-        }
-        let labels = WaypointRef::labels_of(&waypoint.name);
-        let defaults = Defaults {
-            tracing_providers: self
-                .config
-                .mesh
-                .default_providers
+    /// What the Telemetry API asks of requests to `service` at `waypoint`, with the
+    /// exporter of its tracing provider (started once, see [`Waypoint::exporter`]).
+    pub fn telemetry(&self, waypoint: &Waypoint, service: &ServicePort) -> Arc<Telemetry> {
+        cached(&self.telemetry, (service.hostname.clone(), service.port), || {
+            let labels = WaypointRef::labels_of(&waypoint.name);
+            let defaults = Defaults {
+                tracing_providers: self
+                    .config
+                    .mesh
+                    .default_providers
+                    .as_ref()
+                    .map(|d| d.tracing.clone())
+                    .unwrap_or_default(),
+                sampling_percent: 1.0,
+                ..Defaults::default()
+            };
+            let resolved = telemetry_api::resolve(
+                &self.config.telemetries,
+                &Subject {
+                    root_namespace: &self.config.root_namespace,
+                    waypoint_namespace: &waypoint.namespace,
+                    waypoint_name: &waypoint.name,
+                    waypoint_labels: &labels,
+                    service: Some((&service.namespace, &service.name)),
+                },
+                &defaults,
+            );
+            for issue in &resolved.issues {
+                warn!(service = %service.hostname, %issue, "Telemetry");
+            }
+            let exporter = resolved
+                .effective
+                .tracing
                 .as_ref()
-                .map(|d| d.tracing.clone())
-                .unwrap_or_default(),
-            sampling_percent: 1.0,
-            ..Defaults::default()
-        };
-        let resolved = telemetry_api::resolve(
-            &self.config.telemetries,
-            &Subject {
-                root_namespace: &self.config.root_namespace,
-                waypoint_namespace: &waypoint.namespace,
-                waypoint_name: &waypoint.name,
-                waypoint_labels: &labels,
-                service: Some((&service.namespace, &service.name)),
-            },
-            &defaults,
-        );
-        for issue in &resolved.issues {
-            warn!(service = %service.hostname, %issue, "Telemetry");
-        }
-        let effective = Arc::new(resolved.effective);
-        self.telemetry.lock().expect("lock").insert(key, effective.clone());
-        effective
+                .filter(|t| !t.disabled)
+                .and_then(|t| waypoint.exporter(self, &t.provider));
+            Telemetry { effective: resolved.effective, exporter }
+        })
     }
 
     /// The L4 routes of a service port.
     pub fn tcp_routes(&self, service: &ServicePort) -> Arc<TcpTable> {
-        let key = (service.hostname.clone(), service.port);
-        if let Some(table) = self.tcp_routes.lock().expect("lock").get(&key) {
-            return table.clone();
-        }
-        let table =
-            Arc::new(TcpTable::build(&self.config, &ServiceRef::new(&service.namespace, &service.name, service.port)));
-        for warning in table.warnings() {
-            warn!(service = %service.hostname, warning, "TCP route configuration");
-        }
-        self.tcp_routes.lock().expect("lock").insert(key, table.clone());
-        table
+        cached(&self.tcp_routes, (service.hostname.clone(), service.port), || {
+            let table = TcpTable::build(&self.config, &service_ref(service));
+            for warning in table.warnings() {
+                warn!(service = %service.hostname, warning, "TCP route configuration");
+            }
+            table
+        })
     }
 
     /// The endpoints and policy of a destination.
@@ -194,6 +183,31 @@ impl Tables {
         }
         lookup
     }
+}
+
+/// A service port's entry of a per-version cache.
+type ServiceKey = (String, u16);
+
+/// The value cached under `key`, built (once per version) on first use.
+fn cached<V>(cache: &Mutex<HashMap<ServiceKey, Arc<V>>>, key: ServiceKey, build: impl FnOnce() -> V) -> Arc<V> {
+    if let Some(found) = cache.lock().expect("lock").get(&key) {
+        return found.clone();
+    }
+    let value = Arc::new(build());
+    cache.lock().expect("lock").insert(key, value.clone());
+    value
+}
+
+fn service_ref(service: &ServicePort) -> ServiceRef {
+    ServiceRef::new(&service.namespace, &service.name, service.port)
+}
+
+/// The Telemetry API's settings for one destination, and the span exporter of its
+/// tracing provider (`None`: no provider, reporting disabled, or the provider is not
+/// an `opentelemetry` one of the mesh config).
+pub struct Telemetry {
+    pub effective: Effective,
+    pub exporter: Option<otlp::SpanSender>,
 }
 
 pub struct Waypoint {
@@ -214,7 +228,7 @@ pub struct Waypoint {
     exporters: Mutex<HashMap<String, (String, otlp::SpanSender)>>,
     /// Local rate limits per service port, with the config version they were built
     /// for: rebuilt on a new version, keeping the buckets whose settings did not change.
-    ratelimits: Mutex<HashMap<(String, u16), VersionedLimits>>,
+    ratelimits: Mutex<HashMap<ServiceKey, VersionedLimits>>,
     /// Outlier and circuit-breaker state per destination, across config versions.
     pub health: Mutex<HashMap<Key, Arc<Health>>>,
 }
@@ -230,6 +244,19 @@ pub struct Caller {
     /// the tunnel peer's.
     pub addr: SocketAddr,
     pub workload: Option<Arc<Workload>>,
+}
+
+impl Caller {
+    /// The namespace of the caller's SPIFFE identity ("" when it names none).
+    pub fn namespace(&self) -> &str {
+        parse_workload_identity(&self.identity).map_or("", |(_, ns, _)| ns)
+    }
+
+    /// The calling workload's labels (none when the caller is not in the view).
+    pub fn labels(&self) -> &mesh_common::config::meta::Labels {
+        static NONE: mesh_common::config::meta::Labels = mesh_common::config::meta::Labels::new();
+        self.workload.as_ref().map_or(&NONE, |w| &w.labels)
+    }
 }
 
 /// How a service port's traffic is read.
@@ -329,11 +356,7 @@ impl Waypoint {
         }
         let labels = WaypointRef::labels_of(&self.name);
         let waypoint = WaypointRef { namespace: &self.namespace, name: &self.name, labels: &labels };
-        let fresh = RateLimits::for_destination(
-            &tables.config,
-            waypoint,
-            &ServiceRef::new(&service.namespace, &service.name, service.port),
-        );
+        let fresh = RateLimits::for_destination(&tables.config, waypoint, &service_ref(service));
         let fresh = Arc::new(match all.get(&key) {
             Some((_, old)) => fresh.carry_over(old),
             None => fresh,

@@ -53,7 +53,7 @@ use mesh_waypoint::{
 use crate::{
     destination::Lookup,
     ext_authz::{CheckRequest, Decision},
-    inbound::{Caller, Protocol, Tables, Waypoint, protocol_of},
+    inbound::{Caller, Protocol, Tables, Telemetry, Waypoint, protocol_of},
     requests::{RequestLabels, RequestLog},
     upstream::{Body, BoxError, Dial, Target, UpstreamError},
 };
@@ -202,13 +202,12 @@ async fn relay(
 ) {
     let tables = waypoint.tables();
     let table = tables.tcp_routes(&service);
-    let no_labels = std::collections::BTreeMap::new();
     let request = TcpRequest {
         port: service.port,
         destination: vip.ip(),
         source: caller.addr.ip(),
-        source_namespace: mesh_common::control::parse_workload_identity(&caller.identity).map_or("", |(_, ns, _)| ns),
-        source_labels: caller.workload.as_ref().map_or(&no_labels, |w| &w.labels),
+        source_namespace: caller.namespace(),
+        source_labels: caller.labels(),
     };
     let Some(route) = table.select(&request) else {
         info!(service = %service.hostname, caller = %caller.addr, flags = "NR", "TCP connection refused: no route matched");
@@ -314,9 +313,10 @@ fn full(bytes: impl Into<Bytes>) -> Body {
 /// A request's span in the making (see `Downstream::start_span`).
 struct Span {
     started: trace::Started,
-    /// `None`: not sampled, or reporting disabled (the context still propagates).
-    sender: Option<otlp::SpanSender>,
-    tags: std::collections::BTreeMap<String, trace::CustomTag>,
+    /// Sampled and a provider to export to (else the context only propagates).
+    report: bool,
+    /// The destination's telemetry: custom tags and the exporter.
+    telemetry: Arc<Telemetry>,
     /// The request headers, kept only when custom tags read them.
     headers: HeaderMap,
     user_agent: Option<String>,
@@ -327,7 +327,11 @@ struct Span {
 impl Span {
     /// Records the span and queues it for export (never waits).
     fn finish(self, waypoint: &Waypoint, log: &RequestLog, labels: &RequestLabels, sent: u64, received: u64) {
-        let Some(sender) = &self.sender else { return };
+        let (true, Some(sender), Some(tracing)) =
+            (self.report, &self.telemetry.exporter, &self.telemetry.effective.tracing)
+        else {
+            return;
+        };
         let url = format!("http://{}{}", log.authority, log.path);
         let cluster = format!("outbound|{}||{}", self.port, labels.destination_service);
         let upstream = log.upstream.map(|a| a.to_string());
@@ -358,7 +362,15 @@ impl Span {
             cluster_id: mesh_proxy::metrics::CLUSTER,
         };
         let env = |name: &str| std::env::var(name).ok();
-        let span = trace::finish(&self.started, otlp::SpanKind::Server, &facts, &node, &self.headers, &self.tags, &env);
+        let span = trace::finish(
+            &self.started,
+            otlp::SpanKind::Server,
+            &facts,
+            &node,
+            &self.headers,
+            &tracing.custom_tags,
+            &env,
+        );
         sender.send(span);
     }
 }
@@ -593,7 +605,8 @@ impl Downstream {
     /// context is read (W3C or B3), a span id made and the headers for upstream set on
     /// the request; the span is exported when the request is done, if sampled.
     fn start_span(&self, tables: &Tables, service: &ServicePort, request: &mut Request<Incoming>) -> Option<Span> {
-        let tracing = tables.telemetry(&self.waypoint, service).tracing.clone()?;
+        let telemetry = tables.telemetry(&self.waypoint, service);
+        let tracing = telemetry.effective.tracing.as_ref()?;
         let (a, b) = (roll_u64(), roll_u64());
         let mut trace_id = [0u8; 16];
         trace_id[..8].copy_from_slice(&a.to_le_bytes());
@@ -602,17 +615,17 @@ impl Downstream {
             trace::Randomness { trace_id, span_id: roll_u64().to_le_bytes(), sample: (roll_u64() >> 32) as u32 };
         let started = trace::start(request.headers(), tracing.sampling_percent, randomness);
         trace::inject(&started, request.headers_mut());
-        let sender =
-            if started.sampled && !tracing.disabled { self.waypoint.exporter(tables, &tracing.provider) } else { None };
-        let headers = if tracing.custom_tags.is_empty() { HeaderMap::new() } else { request.headers().clone() };
+        let report = started.sampled && telemetry.exporter.is_some();
+        let headers =
+            if report && !tracing.custom_tags.is_empty() { request.headers().clone() } else { HeaderMap::new() };
         Some(Span {
             started,
-            sender,
-            tags: tracing.custom_tags,
+            report,
             headers,
             user_agent: request.headers().get(header::USER_AGENT).and_then(|v| v.to_str().ok()).map(str::to_owned),
             port: service.port,
             start_unix_nanos: unix_nanos(),
+            telemetry,
         })
     }
 
@@ -801,9 +814,6 @@ impl Downstream {
             .ok_or_else(|| Reply::new(StatusCode::SERVICE_UNAVAILABLE, "UF", "no certificate yet\n"))?;
         // Route.
         let table = tables.routes(service);
-        let no_labels = std::collections::BTreeMap::new();
-        let source_namespace =
-            mesh_common::control::parse_workload_identity(&self.caller.identity).map_or("", |(_, ns, _)| ns);
         let path_and_query = log.path.clone();
         let parts = RequestParts {
             method: request.method().as_str(),
@@ -812,8 +822,8 @@ impl Downstream {
             scheme: "http",
             headers: request.headers(),
             port: service.port,
-            source_namespace,
-            source_labels: self.caller.workload.as_ref().map_or(&no_labels, |w| &w.labels),
+            source_namespace: self.caller.namespace(),
+            source_labels: self.caller.labels(),
         };
         let Some(route) = table.select(&parts) else {
             return Err(Reply::new(StatusCode::NOT_FOUND, "NR", "route not found\n").because("no route matched"));

@@ -337,8 +337,30 @@ fn http_request_response(addr: SocketAddr, size: usize, count: usize, rate: u64)
         format!("POST /echo HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/octet-stream\r\ncontent-length: {size}\r\n\r\n")
             .into_bytes();
     request.extend(std::iter::repeat_n(0x5a_u8, size));
+    let mut bad = 0u64;
+    let mut report = paced(count, rate, || {
+        writer.write_all(&request)?;
+        let (status, body) = read_response(&mut reader)?;
+        if status != 200 || body.len() != size {
+            bad += 1;
+        }
+        Ok(())
+    })?;
+    report["bad"] = bad.into();
+    println!("{report}");
+    Ok(())
+}
+
+/// Runs `exchange` `count` times, one every 1/`rate` s (at once when the previous one
+/// came late), for a minute at most; returns the count and the latency percentiles as
+/// JSON.
+fn paced(
+    count: usize,
+    rate: u64,
+    mut exchange: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<serde_json::Value> {
     let interval = Duration::from_nanos(1_000_000_000 / rate.max(1));
-    let (mut latencies, mut bad) = (Vec::with_capacity(count), 0u64);
+    let mut latencies = Vec::with_capacity(count);
     let started = Instant::now();
     let mut next = Instant::now();
     for _ in 0..count {
@@ -348,23 +370,15 @@ fn http_request_response(addr: SocketAddr, size: usize, count: usize, rate: u64)
         }
         next += interval;
         let t = Instant::now();
-        writer.write_all(&request)?;
-        let (status, body) = read_response(&mut reader)?;
+        exchange()?;
         latencies.push(t.elapsed());
-        if status != 200 || body.len() != size {
-            bad += 1;
-        }
         if started.elapsed() > Duration::from_mins(1) {
             break;
         }
     }
     latencies.sort();
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64() * 1e6;
-    println!(
-        "{}",
-        serde_json::json!({ "count": latencies.len(), "bad": bad, "p50_us": pct(0.50), "p99_us": pct(0.99), "max_us": pct(1.0) })
-    );
-    Ok(())
+    Ok(serde_json::json!({ "count": latencies.len(), "p50_us": pct(0.50), "p99_us": pct(0.99), "max_us": pct(1.0) }))
 }
 
 /// One HTTP/1.1 response with a `content-length` body: (status, body).
@@ -402,29 +416,11 @@ fn request_response(addr: SocketAddr, size: usize, count: usize, rate: u64) -> a
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let request = vec![0x5a_u8; size];
     let mut response = vec![0u8; size];
-    let interval = Duration::from_nanos(1_000_000_000 / rate.max(1));
-    let mut latencies = Vec::with_capacity(count);
-    let started = Instant::now();
-    let mut next = Instant::now();
-    for _ in 0..count {
-        let now = Instant::now();
-        if next > now {
-            thread::sleep(next - now);
-        }
-        next += interval;
-        let t = Instant::now();
+    let report = paced(count, rate, || {
         stream.write_all(&request)?;
         stream.read_exact(&mut response).context("read echo")?;
-        latencies.push(t.elapsed());
-        if started.elapsed() > Duration::from_mins(1) {
-            break;
-        }
-    }
-    latencies.sort();
-    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64() * 1e6;
-    println!(
-        "{}",
-        serde_json::json!({ "count": latencies.len(), "p50_us": pct(0.50), "p99_us": pct(0.99), "max_us": pct(1.0) })
-    );
+        Ok(())
+    })?;
+    println!("{report}");
     Ok(())
 }
