@@ -38,7 +38,7 @@ pub struct AgentMetrics {
 }
 
 /// Log lines dropped because the log writer fell behind.
-pub type DroppedLines = tracing_appender::non_blocking::ErrorCounter;
+pub use mesh_proxy::logs::DroppedLines;
 
 impl std::fmt::Debug for AgentMetrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -31,7 +31,6 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
-use tracing_subscriber::{EnvFilter, layer::SubscriberExt as _, reload, util::SubscriberInitExt as _};
 
 #[derive(Parser, Debug)]
 #[command(name = "mesh-agent", version, about = "Node agent of the mesh")]
@@ -188,13 +187,14 @@ fn main() -> ExitCode {
         },
         Command::Run(config) => {
             // Dropped last: writes out what is still queued.
-            let (set_log_level, _log_writer, dropped_lines) = match init_logging(&config) {
-                Ok(logging) => logging,
-                Err(e) => {
-                    eprintln!("mesh-agent: {e:#}");
-                    return ExitCode::from(2);
-                }
-            };
+            let mesh_proxy::logs::Logging { set_level: set_log_level, guard: _log_writer, dropped: dropped_lines } =
+                match mesh_proxy::logs::init(&config.log, config.log_format == "json") {
+                    Ok(logging) => logging,
+                    Err(e) => {
+                        eprintln!("mesh-agent: {e:#}");
+                        return ExitCode::from(2);
+                    }
+                };
             control::limit_arenas(config.worker_threads);
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(config.worker_threads.max(1))
@@ -211,30 +211,6 @@ fn main() -> ExitCode {
             }
         }
     }
-}
-
-/// Logs (access logs included) are formatted where they happen and written to
-/// stdout by a thread of their own: a slow log reader never stalls a connection.
-/// When the queue is full, lines are dropped and counted.
-fn init_logging(
-    config: &RunConfig,
-) -> anyhow::Result<(admin::SetLogLevel, tracing_appender::non_blocking::WorkerGuard, admin::DroppedLines)> {
-    let filter = EnvFilter::try_new(&config.log).with_context(|| format!("--log: invalid filter '{}'", config.log))?;
-    let (filter, handle) = reload::Layer::new(filter);
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
-    let dropped = writer.error_counter();
-    let registry = tracing_subscriber::registry().with(filter);
-    if config.log_format == "json" {
-        registry.with(tracing_subscriber::fmt::layer().json().flatten_event(true).with_writer(writer)).init();
-    } else {
-        let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-        registry.with(tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(writer)).init();
-    }
-    let set_level = Arc::new(move |level: &str| {
-        let filter = EnvFilter::try_new(level).map_err(|e| format!("invalid log filter '{level}': {e}"))?;
-        handle.reload(filter).map_err(|e| e.to_string())
-    });
-    Ok((set_level, guard, dropped))
 }
 
 /// Raises the open-file limit to its hard maximum: every relayed connection holds

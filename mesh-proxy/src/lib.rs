@@ -11,6 +11,7 @@ pub mod admin;
 pub mod control;
 pub mod drain;
 pub mod identity;
+pub mod logs;
 pub mod metrics;
 pub mod otlp;
 pub mod relay;

@@ -16,7 +16,6 @@ use clap::Parser;
 use mesh_proxy::{admin, control, drain, identity, metrics};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
-use tracing_subscriber::{EnvFilter, layer::SubscriberExt as _, util::SubscriberInitExt as _};
 
 #[derive(Parser, Debug, serde::Serialize)]
 #[command(name = "mesh-waypoint", version, about = "L7 waypoint proxy of the mesh")]
@@ -73,8 +72,9 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let _log_writer = match init_logging(&cli) {
-        Ok(guard) => guard,
+    // Dropped last: writes out what is still buffered.
+    let _log_writer = match mesh_proxy::logs::init(&cli.log, cli.log_format == "json") {
+        Ok(logging) => logging.guard,
         Err(e) => {
             eprintln!("mesh-waypoint: {e:#}");
             return ExitCode::from(2);
@@ -94,20 +94,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// Logs (access logs included) go to stdout from a thread of their own.
-fn init_logging(cli: &Cli) -> anyhow::Result<tracing_appender::non_blocking::WorkerGuard> {
-    let filter = EnvFilter::try_new(&cli.log).with_context(|| format!("--log: invalid filter '{}'", cli.log))?;
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
-    let registry = tracing_subscriber::registry().with(filter);
-    if cli.log_format == "json" {
-        registry.with(tracing_subscriber::fmt::layer().json().flatten_event(true).with_writer(writer)).init();
-    } else {
-        let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-        registry.with(tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(writer)).init();
-    }
-    Ok(guard)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

@@ -37,10 +37,20 @@ pub struct Options {
     quick: bool,
     json: Option<PathBuf>,
     ztunnel: Option<PathBuf>,
+    /// Only the waypoint section (HTTP over no mesh, the L4 tunnel and the waypoint).
+    waypoint_only: bool,
 }
 
 impl Options {
-    pub fn new(quick: bool, json: Option<PathBuf>, ztunnel: Option<PathBuf>) -> anyhow::Result<Self> {
+    pub fn new(
+        quick: bool,
+        json: Option<PathBuf>,
+        ztunnel: Option<PathBuf>,
+        waypoint_only: bool,
+    ) -> anyhow::Result<Self> {
+        if waypoint_only && ztunnel.is_some() {
+            bail!("--ztunnel belongs to the L4 legs, not `bench waypoint`");
+        }
         if let Some(path) = &json {
             let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
             if !dir.is_dir() {
@@ -48,7 +58,7 @@ impl Options {
             }
         }
         let ztunnel = ztunnel.map(|path| ztunnel::check_binary(&path)).transpose()?;
-        Ok(Self { quick, json, ztunnel })
+        Ok(Self { quick, json, ztunnel, waypoint_only })
     }
 }
 
@@ -388,8 +398,13 @@ fn one_line(s: &Sample) -> String {
 
 pub fn bench(options: &Options) -> anyhow::Result<()> {
     let (rounds, seconds, count): (u32, u32, u32) = if options.quick { (1, 2, 1000) } else { (3, 5, 3000) };
-    let legs: &[Leg] =
-        if options.ztunnel.is_some() { &[Leg::NoMesh, Leg::Ours, Leg::Ztunnel] } else { &[Leg::NoMesh, Leg::Ours] };
+    let legs: &[Leg] = if options.waypoint_only {
+        &[]
+    } else if options.ztunnel.is_some() {
+        &[Leg::NoMesh, Leg::Ours, Leg::Ztunnel]
+    } else {
+        &[Leg::NoMesh, Leg::Ours]
+    };
     println!(
         "==> bench: 2-node lab, client {CLIENT} -> server {SERVER}; {rounds} round(s) of {} in turn; medians",
         legs.iter().map(|l| l.title()).collect::<Vec<_>>().join(" / ")
@@ -511,8 +526,10 @@ pub fn bench(options: &Options) -> anyhow::Result<()> {
             s.rss_peak_mib = peak;
         }
     }
-    println!("\n{}", results.table());
-    println!("(CPU and RSS: both ends' proxies summed: the two node agents, or the two pods' ztunnels)");
+    if !legs.is_empty() {
+        println!("\n{}", results.table());
+        println!("(CPU and RSS: both ends' proxies summed: the two node agents, or the two pods' ztunnels)");
+    }
     println!("\n{}", http.table());
     println!("(agents: both nodes' agents summed; the waypoint runs on node1 with the client)");
     let agent = lab.agent_stats(1)?;

@@ -45,10 +45,11 @@ enum Cmd {
     },
     /// Run the capture tests inside a VM booted on Debian's 6.1 kernel.
     VmTest,
-    /// Benchmarks: throughput and latency with and without the mesh (`bench`), or the
-    /// control plane at scale (`bench control`).
+    /// Benchmarks: throughput and latency with and without the mesh (`bench`), only its
+    /// waypoint section (`bench waypoint`), or the control plane at scale (`bench control`).
     Bench {
-        /// `control` for the control-plane benchmark.
+        /// `waypoint` for the waypoint section alone, `control` for the control-plane
+        /// benchmark, `micro` for the in-process ones.
         what: Option<String>,
         /// Shorter runs (for a quick look).
         #[arg(long)]
@@ -112,8 +113,10 @@ fn main() -> ExitCode {
         Cmd::Test { no_vm } => test(!no_vm),
         Cmd::VmTest => setup::setup().and_then(|()| build()).and_then(|()| vm_test()),
         Cmd::Bench { what, quick, json, ztunnel } => match what.as_deref() {
-            None | Some("data") => bench::Options::new(quick, json, ztunnel)
-                .and_then(|options| setup::setup().and_then(|()| build()).and_then(|()| bench::bench(&options))),
+            None | Some("data") | Some("waypoint") => {
+                bench::Options::new(quick, json, ztunnel, what.is_some_and(|w| w == "waypoint"))
+                    .and_then(|options| setup::setup().and_then(|()| build()).and_then(|()| bench::bench(&options)))
+            }
             Some("control") if json.is_some() || ztunnel.is_some() => {
                 Err(anyhow::anyhow!("--json and --ztunnel belong to the data-plane benchmark, not `bench control`"))
             }
@@ -128,7 +131,9 @@ fn main() -> ExitCode {
                 Err(anyhow::anyhow!("--json and --ztunnel belong to the data-plane benchmark, not `bench micro`"))
             }
             Some("micro") => bench::micro::bench(quick),
-            Some(other) => Err(anyhow::anyhow!("unknown benchmark {other}: expected `control`, `micro` or nothing")),
+            Some(other) => {
+                Err(anyhow::anyhow!("unknown benchmark {other}: expected `waypoint`, `control`, `micro` or nothing"))
+            }
         },
         Cmd::Fuzz { seconds, target } => {
             setup::setup().and_then(|()| fuzz::fuzz(seconds, target.as_deref(), fuzz::Corpus::Kept))
