@@ -30,7 +30,7 @@ use mesh_proxy::{
 use mesh_waypoint::{
     jwt::{self, Authenticator},
     ratelimit::{RateLimits, WaypointRef},
-    route::{RouteTable, ServiceRef, TcpTable},
+    route::{self, RouteTable, ServiceRef, TcpTable, WaypointGateway},
     telemetry_api::{self, Defaults, Effective, Subject},
 };
 use tracing::{debug, info, warn};
@@ -398,6 +398,10 @@ impl Waypoint {
                     self.certs.acquire(&identity);
                 }
                 let index = Index::build(&config).at(state.version);
+                let me = WaypointGateway { namespace: &self.namespace, name: &self.name };
+                for warning in route::waypoint_parent_warnings(&config, me) {
+                    warn!(warning, "route configuration");
+                }
                 let tables = Tables::new(state.version, config, index, (&self.namespace, &self.name));
                 *self.tables.write().expect("lock") = Arc::new(tables);
                 info!(version = state.version, "view applied");

@@ -13,6 +13,9 @@
 //!
 //! When route objects apply but no rule matches, [`RouteTable::select`] answers `None`:
 //! the proxy answers 404 with flag `NR`, as Envoy does.
+//!
+//! Routes whose `parentRefs` name the waypoint's own `Gateway` are not attached, as in
+//! Istio (see [`waypoint_parent_warnings`] and the decisions in [`build`]).
 use std::{collections::BTreeMap, time::Duration};
 
 use http::HeaderMap;
@@ -51,6 +54,21 @@ impl ServiceRef {
             port,
         }
     }
+}
+
+/// The waypoint itself: its `Gateway` (class `istio-waypoint`) by namespace and name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WaypointGateway<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+}
+
+/// One line per `parentRefs` entry of an `HTTPRoute`, `GRPCRoute`, `TCPRoute` or
+/// `TLSRoute` that names `waypoint`'s `Gateway`: such a reference attaches nothing (Istio
+/// accepts no route kind on a waypoint's HBONE listener), so the route does not apply
+/// through it. For the log, once per configuration version.
+pub fn waypoint_parent_warnings(config: &mesh_common::config::Config, waypoint: WaypointGateway<'_>) -> Vec<String> {
+    build::waypoint_parent_warnings(config, waypoint)
 }
 
 /// What matching reads of a request.

@@ -33,7 +33,17 @@
 //!   `mesh`, like the `VirtualService`'s.
 //! - **`hostnames` of a route attached to a Service** are not used: the parent Service
 //!   already names the host the waypoint found (Istio does the same for Service
-//!   parents). The waypoint `Gateway` as a parent is not handled here.
+//!   parents).
+//! - **The waypoint `Gateway` as a parent** (`kind: Gateway`, group
+//!   `gateway.networking.k8s.io`, the default kind and group of a `parentRef`) attaches
+//!   nothing: such a reference is left out and [`waypoint_parent_warnings`] names it.
+//!   Istio's Gateway API controller gives a waypoint's listener (port 15008, protocol
+//!   `HBONE`) an empty `supportedKinds` (`GenerateGatewaySupportedKinds` lists route kinds
+//!   only for HTTP, HTTPS, TCP and TLS listeners; its `waypoint.status.yaml.golden` shows
+//!   `supportedKinds: []`), so the route's parent status is `Accepted: False` ("kind ...
+//!   is not allowed") and nothing is generated for the waypoint. A waypoint is programmed
+//!   only from mesh routes, i.e. `parentRefs` to a Service or `ServiceEntry`. The same
+//!   route's Service parents still attach.
 //! - **Unresolved backends**: a host that is no Service nor `ServiceEntry` host, a
 //!   Service port it does not have, or a subset no `DestinationRule` of the host defines
 //!   keeps its share of the weight and carries the reason: the proxy answers 503 `NR`.
@@ -50,7 +60,7 @@ use mesh_common::config::{
 use serde_json::Value;
 
 use super::{
-    Action, Backend, Route, RouteTable, ServiceRef,
+    Action, Backend, Route, RouteTable, ServiceRef, WaypointGateway,
     filters::{Abort, Cors, Fault, HeaderOps, Mirror, PathRewrite, Redirect, RedirectPort},
     matcher::{Matcher, PathMatch, StrMatch, compile_anchored},
 };
@@ -677,6 +687,33 @@ pub(super) fn targets_service(p: &ParentReference, route_ns: &str, service: &Ser
         && p.name == service.name
         && p.namespace.as_deref().unwrap_or(route_ns) == service.namespace
         && p.port.is_none_or(|port| port == u32::from(service.port))
+}
+
+/// Whether `p` (of a route in `route_ns`) names the waypoint's `Gateway`.
+fn targets_waypoint(p: &ParentReference, route_ns: &str, waypoint: WaypointGateway<'_>) -> bool {
+    p.kind.as_deref().is_none_or(|k| k == "Gateway")
+        && p.group.as_deref().is_none_or(|g| g == "gateway.networking.k8s.io")
+        && p.name == waypoint.name
+        && p.namespace.as_deref().unwrap_or(route_ns) == waypoint.namespace
+}
+
+pub(super) fn waypoint_parent_warnings(config: &Config, waypoint: WaypointGateway<'_>) -> Vec<String> {
+    let http = config.http_routes.iter().map(|r| ("HTTPRoute", &r.metadata, &r.spec.parent_refs));
+    let grpc = config.grpc_routes.iter().map(|r| ("GRPCRoute", &r.metadata, &r.spec.parent_refs));
+    let tcp = config.tcp_routes.iter().map(|r| ("TCPRoute", &r.metadata, &r.spec.parent_refs));
+    let tls = config.tls_routes.iter().map(|r| ("TLSRoute", &r.metadata, &r.spec.parent_refs));
+    let mut warnings = Vec::new();
+    for (kind, meta, parents) in http.chain(grpc).chain(tcp).chain(tls) {
+        for (i, p) in parents.iter().enumerate() {
+            if targets_waypoint(p, &meta.namespace, waypoint) {
+                warnings.push(format!(
+                    "{kind}/{}/{}: spec.parentRefs[{i}]: names the waypoint Gateway {}/{}, which accepts no routes (as in Istio, its HBONE listener supports no route kinds); this parent is ignored: attach the route to a Service (kind: Service) instead",
+                    meta.namespace, meta.name, waypoint.namespace, waypoint.name
+                ));
+            }
+        }
+    }
+    warnings
 }
 
 /// Every rule match of the `HTTPRoutes` and `GRPCRoutes` attached to the Service port, in

@@ -1364,3 +1364,46 @@ spec:
     assert!(table.select(&tcp_request(&none, "shop")).is_none());
     assert!(table.warnings()[0].contains("sourceSubnet"), "{:?}", table.warnings());
 }
+
+// ---------------------------------------------------------------------------------
+// The waypoint Gateway as a parent
+
+const WAYPOINT: WaypointGateway<'static> = WaypointGateway { namespace: "shop", name: "waypoint" };
+
+#[test]
+fn a_waypoint_gateway_parent_attaches_nothing_and_is_named() {
+    let rule = format!("  - {BACKEND}\n");
+    // Only the waypoint as parent (kind and group defaulted, and written out): no
+    // routes for the Service, one warning per reference.
+    for parent in ["{name: waypoint}", "{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint, namespace: shop}"]
+    {
+        let c = config(&http_route("h", parent, &rule));
+        assert!(!RouteTable::build(&c, &reviews()).is_configured(), "{parent}");
+        let warnings = waypoint_parent_warnings(&c, WAYPOINT);
+        assert_eq!(warnings.len(), 1, "{parent}: {warnings:?}");
+        assert!(warnings[0].starts_with("HTTPRoute/shop/h: spec.parentRefs[0]: names the waypoint Gateway shop/waypoint"));
+    }
+    // Next to a Service parent: the Service parent attaches, the waypoint one is named.
+    let c = config(&http_route("h", &format!("{{name: waypoint}}, {TO_REVIEWS}"), &rule));
+    let t = RouteTable::build(&c, &reviews());
+    assert!(t.is_configured());
+    assert_eq!(route_name(&t, &get("/")).as_deref(), Some("HTTPRoute/shop/h#rules[0]"));
+    assert_eq!(waypoint_parent_warnings(&c, WAYPOINT).len(), 1);
+    // Another Gateway, another namespace's waypoint of the same name, a Service of the
+    // waypoint's name: not this waypoint.
+    for parent in [
+        "{name: ingress}",
+        "{name: waypoint, namespace: other}",
+        "{kind: Service, group: '', name: waypoint}",
+        "{name: waypoint, group: networking.istio.io}",
+    ] {
+        let c = config(&http_route("h", parent, &rule));
+        assert!(waypoint_parent_warnings(&c, WAYPOINT).is_empty(), "{parent}");
+    }
+    // GRPCRoute too.
+    let grpc = format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {{name: g, namespace: shop}}\nspec:\n  parentRefs: [{{name: waypoint}}]\n  rules:\n  - {BACKEND}\n"
+    );
+    let warnings = waypoint_parent_warnings(&config(&grpc), WAYPOINT);
+    assert!(warnings.len() == 1 && warnings[0].starts_with("GRPCRoute/shop/g: "), "{warnings:?}");
+}
