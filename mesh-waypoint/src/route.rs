@@ -8,7 +8,8 @@
 //! - Gateway API `HTTPRoute` and `GRPCRoute` whose `parentRefs` name the Service (GAMMA);
 //!   their rules are ordered as the Gateway API spec orders them (see [`build`]).
 //! - Else the `VirtualService`s whose `hosts` name the Service, for the mesh, in order,
-//!   first matching rule wins.
+//!   first matching rule wins; a rule with `delegate` is replaced, in place, by the
+//!   delegate's rules merged with it (see [`delegate`]).
 //! - Else one default route to the Service itself with Istio's default retries.
 //!
 //! When route objects apply but no rule matches, [`RouteTable::select`] answers `None`:
@@ -23,12 +24,14 @@ use http::HeaderMap;
 use crate::retry::RetryPolicy;
 
 mod build;
+mod delegate;
 mod filters;
 mod matcher;
 mod tcp;
 #[cfg(test)]
 mod tests;
 
+pub use delegate::{DelegateError, has_conflict, merge_matches, merge_rule};
 pub use filters::{Abort, Cors, Fault, FaultDecision, HeaderOps, Mirror, PathRewrite, Redirect, RedirectPort};
 pub use tcp::{TcpRequest, TcpRoute, TcpTable};
 
