@@ -191,7 +191,8 @@ impl LocalitySetting {
                 "failoverPriority" => {
                     let list = value.as_array().ok_or_else(|| err(".failoverPriority", "not a list"))?;
                     for (i, l) in list.iter().enumerate() {
-                        let label = l.as_str().ok_or_else(|| err(&format!(".failoverPriority[{i}]"), "not a string"))?;
+                        let label =
+                            l.as_str().ok_or_else(|| err(&format!(".failoverPriority[{i}]"), "not a string"))?;
                         out.failover_priority.push(label.to_string());
                     }
                 }
@@ -372,7 +373,7 @@ impl LocalityPlan {
 
 /// Envoy's availability of a set of hosts, in percent: `min(100, 1.4 x healthy / total)`.
 fn availability(total: u64, healthy: u64) -> u64 {
-    if total == 0 { 0 } else { (OVERPROVISIONING * healthy / total).min(100) }
+    (OVERPROVISIONING * healthy).checked_div(total).map_or(0, |a| a.min(100))
 }
 
 /// Renumbers priorities 0, 1, 2... keeping their order.
@@ -432,8 +433,7 @@ fn distribute_weights(
     let mut weights = vec![0u32; groups.len()];
     let mut matched = vec![false; groups.len()];
     for (pattern, weight) in &entry.to {
-        let hits: Vec<usize> =
-            (0..groups.len()).filter(|&g| !matched[g] && groups[g].matches(pattern)).collect();
+        let hits: Vec<usize> = (0..groups.len()).filter(|&g| !matched[g] && groups[g].matches(pattern)).collect();
         let total: u64 = hits.iter().map(|&g| size(g)).sum();
         for &g in &hits {
             matched[g] = true;
@@ -458,7 +458,9 @@ pub fn own_pod<'a>(
     let mut in_ns = pods.iter().filter(|p| p.metadata.namespace == namespace);
     match pod_name {
         Some(pod) => in_ns.find(|p| p.metadata.name == pod),
-        None => in_ns.find(|p| p.metadata.labels.get("gateway.networking.k8s.io/gateway-name").map(String::as_str) == Some(name)),
+        None => in_ns.find(|p| {
+            p.metadata.labels.get("gateway.networking.k8s.io/gateway-name").map(String::as_str) == Some(name)
+        }),
     }
 }
 

@@ -334,7 +334,7 @@ fn locality_settings_are_read() {
     assert_eq!(r.locality.unwrap().failover[0].to, "b");
     // Unset: Istio's mesh default, enabled; `enabled: false`: off.
     let c = config(&dr("shop", "r", "reviews", ""));
-    assert_eq!(resolve(&c, REVIEWS, "shop").locality, Some(Default::default()));
+    assert_eq!(resolve(&c, REVIEWS, "shop").locality, Some(crate::balance::locality::LocalitySetting::default()));
     let c = config(&dr(
         "shop",
         "r",

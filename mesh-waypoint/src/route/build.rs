@@ -301,7 +301,9 @@ fn vs_entries(
         let field = format!("spec.http[{i}]");
         let name = format!("{object}#http[{i}]");
         let Some(reference) = &rule.delegate else {
-            rule_entries(rule, &name, ns, index, entries, &mut |f, why| warnings.push(format!("{object}: {field}{f}: {why}")));
+            rule_entries(rule, &name, ns, index, entries, &mut |f, why| {
+                warnings.push(format!("{object}: {field}{f}: {why}"));
+            });
             continue;
         };
         let delegate_vs = match delegate::find(config, reference, ns) {
@@ -320,13 +322,18 @@ fn vs_entries(
                 warnings.push(format!("{d_object}: {d_field}{f}: {why} (delegated from {object} {field})"));
             };
             if d_rule.delegate.is_some() {
-                warn(".delegate", "a delegate VirtualService must not delegate again (one level only); rule left out".into());
+                warn(
+                    ".delegate",
+                    "a delegate VirtualService must not delegate again (one level only); rule left out".into(),
+                );
                 continue;
             }
             let Some(merged) = delegate::merge_rule(&root, &delegate::qualified(d_rule, d_ns)) else {
                 warn(
                     ".match",
-                    format!("not a subset of the root rule's matches ({object} {field}.match); rule left out, as Istio does"),
+                    format!(
+                        "not a subset of the root rule's matches ({object} {field}.match); rule left out, as Istio does"
+                    ),
                 );
                 continue;
             };

@@ -51,7 +51,11 @@ pub enum DelegateError {
 }
 
 /// The delegate `VirtualService` a root rule (of a `VirtualService` in `root_ns`) names.
-pub(super) fn find<'a>(config: &'a Config, delegate: &Value, root_ns: &str) -> Result<&'a VirtualService, DelegateError> {
+pub(super) fn find<'a>(
+    config: &'a Config,
+    delegate: &Value,
+    root_ns: &str,
+) -> Result<&'a VirtualService, DelegateError> {
     let Some(name) = delegate.get("name").and_then(Value::as_str).filter(|n| !n.is_empty()) else {
         return Err(DelegateError::NoName { value: delegate.to_string() });
     };
@@ -62,8 +66,8 @@ pub(super) fn find<'a>(config: &'a Config, delegate: &Value, root_ns: &str) -> R
         .find(|vs| vs.metadata.namespace == namespace && vs.metadata.name == name && vs.spec.hosts.is_empty())
         .ok_or_else(|| DelegateError::NotFound { namespace: namespace.to_string(), name: name.to_string() })?;
     let export = &found.spec.export_to;
-    let exported = export.is_empty()
-        || export.iter().any(|e| e == "*" || e == root_ns || (e == "." && namespace == root_ns));
+    let exported =
+        export.is_empty() || export.iter().any(|e| e == "*" || e == root_ns || (e == "." && namespace == root_ns));
     if !exported {
         return Err(DelegateError::NotExported {
             namespace: namespace.to_string(),
@@ -93,16 +97,16 @@ pub fn merge_rule(root: &HttpRule, delegate: &HttpRule) -> Option<HttpRule> {
     out.match_ = merge_matches(&root.match_, &delegate.match_)?;
     out.name = join_names(root.name.as_deref(), delegate.name.as_deref());
     out.delegate = None;
-    fill(&mut out.rewrite, &root.rewrite);
-    fill(&mut out.direct_response, &root.direct_response);
-    fill(&mut out.timeout, &root.timeout);
-    fill(&mut out.retries, &root.retries);
-    fill(&mut out.fault, &root.fault);
-    fill(&mut out.mirror, &root.mirror);
-    fill(&mut out.mirror_percent, &root.mirror_percent);
-    fill(&mut out.mirror_percentage, &root.mirror_percentage);
-    fill(&mut out.cors_policy, &root.cors_policy);
-    fill(&mut out.headers, &root.headers);
+    fill(&mut out.rewrite, root.rewrite.as_ref());
+    fill(&mut out.direct_response, root.direct_response.as_ref());
+    fill(&mut out.timeout, root.timeout.as_ref());
+    fill(&mut out.retries, root.retries.as_ref());
+    fill(&mut out.fault, root.fault.as_ref());
+    fill(&mut out.mirror, root.mirror.as_ref());
+    fill(&mut out.mirror_percent, root.mirror_percent.as_ref());
+    fill(&mut out.mirror_percentage, root.mirror_percentage.as_ref());
+    fill(&mut out.cors_policy, root.cors_policy.as_ref());
+    fill(&mut out.headers, root.headers.as_ref());
     if out.mirrors.is_empty() {
         out.mirrors.clone_from(&root.mirrors);
     }
@@ -110,9 +114,9 @@ pub fn merge_rule(root: &HttpRule, delegate: &HttpRule) -> Option<HttpRule> {
 }
 
 /// `mine` when set, else `root`'s.
-fn fill<T: Clone>(mine: &mut Option<T>, root: &Option<T>) {
+fn fill<T: Clone>(mine: &mut Option<T>, root: Option<&T>) {
     if mine.is_none() {
-        mine.clone_from(root);
+        *mine = root.cloned();
     }
 }
 
@@ -151,10 +155,10 @@ fn merge_match(root: &HttpMatchRequest, leaf: &HttpMatchRequest) -> HttpMatchReq
     }
     let mut out = leaf.clone();
     out.name = join_names(root.name.as_deref(), leaf.name.as_deref());
-    fill(&mut out.uri, &root.uri);
-    fill(&mut out.scheme, &root.scheme);
-    fill(&mut out.method, &root.method);
-    fill(&mut out.authority, &root.authority);
+    fill(&mut out.uri, root.uri.as_ref());
+    fill(&mut out.scheme, root.scheme.as_ref());
+    fill(&mut out.method, root.method.as_ref());
+    fill(&mut out.authority, root.authority.as_ref());
     out.headers = union(&root.headers, &leaf.headers);
     out.without_headers = union(&root.without_headers, &leaf.without_headers);
     out.query_params = union(&root.query_params, &leaf.query_params);
@@ -176,10 +180,12 @@ fn merge_match(root: &HttpMatchRequest, leaf: &HttpMatchRequest) -> HttpMatchReq
 
 /// Istio's `hasConflict`: whether `leaf` is not a subset of `root`.
 pub fn has_conflict(root: &HttpMatchRequest, leaf: &HttpMatchRequest) -> bool {
-    let pairs = [(&root.uri, &leaf.uri), (&root.scheme, &leaf.scheme), (&root.method, &leaf.method), (
-        &root.authority,
-        &leaf.authority,
-    )];
+    let pairs = [
+        (&root.uri, &leaf.uri),
+        (&root.scheme, &leaf.scheme),
+        (&root.method, &leaf.method),
+        (&root.authority, &leaf.authority),
+    ];
     if pairs.iter().any(|(r, l)| string_match_conflict(r.as_ref(), l.as_ref())) {
         return true;
     }
@@ -229,10 +235,10 @@ fn string_match_conflict(root: Option<&StringMatch>, leaf: Option<&StringMatch>)
     if let Some(exact) = r_exact {
         return l_prefix.is_some() || l_exact.as_deref() != Some(exact.as_str());
     }
-    if let Some(prefix) = r_prefix {
-        if let Some(l) = l_prefix.or(l_exact) {
-            return !l.starts_with(&prefix);
-        }
+    if let Some(prefix) = r_prefix
+        && let Some(l) = l_prefix.or(l_exact)
+    {
+        return !l.starts_with(&prefix);
     }
     true
 }

@@ -1375,13 +1375,16 @@ fn a_waypoint_gateway_parent_attaches_nothing_and_is_named() {
     let rule = format!("  - {BACKEND}\n");
     // Only the waypoint as parent (kind and group defaulted, and written out): no
     // routes for the Service, one warning per reference.
-    for parent in ["{name: waypoint}", "{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint, namespace: shop}"]
+    for parent in
+        ["{name: waypoint}", "{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint, namespace: shop}"]
     {
         let c = config(&http_route("h", parent, &rule));
         assert!(!RouteTable::build(&c, &reviews()).is_configured(), "{parent}");
         let warnings = waypoint_parent_warnings(&c, WAYPOINT);
         assert_eq!(warnings.len(), 1, "{parent}: {warnings:?}");
-        assert!(warnings[0].starts_with("HTTPRoute/shop/h: spec.parentRefs[0]: names the waypoint Gateway shop/waypoint"));
+        assert!(
+            warnings[0].starts_with("HTTPRoute/shop/h: spec.parentRefs[0]: names the waypoint Gateway shop/waypoint")
+        );
     }
     // Next to a Service parent: the Service parent attaches, the waypoint one is named.
     let c = config(&http_route("h", &format!("{{name: waypoint}}, {TO_REVIEWS}"), &rule));
@@ -1494,8 +1497,7 @@ fn a_missing_or_hidden_delegate_leaves_only_its_rule_out() {
     assert!(t.warnings()[0].contains("spec.http[0].delegate: delegate VirtualService shop/products not found"));
     assert_eq!(route_name(&t, &get("/products")).as_deref(), Some("VirtualService/shop/root#http[1]"));
     // A VirtualService with hosts is no delegate.
-    let not_delegate =
-        vs("products", "[ratings]", "  - route: [{destination: {host: reviews-v2}}]\n");
+    let not_delegate = vs("products", "[ratings]", "  - route: [{destination: {host: reviews-v2}}]\n");
     let t = table(&format!("{}---\n{not_delegate}", vs("root", "[reviews]", ROOT)));
     assert!(t.warnings()[0].contains("not found"), "{:?}", t.warnings());
     // In another namespace, exported only to itself.
@@ -1517,7 +1519,10 @@ fn delegate_hosts_are_read_in_the_delegates_namespace() {
     let t = table(&format!("{}---\n{d}---\n{team_svc}", vs("root", "[reviews]", root)));
     let route = t.select(&get("/").parts()).unwrap();
     assert_eq!(backends(route)[0].host, "reviews.team.svc.cluster.local");
-    assert_eq!(route.mirrors[0].backend.host, "ratings.shop.svc.cluster.local", "the root's mirror, in the root's namespace");
+    assert_eq!(
+        route.mirrors[0].backend.host, "ratings.shop.svc.cluster.local",
+        "the root's mirror, in the root's namespace"
+    );
 }
 
 #[test]

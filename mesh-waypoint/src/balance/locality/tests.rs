@@ -1,3 +1,4 @@
+#![allow(clippy::float_cmp, reason = "shares of exactly all or nothing are exact")]
 use proptest::prelude::*;
 use serde_json::json;
 
@@ -33,7 +34,10 @@ fn rolls(n: u64) -> impl Iterator<Item = u64> {
 fn localities_from_labels() {
     assert_eq!(loc("r1.z1.s1"), Locality { region: "r1".into(), zone: "z1".into(), subzone: "s1".into() });
     assert_eq!(loc("r1/z1"), Locality { region: "r1".into(), zone: "z1".into(), subzone: String::new() });
-    assert_eq!(loc("us-west/us-west1.a"), Locality { region: "us-west".into(), zone: "us-west1.a".into(), subzone: String::new() });
+    assert_eq!(
+        loc("us-west/us-west1.a"),
+        Locality { region: "us-west".into(), zone: "us-west1.a".into(), subzone: String::new() }
+    );
     let both = labels(&[(LOCALITY_LABEL, "a.b"), (TOPOLOGY_LOCALITY_LABEL, "c/d")]);
     assert_eq!(Locality::from_labels(&both), loc("c/d"), "the topology label wins");
     assert_eq!(Locality::from_labels(&labels(&[(LOCALITY_LABEL, "a.b")])), loc("a/b"));
@@ -79,7 +83,8 @@ fn default_failover_orders_by_subzone_zone_region_and_failover_regions() {
     let p = plan(&setting, true, "r1/z1/s1", &eps).unwrap();
     assert_eq!(priorities(&p, eps.len()), [0, 1, 2, 3, 3, 0]);
     // failover r1 -> r2: other regions after r2.
-    let setting = LocalitySetting { failover: vec![Failover { from: "r1".into(), to: "r2".into() }], ..Default::default() };
+    let setting =
+        LocalitySetting { failover: vec![Failover { from: "r1".into(), to: "r2".into() }], ..Default::default() };
     let p = plan(&setting, true, "r1/z1/s1", &eps).unwrap();
     assert_eq!(priorities(&p, eps.len()), [0, 1, 2, 3, 4, 0]);
     // Everything in one locality (or unlabelled everywhere): nothing to do.
@@ -89,7 +94,11 @@ fn default_failover_orders_by_subzone_zone_region_and_failover_regions() {
 #[test]
 fn failover_priority_labels() {
     let setting = LocalitySetting {
-        failover_priority: vec!["topology.kubernetes.io/region".into(), "topology.kubernetes.io/zone".into(), "version=v2".into()],
+        failover_priority: vec![
+            "topology.kubernetes.io/region".into(),
+            "topology.kubernetes.io/zone".into(),
+            "version=v2".into(),
+        ],
         ..Default::default()
     };
     let me = loc("r1/z1");
