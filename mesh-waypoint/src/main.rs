@@ -7,6 +7,7 @@ mod ext_authz;
 mod inbound;
 mod proxy;
 mod requests;
+mod tee;
 mod upstream;
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
