@@ -117,7 +117,9 @@ impl Destination {
         let choice = self.locality.as_ref().and_then(|plan| {
             plan.choose(&eligible_now, hash.unwrap_or_else(|| mesh_waypoint::balance::xxh64(&roll.to_le_bytes(), 7)))
         });
-        let in_plan = |i: usize| choice.is_none_or(|c| self.locality.as_ref().is_none_or(|plan| plan.admits(&c, i)));
+        let in_plan = |i: usize| {
+            self.locality.as_ref().is_none_or(|plan| plan.usable(i) && choice.is_none_or(|c| plan.admits(&c, i)))
+        };
         let fresh = |i: usize| eligible_now(i) && !tried.contains(&i) && in_plan(i);
         let usable = |i: usize| eligible_now(i) && in_plan(i);
         let picked = self.balancer.pick(&PickContext { hash, roll, active: &active, eligible: &fresh });

@@ -365,6 +365,12 @@ impl LocalityPlan {
             && choice.group.is_none_or(|g| self.group.get(i) == Some(&g))
     }
 
+    /// Whether endpoint `i` may get traffic at all: not in a locality `distribute`
+    /// gives nothing (Istio removes those endpoints from the load assignment).
+    pub fn usable(&self, i: usize) -> bool {
+        self.weight_of(i) > 0
+    }
+
     /// Endpoint `i`'s locality weight (1 without `distribute`).
     fn weight_of(&self, i: usize) -> u32 {
         self.weights.as_ref().map_or(1, |w| self.group.get(i).and_then(|g| w.get(*g as usize)).copied().unwrap_or(0))

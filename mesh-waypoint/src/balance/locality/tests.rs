@@ -179,6 +179,7 @@ fn distribute_weights_localities() {
         assert!(!admitted.contains(&4), "r2 gets nothing");
         per_endpoint[admitted[0]] += 1;
     }
+    assert!(!p.usable(4) && p.usable(0) && p.usable(1));
     let z1 = f64::from(per_endpoint[0]) / 20_000.0;
     assert!((z1 - 0.8).abs() < 0.02, "z1 share {z1}");
     // A client the `from` does not match: no weights, no plan.
