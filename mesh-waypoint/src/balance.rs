@@ -24,6 +24,7 @@ use http::{HeaderMap, HeaderValue, header};
 
 use crate::policy::{HashAlgo, HashKey, LbPolicy};
 
+pub mod locality;
 mod xxhash;
 pub use xxhash::xxh64;
 

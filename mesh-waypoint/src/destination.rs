@@ -13,7 +13,10 @@ use std::{
 
 use mesh_proxy::workloads::Index;
 use mesh_waypoint::{
-    balance::{Balancer, PickContext},
+    balance::{
+        Balancer, PickContext,
+        locality::{Client, EndpointInfo, Locality, LocalityPlan},
+    },
     limits::Breaker,
     outlier::{CallResult, Outliers},
     policy::{Missing, Resolved, selects},
@@ -36,6 +39,8 @@ pub struct Destination {
     pub policy: Resolved,
     pub endpoints: Vec<Target>,
     balancer: Balancer,
+    /// Priorities and locality weights seen from the waypoint (`None`: no effect).
+    locality: Option<LocalityPlan>,
     active: Vec<AtomicU32>,
     pub health: Arc<Health>,
 }
@@ -50,10 +55,12 @@ pub enum Lookup {
 }
 
 impl Destination {
+    /// `me` is the waypoint as a client of the destination: its locality and labels.
     pub fn resolve(
         index: &Index,
         config: &mesh_common::config::Config,
         waypoint_namespace: &str,
+        me: Client<'_>,
         key: &Key,
         health: &Mutex<HashMap<Key, Arc<Health>>>,
     ) -> Lookup {
@@ -74,6 +81,13 @@ impl Destination {
             .collect();
         let keys: Vec<String> = endpoints.iter().map(|t| t.addr.to_string()).collect();
         let balancer = Balancer::new(&policy.lb, &keys);
+        let localities: Vec<Locality> = endpoints.iter().map(|t| Locality::from_labels(&t.workload.labels)).collect();
+        let infos: Vec<EndpointInfo> = endpoints
+            .iter()
+            .zip(&localities)
+            .map(|(t, locality)| EndpointInfo { locality, labels: &t.workload.labels })
+            .collect();
+        let locality = LocalityPlan::new(policy.locality.as_ref(), policy.outlier.is_some(), me, &infos);
         let health = health
             .lock()
             .expect("lock")
@@ -89,7 +103,7 @@ impl Destination {
             }
         }
         let active = endpoints.iter().map(|_| AtomicU32::new(0)).collect();
-        Lookup::Found(Arc::new(Self { key: key.clone(), policy, endpoints, balancer, active, health }))
+        Lookup::Found(Arc::new(Self { key: key.clone(), policy, endpoints, balancer, locality, active, health }))
     }
 
     /// An endpoint for one try, avoiding `tried` when others are eligible.
@@ -98,9 +112,18 @@ impl Destination {
         let outliers = self.sweep(now);
         let eligible_now = |i: usize| outliers.as_ref().is_none_or(|(o, _)| o.eligible(i, now));
         let active = |i: usize| self.active.get(i).map_or(0, |a| a.load(Ordering::Relaxed));
-        let fresh = |i: usize| eligible_now(i) && !tried.contains(&i);
+        // Locality first: the priority (and locality) this pick may use; the request's
+        // hash keeps a key in its priority, else a roll independent of the balancer's.
+        let choice = self.locality.as_ref().and_then(|plan| {
+            plan.choose(&eligible_now, hash.unwrap_or_else(|| mesh_waypoint::balance::xxh64(&roll.to_le_bytes(), 7)))
+        });
+        let in_plan = |i: usize| {
+            self.locality.as_ref().is_none_or(|plan| plan.usable(i) && choice.is_none_or(|c| plan.admits(&c, i)))
+        };
+        let fresh = |i: usize| eligible_now(i) && !tried.contains(&i) && in_plan(i);
+        let usable = |i: usize| eligible_now(i) && in_plan(i);
         let picked = self.balancer.pick(&PickContext { hash, roll, active: &active, eligible: &fresh });
-        picked.or_else(|| self.balancer.pick(&PickContext { hash, roll, active: &active, eligible: &eligible_now }))
+        picked.or_else(|| self.balancer.pick(&PickContext { hash, roll, active: &active, eligible: &usable }))
     }
 
     /// Readmits endpoints whose ejection is over, at most once per interval.

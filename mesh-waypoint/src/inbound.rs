@@ -10,6 +10,7 @@ use std::{
 };
 
 use http::StatusCode;
+use mesh_common::config::meta::Labels;
 use mesh_common::{config::Config, control::parse_workload_identity};
 use mesh_common::{
     config::{gateway::WAYPOINT_CLASS, mesh::PathNormalization},
@@ -28,9 +29,10 @@ use mesh_proxy::{
     workloads::{Index, ServicePort, Workload},
 };
 use mesh_waypoint::{
+    balance::locality::{self, Client, Locality},
     jwt::{self, Authenticator},
     ratelimit::{RateLimits, WaypointRef},
-    route::{RouteTable, ServiceRef, TcpTable},
+    route::{self, RouteTable, ServiceRef, TcpTable, WaypointGateway},
     telemetry_api::{self, Defaults, Effective, Subject},
 };
 use tracing::{debug, info, warn};
@@ -51,6 +53,9 @@ pub struct Settings {
     pub certs: Arc<CertStore>,
     pub metrics: Arc<Metrics>,
     pub connect_timeout: Duration,
+    /// The waypoint's own pod name (Kubernetes downward API), to find its locality and
+    /// labels in the view; `None`: the first pod of the waypoint's Gateway.
+    pub pod_name: Option<String>,
 }
 
 /// What one configuration version gives the waypoint. Route tables and destinations
@@ -70,13 +75,21 @@ pub struct Tables {
     authenticators: Mutex<HashMap<ServiceKey, Arc<Authenticator>>>,
     tcp_routes: Mutex<HashMap<(String, u16), Arc<TcpTable>>>,
     destinations: Mutex<HashMap<Key, Arc<Destination>>>,
+    /// The waypoint's own locality and pod labels in this view (locality load balancing).
+    own_locality: Locality,
+    own_labels: Labels,
 }
 
 impl Tables {
-    fn new(version: u64, config: Arc<Config>, index: Index, waypoint: (&str, &str)) -> Self {
+    fn new(version: u64, config: Arc<Config>, index: Index, waypoint: (&str, &str), pod_name: Option<&str>) -> Self {
         let (namespace, name) = waypoint;
         let policies = WaypointPolicies::new(&config, &policy::Waypoint { namespace, name, class: WAYPOINT_CLASS });
+        let own_labels = locality::own_pod(&config.pods, namespace, name, pod_name)
+            .map(|pod| pod.metadata.labels.clone())
+            .unwrap_or_default();
         Self {
+            own_locality: Locality::from_labels(&own_labels),
+            own_labels,
             version,
             normalization: config.mesh.path_normalization(),
             policies,
@@ -177,7 +190,8 @@ impl Tables {
         if let Some(found) = self.destinations.lock().expect("lock").get(key) {
             return Lookup::Found(found.clone());
         }
-        let lookup = Destination::resolve(&self.index, &self.config, &waypoint.namespace, key, &waypoint.health);
+        let me = Client { locality: &self.own_locality, labels: &self.own_labels };
+        let lookup = Destination::resolve(&self.index, &self.config, &waypoint.namespace, me, key, &waypoint.health);
         if let Lookup::Found(found) = &lookup {
             self.destinations.lock().expect("lock").insert(key.clone(), found.clone());
         }
@@ -213,6 +227,8 @@ pub struct Telemetry {
 pub struct Waypoint {
     pub namespace: String,
     pub name: String,
+    /// Our pod's name, when the deployment says it.
+    pod_name: Option<String>,
     /// Our SPIFFE identity (known once the view names the trust domain).
     identity: RwLock<Option<String>>,
     service_account: String,
@@ -286,10 +302,11 @@ impl Waypoint {
         let requests = RequestMetrics::new(&settings.metrics);
         let ext_authz = ExtAuthzClient::new();
         ext_authz.counters().register(&settings.metrics);
-        let tables = Tables::new(0, Arc::default(), Index::default(), (&settings.namespace, &settings.name));
+        let tables = Tables::new(0, Arc::default(), Index::default(), (&settings.namespace, &settings.name), None);
         Arc::new(Self {
             namespace: settings.namespace,
             name: settings.name,
+            pod_name: settings.pod_name,
             identity: RwLock::new(None),
             service_account: settings.service_account,
             client: settings.client,
@@ -398,7 +415,12 @@ impl Waypoint {
                     self.certs.acquire(&identity);
                 }
                 let index = Index::build(&config).at(state.version);
-                let tables = Tables::new(state.version, config, index, (&self.namespace, &self.name));
+                let me = WaypointGateway { namespace: &self.namespace, name: &self.name };
+                for warning in route::waypoint_parent_warnings(&config, me) {
+                    warn!(warning, "route configuration");
+                }
+                let tables =
+                    Tables::new(state.version, config, index, (&self.namespace, &self.name), self.pod_name.as_deref());
                 *self.tables.write().expect("lock") = Arc::new(tables);
                 info!(version = state.version, "view applied");
                 if ready.is_some() && self.certs.get(&identity).is_some() {

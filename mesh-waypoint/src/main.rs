@@ -7,6 +7,7 @@ mod ext_authz;
 mod inbound;
 mod proxy;
 mod requests;
+mod tee;
 mod upstream;
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
@@ -30,6 +31,10 @@ struct Cli {
     /// waypoint's name, as `istioctl waypoint` deploys it).
     #[arg(long, env = "MESH_WAYPOINT_SERVICE_ACCOUNT")]
     service_account: Option<String>,
+    /// This pod's name (downward API `metadata.name`): its labels in the view give the
+    /// waypoint's locality. Default: the first pod of the waypoint's Gateway.
+    #[arg(long, env = "MESH_POD_NAME")]
+    pod_name: Option<String>,
     /// Controller's control endpoint, `host:port` (TLS).
     #[arg(long, env = "MESH_CONTROLLER_ADDR")]
     controller: String,
@@ -130,6 +135,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         certs: certs.clone(),
         metrics: metrics.clone(),
         connect_timeout: Duration::from_millis(cli.connect_timeout_ms),
+        pod_name: cli.pod_name.clone(),
     });
     // Ready with a view and a certificate: until then every stream is refused.
     let waiting = ready.register("config");

@@ -42,6 +42,8 @@ use mesh_common::config::{
 };
 use serde_json::Value;
 
+use crate::balance::locality::LocalitySetting;
+
 /// The traffic policy of one destination (host, subset, port), ready to use.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Resolved {
@@ -50,8 +52,10 @@ pub struct Resolved {
     /// The subset's label selector; empty selects every endpoint of the host.
     pub labels: Labels,
     pub lb: LbPolicy,
-    /// `localityLbSetting` as written; kept as data until localities are modelled.
-    pub locality: Option<Value>,
+    /// `localityLbSetting`; `None` when disabled (`enabled: false`). Unset is Istio's
+    /// mesh default, enabled with no `distribute` or `failover` (the mesh config's own
+    /// `localityLbSetting` is not modelled).
+    pub locality: Option<LocalitySetting>,
     pub limits: Limits,
     /// `None`: no `outlierDetection`, nothing is ever ejected.
     pub outlier: Option<OutlierConfig>,
@@ -273,11 +277,18 @@ impl Resolved {
         let lb = lb_policy(parts.lb, &mut note);
         let limits = limits(parts.pool, &mut note);
         let outlier = parts.outlier.map(|od| outlier_config(od, &mut note));
+        let locality = match parts.lb.and_then(|lb| lb.locality_lb_setting.as_ref()) {
+            None => Some(LocalitySetting::default()),
+            Some(v) => LocalitySetting::from_istio(v).unwrap_or_else(|(field, reason)| {
+                note(&format!("loadBalancer.localityLbSetting{field}"), reason);
+                Some(LocalitySetting::default())
+            }),
+        };
         Ok(Resolved {
             rule: rule_ref,
             labels: subset.map(|s| s.labels.clone()).unwrap_or_default(),
             lb,
-            locality: parts.lb.and_then(|lb| lb.locality_lb_setting.clone()),
+            locality,
             limits,
             outlier,
             problems,

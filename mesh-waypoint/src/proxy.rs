@@ -55,6 +55,7 @@ use crate::{
     ext_authz::{CheckRequest, Decision},
     inbound::{Caller, Protocol, Tables, Telemetry, Waypoint, protocol_of},
     requests::{RequestLabels, RequestLog},
+    tee,
     upstream::{Body, BoxError, Dial, Target, UpstreamError},
 };
 
@@ -998,11 +999,24 @@ impl Downstream {
             }))
         };
         let mut body = body;
-        // Mirrors: fire and forget, with `-shadow` appended to the host, as Envoy does.
-        if let Replay::Buffered(bytes) = &body {
-            for mirror in route.mirrors.iter().filter(|m| m.fires(roll_f64())) {
-                self.mirror(tables, service, mirror, &head, bytes.clone(), &authority, &path, h2);
+        // Mirrors: fire and forget, with `-shadow` appended to the host, as Envoy does; a
+        // streamed body is copied to them as it passes (see `tee`).
+        let fired: Vec<&Mirror> = route.mirrors.iter().filter(|m| m.fires(roll_f64())).collect();
+        match &mut body {
+            Replay::Buffered(bytes) => {
+                for mirror in fired {
+                    self.mirror(tables, service, mirror, &head, full(bytes.clone()), &authority, &path, h2);
+                }
             }
+            Replay::Stream(Some(counted)) if !fired.is_empty() && !upgrade => {
+                let (request, copies) =
+                    tee::tee(std::mem::replace(&mut counted.inner, full(Bytes::new())), fired.len(), tee::MAX_BEHIND);
+                counted.inner = request;
+                for (mirror, copy) in fired.into_iter().zip(copies) {
+                    self.mirror(tables, service, mirror, &head, copy, &authority, &path, h2);
+                }
+            }
+            Replay::Stream(_) => {}
         }
         let limits = destination.policy.limits;
         let Some(_request_slot) = destination.health.breaker.try_request(&limits) else {
@@ -1148,7 +1162,7 @@ impl Downstream {
         service: &ServicePort,
         mirror: &Mirror,
         head: &http::request::Parts,
-        body: Bytes,
+        body: Body,
         authority: &str,
         path: &str,
         h2: bool,
@@ -1169,7 +1183,7 @@ impl Downstream {
         }
         let waypoint = self.waypoint.clone();
         tokio::spawn(async move {
-            let request = Request::from_parts(head, full(body));
+            let request = Request::from_parts(head, body);
             if let Err(error) = waypoint.upstreams.send(&target, h2, request, &dial.dial()).await {
                 debug!(%error, "mirror request failed");
             }

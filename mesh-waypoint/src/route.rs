@@ -8,11 +8,15 @@
 //! - Gateway API `HTTPRoute` and `GRPCRoute` whose `parentRefs` name the Service (GAMMA);
 //!   their rules are ordered as the Gateway API spec orders them (see [`build`]).
 //! - Else the `VirtualService`s whose `hosts` name the Service, for the mesh, in order,
-//!   first matching rule wins.
+//!   first matching rule wins; a rule with `delegate` is replaced, in place, by the
+//!   delegate's rules merged with it (see [`delegate`]).
 //! - Else one default route to the Service itself with Istio's default retries.
 //!
 //! When route objects apply but no rule matches, [`RouteTable::select`] answers `None`:
 //! the proxy answers 404 with flag `NR`, as Envoy does.
+//!
+//! Routes whose `parentRefs` name the waypoint's own `Gateway` are not attached, as in
+//! Istio (see [`waypoint_parent_warnings`] and the decisions in [`build`]).
 use std::{collections::BTreeMap, time::Duration};
 
 use http::HeaderMap;
@@ -20,12 +24,14 @@ use http::HeaderMap;
 use crate::retry::RetryPolicy;
 
 mod build;
+mod delegate;
 mod filters;
 mod matcher;
 mod tcp;
 #[cfg(test)]
 mod tests;
 
+pub use delegate::{DelegateError, has_conflict, merge_matches, merge_rule};
 pub use filters::{Abort, Cors, Fault, FaultDecision, HeaderOps, Mirror, PathRewrite, Redirect, RedirectPort};
 pub use tcp::{TcpRequest, TcpRoute, TcpTable};
 
@@ -51,6 +57,21 @@ impl ServiceRef {
             port,
         }
     }
+}
+
+/// The waypoint itself: its `Gateway` (class `istio-waypoint`) by namespace and name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WaypointGateway<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+}
+
+/// One line per `parentRefs` entry of an `HTTPRoute`, `GRPCRoute`, `TCPRoute` or
+/// `TLSRoute` that names `waypoint`'s `Gateway`: such a reference attaches nothing (Istio
+/// accepts no route kind on a waypoint's HBONE listener), so the route does not apply
+/// through it. For the log, once per configuration version.
+pub fn waypoint_parent_warnings(config: &mesh_common::config::Config, waypoint: WaypointGateway<'_>) -> Vec<String> {
+    build::waypoint_parent_warnings(config, waypoint)
 }
 
 /// What matching reads of a request.

@@ -323,7 +323,7 @@ fn simple_algorithms() {
 }
 
 #[test]
-fn locality_settings_are_kept_as_data() {
+fn locality_settings_are_read() {
     let c = config(&dr(
         "shop",
         "r",
@@ -331,7 +331,17 @@ fn locality_settings_are_kept_as_data() {
         "  trafficPolicy:\n    loadBalancer:\n      localityLbSetting: {enabled: true, failover: [{from: a, to: b}]}\n",
     ));
     let r = resolve(&c, REVIEWS, "shop");
-    assert_eq!(r.locality.unwrap()["failover"][0]["to"], "b");
+    assert_eq!(r.locality.unwrap().failover[0].to, "b");
+    // Unset: Istio's mesh default, enabled; `enabled: false`: off.
+    let c = config(&dr("shop", "r", "reviews", ""));
+    assert_eq!(resolve(&c, REVIEWS, "shop").locality, Some(crate::balance::locality::LocalitySetting::default()));
+    let c = config(&dr(
+        "shop",
+        "r",
+        "reviews",
+        "  trafficPolicy:\n    loadBalancer:\n      localityLbSetting: {enabled: false, failover: [{from: a, to: b}]}\n",
+    ));
+    assert_eq!(resolve(&c, REVIEWS, "shop").locality, None);
 }
 
 #[test]

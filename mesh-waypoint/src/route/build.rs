@@ -24,6 +24,9 @@
 //!   alphabetical, the spec's next criterion), then rule and match order. `GRPCRoute`
 //!   method matches become paths as Istio converts them (`/svc/m` exact, `/svc/`
 //!   prefix, a regex otherwise).
+//! - **Delegates** (`http[].delegate`): merged as Istio's `MergeHTTPRoutes` does, one
+//!   level, a missing or hidden delegate leaving only its root rule out; see
+//!   [`super::delegate`]. Route names read `<root>#http[i]><delegate>#http[j]`.
 //! - **A `VirtualService` without `http` rules** (only `tcp`/`tls`) does not route HTTP:
 //!   the Service keeps its default route.
 //! - **Hosts**: a short name is relative to the object's namespace; `name.ns` and
@@ -33,7 +36,17 @@
 //!   `mesh`, like the `VirtualService`'s.
 //! - **`hostnames` of a route attached to a Service** are not used: the parent Service
 //!   already names the host the waypoint found (Istio does the same for Service
-//!   parents). The waypoint `Gateway` as a parent is not handled here.
+//!   parents).
+//! - **The waypoint `Gateway` as a parent** (`kind: Gateway`, group
+//!   `gateway.networking.k8s.io`, the default kind and group of a `parentRef`) attaches
+//!   nothing: such a reference is left out and [`waypoint_parent_warnings`] names it.
+//!   Istio's Gateway API controller gives a waypoint's listener (port 15008, protocol
+//!   `HBONE`) an empty `supportedKinds` (`GenerateGatewaySupportedKinds` lists route kinds
+//!   only for HTTP, HTTPS, TCP and TLS listeners; its `waypoint.status.yaml.golden` shows
+//!   `supportedKinds: []`), so the route's parent status is `Accepted: False` ("kind ...
+//!   is not allowed") and nothing is generated for the waypoint. A waypoint is programmed
+//!   only from mesh routes, i.e. `parentRefs` to a Service or `ServiceEntry`. The same
+//!   route's Service parents still attach.
 //! - **Unresolved backends**: a host that is no Service nor `ServiceEntry` host, a
 //!   Service port it does not have, or a subset no `DestinationRule` of the host defines
 //!   keeps its share of the weight and carries the reason: the proxy answers 503 `NR`.
@@ -50,7 +63,7 @@ use mesh_common::config::{
 use serde_json::Value;
 
 use super::{
-    Action, Backend, Route, RouteTable, ServiceRef,
+    Action, Backend, Route, RouteTable, ServiceRef, WaypointGateway, delegate,
     filters::{Abort, Cors, Fault, HeaderOps, Mirror, PathRewrite, Redirect, RedirectPort},
     matcher::{Matcher, PathMatch, StrMatch, compile_anchored},
 };
@@ -75,7 +88,7 @@ pub(super) fn build(config: &Config, service: &ServiceRef) -> RouteTable {
     } else {
         let mut entries = Vec::new();
         for vs in virtual_services {
-            vs_entries(vs, &index, &mut entries, &mut warnings);
+            vs_entries(vs, config, &index, &mut entries, &mut warnings);
         }
         Some(entries)
     };
@@ -118,7 +131,7 @@ pub(super) fn default_backend(service: &ServiceRef) -> Backend {
 
 /// A host as written in an object of namespace `ns`, made fully qualified: a short
 /// name is `name.ns.svc.<domain>`; a trailing dot goes.
-fn fqdn(host: &str, ns: &str) -> String {
+pub(super) fn fqdn(host: &str, ns: &str) -> String {
     let host = host.strip_suffix('.').unwrap_or(host);
     if host.contains('.') || host.contains('*') { host.to_string() } else { format!("{host}.{ns}.svc.{DNS_DOMAIN}") }
 }
@@ -275,33 +288,86 @@ impl Index {
 // ---------------------------------------------------------------------------------
 // VirtualService
 
-fn vs_entries(vs: &VirtualService, index: &Index, entries: &mut Vec<(Matcher, Route)>, warnings: &mut Vec<String>) {
+fn vs_entries(
+    vs: &VirtualService,
+    config: &Config,
+    index: &Index,
+    entries: &mut Vec<(Matcher, Route)>,
+    warnings: &mut Vec<String>,
+) {
     let ns = &vs.metadata.namespace;
     let object = format!("VirtualService/{ns}/{}", vs.metadata.name);
     for (i, rule) in vs.spec.http.iter().enumerate() {
         let field = format!("spec.http[{i}]");
-        let mut warn = |f: &str, why: String| warnings.push(format!("{object}: {field}{f}: {why}"));
-        if rule.delegate.is_some() {
-            warn(".delegate", "delegate VirtualServices are not served by the waypoint; rule left out".into());
-            continue;
-        }
-        let Some(route) = vs_route(rule, &format!("{object}#http[{i}]"), ns, index, &mut warn) else {
+        let name = format!("{object}#http[{i}]");
+        let Some(reference) = &rule.delegate else {
+            rule_entries(rule, &name, ns, index, entries, &mut |f, why| {
+                warnings.push(format!("{object}: {field}{f}: {why}"));
+            });
             continue;
         };
-        if rule.match_.is_empty() {
-            let route = with_path_rewrite(route, rule, None, &mut warn);
-            entries.push((Matcher::any(), route));
-            continue;
-        }
-        for (k, m) in rule.match_.iter().enumerate() {
-            if !for_mesh(&m.gateways) {
+        let delegate_vs = match delegate::find(config, reference, ns) {
+            Ok(found) => found,
+            Err(e) => {
+                warnings.push(format!("{object}: {field}.delegate: {e}"));
                 continue;
             }
-            let mut warn_match = |f: &str, why: String| warn(&format!(".match[{k}]{f}"), why);
-            let matcher = vs_matcher(m, &mut warn_match);
-            let route = with_path_rewrite(route.clone(), rule, Some(m), &mut warn_match);
-            entries.push((matcher, route));
+        };
+        let root = delegate::qualified(rule, ns);
+        let d_ns = &delegate_vs.metadata.namespace;
+        let d_object = format!("VirtualService/{d_ns}/{}", delegate_vs.metadata.name);
+        for (j, d_rule) in delegate_vs.spec.http.iter().enumerate() {
+            let d_field = format!("spec.http[{j}]");
+            let mut warn = |f: &str, why: String| {
+                warnings.push(format!("{d_object}: {d_field}{f}: {why} (delegated from {object} {field})"));
+            };
+            if d_rule.delegate.is_some() {
+                warn(
+                    ".delegate",
+                    "a delegate VirtualService must not delegate again (one level only); rule left out".into(),
+                );
+                continue;
+            }
+            let Some(merged) = delegate::merge_rule(&root, &delegate::qualified(d_rule, d_ns)) else {
+                warn(
+                    ".match",
+                    format!(
+                        "not a subset of the root rule's matches ({object} {field}.match); rule left out, as Istio does"
+                    ),
+                );
+                continue;
+            };
+            rule_entries(&merged, &format!("{name}>{d_object}#http[{j}]"), d_ns, index, entries, &mut warn);
         }
+    }
+}
+
+/// The entries of one `VirtualService` rule (one per match for the mesh, or one that
+/// matches everything); `ns` is where short hosts are resolved.
+fn rule_entries(
+    rule: &HttpRule,
+    name: &str,
+    ns: &str,
+    index: &Index,
+    entries: &mut Vec<(Matcher, Route)>,
+    warn: &mut dyn FnMut(&str, String),
+) {
+    let Some(route) = vs_route(rule, name, ns, index, warn) else {
+        return;
+    };
+    if rule.match_.is_empty() {
+        let route = with_path_rewrite(route, rule, None, warn);
+        entries.push((Matcher::any(), route));
+        return;
+    }
+    for (k, m) in rule.match_.iter().enumerate() {
+        if !for_mesh(&m.gateways) {
+            continue;
+        }
+        let mut warn_match = |f: &str, why: String| warn(&format!(".match[{k}]{f}"), why);
+        let matcher = vs_matcher(m, &mut warn_match);
+        let route = with_path_rewrite(route.clone(), rule, Some(m), &mut warn_match);
+        entries.push((matcher, route));
     }
 }
 
@@ -677,6 +743,33 @@ pub(super) fn targets_service(p: &ParentReference, route_ns: &str, service: &Ser
         && p.name == service.name
         && p.namespace.as_deref().unwrap_or(route_ns) == service.namespace
         && p.port.is_none_or(|port| port == u32::from(service.port))
+}
+
+/// Whether `p` (of a route in `route_ns`) names the waypoint's `Gateway`.
+fn targets_waypoint(p: &ParentReference, route_ns: &str, waypoint: WaypointGateway<'_>) -> bool {
+    p.kind.as_deref().is_none_or(|k| k == "Gateway")
+        && p.group.as_deref().is_none_or(|g| g == "gateway.networking.k8s.io")
+        && p.name == waypoint.name
+        && p.namespace.as_deref().unwrap_or(route_ns) == waypoint.namespace
+}
+
+pub(super) fn waypoint_parent_warnings(config: &Config, waypoint: WaypointGateway<'_>) -> Vec<String> {
+    let http = config.http_routes.iter().map(|r| ("HTTPRoute", &r.metadata, &r.spec.parent_refs));
+    let grpc = config.grpc_routes.iter().map(|r| ("GRPCRoute", &r.metadata, &r.spec.parent_refs));
+    let tcp = config.tcp_routes.iter().map(|r| ("TCPRoute", &r.metadata, &r.spec.parent_refs));
+    let tls = config.tls_routes.iter().map(|r| ("TLSRoute", &r.metadata, &r.spec.parent_refs));
+    let mut warnings = Vec::new();
+    for (kind, meta, parents) in http.chain(grpc).chain(tcp).chain(tls) {
+        for (i, p) in parents.iter().enumerate() {
+            if targets_waypoint(p, &meta.namespace, waypoint) {
+                warnings.push(format!(
+                    "{kind}/{}/{}: spec.parentRefs[{i}]: names the waypoint Gateway {}/{}, which accepts no routes (as in Istio, its HBONE listener supports no route kinds); this parent is ignored: attach the route to a Service (kind: Service) instead",
+                    meta.namespace, meta.name, waypoint.namespace, waypoint.name
+                ));
+            }
+        }
+    }
+    warnings
 }
 
 /// Every rule match of the `HTTPRoutes` and `GRPCRoutes` attached to the Service port, in

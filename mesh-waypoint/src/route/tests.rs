@@ -1364,3 +1364,220 @@ spec:
     assert!(table.select(&tcp_request(&none, "shop")).is_none());
     assert!(table.warnings()[0].contains("sourceSubnet"), "{:?}", table.warnings());
 }
+
+// ---------------------------------------------------------------------------------
+// The waypoint Gateway as a parent
+
+const WAYPOINT: WaypointGateway<'static> = WaypointGateway { namespace: "shop", name: "waypoint" };
+
+#[test]
+fn a_waypoint_gateway_parent_attaches_nothing_and_is_named() {
+    let rule = format!("  - {BACKEND}\n");
+    // Only the waypoint as parent (kind and group defaulted, and written out): no
+    // routes for the Service, one warning per reference.
+    for parent in
+        ["{name: waypoint}", "{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint, namespace: shop}"]
+    {
+        let c = config(&http_route("h", parent, &rule));
+        assert!(!RouteTable::build(&c, &reviews()).is_configured(), "{parent}");
+        let warnings = waypoint_parent_warnings(&c, WAYPOINT);
+        assert_eq!(warnings.len(), 1, "{parent}: {warnings:?}");
+        assert!(
+            warnings[0].starts_with("HTTPRoute/shop/h: spec.parentRefs[0]: names the waypoint Gateway shop/waypoint")
+        );
+    }
+    // Next to a Service parent: the Service parent attaches, the waypoint one is named.
+    let c = config(&http_route("h", &format!("{{name: waypoint}}, {TO_REVIEWS}"), &rule));
+    let t = RouteTable::build(&c, &reviews());
+    assert!(t.is_configured());
+    assert_eq!(route_name(&t, &get("/")).as_deref(), Some("HTTPRoute/shop/h#rules[0]"));
+    assert_eq!(waypoint_parent_warnings(&c, WAYPOINT).len(), 1);
+    // Another Gateway, another namespace's waypoint of the same name, a Service of the
+    // waypoint's name: not this waypoint.
+    for parent in [
+        "{name: ingress}",
+        "{name: waypoint, namespace: other}",
+        "{kind: Service, group: '', name: waypoint}",
+        "{name: waypoint, group: networking.istio.io}",
+    ] {
+        let c = config(&http_route("h", parent, &rule));
+        assert!(waypoint_parent_warnings(&c, WAYPOINT).is_empty(), "{parent}");
+    }
+    // GRPCRoute too.
+    let grpc = format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {{name: g, namespace: shop}}\nspec:\n  parentRefs: [{{name: waypoint}}]\n  rules:\n  - {BACKEND}\n"
+    );
+    let warnings = waypoint_parent_warnings(&config(&grpc), WAYPOINT);
+    assert!(warnings.len() == 1 && warnings[0].starts_with("GRPCRoute/shop/g: "), "{warnings:?}");
+}
+
+// ---------------------------------------------------------------------------------
+// Delegate VirtualServices
+
+fn delegate_vs(name: &str, ns: &str, extra: &str, http: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{extra}  http:\n{http}"
+    )
+}
+
+const ROOT: &str = "  - name: products
+    match: [{uri: {prefix: /products}}]
+    timeout: 3s
+    delegate: {name: products}
+  - name: rest
+    route: [{destination: {host: ratings}}]
+";
+
+#[test]
+fn delegate_rules_replace_the_root_rule_in_place() {
+    let d = delegate_vs(
+        "products",
+        "shop",
+        "",
+        "  - name: v2
+    match: [{uri: {prefix: /products/v2}, headers: {x-a: {exact: '1'}}}]
+    route: [{destination: {host: reviews-v2}}]
+  - route: [{destination: {host: reviews, subset: v1}}]
+    timeout: 1s
+",
+    );
+    let t = table(&format!("{}---\n{d}", vs("root", "[reviews]", ROOT)));
+    assert!(t.warnings().is_empty(), "{:?}", t.warnings());
+    let names: Vec<&str> = t.routes().map(|r| r.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "VirtualService/shop/root#http[0]>VirtualService/shop/products#http[0]",
+            "VirtualService/shop/root#http[0]>VirtualService/shop/products#http[1]",
+            "VirtualService/shop/root#http[1]",
+        ]
+    );
+    // The delegate's match merged with the root's: its path and header, in place.
+    let v2 = t.select(&get("/products/v2/x").header("x-a", "1").parts()).unwrap();
+    assert_eq!(backends(v2)[0].host, "reviews-v2.shop.svc.cluster.local");
+    assert_eq!(v2.timeout, Some(Duration::from_secs(3)), "the root's timeout fills the delegate's gap");
+    // No delegate match: the root's match stands.
+    let v1 = t.select(&get("/products/v2/x").parts()).unwrap();
+    assert_eq!(backends(v1)[0].subset.as_deref(), Some("v1"));
+    assert_eq!(v1.timeout, Some(Duration::from_secs(1)), "the delegate's own timeout wins");
+    // Outside the root's match: the next root rule.
+    assert_eq!(route_name(&t, &get("/other")).as_deref(), Some("VirtualService/shop/root#http[1]"));
+}
+
+#[test]
+fn delegate_rules_that_leave_the_root_match_are_left_out() {
+    let d = delegate_vs(
+        "products",
+        "shop",
+        "",
+        "  - match: [{uri: {prefix: /admin}}]
+    route: [{destination: {host: reviews-v2}}]
+  - match: [{uri: {regex: '/products/.*'}}]
+    route: [{destination: {host: reviews-v2}}]
+  - match: [{uri: {exact: /products/x}}]
+    route: [{destination: {host: reviews, subset: v2}}]
+",
+    );
+    let t = table(&format!("{}---\n{d}", vs("root", "[reviews]", ROOT)));
+    assert_eq!(t.warnings().len(), 2, "{:?}", t.warnings());
+    assert!(t.warnings()[0].starts_with("VirtualService/shop/products: spec.http[0].match: not a subset"));
+    assert!(t.warnings()[1].starts_with("VirtualService/shop/products: spec.http[1].match: not a subset"));
+    assert_eq!(
+        route_name(&t, &get("/products/x")).as_deref(),
+        Some("VirtualService/shop/root#http[0]>VirtualService/shop/products#http[2]")
+    );
+    assert_eq!(route_name(&t, &get("/admin")).as_deref(), Some("VirtualService/shop/root#http[1]"));
+}
+
+#[test]
+fn a_missing_or_hidden_delegate_leaves_only_its_rule_out() {
+    // Not there at all.
+    let t = table(&vs("root", "[reviews]", ROOT));
+    assert_eq!(t.warnings().len(), 1, "{:?}", t.warnings());
+    assert!(t.warnings()[0].contains("spec.http[0].delegate: delegate VirtualService shop/products not found"));
+    assert_eq!(route_name(&t, &get("/products")).as_deref(), Some("VirtualService/shop/root#http[1]"));
+    // A VirtualService with hosts is no delegate.
+    let not_delegate = vs("products", "[ratings]", "  - route: [{destination: {host: reviews-v2}}]\n");
+    let t = table(&format!("{}---\n{not_delegate}", vs("root", "[reviews]", ROOT)));
+    assert!(t.warnings()[0].contains("not found"), "{:?}", t.warnings());
+    // In another namespace, exported only to itself.
+    let root = ROOT.replace("{name: products}", "{name: products, namespace: team}");
+    let d = delegate_vs("products", "team", "  exportTo: [.]\n", "  - route: [{destination: {host: reviews}}]\n");
+    let t = table(&format!("{}---\n{d}", vs("root", "[reviews]", &root)));
+    assert!(t.warnings()[0].contains("team/products is not exported to namespace shop"), "{:?}", t.warnings());
+    assert_eq!(route_name(&t, &get("/products")).as_deref(), Some("VirtualService/shop/root#http[1]"));
+}
+
+#[test]
+fn delegate_hosts_are_read_in_the_delegates_namespace() {
+    let root = "  - match: [{uri: {prefix: /}}]
+    mirror: {host: ratings}
+    delegate: {name: products, namespace: team}
+";
+    let team_svc = "apiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: team}\nspec: {ports: [{port: 9080, name: http}]}\n";
+    let d = delegate_vs("products", "team", "", "  - route: [{destination: {host: reviews}}]\n");
+    let t = table(&format!("{}---\n{d}---\n{team_svc}", vs("root", "[reviews]", root)));
+    let route = t.select(&get("/").parts()).unwrap();
+    assert_eq!(backends(route)[0].host, "reviews.team.svc.cluster.local");
+    assert_eq!(
+        route.mirrors[0].backend.host, "ratings.shop.svc.cluster.local",
+        "the root's mirror, in the root's namespace"
+    );
+}
+
+#[test]
+fn match_conflicts_follow_istio() {
+    let m = |yaml: &str| {
+        let rule = format!("  - match: [{yaml}]\n    route: [{{destination: {{host: reviews}}}}]\n");
+        config(&vs("m", "[reviews]", &rule)).virtual_services[0].spec.http[0].match_[0].clone()
+    };
+    let conflict = |root: &str, leaf: &str| has_conflict(&m(root), &m(leaf));
+    // Prefixes and exacts under a prefix are subsets; anything else is not.
+    assert!(!conflict("{uri: {prefix: /a}}", "{uri: {prefix: /a/b}}"));
+    assert!(!conflict("{uri: {prefix: /a}}", "{uri: {exact: /a/b}}"));
+    assert!(conflict("{uri: {prefix: /a/b}}", "{uri: {prefix: /a}}"));
+    assert!(!conflict("{uri: {exact: /a}}", "{uri: {exact: /a}}"));
+    assert!(conflict("{uri: {exact: /a}}", "{uri: {exact: /b}}"));
+    assert!(conflict("{uri: {exact: /a}}", "{uri: {prefix: /a}}"));
+    assert!(conflict("{uri: {regex: /a.*}}", "{uri: {regex: /a.*}}"), "regexes are never compared");
+    assert!(conflict("{uri: {prefix: /a}}", "{uri: {regex: /a.*}}"));
+    // Unset on either side: no conflict.
+    assert!(!conflict("{}", "{uri: {regex: /a.*}}"));
+    assert!(!conflict("{uri: {prefix: /a}}", "{method: {exact: GET}}"));
+    // Headers, ports, source namespace, labels, ignoreUriCase.
+    assert!(conflict("{headers: {x: {exact: a}}}", "{headers: {x: {exact: b}}}"));
+    assert!(!conflict("{headers: {x: {exact: a}}}", "{headers: {y: {exact: b}}}"));
+    assert!(conflict("{port: 80}", "{port: 81}"));
+    assert!(!conflict("{port: 80}", "{}"));
+    assert!(conflict("{sourceNamespace: a}", "{}"), "the root's namespace must be repeated");
+    assert!(conflict("{sourceLabels: {app: a}}", "{sourceLabels: {app: b}}"));
+    assert!(!conflict("{sourceLabels: {app: a}}", "{sourceLabels: {version: v1}}"));
+    assert!(conflict("{ignoreUriCase: true}", "{}"));
+    assert!(conflict("{gateways: [mesh]}", "{gateways: [mesh, other]}"));
+}
+
+proptest! {
+    /// Whatever a merged match lets through, the root's match lets through: the
+    /// delegate can narrow the root rule, never widen it.
+    #[test]
+    fn merged_matches_never_widen_the_root(
+        root in prop::sample::select(vec!["{prefix: /a}", "{prefix: /a/b}", "{exact: /a/b}", "{prefix: /}", "{regex: '/a.*'}"]),
+        leaf in prop::sample::select(vec!["{prefix: /a}", "{prefix: /a/b}", "{exact: /a/b}", "{exact: /ab}", "{prefix: /b}", "{regex: '/a.*'}"]),
+        root_header in any::<bool>(),
+        path in prop::sample::select(vec!["/a", "/a/b", "/a/b/c", "/ab", "/b", "/"]),
+        header in any::<bool>(),
+    ) {
+        let root_match = if root_header { format!("{{uri: {root}, headers: {{x: {{exact: '1'}}}}}}") } else { format!("{{uri: {root}}}") };
+        let root_rule = format!("  - match: [{root_match}]\n    delegate: {{name: d}}\n");
+        let d = delegate_vs("d", "shop", "", &format!("  - match: [{{uri: {leaf}}}]\n    route: [{{destination: {{host: reviews-v2}}}}]\n"));
+        let merged = table(&format!("{}---\n{d}", vs("root", "[reviews]", &root_rule)));
+        let alone = table(&vs("alone", "[reviews]", &format!("  - match: [{root_match}]\n    route: [{{destination: {{host: reviews}}}}]\n")));
+        let mut req = get(path);
+        if header {
+            req = req.header("x", "1");
+        }
+        if matches(&merged, &req) {
+            prop_assert!(matches(&alone, &req), "root {root_match}, leaf {leaf}, {path}");
+        }
+    }
+}

@@ -303,13 +303,10 @@ fn http_rule(o: &mut Obj, field: &str, rule: &HttpRule, subsets: &SubsetIndex) {
         }
         o.labels(&format!("{field}.sourceLabels"), &m.source_labels);
     }
+    // Istio's `validateHTTPRouteConflict`: a root rule (with `delegate`) must not have a
+    // `route` or a `redirect`; the rest (`mirror`, `timeout`, ...) fills the delegate's rules.
     if rule.delegate.is_some() {
-        for (name, set) in [
-            ("route", !rule.route.is_empty()),
-            ("redirect", rule.redirect.is_some()),
-            ("directResponse", rule.direct_response.is_some()),
-            ("mirror", rule.mirror.is_some() || !rule.mirrors.is_empty()),
-        ] {
+        for (name, set) in [("route", !rule.route.is_empty()), ("redirect", rule.redirect.is_some())] {
             if set {
                 o.err(format!("{field}.delegate"), format!("delegate and {name} are mutually exclusive"));
             }
