@@ -86,7 +86,8 @@ impl ViewIndex {
         } else if POLICY_KINDS.contains(&kind) {
             let ns = meta(object, "namespace");
             is_target_bound(object)
-                || ns == self.root_namespace || self.node_namespaces.get(node).is_some_and(|set| set.contains(ns))
+                || ns == self.root_namespace
+                || self.node_namespaces.get(node).is_some_and(|set| set.contains(ns))
         } else {
             true
         }
