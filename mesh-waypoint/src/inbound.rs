@@ -28,6 +28,7 @@ use mesh_proxy::{
     workloads::{Index, ServicePort, Workload},
 };
 use mesh_waypoint::{
+    forwarded,
     jwt::{self, Authenticator},
     ratelimit::{RateLimits, WaypointRef},
     route::{RouteTable, ServiceRef, TcpTable},
@@ -63,6 +64,9 @@ pub struct Tables {
     pub policies: WaypointPolicies,
     /// How request paths are normalized before policy and routing (mesh config).
     pub normalization: PathNormalization,
+    /// Istio's `numTrustedProxies` for this waypoint: how `remote.ip` is read from
+    /// `X-Forwarded-For` ([`crate::forwarded`]).
+    pub trusted_proxies: u32,
     routes: Mutex<HashMap<(String, u16), Arc<RouteTable>>>,
     /// The Telemetry API's effective settings per service port.
     telemetry: Mutex<HashMap<ServiceKey, Arc<Telemetry>>>,
@@ -76,9 +80,14 @@ impl Tables {
     fn new(version: u64, config: Arc<Config>, index: Index, waypoint: (&str, &str)) -> Self {
         let (namespace, name) = waypoint;
         let policies = WaypointPolicies::new(&config, &policy::Waypoint { namespace, name, class: WAYPOINT_CLASS });
+        let (trusted_proxies, problems) = forwarded::trusted_proxies(&config, namespace, name);
+        for problem in problems {
+            warn!(version, problem = %mesh_proxy::telemetry::error_chain(&problem), "numTrustedProxies");
+        }
         Self {
             version,
             normalization: config.mesh.path_normalization(),
+            trusted_proxies,
             policies,
             authenticators: Mutex::default(),
             telemetry: Mutex::default(),

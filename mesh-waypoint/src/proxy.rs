@@ -40,7 +40,7 @@ use mesh_common::{
 use mesh_waypoint::{
     authz,
     custom::{self, HeaderEdit},
-    jwt,
+    forwarded, jwt,
     normalize::Normalized,
     outlier::CallResult,
     policy::LbPolicy,
@@ -661,6 +661,8 @@ impl Downstream {
         };
         let target =
             policy::Target { kind: policy::TargetKind::Service, namespace: &service.namespace, name: &service.name };
+        // `remote.ip`, from `X-Forwarded-For` as received (before ext_authz edits).
+        let remote_ip = forwarded::remote_ip(request.headers(), tables.trusted_proxies, self.caller.addr.ip());
         let path_and_query = request.uri().path_and_query().map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
         let (normalized, verdict) = {
             let (values, hosts) = header_values(request.headers());
@@ -677,6 +679,7 @@ impl Downstream {
                     headers: &headers,
                     source_identity: Some(&self.caller.identity),
                     source_ip: self.caller.addr.ip(),
+                    remote_ip,
                     destination_ip: self.target.ip(),
                     destination_port: self.target.port(),
                     auth: auth.as_ref(),
@@ -725,6 +728,7 @@ impl Downstream {
                                 headers: &headers,
                                 auth: auth.as_ref(),
                                 sni: None,
+                                remote_ip,
                             }),
                         };
                         match tables.policies.evaluate_after_ext_authz(Some(&target), &attrs) {
