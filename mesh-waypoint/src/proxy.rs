@@ -52,7 +52,7 @@ use mesh_waypoint::{
 
 use crate::{
     destination::Lookup,
-    ext_authz::{CheckRequest, Decision},
+    ext_authz::{self, CheckRequest, Decision},
     inbound::{Caller, Protocol, Tables, Telemetry, Waypoint, protocol_of},
     requests::{RequestLabels, RequestLog},
     upstream::{Body, BoxError, Dial, Target, UpstreamError},
@@ -796,9 +796,17 @@ impl Downstream {
             request_id: &log.request_id,
         };
         let v6 = self.caller.addr.is_ipv6();
+        // A meshed authorizer is reached through HBONE, like any upstream (no
+        // certificate yet: it does not resolve, and the failure policy decides).
+        let dial = self.waypoint.dial(&self.caller);
         let resolve = |service: &str, port: u16| {
             let (_, host) = custom::service_host(service);
-            tables.index.service_by_host(host, port).and_then(|s| s.pick(v6)).map(|(_, addr)| addr)
+            let (workload, addr) = tables.index.service_by_host(host, port).and_then(|s| s.pick(v6))?;
+            if !workload.meshed {
+                return Some(ext_authz::Endpoint::Plain(addr));
+            }
+            let dial = dial.as_ref()?.dial();
+            Some(ext_authz::Endpoint::Mesh { workload, addr, upstreams: &self.waypoint.upstreams, dial })
         };
         self.waypoint.ext_authz.check(provider, resolve, &check).await
     }
