@@ -1,6 +1,7 @@
-//! Key sets of `RequestAuthentication` rules that name a `jwksUri`: fetched by the
-//! controller and pushed inline, as istiod does, so waypoints never reach out to an
-//! identity provider and keep verifying while it is away.
+//! Key sets of `RequestAuthentication` rules that name a `jwksUri`, or that name only
+//! an `issuer` (`OpenID` discovery): fetched by the controller and pushed inline, as
+//! istiod does, so waypoints never reach out to an identity provider and keep
+//! verifying while it is away.
 //!
 //! The fetched document is written into the rule's own `jwks` field of the pushed
 //! object, in place of its `jwksUri` (only when the user left `jwks` empty: an inline
@@ -9,8 +10,16 @@
 //! waypoint's compile step stay as they are, and a waypoint sees one shape whether the
 //! keys were written inline or fetched.
 //!
-//! Fetching: every distinct URI when the configuration changes (new URIs only) and all
-//! of them every [`REFRESH`] (istiod's default 20 minutes), each with the rule's
+//! A rule with neither `jwks` nor `jwksUri` finds its keys as Istio does: a GET of
+//! `<issuer>/.well-known/openid-configuration` (one trailing `/` of the issuer
+//! dropped), whose `jwks_uri` string is then fetched. Such a rule is cached under that
+//! discovery URL ([`discovery_url`]).
+//!
+//! Fetching: a configuration's new URIs *before* it is accepted
+//! ([`crate::server::Controller::apply_fetching`], at most [`FIRST_FETCH_WAIT`] each,
+//! in parallel), so a new `jwksUri` never answers 401 for want of keys while its
+//! provider is up; all of them every [`REFRESH`] (istiod's default 20 minutes); the
+//! ones whose last fetch failed every [`RETRY`]. Each fetch runs within the rule's
 //! `timeout` (default [`DEFAULT_TIMEOUT`]). A failed fetch keeps the last good keys;
 //! the failure is logged once per change of its reason, shown in the controller's
 //! `/status` and added to `Config::warnings` on the objects that use the URI. A rule
@@ -42,8 +51,35 @@ use crate::server::{Controller, now_unix};
 pub const REFRESH: Duration = Duration::from_mins(20);
 /// Istio's default `JWTRule.timeout`.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest a new configuration waits for one new key set before it is accepted
+/// anyway (its rules then have no keys until a later fetch succeeds).
+pub const FIRST_FETCH_WAIT: Duration = Duration::from_secs(5);
+/// How soon a failed fetch is tried again (istiod's `JwtPubKeyRefreshIntervalOnFailure`).
+pub const RETRY: Duration = Duration::from_mins(1);
 /// Larger answers are not key sets.
 const MAX_BODY: usize = 1 << 20;
+/// Appended to an issuer to find its `OpenID` configuration (`OpenID` Connect Discovery 1.0).
+const DISCOVERY_SUFFIX: &str = "/.well-known/openid-configuration";
+
+/// How one cache key is fetched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Want {
+    /// The longest `timeout` of the rules that use the key.
+    pub timeout: Duration,
+    /// The key is an `OpenID` configuration URL, not a key set's.
+    pub discover: bool,
+}
+
+/// Which cached URIs a [`refresh`] fetches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Due {
+    /// Every wanted URI (the periodic refresh).
+    All,
+    /// Only URIs the cache does not know (a configuration change).
+    New,
+    /// URIs the cache does not know and those whose last fetch failed.
+    Failed,
+}
 
 /// What the controller knows of one URI.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -54,49 +90,71 @@ pub struct Entry {
     pub fetched_at: Option<i64>,
     /// Why the last fetch failed; `None` after a success.
     pub error: Option<String>,
+    /// The key set's URI as the issuer's `OpenID` configuration named it (discovery only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwks_uri: Option<String>,
 }
 
 /// URI -> what was fetched.
 pub type Cache = BTreeMap<String, Entry>;
 
-/// Why one fetch failed. Each names the URI.
+/// Why one fetch failed. Each names the URI (a key set's, or an `OpenID` configuration's).
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
-    #[error("jwksUri {uri:?}: not an absolute http or https URI")]
+    #[error("GET {uri:?}: not an absolute http or https URI")]
     BadUri { uri: String },
-    #[error("jwksUri {uri:?}: connecting failed")]
+    #[error("GET {uri:?}: connecting failed")]
     Connect {
         uri: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("jwksUri {uri:?}: HTTP exchange failed")]
+    #[error("GET {uri:?}: HTTP exchange failed")]
     Http {
         uri: String,
         #[source]
         source: hyper::Error,
     },
-    #[error("jwksUri {uri:?}: the answer was {status}")]
+    #[error("GET {uri:?}: the answer was {status}")]
     Status { uri: String, status: StatusCode },
-    #[error("jwksUri {uri:?}: the body was unreadable or larger than {MAX_BODY} bytes")]
+    #[error("GET {uri:?}: the body was unreadable or larger than {MAX_BODY} bytes")]
     Body { uri: String },
-    #[error("jwksUri {uri:?}: no answer within {timeout:?}")]
+    #[error("GET {uri:?}: no answer within {timeout:?}")]
     Timeout { uri: String, timeout: Duration },
-    #[error("jwksUri {uri:?}: the answer is not a key set (a JSON object with a \"keys\" array)")]
+    #[error("GET {uri:?}: the answer is not a key set (a JSON object with a \"keys\" array)")]
     NotJwks { uri: String },
+    #[error("GET {uri:?}: the answer is not an OpenID configuration (a JSON object with a \"jwks_uri\" string)")]
+    NotDiscovery { uri: String },
 }
 
-/// Every URI to fetch, with the longest `timeout` of the rules that name it. Rules
-/// with inline `jwks` are not fetched (the inline set wins).
-pub fn wanted(config: &Config) -> BTreeMap<String, Duration> {
+/// Where `issuer`'s `OpenID` configuration is (Istio drops one trailing `/` first).
+pub fn discovery_url(issuer: &str) -> String {
+    format!("{}{DISCOVERY_SUFFIX}", issuer.strip_suffix('/').unwrap_or(issuer))
+}
+
+/// The cache key of `rule`'s keys and whether it is found by discovery; `None` when
+/// the rule carries its keys inline.
+fn key_source(rule: &mesh_common::config::security::JwtRule) -> Option<(String, bool)> {
+    match (&rule.jwks, &rule.jwks_uri) {
+        (Some(_), _) => None,
+        (None, Some(uri)) => Some((uri.clone(), false)),
+        (None, None) => Some((discovery_url(&rule.issuer), true)),
+    }
+}
+
+/// Every URI to fetch (a `jwksUri`, or an issuer's [`discovery_url`]), with the
+/// longest `timeout` of the rules that use it. Rules with inline `jwks` are not
+/// fetched (the inline set wins).
+pub fn wanted(config: &Config) -> BTreeMap<String, Want> {
     let mut uris = BTreeMap::new();
     for policy in &config.request_authentications {
         for rule in &policy.spec.jwt_rules {
-            if let (None, Some(uri)) = (&rule.jwks, &rule.jwks_uri) {
-                let timeout = rule.timeout.as_deref().and_then(|t| parse_duration(t).ok()).unwrap_or(DEFAULT_TIMEOUT);
-                let slot = uris.entry(uri.clone()).or_insert(timeout);
-                *slot = (*slot).max(timeout);
-            }
+            let Some((uri, discover)) = key_source(rule) else { continue };
+            let timeout = rule.timeout.as_deref().and_then(|t| parse_duration(t).ok()).unwrap_or(DEFAULT_TIMEOUT);
+            let slot: &mut Want = uris.entry(uri).or_insert(Want { timeout, discover });
+            slot.timeout = slot.timeout.max(timeout);
+            // A `jwksUri` that happens to be a discovery URL is fetched as one.
+            slot.discover |= discover;
         }
     }
     uris
@@ -108,18 +166,19 @@ pub fn inline(config: &mut Config, cache: &Cache) {
     for policy in &mut config.request_authentications {
         let object = format!("RequestAuthentication/{}/{}", policy.metadata.namespace, policy.metadata.name);
         for (index, rule) in policy.spec.jwt_rules.iter_mut().enumerate() {
-            let (None, Some(uri)) = (&rule.jwks, &rule.jwks_uri) else { continue };
-            let entry = cache.get(uri);
+            let Some((uri, discover)) = key_source(rule) else { continue };
+            let entry = cache.get(&uri);
             if let Some(error) = entry.and_then(|e| e.error.as_ref()) {
                 let kept = if entry.is_some_and(|e| e.keys.is_some()) {
                     "the last good keys stay in force"
                 } else {
                     "no keys yet: waypoints refuse this issuer's tokens"
                 };
+                let field = if discover { "issuer" } else { "jwksUri" };
                 config.warnings.push(Problem::new(
                     object.clone(),
                     Some(object.clone()),
-                    format!("spec.jwtRules[{index}].jwksUri"),
+                    format!("spec.jwtRules[{index}].{field}"),
                     format!("{error}; {kept}"),
                 ));
             }
@@ -156,13 +215,45 @@ pub fn connector() -> TlsConnector {
 
 /// GETs `uri` within `timeout` and checks that the answer looks like a key set.
 pub async fn fetch(uri: &str, timeout: Duration, tls: &TlsConnector) -> Result<String, FetchError> {
-    match tokio::time::timeout(timeout, fetch_inner(uri, tls)).await {
-        Ok(result) => result,
-        Err(_) => Err(FetchError::Timeout { uri: uri.to_owned(), timeout }),
-    }
+    within(uri, timeout, fetch_keys(uri, tls)).await
 }
 
-async fn fetch_inner(text: &str, tls: &TlsConnector) -> Result<String, FetchError> {
+/// `OpenID` discovery within `timeout` (both GETs together): the key set's URI named by
+/// the configuration at `discovery` ([`discovery_url`]), and the key set.
+pub async fn discover(discovery: &str, timeout: Duration, tls: &TlsConnector) -> Result<(String, String), FetchError> {
+    within(discovery, timeout, async {
+        let body = get_text(discovery, tls).await?;
+        let document = serde_json::from_str::<serde_json::Value>(&body).ok();
+        let Some(uri) = document.as_ref().and_then(|d| d["jwks_uri"].as_str()) else {
+            return Err(FetchError::NotDiscovery { uri: discovery.to_owned() });
+        };
+        let keys = fetch_keys(uri, tls).await?;
+        Ok((uri.to_owned(), keys))
+    })
+    .await
+}
+
+async fn within<T>(
+    uri: &str,
+    timeout: Duration,
+    work: impl Future<Output = Result<T, FetchError>>,
+) -> Result<T, FetchError> {
+    tokio::time::timeout(timeout, work)
+        .await
+        .unwrap_or_else(|_| Err(FetchError::Timeout { uri: uri.to_owned(), timeout }))
+}
+
+async fn fetch_keys(uri: &str, tls: &TlsConnector) -> Result<String, FetchError> {
+    let keys = get_text(uri, tls).await?;
+    let is_jwks = serde_json::from_str::<serde_json::Value>(&keys).is_ok_and(|v| v["keys"].is_array());
+    if !is_jwks {
+        return Err(FetchError::NotJwks { uri: uri.to_owned() });
+    }
+    Ok(keys)
+}
+
+/// The body of a successful GET of `text`, as UTF-8.
+async fn get_text(text: &str, tls: &TlsConnector) -> Result<String, FetchError> {
     let bad = || FetchError::BadUri { uri: text.to_owned() };
     let uri: Uri = text.parse().map_err(|_| bad())?;
     let secure = match uri.scheme_str() {
@@ -206,33 +297,42 @@ where
     let body = Limited::new(response.into_body(), MAX_BODY).collect().await;
     driver.abort();
     let body = body.map_err(|_| FetchError::Body { uri: text.to_owned() })?.to_bytes();
-    let keys = String::from_utf8(body.to_vec()).map_err(|_| FetchError::NotJwks { uri: text.to_owned() })?;
-    let is_jwks = serde_json::from_str::<serde_json::Value>(&keys).is_ok_and(|v| v["keys"].is_array());
-    if !is_jwks {
-        return Err(FetchError::NotJwks { uri: text.to_owned() });
-    }
-    Ok(keys)
+    String::from_utf8(body.to_vec()).map_err(|_| FetchError::Body { uri: text.to_owned() })
 }
 
-/// Fetches the URIs of `wanted` (all of them, or only those `cache` does not know)
-/// and returns the updated cache: URIs no longer wanted are dropped, a failure keeps
-/// the last good keys. Logs a failure once per change of its reason.
-pub async fn refresh(cache: &Cache, wanted: &BTreeMap<String, Duration>, all: bool, tls: &TlsConnector) -> Cache {
+/// Fetches the URIs of `wanted` that are `due` and returns the updated cache: URIs
+/// no longer wanted are dropped, a failure keeps the last good keys. Logs a failure
+/// once per change of its reason.
+pub async fn refresh(cache: &Cache, wanted: &BTreeMap<String, Want>, due: Due, tls: &TlsConnector) -> Cache {
     let mut next: Cache =
         cache.iter().filter(|(uri, _)| wanted.contains_key(*uri)).map(|(k, v)| (k.clone(), v.clone())).collect();
-    let due: Vec<(&String, Duration)> =
-        wanted.iter().filter(|(uri, _)| all || !next.contains_key(*uri)).map(|(u, t)| (u, *t)).collect();
-    let results = futures_util::future::join_all(due.iter().map(|(uri, timeout)| fetch(uri, *timeout, tls))).await;
+    let due: Vec<(&String, &Want)> = wanted
+        .iter()
+        .filter(|(uri, _)| match (due, next.get(*uri)) {
+            (Due::All, _) | (_, None) => true,
+            (Due::New, Some(_)) => false,
+            (Due::Failed, Some(entry)) => entry.error.is_some(),
+        })
+        .collect();
+    let results = futures_util::future::join_all(due.iter().map(|(uri, want)| async move {
+        if want.discover {
+            discover(uri, want.timeout, tls).await.map(|(found, keys)| (Some(found), keys))
+        } else {
+            fetch(uri, want.timeout, tls).await.map(|keys| (None, keys))
+        }
+    }))
+    .await;
     for ((uri, _), result) in due.into_iter().zip(results) {
         let entry = next.entry(uri.clone()).or_default();
         match result {
-            Ok(keys) => {
+            Ok((found, keys)) => {
                 if entry.error.is_some() {
                     info!(uri, "jwksUri reachable again");
                 }
                 entry.keys = Some(keys);
                 entry.fetched_at = Some(now_unix());
                 entry.error = None;
+                entry.jwks_uri = found;
             }
             Err(error) => {
                 let reason = error.to_string();
@@ -246,20 +346,25 @@ pub async fn refresh(cache: &Cache, wanted: &BTreeMap<String, Duration>, all: bo
     next
 }
 
-/// The controller's fetch loop: new URIs on every configuration change, all URIs
-/// every [`REFRESH`]; a changed cache is pushed as a new configuration version.
+/// The controller's fetch loop: new URIs on every configuration change (those a
+/// configuration brought are usually fetched already, before it was accepted), all
+/// URIs every [`REFRESH`], failed ones every [`RETRY`]; a changed cache is pushed as a
+/// new configuration version.
 pub async fn run(controller: Arc<Controller>) {
     let tls = connector();
     let mut changes = controller.subscribe();
     let mut tick = tokio::time::interval(REFRESH);
+    let mut retry = tokio::time::interval_at(tokio::time::Instant::now() + RETRY, RETRY);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let all = tokio::select! {
-            _ = tick.tick() => true,
+        let due = tokio::select! {
+            _ = tick.tick() => Due::All,
+            _ = retry.tick() => Due::Failed,
             notified = changes.changed() => {
                 if notified.is_err() {
                     return;
                 }
-                false
+                Due::New
             }
         };
         let wanted = controller.jwks_wanted();
@@ -267,7 +372,7 @@ pub async fn run(controller: Arc<Controller>) {
         if wanted.is_empty() && cache.is_empty() {
             continue;
         }
-        let fetched = refresh(&cache, &wanted, all, &tls).await;
+        let fetched = refresh(&cache, &wanted, due, &tls).await;
         if fetched != cache {
             controller.set_jwks(fetched);
         }

@@ -533,7 +533,7 @@ pub async fn run(
                 next
             } else {
                 dirty = None;
-                let admitted = admit(&store, &mut admission, &controller, &settings, &problems_out);
+                let admitted = admit(&store, &mut admission, &controller, &settings, &problems_out).await;
                 // Agents are served only once a configuration of the cluster applied.
                 if admitted && let Some(synced) = synced.take() {
                     info!(objects = store.documents().len(), "cluster listed");
@@ -562,8 +562,9 @@ const MAX_DELAY: Duration = Duration::from_secs(2);
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Reported(pub BTreeMap<String, (ObjectRef, Vec<Problem>)>);
 
-/// Admits the store's documents; false when nothing could be applied.
-fn admit(
+/// Admits the store's documents; false when nothing could be applied. New key sets
+/// are fetched before the configuration is applied ([`Controller::apply_fetching`]).
+async fn admit(
     store: &Store,
     admission: &mut Admission,
     controller: &Controller,
@@ -593,7 +594,7 @@ fn admit(
                 *current = reported;
                 changed
             });
-            if let Some(version) = controller.apply(admitted.config) {
+            if let Some(version) = controller.apply_fetching(admitted.config).await {
                 debug!(version, objects = store.documents().len(), "cluster configuration applied");
             }
             true

@@ -197,7 +197,9 @@ async fn serve(
     let chain = format!("{}{}", serving.cert_pem, serving.chain_pem.join(""));
     let roots = [authority.root_pem().to_owned()];
     let controller = Arc::new(server::Controller::new(config, authority, cert_lifetime, trust_domain_aliases));
-    // `jwksUri` key sets: fetched here and pushed inline to the waypoints.
+    // `jwksUri` key sets: fetched here and pushed inline to the waypoints; those of the
+    // initial configuration before any agent is served (bounded wait).
+    controller.fetch_running_jwks().await;
     tokio::spawn(mesh_controller::jwks::run(controller.clone()));
     let admin_listener =
         tokio::net::TcpListener::bind(admin).await.with_context(|| format!("cannot listen on {admin}"))?;

@@ -173,13 +173,50 @@ impl Controller {
         Some(version)
     }
 
+    /// Fetches the key sets of `config`'s `jwksUri`s (and `OpenID` discoveries) that the
+    /// controller has never fetched, then applies it: a new `jwksUri` is pushed with
+    /// its keys, with no window where the waypoints refuse its valid tokens (istiod
+    /// fetches before it pushes too). The wait is bounded: all new URIs in parallel,
+    /// each within its rule's `timeout` and at most [`jwks::FIRST_FETCH_WAIT`]. A
+    /// failure is recorded as any fetch's (warning, `/status`), the configuration is
+    /// applied anyway, and the fetch loop tries again after [`jwks::RETRY`].
+    pub async fn apply_fetching(&self, config: Config) -> Option<u64> {
+        let known = self.jwks();
+        let new: BTreeMap<String, jwks::Want> = jwks::wanted(&config)
+            .into_iter()
+            .filter(|(uri, _)| !known.contains_key(uri))
+            .map(|(uri, want)| (uri, jwks::Want { timeout: want.timeout.min(jwks::FIRST_FETCH_WAIT), ..want }))
+            .collect();
+        if !new.is_empty() {
+            let fetched = jwks::refresh(&jwks::Cache::new(), &new, jwks::Due::All, &jwks::connector()).await;
+            info!(
+                fetched = fetched.values().filter(|e| e.keys.is_some()).count(),
+                failed = fetched.values().filter(|e| e.error.is_some()).count(),
+                "new key sets fetched before the configuration is accepted"
+            );
+            let mut cache = self.jwks.lock().expect("lock");
+            for (uri, entry) in fetched {
+                // The fetch loop may have fetched it meanwhile; either is fresh.
+                cache.entry(uri).or_insert(entry);
+            }
+        }
+        self.apply(config)
+    }
+
+    /// [`Self::apply_fetching`] for the running configuration: at startup, before the
+    /// first agent is served.
+    pub async fn fetch_running_jwks(&self) -> Option<u64> {
+        let unkeyed = self.unkeyed.lock().expect("lock").clone()?;
+        self.apply_fetching(unkeyed).await
+    }
+
     /// Notified on every accepted configuration.
     pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
         self.snapshot.subscribe()
     }
 
-    /// The `jwksUri`s the running configuration fetches, with their timeouts.
-    pub fn jwks_wanted(&self) -> BTreeMap<String, Duration> {
+    /// The `jwksUri`s (and discovery URLs) the running configuration fetches.
+    pub fn jwks_wanted(&self) -> BTreeMap<String, jwks::Want> {
         self.unkeyed.lock().expect("lock").as_ref().map(jwks::wanted).unwrap_or_default()
     }
 
@@ -189,9 +226,21 @@ impl Controller {
     }
 
     /// Records fetched key sets and re-applies the configuration with them (a new
-    /// version when a key set changed).
-    pub fn set_jwks(&self, cache: jwks::Cache) -> Option<u64> {
-        *self.jwks.lock().expect("lock") = cache;
+    /// version when a key set changed). Entries of URIs the running configuration no
+    /// longer uses are dropped; wanted entries missing from `fetched` (added by
+    /// [`Self::apply_fetching`] while `fetched` was being fetched) are kept.
+    pub fn set_jwks(&self, mut fetched: jwks::Cache) -> Option<u64> {
+        let wanted = self.jwks_wanted();
+        fetched.retain(|uri, _| wanted.contains_key(uri));
+        {
+            let mut cache = self.jwks.lock().expect("lock");
+            for (uri, entry) in std::mem::take(&mut *cache) {
+                if wanted.contains_key(&uri) && !fetched.contains_key(&uri) {
+                    fetched.insert(uri, entry);
+                }
+            }
+            *cache = fetched;
+        }
         let unkeyed = self.unkeyed.lock().expect("lock").clone()?;
         self.apply(unkeyed)
     }

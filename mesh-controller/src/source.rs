@@ -66,7 +66,7 @@ pub async fn watch(
         let (dir2, td, root) = (dir.clone(), trust_domain.clone(), root_namespace.clone());
         match tokio::task::spawn_blocking(move || load(&dir2, &td, &root)).await {
             Ok(Ok(config)) => {
-                controller.apply(config);
+                controller.apply_fetching(config).await;
             }
             Ok(Err(report)) => controller.reject(&report.to_string()),
             Err(_) => {}

@@ -4,9 +4,13 @@
 //! A view holds every object needed to route anywhere in the mesh (namespaces,
 //! services, meshed pods on every node, service entries, routes, `EnvoyFilter`s: a
 //! waypoint takes its node's view and may serve other namespaces), the node's own pods
-//! (meshed or not: the agent enrolls and identifies them), and only the security
-//! policies that can apply to the node's pods (those in the root namespace and in the
-//! namespaces of its pods).
+//! (meshed or not: the agent enrolls and identifies them), the security policies that
+//! can apply to the node's pods (those in the root namespace and in the namespaces of
+//! its pods), and every policy bound by `targetRef`/`targetRefs`: those are enforced
+//! by waypoints, and a waypoint may serve a namespace with no pods on its node (were
+//! such a `DENY` missing there, the waypoint would fail open). Istio's waypoints
+//! enforce only `targetRefs` policies, never selector or namespace-wide ones (those
+//! stay with the node agents), so no other policy needs to travel.
 //!
 //! Pushing a change costs O(changed objects) per node, not O(view): the changed keys
 //! are computed once per accepted configuration ([`changed_keys`]) and each node's
@@ -33,8 +37,18 @@ fn kind_of(key: &str) -> &str {
     key.split('/').next().unwrap_or("")
 }
 
-/// Kinds whose objects only matter where they can select a local pod.
+/// Kinds whose objects only matter where they can select a local pod (unless they are
+/// bound by `targetRefs`: see [`is_target_bound`]).
 const POLICY_KINDS: &[&str] = &["AuthorizationPolicy", "PeerAuthentication"];
+
+/// Is the policy `object` bound by `spec.targetRef` or a non-empty `spec.targetRefs`
+/// (a waypoint's policy, in every node's view)? Depends on the object alone, so a
+/// change of binding is a change of that object's key and incremental updates stay
+/// exact.
+fn is_target_bound(object: &Value) -> bool {
+    let spec = &object["spec"];
+    !spec["targetRef"].is_null() || spec["targetRefs"].as_array().is_some_and(|refs| !refs.is_empty())
+}
 
 /// What the view filter needs to know about a whole configuration, computed once.
 #[derive(Debug, Default)]
@@ -71,7 +85,9 @@ impl ViewIndex {
             object["spec"]["nodeName"].as_str() == Some(node) || self.meshed.contains(key)
         } else if POLICY_KINDS.contains(&kind) {
             let ns = meta(object, "namespace");
-            ns == self.root_namespace || self.node_namespaces.get(node).is_some_and(|set| set.contains(ns))
+            is_target_bound(object)
+                || ns == self.root_namespace
+                || self.node_namespaces.get(node).is_some_and(|set| set.contains(ns))
         } else {
             true
         }

@@ -30,6 +30,9 @@ pub struct Request<'a> {
     /// The client's SPIFFE identity from the HBONE tunnel.
     pub source_identity: Option<&'a str>,
     pub source_ip: IpAddr,
+    /// `remote.ip`: the client behind trusted proxies ([`crate::forwarded::remote_ip`]);
+    /// `source_ip` when none are trusted.
+    pub remote_ip: IpAddr,
     pub destination_ip: IpAddr,
     pub destination_port: u16,
     /// The validated JWT, if any.
@@ -65,6 +68,7 @@ pub fn check(
             headers: req.headers,
             auth: req.auth,
             sni: req.sni,
+            remote_ip: req.remote_ip,
         }),
     };
     let verdict = policies.evaluate(target, &attrs);

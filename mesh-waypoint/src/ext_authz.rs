@@ -7,8 +7,10 @@
 //! error, timeout, malformed answer) into the provider's `failOpen` / `statusOnError`
 //! decision, as Envoy does.
 //!
-//! The authorizer is reached over plain TCP at the address the caller's `resolve`
-//! gives: in-mesh mTLS (HBONE) to the authorizer is not done here.
+//! The authorizer is reached like any upstream of the waypoint ([`Endpoint`]): a
+//! meshed authorizer pod through HBONE to its agent, with the waypoint's identity and
+//! expecting the pod's (so its L4 policies see the waypoint, and the check travels in
+//! mTLS); one outside the mesh over plain TCP.
 use std::{
     collections::HashMap,
     future::Future,
@@ -27,12 +29,14 @@ use hyper::{
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_common::config::mesh::ExtAuthz;
-use mesh_proxy::telemetry::error_chain;
+use mesh_proxy::{telemetry::error_chain, workloads::Workload};
 use mesh_waypoint::custom::{self, AnswerError, ConfigError};
 pub use mesh_waypoint::custom::{CheckRequest, Decision};
 use prometheus_client::metrics::counter::Counter;
 use tokio::net::TcpStream;
 use tracing::debug;
+
+use crate::upstream::{Dial, Io, Target, UpstreamError, Upstreams};
 
 /// Idle HTTP/1.1 connections kept per authorizer address.
 const MAX_IDLE_PER_AUTHORIZER: usize = 32;
@@ -88,6 +92,12 @@ pub enum CheckError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot reach the meshed authorizer at {addr}")]
+    Mesh {
+        addr: SocketAddr,
+        #[source]
+        source: UpstreamError,
+    },
     #[error("HTTP handshake with the authorizer at {addr} failed")]
     Handshake {
         addr: SocketAddr,
@@ -116,12 +126,56 @@ pub enum CheckError {
 
 type CheckBody = Full<Bytes>;
 
+/// One endpoint of the authorizer's service, and how to reach it.
+pub enum Endpoint<'a> {
+    /// Outside the mesh: plain TCP.
+    Plain(SocketAddr),
+    /// A meshed pod: HBONE through its agent, as the waypoint reaches any meshed
+    /// upstream ([`Upstreams::connect`]: the tunnel pool, the waypoint's certificate,
+    /// the pod's expected identity). `dial` is the checked request's, so the tunnel's
+    /// `forwarded` header names that request's client.
+    Mesh { workload: Arc<Workload>, addr: SocketAddr, upstreams: &'a Upstreams, dial: Dial<'a> },
+}
+
+impl Endpoint<'_> {
+    pub fn addr(&self) -> SocketAddr {
+        match self {
+            Self::Plain(addr) | Self::Mesh { addr, .. } => *addr,
+        }
+    }
+
+    /// A byte stream to the endpoint.
+    async fn connect(&self) -> Result<Box<dyn Io>, CheckError> {
+        match self {
+            Self::Plain(addr) => {
+                let addr = *addr;
+                let tcp = TcpStream::connect(addr).await.map_err(|source| CheckError::Connect { addr, source })?;
+                let _ = tcp.set_nodelay(true);
+                Ok(Box::new(tcp))
+            }
+            Self::Mesh { workload, addr, upstreams, dial } => {
+                let target = Target { workload: workload.clone(), addr: *addr };
+                upstreams.connect(&target, dial).await.map_err(|source| CheckError::Mesh { addr: *addr, source })
+            }
+        }
+    }
+
+    /// Pooled connections are kept apart by the way they were made, so that an
+    /// endpoint joining or leaving the mesh never reuses the other kind.
+    fn pool_key(&self) -> PoolKey {
+        (self.addr(), matches!(self, Self::Mesh { .. }))
+    }
+}
+
+/// An authorizer endpoint's address, and whether it is reached through the mesh.
+type PoolKey = (SocketAddr, bool);
+
 /// Shared by every request of the waypoint: pooled connections per authorizer address
 /// and the outcome counters.
 #[derive(Default)]
 pub struct ExtAuthzClient {
-    http1: Mutex<HashMap<SocketAddr, Vec<http1::SendRequest<CheckBody>>>>,
-    http2: Mutex<HashMap<SocketAddr, http2::SendRequest<CheckBody>>>,
+    http1: Mutex<HashMap<PoolKey, Vec<http1::SendRequest<CheckBody>>>>,
+    http2: Mutex<HashMap<PoolKey, http2::SendRequest<CheckBody>>>,
     counters: Arc<ExtAuthzCounters>,
 }
 
@@ -138,11 +192,11 @@ impl ExtAuthzClient {
     /// fails: a check without a usable answer becomes the provider's `failOpen` /
     /// `statusOnError` decision (counted, and returned with why, for the access log). `resolve` maps
     /// the provider's `service` as written (Istio's `[<namespace>/]<hostname>`, see
-    /// [`custom::service_host`]) and port to the authorizer's address.
-    pub async fn check(
+    /// [`custom::service_host`]) and port to one of the authorizer's endpoints.
+    pub async fn check<'a>(
         &self,
         provider: ExtAuthz<'_>,
-        resolve: impl Fn(&str, u16) -> Option<SocketAddr>,
+        resolve: impl Fn(&str, u16) -> Option<Endpoint<'a>>,
         req: &CheckRequest<'_>,
     ) -> (Decision, Option<String>) {
         let (fail_open, status_on_error) = match provider {
@@ -169,26 +223,28 @@ impl ExtAuthzClient {
 
     /// [`Self::check`] without the failure policy or counting: the authorizer's own
     /// decision, or why there is none.
-    pub async fn try_check(
+    pub async fn try_check<'a>(
         &self,
         provider: ExtAuthz<'_>,
-        resolve: impl Fn(&str, u16) -> Option<SocketAddr>,
+        resolve: impl Fn(&str, u16) -> Option<Endpoint<'a>>,
         req: &CheckRequest<'_>,
     ) -> Result<Decision, CheckError> {
         let (service, port, timeout) = match provider {
             ExtAuthz::Http(p) => (p.service.as_str(), p.port, p.timeout()),
             ExtAuthz::Grpc(p) => (p.service.as_str(), p.port, p.timeout()),
         };
-        let addr = u16::try_from(port)
+        let endpoint = u16::try_from(port)
             .ok()
             .and_then(|p| resolve(service, p))
             .ok_or_else(|| CheckError::Unresolved { service: service.to_string(), port })?;
+        let addr = endpoint.addr();
+        let endpoint = &endpoint;
         let exchange = async {
             match provider {
                 ExtAuthz::Http(p) => {
                     let check = custom::http_check(p, req).map_err(|source| CheckError::Config { source })?;
                     let (parts, ()) = check.into_parts();
-                    let response = self.send_h1(addr, Request::from_parts(parts, Full::new(Bytes::new()))).await?;
+                    let response = self.send_h1(endpoint, Request::from_parts(parts, Full::new(Bytes::new()))).await?;
                     let (parts, body) = response.into_parts();
                     let body = read_body(addr, body).await?.to_bytes();
                     custom::http_decision(p, parts.status, &parts.headers, body)
@@ -196,7 +252,7 @@ impl ExtAuthzClient {
                 }
                 ExtAuthz::Grpc(_) => {
                     let authority = format!("{}:{port}", custom::service_host(service).1);
-                    self.grpc_check(addr, &authority, timeout, req).await
+                    self.grpc_check(endpoint, &authority, timeout, req).await
                 }
             }
         };
@@ -205,11 +261,12 @@ impl ExtAuthzClient {
 
     async fn grpc_check(
         &self,
-        addr: SocketAddr,
+        endpoint: &Endpoint<'_>,
         authority: &str,
         timeout: Duration,
         req: &CheckRequest<'_>,
     ) -> Result<Decision, CheckError> {
+        let addr = endpoint.addr();
         let message = custom::encode_check_request(req);
         let mut request = Request::post(format!("http://{authority}{}", custom::GRPC_CHECK_PATH))
             .header(header::CONTENT_TYPE, "application/grpc")
@@ -221,7 +278,7 @@ impl ExtAuthzClient {
         if let Ok(value) = HeaderValue::from_str(&format!("{millis}m")) {
             request.headers_mut().insert("grpc-timeout", value);
         }
-        let response = self.send_h2(addr, request).await?;
+        let response = self.send_h2(endpoint, request).await?;
         let (parts, body) = response.into_parts();
         if parts.status != StatusCode::OK {
             return Err(CheckError::GrpcHttpStatus { addr, status: parts.status });
@@ -242,17 +299,22 @@ impl ExtAuthzClient {
         custom::decode_check_response(message).map_err(|source| CheckError::Answer { addr, source })
     }
 
-    async fn send_h1(&self, addr: SocketAddr, request: Request<CheckBody>) -> Result<Response<Incoming>, CheckError> {
+    async fn send_h1(
+        &self,
+        endpoint: &Endpoint<'_>,
+        request: Request<CheckBody>,
+    ) -> Result<Response<Incoming>, CheckError> {
+        let (addr, key) = (endpoint.addr(), endpoint.pool_key());
         let idle = {
             let mut pool = self.http1.lock().expect("lock");
-            let senders = pool.entry(addr).or_default();
+            let senders = pool.entry(key).or_default();
             senders.retain(|s| !s.is_closed());
             senders.iter().position(http1::SendRequest::is_ready).map(|i| senders.swap_remove(i))
         };
         let mut sender = if let Some(sender) = idle {
             sender
         } else {
-            let io = connect(addr).await?;
+            let io = endpoint.connect().await?;
             let (sender, connection) = http1::Builder::new()
                 .handshake(TokioIo::new(io))
                 .await
@@ -270,19 +332,24 @@ impl ExtAuthzClient {
             .map_err(|source| CheckError::Exchange { addr, source: source.into() })?;
         // Back to the pool at once: it is ready again when the answer's body is read.
         let mut pool = self.http1.lock().expect("lock");
-        let senders = pool.entry(addr).or_default();
+        let senders = pool.entry(key).or_default();
         if senders.len() < MAX_IDLE_PER_AUTHORIZER {
             senders.push(sender);
         }
         Ok(response)
     }
 
-    async fn send_h2(&self, addr: SocketAddr, request: Request<CheckBody>) -> Result<Response<Incoming>, CheckError> {
-        let pooled = self.http2.lock().expect("lock").get(&addr).filter(|s| !s.is_closed()).cloned();
+    async fn send_h2(
+        &self,
+        endpoint: &Endpoint<'_>,
+        request: Request<CheckBody>,
+    ) -> Result<Response<Incoming>, CheckError> {
+        let (addr, key) = (endpoint.addr(), endpoint.pool_key());
+        let pooled = self.http2.lock().expect("lock").get(&key).filter(|s| !s.is_closed()).cloned();
         let mut sender = if let Some(sender) = pooled {
             sender
         } else {
-            let io = connect(addr).await?;
+            let io = endpoint.connect().await?;
             let (sender, connection) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .keep_alive_interval(Duration::from_secs(30))
@@ -294,17 +361,11 @@ impl ExtAuthzClient {
                     debug!(%addr, %error, "ext_authz HTTP/2 connection ended");
                 }
             });
-            self.http2.lock().expect("lock").insert(addr, sender.clone());
+            self.http2.lock().expect("lock").insert(key, sender.clone());
             sender
         };
         sender.send_request(request).await.map_err(|source| CheckError::Exchange { addr, source: source.into() })
     }
-}
-
-async fn connect(addr: SocketAddr) -> Result<TcpStream, CheckError> {
-    let tcp = TcpStream::connect(addr).await.map_err(|source| CheckError::Connect { addr, source })?;
-    let _ = tcp.set_nodelay(true);
-    Ok(tcp)
 }
 
 /// The whole answer, at most [`MAX_ANSWER_BYTES`].

@@ -30,6 +30,7 @@ use mesh_proxy::{
 };
 use mesh_waypoint::{
     balance::locality::{self, Client, Locality},
+    forwarded,
     jwt::{self, Authenticator},
     ratelimit::{RateLimits, WaypointRef},
     route::{self, RouteTable, ServiceRef, TcpTable, WaypointGateway},
@@ -68,6 +69,9 @@ pub struct Tables {
     pub policies: WaypointPolicies,
     /// How request paths are normalized before policy and routing (mesh config).
     pub normalization: PathNormalization,
+    /// Istio's `numTrustedProxies` for this waypoint: how `remote.ip` is read from
+    /// `X-Forwarded-For` ([`crate::forwarded`]).
+    pub trusted_proxies: u32,
     routes: Mutex<HashMap<(String, u16), Arc<RouteTable>>>,
     /// The Telemetry API's effective settings per service port.
     telemetry: Mutex<HashMap<ServiceKey, Arc<Telemetry>>>,
@@ -87,11 +91,16 @@ impl Tables {
         let own_labels = locality::own_pod(&config.pods, namespace, name, pod_name)
             .map(|pod| pod.metadata.labels.clone())
             .unwrap_or_default();
+        let (trusted_proxies, problems) = forwarded::trusted_proxies(&config, namespace, name);
+        for problem in problems {
+            warn!(version, problem = %mesh_proxy::telemetry::error_chain(&problem), "numTrustedProxies");
+        }
         Self {
             own_locality: Locality::from_labels(&own_labels),
             own_labels,
             version,
             normalization: config.mesh.path_normalization(),
+            trusted_proxies,
             policies,
             authenticators: Mutex::default(),
             telemetry: Mutex::default(),

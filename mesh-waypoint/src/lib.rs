@@ -7,6 +7,7 @@
 pub mod authz;
 pub mod balance;
 pub mod custom;
+pub mod forwarded;
 pub mod jwt;
 pub mod limits;
 pub mod normalize;

@@ -40,7 +40,7 @@ use mesh_common::{
 use mesh_waypoint::{
     authz,
     custom::{self, HeaderEdit},
-    jwt,
+    forwarded, jwt,
     normalize::Normalized,
     outlier::CallResult,
     policy::LbPolicy,
@@ -52,7 +52,7 @@ use mesh_waypoint::{
 
 use crate::{
     destination::Lookup,
-    ext_authz::{CheckRequest, Decision},
+    ext_authz::{self, CheckRequest, Decision},
     inbound::{Caller, Protocol, Tables, Telemetry, Waypoint, protocol_of},
     requests::{RequestLabels, RequestLog},
     tee,
@@ -662,6 +662,8 @@ impl Downstream {
         };
         let target =
             policy::Target { kind: policy::TargetKind::Service, namespace: &service.namespace, name: &service.name };
+        // `remote.ip`, from `X-Forwarded-For` as received (before ext_authz edits).
+        let remote_ip = forwarded::remote_ip(request.headers(), tables.trusted_proxies, self.caller.addr.ip());
         let path_and_query = request.uri().path_and_query().map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
         let (normalized, verdict) = {
             let (values, hosts) = header_values(request.headers());
@@ -678,6 +680,7 @@ impl Downstream {
                     headers: &headers,
                     source_identity: Some(&self.caller.identity),
                     source_ip: self.caller.addr.ip(),
+                    remote_ip,
                     destination_ip: self.target.ip(),
                     destination_port: self.target.port(),
                     auth: auth.as_ref(),
@@ -726,6 +729,7 @@ impl Downstream {
                                 headers: &headers,
                                 auth: auth.as_ref(),
                                 sni: None,
+                                remote_ip,
                             }),
                         };
                         match tables.policies.evaluate_after_ext_authz(Some(&target), &attrs) {
@@ -793,9 +797,17 @@ impl Downstream {
             request_id: &log.request_id,
         };
         let v6 = self.caller.addr.is_ipv6();
+        // A meshed authorizer is reached through HBONE, like any upstream (no
+        // certificate yet: it does not resolve, and the failure policy decides).
+        let dial = self.waypoint.dial(&self.caller);
         let resolve = |service: &str, port: u16| {
             let (_, host) = custom::service_host(service);
-            tables.index.service_by_host(host, port).and_then(|s| s.pick(v6)).map(|(_, addr)| addr)
+            let (workload, addr) = tables.index.service_by_host(host, port).and_then(|s| s.pick(v6))?;
+            if !workload.meshed {
+                return Some(ext_authz::Endpoint::Plain(addr));
+            }
+            let dial = dial.as_ref()?.dial();
+            Some(ext_authz::Endpoint::Mesh { workload, addr, upstreams: &self.waypoint.upstreams, dial })
         };
         self.waypoint.ext_authz.check(provider, resolve, &check).await
     }

@@ -5,7 +5,8 @@
 //! Modelled: `rootNamespace`, `trustDomain` (both also set [`Config::root_namespace`]
 //! and [`Config::trust_domain`](super::Config::trust_domain), so the two never
 //! disagree), `pathNormalization`, `extensionProviders` (`ext_authz` over HTTP and gRPC,
-//! OpenTelemetry, Prometheus, file access log, Zipkin) and `defaultProviders`.
+//! OpenTelemetry, Prometheus, file access log, Zipkin), `defaultProviders`, and of
+//! `defaultConfig` (Istio's `ProxyConfig`) only `gatewayTopology.numTrustedProxies`.
 //! `MeshConfig` has many more fields: they are accepted with a warning that they have
 //! no effect, never rejected. A value of the wrong type, or one outside its range, is
 //! an error naming `data.mesh.<field>`.
@@ -40,6 +41,53 @@ pub struct MeshConfig {
     pub extension_providers: Vec<ExtensionProvider>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub default_providers: Option<DefaultProviders>,
+    /// The mesh-wide proxy settings (a gateway's `proxy.istio.io/config` annotation
+    /// overrides them for that gateway).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_config: Option<ProxyConfig>,
+}
+
+/// The annotation of a gateway (or its pods) that overrides `defaultConfig` for it.
+pub const PROXY_CONFIG_ANNOTATION: &str = "proxy.istio.io/config";
+
+/// The part of Istio's `ProxyConfig` the mesh uses.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ProxyConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway_topology: Option<Topology>,
+}
+
+/// Istio's `Topology`: where a gateway sits behind other proxies.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Topology {
+    /// How many trusted proxies stand in front of the gateway: the client's address
+    /// (`remote.ip`, `remoteIpBlocks`) is read from `X-Forwarded-For` past that many
+    /// hops. 0 (Istio's default): the direct peer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub num_trusted_proxies: Option<u32>,
+}
+
+impl ProxyConfig {
+    fn num_trusted_proxies(&self) -> Option<u32> {
+        self.gateway_topology.as_ref().and_then(|t| t.num_trusted_proxies)
+    }
+}
+
+/// Why a `proxy.istio.io/config` annotation could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("annotation {PROXY_CONFIG_ANNOTATION:?}: not a ProxyConfig")]
+pub struct ProxyConfigError {
+    #[source]
+    pub source: serde_yaml::Error,
+}
+
+/// The `gatewayTopology.numTrustedProxies` of a `proxy.istio.io/config` annotation
+/// value (YAML or JSON; other `ProxyConfig` fields are ignored); `None` when unset.
+pub fn annotation_trusted_proxies(text: &str) -> Result<Option<u32>, ProxyConfigError> {
+    let config: Option<ProxyConfig> = serde_yaml::from_str(text).map_err(|source| ProxyConfigError { source })?;
+    Ok(config.and_then(|c| c.num_trusted_proxies()))
 }
 
 impl MeshConfig {
@@ -61,6 +109,11 @@ impl MeshConfig {
     /// The provider named `name`.
     pub fn provider(&self, name: &str) -> Option<&ExtensionProvider> {
         self.extension_providers.iter().find(|p| p.name == name)
+    }
+
+    /// `defaultConfig.gatewayTopology.numTrustedProxies`: 0 when unset (Istio's default).
+    pub fn num_trusted_proxies(&self) -> u32 {
+        self.default_config.as_ref().and_then(ProxyConfig::num_trusted_proxies).unwrap_or(0)
     }
 }
 
@@ -276,7 +329,19 @@ pub(crate) struct Read {
 /// parent is warned about. Provider kinds Istio has and the mesh does not use are in
 /// [`UNUSED_PROVIDER_KINDS`].
 const KNOWN: &[(&str, &[&str])] = &[
-    ("", &["rootNamespace", "trustDomain", "pathNormalization", "extensionProviders", "defaultProviders"]),
+    (
+        "",
+        &[
+            "rootNamespace",
+            "trustDomain",
+            "pathNormalization",
+            "extensionProviders",
+            "defaultProviders",
+            "defaultConfig",
+        ],
+    ),
+    ("defaultConfig", &["gatewayTopology"]),
+    ("defaultConfig.gatewayTopology", &["numTrustedProxies"]),
     ("pathNormalization", &["normalization"]),
     (
         "extensionProviders[]",
@@ -527,7 +592,10 @@ fn is_header_name(name: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use std::{string::String, vec::Vec};
+    use std::{
+        string::{String, ToString},
+        vec::Vec,
+    };
 
     use super::{PathNormalization, read};
 
@@ -575,6 +643,37 @@ extensionProviders:
         };
         assert_eq!((http.timeout().as_secs(), http.status_on_error()), (600, 503));
         assert!(mesh.provider("opa").and_then(|p| p.envoy_ext_authz_grpc.as_ref()).is_some_and(|g| g.fail_open));
+    }
+
+    #[test]
+    fn trusted_proxies_from_default_config_and_annotations() {
+        let (mesh, found) = read(
+            "defaultConfig:
+  discoveryAddress: istiod.istio-system.svc:15012
+  gatewayTopology: {numTrustedProxies: 2, forwardClientCertDetails: SANITIZE}
+",
+        );
+        assert!(found.errors.is_empty(), "{:?}", found.errors);
+        assert_eq!(
+            fields(&found.warnings),
+            ["defaultConfig.discoveryAddress", "defaultConfig.gatewayTopology.forwardClientCertDetails"]
+        );
+        assert_eq!(mesh.num_trusted_proxies(), 2);
+        assert_eq!(read("").0.num_trusted_proxies(), 0);
+        assert_eq!(read("defaultConfig: {}").0.num_trusted_proxies(), 0);
+        let (_, found) = read("defaultConfig: {gatewayTopology: {numTrustedProxies: -1}}");
+        assert_eq!(fields(&found.errors), ["defaultConfig.gatewayTopology.numTrustedProxies"]);
+
+        // The annotation as Istio's docs write it (JSON), or as YAML.
+        let json = r#"{"gatewayTopology" : { "numTrustedProxies": 1, "forwardClientCertDetails": "SANITIZE" } }"#;
+        assert_eq!(super::annotation_trusted_proxies(json).unwrap(), Some(1));
+        assert_eq!(super::annotation_trusted_proxies("gatewayTopology:\n  numTrustedProxies: 3\n").unwrap(), Some(3));
+        assert_eq!(super::annotation_trusted_proxies("holdApplicationUntilProxyStarts: true").unwrap(), None);
+        assert_eq!(super::annotation_trusted_proxies("").unwrap(), None);
+        for bad in [r#"{"gatewayTopology": {"numTrustedProxies": "two"}}"#, "[1, 2]", "{"] {
+            let error = super::annotation_trusted_proxies(bad).unwrap_err();
+            assert!(error.to_string().contains("proxy.istio.io/config"), "{bad}: {error}");
+        }
     }
 
     #[test]

@@ -28,10 +28,9 @@ pub struct Attributes<'a> {
     /// The client's SPIFFE identity from its verified certificate
     /// (`spiffe://cluster.local/ns/shop/sa/web`); `None` for plaintext.
     pub source_identity: Option<&'a str>,
-    /// The peer's address. It is also `remote.ip` / `remoteIpBlocks`: the mesh does not
-    /// read `X-Forwarded-For` (Istio's `numTrustedProxies` is 0 by default, in which case
-    /// Envoy's remote address is the direct peer too). At the waypoint this is the
-    /// address of the client as the HBONE tunnel reports it.
+    /// The peer's address (`source.ip`, `ipBlocks`). At the waypoint this is the
+    /// address of the client as the HBONE tunnel reports it. Without HTTP it is also
+    /// `remote.ip` / `remoteIpBlocks`; with HTTP those use [`Http::remote_ip`].
     pub source_ip: IpAddr,
     pub destination_ip: IpAddr,
     pub destination_port: u16,
@@ -57,6 +56,11 @@ pub struct Http<'a> {
     /// `connection.sni`: the SNI of the TLS the proxy terminated for this request;
     /// `None` when there was none (so a `values` list does not match).
     pub sni: Option<&'a str>,
+    /// `remote.ip` / `remoteIpBlocks`: the original client as `X-Forwarded-For` gives
+    /// it past the trusted proxies (Istio's `numTrustedProxies`, Envoy's
+    /// `xff_num_trusted_hops`); the direct peer ([`Attributes::source_ip`]) when no
+    /// proxy is trusted (Istio's default) or the header does not name a client there.
+    pub remote_ip: IpAddr,
 }
 
 /// The attributes of a validated JWT (Istio's `request.auth.*`).
@@ -601,7 +605,12 @@ fn source_matches(s: &CompiledSource, peer: &Peer, unknown: bool) -> bool {
         && check(&s.trust_domains, true, unknown, |t| peer.trust_domain_matches(t))
         && check(&s.service_accounts, true, unknown, |v| peer.service_account_matches(v))
         && check(&s.ip_blocks, true, unknown, |net| net.contains(&src))
-        && check(&s.remote_ip_blocks, true, unknown, |net| net.contains(&src))
+        && check(&s.remote_ip_blocks, true, unknown, |net| net.contains(&remote_ip(peer.attrs)))
+}
+
+/// `remote.ip`: from the HTTP request when there is one, else the peer.
+fn remote_ip(attrs: &Attributes) -> IpAddr {
+    attrs.http.as_ref().map_or(attrs.source_ip, |h| h.remote_ip)
 }
 
 fn operation_matches(o: &CompiledOperation, peer: &Peer, unknown: bool) -> bool {
@@ -629,7 +638,11 @@ fn condition_matches(c: &CompiledCondition, peer: &Peer, unknown: bool) -> bool 
     }
     match &c.values {
         CondValues::Ips(field) => {
-            let ip = if c.key == Key::DestinationIp { attrs.destination_ip } else { attrs.source_ip };
+            let ip = match c.key {
+                Key::DestinationIp => attrs.destination_ip,
+                Key::RemoteIp => remote_ip(attrs),
+                _ => attrs.source_ip,
+            };
             field.matches(|net| net.contains(&ip))
         }
         CondValues::Ports(field) => field.matches(|p| *p == attrs.destination_port),

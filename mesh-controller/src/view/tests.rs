@@ -47,9 +47,15 @@ fn incremental_updates_equal_recomputed_views() {
         "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: web-3\n  namespace: shop\nspec:\n  nodeName: node1\n",
         "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: old-2\n  namespace: legacy\nspec:\n  nodeName: node1\n",
         "",
+        WAYPOINT_DENY,
+        // The same key, now a selector policy: it leaves the views of nodes without
+        // billing pods.
+        "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: waypoint-deny\n  namespace: billing\nspec:\n  action: DENY\n  selector:\n    matchLabels: {app: pay}\n  rules: [{}]\n",
+        // Bound by the singular `targetRef`.
+        "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: waypoint-deny\n  namespace: billing\nspec:\n  action: DENY\n  targetRef: {kind: Service, group: '', name: pay}\n  rules: [{}]\n",
     ];
     let configs: Vec<Config> = steps.iter().map(|extra| config(extra)).collect();
-    for (from, to) in [(0, 1), (1, 2), (2, 3), (3, 4), (0, 3), (3, 0)] {
+    for (from, to) in [(0, 1), (1, 2), (2, 3), (3, 4), (0, 3), (3, 0), (0, 5), (5, 6), (6, 7), (7, 5), (5, 0), (3, 7)] {
         let (old_cfg, new_cfg) = (&configs[from], &configs[to]);
         let (old_all, new_all) = (all_objects(old_cfg), all_objects(new_cfg));
         let (old_index, new_index) = (ViewIndex::new(old_cfg), ViewIndex::new(new_cfg));
@@ -69,6 +75,27 @@ fn incremental_updates_equal_recomputed_views() {
             }
         }
     }
+}
+
+/// A `DENY` bound to the waypoint `waypoint` of `billing` (whose pods are all on node2).
+const WAYPOINT_DENY: &str = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: waypoint-deny\n  namespace: billing\nspec:\n  action: DENY\n  targetRefs:\n  - {kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}\n  rules:\n  - to:\n    - operation:\n        paths: [/admin]\n";
+
+/// A waypoint on node1 may serve billing, which has no pods there: the policies bound
+/// to waypoints reach every node, or the waypoint would miss a `DENY` (fail open).
+/// Selector policies of billing still stay off node1.
+#[test]
+fn target_bound_policies_reach_every_node() {
+    let config = config(WAYPOINT_DENY);
+    let all = all_objects(&config);
+    for node in ["node1", "node2", "node9"] {
+        let view = node_view(&config, &all, node);
+        let k = keys(&view);
+        assert!(k.contains(&"AuthorizationPolicy/billing/waypoint-deny"), "{node}: {k:?}");
+        let back = materialize(&view).expect("materializes");
+        assert!(back.authorization_policies.iter().any(|p| p.metadata.name == "waypoint-deny"), "{node}");
+    }
+    let node1 = node_view(&config, &all, "node1");
+    assert!(!keys(&node1).contains(&"AuthorizationPolicy/billing/deny"), "selector policy stays with billing's nodes");
 }
 
 #[test]

@@ -246,8 +246,10 @@ fn check_request(headers: &HeaderMap) -> CheckRequest<'_> {
 }
 
 /// A resolver that knows one service.
-fn resolver(addr: SocketAddr) -> impl Fn(&str, u16) -> Option<SocketAddr> {
-    move |host, port| (host == "ext-authz.foo.svc.cluster.local" && port == addr.port()).then_some(addr)
+fn resolver(addr: SocketAddr) -> impl Fn(&str, u16) -> Option<Endpoint<'static>> {
+    move |host, port| {
+        (host == "ext-authz.foo.svc.cluster.local" && port == addr.port()).then_some(Endpoint::Plain(addr))
+    }
 }
 
 fn http_provider(addr: SocketAddr) -> ExtAuthzHttp {
@@ -562,4 +564,178 @@ async fn python_grpc_authorizer_reads_our_check_and_we_read_its_answer() {
     let decision = client.check(ExtAuthz::Grpc(&provider), resolver(addr), &check_request(&deny)).await.0;
     assert_denied_by_authorizer(&decision);
     assert_eq!(counts(&client), [1, 1, 0, 0]);
+}
+
+/// A CA issuing workload certificates as the controller does (SPIFFE URI SAN,
+/// serverAuth and clientAuth).
+struct TestCa {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    root_pem: String,
+}
+
+impl TestCa {
+    fn new() -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256};
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+        let root = params.self_signed(&key).unwrap();
+        Self { issuer: rcgen::Issuer::new(params, key), root_pem: root.pem() }
+    }
+
+    fn cert(&self, identity: &str) -> Arc<mesh_proxy::identity::WorkloadCert> {
+        use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType};
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(identity.try_into().unwrap())];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        Arc::new(mesh_proxy::identity::WorkloadCert {
+            identity: identity.to_owned(),
+            chain_pem: vec![cert.pem()],
+            key_pem: key.serialize_pem(),
+            root_pem: self.root_pem.clone(),
+            issued_at: 0,
+            not_after: i64::MAX,
+        })
+    }
+}
+
+/// The authorizer pod's agent: terminates HBONE with a certificate, records who
+/// connected to what, and relays each stream to the authorizer process (plain TCP on
+/// loopback, as an agent delivers into its pod).
+struct AuthorizerAgent {
+    cert: Arc<mesh_proxy::identity::WorkloadCert>,
+    authorizer: SocketAddr,
+    /// (client identity, CONNECT authority) of each stream.
+    streams: Mutex<Vec<(String, String)>>,
+}
+
+impl mesh_proxy::tunnel::server::Handler for AuthorizerAgent {
+    fn certificate(&self) -> Result<Arc<mesh_proxy::identity::WorkloadCert>, mesh_proxy::tunnel::HboneError> {
+        Ok(self.cert.clone())
+    }
+
+    fn trusts(&self, identity: &str) -> bool {
+        identity.starts_with("spiffe://cluster.local/")
+    }
+
+    fn refused(&self, _peer: SocketAddr, _reason: &str) {}
+
+    async fn serve(self: Arc<Self>, connect: mesh_proxy::tunnel::server::Connect) {
+        let authority = connect.authority().unwrap_or_default().to_owned();
+        self.streams.lock().unwrap().push((connect.identity.to_string(), authority));
+        let Ok(mut stream) = connect.accept() else { return };
+        let Ok(mut tcp) = tokio::net::TcpStream::connect(self.authorizer).await else { return };
+        let _ = tokio::io::copy_bidirectional(&mut stream, &mut tcp).await;
+    }
+}
+
+/// A pod address of its own on loopback whose HBONE port (15008) is free, with that
+/// port bound; its agent serves there.
+async fn pod_with_agent(agent: Arc<AuthorizerAgent>) -> std::net::IpAddr {
+    let seed = std::process::id();
+    for i in 0..200u32 {
+        let n = seed.wrapping_add(i.wrapping_mul(7919));
+        let ip = std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 99, (n >> 8) as u8, (n as u8).max(1)));
+        let Ok(listener) = TcpListener::bind((ip, mesh_proxy::tunnel::HBONE_PORT)).await else { continue };
+        let server = mesh_proxy::tunnel::server::Server::new(agent);
+        tokio::spawn(async move {
+            while let Ok((tcp, peer)) = listener.accept().await {
+                tokio::spawn(server.clone().serve(tcp, peer, std::future::pending()));
+            }
+        });
+        return ip;
+    }
+    panic!("no free loopback address for an HBONE port");
+}
+
+/// The view: namespace `foo` in the mesh, its authorizer pod at `ip` (service account
+/// `authz`), and the Service `ext-authz` on `port` with target port 8000.
+fn view_with_authorizer(ip: std::net::IpAddr, port: u16) -> mesh_proxy::workloads::Index {
+    let text = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: foo, labels: {{istio.io/dataplane-mode: ambient}}}}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {{name: authz-1, namespace: foo, labels: {{app: authz}}}}\n\
+         spec: {{nodeName: node1, serviceAccountName: authz}}\nstatus: {{phase: Running, podIP: '{ip}'}}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: ext-authz, namespace: foo}}\n\
+         spec: {{clusterIP: 10.96.0.50, selector: {{app: authz}}, ports: [{{name: http, port: {port}, targetPort: 8000}}]}}\n"
+    );
+    let config = mesh_common::config::load(&[mesh_common::config::Source::new("view.yaml", text)])
+        .unwrap_or_else(|r| panic!("{r}"));
+    mesh_proxy::workloads::Index::build(&config)
+}
+
+const WAYPOINT_ID: &str = "spiffe://cluster.local/ns/shop/sa/waypoint";
+
+/// A meshed authorizer is checked through HBONE: its agent sees the waypoint's
+/// identity and the pod's address as the CONNECT authority, the connection is pooled,
+/// and an authorizer pod presenting another identity than the view's is refused
+/// (the provider's failure policy decides: 403 here).
+#[tokio::test]
+async fn a_meshed_authorizer_is_reached_through_hbone() {
+    let ca = TestCa::new();
+    let authorizer = http_authorizer().await;
+    let agent = Arc::new(AuthorizerAgent {
+        cert: ca.cert("spiffe://cluster.local/ns/foo/sa/authz"),
+        authorizer: authorizer.addr,
+        streams: Mutex::default(),
+    });
+    let ip = pod_with_agent(agent.clone()).await;
+    let provider = http_provider(authorizer.addr);
+    let index = view_with_authorizer(ip, authorizer.addr.port());
+    let upstreams = Upstreams::new(Duration::from_secs(2));
+    let waypoint_cert = ca.cert(WAYPOINT_ID);
+    let resolve = |host: &str, port: u16| {
+        let (workload, addr) = index.service_by_host(host, port)?.pick(false)?;
+        assert!(workload.meshed, "the authorizer pod is in the mesh");
+        let dial = Dial {
+            cert: waypoint_cert.clone(),
+            client: "10.0.0.1:40000".parse().unwrap(),
+            baggage: "",
+            connect_timeout: Duration::from_secs(2),
+        };
+        Some(Endpoint::Mesh { workload, addr, upstreams: &upstreams, dial })
+    };
+    let client = ExtAuthzClient::new();
+    let headers = request_headers(&[("x-ext-authz", "allow")]);
+    for _ in 0..2 {
+        let decision = client.check(ExtAuthz::Http(&provider), &resolve, &check_request(&headers)).await.0;
+        assert_allowed_with_result(&decision);
+    }
+    let deny = request_headers(&[("x-ext-authz", "deny")]);
+    assert_denied_by_authorizer(&client.check(ExtAuthz::Http(&provider), &resolve, &check_request(&deny)).await.0);
+    assert_eq!(
+        *agent.streams.lock().unwrap(),
+        [(WAYPOINT_ID.to_owned(), format!("{ip}:8000"))],
+        "one tunnel stream, pooled, with the waypoint's identity to the pod's target port"
+    );
+    assert_eq!(authorizer.seen.lock().unwrap().len(), 3);
+    assert_eq!(counts(&client), [2, 1, 0, 0]);
+
+    // A pod whose agent presents an identity the view does not give it.
+    let impostor = Arc::new(AuthorizerAgent {
+        cert: ca.cert("spiffe://cluster.local/ns/foo/sa/impostor"),
+        authorizer: authorizer.addr,
+        streams: Mutex::default(),
+    });
+    let ip = pod_with_agent(impostor.clone()).await;
+    let index = view_with_authorizer(ip, authorizer.addr.port());
+    let resolve = |host: &str, port: u16| {
+        let (workload, addr) = index.service_by_host(host, port)?.pick(false)?;
+        let dial = Dial {
+            cert: waypoint_cert.clone(),
+            client: "10.0.0.1:40000".parse().unwrap(),
+            baggage: "",
+            connect_timeout: Duration::from_secs(2),
+        };
+        Some(Endpoint::Mesh { workload, addr, upstreams: &upstreams, dial })
+    };
+    let error = client.try_check(ExtAuthz::Http(&provider), &resolve, &check_request(&headers)).await.unwrap_err();
+    assert!(matches!(error, CheckError::Mesh { .. }), "{error:?}");
+    assert_status(&client.check(ExtAuthz::Http(&provider), &resolve, &check_request(&headers)).await.0, 403);
+    assert!(impostor.streams.lock().unwrap().is_empty(), "no request reached the impostor");
+    assert_eq!(authorizer.seen.lock().unwrap().len(), 3);
 }

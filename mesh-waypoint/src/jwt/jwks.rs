@@ -158,9 +158,9 @@ pub enum JwksError {
     NoUsableKey { issuer: String, skipped: Vec<KeySkip> },
     #[error("JWT rule of issuer {issuer:?} has neither jwks nor fetched keys for jwksUri {uri:?}")]
     NotFetched { issuer: String, uri: String },
-    /// Istio would discover the keys through the issuer's `OpenID` configuration; the
-    /// controller does not do that discovery yet.
-    #[error("JWT rule of issuer {issuer:?} has neither jwks nor jwksUri (OpenID discovery is not supported)")]
+    /// The controller discovers the keys through the issuer's `OpenID` configuration
+    /// and writes them into `jwks`; until that succeeds, the rule has no keys.
+    #[error("JWT rule of issuer {issuer:?} has neither jwks nor jwksUri, and no keys from OpenID discovery yet")]
     NoKeySource { issuer: String },
 }
 

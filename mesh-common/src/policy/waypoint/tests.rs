@@ -36,6 +36,8 @@ struct Req {
     headers: Vec<(&'static str, &'static str)>,
     auth: Option<Auth>,
     identity: Option<&'static str>,
+    /// `remote.ip` (the peer, 10.1.2.3, unless `X-Forwarded-For` named another client).
+    remote: IpAddr,
 }
 
 impl Req {
@@ -47,6 +49,7 @@ impl Req {
             headers: vec![],
             auth: None,
             identity: Some(WEB),
+            remote: ip("10.1.2.3"),
         }
     }
 
@@ -71,6 +74,7 @@ impl Req {
                 headers: &self.headers,
                 auth: self.auth.as_ref(),
                 sni: None,
+                remote_ip: self.remote,
             }),
         };
         f(&attrs)
@@ -225,6 +229,28 @@ fn source_and_destination_conditions_and_connection_sni() {
     assert!(denied(&config, &Req { identity: None, ..Req::new() }));
     let config = bound("DENY", "  - when: [{key: connection.sni, values: ['*']}]\n");
     assert!(!denied(&config, &Req::new()), "no TLS terminated: no SNI");
+}
+
+/// With a client behind trusted proxies, `remoteIpBlocks` and `remote.ip` see the
+/// client `X-Forwarded-For` named; `ipBlocks` and `source.ip` still see the peer.
+#[test]
+fn remote_ip_is_the_forwarded_client_and_ip_blocks_the_peer() {
+    let forwarded = Req { remote: ip("203.0.113.7"), ..Req::new() };
+    let cases = [
+        ("  - from: [{source: {remoteIpBlocks: [203.0.113.0/24]}}]\n", true, false),
+        ("  - from: [{source: {remoteIpBlocks: [10.1.2.3]}}]\n", false, true),
+        ("  - from: [{source: {notRemoteIpBlocks: [203.0.113.0/24]}}]\n", false, true),
+        ("  - from: [{source: {ipBlocks: [10.1.2.3]}}]\n", true, true),
+        ("  - from: [{source: {ipBlocks: [203.0.113.0/24]}}]\n", false, false),
+        ("  - when: [{key: remote.ip, values: [203.0.113.7]}]\n", true, false),
+        ("  - when: [{key: remote.ip, notValues: [203.0.113.7]}]\n", false, true),
+        ("  - when: [{key: source.ip, values: [10.1.2.3]}]\n", true, true),
+    ];
+    for (rules, with_forwarded, direct) in cases {
+        let config = bound("DENY", rules);
+        assert_eq!(denied(&config, &forwarded), with_forwarded, "forwarded: {rules}");
+        assert_eq!(denied(&config, &Req::new()), direct, "direct: {rules}");
+    }
 }
 
 #[test]
