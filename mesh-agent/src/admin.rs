@@ -82,7 +82,7 @@ impl Collector for AgentMetrics {
             (
                 "mesh_agent_log_lines_dropped",
                 "Log lines (access logs included) dropped because the writer fell behind.",
-                self.dropped_lines.dropped_lines() as u64,
+                self.dropped_lines.dropped_lines(),
             ),
         ] {
             encode_family(&mut encoder, name, help, MetricType::Counter, [(Vec::new(), count as i64)])?;

@@ -57,6 +57,8 @@ pub struct Settings {
     /// The waypoint's own pod name (Kubernetes downward API), to find its locality and
     /// labels in the view; `None`: the first pod of the waypoint's Gateway.
     pub pod_name: Option<String>,
+    /// Serving threads ([`crate::shard`]).
+    pub shards: usize,
 }
 
 /// What one configuration version gives the waypoint. Route tables and destinations
@@ -244,7 +246,8 @@ pub struct Waypoint {
     client: Arc<ControlClient>,
     certs: Arc<CertStore>,
     pub requests: RequestMetrics,
-    pub upstreams: Upstreams,
+    /// Upstream pools, one per shard ([`crate::shard`]): a request uses its thread's.
+    upstreams: Vec<Upstreams>,
     /// The client of the external authorizers `CUSTOM` policies name.
     pub ext_authz: ExtAuthzClient,
     connect_timeout: Duration,
@@ -307,6 +310,11 @@ pub fn protocol_of(port: &ServicePort) -> Protocol {
 }
 
 impl Waypoint {
+    /// The upstream pools of the current thread's shard.
+    pub fn upstreams(&self) -> &Upstreams {
+        &self.upstreams[crate::shard::current() % self.upstreams.len()]
+    }
+
     pub fn new(settings: Settings) -> Arc<Self> {
         let requests = RequestMetrics::new(&settings.metrics);
         let ext_authz = ExtAuthzClient::new();
@@ -322,7 +330,7 @@ impl Waypoint {
             certs: settings.certs,
 
             requests,
-            upstreams: Upstreams::new(settings.connect_timeout),
+            upstreams: (0..settings.shards.max(1)).map(|_| Upstreams::new(settings.connect_timeout)).collect(),
             ext_authz,
             ratelimits: Mutex::default(),
             exporters: Mutex::default(),
@@ -457,7 +465,7 @@ impl Waypoint {
             "/stats" => admin::json(&serde_json::json!({
                 "version": self.tables().version,
                 "identity": self.identity(),
-                "upstream_tunnels": self.upstreams.tunnels(),
+                "upstream_tunnels": self.upstreams.iter().map(Upstreams::tunnels).sum::<usize>(),
             })),
             _ => admin::reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
         }

@@ -7,6 +7,7 @@ mod ext_authz;
 mod inbound;
 mod proxy;
 mod requests;
+mod shard;
 mod tee;
 mod upstream;
 
@@ -60,6 +61,7 @@ struct Cli {
     metrics_addr: SocketAddr,
     #[arg(long, env = "MESH_READINESS_ADDR", default_value = "0.0.0.0:15021")]
     readiness_addr: SocketAddr,
+    /// Serving threads, each with its own HBONE listener and upstream pools.
     #[arg(long, env = "MESH_WORKER_THREADS", default_value_t = 2)]
     worker_threads: usize,
     /// Upstream connect timeout (TCP and tunnel), in milliseconds (a `DestinationRule`'s
@@ -85,12 +87,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    control::limit_arenas(cli.worker_threads);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cli.worker_threads.max(1))
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    // One arena per shard thread and one for the control runtime.
+    control::limit_arenas(cli.worker_threads + 1);
+    // Control, admin and signals; the requests are served by the shards' threads.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -99,6 +99,37 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Shard `index`'s thread: a runtime of its own serving the connections its listener
+/// accepts, until the process exits (after the drain, connections still open are cut).
+fn serve_shard(
+    index: usize,
+    listener: std::net::TcpListener,
+    server: &Arc<mesh_proxy::tunnel::server::Server<inbound::Waypoint>>,
+    drain: drain::Watch,
+    name: &str,
+) {
+    shard::enter(index);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    runtime.block_on(async move {
+        let listener = match tokio::net::TcpListener::from_std(listener) {
+            Ok(listener) => listener,
+            Err(error) => {
+                error!(shard = index, %error, "HBONE listener");
+                return;
+            }
+        };
+        drain::accept_until_drained(listener, drain.clone(), name, "hbone", |tcp, peer| {
+            let server = server.clone();
+            let mut watch = drain.clone();
+            tokio::spawn(async move { server.serve(tcp, peer, async move { watch.signaled().await }).await });
+        })
+        .await;
+        drop(drain);
+        // Connections in flight go on until the drain ends the process.
+        std::future::pending::<()>().await;
+    });
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -136,6 +167,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         connect_timeout: Duration::from_millis(cli.connect_timeout_ms),
         pod_name: cli.pod_name.clone(),
+        shards: cli.worker_threads.max(1),
     });
     // Ready with a view and a certificate: until then every stream is refused.
     let waiting = ready.register("config");
@@ -159,21 +191,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let ready_view = ready.clone();
     tokio::spawn(ready_server.run(move |req| std::future::ready(admin::readiness(&ready_view, &req))));
 
-    let listener = tokio::net::TcpListener::bind(cli.hbone_addr)
-        .await
-        .with_context(|| format!("cannot listen on HBONE address {}", cli.hbone_addr))?;
     let (trigger, drain) = drain::channel();
     let server = mesh_proxy::tunnel::server::Server::new(waypoint.clone());
-    let accept_drain = drain.clone();
-    let name = cli.name.clone();
-    tokio::spawn(async move {
-        drain::accept_until_drained(listener, accept_drain, &name, "hbone", move |tcp, peer| {
-            let server = server.clone();
-            let mut watch = drain.clone();
-            tokio::spawn(async move { server.serve(tcp, peer, async move { watch.signaled().await }).await });
-        })
-        .await;
-    });
+    for index in 0..cli.worker_threads.max(1) {
+        let listener = shard::listener(cli.hbone_addr)
+            .with_context(|| format!("cannot listen on HBONE address {}", cli.hbone_addr))?;
+        let (server, drain, name) = (server.clone(), drain.clone(), cli.name.clone());
+        std::thread::Builder::new()
+            .name(format!("shard-{index}"))
+            .spawn(move || serve_shard(index, listener, &server, drain, &name))
+            .context("cannot start a shard thread")?;
+    }
+    drop(drain);
     drop(startup);
     info!(addr = %cli.hbone_addr, "waypoint listening");
 

@@ -230,7 +230,7 @@ async fn relay(
         return;
     };
     let Some(dial) = waypoint.dial(&caller) else { return };
-    match waypoint.upstreams.connect(&target, &dial.dial()).await {
+    match waypoint.upstreams().connect(&target, &dial.dial()).await {
         Ok(mut upstream) => {
             debug!(route = %route.name, endpoint = %target.addr, "TCP relay");
             let _ = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await;
@@ -807,7 +807,7 @@ impl Downstream {
                 return Some(ext_authz::Endpoint::Plain(addr));
             }
             let dial = dial.as_ref()?.dial();
-            Some(ext_authz::Endpoint::Mesh { workload, addr, upstreams: &self.waypoint.upstreams, dial })
+            Some(ext_authz::Endpoint::Mesh { workload, addr, upstreams: self.waypoint.upstreams(), dial })
         };
         self.waypoint.ext_authz.check(provider, resolve, &check).await
     }
@@ -1062,7 +1062,7 @@ impl Downstream {
                     if let Some(downstream) = downstream_upgrade.take() {
                         self.upgrade(&target, &dial, upstream_request, downstream).await
                     } else {
-                        self.waypoint.upstreams.send(&target, h2, upstream_request, &dial.dial()).await
+                        self.waypoint.upstreams().send(&target, h2, upstream_request, &dial.dial()).await
                     }
                 };
                 let result = match retry.per_try_timeout {
@@ -1153,7 +1153,7 @@ impl Downstream {
         request: Request<Body>,
         downstream: hyper::upgrade::OnUpgrade,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let mut sender = self.waypoint.upstreams.open_h1(target, &dial.dial(), true).await?;
+        let mut sender = self.waypoint.upstreams().open_h1(target, &dial.dial(), true).await?;
         let mut response = sender.send_request(request).await.map_err(UpstreamError::Reset)?;
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             let upstream = hyper::upgrade::on(&mut response);
@@ -1196,7 +1196,7 @@ impl Downstream {
         let waypoint = self.waypoint.clone();
         tokio::spawn(async move {
             let request = Request::from_parts(head, body);
-            if let Err(error) = waypoint.upstreams.send(&target, h2, request, &dial.dial()).await {
+            if let Err(error) = waypoint.upstreams().send(&target, h2, request, &dial.dial()).await {
                 debug!(%error, "mirror request failed");
             }
         });

@@ -113,7 +113,7 @@ fn main() -> ExitCode {
         Cmd::Test { no_vm } => test(!no_vm),
         Cmd::VmTest => setup::setup().and_then(|()| build()).and_then(|()| vm_test()),
         Cmd::Bench { what, quick, json, ztunnel } => match what.as_deref() {
-            None | Some("data") | Some("waypoint") => {
+            None | Some("data" | "waypoint") => {
                 bench::Options::new(quick, json, ztunnel, what.is_some_and(|w| w == "waypoint"))
                     .and_then(|options| setup::setup().and_then(|()| build()).and_then(|()| bench::bench(&options)))
             }

@@ -49,7 +49,7 @@ fn wait_for(mut done: impl FnMut() -> bool) -> bool {
 #[test]
 fn a_lone_line_is_written_without_waiting_for_the_window() {
     let sink = Sink::default();
-    let (writer, _guard) = batch_writer(sink.clone(), Duration::from_secs(3600));
+    let (writer, _guard) = batch_writer(sink.clone(), Duration::from_hours(1));
     log(&writer, "one\n");
     assert!(wait_for(|| sink.text() == "one\n"), "{:?}", sink.text());
 }
