@@ -107,7 +107,7 @@ fn waypoint_routes_services_that_opt_in_and_fails_closed() {
             .filter(|l| !l.trim().is_empty() && !l.contains("istio_request_duration_milliseconds use base unit"))
             .collect();
         assert!(ours.is_empty(), "promtool: {complaints}");
-        assert!(lab.log_of("waypoint").contains("request complete"), "no access log");
+        wait_for(Duration::from_secs(2), || lab.log_of("waypoint").contains("request complete")).expect("access log");
         // The waypoint down: its services' connections fail, never bypass it.
         lab.stop_process("waypoint", "KILL").unwrap();
         let (code, text) = try_curl(lab, "n1-p1", "http://10.96.0.10/");
@@ -141,6 +141,20 @@ fn waypoint_canary_retries_faults_timeouts_breaker_and_ejection() {
         assert_eq!(pods.len(), 20, "{canary:?}");
         assert!(pods.iter().all(|l| l.starts_with("pod=n1-p2 ") || l.starts_with("pod=n2-p2 ")), "{canary:?}");
 
+        // A delegate VirtualService: its rules take the place of the root rule that
+        // names it, each match narrowed to the root's; a missing delegate costs only
+        // its own rule.
+        apply(lab, "canary.yaml", DELEGATE);
+        let v1 = |l: &&String| l.starts_with("pod=n1-p1 ") || l.starts_with("pod=n2-p1 ");
+        let v2 = |l: &&String| l.starts_with("pod=n1-p2 ") || l.starts_with("pod=n2-p2 ");
+        for (path, want_v2) in [("/api/v2/x", true), ("/api/x", false), ("/other", false), ("/gone", false)] {
+            let out = bodies(lab, "n2-p1", &format!("http://10.96.0.10{path}"), 10, "");
+            let hits = out.iter().filter(if want_v2 { v2 } else { v1 }).count();
+            assert_eq!(hits, 10, "{path}: {out:?}\n{}", lab.log_of("waypoint"));
+        }
+        wait_for(Duration::from_secs(2), || lab.log_of("waypoint").contains("shop/nope"))
+            .expect("missing delegate warned");
+
         apply(lab, "httpbin-routes.yaml", HTTPBIN_ROUTES);
         // Retries counted at the upstream: 1 try + 3 retries.
         let before: usize = shop_pods(lab).iter().map(|p| gunicorn_hits(lab, p, "/status/503")).sum();
@@ -150,7 +164,7 @@ fn waypoint_canary_retries_faults_timeouts_breaker_and_ejection() {
             shop_pods(lab).iter().map(|p| gunicorn_hits(lab, p, "/status/503")).sum::<usize>() - before == 4
         })
         .unwrap_or_else(|_| panic!("retries: {}", lab.log_of("waypoint")));
-        assert!(lab.log_of("waypoint").contains("URX"), "retry-exhausted flag");
+        wait_for(Duration::from_secs(2), || lab.log_of("waypoint").contains("URX")).expect("retry-exhausted flag");
         // Request timeout: 504 UT.
         let out = bodies(lab, "n1-p1", &format!("{HTTPBIN_URL}/delay/3"), 1, "-o /dev/null");
         assert_eq!(out.iter().map(|l| l.trim()).collect::<Vec<_>>(), ["504"], "{out:?}");
@@ -231,6 +245,43 @@ fn waypoint_canary_retries_faults_timeouts_breaker_and_ejection() {
         }
     });
 }
+
+/// A root VirtualService for `echo` that hands `/api` to a delegate (v2 for
+/// `/api/v2`, v1 for the rest of `/api`), names a delegate that does not exist for
+/// `/gone`, and sends everything else to v1.
+const DELEGATE: &str = "\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: echo, namespace: shop}
+spec:
+  host: echo
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: echo, namespace: shop}
+spec:
+  hosts: [echo]
+  http:
+  - name: api
+    match: [{uri: {prefix: /api}}]
+    delegate: {name: echo-api}
+  - name: missing
+    match: [{uri: {prefix: /gone}}]
+    delegate: {name: nope}
+  - route: [{destination: {host: echo, subset: v1}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: echo-api, namespace: shop}
+spec:
+  http:
+  - match: [{uri: {prefix: /api/v2}}]
+    route: [{destination: {host: echo, subset: v2}}]
+  - route: [{destination: {host: echo, subset: v1}}]
+";
 
 /// A WebSocket echo server and gRPC's health service (both from `PyPI`) behind
 /// Services that use the waypoint.
@@ -660,6 +711,34 @@ fn waypoint_l7_authorization_and_jwt() {
         assert_eq!(status("/anything/custom", "-H 'x-ext-authz: allow'"), "403");
         assert!(waypoint_http(lab, 15020, "/metrics").contains("mesh_waypoint_ext_authz_error_total 1"));
 
+        // The authorizer's pod is meshed: the check went through the tunnel, with the
+        // waypoint's identity (its agent logged the inbound stream on port 9191).
+        wait_for(Duration::from_secs(2), || {
+            lab.agent_log(2).lines().any(|l| {
+                l.contains("direction=\"inbound\"")
+                    && l.contains("src.identity=spiffe://cluster.local/ns/shop/sa/waypoint")
+                    && l.contains(":9191")
+            })
+        })
+        .unwrap_or_else(|_| panic!("no tunneled check at node2's agent: {}", lab.agent_log(2)));
+
+        // X-Forwarded-For with one trusted proxy (the mesh config's
+        // gatewayTopology.numTrustedProxies): remoteIpBlocks sees the client the proxy
+        // named, ipBlocks the direct peer.
+        apply(lab, "remote-ip.yaml", REMOTE_IP_POLICY);
+        let xff = |value: &str| status("/anything/xff", &format!("-H 'X-Forwarded-For: {value}'"));
+        assert_eq!(xff("203.0.113.7"), "403", "{}", lab.log_of("waypoint"));
+        assert_eq!(xff("203.0.113.7, 198.51.100.1"), "200", "only the rightmost entry is trusted");
+        assert_eq!(xff("garbage"), "200");
+        assert_eq!(status("/anything/xff", ""), "200");
+
+        // A policy of a namespace with no pod on the waypoint's node still reaches the
+        // waypoint: without it this service's requests would get 503 (no endpoints),
+        // not the DENY's 403.
+        apply(lab, "ghost.yaml", GHOST);
+        let out = lab.exec("n1-p1", &["curl", "-s", "-m", "5", "-w", " %{http_code}", "http://10.96.0.14/x"]).unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "RBAC: access denied 403", "{}", lab.log_of("waypoint"));
+
         // A local rate limit, the EnvoyFilter of Istio's documentation bound to the
         // Service: 4 tokens a minute, then 429 with flag RL and the configured header.
         apply(lab, "ratelimit.yaml", RATE_LIMIT);
@@ -706,6 +785,47 @@ spec:
               header: {key: x-local-rate-limit, value: 'true'}
 ";
 
+/// DENY by the client's address as a trusted proxy reports it (`remoteIpBlocks`), and
+/// by the direct peer (`ipBlocks`, which no X-Forwarded-For can change).
+const REMOTE_IP_POLICY: &str = "\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: httpbin-remote-ip, namespace: shop}
+spec:
+  targetRefs: [{kind: Service, group: '', name: httpbin}]
+  action: DENY
+  rules:
+  - from: [{source: {remoteIpBlocks: [203.0.113.0/24]}}]
+  - from: [{source: {ipBlocks: [203.0.113.0/24]}}]
+";
+
+/// A Service of a namespace without pods (so without pods on the waypoint's node),
+/// served by the `shop` waypoint, and a DENY bound to it.
+const GHOST: &str = "\
+apiVersion: v1
+kind: Namespace
+metadata: {name: ghost}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: ghost
+  namespace: ghost
+  labels: {istio.io/use-waypoint: waypoint, istio.io/use-waypoint-namespace: shop}
+spec:
+  clusterIP: 10.96.0.14
+  selector: {app: nobody}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ghost-deny, namespace: ghost}
+spec:
+  targetRefs: [{kind: Service, group: '', name: ghost}]
+  action: DENY
+  rules: [{to: [{operation: {paths: ['/x']}}]}]
+";
+
 /// An HTTP authorizer: allows requests with `x-ext-authz: allow` (and says so in a
 /// header for upstream), denies the rest with a body and a header.
 const EXT_AUTHZ: &str = "\
@@ -729,6 +849,8 @@ kind: ConfigMap
 metadata: {name: istio, namespace: istio-system}
 data:
   mesh: |
+    defaultConfig:
+      gatewayTopology: {numTrustedProxies: 1}
     extensionProviders:
     - name: lab-authz
       envoyExtAuthzHttp:
