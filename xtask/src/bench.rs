@@ -32,13 +32,24 @@ mod ztunnel;
 const CLIENT: &str = "n1-p1";
 const SERVER: &str = "n2-p1";
 
+/// The sections of the data-plane benchmark: `bench` runs both, `bench l4` and
+/// `bench waypoint` one each.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Sections {
+    Both,
+    /// No mesh, ours (and ztunnel) over TCP.
+    L4,
+    /// HTTP over no mesh, the L4 tunnel and the waypoint.
+    Waypoint,
+}
+
 /// What `cargo xtask bench` was asked for, checked before anything is built.
 pub struct Options {
     quick: bool,
     json: Option<PathBuf>,
     ztunnel: Option<PathBuf>,
-    /// Only the waypoint section (HTTP over no mesh, the L4 tunnel and the waypoint).
-    waypoint_only: bool,
+    /// Which sections run.
+    sections: Sections,
 }
 
 impl Options {
@@ -46,9 +57,9 @@ impl Options {
         quick: bool,
         json: Option<PathBuf>,
         ztunnel: Option<PathBuf>,
-        waypoint_only: bool,
+        sections: Sections,
     ) -> anyhow::Result<Self> {
-        if waypoint_only && ztunnel.is_some() {
+        if sections == Sections::Waypoint && ztunnel.is_some() {
             bail!("--ztunnel belongs to the L4 legs, not `bench waypoint`");
         }
         if let Some(path) = &json {
@@ -58,7 +69,7 @@ impl Options {
             }
         }
         let ztunnel = ztunnel.map(|path| ztunnel::check_binary(&path)).transpose()?;
-        Ok(Self { quick, json, ztunnel, waypoint_only })
+        Ok(Self { quick, json, ztunnel, sections })
     }
 }
 
@@ -398,7 +409,7 @@ fn one_line(s: &Sample) -> String {
 
 pub fn bench(options: &Options) -> anyhow::Result<()> {
     let (rounds, seconds, count): (u32, u32, u32) = if options.quick { (1, 2, 1000) } else { (3, 5, 3000) };
-    let legs: &[Leg] = if options.waypoint_only {
+    let legs: &[Leg] = if options.sections == Sections::Waypoint {
         &[]
     } else if options.ztunnel.is_some() {
         &[Leg::NoMesh, Leg::Ours, Leg::Ztunnel]
@@ -517,8 +528,14 @@ pub fn bench(options: &Options) -> anyhow::Result<()> {
         }
     }
     let requests = if options.quick { 5_000 } else { 20_000 };
-    println!("==> waypoint: 1 KiB HTTP/1.1 {CLIENT} -> {SERVER}; {rounds} round(s) of no mesh / L4 tunnel / waypoint");
-    let http = waypoint::run(&lab, rounds, count, requests, &agents, &mut enroll)?;
+    let http = if options.sections == Sections::L4 {
+        None
+    } else {
+        println!(
+            "==> waypoint: 1 KiB HTTP/1.1 {CLIENT} -> {SERVER}; {rounds} round(s) of no mesh / L4 tunnel / waypoint"
+        );
+        Some(waypoint::run(&lab, rounds, count, requests, &agents, &mut enroll)?)
+    };
     // The peak is the highest high-water mark of the whole run.
     for (_, samples) in &mut results.legs {
         let peak = samples.iter().map(|s| s.rss_peak_mib).fold(f64::NAN, f64::max);
@@ -530,13 +547,17 @@ pub fn bench(options: &Options) -> anyhow::Result<()> {
         println!("\n{}", results.table());
         println!("(CPU and RSS: both ends' proxies summed: the two node agents, or the two pods' ztunnels)");
     }
-    println!("\n{}", http.table());
-    println!("(agents: both nodes' agents summed; the waypoint runs on node1 with the client)");
+    if let Some(http) = &http {
+        println!("\n{}", http.table());
+        println!("(agents: both nodes' agents summed; the waypoint runs on node1 with the client)");
+    }
     let agent = lab.agent_stats(1)?;
     println!("agent node1 counters: {}", agent["agent"]);
     if let Some(path) = &options.json {
         let mut json = results.json(rounds);
-        json["waypoint"] = http.json();
+        if let Some(http) = &http {
+            json["waypoint"] = http.json();
+        }
         std::fs::write(path, serde_json::to_string_pretty(&json)? + "\n")
             .with_context(|| format!("write {}", path.display()))?;
         println!("==> medians written to {}", path.display());

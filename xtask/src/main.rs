@@ -45,10 +45,10 @@ enum Cmd {
     },
     /// Run the capture tests inside a VM booted on Debian's 6.1 kernel.
     VmTest,
-    /// Benchmarks: throughput and latency with and without the mesh (`bench`), only its
-    /// waypoint section (`bench waypoint`), or the control plane at scale (`bench control`).
+    /// Benchmarks: throughput and latency with and without the mesh (`bench`; `bench l4`
+    /// or `bench waypoint` for one section), or the control plane at scale (`bench control`).
     Bench {
-        /// `waypoint` for the waypoint section alone, `control` for the control-plane
+        /// `l4` or `waypoint` for one section of the data-plane benchmark, `control` for the control-plane
         /// benchmark, `micro` for the in-process ones.
         what: Option<String>,
         /// Shorter runs (for a quick look).
@@ -113,8 +113,13 @@ fn main() -> ExitCode {
         Cmd::Test { no_vm } => test(!no_vm),
         Cmd::VmTest => setup::setup().and_then(|()| build()).and_then(|()| vm_test()),
         Cmd::Bench { what, quick, json, ztunnel } => match what.as_deref() {
-            None | Some("data" | "waypoint") => {
-                bench::Options::new(quick, json, ztunnel, what.is_some_and(|w| w == "waypoint"))
+            None | Some("data" | "l4" | "waypoint") => {
+                let sections = match what.as_deref() {
+                    Some("l4") => bench::Sections::L4,
+                    Some("waypoint") => bench::Sections::Waypoint,
+                    _ => bench::Sections::Both,
+                };
+                bench::Options::new(quick, json, ztunnel, sections)
                     .and_then(|options| setup::setup().and_then(|()| build()).and_then(|()| bench::bench(&options)))
             }
             Some("control") if json.is_some() || ztunnel.is_some() => {
@@ -131,9 +136,9 @@ fn main() -> ExitCode {
                 Err(anyhow::anyhow!("--json and --ztunnel belong to the data-plane benchmark, not `bench micro`"))
             }
             Some("micro") => bench::micro::bench(quick),
-            Some(other) => {
-                Err(anyhow::anyhow!("unknown benchmark {other}: expected `waypoint`, `control`, `micro` or nothing"))
-            }
+            Some(other) => Err(anyhow::anyhow!(
+                "unknown benchmark {other}: expected `l4`, `waypoint`, `control`, `micro` or nothing"
+            )),
         },
         Cmd::Fuzz { seconds, target } => {
             setup::setup().and_then(|()| fuzz::fuzz(seconds, target.as_deref(), fuzz::Corpus::Kept))
