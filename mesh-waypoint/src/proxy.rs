@@ -492,7 +492,12 @@ impl Drop for Counted {
 
 /// The request attributes the metric tag overrides of `plan` read: the request as
 /// it arrived (authority and path as logged), and only the headers named.
-fn request_attributes(plan: &MetricPlan, request: &Request<Incoming>, log: &RequestLog, port: u16) -> RequestAttributes {
+fn request_attributes(
+    plan: &MetricPlan,
+    request: &Request<Incoming>,
+    log: &RequestLog,
+    port: u16,
+) -> RequestAttributes {
     let headers = plan
         .headers()
         .into_iter()
@@ -576,7 +581,7 @@ impl Downstream {
             }
             _ => None,
         };
-        let span = telemetry.as_ref().zip(service.as_ref()).and_then(|(t, s)| self.start_span(t, s, &mut request));
+        let span = telemetry.as_ref().zip(service.as_ref()).and_then(|(t, s)| Self::start_span(t, s, &mut request));
         let outcome = match &service {
             Some(service) => match self.secure(&tables, service, &mut request, &mut log).await {
                 Ok(response_edits) => {
@@ -629,12 +634,11 @@ impl Downstream {
             let sent = request_bytes.load(Ordering::Relaxed);
             // No service, no Telemetry: every family recorded, every request logged.
             let fallback;
-            let (log_plan, metric_plan) = match &telemetry {
-                Some(t) => (&t.log, &t.metrics),
-                None => {
-                    fallback = (LogPlan::default(), MetricPlan::default());
-                    (&fallback.0, &fallback.1)
-                }
+            let (log_plan, metric_plan) = if let Some(t) = &telemetry {
+                (&t.log, &t.metrics)
+            } else {
+                fallback = (LogPlan::default(), MetricPlan::default());
+                (&fallback.0, &fallback.1)
             };
             let sample = Sample { duration, request_bytes: sent, response_bytes: bytes };
             waypoint.requests.record(metric_plan, &labels, attributes.as_ref(), sample);
@@ -652,12 +656,7 @@ impl Downstream {
     /// Tracing: when the Telemetry API gives the service a tracing provider, the trace
     /// context is read (W3C or B3), a span id made and the headers for upstream set on
     /// the request; the span is exported when the request is done, if sampled.
-    fn start_span(
-        &self,
-        telemetry: &Arc<Telemetry>,
-        service: &ServicePort,
-        request: &mut Request<Incoming>,
-    ) -> Option<Span> {
+    fn start_span(telemetry: &Arc<Telemetry>, service: &ServicePort, request: &mut Request<Incoming>) -> Option<Span> {
         let tracing = telemetry.effective.tracing.as_ref()?;
         let (a, b) = (roll_u64(), roll_u64());
         let mut trace_id = [0u8; 16];

@@ -100,7 +100,7 @@ impl RequestLabels {
             ("destination_service_name", &self.destination_service_name),
             ("destination_service_namespace", &self.destination_service_namespace),
             ("request_protocol", self.request_protocol),
-            ("response_code", &code),
+            ("response_code", code),
             ("grpc_response_status", &self.grpc_response_status),
             ("response_flags", self.response_flags),
             ("connection_security_policy", "mutual_tls"),
@@ -173,12 +173,11 @@ impl RequestMetrics {
             let key = match &how.rewrite {
                 None => labels,
                 Some(rewrite) => {
-                    let at = match rewritten.iter().position(|(r, _)| Arc::ptr_eq(r, rewrite)) {
-                        Some(at) => at,
-                        None => {
-                            rewritten.push((rewrite, labels.rewrite(rewrite, request.unwrap_or(&empty))));
-                            rewritten.len() - 1
-                        }
+                    let at = if let Some(at) = rewritten.iter().position(|(r, _)| Arc::ptr_eq(r, rewrite)) {
+                        at
+                    } else {
+                        rewritten.push((rewrite, labels.rewrite(rewrite, request.unwrap_or(&empty))));
+                        rewritten.len() - 1
                     };
                     &rewritten[at].1
                 }
@@ -288,10 +287,8 @@ mod tests {
 
     /// The plan of these overrides, as the Telemetry API resolves them.
     fn plan(overrides: Vec<MetricOverride>) -> MetricPlan {
-        let (plan, issues) = MetricPlan::new(
-            &Effective { providers: vec!["prometheus".into()], overrides },
-            &MeshConfig::default(),
-        );
+        let (plan, issues) =
+            MetricPlan::new(&Effective { providers: vec!["prometheus".into()], overrides }, &MeshConfig::default());
         assert!(issues.is_empty(), "{issues:?}");
         plan
     }

@@ -63,7 +63,9 @@ pub enum ApplyIssue {
     UnsupportedProvider { block: &'static str, provider: String, kind: &'static str },
     #[error("{block} provider {provider}: not in the mesh config's extensionProviders; ignored")]
     UnknownProvider { block: &'static str, provider: String },
-    #[error("metrics tag override {tag}: expression {expression:?} is not supported ({reason}); the label is left as is")]
+    #[error(
+        "metrics tag override {tag}: expression {expression:?} is not supported ({reason}); the label is left as is"
+    )]
     UnsupportedTagExpression { tag: String, expression: String, reason: String },
 }
 
@@ -111,7 +113,8 @@ impl LogPlan {
                     Some(file) => {
                         stdout = true;
                         if !file.path.is_empty() && file.path != STDOUT {
-                            issues.push(ApplyIssue::LogPathNotStdout { provider: name.clone(), path: file.path.clone() });
+                            issues
+                                .push(ApplyIssue::LogPathNotStdout { provider: name.clone(), path: file.path.clone() });
                         }
                     }
                     None => issues.push(ApplyIssue::UnsupportedProvider {
@@ -356,14 +359,15 @@ impl MetricPlan {
                 };
                 rewrite.ops.insert(tag, op);
             }
-            let rewrite = (!rewrite.ops.is_empty()).then(|| match rewrites.iter().find(|r| ***r == rewrite) {
-                Some(shared) => shared.clone(),
-                None => {
-                    let shared = Arc::new(rewrite);
-                    rewrites.push(shared.clone());
-                    shared
-                }
-            });
+            let rewrite = if rewrite.ops.is_empty() {
+                None
+            } else if let Some(shared) = rewrites.iter().find(|r| ***r == rewrite) {
+                Some(shared.clone())
+            } else {
+                let shared = Arc::new(rewrite);
+                rewrites.push(shared.clone());
+                Some(shared)
+            };
             plan.families[family as usize] = FamilyPlan { recorded: prometheus && !metrics.disabled(&metric), rewrite };
         }
         (plan, issues)

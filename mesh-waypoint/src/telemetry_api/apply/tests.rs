@@ -86,10 +86,7 @@ fn a_file_provider_elsewhere_than_stdout_still_logs_and_is_reported() {
     let spec = json!({"accessLogging": [{"providers": [{"name": "file"}]}]});
     let (log, _, issues) = plans(Some(spec), &m);
     assert!(log.logs(200, "-"));
-    assert_eq!(
-        issues,
-        [ApplyIssue::LogPathNotStdout { provider: "file".into(), path: "/var/log/access.log".into() }]
-    );
+    assert_eq!(issues, [ApplyIssue::LogPathNotStdout { provider: "file".into(), path: "/var/log/access.log".into() }]);
 }
 
 #[test]
@@ -140,7 +137,10 @@ fn metrics_only_go_to_a_prometheus_provider() {
     let spec = json!({"metrics": [{"providers": [{"name": "otel"}]}]});
     let (_, metrics, issues) = plans(Some(spec), &mesh(vec![otel("otel")], None));
     assert!(RequestFamily::ALL.iter().all(|f| !metrics.family(*f).recorded));
-    assert_eq!(issues, [ApplyIssue::UnsupportedProvider { block: "metrics", provider: "otel".into(), kind: "opentelemetry" }]);
+    assert_eq!(
+        issues,
+        [ApplyIssue::UnsupportedProvider { block: "metrics", provider: "otel".into(), kind: "opentelemetry" }]
+    );
     let prom = ExtensionProvider { name: "prom".into(), prometheus: Some(Empty {}), ..ExtensionProvider::default() };
     let spec = json!({"metrics": [{"providers": [{"name": "prom"}]}]});
     let (_, metrics, issues) = plans(Some(spec), &mesh(vec![prom], None));
@@ -229,4 +229,35 @@ fn header_names_the_rewrites_read_are_listed_once() {
         {"match": {"metric": "REQUEST_COUNT"}, "tagOverrides": {"agent": {"value": "request.useragent"}}}]}]});
     let (_, metrics, _) = plans(Some(spec), &MeshConfig::default());
     assert_eq!(metrics.headers(), ["user-agent", "x-user"]);
+}
+
+proptest::proptest! {
+    /// Whatever the overrides, a removed label never appears, no label appears twice,
+    /// and a standard label nobody overrides keeps its value.
+    #[test]
+    fn rewrites_keep_labels_unique_and_removed_ones_out(
+        ops in proptest::collection::btree_map("[a-e]", proptest::option::of("[a-z]{0,3}"), 0..6),
+    ) {
+        let standard = [("a", "1"), ("b", "2"), ("c", "3")];
+        let rewrite = TagRewrite {
+            ops: ops
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone().map_or(TagOp::Remove, TagOp::Literal)))
+                .collect(),
+        };
+        let out = rewrite.apply(&standard, &RequestAttributes::default());
+        let mut names: Vec<&str> = out.iter().map(|(k, _)| k.as_str()).collect();
+        for (name, op) in &ops {
+            proptest::prop_assert_eq!(names.contains(&name.as_str()), op.is_some(), "{}", name);
+        }
+        for (name, value) in standard {
+            if !ops.contains_key(name) {
+                proptest::prop_assert!(out.contains(&(name.to_string(), value.to_string())));
+            }
+        }
+        let len = names.len();
+        names.sort_unstable();
+        names.dedup();
+        proptest::prop_assert_eq!(names.len(), len);
+    }
 }
