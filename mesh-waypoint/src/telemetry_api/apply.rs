@@ -20,7 +20,9 @@
 //! `request.url_path` (without), `request.scheme`, `request.protocol`, `request.id`,
 //! `request.useragent`, `request.referer`, `request.headers['name']`,
 //! `destination.port` and `response.code` (each also inside `string(..)`). Anything
-//! else is reported and leaves the label as it is.
+//! else is reported and leaves the label as it is; so is a tag that cannot name a
+//! Prometheus label. Overrides apply per family (`match.metric`), so families may
+//! carry different labels; equal rewrites are shared and computed once per request.
 use std::{collections::BTreeMap, sync::Arc};
 
 use mesh_common::config::mesh::{ExtensionProvider, MeshConfig};
@@ -67,6 +69,8 @@ pub enum ApplyIssue {
         "metrics tag override {tag}: expression {expression:?} is not supported ({reason}); the label is left as is"
     )]
     UnsupportedTagExpression { tag: String, expression: String, reason: String },
+    #[error("metrics tag override {tag:?}: not a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*); ignored")]
+    InvalidTagName { tag: String },
 }
 
 /// The kind of an extension provider, for messages.
@@ -296,6 +300,14 @@ impl TagRewrite {
     }
 }
 
+/// Whether `name` can name a Prometheus label (and is not reserved, `__` first).
+fn is_label_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !name.starts_with("__")
+}
+
 /// How one family is recorded.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FamilyPlan {
@@ -343,6 +355,13 @@ impl MetricPlan {
             let metric = family.metric();
             let mut rewrite = TagRewrite::default();
             for (tag, o) in metrics.tag_overrides(&metric) {
+                if !is_label_name(&tag) {
+                    let issue = ApplyIssue::InvalidTagName { tag };
+                    if !issues.contains(&issue) {
+                        issues.push(issue);
+                    }
+                    continue;
+                }
                 let op = match o {
                     TagOverride::Remove => TagOp::Remove,
                     TagOverride::Literal(v) => TagOp::Literal(v),

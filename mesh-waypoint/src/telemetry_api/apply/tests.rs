@@ -180,6 +180,23 @@ fn an_unsupported_expression_leaves_the_label_and_is_reported_once() {
 }
 
 #[test]
+fn a_tag_that_cannot_name_a_label_is_reported_and_skipped() {
+    let spec = json!({"metrics": [{"overrides": [
+        {"tagOverrides": {"request-host": {"value": "request.host"}, "__name": {"value": "'x'"},
+            "ok_1": {"value": "'y'"}}}]}]});
+    let (_, metrics, issues) = plans(Some(spec), &MeshConfig::default());
+    assert_eq!(
+        issues,
+        [
+            ApplyIssue::InvalidTagName { tag: "__name".into() },
+            ApplyIssue::InvalidTagName { tag: "request-host".into() }
+        ]
+    );
+    let rewrite = metrics.family(RequestFamily::Count).rewrite.clone().unwrap();
+    assert_eq!(rewrite.ops.keys().collect::<Vec<_>>(), ["ok_1"]);
+}
+
+#[test]
 fn attributes_parse_as_envoy_names_them() {
     for (text, attribute) in [
         ("request.host", Attribute::Host),
