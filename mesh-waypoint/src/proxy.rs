@@ -490,8 +490,8 @@ impl Drop for Counted {
     }
 }
 
-/// The request attributes the metric tag overrides of `plan` read: the request as
-/// it arrived (authority and path as logged), and only the headers named.
+/// The request attributes the metric tag overrides of `plan` read: authority and path
+/// as logged (the caller updates the path once normalized), and only the headers named.
 fn request_attributes(
     plan: &MetricPlan,
     request: &Request<Incoming>,
@@ -574,7 +574,7 @@ impl Downstream {
         };
         let request_bytes = Arc::new(AtomicU64::new(header_bytes(request.headers())));
         let telemetry = service.as_ref().map(|service| tables.telemetry(&self.waypoint, service));
-        // What metric tag overrides read, taken before the security phase edits the request.
+        // What metric tag overrides read (headers before the security phase edits them).
         let mut attributes = match (&telemetry, &service) {
             (Some(t), Some(service)) if t.metrics.rewrites() => {
                 Some(request_attributes(&t.metrics, &request, &log, service.port))
@@ -625,6 +625,8 @@ impl Downstream {
         let response_bytes = Arc::new(AtomicU64::new(header_bytes(&parts.headers)));
         if let Some(attributes) = &mut attributes {
             attributes.response_code = labels.response_code;
+            // Normalized by the security phase, as Envoy normalizes before its filters.
+            attributes.path.clone_from(&log.path);
         }
         let done = move |bytes: u64, grpc_status: Option<String>| {
             if let Some(status) = grpc_status {
