@@ -3,7 +3,7 @@
 //! waypoint, then served as HTTP ([`crate::proxy`]) or relayed as TCP by the
 //! service port's protocol.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex, RwLock},
     time::Duration,
@@ -34,7 +34,10 @@ use mesh_waypoint::{
     jwt::{self, Authenticator},
     ratelimit::{RateLimits, WaypointRef},
     route::{self, RouteTable, ServiceRef, TcpTable, WaypointGateway},
-    telemetry_api::{self, Defaults, Effective, Subject},
+    telemetry_api::{
+        self, Defaults, Effective, Subject,
+        apply::{LogPlan, MetricPlan},
+    },
 };
 use tracing::{debug, info, warn};
 
@@ -77,6 +80,8 @@ pub struct Tables {
     routes: Mutex<HashMap<(String, u16), Arc<RouteTable>>>,
     /// The Telemetry API's effective settings per service port.
     telemetry: Mutex<HashMap<ServiceKey, Arc<Telemetry>>>,
+    /// The Telemetry problems already logged for this version (each once, not per service).
+    telemetry_warned: Mutex<HashSet<String>>,
     /// `RequestAuthentication` rules per service port.
     authenticators: Mutex<HashMap<ServiceKey, Arc<Authenticator>>>,
     tcp_routes: Mutex<HashMap<(String, u16), Arc<TcpTable>>>,
@@ -106,6 +111,7 @@ impl Tables {
             policies,
             authenticators: Mutex::default(),
             telemetry: Mutex::default(),
+            telemetry_warned: Mutex::default(),
             config,
             index,
             routes: Mutex::default(),
@@ -150,17 +156,9 @@ impl Tables {
     pub fn telemetry(&self, waypoint: &Waypoint, service: &ServicePort) -> Arc<Telemetry> {
         cached(&self.telemetry, (service.hostname.clone(), service.port), || {
             let labels = WaypointRef::labels_of(&waypoint.name);
-            let defaults = Defaults {
-                tracing_providers: self
-                    .config
-                    .mesh
-                    .default_providers
-                    .as_ref()
-                    .map(|d| d.tracing.clone())
-                    .unwrap_or_default(),
-                sampling_percent: 1.0,
-                ..Defaults::default()
-            };
+            // With no Telemetry and no `defaultProviders`: `envoy` (every request logged
+            // on stdout, like Istio's demo profile) and `prometheus`.
+            let defaults = Defaults::from_mesh(&self.config.mesh);
             let resolved = telemetry_api::resolve(
                 &self.config.telemetries,
                 &Subject {
@@ -181,7 +179,16 @@ impl Tables {
                 .as_ref()
                 .filter(|t| !t.disabled)
                 .and_then(|t| waypoint.exporter(self, &t.provider));
-            Telemetry { effective: resolved.effective, exporter }
+            let (log, mut issues) = LogPlan::new(&resolved.effective.access_log, &self.config.mesh);
+            let (metrics, more) = MetricPlan::new(&resolved.effective.metrics, &self.config.mesh);
+            issues.extend(more);
+            for issue in issues {
+                let text = issue.to_string();
+                if self.telemetry_warned.lock().expect("lock").insert(text) {
+                    warn!(version = self.version, %issue, "Telemetry");
+                }
+            }
+            Telemetry { effective: resolved.effective, exporter, log, metrics }
         })
     }
 
@@ -233,6 +240,10 @@ fn service_ref(service: &ServicePort) -> ServiceRef {
 pub struct Telemetry {
     pub effective: Effective,
     pub exporter: Option<otlp::SpanSender>,
+    /// Whether a request's access-log line is written.
+    pub log: LogPlan,
+    /// Which request metric families are recorded, under which labels.
+    pub metrics: MetricPlan,
 }
 
 pub struct Waypoint {

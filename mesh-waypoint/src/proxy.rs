@@ -47,6 +47,7 @@ use mesh_waypoint::{
     ratelimit,
     retry::Outcome,
     route::{Abort, Action, Mirror, RequestParts, TcpRequest},
+    telemetry_api::apply::{LogPlan, MetricPlan, RequestAttributes},
     trace,
 };
 
@@ -54,7 +55,7 @@ use crate::{
     destination::Lookup,
     ext_authz::{self, CheckRequest, Decision},
     inbound::{Caller, Protocol, Tables, Telemetry, Waypoint, protocol_of},
-    requests::{RequestLabels, RequestLog},
+    requests::{RequestLabels, RequestLog, Sample},
     tee,
     upstream::{Body, BoxError, Dial, Target, UpstreamError},
 };
@@ -489,6 +490,34 @@ impl Drop for Counted {
     }
 }
 
+/// The request attributes the metric tag overrides of `plan` read: authority and path
+/// as logged (the caller updates the path once normalized), and only the headers named.
+fn request_attributes(
+    plan: &MetricPlan,
+    request: &Request<Incoming>,
+    log: &RequestLog,
+    port: u16,
+) -> RequestAttributes {
+    let headers = plan
+        .headers()
+        .into_iter()
+        .filter_map(|name| {
+            let value = request.headers().get(name)?.to_str().ok()?;
+            Some((name.to_owned(), value.to_owned()))
+        })
+        .collect();
+    RequestAttributes {
+        host: log.authority.clone(),
+        method: log.method.clone(),
+        path: log.path.clone(),
+        scheme: "http",
+        protocol: log.protocol,
+        headers,
+        destination_port: port,
+        response_code: 0,
+    }
+}
+
 fn header_bytes(headers: &HeaderMap) -> u64 {
     headers.iter().map(|(k, v)| (k.as_str().len() + v.len() + 4) as u64).sum()
 }
@@ -544,7 +573,15 @@ impl Downstream {
             ..RequestLog::default()
         };
         let request_bytes = Arc::new(AtomicU64::new(header_bytes(request.headers())));
-        let span = service.as_ref().and_then(|service| self.start_span(&tables, service, &mut request));
+        let telemetry = service.as_ref().map(|service| tables.telemetry(&self.waypoint, service));
+        // What metric tag overrides read (headers before the security phase edits them).
+        let mut attributes = match (&telemetry, &service) {
+            (Some(t), Some(service)) if t.metrics.rewrites() => {
+                Some(request_attributes(&t.metrics, &request, &log, service.port))
+            }
+            _ => None,
+        };
+        let span = telemetry.as_ref().zip(service.as_ref()).and_then(|(t, s)| Self::start_span(t, s, &mut request));
         let outcome = match &service {
             Some(service) => match self.secure(&tables, service, &mut request, &mut log).await {
                 Ok(response_edits) => {
@@ -586,14 +623,30 @@ impl Downstream {
         }
         let waypoint = self.waypoint.clone();
         let response_bytes = Arc::new(AtomicU64::new(header_bytes(&parts.headers)));
+        if let Some(attributes) = &mut attributes {
+            attributes.response_code = labels.response_code;
+            // Normalized by the security phase, as Envoy normalizes before its filters.
+            attributes.path.clone_from(&log.path);
+        }
         let done = move |bytes: u64, grpc_status: Option<String>| {
             if let Some(status) = grpc_status {
                 labels.grpc_response_status = status;
             }
             let duration = start.elapsed();
             let sent = request_bytes.load(Ordering::Relaxed);
-            waypoint.requests.record(&labels, duration, sent, bytes);
-            log.emit(duration, sent, bytes);
+            // No service, no Telemetry: every family recorded, every request logged.
+            let fallback;
+            let (log_plan, metric_plan) = if let Some(t) = &telemetry {
+                (&t.log, &t.metrics)
+            } else {
+                fallback = (LogPlan::default(), MetricPlan::default());
+                (&fallback.0, &fallback.1)
+            };
+            let sample = Sample { duration, request_bytes: sent, response_bytes: bytes };
+            waypoint.requests.record(metric_plan, &labels, attributes.as_ref(), sample);
+            if log_plan.logs(log.status, log.flags) {
+                log.emit(duration, sent, bytes);
+            }
             if let Some(span) = span {
                 span.finish(&waypoint, &log, &labels, sent, bytes);
             }
@@ -605,8 +658,7 @@ impl Downstream {
     /// Tracing: when the Telemetry API gives the service a tracing provider, the trace
     /// context is read (W3C or B3), a span id made and the headers for upstream set on
     /// the request; the span is exported when the request is done, if sampled.
-    fn start_span(&self, tables: &Tables, service: &ServicePort, request: &mut Request<Incoming>) -> Option<Span> {
-        let telemetry = tables.telemetry(&self.waypoint, service);
+    fn start_span(telemetry: &Arc<Telemetry>, service: &ServicePort, request: &mut Request<Incoming>) -> Option<Span> {
         let tracing = telemetry.effective.tracing.as_ref()?;
         let (a, b) = (roll_u64(), roll_u64());
         let mut trace_id = [0u8; 16];
@@ -626,7 +678,7 @@ impl Downstream {
             user_agent: request.headers().get(header::USER_AGENT).and_then(|v| v.to_str().ok()).map(str::to_owned),
             port: service.port,
             start_unix_nanos: unix_nanos(),
-            telemetry,
+            telemetry: telemetry.clone(),
         })
     }
 

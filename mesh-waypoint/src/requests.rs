@@ -1,10 +1,13 @@
 //! Request telemetry: Istio's standard request metrics with `reporter="waypoint"`
 //! (`istio_requests_total`, `istio_request_duration_milliseconds`,
 //! `istio_request_bytes`, `istio_response_bytes`) and one access-log event per
-//! request.
-use std::{net::SocketAddr, time::Duration};
+//! request. The Telemetry API decides, per service, which families are recorded and
+//! how their labels are rewritten ([`MetricPlan`]), and whether the log line is written
+//! (the caller asks its `LogPlan`).
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use mesh_proxy::metrics::{Metrics, cluster_of, encode_labels};
+use mesh_waypoint::telemetry_api::apply::{MetricPlan, RequestAttributes, RequestFamily, TagRewrite};
 use prometheus_client::{
     encoding::{EncodeLabelSet, LabelSetEncoder},
     metrics::{counter::Counter, family::Family, histogram::Histogram},
@@ -36,6 +39,10 @@ const DURATION_BUCKETS: [f64; 19] = [
 const SIZE_BUCKETS: [f64; 10] = [1.0, 10.0, 100.0, 1000.0, 10000.0, 100_000.0, 1e6, 1e7, 1e8, 1e9];
 
 /// One label set of the request metrics; empty values are reported as `unknown`.
+///
+/// A series whose labels a Telemetry `tagOverrides` rewrites carries the rewritten
+/// (name, value) list in `rewritten` and leaves every other field at its default, so
+/// that series differing only in a removed label are one series.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct RequestLabels {
     pub source_workload: String,
@@ -58,18 +65,20 @@ pub struct RequestLabels {
     /// The `grpc-status` of a gRPC response, else empty.
     pub grpc_response_status: String,
     pub response_flags: &'static str,
+    /// The labels as a Telemetry rewrote them; when set, the only labels encoded.
+    pub rewritten: Option<Arc<[(String, String)]>>,
 }
 
-impl EncodeLabelSet for RequestLabels {
-    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
-        let code = self.response_code.to_string();
+impl RequestLabels {
+    /// Istio's standard labels, `code` being the response code as text.
+    fn pairs<'a>(&'a self, code: &'a str) -> [(&'static str, &'a str); 25] {
         // A request to a known service that found no workload is still in the cluster.
         let destination_namespace = if self.destination_workload_namespace.is_empty() {
             &self.destination_service_namespace
         } else {
             &self.destination_workload_namespace
         };
-        let pairs: [(&str, &str); 25] = [
+        [
             ("reporter", "waypoint"),
             ("source_workload", &self.source_workload),
             ("source_workload_namespace", &self.source_workload_namespace),
@@ -91,12 +100,29 @@ impl EncodeLabelSet for RequestLabels {
             ("destination_service_name", &self.destination_service_name),
             ("destination_service_namespace", &self.destination_service_namespace),
             ("request_protocol", self.request_protocol),
-            ("response_code", &code),
+            ("response_code", code),
             ("grpc_response_status", &self.grpc_response_status),
             ("response_flags", self.response_flags),
             ("connection_security_policy", "mutual_tls"),
-        ];
-        encode_labels(&pairs, encoder)
+        ]
+    }
+
+    /// The series key of a family whose labels `rewrite` changes.
+    pub fn rewrite(&self, rewrite: &TagRewrite, request: &RequestAttributes) -> RequestLabels {
+        let code = self.response_code.to_string();
+        let labels = rewrite.apply(&self.pairs(&code), request);
+        RequestLabels { rewritten: Some(labels.into()), ..RequestLabels::default() }
+    }
+}
+
+impl EncodeLabelSet for RequestLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        if let Some(labels) = &self.rewritten {
+            let pairs: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            return encode_labels(&pairs, encoder);
+        }
+        let code = self.response_code.to_string();
+        encode_labels(&self.pairs(&code), encoder)
     }
 }
 
@@ -126,12 +152,60 @@ impl RequestMetrics {
         Self { requests, duration, request_bytes, response_bytes }
     }
 
-    pub fn record(&self, labels: &RequestLabels, duration: Duration, request_bytes: u64, response_bytes: u64) {
-        self.requests.get_or_create(labels).inc();
-        self.duration.get_or_create(labels).observe(duration.as_secs_f64() * 1000.0);
-        self.request_bytes.get_or_create(labels).observe(request_bytes as f64);
-        self.response_bytes.get_or_create(labels).observe(response_bytes as f64);
+    /// Records one request in the families `plan` keeps, under the labels it gives
+    /// each. `request` is needed only when the plan rewrites labels
+    /// ([`MetricPlan::rewrites`]); without it a rewrite reads empty attributes.
+    pub fn record(
+        &self,
+        plan: &MetricPlan,
+        labels: &RequestLabels,
+        request: Option<&RequestAttributes>,
+        sample: Sample,
+    ) {
+        // The labels of each distinct rewrite, computed once (families share rewrites).
+        let mut rewritten: Vec<(&Arc<TagRewrite>, RequestLabels)> = Vec::new();
+        let empty = RequestAttributes::default();
+        for family in RequestFamily::ALL {
+            let how = plan.family(family);
+            if !how.recorded {
+                continue;
+            }
+            let key = match &how.rewrite {
+                None => labels,
+                Some(rewrite) => {
+                    let at = if let Some(at) = rewritten.iter().position(|(r, _)| Arc::ptr_eq(r, rewrite)) {
+                        at
+                    } else {
+                        rewritten.push((rewrite, labels.rewrite(rewrite, request.unwrap_or(&empty))));
+                        rewritten.len() - 1
+                    };
+                    &rewritten[at].1
+                }
+            };
+            match family {
+                RequestFamily::Count => {
+                    self.requests.get_or_create(key).inc();
+                }
+                RequestFamily::Duration => {
+                    self.duration.get_or_create(key).observe(sample.duration.as_secs_f64() * 1000.0);
+                }
+                RequestFamily::RequestSize => {
+                    self.request_bytes.get_or_create(key).observe(sample.request_bytes as f64);
+                }
+                RequestFamily::ResponseSize => {
+                    self.response_bytes.get_or_create(key).observe(sample.response_bytes as f64);
+                }
+            }
+        }
     }
+}
+
+/// What one request measured.
+#[derive(Clone, Copy, Debug)]
+pub struct Sample {
+    pub duration: Duration,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
 }
 
 /// One request's access-log event.
@@ -186,7 +260,120 @@ impl RequestLog {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
+    use mesh_common::config::mesh::MeshConfig;
+    use mesh_waypoint::telemetry_api::{Metric, MetricOverride, Metrics as Effective, TagOverride};
+
     use super::*;
+
+    fn sample(ms: u64) -> Sample {
+        Sample { duration: Duration::from_millis(ms), request_bytes: 10, response_bytes: 20 }
+    }
+
+    fn labels(code: u16, protocol: &'static str) -> RequestLabels {
+        RequestLabels {
+            source_workload: "web".into(),
+            source_workload_namespace: "shop".into(),
+            destination_service: "reviews.shop.svc.cluster.local".into(),
+            destination_service_name: "reviews".into(),
+            destination_service_namespace: "shop".into(),
+            request_protocol: protocol,
+            response_code: code,
+            response_flags: "-",
+            ..RequestLabels::default()
+        }
+    }
+
+    /// The plan of these overrides, as the Telemetry API resolves them.
+    fn plan(overrides: Vec<MetricOverride>) -> MetricPlan {
+        let (plan, issues) =
+            MetricPlan::new(&Effective { providers: vec!["prometheus".into()], overrides }, &MeshConfig::default());
+        assert!(issues.is_empty(), "{issues:?}");
+        plan
+    }
+
+    fn tags(metric: Metric, tags: &[(&str, TagOverride)]) -> MetricOverride {
+        MetricOverride {
+            metric,
+            disabled: None,
+            tags: tags.iter().map(|(k, v)| ((*k).to_string(), v.clone())).collect(),
+        }
+    }
+
+    /// The rendered series of `family` (the lines that start with it and a brace).
+    fn series<'a>(out: &'a str, family: &str) -> Vec<&'a str> {
+        out.lines().filter(|l| l.starts_with(&format!("{family}{{"))).collect()
+    }
+
+    #[test]
+    fn a_removed_label_is_absent_and_its_series_merge() {
+        let metrics = Metrics::default();
+        let requests = RequestMetrics::new(&metrics);
+        let plan = plan(vec![tags(Metric::All, &[("request_protocol", TagOverride::Remove)])]);
+        requests.record(&plan, &labels(200, "http"), None, sample(1));
+        requests.record(&plan, &labels(200, "grpc"), None, sample(1));
+        let (_, out) = metrics.render(None);
+        let count = series(&out, "istio_requests_total");
+        assert_eq!(count.len(), 1, "{out}");
+        assert!(count[0].ends_with(" 2"), "{}", count[0]);
+        assert!(!out.contains("request_protocol"), "{out}");
+        assert!(count[0].contains("source_workload=\"web\""), "{}", count[0]);
+        assert!(count[0].contains("response_code=\"200\""), "{}", count[0]);
+    }
+
+    #[test]
+    fn upserts_set_and_add_labels_per_family() {
+        let metrics = Metrics::default();
+        let requests = RequestMetrics::new(&metrics);
+        let plan = plan(vec![
+            tags(Metric::All, &[("destination_service_name", TagOverride::Literal("canary".into()))]),
+            tags(
+                Metric::RequestCount,
+                &[
+                    ("request_host", TagOverride::Expression("request.host".into())),
+                    ("user", TagOverride::Expression("request.headers['x-user']".into())),
+                ],
+            ),
+        ]);
+        let request = RequestAttributes {
+            host: "reviews:9080".into(),
+            headers: vec![("x-user".into(), "alice".into())],
+            ..RequestAttributes::default()
+        };
+        requests.record(&plan, &labels(200, "http"), Some(&request), sample(1));
+        let (_, out) = metrics.render(None);
+        let count = series(&out, "istio_requests_total");
+        assert_eq!(count.len(), 1, "{out}");
+        for pair in ["destination_service_name=\"canary\"", "request_host=\"reviews:9080\"", "user=\"alice\""] {
+            assert!(count[0].contains(pair), "{pair} missing: {}", count[0]);
+        }
+        // The added labels come after Istio's, in name order.
+        assert!(count[0].find("connection_security_policy").unwrap() < count[0].find("request_host").unwrap());
+        let bytes = series(&out, "istio_request_bytes_bucket");
+        assert!(!bytes.is_empty(), "{out}");
+        assert!(bytes.iter().all(|l| l.contains("destination_service_name=\"canary\"") && !l.contains("request_host")));
+    }
+
+    #[test]
+    fn disabled_families_are_not_recorded() {
+        let metrics = Metrics::default();
+        let requests = RequestMetrics::new(&metrics);
+        let off = |metric| MetricOverride { metric, disabled: Some(true), tags: BTreeMap::new() };
+        let plan = plan(vec![off(Metric::RequestDuration), off(Metric::RequestSize)]);
+        requests.record(&plan, &labels(200, "http"), None, sample(1));
+        let (_, out) = metrics.render(None);
+        assert_eq!(series(&out, "istio_requests_total").len(), 1, "{out}");
+        assert!(series(&out, "istio_request_duration_milliseconds_bucket").is_empty(), "{out}");
+        assert!(series(&out, "istio_request_bytes_bucket").is_empty(), "{out}");
+        assert!(!series(&out, "istio_response_bytes_bucket").is_empty(), "{out}");
+        let plan = MetricPlan::new(
+            &Effective { providers: vec![], overrides: vec![off(Metric::All)] },
+            &MeshConfig::default(),
+        )
+        .0;
+        assert!(RequestFamily::ALL.iter().all(|f| !plan.family(*f).recorded));
+    }
 
     /// The labels Kiali's graph needs: canonical revisions on both sides, and a real
     /// cluster wherever the namespace is known (also for a request no workload served).
@@ -219,8 +406,9 @@ mod tests {
             response_flags: "UH",
             ..served.clone()
         };
-        requests.record(&served, Duration::from_millis(3), 10, 20);
-        requests.record(&unserved, Duration::from_millis(1), 10, 0);
+        let plan = MetricPlan::default();
+        requests.record(&plan, &served, None, sample(3));
+        requests.record(&plan, &unserved, None, sample(1));
         let (_, out) = metrics.render(None);
         let line = |code: &str| {
             out.lines()

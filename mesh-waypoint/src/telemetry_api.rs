@@ -34,6 +34,8 @@ use serde_json::Value;
 
 pub use crate::trace::CustomTag;
 
+pub mod apply;
+
 /// The waypoint and the request's destination the Telemetry is resolved for.
 #[derive(Clone, Copy, Debug)]
 pub struct Subject<'a> {
