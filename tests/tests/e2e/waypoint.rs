@@ -1000,5 +1000,66 @@ fn waypoint_traces_to_an_otlp_receiver() {
         let b3 = lab.log_of("otlp").contains("80f198ee56343ba864fe8b2a57d3eff7");
         wait_for(Duration::from_secs(5), || lab.log_of("otlp").contains("80f198ee56343ba864fe8b2a57d3eff7"))
             .unwrap_or_else(|_| panic!("no span for the B3 request (seen before wait: {b3})"));
+
+        // The Telemetry API's access-log filter and metric overrides, on httpbin only;
+        // echo keeps the defaults (every request logged, standard labels).
+        let httpbin = [("destination_service_name", "httpbin")];
+        let request_bytes_before = metric(lab, "istio_request_bytes_count", &httpbin);
+        apply(lab, "telemetry.yaml", TELEMETRY);
+        let ok = bodies(lab, "n1-p1", &format!("{HTTPBIN_URL}/get?tel=ok"), 5, "-o /dev/null");
+        let missing = bodies(lab, "n1-p1", &format!("{HTTPBIN_URL}/status/404?tel=nf"), 5, "-o /dev/null");
+        let echo = bodies(lab, "n1-p1", "http://10.96.0.10/?tel=echo", 3, "-o /dev/null");
+        assert!(ok.iter().chain(&echo).all(|l| l.trim() == "200"), "{ok:?} {echo:?}");
+        assert!(missing.iter().all(|l| l.trim() == "404"), "{missing:?}");
+        let logged = |marker: &str| {
+            lab.log_of("waypoint").lines().filter(|l| l.contains("request complete") && l.contains(marker)).count()
+        };
+        wait_for(Duration::from_secs(5), || logged("tel=nf") == 5 && logged("tel=echo") == 3).unwrap_or_else(|_| {
+            panic!("nf {} echo {}: {}", logged("tel=nf"), logged("tel=echo"), lab.log_of("waypoint"))
+        });
+        assert_eq!(logged("tel=ok"), 0, "200s are filtered out of httpbin's log");
+        let canary = |code: &str| {
+            metric(
+                lab,
+                "istio_requests_total",
+                &[httpbin[0], ("response_code", code), ("lane", "canary"), ("request_host", "10.96.0.20:8000")],
+            )
+        };
+        let metrics = waypoint_http(lab, 15020, "/metrics");
+        assert_eq!((canary("200"), canary("404")), (5.0, 5.0), "{metrics}");
+        let lines =
+            |family: &str| metrics.lines().filter(move |l| l.starts_with(&format!("{family}{{"))).collect::<Vec<_>>();
+        let with_lane: Vec<_> = lines("istio_requests_total").into_iter().filter(|l| l.contains("lane=")).collect();
+        assert!(!with_lane.is_empty() && with_lane.iter().all(|l| !l.contains("request_protocol=")), "{with_lane:?}");
+        assert!(
+            lines("istio_requests_total")
+                .iter()
+                .any(|l| l.contains("destination_service_name=\"echo\"") && l.contains("request_protocol=\"http\"")),
+            "echo keeps its labels"
+        );
+        assert!(lines("istio_request_duration_milliseconds_count").iter().all(|l| !l.contains("lane=")));
+        assert_eq!(metric(lab, "istio_request_bytes_count", &httpbin), request_bytes_before, "REQUEST_SIZE disabled");
     });
 }
+
+/// httpbin's access log keeps only errors; its request count drops
+/// `request_protocol` and gains `request_host` and a literal `lane`; its request
+/// sizes are not recorded.
+const TELEMETRY: &str = "\
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: httpbin-errors-only, namespace: shop}
+spec:
+  targetRefs: [{kind: Service, group: '', name: httpbin}]
+  accessLogging:
+  - filter: {expression: 'response.code >= 400'}
+  metrics:
+  - overrides:
+    - match: {metric: REQUEST_COUNT}
+      tagOverrides:
+        request_protocol: {operation: REMOVE}
+        request_host: {value: request.host}
+        lane: {value: \"'canary'\"}
+    - match: {metric: REQUEST_SIZE}
+      disabled: true
+";
