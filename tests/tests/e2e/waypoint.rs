@@ -246,7 +246,7 @@ fn waypoint_canary_retries_faults_timeouts_breaker_and_ejection() {
     });
 }
 
-/// A root VirtualService for `echo` that hands `/api` to a delegate (v2 for
+/// A root `VirtualService` for `echo` that hands `/api` to a delegate (v2 for
 /// `/api/v2`, v1 for the rest of `/api`), names a delegate that does not exist for
 /// `/gone`, and sends everything else to v1.
 const DELEGATE: &str = "\
@@ -1026,7 +1026,7 @@ fn waypoint_traces_to_an_otlp_receiver() {
             )
         };
         let metrics = waypoint_http(lab, 15020, "/metrics");
-        assert_eq!((canary("200"), canary("404")), (5.0, 5.0), "{metrics}");
+        assert!((canary("200") - 5.0).abs() < 0.5 && (canary("404") - 5.0).abs() < 0.5, "{metrics}");
         let lines =
             |family: &str| metrics.lines().filter(move |l| l.starts_with(&format!("{family}{{"))).collect::<Vec<_>>();
         let with_lane: Vec<_> = lines("istio_requests_total").into_iter().filter(|l| l.contains("lane=")).collect();
@@ -1038,7 +1038,8 @@ fn waypoint_traces_to_an_otlp_receiver() {
             "echo keeps its labels"
         );
         assert!(lines("istio_request_duration_milliseconds_count").iter().all(|l| !l.contains("lane=")));
-        assert_eq!(metric(lab, "istio_request_bytes_count", &httpbin), request_bytes_before, "REQUEST_SIZE disabled");
+        let request_bytes = metric(lab, "istio_request_bytes_count", &httpbin);
+        assert!((request_bytes - request_bytes_before).abs() < 0.5, "REQUEST_SIZE disabled: {request_bytes}");
     });
 }
 
