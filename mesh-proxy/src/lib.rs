@@ -15,6 +15,7 @@ pub mod logs;
 pub mod metrics;
 pub mod otlp;
 pub mod relay;
+pub mod shard;
 pub mod socket;
 pub mod state;
 pub mod telemetry;

@@ -60,7 +60,7 @@ pub struct Settings {
     /// The waypoint's own pod name (Kubernetes downward API), to find its locality and
     /// labels in the view; `None`: the first pod of the waypoint's Gateway.
     pub pod_name: Option<String>,
-    /// Serving threads ([`crate::shard`]).
+    /// Serving threads ([`mesh_proxy::shard`]).
     pub shards: usize,
 }
 
@@ -257,7 +257,7 @@ pub struct Waypoint {
     client: Arc<ControlClient>,
     certs: Arc<CertStore>,
     pub requests: RequestMetrics,
-    /// Upstream pools, one per shard ([`crate::shard`]): a request uses its thread's.
+    /// Upstream pools, one per shard ([`mesh_proxy::shard`]): a request uses its thread's.
     upstreams: Vec<Upstreams>,
     /// The client of the external authorizers `CUSTOM` policies name.
     pub ext_authz: ExtAuthzClient,
@@ -323,7 +323,7 @@ pub fn protocol_of(port: &ServicePort) -> Protocol {
 impl Waypoint {
     /// The upstream pools of the current thread's shard.
     pub fn upstreams(&self) -> &Upstreams {
-        &self.upstreams[crate::shard::current() % self.upstreams.len()]
+        &self.upstreams[mesh_proxy::shard::current() % self.upstreams.len()]
     }
 
     pub fn new(settings: Settings) -> Arc<Self> {

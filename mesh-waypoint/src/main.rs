@@ -7,7 +7,6 @@ mod ext_authz;
 mod inbound;
 mod proxy;
 mod requests;
-mod shard;
 mod tee;
 mod upstream;
 
@@ -15,7 +14,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Du
 
 use anyhow::Context as _;
 use clap::Parser;
-use mesh_proxy::{admin, control, drain, identity, metrics};
+use mesh_proxy::{admin, control, drain, identity, metrics, shard};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
