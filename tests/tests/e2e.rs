@@ -136,11 +136,10 @@ fn capture_cross_node_ipv4_ipv6_unenrolled_and_unenroll() {
         // alone because of its mark: one accepted connection, not a loop.
         assert_eq!(stat(lab, 1, "agent", "accepted"), 1);
         assert!(stat(lab, 1, "kernel", "skipped_bypass_mark") >= 1);
-        let log = lab.agent_log(1);
-        assert!(
-            log.contains("connection complete") && log.contains(&format!("{}:{HTTP_PORT}", server.ip4)),
-            "no access log: {log}"
-        );
+        let access =
+            |log: &str| log.contains("connection complete") && log.contains(&format!("{}:{HTTP_PORT}", server.ip4));
+        wait_for(Duration::from_secs(3), || access(&lab.agent_log(1)))
+            .unwrap_or_else(|_| panic!("no access log: {}", lab.agent_log(1)));
 
         // (d) IPv6 capture.
         let body = lab.curl("n1-p1", &url(&server.ip6)).expect("IPv6 request through the agent");
@@ -199,15 +198,14 @@ fn capture_agent_restart_is_fail_closed_and_restores_pods() {
         lab.curl("n1-p2", &url(&server.ip4)).expect("unmeshed pod while the agent is down");
 
         lab.start_agent(1).expect("restart agent");
-        let log = lab.agent_log(1);
-        assert!(log.contains("pod restored from state file"), "{log}");
+        wait_logged(|| lab.agent_log(1), "pod restored from state file");
         let body = lab.curl("n1-p1", &url(&server.ip4)).expect("request after the restart");
         assert!(body.starts_with("pod=n2-p1 "), "{body}");
         assert_eq!(stat(lab, 1, "agent", "forwarded"), 1, "the restarted agent forwards");
 
         // A graceful stop (SIGTERM) drains and exits; capture still fails closed.
         lab.stop_agent(1, "TERM").expect("stop agent");
-        assert!(lab.agent_log(1).contains("drained; exiting"));
+        wait_logged(|| lab.agent_log(1), "drained; exiting");
         lab.start_agent(1).expect("restart agent again");
         lab.curl("n1-p1", &url(&server.ip4)).expect("request after the graceful restart");
     });
@@ -269,7 +267,7 @@ fn capture_bad_enrollment_input_and_vanished_pods() {
             lab.node_http(1, 15000, "/pods").is_ok_and(|pods| !pods.contains(&victim.uid))
         })
         .expect("vanished pod removed");
-        assert!(lab.agent_log(1).contains("pod network namespace is gone"));
+        wait_logged(|| lab.agent_log(1), "pod network namespace is gone");
     });
 }
 
@@ -305,6 +303,13 @@ fn agent_startup_errors_are_clear() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("cannot set up eBPF capture: cannot load the eBPF object"), "{stderr}");
+}
+
+/// Waits until `needle` is in the log `log` reads: logs are written in batches
+/// (`mesh_proxy::logs`), up to 50 ms after the line was logged.
+fn wait_logged(log: impl Fn() -> String, needle: &str) {
+    wait_for(Duration::from_secs(3), || log().contains(needle))
+        .unwrap_or_else(|_| panic!("{needle:?} not logged:\n{}", log()));
 }
 
 fn controller_version(lab: &Lab) -> u64 {
@@ -391,7 +396,7 @@ fn control_config_stream_identities_and_static_stability() {
         let body = lab.curl("n1-p1", &url(&lab.pod("n2-p1").ip4)).expect("traffic with the controller down");
         assert!(body.starts_with("pod=n2-p1"));
         assert_eq!(lab.agent_config_version(1), v2, "agent lost its config when the controller died");
-        assert!(lab.agent_log(1).contains("keeping the current configuration"));
+        wait_logged(|| lab.agent_log(1), "keeping the current configuration");
         lab.start_controller().unwrap();
         // Restarted, it serves the same directory; agents reconnect and converge.
         let v3 = controller_version(lab);
@@ -553,12 +558,12 @@ fn secure_tunnel_identity_policies_strict_and_telemetry() {
         assert!(!contains(b"pod=n2-p1"), "response seen in clear on the fabric");
 
         // The server side saw the client's SPIFFE identity.
-        let log2 = lab.agent_log(2);
-        assert!(
-            log2.lines().any(|l| l.contains("direction=\"inbound\"") || l.contains("direction=inbound"))
-                && log2.contains(&format!("src.identity={N1P1}")),
-            "server agent did not log the client identity:\n{log2}"
-        );
+        let identified = |log: &str| {
+            log.lines().any(|l| l.contains("direction=\"inbound\"") || l.contains("direction=inbound"))
+                && log.contains(&format!("src.identity={N1P1}"))
+        };
+        wait_for(Duration::from_secs(3), || identified(&lab.agent_log(2)))
+            .unwrap_or_else(|_| panic!("server agent did not log the client identity:\n{}", lab.agent_log(2)));
         let opened = metric_lines(lab, 2, "istio_tcp_connections_opened_total");
         assert!(
             opened.iter().any(|l| l.contains("reporter=\"destination\"")
@@ -618,7 +623,7 @@ fn secure_tunnel_identity_policies_strict_and_telemetry() {
         let (code, out) = try_curl(lab, "n1-p1", &url(&lab.pod("n2-p1").ip4));
         assert_ne!(code, 0, "DENY did not refuse: {out}");
         wait_reachable(lab, "n1-p2", "n2-p1");
-        assert!(lab.agent_log(2).contains("denied by DENY policy shop/deny-p1"), "{}", lab.agent_log(2));
+        wait_logged(|| lab.agent_log(2), "denied by DENY policy shop/deny-p1");
 
         // ALLOW by principal admits only that principal.
         write_policy(
@@ -864,7 +869,7 @@ fn kubernetes_mode_enrolls_by_label_exempts_probes_and_reports_on_objects() {
             // meshed pods in the process tree, without the enrollment socket.
             assert_eq!(enrolled(lab, 1), ["n1-p1"]);
             assert_eq!(enrolled(lab, 2), ["n2-p1"]);
-            assert!(lab.agent_log(1).contains("pod enrolled from the node's process tree"), "{}", lab.agent_log(1));
+            wait_logged(|| lab.agent_log(1), "pod enrolled from the node's process tree");
             let controller = lab.controller_log();
             assert!(controller.contains("cluster listed"), "{controller}");
             assert!(controller.contains("certificate issued") && controller.contains("node1"), "{controller}");
@@ -1093,7 +1098,7 @@ fn hardening_restart_without_controller_keeps_mtls_and_identity() {
         assert_eq!(sh(lab, "n1-p1", &requests).trim(), "100", "requests through the tunnel after the restart");
         assert_eq!(stat(lab, 1, "agent", "tunneled"), tunneled + 100, "{}", lab.agent_log(1));
         assert_eq!(stat(lab, 1, "agent", "forwarded"), passthrough, "none in passthrough");
-        assert!(lab.agent_log(1).contains("view restored from the state directory"));
+        wait_logged(|| lab.agent_log(1), "view restored from the state directory");
         let metrics = lab.node_http(1, 15020, "/metrics").unwrap();
         assert!(metrics.contains("mesh_agent_config_restored 1"), "{metrics}");
 
@@ -1138,7 +1143,7 @@ fn hardening_restart_without_controller_keeps_mtls_and_identity() {
             lab.config_dump(1).is_ok_and(|d| d["control"]["certificates"][&v2]["not_after"].is_number())
         })
         .unwrap_or_else(|_| panic!("no certificate for {v2}: {}", lab.agent_log(1)));
-        assert!(lab.agent_log(1).contains("the view gives the pod another identity"));
+        wait_logged(|| lab.agent_log(1), "the view gives the pod another identity");
         wait_reachable(lab, "n1-p1", "n2-p1");
         wait_for(Duration::from_secs(5), || lab.agent_log(2).contains(&format!("src.identity={v2}")))
             .unwrap_or_else(|_| panic!("peer did not see {v2}: {}", lab.agent_log(2)));

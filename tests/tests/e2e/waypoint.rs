@@ -682,7 +682,7 @@ fn waypoint_l7_authorization_and_jwt() {
         assert_eq!(seen["headers"]["X-Jwt-Sub"], "alice", "{seen}");
         assert!(seen["headers"].get("Authorization").is_none(), "token forwarded: {seen}");
         assert!(metric(lab, "istio_requests_total", &[("response_code", "403"), ("response_flags", "RBAC")]) >= 1.0);
-        assert!(lab.log_of("waypoint").contains("flags=\"RBAC\""), "{}", lab.log_of("waypoint"));
+        super::wait_logged(|| lab.log_of("waypoint"), "flags=\"RBAC\"");
 
         // CUSTOM: an external authorizer (Python's HTTP server) in n2-p1, declared in
         // the mesh config as Istio users declare it.
@@ -705,7 +705,7 @@ fn waypoint_l7_authorization_and_jwt() {
         let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(seen["headers"]["X-Ext-Authz-Check-Result"], "allowed", "{seen}");
         assert_eq!(status("/anything/other", ""), "200", "paths the CUSTOM policy does not name");
-        assert!(lab.log_of("waypoint").contains("flags=\"UAEX\""));
+        super::wait_logged(|| lab.log_of("waypoint"), "flags=\"UAEX\"");
         // The authorizer down: denied (statusOnError), never allowed.
         lab.stop_process("ext-authz", "KILL").unwrap();
         assert_eq!(status("/anything/custom", "-H 'x-ext-authz: allow'"), "403");
