@@ -4,6 +4,8 @@
 //! with that identity leaves. Each is also kept in the state directory (0600), so
 //! that an agent restarted while the controller is away keeps serving mTLS with the
 //! certificates it had.
+pub mod testing;
+
 use std::{
     collections::BTreeMap,
     fmt::Write as _,

@@ -10,10 +10,6 @@ use std::{
     time::Duration,
 };
 
-use rcgen::{
-    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    PKCS_ECDSA_P256_SHA256, SanType,
-};
 use rustls::pki_types::{ServerName, pem::PemObject as _};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -26,45 +22,13 @@ use super::{
     connect_request,
     server::{Connect, Handler, Server},
 };
-use crate::{identity::WorkloadCert, socket::Local, telemetry::Outcome};
+use crate::{
+    identity::{WorkloadCert, testing::Ca},
+    socket::Local,
+    telemetry::Outcome,
+};
 
 const TRUST_DOMAIN: &str = "cluster.local";
-
-/// A CA issuing workload certificates the way the controller does (SPIFFE URI SAN,
-/// serverAuth + clientAuth).
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    root_pem: String,
-}
-
-impl Ca {
-    fn new() -> Self {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-        let mut params = CertificateParams::default();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
-        let root = params.self_signed(&key).unwrap();
-        Self { issuer: Issuer::new(params, key), root_pem: root.pem() }
-    }
-
-    fn cert(&self, identity: &str) -> Arc<WorkloadCert> {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-        let mut params = CertificateParams::default();
-        params.subject_alt_names = vec![SanType::URI(identity.try_into().unwrap())];
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        Arc::new(WorkloadCert {
-            identity: identity.to_owned(),
-            chain_pem: vec![cert.pem()],
-            key_pem: key.serialize_pem(),
-            root_pem: self.root_pem.clone(),
-            issued_at: 0,
-            not_after: i64::MAX,
-        })
-    }
-}
 
 fn identity(name: &str) -> String {
     format!("spiffe://{TRUST_DOMAIN}/ns/default/sa/{name}")

@@ -566,44 +566,6 @@ async fn python_grpc_authorizer_reads_our_check_and_we_read_its_answer() {
     assert_eq!(counts(&client), [1, 1, 0, 0]);
 }
 
-/// A CA issuing workload certificates as the controller does (SPIFFE URI SAN,
-/// serverAuth and clientAuth).
-struct TestCa {
-    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
-    root_pem: String,
-}
-
-impl TestCa {
-    fn new() -> Self {
-        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256};
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-        let mut params = CertificateParams::default();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
-        let root = params.self_signed(&key).unwrap();
-        Self { issuer: rcgen::Issuer::new(params, key), root_pem: root.pem() }
-    }
-
-    fn cert(&self, identity: &str) -> Arc<mesh_proxy::identity::WorkloadCert> {
-        use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType};
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let mut params = CertificateParams::default();
-        params.subject_alt_names = vec![SanType::URI(identity.try_into().unwrap())];
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        Arc::new(mesh_proxy::identity::WorkloadCert {
-            identity: identity.to_owned(),
-            chain_pem: vec![cert.pem()],
-            key_pem: key.serialize_pem(),
-            root_pem: self.root_pem.clone(),
-            issued_at: 0,
-            not_after: i64::MAX,
-        })
-    }
-}
-
 /// The authorizer pod's agent: terminates HBONE with a certificate, records who
 /// connected to what, and relays each stream to the authorizer process (plain TCP on
 /// loopback, as an agent delivers into its pod).
@@ -676,7 +638,7 @@ const WAYPOINT_ID: &str = "spiffe://cluster.local/ns/shop/sa/waypoint";
 /// (the provider's failure policy decides: 403 here).
 #[tokio::test]
 async fn a_meshed_authorizer_is_reached_through_hbone() {
-    let ca = TestCa::new();
+    let ca = mesh_proxy::identity::testing::Ca::new();
     let authorizer = http_authorizer().await;
     let agent = Arc::new(AuthorizerAgent {
         cert: ca.cert("spiffe://cluster.local/ns/foo/sa/authz"),
