@@ -61,8 +61,7 @@ impl Inbound {
                     () = drain.signaled() => {}
                 }
             };
-            let server = server.clone();
-            mesh_proxy::shard::spawn(stream, move |stream| server.serve(stream, peer, shutdown));
+            tokio::spawn(server.clone().serve(stream, peer, shutdown));
         })
         .await;
     }
