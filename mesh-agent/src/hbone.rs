@@ -61,7 +61,8 @@ impl Inbound {
                     () = drain.signaled() => {}
                 }
             };
-            tokio::spawn(server.clone().serve(stream, peer, shutdown));
+            let server = server.clone();
+            mesh_proxy::shard::spawn(stream, move |stream| server.serve(stream, peer, shutdown));
         })
         .await;
     }

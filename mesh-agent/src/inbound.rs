@@ -55,7 +55,8 @@ impl Plaintext {
             // A v4 client on the dual-stack listener shows as `::ffff:a.b.c.d`.
             let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
             let span = tracing::debug_span!("inbound_plaintext", pod = %shared.pod.spec.name, %peer);
-            tokio::spawn(shared.clone().serve(stream, peer).instrument(span));
+            let shared = shared.clone();
+            mesh_proxy::shard::spawn(stream, move |stream| shared.serve(stream, peer).instrument(span));
         })
         .await;
     }

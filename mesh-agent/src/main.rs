@@ -125,8 +125,9 @@ struct RunConfig {
     /// even under `PeerAuthentication` STRICT.
     #[arg(long = "inbound-exclude-port", env = "MESH_INBOUND_EXCLUDE_PORTS", value_delimiter = ',')]
     inbound_exclude_ports: Vec<u16>,
-    /// Data-path threads. Fewer threads mean fewer cross-thread wake-ups per proxied
-    /// message (lower latency); more let one agent use more cores for bulk traffic.
+    /// Data-path threads (shards): each serves the connections handed to it from start
+    /// to end, so a proxied message wakes no other thread; more shards let one agent
+    /// use more cores.
     #[arg(long, env = "MESH_WORKER_THREADS", default_value_t = 2)]
     worker_threads: usize,
     /// Another trust domain whose workload identities are accepted on the tunnel
@@ -195,9 +196,16 @@ fn main() -> ExitCode {
                         return ExitCode::from(2);
                     }
                 };
-            control::limit_arenas(config.worker_threads);
+            // One arena per shard and one for the control runtime.
+            control::limit_arenas(config.worker_threads + 1);
+            // Connections are served by the shards (`mesh_proxy::shard`); this runtime
+            // accepts them and runs enrollment, control, admin and signals.
+            if let Err(e) = mesh_proxy::shard::start(config.worker_threads) {
+                eprintln!("mesh-agent: cannot start the data-path threads: {e}");
+                return ExitCode::FAILURE;
+            }
             let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(config.worker_threads.max(1))
+                .worker_threads(1)
                 .enable_all()
                 .build()
                 .expect("tokio runtime");

@@ -64,7 +64,7 @@ impl Outbound {
         drain::accept_until_drained(listener, watch, &pod.spec.name, "outbound", |stream, peer| {
             let conn = Connection { pod: pod.clone(), forwarder: forwarder.clone(), _drain: drain.clone() };
             let span = tracing::debug_span!("outbound", pod = %pod.spec.name, %peer);
-            tokio::spawn(conn.forward(stream, peer).instrument(span));
+            mesh_proxy::shard::spawn(stream, move |stream| conn.forward(stream, peer).instrument(span));
         })
         .await;
     }

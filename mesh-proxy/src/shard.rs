@@ -1,15 +1,24 @@
 //! Thread per core, as Envoy runs its workers: a shard is one thread with its own
 //! single-threaded runtime. A connection handed to a shard stays there with
 //! everything it causes (its streams, its relays, the tunnel connections it opens:
-//! the waypoint keeps one set of upstream pools per shard), so moving its bytes wakes
-//! no other thread.
+//! pools are keyed by shard), so moving its bytes wakes no other thread.
 //!
 //! Measured at 1000 requests/s through the waypoint on tokio's work-stealing runtime
 //! with 2 workers: about 4 futex calls and 4.8 context switches per request (workers
-//! waking each other to steal), against none and 2.7 on one thread. The waypoint gives
-//! each shard a listener of its own ([`listener`], `SO_REUSEPORT`). The node agent
-//! does not use shards yet (see ARCHITECTURE.md, "Threads").
-use std::cell::Cell;
+//! waking each other to steal), against none and 2.7 on one thread. The node agent
+//! accepts on its control runtime and hands each connection to a shard ([`spawn`]);
+//! the waypoint gives each shard a listener of its own ([`listener`], `SO_REUSEPORT`).
+use std::{
+    cell::Cell,
+    future::Future,
+    sync::{
+        OnceLock,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use tokio::{net::TcpStream, runtime::Handle};
+use tracing::warn;
 
 thread_local! {
     static SHARD: Cell<usize> = const { Cell::new(0) };
@@ -23,6 +32,61 @@ pub fn current() -> usize {
 /// Marks the current thread as shard `index`.
 pub fn enter(index: usize) {
     SHARD.with(|s| s.set(index));
+}
+
+/// The running shards; set once per process by [`start`].
+static SHARDS: OnceLock<Shards> = OnceLock::new();
+
+struct Shards {
+    handles: Vec<Handle>,
+    next: AtomicUsize,
+}
+
+/// Starts `count` shard threads (at least one), each running a single-threaded
+/// runtime until the process exits. Later calls do nothing.
+pub fn start(count: usize) -> std::io::Result<()> {
+    if SHARDS.get().is_some() {
+        return Ok(());
+    }
+    let mut handles = Vec::new();
+    for index in 0..count.max(1) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        handles.push(runtime.handle().clone());
+        std::thread::Builder::new().name(format!("shard-{index}")).spawn(move || {
+            enter(index);
+            runtime.block_on(std::future::pending::<()>());
+        })?;
+    }
+    let _ = SHARDS.set(Shards { handles, next: AtomicUsize::new(0) });
+    Ok(())
+}
+
+/// Serves the accepted connection `stream` with `serve`, on the next shard in turn:
+/// the socket moves to that shard's reactor, and the future is made there. Without
+/// shards (tests, tools) it is spawned on the caller's runtime.
+pub fn spawn<F, Fut>(stream: TcpStream, serve: F)
+where
+    F: FnOnce(TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let Some(shards) = SHARDS.get() else {
+        tokio::spawn(serve(stream));
+        return;
+    };
+    let std = match stream.into_std() {
+        Ok(std) => std,
+        Err(error) => {
+            warn!(%error, "cannot hand a connection to a shard");
+            return;
+        }
+    };
+    let index = shards.next.fetch_add(1, Ordering::Relaxed) % shards.handles.len();
+    shards.handles[index].spawn(async move {
+        match TcpStream::from_std(std) {
+            Ok(stream) => serve(stream).await,
+            Err(error) => warn!(%error, "cannot take a connection into a shard"),
+        }
+    });
 }
 
 /// A listener on `addr` that other shards' listeners may share (`SO_REUSEPORT`).

@@ -25,6 +25,9 @@ use crate::{identity::WorkloadCert, socket::SocketFactory};
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct PoolKey {
+    /// The caller's shard ([`crate::shard`]): a connection is driven, and used, by
+    /// one thread.
+    shard: usize,
     namespace: u64,
     source_identity: String,
     destination: SocketAddr,
@@ -128,6 +131,7 @@ impl Pool {
         request: impl Fn() -> Request<()>,
     ) -> Result<(H2Stream, StreamGuard), HboneError> {
         let key = PoolKey {
+            shard: crate::shard::current(),
             namespace: sockets.namespace(),
             source_identity: cert.identity.clone(),
             destination,
