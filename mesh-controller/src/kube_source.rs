@@ -326,10 +326,8 @@ pub fn load_documents(
         .map(|(key, doc)| Source::new(key.clone(), serde_json::to_string(doc).expect("JSON serializes")))
         .collect();
     let mut config = load(&sources)?;
-    let flags = crate::settings::Flags {
-        trust_domain: trust_domain.to_owned(),
-        root_namespace: root_namespace.to_owned(),
-    };
+    let flags =
+        crate::settings::Flags { trust_domain: trust_domain.to_owned(), root_namespace: root_namespace.to_owned() };
     crate::settings::fill_defaults(&mut config, &flags);
     Ok(config)
 }

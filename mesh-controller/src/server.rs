@@ -777,7 +777,9 @@ mod tests {
             wanted: "other.example".into(),
             running: "mesh.example".into()
         }));
-        assert!(logged.contains(&Conflict::TrustDomainFlag { mesh: "mesh.example".into(), flag: "flag.example".into() }));
+        assert!(
+            logged.contains(&Conflict::TrustDomainFlag { mesh: "mesh.example".into(), flag: "flag.example".into() })
+        );
 
         // Kubernetes mode: a placeholder until the first configuration is read.
         let ca = Ca::load_or_create(&dir, "flag.example").unwrap();

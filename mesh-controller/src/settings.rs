@@ -133,10 +133,12 @@ mod tests {
         let conflicts = resolve(&mut config, &flags(), Some("old.example"));
         assert_eq!(config.trust_domain, "old.example", "identities stay where they are");
         assert_eq!(config.root_namespace, "mesh-root", "the root namespace follows the mesh config");
-        assert!(conflicts.contains(&Conflict::TrustDomainChanged {
-            wanted: "new.example".into(),
-            running: "old.example".into()
-        }));
+        assert!(
+            conflicts.contains(&Conflict::TrustDomainChanged {
+                wanted: "new.example".into(),
+                running: "old.example".into()
+            })
+        );
         // The mesh config going silent falls back to the flag, which is pinned too.
         let mut config = with_mesh(None, None);
         let conflicts = resolve(&mut config, &flags(), Some("old.example"));

@@ -227,7 +227,7 @@ async fn relay(
         let series = TcpSeriesSet::new(
             &waypoint.metrics,
             &telemetry.tcp_metrics,
-            TcpLabels { response_flags: flag, ..labels },
+            &TcpLabels { response_flags: flag, ..labels },
             vip.port(),
         );
         series.add(&waypoint.metrics, TcpFamily::Opened, 1);
@@ -270,7 +270,7 @@ async fn relay(
     match waypoint.upstreams().connect(&target, &dial.dial()).await {
         Ok(mut upstream) => {
             debug!(route = %route.name, endpoint = %target.addr, "TCP relay");
-            let series = TcpSeriesSet::new(&waypoint.metrics, &telemetry.tcp_metrics, labels, vip.port());
+            let series = TcpSeriesSet::new(&waypoint.metrics, &telemetry.tcp_metrics, &labels, vip.port());
             series.add(&waypoint.metrics, TcpFamily::Opened, 1);
             // Client to upstream is "sent" (the request direction); a relay that ended
             // with an error reports no bytes (the copy does not say how many moved).

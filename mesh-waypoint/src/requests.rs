@@ -214,7 +214,7 @@ pub struct TcpSeriesSet([Option<TcpSeries>; 4]);
 impl TcpSeriesSet {
     /// The series of a connection with Istio's `labels` to port `port` (what
     /// `destination.port` reads in a tag override), as `plan` says.
-    pub fn new(metrics: &Metrics, plan: &TcpMetricPlan, labels: TcpLabels, port: u16) -> Self {
+    pub fn new(metrics: &Metrics, plan: &TcpMetricPlan, labels: &TcpLabels, port: u16) -> Self {
         let attributes = RequestAttributes { destination_port: port, ..RequestAttributes::default() };
         let mut standard: Option<TcpSeries> = None;
         // One series per distinct rewrite (families share equal rewrites).
@@ -366,7 +366,7 @@ mod tests {
             response_flags: "-",
             ..TcpLabels::default()
         };
-        let series = TcpSeriesSet::new(&metrics, &plan, labels, 5432);
+        let series = TcpSeriesSet::new(&metrics, &plan, &labels, 5432);
         for family in TcpFamily::ALL {
             series.add(&metrics, family, 3);
         }

@@ -466,7 +466,7 @@ fn schedule_retries_a_failing_uri_with_backoff_and_refreshes_a_good_one() {
     let mut now = secs(0);
     for expected_wait in [1, 2, 4, 8] {
         now += secs(expected_wait);
-        assert_eq!(schedule.due(&wanted, now - secs(1) / 2), set(&[]), "not before {now:?}");
+        assert_eq!(schedule.due(&wanted, now.saturating_sub(secs(1) / 2)), set(&[]), "not before {now:?}");
         assert_eq!(schedule.due(&wanted, now), set(&["bad"]));
         schedule.record("bad", false, now);
     }
@@ -499,7 +499,7 @@ fn schedule_adopts_what_was_fetched_before_acceptance_and_forgets_unwanted_uris(
     assert_eq!(schedule.sleep(secs(10)), FIRST_RETRY);
     wanted.remove("b");
     assert_eq!(schedule.due(&wanted, secs(11)), BTreeSet::new(), "b is no longer wanted");
-    assert_eq!(schedule.sleep(secs(11)), REFRESH - secs(1));
+    assert_eq!(schedule.sleep(secs(11)), REFRESH.saturating_sub(secs(1)));
     assert_eq!(Schedule::default().sleep(secs(0)), REFRESH, "nothing scheduled");
 }
 

@@ -356,7 +356,11 @@ fn prometheus_in_force(metrics: &Metrics, mesh: &MeshConfig, issues: &mut Vec<Ap
         match mesh.provider(name) {
             Some(p) if p.prometheus.is_some() => prometheus = true,
             Some(p) => {
-                issues.push(ApplyIssue::UnsupportedProvider { block: "metrics", provider: name.clone(), kind: kind_of(p) });
+                issues.push(ApplyIssue::UnsupportedProvider {
+                    block: "metrics",
+                    provider: name.clone(),
+                    kind: kind_of(p),
+                });
             }
             None if name == PROMETHEUS_PROVIDER => prometheus = true,
             None => issues.push(ApplyIssue::UnknownProvider { block: "metrics", provider: name.clone() }),
@@ -420,7 +424,13 @@ impl MetricPlan {
     pub fn new(metrics: &Metrics, mesh: &MeshConfig) -> (MetricPlan, Vec<ApplyIssue>) {
         let mut issues = Vec::new();
         let prometheus = prometheus_in_force(metrics, mesh, &mut issues);
-        let families = family_plans(metrics, prometheus, RequestFamily::ALL.map(RequestFamily::metric), Attribute::parse, &mut issues);
+        let families = family_plans(
+            metrics,
+            prometheus,
+            RequestFamily::ALL.map(RequestFamily::metric),
+            Attribute::parse,
+            &mut issues,
+        );
         (MetricPlan { families }, issues)
     }
 
@@ -503,7 +513,8 @@ impl TcpMetricPlan {
     pub fn new(metrics: &Metrics, mesh: &MeshConfig) -> (TcpMetricPlan, Vec<ApplyIssue>) {
         let mut issues = Vec::new();
         let prometheus = prometheus_in_force(metrics, mesh, &mut issues);
-        let families = family_plans(metrics, prometheus, TcpFamily::ALL.map(TcpFamily::metric), Attribute::parse_l4, &mut issues);
+        let families =
+            family_plans(metrics, prometheus, TcpFamily::ALL.map(TcpFamily::metric), Attribute::parse_l4, &mut issues);
         (TcpMetricPlan { families }, issues)
     }
 

@@ -335,8 +335,7 @@ fn tcp_tag_overrides_remove_and_upsert_l4_values_and_report_request_attributes()
     let labels = rewrite.apply(&[("reporter", "waypoint"), ("source_principal", "spiffe://x")], &attrs);
     assert_eq!(
         labels,
-        [("reporter", "waypoint"), ("port", "9000"), ("team", "payments")]
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        [("reporter", "waypoint"), ("port", "9000"), ("team", "payments")].map(|(k, v)| (k.to_owned(), v.to_owned()))
     );
 }
 
