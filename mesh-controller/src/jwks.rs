@@ -18,15 +18,21 @@
 //! Fetching: a configuration's new URIs *before* it is accepted
 //! ([`crate::server::Controller::apply_fetching`], at most [`FIRST_FETCH_WAIT`] each,
 //! in parallel), so a new `jwksUri` never answers 401 for want of keys while its
-//! provider is up; all of them every [`REFRESH`] (istiod's default 20 minutes); the
-//! ones whose last fetch failed every [`RETRY`]. Each fetch runs within the rule's
-//! `timeout` (default [`DEFAULT_TIMEOUT`]). A failed fetch keeps the last good keys;
+//! provider is up; then each URI on its own [`Schedule`]: a good key set again every
+//! [`REFRESH`] (istiod's default 20 minutes, `PILOT_JWT_PUB_KEY_REFRESH_INTERVAL`); a
+//! failing one with exponential backoff, [`FIRST_RETRY`] after the first failure,
+//! doubled after each further one, at most [`RETRY_CAP`], back to [`REFRESH`] after a
+//! success. (istiod backs off the same way, from 1 minute doubling to 60, but for its
+//! whole cache at once, with up to 7 retries 1 s apart inside each fetch; per URI, a
+//! failing provider does not change how often the good ones are fetched, and the cap
+//! at the refresh period means a provider that comes back is seen within 20 minutes.)
+//! Each fetch runs within the rule's `timeout` (default [`DEFAULT_TIMEOUT`]). A failed fetch keeps the last good keys;
 //! the failure is logged once per change of its reason, shown in the controller's
 //! `/status` and added to `Config::warnings` on the objects that use the URI. A rule
 //! whose URI never answered is pushed without keys: waypoints refuse its tokens
 //! (fail closed). `http://` and `https://` (rustls, the system's roots) are supported.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     sync::{Arc, LazyLock},
     time::Duration,
 };
@@ -54,8 +60,11 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest a new configuration waits for one new key set before it is accepted
 /// anyway (its rules then have no keys until a later fetch succeeds).
 pub const FIRST_FETCH_WAIT: Duration = Duration::from_secs(5);
-/// How soon a failed fetch is tried again (istiod's `JwtPubKeyRefreshIntervalOnFailure`).
-pub const RETRY: Duration = Duration::from_mins(1);
+/// How soon a URI is fetched again after its first failure in a row (istiod's pause
+/// between the retries of one fetch, `JwtPubKeyRetryInterval`).
+pub const FIRST_RETRY: Duration = Duration::from_secs(1);
+/// The longest wait between two fetches of a failing URI.
+pub const RETRY_CAP: Duration = REFRESH;
 /// Larger answers are not key sets.
 const MAX_BODY: usize = 1 << 20;
 /// Appended to an issuer to find its `OpenID` configuration (`OpenID` Connect Discovery 1.0).
@@ -72,13 +81,81 @@ pub struct Want {
 
 /// Which cached URIs a [`refresh`] fetches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Due {
+pub enum Due<'a> {
     /// Every wanted URI (the periodic refresh).
     All,
     /// Only URIs the cache does not know (a configuration change).
     New,
     /// URIs the cache does not know and those whose last fetch failed.
     Failed,
+    /// These URIs (those a [`Schedule`] says are due).
+    Listed(&'a BTreeSet<String>),
+}
+
+/// How long after a fetch of a URI the next one is due: [`REFRESH`] after a success
+/// (`failures` 0); after the `failures`th failure in a row, [`FIRST_RETRY`] doubled
+/// for each failure before it, at most [`RETRY_CAP`].
+pub fn next_fetch_in(failures: u32) -> Duration {
+    match failures {
+        0 => REFRESH,
+        n => FIRST_RETRY.saturating_mul(1u32.checked_shl(n - 1).unwrap_or(u32::MAX)).min(RETRY_CAP),
+    }
+}
+
+/// Where one URI stands in the fetch schedule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Slot {
+    /// Failed fetches in a row (0 after a success).
+    failures: u32,
+    /// When the next fetch is due, on the caller's clock.
+    due: Duration,
+}
+
+/// When each wanted URI is fetched next. Pure: the caller passes the time (any
+/// monotonic clock's reading as a `Duration` since an epoch of its choosing) and the
+/// fetch outcomes; the schedule answers which URIs are due and how long to sleep.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Schedule {
+    slots: BTreeMap<String, Slot>,
+}
+
+impl Schedule {
+    /// The URIs of `wanted` due at `now`: those whose time has come, and those the
+    /// schedule does not know yet and `cache` has no entry for (a URI fetched before
+    /// its configuration was accepted is adopted by [`Self::adopt`] instead). URIs no
+    /// longer wanted are forgotten.
+    pub fn due(&mut self, wanted: &BTreeMap<String, Want>, now: Duration) -> BTreeSet<String> {
+        self.slots.retain(|uri, _| wanted.contains_key(uri));
+        wanted.keys().filter(|uri| self.slots.get(*uri).is_none_or(|slot| slot.due <= now)).cloned().collect()
+    }
+
+    /// Takes on the URIs of `wanted` that `cache` knows and the schedule does not,
+    /// from their last outcome there as if fetched at `now` (a failure counts as the
+    /// first in a row).
+    pub fn adopt(&mut self, wanted: &BTreeMap<String, Want>, cache: &Cache, now: Duration) {
+        for (uri, entry) in cache.iter().filter(|(uri, _)| wanted.contains_key(*uri)) {
+            if !self.slots.contains_key(uri) {
+                self.record(uri, entry.error.is_none(), now);
+            }
+        }
+    }
+
+    /// Records the outcome of a fetch of `uri` at `now`.
+    pub fn record(&mut self, uri: &str, ok: bool, now: Duration) {
+        let failures = if ok { 0 } else { self.slots.get(uri).map_or(0, |s| s.failures).saturating_add(1) };
+        self.slots.insert(uri.to_owned(), Slot { failures, due: now.saturating_add(next_fetch_in(failures)) });
+    }
+
+    /// How long from `now` until the next URI is due (zero when one is already),
+    /// [`REFRESH`] when there is none.
+    pub fn sleep(&self, now: Duration) -> Duration {
+        self.slots.values().map(|slot| slot.due.saturating_sub(now)).min().unwrap_or(REFRESH)
+    }
+
+    /// Failed fetches in a row of `uri` (0 when unknown or after a success).
+    pub fn failures(&self, uri: &str) -> u32 {
+        self.slots.get(uri).map_or(0, |s| s.failures)
+    }
 }
 
 /// What the controller knows of one URI.
@@ -303,7 +380,7 @@ where
 /// Fetches the URIs of `wanted` that are `due` and returns the updated cache: URIs
 /// no longer wanted are dropped, a failure keeps the last good keys. Logs a failure
 /// once per change of its reason.
-pub async fn refresh(cache: &Cache, wanted: &BTreeMap<String, Want>, due: Due, tls: &TlsConnector) -> Cache {
+pub async fn refresh(cache: &Cache, wanted: &BTreeMap<String, Want>, due: Due<'_>, tls: &TlsConnector) -> Cache {
     let mut next: Cache =
         cache.iter().filter(|(uri, _)| wanted.contains_key(*uri)).map(|(k, v)| (k.clone(), v.clone())).collect();
     let due: Vec<(&String, &Want)> = wanted
@@ -312,6 +389,7 @@ pub async fn refresh(cache: &Cache, wanted: &BTreeMap<String, Want>, due: Due, t
             (Due::All, _) | (_, None) => true,
             (Due::New, Some(_)) => false,
             (Due::Failed, Some(entry)) => entry.error.is_some(),
+            (Due::Listed(listed), Some(_)) => listed.contains(*uri),
         })
         .collect();
     let results = futures_util::future::join_all(due.iter().map(|(uri, want)| async move {
@@ -346,35 +424,44 @@ pub async fn refresh(cache: &Cache, wanted: &BTreeMap<String, Want>, due: Due, t
     next
 }
 
-/// The controller's fetch loop: new URIs on every configuration change (those a
-/// configuration brought are usually fetched already, before it was accepted), all
-/// URIs every [`REFRESH`], failed ones every [`RETRY`]; a changed cache is pushed as a
-/// new configuration version.
+/// The controller's fetch loop: each URI when its [`Schedule`] says, and on every
+/// configuration change the URIs it brought (usually fetched already, before it was
+/// accepted: then adopted, not fetched again); a changed cache is pushed as a new
+/// configuration version.
 pub async fn run(controller: Arc<Controller>) {
     let tls = connector();
     let mut changes = controller.subscribe();
-    let mut tick = tokio::time::interval(REFRESH);
-    let mut retry = tokio::time::interval_at(tokio::time::Instant::now() + RETRY, RETRY);
-    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let start = tokio::time::Instant::now();
+    let mut schedule = Schedule::default();
     loop {
-        let due = tokio::select! {
-            _ = tick.tick() => Due::All,
-            _ = retry.tick() => Due::Failed,
+        let wanted = controller.jwks_wanted();
+        let cache = controller.jwks();
+        let now = start.elapsed();
+        schedule.adopt(&wanted, &cache, now);
+        let due = schedule.due(&wanted, now);
+        if !due.is_empty() {
+            let fetched = refresh(&cache, &wanted, Due::Listed(&due), &tls).await;
+            let now = start.elapsed();
+            for uri in &due {
+                let ok = fetched.get(uri).is_some_and(|e| e.error.is_none());
+                schedule.record(uri, ok, now);
+                if !ok {
+                    let failures = schedule.failures(uri);
+                    tracing::debug!(uri, failures, retry_in = ?next_fetch_in(failures), "jwksUri fetch failed");
+                }
+            }
+            if fetched != cache {
+                controller.set_jwks(fetched);
+            }
+        }
+        let sleep = schedule.sleep(start.elapsed());
+        tokio::select! {
+            () = tokio::time::sleep(sleep) => {}
             notified = changes.changed() => {
                 if notified.is_err() {
                     return;
                 }
-                Due::New
             }
-        };
-        let wanted = controller.jwks_wanted();
-        let cache = controller.jwks();
-        if wanted.is_empty() && cache.is_empty() {
-            continue;
-        }
-        let fetched = refresh(&cache, &wanted, due, &tls).await;
-        if fetched != cache {
-            controller.set_jwks(fetched);
         }
     }
 }

@@ -313,7 +313,9 @@ fn to_document(kind: &WatchedKind, object: &DynamicObject) -> Option<(String, Va
     }
 }
 
-/// Loads documents as sources named by their keys, with the mesh settings applied.
+/// Loads documents as sources named by their keys; `trust_domain` and
+/// `root_namespace` (the flags) apply where the mesh config is silent
+/// ([`crate::settings`]).
 pub fn load_documents(
     docs: &BTreeMap<String, Value>,
     trust_domain: &str,
@@ -324,8 +326,9 @@ pub fn load_documents(
         .map(|(key, doc)| Source::new(key.clone(), serde_json::to_string(doc).expect("JSON serializes")))
         .collect();
     let mut config = load(&sources)?;
-    trust_domain.clone_into(&mut config.trust_domain);
-    root_namespace.clone_into(&mut config.root_namespace);
+    let flags =
+        crate::settings::Flags { trust_domain: trust_domain.to_owned(), root_namespace: root_namespace.to_owned() };
+    crate::settings::fill_defaults(&mut config, &flags);
     Ok(config)
 }
 

@@ -9,6 +9,7 @@ pub mod lease;
 pub mod manifest;
 pub mod node_auth;
 pub mod server;
+pub mod settings;
 pub mod source;
 pub mod status;
 pub mod validate;

@@ -29,7 +29,8 @@ struct CaArgs {
     /// Intermediates and root above --ca-cert, PEM.
     #[arg(long, env = "MESH_CA_CHAIN", requires = "ca_cert")]
     ca_chain: Option<PathBuf>,
-    /// Trust domain of the mesh's SPIFFE identities.
+    /// Trust domain of the mesh's SPIFFE identities, when the mesh config names none
+    /// (its `trustDomain` wins).
     #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]
     trust_domain: String,
 }
@@ -80,7 +81,8 @@ enum Command {
         /// Other trust domains whose identities are accepted (migration).
         #[arg(long = "trust-domain-alias", env = "MESH_TRUST_DOMAIN_ALIASES", value_delimiter = ',')]
         trust_domain_aliases: Vec<String>,
-        /// The mesh-wide root namespace.
+        /// The mesh-wide root namespace, when the mesh config names none (its
+        /// `rootNamespace` wins).
         #[arg(long, env = "MESH_ROOT_NAMESPACE", default_value = "istio-system")]
         root_namespace: String,
         /// Control endpoint for agents (mTLS, HTTP/2).
@@ -189,14 +191,25 @@ async fn serve(
             ..Default::default()
         },
     };
-    let san_uri = format!("spiffe://{}/ns/{root_namespace}/sa/mesh-controller", ca.trust_domain);
+    // The mesh config's trust domain and root namespace win over the flags (which
+    // fill in where it is silent); in Kubernetes mode it is read from the API server
+    // before any agent is served, and the first configuration read settles the trust
+    // domain ([`mesh_controller::settings`]).
+    let san_uri = format!("spiffe://{}/ns/{}/sa/mesh-controller", config.trust_domain, config.root_namespace);
     let (serving, key) = authority.issue_with_key(
         vec![SanType::DnsName(CONTROLLER_NAME.try_into()?), SanType::URI(san_uri.as_str().try_into()?)],
         Duration::from_hours(365 * 24),
     )?;
     let chain = format!("{}{}", serving.cert_pem, serving.chain_pem.join(""));
     let roots = [authority.root_pem().to_owned()];
-    let controller = Arc::new(server::Controller::new(config, authority, cert_lifetime, trust_domain_aliases));
+    let flags = mesh_controller::settings::Flags {
+        trust_domain: ca.trust_domain.clone(),
+        root_namespace: root_namespace.clone(),
+    };
+    let controller = Arc::new(
+        server::Controller::new(config, authority, cert_lifetime, trust_domain_aliases)
+            .with_flags(flags, config_dir.is_none()),
+    );
     // `jwksUri` key sets: fetched here and pushed inline to the waypoints; those of the
     // initial configuration before any agent is served (bounded wait).
     controller.fetch_running_jwks().await;

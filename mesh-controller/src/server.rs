@@ -1,13 +1,13 @@
 //! The controller's state and its two listeners: the agents' control endpoint (HTTP/2
 //! over mutual TLS, 15012) and a local status/metrics endpoint.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     convert::Infallible,
     net::SocketAddr,
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     task::{Context, Poll},
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -41,6 +41,7 @@ use crate::{
     ca::Ca,
     jwks,
     node_auth::{AuthError, Client, NodeAuthenticator},
+    settings::{self, Conflict, Flags},
     view,
 };
 
@@ -88,8 +89,15 @@ pub struct Controller {
     snapshot: watch::Sender<Arc<Snapshot>>,
     ca: Ca,
     cert_lifetime: Duration,
-    trust_domain: String,
     trust_domain_aliases: Vec<String>,
+    /// The trust domain and root namespace flags ([`settings`]); without them (tests)
+    /// configurations are served as given.
+    flags: Option<Flags>,
+    /// Whether the running trust domain is settled (by the first configuration
+    /// served); until then an applied configuration may set it.
+    settled: AtomicBool,
+    /// Setting conflicts already logged (each is logged once).
+    conflicts_logged: Mutex<BTreeSet<Conflict>>,
     agents: Mutex<BTreeMap<String, AgentStatus>>,
     /// By `namespace/name`: every replica of a waypoint shares one entry.
     waypoints: Mutex<BTreeMap<String, WaypointStatus>>,
@@ -104,7 +112,6 @@ pub struct Controller {
 
 impl Controller {
     pub fn new(mut config: Config, ca: Ca, cert_lifetime: Duration, trust_domain_aliases: Vec<String>) -> Self {
-        let trust_domain = config.trust_domain.clone();
         let unkeyed = (!jwks::wanted(&config).is_empty()).then(|| config.clone());
         jwks::inline(&mut config, &jwks::Cache::new());
         let objects = view::all_objects(&config);
@@ -117,8 +124,10 @@ impl Controller {
             snapshot,
             ca,
             cert_lifetime,
-            trust_domain,
             trust_domain_aliases,
+            flags: None,
+            settled: AtomicBool::new(true),
+            conflicts_logged: Mutex::default(),
             agents: Mutex::new(BTreeMap::new()),
             waypoints: Mutex::new(BTreeMap::new()),
             rejections: AtomicU64::new(0),
@@ -132,8 +141,49 @@ impl Controller {
         &self.ca
     }
 
-    pub fn trust_domain(&self) -> &str {
-        &self.trust_domain
+    /// Takes the flags' trust domain and root namespace as the defaults where the mesh
+    /// config is silent ([`settings`]); `pending` when the configuration given to
+    /// [`Self::new`] is a placeholder (Kubernetes mode, before the API server was
+    /// read), so that the first applied one settles the trust domain. Logs the
+    /// conflicts of the current configuration.
+    #[must_use]
+    pub fn with_flags(mut self, flags: Flags, pending: bool) -> Self {
+        self.settled = AtomicBool::new(!pending);
+        if !pending {
+            let mut config = self.current().config.clone();
+            let conflicts = settings::resolve(&mut config, &flags, None);
+            self.log_conflicts(conflicts);
+        }
+        self.flags = Some(flags);
+        self
+    }
+
+    /// The running trust domain: identities are issued in it and node credentials
+    /// are authenticated with it.
+    pub fn trust_domain(&self) -> String {
+        self.current().config.trust_domain.clone()
+    }
+
+    /// The trust domains a node credential may name: the running one, and the one
+    /// of `--trust-domain` (the credentials `meshctl`/`mesh-controller` issues for
+    /// nodes name the flag's, which the mesh config may since have overridden).
+    pub fn node_trust_domains(&self) -> Vec<String> {
+        let mut domains = vec![self.trust_domain()];
+        if let Some(flags) = self.flags.as_ref().filter(|f| f.trust_domain != domains[0]) {
+            domains.push(flags.trust_domain.clone());
+        }
+        domains
+    }
+
+    /// Logs each conflict the first time it is seen.
+    fn log_conflicts(&self, conflicts: Vec<Conflict>) {
+        let mut logged = self.conflicts_logged.lock().expect("lock");
+        for conflict in conflicts {
+            if !logged.contains(&conflict) {
+                warn!("mesh settings: {conflict}");
+                logged.insert(conflict);
+            }
+        }
     }
 
     /// Aliases of the trust domain accepted from peers.
@@ -147,6 +197,12 @@ impl Controller {
 
     /// Makes `config` the running configuration (a new version) unless nothing changed.
     pub fn apply(&self, mut config: Config) -> Option<u64> {
+        if let Some(flags) = &self.flags {
+            // The running trust domain, once settled, never moves (fail closed on identity).
+            let running = self.settled.swap(true, Ordering::SeqCst).then(|| self.trust_domain());
+            let conflicts = settings::resolve(&mut config, flags, running.as_deref());
+            self.log_conflicts(conflicts);
+        }
         *self.unkeyed.lock().expect("lock") = (!jwks::wanted(&config).is_empty()).then(|| config.clone());
         jwks::inline(&mut config, &self.jwks.lock().expect("lock"));
         let current = self.current();
@@ -179,7 +235,7 @@ impl Controller {
     /// fetches before it pushes too). The wait is bounded: all new URIs in parallel,
     /// each within its rule's `timeout` and at most [`jwks::FIRST_FETCH_WAIT`]. A
     /// failure is recorded as any fetch's (warning, `/status`), the configuration is
-    /// applied anyway, and the fetch loop tries again after [`jwks::RETRY`].
+    /// applied anyway, and the fetch loop retries it with backoff ([`jwks::Schedule`]).
     pub async fn apply_fetching(&self, config: Config) -> Option<u64> {
         let known = self.jwks();
         let new: BTreeMap<String, jwks::Want> = jwks::wanted(&config)
@@ -270,7 +326,7 @@ impl Controller {
                 let entry = waypoints.entry(format!("{}/{}", waypoint.namespace, waypoint.name)).or_default();
                 entry.namespace.clone_from(&waypoint.namespace);
                 entry.name.clone_from(&waypoint.name);
-                entry.identity = waypoint.identity(&self.trust_domain);
+                entry.identity = waypoint.identity(&self.trust_domain());
                 entry.node.clone_from(&waypoint.node);
                 update(&mut entry.sync);
             }
@@ -306,7 +362,7 @@ struct ControllerMetrics(Arc<Controller>);
 
 impl std::fmt::Debug for Controller {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Controller").field("trust_domain", &self.trust_domain).finish_non_exhaustive()
+        f.debug_struct("Controller").field("trust_domain", &self.trust_domain()).finish_non_exhaustive()
     }
 }
 
@@ -443,6 +499,7 @@ impl ControlServer {
                     }
                     Err(_) => return,
                 };
+                let domains = controller.node_trust_domains();
                 let node = tls
                     .get_ref()
                     .1
@@ -451,7 +508,7 @@ impl ControlServer {
                     .map(uri_sans)
                     .unwrap_or_default()
                     .iter()
-                    .find_map(|uri| parse_node_identity(controller.trust_domain(), uri).map(str::to_owned));
+                    .find_map(|uri| domains.iter().find_map(|td| parse_node_identity(td, uri)).map(str::to_owned));
                 if node.is_none() && tokens.is_none() {
                     warn!(%peer, "control client presented no node identity; closing");
                     return;
@@ -682,6 +739,61 @@ mod tests {
     use mesh_common::config::{Source, load};
 
     use super::*;
+
+    /// A configuration as a source loads it, with a mesh config naming `trust_domain`
+    /// (none: silent) and a namespace that makes each one differ.
+    fn with_mesh(trust_domain: Option<&str>, namespace: &str) -> Config {
+        let mesh = trust_domain.map_or_else(String::new, |td| format!("trustDomain: {td}"));
+        let text = format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: istio, namespace: istio-system}}\n\
+             data:\n  mesh: \"{mesh}\"\n---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {namespace}}}\n"
+        );
+        let mut config = load(&[Source { name: "mesh.yaml".into(), text }]).unwrap();
+        crate::settings::fill_defaults(&mut config, &flags());
+        config
+    }
+
+    fn flags() -> Flags {
+        Flags { trust_domain: "flag.example".into(), root_namespace: "istio-system".into() }
+    }
+
+    #[test]
+    fn the_running_trust_domain_never_moves_and_nodes_may_name_the_flags() {
+        let dir = std::env::temp_dir().join(format!("mesh-td-ca-{}", std::process::id()));
+        let ca = Ca::load_or_create(&dir, "flag.example").unwrap();
+        // File mode: the loaded configuration's mesh config names the trust domain.
+        let controller = Controller::new(with_mesh(Some("mesh.example"), "a"), ca, Duration::from_hours(1), Vec::new())
+            .with_flags(flags(), false);
+        assert_eq!(controller.trust_domain(), "mesh.example", "the mesh config wins over the flag");
+        assert_eq!(controller.node_trust_domains(), ["mesh.example", "flag.example"]);
+        // The mesh config later names another trust domain: served, pinned, logged once.
+        assert!(controller.apply(with_mesh(Some("other.example"), "b")).is_some());
+        assert_eq!(controller.trust_domain(), "mesh.example");
+        assert_eq!(controller.current().config.mesh.trust_domain.as_deref(), Some("other.example"));
+        assert!(controller.apply(with_mesh(None, "c")).is_some());
+        assert_eq!(controller.trust_domain(), "mesh.example", "nor does a silent mesh config move it");
+        let logged = controller.conflicts_logged.lock().unwrap().clone();
+        assert!(logged.contains(&Conflict::TrustDomainChanged {
+            wanted: "other.example".into(),
+            running: "mesh.example".into()
+        }));
+        assert!(
+            logged.contains(&Conflict::TrustDomainFlag { mesh: "mesh.example".into(), flag: "flag.example".into() })
+        );
+
+        // Kubernetes mode: a placeholder until the first configuration is read.
+        let ca = Ca::load_or_create(&dir, "flag.example").unwrap();
+        let mut placeholder = Config::default();
+        crate::settings::fill_defaults(&mut placeholder, &flags());
+        let controller =
+            Controller::new(placeholder, ca, Duration::from_hours(1), Vec::new()).with_flags(flags(), true);
+        assert_eq!(controller.trust_domain(), "flag.example");
+        controller.apply(with_mesh(Some("mesh.example"), "a"));
+        assert_eq!(controller.trust_domain(), "mesh.example", "the first configuration read settles it");
+        controller.apply(with_mesh(Some("other.example"), "b"));
+        assert_eq!(controller.trust_domain(), "mesh.example");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn metrics_show_every_agents_sync_state() {

@@ -12,7 +12,10 @@ use std::{
 
 use mesh_common::config::{Config, Report, load_paths};
 
-use crate::server::Controller;
+use crate::{
+    server::Controller,
+    settings::{Flags, fill_defaults},
+};
 
 /// A fingerprint of every manifest file (names and contents) below `dir`.
 pub fn fingerprint(dir: &Path) -> u64 {
@@ -39,11 +42,12 @@ fn collect(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// Loads `dir` with the mesh settings applied.
+/// Loads `dir`; `trust_domain` and `root_namespace` (the flags) apply where its mesh
+/// config is silent ([`crate::settings`]).
 pub fn load(dir: &Path, trust_domain: &str, root_namespace: &str) -> Result<Config, Report> {
     let mut config = load_paths(&[dir.to_owned()])?;
-    trust_domain.clone_into(&mut config.trust_domain);
-    root_namespace.clone_into(&mut config.root_namespace);
+    let flags = Flags { trust_domain: trust_domain.to_owned(), root_namespace: root_namespace.to_owned() };
+    fill_defaults(&mut config, &flags);
     Ok(config)
 }
 

@@ -82,17 +82,17 @@ pub fn escape(value: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// Istio's labels, with `unknown` for what is not known, the canonical-service
-/// labels Istio derives from `app`, and `request_protocol="tcp"`.
-impl EncodeLabelSet for TcpLabels {
-    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+impl TcpLabels {
+    /// Istio's labels in order, with the canonical-service labels Istio derives from
+    /// `app` and `request_protocol="tcp"`; empty values are reported as `unknown`.
+    pub fn pairs(&self) -> [(&'static str, &str); 23] {
         // A request to a known service that found no workload is still in the cluster.
         let destination_namespace = if self.destination_workload_namespace.is_empty() {
             &self.destination_service_namespace
         } else {
             &self.destination_workload_namespace
         };
-        let pairs: [(&str, &str); 23] = [
+        [
             ("reporter", self.reporter),
             ("source_workload", &self.source_workload),
             ("source_workload_namespace", &self.source_workload_namespace),
@@ -116,8 +116,14 @@ impl EncodeLabelSet for TcpLabels {
             ("connection_security_policy", self.connection_security_policy),
             ("response_flags", self.response_flags),
             ("request_protocol", "tcp"),
-        ];
-        encode_labels(&pairs, encoder)
+        ]
+    }
+}
+
+/// Istio's labels ([`TcpLabels::pairs`]).
+impl EncodeLabelSet for TcpLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        encode_labels(&self.pairs(), encoder)
     }
 }
 
@@ -130,17 +136,42 @@ pub fn encode_labels(pairs: &[(&str, &str)], encoder: &mut LabelSetEncoder) -> R
     Ok(())
 }
 
-/// A label set shared by the connections that report it (the families' key).
+/// One series of the TCP families: Istio's label set, shared by the connections that
+/// report it, or the labels as a Telemetry `tagOverrides` rewrote them (the waypoint's;
+/// then these are the only labels, so that series differing only in a removed label
+/// are one series).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct Shared(Arc<TcpLabels>);
+pub enum TcpSeries {
+    Standard(Arc<TcpLabels>),
+    Rewritten(Arc<[(String, String)]>),
+}
 
-impl EncodeLabelSet for Shared {
+impl EncodeLabelSet for TcpSeries {
     fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
-        self.0.encode(encoder)
+        match self {
+            TcpSeries::Standard(labels) => labels.encode(encoder),
+            TcpSeries::Rewritten(pairs) => {
+                let pairs: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                encode_labels(&pairs, encoder)
+            }
+        }
     }
 }
 
-type TcpFamily = Family<Shared, Counter>;
+/// Istio's four TCP families.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcpFamilyKind {
+    /// `istio_tcp_connections_opened_total`.
+    Opened,
+    /// `istio_tcp_connections_closed_total`.
+    Closed,
+    /// `istio_tcp_sent_bytes_total`.
+    Sent,
+    /// `istio_tcp_received_bytes_total`.
+    Received,
+}
+
+type TcpFamily = Family<TcpSeries, Counter>;
 
 /// The agent's (or waypoint's) metrics: Istio's TCP families, tunnel setup times, and
 /// whatever collectors the process registers (read at scrape time).
@@ -222,7 +253,7 @@ impl Metrics {
     }
 
     pub fn opened(&self, labels: &Arc<TcpLabels>) {
-        self.opened.get_or_create(&Shared(labels.clone())).inc();
+        self.opened.get_or_create(&TcpSeries::Standard(labels.clone())).inc();
     }
 
     /// A connection refused or failed before any byte moved: opened and closed at
@@ -236,15 +267,30 @@ impl Metrics {
     /// Adds bytes of a connection still open (long transfers report as they go).
     pub fn bytes(&self, labels: &Arc<TcpLabels>, sent: u64, received: u64) {
         if sent > 0 {
-            self.sent.get_or_create(&Shared(labels.clone())).inc_by(sent);
+            self.sent.get_or_create(&TcpSeries::Standard(labels.clone())).inc_by(sent);
         }
         if received > 0 {
-            self.received.get_or_create(&Shared(labels.clone())).inc_by(received);
+            self.received.get_or_create(&TcpSeries::Standard(labels.clone())).inc_by(received);
         }
     }
 
     pub fn closed(&self, labels: &Arc<TcpLabels>) {
-        self.closed.get_or_create(&Shared(labels.clone())).inc();
+        self.closed.get_or_create(&TcpSeries::Standard(labels.clone())).inc();
+    }
+
+    /// Adds `by` to one family's series (the waypoint's, which records each family
+    /// under the labels its Telemetry plan gives it); nothing when `by` is 0.
+    pub fn add(&self, family: TcpFamilyKind, series: &TcpSeries, by: u64) {
+        if by == 0 {
+            return;
+        }
+        let family = match family {
+            TcpFamilyKind::Opened => &self.opened,
+            TcpFamilyKind::Closed => &self.closed,
+            TcpFamilyKind::Sent => &self.sent,
+            TcpFamilyKind::Received => &self.received,
+        };
+        family.get_or_create(series).inc_by(by);
     }
 
     /// Every metric, in the format the scraper asked for (see [`exposition`]).
@@ -330,6 +376,20 @@ mod tests {
         assert!(open.contains("# TYPE istio_tcp_sent_bytes counter") && open.ends_with("# EOF\n"), "{open}");
         // The histogram is there from the start, empty.
         assert!(out.contains("mesh_agent_tunnel_setup_duration_seconds_count 0"), "{out}");
+    }
+
+    /// A rewritten series carries exactly its pairs, in the family it was added to.
+    #[test]
+    fn rewritten_series_are_encoded_as_given() {
+        let metrics = Metrics::default();
+        let series = TcpSeries::Rewritten(
+            vec![("reporter".to_owned(), "waypoint".to_owned()), ("team".to_owned(), String::new())].into(),
+        );
+        metrics.add(TcpFamilyKind::Sent, &series, 7);
+        metrics.add(TcpFamilyKind::Opened, &series, 0);
+        let (_, out) = metrics.render(None);
+        assert!(out.contains("istio_tcp_sent_bytes_total{reporter=\"waypoint\",team=\"unknown\"} 7"), "{out}");
+        assert!(!out.lines().any(|l| l.starts_with("istio_tcp_connections_opened_total{")), "{out}");
     }
 
     /// Kiali skips series without the canonical revision labels, and those whose

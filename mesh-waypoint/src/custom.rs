@@ -42,6 +42,11 @@ pub struct CheckRequest<'a> {
     pub headers: &'a HeaderMap,
     /// The client's SPIFFE identity from the tunnel (empty when unknown).
     pub source_principal: &'a str,
+    /// The direct peer: the client as the tunnel reports it, never an address from
+    /// `X-Forwarded-For`. Envoy fills `attributes.source.address` from the
+    /// connection's remote address; `xff_num_trusted_hops` changes only the stream's
+    /// view of the client (`remote.ip`, what `remoteIpBlocks` match), so with trusted
+    /// proxies the authorizer reads the forwarded client from the headers, as with Envoy.
     pub source_addr: SocketAddr,
     /// The service VIP and port the request was sent to.
     pub destination_addr: SocketAddr,

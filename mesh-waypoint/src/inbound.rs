@@ -36,7 +36,7 @@ use mesh_waypoint::{
     route::{self, RouteTable, ServiceRef, TcpTable, WaypointGateway},
     telemetry_api::{
         self, Defaults, Effective, Subject,
-        apply::{LogPlan, MetricPlan},
+        apply::{LogPlan, MetricPlan, TcpMetricPlan},
     },
 };
 use tracing::{debug, info, warn};
@@ -182,13 +182,15 @@ impl Tables {
             let (log, mut issues) = LogPlan::new(&resolved.effective.access_log, &self.config.mesh);
             let (metrics, more) = MetricPlan::new(&resolved.effective.metrics, &self.config.mesh);
             issues.extend(more);
+            let (tcp_metrics, more) = TcpMetricPlan::new(&resolved.effective.metrics, &self.config.mesh);
+            issues.extend(more);
             for issue in issues {
                 let text = issue.to_string();
                 if self.telemetry_warned.lock().expect("lock").insert(text) {
                     warn!(version = self.version, %issue, "Telemetry");
                 }
             }
-            Telemetry { effective: resolved.effective, exporter, log, metrics }
+            Telemetry { effective: resolved.effective, exporter, log, metrics, tcp_metrics }
         })
     }
 
@@ -244,6 +246,9 @@ pub struct Telemetry {
     pub log: LogPlan,
     /// Which request metric families are recorded, under which labels.
     pub metrics: MetricPlan,
+    /// Which TCP metric families the connections relayed on TCP-routed ports are
+    /// recorded in, under which labels.
+    pub tcp_metrics: TcpMetricPlan,
 }
 
 pub struct Waypoint {
@@ -257,6 +262,8 @@ pub struct Waypoint {
     client: Arc<ControlClient>,
     certs: Arc<CertStore>,
     pub requests: RequestMetrics,
+    /// The process's metrics: the TCP families of relayed connections.
+    pub metrics: Arc<Metrics>,
     /// Upstream pools, one per shard ([`mesh_proxy::shard`]): a request uses its thread's.
     upstreams: Vec<Upstreams>,
     /// The client of the external authorizers `CUSTOM` policies name.
@@ -341,6 +348,7 @@ impl Waypoint {
             certs: settings.certs,
 
             requests,
+            metrics: settings.metrics.clone(),
             upstreams: (0..settings.shards.max(1)).map(|_| Upstreams::new(settings.connect_timeout)).collect(),
             ext_authz,
             ratelimits: Mutex::default(),

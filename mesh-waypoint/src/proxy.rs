@@ -25,6 +25,7 @@ use hyper_util::{
     server::conn::auto,
 };
 use mesh_proxy::{
+    metrics::{TcpLabels, flags},
     otlp,
     tunnel::stream::H2Stream,
     workloads::{ServicePort, Workload},
@@ -47,7 +48,7 @@ use mesh_waypoint::{
     ratelimit,
     retry::Outcome,
     route::{Abort, Action, Mirror, RequestParts, TcpRequest},
-    telemetry_api::apply::{LogPlan, MetricPlan, RequestAttributes},
+    telemetry_api::apply::{LogPlan, MetricPlan, RequestAttributes, TcpFamily},
     trace,
 };
 
@@ -55,7 +56,7 @@ use crate::{
     destination::Lookup,
     ext_authz::{self, CheckRequest, Decision},
     inbound::{Caller, Protocol, Tables, Telemetry, Waypoint, protocol_of},
-    requests::{RequestLabels, RequestLog, Sample},
+    requests::{RequestLabels, RequestLog, Sample, TcpSeriesSet},
     tee,
     upstream::{Body, BoxError, Dial, Target, UpstreamError},
 };
@@ -204,6 +205,34 @@ async fn relay(
 ) {
     let tables = waypoint.tables();
     let table = tables.tcp_routes(&service);
+    let telemetry = tables.telemetry(&waypoint, &service);
+    let source = caller.workload.as_deref();
+    let mut labels = TcpLabels {
+        reporter: "waypoint",
+        source_workload: source.map(|w| w.name.clone()).unwrap_or_default(),
+        source_workload_namespace: source.map(|w| w.namespace.clone()).unwrap_or_default(),
+        source_principal: caller.identity.to_string(),
+        source_app: source.map(|w| w.app().to_owned()).unwrap_or_default(),
+        source_revision: source.map(|w| w.revision().to_owned()).unwrap_or_default(),
+        destination_service: service.hostname.clone(),
+        destination_service_name: service.name.clone(),
+        destination_service_namespace: service.namespace.clone(),
+        connection_security_policy: "mutual_tls",
+        response_flags: flags::NONE,
+        ..TcpLabels::default()
+    };
+    // A connection refused before any byte moved is opened and closed at once, with
+    // its response flag (as Envoy's TCP proxy reports it).
+    let refused = |labels: TcpLabels, flag: &'static str| {
+        let series = TcpSeriesSet::new(
+            &waypoint.metrics,
+            &telemetry.tcp_metrics,
+            &TcpLabels { response_flags: flag, ..labels },
+            vip.port(),
+        );
+        series.add(&waypoint.metrics, TcpFamily::Opened, 1);
+        series.add(&waypoint.metrics, TcpFamily::Closed, 1);
+    };
     let request = TcpRequest {
         port: service.port,
         destination: vip.ip(),
@@ -213,30 +242,47 @@ async fn relay(
     };
     let Some(route) = table.select(&request) else {
         info!(service = %service.hostname, caller = %caller.addr, flags = "NR", "TCP connection refused: no route matched");
-        return;
+        return refused(labels, flags::NO_ROUTE);
     };
-    let Some(backend) = route.pick_backend(roll_u64()) else { return };
+    let Some(backend) = route.pick_backend(roll_u64()) else { return refused(labels, flags::NO_ROUTE) };
     if let Some(reason) = &backend.unresolved {
         info!(service = %service.hostname, route = %route.name, flags = "NR", reason, "TCP connection refused");
-        return;
+        return refused(labels, flags::NO_ROUTE);
     }
     let key = (backend.host.clone(), backend.subset.clone(), backend.port.unwrap_or(service.port));
     let Lookup::Found(destination) = tables.destination(&waypoint, &key) else {
         info!(service = %service.hostname, route = %route.name, destination = ?key, flags = "NR", "TCP connection refused: unknown destination");
-        return;
+        return refused(labels, flags::NO_ROUTE);
     };
     let Some(target) = destination.pick(None, roll_u64(), &[]).and_then(|i| destination.endpoints.get(i)).cloned()
     else {
         info!(service = %service.hostname, destination = ?key, flags = "UH", "TCP connection refused: no healthy endpoint");
-        return;
+        return refused(labels, flags::NO_HEALTHY_UPSTREAM);
     };
-    let Some(dial) = waypoint.dial(&caller) else { return };
+    let workload = &target.workload;
+    labels.destination_workload.clone_from(&workload.name);
+    labels.destination_workload_namespace.clone_from(&workload.namespace);
+    labels.destination_principal.clone_from(&workload.identity);
+    workload.app().clone_into(&mut labels.destination_app);
+    workload.revision().clone_into(&mut labels.destination_revision);
+    // No certificate yet: the upstream cannot be reached.
+    let Some(dial) = waypoint.dial(&caller) else { return refused(labels, flags::UPSTREAM_FAILURE) };
     match waypoint.upstreams().connect(&target, &dial.dial()).await {
         Ok(mut upstream) => {
             debug!(route = %route.name, endpoint = %target.addr, "TCP relay");
-            let _ = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await;
+            let series = TcpSeriesSet::new(&waypoint.metrics, &telemetry.tcp_metrics, &labels, vip.port());
+            series.add(&waypoint.metrics, TcpFamily::Opened, 1);
+            // Client to upstream is "sent" (the request direction); a relay that ended
+            // with an error reports no bytes (the copy does not say how many moved).
+            let (sent, received) = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await.unwrap_or_default();
+            series.add(&waypoint.metrics, TcpFamily::Sent, sent);
+            series.add(&waypoint.metrics, TcpFamily::Received, received);
+            series.add(&waypoint.metrics, TcpFamily::Closed, 1);
         }
-        Err(error) => debug!(addr = %target.addr, %error, "TCP upstream connect failed"),
+        Err(error) => {
+            debug!(addr = %target.addr, %error, "TCP upstream connect failed");
+            refused(labels, flags::UPSTREAM_FAILURE);
+        }
     }
 }
 
@@ -843,6 +889,8 @@ impl Downstream {
             version: request.version(),
             headers: request.headers(),
             source_principal: &self.caller.identity,
+            // The direct peer, not `remote.ip`: Envoy's `source.address` is the
+            // connection's remote address even with trusted XFF hops.
             source_addr: self.caller.addr,
             destination_addr: self.target,
             destination_principal: &identity,

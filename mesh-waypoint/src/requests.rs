@@ -4,10 +4,16 @@
 //! request. The Telemetry API decides, per service, which families are recorded and
 //! how their labels are rewritten ([`MetricPlan`]), and whether the log line is written
 //! (the caller asks its `LogPlan`).
+//!
+//! Connections relayed on TCP-routed ports are counted in Istio's TCP families
+//! (`istio_tcp_*`, `reporter="waypoint"`), under the same Telemetry rules
+//! ([`TcpMetricPlan`], [`TcpSeriesSet`]).
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use mesh_proxy::metrics::{Metrics, cluster_of, encode_labels};
-use mesh_waypoint::telemetry_api::apply::{MetricPlan, RequestAttributes, RequestFamily, TagRewrite};
+use mesh_proxy::metrics::{Metrics, TcpFamilyKind, TcpLabels, TcpSeries, cluster_of, encode_labels};
+use mesh_waypoint::telemetry_api::apply::{
+    MetricPlan, RequestAttributes, RequestFamily, TagRewrite, TcpFamily, TcpMetricPlan,
+};
 use prometheus_client::{
     encoding::{EncodeLabelSet, LabelSetEncoder},
     metrics::{counter::Counter, family::Family, histogram::Histogram},
@@ -200,6 +206,54 @@ impl RequestMetrics {
     }
 }
 
+/// The series one relayed TCP connection reports in each TCP family, `None` where the
+/// plan does not record the family. Computed once per connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TcpSeriesSet([Option<TcpSeries>; 4]);
+
+impl TcpSeriesSet {
+    /// The series of a connection with Istio's `labels` to port `port` (what
+    /// `destination.port` reads in a tag override), as `plan` says.
+    pub fn new(metrics: &Metrics, plan: &TcpMetricPlan, labels: &TcpLabels, port: u16) -> Self {
+        let attributes = RequestAttributes { destination_port: port, ..RequestAttributes::default() };
+        let mut standard: Option<TcpSeries> = None;
+        // One series per distinct rewrite (families share equal rewrites).
+        let mut rewritten: Vec<(&Arc<TagRewrite>, TcpSeries)> = Vec::new();
+        let series = TcpFamily::ALL.map(|family| {
+            let how = plan.family(family);
+            if !how.recorded {
+                return None;
+            }
+            Some(match &how.rewrite {
+                None => standard.get_or_insert_with(|| TcpSeries::Standard(metrics.intern(labels.clone()))).clone(),
+                Some(rewrite) => {
+                    if let Some((_, series)) = rewritten.iter().find(|(r, _)| Arc::ptr_eq(r, rewrite)) {
+                        series.clone()
+                    } else {
+                        let series = TcpSeries::Rewritten(rewrite.apply(&labels.pairs(), &attributes).into());
+                        rewritten.push((rewrite, series.clone()));
+                        series
+                    }
+                }
+            })
+        });
+        TcpSeriesSet(series)
+    }
+
+    /// Adds `by` to `family`, when recorded.
+    pub fn add(&self, metrics: &Metrics, family: TcpFamily, by: u64) {
+        let kind = match family {
+            TcpFamily::Opened => TcpFamilyKind::Opened,
+            TcpFamily::Closed => TcpFamilyKind::Closed,
+            TcpFamily::Sent => TcpFamilyKind::Sent,
+            TcpFamily::Received => TcpFamilyKind::Received,
+        };
+        if let Some(series) = &self.0[family as usize] {
+            metrics.add(kind, series, by);
+        }
+    }
+}
+
 /// What one request measured.
 #[derive(Clone, Copy, Debug)]
 pub struct Sample {
@@ -283,6 +337,47 @@ mod tests {
             response_flags: "-",
             ..RequestLabels::default()
         }
+    }
+
+    /// The TCP families follow the plan: a disabled family gets nothing, a rewritten
+    /// one its own labels, the others Istio's.
+    #[test]
+    fn tcp_series_follow_the_plan() {
+        let overrides = vec![
+            MetricOverride { metric: Metric::TcpReceivedBytes, disabled: Some(true), tags: BTreeMap::new() },
+            MetricOverride {
+                metric: Metric::TcpSentBytes,
+                disabled: None,
+                tags: BTreeMap::from([
+                    ("source_workload".to_owned(), TagOverride::Remove),
+                    ("port".to_owned(), TagOverride::Expression("destination.port".into())),
+                ]),
+            },
+        ];
+        let (plan, issues) =
+            TcpMetricPlan::new(&Effective { providers: vec!["prometheus".into()], overrides }, &MeshConfig::default());
+        assert!(issues.is_empty(), "{issues:?}");
+        let metrics = Metrics::default();
+        let labels = TcpLabels {
+            reporter: "waypoint",
+            source_workload: "web".into(),
+            destination_service: "db.shop.svc.cluster.local".into(),
+            connection_security_policy: "mutual_tls",
+            response_flags: "-",
+            ..TcpLabels::default()
+        };
+        let series = TcpSeriesSet::new(&metrics, &plan, &labels, 5432);
+        for family in TcpFamily::ALL {
+            series.add(&metrics, family, 3);
+        }
+        let (_, out) = metrics.render(None);
+        let line = |name: &str| out.lines().find(|l| l.starts_with(name)).map(str::to_owned);
+        let opened = line("istio_tcp_connections_opened_total{").expect("opened");
+        assert!(opened.contains("source_workload=\"web\"") && opened.contains("reporter=\"waypoint\""), "{opened}");
+        let sent = line("istio_tcp_sent_bytes_total{").expect("sent");
+        assert!(!sent.contains("source_workload="), "{sent}");
+        assert!(sent.contains("port=\"5432\"") && sent.ends_with(" 3"), "{sent}");
+        assert_eq!(line("istio_tcp_received_bytes_total{"), None, "disabled: {out}");
     }
 
     /// The plan of these overrides, as the Telemetry API resolves them.

@@ -429,3 +429,92 @@ async fn a_stale_loop_result_keeps_keys_fetched_meanwhile() {
     assert_eq!(controller.jwks().keys().collect::<Vec<_>>(), [&new]);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn backoff_doubles_from_the_first_retry_up_to_the_cap_and_success_means_refresh() {
+    assert_eq!(next_fetch_in(0), REFRESH);
+    assert_eq!(next_fetch_in(1), FIRST_RETRY);
+    assert_eq!(next_fetch_in(2), FIRST_RETRY * 2);
+    assert_eq!(next_fetch_in(5), FIRST_RETRY * 16);
+    assert_eq!(next_fetch_in(12), RETRY_CAP, "2048 s is past the cap");
+    assert_eq!(next_fetch_in(40), RETRY_CAP, "no overflow");
+    assert_eq!(next_fetch_in(u32::MAX), RETRY_CAP);
+    for n in 1..64 {
+        assert!(next_fetch_in(n) <= next_fetch_in(n + 1), "{n}");
+    }
+}
+
+fn want() -> Want {
+    Want { timeout: DEFAULT_TIMEOUT, discover: false }
+}
+
+#[test]
+fn schedule_retries_a_failing_uri_with_backoff_and_refreshes_a_good_one() {
+    let secs = Duration::from_secs;
+    let wanted: BTreeMap<String, Want> = [("good".to_owned(), want()), ("bad".to_owned(), want())].into();
+    let mut schedule = Schedule::default();
+    let set = |uris: &[&str]| uris.iter().map(|u| (*u).to_owned()).collect::<BTreeSet<_>>();
+
+    // Unknown URIs are due at once.
+    assert_eq!(schedule.due(&wanted, secs(0)), set(&["bad", "good"]));
+    schedule.record("good", true, secs(0));
+    schedule.record("bad", false, secs(0));
+    assert_eq!(schedule.sleep(secs(0)), FIRST_RETRY);
+    assert!(schedule.due(&wanted, secs(0)).is_empty());
+
+    // The bad one: 1 s, then 2 s, then 4 s later; the good one only after REFRESH.
+    let mut now = secs(0);
+    for expected_wait in [1, 2, 4, 8] {
+        now += secs(expected_wait);
+        assert_eq!(schedule.due(&wanted, now.saturating_sub(secs(1) / 2)), set(&[]), "not before {now:?}");
+        assert_eq!(schedule.due(&wanted, now), set(&["bad"]));
+        schedule.record("bad", false, now);
+    }
+    assert_eq!(schedule.failures("bad"), 5);
+    assert_eq!(schedule.sleep(now), secs(16));
+
+    // A success resets: next fetch after REFRESH, and a later failure starts over at FIRST_RETRY.
+    schedule.record("bad", true, now);
+    assert_eq!(schedule.failures("bad"), 0);
+    assert_eq!(schedule.due(&wanted, REFRESH), set(&["good"]));
+    schedule.record("good", true, REFRESH);
+    assert_eq!(schedule.due(&wanted, now + REFRESH), set(&["bad"]));
+    schedule.record("bad", false, now + REFRESH);
+    assert_eq!(schedule.sleep(now + REFRESH), FIRST_RETRY);
+}
+
+#[test]
+fn schedule_adopts_what_was_fetched_before_acceptance_and_forgets_unwanted_uris() {
+    let secs = Duration::from_secs;
+    let mut wanted: BTreeMap<String, Want> = [("a".to_owned(), want()), ("b".to_owned(), want())].into();
+    let cache: Cache = [
+        ("a".to_owned(), Entry { keys: Some(KEYS.into()), ..Entry::default() }),
+        ("b".to_owned(), Entry { error: Some("503".into()), ..Entry::default() }),
+    ]
+    .into();
+    let mut schedule = Schedule::default();
+    schedule.adopt(&wanted, &cache, secs(10));
+    assert!(schedule.due(&wanted, secs(10)).is_empty(), "both just fetched");
+    assert_eq!(schedule.failures("b"), 1);
+    assert_eq!(schedule.sleep(secs(10)), FIRST_RETRY);
+    wanted.remove("b");
+    assert_eq!(schedule.due(&wanted, secs(11)), BTreeSet::new(), "b is no longer wanted");
+    assert_eq!(schedule.sleep(secs(11)), REFRESH.saturating_sub(secs(1)));
+    assert_eq!(Schedule::default().sleep(secs(0)), REFRESH, "nothing scheduled");
+}
+
+#[tokio::test]
+async fn listed_refresh_fetches_only_the_listed_uris() {
+    let served = answer(StatusCode::OK, KEYS);
+    let addr = server(served.clone()).await;
+    let (one, two) = (format!("http://{addr}/one"), format!("http://{addr}/two"));
+    let wanted: BTreeMap<String, Want> = [(one.clone(), want()), (two.clone(), want())].into();
+    let tls = connector();
+    let cache = refresh(&Cache::new(), &wanted, Due::All, &tls).await;
+    *served.lock().unwrap() = Some((StatusCode::SERVICE_UNAVAILABLE, String::new()));
+    let listed: BTreeSet<String> = [two.clone()].into();
+    let after = refresh(&cache, &wanted, Due::Listed(&listed), &tls).await;
+    assert_eq!(after[&one], cache[&one], "not fetched");
+    assert!(after[&two].error.is_some(), "fetched: {after:?}");
+    assert_eq!(after[&two].keys.as_deref(), Some(KEYS), "last good keys kept");
+}

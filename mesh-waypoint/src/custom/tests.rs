@@ -181,12 +181,19 @@ fn check_request_uses_envoys_field_numbers() {
             })
             .unwrap_or_else(|| panic!("field {field} missing"))
     }
-    let original = headers(&[("x-ext-authz", "allow"), ("x-multi", "a"), ("x-multi", "b")]);
+    let original = headers(&[
+        ("x-ext-authz", "allow"),
+        ("x-multi", "a"),
+        ("x-multi", "b"),
+        ("x-forwarded-for", "203.0.113.7, 10.0.0.9"),
+    ]);
     let method = Method::GET;
     let encoded = encode_check_request(&request(&method, &original));
     let attributes = one(&encoded, 1);
     let source = one(attributes, 1);
     let socket = one(one(source, 1), 1);
+    // The direct peer, as Envoy's `source.address` (the connection's remote address):
+    // never an address from `X-Forwarded-For`, which travels in the headers.
     assert_eq!(one(socket, 2), b"10.0.0.1");
     assert!(Reader::new(socket).map(Result::unwrap).any(|f| f == (3, Value::Varint(40000))));
     assert_eq!(one(source, 4), b"spiffe://cluster.local/ns/a/sa/client");
@@ -212,6 +219,7 @@ fn check_request_uses_envoys_field_numbers() {
         .collect();
     assert!(map.contains(&("x-ext-authz".into(), "allow".into())));
     assert!(map.contains(&("x-multi".into(), "a,b".into())));
+    assert!(map.contains(&("x-forwarded-for".into(), "203.0.113.7, 10.0.0.9".into())));
     assert!(map.contains(&(":path".into(), "/api/items?x=1".into())));
 }
 

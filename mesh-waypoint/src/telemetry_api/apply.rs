@@ -1,6 +1,7 @@
 //! What the waypoint does with the resolved Telemetry on each request: whether the
 //! access log line is written ([`LogPlan`]) and which request metric families are
-//! recorded under which labels ([`MetricPlan`]). Built once per service port and
+//! recorded under which labels ([`MetricPlan`]); for the connections relayed on
+//! TCP-routed ports, which TCP families ([`TcpMetricPlan`]). Built once per service port and
 //! config version; applied per request without allocating when nothing is overridden.
 //!
 //! Providers. Access logs: the built-in `envoy` provider and any `envoyFileAccessLog`
@@ -19,8 +20,9 @@
 //! `request.host`, `request.method`, `request.path` (with the query, as in Envoy),
 //! `request.url_path` (without), `request.scheme`, `request.protocol`, `request.id`,
 //! `request.useragent`, `request.referer`, `request.headers['name']`,
-//! `destination.port` and `response.code` (each also inside `string(..)`). Anything
-//! else is reported and leaves the label as it is; so is a tag that cannot name a
+//! `destination.port` and `response.code` (each also inside `string(..)`); the TCP
+//! families read `destination.port` only, a request attribute being reported there.
+//! Anything else is reported and leaves the label as it is; so is a tag that cannot name a
 //! Prometheus label. Overrides apply per family (`match.metric`), so families may
 //! carry different labels; equal rewrites are shared and computed once per request.
 use std::{collections::BTreeMap, sync::Arc};
@@ -227,6 +229,20 @@ impl Attribute {
     }
 }
 
+impl Attribute {
+    /// Parses an expression for a TCP metric: only what exists for a connection
+    /// (`destination.port`); a request or response attribute is an error saying so.
+    pub fn parse_l4(expression: &str) -> Result<Attribute, String> {
+        match Attribute::parse(expression)? {
+            Attribute::DestinationPort => Ok(Attribute::DestinationPort),
+            _ => Err(format!(
+                "{} is not an attribute of a TCP connection; TCP metrics read destination.port only",
+                expression.trim()
+            )),
+        }
+    }
+}
+
 /// What the metrics' tag overrides may read of one request. Filled only when the
 /// plan rewrites labels ([`MetricPlan::rewrites`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -332,64 +348,90 @@ impl Default for MetricPlan {
     }
 }
 
+/// Whether the effective metrics providers name the waypoint's Prometheus endpoint;
+/// the providers it cannot serve are reported.
+fn prometheus_in_force(metrics: &Metrics, mesh: &MeshConfig, issues: &mut Vec<ApplyIssue>) -> bool {
+    let mut prometheus = false;
+    for name in &metrics.providers {
+        match mesh.provider(name) {
+            Some(p) if p.prometheus.is_some() => prometheus = true,
+            Some(p) => {
+                issues.push(ApplyIssue::UnsupportedProvider {
+                    block: "metrics",
+                    provider: name.clone(),
+                    kind: kind_of(p),
+                });
+            }
+            None if name == PROMETHEUS_PROVIDER => prometheus = true,
+            None => issues.push(ApplyIssue::UnknownProvider { block: "metrics", provider: name.clone() }),
+        }
+    }
+    prometheus
+}
+
+/// How each of `families` (Istio's metric names) is recorded: kept when Prometheus is
+/// in force and no override disables it; its tag overrides with the expressions
+/// `parse` understands (the others, and bad label names, reported once each). Families
+/// with equal rewrites share one `Arc`.
+fn family_plans<const N: usize>(
+    metrics: &Metrics,
+    prometheus: bool,
+    families: [Metric; N],
+    parse: fn(&str) -> Result<Attribute, String>,
+    issues: &mut Vec<ApplyIssue>,
+) -> [FamilyPlan; N] {
+    let mut report = |issue: ApplyIssue| {
+        if !issues.contains(&issue) {
+            issues.push(issue);
+        }
+    };
+    let mut rewrites: Vec<Arc<TagRewrite>> = Vec::new();
+    families.map(|metric| {
+        let mut rewrite = TagRewrite::default();
+        for (tag, o) in metrics.tag_overrides(&metric) {
+            if !is_label_name(&tag) {
+                report(ApplyIssue::InvalidTagName { tag });
+                continue;
+            }
+            let op = match o {
+                TagOverride::Remove => TagOp::Remove,
+                TagOverride::Literal(v) => TagOp::Literal(v),
+                TagOverride::Expression(e) => match parse(&e) {
+                    Ok(a) => TagOp::Attribute(a),
+                    Err(reason) => {
+                        report(ApplyIssue::UnsupportedTagExpression { tag, expression: e, reason });
+                        continue;
+                    }
+                },
+            };
+            rewrite.ops.insert(tag, op);
+        }
+        let rewrite = if rewrite.ops.is_empty() {
+            None
+        } else if let Some(shared) = rewrites.iter().find(|r| ***r == rewrite) {
+            Some(shared.clone())
+        } else {
+            let shared = Arc::new(rewrite);
+            rewrites.push(shared.clone());
+            Some(shared)
+        };
+        FamilyPlan { recorded: prometheus && !metrics.disabled(&metric), rewrite }
+    })
+}
+
 impl MetricPlan {
     /// The plan for the effective metrics, with the providers looked up in `mesh`.
     pub fn new(metrics: &Metrics, mesh: &MeshConfig) -> (MetricPlan, Vec<ApplyIssue>) {
         let mut issues = Vec::new();
-        let mut prometheus = false;
-        for name in &metrics.providers {
-            match mesh.provider(name) {
-                Some(p) if p.prometheus.is_some() => prometheus = true,
-                Some(p) => issues.push(ApplyIssue::UnsupportedProvider {
-                    block: "metrics",
-                    provider: name.clone(),
-                    kind: kind_of(p),
-                }),
-                None if name == PROMETHEUS_PROVIDER => prometheus = true,
-                None => issues.push(ApplyIssue::UnknownProvider { block: "metrics", provider: name.clone() }),
-            }
-        }
-        let mut rewrites: Vec<Arc<TagRewrite>> = Vec::new();
-        let mut plan = MetricPlan::default();
-        for family in RequestFamily::ALL {
-            let metric = family.metric();
-            let mut rewrite = TagRewrite::default();
-            for (tag, o) in metrics.tag_overrides(&metric) {
-                if !is_label_name(&tag) {
-                    let issue = ApplyIssue::InvalidTagName { tag };
-                    if !issues.contains(&issue) {
-                        issues.push(issue);
-                    }
-                    continue;
-                }
-                let op = match o {
-                    TagOverride::Remove => TagOp::Remove,
-                    TagOverride::Literal(v) => TagOp::Literal(v),
-                    TagOverride::Expression(e) => match Attribute::parse(&e) {
-                        Ok(a) => TagOp::Attribute(a),
-                        Err(reason) => {
-                            let issue = ApplyIssue::UnsupportedTagExpression { tag, expression: e, reason };
-                            if !issues.contains(&issue) {
-                                issues.push(issue);
-                            }
-                            continue;
-                        }
-                    },
-                };
-                rewrite.ops.insert(tag, op);
-            }
-            let rewrite = if rewrite.ops.is_empty() {
-                None
-            } else if let Some(shared) = rewrites.iter().find(|r| ***r == rewrite) {
-                Some(shared.clone())
-            } else {
-                let shared = Arc::new(rewrite);
-                rewrites.push(shared.clone());
-                Some(shared)
-            };
-            plan.families[family as usize] = FamilyPlan { recorded: prometheus && !metrics.disabled(&metric), rewrite };
-        }
-        (plan, issues)
+        let prometheus = prometheus_in_force(metrics, mesh, &mut issues);
+        let families = family_plans(
+            metrics,
+            prometheus,
+            RequestFamily::ALL.map(RequestFamily::metric),
+            Attribute::parse,
+            &mut issues,
+        );
+        (MetricPlan { families }, issues)
     }
 
     /// How `family` is recorded.
@@ -419,6 +461,66 @@ impl MetricPlan {
         names.sort_unstable();
         names.dedup();
         names
+    }
+}
+
+/// Istio's TCP metric families, recorded by the waypoint for the connections it relays
+/// on TCP-routed ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcpFamily {
+    /// `istio_tcp_connections_opened_total` (`TCP_OPENED_CONNECTIONS`).
+    Opened = 0,
+    /// `istio_tcp_connections_closed_total` (`TCP_CLOSED_CONNECTIONS`).
+    Closed = 1,
+    /// `istio_tcp_sent_bytes_total` (`TCP_SENT_BYTES`).
+    Sent = 2,
+    /// `istio_tcp_received_bytes_total` (`TCP_RECEIVED_BYTES`).
+    Received = 3,
+}
+
+impl TcpFamily {
+    pub const ALL: [TcpFamily; 4] = [TcpFamily::Opened, TcpFamily::Closed, TcpFamily::Sent, TcpFamily::Received];
+
+    fn metric(self) -> Metric {
+        match self {
+            TcpFamily::Opened => Metric::TcpOpenedConnections,
+            TcpFamily::Closed => Metric::TcpClosedConnections,
+            TcpFamily::Sent => Metric::TcpSentBytes,
+            TcpFamily::Received => Metric::TcpReceivedBytes,
+        }
+    }
+}
+
+/// Which TCP metric families are recorded for one service, and their labels: the
+/// same `disabled` and `tagOverrides` rules as [`MetricPlan`], with the expressions of
+/// [`Attribute::parse_l4`] (a request attribute is reported and skipped).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TcpMetricPlan {
+    /// Indexed by [`TcpFamily`].
+    pub families: [FamilyPlan; 4],
+}
+
+impl Default for TcpMetricPlan {
+    /// Every family recorded with the standard labels.
+    fn default() -> Self {
+        let standard = FamilyPlan { recorded: true, rewrite: None };
+        TcpMetricPlan { families: [standard.clone(), standard.clone(), standard.clone(), standard] }
+    }
+}
+
+impl TcpMetricPlan {
+    /// The plan for the effective metrics, with the providers looked up in `mesh`.
+    pub fn new(metrics: &Metrics, mesh: &MeshConfig) -> (TcpMetricPlan, Vec<ApplyIssue>) {
+        let mut issues = Vec::new();
+        let prometheus = prometheus_in_force(metrics, mesh, &mut issues);
+        let families =
+            family_plans(metrics, prometheus, TcpFamily::ALL.map(TcpFamily::metric), Attribute::parse_l4, &mut issues);
+        (TcpMetricPlan { families }, issues)
+    }
+
+    /// How `family` is recorded.
+    pub fn family(&self, family: TcpFamily) -> &FamilyPlan {
+        &self.families[family as usize]
     }
 }
 

@@ -278,3 +278,71 @@ proptest::proptest! {
         proptest::prop_assert_eq!(names.len(), len);
     }
 }
+
+fn tcp_plan(spec: serde_json::Value, mesh: &MeshConfig) -> (TcpMetricPlan, Vec<ApplyIssue>) {
+    let r = resolved(Some(spec), mesh);
+    assert!(r.issues.is_empty(), "{:?}", r.issues);
+    TcpMetricPlan::new(&r.effective.metrics, mesh)
+}
+
+#[test]
+fn tcp_families_are_all_recorded_by_default() {
+    let r = resolved(None, &MeshConfig::default());
+    let (plan, issues) = TcpMetricPlan::new(&r.effective.metrics, &MeshConfig::default());
+    assert_eq!(plan, TcpMetricPlan::default());
+    assert!(issues.is_empty(), "{issues:?}");
+}
+
+#[test]
+fn tcp_families_follow_disabled_overrides_by_name_and_all_metrics() {
+    let spec = json!({"metrics": [{"overrides": [
+        {"match": {"metric": "TCP_SENT_BYTES"}, "disabled": true},
+        {"match": {"metric": "REQUEST_COUNT"}, "disabled": true}]}]});
+    let (plan, _) = tcp_plan(spec, &MeshConfig::default());
+    let recorded: Vec<_> = TcpFamily::ALL.iter().map(|f| plan.family(*f).recorded).collect();
+    assert_eq!(recorded, [true, true, false, true], "a request family's override leaves the TCP ones");
+
+    let spec = json!({"metrics": [{"overrides": [
+        {"match": {"metric": "ALL_METRICS"}, "disabled": true},
+        {"match": {"metric": "TCP_CLOSED_CONNECTIONS"}, "disabled": false}]}]});
+    let (plan, _) = tcp_plan(spec, &MeshConfig::default());
+    let recorded: Vec<_> = TcpFamily::ALL.iter().map(|f| plan.family(*f).recorded).collect();
+    assert_eq!(recorded, [false, true, false, false]);
+
+    let spec = json!({"metrics": [{"providers": [{"name": "otel"}]}]});
+    let (plan, _) = tcp_plan(spec, &mesh(vec![otel("otel")], None));
+    assert!(TcpFamily::ALL.iter().all(|f| !plan.family(*f).recorded), "no Prometheus provider, no TCP metric");
+}
+
+#[test]
+fn tcp_tag_overrides_remove_and_upsert_l4_values_and_report_request_attributes() {
+    let spec = json!({"metrics": [{"overrides": [
+        {"match": {"metric": "TCP_OPENED_CONNECTIONS"}, "tagOverrides": {
+            "source_principal": {"operation": "REMOVE"},
+            "team": {"value": "'payments'"},
+            "port": {"value": "destination.port"},
+            "host": {"value": "request.host"}}}]}]});
+    let (plan, issues) = tcp_plan(spec, &MeshConfig::default());
+    assert_eq!(issues.len(), 1, "{issues:?}");
+    assert!(
+        matches!(&issues[0], ApplyIssue::UnsupportedTagExpression { tag, expression, .. }
+            if tag == "host" && expression == "request.host"),
+        "{issues:?}"
+    );
+    assert!(plan.family(TcpFamily::Closed).rewrite.is_none(), "the override names one family");
+    let rewrite = plan.family(TcpFamily::Opened).rewrite.clone().unwrap();
+    let attrs = RequestAttributes { destination_port: 9000, ..RequestAttributes::default() };
+    let labels = rewrite.apply(&[("reporter", "waypoint"), ("source_principal", "spiffe://x")], &attrs);
+    assert_eq!(
+        labels,
+        [("reporter", "waypoint"), ("port", "9000"), ("team", "payments")].map(|(k, v)| (k.to_owned(), v.to_owned()))
+    );
+}
+
+#[test]
+fn l4_expressions_are_the_connection_ones() {
+    assert_eq!(Attribute::parse_l4("string(destination.port)"), Ok(Attribute::DestinationPort));
+    for e in ["request.path", "response.code", "request.headers['x']", "source.ip"] {
+        assert!(Attribute::parse_l4(e).is_err(), "{e}");
+    }
+}
