@@ -7,6 +7,7 @@ mod ext_authz;
 mod inbound;
 mod proxy;
 mod requests;
+mod replay;
 mod tee;
 mod upstream;
 
