@@ -6,8 +6,8 @@ mod destination;
 mod ext_authz;
 mod inbound;
 mod proxy;
-mod requests;
 mod replay;
+mod requests;
 mod tee;
 mod upstream;
 

@@ -55,8 +55,8 @@ use crate::{
     destination::Lookup,
     ext_authz::{self, CheckRequest, Decision},
     inbound::{Caller, Protocol, Tables, Telemetry, Waypoint, protocol_of},
-    requests::{RequestLabels, RequestLog, Sample},
     replay::{self, Recording},
+    requests::{RequestLabels, RequestLog, Sample},
     tee,
     upstream::{Body, BoxError, Dial, Target, UpstreamError},
 };
@@ -1182,7 +1182,12 @@ impl Downstream {
                 if !again {
                     body.settle();
                     if wanted && body.overflowed() {
-                        debug!(attempt, ?outcome, limit = replay::MAX_KEPT, "no retry: the request body outgrew the copy kept for retries");
+                        debug!(
+                            attempt,
+                            ?outcome,
+                            limit = replay::MAX_KEPT,
+                            "no retry: the request body outgrew the copy kept for retries"
+                        );
                     }
                     let exhausted = attempt > 1 && retry.conditions.matches(&outcome);
                     return match result {

@@ -18,7 +18,7 @@ use std::{
 
 use bytes::Bytes;
 use http::HeaderMap;
-use http_body::{Body as _, Frame, SizeHint};
+use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt as _;
 
 use crate::upstream::{Body, BoxError};
