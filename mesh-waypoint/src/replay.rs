@@ -77,19 +77,33 @@ impl Kept {
     }
 }
 
+/// Whether frames read from the source are kept.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Copying {
+    Keeping,
+    /// The body outgrew the bound: no copy, no retry.
+    Overflowed,
+    /// No more tries ([`Recording::settle`]).
+    Settled,
+}
+
+/// How far the source has been read.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Open,
+    Done,
+    Failed,
+}
+
 struct State {
     source: Body,
-    /// Frames read from `source`, while `keeping`; once not keeping, only those the
-    /// current try has not sent yet.
+    read: Source,
+    /// Frames read from `source`, while keeping; after, only those the current try has
+    /// not sent yet.
     kept: VecDeque<Kept>,
     kept_bytes: usize,
     limit: usize,
-    /// Whether frames read from `source` are kept (false after an overflow or
-    /// [`Recording::settle`]).
-    keeping: bool,
-    overflowed: bool,
-    source_done: bool,
-    source_failed: bool,
+    copying: Copying,
     /// The try whose body reads (1 for the first); 0 before the first.
     current: u64,
     /// The next kept frame the current try reads (0 when not keeping: it pops).
@@ -106,10 +120,8 @@ impl Recording {
             kept: VecDeque::new(),
             kept_bytes: 0,
             limit,
-            keeping: true,
-            overflowed: false,
-            source_done: false,
-            source_failed: false,
+            read: Source::Open,
+            copying: Copying::Keeping,
             current: 0,
             pos: 0,
             waiting: None,
@@ -124,13 +136,12 @@ impl Recording {
     /// Whether a next try can have the whole body: nothing was dropped for the bound
     /// and the source has not failed.
     pub fn can_replay(&self) -> bool {
-        let state = self.lock();
-        state.keeping && !state.overflowed && !state.source_failed
+        self.lock().can_replay()
     }
 
     /// Whether the body outgrew the bound (the request gets no retry).
     pub fn overflowed(&self) -> bool {
-        self.lock().overflowed
+        self.lock().copying == Copying::Overflowed
     }
 
     /// The body of the next try: the kept frames, then the rest of the source. The
@@ -138,7 +149,7 @@ impl Recording {
     /// already read and [`Recording::can_replay`] is false.
     pub fn next_try(&self) -> Option<Body> {
         let mut state = self.lock();
-        if state.current > 0 && !(state.keeping && !state.overflowed && !state.source_failed) {
+        if state.current > 0 && !state.can_replay() {
             return None;
         }
         state.current += 1;
@@ -153,13 +164,19 @@ impl Recording {
     /// sent; frames it has sent are released.
     pub fn settle(&self) {
         let mut state = self.lock();
-        if state.keeping {
+        if state.copying == Copying::Keeping {
             let sent = state.pos;
             state.kept.drain(..sent);
             state.kept_bytes = state.kept.iter().map(Kept::len).sum();
             state.pos = 0;
-            state.keeping = false;
+            state.copying = Copying::Settled;
         }
+    }
+}
+
+impl State {
+    fn can_replay(&self) -> bool {
+        self.copying == Copying::Keeping && self.read != Source::Failed
     }
 }
 
@@ -181,7 +198,7 @@ impl http_body::Body for TryBody {
             return Poll::Ready(Some(Err(ReplayError::Superseded { superseded: self.attempt }.into())));
         }
         // Kept frames this try has not sent yet come first.
-        if state.keeping {
+        if state.copying == Copying::Keeping {
             if let Some(kept) = state.kept.get(state.pos) {
                 let frame = kept.to_frame();
                 state.pos += 1;
@@ -191,15 +208,14 @@ impl http_body::Body for TryBody {
             state.kept_bytes -= kept.len();
             return Poll::Ready(Some(Ok(kept.into_frame())));
         }
-        if state.source_failed {
-            return Poll::Ready(Some(Err(ReplayError::SourceFailed.into())));
-        }
-        if state.source_done {
-            return Poll::Ready(None);
+        match state.read {
+            Source::Failed => return Poll::Ready(Some(Err(ReplayError::SourceFailed.into()))),
+            Source::Done => return Poll::Ready(None),
+            Source::Open => {}
         }
         match Pin::new(&mut state.source).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                if state.keeping {
+                if state.copying == Copying::Keeping {
                     let len = frame.data_ref().map_or(0, Bytes::len);
                     if state.kept_bytes + len > state.limit {
                         // Every kept frame was sent (the source is read only then):
@@ -207,8 +223,7 @@ impl http_body::Body for TryBody {
                         state.kept.clear();
                         state.kept_bytes = 0;
                         state.pos = 0;
-                        state.keeping = false;
-                        state.overflowed = true;
+                        state.copying = Copying::Overflowed;
                     } else if let Some(kept) = Kept::of(&frame) {
                         state.kept.push_back(kept);
                         state.kept_bytes += len;
@@ -218,11 +233,11 @@ impl http_body::Body for TryBody {
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(error))) => {
-                state.source_failed = true;
+                state.read = Source::Failed;
                 Poll::Ready(Some(Err(error)))
             }
             Poll::Ready(None) => {
-                state.source_done = true;
+                state.read = Source::Done;
                 Poll::Ready(None)
             }
             Poll::Pending => {
@@ -236,14 +251,17 @@ impl http_body::Body for TryBody {
         let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         state.current == self.attempt
             && state.pos >= state.kept.len()
-            && !state.source_failed
-            && (state.source_done || state.source.is_end_stream())
+            && match state.read {
+                Source::Done => true,
+                Source::Failed => false,
+                Source::Open => state.source.is_end_stream(),
+            }
     }
 
     fn size_hint(&self) -> SizeHint {
         let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let unsent: u64 = state.kept.iter().skip(state.pos).map(|k| k.len() as u64).sum();
-        if state.source_done {
+        if state.read == Source::Done {
             return SizeHint::with_exact(unsent);
         }
         let rest = state.source.size_hint();
