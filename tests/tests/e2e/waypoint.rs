@@ -165,6 +165,21 @@ fn waypoint_canary_retries_faults_timeouts_breaker_and_ejection() {
         })
         .unwrap_or_else(|_| panic!("retries: {}", lab.log_of("waypoint")));
         wait_for(Duration::from_secs(2), || lab.log_of("waypoint").contains("URX")).expect("retry-exhausted flag");
+        // A streamed upload (chunked, 100 KiB: over the 64 KiB read ahead) is retried
+        // too, from the copy the waypoint keeps as it passes.
+        let posts = || -> usize {
+            shop_pods(lab)
+                .iter()
+                .map(|p| lab.log_of(&format!("httpbin-{p}")).matches("\"POST /status/503 ").count())
+                .sum()
+        };
+        let script = format!(
+            "head -c 102400 /dev/zero | curl -s -o /dev/null -w '%{{http_code}}' -T - -X POST {HTTPBIN_URL}/status/503"
+        );
+        let out = lab.exec("n1-p1", &["sh", "-c", &script]).unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "503");
+        wait_for(Duration::from_secs(3), || posts() == 4)
+            .unwrap_or_else(|_| panic!("chunked upload tried {} times, not 4: {}", posts(), lab.log_of("waypoint")));
         // Request timeout: 504 UT.
         let out = bodies(lab, "n1-p1", &format!("{HTTPBIN_URL}/delay/3"), 1, "-o /dev/null");
         assert_eq!(out.iter().map(|l| l.trim()).collect::<Vec<_>>(), ["504"], "{out:?}");
@@ -545,6 +560,7 @@ fn waypoint_mirror_tcp_routes_and_bad_input() {
         wait_for(Duration::from_secs(10), || big_sizes(&["n1-p2", "n2-p2"]).len() == 1)
             .unwrap_or_else(|_| panic!("large body not mirrored: {}", lab.log_of("waypoint")));
         let shadow = big_sizes(&["n1-p2", "n2-p2"]);
+        eprintln!("2 MiB chunked upload: primary answered {primary:?} bytes, shadow {shadow:?}");
         assert!(shadow[0] > 2 << 20, "the shadow got less than the upload: {shadow:?} (primary {primary:?})");
         // TCP route: the HTTP port declared `tcp-`: relayed as bytes by the waypoint
         // (the server sees it as the peer), to v2 pods only.
