@@ -6,6 +6,7 @@ mod destination;
 mod ext_authz;
 mod inbound;
 mod proxy;
+mod replay;
 mod requests;
 mod tee;
 mod upstream;

@@ -56,18 +56,22 @@ use crate::{
     destination::Lookup,
     ext_authz::{self, CheckRequest, Decision},
     inbound::{Caller, Protocol, Tables, Telemetry, Waypoint, protocol_of},
+    replay::{self, Recording},
     requests::{RequestLabels, RequestLog, Sample, TcpSeriesSet},
     tee,
     upstream::{Body, BoxError, Dial, Target, UpstreamError},
 };
 
-/// Request bodies up to this size are kept for retries and mirrors.
+/// Request bodies of a known length up to this size are read whole before the first
+/// try, for retries and mirrors.
 const MAX_REPLAY: usize = 64 << 10;
 
 /// A request body for the tries of one request.
 enum Replay {
     Buffered(Bytes),
-    /// Streamed: one try only.
+    /// Streamed, with a copy kept for retries up to [`replay::MAX_KEPT`].
+    Recorded(Recording),
+    /// Streamed: one try only (no retry policy, or an upgrade).
     Stream(Option<Counted>),
 }
 
@@ -75,12 +79,30 @@ impl Replay {
     fn take(&mut self) -> Option<Body> {
         match self {
             Self::Buffered(bytes) => Some(full(bytes.clone())),
+            Self::Recorded(recording) => recording.next_try(),
             Self::Stream(body) => body.take().map(http_body_util::BodyExt::boxed),
         }
     }
 
     fn can_replay(&self) -> bool {
-        matches!(self, Self::Buffered(_))
+        match self {
+            Self::Buffered(_) => true,
+            Self::Recorded(recording) => recording.can_replay(),
+            Self::Stream(_) => false,
+        }
+    }
+
+    /// Whether a retry was given up because the body outgrew the kept copy (Envoy's
+    /// `retry_or_shadow_abandoned`).
+    fn overflowed(&self) -> bool {
+        matches!(self, Self::Recorded(recording) if recording.overflowed())
+    }
+
+    /// No more tries: a kept copy is released as the last try sends it.
+    fn settle(&self) {
+        if let Self::Recorded(recording) = self {
+            recording.settle();
+        }
     }
 }
 
@@ -1128,7 +1150,15 @@ impl Downstream {
                     self.mirror(tables, service, mirror, &head, copy, &authority, &path, h2);
                 }
             }
-            Replay::Stream(_) => {}
+            Replay::Stream(_) | Replay::Recorded(_) => {}
+        }
+        // A streamed body is kept (up to a bound) for retries only when there may be
+        // retries: no retry policy, no copy.
+        if retry.attempts > 0
+            && !upgrade
+            && let Replay::Stream(Some(counted)) = body
+        {
+            body = Replay::Recorded(Recording::new(counted.boxed(), replay::MAX_KEPT));
         }
         let limits = destination.policy.limits;
         let Some(_request_slot) = destination.health.breaker.try_request(&limits) else {
@@ -1192,11 +1222,21 @@ impl Downstream {
                         local_origin_failure: status.is_none(),
                     },
                 );
-                let again = body.can_replay() && retry.should_retry(attempt, &outcome) && {
+                let wanted = retry.should_retry(attempt, &outcome);
+                let again = wanted && body.can_replay() && {
                     // Retries in flight to the destination are bounded too (`maxRetries`).
                     destination.health.breaker.try_retry(&limits).map(|slot| retry_slots.push(slot)).is_some()
                 };
                 if !again {
+                    body.settle();
+                    if wanted && body.overflowed() {
+                        debug!(
+                            attempt,
+                            ?outcome,
+                            limit = replay::MAX_KEPT,
+                            "no retry: the request body outgrew the copy kept for retries"
+                        );
+                    }
                     let exhausted = attempt > 1 && retry.conditions.matches(&outcome);
                     return match result {
                         Ok(Ok(response)) => {

@@ -165,6 +165,21 @@ fn waypoint_canary_retries_faults_timeouts_breaker_and_ejection() {
         })
         .unwrap_or_else(|_| panic!("retries: {}", lab.log_of("waypoint")));
         wait_for(Duration::from_secs(2), || lab.log_of("waypoint").contains("URX")).expect("retry-exhausted flag");
+        // A streamed upload (chunked, 100 KiB: over the 64 KiB read ahead) is retried
+        // too, from the copy the waypoint keeps as it passes.
+        let posts = || -> usize {
+            shop_pods(lab)
+                .iter()
+                .map(|p| lab.log_of(&format!("httpbin-{p}")).matches("\"POST /status/503 ").count())
+                .sum()
+        };
+        let script = format!(
+            "head -c 102400 /dev/zero | curl -s -o /dev/null -w '%{{http_code}}' -T - -X POST {HTTPBIN_URL}/status/503"
+        );
+        let out = lab.exec("n1-p1", &["sh", "-c", &script]).unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "503");
+        wait_for(Duration::from_secs(3), || posts() == 4)
+            .unwrap_or_else(|_| panic!("chunked upload tried {} times, not 4: {}", posts(), lab.log_of("waypoint")));
         // Request timeout: 504 UT.
         let out = bodies(lab, "n1-p1", &format!("{HTTPBIN_URL}/delay/3"), 1, "-o /dev/null");
         assert_eq!(out.iter().map(|l| l.trim()).collect::<Vec<_>>(), ["504"], "{out:?}");
@@ -520,6 +535,33 @@ fn waypoint_mirror_tcp_routes_and_bad_input() {
         assert_eq!(hits(&["n1-p1", "n2-p1"]), 10, "primary requests at v1");
         wait_for(Duration::from_secs(5), || hits(&["n1-p2", "n2-p2"]) == 10)
             .unwrap_or_else(|_| panic!("mirrored: {} of 10; {}", hits(&["n1-p2", "n2-p2"]), lab.log_of("waypoint")));
+        // A 2 MiB upload without Content-Length (chunked): the primary answers with
+        // all of it (httpbin echoes the body as `data`), and the shadow receives all of
+        // it too (its echo, logged by gunicorn as the response size, holds the 2 MiB).
+        let script = "head -c 2097152 /dev/zero | tr '\\0' a \\
+            | curl -s --max-time 20 -T - -X POST -H 'content-type: text/plain' http://10.96.0.20:8000/anything/mirrored/big \\
+            | python3 -c 'import json, sys; print(len(json.load(sys.stdin)[\"data\"]))'";
+        let out = lab.exec("n1-p1", &["sh", "-c", script]).unwrap();
+        let echoed = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert_eq!(echoed, "2097152", "primary's echo of the upload: {}", String::from_utf8_lossy(&out.stderr));
+        let big_sizes = |pods: &[&str]| -> Vec<u64> {
+            pods.iter()
+                .flat_map(|p| {
+                    lab.log_of(&format!("httpbin-{p}"))
+                        .lines()
+                        .filter(|l| l.contains("\"POST /anything/mirrored/big "))
+                        .filter_map(|l| l.split("\" ").nth(1)?.split(' ').nth(1)?.parse().ok())
+                        .collect::<Vec<u64>>()
+                })
+                .collect()
+        };
+        let primary = big_sizes(&["n1-p1", "n2-p1"]);
+        assert!(primary.len() == 1 && primary[0] > 2 << 20, "primary: {primary:?}");
+        wait_for(Duration::from_secs(10), || big_sizes(&["n1-p2", "n2-p2"]).len() == 1)
+            .unwrap_or_else(|_| panic!("large body not mirrored: {}", lab.log_of("waypoint")));
+        let shadow = big_sizes(&["n1-p2", "n2-p2"]);
+        eprintln!("2 MiB chunked upload: primary answered {primary:?} bytes, shadow {shadow:?}");
+        assert!(shadow[0] > 2 << 20, "the shadow got less than the upload: {shadow:?} (primary {primary:?})");
         // TCP route: the HTTP port declared `tcp-`: relayed as bytes by the waypoint
         // (the server sees it as the peer), to v2 pods only.
         let tcp: Vec<String> = bodies(lab, "n1-p1", "http://10.96.0.12:81/", 12, "")
@@ -567,6 +609,85 @@ fn waypoint_mirror_tcp_routes_and_bad_input() {
         eprintln!("rapid reset: {flood} of 2000 reset requests reached httpbin");
         let (code, text) = try_curl(lab, "n2-p1", &format!("{HTTPBIN_URL}/get"));
         assert_eq!(code, 0, "after the bad input: {text}\n{}", lab.log_of("waypoint"));
+    });
+}
+
+/// `echo`'s endpoints by locality: `distribute` from the waypoint's zone, 80 % to it
+/// and 20 % to the other.
+const LOCALITY_DISTRIBUTE: &str = "\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: echo, namespace: shop}
+spec:
+  host: echo
+  trafficPolicy:
+    loadBalancer:
+      localityLbSetting:
+        distribute:
+        - from: region1/zone1/*
+          to: {region1/zone1/*: 80, region1/zone2/*: 20}
+";
+
+/// Outlier detection, which turns on Istio's default locality failover: the
+/// waypoint's zone first, the rest of its region when that zone's endpoints are gone.
+const LOCALITY_FAILOVER: &str = "\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: echo, namespace: shop}
+spec:
+  host: echo
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 2m, maxEjectionPercent: 100}
+";
+
+/// Pods of node 1 (and the waypoint, on node 1) are in `region1/zone1`, those of node 2
+/// in `region1/zone2` (the pods' `istio-locality` label).
+#[test]
+fn waypoint_locality_failover_and_distribute() {
+    let adjust = |spec: &mut mesh_lab::LabSpec| spec.waypoint_bin = Some(super::waypoint_bin());
+    with_lab_spec("mesh-wl", 3, &[], Some(&[]), adjust, |lab| {
+        let mut yaml = std::fs::read_to_string(lab.config_dir().join("lab.yaml")).unwrap();
+        for pod in &lab.pods {
+            let line = format!("    statefulset.kubernetes.io/pod-name: {}\n", pod.name);
+            assert!(yaml.contains(&line), "no label line for {} in the lab's YAML", pod.name);
+            yaml = yaml.replace(&line, &format!("{line}    istio-locality: region1.zone{}\n", pod.node));
+        }
+        let line = format!("    gateway.networking.k8s.io/gateway-name: {}\n", mesh_lab::WAYPOINT);
+        assert!(yaml.contains(&line), "no waypoint pod in the lab's YAML");
+        yaml = yaml.replace(&line, &format!("{line}    istio-locality: region1.zone1\n"));
+        apply(lab, "lab.yaml", &yaml);
+        // One keep-alive connection, `count` requests: how many each zone answered.
+        let by_zone = |count: usize| -> (usize, usize, String) {
+            let script = format!("curl -s $(for i in $(seq {count}); do printf 'http://10.96.0.10/ '; done)");
+            let out = lab.exec("n1-p1", &["sh", "-c", &script]).unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let zone1 = text.lines().filter(|l| l.starts_with("pod=n1-")).count();
+            let zone2 = text.lines().filter(|l| l.starts_with("pod=n2-")).count();
+            (zone1, zone2, text)
+        };
+
+        apply(lab, "echo-dr.yaml", LOCALITY_DISTRIBUTE);
+        let (zone1, zone2, _) = by_zone(200);
+        eprintln!("distribute: zone1 {zone1}, zone2 {zone2}");
+        assert_eq!(zone1 + zone2, 200, "{}", lab.log_of("waypoint"));
+        assert!((140..=180).contains(&zone1), "80/20 by locality: zone1 {zone1}, zone2 {zone2}");
+
+        apply(lab, "echo-dr.yaml", LOCALITY_FAILOVER);
+        let (zone1, zone2, _) = by_zone(40);
+        assert_eq!((zone1, zone2), (40, 0), "all in the waypoint's zone\n{}", lab.log_of("waypoint"));
+        // Zone 1's servers stop: outlier detection ejects them (retries hide the
+        // failures meanwhile), and the traffic fails over to zone 2.
+        for pod in ["n1-p1", "n1-p2"] {
+            lab.stop_process(pod, "KILL").expect("echo server stopped");
+        }
+        wait_for(Duration::from_secs(10), || {
+            let _ = by_zone(10);
+            lab.log_of("waypoint").matches("endpoint ejected").count() >= 2
+        })
+        .unwrap_or_else(|_| panic!("zone 1 not ejected: {}", lab.log_of("waypoint")));
+        let (zone1, zone2, text) = by_zone(40);
+        eprintln!("failover: zone1 {zone1}, zone2 {zone2}");
+        assert_eq!((zone1, zone2), (0, 40), "all failed over to zone 2: {text}\n{}", lab.log_of("waypoint"));
     });
 }
 
