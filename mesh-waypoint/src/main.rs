@@ -113,6 +113,7 @@ fn serve_shard(
     shard::enter(index);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     runtime.block_on(async move {
+        tokio::spawn(shard::keep_timers_near());
         let listener = match tokio::net::TcpListener::from_std(listener) {
             Ok(listener) => listener,
             Err(error) => {
