@@ -8,7 +8,8 @@
 //!   dedicated mode on a local config, the client pod's traffic redirected into it (see
 //!   `ztunnel.rs`).
 //!
-//! Then the waypoint's cost, HTTP over no mesh, the L4 tunnel and the waypoint (see
+//! Then the waypoint's cost, HTTP over no mesh, the L4 tunnel and the waypoint, and
+//! the cost of L7 authorization, JWT validation and tracing at the waypoint (see
 //! `waypoint.rs`).
 //!
 //! Every load run is bounded in count and in time (`timeout` around each client).
@@ -444,6 +445,8 @@ pub fn bench(options: &Options) -> anyhow::Result<()> {
     println!("==> lab up (controller, 2 agents, 4 pods, a waypoint)");
     let lab = Lab::up(spec)?;
     waypoint::prepare(&lab)?;
+    let features =
+        if options.sections == Sections::L4 { None } else { Some(waypoint::Features::prepare(&lab)?) };
     let server = lab.pod(SERVER).ip4.clone();
     // With the default (2: loopback only) TIME_WAIT sockets fill the ephemeral ports
     // of a connection-rate run within a second and the baseline collapses.
@@ -532,9 +535,11 @@ pub fn bench(options: &Options) -> anyhow::Result<()> {
         None
     } else {
         println!(
-            "==> waypoint: 1 KiB HTTP/1.1 {CLIENT} -> {SERVER}; {rounds} round(s) of no mesh / L4 tunnel / waypoint"
+            "==> waypoint: 1 KiB HTTP/1.1 {CLIENT} -> {SERVER}; {rounds} round(s) of no mesh / L4 tunnel / waypoint / \
+             waypoint + L7 authz / + JWT / + tracing"
         );
-        Some(waypoint::run(&lab, rounds, count, requests, &agents, &mut enroll)?)
+        let features = features.as_ref().context("the L7 features were not prepared")?;
+        Some(waypoint::run(&lab, rounds, count, requests, &agents, features, &mut enroll)?)
     };
     // The peak is the highest high-water mark of the whole run.
     for (_, samples) in &mut results.legs {
