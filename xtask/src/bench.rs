@@ -445,8 +445,7 @@ pub fn bench(options: &Options) -> anyhow::Result<()> {
     println!("==> lab up (controller, 2 agents, 4 pods, a waypoint)");
     let lab = Lab::up(spec)?;
     waypoint::prepare(&lab)?;
-    let features =
-        if options.sections == Sections::L4 { None } else { Some(waypoint::Features::prepare(&lab)?) };
+    let features = if options.sections == Sections::L4 { None } else { Some(waypoint::Features::prepare(&lab)?) };
     let server = lab.pod(SERVER).ip4.clone();
     // With the default (2: loopback only) TIME_WAIT sockets fill the ephemeral ports
     // of a connection-rate run within a second and the baseline collapses.

@@ -332,7 +332,8 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
 /// A `--header` value (`name: value`) as a request header line with its CRLF; refuses
 /// what would break the request (no colon, an empty name, a line break).
 fn header_line(header: &str) -> anyhow::Result<String> {
-    let (name, value) = header.split_once(':').with_context(|| format!("--header {header:?}: expected 'name: value'"))?;
+    let (name, value) =
+        header.split_once(':').with_context(|| format!("--header {header:?}: expected 'name: value'"))?;
     let name = name.trim();
     if name.is_empty() || name.contains(char::is_whitespace) || header.contains(['\r', '\n']) {
         bail!("--header {header:?}: expected 'name: value' on one line");

@@ -244,7 +244,10 @@ impl Features {
         ] {
             let got = status(lab, method, &url(AUTHZ_VIP, path), &[]);
             if got != expected {
-                bail!("authz leg: {method} {path} ({why}) answered {got}, not {expected}; waypoint log:\n{}", waypoint_log(lab));
+                bail!(
+                    "authz leg: {method} {path} ({why}) answered {got}, not {expected}; waypoint log:\n{}",
+                    waypoint_log(lab)
+                );
             }
         }
 
@@ -265,7 +268,10 @@ impl Features {
         {
             let got = status(lab, "POST", &url(JWT_VIP, "/echo"), &[header]);
             if got != expected {
-                bail!("JWT leg: POST /echo with {why} answered {got}, not {expected}; waypoint log:\n{}", waypoint_log(lab));
+                bail!(
+                    "JWT leg: POST /echo with {why} answered {got}, not {expected}; waypoint log:\n{}",
+                    waypoint_log(lab)
+                );
             }
         }
 
