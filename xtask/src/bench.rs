@@ -8,7 +8,8 @@
 //!   dedicated mode on a local config, the client pod's traffic redirected into it (see
 //!   `ztunnel.rs`).
 //!
-//! Then the waypoint's cost, HTTP over no mesh, the L4 tunnel and the waypoint (see
+//! Then the waypoint's cost, HTTP over no mesh, the L4 tunnel and the waypoint, and
+//! the cost of L7 authorization, JWT validation and tracing at the waypoint (see
 //! `waypoint.rs`).
 //!
 //! Every load run is bounded in count and in time (`timeout` around each client).
@@ -444,6 +445,7 @@ pub fn bench(options: &Options) -> anyhow::Result<()> {
     println!("==> lab up (controller, 2 agents, 4 pods, a waypoint)");
     let lab = Lab::up(spec)?;
     waypoint::prepare(&lab)?;
+    let features = if options.sections == Sections::L4 { None } else { Some(waypoint::Features::prepare(&lab)?) };
     let server = lab.pod(SERVER).ip4.clone();
     // With the default (2: loopback only) TIME_WAIT sockets fill the ephemeral ports
     // of a connection-rate run within a second and the baseline collapses.
@@ -528,13 +530,18 @@ pub fn bench(options: &Options) -> anyhow::Result<()> {
         }
     }
     let requests = if options.quick { 5_000 } else { 20_000 };
+    // Paced HTTP requests per leg: at least 3 s at 1000/s, since CPU time comes from
+    // /proc in 10 ms ticks and an L7 feature costs a few ms per 1000 requests.
+    let http_count = if options.quick { 3_000 } else { 5_000 };
     let http = if options.sections == Sections::L4 {
         None
     } else {
         println!(
-            "==> waypoint: 1 KiB HTTP/1.1 {CLIENT} -> {SERVER}; {rounds} round(s) of no mesh / L4 tunnel / waypoint"
+            "==> waypoint: 1 KiB HTTP/1.1 {CLIENT} -> {SERVER}, {http_count} at 1000/s and {requests} with h2load per \
+             leg; {rounds} round(s) of no mesh / L4 tunnel / waypoint / waypoint + L7 authz / + JWT / + tracing"
         );
-        Some(waypoint::run(&lab, rounds, count, requests, &agents, &mut enroll)?)
+        let features = features.as_ref().context("the L7 features were not prepared")?;
+        Some(waypoint::run(&lab, rounds, http_count, requests, &agents, features, &mut enroll)?)
     };
     // The peak is the highest high-water mark of the whole run.
     for (_, samples) in &mut results.legs {

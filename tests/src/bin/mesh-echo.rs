@@ -5,7 +5,8 @@
 //! bytes back on `--tcp-port`. `mesh-echo rr --addr IP:PORT` measures request/response
 //! latency against the echo port at a fixed rate and prints JSON; `http` does the same
 //! with HTTP/1.1 requests on one keep-alive connection (`POST /echo`, whose body the
-//! server sends back). `load` keeps a
+//! server sends back; `--header 'name: value'`, repeatable, adds a request header,
+//! e.g. a bearer token). `load` keeps a
 //! steady rate of new connections and counts the failures; `many` holds many idle
 //! connections open at once.
 use std::{
@@ -41,7 +42,13 @@ fn main() -> anyhow::Result<()> {
             let size: usize = opt("--size").map_or(Ok(1024), |v| v.parse()).context("--size")?;
             let count: usize = opt("--count").map_or(Ok(2000), |v| v.parse()).context("--count")?;
             let rate: u64 = opt("--rate").map_or(Ok(1000), |v| v.parse()).context("--rate")?;
-            http_request_response(addr, size, count, rate)
+            let headers = rest
+                .iter()
+                .zip(rest.iter().skip(1))
+                .filter(|(flag, _)| *flag == "--header")
+                .map(|(_, value)| header_line(value))
+                .collect::<anyhow::Result<String>>()?;
+            http_request_response(addr, size, count, rate, &headers)
         }
         "cps" => {
             let addr: SocketAddr = opt("--addr").context("--addr is required")?.parse().context("--addr")?;
@@ -322,11 +329,23 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
-/// One persistent HTTP/1.1 connection; a `POST /echo` with a `size`-byte body every
-/// 1/`rate` s (at once when the previous answer came late), `count` times; each answer
-/// must be a 200 with the body echoed. Prints latency percentiles and the count of
-/// answers that were not.
-fn http_request_response(addr: SocketAddr, size: usize, count: usize, rate: u64) -> anyhow::Result<()> {
+/// A `--header` value (`name: value`) as a request header line with its CRLF; refuses
+/// what would break the request (no colon, an empty name, a line break).
+fn header_line(header: &str) -> anyhow::Result<String> {
+    let (name, value) =
+        header.split_once(':').with_context(|| format!("--header {header:?}: expected 'name: value'"))?;
+    let name = name.trim();
+    if name.is_empty() || name.contains(char::is_whitespace) || header.contains(['\r', '\n']) {
+        bail!("--header {header:?}: expected 'name: value' on one line");
+    }
+    Ok(format!("{name}: {}\r\n", value.trim()))
+}
+
+/// One persistent HTTP/1.1 connection; a `POST /echo` with a `size`-byte body and the
+/// extra `headers` (header lines with their CRLF) every 1/`rate` s (at once when the
+/// previous answer came late), `count` times; each answer must be a 200 with the body
+/// echoed. Prints latency percentiles and the count of answers that were not.
+fn http_request_response(addr: SocketAddr, size: usize, count: usize, rate: u64, headers: &str) -> anyhow::Result<()> {
     let stream =
         TcpStream::connect_timeout(&addr, Duration::from_secs(5)).with_context(|| format!("connect {addr}"))?;
     stream.set_nodelay(true)?;
@@ -334,7 +353,7 @@ fn http_request_response(addr: SocketAddr, size: usize, count: usize, rate: u64)
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
     let mut request =
-        format!("POST /echo HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/octet-stream\r\ncontent-length: {size}\r\n\r\n")
+        format!("POST /echo HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/octet-stream\r\ncontent-length: {size}\r\n{headers}\r\n")
             .into_bytes();
     request.extend(std::iter::repeat_n(0x5a_u8, size));
     let mut bad = 0u64;
@@ -423,4 +442,19 @@ fn request_response(addr: SocketAddr, size: usize, count: usize, rate: u64) -> a
     })?;
     println!("{report}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::header_line;
+
+    #[test]
+    fn header_lines() {
+        assert_eq!(header_line("Authorization: Bearer a.b.c").unwrap(), "Authorization: Bearer a.b.c\r\n");
+        assert_eq!(header_line("x-empty:").unwrap(), "x-empty: \r\n");
+        for bad in ["no colon", ": value", "two words: v", "x: a\r\ninjected: 1"] {
+            let error = header_line(bad).unwrap_err().to_string();
+            assert!(error.contains("--header"), "{bad}: {error}");
+        }
+    }
 }
