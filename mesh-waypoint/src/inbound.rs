@@ -557,3 +557,41 @@ mod tests {
         assert_eq!(forwarded_for("by=x"), None);
     }
 }
+
+/// The span exporters' counters as `mesh_waypoint_spans{provider, result}`, so that
+/// spans dropped at a full queue or lost to a failing collector are seen on the
+/// metrics endpoint (export never waits for the collector, so this is where it shows).
+pub struct SpanMetrics(pub Arc<Waypoint>);
+
+impl std::fmt::Debug for SpanMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpanMetrics").finish_non_exhaustive()
+    }
+}
+
+impl prometheus_client::collector::Collector for SpanMetrics {
+    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        use std::sync::atomic::Ordering::Relaxed;
+        let counters: Vec<(String, Arc<otlp::ExportCounters>)> = {
+            let exporters = self.0.exporters.lock().expect("lock");
+            exporters.iter().map(|(name, (_, sender))| (name.clone(), sender.counters().clone())).collect()
+        };
+        let samples: Vec<(&str, &str, u64)> = counters
+            .iter()
+            .flat_map(|(name, c)| {
+                [
+                    (name.as_str(), "exported", c.exported.load(Relaxed)),
+                    (name.as_str(), "dropped", c.dropped.load(Relaxed)),
+                    (name.as_str(), "failed", c.failed.load(Relaxed)),
+                ]
+            })
+            .collect();
+        admin::encode_family(
+            &mut encoder,
+            "mesh_waypoint_spans",
+            "Spans by export result (exported, dropped at the full queue, failed), by tracing provider.",
+            prometheus_client::metrics::MetricType::Counter,
+            samples.iter().map(|(provider, result, n)| (vec![("provider", *provider), ("result", *result)], *n as i64)),
+        )
+    }
+}

@@ -170,6 +170,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         pod_name: cli.pod_name.clone(),
         shards: cli.worker_threads.max(1),
     });
+    metrics.register_collector(inbound::SpanMetrics(waypoint.clone()));
     // Ready with a view and a certificate: until then every stream is refused.
     let waiting = ready.register("config");
     tokio::spawn(waypoint.clone().follow_config(waiting));

@@ -1161,6 +1161,14 @@ fn waypoint_traces_to_an_otlp_receiver() {
         assert!(lines("istio_request_duration_milliseconds_count").iter().all(|l| !l.contains("lane=")));
         let request_bytes = metric(lab, "istio_request_bytes_count", &httpbin);
         assert!((request_bytes - request_bytes_before).abs() < 0.5, "REQUEST_SIZE disabled: {request_bytes}");
+        // The span exporter's counters are on the metrics endpoint: spans were exported,
+        // none dropped.
+        let spans = |result: &str| metric(lab, "mesh_waypoint_spans_total", &[("result", result)]);
+        assert!(
+            spans("exported") >= 1.0 && spans("dropped") == 0.0,
+            "{}",
+            lines("mesh_waypoint_spans_total").join("\n")
+        );
     });
 }
 
