@@ -544,20 +544,6 @@ impl Handler for Waypoint {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn forwarded_for_reads_the_forms_agents_send() {
-        assert_eq!(forwarded_for("for=\"10.0.0.1:3456\""), Some("10.0.0.1:3456".parse().unwrap()));
-        assert_eq!(forwarded_for("for=10.0.0.1"), Some("10.0.0.1:0".parse().unwrap()));
-        assert_eq!(forwarded_for("for=\"[fd00::1]:80\""), Some("[fd00::1]:80".parse().unwrap()));
-        assert_eq!(forwarded_for("proto=http;for=\"[fd00::1]\""), Some("[fd00::1]:0".parse().unwrap()));
-        assert_eq!(forwarded_for("by=x"), None);
-    }
-}
-
 /// The span exporters' counters as `mesh_waypoint_spans{provider, result}`, so that
 /// spans dropped at a full queue or lost to a failing collector are seen on the
 /// metrics endpoint (export never waits for the collector, so this is where it shows).
@@ -593,5 +579,19 @@ impl prometheus_client::collector::Collector for SpanMetrics {
             prometheus_client::metrics::MetricType::Counter,
             samples.iter().map(|(provider, result, n)| (vec![("provider", *provider), ("result", *result)], *n as i64)),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_for_reads_the_forms_agents_send() {
+        assert_eq!(forwarded_for("for=\"10.0.0.1:3456\""), Some("10.0.0.1:3456".parse().unwrap()));
+        assert_eq!(forwarded_for("for=10.0.0.1"), Some("10.0.0.1:0".parse().unwrap()));
+        assert_eq!(forwarded_for("for=\"[fd00::1]:80\""), Some("[fd00::1]:80".parse().unwrap()));
+        assert_eq!(forwarded_for("proto=http;for=\"[fd00::1]\""), Some("[fd00::1]:0".parse().unwrap()));
+        assert_eq!(forwarded_for("by=x"), None);
     }
 }
