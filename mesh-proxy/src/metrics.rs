@@ -158,29 +158,33 @@ impl EncodeLabelSet for TcpSeries {
     }
 }
 
-/// Istio's four TCP families.
+/// Istio's four TCP families (the discriminant indexes per-family tables).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TcpFamilyKind {
+pub enum TcpFamily {
     /// `istio_tcp_connections_opened_total`.
-    Opened,
+    Opened = 0,
     /// `istio_tcp_connections_closed_total`.
-    Closed,
+    Closed = 1,
     /// `istio_tcp_sent_bytes_total`.
-    Sent,
+    Sent = 2,
     /// `istio_tcp_received_bytes_total`.
-    Received,
+    Received = 3,
 }
 
-type TcpFamily = Family<TcpSeries, Counter>;
+impl TcpFamily {
+    pub const ALL: [TcpFamily; 4] = [TcpFamily::Opened, TcpFamily::Closed, TcpFamily::Sent, TcpFamily::Received];
+}
+
+type TcpCounters = Family<TcpSeries, Counter>;
 
 /// The agent's (or waypoint's) metrics: Istio's TCP families, tunnel setup times, and
 /// whatever collectors the process registers (read at scrape time).
 pub struct Metrics {
     registry: Mutex<Registry>,
-    opened: TcpFamily,
-    closed: TcpFamily,
-    sent: TcpFamily,
-    received: TcpFamily,
+    opened: TcpCounters,
+    closed: TcpCounters,
+    sent: TcpCounters,
+    received: TcpCounters,
     /// How long outbound tunnel streams took to set up (pooled or new connection).
     pub tunnel_setup: Histogram,
     /// Label sets in use, shared by the connections that report them.
@@ -203,7 +207,7 @@ impl Default for Metrics {
             ("istio_tcp_received_bytes", "Bytes received by the client (response direction)"),
         ]
         .map(|(name, help)| {
-            let family = TcpFamily::default();
+            let family = TcpCounters::default();
             registry.register(name, help, family.clone());
             family
         });
@@ -280,15 +284,15 @@ impl Metrics {
 
     /// Adds `by` to one family's series (the waypoint's, which records each family
     /// under the labels its Telemetry plan gives it); nothing when `by` is 0.
-    pub fn add(&self, family: TcpFamilyKind, series: &TcpSeries, by: u64) {
+    pub fn add(&self, family: TcpFamily, series: &TcpSeries, by: u64) {
         if by == 0 {
             return;
         }
         let family = match family {
-            TcpFamilyKind::Opened => &self.opened,
-            TcpFamilyKind::Closed => &self.closed,
-            TcpFamilyKind::Sent => &self.sent,
-            TcpFamilyKind::Received => &self.received,
+            TcpFamily::Opened => &self.opened,
+            TcpFamily::Closed => &self.closed,
+            TcpFamily::Sent => &self.sent,
+            TcpFamily::Received => &self.received,
         };
         family.get_or_create(series).inc_by(by);
     }
@@ -385,8 +389,8 @@ mod tests {
         let series = TcpSeries::Rewritten(
             vec![("reporter".to_owned(), "waypoint".to_owned()), ("team".to_owned(), String::new())].into(),
         );
-        metrics.add(TcpFamilyKind::Sent, &series, 7);
-        metrics.add(TcpFamilyKind::Opened, &series, 0);
+        metrics.add(TcpFamily::Sent, &series, 7);
+        metrics.add(TcpFamily::Opened, &series, 0);
         let (_, out) = metrics.render(None);
         assert!(out.contains("istio_tcp_sent_bytes_total{reporter=\"waypoint\",team=\"unknown\"} 7"), "{out}");
         assert!(!out.lines().any(|l| l.starts_with("istio_tcp_connections_opened_total{")), "{out}");

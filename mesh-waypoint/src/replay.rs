@@ -12,16 +12,15 @@
 use std::{
     collections::VecDeque,
     pin::Pin,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
     task::{Context, Poll, Waker},
 };
 
 use bytes::Bytes;
-use http::HeaderMap;
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt as _;
 
-use crate::upstream::{Body, BoxError};
+use crate::upstream::{Body, BoxError, copy_frame, frame_len};
 
 /// How much of a request body is kept for retries (Envoy's default buffer limit).
 pub const MAX_KEPT: usize = 1 << 20;
@@ -38,43 +37,6 @@ pub enum ReplayError {
 /// A request body shared by the tries of one request.
 pub struct Recording {
     state: Arc<Mutex<State>>,
-}
-
-/// A frame as kept: frames themselves cannot be cloned.
-enum Kept {
-    Data(Bytes),
-    Trailers(HeaderMap),
-}
-
-impl Kept {
-    fn of(frame: &Frame<Bytes>) -> Option<Self> {
-        if let Some(data) = frame.data_ref() {
-            Some(Self::Data(data.clone()))
-        } else {
-            frame.trailers_ref().map(|t| Self::Trailers(t.clone()))
-        }
-    }
-
-    fn to_frame(&self) -> Frame<Bytes> {
-        match self {
-            Self::Data(data) => Frame::data(data.clone()),
-            Self::Trailers(trailers) => Frame::trailers(trailers.clone()),
-        }
-    }
-
-    fn into_frame(self) -> Frame<Bytes> {
-        match self {
-            Self::Data(data) => Frame::data(data),
-            Self::Trailers(trailers) => Frame::trailers(trailers),
-        }
-    }
-
-    fn len(&self) -> usize {
-        match self {
-            Self::Data(data) => data.len(),
-            Self::Trailers(_) => 0,
-        }
-    }
 }
 
 /// Whether frames read from the source are kept.
@@ -100,7 +62,7 @@ struct State {
     read: Source,
     /// Frames read from `source`, while keeping; after, only those the current try has
     /// not sent yet.
-    kept: VecDeque<Kept>,
+    kept: VecDeque<Frame<Bytes>>,
     kept_bytes: usize,
     limit: usize,
     copying: Copying,
@@ -129,26 +91,22 @@ impl Recording {
         Self { state: Arc::new(Mutex::new(state)) }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     /// Whether a next try can have the whole body: nothing was dropped for the bound
     /// and the source has not failed.
     pub fn can_replay(&self) -> bool {
-        self.lock().can_replay()
+        lock(&self.state).can_replay()
     }
 
     /// Whether the body outgrew the bound (the request gets no retry).
     pub fn overflowed(&self) -> bool {
-        self.lock().copying == Copying::Overflowed
+        lock(&self.state).copying == Copying::Overflowed
     }
 
     /// The body of the next try: the kept frames, then the rest of the source. The
     /// previous try's body ends with [`ReplayError::Superseded`]. `None` when a try
     /// already read and [`Recording::can_replay`] is false.
     pub fn next_try(&self) -> Option<Body> {
-        let mut state = self.lock();
+        let mut state = lock(&self.state);
         if state.current > 0 && !state.can_replay() {
             return None;
         }
@@ -163,15 +121,20 @@ impl Recording {
     /// No more tries: stop keeping. The current try still gets every frame it has not
     /// sent; frames it has sent are released.
     pub fn settle(&self) {
-        let mut state = self.lock();
+        let mut state = lock(&self.state);
         if state.copying == Copying::Keeping {
             let sent = state.pos;
             state.kept.drain(..sent);
-            state.kept_bytes = state.kept.iter().map(Kept::len).sum();
+            state.kept_bytes = state.kept.iter().map(frame_len).sum();
             state.pos = 0;
             state.copying = Copying::Settled;
         }
     }
+}
+
+/// The shared state; a panic elsewhere while it was held leaves it usable.
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl State {
@@ -192,21 +155,20 @@ impl http_body::Body for TryBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         // The lock is never held across an await: a poll does not wait.
-        let mut guard = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut guard = lock(&self.state);
         let state = &mut *guard;
         if state.current != self.attempt {
             return Poll::Ready(Some(Err(ReplayError::Superseded { superseded: self.attempt }.into())));
         }
         // Kept frames this try has not sent yet come first.
         if state.copying == Copying::Keeping {
-            if let Some(kept) = state.kept.get(state.pos) {
-                let frame = kept.to_frame();
+            if let Some(frame) = state.kept.get(state.pos).and_then(copy_frame) {
                 state.pos += 1;
                 return Poll::Ready(Some(Ok(frame)));
             }
-        } else if let Some(kept) = state.kept.pop_front() {
-            state.kept_bytes -= kept.len();
-            return Poll::Ready(Some(Ok(kept.into_frame())));
+        } else if let Some(frame) = state.kept.pop_front() {
+            state.kept_bytes -= frame_len(&frame);
+            return Poll::Ready(Some(Ok(frame)));
         }
         match state.read {
             Source::Failed => return Poll::Ready(Some(Err(ReplayError::SourceFailed.into()))),
@@ -216,7 +178,7 @@ impl http_body::Body for TryBody {
         match Pin::new(&mut state.source).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if state.copying == Copying::Keeping {
-                    let len = frame.data_ref().map_or(0, Bytes::len);
+                    let len = frame_len(&frame);
                     if state.kept_bytes + len > state.limit {
                         // Every kept frame was sent (the source is read only then):
                         // drop the copy; this request gets no retry.
@@ -224,7 +186,7 @@ impl http_body::Body for TryBody {
                         state.kept_bytes = 0;
                         state.pos = 0;
                         state.copying = Copying::Overflowed;
-                    } else if let Some(kept) = Kept::of(&frame) {
+                    } else if let Some(kept) = copy_frame(&frame) {
                         state.kept.push_back(kept);
                         state.kept_bytes += len;
                         state.pos += 1;
@@ -248,7 +210,7 @@ impl http_body::Body for TryBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let state = lock(&self.state);
         state.current == self.attempt
             && state.pos >= state.kept.len()
             && match state.read {
@@ -259,8 +221,8 @@ impl http_body::Body for TryBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        let unsent: u64 = state.kept.iter().skip(state.pos).map(|k| k.len() as u64).sum();
+        let state = lock(&self.state);
+        let unsent: u64 = state.kept.iter().skip(state.pos).map(|k| frame_len(k) as u64).sum();
         if state.read == Source::Done {
             return SizeHint::with_exact(unsent);
         }

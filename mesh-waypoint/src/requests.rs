@@ -10,7 +10,7 @@
 //! ([`TcpMetricPlan`], [`TcpSeriesSet`]).
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use mesh_proxy::metrics::{Metrics, TcpFamilyKind, TcpLabels, TcpSeries, cluster_of, encode_labels};
+use mesh_proxy::metrics::{Metrics, TcpLabels, TcpSeries, cluster_of, encode_labels};
 use mesh_waypoint::telemetry_api::apply::{
     MetricPlan, RequestAttributes, RequestFamily, TagRewrite, TcpFamily, TcpMetricPlan,
 };
@@ -242,14 +242,8 @@ impl TcpSeriesSet {
 
     /// Adds `by` to `family`, when recorded.
     pub fn add(&self, metrics: &Metrics, family: TcpFamily, by: u64) {
-        let kind = match family {
-            TcpFamily::Opened => TcpFamilyKind::Opened,
-            TcpFamily::Closed => TcpFamilyKind::Closed,
-            TcpFamily::Sent => TcpFamilyKind::Sent,
-            TcpFamily::Received => TcpFamilyKind::Received,
-        };
         if let Some(series) = &self.0[family as usize] {
-            metrics.add(kind, series, by);
+            metrics.add(family, series, by);
         }
     }
 }

@@ -17,7 +17,7 @@ use http_body::{Body as _, Frame};
 use http_body_util::BodyExt as _;
 use tokio::sync::mpsc;
 
-use crate::upstream::{Body, BoxError};
+use crate::upstream::{Body, BoxError, copy_frame, frame_len};
 
 /// How far a mirror may fall behind the request, in bytes (Envoy's default
 /// per-connection buffer limit).
@@ -66,17 +66,11 @@ struct Tap {
 impl Tap {
     fn send(&mut self, frame: &Frame<Bytes>) {
         let Some(tx) = &self.tx else { return };
-        let copy = if let Some(data) = frame.data_ref() {
-            let queued = self.shared.queued.fetch_add(data.len(), Ordering::Relaxed) + data.len();
-            if queued > self.shared.max_behind {
-                return self.fail(OVERFLOW);
-            }
-            Frame::data(data.clone())
-        } else if let Some(trailers) = frame.trailers_ref() {
-            Frame::trailers(trailers.clone())
-        } else {
-            return;
-        };
+        let Some(copy) = copy_frame(frame) else { return };
+        let len = frame_len(&copy);
+        if self.shared.queued.fetch_add(len, Ordering::Relaxed) + len > self.shared.max_behind {
+            return self.fail(OVERFLOW);
+        }
         if tx.send(copy).is_err() {
             // The mirror request is gone (it failed or finished): nothing to feed.
             self.tx = None;

@@ -34,6 +34,22 @@ use tracing::debug;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
 
+/// A copy of a body frame (data or trailers; frames themselves are not `Clone`), for
+/// the mirrors' and the retries' copies of a request body. `None` for a frame of
+/// another kind.
+pub fn copy_frame(frame: &http_body::Frame<Bytes>) -> Option<http_body::Frame<Bytes>> {
+    if let Some(data) = frame.data_ref() {
+        Some(http_body::Frame::data(data.clone()))
+    } else {
+        frame.trailers_ref().map(|trailers| http_body::Frame::trailers(trailers.clone()))
+    }
+}
+
+/// The data bytes of a frame (0 for trailers).
+pub fn frame_len(frame: &http_body::Frame<Bytes>) -> usize {
+    frame.data_ref().map_or(0, Bytes::len)
+}
+
 /// Idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE_PER_ENDPOINT: usize = 64;
 

@@ -3,6 +3,7 @@ use std::{
     sync::atomic::{AtomicUsize, Ordering},
 };
 
+use http::HeaderMap;
 use http_body::Body as _;
 use http_body_util::{BodyExt as _, Full};
 use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
@@ -144,9 +145,9 @@ async fn settling_releases_what_was_sent_and_keeps_what_was_not() {
     assert_eq!(read_frames(&mut second, 1).await, b"ab");
     recording.settle();
     assert!(!recording.can_replay(), "no more tries once settled");
-    assert_eq!(recording.lock().kept.len(), 2, "the sent frame is released");
+    assert_eq!(lock(&recording.state).kept.len(), 2, "the sent frame is released");
     assert_eq!(second.collect().await.unwrap().to_bytes(), "cdef");
-    assert_eq!(recording.lock().kept_bytes, 0);
+    assert_eq!(lock(&recording.state).kept_bytes, 0);
 }
 
 #[tokio::test]

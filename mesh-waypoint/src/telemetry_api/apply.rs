@@ -464,30 +464,17 @@ impl MetricPlan {
     }
 }
 
-/// Istio's TCP metric families, recorded by the waypoint for the connections it relays
-/// on TCP-routed ports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TcpFamily {
-    /// `istio_tcp_connections_opened_total` (`TCP_OPENED_CONNECTIONS`).
-    Opened = 0,
-    /// `istio_tcp_connections_closed_total` (`TCP_CLOSED_CONNECTIONS`).
-    Closed = 1,
-    /// `istio_tcp_sent_bytes_total` (`TCP_SENT_BYTES`).
-    Sent = 2,
-    /// `istio_tcp_received_bytes_total` (`TCP_RECEIVED_BYTES`).
-    Received = 3,
-}
+/// Istio's TCP metric families (recorded by the waypoint for the connections it relays
+/// on TCP-routed ports), as the metrics define them.
+pub use mesh_proxy::metrics::TcpFamily;
 
-impl TcpFamily {
-    pub const ALL: [TcpFamily; 4] = [TcpFamily::Opened, TcpFamily::Closed, TcpFamily::Sent, TcpFamily::Received];
-
-    fn metric(self) -> Metric {
-        match self {
-            TcpFamily::Opened => Metric::TcpOpenedConnections,
-            TcpFamily::Closed => Metric::TcpClosedConnections,
-            TcpFamily::Sent => Metric::TcpSentBytes,
-            TcpFamily::Received => Metric::TcpReceivedBytes,
-        }
+/// The Telemetry API's name of a TCP family.
+fn tcp_metric(family: TcpFamily) -> Metric {
+    match family {
+        TcpFamily::Opened => Metric::TcpOpenedConnections,
+        TcpFamily::Closed => Metric::TcpClosedConnections,
+        TcpFamily::Sent => Metric::TcpSentBytes,
+        TcpFamily::Received => Metric::TcpReceivedBytes,
     }
 }
 
@@ -514,7 +501,7 @@ impl TcpMetricPlan {
         let mut issues = Vec::new();
         let prometheus = prometheus_in_force(metrics, mesh, &mut issues);
         let families =
-            family_plans(metrics, prometheus, TcpFamily::ALL.map(TcpFamily::metric), Attribute::parse_l4, &mut issues);
+            family_plans(metrics, prometheus, TcpFamily::ALL.map(tcp_metric), Attribute::parse_l4, &mut issues);
         (TcpMetricPlan { families }, issues)
     }
 
