@@ -125,6 +125,20 @@ pub struct PodStatus {
 /// A listener's accept loop, not yet spawned.
 type AcceptLoop = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 
+/// Most listening sockets per pod and address (one per shard up to this): enough to
+/// keep a pod's accepts off the hand-off on common nodes without a pod costing
+/// hundreds of descriptors on large ones. Pods' groups start on different shards.
+const MAX_GROUP: usize = 8;
+
+/// The listening sockets of one pod address (see `Registry::listeners`).
+struct Group {
+    listeners: Vec<std::net::TcpListener>,
+    addr: SocketAddr,
+    /// The group is one socket that cannot be shared: it hands every connection to
+    /// the shards in turn.
+    spread: bool,
+}
+
 struct Entry {
     pod: Arc<Pod>,
     listeners: Vec<(SocketAddr, AbortHandle)>,
@@ -263,29 +277,51 @@ impl Registry {
         self.add_with(spec, None).await
     }
 
-    /// A listening socket of `pod`: the one inherited at one of `addrs` from the agent
-    /// this one took over from, else a new one from `bind`. A second descriptor of it
-    /// goes to `sockets` (what a successor of this agent would inherit).
-    fn listener(
+    /// The listening sockets of `pod` for `kind`, on one address: a group sharing it
+    /// (`SO_REUSEPORT`), one socket per shard up to [`MAX_GROUP`], so that each shard
+    /// accepts its own connections. The group inherited at one of `addrs` from the
+    /// agent this one took over from is served whole (and completed up to the shard
+    /// count); else a new one from `bind` (`None`: the first socket, choosing the
+    /// address; `Some(addr)`: another one joining it). An inherited socket that is not
+    /// shareable (from an agent before groups) is served alone, handing connections
+    /// to the shards in turn. A second descriptor of each socket goes to `sockets`
+    /// (what a successor of this agent would inherit).
+    fn listeners(
         &self,
         pod: &Pod,
         kind: &'static str,
         addrs: &[SocketAddr],
-        bind: impl FnOnce() -> Result<(std::net::TcpListener, SocketAddr), NetnsError>,
+        bind: impl Fn(Option<SocketAddr>) -> Result<(std::net::TcpListener, SocketAddr), NetnsError>,
         sockets: &mut Vec<(ListenerId, OwnedFd)>,
-    ) -> Result<(std::net::TcpListener, SocketAddr), NetnsError> {
-        let inherited = addrs
-            .iter()
-            .find_map(|addr| self.inherited.take(&pod.spec.uid, kind, *addr).map(|listener| (listener, *addr)));
-        let (listener, addr) = match inherited {
-            Some(found) => found,
-            None => bind()?,
+    ) -> Result<Group, NetnsError> {
+        let inherited = addrs.iter().find_map(|addr| {
+            let group = self.inherited.take_group(&pod.spec.uid, kind, *addr);
+            (!group.is_empty()).then_some((group, *addr))
+        });
+        let (mut listeners, addr) = if let Some(found) = inherited {
+            found
+        } else {
+            let (listener, addr) = bind(None)?;
+            (vec![listener], addr)
         };
-        let copy =
-            listener.try_clone().map_err(|source| NetnsError::Socket { path: pod.spec.netns.clone(), source })?;
-        let id = ListenerId { owner: pod.spec.uid.clone(), kind: kind.to_owned(), addr };
-        sockets.push((id, OwnedFd::from(copy)));
-        Ok((listener, addr))
+        let shared = socket2::SockRef::from(&listeners[0]).reuse_port().unwrap_or(false);
+        let wanted = mesh_proxy::shard::count().min(MAX_GROUP);
+        while shared && listeners.len() < wanted {
+            match bind(Some(addr)) {
+                Ok((listener, _)) => listeners.push(listener),
+                Err(error) => {
+                    warn!(pod = %pod.spec.name, listener = kind, %addr, %error, "cannot add a listener to the group; fewer shards accept");
+                    break;
+                }
+            }
+        }
+        for (index, listener) in listeners.iter().enumerate() {
+            let copy =
+                listener.try_clone().map_err(|source| NetnsError::Socket { path: pod.spec.netns.clone(), source })?;
+            let id = ListenerId { owner: pod.spec.uid.clone(), kind: kind.to_owned(), addr, index };
+            sockets.push((id, OwnedFd::from(copy)));
+        }
+        Ok(Group { listeners, addr, spread: !shared })
     }
 
     /// For a handover: stops every change of pods and returns a second descriptor of
@@ -336,11 +372,15 @@ impl Registry {
         let mut sockets = Vec::new();
         for ip in [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)] {
             let addr = SocketAddr::new(ip, OUTBOUND_PORT);
-            let listener = self
-                .listener(&pod, "outbound", &[addr], || pod.netns.listen(addr).map(|l| (l, addr)), &mut sockets)
-                .and_then(|(listener, _)| Outbound::new(listener, pod.clone(), self.forwarder.clone(), drain.clone()));
-            match listener {
-                Ok(listener) => listeners.push((addr, Box::pin(listener.run()))),
+            let group =
+                self.listeners(&pod, "outbound", &[addr], |_| pod.netns.listen(addr).map(|l| (l, addr)), &mut sockets);
+            match group {
+                Ok(group) => {
+                    let outbound = Outbound::new(pod.clone(), self.forwarder.clone(), drain.clone());
+                    for listener in group.listeners {
+                        listeners.push((addr, Box::pin(outbound.clone().run(listener, group.spread))));
+                    }
+                }
                 // A pod without IPv6 (disabled, or no ::1) just has no v6 capture.
                 Err(error) if ip.is_ipv6() => {
                     warn!(pod = %pod.spec.name, %error, "no IPv6 outbound listener");
@@ -351,13 +391,20 @@ impl Registry {
         if let Some(mesh) = &self.forwarder.mesh {
             for ip in [IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V6(Ipv6Addr::UNSPECIFIED)] {
                 let addr = SocketAddr::new(ip, crate::hbone::HBONE_PORT);
-                let listener = self
-                    .listener(&pod, "tunnel", &[addr], || pod.netns.listen(addr).map(|l| (l, addr)), &mut sockets)
-                    .and_then(|(listener, _)| {
-                        crate::hbone::Inbound::new(listener, pod.clone(), mesh.clone(), drain.clone())
-                    });
-                match listener {
-                    Ok(listener) => listeners.push((addr, Box::pin(listener.run()))),
+                let group = self.listeners(
+                    &pod,
+                    "tunnel",
+                    &[addr],
+                    |_| pod.netns.listen(addr).map(|l| (l, addr)),
+                    &mut sockets,
+                );
+                match group {
+                    Ok(group) => {
+                        let tunnel = crate::hbone::Inbound::new(pod.clone(), mesh.clone(), drain.clone());
+                        for listener in group.listeners {
+                            listeners.push((addr, Box::pin(tunnel.clone().run(listener, group.spread))));
+                        }
+                    }
                     Err(error) if ip.is_ipv6() => warn!(pod = %pod.spec.name, %error, "no IPv6 tunnel listener"),
                     Err(error) => return Err(error.into()),
                 }
@@ -366,23 +413,32 @@ impl Registry {
         if let Some(mesh) = &self.forwarder.mesh {
             // The return path for connections delivered from the caller's address.
             pod.netns.run(crate::deliver::install)?;
-            let dual = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), crate::inbound::INBOUND_PORT);
-            let v4 = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), crate::inbound::INBOUND_PORT);
-            let (listener, addr) = self.listener(
+            let port = crate::inbound::INBOUND_PORT;
+            let dual = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port);
+            let v4 = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port);
+            let group = self.listeners(
                 &pod,
                 "inbound",
                 &[dual, v4],
-                || {
-                    let (listener, ipv6) = pod.netns.listen_dual_stack(crate::inbound::INBOUND_PORT)?;
-                    Ok((listener, if ipv6 { dual } else { v4 }))
+                |at| match at {
+                    None => {
+                        let (listener, ipv6) = pod.netns.listen_dual_stack(port)?;
+                        Ok((listener, if ipv6 { dual } else { v4 }))
+                    }
+                    Some(at) if at.is_ipv6() => pod.netns.listen_dual(port).map(|l| (l, at)),
+                    Some(at) => pod.netns.listen(at).map(|l| (l, at)),
                 },
                 &mut sockets,
             )?;
-            let plaintext = crate::inbound::Plaintext::new(listener, pod.clone(), mesh.clone(), drain.clone())?;
-            let ipv6 = addr.is_ipv6();
+            let plaintext = crate::inbound::Plaintext::new(pod.clone(), mesh.clone(), drain.clone());
+            let ipv6 = group.addr.is_ipv6();
             let inbound_ips: Vec<IpAddr> = pod.ips().iter().copied().filter(|ip| ipv6 || ip.is_ipv4()).collect();
-            self.redirect.attach_inbound(&pod.netns, cookie, id, &inbound_ips, plaintext.listener())?;
-            listeners.push((addr, Box::pin(plaintext.run())));
+            // The kernel's socket map holds the group's first socket; its lookup then
+            // picks a member of the group.
+            self.redirect.attach_inbound(&pod.netns, cookie, id, &inbound_ips, &group.listeners[0])?;
+            for listener in group.listeners {
+                listeners.push((group.addr, Box::pin(plaintext.clone().run(listener, group.spread))));
+            }
             let (strict, overrides) = mesh.strict_ports(&pod);
             self.redirect.set_strict(pod.ips(), strict, &overrides)?;
         }
@@ -392,7 +448,13 @@ impl Registry {
         if let Some((_, certs)) = &self.control {
             certs.acquire(&pod.identity());
         }
-        let listeners = listeners.into_iter().map(|(addr, run)| (addr, tokio::spawn(run).abort_handle())).collect();
+        // Each socket of a group is accepted on by its own shard; pods start on
+        // different shards, so single-socket groups spread too.
+        let listeners = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(i, (addr, run))| (addr, mesh_proxy::shard::spawn_on(id as usize + i, run).abort_handle()))
+            .collect();
         let entry = Entry { pod: pod.clone(), listeners, sockets };
         let status = status(&entry);
         inner.pods.insert(pod.spec.uid.clone(), entry);
@@ -563,7 +625,11 @@ fn status(entry: &Entry) -> PodStatus {
         identity: entry.pod.identity().to_string(),
         id: entry.pod.id,
         netns_cookie: entry.pod.netns_cookie,
-        listeners: entry.listeners.iter().map(|(addr, _)| *addr).collect(),
+        listeners: {
+            let mut addrs: Vec<SocketAddr> = entry.listeners.iter().map(|(addr, _)| *addr).collect();
+            addrs.dedup();
+            addrs
+        },
         counters: entry.pod.counters.snapshot(),
     }
 }

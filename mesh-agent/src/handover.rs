@@ -67,12 +67,15 @@ pub enum HandoverError {
 }
 
 /// One listening socket handed over: whose it is (a pod's UID, or empty for the
-/// node's own), what it is, where it listens.
+/// node's own), what it is, where it listens, and which of the `SO_REUSEPORT` group
+/// on that address it is (one per shard; 0 in manifests of agents before groups).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ListenerId {
     pub owner: String,
     pub kind: String,
     pub addr: SocketAddr,
+    #[serde(default)]
+    pub index: usize,
 }
 
 /// The listening sockets a successor inherited, taken one by one as it binds.
@@ -82,8 +85,19 @@ pub struct Inherited(Mutex<HashMap<ListenerId, OwnedFd>>);
 impl Inherited {
     /// The inherited socket for `id`, if any (each can be taken once).
     pub fn take(&self, owner: &str, kind: &str, addr: SocketAddr) -> Option<std::net::TcpListener> {
-        let id = ListenerId { owner: owner.to_owned(), kind: kind.to_owned(), addr };
+        let id = ListenerId { owner: owner.to_owned(), kind: kind.to_owned(), addr, index: 0 };
         self.0.lock().expect("lock").remove(&id).map(std::net::TcpListener::from)
+    }
+
+    /// Every inherited socket of the group at `addr`, in index order. All of them
+    /// must be served: the kernel keeps spreading new connections over the whole
+    /// group, also when the predecessor ran more shards than this agent does.
+    pub fn take_group(&self, owner: &str, kind: &str, addr: SocketAddr) -> Vec<std::net::TcpListener> {
+        let mut map = self.0.lock().expect("lock");
+        let mut ids: Vec<ListenerId> =
+            map.keys().filter(|id| id.owner == owner && id.kind == kind && id.addr == addr).cloned().collect();
+        ids.sort_by_key(|id| id.index);
+        ids.into_iter().filter_map(|id| map.remove(&id)).map(std::net::TcpListener::from).collect()
     }
 
     /// A node listener (admin, metrics, readiness) passed on by the predecessor, if
@@ -312,6 +326,7 @@ mod tests {
                 owner: "uid-1".into(),
                 kind: "outbound".into(),
                 addr: self.listener.local_addr().unwrap(),
+                index: 0,
             };
             vec![(id, OwnedFd::from(self.listener.try_clone().unwrap()))]
         }
@@ -354,5 +369,31 @@ mod tests {
         assert!(released.load(std::sync::atomic::Ordering::SeqCst));
         assert!(handed_over.load(std::sync::atomic::Ordering::SeqCst));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_group_is_taken_whole_in_index_order() {
+        let addr: SocketAddr = "127.0.0.1:15001".parse().unwrap();
+        let other: SocketAddr = "[::1]:15001".parse().unwrap();
+        let mut map = HashMap::new();
+        let mut ports = Vec::new();
+        for (index, at) in [(2, addr), (0, addr), (1, addr), (0, other)] {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            if at == addr {
+                ports.push((index, listener.local_addr().unwrap()));
+            }
+            let id = ListenerId { owner: "uid-1".into(), kind: "outbound".into(), addr: at, index };
+            map.insert(id, OwnedFd::from(listener));
+        }
+        let inherited = Inherited(Mutex::new(map));
+        ports.sort();
+        let group = inherited.take_group("uid-1", "outbound", addr);
+        let got: Vec<SocketAddr> = group.iter().map(|l| l.local_addr().unwrap()).collect();
+        assert_eq!(got, ports.iter().map(|(_, a)| *a).collect::<Vec<_>>());
+        assert!(inherited.take_group("uid-1", "outbound", addr).is_empty(), "taken once");
+        assert_eq!(inherited.left(), 1, "the other address's group stays");
+        // A manifest of an agent from before groups has no index: it is socket 0.
+        let old: ListenerId = serde_json::from_str(r#"{"owner":"u","kind":"tunnel","addr":"0.0.0.0:15008"}"#).unwrap();
+        assert_eq!(old.index, 0);
     }
 }

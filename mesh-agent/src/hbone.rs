@@ -7,7 +7,6 @@ use std::{net::SocketAddr, sync::Arc};
 use http::StatusCode;
 use mesh_proxy::tunnel::server::{Connect, Handler, Server};
 pub use mesh_proxy::tunnel::{HBONE_PORT, HboneError, connect_request};
-use tokio::net::TcpListener;
 use tracing::info;
 
 use crate::{
@@ -16,13 +15,13 @@ use crate::{
     identity::WorkloadCert,
     mesh::Mesh,
     metrics::flags,
-    netns::NetnsError,
     telemetry::{AccessLog, Outcome, Record, bump},
 };
 
-/// The inbound tunnel listener of one pod (15008 in the pod's namespace).
+/// The inbound tunnel listeners of one pod (a group on 15008 in the pod's
+/// namespace, per family); each socket is served by [`Inbound::run`] on its own shard.
+#[derive(Clone)]
 pub struct Inbound {
-    listener: TcpListener,
     server: Arc<Server<PodTunnel>>,
 }
 
@@ -36,20 +35,22 @@ pub struct PodTunnel {
 }
 
 impl Inbound {
-    /// Serves `listener`, bound inside the pod's network namespace (or inherited).
-    pub fn new(
-        listener: std::net::TcpListener,
-        pod: Arc<Pod>,
-        mesh: Arc<Mesh>,
-        drain: drain::Watch,
-    ) -> Result<Self, NetnsError> {
-        let listener = pod.netns.tokio_listener(listener)?;
-        Ok(Self { listener, server: Server::new(Arc::new(PodTunnel { pod, mesh, drain })) })
+    pub fn new(pod: Arc<Pod>, mesh: Arc<Mesh>, drain: drain::Watch) -> Self {
+        Self { server: Server::new(Arc::new(PodTunnel { pod, mesh, drain })) }
     }
 
-    pub async fn run(self) {
-        let Self { listener, server } = self;
+    /// Serves `listener`, bound inside the pod's network namespace (or inherited), on
+    /// the runtime this runs on; with `spread`, handing each connection to the shards
+    /// in turn.
+    pub async fn run(self, listener: std::net::TcpListener, spread: bool) {
+        let Self { server } = self;
         let tunnel = server.handler().clone();
+        let listener = match tunnel.pod.netns.tokio_listener(listener) {
+            Ok(listener) => listener,
+            Err(error) => {
+                return tracing::warn!(pod = %tunnel.pod.spec.name, %error, "cannot serve the tunnel listener");
+            }
+        };
         drain::accept_until_drained(listener, tunnel.drain.clone(), &tunnel.pod.spec.name, "tunnel", |stream, peer| {
             // GOAWAY when the pod leaves or the agent drains: streams in flight finish,
             // the peer's pool opens new connections (to wherever the pod is now).
@@ -62,7 +63,7 @@ impl Inbound {
                 }
             };
             let server = server.clone();
-            mesh_proxy::shard::spawn(stream, move |stream| server.serve(stream, peer, shutdown));
+            mesh_proxy::shard::serve(spread, stream, move |stream| server.serve(stream, peer, shutdown));
         })
         .await;
     }

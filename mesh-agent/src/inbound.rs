@@ -4,7 +4,7 @@
 //! L4 policies it can (there is no client identity) and forwards to the application.
 use std::{net::SocketAddr, sync::Arc};
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tracing::{Instrument as _, debug, info};
 
 use crate::{
@@ -12,14 +12,15 @@ use crate::{
     enroll::Pod,
     mesh::Mesh,
     metrics::flags,
-    netns::NetnsError,
     telemetry::{AccessLog, Counter, Outcome, Record, bump},
 };
 
 pub const INBOUND_PORT: u16 = 15006;
 
+/// The plaintext listeners of one pod (a group on 15006 in its namespace); each
+/// socket is served by [`Plaintext::run`] on its own shard.
+#[derive(Clone)]
 pub struct Plaintext {
-    listener: TcpListener,
     shared: Arc<Shared>,
 }
 
@@ -31,32 +32,28 @@ struct Shared {
 }
 
 impl Plaintext {
+    pub fn new(pod: Arc<Pod>, mesh: Arc<Mesh>, drain: drain::Watch) -> Self {
+        Self { shared: Arc::new(Shared { pod, mesh, drain }) }
+    }
+
     /// Serves `listener`: 15006 in the pod's namespace, for both families when it has
-    /// IPv6 (see `Netns::listen_dual_stack`), or inherited.
-    pub fn new(
-        listener: std::net::TcpListener,
-        pod: Arc<Pod>,
-        mesh: Arc<Mesh>,
-        drain: drain::Watch,
-    ) -> Result<Self, NetnsError> {
-        let listener = pod.netns.tokio_listener(listener)?;
-        Ok(Self { listener, shared: Arc::new(Shared { pod, mesh, drain }) })
-    }
-
-    /// The listening socket (what the kernel's socket map holds).
-    pub fn listener(&self) -> &TcpListener {
-        &self.listener
-    }
-
-    pub async fn run(self) {
-        let Self { listener, shared } = self;
+    /// IPv6 (see `Netns::listen_dual_stack`), or inherited; on the runtime this runs
+    /// on, with `spread` handing each connection to the shards in turn.
+    pub async fn run(self, listener: std::net::TcpListener, spread: bool) {
+        let Self { shared } = self;
+        let listener = match shared.pod.netns.tokio_listener(listener) {
+            Ok(listener) => listener,
+            Err(error) => {
+                return tracing::warn!(pod = %shared.pod.spec.name, %error, "cannot serve the plaintext listener");
+            }
+        };
         let drain = shared.drain.clone();
         drain::accept_until_drained(listener, drain, &shared.pod.spec.name, "inbound", |stream, peer| {
             // A v4 client on the dual-stack listener shows as `::ffff:a.b.c.d`.
             let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
             let span = tracing::debug_span!("inbound_plaintext", pod = %shared.pod.spec.name, %peer);
             let shared = shared.clone();
-            mesh_proxy::shard::spawn(stream, move |stream| shared.serve(stream, peer).instrument(span));
+            mesh_proxy::shard::serve(spread, stream, move |stream| shared.serve(stream, peer).instrument(span));
         })
         .await;
     }

@@ -378,7 +378,8 @@ async fn run(
         let server = admin::HttpServer::bind(name, addr, inherited.take_node(name, addr), stop.clone())
             .with_context(|| format!("cannot listen on {name} address {addr}"))?;
         if let Ok(copy) = server.socket.try_clone() {
-            node_sockets.push((handover::ListenerId { owner: String::new(), kind: name.to_owned(), addr }, copy));
+            node_sockets
+                .push((handover::ListenerId { owner: String::new(), kind: name.to_owned(), addr, index: 0 }, copy));
         }
         Ok(server)
     };

@@ -134,6 +134,8 @@ impl Netns {
         self.run(|| {
             let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
             socket.set_reuse_address(true)?;
+            // One listener per shard: the kernel spreads connections over the group.
+            socket.set_reuse_port(true)?;
             if addr.is_ipv6() {
                 socket.set_only_v6(true)?;
             }
@@ -153,19 +155,24 @@ impl Netns {
     /// A listener on `port` for both families (`[::]` with `IPV6_V6ONLY` off), or on
     /// `0.0.0.0` when the namespace has no IPv6. Returns whether it takes IPv6.
     pub fn listen_dual_stack(&self, port: u16) -> Result<(std::net::TcpListener, bool), NetnsError> {
-        let dual = self.run(|| {
+        match self.listen_dual(port) {
+            Ok(listener) => Ok((listener, true)),
+            Err(_) => Ok((self.listen(SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port)))?, false)),
+        }
+    }
+
+    /// A listener on `[::]:port` taking both families (`IPV6_V6ONLY` off).
+    pub fn listen_dual(&self, port: u16) -> Result<std::net::TcpListener, NetnsError> {
+        self.run(|| {
             let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
             socket.set_reuse_address(true)?;
+            socket.set_reuse_port(true)?;
             socket.set_only_v6(false)?;
             socket.set_nonblocking(true)?;
             socket.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())?;
             socket.listen(1024)?;
             Ok(socket.into())
-        });
-        match dual {
-            Ok(listener) => Ok((listener, true)),
-            Err(_) => Ok((self.listen(SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port)))?, false)),
-        }
+        })
     }
 
     /// An unconnected TCP socket inside this namespace to deliver a connection to the

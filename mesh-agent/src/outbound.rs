@@ -8,7 +8,7 @@ use std::{
 };
 
 use mesh_common::{AF_INET, AF_INET6, OrigDst, OrigDstKey};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tracing::{Instrument as _, debug};
 
 use crate::{
@@ -17,7 +17,6 @@ use crate::{
     hbone::{self, HboneError},
     mesh::Mesh,
     metrics::{Metrics, TcpLabels, flags},
-    netns::NetnsError,
     own::OwnAddrs,
     redirect::Redirect,
     telemetry::{AccessLog, Counter, Counters, Limits, Outcome, Record, bump},
@@ -38,33 +37,34 @@ pub struct Forwarder {
     pub limits: Limits,
 }
 
+/// The outbound listeners of one pod (a group on each of `127.0.0.1:15001` and
+/// `[::1]:15001`); each socket is served by [`Outbound::run`] on its own shard.
+#[derive(Clone)]
 pub struct Outbound {
-    listener: TcpListener,
     pod: Arc<Pod>,
     forwarder: Arc<Forwarder>,
     drain: drain::Watch,
 }
 
 impl Outbound {
-    /// Serves `listener`, bound inside the pod's network namespace (or inherited from
-    /// the agent this one took over from).
-    pub fn new(
-        listener: std::net::TcpListener,
-        pod: Arc<Pod>,
-        forwarder: Arc<Forwarder>,
-        drain: drain::Watch,
-    ) -> Result<Self, NetnsError> {
-        let listener = pod.netns.tokio_listener(listener)?;
-        Ok(Self { listener, pod, forwarder, drain })
+    pub fn new(pod: Arc<Pod>, forwarder: Arc<Forwarder>, drain: drain::Watch) -> Self {
+        Self { pod, forwarder, drain }
     }
 
-    pub async fn run(self) {
-        let Self { listener, pod, forwarder, drain } = self;
+    /// Serves `listener`, bound inside the pod's network namespace (or inherited from
+    /// the agent this one took over from), on the runtime this runs on; with `spread`,
+    /// handing each connection to the shards in turn.
+    pub async fn run(self, listener: std::net::TcpListener, spread: bool) {
+        let Self { pod, forwarder, drain } = self;
+        let listener = match pod.netns.tokio_listener(listener) {
+            Ok(listener) => listener,
+            Err(error) => return tracing::warn!(pod = %pod.spec.name, %error, "cannot serve the outbound listener"),
+        };
         let watch = drain.clone();
         drain::accept_until_drained(listener, watch, &pod.spec.name, "outbound", |stream, peer| {
             let conn = Connection { pod: pod.clone(), forwarder: forwarder.clone(), _drain: drain.clone() };
             let span = tracing::debug_span!("outbound", pod = %pod.spec.name, %peer);
-            mesh_proxy::shard::spawn(stream, move |stream| conn.forward(stream, peer).instrument(span));
+            mesh_proxy::shard::serve(spread, stream, move |stream| conn.forward(stream, peer).instrument(span));
         })
         .await;
     }

@@ -6,8 +6,10 @@
 //! Measured at 1000 requests/s through the waypoint on tokio's work-stealing runtime
 //! with 2 workers: about 4 futex calls and 4.8 context switches per request (workers
 //! waking each other to steal), against none and 2.7 on one thread. The node agent
-//! accepts on its control runtime and hands each connection to a shard ([`spawn`]);
-//! the waypoint gives each shard a listener of its own ([`listener`], `SO_REUSEPORT`).
+//! and the waypoint give each shard a listener of its own (`SO_REUSEPORT`: the kernel
+//! spreads new connections over the group; [`spawn_on`], [`listener`]); a listener
+//! that cannot be shared is served on one shard, which hands each connection to the
+//! next shard in turn ([`spawn`]).
 use std::{
     cell::Cell,
     future::Future,
@@ -78,6 +80,39 @@ pub fn start(count: usize) -> std::io::Result<()> {
     }
     let _ = SHARDS.set(Shards { handles, next: AtomicUsize::new(0) });
     Ok(())
+}
+
+/// How many shards run (1 without shards: tests, tools).
+pub fn count() -> usize {
+    SHARDS.get().map_or(1, |shards| shards.handles.len())
+}
+
+/// Runs `task` on shard `index % count()` (on the caller's runtime without shards).
+/// A listener's accept loop spawned this way registers its socket with that shard's
+/// reactor on its first poll, so the connections it accepts are served there.
+pub fn spawn_on<Fut>(index: usize, task: Fut) -> tokio::task::JoinHandle<()>
+where
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    match SHARDS.get() {
+        Some(shards) => shards.handles[index % shards.handles.len()].spawn(task),
+        None => tokio::spawn(task),
+    }
+}
+
+/// Serves an accepted connection: on the accepting shard when every shard accepts on
+/// a listener of its own (`spread` false), else handed to the next shard in turn
+/// ([`spawn`]).
+pub fn serve<F, Fut>(spread: bool, stream: TcpStream, serve: F)
+where
+    F: FnOnce(TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    if spread {
+        spawn(stream, serve);
+    } else {
+        tokio::spawn(serve(stream));
+    }
 }
 
 /// Serves the accepted connection `stream` with `serve`, on the next shard in turn:

@@ -268,6 +268,11 @@ pub struct Waypoint {
     upstreams: Vec<Upstreams>,
     /// The client of the external authorizers `CUSTOM` policies name.
     pub ext_authz: ExtAuthzClient,
+    /// Retries given up because the request body outgrew the copy kept for them, and
+    /// mirrors aborted for falling too far behind the request
+    /// (`mesh_waypoint_retry_or_shadow_abandoned_total`, Envoy's
+    /// `retry_or_shadow_abandoned`).
+    pub abandoned: prometheus_client::metrics::counter::Counter,
     connect_timeout: Duration,
     tables: RwLock<Arc<Tables>>,
     /// Span exporters by `extensionProviders` name, with the collector they send to.
@@ -337,6 +342,12 @@ impl Waypoint {
         let requests = RequestMetrics::new(&settings.metrics);
         let ext_authz = ExtAuthzClient::new();
         ext_authz.counters().register(&settings.metrics);
+        let abandoned = prometheus_client::metrics::counter::Counter::default();
+        settings.metrics.register(
+            "mesh_waypoint_retry_or_shadow_abandoned",
+            "Retries and mirrors given up because the request body outgrew their buffer",
+            abandoned.clone(),
+        );
         let tables = Tables::new(0, Arc::default(), Index::default(), (&settings.namespace, &settings.name), None);
         Arc::new(Self {
             namespace: settings.namespace,
@@ -351,6 +362,7 @@ impl Waypoint {
             metrics: settings.metrics.clone(),
             upstreams: (0..settings.shards.max(1)).map(|_| Upstreams::new(settings.connect_timeout)).collect(),
             ext_authz,
+            abandoned,
             ratelimits: Mutex::default(),
             exporters: Mutex::default(),
             connect_timeout: settings.connect_timeout,

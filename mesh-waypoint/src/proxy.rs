@@ -1143,8 +1143,12 @@ impl Downstream {
                 }
             }
             Replay::Stream(Some(counted)) if !fired.is_empty() && !upgrade => {
-                let (request, copies) =
-                    tee::tee(std::mem::replace(&mut counted.inner, full(Bytes::new())), fired.len(), tee::MAX_BEHIND);
+                let (request, copies) = tee::tee(
+                    std::mem::replace(&mut counted.inner, full(Bytes::new())),
+                    fired.len(),
+                    tee::MAX_BEHIND,
+                    &self.waypoint.abandoned,
+                );
                 counted.inner = request;
                 for (mirror, copy) in fired.into_iter().zip(copies) {
                     self.mirror(tables, service, mirror, &head, copy, &authority, &path, h2);
@@ -1230,6 +1234,7 @@ impl Downstream {
                 if !again {
                     body.settle();
                     if wanted && body.overflowed() {
+                        self.waypoint.abandoned.inc();
                         debug!(
                             attempt,
                             ?outcome,

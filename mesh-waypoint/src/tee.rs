@@ -15,6 +15,7 @@ use std::{
 use bytes::Bytes;
 use http_body::{Body as _, Frame};
 use http_body_util::BodyExt as _;
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
 
 use crate::upstream::{Body, BoxError, copy_frame, frame_len};
@@ -33,12 +34,19 @@ pub enum TeeError {
 }
 
 /// `body` for the request, and `copies` bodies that yield the same frames.
-pub fn tee(body: Body, copies: usize, max_behind: usize) -> (Body, Vec<Body>) {
+/// A copy that falls too far behind is counted in `abandoned` (Envoy's
+/// `retry_or_shadow_abandoned`).
+pub fn tee(body: Body, copies: usize, max_behind: usize, abandoned: &Counter) -> (Body, Vec<Body>) {
     let mut taps = Vec::with_capacity(copies);
     let mut outs = Vec::with_capacity(copies);
     for _ in 0..copies {
         let (tx, rx) = mpsc::unbounded_channel();
-        let shared = Arc::new(Shared { queued: AtomicUsize::new(0), failed: AtomicU8::new(OK), max_behind });
+        let shared = Arc::new(Shared {
+            queued: AtomicUsize::new(0),
+            failed: AtomicU8::new(OK),
+            max_behind,
+            abandoned: abandoned.clone(),
+        });
         taps.push(Tap { tx: Some(tx), shared: shared.clone() });
         outs.push(Copy { rx, shared }.boxed());
     }
@@ -56,6 +64,7 @@ struct Shared {
     /// or [`SOURCE`] ([`OK`]: not failed).
     failed: AtomicU8,
     max_behind: usize,
+    abandoned: Counter,
 }
 
 struct Tap {
@@ -69,6 +78,7 @@ impl Tap {
         let Some(copy) = copy_frame(frame) else { return };
         let len = frame_len(&copy);
         if self.shared.queued.fetch_add(len, Ordering::Relaxed) + len > self.shared.max_behind {
+            self.shared.abandoned.inc();
             return self.fail(OVERFLOW);
         }
         if tx.send(copy).is_err() {
@@ -180,7 +190,7 @@ mod tests {
 
     #[tokio::test]
     async fn copies_get_every_frame() {
-        let (main, copies) = tee(chunks(&[b"ab", b"cd", b"ef"]), 2, MAX_BEHIND);
+        let (main, copies) = tee(chunks(&[b"ab", b"cd", b"ef"]), 2, MAX_BEHIND, &Counter::default());
         assert_eq!(main.collect().await.unwrap().to_bytes(), "abcdef");
         for copy in copies {
             assert_eq!(copy.collect().await.unwrap().to_bytes(), "abcdef");
@@ -189,21 +199,23 @@ mod tests {
 
     #[tokio::test]
     async fn a_copy_too_far_behind_fails_instead_of_ending_short() {
-        let (main, mut copies) = tee(chunks(&[b"0123456789", b"0123456789"]), 1, 15);
+        let abandoned = Counter::default();
+        let (main, mut copies) = tee(chunks(&[b"0123456789", b"0123456789"]), 1, 15, &abandoned);
         assert_eq!(main.collect().await.unwrap().to_bytes().len(), 20, "the request is not held back");
         let err = copies.pop().unwrap().collect().await.unwrap_err();
         assert!(err.to_string().contains("fell more than 15 bytes behind"), "{err}");
+        assert_eq!(abandoned.get(), 1, "counted once");
     }
 
     #[tokio::test]
     async fn an_abandoned_request_fails_its_copies() {
-        let (main, mut copies) = tee(chunks(&[b"ab", b"cd"]), 1, MAX_BEHIND);
+        let (main, mut copies) = tee(chunks(&[b"ab", b"cd"]), 1, MAX_BEHIND, &Counter::default());
         drop(main);
         let err = copies.pop().unwrap().collect().await.unwrap_err();
         assert!(err.to_string().contains("request body failed"), "{err}");
         // A complete empty body is not abandoned.
         let empty = Full::new(Bytes::new()).map_err(|never| match never {}).boxed();
-        let (main, mut copies) = tee(empty, 1, MAX_BEHIND);
+        let (main, mut copies) = tee(empty, 1, MAX_BEHIND, &Counter::default());
         drop(main);
         assert!(copies.pop().unwrap().collect().await.is_ok());
     }

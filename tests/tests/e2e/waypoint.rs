@@ -180,6 +180,25 @@ fn waypoint_canary_retries_faults_timeouts_breaker_and_ejection() {
         assert_eq!(String::from_utf8_lossy(&out.stdout), "503");
         wait_for(Duration::from_secs(3), || posts() == 4)
             .unwrap_or_else(|_| panic!("chunked upload tried {} times, not 4: {}", posts(), lab.log_of("waypoint")));
+        // Over the 1 MiB copy, the retry is given up once the body outgrows it (the
+        // upstream may answer before reading it all, so a retry or two can start
+        // before that) and counted, as Envoy's `retry_or_shadow_abandoned`.
+        let abandoned = || {
+            waypoint_http(lab, 15020, "/metrics").lines().find_map(|l| {
+                l.strip_prefix("mesh_waypoint_retry_or_shadow_abandoned_total ")?.trim().parse::<f64>().ok()
+            })
+        };
+        assert_eq!(abandoned(), Some(0.0), "the counter is exported, at 0 before");
+        let script = format!(
+            "head -c 1572864 /dev/zero | curl -s -o /dev/null -w '%{{http_code}}' -T - -X POST {HTTPBIN_URL}/status/503"
+        );
+        let out = lab.exec("n1-p1", &["sh", "-c", &script]).unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "503");
+        wait_for(Duration::from_secs(3), || abandoned() == Some(1.0))
+            .unwrap_or_else(|_| panic!("abandoned: {:?}; {}", abandoned(), lab.log_of("waypoint")));
+        let tries = posts() - 4;
+        eprintln!("1.5 MiB chunked upload to /status/503: {tries} tries, retry abandoned once");
+        assert!((1..4).contains(&tries), "{tries} tries: the retries must stop once the body outgrew the copy");
         // Request timeout: 504 UT.
         let out = bodies(lab, "n1-p1", &format!("{HTTPBIN_URL}/delay/3"), 1, "-o /dev/null");
         assert_eq!(out.iter().map(|l| l.trim()).collect::<Vec<_>>(), ["504"], "{out:?}");
