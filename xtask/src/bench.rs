@@ -429,6 +429,9 @@ pub fn bench(options: &Options) -> anyhow::Result<()> {
     if !spec.agent_args.is_empty() {
         println!("==> agent flags: {}", spec.agent_args.join(" "));
     }
+    if std::env::var_os("MESH_AGENT_BIN").is_some() {
+        println!("==> agent binary: {} (MESH_AGENT_BIN)", spec.agent_bin.display());
+    }
     let ztunnel = match &options.ztunnel {
         Some(binary) => {
             let zt = ztunnel::Ztunnel::prepare(binary)?;

@@ -212,7 +212,8 @@ pub fn lab_spec(nodes: usize, pods_per_node: usize) -> LabSpec {
         prefix: LAB_PREFIX.into(),
         nodes,
         pods_per_node,
-        agent_bin: release_bin("mesh-agent"),
+        // Another agent build for an A/B run, e.g. MESH_AGENT_BIN=/tmp/old/mesh-agent.
+        agent_bin: std::env::var_os("MESH_AGENT_BIN").map_or_else(|| release_bin("mesh-agent"), PathBuf::from),
         echo_bin: release_bin("mesh-echo"),
         agent_args: Vec::new(),
         controller_bin: Some(release_bin("mesh-controller")),
