@@ -201,8 +201,7 @@ fn session<'l>(
     pods.set(direction.ztunnel_pod(), false)?;
     pods.set(direction.agent_pod(), true)?;
     let redirect = (direction == Direction::ZtunnelToOurs).then_some(CLIENT);
-    let launch =
-        Launch { workloads: &[CLIENT, SERVER], pods: &[direction.ztunnel_pod()], redirect, policies, env };
+    let launch = Launch { workloads: &[CLIENT, SERVER], pods: &[direction.ztunnel_pod()], redirect, policies, env };
     let running = zt.start(lab, &launch)?;
     lab.wait_certificates()?;
     Ok(running)
@@ -390,8 +389,9 @@ impl<'l> OurPolicy<'l> {
             Some(yaml) => std::fs::write(&path, yaml).with_context(|| format!("write {}", path.display()))?,
             None => std::fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?,
         }
-        wait_for(Duration::from_secs(10), || lab.controller_version().is_ok_and(|v| v > before))
-            .with_context(|| format!("the controller did not apply {}: {}", path.display(), tail(&lab.controller_log(), 5)))?;
+        wait_for(Duration::from_secs(10), || lab.controller_version().is_ok_and(|v| v > before)).with_context(
+            || format!("the controller did not apply {}: {}", path.display(), tail(&lab.controller_log(), 5)),
+        )?;
         let version = lab.controller_version()?;
         wait_for(Duration::from_secs(10), || (1..=lab.nodes.len()).all(|n| lab.agent_config_version(n) >= version))
             .with_context(|| format!("the agents did not reach config version {version}"))
@@ -433,9 +433,8 @@ fn plain_cases(report: &mut Report, lab: &Lab, zt: &Ztunnel, pods: &mut Enrolled
     report.record(&names[2], bulk(lab, direction));
     if direction == Direction::ZtunnelToOurs {
         let deny = OurPolicy::apply(lab, "DENY").and_then(|_policy| {
-            refused(lab, || agent_denied(lab), "our agent's `denied` counter").map(|d| {
-                format!("AuthorizationPolicy DENY {CLIENT_PRINCIPAL} on {SERVER}: {d}")
-            })
+            refused(lab, || agent_denied(lab), "our agent's `denied` counter")
+                .map(|d| format!("AuthorizationPolicy DENY {CLIENT_PRINCIPAL} on {SERVER}: {d}"))
         });
         report.record(&names[3], deny);
         let allow = OurPolicy::apply(lab, "ALLOW").and_then(|_policy| {
