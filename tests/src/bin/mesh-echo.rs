@@ -16,6 +16,7 @@
 //! of a fixed pseudo-random pattern, shuts down its write side, waits for that line
 //! and checks it against what it sent (JSON out, exit status 1 on a mismatch).
 use std::{
+    fmt::Write as _,
     io::{BufRead, BufReader, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     thread,
@@ -480,14 +481,18 @@ impl Pattern {
 
 /// The sink's answer after the end of a transfer of `bytes` bytes with this digest.
 fn sink_answer(bytes: u64, digest: &[u8]) -> String {
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("bytes={bytes} sha256={hex}\n")
+    let mut answer = format!("bytes={bytes} sha256=");
+    for b in digest {
+        let _ = write!(answer, "{b:02x}");
+    }
+    answer.push('\n');
+    answer
 }
 
 /// Reads a connection to its end, counting and hashing, then answers
 /// [`sink_answer`] and closes: the answer exists only once the client's FIN arrived.
 fn sink(mut stream: TcpStream) {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
+    let _ = stream.set_read_timeout(Some(Duration::from_mins(1)));
     let mut context = ring::digest::Context::new(&ring::digest::SHA256);
     let mut buf = vec![0u8; 64 * 1024];
     let mut total = 0u64;
