@@ -355,7 +355,7 @@ fn refused(lab: &Lab, evidence: impl Fn() -> anyhow::Result<u64>, what: &str) ->
     }
     wait_for(Duration::from_secs(3), || evidence().is_ok_and(|n| n > before))
         .with_context(|| format!("curl failed ({out}) but {what} did not record a refusal"))?;
-    Ok(format!("refused in {} ms (curl: {out}); {what} recorded it", took.as_millis()))
+    Ok(format!("refused in {} ms ({out}); {what} recorded it", took.as_millis()))
 }
 
 /// An Istio `AuthorizationPolicy` on the server workload in the lab's config directory
