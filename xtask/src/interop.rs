@@ -14,8 +14,9 @@
 //! The cases, one line each (`==> interop <case>: ok (...)` or `FAILED (...)`):
 //! `ipv4`/`ipv6` (an HTTP request; the server application answered, both proxies
 //! counted the connection, and the caller's address reached the server side),
-//! `bulk` (16 MiB sent, the client's write side shut down, the server reads to the end
-//! and only then answers the byte count and SHA-256, which the client checks),
+//! `bulk`, `bulk-ipv6` (16 MiB sent, the client's write side shut down, the server
+//! reads to the end and only then answers the byte count and SHA-256, which the client
+//! checks),
 //! `policy-deny`/`policy-allow` at the server (an Istio `AuthorizationPolicy` at our
 //! agent, a `policies:` entry in ztunnel's local config: refused by the proxy, which
 //! says so, or admitted), and `pqc` (ztunnel with `COMPLIANCE_POLICY=pqc`, which
@@ -307,8 +308,8 @@ fn tail(log: &str, n: usize) -> String {
 
 /// A half-closed bulk transfer to the server's sink: `BULK_BYTES` sent, the client's
 /// write side shut, the server's byte count and SHA-256 checked by the client.
-fn bulk(lab: &Lab, direction: Direction) -> anyhow::Result<String> {
-    let addr = socket(&lab.pod(SERVER).ip4, SINK_PORT);
+fn bulk(lab: &Lab, direction: Direction, family: Family) -> anyhow::Result<String> {
+    let addr = socket(&family_ip(lab, SERVER, family), SINK_PORT);
     let echo = lab.spec.echo_bin.display().to_string();
     let (json, counted) = through_both(lab, direction, || {
         let out = crate::bench::exec_bounded(
@@ -332,7 +333,7 @@ fn bulk(lab: &Lab, direction: Direction) -> anyhow::Result<String> {
     let (send, total) = (json["send_seconds"].as_f64().unwrap_or(0.0), json["total_seconds"].as_f64().unwrap_or(0.0));
     let digest = json["sha256"].as_str().unwrap_or("?");
     Ok(format!(
-        "{} MiB sent then half-closed in {send:.2} s, server answered after EOF: {} bytes, sha256 {}... matches, \
+        "{} MiB over {family:?} sent then half-closed in {send:.2} s, server answered after EOF: {} bytes, sha256 {}... matches, \
          {total:.2} s in all ({:.0} MiB/s); {counted}",
         BULK_BYTES >> 20,
         json["bytes"],
@@ -411,11 +412,11 @@ fn policy_rejections(log: &str) -> u64 {
     log.lines().filter(|l| l.contains("policy rejection")).count() as u64
 }
 
-/// The cases of one direction with a plain ztunnel: IPv4, IPv6 and bulk, and (with
+/// The cases of one direction with a plain ztunnel: IPv4, IPv6 and bulk over both, and (with
 /// our agent as server) its policies.
 fn plain_cases(report: &mut Report, lab: &Lab, zt: &Ztunnel, pods: &mut Enrolled<'_>, direction: Direction) {
     let d = direction.name();
-    let mut names = vec![format!("ipv4 {d}"), format!("ipv6 {d}"), format!("bulk {d}")];
+    let mut names = vec![format!("ipv4 {d}"), format!("ipv6 {d}"), format!("bulk {d}"), format!("bulk-ipv6 {d}")];
     if direction == Direction::ZtunnelToOurs {
         names.extend([format!("policy-deny {d}"), format!("policy-allow {d}")]);
     }
@@ -430,18 +431,19 @@ fn plain_cases(report: &mut Report, lab: &Lab, zt: &Ztunnel, pods: &mut Enrolled
     };
     report.record(&names[0], http(lab, &running, direction, Family::V4));
     report.record(&names[1], http(lab, &running, direction, Family::V6));
-    report.record(&names[2], bulk(lab, direction));
+    report.record(&names[2], bulk(lab, direction, Family::V4));
+    report.record(&names[3], bulk(lab, direction, Family::V6));
     if direction == Direction::ZtunnelToOurs {
         let deny = OurPolicy::apply(lab, "DENY").and_then(|_policy| {
             refused(lab, || agent_denied(lab), "our agent's `denied` counter")
                 .map(|d| format!("AuthorizationPolicy DENY {CLIENT_PRINCIPAL} on {SERVER}: {d}"))
         });
-        report.record(&names[3], deny);
+        report.record(&names[4], deny);
         let allow = OurPolicy::apply(lab, "ALLOW").and_then(|_policy| {
             http(lab, &running, direction, Family::V4)
                 .map(|d| format!("AuthorizationPolicy ALLOW {CLIENT_PRINCIPAL} on {SERVER}: {d}"))
         });
-        report.record(&names[4], allow);
+        report.record(&names[5], allow);
     }
     if let Err(e) = running.stop() {
         println!("==> interop: stopping ztunnel after {d}: {e:#}");
