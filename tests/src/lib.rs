@@ -34,6 +34,8 @@ pub const STATE_ROOT: &str = "/run/mesh-lab";
 /// The echo server's HTTP and raw-echo ports in every pod.
 pub const HTTP_PORT: u16 = 8080;
 pub const ECHO_PORT: u16 = 9000;
+/// The echo server's sink (reads to the end, answers the byte count and SHA-256).
+pub const SINK_PORT: u16 = 9001;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LabSpec {

@@ -6,7 +6,8 @@
 //! - ours: both enrolled, captured and carried through the agents' HBONE tunnel;
 //! - ztunnel (with `--ztunnel PATH`): both un-enrolled again, one ztunnel per pod in its
 //!   dedicated mode on a local config, the client pod's traffic redirected into it (see
-//!   `ztunnel.rs`).
+//!   `ztunnel.rs`); first one HTTP request each way between ztunnel and our agents
+//!   (`interop::smoke`; `cargo xtask interop` runs the whole matrix).
 //!
 //! Then the waypoint's cost, HTTP over no mesh, the L4 tunnel and the waypoint, and
 //! the cost of L7 authorization, JWT validation and tracing at the waypoint (see
@@ -22,12 +23,11 @@ use std::{
 use anyhow::{Context, bail};
 use mesh_lab::{ECHO_PORT, Lab};
 
-use crate::lab_spec;
+use crate::{lab_spec, ztunnel};
 
 pub mod control;
 pub mod micro;
 mod waypoint;
-mod ztunnel;
 
 /// The client and server pods of every leg.
 const CLIENT: &str = "n1-p1";
@@ -124,7 +124,7 @@ struct Sample {
 
 /// Runs `argv` in `target` under `timeout` (`limit` seconds, then KILL 5 s later): no
 /// load client outlives its budget.
-fn exec_bounded(lab: &Lab, target: &str, limit: u32, argv: &[&str]) -> anyhow::Result<std::process::Output> {
+pub fn exec_bounded(lab: &Lab, target: &str, limit: u32, argv: &[&str]) -> anyhow::Result<std::process::Output> {
     let limit = limit.to_string();
     let mut bounded = vec!["timeout", "-k", "5", limit.as_str()];
     bounded.extend_from_slice(argv);
@@ -343,60 +343,6 @@ impl Results {
     }
 }
 
-/// One HTTP request each way between our agent and a ztunnel, with the pods'
-/// identities from the shared root: our agent (client pod enrolled) to the server
-/// pod's ztunnel, then the client pod's ztunnel to our agent (server pod enrolled).
-/// A failed request is reported (with the ztunnel's log) and the benchmark goes on:
-/// the legs do not depend on it (e.g. `COMPLIANCE_POLICY=pqc` ztunnels offer only a
-/// key exchange our agents may lack). Leaves both pods enrolled and no ztunnel running.
-fn interoperate(lab: &Lab, zt: &ztunnel::Ztunnel) -> anyhow::Result<()> {
-    let url = format!("http://{}:{}/", lab.pod(SERVER).ip4, mesh_lab::HTTP_PORT);
-    for (ztunnel_pod, enrolled_pod, what) in
-        [(SERVER, CLIENT, "our agent -> ztunnel"), (CLIENT, SERVER, "ztunnel -> our agent")]
-    {
-        lab.unenroll(ztunnel_pod)?;
-        let redirect = (ztunnel_pod == CLIENT).then_some(CLIENT);
-        let running = zt.start(lab, &[CLIENT, SERVER], &[ztunnel_pod], redirect)?;
-        lab.wait_certificates()?;
-        let tunneled = |n: usize| {
-            lab.agent_stats(n).map(|s| {
-                s["agent"]["tunneled"].as_u64().unwrap_or(0) + s["agent"]["inbound_accepted"].as_u64().unwrap_or(0)
-            })
-        };
-        let agent_node = lab.pod(enrolled_pod).node;
-        let agent_before = tunneled(agent_node)?;
-        let body = lab.curl(CLIENT, &url);
-        let through_ztunnel = ztunnel::Running::connections(lab, ztunnel_pod);
-        let agent_after = tunneled(agent_node)?;
-        let logs = running.logs(lab);
-        running.stop(lab)?;
-        lab.enroll(ztunnel_pod)?;
-        match body {
-            Ok(body)
-                if body.contains(&format!("pod={SERVER} ")) && through_ztunnel > 0 && agent_after > agent_before =>
-            {
-                let peer = body.split_whitespace().find_map(|w| w.strip_prefix("peer=")).unwrap_or("?");
-                println!(
-                    "==> interoperability {what}: HTTP {CLIENT} -> {SERVER} through HBONE (the application saw {peer})"
-                );
-            }
-            outcome => {
-                let why = match outcome {
-                    Ok(body) => format!(
-                        "not through both ({body:?}, ztunnel connections {through_ztunnel}, agent {agent_before} -> \
-                         {agent_after})"
-                    ),
-                    Err(e) => format!("{e:#}"),
-                };
-                let cause = logs.lines().rev().find_map(|l| l.split_once("error=").map(|(_, e)| e)).unwrap_or("");
-                println!("==> interoperability {what}: FAILED ({why}) {cause}");
-                eprintln!("{logs}");
-            }
-        }
-    }
-    lab.wait_certificates()
-}
-
 fn one_line(s: &Sample) -> String {
     format!(
         "{:.2}/{:.2} Gbit/s, rr p50/p99 {:.0}/{:.0} us, {:.0} conn/s",
@@ -470,7 +416,7 @@ pub fn bench(options: &Options) -> anyhow::Result<()> {
     let agents = agent_pids(&lab);
     let agents_idle = rss_mib(&agents).0;
     if let Some(zt) = &ztunnel {
-        interoperate(&lab, zt)?;
+        crate::interop::smoke(&lab, zt)?;
     }
     let mut results = Results { legs: legs.iter().map(|l| (*l, Vec::new())).collect() };
     let mut ztunnel_idle = f64::NAN;
@@ -504,7 +450,16 @@ pub fn bench(options: &Options) -> anyhow::Result<()> {
                 }
                 Leg::Ztunnel => {
                     let zt = ztunnel.as_ref().context("no ztunnel")?;
-                    let running = zt.start(&lab, &[CLIENT, SERVER], &[CLIENT, SERVER], Some(CLIENT))?;
+                    let mut running = zt.start(
+                        &lab,
+                        &ztunnel::Launch {
+                            workloads: &[CLIENT, SERVER],
+                            pods: &[CLIENT, SERVER],
+                            redirect: Some(CLIENT),
+                            policies: &[],
+                            env: &[],
+                        },
+                    )?;
                     if ztunnel_idle.is_nan() {
                         ztunnel_idle = rss_mib(&running.pids).0;
                     }
@@ -512,13 +467,13 @@ pub fn bench(options: &Options) -> anyhow::Result<()> {
                     let measured = sample(&lab, &server, seconds, count, &running.pids);
                     let after = ztunnel::Running::connections(&lab, SERVER);
                     let peak = rss_mib(&running.pids).1;
-                    running.stop(&lab)?;
-                    let mut s = measured.map_err(|e| e.context(format!("ztunnel leg: {}", running.logs(&lab))))?;
+                    running.stop()?;
+                    let mut s = measured.map_err(|e| e.context(format!("ztunnel leg: {}", running.logs())))?;
                     if after <= before {
                         bail!(
                             "round {round}: the ztunnel run did not reach the server's ztunnel ({before} -> {after} \
                              inbound connections); {}",
-                            running.logs(&lab)
+                            running.logs()
                         );
                     }
                     s.rss_idle_mib = ztunnel_idle;

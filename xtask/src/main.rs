@@ -1,10 +1,12 @@
-//! Project automation. `cargo xtask setup | build | lab | demo | test | vm-test | bench | fuzz`.
+//! Project automation. `cargo xtask setup | build | lab | demo | test | vm-test | bench | interop | fuzz`.
 //! Every command that needs tools runs `setup` first, which installs what is missing
 //! and is a quick no-op otherwise.
 mod bench;
 mod demo;
 mod fuzz;
+mod interop;
 mod setup;
+mod ztunnel;
 
 use std::{
     path::{Path, PathBuf},
@@ -61,6 +63,17 @@ enum Cmd {
         /// pod in its dedicated mode, same pods, same lab (data-plane benchmark).
         #[arg(long, value_name = "PATH")]
         ztunnel: Option<PathBuf>,
+    },
+    /// Our agents against Istio's ztunnel in the lab, both directions: IPv4, IPv6,
+    /// half-closed bulk transfers, policies on each side, ztunnel's `COMPLIANCE_POLICY=pqc`.
+    /// One line per case; fails if any case failed.
+    Interop {
+        /// The ztunnel binary (built with `--features testing`, for its fake CA).
+        #[arg(long, value_name = "PATH")]
+        ztunnel: PathBuf,
+        /// Also write `{"cases": {"<case>": "ok" | "failed: <reason>"}}` to this file.
+        #[arg(long, value_name = "PATH")]
+        json: Option<PathBuf>,
     },
     /// Run the fuzz targets of fuzz/ (all, or one) for longer; the corpus they grow is
     /// kept in fuzz/target/corpus between runs.
@@ -140,6 +153,8 @@ fn main() -> ExitCode {
                 "unknown benchmark {other}: expected `l4`, `waypoint`, `control`, `micro` or nothing"
             )),
         },
+        Cmd::Interop { ztunnel, json } => interop::Options::new(&ztunnel, json)
+            .and_then(|options| setup::setup().and_then(|()| build()).and_then(|()| interop::interop(&options))),
         Cmd::Fuzz { seconds, target } => {
             setup::setup().and_then(|()| fuzz::fuzz(seconds, target.as_deref(), fuzz::Corpus::Kept))
         }

@@ -9,7 +9,14 @@
 //! e.g. a bearer token). `load` keeps a
 //! steady rate of new connections and counts the failures; `many` holds many idle
 //! connections open at once.
+//!
+//! Half-closed bulk transfers: `serve` also runs a sink on `--sink-port` that reads
+//! each connection to its end (the client's FIN), then answers one line
+//! `bytes=<n> sha256=<hex>` and closes; `bulk --addr IP:PORT --bytes N` sends N bytes
+//! of a fixed pseudo-random pattern, shuts down its write side, waits for that line
+//! and checks it against what it sent (JSON out, exit status 1 on a mismatch).
 use std::{
+    fmt::Write as _,
     io::{BufRead, BufReader, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     thread,
@@ -28,7 +35,14 @@ fn main() -> anyhow::Result<()> {
             let name = opt("--name").context("--name is required")?;
             let http_port: u16 = opt("--http-port").map_or(Ok(8080), |p| p.parse()).context("--http-port")?;
             let tcp_port: u16 = opt("--tcp-port").map_or(Ok(9000), |p| p.parse()).context("--tcp-port")?;
-            serve(name, http_port, tcp_port)
+            let sink_port: u16 = opt("--sink-port").map_or(Ok(9001), |p| p.parse()).context("--sink-port")?;
+            serve(name, http_port, tcp_port, sink_port)
+        }
+        "bulk" => {
+            let addr: SocketAddr = opt("--addr").context("--addr is required")?.parse().context("--addr")?;
+            let bytes: u64 = opt("--bytes").map_or(Ok(16 << 20), |v| v.parse()).context("--bytes")?;
+            let seconds: u64 = opt("--seconds").map_or(Ok(30), |v| v.parse()).context("--seconds")?;
+            bulk(addr, bytes, Duration::from_secs(seconds))
         }
         "rr" => {
             let addr: SocketAddr = opt("--addr").context("--addr is required")?.parse().context("--addr")?;
@@ -74,7 +88,7 @@ fn main() -> anyhow::Result<()> {
             let seconds: u64 = opt("--seconds").map_or(Ok(10), |v| v.parse()).context("--seconds")?;
             many(addr, count, Duration::from_secs(seconds))
         }
-        other => bail!("unknown mode {other}; expected serve, rr, http, cps, hold, load or many"),
+        other => bail!("unknown mode {other}; expected serve, rr, http, cps, hold, load, many or bulk"),
     }
 }
 
@@ -233,11 +247,13 @@ fn hold(addr: SocketAddr, duration: Duration) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn serve(name: String, http_port: u16, tcp_port: u16) -> anyhow::Result<()> {
+fn serve(name: String, http_port: u16, tcp_port: u16, sink_port: u16) -> anyhow::Result<()> {
     let http = bind(http_port)?;
     let tcp = bind(tcp_port)?;
+    let sink_listener = bind(sink_port)?;
     let echo_name = name.clone();
     thread::spawn(move || accept_loop(&tcp, move |s| echo(s, &echo_name)));
+    thread::spawn(move || accept_loop(&sink_listener, sink));
     accept_loop(&http, move |s| http_conn(s, &name));
     Ok(())
 }
@@ -444,9 +460,127 @@ fn request_response(addr: SocketAddr, size: usize, count: usize, rate: u64) -> a
     Ok(())
 }
 
+/// The bytes a bulk client sends: a fixed xorshift64 stream, so a reordered, dropped
+/// or repeated chunk changes the digest (all zeros would hide a repeat).
+struct Pattern(u64);
+
+impl Pattern {
+    fn new() -> Self {
+        Self(0x9e37_79b9_7f4a_7c15)
+    }
+
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            chunk.copy_from_slice(&self.0.to_le_bytes()[..chunk.len()]);
+        }
+    }
+}
+
+/// The sink's answer after the end of a transfer of `bytes` bytes with this digest.
+fn sink_answer(bytes: u64, digest: &[u8]) -> String {
+    let mut answer = format!("bytes={bytes} sha256=");
+    for b in digest {
+        let _ = write!(answer, "{b:02x}");
+    }
+    answer.push('\n');
+    answer
+}
+
+/// Reads a connection to its end, counting and hashing, then answers
+/// [`sink_answer`] and closes: the answer exists only once the client's FIN arrived.
+fn sink(mut stream: TcpStream) {
+    let _ = stream.set_read_timeout(Some(Duration::from_mins(1)));
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                context.update(&buf[..n]);
+                total += n as u64;
+            }
+            // A reset or a stall: no answer, the client reports it.
+            Err(_) => return,
+        }
+    }
+    let answer = sink_answer(total, context.finish().as_ref());
+    if stream.write_all(answer.as_bytes()).is_ok() {
+        let _ = stream.shutdown(Shutdown::Write);
+    }
+}
+
+/// Sends `bytes` bytes of [`Pattern`] to a sink, half-closes, reads its answer to the
+/// end and compares. Prints JSON (`ok`, `bytes`, `sha256`, `answer`, `send_seconds`,
+/// `total_seconds`); fails when the answer differs or does not come within `limit`.
+fn bulk(addr: SocketAddr, bytes: u64, limit: Duration) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).context("connect")?;
+    stream.set_write_timeout(Some(limit))?;
+    stream.set_read_timeout(Some(limit))?;
+    let mut pattern = Pattern::new();
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut sent = 0u64;
+    while sent < bytes {
+        let n = (bytes - sent).min(buf.len() as u64) as usize;
+        pattern.fill(&mut buf[..n]);
+        context.update(&buf[..n]);
+        stream.write_all(&buf[..n]).with_context(|| format!("send after {sent} bytes"))?;
+        sent += n as u64;
+    }
+    stream.shutdown(Shutdown::Write).context("shut down the write side")?;
+    let send_seconds = start.elapsed().as_secs_f64();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).with_context(|| {
+        format!("no answer {:.1} s after the half-close (did the sink see the end of the data?)", limit.as_secs_f64())
+    })?;
+    let expected = sink_answer(bytes, context.finish().as_ref());
+    let ok = answer == expected;
+    println!(
+        "{}",
+        serde_json::json!({
+            "ok": ok, "bytes": bytes, "sha256": expected.trim_end().rsplit('=').next(),
+            "answer": answer.trim_end(), "send_seconds": send_seconds, "total_seconds": start.elapsed().as_secs_f64(),
+        })
+    );
+    if !ok {
+        bail!("the sink answered {answer:?}, expected {expected:?}");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
-    use super::header_line;
+    use super::{Pattern, header_line, sink_answer};
+
+    #[test]
+    fn pattern_is_deterministic_and_not_flat() {
+        let (mut a, mut b) = (vec![0u8; 1000], vec![0u8; 1000]);
+        Pattern::new().fill(&mut a);
+        Pattern::new().fill(&mut b);
+        assert_eq!(a, b);
+        // Filling in two pieces continues the stream where it stopped (a chunk size
+        // that is a multiple of 8, as the client's 64 KiB buffer is).
+        let mut pieces = Pattern::new();
+        let mut c = vec![0u8; 1000];
+        pieces.fill(&mut c[..512]);
+        pieces.fill(&mut c[512..]);
+        assert_eq!(a, c);
+        assert!(a.windows(8).step_by(8).collect::<std::collections::HashSet<_>>().len() > 100);
+    }
+
+    #[test]
+    fn sink_answers_count_and_hex_digest() {
+        let digest = ring::digest::digest(&ring::digest::SHA256, b"abc");
+        assert_eq!(
+            sink_answer(3, digest.as_ref()),
+            "bytes=3 sha256=ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad\n"
+        );
+    }
 
     #[test]
     fn header_lines() {
