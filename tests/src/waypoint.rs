@@ -122,6 +122,9 @@ spec:
   - match: [{uri: {prefix: /status/503}}]
     retries: {attempts: 3, retryOn: 5xx}
     route: [{destination: {host: httpbin}}]
+  - match: [{uri: {prefix: /anything/retry-on-200}}]
+    retries: {attempts: 3, retryOn: '200'}
+    route: [{destination: {host: httpbin}}]
   - match: [{uri: {prefix: /moved}}]
     redirect: {uri: /get}
   - route: [{destination: {host: httpbin}}]
