@@ -142,6 +142,17 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
     run(Command::new("ip").args(args)).map(drop)
 }
 
+/// A new network namespace with loopback up and IPv6 duplicate-address detection off
+/// for every link made in it later (link-local addresses included): while an address
+/// is tentative, the first IPv6 connection through it waited about 2 s.
+fn netns_add(ns: &str) -> anyhow::Result<()> {
+    ip(&["netns", "add", ns])?;
+    run(Command::new("ip")
+        .args(["netns", "exec", ns, "sysctl", "-qw"])
+        .args(["net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"]))?;
+    ip(&["-n", ns, "link", "set", "lo", "up"])
+}
+
 fn cgroup2_root() -> anyhow::Result<PathBuf> {
     let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
     mesh_common::host::find_cgroup2_mount(&mountinfo).context("no cgroup2 filesystem mounted")
@@ -257,15 +268,13 @@ impl Lab {
     fn build(&mut self) -> anyhow::Result<()> {
         let p = &self.spec.prefix;
         let fabric = format!("{p}-fabric");
-        ip(&["netns", "add", &fabric])?;
-        ip(&["-n", &fabric, "link", "set", "lo", "up"])?;
+        netns_add(&fabric)?;
         ip(&["-n", &fabric, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &fabric, "link", "set", "br0", "up"])?;
         for (i, node) in self.nodes.iter().enumerate() {
             let i = i + 1;
             let ns = &node.netns;
-            ip(&["netns", "add", ns])?;
-            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+            netns_add(ns)?;
             let port = format!("n{i}");
             ip(&["link", "add", "fab", "netns", ns, "type", "veth", "peer", "name", &port, "netns", &fabric])?;
             ip(&["-n", &fabric, "link", "set", &port, "master", "br0", "up"])?;
@@ -377,8 +386,7 @@ impl Lab {
         let ns = &pod.netns;
         let node = &self.nodes[pod.node - 1];
         let i = pod.node;
-        ip(&["netns", "add", ns])?;
-        ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        netns_add(ns)?;
         let port = format!("p-{}", pod.name);
         ip(&["link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", &port, "netns", &node.netns])?;
         ip(&["-n", &node.netns, "link", "set", &port, "master", "pods", "up"])?;
