@@ -139,6 +139,20 @@ struct Group {
     spread: bool,
 }
 
+impl Group {
+    /// One accept loop per socket of the group, made by `run(socket, spread)`.
+    fn accept_loops<Fut>(
+        self,
+        run: impl Fn(std::net::TcpListener, bool) -> Fut,
+    ) -> impl Iterator<Item = (SocketAddr, AcceptLoop)>
+    where
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let Self { listeners, addr, spread } = self;
+        listeners.into_iter().map(move |listener| (addr, Box::pin(run(listener, spread)) as AcceptLoop))
+    }
+}
+
 struct Entry {
     pod: Arc<Pod>,
     listeners: Vec<(SocketAddr, AbortHandle)>,
@@ -377,9 +391,7 @@ impl Registry {
             match group {
                 Ok(group) => {
                     let outbound = Outbound::new(pod.clone(), self.forwarder.clone(), drain.clone());
-                    for listener in group.listeners {
-                        listeners.push((addr, Box::pin(outbound.clone().run(listener, group.spread))));
-                    }
+                    listeners.extend(group.accept_loops(|socket, spread| outbound.clone().run(socket, spread)));
                 }
                 // A pod without IPv6 (disabled, or no ::1) just has no v6 capture.
                 Err(error) if ip.is_ipv6() => {
@@ -401,9 +413,7 @@ impl Registry {
                 match group {
                     Ok(group) => {
                         let tunnel = crate::hbone::Inbound::new(pod.clone(), mesh.clone(), drain.clone());
-                        for listener in group.listeners {
-                            listeners.push((addr, Box::pin(tunnel.clone().run(listener, group.spread))));
-                        }
+                        listeners.extend(group.accept_loops(|socket, spread| tunnel.clone().run(socket, spread)));
                     }
                     Err(error) if ip.is_ipv6() => warn!(pod = %pod.spec.name, %error, "no IPv6 tunnel listener"),
                     Err(error) => return Err(error.into()),
@@ -436,9 +446,7 @@ impl Registry {
             // The kernel's socket map holds the group's first socket; its lookup then
             // picks a member of the group.
             self.redirect.attach_inbound(&pod.netns, cookie, id, &inbound_ips, &group.listeners[0])?;
-            for listener in group.listeners {
-                listeners.push((group.addr, Box::pin(plaintext.clone().run(listener, group.spread))));
-            }
+            listeners.extend(group.accept_loops(|socket, spread| plaintext.clone().run(socket, spread)));
             let (strict, overrides) = mesh.strict_ports(&pod);
             self.redirect.set_strict(pod.ips(), strict, &overrides)?;
         }

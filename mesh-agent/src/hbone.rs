@@ -45,12 +45,6 @@ impl Inbound {
     pub async fn run(self, listener: std::net::TcpListener, spread: bool) {
         let Self { server } = self;
         let tunnel = server.handler().clone();
-        let listener = match tunnel.pod.netns.tokio_listener(listener) {
-            Ok(listener) => listener,
-            Err(error) => {
-                return tracing::warn!(pod = %tunnel.pod.spec.name, %error, "cannot serve the tunnel listener");
-            }
-        };
         drain::accept_until_drained(listener, tunnel.drain.clone(), &tunnel.pod.spec.name, "tunnel", |stream, peer| {
             // GOAWAY when the pod leaves or the agent drains: streams in flight finish,
             // the peer's pool opens new connections (to wherever the pod is now).

@@ -41,12 +41,6 @@ impl Plaintext {
     /// on, with `spread` handing each connection to the shards in turn.
     pub async fn run(self, listener: std::net::TcpListener, spread: bool) {
         let Self { shared } = self;
-        let listener = match shared.pod.netns.tokio_listener(listener) {
-            Ok(listener) => listener,
-            Err(error) => {
-                return tracing::warn!(pod = %shared.pod.spec.name, %error, "cannot serve the plaintext listener");
-            }
-        };
         let drain = shared.drain.clone();
         drain::accept_until_drained(listener, drain, &shared.pod.spec.name, "inbound", |stream, peer| {
             // A v4 client on the dual-stack listener shows as `::ffff:a.b.c.d`.

@@ -146,12 +146,6 @@ impl Netns {
         })
     }
 
-    /// A listener created in this namespace, handed to the tokio runtime.
-    pub fn tokio_listener(&self, listener: std::net::TcpListener) -> Result<tokio::net::TcpListener, NetnsError> {
-        tokio::net::TcpListener::from_std(listener)
-            .map_err(|source| NetnsError::Socket { path: self.path.clone(), source })
-    }
-
     /// A listener on `port` for both families (`[::]` with `IPV6_V6ONLY` off), or on
     /// `0.0.0.0` when the namespace has no IPv6. Returns whether it takes IPv6.
     pub fn listen_dual_stack(&self, port: u16) -> Result<(std::net::TcpListener, bool), NetnsError> {

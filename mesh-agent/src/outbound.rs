@@ -56,10 +56,6 @@ impl Outbound {
     /// handing each connection to the shards in turn.
     pub async fn run(self, listener: std::net::TcpListener, spread: bool) {
         let Self { pod, forwarder, drain } = self;
-        let listener = match pod.netns.tokio_listener(listener) {
-            Ok(listener) => listener,
-            Err(error) => return tracing::warn!(pod = %pod.spec.name, %error, "cannot serve the outbound listener"),
-        };
         let watch = drain.clone();
         drain::accept_until_drained(listener, watch, &pod.spec.name, "outbound", |stream, peer| {
             let conn = Connection { pod: pod.clone(), forwarder: forwarder.clone(), _drain: drain.clone() };

@@ -7,7 +7,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::{mpsc, watch},
 };
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 
 pub fn channel() -> (Trigger, Watch) {
     let (signal_tx, signal_rx) = watch::channel(false);
@@ -44,14 +44,20 @@ impl Watch {
 }
 
 /// Accepts on `listener` and hands every connection to `handle` until draining
-/// starts. `what` names the listener in logs (`outbound`, `tunnel`, `inbound`).
+/// starts. `what` names the listener in logs (`outbound`, `tunnel`, `inbound`). The
+/// listener joins the reactor of the runtime this runs on (a shard's, so the
+/// connections it accepts are served there).
 pub async fn accept_until_drained(
-    listener: TcpListener,
+    listener: std::net::TcpListener,
     mut drain: Watch,
     pod: &str,
     what: &'static str,
     mut handle: impl FnMut(TcpStream, SocketAddr),
 ) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(error) => return error!(pod, listener = what, %error, "cannot serve the listener"),
+    };
     loop {
         tokio::select! {
             () = drain.signaled() => break,

@@ -114,13 +114,6 @@ fn serve_shard(
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     runtime.block_on(async move {
         tokio::spawn(shard::keep_timers_near());
-        let listener = match tokio::net::TcpListener::from_std(listener) {
-            Ok(listener) => listener,
-            Err(error) => {
-                error!(shard = index, %error, "HBONE listener");
-                return;
-            }
-        };
         drain::accept_until_drained(listener, drain.clone(), name, "hbone", |tcp, peer| {
             let server = server.clone();
             let mut watch = drain.clone();

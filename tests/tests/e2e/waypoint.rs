@@ -167,10 +167,11 @@ fn waypoint_canary_retries_faults_timeouts_breaker_and_ejection() {
         wait_for(Duration::from_secs(2), || lab.log_of("waypoint").contains("URX")).expect("retry-exhausted flag");
         // A streamed upload (chunked, 100 KiB: over the 64 KiB read ahead) is retried
         // too, from the copy the waypoint keeps as it passes.
-        let posts = || -> usize {
+        // POSTs to `path` that reached httpbin in any shop pod.
+        let posts = |path: &str| -> usize {
             shop_pods(lab)
                 .iter()
-                .map(|p| lab.log_of(&format!("httpbin-{p}")).matches("\"POST /status/503 ").count())
+                .map(|p| lab.log_of(&format!("httpbin-{p}")).matches(&format!("\"POST {path} ")).count())
                 .sum()
         };
         let script = format!(
@@ -178,8 +179,9 @@ fn waypoint_canary_retries_faults_timeouts_breaker_and_ejection() {
         );
         let out = lab.exec("n1-p1", &["sh", "-c", &script]).unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout), "503");
-        wait_for(Duration::from_secs(3), || posts() == 4)
-            .unwrap_or_else(|_| panic!("chunked upload tried {} times, not 4: {}", posts(), lab.log_of("waypoint")));
+        let retried = || posts("/status/503");
+        wait_for(Duration::from_secs(3), || retried() == 4)
+            .unwrap_or_else(|_| panic!("chunked upload tried {} times, not 4: {}", retried(), lab.log_of("waypoint")));
         // Over the 1 MiB copy, a retry is given up and counted, as Envoy's
         // `retry_or_shadow_abandoned`. The upstream must read the whole body before it
         // answers (httpbin's `/anything` echoes it; the route retries on 200), so the
@@ -190,12 +192,7 @@ fn waypoint_canary_retries_faults_timeouts_breaker_and_ejection() {
             })
         };
         assert_eq!(abandoned(), Some(0.0), "the counter is exported, at 0 before");
-        let tries = || -> usize {
-            shop_pods(lab)
-                .iter()
-                .map(|p| lab.log_of(&format!("httpbin-{p}")).matches("\"POST /anything/retry-on-200 ").count())
-                .sum()
-        };
+        let tries = || posts("/anything/retry-on-200");
         let script = format!(
             "head -c 1572864 /dev/zero | curl -s -o /dev/null -w '%{{http_code}}' -T - -X POST \
              {HTTPBIN_URL}/anything/retry-on-200"
