@@ -106,7 +106,8 @@ impl Netns {
         })
     }
 
-    /// A new TCP socket of this namespace: a spare one, or the first of a new batch.
+    /// A new non-blocking TCP socket of this namespace: a spare one, or the first of a
+    /// new batch (made non-blocking at creation: no `fcntl` per connection).
     fn fresh_socket(&self, ipv6: bool) -> Result<Socket, NetnsError> {
         let family = usize::from(ipv6);
         if let Some(socket) = self.spare.lock().expect("lock")[family].pop() {
@@ -115,7 +116,7 @@ impl Netns {
         let domain = if ipv6 { Domain::IPV6 } else { Domain::IPV4 };
         let mut batch = self.run(|| {
             (0..SPARE_BATCH)
-                .map(|_| Socket::new(domain, Type::STREAM, Some(Protocol::TCP)))
+                .map(|_| Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP)))
                 .collect::<io::Result<Vec<_>>>()
         })?;
         let socket = batch.pop().expect("a batch has sockets");
@@ -175,7 +176,6 @@ impl Netns {
         let socket = self.fresh_socket(source.is_ipv6())?;
         let setup = || {
             crate::deliver::bind_transparent(&socket, source)?;
-            socket.set_nonblocking(true)?;
             socket.set_nodelay(true)
         };
         setup().map_err(|source| NetnsError::Socket { path: self.path.clone(), source })?;
@@ -188,7 +188,6 @@ impl Netns {
         let socket = self.fresh_socket(ipv6)?;
         let setup = || {
             socket.set_mark(mark)?;
-            socket.set_nonblocking(true)?;
             socket.set_nodelay(true)
         };
         setup().map_err(|source| NetnsError::Socket { path: self.path.clone(), source })?;

@@ -242,10 +242,7 @@ impl Connection {
     }
 
     /// Relays an established connection; the bytes count in the agent's counters.
-    async fn relay<U>(&self, record: &mut Record<'_>, client: TcpStream, upstream: U)
-    where
-        U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    {
+    async fn relay<U: mesh_proxy::relay::Side>(&self, record: &mut Record<'_>, client: TcpStream, upstream: U) {
         let report = record.relay(client, upstream, None).await;
         let counters = [&*self.forwarder.counters, &self.pod.counters];
         bump(counters, |c| &c.bytes_sent, report.sent);

@@ -13,6 +13,7 @@ use std::{
     time::Duration,
 };
 
+use bytes::{BufMut as _, Bytes, BytesMut};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     sync::watch,
@@ -30,6 +31,31 @@ use crate::{
 const BUFFER_STEPS: [usize; 3] = [1024, 16 * 1024, 128 * 1024];
 /// How often the byte counters of a long connection are added to the metrics.
 const FLUSH_EVERY: Duration = Duration::from_secs(5);
+
+/// One side of a relay. A socket is read into the relay's buffer and written from it
+/// (the defaults); a tunnel stream hands out the chunks it received and takes owned
+/// ones ([`crate::tunnel::stream::H2Stream`]: its HTTP/2 DATA frames), so bytes
+/// between a tunnel stream and a socket are not copied once more on the way.
+pub trait Side: AsyncRead + AsyncWrite + Unpin {
+    /// The next received chunk (empty at end of stream); `None` when this side is
+    /// read into a buffer instead.
+    fn poll_chunk(&mut self, _cx: &mut Context<'_>) -> Option<Poll<io::Result<Bytes>>> {
+        None
+    }
+
+    /// Writes some of `data` and advances it past what was written.
+    fn poll_send_chunk(&mut self, cx: &mut Context<'_>, data: &mut Bytes) -> Poll<io::Result<()>> {
+        let n = std::task::ready!(Pin::new(&mut *self).poll_write(cx, data))?;
+        if n == 0 {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        bytes::Buf::advance(data, n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Side for tokio::net::TcpStream {}
+impl Side for tokio::io::DuplexStream {}
 
 /// A stream that counts the bytes read from and written to it.
 pub struct Counted<S> {
@@ -71,6 +97,23 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     }
 }
 
+impl<S: Side> Side for Counted<S> {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Option<Poll<io::Result<Bytes>>> {
+        let poll = self.inner.poll_chunk(cx)?;
+        if let Poll::Ready(Ok(chunk)) = &poll {
+            self.read.fetch_add(chunk.len() as u64, Relaxed);
+        }
+        Some(poll)
+    }
+
+    fn poll_send_chunk(&mut self, cx: &mut Context<'_>, data: &mut Bytes) -> Poll<io::Result<()>> {
+        let before = data.len();
+        let poll = self.inner.poll_send_chunk(cx, data);
+        self.written.fetch_add((before - data.len()) as u64, Relaxed);
+        poll
+    }
+}
+
 /// What re-checks a connection's authorization when the configuration changes: a
 /// denial closes it. `check` returns the reason of a denial.
 pub struct Recheck {
@@ -99,8 +142,8 @@ pub async fn run<A, B>(
     labels: &Arc<TcpLabels>,
 ) -> Report
 where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
+    A: Side,
+    B: Side,
 {
     let (sent, received) = (client.read.clone(), client.written.clone());
     let mut flushed = (0, 0);
@@ -157,93 +200,98 @@ where
     report
 }
 
-/// One direction of a relay: reads into a buffer that grows with the traffic and
-/// writes it out; shuts the writer down after the reader's end of stream.
+/// One direction of a relay: takes the reader's chunks, or reads into a buffer that
+/// grows with the traffic, and writes them out; shuts the writer down after the
+/// reader's end of stream.
 #[derive(Default)]
 struct Direction {
-    buffer: Vec<u8>,
-    start: usize,
-    end: usize,
+    /// Where a reader without chunks is read into; what was read is split off.
+    buffer: BytesMut,
+    /// The current step of [`BUFFER_STEPS`].
+    step: usize,
+    /// Read, not yet written.
+    pending: Bytes,
     read_done: bool,
     write_pending_flush: bool,
     done: bool,
 }
 
 impl Direction {
-    fn poll_copy<R, W>(
+    fn poll_copy<R: Side + ?Sized, W: Side + ?Sized>(
         &mut self,
         cx: &mut Context<'_>,
-        mut reader: Pin<&mut R>,
-        mut writer: Pin<&mut W>,
-    ) -> Poll<io::Result<()>>
-    where
-        R: AsyncRead + ?Sized,
-        W: AsyncWrite + ?Sized,
-    {
+        reader: &mut R,
+        writer: &mut W,
+    ) -> Poll<io::Result<()>> {
         loop {
             if self.done {
                 return Poll::Ready(Ok(()));
             }
-            if self.start == self.end && !self.read_done {
-                if self.buffer.is_empty() {
-                    self.buffer = vec![0; BUFFER_STEPS[0]];
-                }
-                let mut buf = ReadBuf::new(&mut self.buffer);
-                match reader.as_mut().poll_read(cx, &mut buf) {
-                    Poll::Ready(Ok(())) => {
-                        let n = buf.filled().len();
-                        self.start = 0;
-                        self.end = n;
-                        if n == 0 {
-                            self.read_done = true;
-                        } else if n == self.buffer.len()
-                            && let Some(next) = BUFFER_STEPS.iter().find(|size| **size > n)
-                        {
-                            // A full read: the peer has more; the next read takes more.
-                            self.buffer.resize(*next, 0);
-                        }
-                    }
+            if self.pending.is_empty() && !self.read_done {
+                let read = match reader.poll_chunk(cx) {
+                    Some(poll) => poll,
+                    None => self.poll_read(cx, reader),
+                };
+                match read {
+                    Poll::Ready(Ok(chunk)) if chunk.is_empty() => self.read_done = true,
+                    Poll::Ready(Ok(chunk)) => self.pending = chunk,
                     Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
                     Poll::Pending => {
                         if self.write_pending_flush {
-                            std::task::ready!(writer.as_mut().poll_flush(cx))?;
+                            std::task::ready!(Pin::new(&mut *writer).poll_flush(cx))?;
                             self.write_pending_flush = false;
                         }
                         return Poll::Pending;
                     }
                 }
             }
-            while self.start < self.end {
-                let n = std::task::ready!(writer.as_mut().poll_write(cx, &self.buffer[self.start..self.end]))?;
-                if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                }
-                self.start += n;
+            while !self.pending.is_empty() {
+                std::task::ready!(writer.poll_send_chunk(cx, &mut self.pending))?;
                 self.write_pending_flush = true;
             }
             if self.read_done {
-                std::task::ready!(writer.as_mut().poll_flush(cx))?;
-                std::task::ready!(writer.as_mut().poll_shutdown(cx))?;
+                std::task::ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+                std::task::ready!(Pin::new(&mut *writer).poll_shutdown(cx))?;
                 self.done = true;
                 // Nothing more moves this way: give the buffer back now.
-                self.buffer = Vec::new();
+                self.buffer = BytesMut::new();
             }
         }
+    }
+
+    /// Reads into the buffer and splits off what was read. A read that fills its
+    /// step means the peer has more: the next read takes the next step.
+    #[allow(unsafe_code)]
+    fn poll_read<R: AsyncRead + Unpin + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+    ) -> Poll<io::Result<Bytes>> {
+        let want = BUFFER_STEPS[self.step];
+        // Reuses the allocation once the writer let go of what was split off before.
+        self.buffer.reserve(want);
+        let spare = &mut self.buffer.spare_capacity_mut()[..want];
+        let mut buf = ReadBuf::uninit(spare);
+        std::task::ready!(Pin::new(reader).poll_read(cx, &mut buf))?;
+        let n = buf.filled().len();
+        // SAFETY: `ReadBuf` counts as filled only bytes the reader initialised, and
+        // they are the first `n` of the buffer's spare capacity.
+        unsafe { self.buffer.advance_mut(n) };
+        if n == want && self.step + 1 < BUFFER_STEPS.len() {
+            self.step += 1;
+        }
+        Poll::Ready(Ok(self.buffer.split().freeze()))
     }
 }
 
 /// Copies both ways until both readers ended and both writers were shut down (a
 /// half-closed connection keeps flowing the other way), with buffers that grow with
 /// the traffic.
-async fn copy_bidirectional<A, B>(a: &mut A, b: &mut B) -> io::Result<()>
-where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
-{
+async fn copy_bidirectional<A: Side + ?Sized, B: Side + ?Sized>(a: &mut A, b: &mut B) -> io::Result<()> {
     let (mut a_to_b, mut b_to_a) = (Direction::default(), Direction::default());
     std::future::poll_fn(|cx| {
-        let forward = a_to_b.poll_copy(cx, Pin::new(&mut *a), Pin::new(&mut *b))?;
-        let backward = b_to_a.poll_copy(cx, Pin::new(&mut *b), Pin::new(&mut *a))?;
+        let forward = a_to_b.poll_copy(cx, &mut *a, &mut *b)?;
+        let backward = b_to_a.poll_copy(cx, &mut *b, &mut *a)?;
         if forward.is_ready() && backward.is_ready() { Poll::Ready(Ok(())) } else { Poll::Pending }
     })
     .await
@@ -301,22 +349,87 @@ mod tests {
         assert_eq!(read.filled(), b"first", "relayed before any timer fired");
     }
 
+    /// A side in memory: reads from `input` (as chunks when `chunks`), records the
+    /// size of every read and the pointer of every chunk it is given.
+    #[derive(Default)]
+    struct Mem {
+        input: Bytes,
+        chunks: bool,
+        reads: Vec<usize>,
+        output: Vec<u8>,
+        given: Vec<*const u8>,
+    }
+
+    impl AsyncRead for Mem {
+        fn poll_read(mut self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            let n = self.input.len().min(buf.remaining());
+            self.reads.push(buf.remaining());
+            buf.put_slice(&self.input.split_to(n));
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Mem {
+        fn poll_write(mut self: Pin<&mut Self>, _cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+            self.output.extend_from_slice(data);
+            Poll::Ready(Ok(data.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl Side for Mem {
+        fn poll_chunk(&mut self, _cx: &mut Context<'_>) -> Option<Poll<io::Result<Bytes>>> {
+            // Hands out 3000-byte chunks of its input.
+            let n = self.input.len().min(3000);
+            self.chunks.then(|| Poll::Ready(Ok(self.input.split_to(n))))
+        }
+
+        fn poll_send_chunk(&mut self, _cx: &mut Context<'_>, data: &mut Bytes) -> Poll<io::Result<()>> {
+            self.given.push(data.as_ptr());
+            self.output.extend_from_slice(data);
+            data.clear();
+            Poll::Ready(Ok(()))
+        }
+    }
+
     #[test]
     fn a_buffer_starts_small_and_grows_only_on_full_reads() {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let input: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+        let mut reader = Mem { input: Bytes::from(input.clone()), ..Mem::default() };
+        let mut writer = Mem::default();
         let mut direction = Direction::default();
-        let waker = std::task::Waker::noop();
-        let mut cx = Context::from_waker(waker);
-        let mut reader: &[u8] = &[7u8; 5000];
-        let mut writer = Vec::new();
-        let poll = direction.poll_copy(&mut cx, Pin::new(&mut reader), Pin::new(&mut writer));
-        assert!(poll.is_ready());
-        assert_eq!(writer.len(), 5000);
-        // 1 KiB full -> 16 KiB; 5000 bytes never filled 16 KiB; freed at the end.
-        assert!(direction.done && direction.buffer.is_empty());
-        let mut small = Direction::default();
-        let mut reader: &[u8] = b"hello";
-        let mut writer = Vec::new();
-        let _ = small.poll_copy(&mut cx, Pin::new(&mut reader), Pin::new(&mut writer));
-        assert_eq!(writer, b"hello");
+        assert!(direction.poll_copy(&mut cx, &mut reader, &mut writer).is_ready());
+        assert_eq!(writer.output, input);
+        // 1 KiB full -> 16 KiB full -> 128 KiB (the last step), until the end.
+        assert_eq!(reader.reads[..4], [1024, 16 * 1024, 128 * 1024, 128 * 1024]);
+        // Freed at the end of stream.
+        assert!(direction.done && direction.buffer.capacity() == 0);
+        let mut reader = Mem { input: Bytes::from_static(b"hello"), ..Mem::default() };
+        let mut writer = Mem::default();
+        let _ = Direction::default().poll_copy(&mut cx, &mut reader, &mut writer);
+        assert_eq!(writer.output, b"hello");
+        assert_eq!(reader.reads, [1024, 1024], "a short read does not grow the buffer");
+    }
+
+    #[test]
+    fn chunks_pass_from_reader_to_writer_without_a_copy() {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let input = Bytes::from((0..10_000u32).map(|i| i as u8).collect::<Vec<_>>());
+        let mut reader = Mem { input: input.clone(), chunks: true, ..Mem::default() };
+        let mut writer = Mem::default();
+        assert!(Direction::default().poll_copy(&mut cx, &mut reader, &mut writer).is_ready());
+        assert_eq!(writer.output, input);
+        // Each chunk the writer got is the reader's own memory, not a copy of it.
+        let offsets: Vec<usize> = writer.given.iter().map(|p| *p as usize - input.as_ptr() as usize).collect();
+        assert_eq!(offsets, [0, 3000, 6000, 9000]);
+        assert!(reader.reads.is_empty(), "a chunked reader is never read into a buffer");
     }
 }

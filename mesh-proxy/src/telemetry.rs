@@ -8,8 +8,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::io::{AsyncRead, AsyncWrite};
-
 use crate::{
     metrics::{Metrics, TcpLabels},
     relay::{self, Counted, Recheck, Report},
@@ -278,11 +276,12 @@ impl<'a> Record<'a> {
 
     /// Relays an established connection (`client` is the side it came from) with its
     /// labels (set before), active for as long as it lasts.
-    pub async fn relay<A, B>(&mut self, client: A, upstream: B, recheck: Option<Recheck>) -> Report
-    where
-        A: AsyncRead + AsyncWrite + Unpin,
-        B: AsyncRead + AsyncWrite + Unpin,
-    {
+    pub async fn relay<A: relay::Side, B: relay::Side>(
+        &mut self,
+        client: A,
+        upstream: B,
+        recheck: Option<Recheck>,
+    ) -> Report {
         let labels = self.labels.clone().unwrap_or_default();
         self.metrics.opened(&labels);
         let active = Active::enter(self.counters);

@@ -36,23 +36,63 @@ fn into_io(error: h2::Error) -> io::Error {
     io::Error::new(kind, error)
 }
 
-impl AsyncRead for H2Stream {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        while self.pending.is_empty() {
-            match ready!(self.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    // Return the window to the peer as soon as the bytes are ours: the
-                    // relay holds at most one read's worth.
-                    let _ = self.recv.flow_control().release_capacity(data.len());
-                    self.pending = data;
-                }
+impl H2Stream {
+    /// The next received DATA (empty at end of stream): the buffered rest first.
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Bytes>> {
+        if !self.pending.is_empty() {
+            return Poll::Ready(Ok(std::mem::take(&mut self.pending)));
+        }
+        match ready!(self.recv.poll_data(cx)) {
+            Some(Ok(data)) => {
+                // Return the window to the peer as soon as the bytes are ours: the
+                // relay holds at most one read's worth.
+                let _ = self.recv.flow_control().release_capacity(data.len());
+                Poll::Ready(Ok(data))
+            }
+            Some(Err(error)) => Poll::Ready(Err(into_io(error))),
+            None => Poll::Ready(Ok(Bytes::new())),
+        }
+    }
+
+    /// Waits for send capacity for up to `len` bytes and returns how many may go.
+    fn poll_send_capacity(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<io::Result<usize>> {
+        self.send.reserve_capacity(len);
+        loop {
+            match ready!(self.send.poll_capacity(cx)) {
+                Some(Ok(0)) => {}
+                Some(Ok(capacity)) => return Poll::Ready(Ok(capacity.min(len))),
                 Some(Err(error)) => return Poll::Ready(Err(into_io(error))),
-                None => return Poll::Ready(Ok(())),
+                // The stream was reset or the connection went away.
+                None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
             }
         }
-        let n = self.pending.len().min(buf.remaining());
-        buf.put_slice(&self.pending[..n]);
-        self.pending.advance(n);
+    }
+}
+
+impl AsyncRead for H2Stream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let mut data = ready!(self.poll_data(cx))?;
+        let n = data.len().min(buf.remaining());
+        buf.put_slice(&data[..n]);
+        data.advance(n);
+        self.pending = data;
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The relay takes DATA frames as they came and hands owned bytes to `send_data`:
+/// no copy between the tunnel and the socket on the other side.
+impl crate::relay::Side for H2Stream {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Option<Poll<io::Result<Bytes>>> {
+        Some(self.poll_data(cx))
+    }
+
+    fn poll_send_chunk(&mut self, cx: &mut Context<'_>, data: &mut Bytes) -> Poll<io::Result<()>> {
+        if data.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        let n = ready!(self.poll_send_capacity(cx, data.len()))?;
+        self.send.send_data(data.split_to(n), false).map_err(into_io)?;
         Poll::Ready(Ok(()))
     }
 }
@@ -62,20 +102,9 @@ impl AsyncWrite for H2Stream {
         if data.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        self.send.reserve_capacity(data.len());
-        loop {
-            match ready!(self.send.poll_capacity(cx)) {
-                Some(Ok(0)) => {}
-                Some(Ok(capacity)) => {
-                    let n = capacity.min(data.len());
-                    self.send.send_data(Bytes::copy_from_slice(&data[..n]), false).map_err(into_io)?;
-                    return Poll::Ready(Ok(n));
-                }
-                Some(Err(error)) => return Poll::Ready(Err(into_io(error))),
-                // The stream was reset or the connection went away.
-                None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
-            }
-        }
+        let n = ready!(self.poll_send_capacity(cx, data.len()))?;
+        self.send.send_data(Bytes::copy_from_slice(&data[..n]), false).map_err(into_io)?;
+        Poll::Ready(Ok(n))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
