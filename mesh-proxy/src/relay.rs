@@ -57,6 +57,16 @@ pub trait Side: AsyncRead + AsyncWrite + Unpin {
 impl Side for tokio::net::TcpStream {}
 impl Side for tokio::io::DuplexStream {}
 
+impl<S: Side + ?Sized> Side for Box<S> {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Option<Poll<io::Result<Bytes>>> {
+        (**self).poll_chunk(cx)
+    }
+
+    fn poll_send_chunk(&mut self, cx: &mut Context<'_>, data: &mut Bytes) -> Poll<io::Result<()>> {
+        (**self).poll_send_chunk(cx, data)
+    }
+}
+
 /// A stream that counts the bytes read from and written to it.
 pub struct Counted<S> {
     inner: S,
@@ -67,6 +77,11 @@ pub struct Counted<S> {
 impl<S> Counted<S> {
     pub fn new(inner: S) -> Self {
         Self { inner, read: Arc::default(), written: Arc::default() }
+    }
+
+    /// Bytes read from and written to the stream so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (self.read.load(Relaxed), self.written.load(Relaxed))
     }
 }
 
@@ -287,7 +302,7 @@ impl Direction {
 /// Copies both ways until both readers ended and both writers were shut down (a
 /// half-closed connection keeps flowing the other way), with buffers that grow with
 /// the traffic.
-async fn copy_bidirectional<A: Side + ?Sized, B: Side + ?Sized>(a: &mut A, b: &mut B) -> io::Result<()> {
+pub async fn copy_bidirectional<A: Side + ?Sized, B: Side + ?Sized>(a: &mut A, b: &mut B) -> io::Result<()> {
     let (mut a_to_b, mut b_to_a) = (Direction::default(), Direction::default());
     std::future::poll_fn(|cx| {
         let forward = a_to_b.poll_copy(cx, &mut *a, &mut *b)?;

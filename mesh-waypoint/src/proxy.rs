@@ -27,6 +27,7 @@ use hyper_util::{
 use mesh_proxy::{
     metrics::{TcpLabels, flags},
     otlp,
+    relay::{self, Side, copy_bidirectional},
     tunnel::stream::H2Stream,
     workloads::{ServicePort, Workload},
 };
@@ -223,7 +224,7 @@ async fn relay(
     service: Arc<ServicePort>,
     caller: Caller,
     vip: SocketAddr,
-    mut stream: Prefixed<H2Stream>,
+    stream: Prefixed<H2Stream>,
 ) {
     let tables = waypoint.tables();
     let table = tables.tcp_routes(&service);
@@ -294,9 +295,13 @@ async fn relay(
             debug!(route = %route.name, endpoint = %target.addr, "TCP relay");
             let series = TcpSeriesSet::new(&waypoint.metrics, &telemetry.tcp_metrics, &labels, vip.port());
             series.add(&waypoint.metrics, TcpFamily::Opened, 1);
-            // Client to upstream is "sent" (the request direction); a relay that ended
-            // with an error reports no bytes (the copy does not say how many moved).
-            let (sent, received) = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await.unwrap_or_default();
+            // Client to upstream is "sent" (the request direction), counted also when
+            // the relay ends with an error.
+            let mut client = relay::Counted::new(stream);
+            if let Err(error) = copy_bidirectional(&mut client, &mut upstream).await {
+                debug!(%error, "TCP relay ended with an error");
+            }
+            let (sent, received) = client.counts();
             series.add(&waypoint.metrics, TcpFamily::Sent, sent);
             series.add(&waypoint.metrics, TcpFamily::Received, received);
             series.add(&waypoint.metrics, TcpFamily::Closed, 1);
@@ -1416,6 +1421,20 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
     }
 }
 
+/// The bytes read to sniff the protocol go first, as one chunk.
+impl<S: Side> Side for Prefixed<S> {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Option<Poll<io::Result<Bytes>>> {
+        if !self.prefix.is_empty() {
+            return Some(Poll::Ready(Ok(std::mem::take(&mut self.prefix))));
+        }
+        self.inner.poll_chunk(cx)
+    }
+
+    fn poll_send_chunk(&mut self, cx: &mut Context<'_>, data: &mut Bytes) -> Poll<io::Result<()>> {
+        self.inner.poll_send_chunk(cx, data)
+    }
+}
+
 impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, data)
@@ -1433,6 +1452,29 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A TCP relay sends the bytes read to sniff the protocol first, then the rest,
+    /// and counts them all.
+    #[tokio::test]
+    async fn a_tcp_relay_sends_the_sniffed_prefix_first() {
+        use tokio::io::AsyncWriteExt as _;
+        let (mut caller, caller_side) = tokio::io::duplex(1024);
+        let (upstream_side, mut upstream) = tokio::io::duplex(1024);
+        caller.write_all(b" rest").await.unwrap();
+        caller.shutdown().await.unwrap();
+        let mut client =
+            relay::Counted::new(Prefixed { prefix: Bytes::from_static(b"\x16\x03first"), inner: caller_side });
+        let mut upstream_side = upstream_side;
+        let relay = tokio::spawn(async move {
+            let result = copy_bidirectional(&mut client, &mut upstream_side).await;
+            (result.is_ok(), client.counts())
+        });
+        let mut got = Vec::new();
+        upstream.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"\x16\x03first rest");
+        upstream.shutdown().await.unwrap();
+        assert_eq!(relay.await.unwrap(), (true, (12, 0)));
+    }
 
     #[test]
     fn sniffing_tells_http_from_other_protocols() {

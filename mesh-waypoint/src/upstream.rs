@@ -21,6 +21,7 @@ use hyper::{
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_proxy::{
     identity::WorkloadCert,
+    relay::Side,
     socket::Local,
     tunnel::{HBONE_PORT, HboneError, client::Pool, client::StreamGuard, connect_request, stream::H2Stream},
     workloads::Workload,
@@ -114,6 +115,17 @@ impl AsyncRead for Tunneled {
     }
 }
 
+/// A TCP route's relay moves the tunnel's DATA frames without copying them.
+impl Side for Tunneled {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Option<Poll<io::Result<Bytes>>> {
+        self.stream.poll_chunk(cx)
+    }
+
+    fn poll_send_chunk(&mut self, cx: &mut Context<'_>, data: &mut Bytes) -> Poll<io::Result<()>> {
+        self.stream.poll_send_chunk(cx, data)
+    }
+}
+
 impl AsyncWrite for Tunneled {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.stream).poll_write(cx, data)
@@ -128,8 +140,8 @@ impl AsyncWrite for Tunneled {
     }
 }
 
-pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+pub trait Io: Side + Send + 'static {}
+impl<T: Side + Send + 'static> Io for T {}
 
 /// What a connection is opened with.
 pub struct Dial<'a> {
