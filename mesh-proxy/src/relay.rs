@@ -264,6 +264,8 @@ impl Direction {
                 std::task::ready!(writer.poll_send_chunk(cx, &mut self.pending))?;
                 self.write_pending_flush = true;
             }
+            // Written out: let go of the allocation, so the next read can reuse it.
+            self.pending = Bytes::new();
             if self.read_done {
                 std::task::ready!(Pin::new(&mut *writer).poll_flush(cx))?;
                 std::task::ready!(Pin::new(&mut *writer).poll_shutdown(cx))?;
@@ -287,7 +289,10 @@ impl Direction {
         self.buffer.reserve(want);
         let spare = &mut self.buffer.spare_capacity_mut()[..want];
         let mut buf = ReadBuf::uninit(spare);
+        let start = buf.filled().as_ptr();
         std::task::ready!(Pin::new(reader).poll_read(cx, &mut buf))?;
+        // A reader may not swap the buffer it was given.
+        assert_eq!(start, buf.filled().as_ptr());
         let n = buf.filled().len();
         // SAFETY: `ReadBuf` counts as filled only bytes the reader initialised, and
         // they are the first `n` of the buffer's spare capacity.
@@ -370,6 +375,8 @@ mod tests {
     struct Mem {
         input: Bytes,
         chunks: bool,
+        /// At most this much per read (0: no limit).
+        max_read: usize,
         reads: Vec<usize>,
         output: Vec<u8>,
         given: Vec<*const u8>,
@@ -377,7 +384,8 @@ mod tests {
 
     impl AsyncRead for Mem {
         fn poll_read(mut self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-            let n = self.input.len().min(buf.remaining());
+            let limit = if self.max_read == 0 { buf.remaining() } else { self.max_read.min(buf.remaining()) };
+            let n = self.input.len().min(limit);
             self.reads.push(buf.remaining());
             buf.put_slice(&self.input.split_to(n));
             Poll::Ready(Ok(()))
@@ -432,6 +440,20 @@ mod tests {
         let _ = Direction::default().poll_copy(&mut cx, &mut reader, &mut writer);
         assert_eq!(writer.output, b"hello");
         assert_eq!(reader.reads, [1024, 1024], "a short read does not grow the buffer");
+    }
+
+    /// Once written, a read's bytes give their memory back: the next read of the same
+    /// size goes into the same allocation, not a new one.
+    #[test]
+    fn a_written_buffer_is_reused_by_the_next_read() {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let input = Bytes::from(vec![5u8; 5000]);
+        let mut reader = Mem { input: input.clone(), max_read: 1000, ..Mem::default() };
+        let mut writer = Mem::default();
+        assert!(Direction::default().poll_copy(&mut cx, &mut reader, &mut writer).is_ready());
+        assert_eq!(writer.output, input);
+        assert_eq!(writer.given.len(), 5);
+        assert!(writer.given.windows(2).all(|w| w[0] == w[1]), "{:?}", writer.given);
     }
 
     #[test]
