@@ -4,7 +4,7 @@ use std::{fs, process::Command};
 
 use anyhow::{Context, bail};
 
-use crate::{cargo, root, sh};
+use crate::{cargo, root};
 
 /// Debian packages: (package, what needs it).
 const PACKAGES: &[(&str, &str)] = &[
@@ -88,14 +88,21 @@ pub fn setup() -> anyhow::Result<()> {
     }
     if need_rust_src {
         println!("setup: adding rust-src to the nightly toolchain");
-        sh(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        logged(
+            "rustup-rust-src",
+            Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
+        )
+        .context("add rust-src")?;
     }
     if need_linker {
         println!("setup: building bpf-linker 0.13 against LLVM 22 (about a minute)");
-        sh(Command::new("cargo")
-            .args(["install", "bpf-linker", "--version", "^0.13", "--no-default-features", "--features", "llvm-22"])
-            .env("LLVM_PREFIX", "/usr/lib/llvm-22")
-            .env_remove("RUSTUP_TOOLCHAIN"))
+        logged(
+            "bpf-linker",
+            Command::new("cargo")
+                .args(["install", "bpf-linker", "--version", "^0.13", "--no-default-features", "--features", "llvm-22"])
+                .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+                .env_remove("RUSTUP_TOOLCHAIN"),
+        )
         .context("install bpf-linker")?;
     }
     if need_fuzz {
@@ -104,18 +111,11 @@ pub fn setup() -> anyhow::Result<()> {
     }
     if need_vng {
         println!("setup: installing virtme-ng from PyPI");
-        sh(Command::new("python3").args(["-m", "pip", "install", "--quiet", "virtme-ng"]))
-            .or_else(|_| {
-                sh(Command::new("python3").args([
-                    "-m",
-                    "pip",
-                    "install",
-                    "--quiet",
-                    "--break-system-packages",
-                    "virtme-ng",
-                ]))
-            })
-            .context("install virtme-ng")?;
+        logged(
+            "pip-virtme-ng",
+            Command::new("python3").args(["-m", "pip", "install", "--quiet", "--break-system-packages", "virtme-ng"]),
+        )
+        .context("install virtme-ng")?;
     }
     if need_python {
         println!("setup: installing the test peers from PyPI: {}", PYTHON_PEERS.join(" "));
