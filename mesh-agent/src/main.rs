@@ -291,6 +291,7 @@ async fn run(
                 tls,
                 config.token_file.clone(),
                 Some(state_dir.join("view.json")),
+                control::node_kinds,
             ));
             // The view an earlier run saved: with it the agent serves at once and
             // keeps mTLS if the controller is away (static stability); the

@@ -235,6 +235,25 @@ struct MeshSettings {
 pub fn materialize_raw<'a>(
     objects: impl IntoIterator<Item = (&'a String, &'a str)>,
 ) -> Result<Config, serde_json::Error> {
+    materialize_kinds(objects, materialize_l7)
+}
+
+/// [`materialize_raw`] for a node agent: the L7 kinds (routes, destination rules,
+/// request authentication, telemetry, filters), which only waypoints act on, stay
+/// unparsed. Their parsers then stay out of the agent's binary (most of its JSON
+/// parsing code, a fifth of its text), and an L7 object the agent could not parse never holds back
+/// the L4 config it needs.
+pub fn materialize_node<'a>(
+    objects: impl IntoIterator<Item = (&'a String, &'a str)>,
+) -> Result<Config, serde_json::Error> {
+    materialize_kinds(objects, |_, _, _| Ok(()))
+}
+
+/// The L4 kinds and the mesh settings; every other kind goes to `other`.
+fn materialize_kinds<'a>(
+    objects: impl IntoIterator<Item = (&'a String, &'a str)>,
+    mut other: impl FnMut(&mut Config, &str, &str) -> Result<(), serde_json::Error>,
+) -> Result<Config, serde_json::Error> {
     use serde_json::from_str;
     let mut config = Config::default();
     for (key, text) in objects {
@@ -246,25 +265,34 @@ pub fn materialize_raw<'a>(
             "WorkloadEntry" => config.workload_entries.push(from_str(text)?),
             "AuthorizationPolicy" => config.authorization_policies.push(from_str(text)?),
             "PeerAuthentication" => config.peer_authentications.push(from_str(text)?),
-            "RequestAuthentication" => config.request_authentications.push(from_str(text)?),
-            "VirtualService" => config.virtual_services.push(from_str(text)?),
-            "DestinationRule" => config.destination_rules.push(from_str(text)?),
             "ServiceEntry" => config.service_entries.push(from_str(text)?),
-            "Telemetry" => config.telemetries.push(from_str(text)?),
-            "HTTPRoute" => config.http_routes.push(from_str(text)?),
-            "GRPCRoute" => config.grpc_routes.push(from_str(text)?),
             "Gateway" => config.gateways.push(from_str(text)?),
-            "EnvoyFilter" => config.envoy_filters.push(from_str(text)?),
             "MeshConfig" => {
                 let mesh: MeshSettings = from_str(text)?;
                 config.root_namespace = mesh.root_namespace;
                 config.trust_domain = mesh.trust_domain;
                 config.mesh = mesh.mesh;
             }
-            _ => {}
+            kind => other(&mut config, kind, text)?,
         }
     }
     Ok(config)
+}
+
+/// The kinds only a waypoint (or the controller) turns into typed objects.
+fn materialize_l7(config: &mut Config, kind: &str, text: &str) -> Result<(), serde_json::Error> {
+    use serde_json::from_str;
+    match kind {
+        "RequestAuthentication" => config.request_authentications.push(from_str(text)?),
+        "VirtualService" => config.virtual_services.push(from_str(text)?),
+        "DestinationRule" => config.destination_rules.push(from_str(text)?),
+        "Telemetry" => config.telemetries.push(from_str(text)?),
+        "HTTPRoute" => config.http_routes.push(from_str(text)?),
+        "GRPCRoute" => config.grpc_routes.push(from_str(text)?),
+        "EnvoyFilter" => config.envoy_filters.push(from_str(text)?),
+        _ => {}
+    }
+    Ok(())
 }
 
 /// Rebuilds a typed config from a view of parsed objects.
@@ -319,6 +347,41 @@ mod tests {
         rebuilt.ignored.clear();
         assert_eq!(rebuilt.trust_domain, config.trust_domain);
         assert_eq!(rebuilt.pods.len(), config.pods.len());
+    }
+
+    #[test]
+    fn a_node_types_the_l4_kinds_and_leaves_the_l7_ones_unparsed() {
+        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/valid/mesh-everything.yaml");
+        let config = crate::config::load_paths(&[path]).expect("valid manifest");
+        let texts: Vec<(String, String)> =
+            all_objects(&config).iter().map(|(k, v)| (k.clone(), v.to_string())).collect();
+        let node = materialize_node(texts.iter().map(|(k, t)| (k, t.as_str()))).expect("materializes");
+        let all = materialize_raw(texts.iter().map(|(k, t)| (k, t.as_str()))).expect("materializes");
+        let l7 = [
+            "RequestAuthentication",
+            "VirtualService",
+            "DestinationRule",
+            "Telemetry",
+            "HTTPRoute",
+            "GRPCRoute",
+            "EnvoyFilter",
+        ];
+        let node_counts = crate::config::kind_counts(&node);
+        let all_counts = crate::config::kind_counts(&all);
+        for kind in l7 {
+            assert!(all_counts.contains_key(kind), "the manifest has no {kind}");
+            assert!(!node_counts.contains_key(kind), "{kind} typed on a node");
+        }
+        for (kind, count) in all_counts.iter().filter(|(kind, _)| !l7.contains(kind)) {
+            assert_eq!(node_counts.get(kind), Some(count), "{kind}");
+        }
+        assert_eq!(node.trust_domain, all.trust_domain);
+        assert_eq!(node.mesh, all.mesh);
+        // An L7 object this build cannot parse costs a waypoint the view, never a node.
+        let bad = [(String::from("VirtualService/shop/bad"), String::from(r#"{"spec": 7}"#))];
+        let with_bad = || texts.iter().chain(&bad).map(|(k, t)| (k, t.as_str()));
+        assert!(materialize_raw(with_bad()).is_err());
+        assert_eq!(materialize_node(with_bad()).expect("L4 view").pods.len(), all.pods.len());
     }
 
     #[test]

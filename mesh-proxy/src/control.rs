@@ -20,7 +20,7 @@ use mesh_common::{
     config::Config,
     control::{
         ACK_PATH, Ack, CERTIFICATE_PATH, CONFIG_PATH, CONTROLLER_NAME, CertificateRequest, CertificateResponse,
-        RawConfigMessage, RawObjects, materialize_raw,
+        RawConfigMessage, RawObjects, materialize_node, materialize_raw,
     },
 };
 use rustls::pki_types::ServerName;
@@ -112,17 +112,36 @@ pub struct ControlClient {
     waypoint: Option<String>,
     tls: TlsConnector,
     state: watch::Sender<Arc<ConfigState>>,
+    /// Which kinds of the view become typed config.
+    materialize: Materialize,
+}
+
+/// How a client turns the view's objects into its typed config: [`all_kinds`] or
+/// [`node_kinds`].
+pub type Materialize = fn(&RawObjects) -> Result<Config, serde_json::Error>;
+
+/// Every kind of the view (a waypoint).
+pub fn all_kinds(objects: &RawObjects) -> Result<Config, serde_json::Error> {
+    materialize_raw(objects.iter().map(|(k, v)| (k, v.get())))
+}
+
+/// The kinds a node agent acts on: the L7 kinds stay unparsed (see
+/// [`materialize_node`]).
+pub fn node_kinds(objects: &RawObjects) -> Result<Config, serde_json::Error> {
+    materialize_node(objects.iter().map(|(k, v)| (k, v.get())))
 }
 
 type Sender = SendRequest<Full<Bytes>>;
 
 impl ControlClient {
-    /// A client that keeps its last applied view in `view_file` (when given).
+    /// A client that keeps its last applied view in `view_file` (when given) and types
+    /// it with `materialize`.
     pub fn new(
         addr: String,
         tls: rustls::ClientConfig,
         token_file: Option<PathBuf>,
         view_file: Option<PathBuf>,
+        materialize: Materialize,
     ) -> Self {
         let (state, _) = watch::channel(Arc::new(ConfigState::default()));
         let (saver, _) = watch::channel(None);
@@ -136,6 +155,7 @@ impl ControlClient {
             waypoint: None,
             tls: TlsConnector::from(Arc::new(tls)),
             state,
+            materialize,
         }
     }
 
@@ -156,8 +176,8 @@ impl ControlClient {
         if saved.format != crate::state::FORMAT {
             return Err(RestoreError::Format { path: path.clone(), format: saved.format });
         }
-        let config = materialize_raw(saved.objects.iter().map(|(k, v)| (k, v.get())))
-            .map_err(|source| RestoreError::Parse { path: path.clone(), source })?;
+        let config =
+            (self.materialize)(&saved.objects).map_err(|source| RestoreError::Parse { path: path.clone(), source })?;
         let kinds = count_kinds(&saved.objects);
         let restored = self.state.send_if_modified(|state| {
             if state.version > 0 {
@@ -303,7 +323,7 @@ impl ControlClient {
                 let version = message.version;
                 let large = message.objects.is_some() || message.upserts.as_ref().is_some_and(|u| u.len() > 1000);
                 message.apply(&mut objects);
-                match materialize_raw(objects.iter().map(|(k, v)| (k, v.get()))) {
+                match (self.materialize)(&objects) {
                     Ok(config) => {
                         let kinds = count_kinds(&objects);
                         info!(version, objects = objects.len(), "configuration applied");
@@ -501,11 +521,11 @@ mod tests {
                 .with_root_certificates(rustls::RootCertStore::empty())
                 .with_no_client_auth()
         };
-        let agent = ControlClient::new("controller:15012".into(), tls(), None, None);
+        let agent = ControlClient::new("controller:15012".into(), tls(), None, None, node_kinds);
         let request = agent.request(Method::GET, CONFIG_PATH, Bytes::new()).unwrap();
         assert!(request.headers().get(mesh_common::control::WAYPOINT_HEADER).is_none());
-        let waypoint =
-            ControlClient::new("controller:15012".into(), tls(), None, None).with_waypoint("shop", "wp", "wp-sa");
+        let waypoint = ControlClient::new("controller:15012".into(), tls(), None, None, all_kinds)
+            .with_waypoint("shop", "wp", "wp-sa");
         for path in [CONFIG_PATH, ACK_PATH, CERTIFICATE_PATH] {
             let request = waypoint.request(Method::POST, path, Bytes::new()).unwrap();
             assert_eq!(request.headers()[mesh_common::control::WAYPOINT_HEADER], "shop/wp/wp-sa", "{path}");

@@ -140,6 +140,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tls,
             cli.token_file.clone(),
             Some(cli.state_dir.join("view.json")),
+            control::all_kinds,
         )
         .with_waypoint(&cli.namespace, &cli.name, &service_account),
     );
