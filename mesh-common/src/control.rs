@@ -241,8 +241,8 @@ pub fn materialize_raw<'a>(
 /// [`materialize_raw`] for a node agent: the L7 kinds (routes, destination rules,
 /// request authentication, telemetry, filters), which only waypoints act on, stay
 /// unparsed. Their parsers then stay out of the agent's binary (most of its JSON
-/// parsing code, a fifth of its text), and an L7 object the agent could not parse never holds back
-/// the L4 config it needs.
+/// parsing code, a fifth of its text), and an L7 object the agent could not parse
+/// never holds back the L4 config it needs.
 pub fn materialize_node<'a>(
     objects: impl IntoIterator<Item = (&'a String, &'a str)>,
 ) -> Result<Config, serde_json::Error> {
