@@ -26,10 +26,22 @@
 //! with a recorded 4-tuple pass. (Its ingress interface cannot tell: the kernel
 //! reports the device of the pod's address even for packets looped over `lo`.) No
 //! iptables, no conntrack.
+//!
+//! The source port is ours to choose, and one choice is wrong: the port of a plaintext
+//! connection from the same caller to the same address that the agent itself holds
+//! (accepted on 15006, where `sk_lookup` sent it). The kernel checks a new 4-tuple
+//! only against sockets of the same direction, so it would happily pick that port;
+//! the delivery's SYN would then meet the agent's established socket (a challenge
+//! ACK, a reset) instead of the application. So a delivery picks its port itself,
+//! skipping the ports [`Held`] lists.
 use std::{
+    collections::HashSet,
+    hash::BuildHasher as _,
     io,
     net::{IpAddr, SocketAddr},
+    ops::RangeInclusive,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -197,13 +209,15 @@ impl Netlink {
     }
 }
 
-/// Makes `socket` transparent and binds it to `source` (port chosen at connect, per
-/// 4-tuple), marked so that capture leaves it alone and the replies come back.
+/// Makes `socket` transparent and binds it to `source`, marked so that capture leaves
+/// it alone and the replies come back. Port 0: the kernel picks one at connect, per
+/// 4-tuple; another port is shared with other deliveries (`SO_REUSEADDR`), connect
+/// then refuses a 4-tuple in use (`EADDRNOTAVAIL`).
 #[allow(unsafe_code)]
-pub fn bind_transparent(socket: &socket2::Socket, source: IpAddr) -> io::Result<()> {
+pub fn bind_transparent(socket: &socket2::Socket, source: SocketAddr) -> io::Result<()> {
     let (level, option) = match source {
-        IpAddr::V4(_) => (libc::SOL_IP, libc::IP_TRANSPARENT),
-        IpAddr::V6(_) => (libc::SOL_IPV6, libc::IPV6_TRANSPARENT),
+        SocketAddr::V4(_) => (libc::SOL_IP, libc::IP_TRANSPARENT),
+        SocketAddr::V6(_) => (libc::SOL_IPV6, libc::IPV6_TRANSPARENT),
     };
     let on: libc::c_int = 1;
     // SAFETY: setsockopt with a valid descriptor and a c_int that lives across the call.
@@ -213,21 +227,93 @@ pub fn bind_transparent(socket: &socket2::Socket, source: IpAddr) -> io::Result<
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: as above.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&raw const on).cast(),
-            size_of::<libc::c_int>() as u32,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
+    if source.port() == 0 {
+        // SAFETY: as above.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                (&raw const on).cast(),
+                size_of::<libc::c_int>() as u32,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    } else {
+        socket.set_reuse_address(true)?;
     }
     socket.set_mark(DELIVER_MARK)?;
-    socket.bind(&SocketAddr::new(source, 0).into())
+    socket.bind(&source.into())
+}
+
+/// Linux's default ephemeral port range (`net.ipv4.ip_local_port_range`).
+const DEFAULT_PORTS: RangeInclusive<u16> = 32768..=60999;
+/// Ports a delivery tries before it leaves the choice to the kernel.
+const ATTEMPTS: usize = 16;
+
+/// The calling thread's namespace's ephemeral port range, where deliveries pick
+/// their source ports as the kernel would (Linux's default when it cannot be read).
+pub fn local_port_range() -> RangeInclusive<u16> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| parse_port_range(&text))
+        .unwrap_or(DEFAULT_PORTS)
+}
+
+/// `ip_local_port_range`'s text: two numbers, the first not above the second.
+fn parse_port_range(text: &str) -> Option<RangeInclusive<u16>> {
+    let mut numbers = text.split_whitespace().map(str::parse::<u16>);
+    let (Some(Ok(low)), Some(Ok(high)), None) = (numbers.next(), numbers.next(), numbers.next()) else {
+        return None;
+    };
+    (0 < low && low <= high).then_some(low..=high)
+}
+
+/// The (caller, local address) pairs of the plaintext connections the agent holds
+/// for one pod, while they are open.
+#[derive(Debug, Default)]
+pub struct Held(Mutex<HashSet<(SocketAddr, SocketAddr)>>);
+
+impl Held {
+    /// Notes a connection from `caller` to `local` until the guard is dropped.
+    pub fn hold(self: &Arc<Self>, caller: SocketAddr, local: SocketAddr) -> HeldGuard {
+        self.lock().insert((caller, local));
+        HeldGuard { held: self.clone(), key: (caller, local) }
+    }
+
+    fn holds(&self, caller: SocketAddr, local: SocketAddr) -> bool {
+        self.lock().contains(&(caller, local))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<(SocketAddr, SocketAddr)>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Removes its connection from [`Held`] when dropped.
+#[derive(Debug)]
+pub struct HeldGuard {
+    held: Arc<Held>,
+    key: (SocketAddr, SocketAddr),
+}
+
+impl Drop for HeldGuard {
+    fn drop(&mut self) {
+        self.held.lock().remove(&self.key);
+    }
+}
+
+/// The source ports a delivery tries: [`ATTEMPTS`] consecutive ports of `ports`
+/// from `start` (wrapping), without those `held` says a held connection uses.
+fn candidate_ports(ports: &RangeInclusive<u16>, start: u64, held: impl Fn(u16) -> bool) -> impl Iterator<Item = u16> {
+    let (low, high) = (*ports.start(), *ports.end());
+    let size = u64::from(high.saturating_sub(low)) + 1;
+    let start = start % size;
+    (0..(ATTEMPTS as u64).min(size))
+        .map(move |i| u16::try_from(u64::from(low) + (start + i) % size).unwrap_or(low))
+        .filter(move |&port| !held(port))
 }
 
 /// A TCP connection from inside `pod`'s network namespace, with the bypass mark so
@@ -239,13 +325,32 @@ pub async fn connect_in(pod: &Pod, dst: SocketAddr, timeout: Duration) -> io::Re
 
 /// A connection to `pod`'s application at `dst` that shows `caller` as its source;
 /// from the pod's own address when the caller is the pod itself or of the other
-/// family.
+/// family. The source port is one no plaintext connection the agent holds for the
+/// pod uses with `dst` (see the module's notes); when every port tried is taken the
+/// kernel picks one.
 pub async fn deliver(pod: &Pod, caller: IpAddr, dst: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
     let caller = caller.to_canonical();
     if caller.is_ipv6() != dst.is_ipv6() || pod.ips().contains(&caller) || caller.is_loopback() {
         return connect_in(pod, dst, timeout).await;
     }
-    let socket = pod.netns.delivery_socket(caller).map_err(io::Error::other)?;
+    let start = std::collections::hash_map::RandomState::new().hash_one((caller, dst));
+    let held = |port| pod.plaintext.holds(SocketAddr::new(caller, port), dst);
+    for port in candidate_ports(&pod.delivery_ports, start, held) {
+        let socket = match pod.netns.delivery_socket(SocketAddr::new(caller, port)) {
+            Ok(socket) => socket,
+            // Bound by a listener of the pod (or a socket without SO_REUSEADDR).
+            Err(crate::netns::NetnsError::Socket { source, .. }) if source.raw_os_error() == Some(libc::EADDRINUSE) => {
+                continue;
+            }
+            Err(error) => return Err(io::Error::other(error)),
+        };
+        let result = connect_within(socket, dst, timeout).await;
+        // EADDRNOTAVAIL: this 4-tuple is in use (or in TIME_WAIT), try the next port.
+        if !matches!(&result, Err(error) if error.raw_os_error() == Some(libc::EADDRNOTAVAIL)) {
+            return result;
+        }
+    }
+    let socket = pod.netns.delivery_socket(SocketAddr::new(caller, 0)).map_err(io::Error::other)?;
     connect_within(socket, dst, timeout).await
 }
 
@@ -256,6 +361,42 @@ async fn connect_within(socket: tokio::net::TcpSocket, dst: SocketAddr, timeout:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn candidate_ports_skip_held_ones_and_wrap_within_the_range() {
+        let held: Arc<Held> = Arc::default();
+        let (caller, local) = ("10.0.0.1".parse().unwrap(), "10.0.0.2:8080".parse().unwrap());
+        let guard = held.hold(SocketAddr::new(caller, 32769), local);
+        let is_held = |port| held.holds(SocketAddr::new(caller, port), local);
+        let ports: Vec<u16> = candidate_ports(&DEFAULT_PORTS, 0, is_held).collect();
+        assert_eq!(ports.len(), ATTEMPTS - 1);
+        assert_eq!(&ports[..3], &[32768, 32770, 32771]);
+        // The same caller port towards another destination does not conflict.
+        let other: SocketAddr = "10.0.0.2:9090".parse().unwrap();
+        let to_other = |port| held.holds(SocketAddr::new(caller, port), other);
+        assert!(candidate_ports(&DEFAULT_PORTS, 0, to_other).any(|p| p == 32769));
+        // Starting near the end wraps to the start of the range; any start stays in it.
+        let size = u64::from(DEFAULT_PORTS.end() - DEFAULT_PORTS.start()) + 1;
+        let wrapped: Vec<u16> = candidate_ports(&DEFAULT_PORTS, size - 1, |_| false).take(2).collect();
+        assert_eq!(wrapped, [60999, 32768]);
+        assert!(candidate_ports(&DEFAULT_PORTS, u64::MAX, |_| false).all(|p| DEFAULT_PORTS.contains(&p)));
+        // A narrow range yields each of its ports once.
+        let narrow: Vec<u16> = candidate_ports(&(40000..=40001), 7, |_| false).collect();
+        assert_eq!(narrow, [40001, 40000]);
+        let full = candidate_ports(&(1..=u16::MAX), u64::MAX, |_| false).count();
+        assert_eq!(full, ATTEMPTS);
+        drop(guard);
+        assert!(!held.holds(SocketAddr::new(caller, 32769), local), "the guard releases the port");
+    }
+
+    #[test]
+    fn port_ranges_parse_as_the_kernel_writes_them() {
+        assert_eq!(parse_port_range("32768\t60999\n"), Some(32768..=60999));
+        assert_eq!(parse_port_range("40000 40000"), Some(40000..=40000));
+        for bad in ["", "40000", "2 1", "0 10", "1 2 3", "a b", "1 70000"] {
+            assert_eq!(parse_port_range(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn messages_have_the_kernel_layout() {

@@ -79,6 +79,11 @@ pub struct Pod {
     /// Set to true when the pod is un-enrolled: its tunnel connections send GOAWAY
     /// and finish their streams, and no new stream is delivered to it.
     pub removed: tokio::sync::watch::Sender<bool>,
+    /// The plaintext connections to the pod the agent holds (its 15006 accepts), whose
+    /// 4-tuples a delivery must not reuse.
+    pub plaintext: Arc<crate::deliver::Held>,
+    /// The pod's ephemeral port range at enrollment, where deliveries pick their ports.
+    pub delivery_ports: std::ops::RangeInclusive<u16>,
 }
 
 /// A pod's outgoing sockets are made in its network namespace, marked so the capture
@@ -368,6 +373,7 @@ impl Registry {
         if let Some(other) = inner.pods.values().find(|e| e.pod.netns_cookie == cookie) {
             return Err(EnrollError::NetnsInUse { path: spec.netns.clone(), uid: other.pod.spec.uid.clone() });
         }
+        let delivery_ports = netns.run(|| Ok(crate::deliver::local_port_range()))?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let identity: Arc<str> = self.identity_of(&spec, saved_identity).into();
         let pod = Arc::new(Pod {
@@ -378,6 +384,8 @@ impl Registry {
             netns_cookie: cookie,
             counters: Counters::default(),
             removed: tokio::sync::watch::Sender::new(false),
+            plaintext: Arc::default(),
+            delivery_ports,
         });
 
         // Accept loops start only once everything else succeeded (and the pod has its

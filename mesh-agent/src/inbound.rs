@@ -68,6 +68,9 @@ impl Shared {
             }
         };
         let _ = client.set_nodelay(true);
+        // While this connection is open, no delivery from `peer`'s address may use its
+        // port towards `target` (see `deliver`).
+        let _held = self.pod.plaintext.hold(peer, target);
         let source = self.mesh.index().workload(peer.ip()).cloned();
         let log = AccessLog {
             direction: "inbound_plaintext",

@@ -9,7 +9,7 @@
 use std::{
     fs::File,
     io,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     os::{
         fd::{AsFd, BorrowedFd},
         unix::fs::MetadataExt,
@@ -171,8 +171,9 @@ impl Netns {
     }
 
     /// An unconnected TCP socket inside this namespace to deliver a connection to the
-    /// application from the caller's address `source` (see `deliver`).
-    pub fn delivery_socket(&self, source: IpAddr) -> Result<tokio::net::TcpSocket, NetnsError> {
+    /// application from the caller's address `source` (port 0: the kernel's choice at
+    /// connect; see `deliver`).
+    pub fn delivery_socket(&self, source: SocketAddr) -> Result<tokio::net::TcpSocket, NetnsError> {
         let socket = self.fresh_socket(source.is_ipv6())?;
         let setup = || {
             crate::deliver::bind_transparent(&socket, source)?;
