@@ -32,12 +32,22 @@ fn counters(lab: &Lab, node: usize) -> anyhow::Result<String> {
 }
 
 /// The last access-log line of node `n` that contains all of `needles`.
+/// The last access-log line of node `n`'s agent with all of `needles`, waiting up to
+/// 2 s for it: the agent writes its log in batches, shortly after a connection ends.
 fn access_log(lab: &Lab, n: usize, needles: &[&str]) -> Option<String> {
-    let log = lab.agent_log(n);
-    log.lines()
-        .rev()
-        .find(|l| l.contains("connection complete") && needles.iter().all(|x| l.contains(x)))
-        .map(|l| l.split_once(" access: ").map_or(l, |(_, rest)| rest).to_owned())
+    let find = || {
+        let log = lab.agent_log(n);
+        log.lines()
+            .rev()
+            .find(|l| l.contains("connection complete") && needles.iter().all(|x| l.contains(x)))
+            .map(|l| l.split_once(" access: ").map_or(l, |(_, rest)| rest).to_owned())
+    };
+    let mut line = None;
+    let _ = mesh_lab::wait_for(Duration::from_secs(2), || {
+        line = find();
+        line.is_some()
+    });
+    line
 }
 
 fn try_curl(lab: &Lab, from: &str, url: &str) -> anyhow::Result<String> {
@@ -147,8 +157,6 @@ pub fn demo() -> anyhow::Result<()> {
     step("A pod outside the mesh (n1-p3, namespace legacy) calls n2-p1 in plaintext");
     show_cmd("n1-p3", &format!("curl -s {url4}"));
     println!("  reply: {}", try_curl(&lab, "n1-p3", &url4)?);
-    // The access log is written when the connection ends, just after curl returns.
-    let _ = mesh_lab::wait_for(Duration::from_secs(2), || access_log(&lab, 2, &["inbound_plaintext"]).is_some());
     println!("  node2's sk_lookup program steered it to the agent's 15006 listener in n2-p1; PERMISSIVE");
     println!("  (the default) lets it in: {}", access_log(&lab, 2, &["inbound_plaintext"]).unwrap_or_default());
     println!("  The application sees the real caller (peer=), tunneled or not: the agent delivers from the");
