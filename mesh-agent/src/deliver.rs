@@ -32,8 +32,9 @@
 //! (accepted on 15006, where `sk_lookup` sent it). The kernel checks a new 4-tuple
 //! only against sockets of the same direction, so it would happily pick that port;
 //! the delivery's SYN would then meet the agent's established socket (a challenge
-//! ACK, a reset) instead of the application. So a delivery picks its port itself,
-//! skipping the ports [`Held`] lists.
+//! ACK, a reset) instead of the application. So a delivery picks its port itself:
+//! of the parity Linux's `connect()` avoids (so a Linux caller's own connections,
+//! held now or made later, do not use it), skipping the ports [`Held`] lists.
 use std::{
     collections::HashSet,
     hash::BuildHasher as _,
@@ -305,14 +306,17 @@ impl Drop for HeldGuard {
     }
 }
 
-/// The source ports a delivery tries: [`ATTEMPTS`] consecutive ports of `ports`
-/// from `start` (wrapping), without those `held` says a held connection uses.
+/// The source ports a delivery tries: up to [`ATTEMPTS`] consecutive ports of
+/// `ports` from `start` (wrapping) among those of the other parity than its first port,
+/// without those `held` says a held connection uses. Linux's `connect()` prefers
+/// ports of the first port's parity (and `bind()` to port 0 the other), so a Linux
+/// caller's own connections, captured or not yet made, almost never use these.
 fn candidate_ports(ports: &RangeInclusive<u16>, start: u64, held: impl Fn(u16) -> bool) -> impl Iterator<Item = u16> {
-    let (low, high) = (*ports.start(), *ports.end());
-    let size = u64::from(high.saturating_sub(low)) + 1;
-    let start = start % size;
-    (0..(ATTEMPTS as u64).min(size))
-        .map(move |i| u16::try_from(u64::from(low) + (start + i) % size).unwrap_or(low))
+    let low = *ports.start();
+    let count = (u64::from(ports.end().saturating_sub(low)) + 1) / 2;
+    let start = start % count.max(1);
+    (0..(ATTEMPTS as u64).min(count))
+        .map(move |i| u16::try_from(u64::from(low) + 1 + 2 * ((start + i) % count)).unwrap_or(low))
         .filter(move |&port| !held(port))
 }
 
@@ -363,30 +367,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn candidate_ports_skip_held_ones_and_wrap_within_the_range() {
+    fn candidate_ports_are_of_the_other_parity_skip_held_ones_and_wrap() {
         let held: Arc<Held> = Arc::default();
         let (caller, local) = ("10.0.0.1".parse().unwrap(), "10.0.0.2:8080".parse().unwrap());
-        let guard = held.hold(SocketAddr::new(caller, 32769), local);
+        let guard = held.hold(SocketAddr::new(caller, 32771), local);
         let is_held = |port| held.holds(SocketAddr::new(caller, port), local);
         let ports: Vec<u16> = candidate_ports(&DEFAULT_PORTS, 0, is_held).collect();
         assert_eq!(ports.len(), ATTEMPTS - 1);
-        assert_eq!(&ports[..3], &[32768, 32770, 32771]);
+        assert_eq!(&ports[..3], &[32769, 32773, 32775]);
         // The same caller port towards another destination does not conflict.
         let other: SocketAddr = "10.0.0.2:9090".parse().unwrap();
         let to_other = |port| held.holds(SocketAddr::new(caller, port), other);
-        assert!(candidate_ports(&DEFAULT_PORTS, 0, to_other).any(|p| p == 32769));
-        // Starting near the end wraps to the start of the range; any start stays in it.
-        let size = u64::from(DEFAULT_PORTS.end() - DEFAULT_PORTS.start()) + 1;
-        let wrapped: Vec<u16> = candidate_ports(&DEFAULT_PORTS, size - 1, |_| false).take(2).collect();
-        assert_eq!(wrapped, [60999, 32768]);
-        assert!(candidate_ports(&DEFAULT_PORTS, u64::MAX, |_| false).all(|p| DEFAULT_PORTS.contains(&p)));
-        // A narrow range yields each of its ports once.
-        let narrow: Vec<u16> = candidate_ports(&(40000..=40001), 7, |_| false).collect();
-        assert_eq!(narrow, [40001, 40000]);
-        let full = candidate_ports(&(1..=u16::MAX), u64::MAX, |_| false).count();
-        assert_eq!(full, ATTEMPTS);
+        assert!(candidate_ports(&DEFAULT_PORTS, 0, to_other).any(|p| p == 32771));
+        // Starting near the end wraps to the start of the range; any start stays in it
+        // and on the odd ports (the default range starts even).
+        let odd = u64::from(DEFAULT_PORTS.end() - DEFAULT_PORTS.start()).div_ceil(2);
+        let wrapped: Vec<u16> = candidate_ports(&DEFAULT_PORTS, odd - 1, |_| false).take(2).collect();
+        assert_eq!(wrapped, [60999, 32769]);
+        assert!(candidate_ports(&DEFAULT_PORTS, u64::MAX, |_| false).all(|p| DEFAULT_PORTS.contains(&p) && p % 2 == 1));
+        // Narrow ranges: two ports give the second; one port gives none (the kernel picks).
+        assert_eq!(candidate_ports(&(40000..=40001), 7, |_| false).collect::<Vec<_>>(), [40001]);
+        assert_eq!(candidate_ports(&(40001..=40003), 7, |_| false).collect::<Vec<_>>(), [40002]);
+        assert_eq!(candidate_ports(&(40000..=40000), 7, |_| false).count(), 0);
+        assert_eq!(candidate_ports(&(1..=u16::MAX), u64::MAX, |_| false).count(), ATTEMPTS);
         drop(guard);
-        assert!(!held.holds(SocketAddr::new(caller, 32769), local), "the guard releases the port");
+        assert!(!held.holds(SocketAddr::new(caller, 32771), local), "the guard releases the port");
     }
 
     #[test]

@@ -1191,26 +1191,39 @@ fn hardening_second_agent_self_connection_strict_door_and_unenroll() {
         let body = try_curl(lab, "n1-p2", &target).1;
         assert!(body.contains(&format!("peer={}:", lab.pod("n1-p2").ip4)), "{body}");
 
-        // A plaintext caller's delivery never takes the port of a connection from the
-        // same caller that the agent holds. With the pod's ephemeral range narrowed to
-        // two ports (read at enrollment) and the caller on the first, the kernel would
-        // pick that first port and the delivery's SYN would meet the agent's own socket
-        // (the request timed out); the delivery takes the second one.
+        // A delivery never takes the port of a connection from the same caller that
+        // the agent holds. The pod's ephemeral range (read at enrollment) is narrowed to
+        // two ports. Linux's connect() prefers the parity of the range's first port
+        // (which callers' kernels use too), so deliveries take the other parity: with
+        // the caller on 40000 of 40000-40001 the kernel's choice was 40000 and the
+        // delivery's SYN met the agent's own socket (the request timed out); now 40001.
+        // With the caller on the only port of the other parity (40004 of 40003-40004),
+        // that one is skipped as held and the kernel takes 40003.
         let set_range = |range: &str| {
             lab.unenroll("n2-p1").unwrap();
             sh(lab, "n2-p1", &format!("echo '{range}' > /proc/sys/net/ipv4/ip_local_port_range"));
             lab.enroll("n2-p1").unwrap();
             wait_reachable(lab, "n1-p1", "n2-p1");
         };
+        let delivered_from = |from: &str, local_port: Option<&str>| {
+            let mut argv = vec!["curl", "-sS", "--max-time", "5"];
+            if let Some(port) = local_port {
+                argv.extend_from_slice(&["--local-port", port]);
+            }
+            argv.push(&target);
+            let out = lab.exec(from, &argv).unwrap();
+            let body = String::from_utf8_lossy(&out.stdout).into_owned();
+            let peer = body.split_whitespace().find_map(|w| w.strip_prefix("peer=")).map(str::to_owned);
+            let port = peer.as_deref().and_then(|p| p.rsplit_once(':')).and_then(|(_, port)| port.parse::<u16>().ok());
+            port.unwrap_or_else(|| panic!("no peer port from {from}: {body} {}", String::from_utf8_lossy(&out.stderr)))
+        };
         set_range("40000 40001");
-        let out = lab.exec("n1-p2", &["curl", "-sS", "--max-time", "5", "--local-port", "40000", &target]).unwrap();
-        let body = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            body.contains(&format!("peer={}:40001 ", lab.pod("n1-p2").ip4)),
-            "{body} {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_eq!(delivered_from("n1-p2", Some("40000")), 40001);
+        set_range("40003 40004");
+        assert_eq!(delivered_from("n1-p2", Some("40004")), 40003);
         set_range("32768 60999");
+        assert_eq!(delivered_from("n1-p2", None) % 2, 1, "plaintext caller: an odd port");
+        assert_eq!(delivered_from("n1-p1", None) % 2, 1, "tunneled caller: an odd port");
 
         // Finding 10: under STRICT the kernel refuses a plaintext client at the SYN:
         // none of its bytes reach the node, the agent never sees it.
