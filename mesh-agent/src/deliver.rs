@@ -313,7 +313,7 @@ impl Drop for HeldGuard {
 /// caller's own connections, captured or not yet made, almost never use these.
 fn candidate_ports(ports: &RangeInclusive<u16>, start: u64, held: impl Fn(u16) -> bool) -> impl Iterator<Item = u16> {
     let low = *ports.start();
-    let count = (u64::from(ports.end().saturating_sub(low)) + 1) / 2;
+    let count = u64::from(ports.end().saturating_sub(low)).div_ceil(2);
     let start = start % count.max(1);
     (0..(ATTEMPTS as u64).min(count))
         .map(move |i| u16::try_from(u64::from(low) + 1 + 2 * ((start + i) % count)).unwrap_or(low))
