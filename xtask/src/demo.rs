@@ -31,7 +31,6 @@ fn counters(lab: &Lab, node: usize) -> anyhow::Result<String> {
     ))
 }
 
-/// The last access-log line of node `n` that contains all of `needles`.
 /// The last access-log line of node `n`'s agent with all of `needles`, waiting up to
 /// 2 s for it: the agent writes its log in batches, shortly after a connection ends.
 fn access_log(lab: &Lab, n: usize, needles: &[&str]) -> Option<String> {
