@@ -28,7 +28,16 @@ use crate::{
 /// Copy buffer sizes per direction: a connection starts with the smallest and moves
 /// up one step each time a read fills its buffer, so an idle or chatty connection
 /// holds 1 KiB a direction and a bulk transfer still moves in few syscalls.
-const BUFFER_STEPS: [usize; 3] = [1024, 16 * 1024, 128 * 1024];
+///
+/// The larger steps leave room for the 9-byte head of the HTTP/2 DATA frame a read
+/// becomes on a tunnel, so that a frame is a whole number of 16 KiB TLS records.
+/// With 128 KiB reads, each frame's last 9 bytes went out as a record and a TCP
+/// segment of their own (rustls writes at most 64 KiB at a time): one tiny packet
+/// through the whole network path per frame. Without it, one iperf3 stream through
+/// both agents moved 9.4 instead of 8.1 Gbit/s, for about 12 % less CPU per byte.
+const BUFFER_STEPS: [usize; 3] = [1024, 16 * 1024 - FRAME_HEAD, 128 * 1024 - FRAME_HEAD];
+/// The head of an HTTP/2 frame.
+const FRAME_HEAD: usize = 9;
 /// How often the byte counters of a long connection are added to the metrics.
 const FLUSH_EVERY: Duration = Duration::from_secs(5);
 
@@ -432,7 +441,7 @@ mod tests {
         assert!(direction.poll_copy(&mut cx, &mut reader, &mut writer).is_ready());
         assert_eq!(writer.output, input);
         // 1 KiB full -> 16 KiB full -> 128 KiB (the last step), until the end.
-        assert_eq!(reader.reads[..4], [1024, 16 * 1024, 128 * 1024, 128 * 1024]);
+        assert_eq!(reader.reads[..4], [1024, 16 * 1024 - 9, 128 * 1024 - 9, 128 * 1024 - 9]);
         // Freed at the end of stream.
         assert!(direction.done && direction.buffer.capacity() == 0);
         let mut reader = Mem { input: Bytes::from_static(b"hello"), ..Mem::default() };
