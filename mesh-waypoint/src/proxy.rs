@@ -217,8 +217,9 @@ pub async fn relay_tcp(
 }
 
 /// Relays a connection by the service port's L4 routes: a backend by weight, an
-/// endpoint of it by its balancer. Nothing to route to (no matching route, an
-/// unresolved backend, no endpoint) closes the connection: refused, never bypassed.
+/// endpoint of it by its balancer. A connection the authorization policies deny, or
+/// with nothing to route to (no matching route, an unresolved backend, no endpoint),
+/// is closed: refused, never bypassed.
 async fn relay(
     waypoint: Arc<Waypoint>,
     service: Arc<ServicePort>,
@@ -256,6 +257,31 @@ async fn relay(
         series.add(&waypoint.metrics, TcpFamily::Opened, 1);
         series.add(&waypoint.metrics, TcpFamily::Closed, 1);
     };
+    // The policies bound to the Service or the waypoint, with HTTP attributes unknown
+    // as at L4: an ALLOW rule that needs them does not match, a DENY rule that needs
+    // them matches.
+    let target =
+        policy::Target { kind: policy::TargetKind::Service, namespace: &service.namespace, name: &service.name };
+    let attrs = policy::Attributes {
+        source_identity: Some(&caller.identity),
+        source_ip: caller.addr.ip(),
+        destination_ip: vip.ip(),
+        destination_port: vip.port(),
+        http: None,
+    };
+    let denied = match tables.policies.evaluate(Some(&target), &attrs) {
+        WaypointVerdict::Allow { .. } => None,
+        WaypointVerdict::Deny { reason, .. } => Some(reason),
+        // The external authorizers are asked about HTTP requests only: a TCP
+        // connection a CUSTOM policy covers is refused rather than let through unasked.
+        WaypointVerdict::Custom { provider, policy } => {
+            Some(format!("CUSTOM policy {policy} (provider {provider}) covers it, and TCP is not sent to authorizers"))
+        }
+    };
+    if let Some(reason) = denied {
+        info!(service = %service.hostname, caller = %caller.addr, identity = %caller.identity, flags = "RBAC", reason, "TCP connection denied");
+        return refused(labels, flags::DENIED);
+    }
     let request = TcpRequest {
         port: service.port,
         destination: vip.ip(),
@@ -1217,7 +1243,8 @@ impl Downstream {
                     },
                     Ok(Err(error)) => Outcome {
                         connect_failure: error.connect_failure(),
-                        reset: !error.connect_failure(),
+                        refused_stream: error.refused_stream(),
+                        reset: !error.connect_failure() && !error.refused_stream(),
                         ..Outcome::default()
                     },
                     Err(()) => Outcome { per_try_timeout: true, ..Outcome::default() },

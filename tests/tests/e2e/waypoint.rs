@@ -483,6 +483,21 @@ spec:
     route: [{destination: {host: echo-tcp, subset: v2}}]
 ";
 
+/// An `AuthorizationPolicy` bound to the `echo-tcp` Service with one rule.
+fn tcp_policy(action: &str, rule: &str) -> String {
+    format!(
+        "\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: echo-tcp, namespace: shop}}
+spec:
+  targetRefs: [{{kind: Service, group: \"\", name: echo-tcp}}]
+  action: {action}
+  rules: [{{{rule}}}]
+"
+    )
+}
+
 /// Sends `request` on a new connection to httpbin's VIP and returns what came back
 /// until the server closed (or 5 s of silence).
 const RAW_HTTP: &str = "\
@@ -618,6 +633,24 @@ fn waypoint_mirror_tcp_routes_and_bad_input() {
             assert!(line.starts_with("pod=n1-p2 ") || line.starts_with("pod=n2-p2 "), "not v2: {line}");
             assert!(line.contains(&format!("peer={WAYPOINT_IP}:")), "not relayed by the waypoint: {line}");
         }
+        // L4 authorization at the waypoint: a DENY on n1-p1's principal, bound to the
+        // Service, refuses its TCP connections and no one else's.
+        apply(
+            lab,
+            "tcp-authz.yaml",
+            &tcp_policy("DENY", "from: [{source: {principals: [cluster.local/ns/shop/sa/sa-n1-p1]}}]"),
+        );
+        let (code, text) = try_curl(lab, "n1-p1", "http://10.96.0.12:81/");
+        assert!(code != 0 && !text.contains("pod="), "a denied caller got through: {text}");
+        let (code, text) = try_curl(lab, "n2-p1", "http://10.96.0.12:81/");
+        assert!(code == 0 && text.starts_with("pod="), "{text}\n{}", lab.log_of("waypoint"));
+        let tcp_denied = [("reporter", "waypoint"), ("response_flags", "RBAC")];
+        assert!(metric(lab, "istio_tcp_connections_opened_total", &tcp_denied) >= 1.0);
+        // An ALLOW whose only rule needs HTTP attributes matches no TCP connection:
+        // with it in force, every caller is refused.
+        apply(lab, "tcp-authz.yaml", &tcp_policy("ALLOW", "to: [{operation: {methods: [GET]}}]"));
+        let (code, text) = try_curl(lab, "n2-p1", "http://10.96.0.12:81/");
+        assert!(code != 0 && !text.contains("pod="), "an HTTP-only ALLOW let TCP through: {text}");
         // Bad input: clear 4xx answers, and the waypoint keeps serving.
         let raw = |request: &str| {
             let out = lab.exec("n1-p1", &["python3", "-c", RAW_HTTP, request]).unwrap();
