@@ -160,6 +160,11 @@ pub enum HashAlgo {
 pub const DEFAULT_MIN_RING_SIZE: u64 = 1024;
 /// Envoy's default Maglev table size.
 pub const DEFAULT_MAGLEV_TABLE_SIZE: u64 = 65537;
+/// The largest ring and table Envoy accepts (`minimum_ring_size`, Maglev's
+/// `table_size`): a DestinationRule cannot make the waypoint build a table of
+/// gigabytes on its request path.
+pub const MAX_RING_SIZE: u64 = 8_388_608;
+pub const MAX_MAGLEV_TABLE_SIZE: u64 = 5_000_011;
 
 /// `connectionPool`, with Istio's defaults: Istio programs Envoy's circuit-breaker
 /// thresholds as `2^32-1` ("unlimited", `getDefaultCircuitBreakerThresholds`) rather than
@@ -567,24 +572,32 @@ pub fn consistent_hash(value: &Value) -> Result<ConsistentHash, FieldError> {
             _ => Err(err(field, "not a count")),
         }
     };
+    let ring_size = |v: Option<&Value>, field: &str| -> Result<u64, FieldError> {
+        let n = size(v.unwrap_or(&Value::Null), field)?.unwrap_or(DEFAULT_MIN_RING_SIZE);
+        if n > MAX_RING_SIZE {
+            return Err(err(field, "must be at most 8388608 (Envoy's limit)"));
+        }
+        Ok(n)
+    };
     let algo = match (map.get("maglev"), map.get("ringHash")) {
         (Some(_), Some(_)) => return Err(err("", "ringHash and maglev are mutually exclusive")),
         (Some(m), None) => {
             let table_size = size(m.get("tableSize").unwrap_or(&Value::Null), ".maglev.tableSize")?
                 .unwrap_or(DEFAULT_MAGLEV_TABLE_SIZE);
+            if table_size > MAX_MAGLEV_TABLE_SIZE {
+                return Err(err(".maglev.tableSize", "must be at most 5000011 (Envoy's limit)"));
+            }
             if !is_prime(table_size) {
                 return Err(err(".maglev.tableSize", "must be a prime number (Envoy's rule)"));
             }
             HashAlgo::Maglev { table_size }
         }
-        (None, Some(r)) => HashAlgo::RingHash {
-            min_ring_size: size(r.get("minimumRingSize").unwrap_or(&Value::Null), ".ringHash.minimumRingSize")?
-                .unwrap_or(DEFAULT_MIN_RING_SIZE),
-        },
-        (None, None) => HashAlgo::RingHash {
-            min_ring_size: size(map.get("minimumRingSize").unwrap_or(&Value::Null), ".minimumRingSize")?
-                .unwrap_or(DEFAULT_MIN_RING_SIZE),
-        },
+        (None, Some(r)) => {
+            HashAlgo::RingHash { min_ring_size: ring_size(r.get("minimumRingSize"), ".ringHash.minimumRingSize")? }
+        }
+        (None, None) => {
+            HashAlgo::RingHash { min_ring_size: ring_size(map.get("minimumRingSize"), ".minimumRingSize")? }
+        }
     };
     Ok(ConsistentHash { key, algo })
 }
@@ -616,7 +629,7 @@ fn is_prime(n: u64) -> bool {
         return false;
     }
     let mut d = 2;
-    while d * d <= n {
+    while d <= n / d {
         if n.is_multiple_of(d) {
             return false;
         }

@@ -277,6 +277,10 @@ fn consistent_hash_keys_and_algorithms() {
     assert_eq!(hash("{useSourceIp: true, maglev: {}}").algo, HashAlgo::Maglev { table_size: 65537 });
     assert_eq!(hash("{useSourceIp: true, maglev: {tableSize: 251}}").algo, HashAlgo::Maglev { table_size: 251 });
     assert_eq!(
+        hash("{useSourceIp: true, maglev: {tableSize: 5000011}}").algo,
+        HashAlgo::Maglev { table_size: 5_000_011 }
+    );
+    assert_eq!(
         hash("{useSourceIp: true, ringHash: {minimumRingSize: 64}}").algo,
         HashAlgo::RingHash { min_ring_size: 64 }
     );
@@ -292,6 +296,11 @@ fn consistent_hash_keys_and_algorithms() {
         "{}",
         "{httpHeaderName: a, useSourceIp: true}",
         "{useSourceIp: true, maglev: {tableSize: 1000}}",
+        // Primes, but over Envoy's limits: a table of gigabytes, built per request.
+        "{useSourceIp: true, maglev: {tableSize: 1000000007}}",
+        "{useSourceIp: true, maglev: {tableSize: 18446744073709551557}}",
+        "{useSourceIp: true, ringHash: {minimumRingSize: 8388609}}",
+        "{useSourceIp: true, minimumRingSize: 1000000000000}",
         "{httpCookie: {ttl: 1s}}",
         "{httpCookie: {name: \"a b\"}}",
         "{useSourceIp: true, ringHash: {}, maglev: {}}",
