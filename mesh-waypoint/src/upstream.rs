@@ -101,6 +101,20 @@ impl UpstreamError {
     pub fn connect_failure(&self) -> bool {
         !matches!(self, Self::Reset(_))
     }
+
+    /// Whether an HTTP/2 upstream refused the stream (`RST_STREAM` with
+    /// `REFUSED_STREAM`: it did not process the request), Envoy's `refused-stream`.
+    pub fn refused_stream(&self) -> bool {
+        let Self::Reset(error) = self else { return false };
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+        while let Some(error) = source {
+            if let Some(h2) = error.downcast_ref::<h2::Error>() {
+                return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+            }
+            source = error.source();
+        }
+        false
+    }
 }
 
 /// A tunnel stream that keeps its pooled connection's stream slot while it lives.
@@ -279,5 +293,34 @@ impl Upstreams {
             }
         });
         Ok(sender)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::Empty;
+
+    use super::*;
+
+    /// `refused-stream` retries need an upstream's `REFUSED_STREAM` told apart from any
+    /// other reset: hyper reports both as an error whose source is h2's.
+    #[tokio::test]
+    async fn an_upstream_refusing_a_stream_is_told_apart_from_a_reset() {
+        for (reason, refused) in [(h2::Reason::REFUSED_STREAM, true), (h2::Reason::INTERNAL_ERROR, false)] {
+            let (client_io, server_io) = tokio::io::duplex(64 << 10);
+            tokio::spawn(async move {
+                let mut connection = h2::server::handshake(server_io).await.expect("h2 server handshake");
+                while let Some(Ok((_, mut respond))) = connection.accept().await {
+                    respond.send_reset(reason);
+                }
+            });
+            let (mut sender, connection) =
+                http2::handshake(TokioExecutor::new(), TokioIo::new(client_io)).await.expect("h2 client handshake");
+            tokio::spawn(connection);
+            let request = Request::get("http://upstream/").body(Empty::<Bytes>::new()).unwrap();
+            let error = UpstreamError::Reset(sender.send_request(request).await.expect_err("the stream was reset"));
+            assert_eq!(error.refused_stream(), refused, "{reason:?}: {error:?}");
+            assert!(!error.connect_failure());
+        }
     }
 }
