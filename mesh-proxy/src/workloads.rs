@@ -405,9 +405,14 @@ fn workload_of(config: &Config, pod: &Pod) -> Option<Workload> {
     if ips.is_empty() || pod.spec.host_network {
         return None;
     }
-    if pod.status.phase.as_deref().is_some_and(|phase| phase != "Running") {
+    // A pod that has ended is gone; one still `Pending` (an image still pulling, a
+    // native sidecar starting) may already serve on its IP and is a workload like any
+    // other, with its identity and labels, as istiod keeps it: dropping it would send
+    // traffic to it in plaintext and judge traffic to it without its labels.
+    if pod.has_ended() {
         return None;
     }
+    let running = pod.status.phase.as_deref().is_none_or(|phase| phase == "Running");
     let service_account = pod.spec.service_account();
     Some(Workload {
         identity: config.spiffe_id(&pod.metadata.namespace, service_account),
@@ -416,7 +421,7 @@ fn workload_of(config: &Config, pod: &Pod) -> Option<Workload> {
         meshed: config.pod_is_meshed(pod),
         labels: pod.metadata.labels.clone(),
         ips,
-        ready: pod.is_ready(),
+        ready: running && pod.is_ready(),
         ports: pod
             .spec
             .containers
@@ -541,6 +546,11 @@ ports: [{name: sql, port: 15432, protocol: TCP}]
         assert!(matches!(index.route("10.0.0.2:8080".parse().unwrap()), Route::Direct { workload: Some(_), .. }));
         assert!(matches!(index.route("192.0.2.1:80".parse().unwrap()), Route::Direct { workload: None, .. }));
         assert!(matches!(index.route("10.0.0.4:8080".parse().unwrap()), Route::Tunnel { .. }));
+        // The pending pod is no endpoint, but traffic to it is tunneled to its identity.
+        assert!(matches!(
+            index.route("10.0.0.3:8080".parse().unwrap()),
+            Route::Tunnel { workload, .. } if workload.identity == "spiffe://cluster.local/ns/shop/sa/default"
+        ));
         // A dual-stack socket's IPv4-mapped destination is the IPv4 service.
         assert!(matches!(
             index.route("[::ffff:10.96.0.10]:80".parse().unwrap()),
