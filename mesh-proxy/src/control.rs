@@ -282,11 +282,14 @@ impl ControlClient {
         tokio::spawn(self.clone().save_views());
         let mut backoff = Backoff::default();
         loop {
-            let mut opened = false;
-            let error = self.session(&mut opened).await.err().unwrap_or(ControlError::StreamEnded);
+            let mut applied = false;
+            let error = self.session(&mut applied).await.err().unwrap_or(ControlError::StreamEnded);
             self.connected.store(false, Ordering::Relaxed);
-            if opened {
-                // The controller answered: the next outage starts from the shortest wait.
+            if applied {
+                // The controller answered with a configuration this process could
+                // apply: the next outage starts from the shortest wait. A stream whose
+                // messages do not apply (a newer controller, a bad object) backs off
+                // like an outage instead of fetching a snapshot five times a second.
                 backoff.reset();
                 self.last_contact.store(crate::state::unix_now(), Ordering::Relaxed);
             }
@@ -297,7 +300,7 @@ impl ControlClient {
         }
     }
 
-    async fn session(&self, opened: &mut bool) -> Result<(), ControlError> {
+    async fn session(&self, applied: &mut bool) -> Result<(), ControlError> {
         let mut sender = self.connect().await?;
         let request = self.request(Method::GET, CONFIG_PATH, Bytes::new())?;
         let response = sender.send_request(request).await?;
@@ -307,17 +310,15 @@ impl ControlClient {
             return Err(ControlError::Status { status, message: String::from_utf8_lossy(&body).trim().to_owned() });
         }
         info!(addr = %self.addr, "configuration stream open");
-        *opened = true;
         self.connected.store(true, Ordering::Relaxed);
         let mut body = response.into_body();
-        let mut buffer = BytesMut::new();
+        let mut lines = Lines::default();
         // The view as JSON text; the first message of every stream is a snapshot.
         let mut objects = RawObjects::new();
         while let Some(frame) = body.frame().await {
             let Ok(data) = frame?.into_data() else { continue };
-            buffer.extend_from_slice(&data);
-            while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
-                let line = buffer.split_to(end + 1);
+            lines.push(&data);
+            while let Some(line) = lines.next_line() {
                 let message: RawConfigMessage = serde_json::from_slice(&line).map_err(ControlError::BadMessage)?;
                 drop(line);
                 let version = message.version;
@@ -325,6 +326,7 @@ impl ControlClient {
                 message.apply(&mut objects);
                 match (self.materialize)(&objects) {
                     Ok(config) => {
+                        *applied = true;
                         let kinds = count_kinds(&objects);
                         info!(version, objects = objects.len(), "configuration applied");
                         let received_at = crate::state::unix_now();
@@ -345,9 +347,7 @@ impl ControlClient {
                             // A snapshot leaves the parse buffers and the previous view
                             // freed but still held by the allocator: hand them back.
                             drop(previous);
-                            if buffer.is_empty() && buffer.capacity() > 1 << 20 {
-                                buffer = BytesMut::new();
-                            }
+                            lines.shrink();
                             trim_heap();
                         }
                         let ack = serde_json::to_vec(&Ack { version }).expect("ack serializes");
@@ -432,6 +432,44 @@ pub enum RestoreError {
 /// Reconnect waits: doubling from 200 ms to 10 s, each with +-50 % jitter so that the
 /// agents of a cluster do not reconnect in lock-step after a controller restart.
 #[derive(Debug)]
+/// The configuration stream's newline-delimited messages, from the chunks it arrives
+/// in. A snapshot is one line of many chunks: each byte is scanned for the newline
+/// once, not once per chunk that arrives before the line ends.
+#[derive(Default)]
+struct Lines {
+    buffer: BytesMut,
+    /// Bytes at the start of `buffer` known to hold no newline.
+    scanned: usize,
+}
+
+impl Lines {
+    fn push(&mut self, data: &[u8]) {
+        self.buffer.extend_from_slice(data);
+    }
+
+    /// The next whole line, its newline included.
+    fn next_line(&mut self) -> Option<BytesMut> {
+        match self.buffer[self.scanned..].iter().position(|b| *b == b'\n') {
+            Some(at) => {
+                let line = self.buffer.split_to(self.scanned + at + 1);
+                self.scanned = 0;
+                Some(line)
+            }
+            None => {
+                self.scanned = self.buffer.len();
+                None
+            }
+        }
+    }
+
+    /// Hands a snapshot's buffer back once it is empty.
+    fn shrink(&mut self) {
+        if self.buffer.is_empty() && self.buffer.capacity() > 1 << 20 {
+            self.buffer = BytesMut::new();
+        }
+    }
+}
+
 struct Backoff {
     next: Duration,
 }
@@ -498,6 +536,32 @@ pub fn heap_usage() -> (u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lines_come_whole_from_any_chunking() {
+        let text = b"{\"a\":1}\n{\"b\":2}\n\n{\"c\":3}\n";
+        for chunk in 1..=text.len() {
+            let mut lines = Lines::default();
+            let mut seen = Vec::new();
+            for piece in text.chunks(chunk) {
+                lines.push(piece);
+                while let Some(line) = lines.next_line() {
+                    seen.push(String::from_utf8(line.to_vec()).unwrap());
+                }
+            }
+            assert_eq!(seen, ["{\"a\":1}\n", "{\"b\":2}\n", "\n", "{\"c\":3}\n"], "chunks of {chunk}");
+            assert!(lines.buffer.is_empty());
+        }
+        // A line split over many chunks is scanned once: what was scanned is not again.
+        let mut lines = Lines::default();
+        lines.push(b"{\"long\":");
+        assert!(lines.next_line().is_none());
+        assert_eq!(lines.scanned, 8);
+        lines.push(b"1}\nrest");
+        assert_eq!(&lines.next_line().unwrap()[..], b"{\"long\":1}\n");
+        assert!(lines.next_line().is_none());
+        assert_eq!(&lines.buffer[..], b"rest");
+    }
 
     #[test]
     fn backoff_doubles_with_jitter_and_resets() {
