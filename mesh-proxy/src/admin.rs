@@ -6,12 +6,13 @@ use std::{
     convert::Infallible,
     net::SocketAddr,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
@@ -176,13 +177,26 @@ impl Collector for ControlMetrics {
 }
 
 /// A tiny HTTP/1 server; `handler` maps a request to a response.
+///
+/// Readiness and metrics listen on every address of the pod, so any peer can open
+/// connections to them: at most [`MAX_ADMIN_CONNECTIONS`] are served at once (more
+/// are closed at once), and one that sends no request head within
+/// [`ADMIN_HEADER_TIMEOUT`] (also between requests: hyper re-arms the timer when a
+/// connection goes idle) is closed. A peer cannot hold the proxy's descriptors.
 pub struct HttpServer {
     listener: TcpListener,
     name: &'static str,
     /// A second descriptor of the listening socket, for a handover.
     pub socket: std::os::fd::OwnedFd,
     stop: tokio::sync::watch::Receiver<bool>,
+    slots: Arc<tokio::sync::Semaphore>,
+    header_timeout: Duration,
 }
+
+/// Connections an admin, readiness or metrics server serves at once.
+pub const MAX_ADMIN_CONNECTIONS: usize = 64;
+/// How long such a connection may take to send a request head, or sit idle.
+pub const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl HttpServer {
     /// Listens on `addr`, or on `inherited` (the socket of the process this one took
@@ -208,7 +222,14 @@ impl HttpServer {
         };
         listener.set_nonblocking(true)?;
         let copy = listener.try_clone()?;
-        Ok(Self { listener: TcpListener::from_std(listener)?, name, socket: copy.into(), stop })
+        Ok(Self {
+            listener: TcpListener::from_std(listener)?,
+            name,
+            socket: copy.into(),
+            stop,
+            slots: Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS)),
+            header_timeout: ADMIN_HEADER_TIMEOUT,
+        })
     }
 
     pub async fn run<F, Fut>(mut self, handler: F)
@@ -229,15 +250,24 @@ impl HttpServer {
                     continue;
                 }
             };
+            let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+                debug!(server = self.name, %peer, "too many connections; closing this one");
+                continue;
+            };
             let handler = handler.clone();
             let name = self.name;
+            let header_timeout = self.header_timeout;
             tokio::spawn(async move {
+                let _slot = slot;
                 let service = service_fn(move |req| {
                     let handler = handler.clone();
                     async move { Ok::<_, Infallible>(handler(req).await) }
                 });
-                if let Err(error) =
-                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
+                if let Err(error) = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(header_timeout)
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await
                 {
                     debug!(server = name, %peer, %error, "http connection error");
                 }
@@ -269,5 +299,52 @@ pub fn readiness(ready: &Readiness, req: &Request<Incoming>) -> Response<Body> {
         reply(StatusCode::OK, "text/plain", "ready\n")
     } else {
         reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {}\n", pending.join(", ")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::TcpStream,
+    };
+
+    use super::*;
+
+    /// Reads until the server closes (0 bytes or an error) or `within` passes.
+    async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+        let mut buf = [0u8; 256];
+        loop {
+            match tokio::time::timeout(within, stream.read(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) => return true,
+                Ok(Ok(_)) => {}
+                Err(_) => return false,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn silent_and_surplus_connections_are_closed_and_requests_still_served() {
+        let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+        let mut server = HttpServer::bind("test", "127.0.0.1:0".parse().unwrap(), None, stop).unwrap();
+        server.header_timeout = Duration::from_millis(300);
+        let addr = server.listener.local_addr().unwrap();
+        tokio::spawn(server.run(|_req| async { reply(StatusCode::OK, "text/plain", "ok\n") }));
+        let mut silent = Vec::new();
+        for _ in 0..MAX_ADMIN_CONNECTIONS {
+            silent.push(TcpStream::connect(addr).await.unwrap());
+        }
+        // Let the server take them all before the one over the limit.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut surplus = TcpStream::connect(addr).await.unwrap();
+        assert!(closed_within(&mut surplus, Duration::from_millis(200)).await, "the surplus connection was served");
+        for stream in &mut silent {
+            assert!(closed_within(stream, Duration::from_secs(2)).await, "a silent connection was kept");
+        }
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        let mut answer = vec![0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(2), client.read(&mut answer)).await.unwrap().unwrap();
+        assert!(answer[..n].starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&answer[..n]));
     }
 }
