@@ -141,11 +141,11 @@ impl Destination {
     }
 
     /// Counts a request in flight to endpoint `i` (least request) until the guard drops.
-    pub fn start(&self, i: usize) -> ActiveGuard<'_> {
+    pub fn start(self: &Arc<Self>, i: usize) -> ActiveGuard {
         if let Some(a) = self.active.get(i) {
             a.fetch_add(1, Ordering::Relaxed);
         }
-        ActiveGuard(self.active.get(i))
+        ActiveGuard { destination: Arc::clone(self), i }
     }
 
     /// Feeds outlier detection with how a call to endpoint `i` ended.
@@ -159,11 +159,14 @@ impl Destination {
     }
 }
 
-pub struct ActiveGuard<'a>(Option<&'a AtomicU32>);
+pub struct ActiveGuard {
+    destination: Arc<Destination>,
+    i: usize,
+}
 
-impl Drop for ActiveGuard<'_> {
+impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        if let Some(a) = self.0 {
+        if let Some(a) = self.destination.active.get(self.i) {
             a.fetch_sub(1, Ordering::Relaxed);
         }
     }

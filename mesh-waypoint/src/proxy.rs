@@ -1196,7 +1196,7 @@ impl Downstream {
             body = Replay::Recorded(Recording::new(counted.boxed(), replay::MAX_KEPT));
         }
         let limits = destination.policy.limits;
-        let Some(_request_slot) = destination.health.breaker.try_request(&limits) else {
+        let Some(request_slot) = destination.health.breaker.try_request(&limits) else {
             return Err(Reply::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "UO",
@@ -1222,7 +1222,7 @@ impl Downstream {
                     return Err(Reply::new(StatusCode::SERVICE_UNAVAILABLE, "UC", "upstream reset\n"));
                 };
                 let upstream_request = Request::from_parts(clone_head(&head), attempt_body);
-                let _active = destination.start(i);
+                let active = destination.start(i);
                 let send = async {
                     if let Some(downstream) = downstream_upgrade.take() {
                         self.upgrade(&target, &dial, upstream_request, downstream).await
@@ -1280,7 +1280,7 @@ impl Downstream {
                             if exhausted {
                                 log.flags = "URX";
                             }
-                            Ok(response)
+                            Ok((response, active))
                         }
                         Ok(Err(error)) => {
                             let mut reply = upstream_reply(error);
@@ -1300,7 +1300,7 @@ impl Downstream {
                 tokio::time::sleep(retry.backoff(attempt, roll_f64())).await;
             }
         };
-        let sent = match route.timeout {
+        let (sent, active) = match route.timeout {
             Some(limit) => tokio::time::timeout(limit, attempts)
                 .await
                 .map_err(|_| Reply::new(StatusCode::GATEWAY_TIMEOUT, "UT", "upstream request timeout\n"))??,
@@ -1318,7 +1318,17 @@ impl Downstream {
         if let Some(cookie) = hash.1 {
             parts.headers.append(header::SET_COOKIE, cookie);
         }
-        Ok(Response::from_parts(parts, body.map_err(BoxError::from).boxed()))
+        // The request counts against `http2MaxRequests` and its endpoint's load (least
+        // request) until its response body ends, as in Envoy: a stream or a long
+        // download is in flight while its body flows, not only until its head.
+        let held = (request_slot, active);
+        let body = Counted {
+            inner: body.map_err(BoxError::from).boxed(),
+            bytes: Arc::default(),
+            grpc_status: None,
+            done: Some(Box::new(move |_, _| drop(held))),
+        };
+        Ok(Response::from_parts(parts, body.boxed()))
     }
 
     /// Sends a WebSocket (or other `Upgrade`) request on a connection of its own and

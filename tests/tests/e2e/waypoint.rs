@@ -272,9 +272,11 @@ fn waypoint_canary_retries_faults_timeouts_breaker_and_ejection() {
             lab.log_of("waypoint").contains("endpoint readmitted")
         })
         .unwrap_or_else(|_| panic!("readmission not logged: {}", lab.log_of("waypoint")));
-        // Circuit breaking: at most 2 requests in flight, the rest 503 UO at once.
+        // Circuit breaking: at most 2 requests in flight, the rest 503 UO at once. A
+        // request is in flight until its response body ends: `/drip` answers its head
+        // at once and its body over a second.
         let script = format!(
-            "curl -s --parallel --parallel-max 12 $(for i in $(seq 12); do printf -- '-o /dev/null -w %%{{http_code}}\\n {HTTPBIN_URL}/delay/1 '; done)"
+            "curl -s --parallel --parallel-max 12 $(for i in $(seq 12); do printf -- '-o /dev/null -w %%{{http_code}}\\n {HTTPBIN_URL}/drip?duration=1&numbytes=4&delay=0 '; done)"
         );
         let out = lab.exec("n1-p1", &["sh", "-c", &script]).unwrap();
         // Each status is three digits, written back to back.
