@@ -4,6 +4,7 @@
 //! up to a bound.
 use std::{
     convert::Infallible,
+    fmt::Write as _,
     io,
     net::SocketAddr,
     pin::Pin,
@@ -531,6 +532,37 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// A local answer to a gRPC request as Envoy gives it: trailers-only (HTTP 200, no
+/// body) with the `grpc-status` the HTTP status maps to (gRPC's HTTP-to-gRPC table)
+/// and the answer's text as `grpc-message`, so that gRPC clients see a gRPC error
+/// ("UNAVAILABLE: no healthy upstream") rather than a malformed response.
+fn grpc_reply(status: StatusCode, text: &[u8]) -> Response<Body> {
+    let code = match status.as_u16() {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502..=504 => 14,
+        _ => 2,
+    };
+    let mut message = String::new();
+    for &b in text.trim_ascii() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            message.push(char::from(b));
+        } else {
+            let _ = write!(message, "%{b:02X}");
+        }
+    }
+    let mut response = Response::new(full(Bytes::new()));
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    headers.insert("grpc-status", HeaderValue::from(code));
+    if let Ok(message) = HeaderValue::from_str(&message) {
+        headers.insert("grpc-message", message);
+    }
+    response
+}
+
 /// Called once at a body's end with its byte count and `grpc-status`.
 type Done = Box<dyn FnOnce(u64, Option<String>) + Send + Sync>;
 
@@ -701,11 +733,15 @@ impl Downstream {
             Err(reply) => {
                 log.reason = reply.reason;
                 log.flags = reply.flags;
-                let mut response = Response::builder()
-                    .status(reply.status)
-                    .header(header::CONTENT_TYPE, "text/plain")
-                    .body(full(reply.body))
-                    .expect("static parts");
+                let mut response = if grpc {
+                    grpc_reply(reply.status, &reply.body)
+                } else {
+                    Response::builder()
+                        .status(reply.status)
+                        .header(header::CONTENT_TYPE, "text/plain")
+                        .body(full(reply.body))
+                        .expect("static parts")
+                };
                 response.headers_mut().extend(reply.headers);
                 response
             }
@@ -1489,6 +1525,27 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_answers_to_grpc_are_trailers_only_with_the_mapped_status() {
+        for (status, code, text, message) in [
+            (StatusCode::SERVICE_UNAVAILABLE, "14", &b"no healthy upstream\n"[..], "no healthy upstream"),
+            (StatusCode::FORBIDDEN, "7", b"RBAC: access denied", "RBAC: access denied"),
+            (StatusCode::UNAUTHORIZED, "16", b"Jwt is missing", "Jwt is missing"),
+            (StatusCode::GATEWAY_TIMEOUT, "14", b"upstream request timeout\n", "upstream request timeout"),
+            (StatusCode::TOO_MANY_REQUESTS, "14", b"local_rate_limited", "local_rate_limited"),
+            (StatusCode::BAD_REQUEST, "13", b"100% bad\tinput \xc3\xa9", "100%25 bad%09input %C3%A9"),
+            (StatusCode::IM_A_TEAPOT, "2", b"", ""),
+        ] {
+            let response = grpc_reply(status, text);
+            assert_eq!(response.status(), StatusCode::OK, "{status}");
+            let headers = response.headers();
+            assert_eq!(headers[header::CONTENT_TYPE], "application/grpc");
+            assert_eq!(headers["grpc-status"], code, "{status}");
+            assert_eq!(headers["grpc-message"], message, "{status}");
+            assert!(http_body::Body::is_end_stream(response.body()), "a trailers-only answer has no body");
+        }
+    }
 
     /// A TCP relay sends the bytes read to sniff the protocol first, then the rest,
     /// and counts them all.

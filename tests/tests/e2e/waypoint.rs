@@ -435,8 +435,44 @@ fn waypoint_websocket_and_grpc() {
         assert!(
             metric(lab, "istio_requests_total", &[("request_protocol", "grpc"), ("grpc_response_status", "0")]) >= 1.0
         );
+        // The waypoint's own answers to gRPC requests are gRPC errors, as Envoy's are:
+        // a denied call is PERMISSION_DENIED with the reason as its message.
+        apply(lab, "grpc-deny.yaml", GRPC_DENY);
+        let out = lab.exec("n2-p1", &["python3", "-c", GRPC_DENIED_CLIENT]).unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "PERMISSION_DENIED RBAC: access denied\n",
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            lab.log_of("waypoint")
+        );
+        assert!(
+            metric(lab, "istio_requests_total", &[("request_protocol", "grpc"), ("grpc_response_status", "7")]) >= 1.0
+        );
     });
 }
+
+/// Denies every call to the gRPC Service at the waypoint.
+const GRPC_DENY: &str = "\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: grpc-deny, namespace: shop}
+spec:
+  targetRefs: [{kind: Service, group: \"\", name: grpc}]
+  action: DENY
+  rules: [{to: [{operation: {paths: [/grpc.health.v1.Health/*]}}]}]
+";
+
+const GRPC_DENIED_CLIENT: &str = "\
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+stub = health_pb2_grpc.HealthStub(grpc.insecure_channel('10.96.0.31:9090'))
+try:
+    stub.Check(health_pb2.HealthCheckRequest(service='shop'), timeout=5)
+    print('allowed')
+except grpc.RpcError as e:
+    print(e.code().name, e.details())
+";
 
 /// A mirror to the v2 pods, and the echo server's HTTP port declared as TCP with a
 /// `VirtualService` `tcp` route to v2 only.
