@@ -47,6 +47,9 @@ pub struct Breaker {
     active: [AtomicU32; RESOURCES],
     /// Times a resource was refused (Envoy's `upstream_rq_pending_overflow` and kin).
     overflows: [AtomicU64; RESOURCES],
+    /// Woken when a connection of the destination may have become free (a response
+    /// ended, a connection closed), for requests waiting for one.
+    freed: tokio::sync::Notify,
 }
 
 /// A snapshot of the counters, for metrics and tests.
@@ -75,6 +78,9 @@ impl Guard {
 impl Drop for Guard {
     fn drop(&mut self) {
         self.breaker.active[self.resource.index()].fetch_sub(1, Ordering::AcqRel);
+        if self.resource == Resource::Connections {
+            self.breaker.notify_freed();
+        }
     }
 }
 
@@ -108,6 +114,25 @@ impl Breaker {
     /// A new upstream connection (`tcp.maxConnections`).
     pub fn try_connection(self: &Arc<Self>, limits: &Limits) -> Option<Guard> {
         self.try_acquire(Resource::Connections, limits)
+    }
+
+    /// A new upstream connection over the limit: an endpoint with no connection at
+    /// all gets one anyway (as Envoy's pools do), else its requests could only wait
+    /// for connections to other endpoints to close.
+    pub fn force_connection(self: &Arc<Self>) -> Guard {
+        self.active[Resource::Connections.index()].fetch_add(1, Ordering::AcqRel);
+        Guard { breaker: Arc::clone(self), resource: Resource::Connections }
+    }
+
+    /// Wakes the requests waiting for a connection to check again.
+    pub fn notify_freed(&self) {
+        self.freed.notify_waiters();
+    }
+
+    /// Resolves at the next [`Breaker::notify_freed`] after it is enabled (pin it and
+    /// call `enable` before checking for a free connection: no wake-up is lost).
+    pub fn freed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.freed.notified()
     }
 
     /// A retry in flight (`maxRetries`); refused, the proxy returns the last answer.
@@ -145,6 +170,23 @@ mod tests {
 
     fn limits(n: u32) -> Limits {
         Limits { max_requests: n, max_pending_requests: n, max_connections: n, max_retries: n, ..Limits::default() }
+    }
+
+    #[tokio::test]
+    async fn forced_connections_count_and_a_closed_one_wakes_the_waiting() {
+        let breaker = Breaker::new();
+        let first = breaker.try_connection(&limits(1)).expect("under the limit");
+        assert!(breaker.try_connection(&limits(1)).is_none());
+        let forced = breaker.force_connection();
+        assert_eq!(breaker.counts().connections, 2);
+        let freed = breaker.freed();
+        let mut freed = std::pin::pin!(freed);
+        freed.as_mut().enable();
+        drop(first);
+        tokio::time::timeout(std::time::Duration::from_secs(1), freed).await.expect("the waiting request is woken");
+        drop(forced);
+        assert_eq!(breaker.counts().connections, 0);
+        assert!(breaker.try_connection(&limits(1)).is_some());
     }
 
     #[test]

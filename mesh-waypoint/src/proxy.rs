@@ -46,7 +46,7 @@ use mesh_waypoint::{
     forwarded, jwt,
     normalize::Normalized,
     outlier::CallResult,
-    policy::LbPolicy,
+    policy::{LbPolicy, Limits},
     ratelimit,
     retry::Outcome,
     route::{Abort, Action, Mirror, RequestParts, TcpRequest},
@@ -61,12 +61,16 @@ use crate::{
     replay::{self, Recording},
     requests::{RequestLabels, RequestLog, Sample, TcpSeriesSet},
     tee,
-    upstream::{Body, BoxError, Dial, Target, UpstreamError},
+    upstream::{Body, BoxError, Dial, PoolLimits, Target, UpstreamError},
 };
 
 /// Request bodies of a known length up to this size are read whole before the first
 /// try, for retries and mirrors.
 const MAX_REPLAY: usize = 64 << 10;
+
+/// How long a mirrored request may take to its response head (Envoy's default route
+/// timeout): a shadow that never answers holds no task or connection for long.
+const MIRROR_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A request body for the tries of one request.
 enum Replay {
@@ -1232,6 +1236,12 @@ impl Downstream {
             body = Replay::Recorded(Recording::new(counted.boxed(), replay::MAX_KEPT));
         }
         let limits = destination.policy.limits;
+        let limited = PoolLimits { breaker: &destination.health.breaker, limits: &limits };
+        let mut dial = dial;
+        if limits.connect_timeout != Limits::default().connect_timeout {
+            // The DestinationRule's `tcp.connectTimeout`; else the waypoint's default.
+            dial.connect_timeout = limits.connect_timeout;
+        }
         let Some(request_slot) = destination.health.breaker.try_request(&limits) else {
             return Err(Reply::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -1263,7 +1273,7 @@ impl Downstream {
                     if let Some(downstream) = downstream_upgrade.take() {
                         self.upgrade(&target, &dial, upstream_request, downstream).await
                     } else {
-                        self.waypoint.upstreams().send(&target, h2, upstream_request, &dial.dial()).await
+                        self.waypoint.upstreams().send(&target, h2, upstream_request, &dial.dial(), &limited).await
                     }
                 };
                 let result = match retry.per_try_timeout {
@@ -1357,12 +1367,17 @@ impl Downstream {
         // The request counts against `http2MaxRequests` and its endpoint's load (least
         // request) until its response body ends, as in Envoy: a stream or a long
         // download is in flight while its body flows, not only until its head.
-        let held = (request_slot, active);
+        // Its end may free an HTTP/1.1 connection that requests wait for.
+        let held = (request_slot, active, destination.health.breaker.clone());
         let body = Counted {
             inner: body.map_err(BoxError::from).boxed(),
             bytes: Arc::default(),
             grpc_status: None,
-            done: Some(Box::new(move |_, _| drop(held))),
+            done: Some(Box::new(move |_, _| {
+                let (request_slot, active, breaker) = held;
+                drop((request_slot, active));
+                breaker.notify_freed();
+            })),
         };
         Ok(Response::from_parts(parts, body.boxed()))
     }
@@ -1376,7 +1391,7 @@ impl Downstream {
         request: Request<Body>,
         downstream: hyper::upgrade::OnUpgrade,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let mut sender = self.waypoint.upstreams().open_h1(target, &dial.dial(), true).await?;
+        let mut sender = self.waypoint.upstreams().open_h1(target, &dial.dial(), true, None).await?;
         let mut response = sender.send_request(request).await.map_err(UpstreamError::Reset)?;
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             let upstream = hyper::upgrade::on(&mut response);
@@ -1419,8 +1434,13 @@ impl Downstream {
         let waypoint = self.waypoint.clone();
         tokio::spawn(async move {
             let request = Request::from_parts(head, body);
-            if let Err(error) = waypoint.upstreams().send(&target, h2, request, &dial.dial()).await {
-                debug!(%error, "mirror request failed");
+            let limited = PoolLimits { breaker: &destination.health.breaker, limits: &destination.policy.limits };
+            let dial = dial.dial();
+            let send = waypoint.upstreams().send(&target, h2, request, &dial, &limited);
+            match tokio::time::timeout(MIRROR_TIMEOUT, send).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => debug!(%error, "mirror request failed"),
+                Err(_) => debug!(timeout = ?MIRROR_TIMEOUT, "mirror request timed out"),
             }
         });
     }

@@ -6,7 +6,10 @@ use std::{
     io,
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -31,6 +34,11 @@ use tokio::{
     net::TcpStream,
 };
 use tracing::debug;
+
+use mesh_waypoint::{
+    limits::{Breaker, Guard},
+    policy::Limits,
+};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
@@ -85,6 +93,8 @@ pub enum UpstreamError {
     },
     #[error("the upstream connection closed or reset before the response")]
     Reset(#[source] hyper::Error),
+    #[error("no connection to {addr} free and {pending} requests already waiting for one (http1MaxPendingRequests)")]
+    Overflow { addr: SocketAddr, pending: u32 },
 }
 
 impl UpstreamError {
@@ -93,6 +103,7 @@ impl UpstreamError {
     pub fn flag(&self) -> &'static str {
         match self {
             Self::Reset(_) => "UC",
+            Self::Overflow { .. } => "UO",
             _ => "UF",
         }
     }
@@ -167,10 +178,44 @@ pub struct Dial<'a> {
     pub connect_timeout: Duration,
 }
 
+/// The circuit breaker and `connectionPool` limits of the destination a request
+/// goes to.
+pub struct PoolLimits<'a> {
+    pub breaker: &'a Arc<Breaker>,
+    pub limits: &'a Limits,
+}
+
+/// A pooled connection and the requests it has carried (`maxRequestsPerConnection`).
+struct Pooled<S> {
+    sender: S,
+    requests: u32,
+}
+
+/// One of an endpoint's open connections, counted until dropped.
+pub struct OpenCount(Arc<AtomicUsize>);
+
+impl Drop for OpenCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// How often a request waiting for an HTTP/1.1 connection looks again without being
+/// woken: a connection turns ready a moment after its response's end wakes waiters.
+const PENDING_RECHECK: Duration = Duration::from_millis(5);
+
+/// An endpoint's HTTP/1.1 connections: the idle (and busy ones already handed back,
+/// ready again when their response ends) and how many are open in all.
+#[derive(Default)]
+struct Http1Endpoint {
+    pooled: Vec<Pooled<http1::SendRequest<Body>>>,
+    open: Arc<AtomicUsize>,
+}
+
 pub struct Upstreams {
     tunnels: Pool,
-    http1: Mutex<HashMap<SocketAddr, Vec<http1::SendRequest<Body>>>>,
-    http2: Mutex<HashMap<SocketAddr, http2::SendRequest<Body>>>,
+    http1: Mutex<HashMap<SocketAddr, Http1Endpoint>>,
+    http2: Mutex<HashMap<SocketAddr, Pooled<http2::SendRequest<Body>>>>,
 }
 
 impl Upstreams {
@@ -205,27 +250,53 @@ impl Upstreams {
         tokio::time::timeout(dial.connect_timeout, connect).await.map_err(|_| UpstreamError::ConnectTimeout { addr })?
     }
 
-    /// Sends `request` to `target` over a pooled HTTP/2 (`h2`) or HTTP/1.1 connection.
+    /// Sends `request` to `target` over a pooled HTTP/2 (`h2`) or HTTP/1.1 connection,
+    /// within the destination's `connectionPool` limits.
     pub async fn send(
         &self,
         target: &Target,
         h2: bool,
         request: Request<Body>,
         dial: &Dial<'_>,
+        limited: &PoolLimits<'_>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        if h2 { self.send_h2(target, request, dial).await } else { self.send_h1(target, request, dial).await }
+        if h2 {
+            self.send_h2(target, request, dial, limited).await
+        } else {
+            self.send_h1(target, request, dial, limited).await
+        }
     }
 
+    /// One multiplexed connection per endpoint (and shard), so it is opened even over
+    /// `maxConnections`; after `maxRequestsPerConnection` streams the next request
+    /// opens a new one and the old one ends with its streams.
     async fn send_h2(
         &self,
         target: &Target,
         request: Request<Body>,
         dial: &Dial<'_>,
+        limited: &PoolLimits<'_>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let pooled = self.http2.lock().expect("lock").get(&target.addr).filter(|s| !s.is_closed()).cloned();
+        let max = limited.limits.max_requests_per_connection;
+        let pooled = {
+            let mut pool = self.http2.lock().expect("lock");
+            match pool.get_mut(&target.addr) {
+                Some(pooled) if !pooled.sender.is_closed() => {
+                    pooled.requests += 1;
+                    let sender = pooled.sender.clone();
+                    if max.is_some_and(|max| pooled.requests >= max) {
+                        pool.remove(&target.addr);
+                    }
+                    Some(sender)
+                }
+                _ => None,
+            }
+        };
         let mut sender = if let Some(sender) = pooled {
             sender
         } else {
+            let slot =
+                limited.breaker.try_connection(limited.limits).unwrap_or_else(|| limited.breaker.force_connection());
             let io = self.connect(target, dial).await?;
             let (sender, connection) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
@@ -237,48 +308,92 @@ impl Upstreams {
                 .map_err(|source| UpstreamError::Handshake { addr: target.addr, source })?;
             let addr = target.addr;
             tokio::spawn(async move {
+                let _slot = slot;
                 if let Err(error) = connection.await {
                     debug!(%addr, %error, "upstream HTTP/2 connection ended");
                 }
             });
-            self.http2.lock().expect("lock").insert(target.addr, sender.clone());
+            if max.is_none_or(|max| max > 1) {
+                self.http2.lock().expect("lock").insert(target.addr, Pooled { sender: sender.clone(), requests: 1 });
+            }
             sender
         };
         sender.send_request(request).await.map_err(UpstreamError::Reset)
     }
 
+    /// A request takes an idle connection, else opens one within `maxConnections`
+    /// (an endpoint without any gets one regardless), else waits for one to turn
+    /// idle, if fewer than `http1MaxPendingRequests` already wait: over that it fails
+    /// at once (503 `UO`), nothing queues without bound.
     async fn send_h1(
         &self,
         target: &Target,
         request: Request<Body>,
         dial: &Dial<'_>,
+        limited: &PoolLimits<'_>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let idle = {
-            let mut pool = self.http1.lock().expect("lock");
-            let senders = pool.entry(target.addr).or_default();
-            senders.retain(|s| !s.is_closed());
-            senders.iter().position(http1::SendRequest::is_ready).map(|i| senders.swap_remove(i))
+        let breaker = limited.breaker;
+        let mut pending = None;
+        let mut pooled = loop {
+            let freed = breaker.freed();
+            let mut freed = std::pin::pin!(freed);
+            freed.as_mut().enable();
+            let (idle, open) = {
+                let mut pool = self.http1.lock().expect("lock");
+                let endpoint = pool.entry(target.addr).or_default();
+                let senders = &mut endpoint.pooled;
+                senders.retain(|p| !p.sender.is_closed());
+                let idle = senders.iter().position(|p| p.sender.is_ready()).map(|i| senders.swap_remove(i));
+                (idle, endpoint.open.clone())
+            };
+            if let Some(idle) = idle {
+                break idle;
+            }
+            let slot = match breaker.try_connection(limited.limits) {
+                None if open.load(Ordering::Acquire) == 0 => Some(breaker.force_connection()),
+                slot => slot,
+            };
+            if let Some(slot) = slot {
+                // Counted open from now, so that concurrent requests do not each
+                // take an endpoint's first connection over the limit.
+                open.fetch_add(1, Ordering::AcqRel);
+                let opened = OpenCount(open);
+                break Pooled { sender: self.open_h1(target, dial, false, Some((slot, opened))).await?, requests: 0 };
+            }
+            if pending.is_none() {
+                let overflow =
+                    || UpstreamError::Overflow { addr: target.addr, pending: limited.limits.max_pending_requests };
+                pending = Some(breaker.try_pending(limited.limits).ok_or_else(overflow)?);
+            }
+            tokio::select! {
+                () = freed => {}
+                () = tokio::time::sleep(PENDING_RECHECK) => {}
+            }
         };
-        let mut sender = match idle {
-            Some(sender) => sender,
-            None => self.open_h1(target, dial, false).await?,
-        };
-        let response = sender.send_request(request).await.map_err(UpstreamError::Reset)?;
+        drop(pending);
+        pooled.requests += 1;
+        let response = pooled.sender.send_request(request).await.map_err(UpstreamError::Reset)?;
         // Back to the pool at once: it is ready again when the response body is done.
-        let mut pool = self.http1.lock().expect("lock");
-        let senders = pool.entry(target.addr).or_default();
-        if senders.len() < MAX_IDLE_PER_ENDPOINT {
-            senders.push(sender);
+        // A connection that carried `maxRequestsPerConnection` is not: it closes.
+        if limited.limits.max_requests_per_connection.is_none_or(|max| pooled.requests < max) {
+            let mut pool = self.http1.lock().expect("lock");
+            let senders = &mut pool.entry(target.addr).or_default().pooled;
+            if senders.len() < MAX_IDLE_PER_ENDPOINT {
+                senders.push(pooled);
+            }
         }
         Ok(response)
     }
 
     /// A new HTTP/1.1 connection; `upgrades` keeps it usable for `Upgrade` (WebSocket).
+    /// It holds `slot` (its place under `maxConnections`, its count among its
+    /// endpoint's connections) until it closes.
     pub async fn open_h1(
         &self,
         target: &Target,
         dial: &Dial<'_>,
         upgrades: bool,
+        slot: Option<(Guard, OpenCount)>,
     ) -> Result<http1::SendRequest<Body>, UpstreamError> {
         let io = self.connect(target, dial).await?;
         let (sender, connection) = http1::Builder::new()
@@ -287,6 +402,7 @@ impl Upstreams {
             .map_err(|source| UpstreamError::Handshake { addr: target.addr, source })?;
         let addr = target.addr;
         tokio::spawn(async move {
+            let _slot = slot;
             let result = if upgrades { connection.with_upgrades().await } else { connection.await };
             if let Err(error) = result {
                 debug!(%addr, %error, "upstream HTTP/1.1 connection ended");

@@ -272,26 +272,51 @@ fn waypoint_canary_retries_faults_timeouts_breaker_and_ejection() {
             lab.log_of("waypoint").contains("endpoint readmitted")
         })
         .unwrap_or_else(|_| panic!("readmission not logged: {}", lab.log_of("waypoint")));
+        // 12 concurrent requests for `path`: how many were answered 200 and 503.
+        let parallel = |path: &str| {
+            let script = format!(
+                "curl -s --parallel --parallel-max 12 $(for i in $(seq 12); do printf -- '-o /dev/null -w %%{{http_code}}\\n {HTTPBIN_URL}{path} '; done)"
+            );
+            let out = lab.exec("n1-p1", &["sh", "-c", &script]).unwrap();
+            // Each status is three digits, written back to back.
+            let codes = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            let codes: Vec<String> = (0..codes.len() / 3).map(|i| codes[3 * i..3 * i + 3].to_owned()).collect();
+            let count = |code: &str| codes.iter().filter(|c| *c == code).count();
+            (count("200"), count("503"), codes)
+        };
         // Circuit breaking: at most 2 requests in flight, the rest 503 UO at once. A
         // request is in flight until its response body ends: `/drip` answers its head
         // at once and its body over a second.
-        let script = format!(
-            "curl -s --parallel --parallel-max 12 $(for i in $(seq 12); do printf -- '-o /dev/null -w %%{{http_code}}\\n {HTTPBIN_URL}/drip?duration=1&numbytes=4&delay=0 '; done)"
-        );
-        let out = lab.exec("n1-p1", &["sh", "-c", &script]).unwrap();
-        // Each status is three digits, written back to back.
-        let codes = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        let codes: Vec<&str> = (0..codes.len() / 3).map(|i| &codes[3 * i..3 * i + 3]).collect();
-        let overflow = codes.iter().filter(|c| **c == "503").count();
-        let ok = codes.iter().filter(|c| **c == "200").count();
+        let (ok, overflow, codes) = parallel("/drip?duration=1&numbytes=4&delay=0");
         eprintln!("breaker: {ok} ok, {overflow} overflow");
         assert!(overflow >= 6 && ok >= 2, "{codes:?}");
+        // Connection pool: one connection to the destination (an endpoint without any
+        // still gets one, per shard, as in Envoy's per-worker pools: here at most 4
+        // endpoints x 2 shards) and one request waiting for a free one; the rest 503
+        // UO at once. Without the limits all 12 are served.
+        apply(lab, "httpbin-policy.yaml", HTTPBIN_POOL);
+        let (ok, overflow, codes) = parallel("/delay/2");
+        eprintln!("connection pool: {ok} ok, {overflow} overflow");
+        assert!(overflow >= 1 && ok >= 1 && ok + overflow == 12, "{codes:?}\n{}", lab.log_of("waypoint"));
         // Flags in the metrics.
         for flag in ["UO", "FI", "UT", "URX"] {
             assert!(metric(lab, "istio_requests_total", &[("response_flags", flag)]) >= 1.0, "no {flag} in metrics");
         }
     });
 }
+
+/// httpbin's connection pool as Istio's circuit-breaking task sets it.
+const HTTPBIN_POOL: &str = "\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: httpbin, namespace: shop}
+spec:
+  host: httpbin
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 1}
+      http: {http1MaxPendingRequests: 1, maxRequestsPerConnection: 1}
+";
 
 /// A root `VirtualService` for `echo` that hands `/api` to a delegate (v2 for
 /// `/api/v2`, v1 for the rest of `/api`), names a delegate that does not exist for
