@@ -449,17 +449,13 @@ impl Lines {
 
     /// The next whole line, its newline included.
     fn next_line(&mut self) -> Option<BytesMut> {
-        match self.buffer[self.scanned..].iter().position(|b| *b == b'\n') {
-            Some(at) => {
-                let line = self.buffer.split_to(self.scanned + at + 1);
-                self.scanned = 0;
-                Some(line)
-            }
-            None => {
-                self.scanned = self.buffer.len();
-                None
-            }
-        }
+        let Some(at) = self.buffer[self.scanned..].iter().position(|b| *b == b'\n') else {
+            self.scanned = self.buffer.len();
+            return None;
+        };
+        let line = self.buffer.split_to(self.scanned + at + 1);
+        self.scanned = 0;
+        Some(line)
     }
 
     /// Hands a snapshot's buffer back once it is empty.

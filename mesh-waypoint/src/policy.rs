@@ -161,7 +161,7 @@ pub const DEFAULT_MIN_RING_SIZE: u64 = 1024;
 /// Envoy's default Maglev table size.
 pub const DEFAULT_MAGLEV_TABLE_SIZE: u64 = 65537;
 /// The largest ring and table Envoy accepts (`minimum_ring_size`, Maglev's
-/// `table_size`): a DestinationRule cannot make the waypoint build a table of
+/// `table_size`): a `DestinationRule` cannot make the waypoint build a table of
 /// gigabytes on its request path.
 pub const MAX_RING_SIZE: u64 = 8_388_608;
 pub const MAX_MAGLEV_TABLE_SIZE: u64 = 5_000_011;

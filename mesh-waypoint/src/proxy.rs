@@ -1368,13 +1368,12 @@ impl Downstream {
         // request) until its response body ends, as in Envoy: a stream or a long
         // download is in flight while its body flows, not only until its head.
         // Its end may free an HTTP/1.1 connection that requests wait for.
-        let held = (request_slot, active, destination.health.breaker.clone());
+        let breaker = destination.health.breaker.clone();
         let body = Counted {
             inner: body.map_err(BoxError::from).boxed(),
             bytes: Arc::default(),
             grpc_status: None,
             done: Some(Box::new(move |_, _| {
-                let (request_slot, active, breaker) = held;
                 drop((request_slot, active));
                 breaker.notify_freed();
             })),
