@@ -38,6 +38,8 @@ pub struct Destination {
     pub key: Key,
     pub policy: Resolved,
     pub endpoints: Vec<Target>,
+    /// The endpoints' keys (address) for outlier state, in `endpoints`' order.
+    keys: Vec<String>,
     balancer: Balancer,
     /// Priorities and locality weights seen from the waypoint (`None`: no effect).
     locality: Option<LocalityPlan>,
@@ -97,20 +99,24 @@ impl Destination {
         {
             let mut outliers = health.outliers.lock().expect("lock");
             match (&policy.outlier, outliers.as_mut()) {
-                (Some(config), Some((state, _))) if state.config() == config => state.set_endpoints(keys),
-                (Some(config), _) => *outliers = Some((Outliers::new(*config, keys), Instant::now())),
+                (Some(config), Some((state, _))) if state.config() == config => state.set_endpoints(keys.clone()),
+                (Some(config), _) => *outliers = Some((Outliers::new(*config, keys.clone()), Instant::now())),
                 (None, _) => *outliers = None,
             }
         }
         let active = endpoints.iter().map(|_| AtomicU32::new(0)).collect();
-        Lookup::Found(Arc::new(Self { key: key.clone(), policy, endpoints, balancer, locality, active, health }))
+        Lookup::Found(Arc::new(Self { key: key.clone(), policy, endpoints, keys, balancer, locality, active, health }))
     }
 
     /// An endpoint for one try, avoiding `tried` when others are eligible.
     pub fn pick(&self, hash: Option<u64>, roll: u64, tried: &[usize]) -> Option<usize> {
         let now = Instant::now();
         let outliers = self.sweep(now);
-        let eligible_now = |i: usize| outliers.as_ref().is_none_or(|(o, _)| o.eligible(i, now));
+        let eligible_now = |i: usize| {
+            outliers
+                .as_ref()
+                .is_none_or(|(o, _)| self.keys.get(i).and_then(|k| o.position(i, k)).is_none_or(|j| o.eligible(j, now)))
+        };
         let active = |i: usize| self.active.get(i).map_or(0, |a| a.load(Ordering::Relaxed));
         // Locality first: the priority (and locality) this pick may use; the request's
         // hash keeps a key in its priority, else a roll independent of the balancer's.
@@ -152,7 +158,8 @@ impl Destination {
     pub fn record(&self, i: usize, result: CallResult) {
         let mut outliers = self.health.outliers.lock().expect("lock");
         if let Some((state, _)) = outliers.as_mut()
-            && let Some(ejection) = state.record(i, result, Instant::now())
+            && let Some(j) = self.keys.get(i).and_then(|k| state.position(i, k))
+            && let Some(ejection) = state.record(j, result, Instant::now())
         {
             info!(destination = ?self.key, endpoint = ?self.endpoints.get(i).map(|t| t.addr), reason = ?ejection.reason, times = ejection.times, "endpoint ejected");
         }

@@ -96,6 +96,15 @@ impl<K: Eq + Hash + Clone> Outliers<K> {
         self.keys = keys;
     }
 
+    /// Where endpoint `endpoint` of a list made with `key` at that place is now: the
+    /// same index unless the endpoints changed since ([`Outliers::set_endpoints`]),
+    /// then its key's new place; `None` once it is gone. A request routed by an older
+    /// list reports its result for the endpoint it used, not for whichever now sits
+    /// at its index.
+    pub fn position(&self, endpoint: usize, key: &K) -> Option<usize> {
+        if self.keys.get(endpoint) == Some(key) { Some(endpoint) } else { self.keys.iter().position(|k| k == key) }
+    }
+
     pub fn len(&self) -> usize {
         self.hosts.len()
     }

@@ -203,6 +203,10 @@ fn state_follows_endpoints_across_list_changes() {
     assert!(o.is_ejected(2, t0), "b kept its ejection at its new index");
     assert!(!o.is_ejected(1, t0), "d is new");
     assert!(o.record(0, status(500), t0).is_some(), "c kept its one error");
+    // A request routed by the old list (c at 2) finds c where it is now.
+    assert_eq!(o.position(2, &"c"), Some(0));
+    assert_eq!(o.position(2, &"b"), Some(2));
+    assert_eq!(o.position(0, &"a"), None, "a is gone");
     o.set_endpoints(vec!["d"]);
     assert_eq!(o.ejected_count(), 0, "gone endpoints are forgotten");
 }
