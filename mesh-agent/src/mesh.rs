@@ -142,11 +142,23 @@ impl Mesh {
     ) -> relay::Recheck {
         let (mesh, pod) = (self.clone(), pod.clone());
         let check = move || {
-            mesh.authorize(&pod, identity.as_deref(), source_ip, target).inspect_err(|reason| {
+            let plaintext = || {
+                let (strict, policy) = mesh.plaintext_refused(&pod, target.port());
+                if strict {
+                    let policy = policy.as_deref().unwrap_or("(mesh default)").to_owned();
+                    return Err(format!("plaintext refused: PeerAuthentication {policy} is STRICT"));
+                }
+                Ok(())
+            };
+            // A plaintext connection (no identity) is held to STRICT as a new one is.
+            let verdict = if identity.is_none() { plaintext() } else { Ok(()) };
+            verdict.and_then(|()| mesh.authorize(&pod, identity.as_deref(), source_ip, target)).inspect_err(|reason| {
                 info!(pod = %pod.spec.name, %target, reason, "closing a live connection the new policy denies");
             })
         };
-        relay::Recheck { changes: self.control.subscribe(), check: Box::new(check) }
+        // Each applied view gives a new index, built after the view: the check sees the
+        // new policies with the new labels.
+        relay::Recheck { changes: self.subscribe_index(), check: Box::new(check) }
     }
 
     /// Whether plaintext to `pod` on `port` is refused (`PeerAuthentication` STRICT),

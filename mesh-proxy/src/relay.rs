@@ -20,7 +20,6 @@ use tokio::{
 };
 
 use crate::{
-    control::ConfigState,
     metrics::{Metrics, TcpLabels},
     telemetry::Outcome,
 };
@@ -141,7 +140,8 @@ impl<S: Side> Side for Counted<S> {
 /// What re-checks a connection's authorization when the configuration changes: a
 /// denial closes it. `check` returns the reason of a denial.
 pub struct Recheck {
-    pub changes: watch::Receiver<Arc<ConfigState>>,
+    /// Every new workload index (built once per applied configuration).
+    pub changes: watch::Receiver<Arc<crate::workloads::Index>>,
     pub check: Box<dyn Fn() -> Result<(), String> + Send + Sync>,
 }
 

@@ -645,12 +645,20 @@ fn secure_tunnel_identity_policies_strict_and_telemetry() {
             lab.agent_log(2).lines().any(|l| l.contains("inbound_plaintext") && l.contains("completed"))
         })
         .unwrap_or_else(|_| panic!("no plaintext access log on node2: {}", lab.agent_log(2)));
+        // A live plaintext connection is held to STRICT as a new one is.
+        let args =
+            [hold.display().to_string(), "hold".into(), "--addr".into(), target, "--seconds".into(), "60".into()];
+        lab.spawn_in("n1-p3", "hold-plain", &args.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+        wait_for(Duration::from_secs(5), || lab.log_of("hold-plain").lines().count() > 2)
+            .unwrap_or_else(|_| panic!("plaintext hold: {}", lab.log_of("hold-plain")));
         write_policy(
             lab,
             "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: strict\n  namespace: shop\nspec:\n  mtls:\n    mode: STRICT\n",
         );
         let (code, out) = try_curl(lab, "n1-p3", &url(&lab.pod("n2-p1").ip4));
         assert_ne!(code, 0, "STRICT accepted plaintext: {out}");
+        wait_for(Duration::from_secs(5), || lab.log_of("hold-plain").contains("closed after"))
+            .unwrap_or_else(|_| panic!("live plaintext connection open under STRICT: {}", lab.log_of("hold-plain")));
         wait_reachable(lab, "n1-p1", "n2-p1");
         // Refused by the kernel at the SYN (see the hardening tests).
         assert!(stat(lab, 2, "kernel", "inbound_strict_refused") >= 1);
