@@ -445,35 +445,28 @@ fn waypoint_websocket_and_grpc() {
             String::from_utf8_lossy(&out.stderr),
             lab.log_of("waypoint")
         );
+        // A grpcio client script from n2-p1 prints `expected`; each status in
+        // `counted` is in the waypoint's request metrics.
+        let grpc = |script: &str, expected: &str, counted: &[&str]| {
+            let out = lab.exec("n2-p1", &["python3", "-c", script]).unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout),
+                expected,
+                "{}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                lab.log_of("waypoint")
+            );
+            for status in counted {
+                let labels = [("request_protocol", "grpc"), ("grpc_response_status", *status)];
+                assert!(metric(lab, "istio_requests_total", &labels) >= 1.0, "grpc-status {status} not counted");
+            }
+        };
         // gRPC: unary, a status in trailers, and a server stream.
-        let out = lab.exec("n2-p1", &["python3", "-c", GRPC_CLIENT]).unwrap();
-        assert_eq!(
-            String::from_utf8_lossy(&out.stdout),
-            "check SERVING\nunknown NOT_FOUND\nwatch SERVING\n",
-            "{}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            lab.log_of("waypoint")
-        );
-        assert!(
-            metric(lab, "istio_requests_total", &[("request_protocol", "grpc"), ("grpc_response_status", "5")]) >= 1.0
-        );
-        assert!(
-            metric(lab, "istio_requests_total", &[("request_protocol", "grpc"), ("grpc_response_status", "0")]) >= 1.0
-        );
+        grpc(GRPC_CLIENT, "check SERVING\nunknown NOT_FOUND\nwatch SERVING\n", &["5", "0"]);
         // The waypoint's own answers to gRPC requests are gRPC errors, as Envoy's are:
         // a denied call is PERMISSION_DENIED with the reason as its message.
         apply(lab, "grpc-deny.yaml", GRPC_DENY);
-        let out = lab.exec("n2-p1", &["python3", "-c", GRPC_DENIED_CLIENT]).unwrap();
-        assert_eq!(
-            String::from_utf8_lossy(&out.stdout),
-            "PERMISSION_DENIED RBAC: access denied\n",
-            "{}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            lab.log_of("waypoint")
-        );
-        assert!(
-            metric(lab, "istio_requests_total", &[("request_protocol", "grpc"), ("grpc_response_status", "7")]) >= 1.0
-        );
+        grpc(GRPC_DENIED_CLIENT, "PERMISSION_DENIED RBAC: access denied\n", &["7"]);
     });
 }
 
