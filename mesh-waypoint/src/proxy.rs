@@ -567,6 +567,36 @@ fn grpc_reply(status: StatusCode, text: &[u8]) -> Response<Body> {
     response
 }
 
+/// A response body that ends in an error at `deadline` if it has not ended before.
+struct Deadline {
+    inner: Body,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl http_body::Body for Deadline {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        match this.deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err("upstream request timeout: the route's timeout passed".into()))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Called once at a body's end with its byte count and `grpc-status`.
 type Done = Box<dyn FnOnce(u64, Option<String>) + Send + Sync>;
 
@@ -1346,8 +1376,9 @@ impl Downstream {
                 tokio::time::sleep(retry.backoff(attempt, roll_f64())).await;
             }
         };
-        let (sent, active) = match route.timeout {
-            Some(limit) => tokio::time::timeout(limit, attempts)
+        let deadline = route.timeout.map(|limit| tokio::time::Instant::now() + limit);
+        let (sent, active) = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, attempts)
                 .await
                 .map_err(|_| Reply::new(StatusCode::GATEWAY_TIMEOUT, "UT", "upstream request timeout\n"))??,
             None => attempts.await?,
@@ -1369,8 +1400,15 @@ impl Downstream {
         // download is in flight while its body flows, not only until its head.
         // Its end may free an HTTP/1.1 connection that requests wait for.
         let breaker = destination.health.breaker.clone();
+        let mut body = body.map_err(BoxError::from).boxed();
+        if let Some(deadline) = deadline {
+            // The route's timeout covers the whole response, as Envoy's does: a body
+            // still flowing at the deadline is cut (the stream reset, the HTTP/1.1
+            // connection closed).
+            body = Deadline { inner: body, deadline: Box::pin(tokio::time::sleep_until(deadline)) }.boxed();
+        }
         let body = Counted {
-            inner: body.map_err(BoxError::from).boxed(),
+            inner: body,
             bytes: Arc::default(),
             grpc_status: None,
             done: Some(Box::new(move |_, _| {

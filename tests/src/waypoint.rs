@@ -119,6 +119,9 @@ spec:
   - match: [{uri: {prefix: /delay/3}}]
     timeout: 1s
     route: [{destination: {host: httpbin}}]
+  - match: [{uri: {prefix: /drip}, headers: {x-timeout: {exact: '1'}}}]
+    timeout: 1s
+    route: [{destination: {host: httpbin}}]
   - match: [{uri: {prefix: /status/503}}]
     retries: {attempts: 3, retryOn: 5xx}
     route: [{destination: {host: httpbin}}]

@@ -213,6 +213,26 @@ fn waypoint_canary_retries_faults_timeouts_breaker_and_ejection() {
         // Request timeout: 504 UT.
         let out = bodies(lab, "n1-p1", &format!("{HTTPBIN_URL}/delay/3"), 1, "-o /dev/null");
         assert_eq!(out.iter().map(|l| l.trim()).collect::<Vec<_>>(), ["504"], "{out:?}");
+        // It spans the whole response: a body still dripping at 1 s is cut there
+        // (curl: 18, transfer closed with outstanding read data).
+        let started = std::time::Instant::now();
+        let out = lab
+            .exec(
+                "n1-p1",
+                &[
+                    "curl",
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-H",
+                    "x-timeout: 1",
+                    &format!("{HTTPBIN_URL}/drip?duration=4&numbytes=4&delay=0"),
+                ],
+            )
+            .unwrap();
+        let took = started.elapsed();
+        assert_eq!(out.status.code(), Some(18), "a dripping body outlived the route timeout ({took:?})");
+        assert!(took < Duration::from_secs(3), "cut after {took:?}");
         // Faults at their percentage, and a delay.
         let faults = bodies(lab, "n1-p1", &format!("{HTTPBIN_URL}/fault"), 200, "-o /dev/null");
         let aborted = faults.iter().filter(|l| l.trim() == "418").count();
