@@ -216,20 +216,8 @@ fn waypoint_canary_retries_faults_timeouts_breaker_and_ejection() {
         // It spans the whole response: a body still dripping at 1 s is cut there
         // (curl: 18, transfer closed with outstanding read data).
         let started = std::time::Instant::now();
-        let out = lab
-            .exec(
-                "n1-p1",
-                &[
-                    "curl",
-                    "-s",
-                    "-o",
-                    "/dev/null",
-                    "-H",
-                    "x-timeout: 1",
-                    &format!("{HTTPBIN_URL}/drip?duration=4&numbytes=4&delay=0"),
-                ],
-            )
-            .unwrap();
+        let drip = format!("curl -s -o /dev/null -H 'x-timeout: 1' '{HTTPBIN_URL}/drip?duration=4&numbytes=4&delay=0'");
+        let out = lab.exec("n1-p1", &["sh", "-c", &drip]).unwrap();
         let took = started.elapsed();
         assert_eq!(out.status.code(), Some(18), "a dripping body outlived the route timeout ({took:?})");
         assert!(took < Duration::from_secs(3), "cut after {took:?}");
