@@ -104,12 +104,7 @@ impl Shared {
             let reason = "no view from the controller yet".to_owned();
             return refused(&mut record, |c| &c.no_view, Outcome::NoView, flags::NO_ROUTE, reason);
         }
-        let (strict, policy) = self.mesh.plaintext_refused(&self.pod, target.port());
-        if strict {
-            let reason = format!(
-                "plaintext refused: PeerAuthentication {} is STRICT",
-                policy.as_deref().unwrap_or("(mesh default)")
-            );
+        if let Err(reason) = self.mesh.plaintext_allowed(&self.pod, target.port()) {
             info!(pod = %self.pod.spec.name, %peer, %target, reason, "inbound connection refused");
             let counter: Counter = |c| &c.plaintext_refused;
             return refused(&mut record, counter, Outcome::PlaintextRefused, flags::PLAINTEXT_REFUSED, reason);

@@ -142,16 +142,8 @@ impl Mesh {
     ) -> relay::Recheck {
         let (mesh, pod) = (self.clone(), pod.clone());
         let check = move || {
-            let plaintext = || {
-                let (strict, policy) = mesh.plaintext_refused(&pod, target.port());
-                if strict {
-                    let policy = policy.as_deref().unwrap_or("(mesh default)").to_owned();
-                    return Err(format!("plaintext refused: PeerAuthentication {policy} is STRICT"));
-                }
-                Ok(())
-            };
             // A plaintext connection (no identity) is held to STRICT as a new one is.
-            let verdict = if identity.is_none() { plaintext() } else { Ok(()) };
+            let verdict = if identity.is_none() { mesh.plaintext_allowed(&pod, target.port()) } else { Ok(()) };
             verdict.and_then(|()| mesh.authorize(&pod, identity.as_deref(), source_ip, target)).inspect_err(|reason| {
                 info!(pod = %pod.spec.name, %target, reason, "closing a live connection the new policy denies");
             })
@@ -161,11 +153,17 @@ impl Mesh {
         relay::Recheck { changes: self.subscribe_index(), check: Box::new(check) }
     }
 
-    /// Whether plaintext to `pod` on `port` is refused (`PeerAuthentication` STRICT),
-    /// with the policy that decided.
-    pub fn plaintext_refused(&self, pod: &Pod, port: u16) -> (bool, Option<String>) {
+    /// `Err` with the reason when plaintext to `pod` on `port` is refused
+    /// (`PeerAuthentication` STRICT), naming the policy that decided.
+    pub fn plaintext_allowed(&self, pod: &Pod, port: u16) -> Result<(), String> {
         let effective = self.with_workload(pod, |config, workload| policy::mtls_mode(config, workload, port));
-        (effective.mode == MtlsMode::Strict, effective.policy)
+        if effective.mode != MtlsMode::Strict {
+            return Ok(());
+        }
+        Err(format!(
+            "plaintext refused: PeerAuthentication {} is STRICT",
+            effective.policy.as_deref().unwrap_or("(mesh default)")
+        ))
     }
 
     /// `PeerAuthentication` STRICT of `pod` as the kernel applies it (see

@@ -429,9 +429,6 @@ pub enum RestoreError {
     AlreadyLive,
 }
 
-/// Reconnect waits: doubling from 200 ms to 10 s, each with +-50 % jitter so that the
-/// agents of a cluster do not reconnect in lock-step after a controller restart.
-#[derive(Debug)]
 /// The configuration stream's newline-delimited messages, from the chunks it arrives
 /// in. A snapshot is one line of many chunks: each byte is scanned for the newline
 /// once, not once per chunk that arrives before the line ends.
@@ -466,6 +463,9 @@ impl Lines {
     }
 }
 
+/// Reconnect waits: doubling from 200 ms to 10 s, each with +-50 % jitter so that the
+/// agents of a cluster do not reconnect in lock-step after a controller restart.
+#[derive(Debug)]
 struct Backoff {
     next: Duration,
 }

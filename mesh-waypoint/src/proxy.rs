@@ -202,6 +202,11 @@ pub async fn serve(
     }
 }
 
+/// The Service `service` as the authorization policies bound to it name it.
+fn policy_target(service: &ServicePort) -> policy::Target<'_> {
+    policy::Target { kind: policy::TargetKind::Service, namespace: &service.namespace, name: &service.name }
+}
+
 /// Whether the first bytes of a connection are an HTTP/1 request line or the
 /// HTTP/2 connection preface.
 fn looks_like_http(first: &[u8]) -> bool {
@@ -265,8 +270,7 @@ async fn relay(
     // The policies bound to the Service or the waypoint, with HTTP attributes unknown
     // as at L4: an ALLOW rule that needs them does not match, a DENY rule that needs
     // them matches.
-    let target =
-        policy::Target { kind: policy::TargetKind::Service, namespace: &service.namespace, name: &service.name };
+    let target = policy_target(&service);
     let attrs = policy::Attributes {
         source_identity: Some(&caller.identity),
         source_ip: caller.addr.ip(),
@@ -549,6 +553,12 @@ fn grpc_reply(status: StatusCode, text: &[u8]) -> Response<Body> {
         429 | 502..=504 => 14,
         _ => 2,
     };
+    grpc_trailers_only(code, text)
+}
+
+/// A trailers-only gRPC answer (HTTP 200, no body) with `grpc-status` `code` and
+/// `text` as `grpc-message`, percent-encoded as gRPC requires.
+fn grpc_trailers_only(code: u32, text: &[u8]) -> Response<Body> {
     let mut message = String::new();
     for &b in text.trim_ascii() {
         if (0x20..0x7f).contains(&b) && b != b'%' {
@@ -881,8 +891,7 @@ impl Downstream {
                     .because(format!("JWT: {}", denied.body())));
             }
         };
-        let target =
-            policy::Target { kind: policy::TargetKind::Service, namespace: &service.namespace, name: &service.name };
+        let target = policy_target(service);
         // `remote.ip`, from `X-Forwarded-For` as received (before ext_authz edits).
         let remote_ip = forwarded::remote_ip(request.headers(), tables.trusted_proxies, self.caller.addr.ip());
         let path_and_query = request.uri().path_and_query().map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
@@ -1107,11 +1116,7 @@ impl Downstream {
                 }
                 Some(Abort::Grpc(code)) => {
                     log.flags = "FI";
-                    let mut response = Response::new(full(Bytes::new()));
-                    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-                    response.headers_mut().insert("grpc-status", HeaderValue::from(code));
-                    response.headers_mut().insert("grpc-message", HeaderValue::from_static("fault filter abort"));
-                    return Ok(response);
+                    return Ok(grpc_trailers_only(code, b"fault filter abort"));
                 }
                 None => {}
             }
