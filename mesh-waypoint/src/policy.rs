@@ -173,8 +173,9 @@ pub const MAX_MAGLEV_TABLE_SIZE: u64 = 5_000_011;
 pub struct Limits {
     /// `tcp.maxConnections`: connections to all endpoints of the destination.
     pub max_connections: u32,
-    /// `tcp.connectTimeout` (Istio's mesh default 10 s).
-    pub connect_timeout: Duration,
+    /// `tcp.connectTimeout`; unset, the waypoint's own (`--connect-timeout-ms`, Istio's
+    /// mesh default 10 s).
+    pub connect_timeout: Option<Duration>,
     /// `tcp.maxConnectionDuration` (unset: none).
     pub max_connection_duration: Option<Duration>,
     /// `http.http1MaxPendingRequests`: requests waiting for a connection.
@@ -193,7 +194,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_connections: u32::MAX,
-            connect_timeout: Duration::from_secs(10),
+            connect_timeout: None,
             max_connection_duration: None,
             max_pending_requests: u32::MAX,
             max_requests: u32::MAX,
@@ -659,8 +660,11 @@ fn limits(pool: Option<&ConnectionPoolSettings>, note: &mut Note<'_>) -> Limits 
     let Some(pool) = pool else { return out };
     if let Some(tcp) = &pool.tcp {
         out.max_connections = count(tcp.max_connections, out.max_connections);
-        out.connect_timeout =
-            duration(tcp.connect_timeout.as_ref(), out.connect_timeout, "connectionPool.tcp.connectTimeout", note);
+        out.connect_timeout = tcp
+            .connect_timeout
+            .as_ref()
+            .map(|d| duration(Some(d), Duration::ZERO, "connectionPool.tcp.connectTimeout", note))
+            .filter(|d| !d.is_zero());
         out.max_connection_duration = tcp
             .max_connection_duration
             .as_ref()

@@ -46,7 +46,7 @@ use mesh_waypoint::{
     forwarded, jwt,
     normalize::Normalized,
     outlier::CallResult,
-    policy::{LbPolicy, Limits},
+    policy::LbPolicy,
     ratelimit,
     retry::Outcome,
     route::{Abort, Action, Mirror, RequestParts, TcpRequest},
@@ -1273,16 +1273,12 @@ impl Downstream {
         let limits = destination.policy.limits;
         let limited = PoolLimits { breaker: &destination.health.breaker, limits: &limits };
         let mut dial = dial;
-        if limits.connect_timeout != Limits::default().connect_timeout {
+        if let Some(timeout) = limits.connect_timeout {
             // The DestinationRule's `tcp.connectTimeout`; else the waypoint's default.
-            dial.connect_timeout = limits.connect_timeout;
+            dial.connect_timeout = timeout;
         }
         let Some(request_slot) = destination.health.breaker.try_request(&limits) else {
-            return Err(Reply::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "UO",
-                "upstream connect error or disconnect/reset before headers. reset reason: overflow\n",
-            ));
+            return Err(Reply::new(StatusCode::SERVICE_UNAVAILABLE, "UO", OVERFLOW_REPLY));
         };
         let attempts = async {
             let mut tried: Vec<usize> = Vec::new();
@@ -1325,20 +1321,23 @@ impl Downstream {
                     Ok(Err(error)) => Outcome {
                         connect_failure: error.connect_failure(),
                         refused_stream: error.refused_stream(),
-                        reset: !error.connect_failure() && !error.refused_stream(),
+                        overflow: error.overflow(),
+                        reset: !error.connect_failure() && !error.refused_stream() && !error.overflow(),
                         ..Outcome::default()
                     },
                     Err(()) => Outcome { per_try_timeout: true, ..Outcome::default() },
                 };
                 let status = outcome.status;
-                destination.record(
-                    i,
-                    CallResult {
-                        status,
-                        gateway_error: status.is_none_or(|s| matches!(s, 502..=504)),
-                        local_origin_failure: status.is_none(),
-                    },
-                );
+                if !outcome.overflow {
+                    destination.record(
+                        i,
+                        CallResult {
+                            status,
+                            gateway_error: status.is_none_or(|s| matches!(s, 502..=504)),
+                            local_origin_failure: status.is_none(),
+                        },
+                    );
+                }
                 let wanted = retry.should_retry(attempt, &outcome);
                 let again = wanted && body.can_replay() && {
                     // Retries in flight to the destination are bounded too (`maxRetries`).
@@ -1433,7 +1432,7 @@ impl Downstream {
         request: Request<Body>,
         downstream: hyper::upgrade::OnUpgrade,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let mut sender = self.waypoint.upstreams().open_h1(target, &dial.dial(), true, None).await?;
+        let (mut sender, _) = self.waypoint.upstreams().open_h1(target, &dial.dial(), true, None).await?;
         let mut response = sender.send_request(request).await.map_err(UpstreamError::Reset)?;
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             let upstream = hyper::upgrade::on(&mut response);
@@ -1527,10 +1526,15 @@ fn wants_h2(service: &ServicePort) -> bool {
     matches!(name.split(['-', '_']).next(), Some("http2" | "grpc")) || name == "kubernetes.io/h2c"
 }
 
+/// Envoy's body for a request its circuit breaker refused.
+const OVERFLOW_REPLY: &str = "upstream connect error or disconnect/reset before headers. reset reason: overflow\n";
+
 #[allow(clippy::needless_pass_by_value, reason = "a map_err function: it takes the error it is given")]
 fn upstream_reply(error: UpstreamError) -> Reply {
     let reason = mesh_proxy::telemetry::error_chain(&error);
-    let body = if error.connect_failure() {
+    let body = if error.overflow() {
+        OVERFLOW_REPLY
+    } else if error.connect_failure() {
         "upstream connect error or disconnect/reset before headers. reset reason: connection failure\n"
     } else {
         "upstream connect error or disconnect/reset before headers. reset reason: connection termination\n"

@@ -120,6 +120,10 @@ impl RetryOn {
 
     /// Whether `outcome` is one of these conditions (the attempt budget aside).
     pub fn matches(&self, outcome: &Outcome) -> bool {
+        if outcome.overflow {
+            // Envoy never retries a try its own circuit breaker refused.
+            return false;
+        }
         let no_response = outcome.reset || outcome.connect_failure || outcome.refused_stream || outcome.per_try_timeout;
         if no_response {
             // Envoy counts a try without a response as a 5xx / gateway error (it turns
@@ -176,6 +180,8 @@ pub struct Outcome {
     pub refused_stream: bool,
     /// The per-try timeout fired before response headers.
     pub per_try_timeout: bool,
+    /// The destination's `connectionPool` had no room (`UO`): the try never left.
+    pub overflow: bool,
     /// The response carries `x-envoy-ratelimited`.
     pub envoy_ratelimited: bool,
 }
@@ -324,6 +330,17 @@ mod tests {
         assert!(!p.should_retry(1, &status(200)));
         assert!(p.retry_ignore_previous_hosts);
         assert!(!p.should_retry(0, &status(503)), "nothing to retry before a try");
+    }
+
+    /// A try the destination's circuit breaker refused (`UO`) is retried under no
+    /// condition, as in Envoy: retrying would only add load where there is no room.
+    #[test]
+    fn an_overflow_is_never_retried() {
+        let overflow = Outcome { overflow: true, ..Outcome::default() };
+        for on in ["5xx", "gateway-error", "reset", "connect-failure", "refused-stream", "503", "retriable-4xx"] {
+            assert!(!policy(on).should_retry(1, &overflow), "{on}");
+        }
+        assert!(!RetryPolicy::istio_default().should_retry(1, &overflow));
     }
 
     #[test]

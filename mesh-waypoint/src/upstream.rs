@@ -8,10 +8,10 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -108,9 +108,18 @@ impl UpstreamError {
         }
     }
 
-    /// Whether the request never reached the upstream (safe to retry anywhere).
+    /// Whether the connection to the upstream could not be opened (the request never
+    /// reached it: safe to retry anywhere).
     pub fn connect_failure(&self) -> bool {
-        !matches!(self, Self::Reset(_))
+        !matches!(self, Self::Reset(_) | Self::Overflow { .. })
+    }
+
+    /// Whether the destination's `connectionPool` had no room for the request (`UO`).
+    /// Nothing went wrong with the endpoint: as in Envoy, such a try is neither retried
+    /// nor counted by outlier detection (a breaker that trips must not also eject
+    /// healthy endpoints).
+    pub fn overflow(&self) -> bool {
+        matches!(self, Self::Overflow { .. })
     }
 
     /// Whether an HTTP/2 upstream refused the stream (`RST_STREAM` with
@@ -189,6 +198,102 @@ pub struct PoolLimits<'a> {
 struct Pooled<S> {
     sender: S,
     requests: u32,
+    /// When its bytes last moved.
+    activity: Arc<Activity>,
+    opened: Instant,
+    /// The `connectionPool` of the destination that opened it (for sweeps; a request
+    /// judges a connection by its own destination's, so a changed rule applies).
+    limits: Limits,
+}
+
+impl<S> Pooled<S> {
+    fn new(sender: S, activity: Arc<Activity>, limits: &Limits) -> Self {
+        Self { sender, requests: 0, activity, opened: Instant::now(), limits: *limits }
+    }
+
+    /// Whether the connection may take no new request: idle for `idleTimeout`, or open
+    /// for `maxConnectionDuration`. Envoy closes such a connection; here the pool lets
+    /// go of it, and it closes once its requests are done. Reusing a connection the
+    /// endpoint is about to close as idle is how requests die with `UC` (a server's
+    /// keep-alive timeout shorter than the proxy's is the classic case), and setting
+    /// `idleTimeout` below the server's is Istio's remedy.
+    fn expired(&self, now: Instant, limits: &Limits) -> bool {
+        self.activity.idle(now) >= limits.idle_timeout
+            || limits.max_connection_duration.is_some_and(|max| now.saturating_duration_since(self.opened) >= max)
+    }
+}
+
+/// When a connection's bytes last moved, for its idle timeout.
+pub struct Activity {
+    /// Nanoseconds after `epoch`.
+    last: AtomicU64,
+    epoch: Instant,
+}
+
+impl Activity {
+    fn new() -> Arc<Self> {
+        Arc::new(Self { last: AtomicU64::new(0), epoch: Instant::now() })
+    }
+
+    fn touch(&self) {
+        let nanos = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last.store(nanos, Ordering::Relaxed);
+    }
+
+    fn idle(&self, now: Instant) -> Duration {
+        let last = self.epoch + Duration::from_nanos(self.last.load(Ordering::Relaxed));
+        now.saturating_duration_since(last)
+    }
+}
+
+/// A connection whose reads and writes stamp its [`Activity`].
+struct Stamped<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Stamped<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if result.is_ready() {
+            self.activity.touch();
+        }
+        result
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Stamped<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write(cx, data);
+        if result.is_ready() {
+            self.activity.touch();
+        }
+        result
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if result.is_ready() {
+            self.activity.touch();
+        }
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// One of an endpoint's open connections, counted until dropped.
@@ -216,11 +321,50 @@ pub struct Upstreams {
     tunnels: Pool,
     http1: Mutex<HashMap<SocketAddr, Http1Endpoint>>,
     http2: Mutex<HashMap<SocketAddr, Pooled<http2::SendRequest<Body>>>>,
+    /// When the whole pool was last swept (see [`Upstreams::sweep`]).
+    swept: Mutex<Instant>,
 }
+
+/// How often a request also sweeps the pool's other endpoints.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 impl Upstreams {
     pub fn new(connect_timeout: Duration) -> Self {
-        Self { tunnels: Pool::new(connect_timeout), http1: Mutex::default(), http2: Mutex::default() }
+        Self {
+            tunnels: Pool::new(connect_timeout),
+            http1: Mutex::default(),
+            http2: Mutex::default(),
+            swept: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Lets go of the idle connections that expired at every endpoint, and forgets
+    /// endpoints left without connections (pods come and go; their entries must
+    /// not pile up). A request's own endpoint is checked when it takes a
+    /// connection; this runs at most once every [`SWEEP_EVERY`], from a request, so
+    /// an idle waypoint makes no wake-ups for it: its connections then end when
+    /// their endpoints close them, or at the next request.
+    fn sweep(&self, now: Instant) {
+        {
+            let mut swept = self.swept.lock().expect("lock");
+            if now.saturating_duration_since(*swept) < SWEEP_EVERY {
+                return;
+            }
+            *swept = now;
+        }
+        self.http1.lock().expect("lock").retain(|_, endpoint| {
+            endpoint.pooled.retain(|p| !p.sender.is_closed() && !(p.sender.is_ready() && p.expired(now, &p.limits)));
+            !endpoint.pooled.is_empty() || endpoint.open.load(Ordering::Acquire) > 0
+        });
+        self.http2.lock().expect("lock").retain(|_, p| !p.sender.is_closed() && !p.expired(now, &p.limits));
+    }
+
+    /// Pooled HTTP connections (HTTP/1.1, HTTP/2) and endpoints with an HTTP/1.1 entry.
+    #[cfg(test)]
+    fn pooled(&self) -> (usize, usize, usize) {
+        let http1 = self.http1.lock().expect("lock");
+        let h1 = http1.values().map(|e| e.pooled.len()).sum();
+        (h1, self.http2.lock().expect("lock").len(), http1.len())
     }
 
     /// Tunnel connections open now.
@@ -260,6 +404,7 @@ impl Upstreams {
         dial: &Dial<'_>,
         limited: &PoolLimits<'_>,
     ) -> Result<Response<Incoming>, UpstreamError> {
+        self.sweep(Instant::now());
         if h2 {
             self.send_h2(target, request, dial, limited).await
         } else {
@@ -278,10 +423,11 @@ impl Upstreams {
         limited: &PoolLimits<'_>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let max = limited.limits.max_requests_per_connection;
+        let now = Instant::now();
         let pooled = {
             let mut pool = self.http2.lock().expect("lock");
             match pool.get_mut(&target.addr) {
-                Some(pooled) if !pooled.sender.is_closed() => {
+                Some(pooled) if !pooled.sender.is_closed() && !pooled.expired(now, limited.limits) => {
                     pooled.requests += 1;
                     let sender = pooled.sender.clone();
                     if max.is_some_and(|max| pooled.requests >= max) {
@@ -297,7 +443,8 @@ impl Upstreams {
         } else {
             let slot =
                 limited.breaker.try_connection(limited.limits).unwrap_or_else(|| limited.breaker.force_connection());
-            let io = self.connect(target, dial).await?;
+            let activity = Activity::new();
+            let io = Stamped { inner: self.connect(target, dial).await?, activity: activity.clone() };
             let (sender, connection) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .initial_stream_window_size(1 << 20)
@@ -314,7 +461,9 @@ impl Upstreams {
                 }
             });
             if max.is_none_or(|max| max > 1) {
-                self.http2.lock().expect("lock").insert(target.addr, Pooled { sender: sender.clone(), requests: 1 });
+                // Replacing an expired entry lets its connection end with its streams.
+                let pooled = Pooled { requests: 1, ..Pooled::new(sender.clone(), activity, limited.limits) };
+                self.http2.lock().expect("lock").insert(target.addr, pooled);
             }
             sender
         };
@@ -339,10 +488,12 @@ impl Upstreams {
             let mut freed = std::pin::pin!(freed);
             freed.as_mut().enable();
             let (idle, open) = {
+                let now = Instant::now();
                 let mut pool = self.http1.lock().expect("lock");
                 let endpoint = pool.entry(target.addr).or_default();
                 let senders = &mut endpoint.pooled;
-                senders.retain(|p| !p.sender.is_closed());
+                // An expired connection is let go of once no request is on it.
+                senders.retain(|p| !p.sender.is_closed() && !(p.sender.is_ready() && p.expired(now, limited.limits)));
                 let idle = senders.iter().position(|p| p.sender.is_ready()).map(|i| senders.swap_remove(i));
                 (idle, endpoint.open.clone())
             };
@@ -358,7 +509,8 @@ impl Upstreams {
                 // take an endpoint's first connection over the limit.
                 open.fetch_add(1, Ordering::AcqRel);
                 let opened = OpenCount(open);
-                break Pooled { sender: self.open_h1(target, dial, false, Some((slot, opened))).await?, requests: 0 };
+                let (sender, activity) = self.open_h1(target, dial, false, Some((slot, opened))).await?;
+                break Pooled::new(sender, activity, limited.limits);
             }
             if pending.is_none() {
                 let overflow =
@@ -385,17 +537,18 @@ impl Upstreams {
         Ok(response)
     }
 
-    /// A new HTTP/1.1 connection; `upgrades` keeps it usable for `Upgrade` (WebSocket).
-    /// It holds `slot` (its place under `maxConnections`, its count among its
-    /// endpoint's connections) until it closes.
+    /// A new HTTP/1.1 connection and when its bytes last moved; `upgrades` keeps it
+    /// usable for `Upgrade` (WebSocket). It holds `slot` (its place under
+    /// `maxConnections`, its count among its endpoint's connections) until it closes.
     pub async fn open_h1(
         &self,
         target: &Target,
         dial: &Dial<'_>,
         upgrades: bool,
         slot: Option<(Guard, OpenCount)>,
-    ) -> Result<http1::SendRequest<Body>, UpstreamError> {
-        let io = self.connect(target, dial).await?;
+    ) -> Result<(http1::SendRequest<Body>, Arc<Activity>), UpstreamError> {
+        let activity = Activity::new();
+        let io = Stamped { inner: self.connect(target, dial).await?, activity: activity.clone() };
         let (sender, connection) = http1::Builder::new()
             .handshake(TokioIo::new(io))
             .await
@@ -408,15 +561,112 @@ impl Upstreams {
                 debug!(%addr, %error, "upstream HTTP/1.1 connection ended");
             }
         });
-        Ok(sender)
+        Ok((sender, activity))
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use http_body_util::Empty;
+    use http_body_util::{BodyExt, Empty};
 
     use super::*;
+
+    /// An HTTP/1.1 server on loopback: its address and how many connections it
+    /// accepted and saw end.
+    async fn counting_server() -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (accepted, ended) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (a, e) = (accepted.clone(), ended.clone());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                a.fetch_add(1, Ordering::SeqCst);
+                let e = e.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(|_| async {
+                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(Bytes::from("ok"))))
+                    });
+                    let _ =
+                        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service).await;
+                    e.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+        (addr, accepted, ended)
+    }
+
+    /// A pod outside the mesh at 127.0.0.1, reached in plain TCP.
+    fn loopback_target(addr: SocketAddr) -> Target {
+        let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: web-1, namespace: web}\n\
+                    spec: {nodeName: node1}\nstatus: {phase: Running, podIP: '127.0.0.1'}\n";
+        let config = mesh_common::config::load(&[mesh_common::config::Source::new("view.yaml", text.to_owned())])
+            .unwrap_or_else(|r| panic!("{r}"));
+        let index = mesh_proxy::workloads::Index::build(&config);
+        let workload = index.workload(addr.ip()).expect("the pod is in the view").clone();
+        assert!(!workload.meshed);
+        Target { workload, addr }
+    }
+
+    /// `idleTimeout` and `maxConnectionDuration` of `connectionPool`: a connection idle
+    /// or open longer takes no new request and is closed; within them it is reused;
+    /// and the pool forgets endpoints left without connections.
+    #[tokio::test]
+    async fn idle_and_old_connections_are_not_reused() {
+        let (addr, accepted, ended) = counting_server().await;
+        let target = loopback_target(addr);
+        let ca = mesh_proxy::identity::testing::Ca::new();
+        let dial = Dial {
+            cert: ca.cert("spiffe://cluster.local/ns/web/sa/waypoint"),
+            client: "10.0.0.1:40000".parse().unwrap(),
+            baggage: "",
+            connect_timeout: Duration::from_secs(2),
+        };
+        let upstreams = Upstreams::new(Duration::from_secs(2));
+        let breaker = Breaker::new();
+        let get = async |limits: &Limits| {
+            let request = Request::get("http://web/").body(Empty::new().map_err(BoxError::from).boxed()).unwrap();
+            let limited = PoolLimits { breaker: &breaker, limits };
+            let response = upstreams.send(&target, false, request, &dial, &limited).await.expect("a response");
+            assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), "ok");
+            // The connection turns ready for the next request once its task sees the end.
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        };
+        let connections = || accepted.load(Ordering::SeqCst);
+
+        let default = Limits::default();
+        for _ in 0..3 {
+            get(&default).await;
+        }
+        assert_eq!(connections(), 1, "kept alive and reused (idle timeout 1 h)");
+
+        let idle = Limits { idle_timeout: Duration::from_millis(300), ..Limits::default() };
+        get(&idle).await;
+        assert_eq!(connections(), 1, "idle for 30 ms: reused");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        get(&idle).await;
+        assert_eq!(connections(), 2, "idle for 400 ms: a new connection");
+
+        let old = Limits { max_connection_duration: Some(Duration::from_millis(300)), ..Limits::default() };
+        for _ in 0..12 {
+            get(&old).await;
+        }
+        assert!((3..=4).contains(&connections()), "12 requests 30 ms apart, 300 ms per connection: {}", connections());
+
+        // Past the sweep interval, a request to another endpoint lets go of this
+        // endpoint's expired connection: it closes, and the next sweep forgets the
+        // endpoint.
+        let (other, _, _) = counting_server().await;
+        let other = loopback_target(other);
+        for _ in 0..2 {
+            tokio::time::sleep(SWEEP_EVERY).await;
+            let request = Request::get("http://web/").body(Empty::new().map_err(BoxError::from).boxed()).unwrap();
+            let limited = PoolLimits { breaker: &breaker, limits: &default };
+            upstreams.send(&other, false, request, &dial, &limited).await.expect("a response");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert_eq!(ended.load(Ordering::SeqCst), connections(), "every connection to the first endpoint closed");
+        }
+        assert_eq!(upstreams.pooled(), (1, 0, 1), "only the other endpoint's connection is left");
+    }
 
     /// `refused-stream` retries need an upstream's `REFUSED_STREAM` told apart from any
     /// other reset: hyper reports both as an error whose source is h2's.
@@ -438,5 +688,16 @@ mod tests {
             assert_eq!(error.refused_stream(), refused, "{reason:?}: {error:?}");
             assert!(!error.connect_failure());
         }
+    }
+
+    #[test]
+    fn an_overflow_is_neither_a_connect_failure_nor_a_reset() {
+        let addr: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let overflow = UpstreamError::Overflow { addr, pending: 2 };
+        assert!(overflow.overflow() && !overflow.connect_failure() && !overflow.refused_stream());
+        assert_eq!(overflow.flag(), "UO");
+        let timeout = UpstreamError::ConnectTimeout { addr };
+        assert!(timeout.connect_failure() && !timeout.overflow());
+        assert_eq!(timeout.flag(), "UF");
     }
 }

@@ -32,7 +32,7 @@ fn no_rule_means_istio_defaults() {
     assert_eq!(r.lb, LbPolicy::LeastRequest, "Istio's default algorithm");
     assert_eq!(r.limits, Limits::default());
     assert_eq!(r.limits.max_connections, u32::MAX);
-    assert_eq!(r.limits.connect_timeout, Duration::from_secs(10));
+    assert_eq!(r.limits.connect_timeout, None, "the waypoint's own applies");
     assert_eq!(r.outlier, None);
     assert!(r.labels.is_empty());
 }
@@ -175,7 +175,7 @@ fn top_level_policy_typed() {
     let r = resolve(&c, REVIEWS, "shop");
     assert_eq!(r.lb, LbPolicy::RoundRobin);
     assert_eq!(r.limits.max_connections, 100);
-    assert_eq!(r.limits.connect_timeout, Duration::from_secs(2));
+    assert_eq!(r.limits.connect_timeout, Some(Duration::from_secs(2)));
     assert_eq!(r.limits.max_pending_requests, 10);
     assert_eq!(r.limits.max_requests, 50);
     assert_eq!(r.limits.max_retries, 4);

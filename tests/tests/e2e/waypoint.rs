@@ -301,11 +301,16 @@ fn waypoint_canary_retries_faults_timeouts_breaker_and_ejection() {
         // Connection pool: one connection to the destination (an endpoint without any
         // still gets one, per shard, as in Envoy's per-worker pools: here at most 4
         // endpoints x 2 shards) and one request waiting for a free one; the rest 503
-        // UO at once. Without the limits all 12 are served.
+        // UO at once. Without the limits all 12 are served. A refusal of the breaker
+        // is no failure of the endpoint: outlier detection, at one 5xx, ejects none.
         apply(lab, "httpbin-policy.yaml", HTTPBIN_POOL);
+        let ejections = || lab.log_of("waypoint").matches("endpoint ejected").count();
+        let ejected_before = ejections();
         let (ok, overflow, codes) = parallel("/delay/2");
         eprintln!("connection pool: {ok} ok, {overflow} overflow");
         assert!(overflow >= 1 && ok >= 1 && ok + overflow == 12, "{codes:?}\n{}", lab.log_of("waypoint"));
+        let _ = bodies(lab, "n2-p1", &format!("{HTTPBIN_URL}/get"), 2, "-o /dev/null");
+        assert_eq!(ejections(), ejected_before, "an overflow ejected an endpoint: {}", lab.log_of("waypoint"));
         // Flags in the metrics.
         for flag in ["UO", "FI", "UT", "URX"] {
             assert!(metric(lab, "istio_requests_total", &[("response_flags", flag)]) >= 1.0, "no {flag} in metrics");
@@ -313,7 +318,8 @@ fn waypoint_canary_retries_faults_timeouts_breaker_and_ejection() {
     });
 }
 
-/// httpbin's connection pool as Istio's circuit-breaking task sets it.
+/// httpbin's connection pool as Istio's circuit-breaking task sets it, and an
+/// outlier detection that ejects at the first 5xx.
 const HTTPBIN_POOL: &str = "\
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
@@ -324,6 +330,7 @@ spec:
     connectionPool:
       tcp: {maxConnections: 1}
       http: {http1MaxPendingRequests: 1, maxRequestsPerConnection: 1}
+    outlierDetection: {consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 30s}
 ";
 
 /// A root `VirtualService` for `echo` that hands `/api` to a delegate (v2 for
