@@ -119,7 +119,7 @@ impl Mesh {
             destination_ip: target.ip(),
             destination_port: target.port(),
         };
-        let verdict = self.with_workload(pod, |config, workload| policy::authorize(config, workload, &connection));
+        let verdict = self.with_workload(pod, |config, workload| policy::authorize(config, workload, &connection))?;
         match verdict {
             policy::Verdict::Allow { audited_by } => {
                 for audit in audited_by {
@@ -156,7 +156,7 @@ impl Mesh {
     /// `Err` with the reason when plaintext to `pod` on `port` is refused
     /// (`PeerAuthentication` STRICT), naming the policy that decided.
     pub fn plaintext_allowed(&self, pod: &Pod, port: u16) -> Result<(), String> {
-        let effective = self.with_workload(pod, |config, workload| policy::mtls_mode(config, workload, port));
+        let effective = self.with_workload(pod, |config, workload| policy::mtls_mode(config, workload, port))?;
         if effective.mode != MtlsMode::Strict {
             return Ok(());
         }
@@ -167,20 +167,33 @@ impl Mesh {
     }
 
     /// `PeerAuthentication` STRICT of `pod` as the kernel applies it (see
-    /// [`policy::strict_ports`]).
+    /// [`policy::strict_ports`]); every port STRICT for a pod the view does not know.
     pub fn strict_ports(&self, pod: &Pod) -> (bool, Vec<(u16, bool)>) {
-        self.with_workload(pod, policy::strict_ports)
+        self.with_workload(pod, policy::strict_ports).unwrap_or((true, Vec::new()))
     }
 
     /// Runs a policy evaluation for `pod` on the current config: the pod as policies
-    /// see it (its namespace and the labels the view gives it; none when the view
-    /// does not know it).
-    fn with_workload<T>(&self, pod: &Pod, evaluate: impl FnOnce(&Config, &policy::Workload) -> T) -> T {
+    /// see it (its namespace and the labels the view gives it). `Err` when a view is
+    /// applied and does not know the pod (enrolled before the controller saw its
+    /// address, or deleted from the config while it runs): without its labels, the
+    /// policies that select it cannot be told, and guessing "none" would let a
+    /// selector's DENY or STRICT miss it. Its inbound traffic is refused, as ztunnel
+    /// refuses traffic to a workload it does not know.
+    fn with_workload<T>(&self, pod: &Pod, evaluate: impl FnOnce(&Config, &policy::Workload) -> T) -> Result<T, String> {
         let state = self.control.current();
         let index = self.index();
         let no_labels = Labels::new();
-        let labels = index.workload_of(pod.ips()).map_or(&no_labels, |w| &w.labels);
-        evaluate(&state.config, &policy::Workload { namespace: &pod.spec.namespace, labels })
+        let labels = match index.workload_of(pod.ips()) {
+            Some(workload) => &workload.labels,
+            None if index.version > 0 => {
+                return Err(format!(
+                    "pod {}/{} is not in the view: the policies that select it cannot be told",
+                    pod.spec.namespace, pod.spec.name
+                ));
+            }
+            None => &no_labels,
+        };
+        Ok(evaluate(&state.config, &policy::Workload { namespace: &pod.spec.namespace, labels }))
     }
 
     /// A receiver that sees every new index (every applied view).

@@ -763,6 +763,29 @@ fn secure_tunnel_refuses_bad_input_and_wrong_identity() {
         assert!(stat(lab, 2, "agent", "inbound_tls_failed") >= 4);
         assert!(lab.node_http(2, 15021, "/healthz/ready").unwrap().contains("ready"));
 
+        // A pod the view does not know (its Pod object gone from the config while it
+        // stays enrolled): its labels, so the policies that select it, are unknown, and
+        // its agent refuses traffic to it, through the tunnel (401) and in plaintext
+        // (n1-p1's agent, which no longer knows it as meshed either, connects directly).
+        let lab_yaml = lab.config_dir().join("lab.yaml");
+        let full = std::fs::read_to_string(&lab_yaml).unwrap();
+        let without: Vec<&str> =
+            full.split("---\n").filter(|doc| !(doc.contains("kind: Pod\n") && doc.contains("name: n2-p1\n"))).collect();
+        assert_eq!(without.len() + 1, full.split("---\n").count(), "one Pod object removed");
+        let version = controller_version(lab);
+        std::fs::write(&lab_yaml, without.join("---\n")).unwrap();
+        wait_for(Duration::from_secs(10), || controller_version(lab) > version).expect("the config changed");
+        wait_agents_at(lab, controller_version(lab));
+        let probe_cert =
+            probe::issue(&lab.ca_dir(), "spiffe://cluster.local/ns/legacy/sa/probe", (2020, 1, 1), (2099, 1, 1))
+                .unwrap();
+        assert_eq!(run(Some(probe_cert), connect(&format!("{server}:8080"))), Outcome::Status(401));
+        let (code, out) = try_curl(lab, "n1-p1", &url(&server));
+        assert_ne!(code, 0, "plaintext to a pod the view does not know was delivered: {out}");
+        assert!(lab.agent_log(2).contains("is not in the view"), "{}", lab.agent_log(2));
+        std::fs::write(&lab_yaml, full).unwrap();
+        wait_reachable(lab, "n1-p1", "n2-p1");
+
         // A peer presenting another identity than the one the config gives the
         // destination is refused by the client: n2-p1 leaves the mesh (the config
         // still names it, as sa-n2-p1) and an impostor with a certificate of the
