@@ -5,6 +5,7 @@
 mod destination;
 mod ext_authz;
 mod inbound;
+mod keepalive;
 mod proxy;
 mod replay;
 mod requests;

@@ -58,6 +58,7 @@ use crate::{
     destination::Lookup,
     ext_authz::{self, CheckRequest, Decision},
     inbound::{Caller, Protocol, Tables, Telemetry, Waypoint, protocol_of},
+    keepalive,
     replay::{self, Recording},
     requests::{RequestLabels, RequestLog, Sample, TcpSeriesSet},
     tee,
@@ -143,8 +144,6 @@ fn roll_f64() -> f64 {
 
 /// Request headers larger than this get 431.
 const MAX_HEADERS: usize = 64 << 10;
-/// A client has this long to send a request's headers (no slowloris).
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the first bytes of a connection on a port of unknown protocol are
 /// awaited to tell HTTP from other protocols.
 const SNIFF_TIMEOUT: Duration = Duration::from_secs(1);
@@ -183,12 +182,23 @@ pub async fn serve(
         }
     }
     let downstream = Arc::new(Downstream { waypoint, target, caller });
+    // The header and idle timeouts are kept apart (see `keepalive`), not hyper's
+    // header timeout, which also closed idle keep-alive connections.
+    let clock = keepalive::Clock::new();
+    let io = TokioIo::new(keepalive::Timed::new(stream, clock.clone()));
     let service = service_fn(move |request| {
         let downstream = downstream.clone();
-        async move { Ok::<_, Infallible>(downstream.handle(request).await) }
+        let in_flight = clock.request();
+        async move {
+            let response = downstream.handle(request).await;
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                in_flight.upgraded();
+            }
+            Ok::<_, Infallible>(response.map(|inner| keepalive::Held { inner, _in_flight: in_flight }))
+        }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT).max_buf_size(MAX_HEADERS);
+    builder.http1().max_buf_size(MAX_HEADERS);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -197,7 +207,7 @@ pub async fn serve(
         .max_pending_accept_reset_streams(64)
         .max_local_error_reset_streams(Some(256))
         .keep_alive_interval(Duration::from_secs(30));
-    if let Err(error) = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).await {
+    if let Err(error) = builder.serve_connection_with_upgrades(io, service).await {
         debug!(%error, "downstream HTTP connection ended with an error");
     }
 }

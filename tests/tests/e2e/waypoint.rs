@@ -603,6 +603,36 @@ except OSError as e:
     print('closed after', round(time.monotonic() - start), 's')
 ";
 
+/// Two requests on one connection, 12 s apart. Prints both status lines.
+const KEEP_ALIVE: &str = "\
+import socket, time
+s = socket.create_connection(('10.96.0.20', 8000), timeout=30)
+def get():
+    s.sendall(b'GET /get HTTP/1.1\\r\\nHost: httpbin\\r\\n\\r\\n')
+    data = b''
+    while b'\\r\\n\\r\\n' not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            return 'closed'
+        data += chunk
+    head, _, body = data.partition(b'\\r\\n\\r\\n')
+    lines = head.split(b'\\r\\n')
+    length = int([l.split(b':')[1] for l in lines if l.lower().startswith(b'content-length')][0])
+    while len(body) < length:
+        chunk = s.recv(65536)
+        if not chunk:
+            return 'closed'
+        body += chunk
+    return lines[0].decode()
+first = get()
+time.sleep(12)
+try:
+    second = get()
+except OSError as e:
+    second = 'error ' + str(e)
+print(first, '|', second)
+";
+
 /// HTTP/2 rapid reset (CVE-2023-44487): 2000 streams opened and reset at once on one
 /// connection. Prints how the server ended the connection, and how many of its
 /// answers came back.
@@ -745,7 +775,14 @@ fn waypoint_mirror_tcp_routes_and_bad_input() {
         });
         let out = bodies(lab, "n1-p1", &format!("{HTTPBIN_URL}/get"), 1, &format!("-o /dev/null{many}"));
         assert_eq!(out.iter().map(|l| l.trim()).collect::<Vec<_>>(), ["431"], "150 headers");
-        let out = lab.exec("n1-p1", &["python3", "-c", SLOWLORIS]).unwrap();
+        // Meanwhile, a kept-alive connection idle for 12 s (past the 10 s header
+        // timeout) still carries its next request: only a request's head is timed.
+        let (out, kept) = std::thread::scope(|scope| {
+            let kept = scope.spawn(|| lab.exec("n2-p1", &["python3", "-c", KEEP_ALIVE]).unwrap());
+            (lab.exec("n1-p1", &["python3", "-c", SLOWLORIS]).unwrap(), kept.join().unwrap())
+        });
+        let kept = String::from_utf8_lossy(&kept.stdout).trim().to_owned();
+        assert_eq!(kept, "HTTP/1.1 200 OK | HTTP/1.1 200 OK", "keep-alive after 12 s idle");
         let slow = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         let after: u64 = slow.rsplit(' ').nth(1).and_then(|n| n.parse().ok()).unwrap_or(99);
         assert!(slow.starts_with("closed after") && (9..=15).contains(&after), "slowloris: {slow}");
