@@ -16,5 +16,6 @@ pub mod policy;
 pub mod ratelimit;
 pub mod retry;
 pub mod route;
+pub mod sniff;
 pub mod telemetry_api;
 pub mod trace;

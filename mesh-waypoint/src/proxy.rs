@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Version, header};
 use http_body::{Frame, SizeHint};
 use http_body_util::{BodyExt as _, Full};
@@ -50,6 +50,7 @@ use mesh_waypoint::{
     ratelimit,
     retry::Outcome,
     route::{Abort, Action, Mirror, RequestParts, TcpRequest},
+    sniff::{self, Sniffed},
     telemetry_api::apply::{LogPlan, MetricPlan, RequestAttributes, TcpFamily},
     trace,
 };
@@ -167,16 +168,23 @@ pub async fn serve(
 ) {
     let mut stream = Prefixed { prefix: Bytes::new(), inner: stream };
     if protocol_of(&service) == Protocol::Unknown {
-        let mut first = vec![0u8; 24];
-        let n = match tokio::time::timeout(SNIFF_TIMEOUT, stream.inner.read(&mut first)).await {
-            Ok(Ok(n)) => n,
-            // Server-first protocols send nothing: relay them as TCP.
-            Ok(Err(_)) => return,
-            Err(_) => 0,
+        // As many bytes as it takes to tell, within the sniffing time: server-first
+        // protocols send nothing and are relayed as TCP.
+        let deadline = tokio::time::Instant::now() + SNIFF_TIMEOUT;
+        let mut first = BytesMut::with_capacity(1024);
+        let http = loop {
+            match sniff::sniff(&first) {
+                Sniffed::Http => break true,
+                Sniffed::Other => break false,
+                Sniffed::NeedMore => {}
+            }
+            match tokio::time::timeout_at(deadline, stream.inner.read_buf(&mut first)).await {
+                Ok(Ok(0)) | Err(_) => break false,
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => return,
+            }
         };
-        first.truncate(n);
-        let http = looks_like_http(&first);
-        stream.prefix = first.into();
+        stream.prefix = first.freeze();
         if !http {
             return relay(waypoint, service, caller, target, stream).await;
         }
@@ -215,14 +223,6 @@ pub async fn serve(
 /// The Service `service` as the authorization policies bound to it name it.
 fn policy_target(service: &ServicePort) -> policy::Target<'_> {
     policy::Target { kind: policy::TargetKind::Service, namespace: &service.namespace, name: &service.name }
-}
-
-/// Whether the first bytes of a connection are an HTTP/1 request line or the
-/// HTTP/2 connection preface.
-fn looks_like_http(first: &[u8]) -> bool {
-    const METHODS: [&[u8]; 9] =
-        [b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"OPTIONS ", b"PATCH ", b"TRACE ", b"CONNECT "];
-    first.starts_with(b"PRI * HTTP/2.0") || METHODS.iter().any(|m| first.starts_with(m))
 }
 
 /// Relays a tunnel stream to one endpoint as TCP.
@@ -1644,14 +1644,6 @@ mod tests {
         assert_eq!(got, b"\x16\x03first rest");
         upstream.shutdown().await.unwrap();
         assert_eq!(relay.await.unwrap(), (true, (12, 0)));
-    }
-
-    #[test]
-    fn sniffing_tells_http_from_other_protocols() {
-        assert!(looks_like_http(b"GET / HTTP/1.1\r\n"));
-        assert!(looks_like_http(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"));
-        assert!(!looks_like_http(b"\x16\x03\x01\x02\x00"));
-        assert!(!looks_like_http(b"GETX"));
     }
 
     #[test]

@@ -531,6 +531,14 @@ spec:
 ---
 apiVersion: v1
 kind: Service
+metadata: {name: httpbin-plain, namespace: shop}
+spec:
+  clusterIP: 10.96.0.15
+  selector: {app: echo}
+  ports: [{port: 8001, targetPort: 8000}]
+---
+apiVersion: v1
+kind: Service
 metadata: {name: echo-tcp, namespace: shop}
 spec:
   clusterIP: 10.96.0.12
@@ -601,6 +609,24 @@ try:
     print('still open after', round(time.monotonic() - start), 's')
 except OSError as e:
     print('closed after', round(time.monotonic() - start), 's')
+";
+
+/// A request to httpbin's Service port without a protocol, its first two bytes apart
+/// from the rest. Prints the status line and whether the waypoint added the caller's
+/// identity (`x-forwarded-client-cert`, which httpbin echoes).
+const SPLIT_REQUEST: &str = "\
+import socket, time
+s = socket.create_connection(('10.96.0.15', 8001), timeout=10)
+s.sendall(b'GE')
+time.sleep(0.3)
+s.sendall(b'T /headers HTTP/1.1\\r\\nHost: httpbin-plain\\r\\nConnection: close\\r\\n\\r\\n')
+data = b''
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+print(data.split(b'\\r\\n')[0].decode('latin-1', 'replace'), '|', b'X-Forwarded-Client-Cert' in data)
 ";
 
 /// Two requests on one connection, 12 s apart. Prints both status lines.
@@ -757,6 +783,12 @@ fn waypoint_mirror_tcp_routes_and_bad_input() {
             let out = lab.exec("n1-p1", &["python3", "-c", RAW_HTTP, request]).unwrap();
             String::from_utf8_lossy(&out.stdout).trim().to_owned()
         };
+        // A port that declares no protocol is sniffed: a request line sent in pieces
+        // (2 bytes, then the rest 300 ms later) is still HTTP, served by the waypoint
+        // (httpbin echoes the caller identity it added).
+        let out = lab.exec("n1-p1", &["python3", "-c", SPLIT_REQUEST]).unwrap();
+        let split = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert_eq!(split, "HTTP/1.1 200 OK | True", "{}", String::from_utf8_lossy(&out.stderr));
         assert_eq!(
             raw("GET /get HTTP/1.1\\r\\nHost: httpbin\\r\\nno colon here\\r\\n\\r\\n"),
             "HTTP/1.1 400 Bad Request"
