@@ -5,6 +5,8 @@
 
 /// The HTTP/2 connection preface (RFC 9113, 3.4).
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// What a request line's version starts with.
+const HTTP1: &[u8] = b"HTTP/1.";
 /// The longest request line waited for; a longer first line is taken for another
 /// protocol.
 pub const MAX_LINE: usize = 16 << 10;
@@ -40,12 +42,13 @@ pub fn sniff(first: &[u8]) -> Sniffed {
         return Sniffed::Other;
     }
     let version = &rest[target_end + 1..];
-    const HTTP1: &[u8] = b"HTTP/1.";
     let n = version.len().min(HTTP1.len());
-    match () {
-        () if version[..n] != HTTP1[..n] => Sniffed::Other,
-        () if n == HTTP1.len() => Sniffed::Http,
-        () => more(first),
+    if version[..n] != HTTP1[..n] {
+        Sniffed::Other
+    } else if n == HTTP1.len() {
+        Sniffed::Http
+    } else {
+        more(first)
     }
 }
 

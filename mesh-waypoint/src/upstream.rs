@@ -353,7 +353,7 @@ impl Upstreams {
             *swept = now;
         }
         self.http1.lock().expect("lock").retain(|_, endpoint| {
-            endpoint.pooled.retain(|p| !p.sender.is_closed() && !(p.sender.is_ready() && p.expired(now, &p.limits)));
+            endpoint.pooled.retain(|p| !(p.sender.is_closed() || (p.sender.is_ready() && p.expired(now, &p.limits))));
             !endpoint.pooled.is_empty() || endpoint.open.load(Ordering::Acquire) > 0
         });
         self.http2.lock().expect("lock").retain(|_, p| !p.sender.is_closed() && !p.expired(now, &p.limits));
@@ -493,7 +493,7 @@ impl Upstreams {
                 let endpoint = pool.entry(target.addr).or_default();
                 let senders = &mut endpoint.pooled;
                 // An expired connection is let go of once no request is on it.
-                senders.retain(|p| !p.sender.is_closed() && !(p.sender.is_ready() && p.expired(now, limited.limits)));
+                senders.retain(|p| !(p.sender.is_closed() || (p.sender.is_ready() && p.expired(now, limited.limits))));
                 let idle = senders.iter().position(|p| p.sender.is_ready()).map(|i| senders.swap_remove(i));
                 (idle, endpoint.open.clone())
             };
