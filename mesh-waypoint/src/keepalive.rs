@@ -91,8 +91,12 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        // Under the lock a reader takes to read `idle_since` after seeing no request
+        // in flight: it never pairs "none in flight" with the previous idle start.
+        let mut idle_since = self.0.idle_since.lock().expect("lock");
         if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
-            *self.0.idle_since.lock().expect("lock") = Instant::now();
+            *idle_since = Instant::now();
+            drop(idle_since);
             if let Some(reader) = self.0.reader.lock().expect("lock").take() {
                 reader.wake();
             }
@@ -123,6 +127,9 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Held<B> {
     }
 }
 
+/// The HTTP/2 connection preface's start, enough to tell it from a request line.
+const PREFACE_START: &[u8] = b"PRI * HTTP/2.0";
+
 /// The protocol a connection turned out to speak, from its first bytes.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Spoken {
@@ -138,6 +145,8 @@ pub struct Timed<S> {
     inner: S,
     clock: Arc<Clock>,
     spoken: Spoken,
+    /// How many of the first bytes matched the HTTP/2 preface while `spoken` is unknown.
+    seen: usize,
     /// The head being timed: requests begun when its first byte came, and its deadline.
     head: Option<(u64, Instant)>,
     timer: Pin<Box<Sleep>>,
@@ -150,6 +159,7 @@ impl<S> Timed<S> {
             inner,
             clock,
             spoken: Spoken::Unknown,
+            seen: 0,
             head: Some((0, deadline)),
             timer: Box::pin(tokio::time::sleep_until(deadline)),
         }
@@ -173,13 +183,24 @@ impl<S> Timed<S> {
         Some(*self.clock.idle_since.lock().expect("lock") + self.clock.idle_timeout)
     }
 
-    fn saw(&mut self, first: &[u8]) {
+    fn saw(&mut self, bytes: &[u8]) {
         if self.spoken == Spoken::Unknown {
-            self.spoken = if b"PRI * HTTP/2.0".starts_with(&first[..first.len().min(14)]) {
-                Spoken::Http2
-            } else {
-                Spoken::Http1
-            };
+            // Told on the preface's first 14 bytes, or its first mismatch: a client
+            // that sends "P" and stops is still timed as a head.
+            let take = bytes.len().min(PREFACE_START.len() - self.seen);
+            let (seen, more) = (self.seen, &bytes[..take]);
+            if PREFACE_START[seen..seen + take] != *more {
+                self.spoken = Spoken::Http1;
+            } else if seen + take == PREFACE_START.len() {
+                self.spoken = Spoken::Http2;
+            }
+            self.seen += take;
+        }
+        if let Some((at, _)) = self.head
+            && at != self.clock.begun.load(Ordering::Acquire)
+        {
+            // That head arrived whole; these bytes start another.
+            self.head = None;
         }
         if self.spoken == Spoken::Http1
             && self.head.is_none()
@@ -365,5 +386,14 @@ mod tests {
         assert!(closed(&mut client).await);
         let waited = start.elapsed();
         assert!(waited >= HEADER && waited < HEADER + Duration::from_millis(300), "{waited:?}");
+
+        // "P" could begin the HTTP/2 preface, whose connections have no head timeout:
+        // until the bytes tell, the head is timed.
+        let (mut client, server) = tokio::io::duplex(4096);
+        let start = Instant::now();
+        tokio::spawn(serve(server));
+        client.write_all(b"P").await.unwrap();
+        assert!(closed(&mut client).await);
+        assert!(start.elapsed() < HEADER + Duration::from_millis(300), "{:?}", start.elapsed());
     }
 }

@@ -186,7 +186,8 @@ pub struct Limits {
     pub max_requests_per_connection: Option<u32>,
     /// `http.maxRetries`: retries in flight to the destination.
     pub max_retries: u32,
-    /// `http.idleTimeout` (else `tcp.idleTimeout`), default 1 h as Istio documents.
+    /// `http.idleTimeout` (else `tcp.idleTimeout`), default 1 h as Istio documents;
+    /// `Duration::MAX` for 0 (none).
     pub idle_timeout: Duration,
 }
 
@@ -680,6 +681,10 @@ fn limits(pool: Option<&ConnectionPoolSettings>, note: &mut Note<'_>) -> Limits 
         out.max_retries = count(h.max_retries, out.max_retries);
         // The HTTP idle timeout wins over the TCP one (Istio applies it after).
         out.idle_timeout = duration(h.idle_timeout.as_ref(), out.idle_timeout, "connectionPool.http.idleTimeout", note);
+    }
+    if out.idle_timeout.is_zero() {
+        // 0 disables the idle timeout, as in Envoy (it does not mean "never reuse").
+        out.idle_timeout = Duration::MAX;
     }
     out
 }

@@ -354,7 +354,8 @@ impl Upstreams {
         }
         self.http1.lock().expect("lock").retain(|_, endpoint| {
             endpoint.pooled.retain(|p| !(p.sender.is_closed() || (p.sender.is_ready() && p.expired(now, &p.limits))));
-            !endpoint.pooled.is_empty() || endpoint.open.load(Ordering::Acquire) > 0
+            // A request about to open a connection holds a clone of `open` too.
+            !endpoint.pooled.is_empty() || Arc::strong_count(&endpoint.open) > 1
         });
         self.http2.lock().expect("lock").retain(|_, p| !p.sender.is_closed() && !p.expired(now, &p.limits));
     }

@@ -380,3 +380,12 @@ fn rules_with_a_workload_selector_are_for_sidecars() {
     );
     assert_eq!(rule_of(&resolve(&c, REVIEWS, "waypoints")).as_deref(), Some("shop/svc"));
 }
+
+/// `idleTimeout: 0s` turns the idle timeout off, as in Envoy; it does not mean
+/// "close every connection once it is free".
+#[test]
+fn a_zero_idle_timeout_is_none() {
+    let pool = "  trafficPolicy:\n    connectionPool:\n      http: {idleTimeout: 0s}\n";
+    let r = resolve(&config(&dr("shop", "r", "reviews", pool)), REVIEWS, "shop");
+    assert_eq!(r.limits.idle_timeout, Duration::MAX);
+}
