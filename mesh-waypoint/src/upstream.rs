@@ -223,6 +223,22 @@ impl<S> Pooled<S> {
     }
 }
 
+impl Pooled<http1::SendRequest<Body>> {
+    /// Whether the pool keeps the connection: open, and not expired once free (the
+    /// request on it finishes first).
+    fn keep(&self, now: Instant, limits: &Limits) -> bool {
+        !(self.sender.is_closed() || (self.sender.is_ready() && self.expired(now, limits)))
+    }
+}
+
+impl Pooled<http2::SendRequest<Body>> {
+    /// Whether the pool keeps the connection for new streams: open and not expired
+    /// (its streams finish on it either way).
+    fn keep(&self, now: Instant, limits: &Limits) -> bool {
+        !self.sender.is_closed() && !self.expired(now, limits)
+    }
+}
+
 /// When a connection's bytes last moved, for its idle timeout.
 pub struct Activity {
     /// Nanoseconds after `epoch`.
@@ -353,11 +369,11 @@ impl Upstreams {
             *swept = now;
         }
         self.http1.lock().expect("lock").retain(|_, endpoint| {
-            endpoint.pooled.retain(|p| !(p.sender.is_closed() || (p.sender.is_ready() && p.expired(now, &p.limits))));
+            endpoint.pooled.retain(|p| p.keep(now, &p.limits));
             // A request about to open a connection holds a clone of `open` too.
             !endpoint.pooled.is_empty() || Arc::strong_count(&endpoint.open) > 1
         });
-        self.http2.lock().expect("lock").retain(|_, p| !p.sender.is_closed() && !p.expired(now, &p.limits));
+        self.http2.lock().expect("lock").retain(|_, p| p.keep(now, &p.limits));
     }
 
     /// Pooled HTTP connections (HTTP/1.1, HTTP/2) and endpoints with an HTTP/1.1 entry.
@@ -428,7 +444,7 @@ impl Upstreams {
         let pooled = {
             let mut pool = self.http2.lock().expect("lock");
             match pool.get_mut(&target.addr) {
-                Some(pooled) if !pooled.sender.is_closed() && !pooled.expired(now, limited.limits) => {
+                Some(pooled) if pooled.keep(now, limited.limits) => {
                     pooled.requests += 1;
                     let sender = pooled.sender.clone();
                     if max.is_some_and(|max| pooled.requests >= max) {
@@ -493,8 +509,7 @@ impl Upstreams {
                 let mut pool = self.http1.lock().expect("lock");
                 let endpoint = pool.entry(target.addr).or_default();
                 let senders = &mut endpoint.pooled;
-                // An expired connection is let go of once no request is on it.
-                senders.retain(|p| !(p.sender.is_closed() || (p.sender.is_ready() && p.expired(now, limited.limits))));
+                senders.retain(|p| p.keep(now, limited.limits));
                 let idle = senders.iter().position(|p| p.sender.is_ready()).map(|i| senders.swap_remove(i));
                 (idle, endpoint.open.clone())
             };
