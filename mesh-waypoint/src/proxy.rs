@@ -63,7 +63,7 @@ use crate::{
     replay::{self, Recording},
     requests::{RequestLabels, RequestLog, Sample, TcpSeriesSet},
     tee,
-    upstream::{Body, BoxError, Dial, PoolLimits, Target, UpstreamError},
+    upstream::{Body, BoxError, Dial, PoolLimits, Target, UpstreamError, clone_head},
 };
 
 /// Request bodies of a known length up to this size are read whole before the first
@@ -112,15 +112,6 @@ impl Replay {
             recording.settle();
         }
     }
-}
-
-fn clone_head(head: &http::request::Parts) -> http::request::Parts {
-    let mut request = Request::new(());
-    *request.method_mut() = head.method.clone();
-    *request.uri_mut() = head.uri.clone();
-    *request.version_mut() = head.version;
-    *request.headers_mut() = head.headers.clone();
-    request.into_parts().0
 }
 
 fn parts_query(path: &str) -> Option<&str> {

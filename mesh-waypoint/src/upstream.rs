@@ -16,7 +16,7 @@ use std::{
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt as _, Empty, combinators::BoxBody};
 use hyper::{
     body::Incoming,
     client::conn::{http1, http2},
@@ -62,6 +62,10 @@ pub fn frame_len(frame: &http_body::Frame<Bytes>) -> usize {
 /// Idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE_PER_ENDPOINT: usize = 64;
 
+/// Pooled connections a request may find closed before it gives up (each hands the
+/// request back unsent; a new connection ends the search either way).
+const STALE_TRIES: usize = MAX_IDLE_PER_ENDPOINT + 1;
+
 /// Where a request goes: an endpoint's workload and its address (pod IP:target port).
 #[derive(Clone, Debug)]
 pub struct Target {
@@ -93,6 +97,8 @@ pub enum UpstreamError {
     },
     #[error("the upstream connection closed or reset before the response")]
     Reset(#[source] hyper::Error),
+    #[error("every pooled connection to {addr} was closed")]
+    Stale { addr: SocketAddr },
     #[error("no connection to {addr} free and {pending} requests already waiting for one (http1MaxPendingRequests)")]
     Overflow { addr: SocketAddr, pending: u32 },
 }
@@ -135,6 +141,44 @@ impl UpstreamError {
         }
         false
     }
+}
+
+/// A copy of a request's head (method, URI, version, headers; not its extensions).
+pub fn clone_head(head: &http::request::Parts) -> http::request::Parts {
+    let mut request = Request::new(());
+    *request.method_mut() = head.method.clone();
+    *request.uri_mut() = head.uri.clone();
+    *request.version_mut() = head.version;
+    *request.headers_mut() = head.headers.clone();
+    request.into_parts().0
+}
+
+/// Whether a request may be sent again after its connection closed without a
+/// response: a safe method (or an `Idempotency-Key`), and no body.
+fn replayable<B: http_body::Body>(request: &Request<B>) -> bool {
+    use http::Method;
+    let safe = [Method::GET, Method::HEAD, Method::OPTIONS, Method::TRACE].contains(request.method())
+        || request.headers().contains_key("idempotency-key");
+    safe && request.body().is_end_stream()
+}
+
+/// Whether an HTTP/1.1 exchange failed because the connection closed (end of stream,
+/// reset, broken pipe) before the response's head arrived.
+fn closed_before_response(error: &hyper::Error) -> bool {
+    if error.is_incomplete_message() {
+        return true;
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(error) = source {
+        if let Some(io) = error.downcast_ref::<io::Error>() {
+            return matches!(
+                io.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted
+            );
+        }
+        source = error.source();
+    }
+    false
 }
 
 /// A tunnel stream that keeps its pooled connection's stream slot while it lives.
@@ -431,76 +475,166 @@ impl Upstreams {
 
     /// One multiplexed connection per endpoint (and shard), so it is opened even over
     /// `maxConnections`; after `maxRequestsPerConnection` streams the next request
-    /// opens a new one and the old one ends with its streams.
+    /// opens a new one and the old one ends with its streams. A pooled connection
+    /// that turns out closed before the request left (a `GOAWAY` or a close its task
+    /// had not yet seen) is dropped and the request goes on a new one: it never
+    /// reached the endpoint, so this is not a retry.
     async fn send_h2(
         &self,
         target: &Target,
-        request: Request<Body>,
+        mut request: Request<Body>,
         dial: &Dial<'_>,
         limited: &PoolLimits<'_>,
     ) -> Result<Response<Incoming>, UpstreamError> {
+        for _ in 0..STALE_TRIES {
+            let (mut sender, pooled) = self.checkout_h2(target, dial, limited).await?;
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok(response),
+                Err(mut error) => match (error.take_message(), pooled) {
+                    (Some(unsent), Some(activity)) => {
+                        debug!(addr = %target.addr, error = %error.error(), "pooled HTTP/2 connection closed; the request goes on a new one");
+                        self.forget_h2(target.addr, &activity);
+                        request = unsent;
+                    }
+                    _ => return Err(UpstreamError::Reset(error.into_error())),
+                },
+            }
+        }
+        Err(UpstreamError::Stale { addr: target.addr })
+    }
+
+    /// The endpoint's pooled HTTP/2 connection (with its activity, which tells it
+    /// apart), else a new one.
+    async fn checkout_h2(
+        &self,
+        target: &Target,
+        dial: &Dial<'_>,
+        limited: &PoolLimits<'_>,
+    ) -> Result<(http2::SendRequest<Body>, Option<Arc<Activity>>), UpstreamError> {
         let max = limited.limits.max_requests_per_connection;
         let now = Instant::now();
-        let pooled = {
+        {
             let mut pool = self.http2.lock().expect("lock");
-            match pool.get_mut(&target.addr) {
-                Some(pooled) if pooled.keep(now, limited.limits) => {
-                    pooled.requests += 1;
-                    let sender = pooled.sender.clone();
-                    if max.is_some_and(|max| pooled.requests >= max) {
-                        pool.remove(&target.addr);
-                    }
-                    Some(sender)
+            if let Some(pooled) = pool.get_mut(&target.addr).filter(|pooled| pooled.keep(now, limited.limits)) {
+                pooled.requests += 1;
+                let taken = (pooled.sender.clone(), Some(pooled.activity.clone()));
+                if max.is_some_and(|max| pooled.requests >= max) {
+                    pool.remove(&target.addr);
                 }
-                _ => None,
+                return Ok(taken);
             }
-        };
-        let mut sender = if let Some(sender) = pooled {
-            sender
-        } else {
-            let slot =
-                limited.breaker.try_connection(limited.limits).unwrap_or_else(|| limited.breaker.force_connection());
-            let activity = Activity::new();
-            let io = Stamped { inner: self.connect(target, dial).await?, activity: activity.clone() };
-            let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .initial_stream_window_size(1 << 20)
-                .initial_connection_window_size(4 << 20)
-                .keep_alive_interval(Duration::from_secs(30))
-                .handshake(TokioIo::new(io))
-                .await
-                .map_err(|source| UpstreamError::Handshake { addr: target.addr, source })?;
-            let addr = target.addr;
-            tokio::spawn(async move {
-                let _slot = slot;
-                if let Err(error) = connection.await {
-                    debug!(%addr, %error, "upstream HTTP/2 connection ended");
-                }
-            });
-            if max.is_none_or(|max| max > 1) {
-                // Replacing an expired entry lets its connection end with its streams.
-                let pooled = Pooled { requests: 1, ..Pooled::new(sender.clone(), activity, limited.limits) };
-                self.http2.lock().expect("lock").insert(target.addr, pooled);
+        }
+        let slot = limited.breaker.try_connection(limited.limits).unwrap_or_else(|| limited.breaker.force_connection());
+        let activity = Activity::new();
+        let io = Stamped { inner: self.connect(target, dial).await?, activity: activity.clone() };
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(1 << 20)
+            .initial_connection_window_size(4 << 20)
+            .keep_alive_interval(Duration::from_secs(30))
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|source| UpstreamError::Handshake { addr: target.addr, source })?;
+        let addr = target.addr;
+        tokio::spawn(async move {
+            let _slot = slot;
+            if let Err(error) = connection.await {
+                debug!(%addr, %error, "upstream HTTP/2 connection ended");
             }
-            sender
-        };
-        sender.send_request(request).await.map_err(UpstreamError::Reset)
+        });
+        if max.is_none_or(|max| max > 1) {
+            // Replacing an expired entry lets its connection end with its streams.
+            let pooled = Pooled { requests: 1, ..Pooled::new(sender.clone(), activity, limited.limits) };
+            self.http2.lock().expect("lock").insert(target.addr, pooled);
+        }
+        Ok((sender, None))
+    }
+
+    /// Drops the endpoint's pooled HTTP/2 connection if it is still the `closed` one
+    /// (another request may have replaced it already).
+    fn forget_h2(&self, addr: SocketAddr, closed: &Arc<Activity>) {
+        let mut pool = self.http2.lock().expect("lock");
+        if pool.get(&addr).is_some_and(|pooled| Arc::ptr_eq(&pooled.activity, closed)) {
+            pool.remove(&addr);
+        }
     }
 
     /// A request takes an idle connection, else opens one within `maxConnections`
     /// (an endpoint without any gets one regardless), else waits for one to turn
     /// idle, if fewer than `http1MaxPendingRequests` already wait: over that it fails
     /// at once (503 `UO`), nothing queues without bound.
+    ///
+    /// An idle connection can be closed by its endpoint just as a request takes it
+    /// (the endpoint's keep-alive timeout ran out; gunicorn's is 2 s): the classic
+    /// source of 503 `UC` behind a proxy. When the connection's task saw the close
+    /// first, the request comes back unsent. When the request was written and the
+    /// connection then closed without a byte of response, a safe request without a
+    /// body (GET, HEAD, OPTIONS, TRACE, or one with an `Idempotency-Key`) is sent
+    /// again, as RFC 9112 allows a client to and as HTTP clients such as Go's do.
+    /// Either way the request goes on another connection, and this is not one of the
+    /// route's retries. A connection opened for the request ends the search: its
+    /// failure is the request's.
     async fn send_h1(
         &self,
         target: &Target,
-        request: Request<Body>,
+        mut request: Request<Body>,
         dial: &Dial<'_>,
         limited: &PoolLimits<'_>,
     ) -> Result<Response<Incoming>, UpstreamError> {
+        for _ in 0..STALE_TRIES {
+            let (mut pooled, reused) = self.checkout_h1(target, dial, limited).await?;
+            pooled.requests += 1;
+            // The head kept to send again, should the connection close under it.
+            let again = if reused && replayable(&request) {
+                let (head, body) = request.into_parts();
+                let copy = clone_head(&head);
+                request = Request::from_parts(head, body);
+                Some(copy)
+            } else {
+                None
+            };
+            let response = match pooled.sender.try_send_request(request).await {
+                Ok(response) => response,
+                Err(mut error) => {
+                    let unsent = error.take_message();
+                    let error = error.into_error();
+                    request = match (unsent, again) {
+                        (Some(unsent), _) if reused => unsent,
+                        (None, Some(head)) if closed_before_response(&error) => {
+                            Request::from_parts(head, Empty::new().map_err(BoxError::from).boxed())
+                        }
+                        _ => return Err(UpstreamError::Reset(error)),
+                    };
+                    debug!(addr = %target.addr, %error, "pooled HTTP/1.1 connection closed under the request; it goes on another");
+                    continue;
+                }
+            };
+            // Back to the pool at once: it is ready again when the response body is
+            // done. A connection that carried `maxRequestsPerConnection` is not: it
+            // closes.
+            if limited.limits.max_requests_per_connection.is_none_or(|max| pooled.requests < max) {
+                let mut pool = self.http1.lock().expect("lock");
+                let senders = &mut pool.entry(target.addr).or_default().pooled;
+                if senders.len() < MAX_IDLE_PER_ENDPOINT {
+                    senders.push(pooled);
+                }
+            }
+            return Ok(response);
+        }
+        Err(UpstreamError::Stale { addr: target.addr })
+    }
+
+    /// An idle HTTP/1.1 connection to the endpoint, else a new one, else (see
+    /// [`Upstreams::send_h1`]) one that turns idle; and whether it was pooled.
+    async fn checkout_h1(
+        &self,
+        target: &Target,
+        dial: &Dial<'_>,
+        limited: &PoolLimits<'_>,
+    ) -> Result<(Pooled<http1::SendRequest<Body>>, bool), UpstreamError> {
         let breaker = limited.breaker;
         let mut pending = None;
-        let mut pooled = loop {
+        loop {
             let freed = breaker.freed();
             let mut freed = std::pin::pin!(freed);
             freed.as_mut().enable();
@@ -514,7 +648,7 @@ impl Upstreams {
                 (idle, endpoint.open.clone())
             };
             if let Some(idle) = idle {
-                break idle;
+                return Ok((idle, true));
             }
             let slot = match breaker.try_connection(limited.limits) {
                 None if open.load(Ordering::Acquire) == 0 => Some(breaker.force_connection()),
@@ -526,7 +660,7 @@ impl Upstreams {
                 open.fetch_add(1, Ordering::AcqRel);
                 let opened = OpenCount(open);
                 let (sender, activity) = self.open_h1(target, dial, false, Some((slot, opened))).await?;
-                break Pooled::new(sender, activity, limited.limits);
+                return Ok((Pooled::new(sender, activity, limited.limits), false));
             }
             if pending.is_none() {
                 let overflow =
@@ -537,20 +671,7 @@ impl Upstreams {
                 () = freed => {}
                 () = tokio::time::sleep(PENDING_RECHECK) => {}
             }
-        };
-        drop(pending);
-        pooled.requests += 1;
-        let response = pooled.sender.send_request(request).await.map_err(UpstreamError::Reset)?;
-        // Back to the pool at once: it is ready again when the response body is done.
-        // A connection that carried `maxRequestsPerConnection` is not: it closes.
-        if limited.limits.max_requests_per_connection.is_none_or(|max| pooled.requests < max) {
-            let mut pool = self.http1.lock().expect("lock");
-            let senders = &mut pool.entry(target.addr).or_default().pooled;
-            if senders.len() < MAX_IDLE_PER_ENDPOINT {
-                senders.push(pooled);
-            }
         }
-        Ok(response)
     }
 
     /// A new HTTP/1.1 connection and when its bytes last moved; `upgrades` keeps it
@@ -583,7 +704,7 @@ impl Upstreams {
 
 #[cfg(test)]
 mod tests {
-    use http_body_util::{BodyExt, Empty};
+    use http_body_util::BodyExt;
 
     use super::*;
 
@@ -682,6 +803,90 @@ mod tests {
             assert_eq!(ended.load(Ordering::SeqCst), connections(), "every connection to the first endpoint closed");
         }
         assert_eq!(upstreams.pooled(), (1, 0, 1), "only the other endpoint's connection is left");
+    }
+
+    /// Sends a GET to a server that then closes the idle keep-alive connection, and
+    /// `second` on it before the connection's task can read the close (blocking
+    /// waits keep this runtime's only thread busy meanwhile): as when a server's
+    /// keep-alive timeout runs out just as a request takes the connection. The second
+    /// request's result, and the connections the server accepted after the first.
+    async fn on_a_connection_closed_under_it(second: Request<Body>) -> (Result<Bytes, UpstreamError>, usize) {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (close, closing) = std::sync::mpsc::channel::<()>();
+        let (closed, was_closed) = std::sync::mpsc::channel::<()>();
+        let (stop, stopping) = std::sync::mpsc::channel::<()>();
+        let server = std::thread::spawn(move || {
+            let answer = |mut tcp: std::net::TcpStream| {
+                tcp.set_nonblocking(false).unwrap();
+                let mut head = Vec::new();
+                let mut byte = [0u8];
+                while !head.ends_with(b"\r\n\r\n") && tcp.read(&mut byte).unwrap_or(0) == 1 {
+                    head.push(byte[0]);
+                }
+                let _ = tcp.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+                tcp
+            };
+            let first = answer(listener.accept().unwrap().0);
+            closing.recv().unwrap();
+            first.shutdown(std::net::Shutdown::Both).unwrap();
+            drop(first);
+            closed.send(()).unwrap();
+            listener.set_nonblocking(true).unwrap();
+            let mut later = Vec::new();
+            while stopping.try_recv().is_err() {
+                match listener.accept() {
+                    Ok((tcp, _)) => later.push(answer(tcp)),
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+            later.len()
+        });
+        let target = loopback_target(addr);
+        let ca = mesh_proxy::identity::testing::Ca::new();
+        let dial = Dial {
+            cert: ca.cert("spiffe://cluster.local/ns/web/sa/waypoint"),
+            client: "10.0.0.1:40000".parse().unwrap(),
+            baggage: "",
+            connect_timeout: Duration::from_secs(2),
+        };
+        let upstreams = Upstreams::new(Duration::from_secs(2));
+        let breaker = Breaker::new();
+        let limits = Limits::default();
+        let limited = PoolLimits { breaker: &breaker, limits: &limits };
+
+        let first = Request::get("http://web/").body(Empty::new().map_err(BoxError::from).boxed()).unwrap();
+        let response = upstreams.send(&target, false, first, &dial, &limited).await.expect("a response");
+        assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), "ok");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert_eq!(upstreams.pooled().0, 1, "kept alive");
+        close.send(()).unwrap();
+        was_closed.recv().unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let result = match upstreams.send(&target, false, second, &dial, &limited).await {
+            Ok(response) => Ok(response.into_body().collect().await.unwrap().to_bytes()),
+            Err(error) => Err(error),
+        };
+        stop.send(()).unwrap();
+        (result, server.join().unwrap())
+    }
+
+    /// The close wins the race: a GET goes again on a new connection (no `UC`); a
+    /// POST with a body may have been acted on and is not sent twice.
+    #[tokio::test]
+    async fn a_request_cut_off_on_a_connection_the_endpoint_closed() {
+        let get = Request::get("http://web/").body(Empty::new().map_err(BoxError::from).boxed()).unwrap();
+        let (result, later) = on_a_connection_closed_under_it(get).await;
+        assert_eq!(result.expect("a response, not UC"), "ok");
+        assert_eq!(later, 1, "sent again on a second connection");
+
+        let body = http_body_util::Full::new(Bytes::from("order")).map_err(BoxError::from).boxed();
+        let post = Request::post("http://web/").body(body).unwrap();
+        let (result, later) = on_a_connection_closed_under_it(post).await;
+        let error = result.expect_err("cut off");
+        assert_eq!(error.flag(), "UC", "{error:?}");
+        assert_eq!(later, 0, "not sent again");
     }
 
     /// `refused-stream` retries need an upstream's `REFUSED_STREAM` told apart from any
