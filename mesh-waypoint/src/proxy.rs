@@ -63,7 +63,7 @@ use crate::{
     replay::{self, Recording},
     requests::{RequestLabels, RequestLog, Sample, TcpSeriesSet},
     tee,
-    upstream::{Body, BoxError, Dial, PoolLimits, Target, UpstreamError, clone_head},
+    upstream::{Body, BoxError, Dial, PoolLimits, Target, UpstreamError, clone_head, timed},
 };
 
 /// Request bodies of a known length up to this size are read whole before the first
@@ -1301,32 +1301,29 @@ impl Downstream {
                 };
                 let upstream_request = Request::from_parts(clone_head(&head), attempt_body);
                 let active = destination.start(i);
-                let send = async {
-                    if let Some(downstream) = downstream_upgrade.take() {
-                        self.upgrade(&target, &dial, upstream_request, downstream).await
-                    } else {
-                        self.waypoint.upstreams().send(&target, h2, upstream_request, &dial.dial(), &limited).await
-                    }
-                };
-                let result = match retry.per_try_timeout {
-                    Some(limit) => tokio::time::timeout(limit, send).await.map_err(|_| ()),
-                    None => Ok(send.await),
+                let per_try = retry.per_try_timeout;
+                let result = if let Some(downstream) = downstream_upgrade.take() {
+                    // An upgrade has a connection of its own: the try's clock runs
+                    // from its connect.
+                    timed(per_try, self.upgrade(&target, &dial, upstream_request, downstream)).await.and_then(|r| r)
+                } else {
+                    self.waypoint.upstreams().send(&target, h2, upstream_request, &dial.dial(), &limited, per_try).await
                 };
                 let outcome = match &result {
-                    Ok(Ok(response)) => Outcome {
+                    Ok(response) => Outcome {
                         status: Some(response.status().as_u16()),
                         grpc_status: response.headers().get("grpc-status").and_then(|v| v.to_str().ok()?.parse().ok()),
                         envoy_ratelimited: response.headers().contains_key("x-envoy-ratelimited"),
                         ..Outcome::default()
                     },
-                    Ok(Err(error)) => Outcome {
+                    Err(error) if error.per_try_timeout() => Outcome { per_try_timeout: true, ..Outcome::default() },
+                    Err(error) => Outcome {
                         connect_failure: error.connect_failure(),
                         refused_stream: error.refused_stream(),
                         overflow: error.overflow(),
                         reset: !error.connect_failure() && !error.refused_stream() && !error.overflow(),
                         ..Outcome::default()
                     },
-                    Err(()) => Outcome { per_try_timeout: true, ..Outcome::default() },
                 };
                 let status = outcome.status;
                 if !outcome.overflow {
@@ -1357,24 +1354,19 @@ impl Downstream {
                     }
                     let exhausted = attempt > 1 && retry.conditions.matches(&outcome);
                     return match result {
-                        Ok(Ok(response)) => {
+                        Ok(response) => {
                             if exhausted {
                                 log.flags = "URX";
                             }
                             Ok((response, active))
                         }
-                        Ok(Err(error)) => {
+                        Err(error) => {
                             let mut reply = upstream_reply(error);
                             if exhausted {
                                 reply.flags = "URX";
                             }
                             Err(reply)
                         }
-                        Err(()) => Err(Reply::new(
-                            StatusCode::GATEWAY_TIMEOUT,
-                            if exhausted { "URX" } else { "UT" },
-                            "upstream request timeout\n",
-                        )),
                     };
                 }
                 debug!(attempt, ?outcome, "retrying");
@@ -1478,7 +1470,7 @@ impl Downstream {
             let request = Request::from_parts(head, body);
             let limited = PoolLimits { breaker: &destination.health.breaker, limits: &destination.policy.limits };
             let dial = dial.dial();
-            let send = waypoint.upstreams().send(&target, h2, request, &dial, &limited);
+            let send = waypoint.upstreams().send(&target, h2, request, &dial, &limited, None);
             match tokio::time::timeout(MIRROR_TIMEOUT, send).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(error)) => debug!(%error, "mirror request failed"),
@@ -1532,6 +1524,9 @@ const OVERFLOW_REPLY: &str = "upstream connect error or disconnect/reset before 
 
 #[allow(clippy::needless_pass_by_value, reason = "a map_err function: it takes the error it is given")]
 fn upstream_reply(error: UpstreamError) -> Reply {
+    if error.per_try_timeout() {
+        return Reply::new(StatusCode::GATEWAY_TIMEOUT, error.flag(), "upstream request timeout\n");
+    }
     let reason = mesh_proxy::telemetry::error_chain(&error);
     let body = if error.overflow() {
         OVERFLOW_REPLY

@@ -97,6 +97,8 @@ pub enum UpstreamError {
     },
     #[error("the upstream connection closed or reset before the response")]
     Reset(#[source] hyper::Error),
+    #[error("no response within the per-try timeout ({0:?})")]
+    PerTryTimeout(Duration),
     #[error("every pooled connection to {addr} was closed")]
     Stale { addr: SocketAddr },
     #[error("no connection to {addr} free and {pending} requests already waiting for one (http1MaxPendingRequests)")]
@@ -110,14 +112,20 @@ impl UpstreamError {
         match self {
             Self::Reset(_) => "UC",
             Self::Overflow { .. } => "UO",
+            Self::PerTryTimeout(_) => "UT",
             _ => "UF",
         }
+    }
+
+    /// Whether the try ran out of its `perTryTimeout` (504 `UT`).
+    pub fn per_try_timeout(&self) -> bool {
+        matches!(self, Self::PerTryTimeout(_))
     }
 
     /// Whether the connection to the upstream could not be opened (the request never
     /// reached it: safe to retry anywhere).
     pub fn connect_failure(&self) -> bool {
-        !matches!(self, Self::Reset(_) | Self::Overflow { .. })
+        !matches!(self, Self::Reset(_) | Self::Overflow { .. } | Self::PerTryTimeout(_))
     }
 
     /// Whether the destination's `connectionPool` had no room for the request (`UO`).
@@ -140,6 +148,19 @@ impl UpstreamError {
             source = error.source();
         }
         false
+    }
+}
+
+/// Waits for `response` at most `per_try` (a route's `perTryTimeout`). The clock
+/// starts once the request has a connection, as Envoy starts it when its pool hands
+/// one over: time spent waiting for a free connection under `maxConnections`, or
+/// connecting (bounded by `connectTimeout`), is not the endpoint's slowness, and
+/// counting it would let outlier detection eject healthy endpoints of a busy
+/// destination. The route's timeout bounds the whole.
+pub async fn timed<T>(per_try: Option<Duration>, response: impl Future<Output = T>) -> Result<T, UpstreamError> {
+    match per_try {
+        Some(limit) => tokio::time::timeout(limit, response).await.map_err(|_| UpstreamError::PerTryTimeout(limit)),
+        None => Ok(response.await),
     }
 }
 
@@ -456,7 +477,8 @@ impl Upstreams {
     }
 
     /// Sends `request` to `target` over a pooled HTTP/2 (`h2`) or HTTP/1.1 connection,
-    /// within the destination's `connectionPool` limits.
+    /// within the destination's `connectionPool` limits, and waits for the response's
+    /// head at most `per_try` once the request has a connection (see [`timed`]).
     pub async fn send(
         &self,
         target: &Target,
@@ -464,12 +486,13 @@ impl Upstreams {
         request: Request<Body>,
         dial: &Dial<'_>,
         limited: &PoolLimits<'_>,
+        per_try: Option<Duration>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         self.sweep(Instant::now());
         if h2 {
-            self.send_h2(target, request, dial, limited).await
+            self.send_h2(target, request, dial, limited, per_try).await
         } else {
-            self.send_h1(target, request, dial, limited).await
+            self.send_h1(target, request, dial, limited, per_try).await
         }
     }
 
@@ -485,10 +508,11 @@ impl Upstreams {
         mut request: Request<Body>,
         dial: &Dial<'_>,
         limited: &PoolLimits<'_>,
+        per_try: Option<Duration>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         for _ in 0..STALE_TRIES {
             let (mut sender, pooled) = self.checkout_h2(target, dial, limited).await?;
-            match sender.try_send_request(request).await {
+            match timed(per_try, sender.try_send_request(request)).await? {
                 Ok(response) => return Ok(response),
                 Err(mut error) => match (error.take_message(), pooled) {
                     (Some(unsent), Some(activity)) => {
@@ -580,6 +604,7 @@ impl Upstreams {
         mut request: Request<Body>,
         dial: &Dial<'_>,
         limited: &PoolLimits<'_>,
+        per_try: Option<Duration>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         for _ in 0..STALE_TRIES {
             let (mut pooled, reused) = self.checkout_h1(target, dial, limited).await?;
@@ -593,7 +618,7 @@ impl Upstreams {
             } else {
                 None
             };
-            let response = match pooled.sender.try_send_request(request).await {
+            let response = match timed(per_try, pooled.sender.try_send_request(request)).await? {
                 Ok(response) => response,
                 Err(mut error) => {
                     let unsent = error.take_message();
@@ -763,7 +788,7 @@ mod tests {
         let get = async |limits: &Limits| {
             let request = Request::get("http://web/").body(Empty::new().map_err(BoxError::from).boxed()).unwrap();
             let limited = PoolLimits { breaker: &breaker, limits };
-            let response = upstreams.send(&target, false, request, &dial, &limited).await.expect("a response");
+            let response = upstreams.send(&target, false, request, &dial, &limited, None).await.expect("a response");
             assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), "ok");
             // The connection turns ready for the next request once its task sees the end.
             tokio::time::sleep(Duration::from_millis(30)).await;
@@ -798,7 +823,7 @@ mod tests {
             tokio::time::sleep(SWEEP_EVERY).await;
             let request = Request::get("http://web/").body(Empty::new().map_err(BoxError::from).boxed()).unwrap();
             let limited = PoolLimits { breaker: &breaker, limits: &default };
-            upstreams.send(&other, false, request, &dial, &limited).await.expect("a response");
+            upstreams.send(&other, false, request, &dial, &limited, None).await.expect("a response");
             tokio::time::sleep(Duration::from_millis(100)).await;
             assert_eq!(ended.load(Ordering::SeqCst), connections(), "every connection to the first endpoint closed");
         }
@@ -857,14 +882,14 @@ mod tests {
         let limited = PoolLimits { breaker: &breaker, limits: &limits };
 
         let first = Request::get("http://web/").body(Empty::new().map_err(BoxError::from).boxed()).unwrap();
-        let response = upstreams.send(&target, false, first, &dial, &limited).await.expect("a response");
+        let response = upstreams.send(&target, false, first, &dial, &limited, None).await.expect("a response");
         assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), "ok");
         tokio::time::sleep(Duration::from_millis(30)).await;
         assert_eq!(upstreams.pooled().0, 1, "kept alive");
         close.send(()).unwrap();
         was_closed.recv().unwrap();
         std::thread::sleep(Duration::from_millis(20));
-        let result = match upstreams.send(&target, false, second, &dial, &limited).await {
+        let result = match upstreams.send(&target, false, second, &dial, &limited, None).await {
             Ok(response) => Ok(response.into_body().collect().await.unwrap().to_bytes()),
             Err(error) => Err(error),
         };
@@ -887,6 +912,63 @@ mod tests {
         let error = result.expect_err("cut off");
         assert_eq!(error.flag(), "UC", "{error:?}");
         assert_eq!(later, 0, "not sent again");
+    }
+
+    /// `perTryTimeout` times the endpoint, not the wait for a connection: under
+    /// `maxConnections: 1`, a request queued 250 ms behind a slow one still gets its
+    /// (fast) answer within a 150 ms per-try timeout, while the slow answer itself
+    /// runs out of it.
+    #[tokio::test]
+    async fn the_per_try_timeout_starts_once_the_request_has_a_connection() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(|request: Request<Incoming>| async move {
+                        if request.uri().path() == "/slow" {
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                        }
+                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(Bytes::from("ok"))))
+                    });
+                    let _ =
+                        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service).await;
+                });
+            }
+        });
+        let target = loopback_target(addr);
+        let ca = mesh_proxy::identity::testing::Ca::new();
+        let dial = Dial {
+            cert: ca.cert("spiffe://cluster.local/ns/web/sa/waypoint"),
+            client: "10.0.0.1:40000".parse().unwrap(),
+            baggage: "",
+            connect_timeout: Duration::from_secs(2),
+        };
+        let upstreams = Upstreams::new(Duration::from_secs(2));
+        let breaker = Breaker::new();
+        let limits = Limits { max_connections: 1, ..Limits::default() };
+        let limited = PoolLimits { breaker: &breaker, limits: &limits };
+        let get = |path: &str| {
+            Request::get(format!("http://web{path}")).body(Empty::new().map_err(BoxError::from).boxed()).unwrap()
+        };
+        let per_try = Some(Duration::from_millis(150));
+
+        let slow = async {
+            let response = upstreams.send(&target, false, get("/slow"), &dial, &limited, None).await.expect("slow");
+            response.into_body().collect().await.unwrap();
+        };
+        let queued = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let started = Instant::now();
+            let result = upstreams.send(&target, false, get("/"), &dial, &limited, per_try).await;
+            (result.map(|_| ()), started.elapsed())
+        };
+        let ((), (result, waited)) = tokio::join!(slow, queued);
+        result.expect("answered within its per-try timeout once it had the connection");
+        assert!(waited >= Duration::from_millis(200), "it waited for the only connection: {waited:?}");
+
+        let error = upstreams.send(&target, false, get("/slow"), &dial, &limited, per_try).await.expect_err("too slow");
+        assert!(error.per_try_timeout() && error.flag() == "UT" && !error.connect_failure(), "{error:?}");
     }
 
     /// `refused-stream` retries need an upstream's `REFUSED_STREAM` told apart from any
