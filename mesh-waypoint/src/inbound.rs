@@ -282,6 +282,9 @@ pub struct Waypoint {
     ratelimits: Mutex<HashMap<ServiceKey, VersionedLimits>>,
     /// Outlier and circuit-breaker state per destination, across config versions.
     pub health: Mutex<HashMap<Key, Arc<Health>>>,
+    /// Turns true when the waypoint drains: downstream HTTP connections are shut
+    /// down gracefully (see `keepalive::serve`).
+    draining: tokio::sync::watch::Sender<bool>,
 }
 
 /// Rate limits and the config version they were built for.
@@ -368,7 +371,21 @@ impl Waypoint {
             connect_timeout: settings.connect_timeout,
             tables: RwLock::new(Arc::new(tables)),
             health: Mutex::default(),
+            draining: tokio::sync::watch::Sender::new(false),
         })
+    }
+
+    /// Starts the drain of downstream HTTP connections: HTTP/2 ones get `GOAWAY`,
+    /// HTTP/1.1 ones close once their response in flight is done (`connection:
+    /// close`), so that clients move to another waypoint before the drain deadline
+    /// cuts what is left.
+    pub fn drain(&self) {
+        self.draining.send_replace(true);
+    }
+
+    /// Whether the waypoint drains, for a downstream connection to watch.
+    pub fn draining(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.draining.subscribe()
     }
 
     pub fn tables(&self) -> Arc<Tables> {

@@ -3,7 +3,11 @@
 //!   [`HEADER_TIMEOUT`] of its first byte (the first request's, of the connection's
 //!   start);
 //! - the **idle timeout**: a connection without a request in flight is closed after
-//!   [`IDLE_TIMEOUT`] (Envoy's default for the HTTP connection manager, 1 h).
+//!   [`IDLE_TIMEOUT`] (Envoy's default for the HTTP connection manager, 1 h),
+//!   gracefully, as is every connection when the waypoint drains ([`serve`]): HTTP/2
+//!   gets `GOAWAY`, so a client knows which of its requests were not taken and may
+//!   send them elsewhere; HTTP/1.1 closes once idle, and a response still in flight
+//!   says `connection: close`.
 //!
 //! hyper's own header timeout is armed whenever it waits for a request head, idle
 //! keep-alive included, so it closed every HTTP/1.1 connection idle for 10 s: a client
@@ -22,11 +26,63 @@ use std::{
 };
 
 use bytes::Bytes;
+use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
+    sync::{Notify, watch},
     time::{Instant, Sleep},
 };
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Serves one downstream connection with `handle`, under a [`Clock`] of the
+/// waypoint's timeouts: a slow head is cut; a connection idle for the idle timeout,
+/// or any connection once `draining` turns true, is shut down gracefully (HTTP/2
+/// `GOAWAY`, letting streams in flight finish; HTTP/1.1 closed once its response in
+/// flight, if any, is done, with `connection: close` on it).
+pub async fn serve<I, H, F, B>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    clock: Arc<Clock>,
+    mut draining: watch::Receiver<bool>,
+    handle: H,
+) -> Result<(), BoxError>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    let io = TokioIo::new(Timed::new(io, clock.clone()));
+    let requests = clock.clone();
+    let service = service_fn(move |request| {
+        let in_flight = requests.request();
+        let response = handle(request);
+        async move {
+            let response = response.await;
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                in_flight.upgraded();
+            }
+            Ok::<_, std::convert::Infallible>(response.map(|inner| Held { inner, _in_flight: in_flight }))
+        }
+    });
+    let connection = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => return result,
+        () = clock.idle.notified() => {}
+        Ok(_) = draining.wait_for(|draining| *draining) => {}
+    }
+    connection.as_mut().graceful_shutdown();
+    connection.await
+}
 
 /// A client has this long to send a request's head, from its first byte.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -49,6 +105,8 @@ pub struct Clock {
     /// The connection's reader, woken when the last request in flight ends: the idle
     /// timeout starts then, and a read already waiting must arm it.
     reader: Mutex<Option<Waker>>,
+    /// Told when the idle timeout passes: the connection is shut down gracefully.
+    idle: Notify,
 }
 
 impl Clock {
@@ -66,6 +124,7 @@ impl Clock {
             header_timeout,
             idle_timeout,
             reader: Mutex::new(None),
+            idle: Notify::new(),
         })
     }
 
@@ -149,6 +208,8 @@ pub struct Timed<S> {
     seen: usize,
     /// The head being timed: requests begun when its first byte came, and its deadline.
     head: Option<(u64, Instant)>,
+    /// The idle timeout passed (and [`serve`] was told): no more idle deadline.
+    idle_over: bool,
     timer: Pin<Box<Sleep>>,
 }
 
@@ -161,6 +222,7 @@ impl<S> Timed<S> {
             spoken: Spoken::Unknown,
             seen: 0,
             head: Some((0, deadline)),
+            idle_over: false,
             timer: Box::pin(tokio::time::sleep_until(deadline)),
         }
     }
@@ -177,7 +239,7 @@ impl<S> Timed<S> {
             }
             self.head = None;
         }
-        if self.clock.active.load(Ordering::Acquire) > 0 {
+        if self.idle_over || self.clock.active.load(Ordering::Acquire) > 0 {
             return None;
         }
         Some(*self.clock.idle_since.lock().expect("lock") + self.clock.idle_timeout)
@@ -226,10 +288,15 @@ impl<S> Timed<S> {
             self.timer.as_mut().reset(deadline);
         }
         match self.timer.as_mut().poll(cx) {
+            Poll::Ready(()) if self.head.is_some() => {
+                Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "timed out waiting for the request head")))
+            }
             Poll::Ready(()) => {
-                let what =
-                    if self.head.is_some() { "the request head" } else { "the next request on an idle connection" };
-                Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, format!("timed out waiting for {what}"))))
+                // Idle: a graceful shutdown rather than a failed read (HTTP/2 clients
+                // get GOAWAY).
+                self.idle_over = true;
+                self.clock.idle.notify_one();
+                Poll::Pending
             }
             Poll::Pending => Poll::Pending,
         }
@@ -271,31 +338,28 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Timed<S> {
 
 #[cfg(test)]
 mod tests {
-    use std::convert::Infallible;
-
     use http_body_util::Full;
-    use hyper::{Response, service::service_fn};
-    use hyper_util::{
-        rt::{TokioExecutor, TokioIo},
-        server::conn::auto,
-    };
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
     use super::*;
 
     /// Serves `io` as the waypoint serves a downstream connection: every request gets
-    /// 200 with a small body. Returns when the connection ends.
-    async fn serve(io: DuplexStream) {
+    /// 200 with a small body (after `/slow`'s 300 ms). Returns when the connection ends.
+    async fn serve_until(io: DuplexStream, draining: watch::Receiver<bool>) {
         let clock = Clock::with(HEADER, IDLE);
-        let io = TokioIo::new(Timed::new(io, clock.clone()));
-        let service = service_fn(move |_| {
-            let in_flight = clock.request();
-            async move {
-                let response = Response::new(Full::new(Bytes::from_static(b"ok")));
-                Ok::<_, Infallible>(response.map(|inner| Held { inner, _in_flight: in_flight }))
+        let builder = auto::Builder::new(TokioExecutor::new());
+        let _ = super::serve(&builder, io, clock, draining, |request: Request<Incoming>| async move {
+            if request.uri().path() == "/slow" {
+                tokio::time::sleep(Duration::from_millis(300)).await;
             }
-        });
-        let _ = auto::Builder::new(TokioExecutor::new()).serve_connection_with_upgrades(io, service).await;
+            Response::new(Full::new(Bytes::from_static(b"ok")))
+        })
+        .await;
+    }
+
+    async fn serve(io: DuplexStream) {
+        let (_keep, draining) = watch::channel(false);
+        serve_until(io, draining).await;
     }
 
     /// The timeouts, scaled down from 10 s and 1 h.
@@ -383,5 +447,94 @@ mod tests {
         client.write_all(b"P").await.unwrap();
         assert!(closed(&mut client).await);
         assert!(start.elapsed() < HEADER + Duration::from_millis(300), "{:?}", start.elapsed());
+    }
+
+    /// An HTTP/2 client (h2's, which answers pings) connected to `serve_until`
+    /// through a tap that records what the server sends: the client's request
+    /// sender, its connection's task, and the tap's record.
+    async fn tapped_h2_client(
+        draining: watch::Receiver<bool>,
+    ) -> (h2::client::SendRequest<Bytes>, tokio::task::JoinHandle<Result<(), h2::Error>>, Arc<Mutex<Vec<u8>>>) {
+        let (client, tap_client) = tokio::io::duplex(64 << 10);
+        let (tap_server, server) = tokio::io::duplex(64 << 10);
+        tokio::spawn(serve_until(server, draining));
+        let record = Arc::new(Mutex::new(Vec::new()));
+        let (mut from_client, mut to_client) = tokio::io::split(tap_client);
+        let (mut from_server, mut to_server) = tokio::io::split(tap_server);
+        tokio::spawn(async move { tokio::io::copy(&mut from_client, &mut to_server).await });
+        let recorded = record.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 16 << 10];
+            while let Ok(n @ 1..) = from_server.read(&mut buf).await {
+                recorded.lock().unwrap().extend_from_slice(&buf[..n]);
+                if to_client.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+            let _ = to_client.shutdown().await;
+        });
+        let (sender, connection) = h2::client::handshake(client).await.expect("h2 handshake");
+        (sender, tokio::spawn(connection), record)
+    }
+
+    /// Whether HTTP/2 frames (a server's, no preface) include a GOAWAY.
+    fn has_goaway(bytes: &[u8]) -> bool {
+        const GOAWAY: u8 = 0x7;
+        let mut rest = bytes;
+        while rest.len() >= 9 {
+            if rest[3] == GOAWAY {
+                return true;
+            }
+            let len = usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
+            rest = &rest[(9 + len).min(rest.len())..];
+        }
+        false
+    }
+
+    /// An HTTP/2 connection idle for the idle timeout gets GOAWAY before it ends,
+    /// not a bare close.
+    #[tokio::test]
+    async fn an_idle_http2_connection_gets_goaway() {
+        let (_keep, draining) = watch::channel(false);
+        let (mut sender, connection, record) = tapped_h2_client(draining).await;
+        let (response, _) = sender.send_request(Request::get("http://a/").body(()).unwrap(), true).unwrap();
+        assert_eq!(response.await.unwrap().status(), 200);
+        let idle = Instant::now();
+        let ended = tokio::time::timeout(IDLE * 2, connection).await.expect("closed after the idle timeout").unwrap();
+        assert!(ended.is_ok(), "{ended:?}");
+        assert!(has_goaway(&record.lock().unwrap()), "no GOAWAY before the close");
+        assert!(idle.elapsed() + Duration::from_millis(50) >= IDLE, "{:?}", idle.elapsed());
+    }
+
+    /// Draining: an idle HTTP/1.1 connection is closed at once; one with a response
+    /// in flight gets it, with `connection: close`, and is closed after it; an
+    /// HTTP/2 connection gets GOAWAY while its stream in flight finishes.
+    #[tokio::test]
+    async fn draining_closes_connections_gracefully() {
+        let (drain, draining) = watch::channel(false);
+        let (mut idle, server) = tokio::io::duplex(4096);
+        tokio::spawn(serve_until(server, draining.clone()));
+        idle.write_all(GET).await.unwrap();
+        assert!(response(&mut idle).await.starts_with("HTTP/1.1 200"));
+        let (mut busy, server) = tokio::io::duplex(4096);
+        tokio::spawn(serve_until(server, draining.clone()));
+        busy.write_all(b"GET /slow HTTP/1.1\r\nhost: a\r\n\r\n").await.unwrap();
+        let (mut sender, connection, record) = tapped_h2_client(draining).await;
+        let (slow, _) = sender.send_request(Request::get("http://a/slow").body(()).unwrap(), true).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+
+        let start = Instant::now();
+        drain.send(true).unwrap();
+        let soon = Duration::from_secs(1);
+        assert!(tokio::time::timeout(soon, closed(&mut idle)).await.unwrap_or(false), "the idle connection is closed");
+        assert!(start.elapsed() < Duration::from_millis(100), "{:?}", start.elapsed());
+        let answer = response(&mut busy).await.to_ascii_lowercase();
+        assert!(answer.starts_with("http/1.1 200") && answer.contains("connection: close"), "{answer}");
+        assert!(tokio::time::timeout(soon, closed(&mut busy)).await.unwrap_or(false), "closed after its response");
+        assert_eq!(slow.await.expect("the stream in flight finishes").status(), 200);
+        let ended = tokio::time::timeout(Duration::from_secs(1), connection).await.expect("then it ends").unwrap();
+        assert!(ended.is_ok(), "{ended:?}");
+        assert!(has_goaway(&record.lock().unwrap()), "no GOAWAY before the close");
+        assert!(start.elapsed() < HEADER, "{:?}", start.elapsed());
     }
 }

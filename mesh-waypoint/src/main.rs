@@ -117,8 +117,14 @@ fn serve_shard(
         tokio::spawn(shard::keep_timers_near());
         drain::accept_until_drained(listener, drain.clone(), name, "hbone", |tcp, peer| {
             let server = server.clone();
-            let mut watch = drain.clone();
-            tokio::spawn(async move { server.serve(tcp, peer, async move { watch.signaled().await }).await });
+            // One watch holds the drain open until the connection ends (its streams
+            // finish after GOAWAY); the other tells it the drain began, and is gone
+            // once it has.
+            let (held, mut told) = (drain.clone(), drain.clone());
+            tokio::spawn(async move {
+                server.serve(tcp, peer, async move { told.signaled().await }).await;
+                drop(held);
+            });
         })
         .await;
         drop(drain);
@@ -210,6 +216,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         _ = int.recv() => info!("SIGINT: draining"),
     }
     let _ = stop_serving.send(true);
+    waypoint.drain();
     if !trigger.drain(Duration::from_secs(cli.drain_seconds)).await {
         warn!("drain deadline passed with requests still open");
     }

@@ -20,7 +20,7 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Version, header};
 use http_body::{Frame, SizeHint};
 use http_body_util::{BodyExt as _, Full};
-use hyper::{body::Incoming, service::service_fn};
+use hyper::body::Incoming;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
@@ -180,22 +180,8 @@ pub async fn serve(
             return relay(waypoint, service, caller, target, stream).await;
         }
     }
+    let draining = waypoint.draining();
     let downstream = Arc::new(Downstream { waypoint, target, caller });
-    // The header and idle timeouts are kept apart (see `keepalive`), not hyper's
-    // header timeout, which also closed idle keep-alive connections.
-    let clock = keepalive::Clock::new();
-    let io = TokioIo::new(keepalive::Timed::new(stream, clock.clone()));
-    let service = service_fn(move |request| {
-        let downstream = downstream.clone();
-        let in_flight = clock.request();
-        async move {
-            let response = downstream.handle(request).await;
-            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-                in_flight.upgraded();
-            }
-            Ok::<_, Infallible>(response.map(|inner| keepalive::Held { inner, _in_flight: in_flight }))
-        }
-    });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().max_buf_size(MAX_HEADERS);
     builder
@@ -206,7 +192,13 @@ pub async fn serve(
         .max_pending_accept_reset_streams(64)
         .max_local_error_reset_streams(Some(256))
         .keep_alive_interval(Duration::from_secs(30));
-    if let Err(error) = builder.serve_connection_with_upgrades(io, service).await {
+    // The header and idle timeouts are kept apart (see `keepalive`), not hyper's
+    // header timeout, which also closed idle keep-alive connections.
+    let handle = move |request| {
+        let downstream = downstream.clone();
+        async move { downstream.handle(request).await }
+    };
+    if let Err(error) = keepalive::serve(&builder, stream, keepalive::Clock::new(), draining, handle).await {
         debug!(%error, "downstream HTTP connection ended with an error");
     }
 }

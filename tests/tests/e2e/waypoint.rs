@@ -45,6 +45,25 @@ fn metric(lab: &Lab, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
+/// A raw HTTP/1.1 client: `GET /delay/2` to httpbin on a connection it keeps open,
+/// then reads to the connection's end. Prints how long after the response's first
+/// bytes the connection closed, and the response head.
+const KEEP_ALIVE_DRAIN: &str = r#"
+import socket, time
+s = socket.create_connection(("10.96.0.20", 8000), timeout=20)
+s.sendall(b"GET /delay/2 HTTP/1.1\r\nHost: httpbin\r\n\r\n")
+data, first = b"", None
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    if first is None:
+        first = time.monotonic()
+    data += chunk
+print(round(time.monotonic() - first, 2) if first else "never")
+print(data.split(b"\r\n\r\n")[0].decode())
+"#;
+
 #[test]
 fn waypoint_routes_services_that_opt_in_and_fails_closed() {
     let adjust = |spec: &mut mesh_lab::LabSpec| spec.waypoint_bin = Some(super::waypoint_bin());
@@ -108,6 +127,23 @@ fn waypoint_routes_services_that_opt_in_and_fails_closed() {
             .collect();
         assert!(ours.is_empty(), "promtool: {complaints}");
         wait_for(Duration::from_secs(2), || lab.log_of("waypoint").contains("request complete")).expect("access log");
+        // A graceful stop (SIGTERM, 5 s drain): a request in flight on a keep-alive
+        // connection is answered with `connection: close`, and the connection closes
+        // right after it (the client can reconnect elsewhere), not when the drain
+        // deadline cuts it.
+        let client = std::thread::scope(|scope| {
+            let client = scope.spawn(|| lab.exec("n1-p1", &["python3", "-c", KEEP_ALIVE_DRAIN]).unwrap());
+            std::thread::sleep(Duration::from_millis(700));
+            lab.stop_process("waypoint", "TERM").unwrap();
+            client.join().unwrap()
+        });
+        let text = String::from_utf8_lossy(&client.stdout).to_lowercase();
+        let (closed_after, head) = text.split_once('\n').unwrap_or_default();
+        let log = lab.log_of("waypoint");
+        assert!(head.starts_with("http/1.1 200") && head.contains("connection: close"), "{text}\n{log}");
+        let closed_after: f64 = closed_after.parse().unwrap_or(f64::MAX);
+        assert!(closed_after < 1.0, "closed {closed_after} s after the response: {text}");
+        lab.start_waypoint().unwrap();
         // The waypoint down: its services' connections fail, never bypass it.
         lab.stop_process("waypoint", "KILL").unwrap();
         let (code, text) = try_curl(lab, "n1-p1", "http://10.96.0.10/");
