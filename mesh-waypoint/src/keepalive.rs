@@ -62,23 +62,38 @@ where
 {
     let io = TokioIo::new(Timed::new(io, clock.clone()));
     let requests = clock.clone();
-    let service = service_fn(move |request| {
+    let service = service_fn(move |request: Request<Incoming>| {
         let in_flight = requests.request();
+        let http1 = request.version() < http::Version::HTTP_2;
         let response = handle(request);
         async move {
-            let response = response.await;
+            let mut response = response.await;
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                 in_flight.upgraded();
+            } else if http1 && in_flight.0.closing.load(Ordering::Acquire) {
+                // Draining: hyper closes the connection after this response.
+                response.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
             }
             Ok::<_, std::convert::Infallible>(response.map(|inner| Held { inner, _in_flight: in_flight }))
         }
     });
     let connection = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(connection);
+    let drained = async move { draining.wait_for(|draining| *draining).await.is_ok() };
     tokio::select! {
         result = connection.as_mut() => return result,
         () = clock.idle.notified() => {}
-        Ok(_) = draining.wait_for(|draining| *draining) => {}
+        true = drained => {
+            clock.closing.store(true, Ordering::Release);
+            // hyper-util drops a connection whose protocol it has not read yet when
+            // told to shut down, losing the request on its way: a connection that has
+            // begun no request gets until its first one begins (within the header
+            // timeout), which is then answered.
+            tokio::select! {
+                result = connection.as_mut() => return result,
+                _ = tokio::time::timeout(clock.header_timeout, clock.first_request()) => {}
+            }
+        }
     }
     connection.as_mut().graceful_shutdown();
     connection.await
@@ -107,6 +122,10 @@ pub struct Clock {
     reader: Mutex<Option<Waker>>,
     /// Told when the idle timeout passes: the connection is shut down gracefully.
     idle: Notify,
+    /// Told when the first request begins.
+    first: Notify,
+    /// The connection is being shut down: HTTP/1.1 responses say `connection: close`.
+    closing: AtomicBool,
 }
 
 impl Clock {
@@ -125,13 +144,25 @@ impl Clock {
             idle_timeout,
             reader: Mutex::new(None),
             idle: Notify::new(),
+            first: Notify::new(),
+            closing: AtomicBool::new(false),
         })
+    }
+
+    /// Resolves once the connection's first request has begun.
+    async fn first_request(&self) {
+        // `notify_one` leaves a permit when no one waits: no wake-up is lost.
+        if self.begun.load(Ordering::Acquire) == 0 {
+            self.first.notified().await;
+        }
     }
 
     /// A request's head arrived; it is in flight until the guard drops (with its
     /// response body).
     pub fn request(self: &Arc<Self>) -> InFlight {
-        self.begun.fetch_add(1, Ordering::AcqRel);
+        if self.begun.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.first.notify_one();
+        }
         self.active.fetch_add(1, Ordering::AcqRel);
         InFlight(self.clone())
     }
@@ -198,9 +229,11 @@ enum Spoken {
     Http2,
 }
 
-/// A downstream connection whose reads enforce the [`Clock`]'s timeouts: a read
-/// fails with `TimedOut` when one passes, and hyper closes the connection.
-pub struct Timed<S> {
+/// A downstream connection whose reads enforce the [`Clock`]'s timeouts: past the
+/// header timeout a read fails with `TimedOut` (hyper closes the connection); past
+/// the idle timeout the clock tells [`serve`], which shuts the connection down
+/// gracefully.
+struct Timed<S> {
     inner: S,
     clock: Arc<Clock>,
     spoken: Spoken,
@@ -496,7 +529,7 @@ mod tests {
     #[tokio::test]
     async fn an_idle_http2_connection_gets_goaway() {
         let (_keep, draining) = watch::channel(false);
-        let (mut sender, connection, record) = tapped_h2_client(draining).await;
+        let (mut sender, connection, record) = tapped_h2_client(draining.clone()).await;
         let (response, _) = sender.send_request(Request::get("http://a/").body(()).unwrap(), true).unwrap();
         assert_eq!(response.await.unwrap().status(), 200);
         let idle = Instant::now();
@@ -519,7 +552,7 @@ mod tests {
         let (mut busy, server) = tokio::io::duplex(4096);
         tokio::spawn(serve_until(server, draining.clone()));
         busy.write_all(b"GET /slow HTTP/1.1\r\nhost: a\r\n\r\n").await.unwrap();
-        let (mut sender, connection, record) = tapped_h2_client(draining).await;
+        let (mut sender, connection, record) = tapped_h2_client(draining.clone()).await;
         let (slow, _) = sender.send_request(Request::get("http://a/slow").body(()).unwrap(), true).unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
 
@@ -531,6 +564,15 @@ mod tests {
         let answer = response(&mut busy).await.to_ascii_lowercase();
         assert!(answer.starts_with("http/1.1 200") && answer.contains("connection: close"), "{answer}");
         assert!(tokio::time::timeout(soon, closed(&mut busy)).await.unwrap_or(false), "closed after its response");
+        // A connection that arrives while draining is still answered (hyper-util would
+        // drop it before it knew its protocol), then closed.
+        let (mut late, server) = tokio::io::duplex(4096);
+        tokio::spawn(serve_until(server, draining));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        late.write_all(GET).await.unwrap();
+        let answer = response(&mut late).await.to_ascii_lowercase();
+        assert!(answer.starts_with("http/1.1 200") && answer.contains("connection: close"), "{answer}");
+        assert!(tokio::time::timeout(soon, closed(&mut late)).await.unwrap_or(false), "closed after its response");
         assert_eq!(slow.await.expect("the stream in flight finishes").status(), 200);
         let ended = tokio::time::timeout(Duration::from_secs(1), connection).await.expect("then it ends").unwrap();
         assert!(ended.is_ok(), "{ended:?}");

@@ -63,7 +63,7 @@ use crate::{
     replay::{self, Recording},
     requests::{RequestLabels, RequestLog, Sample, TcpSeriesSet},
     tee,
-    upstream::{Body, BoxError, Dial, PoolLimits, Target, UpstreamError, clone_head, timed},
+    upstream::{Attempt, Body, BoxError, Dial, PoolLimits, Target, UpstreamError, clone_head, timed},
 };
 
 /// Request bodies of a known length up to this size are read whole before the first
@@ -1299,7 +1299,11 @@ impl Downstream {
                     // from its connect.
                     timed(per_try, self.upgrade(&target, &dial, upstream_request, downstream)).await.and_then(|r| r)
                 } else {
-                    self.waypoint.upstreams().send(&target, h2, upstream_request, &dial.dial(), &limited, per_try).await
+                    let attempt = Attempt { per_try, head: Some(&head) };
+                    self.waypoint
+                        .upstreams()
+                        .send(&target, h2, upstream_request, &dial.dial(), &limited, &attempt)
+                        .await
                 };
                 let outcome = match &result {
                     Ok(response) => Outcome {
@@ -1462,7 +1466,8 @@ impl Downstream {
             let request = Request::from_parts(head, body);
             let limited = PoolLimits { breaker: &destination.health.breaker, limits: &destination.policy.limits };
             let dial = dial.dial();
-            let send = waypoint.upstreams().send(&target, h2, request, &dial, &limited, None);
+            let attempt = Attempt::default();
+            let send = waypoint.upstreams().send(&target, h2, request, &dial, &limited, &attempt);
             match tokio::time::timeout(MIRROR_TIMEOUT, send).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(error)) => debug!(%error, "mirror request failed"),

@@ -97,8 +97,8 @@ pub enum UpstreamError {
     },
     #[error("the upstream connection closed or reset before the response")]
     Reset(#[source] hyper::Error),
-    #[error("no response within the per-try timeout ({0:?})")]
-    PerTryTimeout(Duration),
+    #[error("no response within the per-try timeout")]
+    PerTryTimeout,
     #[error("every pooled connection to {addr} was closed")]
     Stale { addr: SocketAddr },
     #[error("no connection to {addr} free and {pending} requests already waiting for one (http1MaxPendingRequests)")]
@@ -112,20 +112,20 @@ impl UpstreamError {
         match self {
             Self::Reset(_) => "UC",
             Self::Overflow { .. } => "UO",
-            Self::PerTryTimeout(_) => "UT",
+            Self::PerTryTimeout => "UT",
             _ => "UF",
         }
     }
 
     /// Whether the try ran out of its `perTryTimeout` (504 `UT`).
     pub fn per_try_timeout(&self) -> bool {
-        matches!(self, Self::PerTryTimeout(_))
+        matches!(self, Self::PerTryTimeout)
     }
 
     /// Whether the connection to the upstream could not be opened (the request never
     /// reached it: safe to retry anywhere).
     pub fn connect_failure(&self) -> bool {
-        !matches!(self, Self::Reset(_) | Self::Overflow { .. } | Self::PerTryTimeout(_))
+        !matches!(self, Self::Reset(_) | Self::Overflow { .. } | Self::PerTryTimeout)
     }
 
     /// Whether the destination's `connectionPool` had no room for the request (`UO`).
@@ -151,15 +151,40 @@ impl UpstreamError {
     }
 }
 
-/// Waits for `response` at most `per_try` (a route's `perTryTimeout`). The clock
-/// starts once the request has a connection, as Envoy starts it when its pool hands
-/// one over: time spent waiting for a free connection under `maxConnections`, or
-/// connecting (bounded by `connectTimeout`), is not the endpoint's slowness, and
-/// counting it would let outlier detection eject healthy endpoints of a busy
-/// destination. The route's timeout bounds the whole.
+/// How one try of a request is sent.
+#[derive(Clone, Copy, Default)]
+pub struct Attempt<'a> {
+    /// The route's `perTryTimeout`. Its clock starts once the request has a
+    /// connection, as Envoy's starts when its pool hands one over: time spent waiting
+    /// for a free connection under `maxConnections`, or connecting (bounded by
+    /// `connectTimeout`), is not the endpoint's slowness, and counting it would let
+    /// outlier detection eject healthy endpoints of a busy destination. The route's
+    /// timeout bounds the whole. (Envoy also waits for the request body's end when
+    /// it is still arriving; here an upload still flowing is timed.)
+    pub per_try: Option<Duration>,
+    /// The request's head, should it need sending again on another connection (see
+    /// [`Upstreams::send_h1`]); `None`: it is not sent again.
+    pub head: Option<&'a http::request::Parts>,
+}
+
+impl Attempt<'_> {
+    fn deadline(&self) -> Option<tokio::time::Instant> {
+        self.per_try.map(|limit| tokio::time::Instant::now() + limit)
+    }
+}
+
+/// Waits for `response` at most `per_try` (for an upgrade, which has a connection of
+/// its own).
 pub async fn timed<T>(per_try: Option<Duration>, response: impl Future<Output = T>) -> Result<T, UpstreamError> {
-    match per_try {
-        Some(limit) => tokio::time::timeout(limit, response).await.map_err(|_| UpstreamError::PerTryTimeout(limit)),
+    timed_until(per_try.map(|limit| tokio::time::Instant::now() + limit), response).await
+}
+
+async fn timed_until<T>(
+    deadline: Option<tokio::time::Instant>,
+    response: impl Future<Output = T>,
+) -> Result<T, UpstreamError> {
+    match deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline, response).await.map_err(|_| UpstreamError::PerTryTimeout),
         None => Ok(response.await),
     }
 }
@@ -477,8 +502,7 @@ impl Upstreams {
     }
 
     /// Sends `request` to `target` over a pooled HTTP/2 (`h2`) or HTTP/1.1 connection,
-    /// within the destination's `connectionPool` limits, and waits for the response's
-    /// head at most `per_try` once the request has a connection (see [`timed`]).
+    /// within the destination's `connectionPool` limits, as `attempt` says.
     pub async fn send(
         &self,
         target: &Target,
@@ -486,13 +510,13 @@ impl Upstreams {
         request: Request<Body>,
         dial: &Dial<'_>,
         limited: &PoolLimits<'_>,
-        per_try: Option<Duration>,
+        attempt: &Attempt<'_>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         self.sweep(Instant::now());
         if h2 {
-            self.send_h2(target, request, dial, limited, per_try).await
+            self.send_h2(target, request, dial, limited, attempt).await
         } else {
-            self.send_h1(target, request, dial, limited, per_try).await
+            self.send_h1(target, request, dial, limited, attempt).await
         }
     }
 
@@ -508,11 +532,13 @@ impl Upstreams {
         mut request: Request<Body>,
         dial: &Dial<'_>,
         limited: &PoolLimits<'_>,
-        per_try: Option<Duration>,
+        attempt: &Attempt<'_>,
     ) -> Result<Response<Incoming>, UpstreamError> {
+        let mut deadline = None;
         for _ in 0..STALE_TRIES {
             let (mut sender, pooled) = self.checkout_h2(target, dial, limited).await?;
-            match timed(per_try, sender.try_send_request(request)).await? {
+            let deadline = *deadline.get_or_insert_with(|| attempt.deadline());
+            match timed_until(deadline, sender.try_send_request(request)).await? {
                 Ok(response) => return Ok(response),
                 Err(mut error) => match (error.take_message(), pooled) {
                     (Some(unsent), Some(activity)) => {
@@ -591,34 +617,31 @@ impl Upstreams {
     /// An idle connection can be closed by its endpoint just as a request takes it
     /// (the endpoint's keep-alive timeout ran out; gunicorn's is 2 s): the classic
     /// source of 503 `UC` behind a proxy. When the connection's task saw the close
-    /// first, the request comes back unsent. When the request was written and the
-    /// connection then closed without a byte of response, a safe request without a
-    /// body (GET, HEAD, OPTIONS, TRACE, or one with an `Idempotency-Key`) is sent
-    /// again, as RFC 9112 allows a client to and as HTTP clients such as Go's do.
-    /// Either way the request goes on another connection, and this is not one of the
-    /// route's retries. A connection opened for the request ends the search: its
-    /// failure is the request's.
+    /// first, the request comes back unsent and goes on another connection. When the
+    /// request was written and the connection then closed without a byte of response,
+    /// a safe request without a body (GET, HEAD, OPTIONS, TRACE, or one with an
+    /// `Idempotency-Key`) is sent once more on another connection, as RFC 9112 allows
+    /// a client to and as HTTP clients such as Go's do; a request cut off again is
+    /// the try's failure (`UC`). Neither is one of the route's retries, and the try's
+    /// per-try clock runs on across them. A connection opened for the request ends
+    /// the search: its failure is the request's.
     async fn send_h1(
         &self,
         target: &Target,
         mut request: Request<Body>,
         dial: &Dial<'_>,
         limited: &PoolLimits<'_>,
-        per_try: Option<Duration>,
+        attempt: &Attempt<'_>,
     ) -> Result<Response<Incoming>, UpstreamError> {
+        let mut deadline = None;
+        // The error of the one time the request was sent again.
+        let mut cut_off: Option<hyper::Error> = None;
         for _ in 0..STALE_TRIES {
             let (mut pooled, reused) = self.checkout_h1(target, dial, limited).await?;
             pooled.requests += 1;
-            // The head kept to send again, should the connection close under it.
-            let again = if reused && replayable(&request) {
-                let (head, body) = request.into_parts();
-                let copy = clone_head(&head);
-                request = Request::from_parts(head, body);
-                Some(copy)
-            } else {
-                None
-            };
-            let response = match timed(per_try, pooled.sender.try_send_request(request)).await? {
+            let deadline = *deadline.get_or_insert_with(|| attempt.deadline());
+            let again = attempt.head.filter(|_| reused && cut_off.is_none() && replayable(&request));
+            let response = match timed_until(deadline, pooled.sender.try_send_request(request)).await? {
                 Ok(response) => response,
                 Err(mut error) => {
                     let unsent = error.take_message();
@@ -626,11 +649,14 @@ impl Upstreams {
                     request = match (unsent, again) {
                         (Some(unsent), _) if reused => unsent,
                         (None, Some(head)) if closed_before_response(&error) => {
-                            Request::from_parts(head, Empty::new().map_err(BoxError::from).boxed())
+                            let request =
+                                Request::from_parts(clone_head(head), Empty::new().map_err(BoxError::from).boxed());
+                            debug!(addr = %target.addr, %error, "pooled HTTP/1.1 connection closed under the request; sent again on another");
+                            cut_off = Some(error);
+                            request
                         }
                         _ => return Err(UpstreamError::Reset(error)),
                     };
-                    debug!(addr = %target.addr, %error, "pooled HTTP/1.1 connection closed under the request; it goes on another");
                     continue;
                 }
             };
@@ -646,7 +672,9 @@ impl Upstreams {
             }
             return Ok(response);
         }
-        Err(UpstreamError::Stale { addr: target.addr })
+        // Only if every pooled connection handed the request back: a request written
+        // once is no connect failure.
+        Err(cut_off.map_or(UpstreamError::Stale { addr: target.addr }, UpstreamError::Reset))
     }
 
     /// An idle HTTP/1.1 connection to the endpoint, else a new one, else (see
@@ -769,6 +797,17 @@ mod tests {
         Target { workload, addr }
     }
 
+    /// What the waypoint dials with (plain TCP to a pod outside the mesh needs no more).
+    fn dial() -> Dial<'static> {
+        let ca = mesh_proxy::identity::testing::Ca::new();
+        Dial {
+            cert: ca.cert("spiffe://cluster.local/ns/web/sa/waypoint"),
+            client: "10.0.0.1:40000".parse().unwrap(),
+            baggage: "",
+            connect_timeout: Duration::from_secs(2),
+        }
+    }
+
     /// `idleTimeout` and `maxConnectionDuration` of `connectionPool`: a connection idle
     /// or open longer takes no new request and is closed; within them it is reused;
     /// and the pool forgets endpoints left without connections.
@@ -776,19 +815,14 @@ mod tests {
     async fn idle_and_old_connections_are_not_reused() {
         let (addr, accepted, ended) = counting_server().await;
         let target = loopback_target(addr);
-        let ca = mesh_proxy::identity::testing::Ca::new();
-        let dial = Dial {
-            cert: ca.cert("spiffe://cluster.local/ns/web/sa/waypoint"),
-            client: "10.0.0.1:40000".parse().unwrap(),
-            baggage: "",
-            connect_timeout: Duration::from_secs(2),
-        };
-        let upstreams = Upstreams::new(Duration::from_secs(2));
-        let breaker = Breaker::new();
+        let (dial, upstreams, breaker) = (dial(), Upstreams::new(Duration::from_secs(2)), Breaker::new());
         let get = async |limits: &Limits| {
             let request = Request::get("http://web/").body(Empty::new().map_err(BoxError::from).boxed()).unwrap();
             let limited = PoolLimits { breaker: &breaker, limits };
-            let response = upstreams.send(&target, false, request, &dial, &limited, None).await.expect("a response");
+            let response = upstreams
+                .send(&target, false, request, &dial, &limited, &Attempt::default())
+                .await
+                .expect("a response");
             assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), "ok");
             // The connection turns ready for the next request once its task sees the end.
             tokio::time::sleep(Duration::from_millis(30)).await;
@@ -823,7 +857,7 @@ mod tests {
             tokio::time::sleep(SWEEP_EVERY).await;
             let request = Request::get("http://web/").body(Empty::new().map_err(BoxError::from).boxed()).unwrap();
             let limited = PoolLimits { breaker: &breaker, limits: &default };
-            upstreams.send(&other, false, request, &dial, &limited, None).await.expect("a response");
+            upstreams.send(&other, false, request, &dial, &limited, &Attempt::default()).await.expect("a response");
             tokio::time::sleep(Duration::from_millis(100)).await;
             assert_eq!(ended.load(Ordering::SeqCst), connections(), "every connection to the first endpoint closed");
         }
@@ -869,27 +903,25 @@ mod tests {
             later.len()
         });
         let target = loopback_target(addr);
-        let ca = mesh_proxy::identity::testing::Ca::new();
-        let dial = Dial {
-            cert: ca.cert("spiffe://cluster.local/ns/web/sa/waypoint"),
-            client: "10.0.0.1:40000".parse().unwrap(),
-            baggage: "",
-            connect_timeout: Duration::from_secs(2),
-        };
-        let upstreams = Upstreams::new(Duration::from_secs(2));
-        let breaker = Breaker::new();
+        let (dial, upstreams, breaker) = (dial(), Upstreams::new(Duration::from_secs(2)), Breaker::new());
         let limits = Limits::default();
         let limited = PoolLimits { breaker: &breaker, limits: &limits };
 
         let first = Request::get("http://web/").body(Empty::new().map_err(BoxError::from).boxed()).unwrap();
-        let response = upstreams.send(&target, false, first, &dial, &limited, None).await.expect("a response");
+        let response =
+            upstreams.send(&target, false, first, &dial, &limited, &Attempt::default()).await.expect("a response");
         assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), "ok");
         tokio::time::sleep(Duration::from_millis(30)).await;
         assert_eq!(upstreams.pooled().0, 1, "kept alive");
         close.send(()).unwrap();
         was_closed.recv().unwrap();
         std::thread::sleep(Duration::from_millis(20));
-        let result = match upstreams.send(&target, false, second, &dial, &limited, None).await {
+        // The head the proxy keeps for its tries, to send the request again.
+        let (head, body) = second.into_parts();
+        let kept = clone_head(&head);
+        let attempt = Attempt { per_try: None, head: Some(&kept) };
+        let second = Request::from_parts(head, body);
+        let result = match upstreams.send(&target, false, second, &dial, &limited, &attempt).await {
             Ok(response) => Ok(response.into_body().collect().await.unwrap().to_bytes()),
             Err(error) => Err(error),
         };
@@ -897,8 +929,11 @@ mod tests {
         (result, server.join().unwrap())
     }
 
-    /// The close wins the race: a GET goes again on a new connection (no `UC`); a
-    /// POST with a body may have been acted on and is not sent twice.
+    /// The request is written before the connection's task reads the close (tokio
+    /// has not polled the socket's readiness since): a GET goes again on a new
+    /// connection (no `UC`); a POST with a body may have been acted on and is not sent
+    /// twice. (The other order, a request handed back unsent, is hyper's
+    /// `try_send_request` contract; this runtime cannot stage it.)
     #[tokio::test]
     async fn a_request_cut_off_on_a_connection_the_endpoint_closed() {
         let get = Request::get("http://web/").body(Empty::new().map_err(BoxError::from).boxed()).unwrap();
@@ -937,15 +972,7 @@ mod tests {
             }
         });
         let target = loopback_target(addr);
-        let ca = mesh_proxy::identity::testing::Ca::new();
-        let dial = Dial {
-            cert: ca.cert("spiffe://cluster.local/ns/web/sa/waypoint"),
-            client: "10.0.0.1:40000".parse().unwrap(),
-            baggage: "",
-            connect_timeout: Duration::from_secs(2),
-        };
-        let upstreams = Upstreams::new(Duration::from_secs(2));
-        let breaker = Breaker::new();
+        let (dial, upstreams, breaker) = (dial(), Upstreams::new(Duration::from_secs(2)), Breaker::new());
         let limits = Limits { max_connections: 1, ..Limits::default() };
         let limited = PoolLimits { breaker: &breaker, limits: &limits };
         let get = |path: &str| {
@@ -954,20 +981,25 @@ mod tests {
         let per_try = Some(Duration::from_millis(150));
 
         let slow = async {
-            let response = upstreams.send(&target, false, get("/slow"), &dial, &limited, None).await.expect("slow");
+            let response =
+                upstreams.send(&target, false, get("/slow"), &dial, &limited, &Attempt::default()).await.expect("slow");
             response.into_body().collect().await.unwrap();
         };
         let queued = async {
             tokio::time::sleep(Duration::from_millis(50)).await;
             let started = Instant::now();
-            let result = upstreams.send(&target, false, get("/"), &dial, &limited, per_try).await;
+            let result =
+                upstreams.send(&target, false, get("/"), &dial, &limited, &Attempt { per_try, head: None }).await;
             (result.map(|_| ()), started.elapsed())
         };
         let ((), (result, waited)) = tokio::join!(slow, queued);
         result.expect("answered within its per-try timeout once it had the connection");
         assert!(waited >= Duration::from_millis(200), "it waited for the only connection: {waited:?}");
 
-        let error = upstreams.send(&target, false, get("/slow"), &dial, &limited, per_try).await.expect_err("too slow");
+        let error = upstreams
+            .send(&target, false, get("/slow"), &dial, &limited, &Attempt { per_try, head: None })
+            .await
+            .expect_err("too slow");
         assert!(error.per_try_timeout() && error.flag() == "UT" && !error.connect_failure(), "{error:?}");
     }
 

@@ -45,13 +45,15 @@ fn metric(lab: &Lab, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
-/// A raw HTTP/1.1 client: `GET /delay/2` to httpbin on a connection it keeps open,
-/// then reads to the connection's end. Prints how long after the response's first
-/// bytes the connection closed, and the response head.
+/// A raw HTTP/1.1 client: `GET /delay/2` to httpbin on a connection it keeps open
+/// (then it creates the file its argument names), then reads to the connection's
+/// end. Prints how long after the response's first bytes the connection closed, and
+/// the response head.
 const KEEP_ALIVE_DRAIN: &str = r#"
-import socket, time
+import socket, sys, time
 s = socket.create_connection(("10.96.0.20", 8000), timeout=20)
 s.sendall(b"GET /delay/2 HTTP/1.1\r\nHost: httpbin\r\n\r\n")
+open(sys.argv[1], "w").close()
 data, first = b"", None
 while True:
     chunk = s.recv(65536)
@@ -131,9 +133,13 @@ fn waypoint_routes_services_that_opt_in_and_fails_closed() {
         // connection is answered with `connection: close`, and the connection closes
         // right after it (the client can reconnect elsewhere), not when the drain
         // deadline cuts it.
+        let sent = lab.dir.join("drain-request-sent");
+        let argv = ["python3", "-c", KEEP_ALIVE_DRAIN, sent.to_str().unwrap()];
         let client = std::thread::scope(|scope| {
-            let client = scope.spawn(|| lab.exec("n1-p1", &["python3", "-c", KEEP_ALIVE_DRAIN]).unwrap());
-            std::thread::sleep(Duration::from_millis(700));
+            let client = scope.spawn(|| lab.exec("n1-p1", &argv).unwrap());
+            wait_for(Duration::from_secs(10), || sent.exists()).expect("the client sent its request");
+            // Through the agent and the tunnel to the waypoint, well inside the 2 s.
+            std::thread::sleep(Duration::from_millis(300));
             lab.stop_process("waypoint", "TERM").unwrap();
             client.join().unwrap()
         });
