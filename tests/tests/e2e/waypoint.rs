@@ -197,7 +197,19 @@ fn waypoint_canary_retries_faults_timeouts_breaker_and_ejection() {
         wait_for(Duration::from_secs(2), || lab.log_of("waypoint").contains("shop/nope"))
             .expect("missing delegate warned");
 
-        apply(lab, "httpbin-routes.yaml", HTTPBIN_ROUTES);
+        // A config change never drops a request in flight that still has a route: a
+        // 5 s request is answered although new routes were applied under it.
+        let slow_url = format!("{HTTPBIN_URL}/delay/5");
+        let slow = ["curl", "-sS", "--max-time", "15", "-o", "/dev/null", "-w", "%{http_code}", &slow_url];
+        let (status, applied_before) = std::thread::scope(|scope| {
+            let request = scope.spawn(|| lab.exec("n1-p1", &slow).unwrap());
+            std::thread::sleep(Duration::from_millis(300));
+            apply(lab, "httpbin-routes.yaml", HTTPBIN_ROUTES);
+            let applied_before = !request.is_finished();
+            (String::from_utf8_lossy(&request.join().unwrap().stdout).into_owned(), applied_before)
+        });
+        assert!(applied_before, "the new routes were applied while the request was in flight");
+        assert_eq!(status, "200", "{}", lab.log_of("waypoint"));
         // Retries counted at the upstream: 1 try + 3 retries.
         let before: usize = shop_pods(lab).iter().map(|p| gunicorn_hits(lab, p, "/status/503")).sum();
         let (code, _) = try_curl(lab, "n1-p1", &format!("{HTTPBIN_URL}/status/503"));
