@@ -949,6 +949,60 @@ mod tests {
         assert_eq!(later, 0, "not sent again");
     }
 
+    /// A request cut off on one pooled connection, then on the one it was sent again
+    /// on (each endpoint worker dies on it, as gunicorn's do at their timeout), fails
+    /// with `UC`: it is sent again once, not on connection after connection.
+    #[tokio::test]
+    async fn a_request_is_sent_again_once() {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (accepted, cut) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (a, c) = (accepted.clone(), cut.clone());
+        tokio::spawn(async move {
+            // Each connection answers its first request and dies on its second.
+            while let Ok((tcp, _)) = listener.accept().await {
+                a.fetch_add(1, Ordering::SeqCst);
+                let c = c.clone();
+                tokio::spawn(async move {
+                    let mut tcp = BufReader::new(tcp);
+                    for answered in [true, false] {
+                        let mut line = String::new();
+                        while tcp.read_line(&mut line).await.unwrap_or(0) > 0 && !line.ends_with("\r\n\r\n") {}
+                        if answered {
+                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            tcp.get_mut().write_all(ok).await.unwrap();
+                        } else {
+                            c.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                });
+            }
+        });
+        let target = loopback_target(addr);
+        let (dial, upstreams, breaker) = (dial(), Upstreams::new(Duration::from_secs(2)), Breaker::new());
+        let limits = Limits::default();
+        let limited = PoolLimits { breaker: &breaker, limits: &limits };
+        let get = || Request::get("http://web/").body(Empty::new().map_err(BoxError::from).boxed()).unwrap();
+        let send = async || {
+            let response = upstreams.send(&target, false, get(), &dial, &limited, &Attempt::default()).await;
+            response.expect("a response").into_body().collect().await.unwrap();
+        };
+        // Two requests at once: two pooled connections.
+        tokio::join!(send(), send());
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert_eq!((accepted.load(Ordering::SeqCst), upstreams.pooled().0), (2, 2));
+
+        let (head, body) = get().into_parts();
+        let kept = clone_head(&head);
+        let attempt = Attempt { per_try: None, head: Some(&kept) };
+        let result = upstreams.send(&target, false, Request::from_parts(head, body), &dial, &limited, &attempt).await;
+        let error = result.expect_err("cut off twice");
+        assert_eq!(error.flag(), "UC", "{error:?}");
+        assert_eq!(cut.load(Ordering::SeqCst), 2, "tried on both pooled connections");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2, "not sent on a third");
+    }
+
     /// `perTryTimeout` times the endpoint, not the wait for a connection: under
     /// `maxConnections: 1`, a request queued 250 ms behind a slow one still gets its
     /// (fast) answer within a 150 ms per-try timeout, while the slow answer itself
