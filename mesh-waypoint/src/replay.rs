@@ -237,4 +237,4 @@ impl http_body::Body for TryBody {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

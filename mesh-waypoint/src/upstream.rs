@@ -154,37 +154,106 @@ impl UpstreamError {
 /// How one try of a request is sent.
 #[derive(Clone, Copy, Default)]
 pub struct Attempt<'a> {
-    /// The route's `perTryTimeout`. Its clock starts once the request has a
-    /// connection, as Envoy's starts when its pool hands one over: time spent waiting
-    /// for a free connection under `maxConnections`, or connecting (bounded by
-    /// `connectTimeout`), is not the endpoint's slowness, and counting it would let
-    /// outlier detection eject healthy endpoints of a busy destination. The route's
-    /// timeout bounds the whole. (Envoy also waits for the request body's end when
-    /// it is still arriving; here an upload still flowing is timed.)
+    /// The route's `perTryTimeout` (see [`TryClock`]).
     pub per_try: Option<Duration>,
     /// The request's head, should it need sending again on another connection (see
     /// [`Upstreams::send_h1`]); `None`: it is not sent again.
     pub head: Option<&'a http::request::Parts>,
 }
 
-impl Attempt<'_> {
-    fn deadline(&self) -> Option<tokio::time::Instant> {
-        self.per_try.map(|limit| tokio::time::Instant::now() + limit)
+/// A try's `perTryTimeout`, as Envoy runs it: the clock starts once the request has
+/// a connection and its body has ended. Time spent waiting for a free connection
+/// under `maxConnections`, connecting (bounded by `connectTimeout`), or uploading is
+/// not the endpoint's slowness; counting it would fail slow uploads and let outlier
+/// detection eject healthy endpoints of a busy destination. The route's timeout
+/// bounds the whole.
+struct TryClock {
+    per_try: Option<Duration>,
+    /// Told when a body still arriving has ended (or failed).
+    body_end: Option<tokio::sync::oneshot::Receiver<()>>,
+    expiry: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+impl TryClock {
+    /// The clock of `request`'s try; a body still to come is watched for its end.
+    fn new(per_try: Option<Duration>, request: &mut Request<Body>) -> Self {
+        let mut body_end = None;
+        if per_try.is_some() && !http_body::Body::is_end_stream(request.body()) {
+            let (told, end) = tokio::sync::oneshot::channel();
+            let body = std::mem::replace(request.body_mut(), Empty::new().map_err(BoxError::from).boxed());
+            *request.body_mut() = Ended { inner: body, told: Some(told) }.boxed();
+            body_end = Some(end);
+        }
+        Self { per_try, body_end, expiry: None }
+    }
+
+    /// The request has a connection: the clock starts (once the body has ended).
+    fn start(&mut self) {
+        if self.expiry.is_none()
+            && let Some(limit) = self.per_try
+        {
+            let body_end = self.body_end.take();
+            self.expiry = Some(Box::pin(async move {
+                if let Some(end) = body_end {
+                    let _ = end.await;
+                }
+                tokio::time::sleep(limit).await;
+            }));
+        }
+    }
+
+    /// Waits for `response` until the clock runs out.
+    async fn run<T>(&mut self, response: impl Future<Output = T>) -> Result<T, UpstreamError> {
+        match &mut self.expiry {
+            Some(expiry) => tokio::select! {
+                response = response => Ok(response),
+                () = expiry.as_mut() => Err(UpstreamError::PerTryTimeout),
+            },
+            None => Ok(response.await),
+        }
+    }
+}
+
+/// A request body that tells its end (its last frame, or a failure).
+struct Ended {
+    inner: Body,
+    told: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl http_body::Body for Ended {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let ended = match &polled {
+            Poll::Ready(Some(Ok(frame))) => frame.is_trailers() || self.inner.is_end_stream(),
+            Poll::Ready(_) => true,
+            Poll::Pending => false,
+        };
+        if ended && let Some(told) = self.told.take() {
+            let _ = told.send(());
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
 /// Waits for `response` at most `per_try` (for an upgrade, which has a connection of
 /// its own).
 pub async fn timed<T>(per_try: Option<Duration>, response: impl Future<Output = T>) -> Result<T, UpstreamError> {
-    timed_until(per_try.map(|limit| tokio::time::Instant::now() + limit), response).await
-}
-
-async fn timed_until<T>(
-    deadline: Option<tokio::time::Instant>,
-    response: impl Future<Output = T>,
-) -> Result<T, UpstreamError> {
-    match deadline {
-        Some(deadline) => tokio::time::timeout_at(deadline, response).await.map_err(|_| UpstreamError::PerTryTimeout),
+    match per_try {
+        Some(limit) => tokio::time::timeout(limit, response).await.map_err(|_| UpstreamError::PerTryTimeout),
         None => Ok(response.await),
     }
 }
@@ -534,11 +603,11 @@ impl Upstreams {
         limited: &PoolLimits<'_>,
         attempt: &Attempt<'_>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let mut deadline = None;
+        let mut clock = TryClock::new(attempt.per_try, &mut request);
         for _ in 0..STALE_TRIES {
             let (mut sender, pooled) = self.checkout_h2(target, dial, limited).await?;
-            let deadline = *deadline.get_or_insert_with(|| attempt.deadline());
-            match timed_until(deadline, sender.try_send_request(request)).await? {
+            clock.start();
+            match clock.run(sender.try_send_request(request)).await? {
                 Ok(response) => return Ok(response),
                 Err(mut error) => match (error.take_message(), pooled) {
                     (Some(unsent), Some(activity)) => {
@@ -633,15 +702,15 @@ impl Upstreams {
         limited: &PoolLimits<'_>,
         attempt: &Attempt<'_>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let mut deadline = None;
+        let mut clock = TryClock::new(attempt.per_try, &mut request);
         // The error of the one time the request was sent again.
         let mut cut_off: Option<hyper::Error> = None;
         for _ in 0..STALE_TRIES {
             let (mut pooled, reused) = self.checkout_h1(target, dial, limited).await?;
             pooled.requests += 1;
-            let deadline = *deadline.get_or_insert_with(|| attempt.deadline());
+            clock.start();
             let again = attempt.head.filter(|_| reused && cut_off.is_none() && replayable(&request));
-            let response = match timed_until(deadline, pooled.sender.try_send_request(request)).await? {
+            let response = match clock.run(pooled.sender.try_send_request(request)).await? {
                 Ok(response) => response,
                 Err(mut error) => {
                     let unsent = error.take_message();
@@ -1003,10 +1072,10 @@ mod tests {
         assert_eq!(accepted.load(Ordering::SeqCst), 2, "not sent on a third");
     }
 
-    /// `perTryTimeout` times the endpoint, not the wait for a connection: under
-    /// `maxConnections: 1`, a request queued 250 ms behind a slow one still gets its
-    /// (fast) answer within a 150 ms per-try timeout, while the slow answer itself
-    /// runs out of it.
+    /// `perTryTimeout` times the endpoint, not the wait for a connection nor the
+    /// upload: under `maxConnections: 1`, a request queued 250 ms behind a slow one
+    /// still gets its (fast) answer within a 150 ms per-try timeout, while the slow
+    /// answer itself runs out of it; so does an answer to a 400 ms upload.
     #[tokio::test]
     async fn the_per_try_timeout_starts_once_the_request_has_a_connection() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1018,6 +1087,8 @@ mod tests {
                         if request.uri().path() == "/slow" {
                             tokio::time::sleep(Duration::from_millis(300)).await;
                         }
+                        // An upload is answered once whole.
+                        let _ = request.into_body().collect().await;
                         Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(Bytes::from("ok"))))
                     });
                     let _ =
@@ -1055,6 +1126,22 @@ mod tests {
             .await
             .expect_err("too slow");
         assert!(error.per_try_timeout() && error.flag() == "UT" && !error.connect_failure(), "{error:?}");
+
+        // An upload that takes 400 ms: the clock starts at its end, and the answer
+        // that follows at once is in time.
+        let (frames, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            for _ in 0..4 {
+                let _ = frames.send(http_body::Frame::data(Bytes::from_static(b"part")));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        let upload = crate::replay::tests::Channel(rx).boxed();
+        let upload = Request::post("http://web/upload").body(upload).unwrap();
+        let started = Instant::now();
+        let result = upstreams.send(&target, false, upload, &dial, &limited, &Attempt { per_try, head: None }).await;
+        result.expect("answered within its per-try timeout after the upload's end");
+        assert!(started.elapsed() >= Duration::from_millis(300), "{:?}", started.elapsed());
     }
 
     /// `refused-stream` retries need an upstream's `REFUSED_STREAM` told apart from any

@@ -164,7 +164,7 @@ async fn size_hints_add_the_unsent_copy_to_the_rest() {
 }
 
 /// Frames from a channel, the end when the sender goes.
-struct Channel(mpsc::UnboundedReceiver<Frame<Bytes>>);
+pub(crate) struct Channel(pub(crate) mpsc::UnboundedReceiver<Frame<Bytes>>);
 
 impl http_body::Body for Channel {
     type Data = Bytes;
