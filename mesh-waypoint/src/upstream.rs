@@ -830,27 +830,52 @@ mod tests {
 
     use super::*;
 
+    /// A server on loopback that hands each connection to `serve`: its address and
+    /// how many connections it accepted.
+    async fn loopback_server<F, Fut>(serve: F) -> (SocketAddr, Arc<AtomicUsize>)
+    where
+        F: Fn(TcpStream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(serve(tcp));
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// Serves HTTP/1.1 on `tcp`: every request gets "ok", after 300 ms for `/slow`,
+    /// and once its body (an upload) is whole.
+    async fn serve_ok(tcp: TcpStream) {
+        let service = hyper::service::service_fn(|request: Request<Incoming>| async move {
+            if request.uri().path() == "/slow" {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            let _ = request.into_body().collect().await;
+            Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(Bytes::from("ok"))))
+        });
+        let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service).await;
+    }
+
     /// An HTTP/1.1 server on loopback: its address and how many connections it
     /// accepted and saw end.
     async fn counting_server() -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (accepted, ended) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let (a, e) = (accepted.clone(), ended.clone());
-        tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                a.fetch_add(1, Ordering::SeqCst);
-                let e = e.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(|_| async {
-                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(Bytes::from("ok"))))
-                    });
-                    let _ =
-                        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service).await;
-                    e.fetch_add(1, Ordering::SeqCst);
-                });
+        let ended = Arc::new(AtomicUsize::new(0));
+        let counted = ended.clone();
+        let (addr, accepted) = loopback_server(move |tcp| {
+            let counted = counted.clone();
+            async move {
+                serve_ok(tcp).await;
+                counted.fetch_add(1, Ordering::SeqCst);
             }
-        });
+        })
+        .await;
         (addr, accepted, ended)
     }
 
@@ -1024,30 +1049,26 @@ mod tests {
     #[tokio::test]
     async fn a_request_is_sent_again_once() {
         use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (accepted, cut) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let (a, c) = (accepted.clone(), cut.clone());
-        tokio::spawn(async move {
-            // Each connection answers its first request and dies on its second.
-            while let Ok((tcp, _)) = listener.accept().await {
-                a.fetch_add(1, Ordering::SeqCst);
-                let c = c.clone();
-                tokio::spawn(async move {
-                    let mut tcp = BufReader::new(tcp);
-                    for answered in [true, false] {
-                        let mut line = String::new();
-                        while tcp.read_line(&mut line).await.unwrap_or(0) > 0 && !line.ends_with("\r\n\r\n") {}
-                        if answered {
-                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                            tcp.get_mut().write_all(ok).await.unwrap();
-                        } else {
-                            c.fetch_add(1, Ordering::SeqCst);
-                        }
+        let cut = Arc::new(AtomicUsize::new(0));
+        let counted = cut.clone();
+        // Each connection answers its first request and dies on its second.
+        let (addr, accepted) = loopback_server(move |tcp| {
+            let counted = counted.clone();
+            async move {
+                let mut tcp = BufReader::new(tcp);
+                for answered in [true, false] {
+                    let mut line = String::new();
+                    while tcp.read_line(&mut line).await.unwrap_or(0) > 0 && !line.ends_with("\r\n\r\n") {}
+                    if answered {
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        tcp.get_mut().write_all(ok).await.unwrap();
+                    } else {
+                        counted.fetch_add(1, Ordering::SeqCst);
                     }
-                });
+                }
             }
-        });
+        })
+        .await;
         let target = loopback_target(addr);
         let (dial, upstreams, breaker) = (dial(), Upstreams::new(Duration::from_secs(2)), Breaker::new());
         let limits = Limits::default();
@@ -1078,24 +1099,7 @@ mod tests {
     /// answer itself runs out of it; so does an answer to a 400 ms upload.
     #[tokio::test]
     async fn the_per_try_timeout_starts_once_the_request_has_a_connection() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(|request: Request<Incoming>| async move {
-                        if request.uri().path() == "/slow" {
-                            tokio::time::sleep(Duration::from_millis(300)).await;
-                        }
-                        // An upload is answered once whole.
-                        let _ = request.into_body().collect().await;
-                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(Bytes::from("ok"))))
-                    });
-                    let _ =
-                        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service).await;
-                });
-            }
-        });
+        let (addr, _) = loopback_server(serve_ok).await;
         let target = loopback_target(addr);
         let (dial, upstreams, breaker) = (dial(), Upstreams::new(Duration::from_secs(2)), Breaker::new());
         let limits = Limits { max_connections: 1, ..Limits::default() };
