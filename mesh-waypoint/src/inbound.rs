@@ -345,6 +345,12 @@ impl Waypoint {
         let requests = RequestMetrics::new(&settings.metrics);
         let ext_authz = ExtAuthzClient::new();
         ext_authz.counters().register(&settings.metrics);
+        let resent = prometheus_client::metrics::counter::Counter::default();
+        settings.metrics.register(
+            "mesh_waypoint_upstream_rq_resent",
+            "Requests sent on another connection because their endpoint closed the pooled one they took (a keep-alive race; not route retries)",
+            resent.clone(),
+        );
         let abandoned = prometheus_client::metrics::counter::Counter::default();
         settings.metrics.register(
             "mesh_waypoint_retry_or_shadow_abandoned",
@@ -363,7 +369,9 @@ impl Waypoint {
 
             requests,
             metrics: settings.metrics.clone(),
-            upstreams: (0..settings.shards.max(1)).map(|_| Upstreams::new(settings.connect_timeout)).collect(),
+            upstreams: (0..settings.shards.max(1))
+                .map(|_| Upstreams::new(settings.connect_timeout).counting_resent(resent.clone()))
+                .collect(),
             ext_authz,
             abandoned,
             ratelimits: Mutex::default(),

@@ -29,6 +29,7 @@ use mesh_proxy::{
     tunnel::{HBONE_PORT, HboneError, client::Pool, client::StreamGuard, connect_request, stream::H2Stream},
     workloads::Workload,
 };
+use prometheus_client::metrics::counter::Counter;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
@@ -498,6 +499,9 @@ pub struct Upstreams {
     http2: Mutex<HashMap<SocketAddr, Pooled<http2::SendRequest<Body>>>>,
     /// When the whole pool was last swept (see [`Upstreams::sweep`]).
     swept: Mutex<Instant>,
+    /// Requests that went on another connection because their endpoint closed the
+    /// pooled one they took (see [`Upstreams::send_h1`]).
+    resent: Counter,
 }
 
 /// How often a request also sweeps the pool's other endpoints.
@@ -510,7 +514,15 @@ impl Upstreams {
             http1: Mutex::default(),
             http2: Mutex::default(),
             swept: Mutex::new(Instant::now()),
+            resent: Counter::default(),
         }
+    }
+
+    /// Counts into `counter` the requests that go on another connection because their
+    /// endpoint closed the pooled one they took.
+    pub fn counting_resent(mut self, counter: Counter) -> Self {
+        self.resent = counter;
+        self
     }
 
     /// Lets go of the idle connections that expired at every endpoint, and forgets
@@ -613,6 +625,7 @@ impl Upstreams {
                     (Some(unsent), Some(activity)) => {
                         debug!(addr = %target.addr, error = %error.error(), "pooled HTTP/2 connection closed; the request goes on a new one");
                         self.forget_h2(target.addr, &activity);
+                        self.resent.inc();
                         request = unsent;
                     }
                     _ => return Err(UpstreamError::Reset(error.into_error())),
@@ -726,6 +739,7 @@ impl Upstreams {
                         }
                         _ => return Err(UpstreamError::Reset(error)),
                     };
+                    self.resent.inc();
                     continue;
                 }
             };
@@ -963,7 +977,7 @@ mod tests {
     /// waits keep this runtime's only thread busy meanwhile): as when a server's
     /// keep-alive timeout runs out just as a request takes the connection. The second
     /// request's result, and the connections the server accepted after the first.
-    async fn on_a_connection_closed_under_it(second: Request<Body>) -> (Result<Bytes, UpstreamError>, usize) {
+    async fn on_a_connection_closed_under_it(second: Request<Body>) -> (Result<Bytes, UpstreamError>, usize, u64) {
         use std::io::{Read, Write};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
@@ -1020,7 +1034,7 @@ mod tests {
             Err(error) => Err(error),
         };
         stop.send(()).unwrap();
-        (result, server.join().unwrap())
+        (result, server.join().unwrap(), upstreams.resent.get())
     }
 
     /// The request is written before the connection's task reads the close (tokio
@@ -1031,16 +1045,16 @@ mod tests {
     #[tokio::test]
     async fn a_request_cut_off_on_a_connection_the_endpoint_closed() {
         let get = Request::get("http://web/").body(Empty::new().map_err(BoxError::from).boxed()).unwrap();
-        let (result, later) = on_a_connection_closed_under_it(get).await;
+        let (result, later, resent) = on_a_connection_closed_under_it(get).await;
         assert_eq!(result.expect("a response, not UC"), "ok");
-        assert_eq!(later, 1, "sent again on a second connection");
+        assert_eq!((later, resent), (1, 1), "sent again on a second connection, and counted");
 
         let body = http_body_util::Full::new(Bytes::from("order")).map_err(BoxError::from).boxed();
         let post = Request::post("http://web/").body(body).unwrap();
-        let (result, later) = on_a_connection_closed_under_it(post).await;
+        let (result, later, resent) = on_a_connection_closed_under_it(post).await;
         let error = result.expect_err("cut off");
         assert_eq!(error.flag(), "UC", "{error:?}");
-        assert_eq!(later, 0, "not sent again");
+        assert_eq!((later, resent), (0, 0), "not sent again");
     }
 
     /// A request cut off on one pooled connection, then on the one it was sent again
