@@ -39,7 +39,7 @@ use tokio::{
     time::{Instant, Sleep},
 };
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use crate::upstream::BoxError;
 
 /// Serves one downstream connection with `handle`, under a [`Clock`] of the
 /// waypoint's timeouts: a slow head is cut; a connection idle for the idle timeout,

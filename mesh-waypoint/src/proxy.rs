@@ -3,7 +3,6 @@
 //! -> response -> log. Bodies stream through; what a retry needs is buffered only
 //! up to a bound.
 use std::{
-    convert::Infallible,
     fmt::Write as _,
     io,
     net::SocketAddr,
@@ -19,7 +18,7 @@ use std::{
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Version, header};
 use http_body::{Frame, SizeHint};
-use http_body_util::{BodyExt as _, Full};
+use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
@@ -63,7 +62,7 @@ use crate::{
     replay::{self, Recording},
     requests::{RequestLabels, RequestLog, Sample, TcpSeriesSet},
     tee,
-    upstream::{Attempt, Body, BoxError, Dial, PoolLimits, Target, UpstreamError, clone_head, timed},
+    upstream::{Attempt, Body, BoxError, Dial, PoolLimits, Target, UpstreamError, clone_head, full, timed},
 };
 
 /// Request bodies of a known length up to this size are read whole before the first
@@ -407,10 +406,6 @@ impl Reply {
         }
         self
     }
-}
-
-fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).map_err(|never: Infallible| match never {}).boxed()
 }
 
 /// A request's span in the making (see `Downstream::start_span`).
@@ -1373,7 +1368,7 @@ impl Downstream {
         let (sent, active) = match deadline {
             Some(deadline) => tokio::time::timeout_at(deadline, attempts)
                 .await
-                .map_err(|_| Reply::new(StatusCode::GATEWAY_TIMEOUT, "UT", "upstream request timeout\n"))??,
+                .map_err(|_| Reply::new(StatusCode::GATEWAY_TIMEOUT, "UT", TIMEOUT_REPLY))??,
             None => attempts.await?,
         };
         let (mut parts, body) = sent.into_parts();
@@ -1519,10 +1514,13 @@ fn wants_h2(service: &ServicePort) -> bool {
 /// Envoy's body for a request its circuit breaker refused.
 const OVERFLOW_REPLY: &str = "upstream connect error or disconnect/reset before headers. reset reason: overflow\n";
 
+/// Envoy's body for a request that ran out of its route's or its try's timeout.
+const TIMEOUT_REPLY: &str = "upstream request timeout\n";
+
 #[allow(clippy::needless_pass_by_value, reason = "a map_err function: it takes the error it is given")]
 fn upstream_reply(error: UpstreamError) -> Reply {
     if error.per_try_timeout() {
-        return Reply::new(StatusCode::GATEWAY_TIMEOUT, error.flag(), "upstream request timeout\n");
+        return Reply::new(StatusCode::GATEWAY_TIMEOUT, error.flag(), TIMEOUT_REPLY);
     }
     let reason = mesh_proxy::telemetry::error_chain(&error);
     let body = if error.overflow() {

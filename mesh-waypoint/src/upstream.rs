@@ -16,7 +16,7 @@ use std::{
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::{BodyExt as _, Empty, combinators::BoxBody};
+use http_body_util::{BodyExt as _, combinators::BoxBody};
 use hyper::{
     body::Incoming,
     client::conn::{http1, http2},
@@ -43,6 +43,11 @@ use mesh_waypoint::{
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
+
+/// A body of `bytes` (none: an empty body).
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    http_body_util::Full::new(bytes.into()).map_err(|never: std::convert::Infallible| match never {}).boxed()
+}
 
 /// A copy of a body frame (data or trailers; frames themselves are not `Clone`), for
 /// the mirrors' and the retries' copies of a request body. `None` for a frame of
@@ -181,7 +186,7 @@ impl TryClock {
         let mut body_end = None;
         if per_try.is_some() && !http_body::Body::is_end_stream(request.body()) {
             let (told, end) = tokio::sync::oneshot::channel();
-            let body = std::mem::replace(request.body_mut(), Empty::new().map_err(BoxError::from).boxed());
+            let body = std::mem::replace(request.body_mut(), full(Bytes::new()));
             *request.body_mut() = Ended { inner: body, told: Some(told) }.boxed();
             body_end = Some(end);
         }
@@ -257,6 +262,22 @@ pub async fn timed<T>(per_try: Option<Duration>, response: impl Future<Output = 
         Some(limit) => tokio::time::timeout(limit, response).await.map_err(|_| UpstreamError::PerTryTimeout),
         None => Ok(response.await),
     }
+}
+
+/// Runs an upstream connection's task, which holds `slot` (its places under the
+/// pool's limits) until the connection ends.
+fn drive(
+    addr: SocketAddr,
+    protocol: &'static str,
+    slot: impl Send + 'static,
+    connection: impl Future<Output = Result<(), hyper::Error>> + Send + 'static,
+) {
+    tokio::spawn(async move {
+        let _slot = slot;
+        if let Err(error) = connection.await {
+            debug!(%addr, protocol, %error, "upstream connection ended");
+        }
+    });
 }
 
 /// A copy of a request's head (method, URI, version, headers; not its extensions).
@@ -582,6 +603,18 @@ impl Upstreams {
         tokio::time::timeout(dial.connect_timeout, connect).await.map_err(|_| UpstreamError::ConnectTimeout { addr })?
     }
 
+    /// A byte stream to `target` (see [`Upstreams::connect`]) whose reads and writes
+    /// stamp the returned [`Activity`], for its idle timeout.
+    async fn connect_stamped(
+        &self,
+        target: &Target,
+        dial: &Dial<'_>,
+    ) -> Result<(TokioIo<Stamped<Box<dyn Io>>>, Arc<Activity>), UpstreamError> {
+        let activity = Activity::new();
+        let io = Stamped { inner: self.connect(target, dial).await?, activity: activity.clone() };
+        Ok((TokioIo::new(io), activity))
+    }
+
     /// Sends `request` to `target` over a pooled HTTP/2 (`h2`) or HTTP/1.1 connection,
     /// within the destination's `connectionPool` limits, as `attempt` says.
     pub async fn send(
@@ -657,23 +690,16 @@ impl Upstreams {
             }
         }
         let slot = limited.breaker.try_connection(limited.limits).unwrap_or_else(|| limited.breaker.force_connection());
-        let activity = Activity::new();
-        let io = Stamped { inner: self.connect(target, dial).await?, activity: activity.clone() };
+        let (io, activity) = self.connect_stamped(target, dial).await?;
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_stream_window_size(1 << 20)
             .initial_connection_window_size(4 << 20)
             .keep_alive_interval(Duration::from_secs(30))
-            .handshake(TokioIo::new(io))
+            .handshake(io)
             .await
             .map_err(|source| UpstreamError::Handshake { addr: target.addr, source })?;
-        let addr = target.addr;
-        tokio::spawn(async move {
-            let _slot = slot;
-            if let Err(error) = connection.await {
-                debug!(%addr, %error, "upstream HTTP/2 connection ended");
-            }
-        });
+        drive(target.addr, "HTTP/2", slot, connection);
         if max.is_none_or(|max| max > 1) {
             // Replacing an expired entry lets its connection end with its streams.
             let pooled = Pooled { requests: 1, ..Pooled::new(sender.clone(), activity, limited.limits) };
@@ -731,8 +757,7 @@ impl Upstreams {
                     request = match (unsent, again) {
                         (Some(unsent), _) if reused => unsent,
                         (None, Some(head)) if closed_before_response(&error) => {
-                            let request =
-                                Request::from_parts(clone_head(head), Empty::new().map_err(BoxError::from).boxed());
+                            let request = Request::from_parts(clone_head(head), full(Bytes::new()));
                             debug!(addr = %target.addr, %error, "pooled HTTP/1.1 connection closed under the request; sent again on another");
                             cut_off = Some(error);
                             request
@@ -820,19 +845,13 @@ impl Upstreams {
         upgrades: bool,
         slot: Option<(Guard, OpenCount)>,
     ) -> Result<(http1::SendRequest<Body>, Arc<Activity>), UpstreamError> {
-        let activity = Activity::new();
-        let io = Stamped { inner: self.connect(target, dial).await?, activity: activity.clone() };
+        let (io, activity) = self.connect_stamped(target, dial).await?;
         let (sender, connection) = http1::Builder::new()
-            .handshake(TokioIo::new(io))
+            .handshake(io)
             .await
             .map_err(|source| UpstreamError::Handshake { addr: target.addr, source })?;
-        let addr = target.addr;
-        tokio::spawn(async move {
-            let _slot = slot;
-            let result = if upgrades { connection.with_upgrades().await } else { connection.await };
-            if let Err(error) = result {
-                debug!(%addr, %error, "upstream HTTP/1.1 connection ended");
-            }
+        drive(target.addr, "HTTP/1.1", slot, async move {
+            if upgrades { connection.with_upgrades().await } else { connection.await }
         });
         Ok((sender, activity))
     }
@@ -840,7 +859,7 @@ impl Upstreams {
 
 #[cfg(test)]
 mod tests {
-    use http_body_util::BodyExt;
+    use http_body_util::{BodyExt, Empty};
 
     use super::*;
 
