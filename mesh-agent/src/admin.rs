@@ -75,6 +75,11 @@ impl Collector for AgentMetrics {
             ("mesh_agent_connections_forwarded", "Captured connections forwarded.", c.forwarded),
             ("mesh_agent_connections_tunneled", "Captured connections sent through the mTLS tunnel.", c.tunneled),
             (
+                "mesh_agent_connections_same_node",
+                "Captured connections delivered to another pod of this node without the tunnel.",
+                c.same_node,
+            ),
+            (
                 "mesh_agent_inbound_tls_failures",
                 "Tunnel connections refused during the TLS handshake.",
                 c.inbound_tls_failed,

@@ -461,6 +461,9 @@ impl Registry {
         // Capture starts only once the listeners exist.
         self.redirect.enroll(cookie, EnrolledPod { id, flags: 0 })?;
         self.forwarder.own.add_pod(pod.ips());
+        if let Some(mesh) = &self.forwarder.mesh {
+            mesh.add_local(&pod);
+        }
         if let Some((_, certs)) = &self.control {
             certs.acquire(&pod.identity());
         }
@@ -501,6 +504,9 @@ impl Registry {
             certs.release(&entry.pod.identity());
         }
         self.forwarder.own.remove_pod(entry.pod.ips());
+        if let Some(mesh) = &self.forwarder.mesh {
+            mesh.remove_local(&entry.pod);
+        }
         entry.pod.removed.send_replace(true);
         if let Some(mesh) = &self.forwarder.mesh {
             mesh.pool.forget(entry.pod.netns_cookie);

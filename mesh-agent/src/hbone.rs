@@ -2,11 +2,15 @@
 //! namespace, served by the library's tunnel server with the pod's certificate; each
 //! CONNECT is checked (target, limits, view, authorization policies) and delivered
 //! to the pod's application from the caller's address.
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use http::StatusCode;
 use mesh_proxy::tunnel::server::{Connect, Handler, Server};
 pub use mesh_proxy::tunnel::{HBONE_PORT, HboneError, connect_request};
+use tokio::net::TcpStream;
 use tracing::info;
 
 use crate::{
@@ -16,6 +20,7 @@ use crate::{
     mesh::Mesh,
     metrics::flags,
     telemetry::{AccessLog, Outcome, Record, bump},
+    workloads::Workload,
 };
 
 /// The inbound tunnel listeners of one pod (a group on 15008 in the pod's
@@ -90,25 +95,8 @@ impl PodTunnel {
         let counters = [&*self.mesh.counters, &self.pod.counters];
         bump(counters, |c| &c.inbound_accepted, 1);
         let source = self.mesh.index().workload(peer.ip()).cloned();
-        let log = AccessLog {
-            direction: "inbound",
-            src_workload: source.as_ref().map_or_else(String::new, |w| w.name.clone()),
-            src_namespace: source.as_ref().map_or_else(String::new, |w| w.namespace.clone()),
-            src_identity: Some(identity.to_string()),
-            src_addr: Some(peer),
-            dst_workload: Some(self.pod.spec.name.clone()),
-            dst_namespace: Some(self.pod.spec.namespace.clone()),
-            dst_identity: Some(self.pod.identity().to_string()),
-            security: "mutual_tls",
-            ..AccessLog::default()
-        };
+        let log = inbound_log(&self.pod, source.as_deref(), &identity, peer, "mutual_tls");
         let mut record = Record::new(log, counters, &self.mesh.metrics);
-        if !self.pod.enrolled() {
-            // A stream that raced the GOAWAY of an un-enrolled pod.
-            let reason = "the pod is no longer enrolled".to_owned();
-            record.refuse(None, Outcome::ConnectFailed, flags::NONE, Some(reason));
-            return connect.refuse(StatusCode::SERVICE_UNAVAILABLE);
-        }
         let target = match self.target(&connect) {
             Ok(target) => target,
             Err(reason) => {
@@ -118,27 +106,9 @@ impl PodTunnel {
         };
         record.log.dst_addr = Some(target);
         record.set_labels(self.mesh.inbound_labels(&self.pod, source.as_deref(), Some(&identity), "mutual_tls"));
-        if let Some(reason) = self.mesh.limits.reached(&self.mesh.counters, &self.pod.counters) {
-            record.refuse(Some(|c| &c.limited), Outcome::Limited, flags::OVERFLOW, Some(reason));
-            return connect.refuse(StatusCode::SERVICE_UNAVAILABLE);
-        }
-        if !self.mesh.has_view() {
-            // No policies known: fail closed rather than authorize against nothing.
-            record.refuse(Some(|c| &c.no_view), Outcome::NoView, flags::NO_ROUTE, None);
-            return connect.refuse(StatusCode::SERVICE_UNAVAILABLE);
-        }
-        if let Err(reason) = self.mesh.authorize(&self.pod, Some(&identity), peer.ip(), target) {
-            info!(pod = %self.pod.spec.name, %identity, %target, reason, "tunnel request denied");
-            record.refuse(Some(|c| &c.denied), Outcome::Denied, flags::DENIED, Some(reason));
-            return connect.refuse(StatusCode::UNAUTHORIZED);
-        }
-        let upstream = match deliver::deliver(&self.pod, peer.ip(), target, self.mesh.connect_timeout).await {
+        let upstream = match admit(&self.pod, &self.mesh, &mut record, &identity, peer.ip(), target).await {
             Ok(upstream) => upstream,
-            Err(error) => {
-                let reason = Some(error.to_string());
-                record.refuse(Some(|c| &c.connect_failed), Outcome::ConnectFailed, flags::UPSTREAM_FAILURE, reason);
-                return connect.refuse(StatusCode::SERVICE_UNAVAILABLE);
-            }
+            Err(status) => return connect.refuse(status),
         };
         match connect.accept() {
             Ok(stream) => {
@@ -156,4 +126,66 @@ impl PodTunnel {
         mesh_common::hbone::connect_target(connect.request.method.as_str(), connect.authority(), self.pod.ips())
             .map_err(|reason| format!("{reason} (pod {})", self.pod.spec.name))
     }
+}
+
+/// The access-log event of a connection to `pod` from `identity` at `peer`.
+pub fn inbound_log(
+    pod: &Pod,
+    source: Option<&Workload>,
+    identity: &str,
+    peer: SocketAddr,
+    security: &'static str,
+) -> AccessLog {
+    AccessLog {
+        direction: "inbound",
+        src_workload: source.map_or_else(String::new, |w| w.name.clone()),
+        src_namespace: source.map_or_else(String::new, |w| w.namespace.clone()),
+        src_identity: Some(identity.to_owned()),
+        src_addr: Some(peer),
+        dst_workload: Some(pod.spec.name.clone()),
+        dst_namespace: Some(pod.spec.namespace.clone()),
+        dst_identity: Some(pod.identity().to_string()),
+        security,
+        ..AccessLog::default()
+    }
+}
+
+/// What the destination end checks of a connection from an authenticated `identity`
+/// at `source_ip` to `target` in `pod`, then delivers it from the caller's address:
+/// the pod is still enrolled, the connection limits, a view, the authorization
+/// policies. A refusal is recorded in `record` and comes back as the status a
+/// tunnel answers with.
+pub async fn admit(
+    pod: &Pod,
+    mesh: &Mesh,
+    record: &mut Record<'_>,
+    identity: &str,
+    source_ip: IpAddr,
+    target: SocketAddr,
+) -> Result<TcpStream, StatusCode> {
+    if !pod.enrolled() {
+        // A stream that raced the GOAWAY of an un-enrolled pod.
+        let reason = "the pod is no longer enrolled".to_owned();
+        record.refuse(None, Outcome::ConnectFailed, flags::NONE, Some(reason));
+        return Err(StatusCode::SERVICE_UNAVAILABLE);
+    }
+    if let Some(reason) = mesh.limits.reached(&mesh.counters, &pod.counters) {
+        record.refuse(Some(|c| &c.limited), Outcome::Limited, flags::OVERFLOW, Some(reason));
+        return Err(StatusCode::SERVICE_UNAVAILABLE);
+    }
+    if !mesh.has_view() {
+        // No policies known: fail closed rather than authorize against nothing.
+        record.refuse(Some(|c| &c.no_view), Outcome::NoView, flags::NO_ROUTE, None);
+        return Err(StatusCode::SERVICE_UNAVAILABLE);
+    }
+    if let Err(reason) = mesh.authorize(pod, Some(identity), source_ip, target) {
+        info!(pod = %pod.spec.name, %identity, %target, reason, "tunnel request denied");
+        record.refuse(Some(|c| &c.denied), Outcome::Denied, flags::DENIED, Some(reason));
+        return Err(StatusCode::UNAUTHORIZED);
+    }
+    deliver::deliver(pod, source_ip, target, mesh.connect_timeout).await.map_err(|error| {
+        let reason = Some(error.to_string());
+        record.refuse(Some(|c| &c.connect_failed), Outcome::ConnectFailed, flags::UPSTREAM_FAILURE, reason);
+        StatusCode::SERVICE_UNAVAILABLE
+    })
 }

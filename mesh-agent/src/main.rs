@@ -134,6 +134,12 @@ struct RunConfig {
     /// (repeatable), e.g. during a migration between meshes.
     #[arg(long = "trust-domain-alias", env = "MESH_TRUST_DOMAIN_ALIASES", value_delimiter = ',')]
     trust_domain_aliases: Vec<String>,
+    /// Carry connections between two meshed pods of this node through the HBONE
+    /// tunnel (TLS and HTTP/2 over the pods' addresses) like cross-node ones. By
+    /// default the agent delivers them itself, after the same identity and policy
+    /// checks: their bytes never leave the two pods' network namespaces.
+    #[arg(long, env = "MESH_TUNNEL_SAME_NODE")]
+    tunnel_same_node: bool,
     /// Upstream connect timeout, in milliseconds.
     #[arg(long, env = "MESH_CONNECT_TIMEOUT_MS", default_value_t = 10_000)]
     connect_timeout_ms: u64,
@@ -332,6 +338,7 @@ async fn run(
             connect_timeout,
             limits,
             config.trust_domain_aliases.clone(),
+            config.tunnel_same_node,
         )
     });
     // Without a controller there is nothing to label connections with: their TCP

@@ -1,8 +1,9 @@
 //! What the secure data path shares: the configuration and its index, the
 //! certificates, the tunnel pool, the policies and the metrics.
 use std::{
+    collections::HashMap,
     net::{IpAddr, SocketAddr},
-    sync::Arc,
+    sync::{Arc, RwLock},
     time::Duration,
 };
 
@@ -10,7 +11,7 @@ use mesh_common::{
     config::{Config, meta::Labels, security::MtlsMode},
     policy,
 };
-use mesh_proxy::tunnel::{POOL_IDLE, POOL_SPARE_IDLE, client::Pool};
+use mesh_proxy::tunnel::{HBONE_PORT, POOL_IDLE, POOL_SPARE_IDLE, client::Pool};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -35,6 +36,11 @@ pub struct Mesh {
     pub limits: Limits,
     /// Other trust domains whose identities are accepted (migrations, renames).
     pub trust_domain_aliases: Vec<String>,
+    /// The pods enrolled on this node, by address: a connection between two of them is
+    /// delivered without the tunnel (see [`Mesh::same_node`]).
+    local: RwLock<HashMap<IpAddr, Arc<Pod>>>,
+    /// Carry connections between pods of this node through the tunnel too.
+    tunnel_same_node: bool,
 }
 
 impl Mesh {
@@ -47,6 +53,7 @@ impl Mesh {
         connect_timeout: Duration,
         limits: Limits,
         trust_domain_aliases: Vec<String>,
+        tunnel_same_node: bool,
     ) -> Arc<Self> {
         let mut updates = control.subscribe();
         let first = updates.borrow_and_update().clone();
@@ -73,6 +80,8 @@ impl Mesh {
             connect_timeout,
             limits,
             trust_domain_aliases,
+            local: RwLock::default(),
+            tunnel_same_node,
         });
         let weak = Arc::downgrade(&mesh);
         tokio::spawn(async move {
@@ -88,6 +97,41 @@ impl Mesh {
 
     pub fn index(&self) -> Arc<Index> {
         self.index.borrow().clone()
+    }
+
+    /// Notes an enrolled pod (its capture and listeners are up): connections from
+    /// the node's other pods may now be delivered to it directly.
+    pub fn add_local(&self, pod: &Arc<Pod>) {
+        let mut local = self.local.write().expect("local pods lock");
+        for ip in pod.ips() {
+            local.insert(*ip, pod.clone());
+        }
+    }
+
+    /// Forgets a pod being un-enrolled (an address another pod took since stays).
+    pub fn remove_local(&self, pod: &Arc<Pod>) {
+        let mut local = self.local.write().expect("local pods lock");
+        for ip in pod.ips() {
+            if local.get(ip).is_some_and(|p| Arc::ptr_eq(p, pod)) {
+                local.remove(ip);
+            }
+        }
+    }
+
+    /// The pod of this node a tunnel to `workload` at `addr` through `hbone` would
+    /// reach, when the connection can be delivered to it directly: the tunnel goes
+    /// straight to the pod (not through a waypoint), the pod is enrolled here, and it
+    /// has the identity the tunnel would require of it. Both hops of such a
+    /// connection stay inside the two pods' network namespaces (application to agent,
+    /// agent to application), so no byte of it crosses a link; the agent knows the
+    /// source's identity from where it captured the connection, as its certificate
+    /// would have told the destination. `--tunnel-same-node` turns this off.
+    pub fn same_node(&self, workload: &Workload, addr: SocketAddr, hbone: SocketAddr) -> Option<Arc<Pod>> {
+        if self.tunnel_same_node || hbone.port() != HBONE_PORT || hbone.ip() != addr.ip() {
+            return None;
+        }
+        let pod = self.local.read().expect("local pods lock").get(&addr.ip()).cloned()?;
+        (pod.enrolled() && *pod.identity() == *workload.identity).then_some(pod)
     }
 
     /// Whether a view is applied (from the controller or restored from disk). Until

@@ -20,7 +20,7 @@ use crate::{
     own::OwnAddrs,
     redirect::Redirect,
     telemetry::{AccessLog, Counter, Counters, Limits, Outcome, Record, bump},
-    workloads::Route,
+    workloads::{Route, Workload},
 };
 
 /// What every outbound connection needs besides its pod.
@@ -190,6 +190,10 @@ impl Connection {
                 let labels =
                     Mesh::outbound_labels(&self.pod, source.as_deref(), Some(&workload), service.as_deref(), true);
                 record.set_labels(self.forwarder.metrics.intern(labels));
+                if let Some(pod) = mesh.same_node(&workload, addr, hbone_addr) {
+                    let source = source.as_deref();
+                    return self.same_node(&mut record, client, &mesh, &pod, source, source_addr, addr).await;
+                }
                 // Boxed: the TLS and HTTP/2 handshakes' state is large and needed only
                 // while the tunnel is set up, not for the connection's whole life.
                 let tunnel = Box::pin(async {
@@ -241,6 +245,64 @@ impl Connection {
         }
     }
 
+    /// A connection to another pod of this node, delivered without the tunnel (see
+    /// [`Mesh::same_node`]): the checks the destination's end of a tunnel makes run
+    /// here, and the agent reports the connection as both ends, as the two ends of a
+    /// tunnel would (`reporter` source and destination).
+    #[allow(clippy::too_many_arguments)]
+    async fn same_node(
+        &self,
+        record: &mut Record<'_>,
+        client: TcpStream,
+        mesh: &Arc<Mesh>,
+        pod: &Arc<Pod>,
+        source: Option<&Workload>,
+        source_addr: SocketAddr,
+        target: SocketAddr,
+    ) {
+        record.log.security = SAME_NODE;
+        let refuse = |record: &mut Record, outcome: Outcome, flag, reason: String| {
+            // Reset the client, as a refused tunnel does.
+            let _ = client.set_zero_linger();
+            debug!(pod = %self.pod.spec.name, %target, reason, "same-node connection refused");
+            record.refuse(Some(|c| &c.connect_failed), outcome, flag, Some(reason));
+        };
+        let identity = self.pod.identity();
+        // A tunnel needs both ends' certificates; an identity the CA has not
+        // certified gets no traffic this way either.
+        if let Some(missing) = [&identity, &pod.identity()].into_iter().find(|id| mesh.certs.get(id).is_none()) {
+            let reason = format!("no certificate for {missing} yet");
+            return refuse(record, Outcome::NoCertificate, flags::UPSTREAM_FAILURE, reason);
+        }
+        if let Err(reason) = mesh_common::hbone::pod_target(target, pod.ips()) {
+            return refuse(record, Outcome::BadRequest, flags::NO_ROUTE, reason);
+        }
+        let log = hbone::inbound_log(pod, source, &identity, source_addr, SAME_NODE);
+        let mut inbound = Record::new(log, [&*mesh.counters, &pod.counters], &mesh.metrics);
+        inbound.log.dst_addr = Some(target);
+        inbound.set_labels(mesh.inbound_labels(pod, source, Some(&identity), "mutual_tls"));
+        inbound.count(|c| &c.inbound_accepted);
+        match hbone::admit(pod, mesh, &mut inbound, &identity, source_addr.ip(), target).await {
+            Ok(upstream) => {
+                record.count(|c| &c.same_node);
+                let recheck = mesh.recheck(pod, Some(identity), source_addr.ip(), target);
+                let report = record.relay_both(&mut inbound, client, upstream, Some(recheck)).await;
+                let counters = [&*self.forwarder.counters, &self.pod.counters];
+                bump(counters, |c| &c.bytes_sent, report.sent);
+                bump(counters, |c| &c.bytes_received, report.received);
+            }
+            Err(status) => {
+                let (outcome, flag) = if status == http::StatusCode::UNAUTHORIZED {
+                    (Outcome::Denied, flags::DENIED)
+                } else {
+                    (Outcome::TunnelFailed, flags::UPSTREAM_FAILURE)
+                };
+                let reason = inbound.log.reason.clone().unwrap_or_else(|| format!("refused by {}", pod.spec.name));
+                refuse(record, outcome, flag, reason);
+            }
+        }
+    }
+
     /// Relays an established connection; the bytes count in the agent's counters.
     async fn relay<U: mesh_proxy::relay::Side>(&self, record: &mut Record<'_>, client: TcpStream, upstream: U) {
         let report = record.relay(client, upstream, None).await;
@@ -251,6 +313,11 @@ impl Connection {
 }
 
 pub use mesh_proxy::telemetry::error_chain;
+
+/// The access log's `security` of a connection between two pods of this node that
+/// the agent delivered itself: identities checked as on the tunnel, no TLS, since no
+/// byte of it leaves the two pods' network namespaces.
+const SAME_NODE: &str = "same_node";
 
 pub fn orig_dst_addr(orig: &OrigDst) -> SocketAddr {
     let ip = if orig.family == AF_INET {

@@ -17,6 +17,12 @@ pub fn connect_target(method: &str, authority: Option<&str>, pod_ips: &[IpAddr])
     }
     let authority = authority.ok_or("CONNECT without :authority")?;
     let target: SocketAddr = authority.parse().map_err(|_| format!("authority `{authority}` is not IP:port"))?;
+    pod_target(target, pod_ips)
+}
+
+/// Whether `target` may be delivered to in a pod with `pod_ips`: one of its addresses,
+/// and not a port of the agent itself. The error is the reason.
+pub fn pod_target(target: SocketAddr, pod_ips: &[IpAddr]) -> Result<SocketAddr, String> {
     if !pod_ips.contains(&target.ip()) {
         return Err(format!("authority {target} is not an address of the pod"));
     }

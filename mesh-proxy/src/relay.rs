@@ -157,13 +157,14 @@ pub struct Report {
 }
 
 /// Relays until both sides are done (or a policy change denies the connection).
-/// `client` is the side the connection came from.
+/// `client` is the side the connection came from; its bytes are added to each of
+/// `series` (one per reporter: a connection between two pods of the node is reported
+/// by both ends).
 pub async fn run<A, B>(
     mut client: Counted<A>,
     mut upstream: B,
     recheck: Option<Recheck>,
-    metrics: &Metrics,
-    labels: &Arc<TcpLabels>,
+    series: &[(&Metrics, &Arc<TcpLabels>)],
 ) -> Report
 where
     A: Side,
@@ -173,7 +174,9 @@ where
     let mut flushed = (0, 0);
     let flush = |flushed: &mut (u64, u64)| {
         let now = (sent.load(Relaxed), received.load(Relaxed));
-        metrics.bytes(labels, now.0 - flushed.0, now.1 - flushed.1);
+        for (metrics, labels) in series {
+            metrics.bytes(labels, now.0 - flushed.0, now.1 - flushed.1);
+        }
         *flushed = now;
     };
     let (mut config, check) = match recheck {
@@ -367,7 +370,7 @@ mod tests {
         client.write_all(b"first").await.unwrap();
         let metrics = Metrics::default();
         let labels = Arc::new(TcpLabels::default());
-        let relay = run(Counted::new(client_side), upstream_side, None, &metrics, &labels);
+        let relay = run(Counted::new(client_side), upstream_side, None, &[(&metrics, &labels)]);
         tokio::pin!(relay);
         let mut cx = Context::from_waker(std::task::Waker::noop());
         assert!(relay.as_mut().poll(&mut cx).is_pending());

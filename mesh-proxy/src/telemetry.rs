@@ -26,6 +26,8 @@ pub struct Counters {
     pub bytes_sent: AtomicU64,
     pub bytes_received: AtomicU64,
     pub tunneled: AtomicU64,
+    /// Captured connections delivered to another pod of this node without the tunnel.
+    pub same_node: AtomicU64,
     pub inbound_accepted: AtomicU64,
     pub inbound_tls_failed: AtomicU64,
     pub inbound_bad_request: AtomicU64,
@@ -49,6 +51,7 @@ pub struct CountersSnapshot {
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub tunneled: u64,
+    pub same_node: u64,
     pub inbound_accepted: u64,
     pub inbound_tls_failed: u64,
     pub inbound_bad_request: u64,
@@ -70,6 +73,7 @@ impl Counters {
             bytes_sent: self.bytes_sent.load(Relaxed),
             bytes_received: self.bytes_received.load(Relaxed),
             tunneled: self.tunneled.load(Relaxed),
+            same_node: self.same_node.load(Relaxed),
             inbound_accepted: self.inbound_accepted.load(Relaxed),
             inbound_tls_failed: self.inbound_tls_failed.load(Relaxed),
             inbound_bad_request: self.inbound_bad_request.load(Relaxed),
@@ -282,17 +286,52 @@ impl<'a> Record<'a> {
         upstream: B,
         recheck: Option<Recheck>,
     ) -> Report {
+        self.relay_reported(None, client, upstream, recheck).await
+    }
+
+    /// Relays a connection between two pods of this node, which the agent reports as
+    /// both ends: this record is the source's, `destination` the destination's; both
+    /// get the connection's bytes, metrics and active count.
+    pub async fn relay_both<A: relay::Side, B: relay::Side>(
+        &mut self,
+        destination: &mut Record<'_>,
+        client: A,
+        upstream: B,
+        recheck: Option<Recheck>,
+    ) -> Report {
+        self.relay_reported(Some(destination), client, upstream, recheck).await
+    }
+
+    async fn relay_reported<A: relay::Side, B: relay::Side>(
+        &mut self,
+        other: Option<&mut Record<'_>>,
+        client: A,
+        upstream: B,
+        recheck: Option<Recheck>,
+    ) -> Report {
         let labels = self.labels.clone().unwrap_or_default();
-        self.metrics.opened(&labels);
-        let active = Active::enter(self.counters);
-        let report = relay::run(Counted::new(client), upstream, recheck, self.metrics, &labels).await;
+        let other_labels = other.as_ref().map(|o| o.labels.clone().unwrap_or_default());
+        let mut series = vec![(self.metrics, &labels)];
+        let mut active = vec![Active::enter(self.counters)];
+        if let (Some(other), Some(labels)) = (other.as_deref(), other_labels.as_ref()) {
+            series.push((other.metrics, labels));
+            active.push(Active::enter(other.counters));
+        }
+        for (metrics, labels) in &series {
+            metrics.opened(labels);
+        }
+        let report = relay::run(Counted::new(client), upstream, recheck, &series).await;
         drop(active);
-        self.metrics.closed(&labels);
-        self.log.bytes_sent = report.sent;
-        self.log.bytes_received = report.received;
-        if report.outcome.is_some() {
-            self.log.outcome = report.outcome;
-            self.log.reason.clone_from(&report.reason);
+        for (metrics, labels) in &series {
+            metrics.closed(labels);
+        }
+        for log in std::iter::once(&mut self.log).chain(other.map(|o| &mut o.log)) {
+            log.bytes_sent = report.sent;
+            log.bytes_received = report.received;
+            if report.outcome.is_some() {
+                log.outcome = report.outcome;
+                log.reason.clone_from(&report.reason);
+            }
         }
         report
     }

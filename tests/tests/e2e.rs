@@ -591,6 +591,33 @@ fn secure_tunnel_identity_policies_strict_and_telemetry() {
             "{sent:#?}"
         );
 
+        // Between two meshed pods of one node the agent delivers the connection itself:
+        // from the caller's address, not through the tunnel, reported by both ends.
+        let n1p2 = url(&lab.pod("n1-p2").ip4);
+        let (tunneled, same_node) = (stat(lab, 1, "agent", "tunneled"), stat(lab, 1, "agent", "same_node"));
+        let body = lab.curl("n1-p1", &n1p2).expect("same-node request");
+        assert!(body.starts_with("pod=n1-p2 ") && body.contains(&format!("peer={}:", lab.pod("n1-p1").ip4)), "{body}");
+        assert_eq!(stat(lab, 1, "agent", "same_node"), same_node + 1, "{}", lab.agent_log(1));
+        assert_eq!(stat(lab, 1, "agent", "tunneled"), tunneled, "a same-node connection took the tunnel");
+        wait_for(Duration::from_secs(3), || {
+            lab.agent_log(1).lines().any(|l| {
+                l.contains("direction=\"inbound\"")
+                    && l.contains("security=\"same_node\"")
+                    && l.contains(&format!("src.identity={N1P1}"))
+                    && l.contains("dst.workload=n1-p2")
+            })
+        })
+        .unwrap_or_else(|_| panic!("no same-node inbound access log:\n{}", lab.agent_log(1)));
+        let opened = metric_lines(lab, 1, "istio_tcp_connections_opened_total");
+        for reporter in ["source", "destination"] {
+            assert!(
+                opened.iter().any(|l| l.contains(&format!("reporter=\"{reporter}\""))
+                    && l.contains(&format!("source_principal=\"{N1P1}\""))
+                    && l.contains("destination_workload=\"n1-p2\"")),
+                "{reporter}: {opened:#?}"
+            );
+        }
+
         // A long transfer survives certificate renewals (8 s certificates, renewed at
         // half life) and is closed when a new policy denies it.
         let target = format!("{}:{}", lab.pod("n2-p1").ip4, mesh_lab::ECHO_PORT);
@@ -598,6 +625,10 @@ fn secure_tunnel_identity_policies_strict_and_telemetry() {
         let hold = if hold.exists() { hold } else { PathBuf::from(env!("CARGO_BIN_EXE_mesh-echo")) };
         lab.spawn_in("n1-p1", "hold", &[&hold.display().to_string(), "hold", "--addr", &target, "--seconds", "60"])
             .unwrap();
+        let local_target = format!("{}:{}", lab.pod("n1-p2").ip4, mesh_lab::ECHO_PORT);
+        let hold_local =
+            [hold.display().to_string(), "hold".into(), "--addr".into(), local_target, "--seconds".into(), "60".into()];
+        lab.spawn_in("n1-p1", "hold-local", &hold_local.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
         let renewals = |n: usize, identity: &str| {
             lab.config_dump(n).unwrap()["control"]["certificates"][identity]["renewals"].as_u64().unwrap_or(0)
         };
@@ -611,6 +642,8 @@ fn secure_tunnel_identity_policies_strict_and_telemetry() {
         let progress = lab.log_of("hold");
         assert!(!progress.contains("closed"), "long connection broke across a renewal: {progress}");
         assert!(progress.lines().count() > 20, "{progress}");
+        let progress = lab.log_of("hold-local");
+        assert!(!progress.contains("closed"), "long same-node connection broke across a renewal: {progress}");
         // New connections use the renewed certificates.
         wait_reachable(lab, "n1-p1", "n2-p1");
 
@@ -620,8 +653,13 @@ fn secure_tunnel_identity_policies_strict_and_telemetry() {
         );
         wait_for(Duration::from_secs(5), || lab.log_of("hold").contains("closed after"))
             .unwrap_or_else(|_| panic!("denied live connection still open: {}", lab.log_of("hold")));
+        wait_for(Duration::from_secs(5), || lab.log_of("hold-local").contains("closed after"))
+            .unwrap_or_else(|_| panic!("denied live same-node connection still open: {}", lab.log_of("hold-local")));
         let (code, out) = try_curl(lab, "n1-p1", &url(&lab.pod("n2-p1").ip4));
         assert_ne!(code, 0, "DENY did not refuse: {out}");
+        let (code, out) = try_curl(lab, "n1-p1", &n1p2);
+        assert_ne!(code, 0, "DENY did not refuse a same-node connection: {out}");
+        wait_logged(|| lab.agent_log(1), "denied by DENY policy shop/deny-p1");
         wait_reachable(lab, "n1-p2", "n2-p1");
         wait_logged(|| lab.agent_log(2), "denied by DENY policy shop/deny-p1");
 
@@ -657,6 +695,7 @@ fn secure_tunnel_identity_policies_strict_and_telemetry() {
         );
         let (code, out) = try_curl(lab, "n1-p3", &url(&lab.pod("n2-p1").ip4));
         assert_ne!(code, 0, "STRICT accepted plaintext: {out}");
+        wait_reachable(lab, "n1-p1", "n1-p2");
         wait_for(Duration::from_secs(5), || lab.log_of("hold-plain").contains("closed after"))
             .unwrap_or_else(|_| panic!("live plaintext connection open under STRICT: {}", lab.log_of("hold-plain")));
         wait_reachable(lab, "n1-p1", "n2-p1");

@@ -32,6 +32,8 @@ mod waypoint;
 /// The client and server pods of every leg.
 const CLIENT: &str = "n1-p1";
 const SERVER: &str = "n2-p1";
+/// The server pod of the L4 legs with `--same-node`: on the client's node.
+const SAME_NODE_SERVER: &str = "n1-p2";
 
 /// The sections of the data-plane benchmark: `bench` runs both, `bench l4` and
 /// `bench waypoint` one each.
@@ -51,6 +53,8 @@ pub struct Options {
     ztunnel: Option<PathBuf>,
     /// Which sections run.
     sections: Sections,
+    /// The L4 legs' server is on the client's node.
+    same_node: bool,
 }
 
 impl Options {
@@ -59,9 +63,13 @@ impl Options {
         json: Option<PathBuf>,
         ztunnel: Option<PathBuf>,
         sections: Sections,
+        same_node: bool,
     ) -> anyhow::Result<Self> {
         if sections == Sections::Waypoint && ztunnel.is_some() {
             bail!("--ztunnel belongs to the L4 legs, not `bench waypoint`");
+        }
+        if same_node && sections != Sections::L4 {
+            bail!("--same-node belongs to the L4 legs: use `bench l4 --same-node`");
         }
         if let Some(path) = &json {
             let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -70,7 +78,7 @@ impl Options {
             }
         }
         let ztunnel = ztunnel.map(|path| ztunnel::check_binary(&path)).transpose()?;
-        Ok(Self { quick, json, ztunnel, sections })
+        Ok(Self { quick, json, ztunnel, sections, same_node })
     }
 }
 
@@ -363,11 +371,14 @@ pub fn bench(options: &Options) -> anyhow::Result<()> {
     } else {
         &[Leg::NoMesh, Leg::Ours]
     };
+    let (server_pod, where_) = if options.same_node { (SAME_NODE_SERVER, "same node") } else { (SERVER, "across nodes") };
     println!(
-        "==> bench: 2-node lab, client {CLIENT} -> server {SERVER}; {rounds} round(s) of {} in turn; medians",
+        "==> bench: 2-node lab, client {CLIENT} -> server {server_pod} ({where_}); {rounds} round(s) of {} in turn; \
+         medians",
         legs.iter().map(|l| l.title()).collect::<Vec<_>>().join(" / ")
     );
-    let mut spec = lab_spec(2, 2);
+    // A third pod per node makes the second one meshed (the last is not).
+    let mut spec = lab_spec(2, if options.same_node { 3 } else { 2 });
     spec.waypoint_bin = Some(crate::release_bin("mesh-waypoint"));
     // Extra agent flags for experiments, e.g. MESH_BENCH_AGENT_ARGS="--worker-threads 1".
     spec.agent_args =
@@ -391,11 +402,11 @@ pub fn bench(options: &Options) -> anyhow::Result<()> {
         }
         None => None,
     };
-    println!("==> lab up (controller, 2 agents, 4 pods, a waypoint)");
+    println!("==> lab up (controller, 2 agents, {} pods, a waypoint)", 2 * spec.pods_per_node);
     let lab = Lab::up(spec)?;
     waypoint::prepare(&lab)?;
     let features = if options.sections == Sections::L4 { None } else { Some(waypoint::Features::prepare(&lab)?) };
-    let server = lab.pod(SERVER).ip4.clone();
+    let server = lab.pod(server_pod).ip4.clone();
     // With the default (2: loopback only) TIME_WAIT sockets fill the ephemeral ports
     // of a connection-rate run within a second and the baseline collapses.
     for pod in &lab.pods {
@@ -408,7 +419,7 @@ pub fn bench(options: &Options) -> anyhow::Result<()> {
         "==> net.ipv4.tcp_tw_reuse=1 in the pod namespaces ({}) for the connection-rate runs",
         lab.pods.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(" ")
     );
-    let out = lab.exec(SERVER, &["iperf3", "-s", "-D"])?;
+    let out = lab.exec(server_pod, &["iperf3", "-s", "-D"])?;
     if !out.status.success() {
         bail!("iperf3 server: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -424,7 +435,7 @@ pub fn bench(options: &Options) -> anyhow::Result<()> {
     let mut enrolled = true;
     let mut enroll = |on: bool| -> anyhow::Result<()> {
         if on != enrolled {
-            for pod in [CLIENT, SERVER] {
+            for pod in [CLIENT, server_pod] {
                 if on { lab.enroll(pod).map(drop)? } else { lab.unenroll(pod).map(drop)? }
             }
             enrolled = on;
@@ -438,11 +449,16 @@ pub fn bench(options: &Options) -> anyhow::Result<()> {
                 Leg::NoMesh => sample(&lab, &server, seconds, count, &[])?,
                 Leg::Ours => {
                     lab.wait_certificates()?;
-                    let before = lab.agent_stats(1)?["agent"]["tunneled"].as_u64().unwrap_or(0);
+                    // Tunneled, or (same node) delivered by the agent without the tunnel.
+                    let carried = |lab: &Lab| -> anyhow::Result<u64> {
+                        let stats = lab.agent_stats(1)?;
+                        let count = |key: &str| stats["agent"][key].as_u64().unwrap_or(0);
+                        Ok(count("tunneled") + count("same_node"))
+                    };
+                    let before = carried(&lab)?;
                     let mut s = sample(&lab, &server, seconds, count, &agents)?;
-                    let after = lab.agent_stats(1)?["agent"]["tunneled"].as_u64().unwrap_or(0);
-                    if after <= before {
-                        bail!("round {round}: the run through our agents did not go through the tunnel");
+                    if carried(&lab)? <= before {
+                        bail!("round {round}: the run through our agents did not go through them");
                     }
                     s.rss_idle_mib = agents_idle;
                     s.rss_peak_mib = rss_mib(&agents).1;
@@ -453,8 +469,8 @@ pub fn bench(options: &Options) -> anyhow::Result<()> {
                     let mut running = zt.start(
                         &lab,
                         &ztunnel::Launch {
-                            workloads: &[CLIENT, SERVER],
-                            pods: &[CLIENT, SERVER],
+                            workloads: &[CLIENT, server_pod],
+                            pods: &[CLIENT, server_pod],
                             redirect: Some(CLIENT),
                             policies: &[],
                             env: &[],
@@ -463,9 +479,9 @@ pub fn bench(options: &Options) -> anyhow::Result<()> {
                     if ztunnel_idle.is_nan() {
                         ztunnel_idle = rss_mib(&running.pids).0;
                     }
-                    let before = ztunnel::Running::connections(&lab, SERVER);
+                    let before = ztunnel::Running::connections(&lab, server_pod);
                     let measured = sample(&lab, &server, seconds, count, &running.pids);
-                    let after = ztunnel::Running::connections(&lab, SERVER);
+                    let after = ztunnel::Running::connections(&lab, server_pod);
                     let peak = rss_mib(&running.pids).1;
                     running.stop()?;
                     let mut s = measured.map_err(|e| e.context(format!("ztunnel leg: {}", running.logs())))?;

@@ -63,6 +63,9 @@ enum Cmd {
         /// pod in its dedicated mode, same pods, same lab (data-plane benchmark).
         #[arg(long, value_name = "PATH")]
         ztunnel: Option<PathBuf>,
+        /// `bench l4`: the server pod is on the client's node (n1-p2 instead of n2-p1).
+        #[arg(long)]
+        same_node: bool,
     },
     /// Our agents against Istio's ztunnel in the lab, both directions: IPv4, IPv6,
     /// half-closed bulk transfers, policies on each side, ztunnel's `COMPLIANCE_POLICY=pqc`.
@@ -125,15 +128,18 @@ fn main() -> ExitCode {
         Cmd::Demo => setup::setup().and_then(|()| build()).and_then(|()| demo::demo()),
         Cmd::Test { no_vm } => test(!no_vm),
         Cmd::VmTest => setup::setup().and_then(|()| build()).and_then(|()| vm_test()),
-        Cmd::Bench { what, quick, json, ztunnel } => match what.as_deref() {
+        Cmd::Bench { what, quick, json, ztunnel, same_node } => match what.as_deref() {
             None | Some("data" | "l4" | "waypoint") => {
                 let sections = match what.as_deref() {
                     Some("l4") => bench::Sections::L4,
                     Some("waypoint") => bench::Sections::Waypoint,
                     _ => bench::Sections::Both,
                 };
-                bench::Options::new(quick, json, ztunnel, sections)
+                bench::Options::new(quick, json, ztunnel, sections, same_node)
                     .and_then(|options| setup::setup().and_then(|()| build()).and_then(|()| bench::bench(&options)))
+            }
+            Some("control" | "micro") if same_node => {
+                Err(anyhow::anyhow!("--same-node belongs to the L4 legs: use `bench l4 --same-node`"))
             }
             Some("control") if json.is_some() || ztunnel.is_some() => {
                 Err(anyhow::anyhow!("--json and --ztunnel belong to the data-plane benchmark, not `bench control`"))
