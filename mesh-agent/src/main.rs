@@ -335,10 +335,12 @@ async fn run(
             certs.clone(),
             metrics.clone(),
             counters.clone(),
-            connect_timeout,
-            limits,
-            config.trust_domain_aliases.clone(),
-            config.tunnel_same_node,
+            mesh::Settings {
+                connect_timeout,
+                limits,
+                trust_domain_aliases: config.trust_domain_aliases.clone(),
+                tunnel_same_node: config.tunnel_same_node,
+            },
         )
     });
     // Without a controller there is nothing to label connections with: their TCP

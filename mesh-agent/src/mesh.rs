@@ -43,6 +43,14 @@ pub struct Mesh {
     tunnel_same_node: bool,
 }
 
+/// The agent's flags the secure data path follows.
+pub struct Settings {
+    pub connect_timeout: Duration,
+    pub limits: Limits,
+    pub trust_domain_aliases: Vec<String>,
+    pub tunnel_same_node: bool,
+}
+
 impl Mesh {
     /// Starts the tasks that keep the index current and release idle tunnels.
     pub fn start(
@@ -50,11 +58,9 @@ impl Mesh {
         certs: Arc<CertStore>,
         metrics: Arc<Metrics>,
         counters: Arc<Counters>,
-        connect_timeout: Duration,
-        limits: Limits,
-        trust_domain_aliases: Vec<String>,
-        tunnel_same_node: bool,
+        settings: Settings,
     ) -> Arc<Self> {
+        let Settings { connect_timeout, limits, trust_domain_aliases, tunnel_same_node } = settings;
         let mut updates = control.subscribe();
         let first = updates.borrow_and_update().clone();
         let (index_tx, index) = watch::channel(Arc::new(Index::build(&first.config).at(first.version)));

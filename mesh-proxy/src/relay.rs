@@ -370,7 +370,8 @@ mod tests {
         client.write_all(b"first").await.unwrap();
         let metrics = Metrics::default();
         let labels = Arc::new(TcpLabels::default());
-        let relay = run(Counted::new(client_side), upstream_side, None, &[(&metrics, &labels)]);
+        let series = [(&metrics, &labels)];
+        let relay = run(Counted::new(client_side), upstream_side, None, &series);
         tokio::pin!(relay);
         let mut cx = Context::from_waker(std::task::Waker::noop());
         assert!(relay.as_mut().poll(&mut cx).is_pending());

@@ -371,7 +371,8 @@ pub fn bench(options: &Options) -> anyhow::Result<()> {
     } else {
         &[Leg::NoMesh, Leg::Ours]
     };
-    let (server_pod, where_) = if options.same_node { (SAME_NODE_SERVER, "same node") } else { (SERVER, "across nodes") };
+    let (server_pod, where_) =
+        if options.same_node { (SAME_NODE_SERVER, "same node") } else { (SERVER, "across nodes") };
     println!(
         "==> bench: 2-node lab, client {CLIENT} -> server {server_pod} ({where_}); {rounds} round(s) of {} in turn; \
          medians",
