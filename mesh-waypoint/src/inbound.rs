@@ -391,6 +391,14 @@ impl Waypoint {
         self.draining.send_replace(true);
     }
 
+    /// Lets idle upstream connections go, on every shard (see
+    /// [`Upstreams::release_idle`]).
+    pub fn release_idle(&self) {
+        for upstreams in &self.upstreams {
+            upstreams.release_idle();
+        }
+    }
+
     /// Whether the waypoint drains, for a downstream connection to watch.
     pub fn draining(&self) -> tokio::sync::watch::Receiver<bool> {
         self.draining.subscribe()

@@ -175,6 +175,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // Ready with a view and a certificate: until then every stream is refused.
     let waiting = ready.register("config");
     tokio::spawn(waypoint.clone().follow_config(waiting));
+    // Idle upstream connections go even when no request comes to sweep them.
+    let weak = Arc::downgrade(&waypoint);
+    tokio::spawn(async move {
+        let every = upstream::RELEASE_EVERY;
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        loop {
+            tick.tick().await;
+            let Some(waypoint) = weak.upgrade() else { return };
+            waypoint.release_idle();
+        }
+    });
 
     let (stop_serving, stop) = tokio::sync::watch::channel(false);
     let admin_server = admin::HttpServer::bind("admin", cli.admin_addr, None, stop.clone())

@@ -26,7 +26,10 @@ use mesh_proxy::{
     identity::WorkloadCert,
     relay::Side,
     socket::Local,
-    tunnel::{HBONE_PORT, HboneError, client::Pool, client::StreamGuard, connect_request, stream::H2Stream},
+    tunnel::{
+        HBONE_PORT, HboneError, POOL_IDLE, POOL_SPARE_IDLE, client::Pool, client::StreamGuard, connect_request,
+        stream::H2Stream,
+    },
     workloads::Workload,
 };
 use prometheus_client::metrics::counter::Counter;
@@ -527,6 +530,8 @@ pub struct Upstreams {
 
 /// How often a request also sweeps the pool's other endpoints.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// How often idle connections are let go without requests (see [`Upstreams::release_idle`]).
+pub const RELEASE_EVERY: Duration = Duration::from_secs(5);
 
 impl Upstreams {
     pub fn new(connect_timeout: Duration) -> Self {
@@ -549,9 +554,8 @@ impl Upstreams {
     /// Lets go of the idle connections that expired at every endpoint, and forgets
     /// endpoints left without connections (pods come and go; their entries must
     /// not pile up). A request's own endpoint is checked when it takes a
-    /// connection; this runs at most once every [`SWEEP_EVERY`], from a request, so
-    /// an idle waypoint makes no wake-ups for it: its connections then end when
-    /// their endpoints close them, or at the next request.
+    /// connection; this runs at most once every [`SWEEP_EVERY`] from requests, and
+    /// from [`Upstreams::release_idle`] when none come.
     fn sweep(&self, now: Instant) {
         {
             let mut swept = self.swept.lock().expect("lock");
@@ -560,6 +564,20 @@ impl Upstreams {
             }
             *swept = now;
         }
+        self.sweep_now(now);
+    }
+
+    /// The periodic pass (every [`RELEASE_EVERY`] from the waypoint's control
+    /// runtime): the sweep, so that a waypoint no request reaches still closes the
+    /// HTTP connections past their `idleTimeout`, and then the tunnel connections
+    /// that carried nothing for [`POOL_IDLE`] (those of endpoints that are gone
+    /// included), as the agent's pool does.
+    pub fn release_idle(&self) {
+        self.sweep_now(Instant::now());
+        self.tunnels.release_idle(POOL_IDLE, POOL_SPARE_IDLE);
+    }
+
+    fn sweep_now(&self, now: Instant) {
         self.http1.lock().expect("lock").retain(|_, endpoint| {
             endpoint.pooled.retain(|p| p.keep(now, &p.limits));
             // A request about to open a connection holds a clone of `open` too.
@@ -989,6 +1007,33 @@ mod tests {
             assert_eq!(ended.load(Ordering::SeqCst), connections(), "every connection to the first endpoint closed");
         }
         assert_eq!(upstreams.pooled(), (1, 0, 1), "only the other endpoint's connection is left");
+    }
+
+    /// Without any request, the periodic pass closes a connection past its
+    /// `idleTimeout` and forgets its endpoint: a waypoint whose traffic stopped
+    /// does not hold every endpoint's connection until the endpoint closes it.
+    #[tokio::test]
+    async fn the_periodic_pass_closes_idle_connections_without_traffic() {
+        let (addr, accepted, ended) = counting_server().await;
+        let target = loopback_target(addr);
+        let (dial, upstreams, breaker) = (dial(), Upstreams::new(Duration::from_secs(2)), Breaker::new());
+        let limits = Limits { idle_timeout: Duration::from_millis(100), ..Limits::default() };
+        let request = Request::get("http://web/").body(Empty::new().map_err(BoxError::from).boxed()).unwrap();
+        let limited = PoolLimits { breaker: &breaker, limits: &limits };
+        let response =
+            upstreams.send(&target, false, request, &dial, &limited, &Attempt::default()).await.expect("a response");
+        assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), "ok");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        upstreams.release_idle();
+        assert_eq!(upstreams.pooled(), (1, 0, 1), "idle for 30 ms of 100: kept");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(ended.load(Ordering::SeqCst), 0, "nothing closes it before the pass");
+        upstreams.release_idle();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!((accepted.load(Ordering::SeqCst), ended.load(Ordering::SeqCst)), (1, 1), "its connection closed");
+        // Its task held the endpoint's entry until it ended: the next pass forgets it.
+        upstreams.release_idle();
+        assert_eq!(upstreams.pooled(), (0, 0, 0), "the endpoint is forgotten");
     }
 
     /// Sends a GET to a server that then closes the idle keep-alive connection, and
