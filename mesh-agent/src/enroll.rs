@@ -488,6 +488,12 @@ impl Registry {
             return Err(EnrollError::Draining);
         }
         let entry = inner.pods.remove(uid).ok_or_else(|| EnrollError::UnknownPod { uid: uid.to_owned() })?;
+        // First of all, whatever fails below: the pod takes no new connection, from a
+        // tunnel or from a pod of this node.
+        if let Some(mesh) = &self.forwarder.mesh {
+            mesh.remove_local(&entry.pod);
+        }
+        entry.pod.removed.send_replace(true);
         // Stop capture first; then the listeners close (dropping the entry aborts
         // their accept loops). Connections already open run to completion.
         self.redirect.unenroll(entry.pod.netns_cookie)?;
@@ -504,10 +510,6 @@ impl Registry {
             certs.release(&entry.pod.identity());
         }
         self.forwarder.own.remove_pod(entry.pod.ips());
-        if let Some(mesh) = &self.forwarder.mesh {
-            mesh.remove_local(&entry.pod);
-        }
-        entry.pod.removed.send_replace(true);
         if let Some(mesh) = &self.forwarder.mesh {
             mesh.pool.forget(entry.pod.netns_cookie);
         }

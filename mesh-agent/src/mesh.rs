@@ -137,7 +137,10 @@ impl Mesh {
             return None;
         }
         let pod = self.local.read().expect("local pods lock").get(&addr.ip()).cloned()?;
-        (pod.enrolled() && *pod.identity() == *workload.identity).then_some(pod)
+        // The pod the view places at that address (not one whose address moved on
+        // while it was being removed), with the identity the tunnel would expect.
+        let same = pod.spec.name == workload.name && pod.spec.namespace == workload.namespace;
+        (same && pod.enrolled() && *pod.identity() == *workload.identity).then_some(pod)
     }
 
     /// Whether a view is applied (from the controller or restored from disk). Until

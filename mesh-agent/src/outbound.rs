@@ -190,9 +190,15 @@ impl Connection {
                 let labels =
                     Mesh::outbound_labels(&self.pod, source.as_deref(), Some(&workload), service.as_deref(), true);
                 record.set_labels(self.forwarder.metrics.intern(labels));
-                if let Some(pod) = mesh.same_node(&workload, addr, hbone_addr) {
-                    let source = source.as_deref();
-                    return self.same_node(&mut record, client, &mesh, &pod, source, source_addr, addr).await;
+                // The caller as a tunnel's destination would see it: the pod's address
+                // of the target's family (an IPv4-mapped connect from an IPv6 socket
+                // arrives here from ::1 and goes to an IPv4 target).
+                let caller = self.pod.ips().iter().find(|ip| ip.is_ipv6() == addr.is_ipv6());
+                if let Some(caller) = caller
+                    && let Some(pod) = mesh.same_node(&workload, addr, hbone_addr)
+                {
+                    let (source, caller) = (source.as_deref(), SocketAddr::new(*caller, peer.port()));
+                    return self.same_node(&mut record, client, &mesh, &pod, source, caller, addr).await;
                 }
                 // Boxed: the TLS and HTTP/2 handshakes' state is large and needed only
                 // while the tunnel is set up, not for the connection's whole life.
@@ -257,7 +263,7 @@ impl Connection {
         mesh: &Arc<Mesh>,
         pod: &Arc<Pod>,
         source: Option<&Workload>,
-        source_addr: SocketAddr,
+        caller: SocketAddr,
         target: SocketAddr,
     ) {
         record.log.security = SAME_NODE;
@@ -268,6 +274,11 @@ impl Connection {
             record.refuse(Some(|c| &c.connect_failed), outcome, flag, Some(reason));
         };
         let identity = self.pod.identity();
+        // What the tunnel's server checks of a client's identity.
+        if !mesh.trusts(&identity) {
+            let reason = format!("{identity} is outside the trust domain and its aliases");
+            return refuse(record, Outcome::Denied, flags::DENIED, reason);
+        }
         // A tunnel needs both ends' certificates; an identity the CA has not
         // certified gets no traffic this way either.
         if let Some(missing) = [&identity, &pod.identity()].into_iter().find(|id| mesh.certs.get(id).is_none()) {
@@ -277,15 +288,15 @@ impl Connection {
         if let Err(reason) = mesh_common::hbone::pod_target(target, pod.ips()) {
             return refuse(record, Outcome::BadRequest, flags::NO_ROUTE, reason);
         }
-        let log = hbone::inbound_log(pod, source, &identity, source_addr, SAME_NODE);
+        let log = hbone::inbound_log(pod, source, &identity, caller, SAME_NODE);
         let mut inbound = Record::new(log, [&*mesh.counters, &pod.counters], &mesh.metrics);
         inbound.log.dst_addr = Some(target);
         inbound.set_labels(mesh.inbound_labels(pod, source, Some(&identity), "mutual_tls"));
         inbound.count(|c| &c.inbound_accepted);
-        match hbone::admit(pod, mesh, &mut inbound, &identity, source_addr.ip(), target).await {
+        match hbone::admit(pod, mesh, &mut inbound, &identity, caller.ip(), target).await {
             Ok(upstream) => {
                 record.count(|c| &c.same_node);
-                let recheck = mesh.recheck(pod, Some(identity), source_addr.ip(), target);
+                let recheck = mesh.recheck(pod, Some(identity), caller.ip(), target);
                 let report = record.relay_both(&mut inbound, client, upstream, Some(recheck)).await;
                 let counters = [&*self.forwarder.counters, &self.pod.counters];
                 bump(counters, |c| &c.bytes_sent, report.sent);
@@ -295,7 +306,7 @@ impl Connection {
                 let (outcome, flag) = if status == http::StatusCode::UNAUTHORIZED {
                     (Outcome::Denied, flags::DENIED)
                 } else {
-                    (Outcome::TunnelFailed, flags::UPSTREAM_FAILURE)
+                    (Outcome::ConnectFailed, flags::UPSTREAM_FAILURE)
                 };
                 let reason = inbound.log.reason.clone().unwrap_or_else(|| format!("refused by {}", pod.spec.name));
                 refuse(record, outcome, flag, reason);
