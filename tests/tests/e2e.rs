@@ -1412,10 +1412,15 @@ fn hardening_agent_replacement_refuses_nothing() {
 
 #[test]
 fn hardening_memory_bounds_and_connection_churn() {
-    // Three pods a node: n1-p1 and n1-p2 are both meshed clients.
-    with_lab_sized("mesh-tk", 3, &[], Some(&[]), |lab| {
+    // Three pods a node: n1-p1 and n1-p2 are both meshed clients. The agents carry
+    // same-node connections through the tunnel too (nothing below depends on it).
+    with_lab_sized("mesh-tk", 3, &["--tunnel-same-node"], Some(&[]), |lab| {
         wait_agents_at(lab, controller_version(lab));
         wait_reachable(lab, "n1-p1", "n2-p1");
+        let (tunneled, same_node) = (stat(lab, 1, "agent", "tunneled"), stat(lab, 1, "agent", "same_node"));
+        wait_reachable(lab, "n1-p1", "n1-p2");
+        assert_eq!(stat(lab, 1, "agent", "same_node"), same_node, "--tunnel-same-node ignored");
+        assert!(stat(lab, 1, "agent", "tunneled") > tunneled, "{}", lab.agent_log(1));
         let echo = format!("{}:9000", lab.pod("n2-p1").ip4);
         let pids = [lab.agent_pid(1).unwrap(), lab.agent_pid(2).unwrap()];
         // Warm up, then take the idle size.
