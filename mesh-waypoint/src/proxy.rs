@@ -1268,6 +1268,8 @@ impl Downstream {
         let Some(request_slot) = destination.health.breaker.try_request(&limits) else {
             return Err(Reply::new(StatusCode::SERVICE_UNAVAILABLE, "UO", OVERFLOW_REPLY));
         };
+        // Sends moved to another connection by the pool, over all tries.
+        let resent = std::sync::atomic::AtomicU32::new(0);
         let attempts = async {
             let mut tried: Vec<usize> = Vec::new();
             let mut attempt = 0u32;
@@ -1294,11 +1296,14 @@ impl Downstream {
                     // from its connect.
                     timed(per_try, self.upgrade(&target, &dial, upstream_request, downstream)).await.and_then(|r| r)
                 } else {
-                    let attempt = Attempt { per_try, head: Some(&head) };
-                    self.waypoint
+                    let attempt = Attempt { per_try, head: Some(&head), resent: Some(&resent) };
+                    let result = self
+                        .waypoint
                         .upstreams()
                         .send(&target, h2, upstream_request, &dial.dial(), &limited, &attempt)
-                        .await
+                        .await;
+                    log.resent = resent.load(std::sync::atomic::Ordering::Relaxed);
+                    result
                 };
                 let outcome = match &result {
                     Ok(response) => Outcome {

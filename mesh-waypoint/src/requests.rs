@@ -273,6 +273,9 @@ pub struct RequestLog {
     pub destination_identity: String,
     pub destination_service: String,
     pub attempts: u32,
+    /// Times a try went on another connection because its endpoint closed the
+    /// pooled one it took (not retries: see `mesh_waypoint_upstream_rq_resent_total`).
+    pub resent: u32,
     pub reason: Option<String>,
 }
 
@@ -297,6 +300,7 @@ impl RequestLog {
             dst.identity = %if self.destination_identity.is_empty() { "-" } else { &self.destination_identity },
             dst.service = %self.destination_service,
             attempts = self.attempts,
+            resent = self.resent,
             bytes_received = request_bytes,
             bytes_sent = response_bytes,
             duration_ms = duration.as_secs_f64() * 1000.0,

@@ -8,7 +8,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::{Duration, Instant},
@@ -168,6 +168,20 @@ pub struct Attempt<'a> {
     /// The request's head, should it need sending again on another connection (see
     /// [`Upstreams::send_h1`]); `None`: it is not sent again.
     pub head: Option<&'a http::request::Parts>,
+    /// Counts the times this try went on another connection because its endpoint
+    /// closed the pooled one it took (for the request's access-log line).
+    pub resent: Option<&'a AtomicU32>,
+}
+
+impl Attempt<'_> {
+    /// Notes a request moved to another connection, in the pool's counter and the
+    /// try's own.
+    fn resent(&self, pool: &Counter) {
+        pool.inc();
+        if let Some(resent) = self.resent {
+            resent.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// A try's `perTryTimeout`, as Envoy runs it: the clock starts once the request has
@@ -676,7 +690,7 @@ impl Upstreams {
                     (Some(unsent), Some(activity)) => {
                         debug!(addr = %target.addr, error = %error.error(), "pooled HTTP/2 connection closed; the request goes on a new one");
                         self.forget_h2(target.addr, &activity);
-                        self.resent.inc();
+                        attempt.resent(&self.resent);
                         request = unsent;
                     }
                     _ => return Err(UpstreamError::Reset(error.into_error())),
@@ -782,7 +796,7 @@ impl Upstreams {
                         }
                         _ => return Err(UpstreamError::Reset(error)),
                     };
-                    self.resent.inc();
+                    attempt.resent(&self.resent);
                     continue;
                 }
             };
@@ -1091,13 +1105,16 @@ mod tests {
         // The head the proxy keeps for its tries, to send the request again.
         let (head, body) = second.into_parts();
         let kept = clone_head(&head);
-        let attempt = Attempt { per_try: None, head: Some(&kept) };
+        let resent = AtomicU32::new(0);
+        let attempt = Attempt { per_try: None, head: Some(&kept), resent: Some(&resent) };
         let second = Request::from_parts(head, body);
         let result = match upstreams.send(&target, false, second, &dial, &limited, &attempt).await {
             Ok(response) => Ok(response.into_body().collect().await.unwrap().to_bytes()),
             Err(error) => Err(error),
         };
         stop.send(()).unwrap();
+        // The try's own count (its access-log line) is the pool's.
+        assert_eq!(u64::from(resent.load(Ordering::Relaxed)), upstreams.resent.get());
         (result, server.join().unwrap(), upstreams.resent.get())
     }
 
@@ -1163,7 +1180,7 @@ mod tests {
 
         let (head, body) = get().into_parts();
         let kept = clone_head(&head);
-        let attempt = Attempt { per_try: None, head: Some(&kept) };
+        let attempt = Attempt { per_try: None, head: Some(&kept), resent: None };
         let result = upstreams.send(&target, false, Request::from_parts(head, body), &dial, &limited, &attempt).await;
         let error = result.expect_err("cut off twice");
         assert_eq!(error.flag(), "UC", "{error:?}");
@@ -1195,8 +1212,9 @@ mod tests {
         let queued = async {
             tokio::time::sleep(Duration::from_millis(50)).await;
             let started = Instant::now();
-            let result =
-                upstreams.send(&target, false, get("/"), &dial, &limited, &Attempt { per_try, head: None }).await;
+            let result = upstreams
+                .send(&target, false, get("/"), &dial, &limited, &Attempt { per_try, ..Attempt::default() })
+                .await;
             (result.map(|_| ()), started.elapsed())
         };
         let ((), (result, waited)) = tokio::join!(slow, queued);
@@ -1204,7 +1222,7 @@ mod tests {
         assert!(waited >= Duration::from_millis(200), "it waited for the only connection: {waited:?}");
 
         let error = upstreams
-            .send(&target, false, get("/slow"), &dial, &limited, &Attempt { per_try, head: None })
+            .send(&target, false, get("/slow"), &dial, &limited, &Attempt { per_try, ..Attempt::default() })
             .await
             .expect_err("too slow");
         assert!(error.per_try_timeout() && error.flag() == "UT" && !error.connect_failure(), "{error:?}");
@@ -1221,7 +1239,8 @@ mod tests {
         let upload = crate::replay::tests::Channel(rx).boxed();
         let upload = Request::post("http://web/upload").body(upload).unwrap();
         let started = Instant::now();
-        let result = upstreams.send(&target, false, upload, &dial, &limited, &Attempt { per_try, head: None }).await;
+        let result =
+            upstreams.send(&target, false, upload, &dial, &limited, &Attempt { per_try, ..Attempt::default() }).await;
         result.expect("answered within its per-try timeout after the upload's end");
         assert!(started.elapsed() >= Duration::from_millis(300), "{:?}", started.elapsed());
     }
