@@ -600,11 +600,16 @@ fn secure_tunnel_identity_policies_strict_and_telemetry() {
         assert_eq!(stat(lab, 1, "agent", "same_node"), same_node + 1, "{}", lab.agent_log(1));
         assert_eq!(stat(lab, 1, "agent", "tunneled"), tunneled, "a same-node connection took the tunnel");
         // An IPv4-mapped connect from an IPv6 socket reaches the agent from ::1; the
-        // application still sees the caller's IPv4 address.
+        // application still sees the caller's IPv4 address. Then plain IPv6.
         let mapped = format!("http://[::ffff:{}]:{HTTP_PORT}/", lab.pod("n1-p2").ip4);
         let body = lab.curl("n1-p1", &mapped).expect("IPv4-mapped same-node request");
         assert!(body.starts_with("pod=n1-p2 ") && body.contains(&format!("peer={}:", lab.pod("n1-p1").ip4)), "{body}");
-        assert_eq!(stat(lab, 1, "agent", "same_node"), same_node + 2, "{}", lab.agent_log(1));
+        let body = lab.curl("n1-p1", &url(&lab.pod("n1-p2").ip6)).expect("IPv6 same-node request");
+        assert!(
+            body.starts_with("pod=n1-p2 ") && body.contains(&format!("peer=[{}]:", lab.pod("n1-p1").ip6)),
+            "{body}"
+        );
+        assert_eq!(stat(lab, 1, "agent", "same_node"), same_node + 3, "{}", lab.agent_log(1));
         wait_for(Duration::from_secs(3), || {
             lab.agent_log(1).lines().any(|l| {
                 l.contains("direction=\"inbound\"")
