@@ -1297,13 +1297,10 @@ impl Downstream {
                     timed(per_try, self.upgrade(&target, &dial, upstream_request, downstream)).await.and_then(|r| r)
                 } else {
                     let attempt = Attempt { per_try, head: Some(&head), resent: Some(&resent) };
-                    let result = self
-                        .waypoint
+                    self.waypoint
                         .upstreams()
                         .send(&target, h2, upstream_request, &dial.dial(), &limited, &attempt)
-                        .await;
-                    log.resent = resent.load(std::sync::atomic::Ordering::Relaxed);
-                    result
+                        .await
                 };
                 let outcome = match &result {
                     Ok(response) => Outcome {
@@ -1370,12 +1367,15 @@ impl Downstream {
             }
         };
         let deadline = route.timeout.map(|limit| tokio::time::Instant::now() + limit);
-        let (sent, active) = match deadline {
+        let sent = match deadline {
             Some(deadline) => tokio::time::timeout_at(deadline, attempts)
                 .await
-                .map_err(|_| Reply::new(StatusCode::GATEWAY_TIMEOUT, "UT", TIMEOUT_REPLY))??,
-            None => attempts.await?,
+                .map_err(|_| Reply::new(StatusCode::GATEWAY_TIMEOUT, "UT", TIMEOUT_REPLY)),
+            None => Ok(attempts.await),
         };
+        // Also when the route's timeout cut a send short.
+        log.resent = resent.load(std::sync::atomic::Ordering::Relaxed);
+        let (sent, active) = sent??;
         let (mut parts, body) = sent.into_parts();
         if parts.status != StatusCode::SWITCHING_PROTOCOLS {
             strip_hop_by_hop(&mut parts.headers, false);

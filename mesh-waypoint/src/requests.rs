@@ -273,8 +273,9 @@ pub struct RequestLog {
     pub destination_identity: String,
     pub destination_service: String,
     pub attempts: u32,
-    /// Times a try went on another connection because its endpoint closed the
-    /// pooled one it took (not retries: see `mesh_waypoint_upstream_rq_resent_total`).
+    /// Times the request went on another connection because its endpoint closed the
+    /// pooled one it took, over all tries (not retries: see
+    /// `mesh_waypoint_upstream_rq_resent_total`).
     pub resent: u32,
     pub reason: Option<String>,
 }

@@ -168,8 +168,8 @@ pub struct Attempt<'a> {
     /// The request's head, should it need sending again on another connection (see
     /// [`Upstreams::send_h1`]); `None`: it is not sent again.
     pub head: Option<&'a http::request::Parts>,
-    /// Counts the times this try went on another connection because its endpoint
-    /// closed the pooled one it took (for the request's access-log line).
+    /// Counts the times the request went on another connection because its endpoint
+    /// closed the pooled one it took, over all its tries (for its access-log line).
     pub resent: Option<&'a AtomicU32>,
 }
 
@@ -1031,7 +1031,7 @@ mod tests {
         let (addr, accepted, ended) = counting_server().await;
         let target = loopback_target(addr);
         let (dial, upstreams, breaker) = (dial(), Upstreams::new(Duration::from_secs(2)), Breaker::new());
-        let limits = Limits { idle_timeout: Duration::from_millis(100), ..Limits::default() };
+        let limits = Limits { idle_timeout: Duration::from_millis(500), ..Limits::default() };
         let request = Request::get("http://web/").body(Empty::new().map_err(BoxError::from).boxed()).unwrap();
         let limited = PoolLimits { breaker: &breaker, limits: &limits };
         let response =
@@ -1039,8 +1039,8 @@ mod tests {
         assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), "ok");
         tokio::time::sleep(Duration::from_millis(30)).await;
         upstreams.release_idle();
-        assert_eq!(upstreams.pooled(), (1, 0, 1), "idle for 30 ms of 100: kept");
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(upstreams.pooled(), (1, 0, 1), "idle for 30 ms of 500: kept");
+        tokio::time::sleep(Duration::from_millis(600)).await;
         assert_eq!(ended.load(Ordering::SeqCst), 0, "nothing closes it before the pass");
         upstreams.release_idle();
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -62,7 +62,9 @@ pub struct StreamGuard {
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         self.last_used.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
-        self.streams.fetch_sub(1, Ordering::Relaxed);
+        // Release: whoever sees the count drop (the idle release, maybe on another
+        // thread) sees this `last_used` too.
+        self.streams.fetch_sub(1, Ordering::Release);
     }
 }
 
@@ -297,7 +299,7 @@ impl Pool {
             conns.sort_by_key(|c| std::cmp::Reverse(c.last_used.load(Ordering::Relaxed)));
             let mut idle_kept = 0;
             conns.retain(|c| {
-                if c.streams.load(Ordering::Relaxed) > 0 {
+                if c.streams.load(Ordering::Acquire) > 0 {
                     return true;
                 }
                 let idle_for = now.saturating_sub(c.last_used.load(Ordering::Relaxed));
