@@ -310,19 +310,25 @@ impl<'a> Record<'a> {
         recheck: Option<Recheck>,
     ) -> Report {
         let labels = self.labels.clone().unwrap_or_default();
-        let other_labels = other.as_ref().map(|o| o.labels.clone().unwrap_or_default());
-        let mut series = vec![(self.metrics, &labels)];
-        let mut active = vec![Active::enter(self.counters)];
-        if let (Some(other), Some(labels)) = (other.as_deref(), other_labels.as_ref()) {
-            series.push((other.metrics, labels));
-            active.push(Active::enter(other.counters));
-        }
-        for (metrics, labels) in &series {
+        // The other record's metrics, labels and counters (copied out: its log is
+        // written at the end).
+        let other_side = other.as_ref().map(|o| (o.metrics, o.labels.clone().unwrap_or_default(), o.counters));
+        let (one, both);
+        let series: &[(&Metrics, &Arc<TcpLabels>)] = if let Some((metrics, other_labels, _)) = &other_side {
+            both = [(self.metrics, &labels), (*metrics, other_labels)];
+            &both
+        } else {
+            one = [(self.metrics, &labels)];
+            &one
+        };
+        let active =
+            (Active::enter(self.counters), other_side.as_ref().map(|(_, _, counters)| Active::enter(*counters)));
+        for (metrics, labels) in series {
             metrics.opened(labels);
         }
-        let report = relay::run(Counted::new(client), upstream, recheck, &series).await;
+        let report = relay::run(Counted::new(client), upstream, recheck, series).await;
         drop(active);
-        for (metrics, labels) in &series {
+        for (metrics, labels) in series {
             metrics.closed(labels);
         }
         for log in std::iter::once(&mut self.log).chain(other.map(|o| &mut o.log)) {
