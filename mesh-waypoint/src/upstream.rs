@@ -175,8 +175,8 @@ pub struct Attempt<'a> {
 
 impl Attempt<'_> {
     /// Notes a request moved to another connection, in the pool's counter and the
-    /// try's own.
-    fn resent(&self, pool: &Counter) {
+    /// request's own.
+    fn count_resend(&self, pool: &Counter) {
         pool.inc();
         if let Some(resent) = self.resent {
             resent.fetch_add(1, Ordering::Relaxed);
@@ -690,7 +690,7 @@ impl Upstreams {
                     (Some(unsent), Some(activity)) => {
                         debug!(addr = %target.addr, error = %error.error(), "pooled HTTP/2 connection closed; the request goes on a new one");
                         self.forget_h2(target.addr, &activity);
-                        attempt.resent(&self.resent);
+                        attempt.count_resend(&self.resent);
                         request = unsent;
                     }
                     _ => return Err(UpstreamError::Reset(error.into_error())),
@@ -796,7 +796,7 @@ impl Upstreams {
                         }
                         _ => return Err(UpstreamError::Reset(error)),
                     };
-                    attempt.resent(&self.resent);
+                    attempt.count_resend(&self.resent);
                     continue;
                 }
             };
