@@ -46,6 +46,7 @@ RESOURCES = [Res(*r) for r in [
     ("", "v1", "Namespace", "namespaces", False, True, False),
     ("", "v1", "Pod", "pods", True, True, True),
     ("", "v1", "Service", "services", True, True, False),
+    ("", "v1", "ConfigMap", "configmaps", True, False, False),
     ("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices", True, False, True),
     ("coordination.k8s.io", "v1", "Lease", "leases", True, False, False),
     ("events.k8s.io", "v1", "Event", "events", True, False, False),

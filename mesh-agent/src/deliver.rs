@@ -118,9 +118,33 @@ pub fn uninstall() -> io::Result<()> {
     Ok(())
 }
 
+/// The host's `/proc/sys/net` as the `DaemonSet` mounts it. In a container that is not
+/// `privileged` the runtime mounts `/proc/sys` read-only; a path under this mount
+/// still names the setting of the writing thread's network namespace, as one under
+/// `/proc/sys/net` does (the kernel resolves net sysctls by the caller's namespace).
+const HOST_PROC_SYS_NET: &str = "/host/proc/sys/net";
+
+/// Where the setting `name` (`net/...`) is written: under [`HOST_PROC_SYS_NET`] when
+/// it is mounted, else under `/proc/sys` (an agent running on the host).
+fn sysctl_path(name: &str, host_mounted: bool) -> String {
+    match name.strip_prefix("net/") {
+        Some(rest) if host_mounted => format!("{HOST_PROC_SYS_NET}/{rest}"),
+        _ => format!("/proc/sys/{name}"),
+    }
+}
+
 fn write_sysctl(name: &str, value: &str) -> io::Result<()> {
-    let path = format!("/proc/sys/{name}");
-    std::fs::write(&path, value).map_err(|e| io::Error::new(e.kind(), format!("write {path}: {e}")))
+    static HOST_MOUNTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let host_mounted = *HOST_MOUNTED.get_or_init(|| std::path::Path::new(HOST_PROC_SYS_NET).is_dir());
+    let path = sysctl_path(name, host_mounted);
+    std::fs::write(&path, value).map_err(|e| {
+        let hint = if e.raw_os_error() == Some(libc::EROFS) {
+            format!(" (in a container, mount the host's /proc/sys/net at {HOST_PROC_SYS_NET})")
+        } else {
+            String::new()
+        };
+        io::Error::new(e.kind(), format!("write {path}: {e}{hint}"))
+    })
 }
 
 /// `fwmark DELIVER_MARK/0xffffffff lookup DELIVER_TABLE pref RULE_PRIORITY`.
@@ -365,6 +389,13 @@ async fn connect_within(socket: tokio::net::TcpSocket, dst: SocketAddr, timeout:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settings_go_through_the_host_mount_when_there_is_one() {
+        let name = "net/ipv4/conf/lo/src_valid_mark";
+        assert_eq!(sysctl_path(name, true), "/host/proc/sys/net/ipv4/conf/lo/src_valid_mark");
+        assert_eq!(sysctl_path(name, false), "/proc/sys/net/ipv4/conf/lo/src_valid_mark");
+    }
 
     #[test]
     fn candidate_ports_are_of_the_other_parity_skip_held_ones_and_wrap() {

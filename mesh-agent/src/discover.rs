@@ -90,11 +90,18 @@ fn wanted_pod(pod: &Pod, ips: Vec<IpAddr>) -> Wanted {
 /// `kubepods.slice/kubepods-<qos>.slice/kubepods-<qos>-pod<uid_>.slice`). Deeper
 /// components are the containers' and never decide, so a pod that can write its own
 /// cgroups cannot pass for another one.
+///
+/// Seen from inside the agent's own cgroup namespace, paths are relative to the
+/// agent's container (`/../../pod<uid>/<container>` for a pod of the agent's `QoS`
+/// class under cgroupfs, `/../../../pod<uid>/...` for a guaranteed one): there the
+/// first component after the `..` that names a pod is the pod level (the components
+/// above the agent's own cgroup are kubelet's, no pod writes them).
 pub fn cgroup_has_pod(cgroup: &str, uid: &str) -> bool {
     let systemd = uid.replace('-', "_");
     cgroup.lines().any(|line| {
         let path = line.splitn(3, ':').nth(2).unwrap_or("");
-        let mut below_kubepods = false;
+        // A relative path's first component is already below kubepods.
+        let mut below_kubepods = path.trim_start_matches('/').starts_with("../");
         for part in path.split('/').filter(|p| !p.is_empty() && *p != "..") {
             if part.starts_with("kubepods")
                 && let Some((_, slice_pod)) = part.strip_suffix(".slice").and_then(|s| s.rsplit_once("-pod"))
@@ -326,7 +333,12 @@ mod tests {
         let relative =
             "0::/../../kubepods-besteffort-pod5f0b9c3e_1a2b_4c5d_8e9f_0123456789ab.slice/cri-containerd-1.scope\n";
         let v1 = "12:pids:/kubepods/pod5f0b9c3e-1a2b-4c5d-8e9f-0123456789ab/0f3e\n1:name=systemd:/x\n";
-        for text in [systemd, cgroupfs, relative, v1] {
+        // cgroupfs, from an agent at kubepods/burstable/pod<agent>/<container>: a
+        // burstable pod, a guaranteed one, a best-effort one.
+        let burstable = "0::/../../pod5f0b9c3e-1a2b-4c5d-8e9f-0123456789ab/0f3e\n";
+        let guaranteed = "0::/../../../pod5f0b9c3e-1a2b-4c5d-8e9f-0123456789ab/0f3e\n";
+        let besteffort = "0::/../../../besteffort/pod5f0b9c3e-1a2b-4c5d-8e9f-0123456789ab/0f3e\n";
+        for text in [systemd, cgroupfs, relative, v1, burstable, guaranteed, besteffort] {
             assert!(cgroup_has_pod(text, uid), "{text}");
         }
         assert!(!cgroup_has_pod(systemd, "5f0b9c3e-1a2b-4c5d-8e9f-0123456789ac"));
@@ -337,6 +349,13 @@ mod tests {
         assert!(!cgroup_has_pod(nested, uid));
         let nested_systemd = "0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod11111111_2222_3333_4444_555555555555.slice/cri-containerd-1.scope/kubepods-besteffort-pod5f0b9c3e_1a2b_4c5d_8e9f_0123456789ab.slice\n";
         assert!(!cgroup_has_pod(nested_systemd, uid));
+        // Relative, but the pod level names another pod: a cgroup below it decides nothing.
+        assert!(!cgroup_has_pod(
+            "0::/../../pod11111111-2222-3333-4444-555555555555/c1/pod5f0b9c3e-1a2b-4c5d-8e9f-0123456789ab\n",
+            uid
+        ));
+        // The agent's own container, seen from inside: no pod level at all.
+        assert!(!cgroup_has_pod("0::/\n", uid));
         // Not below kubepods at all.
         assert!(!cgroup_has_pod("0::/user.slice/pod5f0b9c3e-1a2b-4c5d-8e9f-0123456789ab\n", uid));
     }

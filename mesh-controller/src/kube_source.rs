@@ -44,15 +44,22 @@ pub struct WatchedKind {
     pub optional: bool,
     /// Has a `status` subresource the controller writes validation results to.
     pub status: bool,
+    /// A field selector the list and the watch carry: the controller reads only the
+    /// objects of the kind that match it.
+    pub fields: Option<&'static str>,
 }
 
 const fn core(kind: &'static str, plural: &'static str) -> WatchedKind {
-    WatchedKind { group: "", version: "v1", kind, plural, optional: false, status: false }
+    WatchedKind { group: "", version: "v1", kind, plural, optional: false, status: false, fields: None }
 }
 
 const fn istio(group: &'static str, kind: &'static str, plural: &'static str) -> WatchedKind {
-    WatchedKind { group, version: "v1", kind, plural, optional: true, status: true }
+    WatchedKind { group, version: "v1", kind, plural, optional: true, status: true, fields: None }
 }
+
+/// The field selector of the mesh config's `ConfigMap`
+/// ([`mesh_common::config::mesh::CONFIG_MAP_NAME`]).
+pub const MESH_CONFIG_FIELDS: &str = "metadata.name=istio";
 
 /// Every kind the controller watches. RBAC (`deploy/templates/rbac-controller.yaml`)
 /// grants list and watch on exactly these.
@@ -60,6 +67,17 @@ pub const WATCHED: &[WatchedKind] = &[
     core("Namespace", "namespaces"),
     core("Pod", "pods"),
     core("Service", "services"),
+    // Istio's mesh config: the `ConfigMap` `istio` (its `mesh` key), read in the root
+    // namespace by the loader; no other ConfigMap is listed.
+    WatchedKind {
+        group: "",
+        version: "v1",
+        kind: "ConfigMap",
+        plural: "configmaps",
+        optional: false,
+        status: false,
+        fields: Some(MESH_CONFIG_FIELDS),
+    },
     WatchedKind {
         group: "discovery.k8s.io",
         version: "v1",
@@ -67,6 +85,7 @@ pub const WATCHED: &[WatchedKind] = &[
         plural: "endpointslices",
         optional: false,
         status: false,
+        fields: None,
     },
     istio("security.istio.io", "AuthorizationPolicy", "authorizationpolicies"),
     istio("security.istio.io", "PeerAuthentication", "peerauthentications"),
@@ -85,6 +104,7 @@ pub const WATCHED: &[WatchedKind] = &[
         plural: "envoyfilters",
         optional: true,
         status: true,
+        fields: None,
     },
     WatchedKind {
         group: "gateway.networking.k8s.io",
@@ -93,6 +113,7 @@ pub const WATCHED: &[WatchedKind] = &[
         plural: "httproutes",
         optional: true,
         status: false,
+        fields: None,
     },
     WatchedKind {
         group: "gateway.networking.k8s.io",
@@ -101,6 +122,7 @@ pub const WATCHED: &[WatchedKind] = &[
         plural: "grpcroutes",
         optional: true,
         status: false,
+        fields: None,
     },
     WatchedKind {
         group: "gateway.networking.k8s.io",
@@ -109,6 +131,7 @@ pub const WATCHED: &[WatchedKind] = &[
         plural: "gateways",
         optional: true,
         status: false,
+        fields: None,
     },
 ];
 
@@ -174,6 +197,13 @@ pub fn document(kind: &WatchedKind, object: &Value) -> Option<(String, Value)> {
     let spec = object.get("spec").unwrap_or(&Value::Null);
     match kind.kind {
         "Namespace" => {}
+        "ConfigMap" => {
+            // The mesh config only: other keys (`meshNetworks`, ...) are not read.
+            let key = mesh_common::config::mesh::CONFIG_MAP_KEY;
+            if let Some(mesh) = object.get("data").and_then(|d| d.get(key)).filter(|v| !v.is_null()) {
+                doc["data"] = json!({ key: mesh });
+            }
+        }
         "Pod" => {
             let mut pod_spec = pick(spec, &["serviceAccountName", "serviceAccount", "nodeName", "hostNetwork"]);
             let container = ["name", "ports", "livenessProbe", "readinessProbe", "startupProbe"];
@@ -420,6 +450,9 @@ pub async fn list_cluster(client: &Client) -> Result<Store, kube::Error> {
         let api: Api<DynamicObject> = Api::all_with(client.clone(), &kind.api_resource());
         store.apply(kind, watcher::Event::Init);
         let mut params = ListParams::default().limit(500);
+        if let Some(fields) = kind.fields {
+            params = params.fields(fields);
+        }
         loop {
             let list = api.list(&params).await?;
             for object in list.items {
@@ -496,7 +529,11 @@ fn watch_kind(client: Client, kind: &'static WatchedKind) -> BoxStream<'static, 
             }
         }
         let api: Api<DynamicObject> = Api::all_with(client, &kind.api_resource());
-        watcher(api, watcher::Config::default().any_semantic())
+        let mut config = watcher::Config::default().any_semantic();
+        if let Some(fields) = kind.fields {
+            config = config.fields(fields);
+        }
+        watcher(api, config)
             .default_backoff()
             .filter_map(move |event| async move {
                 match event {

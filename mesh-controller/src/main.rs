@@ -214,6 +214,12 @@ async fn serve(
     // initial configuration before any agent is served (bounded wait).
     controller.fetch_running_jwks().await;
     tokio::spawn(mesh_controller::jwks::run(controller.clone()));
+    // Stop at SIGTERM (as PID 1 of a container, nothing else would) or SIGINT: the
+    // agents reconnect to another replica and keep serving on their last view.
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut int =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).context("install SIGINT handler")?;
     let admin_listener =
         tokio::net::TcpListener::bind(admin).await.with_context(|| format!("cannot listen on {admin}"))?;
     let control = if let Some(dir) = config_dir {
@@ -252,7 +258,17 @@ async fn serve(
         // Agents are served only once the cluster has been listed: an empty view would
         // make them release every pod.
         info!("listing the cluster");
-        synced_rx.await.context("the Kubernetes source stopped")?;
+        tokio::select! {
+            synced = synced_rx => synced.context("the Kubernetes source stopped")?,
+            _ = term.recv() => {
+                info!("SIGTERM while listing the cluster: stopping");
+                return Ok(());
+            }
+            _ = int.recv() => {
+                info!("SIGINT while listing the cluster: stopping");
+                return Ok(());
+            }
+        }
         let (agent_ns, agent_sa) = kube
             .agent_service_account
             .split_once('/')
@@ -271,6 +287,10 @@ async fn serve(
         info!(%listen, %admin, version = controller.current().version, "mesh-controller serving (Kubernetes)");
         control
     };
-    control.run().await;
+    tokio::select! {
+        () = control.run() => {}
+        _ = term.recv() => info!("SIGTERM: stopping"),
+        _ = int.recv() => info!("SIGINT: stopping"),
+    }
     Ok(())
 }

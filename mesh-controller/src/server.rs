@@ -108,6 +108,9 @@ pub struct Controller {
     /// The configuration as its source gave it (before key sets were written in),
     /// kept only while some rule names a `jwksUri`: a fetch re-applies it.
     unkeyed: Mutex<Option<Config>>,
+    /// Whether the control port accepts agents (`/ready`): in Kubernetes mode only
+    /// once the cluster has been listed.
+    serving: AtomicBool,
 }
 
 impl Controller {
@@ -134,7 +137,13 @@ impl Controller {
             last_rejection: Mutex::new(None),
             jwks: Mutex::new(jwks::Cache::new()),
             unkeyed: Mutex::new(unkeyed),
+            serving: AtomicBool::new(false),
         }
+    }
+
+    /// Whether agents are served (the control port accepts them).
+    pub fn serving(&self) -> bool {
+        self.serving.load(Ordering::Relaxed)
     }
 
     pub fn ca(&self) -> &Ca {
@@ -478,6 +487,7 @@ impl ControlServer {
     }
 
     pub async fn run(self) {
+        self.controller.serving.store(true, Ordering::Relaxed);
         loop {
             let (tcp, peer) = match self.listener.accept().await {
                 Ok(accepted) => accepted,
@@ -711,6 +721,10 @@ pub async fn serve_admin(listener: TcpListener, controller: Arc<Controller>) {
                 async move {
                     Ok::<_, Infallible>(match req.uri().path() {
                         "/status" => json(&controller.status()),
+                        // The readiness probe: a replica still listing the cluster
+                        // serves no agent and takes no traffic from the Service.
+                        "/ready" if controller.serving() => full(StatusCode::OK, "ready\n"),
+                        "/ready" => full(StatusCode::SERVICE_UNAVAILABLE, "not serving agents yet\n"),
                         "/metrics" => {
                             let accept = req.headers().get(hyper::header::ACCEPT).and_then(|v| v.to_str().ok());
                             let (content_type, body) = controller.metrics(accept);
@@ -720,7 +734,7 @@ pub async fn serve_admin(listener: TcpListener, controller: Arc<Controller>) {
                                 .insert("content-type", content_type.parse().expect("a valid header"));
                             response
                         }
-                        _ => full(StatusCode::NOT_FOUND, "GET /status or /metrics\n"),
+                        _ => full(StatusCode::NOT_FOUND, "GET /status, /ready or /metrics\n"),
                     })
                 }
             });

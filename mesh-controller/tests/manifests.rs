@@ -14,7 +14,7 @@ use k8s_openapi::{
     api::{
         apps::v1::{DaemonSet, Deployment},
         coordination::v1::Lease,
-        core::v1::{ConfigMap, Container, Namespace, PodSpec, Service, ServiceAccount},
+        core::v1::{ConfigMap, Container, Namespace, PodSpec, ResourceQuota, Service, ServiceAccount},
         rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding},
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
@@ -149,6 +149,7 @@ fn check_typed(doc: &Value) -> Result<(), String> {
         ("v1", "Namespace") => round_trip::<Namespace>(doc).map(drop),
         ("v1", "ServiceAccount") => round_trip::<ServiceAccount>(doc).map(drop),
         ("v1", "ConfigMap") => round_trip::<ConfigMap>(doc).map(drop),
+        ("v1", "ResourceQuota") => round_trip::<ResourceQuota>(doc).map(drop),
         ("v1", "Service") => round_trip::<Service>(doc).map(drop),
         ("rbac.authorization.k8s.io/v1", "ClusterRole") => round_trip::<ClusterRole>(doc).map(drop),
         ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => round_trip::<ClusterRoleBinding>(doc).map(drop),
@@ -213,7 +214,7 @@ fn rank(doc: &Value) -> u8 {
         "CustomResourceDefinition" => 0,
         "Namespace" => 1,
         "ServiceAccount" | "ClusterRole" | "ClusterRoleBinding" | "Role" | "RoleBinding" => 2,
-        "ConfigMap" | "Lease" => 3,
+        "ConfigMap" | "Lease" | "ResourceQuota" => 3,
         _ => 4,
     }
 }
@@ -337,7 +338,10 @@ fn the_agent_has_exactly_the_privileges_and_host_paths_it_needs() {
     let volumes: BTreeMap<&str, _> = spec.volumes.iter().flatten().map(|v| (v.name.as_str(), v)).collect();
     let host_paths: BTreeSet<&str> =
         volumes.values().filter_map(|v| v.host_path.as_ref()).map(|h| h.path.as_str()).collect();
-    assert_eq!(host_paths, BTreeSet::from(["/sys/fs/bpf", "/sys/fs/cgroup", "/var/run/netns", "/run/mesh"]));
+    assert_eq!(
+        host_paths,
+        BTreeSet::from(["/sys/fs/bpf", "/sys/fs/cgroup", "/var/run/netns", "/run/mesh", "/proc/sys/net"])
+    );
     let mounts: BTreeMap<&str, _> = agent.volume_mounts.iter().flatten().map(|m| (m.name.as_str(), m)).collect();
     assert_eq!(mounts.len(), volumes.len(), "every volume is mounted");
     for mount in mounts.values() {
@@ -347,6 +351,10 @@ fn the_agent_has_exactly_the_privileges_and_host_paths_it_needs() {
     assert_eq!(mounts["cgroup"].read_only, Some(true));
     assert_eq!(mounts["netns"].mount_propagation.as_deref(), Some("HostToContainer"));
     assert_eq!(volumes["state"].host_path.as_ref().unwrap().type_.as_deref(), Some("DirectoryOrCreate"));
+    // Where the agent writes a pod's network settings (its container's /proc/sys is
+    // read-only): writable, at the path the agent looks for.
+    assert_eq!(mounts["proc-sys-net"].mount_path, "/host/proc/sys/net");
+    assert_ne!(mounts["proc-sys-net"].read_only, Some(true));
     let projected = volumes["mesh-token"].projected.as_ref().expect("projected token volume");
     let token = projected.sources.iter().flatten().find_map(|s| s.service_account_token.as_ref()).expect("token");
     assert_eq!(token.audience.as_deref(), Some("mesh-controller"));
@@ -451,7 +459,7 @@ fn the_controller_runs_unprivileged_and_is_reachable_on_15012() {
     let ports: BTreeSet<i32> = controller.ports.iter().flatten().map(|p| p.container_port).collect();
     assert_eq!(ports, BTreeSet::from([15012, 15014]));
     let probe = controller.readiness_probe.as_ref().and_then(|p| p.http_get.as_ref()).expect("readiness probe");
-    assert_eq!(probe.path.as_deref(), Some("/status"));
+    assert_eq!(probe.path.as_deref(), Some("/ready"));
     assert!(controller.resources.as_ref().and_then(|r| r.limits.as_ref()).is_some());
     let service: Service = typed(find(&docs, "Service", "mesh-controller").expect("service"));
     let ports: Vec<i32> = service.spec.unwrap().ports.unwrap().iter().map(|p| p.port).collect();

@@ -874,8 +874,16 @@ impl Lab {
         argv.extend(self.spec.controller_args.iter().cloned());
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
         self.spawn("controller", &fabric, &cg, &argv)?;
-        wait_for(Duration::from_secs(10), || self.controller_status().is_ok())
+        wait_for(Duration::from_secs(10), || self.controller_ready())
             .with_context(|| format!("controller not serving; log: {}", self.controller_log()))
+    }
+
+    /// Whether the controller's readiness endpoint (`/ready`, its Kubernetes probe)
+    /// says it serves agents.
+    pub fn controller_ready(&self) -> bool {
+        let fabric = format!("{}-fabric", self.spec.prefix);
+        let curl = ["curl", "-sf", "--max-time", "2", "http://127.0.0.1:15014/ready"];
+        Self::exec_netns(&fabric, None, &curl).is_ok_and(|out| out.status.success() && out.stdout == b"ready\n")
     }
 
     /// Stops the controller (SIGKILL) and waits until it is gone.

@@ -1074,6 +1074,20 @@ fn kubernetes_mode_enrolls_by_label_exempts_probes_and_reports_on_objects() {
                 status["last_rejection"].as_str().is_some_and(|r| r.contains("VirtualService/shop/broken")),
                 "{status}"
             );
+            // The mesh config is read from the ConfigMap `istio` of the root namespace
+            // (listed and watched by name): a bad one is reported on it too.
+            let mesh = r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"istio","namespace":"istio-system"},
+                "data":{"mesh":"extensionProviders:\n- name: authz\n  envoyExtAuthzHttp: {service: authz.shop.svc.cluster.local, port: 70000}\n"}}"#;
+            lab.api("POST", "/api/v1/namespaces/istio-system/configmaps", "application/json", mesh)
+                .expect("create the ConfigMap");
+            wait_for(Duration::from_secs(15), || {
+                api_objects(lab, "Event").iter().any(|e| {
+                    e["regarding"]["name"] == "istio"
+                        && e["regarding"]["kind"] == "ConfigMap"
+                        && e["note"].as_str().is_some_and(|n| n.contains("envoyExtAuthzHttp.port"))
+                })
+            })
+            .unwrap_or_else(|_| panic!("no Event for the invalid mesh config: {}", lab.controller_log()));
             // Everything else still serves.
             wait_reachable(lab, "n1-p1", "n2-p1");
 
