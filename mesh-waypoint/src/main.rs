@@ -4,6 +4,7 @@
 //! endpoint's agent. It needs no privileges: no eBPF, no capture, no API access.
 mod destination;
 mod ext_authz;
+mod flood;
 mod inbound;
 mod keepalive;
 mod proxy;

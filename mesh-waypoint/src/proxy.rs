@@ -197,6 +197,7 @@ pub async fn serve(
         let downstream = downstream.clone();
         async move { downstream.handle(request).await }
     };
+    let stream = crate::flood::Guard::new(stream);
     if let Err(error) = keepalive::serve(&builder, stream, keepalive::Clock::new(), draining, handle).await {
         debug!(%error, "downstream HTTP connection ended with an error");
     }

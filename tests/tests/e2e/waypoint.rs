@@ -762,6 +762,56 @@ while outcome == 'no goaway' and read():
 print(outcome if outcome != 'no goaway' or not ended else 'closed', answers)
 ";
 
+/// HTTP/2 floods other than rapid reset, on one connection (argument: `continuation`,
+/// `ping` or `settings`): sent as fast as the connection takes them, unread, then what
+/// the server answered: `goaway <code>`, `closed`, `reset` or `open`, and the count of
+/// frames sent, PING ACKs and SETTINGS frames received.
+const H2_FLOOD: &str = "\
+import socket, struct, sys, time
+kind = sys.argv[1]
+def frame(t, flags, sid, payload=b''):
+    return struct.pack('>I', len(payload))[1:] + bytes([t, flags]) + struct.pack('>I', sid) + payload
+s = socket.create_connection(('10.96.0.20', 8000), timeout=2)
+s.sendall(b'PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n' + frame(4, 0, 0))
+if kind == 'continuation':
+    # A header block that never ends: HEADERS without END_HEADERS, then CONTINUATION
+    # frames of one byte each of a header name 126 bytes long (the decoder waits).
+    frames = [frame(1, 0, 1, b'\\x00\\x7e')] + [frame(9, 0, 1, b'a')] * 100000
+elif kind == 'ping':
+    frames = [frame(6, 0, 0, struct.pack('>Q', i)) for i in range(300000)]
+else:
+    frames = [frame(4, 0, 0, struct.pack('>HI', 3, 100))] * 300000
+data, sent = b''.join(frames), 0
+start = time.time()
+try:
+    while sent < len(data) and time.time() - start < 10:
+        sent += s.send(data[sent:sent + 65536])
+except (socket.timeout, BrokenPipeError, ConnectionResetError):
+    pass
+# What the server sent back: its frames, up to a GOAWAY or the end.
+got, outcome = b'', 'open'
+s.settimeout(3)
+try:
+    while True:
+        chunk = s.recv(1 << 20)
+        if not chunk:
+            outcome = 'closed'
+            break
+        got += chunk
+except socket.timeout:
+    pass
+except ConnectionResetError:
+    outcome = 'reset'
+i, counts = 0, {}
+while i + 9 <= len(got):
+    n, t = int.from_bytes(got[i:i + 3], 'big'), got[i + 3]
+    counts[t] = counts.get(t, 0) + 1
+    if t == 7 and i + 17 <= len(got):
+        outcome = 'goaway %d' % int.from_bytes(got[i + 13:i + 17], 'big')
+    i += 9 + n
+print(outcome, 'sent=%d' % (sent * len(frames) // len(data)), 'pongs=%d' % counts.get(6, 0), 'settings=%d' % counts.get(4, 0))
+";
+
 #[test]
 fn waypoint_mirror_tcp_routes_and_bad_input() {
     let adjust = |spec: &mut mesh_lab::LabSpec| spec.waypoint_bin = Some(super::waypoint_bin());
@@ -879,6 +929,25 @@ fn waypoint_mirror_tcp_routes_and_bad_input() {
         // httpbin got at most a bounded share of the 2000 reset streams.
         let flood: usize = shop_pods(lab).iter().map(|p| gunicorn_hits(lab, p, "/delay/2")).sum();
         eprintln!("rapid reset: {flood} of 2000 reset requests reached httpbin");
+        // A header block that never ends gets GOAWAY ENHANCE_YOUR_CALM (11); a client
+        // sending PINGs or SETTINGS beyond its budget is cut off (closed or reset, the
+        // waypoint says why); each time, the next client is served.
+        let flood = |kind: &str| {
+            let out = lab.exec("n1-p1", &["python3", "-c", H2_FLOOD, kind]).unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            eprintln!("{kind} flood: {text} {}", String::from_utf8_lossy(&out.stderr));
+            let (code, served) = try_curl(lab, "n2-p1", &format!("{HTTPBIN_URL}/get"));
+            assert_eq!(code, 0, "after the {kind} flood: {served}");
+            text
+        };
+        let continuation = flood("continuation");
+        assert!(continuation.starts_with("goaway 11 "), "CONTINUATION flood: {continuation}");
+        for kind in ["ping", "settings"] {
+            let outcome = flood(kind);
+            assert!(outcome.starts_with("closed ") || outcome.starts_with("reset "), "{kind} flood: {outcome}");
+        }
+        let cut = lab.log_of("waypoint").matches("HTTP/2 PING/SETTINGS flood: connection closed").count();
+        assert_eq!(cut, 2, "{}", lab.log_of("waypoint"));
         let (code, text) = try_curl(lab, "n2-p1", &format!("{HTTPBIN_URL}/get"));
         assert_eq!(code, 0, "after the bad input: {text}\n{}", lab.log_of("waypoint"));
     });
