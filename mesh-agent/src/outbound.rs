@@ -19,6 +19,7 @@ use crate::{
     metrics::{Metrics, TcpLabels, flags},
     own::OwnAddrs,
     redirect::Redirect,
+    relay::Report,
     telemetry::{AccessLog, Counter, Counters, Limits, Outcome, Record, bump},
     workloads::{Route, Workload},
 };
@@ -107,10 +108,7 @@ impl Connection {
         record.log.dst_addr = Some(dst);
         let _ = client.set_nodelay(true);
         let refused = |record: &mut Record, counter: Counter, outcome: Outcome, flag, reason: Option<String>| {
-            // Reset the client, as the destination would have done.
-            let _ = client.set_zero_linger();
-            debug!(pod = %self.pod.spec.name, %dst, ?reason, "outbound connection refused");
-            record.refuse(Some(counter), outcome, flag, reason);
+            self.refuse(record, &client, dst, counter, outcome, flag, reason);
         };
         let meshed =
             |ip| self.forwarder.mesh.as_ref().is_some_and(|m| m.index().workload(ip).is_some_and(|w| w.meshed));
@@ -242,11 +240,9 @@ impl Connection {
                 self.relay(record, client, upstream).await;
             }
             Err(error) => {
-                debug!(pod = %self.pod.spec.name, %dst, %error, "upstream connect failed");
-                // Reset the client, as the destination would have done.
-                let _ = client.set_zero_linger();
                 let reason = Some(error.to_string());
-                record.refuse(Some(|c| &c.connect_failed), Outcome::ConnectFailed, flags::UPSTREAM_FAILURE, reason);
+                let (outcome, flag) = (Outcome::ConnectFailed, flags::UPSTREAM_FAILURE);
+                self.refuse(record, &client, dst, |c| &c.connect_failed, outcome, flag, reason);
             }
         }
     }
@@ -268,10 +264,7 @@ impl Connection {
     ) {
         record.log.security = SAME_NODE;
         let refuse = |record: &mut Record, outcome: Outcome, flag, reason: String| {
-            // Reset the client, as a refused tunnel does.
-            let _ = client.set_zero_linger();
-            debug!(pod = %self.pod.spec.name, %target, reason, "same-node connection refused");
-            record.refuse(Some(|c| &c.connect_failed), outcome, flag, Some(reason));
+            self.refuse(record, &client, target, |c| &c.connect_failed, outcome, flag, Some(reason));
         };
         let identity = self.pod.identity();
         // What the tunnel's server checks of a client's identity.
@@ -298,9 +291,7 @@ impl Connection {
                 record.count(|c| &c.same_node);
                 let recheck = mesh.recheck(pod, Some(identity), caller.ip(), target);
                 let report = record.relay_both(&mut inbound, client, upstream, Some(recheck)).await;
-                let counters = [&*self.forwarder.counters, &self.pod.counters];
-                bump(counters, |c| &c.bytes_sent, report.sent);
-                bump(counters, |c| &c.bytes_received, report.received);
+                self.count_bytes(&report);
             }
             Err(status) => {
                 let (outcome, flag) = if status == http::StatusCode::UNAUTHORIZED {
@@ -317,9 +308,31 @@ impl Connection {
     /// Relays an established connection; the bytes count in the agent's counters.
     async fn relay<U: mesh_proxy::relay::Side>(&self, record: &mut Record<'_>, client: TcpStream, upstream: U) {
         let report = record.relay(client, upstream, None).await;
+        self.count_bytes(&report);
+    }
+
+    fn count_bytes(&self, report: &Report) {
         let counters = [&*self.forwarder.counters, &self.pod.counters];
         bump(counters, |c| &c.bytes_sent, report.sent);
         bump(counters, |c| &c.bytes_received, report.received);
+    }
+
+    /// Refuses a connection before any byte of it moved: the client gets a reset, as
+    /// from the destination or a refused tunnel, and `record` counts and logs it.
+    #[allow(clippy::too_many_arguments)]
+    fn refuse(
+        &self,
+        record: &mut Record<'_>,
+        client: &TcpStream,
+        dst: SocketAddr,
+        counter: Counter,
+        outcome: Outcome,
+        flag: &'static str,
+        reason: Option<String>,
+    ) {
+        let _ = client.set_zero_linger();
+        debug!(pod = %self.pod.spec.name, %dst, ?outcome, ?reason, "outbound connection refused");
+        record.refuse(Some(counter), outcome, flag, reason);
     }
 }
 

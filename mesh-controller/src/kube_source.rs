@@ -58,8 +58,9 @@ const fn istio(group: &'static str, kind: &'static str, plural: &'static str) ->
 }
 
 /// The field selector of the mesh config's `ConfigMap`
-/// ([`mesh_common::config::mesh::CONFIG_MAP_NAME`]).
-pub const MESH_CONFIG_FIELDS: &str = "metadata.name=istio";
+/// ([`mesh_common::config::mesh::CONFIG_MAP_NAME`] in the namespace the loader reads
+/// it from).
+pub const MESH_CONFIG_FIELDS: &str = "metadata.namespace=istio-system,metadata.name=istio";
 
 /// Every kind the controller watches. RBAC (`deploy/templates/rbac-controller.yaml`)
 /// grants list and watch on exactly these.

@@ -180,6 +180,13 @@ async fn serve(
     admin: SocketAddr,
     cert_lifetime: Duration,
 ) -> anyhow::Result<()> {
+    // Stop at SIGTERM (as PID 1 of a container, nothing else would) or SIGINT: the
+    // agents reconnect to another replica and keep serving on their last view.
+    // Installed first, so that a signal during the start-up waits is kept.
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut int =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).context("install SIGINT handler")?;
     let authority = ca.load().context("certificate authority")?;
     let config = match &config_dir {
         Some(dir) => source::load(dir, &ca.trust_domain, &root_namespace)
@@ -214,12 +221,6 @@ async fn serve(
     // initial configuration before any agent is served (bounded wait).
     controller.fetch_running_jwks().await;
     tokio::spawn(mesh_controller::jwks::run(controller.clone()));
-    // Stop at SIGTERM (as PID 1 of a container, nothing else would) or SIGINT: the
-    // agents reconnect to another replica and keep serving on their last view.
-    let mut term =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("install SIGTERM handler")?;
-    let mut int =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).context("install SIGINT handler")?;
     let admin_listener =
         tokio::net::TcpListener::bind(admin).await.with_context(|| format!("cannot listen on {admin}"))?;
     let control = if let Some(dir) = config_dir {

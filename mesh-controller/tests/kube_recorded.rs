@@ -160,7 +160,7 @@ fn the_recorded_cluster_becomes_the_model_the_yaml_source_would_give() {
     assert_eq!(ignored, ["data.mesh.defaultConfig.discoveryAddress", "data.mesh.enablePrometheusMerge"]);
     assert_eq!(
         mesh_controller::kube_source::MESH_CONFIG_FIELDS,
-        format!("metadata.name={}", mesh_common::config::mesh::CONFIG_MAP_NAME)
+        format!("metadata.namespace=istio-system,metadata.name={}", mesh_common::config::mesh::CONFIG_MAP_NAME)
     );
 
     // Relisting the same objects changes nothing; the watch events of the recorded

@@ -10,7 +10,9 @@
 //! client and gives it nothing. The stack has no limit of its own for this, so the
 //! guard reads the frame headers as they pass (nine bytes a frame, the payloads are
 //! skipped, nothing is copied) and ends the connection with an error once the
-//! client's budget is spent; the stack then closes it. Other connections are not
+//! client's budget is spent; the stack then closes it. A PING that follows DATA or
+//! HEADERS the waypoint wrote is free (the frames it writes are read the same way):
+//! gRPC clients probe the bandwidth with one after each burst they receive. Other connections are not
 //! affected. Rapid reset and CONTINUATION floods are the stack's own limits.
 use std::{
     io,
@@ -26,26 +28,66 @@ use tracing::warn;
 
 /// PING and SETTINGS frames a connection may send at once.
 pub const BURST: f64 = 1000.0;
-/// ... and per second after that. Keepalive and bandwidth-probing PINGs (gRPC's)
-/// stay far below it.
+/// ... and per second after that (keepalive PINGs stay far below it; a PING that
+/// follows data the waypoint sent is free, see [`Scan`]).
 pub const RATE: f64 = 100.0;
 
 /// The client connection preface (RFC 9113, section 3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const FRAME_HEADER: usize = 9;
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
 const SETTINGS: u8 = 0x4;
 const PING: u8 = 0x6;
 const ACK: u8 = 0x1;
 
-/// Counts a connection's PING and SETTINGS frames; see the module docs.
-#[derive(Debug)]
-pub struct Scan {
-    state: State,
+/// Splits a byte stream into HTTP/2 frames: yields each frame header, skips the
+/// payloads (split anywhere across calls).
+#[derive(Debug, Default)]
+struct Frames {
     /// The frame header being read, and how many of its bytes arrived.
     head: [u8; FRAME_HEADER],
     have: usize,
     /// Payload bytes of the current frame still to pass.
     skip: usize,
+}
+
+impl Frames {
+    /// Takes in `bytes`; `header` gets each completed frame header's type and flags.
+    fn feed(&mut self, mut bytes: &[u8], mut header: impl FnMut(u8, u8) -> Result<(), Flood>) -> Result<(), Flood> {
+        while !bytes.is_empty() {
+            if self.skip > 0 {
+                let n = self.skip.min(bytes.len());
+                self.skip -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let n = (FRAME_HEADER - self.have).min(bytes.len());
+            self.head[self.have..self.have + n].copy_from_slice(&bytes[..n]);
+            self.have += n;
+            bytes = &bytes[n..];
+            if self.have == FRAME_HEADER {
+                self.have = 0;
+                let head = self.head;
+                self.skip = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+                header(head[3], head[4])?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Counts a connection's PING and SETTINGS frames; see the module docs.
+#[derive(Debug)]
+pub struct Scan {
+    state: State,
+    read: Frames,
+    written: Frames,
+    /// Whether the waypoint wrote DATA or HEADERS since the client's last PING: a
+    /// PING that follows data is a bandwidth probe (gRPC sends one per burst it
+    /// receives, as often as every message) and costs nothing, as gRPC servers'
+    /// own ping policy has it.
+    answered: bool,
     tokens: f64,
     refilled: Instant,
 }
@@ -65,59 +107,71 @@ pub struct Flood;
 
 impl Scan {
     pub fn new(now: Instant) -> Self {
-        Self { state: State::Preface(0), head: [0; FRAME_HEADER], have: 0, skip: 0, tokens: BURST, refilled: now }
+        Self {
+            state: State::Preface(0),
+            read: Frames::default(),
+            written: Frames::default(),
+            answered: false,
+            tokens: BURST,
+            refilled: now,
+        }
     }
 
     /// Takes in bytes the client sent.
     pub fn saw(&mut self, mut bytes: &[u8], now: Instant) -> Result<(), Flood> {
-        while !bytes.is_empty() {
-            match self.state {
-                State::Off => return Ok(()),
-                State::Preface(matched) => {
-                    let n = (PREFACE.len() - matched).min(bytes.len());
-                    self.state = if bytes[..n] != PREFACE[matched..matched + n] {
-                        State::Off
-                    } else if matched + n == PREFACE.len() {
-                        State::Frames
-                    } else {
-                        State::Preface(matched + n)
-                    };
-                    bytes = &bytes[n..];
-                }
-                State::Frames if self.skip > 0 => {
-                    let n = self.skip.min(bytes.len());
-                    self.skip -= n;
-                    bytes = &bytes[n..];
-                }
-                State::Frames => {
-                    let n = (FRAME_HEADER - self.have).min(bytes.len());
-                    self.head[self.have..self.have + n].copy_from_slice(&bytes[..n]);
-                    self.have += n;
-                    bytes = &bytes[n..];
-                    if self.have == FRAME_HEADER {
-                        self.have = 0;
-                        let head = self.head;
-                        self.skip = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
-                        if matches!(head[3], PING | SETTINGS) && head[4] & ACK == 0 {
-                            self.spend(now)?;
-                        }
-                    }
-                }
-            }
+        if let State::Preface(matched) = self.state {
+            let n = (PREFACE.len() - matched).min(bytes.len());
+            self.state = if bytes[..n] != PREFACE[matched..matched + n] {
+                State::Off
+            } else if matched + n == PREFACE.len() {
+                State::Frames
+            } else {
+                State::Preface(matched + n)
+            };
+            bytes = &bytes[n..];
         }
-        Ok(())
+        if self.state != State::Frames {
+            return Ok(());
+        }
+        let Self { read, answered, tokens, refilled, .. } = self;
+        read.feed(bytes, |kind, flags| {
+            if flags & ACK != 0 {
+                return Ok(());
+            }
+            let free = match kind {
+                PING => std::mem::take(answered),
+                SETTINGS => false,
+                _ => return Ok(()),
+            };
+            if free { Ok(()) } else { spend(tokens, refilled, now) }
+        })
     }
 
-    fn spend(&mut self, now: Instant) -> Result<(), Flood> {
-        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
-        self.refilled = now;
-        self.tokens = (self.tokens + elapsed * RATE).min(BURST);
-        if self.tokens < 1.0 {
-            return Err(Flood);
+    /// Takes in bytes the waypoint wrote (accepted by the connection).
+    pub fn wrote(&mut self, bytes: &[u8]) {
+        if self.state != State::Frames {
+            return;
         }
-        self.tokens -= 1.0;
-        Ok(())
+        let Self { written, answered, .. } = self;
+        let _ = written.feed(bytes, |kind, _| {
+            if matches!(kind, DATA | HEADERS) {
+                *answered = true;
+            }
+            Ok(())
+        });
     }
+}
+
+/// Takes a token, refilled at [`RATE`] up to [`BURST`].
+fn spend(tokens: &mut f64, refilled: &mut Instant, now: Instant) -> Result<(), Flood> {
+    let elapsed = now.saturating_duration_since(*refilled).as_secs_f64();
+    *refilled = now;
+    *tokens = (*tokens + elapsed * RATE).min(BURST);
+    if *tokens < 1.0 {
+        return Err(Flood);
+    }
+    *tokens -= 1.0;
+    Ok(())
 }
 
 /// A downstream connection under a [`Scan`].
@@ -150,7 +204,10 @@ impl<I: AsyncRead + Unpin> AsyncRead for Guard<I> {
 
 impl<I: AsyncWrite + Unpin> AsyncWrite for Guard<I> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, data)
+        let this = &mut *self;
+        let n = std::task::ready!(Pin::new(&mut this.inner).poll_write(cx, data))?;
+        this.scan.wrote(&data[..n]);
+        Poll::Ready(Ok(n))
     }
 
     fn poll_write_vectored(
@@ -158,7 +215,18 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Guard<I> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let this = &mut *self;
+        let n = std::task::ready!(Pin::new(&mut this.inner).poll_write_vectored(cx, bufs))?;
+        let mut left = n;
+        for buf in bufs {
+            let taken = left.min(buf.len());
+            this.scan.wrote(&buf[..taken]);
+            left -= taken;
+            if left == 0 {
+                break;
+            }
+        }
+        Poll::Ready(Ok(n))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -206,6 +274,31 @@ mod tests {
             let now = start + Duration::from_millis(i * 1000 / RATE as u64);
             scan.saw(&ping, now).unwrap();
         }
+    }
+
+    /// gRPC's bandwidth probe: a PING after each message the waypoint sends, far
+    /// beyond the budget, is never cut off; PINGs with no data between them are.
+    #[test]
+    fn a_ping_after_each_burst_of_data_the_waypoint_sent_is_free() {
+        let start = Instant::now();
+        let mut scan = Scan::new(start);
+        scan.saw(PREFACE, start).unwrap();
+        scan.wrote(&frame(SETTINGS, 0, &[]));
+        let ping = frame(PING, 0, &[7; 8]);
+        let message = [frame(HEADERS, 0x4, &[0x88]), frame(DATA, 0, &[0; 20])].concat();
+        for _ in 0..10 * BURST as usize {
+            // Written in pieces, as a connection may accept them.
+            let (a, b) = message.split_at(5);
+            scan.wrote(a);
+            scan.wrote(b);
+            scan.saw(&ping, start).unwrap();
+        }
+        // One message, then PINGs only: the first is free, the burst follows.
+        scan.wrote(&message);
+        for _ in 0..=BURST as usize {
+            scan.saw(&ping, start).unwrap();
+        }
+        assert_eq!(scan.saw(&ping, start), Err(Flood));
     }
 
     #[test]
