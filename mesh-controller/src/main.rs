@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use mesh_common::control::{CONTROLLER_NAME, node_identity};
 use mesh_controller::{ca::Ca, kube_source, lease, node_auth, server, source};
 use rcgen::SanType;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::info;
 
 #[derive(Parser)]
@@ -183,10 +184,8 @@ async fn serve(
     // Stop at SIGTERM (as PID 1 of a container, nothing else would) or SIGINT: the
     // agents reconnect to another replica and keep serving on their last view.
     // Installed first, so that a signal during the start-up waits is kept.
-    let mut term =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("install SIGTERM handler")?;
-    let mut int =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).context("install SIGINT handler")?;
+    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     let authority = ca.load().context("certificate authority")?;
     let config = match &config_dir {
         Some(dir) => source::load(dir, &ca.trust_domain, &root_namespace)
@@ -261,12 +260,8 @@ async fn serve(
         info!("listing the cluster");
         tokio::select! {
             synced = synced_rx => synced.context("the Kubernetes source stopped")?,
-            _ = term.recv() => {
-                info!("SIGTERM while listing the cluster: stopping");
-                return Ok(());
-            }
-            _ = int.recv() => {
-                info!("SIGINT while listing the cluster: stopping");
+            signal = stop_signal(&mut term, &mut int) => {
+                info!("{signal} while listing the cluster: stopping");
                 return Ok(());
             }
         }
@@ -290,8 +285,15 @@ async fn serve(
     };
     tokio::select! {
         () = control.run() => {}
-        _ = term.recv() => info!("SIGTERM: stopping"),
-        _ = int.recv() => info!("SIGINT: stopping"),
+        signal = stop_signal(&mut term, &mut int) => info!("{signal}: stopping"),
     }
     Ok(())
+}
+
+/// Waits for SIGTERM or SIGINT; the name of the one that came.
+async fn stop_signal(term: &mut Signal, int: &mut Signal) -> &'static str {
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
 }

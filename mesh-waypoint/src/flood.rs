@@ -202,35 +202,15 @@ impl<I: AsyncRead + Unpin> AsyncRead for Guard<I> {
     }
 }
 
+/// Not vectored: the keepalive timer around the guard writes one buffer at a time
+/// anyway, and the default vectored write comes through [`Self::poll_write`], so every
+/// byte written is scanned there.
 impl<I: AsyncWrite + Unpin> AsyncWrite for Guard<I> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         let n = std::task::ready!(Pin::new(&mut this.inner).poll_write(cx, data))?;
         this.scan.wrote(&data[..n]);
         Poll::Ready(Ok(n))
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = &mut *self;
-        let n = std::task::ready!(Pin::new(&mut this.inner).poll_write_vectored(cx, bufs))?;
-        let mut left = n;
-        for buf in bufs {
-            let taken = left.min(buf.len());
-            this.scan.wrote(&buf[..taken]);
-            left -= taken;
-            if left == 0 {
-                break;
-            }
-        }
-        Poll::Ready(Ok(n))
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

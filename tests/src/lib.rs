@@ -881,9 +881,18 @@ impl Lab {
     /// Whether the controller's readiness endpoint (`/ready`, its Kubernetes probe)
     /// says it serves agents.
     pub fn controller_ready(&self) -> bool {
-        let fabric = format!("{}-fabric", self.spec.prefix);
-        let curl = ["curl", "-sf", "--max-time", "2", "http://127.0.0.1:15014/ready"];
-        Self::exec_netns(&fabric, None, &curl).is_ok_and(|out| out.status.success() && out.stdout == b"ready\n")
+        self.controller_get("/ready").is_ok_and(|body| body == b"ready\n")
+    }
+
+    /// The body of a GET of the controller's admin port (`path`), which must answer 2xx.
+    fn controller_get(&self, path: &str) -> anyhow::Result<Vec<u8>> {
+        let url = format!("http://127.0.0.1:15014{path}");
+        let out =
+            Self::exec_netns(&format!("{}-fabric", self.spec.prefix), None, &["curl", "-sf", "--max-time", "2", &url])?;
+        if !out.status.success() {
+            bail!("controller {path}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(out.stdout)
     }
 
     /// Stops the controller (SIGKILL) and waits until it is gone.
@@ -910,15 +919,7 @@ impl Lab {
 
     /// The controller's `/status`.
     pub fn controller_status(&self) -> anyhow::Result<serde_json::Value> {
-        let out = Self::exec_netns(
-            &format!("{}-fabric", self.spec.prefix),
-            None,
-            &["curl", "-sf", "--max-time", "2", "http://127.0.0.1:15014/status"],
-        )?;
-        if !out.status.success() {
-            bail!("controller status: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(serde_json::from_slice(&out.stdout)?)
+        Ok(serde_json::from_slice(&self.controller_get("/status")?)?)
     }
 
     /// The configuration version the controller runs.
