@@ -319,12 +319,22 @@ impl Direction {
 /// Copies both ways until both readers ended and both writers were shut down (a
 /// half-closed connection keeps flowing the other way), with buffers that grow with
 /// the traffic.
+///
+/// An error either way ends the relay, but only after the other way moved what it
+/// could without waiting: a server may end its response and then reset the rest of
+/// the request (RFC 9113, section 8.1, does this with `RST_STREAM` `NO_ERROR`), and the
+/// response, already received, still reaches the client although the request can no
+/// longer be written.
 pub async fn copy_bidirectional<A: Side + ?Sized, B: Side + ?Sized>(a: &mut A, b: &mut B) -> io::Result<()> {
     let (mut a_to_b, mut b_to_a) = (Direction::default(), Direction::default());
     std::future::poll_fn(|cx| {
-        let forward = a_to_b.poll_copy(cx, &mut *a, &mut *b)?;
-        let backward = b_to_a.poll_copy(cx, &mut *b, &mut *a)?;
-        if forward.is_ready() && backward.is_ready() { Poll::Ready(Ok(())) } else { Poll::Pending }
+        let forward = a_to_b.poll_copy(cx, &mut *a, &mut *b);
+        let backward = b_to_a.poll_copy(cx, &mut *b, &mut *a);
+        match (forward, backward) {
+            (Poll::Ready(Err(error)), _) | (_, Poll::Ready(Err(error))) => Poll::Ready(Err(error)),
+            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => Poll::Ready(Ok(())),
+            _ => Poll::Pending,
+        }
     })
     .await
 }
@@ -393,6 +403,8 @@ mod tests {
         reads: Vec<usize>,
         output: Vec<u8>,
         given: Vec<*const u8>,
+        /// Writes fail (a stream reset by the peer).
+        reset: bool,
     }
 
     impl AsyncRead for Mem {
@@ -428,6 +440,9 @@ mod tests {
         }
 
         fn poll_send_chunk(&mut self, _cx: &mut Context<'_>, data: &mut Bytes) -> Poll<io::Result<()>> {
+            if self.reset {
+                return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+            }
             self.given.push(data.as_ptr());
             self.output.extend_from_slice(data);
             data.clear();
@@ -481,5 +496,17 @@ mod tests {
         let offsets: Vec<usize> = writer.given.iter().map(|p| *p as usize - input.as_ptr() as usize).collect();
         assert_eq!(offsets, [0, 3000, 6000, 9000]);
         assert!(reader.reads.is_empty(), "a chunked reader is never read into a buffer");
+    }
+
+    /// A response that ended before its stream was reset reaches the client, though
+    /// the rest of the request fails to go out first.
+    #[tokio::test]
+    async fn what_was_received_is_delivered_when_the_other_way_fails() {
+        let mut client = Mem { input: Bytes::from_static(b"the rest of an upload"), ..Mem::default() };
+        let mut tunnel =
+            Mem { input: Bytes::from_static(b"HTTP/1.1 413\r\n\r\n"), chunks: true, reset: true, ..Mem::default() };
+        let error = copy_bidirectional(&mut client, &mut tunnel).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::BrokenPipe);
+        assert_eq!(client.output, b"HTTP/1.1 413\r\n\r\n");
     }
 }
