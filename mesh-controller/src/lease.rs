@@ -5,7 +5,9 @@
 //! Lease is created by the install (RBAC allows `get` and `update` of that one object,
 //! nothing else); a replica takes it when it is free or expired, and keeps it by
 //! renewing it every [`RENEW_EVERY`]. Optimistic concurrency (`resourceVersion`) makes
-//! a takeover race safe: the loser's update fails with a conflict.
+//! a takeover race safe: the loser's update fails with a conflict. A replica that
+//! stops (SIGTERM) gives the Lease up, as client-go's `ReleaseOnCancel` does, so that
+//! another takes over at its next try instead of when the lease runs out.
 use std::time::Duration;
 
 use k8s_openapi::{
@@ -14,12 +16,14 @@ use k8s_openapi::{
     jiff::{SignedDuration, Timestamp},
 };
 use kube::{Api, Client, api::PostParams};
-use tokio::sync::watch;
+use tokio::{sync::watch, task::JoinHandle};
 use tracing::{info, warn};
 
 /// How long a lease holds without renewal.
 pub const LEASE_DURATION: Duration = Duration::from_secs(15);
 pub const RENEW_EVERY: Duration = Duration::from_secs(5);
+/// How long a stopping replica tries to give the Lease up.
+pub const RELEASE_WITHIN: Duration = Duration::from_secs(3);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {
@@ -67,16 +71,64 @@ pub fn updated(mut lease: Lease, me: &str, now: Timestamp, decision: &Decision) 
     lease
 }
 
-/// Keeps trying to lead forever; `leader` tells whether this replica leads.
-pub async fn run(client: Client, namespace: String, name: String, me: String, leader: watch::Sender<bool>) {
+/// The Lease as a replica that gives it up at `now` leaves it: free (no holder, as
+/// client-go leaves it), its duration one second for electors that look at the time
+/// only. `None` when `me` does not hold it.
+pub fn released(mut lease: Lease, me: &str, now: Timestamp) -> Option<Lease> {
+    let spec = lease.spec.as_mut()?;
+    if spec.holder_identity.as_deref() != Some(me) {
+        return None;
+    }
+    spec.holder_identity = Some(String::new());
+    spec.lease_duration_seconds = Some(1);
+    spec.renew_time = Some(MicroTime(now));
+    Some(lease)
+}
+
+/// A replica's part in the election, running until [`Election::step_down`].
+pub struct Election {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Election {
+    /// Starts trying to lead; `leader` tells whether this replica leads.
+    pub fn start(client: Client, namespace: String, name: String, me: String, leader: watch::Sender<bool>) -> Self {
+        let (stop, stopped) = watch::channel(false);
+        Self { stop, task: tokio::spawn(run(client, namespace, name, me, leader, stopped)) }
+    }
+
+    /// Stops trying and gives the Lease up if this replica holds it (within
+    /// [`RELEASE_WITHIN`]; past that it expires on its own).
+    pub async fn step_down(self) {
+        self.stop.send_replace(true);
+        if tokio::time::timeout(RELEASE_WITHIN, self.task).await.is_err() {
+            warn!("the Lease was not given up in time: it expires on its own");
+        }
+    }
+}
+
+/// Keeps trying to lead until `stop`, then gives the Lease up if held.
+async fn run(
+    client: Client,
+    namespace: String,
+    name: String,
+    me: String,
+    leader: watch::Sender<bool>,
+    mut stop: watch::Receiver<bool>,
+) {
     let api: Api<Lease> = Api::namespaced(client, &namespace);
     let mut last_renewal: Option<std::time::Instant> = None;
     let mut announced = false;
     loop {
         // A hung request must not keep this replica acting as leader past the lease.
-        let outcome = match tokio::time::timeout(RENEW_EVERY, step(&api, &name, &me)).await {
-            Ok(outcome) => outcome,
-            Err(_) => Err(kube::Error::Service("the Lease request timed out".into())),
+        let attempt = tokio::time::timeout(RENEW_EVERY, step(&api, &name, &me));
+        let outcome = tokio::select! {
+            outcome = attempt => match outcome {
+                Ok(outcome) => outcome,
+                Err(_) => Err(kube::Error::Service("the Lease request timed out".into())),
+            },
+            _ = stop.wait_for(|stop| *stop) => break,
         };
         let leading = match outcome {
             Ok(true) => {
@@ -103,8 +155,35 @@ pub async fn run(client: Client, namespace: String, name: String, me: String, le
             }
             leader.send_replace(leading);
         }
-        tokio::time::sleep(RENEW_EVERY).await;
+        tokio::select! {
+            () = tokio::time::sleep(RENEW_EVERY) => {}
+            _ = stop.wait_for(|stop| *stop) => break,
+        }
     }
+    // Stopping: no more writes as leader, then the Lease back. A renewal still in
+    // flight may land between our read and our write: the conflict makes us read again.
+    leader.send_replace(false);
+    for _ in 0..3 {
+        match release(&api, &name, &me).await {
+            Ok(true) => {
+                info!(identity = %me, "the Lease is given up: another replica may lead now");
+                return;
+            }
+            Ok(false) => return,
+            Err(kube::Error::Api(status)) if status.code == 409 => {}
+            Err(error) => {
+                warn!(lease = %format!("{namespace}/{name}"), %error, "cannot give the Lease up: it expires on its own");
+                return;
+            }
+        }
+    }
+}
+
+/// Gives the Lease up if `me` holds it; whether it did.
+async fn release(api: &Api<Lease>, name: &str, me: &str) -> Result<bool, kube::Error> {
+    let Some(lease) = released(api.get(name).await?, me, Timestamp::now()) else { return Ok(false) };
+    let params = PostParams { field_manager: Some("mesh-controller".into()), ..PostParams::default() };
+    api.replace(name, &params, &lease).await.map(|_| true)
 }
 
 async fn step(api: &Api<Lease>, name: &str, me: &str) -> Result<bool, kube::Error> {
@@ -151,5 +230,18 @@ mod tests {
         assert_eq!(spec.holder_identity.as_deref(), Some("a"));
         assert_eq!(spec.lease_transitions, Some(1));
         assert_eq!(spec.renew_time.unwrap().0, now);
+    }
+
+    #[test]
+    fn a_released_lease_is_free_and_only_its_holder_releases_it() {
+        let now: Timestamp = "2026-11-20T10:15:10Z".parse().unwrap();
+        let held = Lease { spec: Some(spec("a", "2026-11-20T10:15:08Z")), ..Lease::default() };
+        assert!(released(held.clone(), "b", now).is_none(), "not b's to give up");
+        assert!(released(Lease::default(), "a", now).is_none());
+        let free = released(held, "a", now).unwrap().spec.unwrap();
+        assert_eq!(free.holder_identity.as_deref(), Some(""));
+        assert_eq!(free.lease_duration_seconds, Some(1));
+        // Another replica takes it at its next try.
+        assert_eq!(decide(Some(&free), "b", now), Decision::Acquire);
     }
 }

@@ -222,6 +222,7 @@ async fn serve(
     tokio::spawn(mesh_controller::jwks::run(controller.clone()));
     let admin_listener =
         tokio::net::TcpListener::bind(admin).await.with_context(|| format!("cannot listen on {admin}"))?;
+    let mut election = None;
     let control = if let Some(dir) = config_dir {
         let tls = mesh_common::tls::server_config(&chain, &key, &roots)?;
         let control = server::ControlServer::bind(listen, tls, controller.clone())
@@ -247,7 +248,7 @@ async fn serve(
         tokio::spawn(kube_source::run(client.clone(), controller.clone(), settings, problems_tx, Some(synced_tx)));
         let me = kube.pod_name.clone().unwrap_or_else(|| format!("mesh-controller-{}", std::process::id()));
         let (leader_tx, leader_rx) = tokio::sync::watch::channel(false);
-        tokio::spawn(lease::run(
+        election = Some(lease::Election::start(
             client.clone(),
             kube.lease_namespace.clone(),
             kube.lease_name.clone(),
@@ -262,6 +263,7 @@ async fn serve(
             synced = synced_rx => synced.context("the Kubernetes source stopped")?,
             signal = stop_signal(&mut term, &mut int) => {
                 info!("{signal} while listing the cluster: stopping");
+                step_down(election).await;
                 return Ok(());
             }
         }
@@ -287,7 +289,15 @@ async fn serve(
         () = control.run() => {}
         signal = stop_signal(&mut term, &mut int) => info!("{signal}: stopping"),
     }
+    step_down(election).await;
     Ok(())
+}
+
+/// Gives the Lease up on the way out, if this replica takes part in an election.
+async fn step_down(election: Option<lease::Election>) {
+    if let Some(election) = election {
+        election.step_down().await;
+    }
 }
 
 /// Waits for SIGTERM or SIGINT; the name of the one that came.

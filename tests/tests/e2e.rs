@@ -1063,8 +1063,11 @@ fn kubernetes_mode_enrolls_by_label_exempts_probes_and_reports_on_objects() {
                 })
             })
             .unwrap_or_else(|_| panic!("no Event for the invalid VirtualService: {}", lab.controller_log()));
-            let vs =
-                api_objects(lab, "VirtualService").into_iter().find(|o| o["metadata"]["name"] == "broken").unwrap();
+            // The status is written right after the Event.
+            let broken_vs =
+                || api_objects(lab, "VirtualService").into_iter().find(|o| o["metadata"]["name"] == "broken").unwrap();
+            let _ = wait_for(Duration::from_secs(5), || broken_vs()["status"]["conditions"][0]["status"] == "False");
+            let vs = broken_vs();
             assert_eq!(vs["status"]["conditions"][0]["status"], "False", "{vs}");
             assert!(vs["status"]["conditions"][0]["message"].as_str().unwrap().contains("spec.http[0].route"), "{vs}");
             let lease = api_objects(lab, "Lease").into_iter().next().expect("the Lease");
@@ -1139,6 +1142,12 @@ fn kubernetes_mode_enrolls_by_label_exempts_probes_and_reports_on_objects() {
             // Not before the leader's lease (15 s) ran out.
             assert!(taken.elapsed() >= Duration::from_secs(5), "took over after {:?}", taken.elapsed());
             eprintln!("second replica took the Lease over {:?} after the leader stopped", taken.elapsed());
+            // A replica stopped by SIGTERM gives the Lease up on its way out: free at
+            // once, not after 15 s.
+            lab.stop_process("controller-b", "TERM").unwrap();
+            let lease = api_objects(lab, "Lease").into_iter().next().expect("the Lease");
+            assert_eq!(lease["spec"]["holderIdentity"], "", "{lease}\n{}", lab.log_of("controller-b"));
+            assert!(lab.log_of("controller-b").contains("the Lease is given up"), "{}", lab.log_of("controller-b"));
         },
     );
 }
