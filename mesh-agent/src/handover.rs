@@ -103,6 +103,12 @@ impl Inherited {
     /// A node listener (admin, metrics, readiness) passed on by the predecessor, if
     /// it is in this process's network namespace: a successor in another one (a new
     /// pod beside the old one) listens in its own, where it is reached.
+    ///
+    /// A predecessor that listened on `0.0.0.0` where this agent has `[::]` on the
+    /// same port (the defaults moved) passes that socket on: it holds the port, so
+    /// this agent could not listen beside it. It stays in use through later
+    /// handovers; a start without a predecessor listens on `[::]`. (Not the other way:
+    /// an agent configured for IPv4 is never given a socket that takes IPv6.)
     pub fn take_node(&self, kind: &str, addr: SocketAddr) -> Option<std::net::TcpListener> {
         let same_netns = |listener: &std::net::TcpListener| {
             let probe = std::net::UdpSocket::bind(("127.0.0.1", 0));
@@ -110,7 +116,23 @@ impl Inherited {
                 mesh_proxy::socket::netns_cookie(&probe).ok() == mesh_proxy::socket::netns_cookie(listener).ok()
             })
         };
-        self.take("", kind, addr).filter(same_netns)
+        let listener = self.take("", kind, addr).or_else(|| {
+            let mut map = self.0.lock().expect("lock");
+            if !(addr.is_ipv6() && addr.ip().is_unspecified()) {
+                return None;
+            }
+            let ipv4_wildcard = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, addr.port()));
+            let other =
+                map.keys().find(|id| id.owner.is_empty() && id.kind == kind && id.addr == ipv4_wildcard).cloned()?;
+            tracing::info!(
+                %kind,
+                configured = %addr,
+                inherited = %other.addr,
+                "keeping the running agent's listening socket (a start without a predecessor listens as configured)"
+            );
+            map.remove(&other).map(std::net::TcpListener::from)
+        });
+        listener.filter(same_netns)
     }
 
     /// How many were not taken (their pod is gone, or this agent does not serve them).
@@ -395,5 +417,33 @@ mod tests {
         // A manifest of an agent from before groups has no index: it is socket 0.
         let old: ListenerId = serde_json::from_str(r#"{"owner":"u","kind":"tunnel","addr":"0.0.0.0:15008"}"#).unwrap();
         assert_eq!(old.index, 0);
+    }
+
+    /// A node listener on `0.0.0.0:port` passes on to a successor configured with
+    /// `[::]:port`, and only then: not to another kind, port or address, not from a
+    /// pod's listener, not from `[::]` to `0.0.0.0`.
+    #[test]
+    fn a_node_listener_on_the_ipv4_wildcard_is_passed_on_to_the_ipv6_one() {
+        let mut map = HashMap::new();
+        for (owner, kind, at) in [
+            ("", "metrics", "0.0.0.0:15020"),
+            ("", "admin", "127.0.0.1:15000"),
+            ("", "readiness", "0.0.0.0:15099"),
+            ("uid-1", "ready", "0.0.0.0:15021"),
+            ("", "health", "[::]:15030"),
+        ] {
+            let id = ListenerId { owner: owner.into(), kind: kind.into(), addr: at.parse().unwrap(), index: 0 };
+            map.insert(id, OwnedFd::from(TcpListener::bind("127.0.0.1:0").unwrap()));
+        }
+        let inherited = Inherited(Mutex::new(map));
+        let take = |kind: &str, at: &str| inherited.take_node(kind, at.parse().unwrap()).is_some();
+        assert!(!take("readiness", "[::]:15020"), "another kind");
+        assert!(!take("admin", "[::]:15000"), "not a wildcard");
+        assert!(!take("readiness", "[::]:15021"), "another port");
+        assert!(!take("ready", "[::]:15021"), "a pod's");
+        assert!(!take("health", "0.0.0.0:15030"), "IPv6 to an IPv4 agent");
+        assert!(!take("metrics", "[::1]:15020"), "not the wildcard");
+        assert!(take("metrics", "[::]:15020"));
+        assert_eq!(inherited.left(), 4);
     }
 }

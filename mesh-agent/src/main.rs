@@ -75,7 +75,7 @@ struct RunConfig {
     #[arg(long, env = "MESH_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
     admin_addr: SocketAddr,
     /// Readiness endpoint (`/healthz/ready`).
-    #[arg(long, env = "MESH_READINESS_ADDR", default_value = "0.0.0.0:15021")]
+    #[arg(long, env = "MESH_READINESS_ADDR", default_value = "[::]:15021")]
     readiness_addr: SocketAddr,
     /// Controller's control endpoint, `host:port` (TLS; the agent authenticates with
     /// --credential-dir or --token-file). Without it the agent runs standalone: no
@@ -112,7 +112,7 @@ struct RunConfig {
     #[arg(long, env = "MESH_NETNS_DIR", default_value = "/var/run/netns")]
     netns_dir: PathBuf,
     /// Prometheus metrics endpoint.
-    #[arg(long, env = "MESH_METRICS_ADDR", default_value = "0.0.0.0:15020")]
+    #[arg(long, env = "MESH_METRICS_ADDR", default_value = "[::]:15020")]
     metrics_addr: SocketAddr,
     /// Destination port never captured (repeatable).
     #[arg(long = "exclude-port", env = "MESH_EXCLUDE_PORTS", value_delimiter = ',')]

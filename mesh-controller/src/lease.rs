@@ -22,8 +22,11 @@ use tracing::{info, warn};
 /// How long a lease holds without renewal.
 pub const LEASE_DURATION: Duration = Duration::from_secs(15);
 pub const RENEW_EVERY: Duration = Duration::from_secs(5);
-/// How long a stopping replica tries to give the Lease up.
-pub const RELEASE_WITHIN: Duration = Duration::from_secs(3);
+/// How long a stopping replica tries to give the Lease up: a step under way ends
+/// first (at most [`RENEW_EVERY`]), then the release.
+pub const RELEASE_WITHIN: Duration = Duration::from_secs(8);
+/// How long one request of the release may take.
+const RELEASE_REQUEST: Duration = Duration::from_secs(2);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {
@@ -89,18 +92,33 @@ pub fn released(mut lease: Lease, me: &str, now: Timestamp) -> Option<Lease> {
 pub struct Election {
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+    /// What writes as leader, stopped before the Lease goes.
+    writer: Option<JoinHandle<()>>,
 }
 
 impl Election {
     /// Starts trying to lead; `leader` tells whether this replica leads.
     pub fn start(client: Client, namespace: String, name: String, me: String, leader: watch::Sender<bool>) -> Self {
         let (stop, stopped) = watch::channel(false);
-        Self { stop, task: tokio::spawn(run(client, namespace, name, me, leader, stopped)) }
+        Self { stop, task: tokio::spawn(run(client, namespace, name, me, leader, stopped)), writer: None }
+    }
+
+    /// `writer` writes while this replica leads (status, Events): it is stopped
+    /// before the Lease is given up, so that no write of a round it had begun lands
+    /// after another replica took over (whose own writes it would undo).
+    #[must_use]
+    pub fn with_writer(mut self, writer: JoinHandle<()>) -> Self {
+        self.writer = Some(writer);
+        self
     }
 
     /// Stops trying and gives the Lease up if this replica holds it (within
     /// [`RELEASE_WITHIN`]; past that it expires on its own).
     pub async fn step_down(self) {
+        if let Some(writer) = self.writer {
+            writer.abort();
+            let _ = writer.await;
+        }
         self.stop.send_replace(true);
         if tokio::time::timeout(RELEASE_WITHIN, self.task).await.is_err() {
             warn!("the Lease was not given up in time: it expires on its own");
@@ -122,13 +140,11 @@ async fn run(
     let mut announced = false;
     loop {
         // A hung request must not keep this replica acting as leader past the lease.
-        let attempt = tokio::time::timeout(RENEW_EVERY, step(&api, &name, &me));
-        let outcome = tokio::select! {
-            outcome = attempt => match outcome {
-                Ok(outcome) => outcome,
-                Err(_) => Err(kube::Error::Service("the Lease request timed out".into())),
-            },
-            _ = stop.wait_for(|stop| *stop) => break,
+        // A stop does not cut a step short: an acquisition already sent could land
+        // after the release and hold the Lease for a replica that is gone.
+        let outcome = match tokio::time::timeout(RENEW_EVERY, step(&api, &name, &me)).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(kube::Error::Service("the Lease request timed out".into())),
         };
         let leading = match outcome {
             Ok(true) => {
@@ -163,8 +179,13 @@ async fn run(
     // Stopping: no more writes as leader, then the Lease back. A renewal still in
     // flight may land between our read and our write: the conflict makes us read again.
     leader.send_replace(false);
+    let lease = format!("{namespace}/{name}");
     for _ in 0..3 {
-        match release(&api, &name, &me).await {
+        let released = match tokio::time::timeout(RELEASE_REQUEST, release(&api, &name, &me)).await {
+            Ok(released) => released,
+            Err(_) => Err(kube::Error::Service("the Lease request timed out".into())),
+        };
+        match released {
             Ok(true) => {
                 info!(identity = %me, "the Lease is given up: another replica may lead now");
                 return;
@@ -172,11 +193,12 @@ async fn run(
             Ok(false) => return,
             Err(kube::Error::Api(status)) if status.code == 409 => {}
             Err(error) => {
-                warn!(lease = %format!("{namespace}/{name}"), %error, "cannot give the Lease up: it expires on its own");
+                warn!(%lease, %error, "cannot give the Lease up: it expires on its own");
                 return;
             }
         }
     }
+    warn!(%lease, "cannot give the Lease up (conflicts): it expires on its own");
 }
 
 /// Gives the Lease up if `me` holds it; whether it did.

@@ -87,7 +87,7 @@ enum Command {
         #[arg(long, env = "MESH_ROOT_NAMESPACE", default_value = "istio-system")]
         root_namespace: String,
         /// Control endpoint for agents (mTLS, HTTP/2).
-        #[arg(long, env = "MESH_LISTEN", default_value = "0.0.0.0:15012")]
+        #[arg(long, env = "MESH_LISTEN", default_value = "[::]:15012")]
         listen: SocketAddr,
         /// Status and metrics endpoint.
         #[arg(long, env = "MESH_ADMIN_ADDR", default_value = "127.0.0.1:15014")]
@@ -220,13 +220,13 @@ async fn serve(
     // initial configuration before any agent is served (bounded wait).
     controller.fetch_running_jwks().await;
     tokio::spawn(mesh_controller::jwks::run(controller.clone()));
-    let admin_listener =
-        tokio::net::TcpListener::bind(admin).await.with_context(|| format!("cannot listen on {admin}"))?;
+    let admin_listener = mesh_proxy::socket::listen(admin, false)
+        .and_then(tokio::net::TcpListener::from_std)
+        .with_context(|| format!("cannot listen on {admin}"))?;
     let mut election = None;
     let control = if let Some(dir) = config_dir {
         let tls = mesh_common::tls::server_config(&chain, &key, &roots)?;
         let control = server::ControlServer::bind(listen, tls, controller.clone())
-            .await
             .with_context(|| format!("cannot listen on {listen}"))?;
         info!(%listen, %admin, config_dir = %dir.display(), version = controller.current().version, "mesh-controller serving");
         tokio::spawn(server::serve_admin(admin_listener, controller.clone()));
@@ -248,19 +248,24 @@ async fn serve(
         tokio::spawn(kube_source::run(client.clone(), controller.clone(), settings, problems_tx, Some(synced_tx)));
         let me = kube.pod_name.clone().unwrap_or_else(|| format!("mesh-controller-{}", std::process::id()));
         let (leader_tx, leader_rx) = tokio::sync::watch::channel(false);
-        election = Some(lease::Election::start(
-            client.clone(),
-            kube.lease_namespace.clone(),
-            kube.lease_name.clone(),
-            me.clone(),
-            leader_tx,
-        ));
-        tokio::spawn(kube_source::report(client.clone(), me, problems_rx, leader_rx));
+        election = Some(
+            lease::Election::start(
+                client.clone(),
+                kube.lease_namespace.clone(),
+                kube.lease_name.clone(),
+                me.clone(),
+                leader_tx,
+            )
+            .with_writer(tokio::spawn(kube_source::report(client.clone(), me, problems_rx, leader_rx))),
+        );
         // Agents are served only once the cluster has been listed: an empty view would
         // make them release every pod.
         info!("listing the cluster");
         tokio::select! {
-            synced = synced_rx => synced.context("the Kubernetes source stopped")?,
+            synced = synced_rx => if synced.is_err() {
+                step_down(election).await;
+                anyhow::bail!("the Kubernetes source stopped");
+            },
             signal = stop_signal(&mut term, &mut int) => {
                 info!("{signal} while listing the cluster: stopping");
                 step_down(election).await;
@@ -278,10 +283,13 @@ async fn serve(
             agent_sa,
         ));
         let tls = mesh_common::tls::server_config_optional_client(&chain, &key, &roots)?;
-        let control = server::ControlServer::bind(listen, tls, controller.clone())
-            .await
-            .with_context(|| format!("cannot listen on {listen}"))?
-            .with_tokens(tokens);
+        let control = match server::ControlServer::bind(listen, tls, controller.clone()) {
+            Ok(control) => control.with_tokens(tokens),
+            Err(error) => {
+                step_down(election).await;
+                return Err(error).with_context(|| format!("cannot listen on {listen}"));
+            }
+        };
         info!(%listen, %admin, version = controller.current().version, "mesh-controller serving (Kubernetes)");
         control
     };

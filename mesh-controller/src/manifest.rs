@@ -354,9 +354,9 @@ impl Values {
             "--ca-key=/etc/mesh/ca/root-key.pem".into(),
             format!("--trust-domain={}", self.trust_domain),
             format!("--root-namespace={}", self.root_namespace),
-            "--listen=0.0.0.0:15012".into(),
+            "--listen=[::]:15012".into(),
             // Not localhost: the kubelet's readiness probe and Prometheus read it.
-            "--admin=0.0.0.0:15014".into(),
+            "--admin=[::]:15014".into(),
             "--token-audience=mesh-controller".into(),
             "--lease-name=mesh-controller".into(),
             format!("--lease-namespace={}", self.namespace),

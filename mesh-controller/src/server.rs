@@ -461,13 +461,10 @@ pub struct ControlServer {
 }
 
 impl ControlServer {
-    pub async fn bind(
-        addr: SocketAddr,
-        tls: rustls::ServerConfig,
-        controller: Arc<Controller>,
-    ) -> std::io::Result<Self> {
+    /// Listens on `addr` (`[::]`: both families); within a Tokio runtime.
+    pub fn bind(addr: SocketAddr, tls: rustls::ServerConfig, controller: Arc<Controller>) -> std::io::Result<Self> {
         Ok(Self {
-            listener: TcpListener::bind(addr).await?,
+            listener: TcpListener::from_std(mesh_proxy::socket::listen(addr, false)?)?,
             acceptor: TlsAcceptor::from(Arc::new(tls)),
             controller,
             tokens: None,

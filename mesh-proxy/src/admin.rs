@@ -199,26 +199,18 @@ pub const MAX_ADMIN_CONNECTIONS: usize = 64;
 pub const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl HttpServer {
-    /// Listens on `addr`, or on `inherited` (the socket of the process this one took
-    /// over from); stops accepting once `stop` turns true.
+    /// Listens on `addr` (`[::]`: both families, see [`crate::socket::listen`]), or
+    /// on `inherited` (the socket of the process this one took over from); stops
+    /// accepting once `stop` turns true.
     pub fn bind(
         name: &'static str,
         addr: SocketAddr,
         inherited: Option<std::net::TcpListener>,
         stop: tokio::sync::watch::Receiver<bool>,
     ) -> std::io::Result<Self> {
-        let listener = if let Some(listener) = inherited {
-            listener
-        } else {
-            let socket = socket2::Socket::new(
-                socket2::Domain::for_address(addr),
-                socket2::Type::STREAM,
-                Some(socket2::Protocol::TCP),
-            )?;
-            socket.set_reuse_address(true)?;
-            socket.bind(&addr.into())?;
-            socket.listen(1024)?;
-            socket.into()
+        let listener = match inherited {
+            Some(listener) => listener,
+            None => crate::socket::listen(addr, false)?,
         };
         listener.set_nonblocking(true)?;
         let copy = listener.try_clone()?;

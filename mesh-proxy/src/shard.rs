@@ -143,18 +143,8 @@ where
     });
 }
 
-/// A listener on `addr` that other shards' listeners may share (`SO_REUSEPORT`).
+/// A listener on `addr` that other shards' listeners may share (`SO_REUSEPORT`);
+/// `[::]` takes both families ([`crate::socket::listen`]).
 pub fn listener(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    use socket2::{Domain, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    if addr.is_ipv6() {
-        // `[::]` takes IPv4 too, as a single listener does.
-        socket.set_only_v6(false)?;
-    }
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(1024)?;
-    Ok(socket.into())
+    crate::socket::listen(addr, true)
 }

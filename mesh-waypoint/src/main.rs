@@ -59,9 +59,9 @@ struct Cli {
     hbone_addr: SocketAddr,
     #[arg(long, env = "MESH_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
     admin_addr: SocketAddr,
-    #[arg(long, env = "MESH_METRICS_ADDR", default_value = "0.0.0.0:15020")]
+    #[arg(long, env = "MESH_METRICS_ADDR", default_value = "[::]:15020")]
     metrics_addr: SocketAddr,
-    #[arg(long, env = "MESH_READINESS_ADDR", default_value = "0.0.0.0:15021")]
+    #[arg(long, env = "MESH_READINESS_ADDR", default_value = "[::]:15021")]
     readiness_addr: SocketAddr,
     /// Serving threads, each with its own HBONE listener and upstream pools.
     #[arg(long, env = "MESH_WORKER_THREADS", default_value_t = 2)]
