@@ -117,20 +117,18 @@ impl Inherited {
             })
         };
         let listener = self.take("", kind, addr).or_else(|| {
-            let mut map = self.0.lock().expect("lock");
             if !(addr.is_ipv6() && addr.ip().is_unspecified()) {
                 return None;
             }
             let ipv4_wildcard = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, addr.port()));
-            let other =
-                map.keys().find(|id| id.owner.is_empty() && id.kind == kind && id.addr == ipv4_wildcard).cloned()?;
+            let listener = self.take("", kind, ipv4_wildcard)?;
             tracing::info!(
                 %kind,
                 configured = %addr,
-                inherited = %other.addr,
+                inherited = %ipv4_wildcard,
                 "keeping the running agent's listening socket (a start without a predecessor listens as configured)"
             );
-            map.remove(&other).map(std::net::TcpListener::from)
+            Some(listener)
         });
         listener.filter(same_netns)
     }

@@ -386,8 +386,14 @@ mod tests {
     use super::*;
 
     fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+        frame_on(0, kind, flags, payload)
+    }
+
+    /// A frame on stream `stream`.
+    fn frame_on(stream: u32, kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
         let len = payload.len().to_be_bytes();
-        let mut out = vec![len[5], len[6], len[7], kind, flags, 0, 0, 0, 0];
+        let mut out = vec![len[5], len[6], len[7], kind, flags];
+        out.extend_from_slice(&stream.to_be_bytes());
         out.extend_from_slice(payload);
         out
     }
@@ -492,7 +498,7 @@ mod tests {
     /// sent the preface yet).
     async fn flood_then_read_back(client: &mut tokio::io::DuplexStream, preface: bool) -> Vec<u8> {
         let mut flood = if preface { PREFACE.to_vec() } else { Vec::new() };
-        flood.extend(frame(HEADERS, 0x5, &[0x82]).iter().enumerate().map(|(i, b)| if i == 8 { 7 } else { *b }));
+        flood.extend(frame_on(7, HEADERS, 0x5, &[0x82]));
         for _ in 0..2 * BURST as usize {
             flood.extend(frame(PING, 0, &[7; 8]));
         }
@@ -596,17 +602,8 @@ mod tests {
         let start = Instant::now();
         let mut scan = Scan::new(start);
         scan.saw(PREFACE, start).unwrap();
-        scan.saw(
-            &frame(HEADERS, END_HEADERS, &[0x82])
-                .iter()
-                .enumerate()
-                .map(|(i, b)| if i == 8 { 3 } else { *b })
-                .collect::<Vec<_>>(),
-            start,
-        )
-        .unwrap();
-        let mut flood: Vec<u8> =
-            frame(HEADERS, END_HEADERS, &[0x82]).iter().enumerate().map(|(i, b)| if i == 8 { 5 } else { *b }).collect();
+        scan.saw(&frame_on(3, HEADERS, END_HEADERS, &[0x82]), start).unwrap();
+        let mut flood = frame_on(5, HEADERS, END_HEADERS, &[0x82]);
         for _ in 0..2 * BURST as usize {
             flood.extend(frame(PING, 0, &[7; 8]));
         }
