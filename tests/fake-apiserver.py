@@ -20,6 +20,9 @@ What it serves, with real wire formats (Status errors, chunked watch streams):
   goes up when anything outside metadata and status changes. No dryRun, no generateName.
 - POST /apis/authentication.k8s.io/v1/tokenreviews from --tokens (re-read every time):
   {"<token>": <TokenReview status, or a whole TokenReview>}. /version says v1.35.0.
+- GET .../pods/NAME/portforward?ports=PORT upgraded to a WebSocket (v4.channel.k8s.io,
+  the binary port-forward protocol, one port): connects to the pod's status.podIP, where
+  a kubelet would connect inside the pod's network namespace.
 
 Usage: fake-apiserver.py --listen 127.0.0.1:PORT --objects DIR --tokens FILE --state FILE --ready FILE
 DIR: *.json, each one object or a List. After every write request the state file is
@@ -27,7 +30,7 @@ rewritten atomically: {"resourceVersion": N, "objects": {"<apiVersion>/<Kind>/<n
 (ns empty if cluster-scoped), "writes": [{"verb", "path", "query", "contentType", "code"}]}.
 The ready file gets the port (PORT may be 0) once listening. One stderr line per request.
 """
-import argparse, base64, copy, glob, json, os, re, signal, sys, threading, time, traceback, uuid
+import argparse, base64, copy, glob, hashlib, json, os, re, signal, socket, struct, sys, threading, time, traceback, uuid
 from bisect import bisect_right
 from collections import namedtuple
 from datetime import datetime, timezone
@@ -62,6 +65,8 @@ RESOURCES = [Res(*r) for r in [
 NAMESPACES = RESOURCES[0]
 NOT_INSTALLED = {"gateway.networking.k8s.io"}
 TOKENREVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
+PORTFORWARD = re.compile(r"/api/v1/namespaces/([^/]+)/pods/([^/]+)/portforward/?")
+WS_GUID, WS_PROTOCOL = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11", "v4.channel.k8s.io"
 DEFAULT_AUDIENCE = "https://kubernetes.default.svc.cluster.local"
 MERGE_TYPES = ("application/merge-patch+json", "application/strategic-merge-patch+json")
 BOOKMARK_EVERY, MAX_WATCH = 10.0, 60
@@ -359,6 +364,8 @@ class Handler(BaseHTTPRequestHandler):
     do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
 
     def route(self, method, path, q, body):
+        if method == "GET" and (m := PORTFORWARD.fullmatch(path)):
+            return self.portforward(m[1], m[2], q)
         if path == "/version":
             return 200, VERSION
         if path.rstrip("/") == TOKENREVIEWS:
@@ -434,6 +441,81 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"0\r\n\r\n")
         except OSError:  # the client went away
             self.close_connection = True
+        return 0, None
+
+    def portforward(self, ns, name, q):
+        """Channel 0 carries the port's data both ways, channel 1 the API server's error
+        text; each opens with the port number (2 bytes, little endian)."""
+        with COND:
+            pod = get(RESOURCES[1], ns, name)
+        offered = [p.strip() for p in self.headers.get("Sec-WebSocket-Protocol", "").split(",")]
+        if self.headers.get("Upgrade", "").lower() != "websocket" or WS_PROTOCOL not in offered:
+            raise bad(f"port-forward needs a WebSocket upgrade offering {WS_PROTOCOL} (this double has no SPDY)")
+        if not q.get("ports", "").isdigit() or not 0 < int(q["ports"]) < 65536:
+            raise bad(f"invalid ports parameter {q.get('ports')!r} (this double forwards one port)")
+        ip, phase = pod.get("status", {}).get("podIP"), pod.get("status", {}).get("phase")
+        if phase != "Running" or not ip:
+            raise bad(f"unable to upgrade connection: pod {name} is not running")
+        port = int(q["ports"])
+        accept = base64.b64encode(hashlib.sha1((self.headers["Sec-WebSocket-Key"] + WS_GUID).encode()).digest())
+        self.send_response(101)
+        for header, value in (("Upgrade", "websocket"), ("Connection", "Upgrade"),
+                              ("Sec-WebSocket-Accept", accept.decode()), ("Sec-WebSocket-Protocol", WS_PROTOCOL)):
+            self.send_header(header, value)
+        self.end_headers()
+        self.close_connection = True
+        lock = threading.Lock()
+
+        def send(opcode, payload=b""):
+            n = len(payload)
+            size = bytes([n]) if n < 126 else b"\x7e" + struct.pack(">H", n) if n < 65536 else b"\x7f" + struct.pack(">Q", n)
+            with lock:
+                self.wfile.write(bytes([0x80 | opcode]) + size + payload)
+                self.wfile.flush()
+        for channel in (0, 1):
+            send(2, bytes([channel]) + struct.pack("<H", port))
+        try:
+            upstream = socket.create_connection((ip, port), timeout=5)
+        except OSError as e:
+            send(2, b"\x01" + f"error forwarding port {port} to pod {name}: {e}".encode())
+            send(8)
+            return 0, None
+        upstream.settimeout(None)
+
+        def from_pod():
+            try:
+                while data := upstream.recv(65536):
+                    send(2, b"\x00" + data)
+                send(8)  # the pod's side is done: close
+            except OSError:
+                pass
+        pump = threading.Thread(target=from_pod, daemon=True)
+        pump.start()
+        try:
+            while True:  # the client's frames are masked
+                head = self.rfile.read(2)
+                if len(head) < 2:
+                    break
+                opcode, n = head[0] & 0x0F, head[1] & 0x7F
+                n = struct.unpack(">H", self.rfile.read(2))[0] if n == 126 else \
+                    struct.unpack(">Q", self.rfile.read(8))[0] if n == 127 else n
+                mask = self.rfile.read(4) if head[1] & 0x80 else b"\0\0\0\0"
+                payload = bytes(b ^ mask[i % 4] for i, b in enumerate(self.rfile.read(n)))
+                if opcode == 8:
+                    break
+                if opcode == 9:
+                    send(10, payload)
+                elif opcode == 2 and payload[:1] == b"\x00" and len(payload) > 1:
+                    upstream.sendall(payload[1:])
+        except OSError:
+            pass
+        finally:
+            try:
+                upstream.shutdown(socket.SHUT_RDWR)  # ends the pump's recv
+            except OSError:
+                pass
+            pump.join(5)
+            upstream.close()
         return 0, None
 
 def main():

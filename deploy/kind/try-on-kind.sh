@@ -189,6 +189,7 @@ cat <<NEXT
 The mesh runs on kind cluster $CLUSTER. Next:
   kubectl --context kind-$CLUSTER -n $DEMO_NS exec deploy/client -- curl -sS http://echo/
   kubectl --context kind-$CLUSTER -n $MESH_NS logs -f ds/mesh-agent
+  meshctl status --kubernetes -n $MESH_NS          # every controller replica's agents and waypoints
   kubectl --context kind-$CLUSTER label namespace $DEMO_NS istio.io/dataplane-mode-   # leave the mesh
   $0 --delete                                                                    # remove everything
 NEXT

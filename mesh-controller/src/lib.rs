@@ -8,6 +8,7 @@ pub mod kube_source;
 pub mod lease;
 pub mod manifest;
 pub mod node_auth;
+pub mod replicas;
 pub mod server;
 pub mod settings;
 pub mod source;

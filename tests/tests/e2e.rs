@@ -26,6 +26,10 @@ fn controller_bin() -> PathBuf {
     release_bin("MESH_CONTROLLER_BIN", "mesh-controller")
 }
 
+fn meshctl_bin() -> PathBuf {
+    release_bin("MESHCTL_BIN", "meshctl")
+}
+
 fn waypoint_bin() -> PathBuf {
     release_bin("MESH_WAYPOINT_BIN", "mesh-waypoint")
 }
@@ -1125,8 +1129,68 @@ fn kubernetes_mode_enrolls_by_label_exempts_probes_and_reports_on_objects() {
                 log.contains("following") && log.contains("serving (Kubernetes)")
             })
             .unwrap_or_else(|_| panic!("second replica: {}", lab.log_of("controller-b")));
+            // `meshctl status --kubernetes` asks every controller pod through the API
+            // server's port-forward and merges what they say: both agents are connected
+            // to the first replica (the pods' addresses are the replicas' admin listeners).
+            let namespace = r#"{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"mesh-system"}}"#;
+            lab.api("POST", "/api/v1/namespaces", "application/json", namespace).expect("create mesh-system");
+            for (name, port) in [("mesh-controller-0", 15014), ("mesh-controller-1", 15015)] {
+                let pod = serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": name, "namespace": "mesh-system",
+                                 "labels": {"app.kubernetes.io/name": "mesh-controller", "istio.io/dataplane-mode": "none"}},
+                    "spec": {"containers": [{"name": "controller", "image": "mesh",
+                                             "ports": [{"name": "http-admin", "containerPort": port}]}]},
+                });
+                lab.api("POST", "/api/v1/namespaces/mesh-system/pods", "application/json", &pod.to_string())
+                    .expect("create a controller pod");
+                // As a kubelet reports it (a create does not set the status).
+                let status = r#"{"status":{"phase":"Running","podIP":"127.0.0.1"}}"#;
+                let path = format!("/api/v1/namespaces/mesh-system/pods/{name}/status");
+                lab.api("PATCH", &path, "application/merge-patch+json", status).expect("report the pod running");
+            }
+            let meshctl_status = || {
+                let out = lab
+                    .exec(
+                        "fabric",
+                        &["env", &kubeconfig, &meshctl_bin().display().to_string(), "status", "--kubernetes"],
+                    )
+                    .unwrap();
+                (
+                    out.status.code(),
+                    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+                )
+            };
+            let (code, text) = meshctl_status();
+            eprintln!("meshctl status --kubernetes:\n{text}");
+            assert_eq!(code, Some(0), "{text}");
+            for replica in ["mesh-controller-0", "mesh-controller-1"] {
+                assert!(
+                    text.lines().any(|l| l.starts_with(&format!("controller {replica}: config version "))),
+                    "{text}"
+                );
+            }
+            for node in ["node1", "node2"] {
+                let row: Vec<&str> = text
+                    .lines()
+                    .find(|l| l.starts_with(&format!("{node} ")))
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .collect();
+                assert_eq!(
+                    (row.get(1), row.get(2), row.last()),
+                    (Some(&"mesh-controller-0"), Some(&"connected"), Some(&"SYNCED")),
+                    "{text}"
+                );
+            }
             let taken = std::time::Instant::now();
             lab.stop_controller().unwrap();
+            // A replica that does not answer fails the check and is named.
+            let (code, text) = meshctl_status();
+            assert_eq!(code, Some(1), "{text}");
+            assert!(
+                text.contains("controller mesh-controller-0: not read: port-forward to mesh-controller-0:15014"),
+                "{text}"
+            );
             wait_for(Duration::from_secs(30), || {
                 api_objects(lab, "Lease").first().is_some_and(|l| l["spec"]["holderIdentity"] == "mesh-controller-1")
             })

@@ -311,7 +311,8 @@ fn test(vm: bool) -> anyhow::Result<()> {
         .env("MESH_EBPF_OBJECT", ebpf_object())
         .env("MESH_AGENT_BIN", release_bin("mesh-agent"))
         .env("MESH_CONTROLLER_BIN", release_bin("mesh-controller"))
-        .env("MESH_WAYPOINT_BIN", release_bin("mesh-waypoint")))?;
+        .env("MESH_WAYPOINT_BIN", release_bin("mesh-waypoint"))
+        .env("MESHCTL_BIN", release_bin("meshctl")))?;
     // Briefly, on the committed seeds: a regression check, not a search (`cargo xtask
     // fuzz` is for that).
     fuzz::fuzz(FUZZ_SECONDS, None, fuzz::Corpus::Fresh)?;

@@ -2,19 +2,13 @@
 //! (files, or directories read recursively) with the same validation the controller
 //! applies, prints every problem and warning and exits 0 (valid, warnings allowed
 //! unless `--strict`), 1 (problems) or 2 (usage).
-//! `meshctl status` shows the controller's configuration version and, for every
-//! agent and every waypoint, the version it was sent and the one it acknowledged.
+//! `meshctl status` shows the controllers' configuration versions and, for every
+//! agent and every waypoint, the version it was sent and the one it acknowledged
+//! (`--kubernetes`: every controller replica of the cluster, merged).
 //! `meshctl waypoint generate|apply|list` declares waypoints as `istioctl waypoint` does.
 //! `meshctl manifest generate [--set KEY=VALUE]...` prints the Kubernetes manifests of
 //! an install (exit 2 on a bad `--set`), for `| kubectl apply -f -` or `| kubectl delete -f -`.
-use std::{
-    fmt::Write as _,
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
-    path::PathBuf,
-    process::ExitCode,
-    time::Duration,
-};
+use std::{fmt::Write as _, net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use mesh_controller::{manifest, validate, waypoint};
@@ -42,11 +36,20 @@ enum Command {
         #[arg(long)]
         strict: bool,
     },
-    /// Show the controller's configuration version and every agent's and waypoint's sync state.
+    /// Show the controllers' configuration versions and every agent's and waypoint's sync state.
     Status {
-        /// The controller's status endpoint.
-        #[arg(long, env = "MESH_CONTROLLER_ADMIN", default_value = "127.0.0.1:15014")]
-        controller: SocketAddr,
+        /// A controller replica's status endpoint; repeat (or separate by commas) to ask
+        /// several and merge what they say. 127.0.0.1:15014 when none is given.
+        #[arg(long, env = "MESH_CONTROLLER_ADMIN", value_delimiter = ',')]
+        controller: Vec<SocketAddr>,
+        /// Ask every controller pod of the cluster instead ($KUBECONFIG or in-cluster
+        /// credentials), each through the API server's port-forward (RBAC: create
+        /// pods/portforward in the controllers' namespace).
+        #[arg(long)]
+        kubernetes: bool,
+        /// The controllers' namespace, with --kubernetes.
+        #[arg(long, short = 'n', default_value = "mesh-system")]
+        namespace: String,
     },
     /// Kubernetes manifests of an install.
     Manifest {
@@ -115,31 +118,43 @@ fn set_keys_help() -> String {
     })
 }
 
-fn get_status(addr: SocketAddr) -> Result<serde_json::Value, String> {
-    let mut stream =
-        TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(|e| format!("connect {addr}: {e}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
-    stream
-        .write_all(format!("GET /status HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n").as_bytes())
-        .map_err(|e| e.to_string())?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).map_err(|e| e.to_string())?;
-    let (head, body) = response.split_once("\r\n\r\n").ok_or("malformed HTTP response")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(format!("controller answered: {}", head.lines().next().unwrap_or_default()));
-    }
-    serde_json::from_str(body).map_err(|e| format!("bad status JSON: {e}"))
-}
-
-fn status(addr: SocketAddr) -> ExitCode {
-    let status = match get_status(addr) {
-        Ok(status) => status,
+/// `meshctl status`: exit 0 when every connected agent and waypoint is in sync with its
+/// replica, 1 when one is not or a replica could not be read, 2 when none could be found.
+fn status(addresses: Vec<SocketAddr>, kubernetes: bool, namespace: &str) -> ExitCode {
+    let asked = block_on(async {
+        if kubernetes {
+            let client = kube::Client::try_default().await.map_err(|e| format!("no cluster credentials: {e}"))?;
+            mesh_controller::replicas::in_cluster(client, namespace).await
+        } else {
+            let addresses =
+                if addresses.is_empty() { vec![SocketAddr::from(([127, 0, 0, 1], 15014))] } else { addresses };
+            let replicas = addresses.into_iter().map(mesh_controller::replicas::at_address);
+            Ok((futures_util::future::join_all(replicas).await, Vec::new()))
+        }
+    });
+    let (mut replicas, notes) = match asked {
+        Ok(asked) => asked,
         Err(e) => {
             eprintln!("meshctl status: {e}");
-            return ExitCode::from(1);
+            return ExitCode::from(2);
         }
     };
-    let rendered = mesh_controller::status::render(&status);
+    // One controller asked by address: its own words, as before replicas were merged.
+    if let [only] = replicas.as_mut_slice()
+        && !kubernetes
+    {
+        match &only.status {
+            Ok(_) => only.name.clear(),
+            Err(e) => {
+                eprintln!("meshctl status: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
+    for note in notes {
+        println!("controller {note}");
+    }
+    let rendered = mesh_controller::status::render_replicas(&replicas);
     print!("{}", rendered.text);
     if rendered.in_sync { ExitCode::SUCCESS } else { ExitCode::from(1) }
 }
@@ -260,7 +275,7 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Status { controller } => status(controller),
+        Command::Status { controller, kubernetes, namespace } => status(controller, kubernetes, &namespace),
         Command::Waypoint { command } => waypoint_command(command),
         Command::Validate { kubernetes: true, strict, .. } => validate_cluster(strict),
         Command::Validate { paths, strict, .. } => match validate::validate(&paths) {
