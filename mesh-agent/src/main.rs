@@ -29,7 +29,6 @@ use std::{
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 #[derive(Parser, Debug)]
@@ -492,12 +491,10 @@ async fn run(
         info!("took the node over from the previous agent");
     }
 
-    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    let mut signals = mesh_proxy::drain::StopSignals::install().context("install the SIGTERM and SIGINT handlers")?;
     let mut handed_over = stop.clone();
     tokio::select! {
-        _ = term.recv() => info!("SIGTERM: draining"),
-        _ = int.recv() => info!("SIGINT: draining"),
+        signal = signals.recv() => info!("{signal}: draining"),
         _ = handed_over.wait_for(|stop| *stop) => info!("handed the node over to a new agent: draining"),
     }
     let _not_ready = ready.register("draining");

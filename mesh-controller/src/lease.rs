@@ -7,7 +7,8 @@
 //! renewing it every [`RENEW_EVERY`]. Optimistic concurrency (`resourceVersion`) makes
 //! a takeover race safe: the loser's update fails with a conflict. A replica that
 //! stops (SIGTERM) gives the Lease up, as client-go's `ReleaseOnCancel` does, so that
-//! another takes over at its next try instead of when the lease runs out.
+//! another takes over at its next try (followers try every [`RETRY_EVERY`]) instead
+//! of when the lease runs out.
 use std::time::Duration;
 
 use k8s_openapi::{
@@ -22,6 +23,9 @@ use tracing::{info, warn};
 /// How long a lease holds without renewal.
 pub const LEASE_DURATION: Duration = Duration::from_secs(15);
 pub const RENEW_EVERY: Duration = Duration::from_secs(5);
+/// How often a follower tries to take the Lease (client-go's default retry period), so
+/// that a Lease given up is taken within that.
+pub const RETRY_EVERY: Duration = Duration::from_secs(2);
 /// How long a stopping replica tries to give the Lease up: a step under way ends
 /// first (at most [`RENEW_EVERY`]), then the release.
 pub const RELEASE_WITHIN: Duration = Duration::from_secs(8);
@@ -63,9 +67,9 @@ pub fn decide(spec: Option<&LeaseSpec>, me: &str, now: Timestamp) -> Decision {
 pub fn updated(mut lease: Lease, me: &str, now: Timestamp, decision: &Decision) -> Lease {
     let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
     if *decision == Decision::Acquire {
-        if spec.holder_identity.as_deref().is_some_and(|h| !h.is_empty() && h != me) {
-            spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
-        }
+        // Every change of holder counts, from a released (empty) holder too, as
+        // client-go counts `leaderTransitions`.
+        spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
         spec.holder_identity = Some(me.to_owned());
         spec.acquire_time = Some(MicroTime(now));
     }
@@ -142,11 +146,7 @@ async fn run(
         // A hung request must not keep this replica acting as leader past the lease.
         // A stop does not cut a step short: an acquisition already sent could land
         // after the release and hold the Lease for a replica that is gone.
-        let outcome = match tokio::time::timeout(RENEW_EVERY, step(&api, &name, &me)).await {
-            Ok(outcome) => outcome,
-            Err(_) => Err(kube::Error::Service("the Lease request timed out".into())),
-        };
-        let leading = match outcome {
+        let leading = match within(RENEW_EVERY, step(&api, &name, &me)).await {
             Ok(true) => {
                 last_renewal = Some(std::time::Instant::now());
                 true
@@ -172,7 +172,7 @@ async fn run(
             leader.send_replace(leading);
         }
         tokio::select! {
-            () = tokio::time::sleep(RENEW_EVERY) => {}
+            () = tokio::time::sleep(if leading { RENEW_EVERY } else { RETRY_EVERY }) => {}
             _ = stop.wait_for(|stop| *stop) => break,
         }
     }
@@ -181,11 +181,7 @@ async fn run(
     leader.send_replace(false);
     let lease = format!("{namespace}/{name}");
     for _ in 0..3 {
-        let released = match tokio::time::timeout(RELEASE_REQUEST, release(&api, &name, &me)).await {
-            Ok(released) => released,
-            Err(_) => Err(kube::Error::Service("the Lease request timed out".into())),
-        };
-        match released {
+        match within(RELEASE_REQUEST, release(&api, &name, &me)).await {
             Ok(true) => {
                 info!(identity = %me, "the Lease is given up: another replica may lead now");
                 return;
@@ -199,6 +195,14 @@ async fn run(
         }
     }
     warn!(%lease, "cannot give the Lease up (conflicts): it expires on its own");
+}
+
+/// `request`, or an error once `limit` has passed: a hung API call must hold neither
+/// the election nor a stopping replica.
+async fn within<T>(limit: Duration, request: impl Future<Output = Result<T, kube::Error>>) -> Result<T, kube::Error> {
+    tokio::time::timeout(limit, request).await.unwrap_or_else(|_| {
+        Err(kube::Error::Service(format!("the Lease request took over {} s", limit.as_secs()).into()))
+    })
 }
 
 /// Gives the Lease up if `me` holds it; whether it did.
@@ -263,7 +267,9 @@ mod tests {
         let free = released(held, "a", now).unwrap().spec.unwrap();
         assert_eq!(free.holder_identity.as_deref(), Some(""));
         assert_eq!(free.lease_duration_seconds, Some(1));
-        // Another replica takes it at its next try.
+        // Another replica takes it at its next try, and that is a transition.
         assert_eq!(decide(Some(&free), "b", now), Decision::Acquire);
+        let taken = updated(Lease { spec: Some(free), ..Lease::default() }, "b", now, &Decision::Acquire);
+        assert_eq!(taken.spec.unwrap().lease_transitions, Some(1));
     }
 }

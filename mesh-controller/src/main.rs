@@ -7,7 +7,6 @@ use clap::{Parser, Subcommand};
 use mesh_common::control::{CONTROLLER_NAME, node_identity};
 use mesh_controller::{ca::Ca, kube_source, lease, node_auth, server, source};
 use rcgen::SanType;
-use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::info;
 
 #[derive(Parser)]
@@ -184,8 +183,7 @@ async fn serve(
     // Stop at SIGTERM (as PID 1 of a container, nothing else would) or SIGINT: the
     // agents reconnect to another replica and keep serving on their last view.
     // Installed first, so that a signal during the start-up waits is kept.
-    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    let mut signals = mesh_proxy::drain::StopSignals::install().context("install the SIGTERM and SIGINT handlers")?;
     let authority = ca.load().context("certificate authority")?;
     let config = match &config_dir {
         Some(dir) => source::load(dir, &ca.trust_domain, &root_namespace)
@@ -266,7 +264,7 @@ async fn serve(
                 step_down(election).await;
                 anyhow::bail!("the Kubernetes source stopped");
             },
-            signal = stop_signal(&mut term, &mut int) => {
+            signal = signals.recv() => {
                 info!("{signal} while listing the cluster: stopping");
                 step_down(election).await;
                 return Ok(());
@@ -295,7 +293,7 @@ async fn serve(
     };
     tokio::select! {
         () = control.run() => {}
-        signal = stop_signal(&mut term, &mut int) => info!("{signal}: stopping"),
+        signal = signals.recv() => info!("{signal}: stopping"),
     }
     step_down(election).await;
     Ok(())
@@ -305,13 +303,5 @@ async fn serve(
 async fn step_down(election: Option<lease::Election>) {
     if let Some(election) = election {
         election.step_down().await;
-    }
-}
-
-/// Waits for SIGTERM or SIGINT; the name of the one that came.
-async fn stop_signal(term: &mut Signal, int: &mut Signal) -> &'static str {
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
     }
 }

@@ -5,9 +5,34 @@ use std::{net::SocketAddr, time::Duration};
 
 use tokio::{
     net::{TcpListener, TcpStream},
+    signal::unix::{Signal, SignalKind, signal},
     sync::{mpsc, watch},
 };
 use tracing::{debug, error, warn};
+
+/// The signals that stop a mesh process: SIGTERM (the kubelet's, and as PID 1 of a
+/// container nothing else handles it) and SIGINT.
+#[derive(Debug)]
+pub struct StopSignals {
+    term: Signal,
+    int: Signal,
+}
+
+impl StopSignals {
+    /// Installs both handlers. Install them early: a signal that comes before
+    /// [`StopSignals::recv`] is kept, not lost (nor does it kill the process).
+    pub fn install() -> std::io::Result<Self> {
+        Ok(Self { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
+    }
+
+    /// Waits for either; the name of the one that came.
+    pub async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
 
 pub fn channel() -> (Trigger, Watch) {
     let (signal_tx, signal_rx) = watch::channel(false);

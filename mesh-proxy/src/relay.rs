@@ -244,7 +244,30 @@ struct Direction {
 }
 
 impl Direction {
+    /// Moves what the reader has to the writer; ready at the end (the writer shut
+    /// down) or at an error, after which this way is done.
     fn poll_copy<R: Side + ?Sized, W: Side + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        writer: &mut W,
+    ) -> Poll<io::Result<()>> {
+        let poll = self.poll_move(cx, reader, writer);
+        if let Poll::Ready(Err(_)) = poll {
+            self.done = true;
+            self.pending = Bytes::new();
+            self.buffer = BytesMut::new();
+        }
+        poll
+    }
+
+    /// Whether this way, not done, waits for its reader with everything read so far
+    /// written and flushed (after a [`Poll::Pending`] of [`Direction::poll_copy`]).
+    fn awaits_reader(&self) -> bool {
+        !self.done && !self.read_done && self.pending.is_empty() && !self.write_pending_flush
+    }
+
+    fn poll_move<R: Side + ?Sized, W: Side + ?Sized>(
         &mut self,
         cx: &mut Context<'_>,
         reader: &mut R,
@@ -316,25 +339,49 @@ impl Direction {
     }
 }
 
+/// How long the relay waits for a slow writer to take what was already received once
+/// the other way failed.
+pub const DELIVER_AFTER_ERROR: Duration = Duration::from_secs(2);
+
 /// Copies both ways until both readers ended and both writers were shut down (a
 /// half-closed connection keeps flowing the other way), with buffers that grow with
 /// the traffic.
 ///
-/// An error either way ends the relay, but only after the other way moved what it
-/// could without waiting: a server may end its response and then reset the rest of
-/// the request (RFC 9113, section 8.1, does this with `RST_STREAM` `NO_ERROR`), and the
-/// response, already received, still reaches the client although the request can no
-/// longer be written.
+/// An error either way ends the relay, but the other way first delivers what it has
+/// already received: a server may end its response and then reset the rest of the
+/// request (RFC 9113, section 8.1, does this with `RST_STREAM` `NO_ERROR`), and the
+/// response still reaches the client although the request can no longer be written.
+/// The relay waits for a slow writer (up to [`DELIVER_AFTER_ERROR`]), never for a
+/// reader: once the surviving way has to wait for more input, it ends at once.
 pub async fn copy_bidirectional<A: Side + ?Sized, B: Side + ?Sized>(a: &mut A, b: &mut B) -> io::Result<()> {
+    copy_both(a, b, DELIVER_AFTER_ERROR).await
+}
+
+async fn copy_both<A: Side + ?Sized, B: Side + ?Sized>(a: &mut A, b: &mut B, grace: Duration) -> io::Result<()> {
     let (mut a_to_b, mut b_to_a) = (Direction::default(), Direction::default());
+    let mut error: Option<io::Error> = None;
+    let mut deadline: Option<Pin<Box<tokio::time::Sleep>>> = None;
     std::future::poll_fn(|cx| {
         let forward = a_to_b.poll_copy(cx, &mut *a, &mut *b);
         let backward = b_to_a.poll_copy(cx, &mut *b, &mut *a);
-        match (forward, backward) {
-            (Poll::Ready(Err(error)), _) | (_, Poll::Ready(Err(error))) => Poll::Ready(Err(error)),
-            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => Poll::Ready(Ok(())),
-            _ => Poll::Pending,
+        let ended = forward.is_ready() && backward.is_ready();
+        for poll in [forward, backward] {
+            if let Poll::Ready(Err(failed)) = poll {
+                error.get_or_insert(failed);
+            }
         }
+        if ended {
+            return Poll::Ready(error.take().map_or(Ok(()), Err));
+        }
+        let Some(failed) = error.take() else { return Poll::Pending };
+        // One way failed (it is done), the other is still going: it stops as soon as
+        // it would wait for its reader, or when the deadline passes.
+        let deadline = deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep(grace)));
+        if a_to_b.awaits_reader() || b_to_a.awaits_reader() || deadline.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(failed));
+        }
+        error = Some(failed);
+        Poll::Pending
     })
     .await
 }
@@ -405,10 +452,17 @@ mod tests {
         given: Vec<*const u8>,
         /// Writes fail (a stream reset by the peer).
         reset: bool,
+        /// The input has not ended: once it is read, reads wait (and are never woken).
+        open: bool,
+        /// This many writes wait first (each waking its task at once: a slow writer).
+        stall_writes: usize,
     }
 
     impl AsyncRead for Mem {
         fn poll_read(mut self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            if self.open && self.input.is_empty() {
+                return Poll::Pending;
+            }
             let limit = if self.max_read == 0 { buf.remaining() } else { self.max_read.min(buf.remaining()) };
             let n = self.input.len().min(limit);
             self.reads.push(buf.remaining());
@@ -436,12 +490,20 @@ mod tests {
         fn poll_chunk(&mut self, _cx: &mut Context<'_>) -> Option<Poll<io::Result<Bytes>>> {
             // Hands out 3000-byte chunks of its input.
             let n = self.input.len().min(3000);
+            if self.open && n == 0 {
+                return self.chunks.then_some(Poll::Pending);
+            }
             self.chunks.then(|| Poll::Ready(Ok(self.input.split_to(n))))
         }
 
-        fn poll_send_chunk(&mut self, _cx: &mut Context<'_>, data: &mut Bytes) -> Poll<io::Result<()>> {
+        fn poll_send_chunk(&mut self, cx: &mut Context<'_>, data: &mut Bytes) -> Poll<io::Result<()>> {
             if self.reset {
                 return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+            }
+            if self.stall_writes > 0 {
+                self.stall_writes -= 1;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
             }
             self.given.push(data.as_ptr());
             self.output.extend_from_slice(data);
@@ -508,5 +570,39 @@ mod tests {
         let error = copy_bidirectional(&mut client, &mut tunnel).await.unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::BrokenPipe);
         assert_eq!(client.output, b"HTTP/1.1 413\r\n\r\n");
+    }
+
+    /// The other way's writer is slow: what was received still reaches it.
+    #[tokio::test]
+    async fn a_slow_writer_gets_what_was_received_when_the_other_way_fails() {
+        let mut client = Mem { input: Bytes::from_static(b"the rest of an upload"), stall_writes: 3, ..Mem::default() };
+        let answer: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        let mut tunnel = Mem { input: Bytes::from(answer.clone()), chunks: true, reset: true, ..Mem::default() };
+        let error = copy_bidirectional(&mut client, &mut tunnel).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::BrokenPipe);
+        assert_eq!(client.output, answer, "every chunk, the stalled ones too");
+    }
+
+    /// Nothing more was received the other way: the relay ends at once, it does not
+    /// wait for input after a failure.
+    #[tokio::test]
+    async fn a_failed_relay_does_not_wait_for_the_other_way_s_reader() {
+        let mut client = Mem { input: Bytes::from_static(b"upload"), open: true, ..Mem::default() };
+        let mut tunnel = Mem { chunks: true, reset: true, open: true, ..Mem::default() };
+        let relay = copy_both(&mut client, &mut tunnel, Duration::from_mins(1));
+        let ended = tokio::time::timeout(Duration::from_secs(5), relay).await.expect("ended without the deadline");
+        assert_eq!(ended.unwrap_err().kind(), io::ErrorKind::BrokenPipe);
+    }
+
+    /// A writer that takes nothing holds the relay only until the deadline.
+    #[tokio::test]
+    async fn a_writer_that_takes_nothing_is_given_up_at_the_deadline() {
+        let mut client = Mem { input: Bytes::from_static(b"upload"), stall_writes: usize::MAX, ..Mem::default() };
+        let mut tunnel = Mem { input: Bytes::from_static(b"answer"), chunks: true, reset: true, ..Mem::default() };
+        let started = std::time::Instant::now();
+        let error = copy_both(&mut client, &mut tunnel, Duration::from_millis(50)).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::BrokenPipe);
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        assert!(client.output.is_empty());
     }
 }

@@ -18,7 +18,6 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Du
 use anyhow::Context as _;
 use clap::Parser;
 use mesh_proxy::{admin, control, drain, identity, metrics, shard};
-use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 #[derive(Parser, Debug, serde::Serialize)]
@@ -221,12 +220,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     drop(startup);
     info!(addr = %cli.hbone_addr, "waypoint listening");
 
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: draining"),
-        _ = int.recv() => info!("SIGINT: draining"),
-    }
+    let mut signals = mesh_proxy::drain::StopSignals::install().context("install the SIGTERM and SIGINT handlers")?;
+    info!("{}: draining", signals.recv().await);
     let _ = stop_serving.send(true);
     waypoint.drain();
     if !trigger.drain(Duration::from_secs(cli.drain_seconds)).await {
