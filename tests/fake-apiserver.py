@@ -21,8 +21,9 @@ What it serves, with real wire formats (Status errors, chunked watch streams):
 - POST /apis/authentication.k8s.io/v1/tokenreviews from --tokens (re-read every time):
   {"<token>": <TokenReview status, or a whole TokenReview>}. /version says v1.35.0.
 - GET .../pods/NAME/portforward?ports=PORT upgraded to a WebSocket (v4.channel.k8s.io,
-  the binary port-forward protocol, one port): connects to the pod's status.podIP, where
-  a kubelet would connect inside the pod's network namespace.
+  the binary port-forward protocol, one port). It connects to the pod's status.podIP; a
+  kubelet connects to 127.0.0.1 inside the pod's network namespace instead, so a
+  server bound to its pod IP only would pass here and fail on a cluster.
 
 Usage: fake-apiserver.py --listen 127.0.0.1:PORT --objects DIR --tokens FILE --state FILE --ready FILE
 DIR: *.json, each one object or a List. After every write request the state file is
@@ -502,6 +503,7 @@ class Handler(BaseHTTPRequestHandler):
                 mask = self.rfile.read(4) if head[1] & 0x80 else b"\0\0\0\0"
                 payload = bytes(b ^ mask[i % 4] for i, b in enumerate(self.rfile.read(n)))
                 if opcode == 8:
+                    send(8, payload[:2])  # the closing handshake's answer
                     break
                 if opcode == 9:
                     send(10, payload)

@@ -189,7 +189,8 @@ cat <<NEXT
 The mesh runs on kind cluster $CLUSTER. Next:
   kubectl --context kind-$CLUSTER -n $DEMO_NS exec deploy/client -- curl -sS http://echo/
   kubectl --context kind-$CLUSTER -n $MESH_NS logs -f ds/mesh-agent
-  meshctl status --kubernetes -n $MESH_NS          # every controller replica's agents and waypoints
+  kind get kubeconfig --name $CLUSTER > /tmp/kind-$CLUSTER.kubeconfig             # then every controller replica's agents:
+  docker run --rm --network host -v /tmp/kind-$CLUSTER.kubeconfig:/kubeconfig:ro -e KUBECONFIG=/kubeconfig $IMAGE meshctl status --kubernetes -n $MESH_NS
   kubectl --context kind-$CLUSTER label namespace $DEMO_NS istio.io/dataplane-mode-   # leave the mesh
   $0 --delete                                                                    # remove everything
 NEXT

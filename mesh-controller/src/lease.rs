@@ -24,7 +24,8 @@ use tracing::{info, warn};
 pub const LEASE_DURATION: Duration = Duration::from_secs(15);
 pub const RENEW_EVERY: Duration = Duration::from_secs(5);
 /// How often a follower tries to take the Lease (client-go's default retry period), so
-/// that a Lease given up is taken within that.
+/// that a Lease given up is taken within that; and how soon a failed renewal is tried
+/// again.
 pub const RETRY_EVERY: Duration = Duration::from_secs(2);
 /// How long a stopping replica tries to give the Lease up: a step under way ends
 /// first (at most [`RENEW_EVERY`]), then the release.
@@ -146,7 +147,11 @@ async fn run(
         // A hung request must not keep this replica acting as leader past the lease.
         // A stop does not cut a step short: an acquisition already sent could land
         // after the release and hold the Lease for a replica that is gone.
-        let leading = match within(RENEW_EVERY, step(&api, &name, &me)).await {
+        let outcome = within(RENEW_EVERY, step(&api, &name, &me)).await;
+        // Only a leader that just renewed waits the renewal period; a follower, and a
+        // leader whose renewal failed, try again sooner.
+        let pause = if matches!(outcome, Ok(true)) { RENEW_EVERY } else { RETRY_EVERY };
+        let leading = match outcome {
             Ok(true) => {
                 last_renewal = Some(std::time::Instant::now());
                 true
@@ -172,7 +177,7 @@ async fn run(
             leader.send_replace(leading);
         }
         tokio::select! {
-            () = tokio::time::sleep(if leading { RENEW_EVERY } else { RETRY_EVERY }) => {}
+            () = tokio::time::sleep(pause) => {}
             _ = stop.wait_for(|stop| *stop) => break,
         }
     }

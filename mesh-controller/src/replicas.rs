@@ -130,15 +130,23 @@ async fn forwarded(pods: &Api<Pod>, name: &str, port: u16) -> Result<Value, Stri
     let mut forwarder =
         pods.portforward(name, &[port]).await.map_err(|e| format!("port-forward to {name}:{port}: {e}"))?;
     let stream = forwarder.take_stream(port).ok_or_else(|| format!("port-forward to {name}:{port}: no stream"))?;
+    // When the pod refuses the connection, the API server says why on the error
+    // channel (and may keep the stream open): the reason wins over the answer's wait.
     let errors = forwarder.take_error(port);
-    let status = read_status(stream, &format!("localhost:{port}")).await;
-    // When the pod refused the connection, the API server says why on the error channel.
-    let status = match (status, errors) {
-        (Err(e), Some(errors)) => match tokio::time::timeout(Duration::from_millis(500), errors).await {
-            Ok(Some(reason)) => Err(format!("port-forward to {name}:{port}: {}", reason.trim())),
-            _ => Err(e),
-        },
-        (status, _) => status,
+    let refused = async {
+        if let Some(reason) = match errors {
+            Some(errors) => errors.await,
+            None => None,
+        } {
+            return reason;
+        }
+        std::future::pending().await
+    };
+    let host = format!("localhost:{port}");
+    let status = tokio::select! {
+        biased;
+        reason = refused => Err(format!("port-forward to {name}:{port}: {}", reason.trim())),
+        status = read_status(stream, &host) => status,
     };
     forwarder.abort();
     status
@@ -158,7 +166,7 @@ mod tests {
             // Kept open, as a port-forward may stay: the answer ends at content-length.
             server
         });
-        let status = read_status(client, "h").await;
+        let status = tokio::time::timeout(Duration::from_secs(5), read_status(client, "h")).await.expect("no hang");
         drop(serve.await.unwrap());
         status
     }
@@ -189,7 +197,8 @@ mod tests {
             let _ = server.read(&mut request).await;
             server.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{\"version\"").await.unwrap();
         });
-        assert_eq!(read_status(client, "h").await.unwrap_err(), "the answer was cut short");
+        let status = tokio::time::timeout(Duration::from_secs(5), read_status(client, "h")).await.expect("no hang");
+        assert_eq!(status.unwrap_err(), "the answer was cut short");
     }
 
     #[test]

@@ -230,6 +230,8 @@ where
 /// One direction of a relay: takes the reader's chunks, or reads into a buffer that
 /// grows with the traffic, and writes them out; shuts the writer down after the
 /// reader's end of stream.
+// Independent facts of one way's progress, not one state in disguise.
+#[allow(clippy::struct_excessive_bools)]
 #[derive(Default)]
 struct Direction {
     /// Where a reader without chunks is read into; what was read is split off.
@@ -238,9 +240,12 @@ struct Direction {
     step: usize,
     /// Read, not yet written.
     pending: Bytes,
+    /// The reader ended, or failed.
     read_done: bool,
     write_pending_flush: bool,
     done: bool,
+    /// Ended by an error.
+    failed: bool,
 }
 
 impl Direction {
@@ -252,13 +257,60 @@ impl Direction {
         reader: &mut R,
         writer: &mut W,
     ) -> Poll<io::Result<()>> {
+        if self.done {
+            return Poll::Ready(Ok(()));
+        }
         let poll = self.poll_move(cx, reader, writer);
         if let Poll::Ready(Err(_)) = poll {
             self.done = true;
+            self.failed = true;
             self.pending = Bytes::new();
             self.buffer = BytesMut::new();
         }
         poll
+    }
+
+    /// After the other way failed: ends this way once it would wait for its reader
+    /// (its writer flushed and shut down; an error there ends it too). Whether it has
+    /// ended.
+    fn poll_end<W: Side + ?Sized>(&mut self, cx: &mut Context<'_>, writer: &mut W) -> bool {
+        if self.done {
+            return true;
+        }
+        if !self.awaits_reader() {
+            return false;
+        }
+        let ended = match Pin::new(&mut *writer).poll_flush(cx) {
+            Poll::Ready(Ok(())) => Pin::new(&mut *writer).poll_shutdown(cx).map(drop),
+            Poll::Ready(Err(_)) => Poll::Ready(()),
+            Poll::Pending => Poll::Pending,
+        };
+        self.done = ended.is_ready();
+        self.done
+    }
+
+    /// A failed way's reader, read and thrown away until its end or its error: a
+    /// socket closed with unread input is reset by Linux, which also drops what the
+    /// other way wrote into it and the peer has not read yet. Whether it has ended
+    /// (true at once for a way that did not fail or whose reader failed).
+    fn poll_discard<R: Side + ?Sized>(&mut self, cx: &mut Context<'_>, reader: &mut R) -> bool {
+        // Bounded per poll, so a peer that keeps sending cannot hold the task.
+        for _ in 0..64 {
+            if !self.failed || self.read_done {
+                return true;
+            }
+            let read = match reader.poll_chunk(cx) {
+                Some(poll) => poll,
+                None => self.poll_read(cx, reader),
+            };
+            match read {
+                Poll::Ready(Ok(chunk)) => self.read_done = chunk.is_empty(),
+                Poll::Ready(Err(_)) => self.read_done = true,
+                Poll::Pending => return false,
+            }
+        }
+        cx.waker().wake_by_ref();
+        false
     }
 
     /// Whether this way, not done, waits for its reader with everything read so far
@@ -285,7 +337,10 @@ impl Direction {
                 match read {
                     Poll::Ready(Ok(chunk)) if chunk.is_empty() => self.read_done = true,
                     Poll::Ready(Ok(chunk)) => self.pending = chunk,
-                    Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                    Poll::Ready(Err(error)) => {
+                        self.read_done = true;
+                        return Poll::Ready(Err(error));
+                    }
                     Poll::Pending => {
                         if self.write_pending_flush {
                             std::task::ready!(Pin::new(&mut *writer).poll_flush(cx))?;
@@ -339,49 +394,58 @@ impl Direction {
     }
 }
 
-/// How long the relay waits for a slow writer to take what was already received once
-/// the other way failed.
+/// How long a relay may go on after one way failed: the other way delivering what it
+/// had received, then the lingering close.
 pub const DELIVER_AFTER_ERROR: Duration = Duration::from_secs(2);
 
 /// Copies both ways until both readers ended and both writers were shut down (a
 /// half-closed connection keeps flowing the other way), with buffers that grow with
 /// the traffic.
 ///
-/// An error either way ends the relay, but the other way first delivers what it has
-/// already received: a server may end its response and then reset the rest of the
-/// request (RFC 9113, section 8.1, does this with `RST_STREAM` `NO_ERROR`), and the
-/// response still reaches the client although the request can no longer be written.
-/// The relay waits for a slow writer (up to [`DELIVER_AFTER_ERROR`]), never for a
-/// reader: once the surviving way has to wait for more input, it ends at once.
+/// An error either way ends the relay, but when the other way was still going it
+/// first delivers what it has already received: a server may end its response and
+/// then reset the rest of the request (RFC 9113, section 8.1, does this with
+/// `RST_STREAM` `NO_ERROR`), and the response still reaches the client although the
+/// request can no longer be written. That way then ends as soon as it would wait for
+/// its reader (its writer shut down), and the failed way's reader is read to its end
+/// and thrown away (a lingering close, as web servers do: Linux resets a socket
+/// closed with unread input, dropping what its peer has not read yet, however long
+/// ago it was written). All of it within [`DELIVER_AFTER_ERROR`]; both ways failed,
+/// or a failed way whose reader failed (a reset peer), end the relay at once.
 pub async fn copy_bidirectional<A: Side + ?Sized, B: Side + ?Sized>(a: &mut A, b: &mut B) -> io::Result<()> {
     copy_both(a, b, DELIVER_AFTER_ERROR).await
 }
 
 async fn copy_both<A: Side + ?Sized, B: Side + ?Sized>(a: &mut A, b: &mut B, grace: Duration) -> io::Result<()> {
     let (mut a_to_b, mut b_to_a) = (Direction::default(), Direction::default());
-    let mut error: Option<io::Error> = None;
-    let mut deadline: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    // The first error, and the deadline of what follows it.
+    let mut failure: Option<(io::Error, Pin<Box<tokio::time::Sleep>>)> = None;
     std::future::poll_fn(|cx| {
-        let forward = a_to_b.poll_copy(cx, &mut *a, &mut *b);
-        let backward = b_to_a.poll_copy(cx, &mut *b, &mut *a);
-        let ended = forward.is_ready() && backward.is_ready();
-        for poll in [forward, backward] {
-            if let Poll::Ready(Err(failed)) = poll {
-                error.get_or_insert(failed);
+        if failure.is_none() {
+            let forward = a_to_b.poll_copy(cx, &mut *a, &mut *b);
+            let backward = b_to_a.poll_copy(cx, &mut *b, &mut *a);
+            let ended = forward.is_ready() && backward.is_ready();
+            let error = match (forward, backward) {
+                (Poll::Ready(Err(error)), _) | (_, Poll::Ready(Err(error))) => error,
+                _ if ended => return Poll::Ready(Ok(())),
+                _ => return Poll::Pending,
+            };
+            // Both failed: nothing to deliver, no one to linger for.
+            if a_to_b.failed && b_to_a.failed {
+                return Poll::Ready(Err(error));
             }
+            failure = Some((error, Box::pin(tokio::time::sleep(grace))));
+        } else {
+            let _ = a_to_b.poll_copy(cx, &mut *a, &mut *b);
+            let _ = b_to_a.poll_copy(cx, &mut *b, &mut *a);
         }
-        if ended {
-            return Poll::Ready(error.take().map_or(Ok(()), Err));
-        }
-        let Some(failed) = error.take() else { return Poll::Pending };
-        // One way failed (it is done), the other is still going: it stops as soon as
-        // it would wait for its reader, or when the deadline passes.
-        let deadline = deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep(grace)));
-        if a_to_b.awaits_reader() || b_to_a.awaits_reader() || deadline.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Err(failed));
-        }
-        error = Some(failed);
-        Poll::Pending
+        let (_, deadline) = failure.as_mut().expect("set above");
+        let over = (a_to_b.failed && b_to_a.failed) || deadline.as_mut().poll(cx).is_ready() || {
+            // Both polled, for their wakers.
+            let ended = a_to_b.poll_end(cx, &mut *b) & b_to_a.poll_end(cx, &mut *a);
+            ended && a_to_b.poll_discard(cx, &mut *a) & b_to_a.poll_discard(cx, &mut *b)
+        };
+        if over { Poll::Ready(Err(failure.take().expect("set above").0)) } else { Poll::Pending }
     })
     .await
 }
@@ -441,6 +505,8 @@ mod tests {
 
     /// A side in memory: reads from `input` (as chunks when `chunks`), records the
     /// size of every read and the pointer of every chunk it is given.
+    // A test side's switches.
+    #[allow(clippy::struct_excessive_bools)]
     #[derive(Default)]
     struct Mem {
         input: Bytes,
@@ -456,10 +522,15 @@ mod tests {
         open: bool,
         /// This many writes wait first (each waking its task at once: a slow writer).
         stall_writes: usize,
+        /// Reads fail (a connection reset by the peer).
+        fail_reads: bool,
     }
 
     impl AsyncRead for Mem {
         fn poll_read(mut self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            if self.fail_reads {
+                return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
+            }
             if self.open && self.input.is_empty() {
                 return Poll::Pending;
             }
@@ -489,6 +560,9 @@ mod tests {
     impl Side for Mem {
         fn poll_chunk(&mut self, _cx: &mut Context<'_>) -> Option<Poll<io::Result<Bytes>>> {
             // Hands out 3000-byte chunks of its input.
+            if self.fail_reads {
+                return self.chunks.then(|| Poll::Ready(Err(io::ErrorKind::ConnectionReset.into())));
+            }
             let n = self.input.len().min(3000);
             if self.open && n == 0 {
                 return self.chunks.then_some(Poll::Pending);
@@ -583,15 +657,82 @@ mod tests {
         assert_eq!(client.output, answer, "every chunk, the stalled ones too");
     }
 
-    /// Nothing more was received the other way: the relay ends at once, it does not
-    /// wait for input after a failure.
+    /// Nothing more was received the other way: that way ends at once (the client
+    /// reads the end of the stream), and the relay ends when the client closes, not at
+    /// the deadline.
     #[tokio::test]
-    async fn a_failed_relay_does_not_wait_for_the_other_way_s_reader() {
-        let mut client = Mem { input: Bytes::from_static(b"upload"), open: true, ..Mem::default() };
+    async fn after_a_failure_the_other_way_ends_when_it_would_wait_and_the_client_s_close_ends_the_relay() {
+        let (mut client, mut client_side) = tokio::io::duplex(1024);
         let mut tunnel = Mem { chunks: true, reset: true, open: true, ..Mem::default() };
+        client.write_all(b"upload").await.unwrap();
+        let relay = async {
+            let ended = copy_both(&mut client_side, &mut tunnel, Duration::from_mins(1)).await;
+            (ended, std::time::Instant::now())
+        };
+        let client_closes = async move {
+            let mut rest = Vec::new();
+            client.read_to_end(&mut rest).await.unwrap();
+            assert!(rest.is_empty());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            drop(client);
+            std::time::Instant::now()
+        };
+        let both = async { tokio::join!(relay, client_closes) };
+        let ((ended, ended_at), closed_at) =
+            tokio::time::timeout(Duration::from_secs(5), both).await.expect("ended without the deadline");
+        assert_eq!(ended.unwrap_err().kind(), io::ErrorKind::BrokenPipe);
+        assert!(ended_at >= closed_at, "the relay lingered until the client closed");
+    }
+
+    /// A way that failed on its reader has nothing to drain: no lingering.
+    #[tokio::test]
+    async fn a_reset_reader_ends_the_relay_at_once() {
+        let mut client = Mem { open: true, ..Mem::default() };
+        let mut tunnel = Mem { chunks: true, fail_reads: true, ..Mem::default() };
         let relay = copy_both(&mut client, &mut tunnel, Duration::from_mins(1));
         let ended = tokio::time::timeout(Duration::from_secs(5), relay).await.expect("ended without the deadline");
+        assert_eq!(ended.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    /// Real sockets: an answer still in the kernel's send queue (the client reads
+    /// slowly, its receive buffer is small) reaches a client that is still uploading
+    /// when the other way fails. Without the lingering close, the client's unread
+    /// upload makes Linux reset the connection and drop that queue.
+    #[tokio::test]
+    async fn a_queued_answer_reaches_a_slow_client_that_is_still_uploading() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::spawn(async move {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.set_recv_buffer_size(16 * 1024).unwrap();
+            let (mut read, mut write) = socket.connect(addr).await.unwrap().into_split();
+            let upload = tokio::spawn(async move {
+                let chunk = vec![7u8; 64 * 1024];
+                for _ in 0..32 {
+                    if write.write_all(&chunk).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = write.shutdown().await;
+            });
+            // A slow reader: the relay has long written the answer into the kernel.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let mut got = Vec::new();
+            let read = read.read_to_end(&mut got).await;
+            let _ = upload.await;
+            (read, got)
+        });
+        let (mut server_side, _) = listener.accept().await.unwrap();
+        socket2::SockRef::from(&server_side).set_send_buffer_size(1 << 20).unwrap();
+        let answer: Vec<u8> = (0..256 * 1024u32).map(|i| (i % 251) as u8).collect();
+        let mut tunnel = Mem { input: Bytes::from(answer.clone()), chunks: true, reset: true, ..Mem::default() };
+        let relay = copy_both(&mut server_side, &mut tunnel, Duration::from_secs(5));
+        let ended = tokio::time::timeout(Duration::from_secs(10), relay).await.expect("ended");
         assert_eq!(ended.unwrap_err().kind(), io::ErrorKind::BrokenPipe);
+        drop(server_side);
+        let (read, got) = client.await.unwrap();
+        read.unwrap_or_else(|e| panic!("the answer, then the end of stream, not {e} after {} bytes", got.len()));
+        assert!(got == answer, "{} of {} bytes", got.len(), answer.len());
     }
 
     /// A writer that takes nothing holds the relay only until the deadline.
@@ -600,7 +741,8 @@ mod tests {
         let mut client = Mem { input: Bytes::from_static(b"upload"), stall_writes: usize::MAX, ..Mem::default() };
         let mut tunnel = Mem { input: Bytes::from_static(b"answer"), chunks: true, reset: true, ..Mem::default() };
         let started = std::time::Instant::now();
-        let error = copy_both(&mut client, &mut tunnel, Duration::from_millis(50)).await.unwrap_err();
+        let relay = copy_both(&mut client, &mut tunnel, Duration::from_millis(50));
+        let error = tokio::time::timeout(Duration::from_secs(5), relay).await.expect("ended").unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::BrokenPipe);
         assert!(started.elapsed() >= Duration::from_millis(50));
         assert!(client.output.is_empty());

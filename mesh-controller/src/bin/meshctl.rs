@@ -43,8 +43,8 @@ enum Command {
         #[arg(long, env = "MESH_CONTROLLER_ADMIN", value_delimiter = ',')]
         controller: Vec<SocketAddr>,
         /// Ask every controller pod of the cluster instead ($KUBECONFIG or in-cluster
-        /// credentials), each through the API server's port-forward (RBAC: create
-        /// pods/portforward in the controllers' namespace).
+        /// credentials), each through the API server's port-forward (RBAC in the
+        /// controllers' namespace: list pods; get and create pods/portforward).
         #[arg(long)]
         kubernetes: bool,
         /// The controllers' namespace, with --kubernetes.
@@ -121,6 +121,9 @@ fn set_keys_help() -> String {
 /// `meshctl status`: exit 0 when every connected agent and waypoint is in sync with its
 /// replica, 1 when one is not or a replica could not be read, 2 when none could be found.
 fn status(addresses: Vec<SocketAddr>, kubernetes: bool, namespace: &str) -> ExitCode {
+    if kubernetes && !addresses.is_empty() {
+        eprintln!("meshctl status: --kubernetes asks the cluster's controller pods; --controller is ignored");
+    }
     let asked = block_on(async {
         if kubernetes {
             let client = kube::Client::try_default().await.map_err(|e| format!("no cluster credentials: {e}"))?;
