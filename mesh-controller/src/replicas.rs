@@ -4,10 +4,15 @@
 //! replica's admin port has to be exposed and no replica is missed behind a Service.
 use std::{net::SocketAddr, time::Duration};
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, LengthLimitError, Limited};
+use hyper::{Request, StatusCode, client::conn::http1, header::HOST};
+use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, Client, api::ListParams};
+use mesh_proxy::telemetry::error_chain;
 use serde_json::Value;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::status::Replica;
 
@@ -20,52 +25,41 @@ pub const ANSWER_WITHIN: Duration = Duration::from_secs(5);
 /// The most of a `/status` answer read (thousands of nodes fit).
 const MOST: usize = 64 << 20;
 
-/// `GET /status` over a connected stream (`host` for the Host header). The answer ends
-/// at its `content-length` (a port-forward need not close when the replica has
-/// answered), else at the end of the stream.
-pub async fn read_status(mut stream: impl AsyncRead + AsyncWrite + Unpin, host: &str) -> Result<Value, String> {
-    let request = format!("GET /status HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.map_err(|e| format!("send the request: {e}"))?;
-    let mut response = Vec::new();
-    let mut chunk = vec![0; 16 * 1024];
-    let (head, body_start) = loop {
-        if let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n") {
-            break (String::from_utf8_lossy(&response[..end]).into_owned(), end + 4);
+/// `GET /status` over a connected stream (`host` for the Host header), with hyper's
+/// HTTP/1.1 client. The answer ends at its `content-length` (a port-forward need not
+/// close when the replica has answered), and is read up to [`MOST`] bytes.
+pub async fn read_status(
+    stream: impl AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    host: &str,
+) -> Result<Value, String> {
+    let failed = |what: &str, e: hyper::Error| format!("{what}: {}", error_chain(&e));
+    let (mut sender, connection) =
+        http1::handshake(TokioIo::new(stream)).await.map_err(|e| failed("send the request", e))?;
+    let exchange = async {
+        let request = Request::get("/status")
+            .header(HOST, host)
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| format!("the request: {e}"))?;
+        let response = sender.send_request(request).await.map_err(|e| failed("send the request", e))?;
+        if response.status() != StatusCode::OK {
+            return Err(format!("answered: HTTP {}", response.status()));
         }
-        let n = stream.read(&mut chunk).await.map_err(|e| format!("read the answer: {e}"))?;
-        if n == 0 || response.len() > 64 * 1024 {
-            return Err(if response.is_empty() {
-                "closed without an answer".to_owned()
+        let body = Limited::new(response.into_body(), MOST).collect().await.map_err(|e| {
+            if e.is::<LengthLimitError>() {
+                format!("the answer is larger than {} MiB", MOST >> 20)
             } else {
-                "malformed HTTP answer".to_owned()
-            });
-        }
-        response.extend_from_slice(&chunk[..n]);
+                format!("read the answer: {}", error_chain(&*e))
+            }
+        })?;
+        serde_json::from_slice(&body.to_bytes()).map_err(|e| format!("bad status JSON: {e}"))
     };
-    let status_line = head.lines().next().unwrap_or_default();
-    if !(status_line.starts_with("HTTP/1.") && status_line.get(8..12) == Some(" 200")) {
-        return Err(format!("answered: {status_line}"));
+    // The connection is driven here, not spawned, so it ends with this call. It hands
+    // its errors to the request waiting on it; one it returns itself ends the call.
+    tokio::select! {
+        biased;
+        result = exchange => result,
+        Err(e) = connection => Err(failed("the connection", e)),
     }
-    let length = head.lines().find_map(|line| {
-        let (name, value) = line.split_once(':')?;
-        name.trim().eq_ignore_ascii_case("content-length").then(|| value.trim().parse::<usize>().ok())?
-    });
-    loop {
-        let have = response.len() - body_start;
-        if length.is_some_and(|length| have >= length) {
-            break;
-        }
-        if have > MOST {
-            return Err(format!("the answer is larger than {} MiB", MOST >> 20));
-        }
-        match stream.read(&mut chunk).await.map_err(|e| format!("read the answer: {e}"))? {
-            0 if length.is_some() => return Err("the answer was cut short".to_owned()),
-            0 => break,
-            n => response.extend_from_slice(&chunk[..n]),
-        }
-    }
-    let body = &response[body_start..length.map_or(response.len(), |length| body_start + length)];
-    serde_json::from_slice(body).map_err(|e| format!("bad status JSON: {e}"))
 }
 
 /// One replica at a known address.
@@ -154,6 +148,8 @@ async fn forwarded(pods: &Api<Pod>, name: &str, port: u16) -> Result<Value, Stri
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
     use super::*;
 
     async fn answer(bytes: &'static [u8]) -> Result<Value, String> {
@@ -161,7 +157,7 @@ mod tests {
         let serve = tokio::spawn(async move {
             let mut request = [0; 1024];
             let n = server.read(&mut request).await.unwrap();
-            assert!(request[..n].starts_with(b"GET /status HTTP/1.1\r\nhost: h\r\n"));
+            assert!(request[..n].starts_with(b"GET /status HTTP/1.1\r\nhost: h\r\n"), "{:?}", &request[..n]);
             server.write_all(bytes).await.unwrap();
             // Kept open, as a port-forward may stay: the answer ends at content-length.
             server
@@ -180,7 +176,7 @@ mod tests {
     #[tokio::test]
     async fn errors_name_what_is_wrong() {
         let refused = answer(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n").await;
-        assert_eq!(refused.unwrap_err(), "answered: HTTP/1.1 503 Service Unavailable");
+        assert_eq!(refused.unwrap_err(), "answered: HTTP 503 Service Unavailable");
         let garbage = answer(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nnot").await;
         assert!(garbage.unwrap_err().starts_with("bad status JSON"));
 
@@ -198,7 +194,8 @@ mod tests {
             server.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{\"version\"").await.unwrap();
         });
         let status = tokio::time::timeout(Duration::from_secs(5), read_status(client, "h")).await.expect("no hang");
-        assert_eq!(status.unwrap_err(), "the answer was cut short");
+        let error = status.unwrap_err();
+        assert!(error.starts_with("read the answer: "), "{error}");
     }
 
     #[test]
