@@ -198,15 +198,16 @@ fn maglev<K: AsRef<str>>(keys: &[K], table_size: u64) -> Vec<u32> {
 
 impl HashKey {
     /// The request's hash for consistent hashing, and the `Set-Cookie` value to add to
-    /// the response when the key is a cookie with a `ttl` that the request lacks (Envoy
-    /// then makes one up: the value is `roll` in hex, and the request is hashed by it).
+    /// the response when the key is a cookie with a `ttl` that the request lacks or
+    /// sends empty (Envoy then makes one up from `seed`, one per downstream connection,
+    /// and the request is hashed by it).
     /// `None` when the request carries no key: the balancer then picks at random.
     pub fn hash(
         &self,
         headers: &HeaderMap,
         query: Option<&str>,
         source_ip: IpAddr,
-        roll: u64,
+        seed: u64,
     ) -> (Option<u64>, Option<HeaderValue>) {
         match self {
             HashKey::Header(name) => {
@@ -233,11 +234,13 @@ impl HashKey {
                     return (Some(xxh64(value.as_bytes(), 0)), None);
                 }
                 let Some(ttl) = ttl else { return (None, None) };
-                let value = format!("{:016x}", xxh64(&roll.to_le_bytes(), 0));
+                let value = format!("{:016x}", xxh64(&seed.to_le_bytes(), 0));
                 // Envoy's `makeSetCookieValue`: quoted value, Max-Age unless a session
                 // cookie (ttl 0), Path when set, HttpOnly.
                 let mut set = format!("{name}=\"{value}\"");
-                if !ttl.is_zero() {
+                // Whole seconds; under one second is a session cookie, not `Max-Age=0`
+                // (which would delete it at once).
+                if ttl.as_secs() > 0 {
                     let _ = write!(set, "; Max-Age={}", ttl.as_secs());
                 }
                 if let Some(path) = path {
@@ -253,12 +256,13 @@ impl HashKey {
 }
 
 /// The value of cookie `name` in the request's `Cookie` headers, quotes removed (as
-/// Envoy's `parseCookieValue` does).
+/// Envoy's `parseCookieValue` does); an empty value counts as none.
 fn cookie_value<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
     headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).find_map(|line| {
         line.split(';').find_map(|pair| {
             let (k, v) = pair.trim().split_once('=')?;
-            (k == name).then(|| v.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap_or(v))
+            let v = v.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap_or(v);
+            (k == name && !v.is_empty()).then_some(v)
         })
     })
 }

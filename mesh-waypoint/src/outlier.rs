@@ -13,7 +13,8 @@
 //!   `ejected_percent < max_ejection_percent` test: with 10 % and 3 endpoints the first
 //!   ejection happens, the second does not).
 //! - An ejected endpoint is out for `baseEjectionTime x times ejected`, at most
-//!   `max_ejection_time` (Envoy's 300 s, or the base if larger). Each [`Outliers::sweep`]
+//!   `max_ejection_time` (Envoy's 300 s, or the base if larger); the multiplier stops
+//!   growing at that cap. A readmitted endpoint starts with clean counters. Each [`Outliers::sweep`]
 //!   (every `interval`) readmits those whose time is up and lowers the multiplier of
 //!   endpoints that stayed in for a whole interval, as Envoy does since 1.19.
 //! - Panic mode: while fewer than `minHealthPercent` of the endpoints are in,
@@ -27,6 +28,10 @@ use std::{
 };
 
 use crate::policy::OutlierConfig;
+
+/// Past this an ejection is as good as forever (a year); only reached when `now` plus
+/// the configured time does not fit an `Instant`.
+const MAX_EJECTION_SECS: u64 = 365 * 24 * 3600;
 
 /// How one call to an endpoint ended.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -184,17 +189,22 @@ impl<K: Eq + Hash + Clone> Outliers<K> {
         if ejected * 100 >= self.config.max_ejection_percent as usize * self.hosts.len() {
             return None;
         }
-        let duration = self.ejection_time(self.hosts[endpoint].times + 1);
+        let cap = self.cap();
         let host = &mut self.hosts[endpoint];
-        host.times += 1;
-        let until = now + duration;
+        // The multiplier stops growing once the time is at its cap (Envoy's backoff),
+        // so a host that flapped many times is not held at the cap for as many intervals.
+        if self.config.base_ejection_time.saturating_mul(host.times) < cap {
+            host.times += 1;
+        }
+        let duration = self.config.base_ejection_time.saturating_mul(host.times).min(cap);
+        let until = now.checked_add(duration).unwrap_or(now + cap.min(Duration::from_secs(MAX_EJECTION_SECS)));
         host.ejected_until = Some(until);
         Some(Ejection { endpoint, reason, times: host.times, until })
     }
 
-    fn ejection_time(&self, times: u32) -> Duration {
-        let cap = self.config.max_ejection_time.max(self.config.base_ejection_time);
-        self.config.base_ejection_time.saturating_mul(times).min(cap)
+    /// The longest an ejection lasts: `max_ejection_time`, or the base if larger.
+    fn cap(&self) -> Duration {
+        self.config.max_ejection_time.max(self.config.base_ejection_time)
     }
 
     /// The periodic pass (every `interval`): readmits endpoints whose ejection is over
@@ -206,6 +216,9 @@ impl<K: Eq + Hash + Clone> Outliers<K> {
             match host.ejected_until {
                 Some(until) if now >= until => {
                     host.ejected_until = None;
+                    // Back with clean counters, so that a few new errors do not eject
+                    // it again (Envoy's `checkHostForUneject`).
+                    (host.five_xx, host.gateway, host.local_origin) = (0, 0, 0);
                     host.since = Some(now);
                     readmitted.push(i);
                 }

@@ -691,10 +691,18 @@ fn limits(pool: Option<&ConnectionPoolSettings>, note: &mut Note<'_>) -> Limits 
 
 fn outlier_config(od: &OutlierDetection, note: &mut Note<'_>) -> OutlierConfig {
     let mut out = OutlierConfig::default();
+    // The deprecated `consecutiveErrors` counts gateway errors and turns the 5xx
+    // counter off, as Istio maps it; the fields that replaced it win when also set.
+    if let Some(v) = od.consecutive_errors.filter(|v| *v > 0) {
+        out.consecutive_gateway = Some(v);
+        out.consecutive_5xx = None;
+    }
     if let Some(v) = od.consecutive_5xx_errors {
         out.consecutive_5xx = (v > 0).then_some(v);
     }
-    out.consecutive_gateway = od.consecutive_gateway_errors.filter(|v| *v > 0);
+    if let Some(v) = od.consecutive_gateway_errors {
+        out.consecutive_gateway = (v > 0).then_some(v);
+    }
     out.split_local_origin = od.split_external_local_origin_errors.unwrap_or(false);
     if out.split_local_origin {
         out.consecutive_local_origin = od.consecutive_local_origin_failures.filter(|v| *v > 0);

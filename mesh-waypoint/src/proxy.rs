@@ -145,6 +145,10 @@ struct Downstream {
     /// The service VIP and port the tunnel stream asked for.
     target: SocketAddr,
     caller: Caller,
+    /// The value a generated sticky cookie gets on this connection: one per connection,
+    /// so that requests racing before the client has the cookie (a page's parallel
+    /// loads) all get the same one and the same endpoint, as in Envoy.
+    cookie_seed: u64,
 }
 
 /// Serves a tunnel stream to `service` as HTTP, or as TCP when a port of unknown
@@ -180,7 +184,7 @@ pub async fn serve(
         }
     }
     let draining = waypoint.draining();
-    let downstream = Arc::new(Downstream { waypoint, target, caller });
+    let downstream = Arc::new(Downstream { waypoint, target, caller, cookie_seed: roll_u64() });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().max_buf_size(MAX_HEADERS);
     builder
@@ -1170,7 +1174,7 @@ impl Downstream {
         let hash = match &destination.policy.lb {
             LbPolicy::ConsistentHash(ch) => {
                 let query = parts_query(&path_and_query);
-                ch.key.hash(request.headers(), query, self.caller.addr.ip(), roll_u64())
+                ch.key.hash(request.headers(), query, self.caller.addr.ip(), self.cookie_seed)
             }
             _ => (None, None),
         };
@@ -1274,7 +1278,7 @@ impl Downstream {
         let attempts = async {
             let mut tried: Vec<usize> = Vec::new();
             let mut attempt = 0u32;
-            let mut retry_slots = Vec::new();
+            let mut retry_slot = None;
             loop {
                 attempt += 1;
                 log.attempts = attempt;
@@ -1332,8 +1336,11 @@ impl Downstream {
                 }
                 let wanted = retry.should_retry(attempt, &outcome);
                 let again = wanted && body.can_replay() && {
-                    // Retries in flight to the destination are bounded too (`maxRetries`).
-                    destination.health.breaker.try_retry(&limits).map(|slot| retry_slots.push(slot)).is_some()
+                    // Retries in flight to the destination are bounded too (`maxRetries`):
+                    // a request holds one slot, its latest retry's (Envoy's `resetRetry`).
+                    drop(retry_slot.take());
+                    retry_slot = destination.health.breaker.try_retry(&limits);
+                    retry_slot.is_some()
                 };
                 if !again {
                     body.settle();

@@ -62,6 +62,13 @@ fn durations_that_are_not() {
         assert!(parse_duration(text).is_err(), "{text} was accepted");
     }
     assert_eq!(parse_duration("2x").unwrap_err().to_string(), "unknown unit `x` in `2x` (use ns, us, ms, s, m or h)");
+    // Go's limit: 2562047h47m16.854775807s is the largest; a deadline from it fits.
+    assert_eq!(parse_duration("2562047h47m16.854775807s"), Ok(Duration::from_nanos(i64::MAX as u64)));
+    assert_eq!(
+        parse_duration("10000000000000000000s").unwrap_err().to_string(),
+        "`10000000000000000000s` is longer than the largest duration, 2562047h (about 292 years)"
+    );
+    assert!(parse_duration("2562047h47m16.854775808s").is_err());
 }
 
 #[test]

@@ -19,7 +19,7 @@ pub enum DurationError {
     UnknownUnit { value: String, unit: String },
     #[error("`{0}` is not a number followed by a unit, like 1.5s or 100ms")]
     Syntax(String),
-    #[error("`{0}` is too long")]
+    #[error("`{0}` is longer than the largest duration, 2562047h (about 292 years)")]
     Overflow(String),
 }
 
@@ -69,6 +69,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
         }
         total = total.checked_add(nanos).ok_or_else(overflow)?;
         rest = after;
+    }
+    // Go's limit (an i64 of nanoseconds, about 292 years), which Istio's validation
+    // applies: larger values would overflow deadlines computed from them.
+    if total > i64::MAX as u128 {
+        return Err(overflow());
     }
     let secs = u64::try_from(total / 1_000_000_000).map_err(|_| overflow())?;
     Ok(Duration::new(secs, (total % 1_000_000_000) as u32))

@@ -218,10 +218,16 @@ fn cookie_key_reads_and_generates_the_cookie() {
     let mut back = HeaderMap::new();
     back.insert(header::COOKIE, HeaderValue::from_str(&format!("sticky=\"{value}\"")).unwrap());
     assert_eq!(key.hash(&back, None, ip, 99).0, hash);
-    // ttl 0: a session cookie; no ttl: nothing generated.
-    let session = HashKey::Cookie { name: "s".into(), path: None, ttl: Some(Duration::ZERO) };
-    let set = session.hash(&HeaderMap::new(), None, ip, 1).1.unwrap();
-    assert!(!set.to_str().unwrap().contains("Max-Age"), "{set:?}");
+    // Sent empty: as absent (a made-up one), not every such client on one endpoint.
+    let mut empty = HeaderMap::new();
+    empty.insert(header::COOKIE, HeaderValue::from_static("sticky=; a=1"));
+    assert_eq!(key.hash(&empty, None, ip, 5), key.hash(&HeaderMap::new(), None, ip, 5));
+    // ttl 0, or under a second: a session cookie, never `Max-Age=0` (deleted at once).
+    for ttl in [Duration::ZERO, Duration::from_millis(500)] {
+        let session = HashKey::Cookie { name: "s".into(), path: None, ttl: Some(ttl) };
+        let set = session.hash(&HeaderMap::new(), None, ip, 1).1.unwrap();
+        assert!(!set.to_str().unwrap().contains("Max-Age"), "{set:?}");
+    }
     let plain = HashKey::Cookie { name: "s".into(), path: None, ttl: None };
     assert_eq!(plain.hash(&HeaderMap::new(), None, ip, 1), (None, None));
 }

@@ -123,6 +123,49 @@ fn ejection_time_grows_with_each_ejection_and_is_capped() {
 }
 
 #[test]
+fn the_multiplier_stops_at_the_cap_and_a_huge_base_time_does_not_overflow() {
+    let t0 = Instant::now();
+    let cfg = OutlierConfig { consecutive_5xx: Some(1), base_ejection_time: 100 * S, interval: 10 * S, ..config() };
+    let mut o = outliers(2, cfg);
+    let mut now = t0;
+    let mut times = Vec::new();
+    for _ in 0..10 {
+        let e = o.record(0, status(500), now).unwrap();
+        times.push(e.times);
+        now = e.until;
+        o.sweep(now);
+    }
+    // 100, 200, 300 s: the multiplier stays at 3, so three healthy intervals undo it.
+    assert_eq!(times, [1, 2, 3, 3, 3, 3, 3, 3, 3, 3]);
+
+    // The largest duration a manifest may hold, from a clock far from its start.
+    let most = Duration::from_nanos(i64::MAX as u64);
+    let cfg = OutlierConfig { consecutive_5xx: Some(1), base_ejection_time: most, ..config() };
+    let mut o = outliers(2, cfg);
+    let e = o.record(0, status(500), t0).unwrap();
+    assert!(e.until > t0 + 364 * 24 * 3600 * S);
+    assert!(o.is_ejected(0, t0 + 364 * 24 * 3600 * S));
+}
+
+#[test]
+fn a_readmitted_endpoint_starts_with_clean_counters() {
+    let t0 = Instant::now();
+    // Gateway errors eject first; the 5xx counter had reached its threshold too.
+    let cfg = OutlierConfig { consecutive_5xx: Some(5), consecutive_gateway: Some(5), base_ejection_time: 30 * S, ..config() };
+    let mut o = outliers(2, cfg);
+    let mut ejection = None;
+    for _ in 0..5 {
+        ejection = o.record(0, status(503), t0);
+    }
+    let e = ejection.unwrap();
+    assert_eq!(e.reason, Reason::ConsecutiveGatewayFailure);
+    assert_eq!(o.sweep(e.until), [0]);
+    // One more 5xx after readmission does not eject it again.
+    assert_eq!(o.record(0, status(500), e.until), None);
+    assert!(!o.is_ejected(0, e.until));
+}
+
+#[test]
 fn the_multiplier_decays_while_healthy() {
     let t0 = Instant::now();
     let cfg = OutlierConfig { consecutive_5xx: Some(1), base_ejection_time: 30 * S, interval: 10 * S, ..config() };

@@ -247,6 +247,11 @@ fn outlier_detection_as_istio_programs_envoy() {
     let split = od("{splitExternalLocalOriginErrors: true, consecutiveLocalOriginFailures: 4}");
     assert!(split.split_local_origin);
     assert_eq!(split.consecutive_local_origin, Some(4));
+    // The deprecated consecutiveErrors: gateway errors only, unless the new fields say.
+    let old = od("{consecutiveErrors: 1}");
+    assert_eq!((old.consecutive_gateway, old.consecutive_5xx), (Some(1), None));
+    let both = od("{consecutiveErrors: 1, consecutive5xxErrors: 7, consecutiveGatewayErrors: 3}");
+    assert_eq!((both.consecutive_gateway, both.consecutive_5xx), (Some(3), Some(7)));
     let long = od("{baseEjectionTime: 10m, minHealthPercent: 40}");
     assert_eq!(long.max_ejection_time, Duration::from_mins(10), "the cap is at least the base");
     assert_eq!(long.min_health_percent, 40);
