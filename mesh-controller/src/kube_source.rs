@@ -373,6 +373,9 @@ pub struct Admitted {
     pub held: Vec<String>,
     /// Invalid objects left out (no accepted version).
     pub left_out: Vec<String>,
+    /// Invalid security objects with no accepted version, replaced by what denies
+    /// ([`fail_closed`]): leaving them out would open what they guard.
+    pub denying: Vec<String>,
 }
 
 /// Per-object admission: a bad object does not block the others. Remembers the last
@@ -400,11 +403,34 @@ impl Admission {
         let mut candidate = docs.clone();
         let mut problems: BTreeMap<String, Vec<Problem>> = BTreeMap::new();
         let (mut held, mut left_out) = (Vec::new(), Vec::new());
+        // Stand-ins in place, by key: whether the stand-in keeps the object's scope.
+        let mut stood_in: BTreeMap<String, bool> = BTreeMap::new();
         for round in 0..MAX_ROUNDS {
             match load_documents(&candidate, trust_domain, root_namespace) {
                 Ok(config) => {
+                    // A stand-in is not the object's accepted version; the object
+                    // says first what stands in for it.
+                    for (key, narrow) in &stood_in {
+                        let Some(doc) = candidate.remove(key) else { continue };
+                        let scope = if *narrow { "what it selects" } else { "its whole namespace" };
+                        let what = if doc["kind"] == "PeerAuthentication" {
+                            format!("STRICT mTLS applies to {scope} in its place until it is fixed (fail closed)")
+                        } else if doc["spec"]["action"] == "DENY" {
+                            format!("every request to {scope} is denied in its place until it is fixed (fail closed)")
+                        } else {
+                            format!(
+                                "an ALLOW policy without rules applies to {scope} in its place until it is fixed: only what other ALLOW policies allow gets in (fail closed)"
+                            )
+                        };
+                        let reason = format!("not valid and never accepted: {what}");
+                        problems
+                            .entry(key.clone())
+                            .or_default()
+                            .insert(0, Problem::new(key, Some(key.clone()), "", reason));
+                    }
                     self.accepted = candidate;
-                    return Ok(Admitted { config, problems, held, left_out });
+                    let denying = stood_in.into_keys().collect();
+                    return Ok(Admitted { config, problems, held, left_out, denying });
                 }
                 Err(report) => {
                     let named: BTreeSet<String> =
@@ -421,14 +447,29 @@ impl Admission {
                     }
                     for key in named {
                         match self.accepted.get(&key) {
-                            Some(previous) if candidate.get(&key) != Some(previous) => {
+                            Some(previous) if candidate.get(&key) != Some(previous) && !stood_in.contains_key(&key) => {
                                 candidate.insert(key.clone(), previous.clone());
                                 held.push(key);
                             }
                             _ => {
-                                candidate.remove(&key);
                                 held.retain(|k| *k != key);
-                                left_out.push(key);
+                                // First the stand-in with the object's scope; if that
+                                // scope is what is wrong, one for its whole namespace.
+                                let narrow = match stood_in.get(&key) {
+                                    None => Some(true),
+                                    Some(true) => Some(false),
+                                    Some(false) => None,
+                                };
+                                let stand_in =
+                                    narrow.and_then(|narrow| Some((narrow, fail_closed(docs.get(&key)?, narrow)?)));
+                                if let Some((narrow, doc)) = stand_in {
+                                    candidate.insert(key.clone(), doc);
+                                    stood_in.insert(key, narrow);
+                                } else {
+                                    candidate.remove(&key);
+                                    stood_in.remove(&key);
+                                    left_out.push(key);
+                                }
                             }
                         }
                     }
@@ -437,6 +478,44 @@ impl Admission {
         }
         Err(Report(problems.into_values().flatten().collect()))
     }
+}
+
+/// What stands in for an invalid security object that has no accepted version, so that
+/// leaving it out opens nothing: an ALLOW `AuthorizationPolicy` becomes one without
+/// rules (it allows nothing more, and what it selects is no longer open to everyone when
+/// it was the only ALLOW policy there); a DENY or CUSTOM one (whose checks are not
+/// known) becomes a DENY of every request; a `PeerAuthentication` becomes STRICT. With
+/// `keep_scope` the stand-in keeps the object's `selector` and `targetRef(s)`; without,
+/// it covers the object's namespace (the whole mesh in the root namespace), for when
+/// the scope itself is what is invalid. Istio's
+/// admission webhook would have refused such an object; none is installed here, so the
+/// API server stores it. AUDIT policies and other kinds get none (`None`): leaving them
+/// out denies or opens nothing.
+pub fn fail_closed(doc: &Value, keep_scope: bool) -> Option<Value> {
+    let spec = doc.get("spec").unwrap_or(&Value::Null);
+    let scope: &[&str] = &["selector", "targetRef", "targetRefs"];
+    let (mut stand_in, scope): (Value, &[&str]) = match doc.get("kind")?.as_str()? {
+        "AuthorizationPolicy" => match spec.get("action").and_then(Value::as_str) {
+            Some("AUDIT") => return None,
+            // ALLOW policies add up: an empty one allows nothing more, and makes sure
+            // an ALLOW policy applies (else everything would be allowed).
+            None | Some("ALLOW") => (json!({}), scope),
+            // What it denies is not known: all of it (one empty rule matches all).
+            _ => (json!({"action": "DENY", "rules": [{}]}), scope),
+        },
+        "PeerAuthentication" => (json!({"mtls": {"mode": "STRICT"}}), &["selector"]),
+        _ => return None,
+    };
+    if keep_scope {
+        for field in scope {
+            if let Some(value) = spec.get(*field) {
+                stand_in[*field] = value.clone();
+            }
+        }
+    }
+    let mut doc = doc.clone();
+    doc["spec"] = stand_in;
+    Some(doc)
 }
 
 /// Lists every watched kind once (`meshctl validate --kubernetes`): the same
@@ -619,8 +698,8 @@ async fn admit(
             } else {
                 let report = Report(admitted.problems.values().flatten().cloned().collect());
                 controller.reject(&format!(
-                    "{report}\n(held at their last accepted version: {:?}; left out: {:?})",
-                    admitted.held, admitted.left_out
+                    "{report}\n(held at their last accepted version: {:?}; left out: {:?}; denying in their place: {:?})",
+                    admitted.held, admitted.left_out, admitted.denying
                 ));
             }
             let reported = Reported(

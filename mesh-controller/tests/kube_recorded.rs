@@ -12,13 +12,16 @@ use k8s_openapi::{
     jiff::Timestamp,
 };
 use kube::{api::DynamicObject, runtime::watcher::Event};
-use mesh_common::config::{Config, security::MtlsMode};
+use mesh_common::{
+    config::{Config, security::MtlsMode},
+    policy::{Connection, Workload, authorize, mtls_mode},
+};
 use mesh_controller::{
     kube_source::{Admission, Store, WatchedKind, problem_text, status_patch},
     lease::{Decision, decide},
     node_auth::{AuthError, Client, Waypoint, client_of, node_of},
 };
-use serde_json::Value;
+use serde_json::{Value, json};
 
 fn recorded(name: &str) -> Value {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/recorded").join(name);
@@ -257,6 +260,133 @@ fn an_invalid_object_is_left_out_or_held_and_reported_while_the_rest_applies() {
     assert!(
         admitted.problems.is_empty() && !admitted.config.virtual_services.iter().any(|v| v.metadata.name == "broken")
     );
+}
+
+#[test]
+fn an_invalid_security_policy_that_was_never_accepted_closes_instead_of_opening() {
+    let mut store = recorded_cluster();
+    let mut admission = Admission::default();
+    let object = |kind: &str, namespace: &str, name: &str, spec: Value| {
+        let group =
+            if kind == "PeerAuthentication" || kind == "AuthorizationPolicy" { "security.istio.io/v1" } else { "" };
+        json!({"apiVersion": group, "kind": kind, "metadata": {"name": name, "namespace": namespace, "uid": name, "generation": 1}, "spec": spec})
+    };
+    // Whether `from` (a service account of `shop`) may reach pod `to` on port 8080.
+    let allowed = |config: &Config, from: &str, to: &str| {
+        let pod = pod(config, to);
+        let workload = Workload { namespace: &pod.metadata.namespace, labels: &pod.metadata.labels };
+        let identity = format!("spiffe://cluster.local/ns/shop/sa/{from}");
+        let conn = Connection {
+            source_identity: Some(&identity),
+            source_ip: "10.98.2.99".parse().unwrap(),
+            destination_ip: pod.ips()[0].parse().unwrap(),
+            destination_port: 8080,
+        };
+        authorize(config, &workload, &conn).is_allow()
+    };
+    let (client, echo) = ("client-5c8d7f9b4-xyz12", "echo-7d9f8c6b5-abcde");
+    let apply = |store: &mut Store, o: Value| store.apply(kind(o["kind"].as_str().unwrap()), Event::Apply(dynamic(&o)));
+    // The mesh-wide default PERMISSIVE, so that a namespace's STRICT is its own.
+    apply(&mut store, object("PeerAuthentication", "istio-system", "default", json!({"mtls": {"mode": "PERMISSIVE"}})));
+    let before = admit(&mut admission, &store).config;
+    assert!(allowed(&before, "web", client) && allowed(&before, "client", echo) && !allowed(&before, "web", echo));
+    let legacy_mtls = |config: &Config| {
+        mtls_mode(config, &Workload { namespace: "legacy", labels: &pod(config, client).metadata.labels }, 8080).mode
+    };
+    assert_eq!(legacy_mtls(&before), MtlsMode::Permissive);
+
+    // A `when` without values: Istio's webhook refuses it, the API server stores it.
+    let bad_rules = json!([{"when": [{"key": "request.headers[x-user]"}]}]);
+    // The only ALLOW policy of `legacy`'s client: left out, the client would be open to all.
+    apply(
+        &mut store,
+        object(
+            "AuthorizationPolicy",
+            "legacy",
+            "allow-web",
+            json!({"selector": {"matchLabels": {"app": "client"}}, "rules": bad_rules}),
+        ),
+    );
+    // A DENY on echo, whose ALLOW policy admits `client`.
+    apply(
+        &mut store,
+        object(
+            "AuthorizationPolicy",
+            "shop",
+            "deny-some",
+            json!({"selector": {"matchLabels": {"app": "echo"}}, "action": "DENY", "rules": bad_rules}),
+        ),
+    );
+    // An AUDIT policy opens and denies nothing: left out.
+    apply(&mut store, object("AuthorizationPolicy", "shop", "audit", json!({"action": "AUDIT", "rules": bad_rules})));
+    // A PeerAuthentication that makes `legacy` STRICT, with a port-level setting Istio
+    // refuses (port 0).
+    apply(
+        &mut store,
+        object(
+            "PeerAuthentication",
+            "legacy",
+            "strict",
+            json!({"mtls": {"mode": "STRICT"}, "portLevelMtls": {"0": {"mode": "STRICT"}}}),
+        ),
+    );
+    let admitted = admit(&mut admission, &store);
+    assert_eq!(
+        admitted.denying,
+        [
+            "AuthorizationPolicy/legacy/allow-web",
+            "AuthorizationPolicy/shop/deny-some",
+            "PeerAuthentication/legacy/strict"
+        ]
+    );
+    assert_eq!(admitted.left_out, ["AuthorizationPolicy/shop/audit"]);
+    let config = &admitted.config;
+    assert!(!allowed(config, "web", client), "the broken ALLOW policy's stand-in applies");
+    assert!(!allowed(config, "client", echo), "the broken DENY policy's stand-in denies all");
+    assert_eq!(legacy_mtls(config), MtlsMode::Strict);
+    // The object says what stands in for it, before its own problems.
+    let text = problem_text(&admitted.problems["AuthorizationPolicy/shop/deny-some"]);
+    assert!(text.starts_with("not valid and never accepted: every request to what it selects is denied"), "{text}");
+    assert!(text.contains("spec.rules[0].when[0]"), "{text}");
+
+    // A scope that is itself invalid: the stand-in covers the namespace.
+    apply(
+        &mut store,
+        object(
+            "AuthorizationPolicy",
+            "shop",
+            "deny-some",
+            json!({"selector": {"matchLabels": {"app": "-bad-"}}, "action": "DENY", "rules": bad_rules}),
+        ),
+    );
+    let admitted = admit(&mut admission, &store);
+    assert!(admitted.denying.contains(&"AuthorizationPolicy/shop/deny-some".to_owned()), "{:?}", admitted.problems);
+    let text = problem_text(&admitted.problems["AuthorizationPolicy/shop/deny-some"]);
+    assert!(text.contains("every request to its whole namespace is denied"), "{text}");
+    assert!(!allowed(&admitted.config, "client", echo));
+
+    // Fixed: the policies as written, nothing standing in.
+    apply(
+        &mut store,
+        object(
+            "AuthorizationPolicy",
+            "legacy",
+            "allow-web",
+            json!({"selector": {"matchLabels": {"app": "client"}}, "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/web"]}}]}]}),
+        ),
+    );
+    apply(
+        &mut store,
+        object(
+            "AuthorizationPolicy",
+            "shop",
+            "deny-some",
+            json!({"selector": {"matchLabels": {"app": "echo"}}, "action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["legacy"]}}]}]}),
+        ),
+    );
+    let admitted = admit(&mut admission, &store);
+    assert_eq!(admitted.denying, ["PeerAuthentication/legacy/strict"]);
+    assert!(allowed(&admitted.config, "web", client) && allowed(&admitted.config, "client", echo));
 }
 
 #[test]

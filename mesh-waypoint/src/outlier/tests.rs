@@ -151,7 +151,12 @@ fn the_multiplier_stops_at_the_cap_and_a_huge_base_time_does_not_overflow() {
 fn a_readmitted_endpoint_starts_with_clean_counters() {
     let t0 = Instant::now();
     // Gateway errors eject first; the 5xx counter had reached its threshold too.
-    let cfg = OutlierConfig { consecutive_5xx: Some(5), consecutive_gateway: Some(5), base_ejection_time: 30 * S, ..config() };
+    let cfg = OutlierConfig {
+        consecutive_5xx: Some(5),
+        consecutive_gateway: Some(5),
+        base_ejection_time: 30 * S,
+        ..config()
+    };
     let mut o = outliers(2, cfg);
     let mut ejection = None;
     for _ in 0..5 {
