@@ -48,7 +48,7 @@ use mesh_waypoint::{
     policy::LbPolicy,
     ratelimit,
     retry::Outcome,
-    route::{Abort, Action, Mirror, RequestParts, TcpRequest},
+    route::{Abort, Action, Mirror, RequestParts, Route, TcpRequest},
     sniff::{self, Sniffed},
     telemetry_api::apply::{LogPlan, MetricPlan, RequestAttributes, TcpFamily},
     trace,
@@ -386,13 +386,13 @@ struct Reply {
     status: StatusCode,
     flags: &'static str,
     body: Bytes,
-    headers: Vec<(http::HeaderName, HeaderValue)>,
+    headers: HeaderMap,
     reason: Option<String>,
 }
 
 impl Reply {
     fn new(status: StatusCode, flags: &'static str, body: &'static str) -> Self {
-        Self { status, flags, body: Bytes::from_static(body.as_bytes()), headers: Vec::new(), reason: None }
+        Self { status, flags, body: Bytes::from_static(body.as_bytes()), headers: HeaderMap::new(), reason: None }
     }
 
     fn because(mut self, reason: impl Into<String>) -> Self {
@@ -407,7 +407,7 @@ impl Reply {
 
     fn with_header(mut self, name: http::HeaderName, value: &str) -> Self {
         if let Ok(value) = HeaderValue::from_str(value) {
-            self.headers.push((name, value));
+            self.headers.append(name, value);
         }
         self
     }
@@ -926,9 +926,7 @@ impl Downstream {
                         let mut reply = Reply::new(status, "UAEX", "").with_body(body).because(format!(
                             "denied by the external authorizer {provider} (CUSTOM policy {policy}){why}"
                         ));
-                        let mut edited = HeaderMap::new();
-                        HeaderEdit::apply_all(&headers, &mut edited);
-                        reply.headers.extend(edited.into_iter().filter_map(|(k, v)| Some((k?, v))));
+                        HeaderEdit::apply_all(&headers, &mut reply.headers);
                         return Err(reply);
                     }
                     Decision::Allow { upstream_headers, downstream_headers, remove } => {
@@ -1041,7 +1039,7 @@ impl Downstream {
         &self,
         tables: &Tables,
         service: &Arc<ServicePort>,
-        mut request: Request<Incoming>,
+        request: Request<Incoming>,
         request_bytes: &Arc<AtomicU64>,
         log: &mut RequestLog,
         labels: &mut RequestLabels,
@@ -1067,6 +1065,38 @@ impl Downstream {
             return Err(Reply::new(StatusCode::NOT_FOUND, "NR", "route not found\n").because("no route matched"));
         };
         log.route.clone_from(&route.name);
+        let origin = request.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let mut answer =
+            self.forward_on(tables, service, route, dial, request, origin.as_deref(), request_bytes, log, labels).await;
+        // The route's response headers and CORS go on every answer once a route is
+        // chosen, the proxy's own included (a redirect, a fault, a 503), as Envoy's
+        // router and CORS filter add them: else a browser sees a CORS error instead.
+        let headers = match &mut answer {
+            Ok(response) => response.headers_mut(),
+            Err(reply) => &mut reply.headers,
+        };
+        route.response_headers.apply(headers);
+        if let (Some(cors), Some(origin)) = (&route.cors, &origin) {
+            headers.extend(cors.response_headers(origin));
+        }
+        answer
+    }
+
+    /// [`Downstream::forward`] once `route` is chosen: rate limits, preflight, faults,
+    /// redirects and direct responses, then the backend and its upstream exchange (with retries).
+    #[allow(clippy::too_many_arguments)]
+    async fn forward_on(
+        &self,
+        tables: &Tables,
+        service: &Arc<ServicePort>,
+        route: &Route,
+        dial: DialParts,
+        mut request: Request<Incoming>,
+        origin: Option<&str>,
+        request_bytes: &Arc<AtomicU64>,
+        log: &mut RequestLog,
+        labels: &mut RequestLabels,
+    ) -> Result<Response<Body>, Reply> {
         let limits = self.waypoint.rate_limits(tables, service);
         if !limits.is_empty()
             && let ratelimit::Decision::Limited { headers } =
@@ -1081,7 +1111,7 @@ impl Downstream {
             }
             return Err(reply);
         }
-        let origin = request.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let path_and_query = log.path.clone();
         // CORS preflight, answered here when the policy allows the origin.
         if let (Some(cors), Some(origin)) = (&route.cors, &origin)
             && request.method() == http::Method::OPTIONS
@@ -1116,6 +1146,16 @@ impl Downstream {
         }
         match &route.action {
             Action::Redirect(redirect) => {
+                let parts = RequestParts {
+                    method: request.method().as_str(),
+                    path: &path_and_query,
+                    authority: &log.authority,
+                    scheme: "http",
+                    headers: request.headers(),
+                    port: service.port,
+                    source_namespace: self.caller.namespace(),
+                    source_labels: self.caller.labels(),
+                };
                 let location = redirect.location(&parts);
                 let mut response = Response::new(full(Bytes::new()));
                 *response.status_mut() = StatusCode::from_u16(redirect.code).unwrap_or(StatusCode::MOVED_PERMANENTLY);
@@ -1135,9 +1175,8 @@ impl Downstream {
             return Err(Reply::new(StatusCode::SERVICE_UNAVAILABLE, "NR", "no backend\n"));
         };
         if let Some(reason) = &backend.unresolved {
-            return Err(
-                Reply::new(StatusCode::SERVICE_UNAVAILABLE, "NR", "no route to the backend\n").because(reason.clone())
-            );
+            let status = StatusCode::from_u16(backend.unresolved_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            return Err(Reply::new(status, "NR", "no route to the backend\n").because(reason.clone()));
         }
         let key = (backend.host.clone(), backend.subset.clone(), backend.port.unwrap_or(service.port));
         let destination = match tables.destination(&self.waypoint, &key) {
@@ -1389,10 +1428,6 @@ impl Downstream {
             strip_hop_by_hop(&mut parts.headers, false);
         }
         backend.response_headers.apply(&mut parts.headers);
-        route.response_headers.apply(&mut parts.headers);
-        if let (Some(cors), Some(origin)) = (&route.cors, &origin) {
-            parts.headers.extend(cors.response_headers(origin));
-        }
         if let Some(cookie) = hash.1 {
             parts.headers.append(header::SET_COOKIE, cookie);
         }

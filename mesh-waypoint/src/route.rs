@@ -157,8 +157,11 @@ pub struct Backend {
     pub request_headers: HeaderOps,
     pub response_headers: HeaderOps,
     /// Why the backend cannot be reached (unknown host, port or subset): the proxy
-    /// answers 503 with flag `NR` for requests that pick it.
+    /// answers [`Backend::unresolved_status`] with flag `NR` for requests that pick it.
     pub unresolved: Option<String>,
+    /// 503 (Istio's answer), or 500 for an `HTTPRoute`'s backendRef (the Gateway API
+    /// spec's).
+    pub unresolved_status: u16,
 }
 
 /// Rewrites applied to a forwarded request.

@@ -110,6 +110,8 @@ spec:
     fault:
       abort: {httpStatus: 418, percentage: {value: 50}}
     rewrite: {uri: /get}
+    corsPolicy: {allowOrigins: [{exact: '*'}]}
+    headers: {response: {set: {x-route: fault}}}
     route: [{destination: {host: httpbin}}]
   - match: [{uri: {exact: /slow}}]
     fault:

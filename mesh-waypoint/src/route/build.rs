@@ -126,6 +126,7 @@ pub(super) fn default_backend(service: &ServiceRef) -> Backend {
         request_headers: HeaderOps::default(),
         response_headers: HeaderOps::default(),
         unresolved: None,
+        unresolved_status: 503,
     }
 }
 
@@ -230,7 +231,13 @@ impl Index {
             }
         }
         let mut unresolved = None;
+        let mut port = port;
         let namespace = if let Some((svc_ns, ports)) = self.services.get(&host) {
+            // No port written: a Service's only port, as Istio picks it; with several,
+            // the port the request came to (left `None`).
+            if let ([only], None) = (ports.as_slice(), port) {
+                port = Some(*only);
+            }
             if let Some(p) = port.filter(|p| !ports.contains(p)) {
                 unresolved = Some(format!("Service `{host}` has no port {p} (referenced by {place})"));
             }
@@ -281,6 +288,7 @@ impl Index {
             request_headers: HeaderOps::default(),
             response_headers: HeaderOps::default(),
             unresolved,
+            unresolved_status: 503,
         }
     }
 }
@@ -833,6 +841,13 @@ fn http_route_entries(
         let field = format!("spec.rules[{i}]");
         let name = format!("{object}#rules[{i}]");
         let mut route = gateway_route(&name, ns, &rule.filters, &rule.backend_refs, index, &field, warn);
+        // The spec's answer for a backendRef that cannot be used, and for a rule
+        // without backendRefs or a filter that answers: 500.
+        match &mut route.action {
+            Action::Forward { backends } => backends.iter_mut().for_each(|b| b.unresolved_status = 500),
+            Action::DirectResponse { status, body: None } if rule.backend_refs.is_empty() => *status = 500,
+            _ => {}
+        }
         if let Some(t) = &rule.timeouts {
             route.timeout = t.request.as_deref().and_then(|d| parse_duration(d).ok()).filter(|d| !d.is_zero());
         }
@@ -864,7 +879,9 @@ fn http_route_entries(
             set_prefix_of_match(&mut route, type_, value);
             entries.push(GatewayEntry {
                 path_rank,
-                path_len: value.len(),
+                // A prefix ranks by what it matches: `/foo/` and `/foo` are one (Istio
+                // trims the slash before sorting too).
+                path_len: if path_rank == 2 { value.trim_end_matches('/').len() } else { value.len() },
                 method: m.method.is_some(),
                 headers: m.headers.len(),
                 query: m.query_params.len(),
@@ -1047,7 +1064,8 @@ fn gateway_route(
         return route;
     }
     if backend_refs.is_empty() {
-        // Gateway API: no backends and no filter that answers -> 404.
+        // No backends and no filter that answers: nothing to send to (500 for an
+        // HTTPRoute, set by its caller).
         route.action = Action::DirectResponse { status: 404, body: None };
         return route;
     }

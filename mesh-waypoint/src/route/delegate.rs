@@ -235,10 +235,11 @@ fn string_match_conflict(root: Option<&StringMatch>, leaf: Option<&StringMatch>)
     if let Some(exact) = r_exact {
         return l_prefix.is_some() || l_exact.as_deref() != Some(exact.as_str());
     }
-    if let Some(prefix) = r_prefix
-        && let Some(l) = l_prefix.or(l_exact)
-    {
-        return !l.starts_with(&prefix);
+    if let Some(prefix) = r_prefix {
+        // A leaf that tests only presence under a prefix would widen the root's match
+        // (the merge keeps the leaf's): refused, where Istio would widen.
+        return l_prefix.or(l_exact).is_none_or(|l| !l.starts_with(&prefix));
     }
-    true
+    // The root tests only presence: any leaf is within it.
+    false
 }

@@ -52,7 +52,9 @@ impl PathRewrite {
             Self::Full(full) => full.clone(),
             Self::Regex { pattern, substitution } => pattern.replace_all(path, substitution.as_str()).into_owned(),
         };
-        if let Some(q) = query {
+        // A full path that brings its own query replaces the request's (Envoy).
+        let own_query = matches!(self, Self::Full(full) if full.contains('?'));
+        if let Some(q) = query.filter(|_| !own_query) {
             out.push('?');
             out.push_str(q);
         }
@@ -123,16 +125,22 @@ impl Redirect {
         let (req_host, req_port) = split_authority(req.authority);
         let host = self.host.as_deref().unwrap_or(req_host);
         let scheme_changed = self.scheme.as_deref().is_some_and(|s| !s.eq_ignore_ascii_case(req.scheme));
-        let port = match self.port {
-            RedirectPort::Set(p) => Some(p),
-            RedirectPort::RequestPort => Some(req.port),
-            RedirectPort::Keep if self.host.is_none() && !scheme_changed => req_port,
-            RedirectPort::ProtocolDefault | RedirectPort::Keep => None,
-        };
-        let default_port = match scheme.to_ascii_lowercase().as_str() {
+        let default_port = |scheme: &str| match scheme.to_ascii_lowercase().as_str() {
             "https" | "wss" => 443,
             _ => 80,
         };
+        let port = match self.port {
+            RedirectPort::Set(p) => Some(p),
+            RedirectPort::RequestPort => Some(req.port),
+            // A new scheme keeps a port unless it was the old scheme's default, as
+            // Envoy's scheme redirect does (`:8080` stays, `:80` goes).
+            RedirectPort::Keep if self.host.is_none() && scheme_changed => {
+                req_port.filter(|p| *p != default_port(req.scheme))
+            }
+            RedirectPort::Keep if self.host.is_none() => req_port,
+            RedirectPort::ProtocolDefault | RedirectPort::Keep => None,
+        };
+        let default_port = default_port(scheme);
         let path = match &self.path {
             Some(rewrite) => rewrite.apply(req.path),
             None => req.path.to_string(),
@@ -267,9 +275,10 @@ pub struct Cors {
 }
 
 impl Cors {
-    /// Whether `origin` is one of the allowed origins.
+    /// Whether `origin` is one of the allowed origins. An entry that matches `*` itself
+    /// (`exact: "*"`, a regex `.*`) allows every origin, as Envoy reads it.
     pub fn allows_origin(&self, origin: &str) -> bool {
-        self.origins.iter().any(|m| m.matches(origin))
+        self.origins.iter().any(|m| m.matches("*") || m.matches(origin))
     }
 
     /// The answer to a preflight (`OPTIONS` with `Origin` and

@@ -656,7 +656,12 @@ fn vs_redirect_and_direct_response() {
         other => panic!("{other:?}"),
     };
     assert_eq!(redirect(&get("/old/x?q=1")), (301, "http://example.com/new?q=1".into()));
-    assert_eq!(redirect(&get("/tls/a")), (308, "https://reviews.shop.svc.cluster.local/tls/a".into()));
+    // The request's port (9080, not http's default) stays, as in Envoy.
+    assert_eq!(redirect(&get("/tls/a")), (308, "https://reviews.shop.svc.cluster.local:9080/tls/a".into()));
+    assert_eq!(
+        redirect(&get("/tls/a").authority("reviews.shop.svc.cluster.local:80")),
+        (308, "https://reviews.shop.svc.cluster.local/tls/a".into())
+    );
     assert_eq!(redirect(&get("/port")), (301, "https://reviews.shop.svc.cluster.local:8443/port".into()));
     assert_eq!(redirect(&get("/derive").authority("reviews")), (301, "http://reviews:9080/derive".into()));
     assert_eq!(
@@ -680,7 +685,12 @@ fn redirect_location_keeps_or_drops_ports() {
     assert_eq!(r.location(&get("/p").authority("a:80").parts()), "http://a/p", "the default port is left out");
     assert_eq!(r.location(&get("/p").authority("[::1]:8080").parts()), "http://[::1]:8080/p");
     let https = Redirect { scheme: Some("https".into()), ..r.clone() };
-    assert_eq!(https.location(&get("/p").authority("a:8080").parts()), "https://a/p", "a new scheme drops the port");
+    // A new scheme keeps a port that is not the old scheme's default (Envoy).
+    assert_eq!(https.location(&get("/p").authority("a:8080").parts()), "https://a:8080/p");
+    assert_eq!(https.location(&get("/p").authority("a:80").parts()), "https://a/p");
+    // A redirect path with its own query replaces the request's.
+    let with_query = Redirect { path: Some(PathRewrite::Full("/new?src=x".into())), ..r.clone() };
+    assert_eq!(with_query.location(&get("/p?orig=1").authority("a").parts()), "http://a/new?src=x");
     let set = Redirect { port: RedirectPort::Set(443), ..https };
     assert_eq!(set.location(&get("/p").authority("a:8080").parts()), "https://a/p");
 }
@@ -716,7 +726,7 @@ fn http_route_redirect_and_responses() {
         Action::DirectResponse { status, .. } => *status,
         other => panic!("{other:?}"),
     };
-    assert_eq!(status("/nothing"), 404, "no backends and no answering filter");
+    assert_eq!(status("/nothing"), 500, "no backends and no answering filter (the spec's 500)");
     assert_eq!(status("/zero"), 500, "every backend weighs 0");
 }
 
@@ -926,6 +936,7 @@ fn unresolved_hosts_ports_and_subsets() {
     cfg.virtual_services[0].spec.http[0].route[0].destination.subset = Some("v9".into());
     let t = RouteTable::build(&cfg, &reviews());
     let why = backends(t.select(&get("/").parts()).unwrap())[0].unresolved.clone().unwrap();
+    assert_eq!(backends(t.select(&get("/").parts()).unwrap())[0].unresolved_status, 503);
     assert!(
         why.contains("subset `v9` is not defined by any DestinationRule for host `reviews.shop.svc.cluster.local`"),
         "{why}"
@@ -953,6 +964,7 @@ fn http_route_backends() {
     assert_eq!(b.iter().map(|b| b.weight).collect::<Vec<_>>(), vec![3, 1, 1], "weight defaults to 1");
     assert_eq!(b[0].unresolved, None);
     assert!(b[1].unresolved.as_ref().unwrap().contains("missing.shop.svc.cluster.local"));
+    assert_eq!(b[1].unresolved_status, 500, "the Gateway API spec's answer, not Istio's 503");
     assert_eq!((b[2].host.as_str(), b[2].unresolved.as_ref()), ("api.example.com", None));
 }
 
@@ -1172,6 +1184,23 @@ fn mirrors() {
 }
 
 #[test]
+fn a_destination_without_a_port_takes_the_services_only_port() {
+    let t = table(
+        &("apiVersion: v1\nkind: Service\nmetadata: {name: canary, namespace: shop}\nspec: {ports: [{port: 8080, name: http}]}\n---\n".to_owned()
+            + &vs(
+                "r",
+                "[reviews]",
+                "  - match: [{uri: {prefix: /canary}}]\n    route: [{destination: {host: canary}}]\n  - route: [{destination: {host: ratings}}]\n",
+            )),
+    );
+    let port = |path: &str| t.select(&get(path).parts()).unwrap().pick_backend(0).unwrap().port;
+    // One port: that one, whatever port the request came to (9080).
+    assert_eq!(port("/canary"), Some(8080));
+    // Several: the request's port, decided when the request comes.
+    assert_eq!(port("/"), None);
+}
+
+#[test]
 fn cors() {
     let t = table(&vs(
         "r",
@@ -1199,6 +1228,15 @@ fn cors() {
     assert_eq!(resp.get("access-control-expose-headers").unwrap(), "x-request-id");
     assert_eq!(resp.get("access-control-allow-origin").unwrap(), "https://shop.example.com");
     assert!(cors.response_headers("https://evil.example.com").is_empty());
+    // `exact: "*"`, as commonly written: every origin.
+    let t = table(&vs(
+        "r",
+        "[reviews]",
+        "  - corsPolicy: {allowOrigins: [{exact: '*'}]}\n    route: [{destination: {host: reviews}}]\n",
+    ));
+    let cors = t.select(&get("/").parts()).unwrap().cors.clone().unwrap();
+    let pre = cors.preflight("https://any.example.org", "GET", "").unwrap();
+    assert_eq!(pre.get("access-control-allow-origin").unwrap(), "https://any.example.org");
 
     let t = table(&http_route(
         "h",
@@ -1546,6 +1584,12 @@ fn match_conflicts_follow_istio() {
     assert!(!conflict("{uri: {prefix: /a}}", "{method: {exact: GET}}"));
     // Headers, ports, source namespace, labels, ignoreUriCase.
     assert!(conflict("{headers: {x: {exact: a}}}", "{headers: {x: {exact: b}}}"));
+    // A root that tests presence only holds any leaf; a leaf that tests presence only
+    // under a value would widen it.
+    assert!(!conflict("{headers: {x: {}}}", "{headers: {x: {exact: '1'}}}"));
+    assert!(!conflict("{headers: {x: {}}}", "{headers: {x: {regex: '1.*'}}}"));
+    assert!(conflict("{headers: {x: {prefix: a}}}", "{headers: {x: {}}}"));
+    assert!(conflict("{headers: {x: {exact: a}}}", "{headers: {x: {}}}"));
     assert!(!conflict("{headers: {x: {exact: a}}}", "{headers: {y: {exact: b}}}"));
     assert!(conflict("{port: 80}", "{port: 81}"));
     assert!(!conflict("{port: 80}", "{}"));

@@ -281,6 +281,21 @@ fn waypoint_canary_retries_faults_timeouts_breaker_and_ejection() {
         eprintln!("fault: {aborted}/200 aborted");
         assert!((60..=140).contains(&aborted), "{aborted} of 200 aborted at 50 %");
         assert!(faults.iter().all(|l| matches!(l.trim(), "418" | "200")), "{faults:?}");
+        // The route's CORS (`exact: '*'`: any origin) and response headers are on the
+        // aborted answers too, not only on what the upstream sent.
+        let script = format!(
+            "for i in $(seq 30); do curl -s -o /dev/null -D - -H 'Origin: https://shop.example' {HTTPBIN_URL}/fault; done"
+        );
+        let out = lab.exec("n1-p1", &["sh", "-c", &script]).unwrap();
+        let heads = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+        let heads: Vec<&str> = heads.split("http/1.1 ").filter(|h| !h.is_empty()).collect();
+        assert!(heads.iter().any(|h| h.starts_with("418")) && heads.iter().any(|h| h.starts_with("200")), "{heads:?}");
+        for head in &heads {
+            assert!(
+                head.contains("access-control-allow-origin: https://shop.example") && head.contains("x-route: fault"),
+                "{head}"
+            );
+        }
         let out = lab
             .exec("n1-p1", &["curl", "-s", "-o", "/dev/null", "-w", "%{time_total}", &format!("{HTTPBIN_URL}/slow")])
             .unwrap();
