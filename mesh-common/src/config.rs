@@ -338,6 +338,11 @@ pub fn load(sources: &[Source]) -> Result<Config, Report> {
     if problems.is_empty() {
         let mut config = loaded.config;
         config.warnings = warnings.into_iter().map(|(_, p)| p).collect();
+        // Where Istio merges several objects oldest first (VirtualServices of one host
+        // at a waypoint, DestinationRules of one host), configuration order is age
+        // order; objects without a creation time (from files) keep their file order.
+        config.virtual_services.sort_by(|a, b| a.metadata.creation_timestamp.cmp(&b.metadata.creation_timestamp));
+        config.destination_rules.sort_by(|a, b| a.metadata.creation_timestamp.cmp(&b.metadata.creation_timestamp));
         Ok(config)
     } else {
         Err(Report(problems.into_iter().map(|(_, p)| p).collect()))
@@ -348,16 +353,7 @@ pub fn load(sources: &[Source]) -> Result<Config, Report> {
 /// order). A path given explicitly is read whatever its extension. What cannot be read
 /// becomes a problem; the rest is returned.
 pub fn read_sources(paths: &[PathBuf]) -> (Vec<Source>, Vec<Problem>) {
-    let mut files = Vec::new();
-    let mut problems = Vec::new();
-    let mut visited = BTreeSet::new();
-    for path in paths {
-        match fs::metadata(path) {
-            Ok(meta) if meta.is_dir() => collect_dir(path, &mut files, &mut problems, &mut visited),
-            Ok(_) => files.push(path.clone()),
-            Err(e) => problems.push(io_problem(path, &e)),
-        }
-    }
+    let (files, mut problems) = manifest_files(paths);
     let mut sources = Vec::new();
     for file in files {
         match fs::read_to_string(&file) {
@@ -381,6 +377,25 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<Config, Report> {
     }
 }
 
+/// The manifest files `paths` name: files as given, and below directories every
+/// `.yaml`, `.yml` and `.json` file, in name order. Hidden entries (a leading `.`) are
+/// skipped: a `ConfigMap` or `Secret` mounted as a volume holds each file twice, as
+/// `name.yaml` and inside its `..data` (`..<timestamp>`) directory, and a checkout's
+/// `.git` or `.github` holds no manifests.
+pub fn manifest_files(paths: &[PathBuf]) -> (Vec<PathBuf>, Vec<Problem>) {
+    let mut files = Vec::new();
+    let mut problems = Vec::new();
+    let mut visited = BTreeSet::new();
+    for path in paths {
+        match fs::metadata(path) {
+            Ok(meta) if meta.is_dir() => collect_dir(path, &mut files, &mut problems, &mut visited),
+            Ok(_) => files.push(path.clone()),
+            Err(e) => problems.push(io_problem(path, &e)),
+        }
+    }
+    (files, problems)
+}
+
 /// `visited` holds the canonical paths of the directories read, so that a symbolic
 /// link back up the tree does not loop.
 fn collect_dir(dir: &Path, files: &mut Vec<PathBuf>, problems: &mut Vec<Problem>, visited: &mut BTreeSet<PathBuf>) {
@@ -396,6 +411,7 @@ fn collect_dir(dir: &Path, files: &mut Vec<PathBuf>, problems: &mut Vec<Problem>
     let mut paths: Vec<PathBuf> = Vec::new();
     for entry in entries {
         match entry {
+            Ok(entry) if entry.file_name().as_encoded_bytes().starts_with(b".") => {}
             Ok(entry) => paths.push(entry.path()),
             Err(e) => problems.push(io_problem(dir, &e)),
         }

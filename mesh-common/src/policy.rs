@@ -241,8 +241,8 @@ pub fn decide<'p>(
 /// namespace's policy without a selector; the root namespace's policy without a
 /// selector. `UNSET` (or no `mtls`) inherits from the next scope; the default is
 /// `PERMISSIVE`. Root-namespace policies with a selector are ignored, as in Istio.
-/// Where a scope has several policies Istio picks the oldest; the model has no creation
-/// time, so the lexicographically first name is picked instead.
+/// Where a scope has several policies the oldest wins, as in Istio (then the first
+/// name; manifests from files have no creation time, so the name alone decides).
 pub fn mtls_mode(config: &Config, workload: &Workload, port: u16) -> EffectiveMtls {
     mtls_mode_at(config, workload, Some(port))
 }
@@ -276,7 +276,7 @@ fn mtls_mode_at(config: &Config, workload: &Workload, port: Option<u16>) -> Effe
             .iter()
             .filter(|pa| pa.metadata.namespace == ns && has_selector(pa) == selected)
             .filter(|pa| !selected || selects(pa.spec.selector.as_ref(), workload.labels))
-            .min_by(|a, b| a.metadata.name.cmp(&b.metadata.name))
+            .min_by(|a, b| a.metadata.age_order(&b.metadata))
     };
     let workload_policy = first(workload.namespace, true);
     let mode = |pa: &PeerAuthentication| pa.spec.mtls.as_ref().map_or(MtlsMode::Unset, |m| m.mode);

@@ -183,6 +183,29 @@ fn the_seed_virtual_service_warns_without_its_destination_rule() {
 }
 
 #[test]
+fn a_mounted_config_map_is_read_once_and_links_do_not_loop() {
+    // The layout kubelet gives a ConfigMap volume: the files in a timestamped
+    // directory, `..data` linking to it, and a link per key through `..data`.
+    let root = std::env::temp_dir().join(format!("mesh-configmap-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let stamped = root.join("..2026_12_02_08_00_00.000000001");
+    std::fs::create_dir_all(&stamped).unwrap();
+    std::fs::copy(dir("valid").join("004-virtualservice.yaml"), stamped.join("vs.yaml")).unwrap();
+    std::os::unix::fs::symlink("..2026_12_02_08_00_00.000000001", root.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/vs.yaml", root.join("vs.yaml")).unwrap();
+    // A link back up the tree, and a hidden directory with YAML that is no manifest.
+    std::os::unix::fs::symlink(".", root.join("again")).unwrap();
+    std::fs::create_dir_all(root.join(".github/workflows")).unwrap();
+    std::fs::write(root.join(".github/workflows/ci.yaml"), "on: push\njobs: {}\n").unwrap();
+    let (files, problems) = config::manifest_files(std::slice::from_ref(&root));
+    let loaded = config::load_paths(std::slice::from_ref(&root));
+    std::fs::remove_dir_all(&root).unwrap();
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(files, [root.join("vs.yaml")]);
+    assert_eq!(loaded.unwrap_or_else(|r| panic!("{r}")).virtual_services.len(), 1);
+}
+
+#[test]
 fn an_unreadable_path_is_a_problem() {
     let missing = dir("corpus").join("no-such-file.yaml");
     let report = config::load_paths(std::slice::from_ref(&missing)).unwrap_err();

@@ -183,7 +183,8 @@ pub fn document(kind: &WatchedKind, object: &Value) -> Option<(String, Value)> {
     let meta = object.get("metadata")?;
     let name = meta.get("name")?.as_str().filter(|n| !n.is_empty())?;
     let namespace = meta.get("namespace").and_then(Value::as_str).unwrap_or("");
-    let mut metadata = pick(meta, &["name", "namespace", "uid", "labels", "annotations", "generation"]);
+    let mut metadata =
+        pick(meta, &["name", "namespace", "uid", "labels", "annotations", "generation", "creationTimestamp"]);
     if let Some(annotations) = metadata.get_mut("annotations").and_then(Value::as_object_mut) {
         for dropped in DROPPED_ANNOTATIONS {
             annotations.remove(*dropped);

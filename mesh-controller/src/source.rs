@@ -17,29 +17,16 @@ use crate::{
     settings::{Flags, fill_defaults},
 };
 
-/// A fingerprint of every manifest file (names and contents) below `dir`.
+/// A fingerprint of every manifest file (names and contents) below `dir`, the files
+/// [`load`] reads.
 pub fn fingerprint(dir: &Path) -> u64 {
-    let mut files = Vec::new();
-    collect(dir, &mut files);
-    files.sort();
+    let (files, _) = mesh_common::config::manifest_files(&[dir.to_owned()]);
     let mut hasher = DefaultHasher::new();
     for file in files {
         file.hash(&mut hasher);
         std::fs::read(&file).unwrap_or_default().hash(&mut hasher);
     }
     hasher.finish()
-}
-
-fn collect(dir: &Path, out: &mut Vec<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            collect(&path, out);
-        } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml" || e == "json") {
-            out.push(path);
-        }
-    }
 }
 
 /// Loads `dir`; `trust_domain` and `root_namespace` (the flags) apply where its mesh

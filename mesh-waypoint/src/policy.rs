@@ -19,8 +19,8 @@
 //! namespace>.svc.cluster.local`. `exportTo: [~]` hides a rule everywhere. Several rules
 //! for the same host in one namespace merge as Istio's `mergeDestinationRule` does:
 //! subsets are concatenated (the first of a name wins) and the first top-level traffic
-//! policy wins; "first" is configuration order (Istio: creation time, which this model
-//! does not carry). Rules with a `workloadSelector` select client workloads' sidecars,
+//! policy wins; "first" is configuration order, which the loader makes creation time
+//! (Istio's order; objects from files have none: file order). Rules with a `workloadSelector` select client workloads' sidecars,
 //! never a waypoint: they are skipped.
 //!
 //! # Merging (Istio's `MergeSubsetTrafficPolicy`, pilot/pkg/networking/util/util.go)

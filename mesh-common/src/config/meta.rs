@@ -9,8 +9,8 @@ pub type Labels = BTreeMap<String, String>;
 
 /// The part of Kubernetes' `ObjectMeta` the mesh reads.
 ///
-/// Unknown fields (`uid`, `resourceVersion`, `creationTimestamp`, `managedFields`, ...)
-/// are tolerated, not rejected: exported objects carry them.
+/// Unknown fields (`resourceVersion`, `managedFields`, ...) are tolerated, not
+/// rejected: exported objects carry them.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ObjectMeta {
@@ -27,6 +27,23 @@ pub struct ObjectMeta {
     pub labels: Labels,
     #[serde(default, deserialize_with = "nullable", skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: Labels,
+    /// RFC 3339 as the API server writes it (`2026-11-18T09:45:11Z`, so that text order
+    /// is time order); empty in hand-written manifests. Where Istio lets the oldest of
+    /// several objects win, age decides here too, then the name.
+    #[serde(default, deserialize_with = "nullable", skip_serializing_if = "String::is_empty")]
+    pub creation_timestamp: String,
+}
+
+impl ObjectMeta {
+    /// Oldest first (Istio's order where objects compete), then by namespace and name;
+    /// without creation times (manifests from files), by namespace and name.
+    pub fn age_order(&self, other: &Self) -> std::cmp::Ordering {
+        (&self.creation_timestamp, &self.namespace, &self.name).cmp(&(
+            &other.creation_timestamp,
+            &other.namespace,
+            &other.name,
+        ))
+    }
 }
 
 /// Istio's `WorkloadSelector` (and the `matchLabels` half of a Kubernetes

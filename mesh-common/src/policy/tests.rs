@@ -612,6 +612,30 @@ fn mtls_scopes() {
 }
 
 #[test]
+fn of_two_namespace_policies_the_oldest_wins() {
+    let two = |strict_at: &str, permissive_at: &str| {
+        yaml(&format!(
+            "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {{name: z-strict, namespace: shop, creationTimestamp: '{strict_at}'}}
+spec: {{mtls: {{mode: STRICT}}}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {{name: a-permissive, namespace: shop, creationTimestamp: '{permissive_at}'}}
+spec: {{mtls: {{mode: PERMISSIVE}}}}
+"
+        ))
+    };
+    let none = Labels::new();
+    // The older one, whatever the names (`a-` would win by name).
+    let config = two("2026-11-18T09:00:00Z", "2026-11-18T10:00:00Z");
+    assert_eq!(mode(&config, "shop", &none, 80), decided(MtlsMode::Strict, "shop/z-strict"));
+    let config = two("2026-11-18T10:00:00Z", "2026-11-18T09:00:00Z");
+    assert_eq!(mode(&config, "shop", &none, 80), decided(MtlsMode::Permissive, "shop/a-permissive"));
+}
+
+#[test]
 fn strict_ports_agree_with_the_mode_of_every_port() {
     let config = yaml(MTLS);
     let db = labels(&[("app", "db")]);

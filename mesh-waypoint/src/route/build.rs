@@ -14,14 +14,14 @@
 //!   host (Istio's "Multiple virtual services and destination rules for the same host"
 //!   says merging is for gateways), but waypoints merge them like gateways since
 //!   istio/istio#59484 (fixing #59483: "waypoint ignores additional virtualservice").
-//!   Istio orders them by creation time; the model keeps no `creationTimestamp`, so
-//!   configuration order stands in for age.
+//!   Istio orders them by creation time, and so does the loader (objects from files
+//!   have none: file order).
 //! - **Gateway API precedence** across every attached `HTTPRoute` and `GRPCRoute` rule
 //!   match, as Istio sorts them (`sortHTTPRoutes` in its Gateway API conversion), which
 //!   follows the spec: exact path, then prefix (longer first), then regex; then a
 //!   method match; then more header matches; then more query matches; ties keep route
-//!   order (oldest first, which the model cannot tell, so `namespace/name`
-//!   alphabetical, the spec's next criterion), then rule and match order. `GRPCRoute`
+//!   order (oldest first, then `namespace/name` alphabetical, the spec's next
+//!   criterion), then rule and match order. `GRPCRoute`
 //!   method matches become paths as Istio converts them (`/svc/m` exact, `/svc/`
 //!   prefix, a regex otherwise).
 //! - **Delegates** (`http[].delegate`): merged as Istio's `MergeHTTPRoutes` does, one
@@ -792,23 +792,27 @@ fn gateway_entries(
         Http(&'a HttpRoute),
         Grpc(&'a GrpcRoute),
     }
-    let mut attached: Vec<(String, &str, Kind)> = Vec::new();
+    // (creation time, namespace/name, kind, route): ties go to the oldest route, then
+    // `namespace/name`, as the spec orders them.
+    let mut attached: Vec<(&str, String, &str, Kind)> = Vec::new();
     for r in &config.http_routes {
         if r.spec.parent_refs.iter().any(|p| targets_service(p, &r.metadata.namespace, service)) {
-            attached.push((format!("{}/{}", r.metadata.namespace, r.metadata.name), "HTTPRoute", Kind::Http(r)));
+            let id = format!("{}/{}", r.metadata.namespace, r.metadata.name);
+            attached.push((&r.metadata.creation_timestamp, id, "HTTPRoute", Kind::Http(r)));
         }
     }
     for r in &config.grpc_routes {
         if r.spec.parent_refs.iter().any(|p| targets_service(p, &r.metadata.namespace, service)) {
-            attached.push((format!("{}/{}", r.metadata.namespace, r.metadata.name), "GRPCRoute", Kind::Grpc(r)));
+            let id = format!("{}/{}", r.metadata.namespace, r.metadata.name);
+            attached.push((&r.metadata.creation_timestamp, id, "GRPCRoute", Kind::Grpc(r)));
         }
     }
     if attached.is_empty() {
         return None;
     }
-    attached.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+    attached.sort_by(|a, b| (a.0, &a.1, a.2).cmp(&(b.0, &b.1, b.2)));
     let mut entries = Vec::new();
-    for (id, kind, route) in attached {
+    for (_, id, kind, route) in attached {
         let object = format!("{kind}/{id}");
         let mut warn = |f: &str, why: String| warnings.push(format!("{object}: {f}: {why}"));
         match route {

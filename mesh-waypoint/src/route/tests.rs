@@ -234,6 +234,16 @@ fn several_virtual_services_merge_in_order() {
     assert_eq!(route_name(&t, &get("/a/1")), Some("VirtualService/shop/a#http[0]".into()));
     assert_eq!(route_name(&t, &get("/b/1")), Some("VirtualService/shop/b#http[0]".into()));
     assert_eq!(route_name(&t, &get("/c")), Some("VirtualService/shop/b#http[1]".into()));
+    // With creation times (objects from the API server), the oldest comes first,
+    // wherever it stands in the configuration.
+    let aged = |name: &str, at: &str| {
+        vs(name, "[reviews]", "  - route: [{destination: {host: reviews}}]\n").replace(
+            &format!("name: {name}, namespace: shop"),
+            &format!("name: {name}, namespace: shop, creationTimestamp: '{at}'"),
+        )
+    };
+    let t = table(&format!("{}---\n{}", aged("a", "2026-11-18T10:00:00Z"), aged("b", "2026-11-18T09:00:00Z")));
+    assert_eq!(route_name(&t, &get("/")), Some("VirtualService/shop/b#http[0]".into()));
 }
 
 #[test]

@@ -14,7 +14,12 @@ fn dataplane_mode(o: &mut Obj, labels: &Labels) {
         && mode != "ambient"
         && mode != "none"
     {
-        o.err(format!("metadata.labels[{DATAPLANE_MODE_LABEL:?}]"), format!("`{mode}` is not `ambient` or `none`"));
+        // A warning, not an error: as in Istio the value counts as unset, and the object
+        // (a namespace's other labels, a pod's identity) is not lost over it.
+        o.warn(
+            format!("metadata.labels[{DATAPLANE_MODE_LABEL:?}]"),
+            format!("`{mode}` is not `ambient` or `none`; treated as unset"),
+        );
     }
 }
 
