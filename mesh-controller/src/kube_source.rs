@@ -694,22 +694,25 @@ async fn admit(
 ) -> bool {
     match admission.admit(store.documents(), &settings.trust_domain, &settings.root_namespace) {
         Ok(admitted) => {
-            if admitted.problems.is_empty() {
-                controller.clear_rejection();
-            } else {
-                let report = Report(admitted.problems.values().flatten().cloned().collect());
-                controller.reject(&format!(
-                    "{report}\n(held at their last accepted version: {:?}; left out: {:?}; denying in their place: {:?})",
-                    admitted.held, admitted.left_out, admitted.denying
-                ));
-            }
             let reported = Reported(
                 admitted
                     .problems
-                    .into_iter()
-                    .filter_map(|(key, problems)| Some((key.clone(), (store.object_ref(&key)?, problems))))
+                    .iter()
+                    .filter_map(|(key, problems)| Some((key.clone(), (store.object_ref(key)?, problems.clone()))))
                     .collect(),
             );
+            // Counted and logged once per change of the problems, not again at every
+            // reload while the same object stays invalid (other objects applied).
+            let unchanged = *problems_out.borrow() == reported;
+            if admitted.problems.is_empty() {
+                controller.clear_rejection();
+            } else if !unchanged {
+                let report = Report(admitted.problems.values().flatten().cloned().collect());
+                controller.reject(&format!(
+                    "{report}\n(held at their last accepted version: {:?}; left out: {:?}; denying in their place: {:?}; the rest applies)",
+                    admitted.held, admitted.left_out, admitted.denying
+                ));
+            }
             problems_out.send_if_modified(|current| {
                 let changed = *current != reported;
                 *current = reported;
