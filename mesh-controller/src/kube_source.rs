@@ -386,10 +386,11 @@ pub struct Admission {
     accepted: BTreeMap<String, Value>,
 }
 
-/// Rounds of "set aside what the problems name, load again". Each round removes at
-/// least one document, and cross-object problems (duplicates, references) settle in
-/// one or two rounds.
-const MAX_ROUNDS: usize = 8;
+/// Rounds of "set aside what the problems name, load again". Each round moves every
+/// named object one step on (its accepted version, then its stand-ins from the
+/// narrowest scope to the widest, then out: at most six steps), and cross-object
+/// problems (duplicates, references) settle in one or two rounds more.
+const MAX_ROUNDS: usize = 16;
 
 impl Admission {
     /// Admits `docs`: every valid object applies; an invalid one is replaced by its
@@ -404,16 +405,22 @@ impl Admission {
         let mut candidate = docs.clone();
         let mut problems: BTreeMap<String, Vec<Problem>> = BTreeMap::new();
         let (mut held, mut left_out) = (Vec::new(), Vec::new());
-        // Stand-ins in place, by key: whether the stand-in keeps the object's scope.
-        let mut stood_in: BTreeMap<String, bool> = BTreeMap::new();
+        // Stand-ins in place, by key: the stage of [`fail_closed`] in use.
+        let mut stood_in: BTreeMap<String, usize> = BTreeMap::new();
         for round in 0..MAX_ROUNDS {
             match load_documents(&candidate, trust_domain, root_namespace) {
                 Ok(config) => {
                     // A stand-in is not the object's accepted version; the object
                     // says first what stands in for it.
-                    for (key, narrow) in &stood_in {
+                    for key in stood_in.keys() {
                         let Some(doc) = candidate.remove(key) else { continue };
-                        let scope = if *narrow { "what it selects" } else { "its whole namespace" };
+                        let scoped =
+                            ["selector", "targetRef", "targetRefs"].iter().any(|f| doc["spec"].get(f).is_some());
+                        let scope = match doc["metadata"]["namespace"].as_str() {
+                            _ if scoped => "what it selects",
+                            Some(ns) if ns == root_namespace => "the whole mesh",
+                            _ => "its whole namespace",
+                        };
                         let what = if doc["kind"] == "PeerAuthentication" {
                             format!("STRICT mTLS applies to {scope} in its place until it is fixed (fail closed)")
                         } else if doc["spec"]["action"] == "DENY" {
@@ -423,7 +430,11 @@ impl Admission {
                                 "an ALLOW policy without rules applies to {scope} in its place until it is fixed: only what other ALLOW policies allow gets in (fail closed)"
                             )
                         };
-                        let reason = format!("not valid and never accepted: {what}");
+                        let reason = if self.accepted.contains_key(key) {
+                            format!("not valid, and its last accepted version no longer fits the rest: {what}")
+                        } else {
+                            format!("not valid and never accepted: {what}")
+                        };
                         problems
                             .entry(key.clone())
                             .or_default()
@@ -454,18 +465,19 @@ impl Admission {
                             }
                             _ => {
                                 held.retain(|k| *k != key);
-                                // First the stand-in with the object's scope; if that
-                                // scope is what is wrong, one for its whole namespace.
-                                let narrow = match stood_in.get(&key) {
-                                    None => Some(true),
-                                    Some(true) => Some(false),
-                                    Some(false) => None,
+                                // The next stand-in: first with the object's scope, then
+                                // narrower parts of it, then its whole namespace (for
+                                // when the scope itself is what is wrong).
+                                let mut stage = stood_in.get(&key).map_or(0, |s| s + 1);
+                                let stand_in = loop {
+                                    match docs.get(&key).and_then(|doc| fail_closed(doc, stage)) {
+                                        Some(doc) if candidate.get(&key) == Some(&doc) => stage += 1,
+                                        found => break found,
+                                    }
                                 };
-                                let stand_in =
-                                    narrow.and_then(|narrow| Some((narrow, fail_closed(docs.get(&key)?, narrow)?)));
-                                if let Some((narrow, doc)) = stand_in {
+                                if let Some(doc) = stand_in {
                                     candidate.insert(key.clone(), doc);
-                                    stood_in.insert(key, narrow);
+                                    stood_in.insert(key, stage);
                                 } else {
                                     candidate.remove(&key);
                                     stood_in.remove(&key);
@@ -481,37 +493,50 @@ impl Admission {
     }
 }
 
-/// What stands in for an invalid security object that has no accepted version, so that
-/// leaving it out opens nothing: an ALLOW `AuthorizationPolicy` becomes one without
-/// rules (it allows nothing more, and what it selects is no longer open to everyone when
-/// it was the only ALLOW policy there); a DENY or CUSTOM one (whose checks are not
-/// known) becomes a DENY of every request; a `PeerAuthentication` becomes STRICT. With
-/// `keep_scope` the stand-in keeps the object's `selector` and `targetRef(s)`; without,
-/// it covers the object's namespace (the whole mesh in the root namespace), for when
-/// the scope itself is what is invalid. Istio's
-/// admission webhook would have refused such an object; none is installed here, so the
-/// API server stores it. AUDIT policies and other kinds get none (`None`): leaving them
-/// out denies or opens nothing.
-pub fn fail_closed(doc: &Value, keep_scope: bool) -> Option<Value> {
+/// What stands in for an invalid security object that has no accepted version when
+/// leaving it out would open what it guards: an ALLOW `AuthorizationPolicy` becomes
+/// one without rules (it allows nothing more, and what it selects is no longer open to
+/// everyone when it was the only ALLOW policy there); a DENY or CUSTOM one with rules
+/// (whose checks are not known) becomes a DENY of every request; a `PeerAuthentication`
+/// that asks for STRICT (on all ports or on one) becomes STRICT. Istio's admission
+/// webhook would have refused such an object; none is installed here, so the API
+/// server stores it. `None` where leaving it out opens nothing: AUDIT policies, a DENY
+/// without rules (it never matches), a `PeerAuthentication` that asks for no STRICT
+/// (its scope inherits from the next one), other kinds.
+///
+/// `stage` picks the scope, from the narrowest try to the widest: the object's own
+/// `selector` and `targetRef(s)`; its `selector` alone; its `targetRef(s)` alone (for
+/// when they may not go together); none, the object's whole namespace (the whole mesh
+/// in the root namespace), for when the scope itself is what is invalid. `None` past
+/// the last.
+pub fn fail_closed(doc: &Value, stage: usize) -> Option<Value> {
     let spec = doc.get("spec").unwrap_or(&Value::Null);
-    let scope: &[&str] = &["selector", "targetRef", "targetRefs"];
-    let (mut stand_in, scope): (Value, &[&str]) = match doc.get("kind")?.as_str()? {
-        "AuthorizationPolicy" => match spec.get("action").and_then(Value::as_str) {
+    let upper = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_ascii_uppercase);
+    let policy_scopes: &[&[&str]] =
+        &[&["selector", "targetRef", "targetRefs"], &["selector"], &["targetRef", "targetRefs"], &[]];
+    let (mut stand_in, scopes): (Value, &[&[&str]]) = match doc.get("kind")?.as_str()? {
+        "AuthorizationPolicy" => match upper(spec.get("action")).as_deref() {
             Some("AUDIT") => return None,
             // ALLOW policies add up: an empty one allows nothing more, and makes sure
             // an ALLOW policy applies (else everything would be allowed).
-            None | Some("ALLOW") => (json!({}), scope),
+            None | Some("ALLOW") => (json!({}), policy_scopes),
+            Some("DENY") if spec.get("rules").and_then(Value::as_array).is_none_or(Vec::is_empty) => return None,
             // What it denies is not known: all of it (one empty rule matches all).
-            _ => (json!({"action": "DENY", "rules": [{}]}), scope),
+            _ => (json!({"action": "DENY", "rules": [{}]}), policy_scopes),
         },
-        "PeerAuthentication" => (json!({"mtls": {"mode": "STRICT"}}), &["selector"]),
+        "PeerAuthentication" => {
+            let strict = |v: &Value| upper(v.get("mode")).as_deref() == Some("STRICT");
+            let ports = spec.get("portLevelMtls").and_then(Value::as_object);
+            if !(spec.get("mtls").is_some_and(strict) || ports.is_some_and(|p| p.values().any(strict))) {
+                return None;
+            }
+            (json!({"mtls": {"mode": "STRICT"}}), &[&["selector"], &[]])
+        }
         _ => return None,
     };
-    if keep_scope {
-        for field in scope {
-            if let Some(value) = spec.get(*field) {
-                stand_in[*field] = value.clone();
-            }
+    for field in *scopes.get(stage)? {
+        if let Some(value) = spec.get(*field) {
+            stand_in[*field] = value.clone();
         }
     }
     let mut doc = doc.clone();
@@ -701,14 +726,13 @@ async fn admit(
                     .filter_map(|(key, problems)| Some((key.clone(), (store.object_ref(key)?, problems.clone()))))
                     .collect(),
             );
-            // Counted and logged once per change of the problems, not again at every
-            // reload while the same object stays invalid (other objects applied).
-            let unchanged = *problems_out.borrow() == reported;
+            // Counted and logged once per change, not again at every reload while the
+            // same objects stay invalid (other objects applied).
             if admitted.problems.is_empty() {
                 controller.clear_rejection();
-            } else if !unchanged {
+            } else {
                 let report = Report(admitted.problems.values().flatten().cloned().collect());
-                controller.reject(&format!(
+                controller.reject_if_new(&format!(
                     "{report}\n(held at their last accepted version: {:?}; left out: {:?}; denying in their place: {:?}; the rest applies)",
                     admitted.held, admitted.left_out, admitted.denying
                 ));

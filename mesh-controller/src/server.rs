@@ -315,6 +315,14 @@ impl Controller {
         *self.last_rejection.lock().expect("lock") = None;
     }
 
+    /// [`Controller::reject`], unless `report` is the rejection in force already.
+    pub fn reject_if_new(&self, report: &str) {
+        let new = self.last_rejection.lock().expect("lock").as_deref() != Some(report);
+        if new {
+            self.reject(report);
+        }
+    }
+
     /// Records a rejected change; the running configuration stays.
     pub fn reject(&self, report: &str) {
         self.rejections.fetch_add(1, Ordering::Relaxed);

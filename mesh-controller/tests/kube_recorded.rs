@@ -317,8 +317,19 @@ fn an_invalid_security_policy_that_was_never_accepted_closes_instead_of_opening(
             json!({"selector": {"matchLabels": {"app": "echo"}}, "action": "DENY", "rules": bad_rules}),
         ),
     );
-    // An AUDIT policy opens and denies nothing: left out.
+    // An AUDIT policy opens and denies nothing: left out. So is a DENY without rules
+    // (it never matches), and a PeerAuthentication that asks for no STRICT.
     apply(&mut store, object("AuthorizationPolicy", "shop", "audit", json!({"action": "AUDIT", "rules": bad_rules})));
+    apply(&mut store, object("AuthorizationPolicy", "shop", "deny-none", json!({"action": "DENY"})));
+    apply(
+        &mut store,
+        object(
+            "PeerAuthentication",
+            "istio-system",
+            "open",
+            json!({"mtls": {"mode": "PERMISSIVE"}, "portLevelMtls": {"0": {"mode": "DISABLE"}}}),
+        ),
+    );
     // A PeerAuthentication that makes `legacy` STRICT, with a port-level setting Istio
     // refuses (port 0).
     apply(
@@ -339,7 +350,14 @@ fn an_invalid_security_policy_that_was_never_accepted_closes_instead_of_opening(
             "PeerAuthentication/legacy/strict"
         ]
     );
-    assert_eq!(admitted.left_out, ["AuthorizationPolicy/shop/audit"]);
+    assert_eq!(
+        admitted.left_out,
+        [
+            "AuthorizationPolicy/shop/audit",
+            "AuthorizationPolicy/shop/deny-none",
+            "PeerAuthentication/istio-system/open"
+        ]
+    );
     let config = &admitted.config;
     assert!(!allowed(config, "web", client), "the broken ALLOW policy's stand-in applies");
     assert!(!allowed(config, "client", echo), "the broken DENY policy's stand-in denies all");

@@ -381,6 +381,10 @@ impl Waypoint {
     }
 }
 
+/// A generated sticky-session cookie on its way to the response (`Set-Cookie`).
+#[derive(Clone)]
+struct StickyCookie(HeaderValue);
+
 /// A locally generated answer.
 struct Reply {
     status: StatusCode,
@@ -1079,6 +1083,11 @@ impl Downstream {
         if let (Some(cors), Some(origin)) = (&route.cors, &origin) {
             headers.extend(cors.response_headers(origin));
         }
+        if let Ok(response) = &mut answer
+            && let Some(StickyCookie(cookie)) = response.extensions_mut().remove()
+        {
+            response.headers_mut().append(header::SET_COOKIE, cookie);
+        }
         answer
     }
 
@@ -1429,7 +1438,9 @@ impl Downstream {
         }
         backend.response_headers.apply(&mut parts.headers);
         if let Some(cookie) = hash.1 {
-            parts.headers.append(header::SET_COOKIE, cookie);
+            // Set after the route's own header edits ([`Downstream::forward`]), which
+            // must not strip it.
+            parts.extensions.insert(StickyCookie(cookie));
         }
         // The request counts against `http2MaxRequests` and its endpoint's load (least
         // request) until its response body ends, as in Envoy: a stream or a long

@@ -192,8 +192,12 @@ pub fn has_conflict(root: &HttpMatchRequest, leaf: &HttpMatchRequest) -> bool {
     let map_conflict = |root: &BTreeMap<String, StringMatch>, leaf: &BTreeMap<String, StringMatch>| {
         leaf.iter().any(|(k, l)| string_match_conflict(root.get(k), Some(l)))
     };
+    // `withoutHeaders` means the opposite (the header must not match), so a narrower
+    // leaf match there widens the root's: any difference is a conflict.
+    let without_conflict =
+        leaf.without_headers.iter().any(|(k, l)| root.without_headers.get(k).is_some_and(|r| r != l));
     if map_conflict(&root.headers, &leaf.headers)
-        || map_conflict(&root.without_headers, &leaf.without_headers)
+        || without_conflict
         || map_conflict(&root.query_params, &leaf.query_params)
     {
         return true;
@@ -240,6 +244,7 @@ fn string_match_conflict(root: Option<&StringMatch>, leaf: Option<&StringMatch>)
         // (the merge keeps the leaf's): refused, where Istio would widen.
         return l_prefix.or(l_exact).is_none_or(|l| !l.starts_with(&prefix));
     }
-    // The root tests only presence: any leaf is within it.
-    false
+    // A root that tests only presence holds any leaf; a regex root would be widened
+    // by a leaf that tests only presence (the merge keeps the leaf's).
+    r_regex.is_some()
 }

@@ -1600,6 +1600,11 @@ fn match_conflicts_follow_istio() {
     assert!(!conflict("{headers: {x: {}}}", "{headers: {x: {regex: '1.*'}}}"));
     assert!(conflict("{headers: {x: {prefix: a}}}", "{headers: {x: {}}}"));
     assert!(conflict("{headers: {x: {exact: a}}}", "{headers: {x: {}}}"));
+    assert!(conflict("{headers: {x: {regex: 'a.*'}}}", "{headers: {x: {}}}"));
+    // withoutHeaders: a narrower leaf value would widen the root (x absent -> x not 1).
+    assert!(conflict("{withoutHeaders: {x: {}}}", "{withoutHeaders: {x: {exact: '1'}}}"));
+    assert!(!conflict("{withoutHeaders: {x: {}}}", "{withoutHeaders: {x: {}}}"));
+    assert!(!conflict("{withoutHeaders: {x: {}}}", "{withoutHeaders: {y: {exact: '1'}}}"));
     assert!(!conflict("{headers: {x: {exact: a}}}", "{headers: {y: {exact: b}}}"));
     assert!(conflict("{port: 80}", "{port: 81}"));
     assert!(!conflict("{port: 80}", "{}"));
