@@ -1039,6 +1039,26 @@ impl Downstream {
         self.waypoint.ext_authz.check(provider, resolve, &check).await
     }
 
+    /// What route matching and redirects read of a request.
+    fn request_parts<'a>(
+        &'a self,
+        request: &'a Request<Incoming>,
+        path: &'a str,
+        authority: &'a str,
+        port: u16,
+    ) -> RequestParts<'a> {
+        RequestParts {
+            method: request.method().as_str(),
+            path,
+            authority,
+            scheme: "http",
+            headers: request.headers(),
+            port,
+            source_namespace: self.caller.namespace(),
+            source_labels: self.caller.labels(),
+        }
+    }
+
     async fn forward(
         &self,
         tables: &Tables,
@@ -1055,16 +1075,7 @@ impl Downstream {
         // Route.
         let table = tables.routes(service);
         let path_and_query = log.path.clone();
-        let parts = RequestParts {
-            method: request.method().as_str(),
-            path: &path_and_query,
-            authority: &log.authority,
-            scheme: "http",
-            headers: request.headers(),
-            port: service.port,
-            source_namespace: self.caller.namespace(),
-            source_labels: self.caller.labels(),
-        };
+        let parts = self.request_parts(&request, &path_and_query, &log.authority, service.port);
         let Some(route) = table.select(&parts) else {
             return Err(Reply::new(StatusCode::NOT_FOUND, "NR", "route not found\n").because("no route matched"));
         };
@@ -1155,16 +1166,7 @@ impl Downstream {
         }
         match &route.action {
             Action::Redirect(redirect) => {
-                let parts = RequestParts {
-                    method: request.method().as_str(),
-                    path: &path_and_query,
-                    authority: &log.authority,
-                    scheme: "http",
-                    headers: request.headers(),
-                    port: service.port,
-                    source_namespace: self.caller.namespace(),
-                    source_labels: self.caller.labels(),
-                };
+                let parts = self.request_parts(&request, &path_and_query, &log.authority, service.port);
                 let location = redirect.location(&parts);
                 let mut response = Response::new(full(Bytes::new()));
                 *response.status_mut() = StatusCode::from_u16(redirect.code).unwrap_or(StatusCode::MOVED_PERMANENTLY);
