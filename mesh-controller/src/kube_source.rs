@@ -414,8 +414,7 @@ impl Admission {
                     // says first what stands in for it.
                     for key in stood_in.keys() {
                         let Some(doc) = candidate.remove(key) else { continue };
-                        let scoped =
-                            ["selector", "targetRef", "targetRefs"].iter().any(|f| doc["spec"].get(f).is_some());
+                        let scoped = SCOPE_FIELDS.iter().any(|f| doc["spec"].get(f).is_some());
                         let scope = match doc["metadata"]["namespace"].as_str() {
                             _ if scoped => "what it selects",
                             Some(ns) if ns == root_namespace => "the whole mesh",
@@ -493,6 +492,9 @@ impl Admission {
     }
 }
 
+/// The fields that scope a security object (`PeerAuthentication` has the first only).
+const SCOPE_FIELDS: [&str; 3] = ["selector", "targetRef", "targetRefs"];
+
 /// What stands in for an invalid security object that has no accepted version when
 /// leaving it out would open what it guards: an ALLOW `AuthorizationPolicy` becomes
 /// one without rules (it allows nothing more, and what it selects is no longer open to
@@ -512,8 +514,7 @@ impl Admission {
 pub fn fail_closed(doc: &Value, stage: usize) -> Option<Value> {
     let spec = doc.get("spec").unwrap_or(&Value::Null);
     let upper = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_ascii_uppercase);
-    let policy_scopes: &[&[&str]] =
-        &[&["selector", "targetRef", "targetRefs"], &["selector"], &["targetRef", "targetRefs"], &[]];
+    let policy_scopes: &[&[&str]] = &[&SCOPE_FIELDS, &["selector"], &["targetRef", "targetRefs"], &[]];
     let (mut stand_in, scopes): (Value, &[&[&str]]) = match doc.get("kind")?.as_str()? {
         "AuthorizationPolicy" => match upper(spec.get("action")).as_deref() {
             Some("AUDIT") => return None,
