@@ -138,7 +138,7 @@ impl Connection {
         }
         let index = mesh.index();
         let source = index.workload_of(self.pod.ips()).cloned();
-        let route = index.route(dst);
+        let route = index.route(dst, &self.pod.spec.namespace);
         // A service VIP resolves to another address: check that one too (the original
         // destination was checked above).
         if let Route::Tunnel { addr, .. } | Route::Direct { addr, .. } = &route

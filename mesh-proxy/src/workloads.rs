@@ -1,6 +1,13 @@
 //! The node view, indexed for the data path: every workload by IP and every service
 //! by VIP and port. Rebuilt once per configuration version; connections look up an
 //! immutable snapshot.
+//!
+//! Workloads are pods, `WorkloadEntry`s (VMs) and the endpoints a `ServiceEntry` writes
+//! inline; services are Kubernetes Services and the hosts of `ServiceEntry`s that
+//! resolve to known addresses (`STATIC`, or `DNS` with IP endpoints), as Istio's
+//! ambient index builds them. A `ServiceEntry` with resolution `NONE`, or one whose
+//! endpoints are hostnames, is no service here: its traffic goes to the address it
+//! was sent to, as before the entry existed (this mesh resolves no names).
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
@@ -14,8 +21,14 @@ use mesh_common::config::{
     Config, DNS_DOMAIN,
     gateway::{GATEWAY_NAME_LABEL, USE_WAYPOINT_LABEL, USE_WAYPOINT_NAMESPACE_LABEL, WAYPOINT_PORT},
     k8s::{EndpointSlice, Pod, ServicePort as ServicePortSpec},
-    meta::IntOrString,
+    meta::{IntOrString, Labels},
+    networking::{Resolution, ServiceEntry, WorkloadEntrySpec},
 };
+
+/// Istio's label for a workload outside Kubernetes that terminates HBONE itself.
+pub const TUNNEL_LABEL: &str = "networking.istio.io/tunnel";
+/// Istio's annotation that puts a `WorkloadEntry` or `ServiceEntry` endpoint in the mesh.
+pub const REDIRECTION_ANNOTATION: &str = "ambient.istio.io/redirection";
 
 /// A workload the node view knows (a pod of any node).
 #[derive(Debug)]
@@ -32,8 +45,12 @@ pub struct Workload {
     /// starting or failing its readiness probe keeps its identity but gets no traffic
     /// through service VIPs.
     pub ready: bool,
-    /// Container port names -> numbers, to resolve named service target ports.
+    /// Container port names -> numbers, to resolve named service target ports; for a
+    /// workload outside Kubernetes, its `ports` map.
     ports: Vec<(String, u16)>,
+    /// A `WorkloadEntry` or a `ServiceEntry`'s inline endpoint, not a pod: never an
+    /// enrolled pod's workload nor a waypoint instance.
+    pub entry: bool,
 }
 
 impl Workload {
@@ -55,6 +72,30 @@ impl Workload {
             .or_else(|| self.labels.get("version"))
             .map_or("latest", String::as_str)
     }
+
+    /// The port named `name` (a container port, or a `WorkloadEntry`'s `ports` key).
+    fn port_named(&self, name: &str) -> Option<u16> {
+        self.ports.iter().find(|(n, _)| n == name).map(|(_, p)| *p)
+    }
+
+    /// The port this workload serves a Kubernetes Service port on: a number as it
+    /// is, a name looked up in the workload's ports (no such port: no endpoint).
+    fn target_port(&self, target: Option<&IntOrString>, number: u16) -> Option<u16> {
+        match target {
+            None => Some(number),
+            Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
+            Some(IntOrString::String(wanted)) => self.port_named(wanted),
+        }
+    }
+}
+
+/// What declared a service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServiceKind {
+    /// A Kubernetes `Service`.
+    Service,
+    /// A host of an Istio `ServiceEntry`.
+    ServiceEntry,
 }
 
 #[derive(Debug)]
@@ -66,9 +107,11 @@ pub struct Endpoint {
 /// One port of one service VIP.
 #[derive(Debug)]
 pub struct ServicePort {
+    pub kind: ServiceKind,
+    /// The `Service`'s or `ServiceEntry`'s name.
     pub name: String,
     pub namespace: String,
-    /// `name.namespace.svc.cluster.local`
+    /// `name.namespace.svc.cluster.local`, or the `ServiceEntry`'s host.
     pub hostname: String,
     /// The service port number.
     pub port: u16,
@@ -79,6 +122,8 @@ pub struct ServicePort {
     /// The waypoint the service's traffic goes through (`istio.io/use-waypoint` on the
     /// Service, else on its namespace).
     pub waypoint: Option<Arc<Waypoint>>,
+    /// A `ServiceEntry`'s `exportTo` (empty: every namespace).
+    export_to: Vec<String>,
     next: AtomicUsize,
 }
 
@@ -106,6 +151,23 @@ impl Waypoint {
 }
 
 impl ServicePort {
+    /// Does a client in namespace `ns` see this service (`exportTo`: `*`, `.` for the
+    /// service's own namespace, a namespace by name, `~` for none)?
+    pub fn visible_to(&self, ns: &str) -> bool {
+        self.export_to.is_empty()
+            || self.export_to.iter().any(|e| e == "*" || e == ns || (e == "." && ns == self.namespace))
+    }
+
+    /// The `destination_service_name` of a waypoint's request telemetry: the Service's
+    /// name, or the `ServiceEntry`'s host, as Istio's waypoint (Envoy) reports it.
+    /// (ztunnel, and so the agent, reports the entry's name.)
+    pub fn telemetry_name(&self) -> &str {
+        match self.kind {
+            ServiceKind::Service => &self.name,
+            ServiceKind::ServiceEntry => &self.hostname,
+        }
+    }
+
     /// Round robin over the endpoints, preferring an IPv6 address when `v6`.
     pub fn pick(&self, v6: bool) -> Option<(Arc<Workload>, SocketAddr)> {
         if self.endpoints.is_empty() {
@@ -169,6 +231,26 @@ impl Index {
             }
             workloads.push(workload);
         }
+        // Workloads outside Kubernetes; an address a pod has stays the pod's.
+        for entry in &config.workload_entries {
+            let (meta, spec) = (&entry.metadata, &entry.spec);
+            // The spec's labels and the object's, the object's winning (as Istio merges them).
+            let mut labels = spec.labels.clone();
+            labels.extend(meta.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+            let Some(workload) =
+                entry_workload(config, &meta.namespace, &meta.name, spec, labels, &meta.labels, &meta.annotations)
+            else {
+                continue;
+            };
+            let workload = Arc::new(workload);
+            if !claims(&by_ip, &workload) {
+                continue;
+            }
+            for ip in &workload.ips {
+                by_ip.insert(*ip, workload.clone());
+            }
+            workloads.push(workload);
+        }
         // Grouped once, so that each service looks only at its own namespace's pods and
         // its own slices (not at every pod and slice of the mesh).
         let mut by_namespace: HashMap<&str, Vec<&Arc<Workload>>> = HashMap::new();
@@ -201,15 +283,17 @@ impl Index {
             let name = &service.metadata.name;
             // The cluster's EndpointSlices when there are any (they also list endpoints
             // outside the view and endpoints of Services without a selector), else the
-            // pods the selector picks.
+            // pods the selector picks; and the `WorkloadEntry`s the selector picks
+            // either way (Kubernetes lists no such endpoint; Istio adds them).
             let slices = slices_of.get(&(ns.as_str(), name.as_str())).map_or(&[][..], Vec::as_slice);
             let members: Vec<&Arc<Workload>> = match &spec.selector {
-                Some(selector) if !selector.is_empty() && slices.is_empty() => by_namespace
+                Some(selector) if !selector.is_empty() => by_namespace
                     .get(ns.as_str())
                     .map_or(&[][..], Vec::as_slice)
                     .iter()
                     .copied()
-                    .filter(|w| w.ready && selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+                    .filter(|w| w.ready && (w.entry || slices.is_empty()))
+                    .filter(|w| selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
                     .collect(),
                 _ => Vec::new(),
             };
@@ -220,11 +304,7 @@ impl Index {
                 let mut endpoints: Vec<Endpoint> = members
                     .iter()
                     .filter_map(|w| {
-                        let target = match &port.target_port {
-                            None => Some(port.port as u16),
-                            Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
-                            Some(IntOrString::String(name)) => w.ports.iter().find(|(n, _)| n == name).map(|(_, p)| *p),
-                        }?;
+                        let target = w.target_port(port.target_port.as_ref(), port.port as u16)?;
                         Some(Endpoint { workload: (*w).clone(), port: target })
                     })
                     .collect();
@@ -232,18 +312,33 @@ impl Index {
                     endpoints.extend(slice_endpoints(slice, port, &by_ip, ns));
                 }
                 let entry = Arc::new(ServicePort {
+                    kind: ServiceKind::Service,
                     name: service.metadata.name.clone(),
                     namespace: ns.clone(),
                     hostname: format!("{}.{ns}.svc.{DNS_DOMAIN}", service.metadata.name),
                     port: port.port as u16,
                     protocol: port.app_protocol.clone().or_else(|| port.name.clone()).unwrap_or_default(),
                     endpoints,
-                    waypoint: waypoint_of(config, service, &waypoints),
+                    waypoint: waypoint_of(config, &service.metadata, &waypoints),
+                    export_to: Vec::new(),
                     next: AtomicUsize::new(0),
                 });
                 by_host.insert((entry.hostname.clone(), entry.port), entry.clone());
                 for vip in &vips {
                     services.insert(SocketAddr::new(*vip, port.port as u16), entry.clone());
+                }
+            }
+        }
+        // A Service's VIP or host stays the Service's.
+        let taken = services.keys().map(SocketAddr::ip).collect();
+        for entry in &config.service_entries {
+            let Some(ports) = entry_service(config, entry, &mut by_ip, &by_namespace, &waypoints, &taken) else {
+                continue;
+            };
+            for (vips, port) in ports {
+                by_host.entry((port.hostname.clone(), port.port)).or_insert_with(|| port.clone());
+                for vip in vips {
+                    services.entry(SocketAddr::new(vip, port.port)).or_insert_with(|| port.clone());
                 }
             }
         }
@@ -254,9 +349,10 @@ impl Index {
         self.by_ip.get(&ip)
     }
 
-    /// The workload that has any of `ips` (an enrolled pod as the config knows it).
+    /// The pod that has any of `ips` (an enrolled pod as the config knows it): never a
+    /// workload outside Kubernetes at a pod's address.
     pub fn workload_of(&self, ips: &[IpAddr]) -> Option<&Arc<Workload>> {
-        ips.iter().find_map(|ip| self.by_ip.get(ip))
+        ips.iter().find_map(|ip| self.by_ip.get(ip)).filter(|w| !w.entry)
     }
 
     /// The service port at a VIP and port.
@@ -269,15 +365,16 @@ impl Index {
         self.by_host.get(&(hostname.to_owned(), port))
     }
 
-    /// Decides how to reach `dst` (an original destination of a captured connection).
+    /// Decides how to reach `dst` (an original destination of a captured connection
+    /// of a client in namespace `from`; a service not exported there is not seen).
     /// An IPv4-mapped IPv6 destination (a dual-stack socket connecting to an IPv4
     /// address, as gRPC and Java clients do) is the IPv4 address.
-    pub fn route(&self, dst: SocketAddr) -> Route {
+    pub fn route(&self, dst: SocketAddr, from: &str) -> Route {
         let dst = match dst {
             SocketAddr::V6(v6) => v6.ip().to_ipv4_mapped().map_or(dst, |v4| SocketAddr::new(v4.into(), v6.port())),
             SocketAddr::V4(_) => dst,
         };
-        if let Some(service) = self.services.get(&dst) {
+        if let Some(service) = self.services.get(&dst).filter(|s| s.visible_to(from)) {
             if let Some(waypoint) = &service.waypoint {
                 return match waypoint.pick(dst.is_ipv6()) {
                     Some((workload, hbone)) => {
@@ -325,7 +422,7 @@ fn waypoints(
                 .get(ns.as_str())
                 .map_or(&[][..], Vec::as_slice)
                 .iter()
-                .filter(|w| w.ready && w.labels.get(GATEWAY_NAME_LABEL) == Some(name))
+                .filter(|w| w.ready && !w.entry && w.labels.get(GATEWAY_NAME_LABEL) == Some(name))
                 .map(|w| (*w).clone())
                 .collect();
             let waypoint = Waypoint { name: name.clone(), namespace: ns.clone(), pods, next: AtomicUsize::new(0) };
@@ -334,24 +431,184 @@ fn waypoints(
         .collect()
 }
 
-/// The waypoint a Service uses: its own `istio.io/use-waypoint` label, else its
-/// namespace's (`none` opts out). A label naming no declared waypoint is ignored, as
-/// Istio does (the Service is then reached directly).
+/// A `WorkloadEntry`'s (or inline endpoint's) ports: name -> number.
+type PortMap = std::collections::BTreeMap<String, u32>;
+
+/// Whether `workload` (outside Kubernetes) may take its addresses in `by_ip`: a pod's
+/// address stays the pod's; between entries a meshed one wins (its tunnel and identity
+/// must not be lost to a plaintext entry at the same address).
+fn claims(by_ip: &HashMap<IpAddr, Arc<Workload>>, workload: &Workload) -> bool {
+    workload.ips.iter().all(|ip| by_ip.get(ip).is_none_or(|held| held.entry && !held.meshed && workload.meshed))
+}
+
+/// The ports of the hosts of `ServiceEntry` `entry`, each with its VIPs, or `None`
+/// when the entry is no service of the data path: resolution `NONE`, or `DNS` without
+/// an IP endpoint (names are not resolved), unless the entry uses a waypoint (then it
+/// is a service without endpoints: its traffic goes to the waypoint, which refuses
+/// what it cannot route, instead of around it). An inline endpoint at a pod's address
+/// is that pod; any other is a workload of the entry's own (its labels for subsets,
+/// its service account, in the mesh when the entry is labelled or annotated for it).
+/// With a `workloadSelector`, the endpoints are the ready pods and `WorkloadEntry`s of
+/// the entry's namespace that it picks. An address that is a workload's or a
+/// Service's (`taken`) is no VIP of the entry: an entry does not take over traffic
+/// that has an owner.
+fn entry_service(
+    config: &Config,
+    entry: &ServiceEntry,
+    by_ip: &mut HashMap<IpAddr, Arc<Workload>>,
+    by_namespace: &HashMap<&str, Vec<&Arc<Workload>>>,
+    waypoints: &HashMap<(String, String), Arc<Waypoint>>,
+    taken: &std::collections::HashSet<IpAddr>,
+) -> Option<Vec<(Vec<IpAddr>, Arc<ServicePort>)>> {
+    let (meta, spec) = (&entry.metadata, &entry.spec);
+    let ns = meta.namespace.as_str();
+    // (workload, the endpoint's own port map when written inline)
+    let members: Vec<(Arc<Workload>, Option<&PortMap>)> = match &spec.workload_selector {
+        Some(selector) => by_namespace
+            .get(ns)
+            .map_or(&[][..], Vec::as_slice)
+            .iter()
+            .filter(|w| w.ready && selector.labels.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+            .map(|w| ((*w).clone(), None))
+            .collect(),
+        None => spec
+            .endpoints
+            .iter()
+            .filter_map(|endpoint| {
+                let ip: IpAddr = endpoint.address.parse().ok()?;
+                let workload = match by_ip.get(&ip) {
+                    Some(pod) if !pod.entry => pod.clone(),
+                    _ => {
+                        let workload = Arc::new(entry_workload(
+                            config,
+                            ns,
+                            &meta.name,
+                            endpoint,
+                            endpoint.labels.clone(),
+                            &meta.labels,
+                            &meta.annotations,
+                        )?);
+                        if claims(by_ip, &workload) {
+                            by_ip.insert(ip, workload.clone());
+                        }
+                        workload
+                    }
+                };
+                Some((workload, Some(&endpoint.ports)))
+            })
+            .collect(),
+    };
+    let waypoint = waypoint_of(config, meta, waypoints);
+    let resolved = match spec.resolution {
+        Resolution::Static => true,
+        Resolution::Dns | Resolution::DnsRoundRobin => !members.is_empty() || spec.workload_selector.is_some(),
+        Resolution::None => false,
+    };
+    if !resolved && waypoint.is_none() {
+        return None;
+    }
+    // Single addresses are VIPs; a CIDR (`NONE`/`STATIC` only) names no one address.
+    let vips: Vec<IpAddr> = spec
+        .addresses
+        .iter()
+        .filter_map(|a| {
+            let (ip, len) = a.split_once('/').unwrap_or((a, ""));
+            let ip: IpAddr = ip.parse().ok()?;
+            let full = if ip.is_ipv4() { "32" } else { "128" };
+            (len.is_empty() || len == full).then_some(ip)
+        })
+        .filter(|ip| !taken.contains(ip) && by_ip.get(ip).is_none_or(|w| w.entry))
+        .collect();
+    let mut ports = Vec::new();
+    for host in spec.hosts.iter().filter(|h| !h.contains('*')) {
+        let host = host.strip_suffix('.').unwrap_or(host);
+        for port in &spec.ports {
+            let Ok(number) = u16::try_from(port.number) else { continue };
+            if port.protocol.as_deref().is_some_and(|p| p.eq_ignore_ascii_case("UDP")) {
+                continue;
+            }
+            let target = port.target_port.and_then(|t| u16::try_from(t).ok()).unwrap_or(number);
+            let endpoints = if resolved {
+                members
+                    .iter()
+                    .map(|(workload, inline)| {
+                        // The endpoint's (or `WorkloadEntry`'s) port of this port's name,
+                        // else the target port.
+                        let own = match inline {
+                            Some(map) => map.get(&port.name).and_then(|p| u16::try_from(*p).ok()),
+                            None => workload.entry.then(|| workload.port_named(&port.name)).flatten(),
+                        };
+                        Endpoint { workload: workload.clone(), port: own.unwrap_or(target) }
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let protocol = port.protocol.as_deref().map_or_else(|| port.name.clone(), str::to_ascii_lowercase);
+            let service = ServicePort {
+                kind: ServiceKind::ServiceEntry,
+                name: meta.name.clone(),
+                namespace: ns.to_owned(),
+                hostname: host.to_owned(),
+                port: number,
+                protocol,
+                endpoints,
+                waypoint: waypoint.clone(),
+                export_to: spec.export_to.clone(),
+                next: AtomicUsize::new(0),
+            };
+            ports.push((vips.clone(), Arc::new(service)));
+        }
+    }
+    Some(ports)
+}
+
+/// A workload outside Kubernetes: a `WorkloadEntry`, or an endpoint a `ServiceEntry`
+/// writes inline. Only an IP address makes one (a hostname would need resolving). It is
+/// in the mesh (reached through the tunnel on its port 15008) when its object is
+/// labelled `networking.istio.io/tunnel: http` or annotated
+/// `ambient.istio.io/redirection: enabled`, as Istio reads it; else it is reached
+/// directly.
+fn entry_workload(
+    config: &Config,
+    namespace: &str,
+    name: &str,
+    spec: &WorkloadEntrySpec,
+    labels: Labels,
+    object_labels: &Labels,
+    annotations: &Labels,
+) -> Option<Workload> {
+    let ip: IpAddr = spec.address.parse().ok()?;
+    let meshed = object_labels.get(TUNNEL_LABEL).is_some_and(|v| v == "http")
+        || annotations.get(REDIRECTION_ANNOTATION).is_some_and(|v| v == "enabled");
+    Some(Workload {
+        name: name.to_owned(),
+        namespace: namespace.to_owned(),
+        identity: config.spiffe_id(namespace, spec.service_account.as_deref().unwrap_or("default")),
+        meshed,
+        labels,
+        ips: vec![ip],
+        ready: true,
+        ports: spec.ports.iter().filter_map(|(n, p)| Some((n.clone(), u16::try_from(*p).ok()?))).collect(),
+        entry: true,
+    })
+}
+
+/// The waypoint a Service or `ServiceEntry` uses: its own `istio.io/use-waypoint`
+/// label, else its namespace's (`none` opts out). A label naming no declared waypoint
+/// is ignored, as Istio does (the service is then reached directly).
 fn waypoint_of(
     config: &Config,
-    service: &mesh_common::config::Service,
+    service: &mesh_common::config::meta::ObjectMeta,
     waypoints: &HashMap<(String, String), Arc<Waypoint>>,
 ) -> Option<Arc<Waypoint>> {
     if waypoints.is_empty() {
         return None;
     }
-    let ns = &service.metadata.namespace;
+    let ns = &service.namespace;
     let namespace = config.namespaces.iter().find(|n| n.metadata.name == *ns);
-    let labels = if service.metadata.labels.contains_key(USE_WAYPOINT_LABEL) {
-        &service.metadata.labels
-    } else {
-        &namespace?.metadata.labels
-    };
+    let labels =
+        if service.labels.contains_key(USE_WAYPOINT_LABEL) { &service.labels } else { &namespace?.metadata.labels };
     let name = labels.get(USE_WAYPOINT_LABEL).filter(|name| *name != "none")?;
     let waypoint_ns = labels.get(USE_WAYPOINT_NAMESPACE_LABEL).unwrap_or(ns);
     waypoints.get(&(waypoint_ns.clone(), name.clone())).cloned()
@@ -393,6 +650,7 @@ fn slice_endpoints(
                     ips: vec![ip],
                     ready: true,
                     ports: Vec::new(),
+                    entry: false,
                 })
             });
             Endpoint { workload, port: number }
@@ -430,6 +688,7 @@ fn workload_of(config: &Config, pod: &Pod) -> Option<Workload> {
             .flat_map(|c| &c.ports)
             .filter_map(|p| Some((p.name.clone()?, u16::try_from(p.container_port).ok()?)))
             .collect(),
+        entry: false,
     })
 }
 
@@ -509,6 +768,7 @@ ports: [{name: sql, port: 15432, protocol: TCP}]
             ips: Vec::new(),
             ready: true,
             ports: Vec::new(),
+            entry: false,
         };
         assert_eq!(workload(&[]).revision(), "latest");
         assert_eq!(workload(&[("version", "v2")]).revision(), "v2");
@@ -524,7 +784,7 @@ ports: [{name: sql, port: 15432, protocol: TCP}]
         let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
         let mut seen = Vec::new();
         for _ in 0..4 {
-            match index.route(vip) {
+            match index.route(vip, "shop") {
                 Route::Tunnel { workload, addr, service, .. } => {
                     assert_eq!(workload.identity, "spiffe://cluster.local/ns/shop/sa/sa-a");
                     assert_eq!(service.unwrap().hostname, "echo.shop.svc.cluster.local");
@@ -542,22 +802,25 @@ ports: [{name: sql, port: 15432, protocol: TCP}]
         // Named target port resolved per pod; the pending pod and the unready one are
         // no endpoints, but the unready one keeps its identity for direct traffic.
         assert_eq!(seen, vec!["10.0.0.1:8080".parse().unwrap(), "10.0.0.2:9090".parse().unwrap()]);
-        assert!(matches!(index.route("10.0.0.1:8080".parse().unwrap()), Route::Tunnel { .. }));
-        assert!(matches!(index.route("10.0.0.2:8080".parse().unwrap()), Route::Direct { workload: Some(_), .. }));
-        assert!(matches!(index.route("192.0.2.1:80".parse().unwrap()), Route::Direct { workload: None, .. }));
-        assert!(matches!(index.route("10.0.0.4:8080".parse().unwrap()), Route::Tunnel { .. }));
+        assert!(matches!(index.route("10.0.0.1:8080".parse().unwrap(), "shop"), Route::Tunnel { .. }));
+        assert!(matches!(
+            index.route("10.0.0.2:8080".parse().unwrap(), "shop"),
+            Route::Direct { workload: Some(_), .. }
+        ));
+        assert!(matches!(index.route("192.0.2.1:80".parse().unwrap(), "shop"), Route::Direct { workload: None, .. }));
+        assert!(matches!(index.route("10.0.0.4:8080".parse().unwrap(), "shop"), Route::Tunnel { .. }));
         // The pending pod is no endpoint, but traffic to it is tunneled to its identity.
         assert!(matches!(
-            index.route("10.0.0.3:8080".parse().unwrap()),
+            index.route("10.0.0.3:8080".parse().unwrap(), "shop"),
             Route::Tunnel { workload, .. } if workload.identity == "spiffe://cluster.local/ns/shop/sa/default"
         ));
         // A dual-stack socket's IPv4-mapped destination is the IPv4 service.
         assert!(matches!(
-            index.route("[::ffff:10.96.0.10]:80".parse().unwrap()),
+            index.route("[::ffff:10.96.0.10]:80".parse().unwrap(), "shop"),
             Route::Tunnel { .. } | Route::Direct { workload: Some(_), .. }
         ));
         assert!(
-            matches!(index.route("[::ffff:10.0.0.1]:8080".parse().unwrap()), Route::Tunnel { addr, .. } if addr.is_ipv4())
+            matches!(index.route("[::ffff:10.0.0.1]:8080".parse().unwrap(), "shop"), Route::Tunnel { addr, .. } if addr.is_ipv4())
         );
     }
 
@@ -567,7 +830,7 @@ ports: [{name: sql, port: 15432, protocol: TCP}]
         let vip: SocketAddr = "10.96.0.20:5432".parse().unwrap();
         let mut seen = Vec::new();
         for _ in 0..4 {
-            match index.route(vip) {
+            match index.route(vip, "shop") {
                 // A meshed pod the view knows: through the tunnel.
                 Route::Tunnel { workload, addr, .. } => {
                     assert_eq!(workload.name, "a");
@@ -615,21 +878,205 @@ status: {podIP: 10.0.0.50}
         );
         let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
         let index = Index::build(&config(&format!("{labelled}{waypoint}{pod}")));
-        let Route::Tunnel { workload, addr, hbone, service } = index.route(vip) else { panic!("not tunneled") };
+        let Route::Tunnel { workload, addr, hbone, service } = index.route(vip, "shop") else { panic!("not tunneled") };
         assert_eq!(workload.identity, "spiffe://cluster.local/ns/shop/sa/waypoint");
         assert_eq!((addr, hbone), (vip, "10.0.0.50:15008".parse().unwrap()), "authority is the VIP");
         assert_eq!(service.unwrap().protocol, "http");
         // The Service's own label wins over its namespace's.
-        let Route::Tunnel { hbone, .. } = index.route("10.96.0.30:80".parse().unwrap()) else { panic!() };
+        let Route::Tunnel { hbone, .. } = index.route("10.96.0.30:80".parse().unwrap(), "shop") else { panic!() };
         assert_eq!(hbone.port(), 15008);
         assert_ne!(hbone.ip(), "10.0.0.50".parse::<IpAddr>().unwrap());
         // Declared, but no pod: refused.
         let index = Index::build(&config(&format!("{labelled}{waypoint}")));
-        assert!(matches!(index.route(vip), Route::NoWaypoint { .. }));
+        assert!(matches!(index.route(vip, "shop"), Route::NoWaypoint { .. }));
         // A label naming no declared waypoint is ignored (as Istio does).
         let index = Index::build(&config(&format!("{labelled}{pod}")));
         assert!(
-            matches!(index.route(vip), Route::Tunnel { hbone, .. } if hbone.ip() != "10.0.0.50".parse::<IpAddr>().unwrap())
+            matches!(index.route(vip, "shop"), Route::Tunnel { hbone, .. } if hbone.ip() != "10.0.0.50".parse::<IpAddr>().unwrap())
         );
+    }
+
+    const ENTRIES: &str = "\
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: vm-1, namespace: shop, labels: {networking.istio.io/tunnel: http}}
+spec: {address: 10.1.0.5, labels: {app: echo}, ports: {http: 7070, web: 7071}, serviceAccount: vm}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: vm-2, namespace: shop}
+spec: {address: 10.0.0.1, labels: {app: echo}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: shop}
+spec:
+  hosts: [api.example.com]
+  addresses: [240.0.0.10/32, 10.96.0.10]
+  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 8080}]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  endpoints:
+  - {address: 10.0.0.1}
+  - {address: 192.0.2.50, labels: {version: v9}, ports: {http: 9443}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: echoes, namespace: shop, labels: {istio.io/use-waypoint: none}}
+spec:
+  hosts: [echoes.internal]
+  addresses: [240.0.0.11]
+  ports: [{number: 80, name: http, targetPort: 8080}]
+  resolution: STATIC
+  workloadSelector: {labels: {app: echo}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: by-name, namespace: shop}
+spec:
+  hosts: [db.example.com]
+  addresses: [240.0.0.12]
+  ports: [{number: 5432, name: tcp-sql}]
+  resolution: DNS
+  endpoints: [{address: db.example.com}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: passthrough, namespace: shop}
+spec:
+  hosts: [any.example.com]
+  addresses: [240.0.0.13]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: NONE
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: private, namespace: shop, labels: {networking.istio.io/tunnel: http}}
+spec:
+  hosts: [private.internal]
+  addresses: [240.0.0.14, 10.0.0.2]
+  ports: [{number: 80, name: http}]
+  resolution: STATIC
+  exportTo: [.]
+  endpoints: [{address: 192.0.2.60, serviceAccount: private}]
+";
+
+    /// Every address the service at `vip` balances over, by rounds of picks.
+    fn picks(index: &Index, vip: &str) -> Vec<(String, SocketAddr, bool)> {
+        let mut seen: Vec<_> = (0..8)
+            .filter_map(|_| match index.route(vip.parse().unwrap(), "shop") {
+                Route::Tunnel { workload, addr, .. } => Some((workload.name.clone(), addr, true)),
+                Route::Direct { workload: Some(workload), addr, .. } => Some((workload.name.clone(), addr, false)),
+                _ => None,
+            })
+            .collect();
+        seen.sort();
+        seen.dedup();
+        seen
+    }
+
+    #[test]
+    fn service_and_workload_entries_are_services_and_workloads_of_the_data_path() {
+        let index = Index::build(&config(&format!("{YAML}{ENTRIES}")));
+        // Inline endpoints: a pod the view knows keeps its identity (tunneled, the
+        // entry's target port); an address outside it is reached directly on the
+        // endpoint's own port for the port's name.
+        assert_eq!(
+            picks(&index, "240.0.0.10:80"),
+            vec![
+                ("a".into(), "10.0.0.1:8080".parse().unwrap(), true),
+                ("api".into(), "192.0.2.50:9443".parse().unwrap(), false),
+            ]
+        );
+        let api = index.service_by_host("api.example.com", 80).expect("the entry's host");
+        assert_eq!((api.kind, api.name.as_str(), api.protocol.as_str()), (ServiceKind::ServiceEntry, "api", "http"));
+        let outside = &api.endpoints[1].workload;
+        assert_eq!(outside.labels.get("version").map(String::as_str), Some("v9"), "endpoint labels, for subsets");
+        // A Service's VIP stays the Service's.
+        assert_eq!(index.service("10.96.0.10:80".parse().unwrap()).unwrap().kind, ServiceKind::Service);
+        // A workload selector picks the ready pods and the WorkloadEntries of the
+        // entry's namespace; a WorkloadEntry labelled for the tunnel is reached through
+        // it with its own identity and its port for the port's name.
+        assert_eq!(
+            picks(&index, "240.0.0.11:80"),
+            vec![
+                ("a".into(), "10.0.0.1:8080".parse().unwrap(), true),
+                ("b".into(), "10.0.0.2:8080".parse().unwrap(), false),
+                ("vm-1".into(), "10.1.0.5:7070".parse().unwrap(), true),
+            ]
+        );
+        let vm = index.workload("10.1.0.5".parse().unwrap()).expect("the WorkloadEntry");
+        assert_eq!(vm.identity, "spiffe://cluster.local/ns/shop/sa/vm");
+        // A WorkloadEntry with a pod's address is not a second workload there.
+        assert_eq!(index.workload("10.0.0.1".parse().unwrap()).unwrap().name, "a");
+        // Kubernetes Services select WorkloadEntries too, as Istio does, at the entry's
+        // port of the target port's name (an entry without it is no endpoint).
+        assert!(picks(&index, "10.96.0.10:80").contains(&("vm-1".into(), "10.1.0.5:7071".parse().unwrap(), true)));
+        // `exportTo: [.]`: the entry is seen from its own namespace only; an entry
+        // labelled for the tunnel reaches its endpoints through it, with the endpoint's
+        // service account; a pod's address is no entry's VIP.
+        let private: SocketAddr = "240.0.0.14:80".parse().unwrap();
+        assert!(matches!(
+            index.route(private, "shop"),
+            Route::Tunnel { workload, addr, .. }
+                if addr == "192.0.2.60:80".parse().unwrap() && workload.identity == "spiffe://cluster.local/ns/shop/sa/private"
+        ));
+        assert!(matches!(index.route(private, "other"), Route::Direct { addr, service: None, .. } if addr == private));
+        assert!(matches!(
+            index.route("10.0.0.2:80".parse().unwrap(), "shop"),
+            Route::Direct { workload: Some(w), service: None, .. } if w.name == "b"
+        ));
+        // An entry's endpoint at a pod's address is not the pod's workload for the
+        // pod's own policies, and a WorkloadEntry is never an enrolled pod.
+        assert!(index.workload_of(&["10.1.0.5".parse().unwrap()]).is_none());
+        // Names are not resolved, and NONE is passthrough: connections go where they
+        // were sent, as without the entries.
+        for dst in ["240.0.0.12:5432", "240.0.0.13:443"] {
+            let dst: SocketAddr = dst.parse().unwrap();
+            assert!(
+                matches!(index.route(dst, "shop"), Route::Direct { addr, workload: None, service: None } if addr == dst)
+            );
+        }
+        assert!(index.service_by_host("db.example.com", 5432).is_none());
+    }
+
+    #[test]
+    fn service_entries_use_their_waypoint_or_their_namespaces() {
+        let waypoint = "\
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: shop}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: waypoint-1, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: waypoint, istio.io/dataplane-mode: none}}
+spec: {serviceAccountName: waypoint}
+status: {podIP: 10.0.0.50}
+";
+        let labelled = YAML.replace(
+            "metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}",
+            "metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}",
+        );
+        let index = Index::build(&config(&format!("{labelled}{ENTRIES}{waypoint}")));
+        let vip: SocketAddr = "240.0.0.10:80".parse().unwrap();
+        let Route::Tunnel { addr, hbone, service, .. } = index.route(vip, "shop") else {
+            panic!("not to the waypoint")
+        };
+        assert_eq!((addr, hbone), (vip, "10.0.0.50:15008".parse().unwrap()));
+        assert_eq!(service.unwrap().hostname, "api.example.com");
+        // `istio.io/use-waypoint: none` on the entry opts it out.
+        assert_eq!(
+            picks(&index, "240.0.0.11:80").iter().map(|(name, _, _)| name.as_str()).collect::<Vec<_>>(),
+            ["a", "b", "vm-1"]
+        );
+        // Resolution NONE through a waypoint: to the waypoint (which refuses what it
+        // cannot route), never around it.
+        assert!(matches!(
+            index.route("240.0.0.13:443".parse().unwrap(), "shop"),
+            Route::Tunnel { hbone, .. } if hbone == "10.0.0.50:15008".parse().unwrap()
+        ));
     }
 }

@@ -26,7 +26,7 @@ use mesh_proxy::{
         HboneError,
         server::{Connect, Handler},
     },
-    workloads::{Index, ServicePort, Workload},
+    workloads::{Index, ServiceKind, ServicePort, Workload},
 };
 use mesh_waypoint::{
     balance::locality::{self, Client, Locality},
@@ -77,14 +77,14 @@ pub struct Tables {
     /// Istio's `numTrustedProxies` for this waypoint: how `remote.ip` is read from
     /// `X-Forwarded-For` ([`crate::forwarded`]).
     pub trusted_proxies: u32,
-    routes: Mutex<HashMap<(String, u16), Arc<RouteTable>>>,
+    routes: Mutex<HashMap<ServiceKey, Arc<RouteTable>>>,
     /// The Telemetry API's effective settings per service port.
     telemetry: Mutex<HashMap<ServiceKey, Arc<Telemetry>>>,
     /// The Telemetry problems already logged for this version (each once, not per service).
     telemetry_warned: Mutex<HashSet<String>>,
     /// `RequestAuthentication` rules per service port.
     authenticators: Mutex<HashMap<ServiceKey, Arc<Authenticator>>>,
-    tcp_routes: Mutex<HashMap<(String, u16), Arc<TcpTable>>>,
+    tcp_routes: Mutex<HashMap<ServiceKey, Arc<TcpTable>>>,
     destinations: Mutex<HashMap<Key, Arc<Destination>>>,
     /// The waypoint's own locality and pod labels in this view (locality load balancing).
     own_locality: Locality,
@@ -122,7 +122,7 @@ impl Tables {
 
     /// The routes of a service port.
     pub fn routes(&self, service: &ServicePort) -> Arc<RouteTable> {
-        cached(&self.routes, (service.hostname.clone(), service.port), || {
+        cached(&self.routes, service_key(service), || {
             let table = RouteTable::build(&self.config, &service_ref(service));
             for warning in table.warnings() {
                 warn!(service = %service.hostname, warning, "route configuration");
@@ -133,12 +133,15 @@ impl Tables {
 
     /// The JWT rules that apply to requests for `service` at `waypoint`.
     pub fn authenticator(&self, waypoint: &Waypoint, service: &ServicePort) -> Arc<Authenticator> {
-        cached(&self.authenticators, (service.hostname.clone(), service.port), || {
+        cached(&self.authenticators, service_key(service), || {
             let (authenticator, problems) = Authenticator::for_destination(
                 &self.config,
                 jwt::select::Waypoint { namespace: &waypoint.namespace, name: &waypoint.name, class: WAYPOINT_CLASS },
                 jwt::select::Destination {
-                    kind: jwt::select::DestinationKind::Service,
+                    kind: match service.kind {
+                        ServiceKind::Service => jwt::select::DestinationKind::Service,
+                        ServiceKind::ServiceEntry => jwt::select::DestinationKind::ServiceEntry,
+                    },
                     namespace: &service.namespace,
                     name: &service.name,
                 },
@@ -154,7 +157,7 @@ impl Tables {
     /// What the Telemetry API asks of requests to `service` at `waypoint`, with the
     /// exporter of its tracing provider (started once, see [`Waypoint::exporter`]).
     pub fn telemetry(&self, waypoint: &Waypoint, service: &ServicePort) -> Arc<Telemetry> {
-        cached(&self.telemetry, (service.hostname.clone(), service.port), || {
+        cached(&self.telemetry, service_key(service), || {
             let labels = WaypointRef::labels_of(&waypoint.name);
             // With no Telemetry and no `defaultProviders`: `envoy` (every request logged
             // on stdout, like Istio's demo profile) and `prometheus`.
@@ -166,7 +169,9 @@ impl Tables {
                     waypoint_namespace: &waypoint.namespace,
                     waypoint_name: &waypoint.name,
                     waypoint_labels: &labels,
-                    service: Some((&service.namespace, &service.name)),
+                    // A Telemetry binds to a Service by `targetRefs`, not (yet) to a
+                    // `ServiceEntry`.
+                    service: (service.kind == ServiceKind::Service).then_some((&service.namespace, &service.name)),
                 },
                 &defaults,
             );
@@ -196,7 +201,7 @@ impl Tables {
 
     /// The L4 routes of a service port.
     pub fn tcp_routes(&self, service: &ServicePort) -> Arc<TcpTable> {
-        cached(&self.tcp_routes, (service.hostname.clone(), service.port), || {
+        cached(&self.tcp_routes, service_key(service), || {
             let table = TcpTable::build(&self.config, &service_ref(service));
             for warning in table.warnings() {
                 warn!(service = %service.hostname, warning, "TCP route configuration");
@@ -219,8 +224,19 @@ impl Tables {
     }
 }
 
-/// A service port's entry of a per-version cache.
+/// A service port's entry of a cache: a Service by its hostname, a `ServiceEntry`'s
+/// host by the entry too (two entries, or an entry and a Service, may name one host).
 type ServiceKey = (String, u16);
+
+fn service_key(service: &ServicePort) -> ServiceKey {
+    let name = match service.kind {
+        ServiceKind::Service => service.hostname.clone(),
+        ServiceKind::ServiceEntry => {
+            format!("ServiceEntry/{}/{}/{}", service.namespace, service.name, service.hostname)
+        }
+    };
+    (name, service.port)
+}
 
 /// The value cached under `key`, built (once per version) on first use.
 fn cached<V>(cache: &Mutex<HashMap<ServiceKey, Arc<V>>>, key: ServiceKey, build: impl FnOnce() -> V) -> Arc<V> {
@@ -233,7 +249,12 @@ fn cached<V>(cache: &Mutex<HashMap<ServiceKey, Arc<V>>>, key: ServiceKey, build:
 }
 
 fn service_ref(service: &ServicePort) -> ServiceRef {
-    ServiceRef::new(&service.namespace, &service.name, service.port)
+    match service.kind {
+        ServiceKind::Service => ServiceRef::new(&service.namespace, &service.name, service.port),
+        ServiceKind::ServiceEntry => {
+            ServiceRef::entry(&service.namespace, &service.name, &service.hostname, service.port)
+        }
+    }
 }
 
 /// The Telemetry API's settings for one destination, and the span exporter of its
@@ -445,7 +466,7 @@ impl Waypoint {
 
     /// The local rate limits (`EnvoyFilter`) for requests to `service`.
     pub fn rate_limits(&self, tables: &Tables, service: &ServicePort) -> Arc<RateLimits> {
-        let key = (service.hostname.clone(), service.port);
+        let key = service_key(service);
         let mut all = self.ratelimits.lock().expect("lock");
         if let Some((version, limits)) = all.get(&key)
             && *version == tables.version

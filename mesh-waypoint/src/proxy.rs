@@ -29,7 +29,7 @@ use mesh_proxy::{
     otlp,
     relay::{self, Side, copy_bidirectional},
     tunnel::stream::H2Stream,
-    workloads::{ServicePort, Workload},
+    workloads::{ServiceKind, ServicePort, Workload},
 };
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
 use tracing::{debug, info};
@@ -209,7 +209,11 @@ pub async fn serve(
 
 /// The Service `service` as the authorization policies bound to it name it.
 fn policy_target(service: &ServicePort) -> policy::Target<'_> {
-    policy::Target { kind: policy::TargetKind::Service, namespace: &service.namespace, name: &service.name }
+    let kind = match service.kind {
+        ServiceKind::Service => policy::TargetKind::Service,
+        ServiceKind::ServiceEntry => policy::TargetKind::ServiceEntry,
+    };
+    policy::Target { kind, namespace: &service.namespace, name: &service.name }
 }
 
 /// Relays a tunnel stream to one endpoint as TCP.
@@ -246,7 +250,7 @@ async fn relay(
         source_app: source.map(|w| w.app().to_owned()).unwrap_or_default(),
         source_revision: source.map(|w| w.revision().to_owned()).unwrap_or_default(),
         destination_service: service.hostname.clone(),
-        destination_service_name: service.name.clone(),
+        destination_service_name: service.telemetry_name().to_owned(),
         destination_service_namespace: service.namespace.clone(),
         connection_security_policy: "mutual_tls",
         response_flags: flags::NONE,
@@ -721,7 +725,7 @@ impl Downstream {
         };
         if let Some(service) = &service {
             labels.destination_service = service.hostname.clone();
-            labels.destination_service_name = service.name.clone();
+            labels.destination_service_name = service.telemetry_name().to_owned();
             labels.destination_service_namespace = service.namespace.clone();
         }
         let mut log = RequestLog {

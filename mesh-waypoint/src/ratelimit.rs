@@ -50,7 +50,7 @@ use std::{
 pub use mesh_common::config::envoy_filter::{BucketConfig, Fraction, LocalRateLimit, RouteLimit, Scope};
 use mesh_common::config::{Config, EnvoyFilter};
 
-use crate::route::{RouteTable, ServiceRef};
+use crate::route::{RouteTable, ServiceKind, ServiceRef};
 
 /// The waypoint whose limits are computed: its `Gateway` and its pods' labels.
 #[derive(Clone, Copy, Debug)]
@@ -86,7 +86,10 @@ pub fn applies(
     if !scope.target_refs.is_empty() {
         return scope.target_refs.iter().any(|(kind, name)| match kind.as_str() {
             "Gateway" => ns == waypoint.namespace && name == waypoint.name,
-            "Service" => ns == service.namespace && *name == service.name,
+            "Service" => service.kind == ServiceKind::Service && ns == service.namespace && *name == service.name,
+            "ServiceEntry" => {
+                service.kind == ServiceKind::ServiceEntry && ns == service.namespace && *name == service.name
+            }
             _ => false,
         });
     }

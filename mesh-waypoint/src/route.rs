@@ -36,13 +36,16 @@ pub use filters::{Abort, Cors, Fault, FaultDecision, HeaderOps, Mirror, PathRewr
 pub use tcp::{TcpRequest, TcpRoute, TcpTable};
 
 use matcher::Matcher;
+pub use mesh_proxy::workloads::ServiceKind;
 
 /// The Service port being routed: what the waypoint found by the request's authority.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceRef {
+    pub kind: ServiceKind,
     pub namespace: String,
+    /// The `Service`'s or `ServiceEntry`'s name.
     pub name: String,
-    /// `name.namespace.svc.cluster.local`.
+    /// `name.namespace.svc.cluster.local`, or the `ServiceEntry`'s host.
     pub hostname: String,
     pub port: u16,
 }
@@ -51,9 +54,21 @@ impl ServiceRef {
     /// A Service of the cluster's DNS domain.
     pub fn new(namespace: &str, name: &str, port: u16) -> Self {
         Self {
+            kind: ServiceKind::Service,
             namespace: namespace.to_string(),
             name: name.to_string(),
             hostname: format!("{name}.{namespace}.svc.{}", mesh_common::config::DNS_DOMAIN),
+            port,
+        }
+    }
+
+    /// Host `hostname` of `ServiceEntry` `name`.
+    pub fn entry(namespace: &str, name: &str, hostname: &str, port: u16) -> Self {
+        Self {
+            kind: ServiceKind::ServiceEntry,
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            hostname: hostname.to_string(),
             port,
         }
     }

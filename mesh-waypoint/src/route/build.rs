@@ -63,7 +63,7 @@ use mesh_common::config::{
 use serde_json::Value;
 
 use super::{
-    Action, Backend, Route, RouteTable, ServiceRef, WaypointGateway, delegate,
+    Action, Backend, Route, RouteTable, ServiceKind, ServiceRef, WaypointGateway, delegate,
     filters::{Abort, Cors, Fault, HeaderOps, Mirror, PathRewrite, Redirect, RedirectPort},
     matcher::{Matcher, PathMatch, StrMatch, compile_anchored},
 };
@@ -147,8 +147,8 @@ fn host_names_service(host: &str, ns: &str, service: &ServiceRef) -> bool {
         return service.hostname.ends_with(suffix);
     }
     fqdn(host, ns) == service.hostname
-        || host == format!("{}.{}", service.name, service.namespace)
-        || host == format!("{}.{}.svc", service.name, service.namespace)
+        || service.kind == ServiceKind::Service && host == format!("{}.{}", service.name, service.namespace)
+        || service.kind == ServiceKind::Service && host == format!("{}.{}.svc", service.name, service.namespace)
 }
 
 pub(super) fn for_mesh(gateways: &[String]) -> bool {
@@ -744,11 +744,17 @@ struct GatewayEntry {
 }
 
 pub(super) fn targets_service(p: &ParentReference, route_ns: &str, service: &ServiceRef) -> bool {
-    // `group` must be core (""); an absent group is read as core too, since no Gateway
-    // API kind is called Service.
-    p.kind.as_deref() == Some("Service")
-        && p.group.as_deref().is_none_or(|g| g.is_empty() || g == "core")
-        && p.name == service.name
+    // `group` must be core ("") for a Service; an absent group is read as core too,
+    // since no Gateway API kind is called Service. A `ServiceEntry` is Istio's.
+    let kind = match service.kind {
+        ServiceKind::Service => {
+            p.kind.as_deref() == Some("Service") && p.group.as_deref().is_none_or(|g| g.is_empty() || g == "core")
+        }
+        ServiceKind::ServiceEntry => {
+            p.kind.as_deref() == Some("ServiceEntry") && p.group.as_deref() == Some("networking.istio.io")
+        }
+    };
+    kind && p.name == service.name
         && p.namespace.as_deref().unwrap_or(route_ns) == service.namespace
         && p.port.is_none_or(|port| port == u32::from(service.port))
 }

@@ -332,6 +332,30 @@ fn http_route_parent_refs() {
     assert_eq!(backends(t.select(&get("/").parts()).unwrap())[0].host, "reviews.shop.svc.cluster.local");
 }
 
+#[test]
+fn service_entry_hosts_take_their_routes_by_host_and_by_parent_ref() {
+    let ext = ServiceRef::entry("shop", "ext", "api.example.com", 443);
+    let rule = "  - route: [{destination: {host: api.example.com}}]\n";
+    let t = RouteTable::build(&config(&vs("r", "[api.example.com]", rule)), &ext);
+    assert!(t.is_configured());
+    assert_eq!(backends(t.select(&get("/").parts()).unwrap())[0].host, "api.example.com");
+    // The entry's name is no host: `ext.shop` names a Service `ext`, not the entry.
+    assert!(!RouteTable::build(&config(&vs("r", "[ext.shop]", rule)), &ext).is_configured());
+    assert!(!RouteTable::build(&config(""), &ext).is_configured());
+    assert_eq!(build::default_backend(&ext).host, "api.example.com");
+    let rule = "  - backendRefs: [{group: networking.istio.io, kind: Hostname, name: api.example.com, port: 443}]\n";
+    let parent = "{group: networking.istio.io, kind: ServiceEntry, name: ext}";
+    assert!(RouteTable::build(&config(&http_route("h", parent, rule)), &ext).is_configured());
+    // A ServiceEntry parent is no Service of the same name, and the other way round.
+    assert!(
+        !table(&http_route("h", "{group: networking.istio.io, kind: ServiceEntry, name: reviews}", rule))
+            .is_configured()
+    );
+    for parent in ["{kind: Service, name: ext}", "{kind: ServiceEntry, name: ext}"] {
+        assert!(!RouteTable::build(&config(&http_route("h", parent, rule)), &ext).is_configured(), "{parent}");
+    }
+}
+
 // ---------------------------------------------------------------------------------
 // VirtualService matches
 

@@ -160,6 +160,118 @@ fn waypoint_routes_services_that_opt_in_and_fails_closed() {
     });
 }
 
+/// Two `ServiceEntry`s in the lab: one whose only endpoint is an unmeshed pod (reached
+/// directly, the entry opted out of the namespace's waypoint), and one whose workload
+/// selector picks the `version: v2` pods, through the waypoint with a route and a
+/// policy bound to the entry.
+fn service_entries(unmeshed_ip: &str) -> String {
+    format!(
+        "\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: legacy-echo, namespace: shop, labels: {{istio.io/use-waypoint: none}}}}
+spec:
+  hosts: [legacy.example.internal]
+  addresses: [10.96.1.10]
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 8080}}]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  endpoints: [{{address: {unmeshed_ip}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: echo-v2, namespace: shop}}
+spec:
+  hosts: [v2.example.internal]
+  addresses: [10.96.1.11]
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 8080}}]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  workloadSelector: {{labels: {{version: v2}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: echo-v2, namespace: shop}}
+spec:
+  hosts: [v2.example.internal]
+  http:
+  - match: [{{headers: {{x-fault: {{exact: 'yes'}}}}}}]
+    fault: {{abort: {{httpStatus: 418, percentage: {{value: 100}}}}}}
+    route: [{{destination: {{host: v2.example.internal}}}}]
+  - route: [{{destination: {{host: v2.example.internal}}}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: echo-v2-deny-n2-p1, namespace: shop}}
+spec:
+  targetRefs: [{{group: networking.istio.io, kind: ServiceEntry, name: echo-v2}}]
+  action: DENY
+  rules: [{{from: [{{source: {{principals: [cluster.local/ns/shop/sa/sa-n2-p1]}}}}]}}]
+"
+    )
+}
+
+/// `count` requests to the echo server at `url` from `from`: each answer's first line
+/// (`pod=... peer=...`) and status, as `pod=... peer=... local=... 200`.
+fn echo_answers(lab: &Lab, from: &str, url: &str, count: usize, curl_args: &str) -> Vec<String> {
+    let script = format!(
+        "for i in $(seq {count}); do curl -s --max-time 10 {curl_args} -w ' %{{http_code}}' '{url}' | tr -d '\\n'; echo; done"
+    );
+    let out = lab.exec(from, &["sh", "-c", &script]).expect("curl loop");
+    String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect()
+}
+
+#[test]
+fn service_entries_reach_their_endpoints_directly_and_through_the_waypoint() {
+    let adjust = |spec: &mut mesh_lab::LabSpec| spec.waypoint_bin = Some(super::waypoint_bin());
+    with_lab_spec("mesh-se", 3, &[], Some(&[]), adjust, |lab| {
+        let unmeshed = lab.pods.iter().find(|p| !p.meshed && p.node == 2).expect("an unmeshed pod on node 2");
+        apply(lab, "entries.yaml", &service_entries(&unmeshed.ip4));
+        // The static endpoint outside the mesh: straight to it (the application sees
+        // the client, not the waypoint), with the entry's host in the agent's metrics.
+        let (code, text) = try_curl(lab, "n1-p1", "http://10.96.1.10/");
+        assert_eq!(code, 0, "{text}\n{}", lab.log_of("agent-node1"));
+        let client = &lab.pod("n1-p1").ip4;
+        assert!(text.starts_with(&format!("pod={} peer={client}:", unmeshed.name)), "{text}");
+        let opened = super::metric_lines(lab, 1, "istio_tcp_connections_opened_total");
+        assert!(opened.iter().any(|l| l.contains("destination_service=\"legacy.example.internal\"")), "{opened:#?}");
+        // The selected pods, through the waypoint: every request answered by a v2 pod,
+        // both of them (20 requests: all on one of two is a 1 in 500,000 chance).
+        let answers = echo_answers(lab, "n1-p1", "http://10.96.1.11/", 20, "");
+        let mut pods: Vec<&str> = answers.iter().filter_map(|l| l.split_whitespace().next()).collect();
+        pods.sort_unstable();
+        pods.dedup();
+        assert_eq!(pods, ["pod=n1-p2", "pod=n2-p2"], "{answers:#?}\n{}", lab.log_of("waypoint"));
+        assert!(
+            answers.iter().all(|l| l.contains(&format!("peer={WAYPOINT_IP}:")) && l.ends_with(" 200")),
+            "{answers:#?}"
+        );
+        // The entry's route and the policy bound to it.
+        let faulted = echo_answers(lab, "n1-p1", "http://10.96.1.11/", 1, "-H 'x-fault: yes'");
+        assert!(faulted.last().is_some_and(|l| l.ends_with(" 418")), "{faulted:?}");
+        let denied = echo_answers(lab, "n2-p1", "http://10.96.1.11/", 1, "");
+        assert!(denied.last().is_some_and(|l| l.ends_with(" 403")), "{denied:?}");
+        // The policy is bound to the entry, not to the waypoint: the same client
+        // reaches a Service through it.
+        let other = echo_answers(lab, "n2-p1", "http://10.96.0.10/", 1, "");
+        assert!(other.last().is_some_and(|l| l.ends_with(" 200")), "{other:?}");
+        let ok = metric(
+            lab,
+            "istio_requests_total",
+            &[
+                ("response_code", "200"),
+                ("destination_service", "v2.example.internal"),
+                ("destination_service_name", "v2.example.internal"),
+            ],
+        );
+        assert!(ok >= 20.0, "{}", waypoint_http(lab, 15020, "/metrics"));
+        // The entry removed: its address is nobody's, and nothing reaches the pods.
+        apply(lab, "entries.yaml", "");
+        let (code, text) = try_curl(lab, "n1-p1", "http://10.96.1.11/");
+        assert_ne!(code, 0, "still routed without the entry: {text}");
+    });
+}
+
 #[test]
 fn waypoint_canary_retries_faults_timeouts_breaker_and_ejection() {
     let adjust = |spec: &mut mesh_lab::LabSpec| spec.waypoint_bin = Some(super::waypoint_bin());

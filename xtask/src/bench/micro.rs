@@ -75,11 +75,11 @@ pub fn bench(quick: bool) -> anyhow::Result<()> {
     };
     let mut tunneled = 0usize;
     let route_service_ns = per_call(9, 20_000, |i| {
-        let route = index.route(vip((i * 7919) % services));
+        let route = index.route(vip((i * 7919) % services), "ns-0");
         tunneled += usize::from(matches!(route, Route::Tunnel { .. }));
     });
     let route_pod_ns = per_call(9, 20_000, |i| {
-        black_box(index.route(pod((i * 7919) % workloads)));
+        black_box(index.route(pod((i * 7919) % workloads), "ns-0"));
     });
     anyhow::ensure!(tunneled > 0, "no service lookup resolved to a meshed endpoint: the generated mesh is wrong");
 

@@ -10,8 +10,8 @@ use crate::config::{
     DNS_DOMAIN,
     networking::{
         ClientTlsSettings, ConnectionPoolSettings, Destination, DestinationRule, HttpRule, IstioGateway,
-        LoadBalancerSettings, OutlierDetection, Resolution, RouteDestination, ServiceEntry, StringMatch, TlsMode,
-        TrafficPolicy, VirtualService, WorkloadEntry, WorkloadEntrySpec,
+        LoadBalancerSettings, OutlierDetection, Resolution, RouteDestination, ServiceEntry, ServiceEntrySpec,
+        StringMatch, TlsMode, TrafficPolicy, VirtualService, WorkloadEntry, WorkloadEntrySpec,
     },
     parse::Loaded,
     values,
@@ -642,6 +642,7 @@ pub(super) fn service_entry(o: &mut Obj, se: &ServiceEntry) {
     if spec.workload_selector.is_some() && !spec.endpoints.is_empty() {
         o.err("spec.workloadSelector", "workloadSelector and endpoints are mutually exclusive");
     }
+    service_entry_data_path(o, spec);
     for (i, endpoint) in spec.endpoints.iter().enumerate() {
         let field = format!("spec.endpoints[{i}]");
         workload(o, &field, endpoint);
@@ -669,8 +670,58 @@ pub(super) fn service_entry(o: &mut Obj, se: &ServiceEntry) {
     }
 }
 
+/// Warnings for what the data path does not do with a valid `ServiceEntry`: it
+/// resolves no hostnames, and a CIDR names no one address to balance.
+fn service_entry_data_path(o: &mut Obj, spec: &ServiceEntrySpec) {
+    let dns = matches!(spec.resolution, Resolution::Dns | Resolution::DnsRoundRobin);
+    let ip = |address: &str| address.parse::<std::net::IpAddr>().is_ok();
+    if dns && spec.workload_selector.is_none() {
+        if spec.endpoints.iter().any(|e| ip(&e.address)) {
+            for (i, endpoint) in spec.endpoints.iter().enumerate().filter(|(_, e)| !ip(&e.address)) {
+                o.warn(
+                    format!("spec.endpoints[{i}].address"),
+                    format!(
+                        "`{}` is left out: this mesh resolves no hostnames (the entry's IP endpoints are used)",
+                        endpoint.address
+                    ),
+                );
+            }
+        } else {
+            o.warn(
+                "spec.resolution",
+                "this mesh resolves no hostnames (resolution DNS without an IP endpoint): connections to the entry's addresses go where the client sent them, unless the entry uses a waypoint, which answers 503 for it (no endpoint), as routes to its hosts do",
+            );
+        }
+    }
+    for (i, host) in spec.hosts.iter().enumerate().filter(|(_, h)| h.contains('*')) {
+        o.warn(
+            format!("spec.hosts[{i}]"),
+            format!("wildcard host `{host}` is a name for routes only: the data path balances no traffic for it"),
+        );
+    }
+    for (i, address) in spec.addresses.iter().enumerate() {
+        if let Some((ip, len)) = address.split_once('/')
+            && len != if ip.contains(':') { "128" } else { "32" }
+        {
+            o.warn(
+                format!("spec.addresses[{i}]"),
+                format!("CIDR `{address}` is no service address here: connections into it go to the address they were sent to"),
+            );
+        }
+    }
+}
+
 pub(super) fn workload_entry(o: &mut Obj, we: &WorkloadEntry) {
     workload(o, "spec", &we.spec);
+    if we.spec.address.parse::<std::net::IpAddr>().is_err() && !we.spec.address.is_empty() {
+        o.warn(
+            "spec.address",
+            format!(
+                "`{}` is not an IP address: this mesh resolves no hostnames, so the entry is no workload here",
+                we.spec.address
+            ),
+        );
+    }
 }
 
 fn workload(o: &mut Obj, field: &str, spec: &WorkloadEntrySpec) {
