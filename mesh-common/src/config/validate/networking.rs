@@ -675,7 +675,9 @@ pub(super) fn service_entry(o: &mut Obj, se: &ServiceEntry) {
 fn service_entry_data_path(o: &mut Obj, spec: &ServiceEntrySpec) {
     let dns = matches!(spec.resolution, Resolution::Dns | Resolution::DnsRoundRobin);
     let ip = |address: &str| address.parse::<std::net::IpAddr>().is_ok();
-    if dns && spec.workload_selector.is_none() {
+    // Without addresses, a client resolves the host itself and its connection goes to
+    // that address, as without the entry: nothing to warn about.
+    if dns && spec.workload_selector.is_none() && !(spec.endpoints.is_empty() && spec.addresses.is_empty()) {
         if spec.endpoints.iter().any(|e| ip(&e.address)) {
             for (i, endpoint) in spec.endpoints.iter().enumerate().filter(|(_, e)| !ip(&e.address)) {
                 o.warn(
