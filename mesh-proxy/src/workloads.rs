@@ -850,21 +850,15 @@ ports: [{name: sql, port: 15432, protocol: TCP}]
         assert_eq!(seen, vec!["10.0.0.1:15432".parse().unwrap(), "192.0.2.7:15432".parse().unwrap()]);
     }
 
-    #[test]
-    fn services_that_use_a_waypoint_go_to_it_and_fail_closed_without_it() {
-        let waypoint = "\
+    /// The waypoint `waypoint` of namespace `shop`, and its pod.
+    const WAYPOINT: &str = "\
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
 metadata: {name: waypoint, namespace: shop}
 spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
----
-apiVersion: v1
-kind: Service
-metadata: {name: opted-out, namespace: shop, labels: {istio.io/use-waypoint: none}}
-spec: {clusterIP: 10.96.0.30, selector: {app: echo}, ports: [{name: http, port: 80, targetPort: 8080}]}
 ";
-        let pod = "\
+    const WAYPOINT_POD: &str = "\
 ---
 apiVersion: v1
 kind: Pod
@@ -872,10 +866,28 @@ metadata: {name: waypoint-1, namespace: shop, labels: {gateway.networking.k8s.io
 spec: {serviceAccountName: waypoint}
 status: {podIP: 10.0.0.50}
 ";
-        let labelled = YAML.replace(
+
+    /// [`YAML`] with namespace `shop` using the waypoint.
+    fn labelled_for_waypoint() -> String {
+        YAML.replace(
             "metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}",
             "metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}",
+        )
+    }
+
+    #[test]
+    fn services_that_use_a_waypoint_go_to_it_and_fail_closed_without_it() {
+        let waypoint = format!(
+            "{WAYPOINT}\
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: opted-out, namespace: shop, labels: {{istio.io/use-waypoint: none}}}}
+spec: {{clusterIP: 10.96.0.30, selector: {{app: echo}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}
+"
         );
+        let pod = WAYPOINT_POD;
+        let labelled = labelled_for_waypoint();
         let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
         let index = Index::build(&config(&format!("{labelled}{waypoint}{pod}")));
         let Route::Tunnel { workload, addr, hbone, service } = index.route(vip, "shop") else { panic!("not tunneled") };
@@ -1043,24 +1055,8 @@ spec:
 
     #[test]
     fn service_entries_use_their_waypoint_or_their_namespaces() {
-        let waypoint = "\
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: waypoint, namespace: shop}
-spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: waypoint-1, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: waypoint, istio.io/dataplane-mode: none}}
-spec: {serviceAccountName: waypoint}
-status: {podIP: 10.0.0.50}
-";
-        let labelled = YAML.replace(
-            "metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}",
-            "metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}",
-        );
-        let index = Index::build(&config(&format!("{labelled}{ENTRIES}{waypoint}")));
+        let labelled = labelled_for_waypoint();
+        let index = Index::build(&config(&format!("{labelled}{ENTRIES}{WAYPOINT}{WAYPOINT_POD}")));
         let vip: SocketAddr = "240.0.0.10:80".parse().unwrap();
         let Route::Tunnel { addr, hbone, service, .. } = index.route(vip, "shop") else {
             panic!("not to the waypoint")
