@@ -307,7 +307,7 @@ fn test(vm: bool) -> anyhow::Result<()> {
         .env("MESH_EBPF_OBJECT", ebpf_object()))?;
     println!("==> unit and end-to-end tests");
     sh(cargo(None)
-        .args(["test", "--release", "--workspace", "--", "--test-threads=1"])
+        .args(["test", "--workspace", "--", "--test-threads=1"])
         .env("MESH_EBPF_OBJECT", ebpf_object())
         .env("MESH_AGENT_BIN", release_bin("mesh-agent"))
         .env("MESH_CONTROLLER_BIN", release_bin("mesh-controller"))
@@ -335,7 +335,7 @@ fn vm_test() -> anyhow::Result<()> {
         .context("no Debian 6.1 kernel in /boot (cargo xtask setup installs linux-image-amd64)")?;
     println!("==> building the end-to-end test binary");
     let out = cargo(None)
-        .args(["test", "--release", "-p", "mesh-lab", "--test", "e2e", "--no-run", "--message-format=json"])
+        .args(["test", "-p", "mesh-lab", "--test", "e2e", "--no-run", "--message-format=json"])
         .env("MESH_EBPF_OBJECT", ebpf_object())
         .current_dir(root())
         .output()?;
