@@ -11,7 +11,10 @@ use mesh_common::{
     config::{Config, meta::Labels, security::MtlsMode},
     policy,
 };
-use mesh_proxy::tunnel::{HBONE_PORT, POOL_IDLE, POOL_SPARE_IDLE, client::Pool};
+use mesh_proxy::{
+    dns::Resolver,
+    tunnel::{HBONE_PORT, POOL_IDLE, POOL_SPARE_IDLE, client::Pool},
+};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -30,6 +33,8 @@ pub struct Mesh {
     pub certs: Arc<CertStore>,
     index: watch::Receiver<Arc<Index>>,
     pub pool: Pool,
+    /// The names of `DNS` `ServiceEntry` endpoints, resolved as connections use them.
+    pub resolver: Resolver,
     pub metrics: Arc<Metrics>,
     pub counters: Arc<Counters>,
     pub connect_timeout: Duration,
@@ -81,6 +86,7 @@ impl Mesh {
             certs,
             index,
             pool: Pool::new(connect_timeout),
+            resolver: Resolver::default(),
             metrics,
             counters,
             connect_timeout,

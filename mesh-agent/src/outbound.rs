@@ -21,7 +21,7 @@ use crate::{
     redirect::Redirect,
     relay::Report,
     telemetry::{AccessLog, Counter, Counters, Limits, Outcome, Record, bump},
-    workloads::{Route, Workload},
+    workloads::{Index, Route, Workload},
 };
 
 /// What every outbound connection needs besides its pod.
@@ -138,7 +138,27 @@ impl Connection {
         }
         let index = mesh.index();
         let source = index.workload_of(self.pod.ips()).cloned();
-        let route = index.route(dst, &self.pod.spec.namespace);
+        // Why a service has no endpoint for this connection, when there is more to say.
+        let mut why = None;
+        let route = match index.route(dst, &self.pod.spec.namespace) {
+            Route::Resolve { service, name } => {
+                let (named, v6) = (&service.names[name], dst.ip().to_canonical().is_ipv6());
+                match mesh.resolver.lookup(&named.host).await {
+                    Ok(addrs) => match mesh.resolver.pick(&addrs, v6) {
+                        Some(ip) => {
+                            index.resolved(&service, name, SocketAddr::new(ip, named.port), &self.pod.spec.namespace)
+                        }
+                        None => Route::NoEndpoint { service },
+                    },
+                    // Another endpoint, one with an address, if the service has one.
+                    Err(error) => {
+                        why = Some(error_chain(&error));
+                        Index::by_address(&service, v6)
+                    }
+                }
+            }
+            route => route,
+        };
         // A service VIP resolves to another address: check that one too (the original
         // destination was checked above).
         if let Route::Tunnel { addr, .. } | Route::Direct { addr, .. } = &route
@@ -163,11 +183,12 @@ impl Connection {
                 )));
                 self.direct(&mut record, client, addr).await;
             }
-            Route::NoEndpoint { service } => {
+            // (`Resolve` was resolved above.)
+            Route::NoEndpoint { service } | Route::Resolve { service, .. } => {
                 record.log.dst_service = Some(service.hostname.clone());
                 let labels = Mesh::outbound_labels(&self.pod, source.as_deref(), None, Some(&service), false);
                 record.set_labels(self.forwarder.metrics.intern(labels));
-                refused(&mut record, |c| &c.connect_failed, Outcome::NoEndpoint, flags::NO_HEALTHY_UPSTREAM, None);
+                refused(&mut record, |c| &c.connect_failed, Outcome::NoEndpoint, flags::NO_HEALTHY_UPSTREAM, why);
             }
             Route::NoWaypoint { service } => {
                 // Fail closed: the service's traffic must pass its waypoint.

@@ -3,11 +3,12 @@
 //! immutable snapshot.
 //!
 //! Workloads are pods, `WorkloadEntry`s (VMs) and the endpoints a `ServiceEntry` writes
-//! inline; services are Kubernetes Services and the hosts of `ServiceEntry`s that
-//! resolve to known addresses (`STATIC`, or `DNS` with IP endpoints), as Istio's
-//! ambient index builds them. A `ServiceEntry` with resolution `NONE`, or one whose
-//! endpoints are hostnames, is no service here: its traffic goes to the address it
-//! was sent to, as before the entry existed (this mesh resolves no names).
+//! inline; services are Kubernetes Services and the hosts of `ServiceEntry`s of
+//! resolution `STATIC` or `DNS`, as Istio's ambient index builds them. A `DNS` entry's
+//! hostname endpoints (or its host, when it lists none) are [`Named`] endpoints, which
+//! the proxies resolve when they use them ([`crate::dns`]). A `ServiceEntry` with
+//! resolution `NONE` is no service here: its traffic goes to the address it was sent
+//! to, as before the entry existed.
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
@@ -21,7 +22,7 @@ use mesh_common::config::{
     Config, DNS_DOMAIN,
     gateway::{GATEWAY_NAME_LABEL, USE_WAYPOINT_LABEL, USE_WAYPOINT_NAMESPACE_LABEL, WAYPOINT_PORT},
     k8s::{EndpointSlice, Pod, ServicePort as ServicePortSpec},
-    meta::{IntOrString, Labels},
+    meta::{IntOrString, Labels, ObjectMeta},
     networking::{Resolution, ServiceEntry, WorkloadEntrySpec},
 };
 
@@ -104,6 +105,27 @@ pub struct Endpoint {
     pub port: u16,
 }
 
+impl Endpoint {
+    /// The workload and its address (of the IPv6 family when `v6` and it has one).
+    fn addr(&self, v6: bool) -> Option<(Arc<Workload>, SocketAddr)> {
+        let ips = &self.workload.ips;
+        let ip = ips.iter().find(|ip| ip.is_ipv6() == v6).or_else(|| ips.first())?;
+        Some((self.workload.clone(), SocketAddr::new(*ip, self.port)))
+    }
+}
+
+/// An endpoint known by name: a hostname endpoint of a `ServiceEntry` of resolution
+/// `DNS`, or the entry's host itself when it lists no endpoint. Its addresses are the
+/// name's ([`crate::dns::Resolver`]); `workload` stands for every one of them (the
+/// endpoint's labels for subsets, its identity, whether it is in the mesh) and has no
+/// address of its own.
+#[derive(Debug)]
+pub struct Named {
+    pub host: String,
+    pub port: u16,
+    pub workload: Arc<Workload>,
+}
+
 /// One port of one service VIP.
 #[derive(Debug)]
 pub struct ServicePort {
@@ -119,6 +141,8 @@ pub struct ServicePort {
     /// name's prefix: `http`, `http2`, `grpc`, `tcp`, ...).
     pub protocol: String,
     pub endpoints: Vec<Endpoint>,
+    /// Endpoints resolved by name when used (a `DNS` `ServiceEntry`'s).
+    pub names: Vec<Named>,
     /// The waypoint the service's traffic goes through (`istio.io/use-waypoint` on the
     /// Service, else on its namespace).
     pub waypoint: Option<Arc<Waypoint>>,
@@ -168,21 +192,26 @@ impl ServicePort {
         }
     }
 
-    /// Round robin over the endpoints, preferring an IPv6 address when `v6`.
+    /// Round robin over the endpoints with an address, preferring an IPv6 address when
+    /// `v6`.
     pub fn pick(&self, v6: bool) -> Option<(Arc<Workload>, SocketAddr)> {
-        if self.endpoints.is_empty() {
-            return None;
-        }
         let n = self.endpoints.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        for i in 0..n {
-            let endpoint = &self.endpoints[(start + i) % n];
-            let ips = &endpoint.workload.ips;
-            if let Some(ip) = ips.iter().find(|ip| ip.is_ipv6() == v6).or_else(|| ips.first()) {
-                return Some((endpoint.workload.clone(), SocketAddr::new(*ip, endpoint.port)));
+        (0..n).find_map(|i| self.endpoints[(start + i) % n].addr(v6))
+    }
+
+    /// Round robin over all endpoints: one with an address, or (`Err(i)`) the endpoint
+    /// known by name `names[i]`.
+    fn pick_any(&self, v6: bool) -> Option<Result<(Arc<Workload>, SocketAddr), usize>> {
+        let n = self.endpoints.len() + self.names.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..n).find_map(|k| {
+            let i = (start + k) % n;
+            match i.checked_sub(self.endpoints.len()) {
+                Some(name) => Some(Err(name)),
+                None => self.endpoints[i].addr(v6).map(Ok),
             }
-        }
-        None
+        })
     }
 }
 
@@ -200,6 +229,9 @@ pub struct Index {
 /// Where an outbound connection goes.
 #[derive(Debug)]
 pub enum Route {
+    /// To the endpoint `service.names[name]`, once its name is resolved (which the
+    /// index, a snapshot without I/O, leaves to the caller).
+    Resolve { service: Arc<ServicePort>, name: usize },
     /// Through the tunnel, to the proxy at `hbone` (port 15008), which presents
     /// `workload`'s identity, asking for `addr`: a meshed workload's IP and target
     /// port, or a service VIP and port when `hbone` is the service's waypoint.
@@ -237,11 +269,10 @@ impl Index {
             // The spec's labels and the object's, the object's winning (as Istio merges them).
             let mut labels = spec.labels.clone();
             labels.extend(meta.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
-            let Some(workload) =
-                entry_workload(config, &meta.namespace, &meta.name, spec, labels, &meta.labels, &meta.annotations)
-            else {
-                continue;
-            };
+            // Only an IP address makes a workload (the mesh resolves a `ServiceEntry`'s
+            // names, not a `WorkloadEntry`'s).
+            let Ok(ip) = spec.address.parse::<IpAddr>() else { continue };
+            let workload = entry_workload(config, meta, spec, labels, vec![ip]);
             let workload = Arc::new(workload);
             if !claims(&by_ip, &workload) {
                 continue;
@@ -319,6 +350,7 @@ impl Index {
                     port: port.port as u16,
                     protocol: port.app_protocol.clone().or_else(|| port.name.clone()).unwrap_or_default(),
                     endpoints,
+                    names: Vec::new(),
                     waypoint: waypoint_of(config, &service.metadata, &waypoints),
                     export_to: Vec::new(),
                     next: AtomicUsize::new(0),
@@ -383,13 +415,9 @@ impl Index {
                     None => Route::NoWaypoint { service: service.clone() },
                 };
             }
-            return match service.pick(dst.is_ipv6()) {
-                Some((workload, addr)) if workload.meshed => {
-                    Route::Tunnel { workload, addr, hbone: hbone_of(addr), service: Some(service.clone()) }
-                }
-                Some((workload, addr)) => {
-                    Route::Direct { addr, workload: Some(workload), service: Some(service.clone()) }
-                }
+            return match service.pick_any(dst.is_ipv6()) {
+                Some(Ok((workload, addr))) => to_endpoint(service, workload, addr),
+                Some(Err(name)) => Route::Resolve { service: service.clone(), name },
                 None => Route::NoEndpoint { service: service.clone() },
             };
         }
@@ -399,6 +427,51 @@ impl Index {
             }
             workload => Route::Direct { addr: dst, workload: workload.cloned(), service: None },
         }
+    }
+}
+
+impl Index {
+    /// The route to `addr`, an address the endpoint `service.names[name]` resolved to
+    /// for a client in namespace `from`: a pod there keeps its own tunnel and identity;
+    /// a Service's VIP is that Service's, routed as the index routes it (through its
+    /// waypoint); a `ServiceEntry`'s VIP is not followed (no endpoint); any other
+    /// address is the named endpoint's (through the tunnel when its entry is in the
+    /// mesh), also one another entry claims (an entry of any namespace cannot take
+    /// over, or downgrade, traffic to a name it does not own).
+    pub fn resolved(&self, service: &Arc<ServicePort>, name: usize, addr: SocketAddr, from: &str) -> Route {
+        let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
+        if let Some(other) = self.services.get(&addr) {
+            return match other.kind {
+                ServiceKind::Service => self.route(addr, from),
+                ServiceKind::ServiceEntry => Route::NoEndpoint { service: service.clone() },
+            };
+        }
+        match self.by_ip.get(&addr.ip()) {
+            Some(pod) if !pod.entry => to_endpoint(service, pod.clone(), addr),
+            _ => match service.names.get(name) {
+                Some(named) => to_endpoint(service, named.workload.clone(), addr),
+                None => Route::NoEndpoint { service: service.clone() },
+            },
+        }
+    }
+
+    /// A route to one of `service`'s endpoints with an address (when the endpoint name
+    /// a connection picked does not resolve), or none.
+    pub fn by_address(service: &Arc<ServicePort>, v6: bool) -> Route {
+        match service.pick(v6) {
+            Some((workload, addr)) => to_endpoint(service, workload, addr),
+            None => Route::NoEndpoint { service: service.clone() },
+        }
+    }
+}
+
+/// To `workload` at `addr`, an endpoint of `service`: through the tunnel when it is
+/// in the mesh, else directly.
+fn to_endpoint(service: &Arc<ServicePort>, workload: Arc<Workload>, addr: SocketAddr) -> Route {
+    if workload.meshed {
+        Route::Tunnel { workload, addr, hbone: hbone_of(addr), service: Some(service.clone()) }
+    } else {
+        Route::Direct { addr, workload: Some(workload), service: Some(service.clone()) }
     }
 }
 
@@ -442,10 +515,11 @@ fn claims(by_ip: &HashMap<IpAddr, Arc<Workload>>, workload: &Workload) -> bool {
 }
 
 /// The ports of the hosts of `ServiceEntry` `entry`, each with its VIPs, or `None`
-/// when the entry is no service of the data path: resolution `NONE`, or `DNS` without
-/// an IP endpoint (names are not resolved), unless the entry uses a waypoint (then it
-/// is a service without endpoints: its traffic goes to the waypoint, which refuses
-/// what it cannot route, instead of around it). An inline endpoint at a pod's address
+/// when the entry is no service of the data path: resolution `NONE`, unless the entry
+/// uses a waypoint (then it is a service without endpoints: its traffic goes to the
+/// waypoint, which refuses what it cannot route, instead of around it). A `DNS`
+/// entry's hostname endpoints, or its hosts when it lists no endpoint, are [`Named`]
+/// endpoints, resolved when used. An inline endpoint at a pod's address
 /// is that pod; any other is a workload of the entry's own (its labels for subsets,
 /// its service account, in the mesh when the entry is labelled or annotated for it).
 /// With a `workloadSelector`, the endpoints are the ready pods and `WorkloadEntry`s of
@@ -462,6 +536,27 @@ fn entry_service(
 ) -> Option<Vec<(Vec<IpAddr>, Arc<ServicePort>)>> {
     let (meta, spec) = (&entry.metadata, &entry.spec);
     let ns = meta.namespace.as_str();
+    let dns = matches!(spec.resolution, Resolution::Dns | Resolution::DnsRoundRobin);
+    // A `DNS` entry's hostname endpoints, or its hosts when it lists no endpoint:
+    // (name, its workload, the endpoint's own port map when written inline).
+    let by_name: Vec<(Option<&str>, Arc<Workload>, Option<&PortMap>)> = if !dns || spec.workload_selector.is_some() {
+        Vec::new()
+    } else if spec.endpoints.is_empty() {
+        let anyone = WorkloadEntrySpec::default();
+        let workload = entry_workload(config, meta, &anyone, Labels::new(), Vec::new());
+        vec![(None, Arc::new(workload), None)]
+    } else {
+        spec.endpoints
+            .iter()
+            .filter(|e| {
+                !e.address.is_empty() && !e.address.starts_with("unix://") && e.address.parse::<IpAddr>().is_err()
+            })
+            .map(|e| {
+                let workload = entry_workload(config, meta, e, e.labels.clone(), Vec::new());
+                (Some(e.address.as_str()), Arc::new(workload), Some(&e.ports))
+            })
+            .collect()
+    };
     // (workload, the endpoint's own port map when written inline)
     let members: Vec<(Arc<Workload>, Option<&PortMap>)> = match &spec.workload_selector {
         Some(selector) => by_namespace
@@ -479,15 +574,8 @@ fn entry_service(
                 let workload = match by_ip.get(&ip) {
                     Some(pod) if !pod.entry => pod.clone(),
                     _ => {
-                        let workload = Arc::new(entry_workload(
-                            config,
-                            ns,
-                            &meta.name,
-                            endpoint,
-                            endpoint.labels.clone(),
-                            &meta.labels,
-                            &meta.annotations,
-                        )?);
+                        let workload =
+                            Arc::new(entry_workload(config, meta, endpoint, endpoint.labels.clone(), vec![ip]));
                         if claims(by_ip, &workload) {
                             by_ip.insert(ip, workload.clone());
                         }
@@ -499,11 +587,7 @@ fn entry_service(
             .collect(),
     };
     let waypoint = waypoint_of(config, meta, waypoints);
-    let resolved = match spec.resolution {
-        Resolution::Static => true,
-        Resolution::Dns | Resolution::DnsRoundRobin => !members.is_empty() || spec.workload_selector.is_some(),
-        Resolution::None => false,
-    };
+    let resolved = !matches!(spec.resolution, Resolution::None);
     if !resolved && waypoint.is_none() {
         return None;
     }
@@ -528,18 +612,27 @@ fn entry_service(
                 continue;
             }
             let target = port.target_port.and_then(|t| u16::try_from(t).ok()).unwrap_or(number);
+            // The endpoint's (or `WorkloadEntry`'s) port of this port's name, else the
+            // target port.
+            let port_of = |inline: Option<&PortMap>, workload: &Workload| {
+                let own = match inline {
+                    Some(map) => map.get(&port.name).and_then(|p| u16::try_from(*p).ok()),
+                    None => workload.entry.then(|| workload.port_named(&port.name)).flatten(),
+                };
+                own.unwrap_or(target)
+            };
+            let names = by_name
+                .iter()
+                .map(|(name, workload, inline)| Named {
+                    host: name.unwrap_or(host).to_owned(),
+                    port: port_of(*inline, workload),
+                    workload: workload.clone(),
+                })
+                .collect();
             let endpoints = if resolved {
                 members
                     .iter()
-                    .map(|(workload, inline)| {
-                        // The endpoint's (or `WorkloadEntry`'s) port of this port's name,
-                        // else the target port.
-                        let own = match inline {
-                            Some(map) => map.get(&port.name).and_then(|p| u16::try_from(*p).ok()),
-                            None => workload.entry.then(|| workload.port_named(&port.name)).flatten(),
-                        };
-                        Endpoint { workload: workload.clone(), port: own.unwrap_or(target) }
-                    })
+                    .map(|(workload, inline)| Endpoint { workload: workload.clone(), port: port_of(*inline, workload) })
                     .collect()
             } else {
                 Vec::new()
@@ -553,6 +646,7 @@ fn entry_service(
                 port: number,
                 protocol,
                 endpoints,
+                names,
                 waypoint: waypoint.clone(),
                 export_to: spec.export_to.clone(),
                 next: AtomicUsize::new(0),
@@ -563,35 +657,32 @@ fn entry_service(
     Some(ports)
 }
 
-/// A workload outside Kubernetes: a `WorkloadEntry`, or an endpoint a `ServiceEntry`
-/// writes inline. Only an IP address makes one (a hostname would need resolving). It is
+/// A workload outside Kubernetes at `ips`: a `WorkloadEntry`, or an endpoint a
+/// `ServiceEntry` writes inline (none for one known by name, see [`Named`]). It is
 /// in the mesh (reached through the tunnel on its port 15008) when its object is
 /// labelled `networking.istio.io/tunnel: http` or annotated
 /// `ambient.istio.io/redirection: enabled`, as Istio reads it; else it is reached
 /// directly.
 fn entry_workload(
     config: &Config,
-    namespace: &str,
-    name: &str,
+    object: &ObjectMeta,
     spec: &WorkloadEntrySpec,
     labels: Labels,
-    object_labels: &Labels,
-    annotations: &Labels,
-) -> Option<Workload> {
-    let ip: IpAddr = spec.address.parse().ok()?;
-    let meshed = object_labels.get(TUNNEL_LABEL).is_some_and(|v| v == "http")
-        || annotations.get(REDIRECTION_ANNOTATION).is_some_and(|v| v == "enabled");
-    Some(Workload {
-        name: name.to_owned(),
-        namespace: namespace.to_owned(),
-        identity: config.spiffe_id(namespace, spec.service_account.as_deref().unwrap_or("default")),
+    ips: Vec<IpAddr>,
+) -> Workload {
+    let meshed = object.labels.get(TUNNEL_LABEL).is_some_and(|v| v == "http")
+        || object.annotations.get(REDIRECTION_ANNOTATION).is_some_and(|v| v == "enabled");
+    Workload {
+        name: object.name.clone(),
+        namespace: object.namespace.clone(),
+        identity: config.spiffe_id(&object.namespace, spec.service_account.as_deref().unwrap_or("default")),
         meshed,
         labels,
-        ips: vec![ip],
+        ips,
         ready: true,
         ports: spec.ports.iter().filter_map(|(n, p)| Some((n.clone(), u16::try_from(*p).ok()?))).collect(),
         entry: true,
-    })
+    }
 }
 
 /// The waypoint a Service or `ServiceEntry` uses: its own `istio.io/use-waypoint`
@@ -794,7 +885,9 @@ ports: [{name: sql, port: 15432, protocol: TCP}]
                     assert!(!workload.unwrap().meshed);
                     seen.push(addr);
                 }
-                Route::NoEndpoint { .. } | Route::NoWaypoint { .. } => panic!("endpoints exist"),
+                Route::NoEndpoint { .. } | Route::NoWaypoint { .. } | Route::Resolve { .. } => {
+                    panic!("endpoints exist")
+                }
             }
         }
         seen.sort();
@@ -841,7 +934,9 @@ ports: [{name: sql, port: 15432, protocol: TCP}]
                     assert!(!workload.unwrap().meshed);
                     seen.push(addr);
                 }
-                Route::NoEndpoint { .. } | Route::NoWaypoint { .. } => panic!("endpoints exist"),
+                Route::NoEndpoint { .. } | Route::NoWaypoint { .. } | Route::Resolve { .. } => {
+                    panic!("endpoints exist")
+                }
             }
         }
         seen.sort();
@@ -951,7 +1046,16 @@ spec:
   addresses: [240.0.0.12]
   ports: [{number: 5432, name: tcp-sql}]
   resolution: DNS
-  endpoints: [{address: db.example.com}]
+  endpoints: [{address: db-1.example.com, labels: {role: primary}}, {address: 192.0.2.70, ports: {tcp-sql: 6432}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: external, namespace: shop}
+spec:
+  hosts: [api.external.example]
+  addresses: [240.0.0.15]
+  ports: [{number: 443, name: tls, protocol: TLS, targetPort: 8443}]
+  resolution: DNS
 ---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -1042,15 +1146,62 @@ spec:
         // An entry's endpoint at a pod's address is not the pod's workload for the
         // pod's own policies, and a WorkloadEntry is never an enrolled pod.
         assert!(index.workload_of(&["10.1.0.5".parse().unwrap()]).is_none());
-        // Names are not resolved, and NONE is passthrough: connections go where they
-        // were sent, as without the entries.
-        for dst in ["240.0.0.12:5432", "240.0.0.13:443"] {
-            let dst: SocketAddr = dst.parse().unwrap();
-            assert!(
-                matches!(index.route(dst, "shop"), Route::Direct { addr, workload: None, service: None } if addr == dst)
-            );
-        }
-        assert!(index.service_by_host("db.example.com", 5432).is_none());
+        // A DNS entry: its IP endpoints as any, its hostname endpoints by name (round
+        // robin over both), its host itself when it lists no endpoint.
+        let db: SocketAddr = "240.0.0.12:5432".parse().unwrap();
+        let service = index.service(db).unwrap();
+        assert_eq!(service.endpoints.len(), 1);
+        assert_eq!(service.endpoints[0].port, 6432);
+        let [named] = &service.names[..] else { panic!("{:?}", service.names) };
+        assert_eq!((named.host.as_str(), named.port), ("db-1.example.com", 5432));
+        assert!(named.workload.ips.is_empty() && !named.workload.meshed);
+        assert_eq!(named.workload.labels.get("role").map(String::as_str), Some("primary"));
+        let routes: Vec<Route> = (0..4).map(|_| index.route(db, "shop")).collect();
+        assert_eq!(routes.iter().filter(|r| matches!(r, Route::Resolve { name: 0, .. })).count(), 2, "{routes:?}");
+        assert_eq!(
+            routes
+                .iter()
+                .filter(|r| matches!(r, Route::Direct { addr, .. } if *addr == "192.0.2.70:6432".parse().unwrap()))
+                .count(),
+            2
+        );
+        let external = index.service_by_host("api.external.example", 443).unwrap();
+        let [named] = &external.names[..] else { panic!("{:?}", external.names) };
+        assert_eq!((named.host.as_str(), named.port), ("api.external.example", 8443));
+        assert!(matches!(index.route("240.0.0.15:443".parse().unwrap(), "shop"), Route::Resolve { name: 0, .. }));
+        // NONE is passthrough: connections go where they were sent, as without the entry.
+        let dst: SocketAddr = "240.0.0.13:443".parse().unwrap();
+        assert!(
+            matches!(index.route(dst, "shop"), Route::Direct { addr, workload: None, service: None } if addr == dst)
+        );
+        assert!(index.service_by_host("any.example.com", 443).is_none());
+    }
+
+    #[test]
+    fn a_resolved_address_is_routed_as_the_mesh_knows_it() {
+        let index = Index::build(&config(&format!("{YAML}{ENTRIES}")));
+        let db = index.service("240.0.0.12:5432".parse().unwrap()).unwrap().clone();
+        let at = |addr: &str| index.resolved(&db, 0, addr.parse().unwrap(), "shop");
+        // A meshed pod keeps its tunnel and identity; an unmeshed one is reached as
+        // itself; both count as endpoints of the entry.
+        assert!(matches!(at("10.0.0.1:5432"),
+            Route::Tunnel { workload, service: Some(s), .. } if workload.name == "a" && s.hostname == "db.example.com"));
+        assert!(matches!(at("10.0.0.2:5432"), Route::Direct { workload: Some(w), .. } if w.name == "b"));
+        // An address another entry claims (here a meshed inline endpoint) is still the
+        // named endpoint's: no entry takes over a name it does not own.
+        assert!(matches!(at("192.0.2.60:5432"),
+            Route::Direct { workload: Some(w), addr, .. } if w.name == "by-name" && addr.port() == 5432));
+        // A Service's VIP is that Service's; another entry's VIP is not followed.
+        assert!(matches!(at("10.96.0.10:80"),
+            Route::Tunnel { service: Some(s), .. } | Route::Direct { service: Some(s), .. } if s.name == "echo"));
+        assert!(matches!(at("240.0.0.11:80"), Route::NoEndpoint { service } if service.name == "by-name"));
+        // Anywhere else: the named endpoint, directly (its entry is not in the mesh),
+        // an IPv4-mapped answer as IPv4.
+        assert!(matches!(at("[::ffff:198.51.100.1]:5432"),
+            Route::Direct { workload: Some(w), addr, .. } if w.name == "by-name" && addr == "198.51.100.1:5432".parse().unwrap()));
+        // A name that does not resolve: the entry's endpoint with an address.
+        assert!(matches!(Index::by_address(&db, false),
+            Route::Direct { addr, .. } if addr == "192.0.2.70:6432".parse().unwrap()));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! across versions, keyed by destination and endpoint.
 use std::{
     collections::HashMap,
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU32, Ordering},
@@ -11,7 +12,10 @@ use std::{
     time::Instant,
 };
 
-use mesh_proxy::workloads::Index;
+use mesh_proxy::{
+    dns::Resolver,
+    workloads::{Index, Workload},
+};
 use mesh_waypoint::{
     balance::{
         Balancer, PickContext,
@@ -27,6 +31,30 @@ use crate::upstream::Target;
 
 /// (host, subset, port)
 pub type Key = (String, Option<String>, u16);
+
+/// What turns the addresses of endpoints known by name into targets.
+pub struct Names<'a> {
+    pub resolver: &'a Resolver,
+    /// The waypoint pod's own addresses (also its address families).
+    pub own: &'a [IpAddr],
+}
+
+impl Names<'_> {
+    /// The target at `addr`, an address of a name whose endpoint is `named`: a pod
+    /// there is that pod (its own tunnel and identity); an address that is not one to
+    /// send to from here is none: loopback, unspecified, the waypoint's own, a Service
+    /// VIP (not routed twice), or of a family the waypoint has no address of.
+    fn target(&self, index: &Index, named: &Arc<Workload>, addr: SocketAddr) -> Option<Target> {
+        let ip = addr.ip().to_canonical();
+        let family = self.own.is_empty() || self.own.iter().any(|own| own.is_ipv6() == ip.is_ipv6());
+        if ip.is_loopback() || ip.is_unspecified() || self.own.contains(&ip) || !family || index.service(addr).is_some()
+        {
+            return None;
+        }
+        let workload = index.workload(ip).filter(|w| !w.entry).unwrap_or(named).clone();
+        Some(Target { workload, addr: SocketAddr::new(ip, addr.port()) })
+    }
+}
 
 /// The state of a destination that outlives config versions.
 pub struct Health {
@@ -65,6 +93,7 @@ impl Destination {
         me: Client<'_>,
         key: &Key,
         health: &Mutex<HashMap<Key, Arc<Health>>>,
+        names: &Names<'_>,
     ) -> Lookup {
         let (host, subset, port) = key;
         let Some(service) = index.service_by_host(host, *port) else { return Lookup::Unknown };
@@ -72,15 +101,27 @@ impl Destination {
             Ok(policy) => policy,
             Err(missing) => return Lookup::Missing(missing),
         };
-        let endpoints: Vec<Target> = service
+        let mut endpoints: Vec<Target> = service
             .endpoints
             .iter()
             .filter(|e| selects(&policy.labels, &e.workload.labels))
             .filter_map(|e| {
                 let ip = e.workload.ips.first()?;
-                Some(Target { workload: e.workload.clone(), addr: std::net::SocketAddr::new(*ip, e.port) })
+                Some(Target { workload: e.workload.clone(), addr: SocketAddr::new(*ip, e.port) })
             })
             .collect();
+        // An endpoint known by name stands for every address its name resolves to
+        // (those resolved so far: see `Tables::destination`).
+        for named in service.names.iter().filter(|n| selects(&policy.labels, &n.workload.labels)) {
+            for ip in names.resolver.cached(&named.host).iter().flat_map(|addrs| addrs.iter()) {
+                let addr = SocketAddr::new(*ip, named.port);
+                if let Some(target) = names.target(index, &named.workload, addr)
+                    && !endpoints.iter().any(|t| t.addr == addr)
+                {
+                    endpoints.push(target);
+                }
+            }
+        }
         let keys: Vec<String> = endpoints.iter().map(|t| t.addr.to_string()).collect();
         let balancer = Balancer::new(&policy.lb, &keys);
         let localities: Vec<Locality> = endpoints.iter().map(|t| Locality::from_labels(&t.workload.labels)).collect();

@@ -19,6 +19,7 @@ use mesh_common::{
 use mesh_proxy::{
     admin::{self, Body},
     control::ControlClient,
+    dns::Resolver,
     identity::{CertStore, WorkloadCert},
     metrics::Metrics,
     otlp,
@@ -42,7 +43,7 @@ use mesh_waypoint::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    destination::{Destination, Health, Key, Lookup},
+    destination::{Destination, Health, Key, Lookup, Names},
     ext_authz::ExtAuthzClient,
     proxy,
     requests::RequestMetrics,
@@ -65,7 +66,8 @@ pub struct Settings {
 }
 
 /// What one configuration version gives the waypoint. Route tables and destinations
-/// are compiled on first use and kept for the version's life.
+/// are compiled on first use and kept for the version's life (a destination with
+/// endpoints known by name is built again when their answers change).
 pub struct Tables {
     pub version: u64,
     pub config: Arc<Config>,
@@ -85,25 +87,29 @@ pub struct Tables {
     /// `RequestAuthentication` rules per service port.
     authenticators: Mutex<HashMap<ServiceKey, Arc<Authenticator>>>,
     tcp_routes: Mutex<HashMap<ServiceKey, Arc<TcpTable>>>,
-    destinations: Mutex<HashMap<Key, Arc<Destination>>>,
+    /// With the generation of the resolver's answers they were built from.
+    destinations: Mutex<HashMap<Key, (Arc<Destination>, u64)>>,
     /// The waypoint's own locality and pod labels in this view (locality load balancing).
     own_locality: Locality,
     own_labels: Labels,
+    /// The waypoint's own pod addresses in this view.
+    own_ips: Vec<IpAddr>,
 }
 
 impl Tables {
     fn new(version: u64, config: Arc<Config>, index: Index, waypoint: (&str, &str), pod_name: Option<&str>) -> Self {
         let (namespace, name) = waypoint;
         let policies = WaypointPolicies::new(&config, &policy::Waypoint { namespace, name, class: WAYPOINT_CLASS });
-        let own_labels = locality::own_pod(&config.pods, namespace, name, pod_name)
-            .map(|pod| pod.metadata.labels.clone())
-            .unwrap_or_default();
+        let own = locality::own_pod(&config.pods, namespace, name, pod_name);
+        let own_labels = own.map(|pod| pod.metadata.labels.clone()).unwrap_or_default();
+        let own_ips = own.map(|pod| pod.ips().iter().filter_map(|ip| ip.parse().ok()).collect()).unwrap_or_default();
         let (trusted_proxies, problems) = forwarded::trusted_proxies(&config, namespace, name);
         for problem in problems {
             warn!(version, problem = %mesh_proxy::telemetry::error_chain(&problem), "numTrustedProxies");
         }
         Self {
             own_locality: Locality::from_labels(&own_labels),
+            own_ips,
             own_labels,
             version,
             normalization: config.mesh.path_normalization(),
@@ -210,15 +216,35 @@ impl Tables {
         })
     }
 
-    /// The endpoints and policy of a destination.
-    pub fn destination(&self, waypoint: &Waypoint, key: &Key) -> Lookup {
-        if let Some(found) = self.destinations.lock().expect("lock").get(key) {
+    /// The endpoints and policy of a destination. Its endpoints known by name are
+    /// resolved first (a kept answer while it is fresh, see [`mesh_proxy::dns`]); the
+    /// destination is built again when an answer changes.
+    pub async fn destination(&self, waypoint: &Waypoint, key: &Key) -> Lookup {
+        if let Some(service) = self.index.service_by_host(&key.0, key.2) {
+            for named in &service.names {
+                if let Err(error) = waypoint.resolver.lookup(&named.host).await {
+                    debug!(host = %named.host, error = %mesh_proxy::telemetry::error_chain(&error), "endpoint name does not resolve");
+                }
+            }
+        }
+        let generation = waypoint.resolver.generation();
+        if let Some((found, built)) = self.destinations.lock().expect("lock").get(key)
+            && *built == generation
+        {
             return Lookup::Found(found.clone());
         }
         let me = Client { locality: &self.own_locality, labels: &self.own_labels };
-        let lookup = Destination::resolve(&self.index, &self.config, &waypoint.namespace, me, key, &waypoint.health);
+        let lookup = Destination::resolve(
+            &self.index,
+            &self.config,
+            &waypoint.namespace,
+            me,
+            key,
+            &waypoint.health,
+            &Names { resolver: &waypoint.resolver, own: &self.own_ips },
+        );
         if let Lookup::Found(found) = &lookup {
-            self.destinations.lock().expect("lock").insert(key.clone(), found.clone());
+            self.destinations.lock().expect("lock").insert(key.clone(), (found.clone(), generation));
         }
         lookup
     }
@@ -303,6 +329,8 @@ pub struct Waypoint {
     ratelimits: Mutex<HashMap<ServiceKey, VersionedLimits>>,
     /// Outlier and circuit-breaker state per destination, across config versions.
     pub health: Mutex<HashMap<Key, Arc<Health>>>,
+    /// The names of `DNS` `ServiceEntry` endpoints, resolved as requests use them.
+    resolver: Resolver,
     /// Turns true when the waypoint drains: downstream HTTP connections are shut
     /// down gracefully (see `keepalive::serve`).
     draining: tokio::sync::watch::Sender<bool>,
@@ -400,6 +428,7 @@ impl Waypoint {
             connect_timeout: settings.connect_timeout,
             tables: RwLock::new(Arc::new(tables)),
             health: Mutex::default(),
+            resolver: Resolver::default(),
             draining: tokio::sync::watch::Sender::new(false),
         })
     }

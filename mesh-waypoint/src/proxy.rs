@@ -309,7 +309,7 @@ async fn relay(
         return refused(labels, flags::NO_ROUTE);
     }
     let key = (backend.host.clone(), backend.subset.clone(), backend.port.unwrap_or(service.port));
-    let Lookup::Found(destination) = tables.destination(&waypoint, &key) else {
+    let Lookup::Found(destination) = tables.destination(&waypoint, &key).await else {
         info!(service = %service.hostname, route = %route.name, destination = ?key, flags = "NR", "TCP connection refused: unknown destination");
         return refused(labels, flags::NO_ROUTE);
     };
@@ -1194,7 +1194,7 @@ impl Downstream {
             return Err(Reply::new(status, "NR", "no route to the backend\n").because(reason.clone()));
         }
         let key = (backend.host.clone(), backend.subset.clone(), backend.port.unwrap_or(service.port));
-        let destination = match tables.destination(&self.waypoint, &key) {
+        let destination = match tables.destination(&self.waypoint, &key).await {
             Lookup::Found(destination) => destination,
             Lookup::Missing(missing) => {
                 return Err(Reply::new(StatusCode::SERVICE_UNAVAILABLE, "NR", "no healthy upstream\n")
@@ -1292,7 +1292,7 @@ impl Downstream {
         match &mut body {
             Replay::Buffered(bytes) => {
                 for mirror in fired {
-                    self.mirror(tables, service, mirror, &head, full(bytes.clone()), &authority, &path, h2);
+                    self.mirror(service, mirror, &head, full(bytes.clone()), &authority, &path, h2);
                 }
             }
             Replay::Stream(Some(counted)) if !fired.is_empty() && !upgrade => {
@@ -1304,7 +1304,7 @@ impl Downstream {
                 );
                 counted.inner = request;
                 for (mirror, copy) in fired.into_iter().zip(copies) {
-                    self.mirror(tables, service, mirror, &head, copy, &authority, &path, h2);
+                    self.mirror(service, mirror, &head, copy, &authority, &path, h2);
                 }
             }
             Replay::Stream(_) | Replay::Recorded(_) => {}
@@ -1498,7 +1498,6 @@ impl Downstream {
     #[allow(clippy::too_many_arguments, reason = "one call site; the parts of one request")]
     fn mirror(
         &self,
-        tables: &Tables,
         service: &ServicePort,
         mirror: &Mirror,
         head: &http::request::Parts,
@@ -1509,10 +1508,7 @@ impl Downstream {
     ) {
         let key =
             (mirror.backend.host.clone(), mirror.backend.subset.clone(), mirror.backend.port.unwrap_or(service.port));
-        let Lookup::Found(destination) = tables.destination(&self.waypoint, &key) else { return };
-        let Some(i) = destination.pick(None, roll_u64(), &[]) else { return };
         let Some(dial) = self.waypoint.dial(&self.caller) else { return };
-        let target = destination.endpoints[i].clone();
         let mut head = clone_head(head);
         let host =
             authority.split_once(':').map_or_else(|| format!("{authority}-shadow"), |(h, p)| format!("{h}-shadow:{p}"));
@@ -1523,6 +1519,10 @@ impl Downstream {
         }
         let waypoint = self.waypoint.clone();
         tokio::spawn(async move {
+            // The tables of now (a mirror may find its endpoints' names to resolve).
+            let Lookup::Found(destination) = waypoint.tables().destination(&waypoint, &key).await else { return };
+            let Some(i) = destination.pick(None, roll_u64(), &[]) else { return };
+            let target = destination.endpoints[i].clone();
             let request = Request::from_parts(head, body);
             let limited = PoolLimits { breaker: &destination.health.breaker, limits: &destination.policy.limits };
             let dial = dial.dial();

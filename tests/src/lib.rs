@@ -357,7 +357,29 @@ impl Lab {
         let fabric = format!("{}-fabric", self.spec.prefix);
         let via = &self.node(pod.node).ip4;
         let _ = ip(&["-n", &fabric, "route", "replace", &format!("{}/32", pod.ip4), "via", via]);
+        // Its own `/etc/hosts` and `/etc/resolv.conf`, as kubelet writes them for
+        // every pod (with the pod's `hostAliases`): the names the waypoint resolves are
+        // the lab's ([`Lab::add_host`]), and any other name fails at once (its name
+        // server is its own loopback, where nothing listens) instead of leaving the lab.
+        let hosts = self.hosts_file();
+        if !hosts.exists() {
+            fs::write(&hosts, "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n")?;
+        }
+        let resolv = self.dir.join("waypoint-resolv.conf");
+        fs::write(&resolv, "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")?;
+        let nsswitch = self.dir.join("waypoint-nsswitch.conf");
+        fs::write(&nsswitch, "hosts: files dns\n")?;
         let argv: Vec<String> = vec![
+            "unshare".into(),
+            "--mount".into(),
+            "--propagation".into(),
+            "private".into(),
+            "sh".into(),
+            "-c".into(),
+            r#"mount --bind "$0" /etc/hosts && mount --bind "$1" /etc/resolv.conf && mount --bind "$2" /etc/nsswitch.conf && shift 2 && exec "$@""#.into(),
+            hosts.display().to_string(),
+            resolv.display().to_string(),
+            nsswitch.display().to_string(),
             bin.display().to_string(),
             "--namespace".into(),
             pod.namespace.clone(),
@@ -379,6 +401,20 @@ impl Lab {
                 .is_ok_and(|o| o.status.success())
         })
         .with_context(|| format!("waypoint not ready; log:\n{}", self.log_of(WAYPOINT)))
+    }
+
+    /// The waypoint pod's `/etc/hosts`.
+    fn hosts_file(&self) -> PathBuf {
+        self.dir.join("waypoint-hosts")
+    }
+
+    /// Makes `name` resolve to `ip` in the waypoint pod (a line of its `/etc/hosts`,
+    /// which the resolver reads on every lookup).
+    pub fn add_host(&self, name: &str, ip: &str) -> anyhow::Result<()> {
+        let mut hosts =
+            fs::OpenOptions::new().append(true).open(self.hosts_file()).context("the waypoint's hosts file")?;
+        writeln!(hosts, "{ip}\t{name}")?;
+        Ok(())
     }
 
     /// A pod's network namespace, wired to its node's pod bridge, and its cgroup.

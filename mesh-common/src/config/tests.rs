@@ -800,3 +800,26 @@ fn other_envoy_filters_are_rejected_naming_the_field_and_value() {
         ("spec.configPatches", "required field is missing")
     );
 }
+
+#[test]
+fn a_service_entry_for_a_waypoint_needs_addresses() {
+    let entry = |addresses: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: egress, labels: {{istio.io/use-waypoint: waypoint}}}}
+spec:
+  hosts: [api.example.com]
+  {addresses}
+  ports: [{{number: 443, name: tls, protocol: TLS}}]
+  resolution: DNS
+"
+        )
+    };
+    let found = warnings(&entry(""));
+    assert_eq!(found.iter().map(|p| p.field.as_str()).collect::<Vec<_>>(), ["spec.addresses"], "{found:#?}");
+    assert!(found[0].reason.contains("around the waypoint"), "{found:#?}");
+    assert!(warnings(&entry("addresses: [240.0.0.1]")).is_empty());
+    // Opted out of waypoints: a client's own resolution is what it asked for.
+    assert!(warnings(&entry("").replace("use-waypoint: waypoint", "use-waypoint: none")).is_empty());
+}

@@ -207,6 +207,26 @@ spec:
   targetRefs: [{{group: networking.istio.io, kind: ServiceEntry, name: echo-v2}}]
   action: DENY
   rules: [{{from: [{{source: {{principals: [cluster.local/ns/shop/sa/sa-n2-p1]}}}}]}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: external-echo, namespace: shop}}
+spec:
+  hosts: [echo.external.test]
+  addresses: [10.96.1.12]
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 8080}}]
+  location: MESH_EXTERNAL
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: nowhere, namespace: shop}}
+spec:
+  hosts: [nowhere.invalid]
+  addresses: [10.96.1.13]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  location: MESH_EXTERNAL
+  resolution: DNS
 "
     )
 }
@@ -226,6 +246,7 @@ fn service_entries_reach_their_endpoints_directly_and_through_the_waypoint() {
     let adjust = |spec: &mut mesh_lab::LabSpec| spec.waypoint_bin = Some(super::waypoint_bin());
     with_lab_spec("mesh-se", 3, &[], Some(&[]), adjust, |lab| {
         let unmeshed = lab.pods.iter().find(|p| !p.meshed && p.node == 2).expect("an unmeshed pod on node 2");
+        lab.add_host("echo.external.test", &unmeshed.ip4).expect("hosts");
         apply(lab, "entries.yaml", &service_entries(&unmeshed.ip4));
         // The static endpoint outside the mesh: straight to it (the application sees
         // the client, not the waypoint), with the entry's host in the agent's metrics.
@@ -265,6 +286,25 @@ fn service_entries_reach_their_endpoints_directly_and_through_the_waypoint() {
             ],
         );
         assert!(ok >= 20.0, "{}", waypoint_http(lab, 15020, "/metrics"));
+        // A DNS entry through the waypoint: the waypoint resolves its host (here, by its
+        // pod's /etc/hosts) and sends to that address, outside the mesh.
+        let answers = echo_answers(lab, "n1-p1", "http://10.96.1.12/", 3, "");
+        assert!(
+            answers
+                .iter()
+                .all(|l| l.starts_with(&format!("pod={} peer={WAYPOINT_IP}:", unmeshed.name)) && l.ends_with(" 200")),
+            "{answers:#?}\n{}",
+            lab.log_of("waypoint")
+        );
+        let external = metric(
+            lab,
+            "istio_requests_total",
+            &[("response_code", "200"), ("destination_service", "echo.external.test")],
+        );
+        assert!(external >= 3.0, "{}", waypoint_http(lab, 15020, "/metrics"));
+        // A host that does not resolve: no healthy upstream, never a guess.
+        let nowhere = echo_answers(lab, "n1-p1", "http://10.96.1.13/", 1, "");
+        assert!(nowhere.last().is_some_and(|l| l.ends_with(" 503")), "{nowhere:?}");
         // The entry removed: its address is nobody's, and nothing reaches the pods.
         apply(lab, "entries.yaml", "");
         let (code, text) = try_curl(lab, "n1-p1", "http://10.96.1.11/");

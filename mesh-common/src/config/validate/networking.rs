@@ -10,8 +10,8 @@ use crate::config::{
     DNS_DOMAIN,
     networking::{
         ClientTlsSettings, ConnectionPoolSettings, Destination, DestinationRule, HttpRule, IstioGateway,
-        LoadBalancerSettings, OutlierDetection, Resolution, RouteDestination, ServiceEntry, ServiceEntrySpec,
-        StringMatch, TlsMode, TrafficPolicy, VirtualService, WorkloadEntry, WorkloadEntrySpec,
+        LoadBalancerSettings, OutlierDetection, Resolution, RouteDestination, ServiceEntry, StringMatch, TlsMode,
+        TrafficPolicy, VirtualService, WorkloadEntry, WorkloadEntrySpec,
     },
     parse::Loaded,
     values,
@@ -642,7 +642,7 @@ pub(super) fn service_entry(o: &mut Obj, se: &ServiceEntry) {
     if spec.workload_selector.is_some() && !spec.endpoints.is_empty() {
         o.err("spec.workloadSelector", "workloadSelector and endpoints are mutually exclusive");
     }
-    service_entry_data_path(o, spec);
+    service_entry_data_path(o, se);
     for (i, endpoint) in spec.endpoints.iter().enumerate() {
         let field = format!("spec.endpoints[{i}]");
         workload(o, &field, endpoint);
@@ -670,30 +670,18 @@ pub(super) fn service_entry(o: &mut Obj, se: &ServiceEntry) {
     }
 }
 
-/// Warnings for what the data path does not do with a valid `ServiceEntry`: it
-/// resolves no hostnames, and a CIDR names no one address to balance.
-fn service_entry_data_path(o: &mut Obj, spec: &ServiceEntrySpec) {
-    let dns = matches!(spec.resolution, Resolution::Dns | Resolution::DnsRoundRobin);
-    let ip = |address: &str| address.parse::<std::net::IpAddr>().is_ok();
-    // Without addresses, a client resolves the host itself and its connection goes to
-    // that address, as without the entry: nothing to warn about.
-    if dns && spec.workload_selector.is_none() && !(spec.endpoints.is_empty() && spec.addresses.is_empty()) {
-        if spec.endpoints.iter().any(|e| ip(&e.address)) {
-            for (i, endpoint) in spec.endpoints.iter().enumerate().filter(|(_, e)| !ip(&e.address)) {
-                o.warn(
-                    format!("spec.endpoints[{i}].address"),
-                    format!(
-                        "`{}` is left out: this mesh resolves no hostnames (the entry's IP endpoints are used)",
-                        endpoint.address
-                    ),
-                );
-            }
-        } else {
-            o.warn(
-                "spec.resolution",
-                "this mesh resolves no hostnames (resolution DNS without an IP endpoint): connections to the entry's addresses go where the client sent them, unless the entry uses a waypoint, which answers 503 for it (no endpoint), as routes to its hosts do",
-            );
-        }
+/// Warnings for what the data path does not do with a valid `ServiceEntry`: a
+/// wildcard host and a CIDR name no one address to balance, and an entry for a
+/// waypoint without addresses is never sent to it. (The hostname endpoints of a `DNS`
+/// entry, or its host when it lists none, are resolved by the proxies.)
+fn service_entry_data_path(o: &mut Obj, se: &ServiceEntry) {
+    let spec = &se.spec;
+    let waypoint = se.metadata.labels.get(crate::config::gateway::USE_WAYPOINT_LABEL).is_some_and(|w| w != "none");
+    if waypoint && spec.addresses.is_empty() {
+        o.warn(
+            "spec.addresses",
+            "no addresses: a client resolves the entry's host itself and connects where that points, around the waypoint (this mesh hands out no addresses for hosts); give the entry the addresses its clients reach it by",
+        );
     }
     for (i, host) in spec.hosts.iter().enumerate().filter(|(_, h)| h.contains('*')) {
         o.warn(
@@ -719,7 +707,7 @@ pub(super) fn workload_entry(o: &mut Obj, we: &WorkloadEntry) {
         o.warn(
             "spec.address",
             format!(
-                "`{}` is not an IP address: this mesh resolves no hostnames, so the entry is no workload here",
+                "`{}` is not an IP address: the mesh resolves the names of ServiceEntry endpoints, not of WorkloadEntries, so the entry is no workload here",
                 we.spec.address
             ),
         );
